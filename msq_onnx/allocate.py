@@ -1,0 +1,87 @@
+"""Stage 6: per-layer weight bit-widths under an average-bits budget.
+
+Two allocators:
+  * ``ilp`` (default): a multiple-choice knapsack solved exactly with HiGHS
+    (scipy.optimize.milp). Each layer picks one width; the expected damage of
+    a choice is the layer's importance times its measured relative output
+    error at that width; the parameter-weighted average width must stay at
+    or under the budget.
+  * ``greedy``: the rule of the MSQ paper: start every layer at the widest
+    candidate and move the least important layers to the narrowest width
+    first, until the budget holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import BadOption
+
+ALLOCATORS = ("ilp", "greedy")
+
+
+def check_budget(avg_bits: float | None, candidate_bits) -> None:
+    if not candidate_bits:
+        raise BadOption("--bits is empty; give candidate widths such as 2,3,4,5,6,7,8.")
+    bad = [b for b in candidate_bits if not 2 <= b <= 8]
+    if bad:
+        raise BadOption(f"--bits {bad} out of range; candidate widths must be integers from 2 to 8.")
+    if avg_bits is not None and avg_bits < min(candidate_bits):
+        raise BadOption(f"--avg-bits {avg_bits} is below the narrowest candidate width {min(candidate_bits)}: "
+                        "no allocation can meet it; raise --avg-bits or add narrower --bits.")
+
+
+def average_bits(bits: dict, params: dict) -> float:
+    total = sum(params.values())
+    return sum(bits[name] * params[name] for name in bits) / total
+
+
+def allocate_ilp(damage: dict, params: dict, candidate_bits, avg_bits: float) -> dict:
+    """Minimise total damage subject to sum(params * bits) <= avg_bits * sum(params)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    names = list(damage)
+    widths = sorted(candidate_bits)
+    n, k = len(names), len(widths)
+    cost = np.array([[damage[name][b] for b in widths] for name in names], dtype=np.float64)
+    # Normalising keeps HiGHS's tolerances meaningful whatever the error scale.
+    cost = cost / max(cost.max(), 1e-30)
+    one_per_layer = np.zeros((n, n * k))
+    for i in range(n):
+        one_per_layer[i, i * k:(i + 1) * k] = 1
+    size = np.array([[params[name] * b for b in widths] for name in names], dtype=np.float64).ravel()
+    total = float(sum(params[name] for name in names))
+    constraints = [LinearConstraint(one_per_layer, 1, 1),
+                   LinearConstraint(size[None, :] / total, -np.inf, avg_bits + 1e-9)]
+    result = milp(cost.ravel(), constraints=constraints, integrality=np.ones(n * k), bounds=Bounds(0, 1),
+                  options={"time_limit": 60.0})
+    if result.x is None:
+        raise BadOption(f"no allocation meets --avg-bits {avg_bits} with widths {widths}.")
+    choice = result.x.reshape(n, k).argmax(axis=1)
+    return {name: widths[c] for name, c in zip(names, choice)}
+
+
+def allocate_greedy(importance: dict, params: dict, candidate_bits, avg_bits: float) -> dict:
+    widths = sorted(candidate_bits)
+    bits = {name: widths[-1] for name in importance}
+    order = sorted(importance, key=lambda name: importance[name])  # stable: ties keep network order
+    for name in order:
+        if average_bits(bits, params) <= avg_bits + 1e-9:
+            break
+        bits[name] = widths[0]
+        if average_bits(bits, params) <= avg_bits + 1e-9:
+            # This layer alone overshot the budget: keep it as wide as still fits.
+            bits[name] = next(w for w in reversed(widths)
+                              if average_bits({**bits, name: w}, params) <= avg_bits + 1e-9)
+    return bits
+
+
+def allocate(method: str, importance: dict, damage: dict, params: dict, candidate_bits, avg_bits: float | None):
+    check_budget(avg_bits, candidate_bits)
+    if avg_bits is None or avg_bits >= max(candidate_bits):
+        return {name: max(candidate_bits) for name in importance}
+    if method == "ilp":
+        return allocate_ilp(damage, params, candidate_bits, avg_bits)
+    if method == "greedy":
+        return allocate_greedy(importance, params, candidate_bits, avg_bits)
+    raise BadOption(f"unknown allocator '{method}'; choose one of {', '.join(ALLOCATORS)}.")

@@ -1,0 +1,167 @@
+"""Command line: ``msq-onnx in.onnx out.onnx --calib DATA [options]``.
+
+Exit codes: 0 success; 2 bad input or usage; 3 accuracy gate failed (model and
+report still written); 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, MsqError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and the bad-input code, like every other bad input
+        sys.stderr.write(f"msq-onnx: error: {message}; see msq-onnx --help\n")
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _int_list(text: str) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
+    return values
+
+
+def _float_list(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .features import DEFAULT_MAX_DIM
+
+    parser = _Parser(
+        prog="msq-onnx",
+        description="Post-training mixed-precision quantization of an FP32 ONNX classifier into a QDQ model "
+                    "(uint8 activations, per-channel int8-container weights on k-bit grids) with per-layer "
+                    "bit-widths chosen by MSQ: pyramid-pooled, weight-imprinted task predictors after every layer.",
+        epilog="Exit codes: 0 success, 2 bad input or usage, 3 accuracy gate (--max-drop) failed, 1 internal error.",
+    )
+    parser.add_argument("input", help="FP32 ONNX model (opset 7-26; never modified)")
+    parser.add_argument("output", help="where to write the QDQ model (written atomically)")
+    parser.add_argument("--calib", required=True, metavar="PATH",
+                        help="calibration samples: ImageFolder folder, folder or CSV with labels.csv "
+                             "(file,label), or .npz file/folder (arrays named after model inputs, optional "
+                             "integer 'labels'). Without labels the FP32 top-1 serves as labels.")
+    parser.add_argument("--eval", metavar="PATH", help="held-out samples (same formats) to measure FP32 and "
+                        "quantized top-1 (or top-1 agreement without labels)")
+    budget = parser.add_argument_group("bit allocation")
+    budget.add_argument("--avg-bits", type=float, metavar="B",
+                        help="parameter-weighted average weight bit-width to stay at or under (default: 8, "
+                             "i.e. every layer at the widest candidate)")
+    budget.add_argument("--bits", type=_int_list, default=(2, 3, 4, 5, 6, 7, 8), metavar="LIST",
+                        help="candidate weight widths, comma-separated, each 2..8 (default 2,3,4,5,6,7,8)")
+    budget.add_argument("--allocator", choices=("ilp", "greedy"), default="ilp",
+                        help="ilp: knapsack of importance x measured output error (default); greedy: the "
+                             "paper's rule, least important layers get fewer bits first")
+    budget.add_argument("--max-drop", type=float, metavar="POINTS",
+                        help="accuracy gate: exit 3 if the top-1 drop on --eval exceeds POINTS")
+    budget.add_argument("--no-bias-correction", action="store_true",
+                        help="do not correct the bias shift caused by weight quantization")
+    budget.add_argument("--no-clip-search", action="store_true",
+                        help="use min-max weight ranges instead of searching each channel's clipping range")
+    msq = parser.add_argument_group("MSQ analysis")
+    msq.add_argument("--levels", type=_int_list, default=(1, 2, 4), metavar="LIST",
+                     help="pyramid pooling levels (default 1,2,4; 1 alone = single-scale global pooling)")
+    msq.add_argument("--max-dim", type=int, default=DEFAULT_MAX_DIM, metavar="N",
+                     help=f"cap on each layer's embedding size; wider layers average channel groups "
+                          f"(default {DEFAULT_MAX_DIM})")
+    msq.add_argument("--batch-size", type=int, default=8, metavar="N",
+                     help="samples per ONNX Runtime call (models with a fixed batch use theirs; default 8)")
+    msq.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    images = parser.add_argument_group("image preprocessing (0..255 pixels: resize short side, center crop, "
+                                       "(x - mean) / std)")
+    images.add_argument("--resize", type=int, metavar="N", help="short side before cropping (default crop/0.875)")
+    images.add_argument("--crop", type=int, metavar="N", help="center crop size (default: the model's input size)")
+    images.add_argument("--mean", type=_float_list, default=(0.0,), metavar="LIST",
+                        help="per-channel mean on the 0..255 scale, e.g. 123.675,116.28,103.53 (default 0)")
+    images.add_argument("--std", type=_float_list, default=(1.0,), metavar="LIST",
+                        help="per-channel std on the 0..255 scale, e.g. 58.395,57.12,57.375 (default 1)")
+    images.add_argument("--channel-order", choices=("rgb", "bgr"), default="rgb")
+    images.add_argument("--layout", choices=("auto", "nchw", "nhwc"), default="auto",
+                        help="image tensor layout (auto: from the model's input shape)")
+    images.add_argument("--interpolation", choices=("bilinear", "bicubic"), default="bilinear")
+    out = parser.add_argument_group("output")
+    out.add_argument("--report", metavar="FILE.json",
+                     help="write the JSON report, plus FILE.md and FILE.layers.png beside it")
+    out.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    out.add_argument("--quiet", action="store_true", help="no progress bars or summary text")
+    return parser
+
+
+def options_from(args):
+    from .convert import Options
+    from .data import Preprocess
+
+    preprocess = Preprocess(resize=args.resize, crop=args.crop, mean=args.mean, std=args.std,
+                            channel_order=args.channel_order, layout=args.layout,
+                            interpolation=args.interpolation)
+    return Options(avg_bits=args.avg_bits, bits=args.bits, allocator=args.allocator, levels=args.levels,
+                   max_dim=args.max_dim, eval_path=args.eval, max_drop=args.max_drop, preprocess=preprocess,
+                   batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,
+                   bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search)
+
+
+def _raise_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _human_summary(report: dict) -> str:
+    text = (f"wrote {report['output_model']}: {report['quantized_layers']} layers, average "
+            f"{report['avg_weight_bits']:.2f} weight bits, {report['fused_integer_kernels']} fused integer kernels")
+    if report.get("quant_top1") is not None:
+        text += f"; top-1 FP32 {report['fp32_top1']:.2f}% -> {report['quant_top1']:.2f}%"
+    elif report.get("agreement") is not None:
+        text += f"; top-1 agreement with FP32 {report['agreement']:.2f}%"
+    return text
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C so temporary files are removed; the output
+    # is only ever replaced by an atomic rename, so it is never half-written.
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        from .convert import convert, enforce_gate
+        from .report import summary, write_report
+
+        result = convert(args.input, args.output, args.calib, options_from(args))
+        if args.report:
+            write_report(result.report, args.report)
+        if args.json:
+            print(json.dumps(summary(result.report)))
+        elif not args.quiet:
+            print(_human_summary(result.report), file=sys.stderr)
+        enforce_gate(result)
+        return EXIT_OK
+    except MsqError as error:
+        print(f"msq-onnx: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("msq-onnx: interrupted; no output was written (an existing output is left as it was)",
+              file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("msq-onnx: error: out of memory; lower --batch-size or --max-dim", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as error:  # an internal error still gets one line; MSQ_DEBUG=1 shows the traceback
+        import os
+
+        if os.environ.get("MSQ_DEBUG"):
+            raise
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        print(f"msq-onnx: internal error: {type(error).__name__}: {first} (rerun with MSQ_DEBUG=1 for the "
+              "traceback and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

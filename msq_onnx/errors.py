@@ -1,0 +1,33 @@
+"""Error types that map to the documented exit codes.
+
+The CLI turns each of these into one line on stderr; anything else is an
+internal error. Keeping the codes here (not in the CLI) lets the API and the
+tests agree with the README without importing argparse code.
+"""
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_GATE_FAILED = 3
+
+
+class MsqError(Exception):
+    """A problem the user can fix; the message names it and what to do."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class BadModel(MsqError):
+    pass
+
+
+class BadData(MsqError):
+    pass
+
+
+class BadOption(MsqError):
+    pass
+
+
+class GateFailed(MsqError):
+    exit_code = EXIT_GATE_FAILED

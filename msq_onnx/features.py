@@ -1,0 +1,85 @@
+"""Stage 3: pyramid pooling of probe tensors into small per-sample embeddings.
+
+Each batch of a probe tensor is reduced at once to C x (sum of b^2) values per
+sample, so the calibration pass never keeps a full activation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_LEVELS = (1, 2, 4)
+DEFAULT_MAX_DIM = 1024
+
+
+def _bin_edges(size: int, bins: int):
+    # Adaptive average pooling's bins (as in torch): they overlap when size is
+    # not a multiple of bins and are never empty, even when bins > size.
+    return [(int(np.floor(i * size / bins)), int(np.ceil((i + 1) * size / bins))) for i in range(bins)]
+
+
+def _channels_first(probe: np.ndarray, channels_last: bool) -> np.ndarray:
+    """View any probe as [N, C, *spatial]."""
+    if probe.ndim == 1:
+        return probe.reshape(-1, 1)
+    if channels_last and probe.ndim >= 3:
+        probe = np.moveaxis(probe, -1, 1)
+    return probe
+
+
+def pyramid_pool(probe: np.ndarray, levels=DEFAULT_LEVELS, channels_last: bool = False) -> np.ndarray:
+    """[N, C, H, W] -> [N, C, sum(b*b)]; [N, C, T] -> [N, C, sum(b)]; [N, C] -> [N, C, 1]."""
+    x = _channels_first(np.asarray(probe, dtype=np.float32), channels_last)
+    if x.ndim == 2:
+        return x[:, :, None]
+    if x.ndim > 4:
+        x = x.reshape(x.shape[0], x.shape[1], -1)
+    pooled = []
+    if x.ndim == 4:
+        height, width = x.shape[2:]
+        for b in levels:
+            for top, bottom in _bin_edges(height, b):
+                rows = x[:, :, top:bottom]
+                for left, right in _bin_edges(width, b):
+                    pooled.append(rows[:, :, :, left:right].mean(axis=(2, 3)))
+    else:
+        length = x.shape[2]
+        for b in levels:
+            for start, stop in _bin_edges(length, b):
+                pooled.append(x[:, :, start:stop].mean(axis=2))
+    return np.stack(pooled, axis=2)
+
+
+def cap_channels(pooled: np.ndarray, max_dim: int) -> np.ndarray:
+    """Average neighbouring channels so that C' x bins <= max_dim, then flatten.
+
+    Channel-group averaging is deterministic and keeps every spatial bin, so
+    the pyramid survives the cap on wide layers.
+    """
+    n, channels, bins = pooled.shape
+    group = max(1, int(np.ceil(channels * bins / max_dim)))
+    if group > 1:
+        starts = np.arange(0, channels, group)
+        sizes = np.diff(np.append(starts, channels)).astype(np.float32)
+        pooled = np.add.reduceat(pooled, starts, axis=1) / sizes[None, :, None]
+    return pooled.reshape(n, -1)
+
+
+def embed(probe: np.ndarray, levels=DEFAULT_LEVELS, max_dim: int = DEFAULT_MAX_DIM,
+          channels_last: bool = False) -> np.ndarray:
+    return cap_channels(pyramid_pool(probe, levels, channels_last), max_dim)
+
+
+class FeatureBank:
+    """Collects per-layer embeddings batch by batch; one array per layer at the end."""
+
+    def __init__(self, names, levels=DEFAULT_LEVELS, max_dim: int = DEFAULT_MAX_DIM):
+        self.levels = tuple(levels)
+        self.max_dim = max_dim
+        self._chunks = {name: [] for name in names}
+
+    def add(self, name: str, probe: np.ndarray, channels_last: bool = False) -> None:
+        self._chunks[name].append(embed(probe, self.levels, self.max_dim, channels_last))
+
+    def matrices(self) -> dict[str, np.ndarray]:
+        return {name: np.concatenate(chunks) for name, chunks in self._chunks.items() if chunks}

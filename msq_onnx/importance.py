@@ -1,0 +1,50 @@
+"""Stage 5: layer importance as the predictor-accuracy gain over the layer(s) upstream.
+
+g_l = a_l - a_prev(l), where a_prev is the best accuracy among the nearest
+weighted layers that feed l (the network input for the first layer), clipped
+at a small positive floor so that every layer keeps a non-zero weight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IMPORTANCE_FLOOR = 0.005
+
+
+def upstream_layers(model, layers) -> dict[str, list[str]]:
+    """For each layer, the nearest weighted layers on any path back from its input."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    layer_names = {layer.name for layer in layers}
+    initializers = {t.name for t in model.graph.initializer}
+    result = {}
+    for layer in layers:
+        found, stack, seen = [], [layer.input_name], set()
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen or tensor in initializers:
+                continue
+            seen.add(tensor)
+            node = producer.get(tensor)
+            if node is None:
+                continue  # a graph input
+            if node.name in layer_names:
+                found.append(node.name)
+                continue
+            stack.extend(i for i in node.input if i)
+        result[layer.name] = sorted(set(found))
+    return result
+
+
+def importance(accuracies: dict, input_accuracy: float, upstream: dict,
+               floor: float = IMPORTANCE_FLOOR) -> dict[str, float]:
+    gains = {}
+    for name, accuracy in accuracies.items():
+        previous = max((accuracies[u] for u in upstream.get(name, []) if u in accuracies), default=input_accuracy)
+        gains[name] = float(max(accuracy - previous, floor))
+    return gains
+
+
+def normalized(values: dict) -> dict:
+    mean = float(np.mean(list(values.values()))) or 1.0
+    return {k: v / mean for k, v in values.items()}

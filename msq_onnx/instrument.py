@@ -1,0 +1,193 @@
+"""Stage 2: one streamed pass of the FP32 model over the calibration set.
+
+The model is copied with (a) ReduceMin/ReduceMax on every float activation,
+as ORT's MinMax calibrator does, so ranges come out as scalars; (b) per-channel
+mean and mean square of every layer's input, for output-aware weight errors
+and bias correction; (c) every layer's probe tensor exposed, pooled in numpy
+right away. Each batch is reduced to mergeable statistics and dropped.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from .features import FeatureBank
+from .load import Layer, LoadedModel
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
+
+
+@dataclass
+class PassStatistics:
+    ranges: dict  # tensor -> (min, max) over all samples
+    input_mean: dict  # layer name -> per-channel mean of its input
+    input_sq: dict  # layer name -> per-channel mean square of its input
+    features: dict  # layer name -> [N, D] pyramid-pooled embeddings
+    input_features: np.ndarray  # the network input, pooled the same way
+    outputs: np.ndarray  # FP32 model output per sample, [N, classes]
+    samples: int = 0
+    batches: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+def _float_tensors(model: onnx.ModelProto) -> list[str]:
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    initializers = {t.name for t in model.graph.initializer}
+    names, seen = [], set()
+    for value in model.graph.input:
+        if value.name not in initializers and types.get(value.name) in _FLOAT_TYPES:
+            names.append(value.name)
+            seen.add(value.name)
+    for node in model.graph.node:
+        for name in node.output:
+            if name and name not in seen and types.get(name) in _FLOAT_TYPES:
+                names.append(name)
+                seen.add(name)
+    return names
+
+
+def _rank(model: onnx.ModelProto, name: str) -> int | None:
+    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            return len(value.type.tensor_type.shape.dim)
+    return None
+
+
+def channels_last(layer: Layer) -> bool:
+    """MatMul activations keep features on the last axis; Conv/Gemm on axis 1."""
+    return layer.op_type == "MatMul"
+
+
+def _moment_axes(layer: Layer, rank: int) -> list[int]:
+    channel_axis = rank - 1 if channels_last(layer) else 1
+    return [a for a in range(rank) if a != channel_axis]
+
+
+def build_instrumented(loaded: LoadedModel) -> tuple[onnx.ModelProto, dict]:
+    """Return the instrumented copy and a map of its extra outputs."""
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.model)
+    graph = model.graph
+    outputs = {"range": {}, "moments": {}, "probe": {}}
+    exposed = {o.name for o in graph.output}
+
+    def add_output(name: str, elem=TensorProto.FLOAT):
+        if name not in exposed:
+            graph.output.append(helper.make_tensor_value_info(name, elem, None))
+            exposed.add(name)
+
+    for index, tensor in enumerate(_float_tensors(model)):
+        lo, hi = f"msq_min_{index}", f"msq_max_{index}"
+        graph.node.append(helper.make_node("ReduceMin", [tensor], [lo], keepdims=0, name=lo))
+        graph.node.append(helper.make_node("ReduceMax", [tensor], [hi], keepdims=0, name=hi))
+        add_output(lo)
+        add_output(hi)
+        outputs["range"][tensor] = (lo, hi)
+
+    for index, layer in enumerate(loaded.layers):
+        rank = _rank(model, layer.input_name) or (4 if layer.op_type in ("Conv", "ConvTranspose") else 2)
+        axes_name = f"msq_axes_{index}"
+        graph.initializer.append(numpy_helper.from_array(np.array(_moment_axes(layer, rank), np.int64), axes_name))
+        cast = layer.input_name
+        mean, square, sq_mean = f"msq_mean_{index}", f"msq_sq_{index}", f"msq_sqmean_{index}"
+        graph.node.append(helper.make_node("ReduceMean", [cast, axes_name], [mean], keepdims=0, name=mean))
+        graph.node.append(helper.make_node("Mul", [cast, cast], [square], name=square))
+        graph.node.append(helper.make_node("ReduceMean", [square, axes_name], [sq_mean], keepdims=0, name=sq_mean))
+        add_output(mean)
+        add_output(sq_mean)
+        outputs["moments"][layer.name] = (mean, sq_mean)
+        add_output(layer.probe_name)
+        outputs["probe"][layer.name] = layer.probe_name
+    return model, outputs
+
+
+def make_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def batch_size_for(loaded: LoadedModel, requested: int) -> int:
+    fixed = [spec.shape[0] for spec in loaded.inputs if spec.batch_fixed]
+    return fixed[0] if fixed else requested
+
+
+def padded_batches(samples, batch_size: int, fixed: bool):
+    """Yield (feed, real_count); a fixed-batch model gets its last batch padded."""
+    for feed in samples.batches(batch_size):
+        count = len(next(iter(feed.values())))
+        if fixed and count < batch_size:
+            feed = {k: np.concatenate([v] + [v[-1:]] * (batch_size - count)) for k, v in feed.items()}
+        yield feed, count
+
+
+def progress(total: int, description: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="sample", disable=quiet or not sys.stderr.isatty(),
+                leave=False, file=sys.stderr)
+
+
+def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 8,
+             quiet: bool = False) -> PassStatistics:
+    model, outputs = build_instrumented(loaded)
+    session = make_session(model)
+    names = [o.name for o in session.get_outputs()]
+    position = {name: i for i, name in enumerate(names)}
+    bank = FeatureBank([layer.name for layer in loaded.layers], levels, max_dim)
+    input_bank = FeatureBank(["input"], levels, max_dim)
+    ranges: dict = {}
+    mean_sum: dict = {}
+    sq_sum: dict = {}
+    final_outputs = []
+    size = batch_size_for(loaded, batch_size)
+    fixed = any(spec.batch_fixed for spec in loaded.inputs)
+    seen = batches = 0
+    with progress(samples.count, "calibration pass", quiet) as bar:
+        for feed, count in padded_batches(samples, size, fixed):
+            try:
+                result = session.run(None, feed)
+            except Exception as exc:
+                from .errors import BadData
+
+                first = str(exc).strip().splitlines()[0][:300]
+                raise BadData(f"the model cannot run on the calibration data ({first}); check the data's "
+                              "shape, dtype and preprocessing against the model's input.") from None
+            for tensor, (lo, hi) in outputs["range"].items():
+                low, high = float(result[position[lo]]), float(result[position[hi]])
+                if tensor in ranges:
+                    low, high = min(low, ranges[tensor][0]), max(high, ranges[tensor][1])
+                ranges[tensor] = (low, high)
+            for layer in loaded.layers:
+                mean_name, sq_name = outputs["moments"][layer.name]
+                mean_sum[layer.name] = mean_sum.get(layer.name, 0) + result[position[mean_name]] * count
+                sq_sum[layer.name] = sq_sum.get(layer.name, 0) + result[position[sq_name]] * count
+                bank.add(layer.name, result[position[outputs["probe"][layer.name]]][:count], channels_last(layer))
+            first_input = loaded.inputs[0].name
+            input_bank.add("input", feed[first_input][:count].astype(np.float32),
+                           channels_last=False)
+            final = result[position[loaded.output_name]][:count]
+            final_outputs.append(final.reshape(count, -1).astype(np.float32))
+            del result
+            seen += count
+            batches += 1
+            bar.update(count)
+    return PassStatistics(
+        ranges=ranges,
+        input_mean={k: v / seen for k, v in mean_sum.items()},
+        input_sq={k: v / seen for k, v in sq_sum.items()},
+        features=bank.matrices(),
+        input_features=input_bank.matrices()["input"],
+        outputs=np.concatenate(final_outputs),
+        samples=seen,
+        batches=batches,
+    )

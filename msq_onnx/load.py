@@ -1,0 +1,333 @@
+"""Stage 1: read a user's ONNX model and bring it to one normal form.
+
+Every later stage works on the normalized model, so the quirks of models "as
+users have them" (old opsets, Constant nodes, initializers listed as inputs,
+2-D Gemm biases, unnamed nodes) are handled once, here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, version_converter
+
+from .errors import BadModel
+
+# Written opset: the first with int4/uint4 Q/DQ and per-axis DQ everywhere, and
+# one that ONNX Runtime 1.31 (<= 26) loads. Newer models keep their own opset.
+TARGET_OPSET = 21
+MAX_OPSET = 26
+MIN_OPSET = 7
+
+# Elementwise ops that follow a layer and belong to its output: the probe is
+# the tensor the next layer actually consumes.
+_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh",
+                "Elu", "Selu", "Gelu", "Softplus", "Mish", "PRelu", "BatchNormalization"}
+_TWO_GIB = 2 * 1024**3
+
+
+@dataclass
+class Layer:
+    """One weighted op: what the method analyses and the allocator gives bits to."""
+
+    name: str
+    op_type: str
+    weight_name: str
+    input_name: str  # activation input, for range and moment statistics
+    probe_name: str  # tensor the next layer consumes
+    weight_shape: tuple
+    out_axis: int  # per-channel axis of the weight
+    group: int = 1
+    bias_name: str | None = None
+    transposed_weight: bool = False  # Gemm transB=0 / MatMul: weight is [in, out]
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.weight_shape))
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: list  # ints, or None for symbolic dims
+    dtype: np.dtype
+
+    @property
+    def batch_fixed(self) -> bool:
+        return bool(self.shape) and self.shape[0] is not None
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto  # normalized, weights loaded in memory
+    source_path: str
+    source_opset: int
+    opset: int
+    inputs: list[InputSpec]
+    output_name: str
+    layers: list[Layer]
+    size_bytes: int
+    initializers: dict = field(default_factory=dict)
+
+    def weight(self, layer: Layer) -> np.ndarray:
+        return numpy_helper.to_array(self.initializers[layer.weight_name])
+
+    def bias(self, layer: Layer) -> np.ndarray | None:
+        if layer.bias_name is None:
+            return None
+        return numpy_helper.to_array(self.initializers[layer.bias_name])
+
+
+def _model_size(path: str, model: onnx.ModelProto) -> int:
+    size = os.path.getsize(path)
+    base = os.path.dirname(os.path.abspath(path))
+    seen = set()
+    for tensor in _external_tensors(model):
+        location = _external_location(tensor)
+        if location not in seen:
+            seen.add(location)
+            full = os.path.join(base, location)
+            if os.path.exists(full):
+                size += os.path.getsize(full)
+    return size
+
+
+def _external_tensors(model: onnx.ModelProto):
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+
+
+def _external_location(tensor) -> str:
+    return next((e.value for e in tensor.external_data if e.key == "location"), "")
+
+
+def _check_external_paths(path: str, model: onnx.ModelProto) -> None:
+    base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    for tensor in _external_tensors(model):
+        location = _external_location(tensor)
+        full = os.path.realpath(os.path.join(base, location))
+        if os.path.isabs(location) or os.path.commonpath([base, full]) != base:
+            raise BadModel(f"{path}: external data path '{location}' points outside the model's folder; "
+                           "refusing it (path traversal). Keep external data files beside the model.")
+        if not os.path.isfile(full):
+            raise BadModel(f"{path}: external data file '{location}' is missing; copy it beside the model.")
+
+
+def read_model(path: str) -> onnx.ModelProto:
+    """Parse and check the file without trusting it; never writes to it."""
+    if not os.path.exists(path):
+        raise BadModel(f"model file '{path}' does not exist; give the path of an .onnx file.")
+    if not os.path.isfile(path):
+        raise BadModel(f"model path '{path}' is not a file; give the path of an .onnx file.")
+    if os.path.getsize(path) == 0:
+        raise BadModel(f"model file '{path}' is empty; re-export the model.")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise BadModel(f"'{path}' is not a readable ONNX model ({type(exc).__name__}); "
+                       "check that the file is complete and really ONNX.") from None
+    if not model.graph.node:
+        raise BadModel(f"'{path}' holds no graph nodes: it is not an ONNX model or it is truncated.")
+    _check_external_paths(path, model)
+    try:
+        if any(True for _ in _external_tensors(model)) or os.path.getsize(path) > _TWO_GIB:
+            onnx.checker.check_model(path)  # path form: works past 2 GB
+        else:
+            onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadModel(f"'{path}' fails the ONNX checker: {first[:300]}; re-export the model.") from None
+    if any(True for _ in _external_tensors(model)):
+        onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    return model
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise BadModel("the model imports no default ONNX opset; re-export it with a standard opset.")
+
+
+def _upgrade_opset(model: onnx.ModelProto, opset: int, path: str) -> onnx.ModelProto:
+    if opset > MAX_OPSET:
+        raise BadModel(f"'{path}' uses opset {opset}; ONNX Runtime 1.31 loads at most {MAX_OPSET}: "
+                       f"re-export with opset <= {MAX_OPSET}.")
+    if opset < MIN_OPSET:
+        raise BadModel(f"'{path}' uses opset {opset}; convert it to opset >= {MIN_OPSET} first.")
+    if opset >= TARGET_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, TARGET_OPSET)
+    except Exception as exc:
+        raise BadModel(f"'{path}': cannot convert opset {opset} to {TARGET_OPSET} ({str(exc)[:200]}); "
+                       f"re-export the model with opset {TARGET_OPSET}.") from None
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    kept = []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and value.type == onnx.AttributeProto.TENSOR:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    used = {n.name for n in graph.node if n.name}
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            candidate = f"{node.op_type}_{index}"
+            while candidate in used:
+                candidate += "_"
+            node.name = candidate
+            used.add(candidate)
+
+
+def _flatten_gemm_bias(graph: onnx.GraphProto, inits: dict) -> None:
+    # A [1, N] Gemm bias is legal ONNX but breaks per-channel quantization in
+    # onnxruntime.quantization; [N] broadcasts identically.
+    for node in graph.node:
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] in inits:
+            bias = numpy_helper.to_array(inits[node.input[2]])
+            if bias.ndim == 2 and bias.shape[0] == 1:
+                _replace_initializer(graph, inits, node.input[2], bias.reshape(-1))
+
+
+def _replace_initializer(graph, inits: dict, name: str, array: np.ndarray) -> None:
+    tensor = numpy_helper.from_array(array, name)
+    for index, existing in enumerate(graph.initializer):
+        if existing.name == name:
+            graph.initializer[index].CopyFrom(tensor)
+    inits[name] = tensor
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _consumers(graph) -> dict:
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _probe_of(node, users, inits, graph_outputs) -> str:
+    """Follow a layer's output through its bias add and activation."""
+    tensor = node.output[0]
+    while tensor not in graph_outputs:
+        nexts = users.get(tensor, [])
+        if len(nexts) == 1:
+            nxt = nexts[0]
+            other = [i for i in nxt.input if i != tensor]
+            const_operand = nxt.op_type in ("Add", "Mul", "Div", "Sub") and all(i in inits for i in other)
+            if nxt.op_type in _ACTIVATIONS or const_operand:
+                tensor = nxt.output[0]
+                continue
+        elif len(nexts) == 2:  # x * sigmoid(x): SiLU / Swish
+            ops = {n.op_type: n for n in nexts}
+            if set(ops) == {"Sigmoid", "Mul"} and ops["Sigmoid"].output[0] in ops["Mul"].input:
+                tensor = ops["Mul"].output[0]
+                continue
+        break
+    return tensor
+
+
+def find_layers(model: onnx.ModelProto, inits: dict) -> list[Layer]:
+    graph = model.graph
+    users = _consumers(graph)
+    outputs = {o.name for o in graph.output}
+    layers = []
+    for node in graph.node:
+        op = node.op_type
+        if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        weight_name = node.input[1]
+        if weight_name not in inits:
+            continue  # activation x activation: nothing to give bits to
+        shape = tuple(inits[weight_name].dims)
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        group = int(_attr(node, "group", 1))
+        if op == "Conv":
+            out_axis, transposed = 0, False
+        elif op == "ConvTranspose":
+            if group != 1:
+                continue  # per-channel layout of grouped ConvTranspose is not supported by ORT's QDQ
+            out_axis, transposed = 1, True
+        elif op == "Gemm":
+            if _attr(node, "transA", 0):
+                continue
+            trans_b = bool(_attr(node, "transB", 0))
+            out_axis, transposed = (0, False) if trans_b else (1, True)
+        else:
+            if len(shape) != 2:
+                continue
+            out_axis, transposed = 1, True
+        layers.append(Layer(name=node.name, op_type=op, weight_name=weight_name, input_name=node.input[0],
+                            probe_name=_probe_of(node, users, inits, outputs), weight_shape=shape,
+                            out_axis=out_axis, group=group, bias_name=bias, transposed_weight=transposed))
+    return layers
+
+
+_NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+             onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+             onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8,
+             onnx.TensorProto.INT8: np.int8, onnx.TensorProto.BOOL: np.bool_}
+
+
+def _input_specs(graph, inits) -> list[InputSpec]:
+    specs = []
+    for value in graph.input:
+        if value.name in inits:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in tensor_type.shape.dim]
+        specs.append(InputSpec(value.name, dims, np.dtype(_NP_TYPES.get(tensor_type.elem_type, np.float32))))
+    return specs
+
+
+def load_model(path: str) -> LoadedModel:
+    """Read, check and normalize; raise BadModel with a one-line reason."""
+    model = read_model(path)
+    size = _model_size(path, model)
+    source_opset = _default_opset(model)
+    model = _upgrade_opset(model, source_opset, path)
+    graph = model.graph
+    _constants_to_initializers(graph)
+    inits = {t.name: t for t in graph.initializer}
+    kept_inputs = [i for i in graph.input if i.name not in inits]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    _name_nodes(graph)
+    _flatten_gemm_bias(graph, inits)
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        pass  # shapes only help; ORT infers what it needs again
+    inits = {t.name: t for t in model.graph.initializer}
+    inputs = _input_specs(model.graph, inits)
+    if not inputs:
+        raise BadModel(f"'{path}' has no graph inputs to feed; re-export it with its input tensor(s).")
+    layers = find_layers(model, inits)
+    if not layers:
+        raise BadModel(f"'{path}' has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a "
+                       "constant weight); there is nothing to allocate bits to.")
+    return LoadedModel(model=model, source_path=path, source_opset=source_opset, opset=_default_opset(model),
+                       inputs=inputs, output_name=model.graph.output[0].name, layers=layers,
+                       size_bytes=size, initializers=inits)

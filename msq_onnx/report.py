@@ -1,0 +1,169 @@
+"""Stage 9: the report: JSON (schema in msq_onnx/report.schema.json), a
+Markdown summary and PNG plots beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from . import __version__
+from .allocate import average_bits
+
+SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
+
+
+def build_report(model_path, output_path, loaded, options, bits, params, accuracies, input_accuracy, gains,
+                 upstream, choices, labels, stats, measured, op_counts, fused, output_size, timings,
+                 total_seconds) -> dict:
+    layers = [{
+        "name": layer.name,
+        "op_type": layer.op_type,
+        "params": layer.params,
+        "bits": bits[layer.name],
+        "predictor_accuracy": round(accuracies[layer.name], 6),
+        "importance": round(gains[layer.name], 6),
+        "upstream": upstream[layer.name],
+        "weight_error": float(f"{choices[layer.name][bits[layer.name]].error:.6g}"),
+    } for layer in loaded.layers]
+    report = {
+        "tool": "msq-onnx",
+        "version": __version__,
+        "input_model": os.path.abspath(model_path),
+        "output_model": os.path.abspath(output_path),
+        "options": {
+            "avg_bits": options.avg_bits, "bits": list(options.bits), "allocator": options.allocator,
+            "levels": list(options.levels), "max_dim": options.max_dim, "seed": options.seed,
+            "bias_correction": options.bias_correction, "clip_search": options.clip_search,
+            "batch_size": options.batch_size, "max_drop": options.max_drop,
+        },
+        "opset": {"input": loaded.source_opset, "output": loaded.opset},
+        "calibration": {"samples": stats.samples, "labels_source": labels.source, "classes": labels.classes,
+                        "input_accuracy": round(input_accuracy, 6)},
+        "layers": layers,
+        "avg_weight_bits": round(average_bits(bits, params), 6),
+        "size_bytes": {"input": int(loaded.size_bytes), "output": int(output_size)},
+        "quantized_layers": len(layers),
+        "fused_integer_kernels": int(fused),
+        "optimized_ops": dict(sorted(op_counts.items())),
+        "evaluation": measured,
+        "fp32_top1": measured.get("fp32_top1") if measured else None,
+        "quant_top1": measured.get("quant_top1") if measured else None,
+        "agreement": measured.get("agreement") if measured else None,
+        "timings_s": dict(timings, total=round(total_seconds, 3)),
+    }
+    if options.max_drop is not None and measured is not None:
+        report["gate"] = {"max_drop": options.max_drop, "drop": round(measured["drop"], 6),
+                          "passed": bool(measured["drop"] <= options.max_drop + 1e-9)}
+    return report
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".msq-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _stem(path: str) -> str:
+    return path[:-5] if path.endswith(".json") else path
+
+
+def markdown(report: dict) -> str:
+    lines = ["# msq-onnx report", "",
+             f"- input: `{report['input_model']}` ({report['size_bytes']['input']:,} bytes, opset "
+             f"{report['opset']['input']})",
+             f"- output: `{report['output_model']}` ({report['size_bytes']['output']:,} bytes, opset "
+             f"{report['opset']['output']})",
+             f"- average weight bits: {report['avg_weight_bits']:.3f} (budget: {report['options']['avg_bits']}, "
+             f"allocator: {report['options']['allocator']})",
+             f"- fused integer kernels: {report['fused_integer_kernels']} for {report['quantized_layers']} layers",
+             f"- calibration: {report['calibration']['samples']} samples, predictor labels from "
+             f"{report['calibration']['labels_source']}"]
+    evaluation = report.get("evaluation")
+    if evaluation:
+        if evaluation.get("fp32_top1") is not None:
+            lines.append(f"- held-out top-1 on {evaluation['samples']} samples: FP32 {evaluation['fp32_top1']:.2f}%, "
+                         f"quantized {evaluation['quant_top1']:.2f}% (drop {evaluation['drop']:.2f} points; "
+                         f"{evaluation['flips']['changed']} predictions changed)")
+        else:
+            lines.append(f"- top-1 agreement with FP32 on {evaluation['samples']} held-out samples: "
+                         f"{evaluation['agreement']:.2f}%")
+    gate = report.get("gate")
+    if gate:
+        lines.append(f"- accuracy gate (--max-drop {gate['max_drop']}): **{'passed' if gate['passed'] else 'FAILED'}**")
+    lines += ["", "| # | layer | op | params | predictor acc. | importance | bits | rel. weight error |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for index, layer in enumerate(report["layers"]):
+        lines.append(f"| {index} | `{layer['name']}` | {layer['op_type']} | {layer['params']:,} | "
+                     f"{layer['predictor_accuracy']:.3f} | {layer['importance']:.3f} | {layer['bits']} | "
+                     f"{layer['weight_error']:.2e} |")
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot_layers(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report["layers"]
+    x = range(len(layers))
+    figure, axes = plt.subplots(3, 1, figsize=(max(8, len(layers) * 0.18), 7), sharex=True)
+    axes[0].plot(x, [layer["predictor_accuracy"] for layer in layers], marker=".")
+    axes[0].set_ylabel("predictor acc.")
+    axes[1].bar(x, [layer["importance"] for layer in layers])
+    axes[1].set_ylabel("importance")
+    axes[2].bar(x, [layer["bits"] for layer in layers], color="tab:orange")
+    axes[2].set_ylabel("weight bits")
+    axes[2].set_xlabel("layer (network order)")
+    axes[0].set_title(f"msq-onnx: {os.path.basename(report['input_model'])}, "
+                      f"avg {report['avg_weight_bits']:.2f} bits")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_accuracy_vs_size(points: list[dict], path: str, title: str) -> None:
+    """points: {label, size_bytes or avg_bits, top1}; one line per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for label in sorted({p["label"] for p in points}):
+        series = sorted((p["avg_bits"], p["top1"]) for p in points if p["label"] == label)
+        axis.plot([s[0] for s in series], [s[1] for s in series], marker="o", label=label)
+    axis.set_xlabel("average weight bits (model size)")
+    axis.set_ylabel("top-1 (%)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_report(report: dict, path: str) -> list[str]:
+    """Write FILE.json, FILE.md and FILE.layers.png; return the paths written."""
+    stem = _stem(path)
+    _atomic_write(path, (json.dumps(report, indent=2, sort_keys=False) + "\n").encode())
+    _atomic_write(stem + ".md", markdown(report).encode())
+    plot_layers(report, stem + ".layers.png")
+    return [path, stem + ".md", stem + ".layers.png"]
+
+
+def summary(report: dict) -> dict:
+    """The machine-readable line for --json."""
+    keys = ("output_model", "avg_weight_bits", "size_bytes", "fp32_top1", "quant_top1", "agreement",
+            "fused_integer_kernels", "quantized_layers", "gate")
+    return {k: report.get(k) for k in keys if k in report}

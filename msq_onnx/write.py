@@ -1,0 +1,160 @@
+"""Stage 7: write the QDQ model with onnxruntime.quantization.
+
+The weights are first moved onto their k-bit grids (clipped, rounded, bias
+corrected) in a private copy of the model; ORT's QDQ quantizer then places
+Q/DQ nodes, with our per-channel scales as TensorQuantOverrides (int8
+containers: the integers use only the k-bit levels, and ORT keeps its fused
+int8 kernels) and our activation ranges as its calibration cache, so it does
+not calibrate again. The result is moved into place atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import BadOption
+from .load import LoadedModel
+from .weights import as_matrix, bias_shift, fake_quantize, from_matrix
+
+_TWO_GIB = 2 * 1024**3
+
+
+@dataclass
+class QuantizedWeights:
+    model: onnx.ModelProto  # FP32 model whose weights sit on their grids
+    scales: dict  # weight name -> per-channel scales
+
+
+def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean: dict,
+                     bias_correction: bool = True) -> QuantizedWeights:
+    """Copy of the model with every layer's weight fake-quantized (and its bias corrected)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.model)
+    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    nodes = {n.name: n for n in model.graph.node}
+    scales = {}
+    for layer in loaded.layers:
+        width = bits[layer.name]
+        weight = loaded.weight(layer).astype(np.float32)
+        quantized, scale = fake_quantize(as_matrix(layer, weight), choices[layer.name][width].clip, width)
+        quantized = from_matrix(layer, quantized)
+        model.graph.initializer[index[layer.weight_name]].CopyFrom(
+            numpy_helper.from_array(quantized.astype(np.float32), layer.weight_name))
+        scales[layer.weight_name] = scale
+        if not bias_correction or layer.op_type == "MatMul":
+            continue
+        shift = bias_shift(layer, weight, quantized, input_mean.get(layer.name))
+        if not np.any(shift):
+            continue
+        if layer.bias_name is not None:
+            bias = loaded.bias(layer).astype(np.float32) - shift
+            model.graph.initializer[index[layer.bias_name]].CopyFrom(numpy_helper.from_array(bias, layer.bias_name))
+        else:
+            name = f"{layer.weight_name}_msq_bias"
+            model.graph.initializer.append(numpy_helper.from_array(-shift, name))
+            nodes[layer.name].input.append(name)  # Conv/Gemm take an optional bias third
+    return QuantizedWeights(model, scales)
+
+
+def weight_overrides(loaded: LoadedModel, scales: dict) -> dict:
+    from onnxruntime.quantization import QuantType
+
+    overrides = {}
+    for layer in loaded.layers:
+        per_channel = [{"scale": np.float32(s), "zero_point": np.int8(0)} for s in scales[layer.weight_name]]
+        per_channel[0].update({"quant_type": QuantType.QInt8, "axis": layer.out_axis})
+        overrides[layer.weight_name] = per_channel
+    return overrides
+
+
+def write_calibration_cache(ranges: dict, path: str) -> None:
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+
+    data = {name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in ranges.items()}
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
+
+
+def check_output_path(input_path: str, output_path: str) -> None:
+    if os.path.abspath(output_path) == os.path.abspath(input_path) or (
+            os.path.exists(output_path) and os.path.samefile(output_path, input_path)):
+        raise BadOption(f"output path '{output_path}' is the input model; write the result to another file.")
+    folder = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(folder):
+        raise BadOption(f"output folder '{folder}' does not exist; create it first.")
+    if not os.access(folder, os.W_OK):
+        raise BadOption(f"output folder '{folder}' is not writable; choose another output path.")
+    if os.path.isdir(output_path):
+        raise BadOption(f"output path '{output_path}' is a folder; give a file name such as model.qdq.onnx.")
+
+
+@contextlib.contextmanager
+def _quiet_ort_logging():
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: dict, work_dir: str) -> str:
+    """Run ORT's QDQ quantizer in work_dir; return the path of its output."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    large = quantized.model.ByteSize() > _TWO_GIB
+    prepared = os.path.join(work_dir, "prepared.onnx")
+    onnx.save_model(quantized.model, prepared, save_as_external_data=large)
+    cache = os.path.join(work_dir, "ranges.json")
+    write_calibration_cache(ranges, cache)
+    result = os.path.join(work_dir, "quantized.onnx")
+    with _quiet_ort_logging():
+        quantize_static(prepared, result, calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache,
+                        use_external_data_format=large,
+                        extra_options={"TensorQuantOverrides": weight_overrides(loaded, quantized.scales)})
+    return result
+
+
+def publish(model_path: str, output_path: str) -> None:
+    """Move a finished model into place: readers see the old file or the new one, never a part."""
+    model = onnx.load(model_path)
+    large = model.ByteSize() > _TWO_GIB
+    folder = os.path.dirname(os.path.abspath(output_path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".msq-", suffix=".onnx.tmp")
+    os.close(handle)
+    try:
+        if large:
+            data_name = os.path.basename(output_path) + ".data"
+            onnx.save_model(model, temporary, save_as_external_data=True, location=data_name + ".tmp")
+            os.replace(os.path.join(folder, data_name + ".tmp"), os.path.join(folder, data_name))
+            _rewrite_location(temporary, data_name + ".tmp", data_name)
+        else:
+            with open(temporary, "wb") as out:
+                out.write(model.SerializeToString())
+                out.flush()
+                os.fsync(out.fileno())
+        os.replace(temporary, output_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _rewrite_location(path: str, old: str, new: str) -> None:
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    with open(path, "wb") as out:
+        out.write(model.SerializeToString())
