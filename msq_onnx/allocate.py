@@ -13,6 +13,10 @@ Two allocators:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import numpy as np
 
 from .errors import BadOption
@@ -36,6 +40,20 @@ def average_bits(bits: dict, params: dict) -> float:
     return sum(bits[name] * params[name] for name in bits) / total
 
 
+@contextlib.contextmanager
+def _stdout_silenced():
+    """HiGHS prints solver chatter from C to fd 1, which would break --json."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def allocate_ilp(damage: dict, params: dict, candidate_bits, avg_bits: float) -> dict:
     """Minimise total damage subject to sum(params * bits) <= avg_bits * sum(params)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -53,8 +71,9 @@ def allocate_ilp(damage: dict, params: dict, candidate_bits, avg_bits: float) ->
     total = float(sum(params[name] for name in names))
     constraints = [LinearConstraint(one_per_layer, 1, 1),
                    LinearConstraint(size[None, :] / total, -np.inf, avg_bits + 1e-9)]
-    result = milp(cost.ravel(), constraints=constraints, integrality=np.ones(n * k), bounds=Bounds(0, 1),
-                  options={"time_limit": 60.0})
+    with _stdout_silenced():
+        result = milp(cost.ravel(), constraints=constraints, integrality=np.ones(n * k), bounds=Bounds(0, 1),
+                      options={"time_limit": 60.0})
     if result.x is None:
         raise BadOption(f"no allocation meets --avg-bits {avg_bits} with widths {widths}.")
     choice = result.x.reshape(n, k).argmax(axis=1)

@@ -39,7 +39,7 @@ class Options:
     eval_path: str | None = None
     max_drop: float | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
-    batch_size: int = 8
+    batch_size: int = 1
     seed: int = 0
     quiet: bool = False
     bias_correction: bool = True

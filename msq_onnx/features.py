@@ -6,6 +6,8 @@ sample, so the calibration pass never keeps a full activation.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 DEFAULT_LEVELS = (1, 2, 4)
@@ -18,6 +20,18 @@ def _bin_edges(size: int, bins: int):
     return [(int(np.floor(i * size / bins)), int(np.ceil((i + 1) * size / bins))) for i in range(bins)]
 
 
+@functools.lru_cache(maxsize=512)
+def _pooling_matrix(size: int, levels: tuple) -> np.ndarray:
+    """Rows average the bins of every level along one axis: [sum(levels), size]."""
+    rows = []
+    for b in levels:
+        for start, stop in _bin_edges(size, b):
+            row = np.zeros(size, np.float32)
+            row[start:stop] = 1.0 / (stop - start)
+            rows.append(row)
+    return np.stack(rows)
+
+
 def _channels_first(probe: np.ndarray, channels_last: bool) -> np.ndarray:
     """View any probe as [N, C, *spatial]."""
     if probe.ndim == 1:
@@ -28,26 +42,27 @@ def _channels_first(probe: np.ndarray, channels_last: bool) -> np.ndarray:
 
 
 def pyramid_pool(probe: np.ndarray, levels=DEFAULT_LEVELS, channels_last: bool = False) -> np.ndarray:
-    """[N, C, H, W] -> [N, C, sum(b*b)]; [N, C, T] -> [N, C, sum(b)]; [N, C] -> [N, C, 1]."""
+    """[N, C, H, W] -> [N, C, sum(b*b)]; [N, C, T] -> [N, C, sum(b)]; [N, C] -> [N, C, 1].
+
+    Bin averages are two small matrix products (all levels at once), which is
+    an order of magnitude faster than slicing the bins one by one.
+    """
+    levels = tuple(levels)
     x = _channels_first(np.asarray(probe, dtype=np.float32), channels_last)
     if x.ndim == 2:
         return x[:, :, None]
     if x.ndim > 4:
         x = x.reshape(x.shape[0], x.shape[1], -1)
-    pooled = []
-    if x.ndim == 4:
-        height, width = x.shape[2:]
-        for b in levels:
-            for top, bottom in _bin_edges(height, b):
-                rows = x[:, :, top:bottom]
-                for left, right in _bin_edges(width, b):
-                    pooled.append(rows[:, :, :, left:right].mean(axis=(2, 3)))
-    else:
-        length = x.shape[2]
-        for b in levels:
-            for start, stop in _bin_edges(length, b):
-                pooled.append(x[:, :, start:stop].mean(axis=2))
-    return np.stack(pooled, axis=2)
+    if x.ndim == 3:
+        return x @ _pooling_matrix(x.shape[2], levels).T
+    rows = _pooling_matrix(x.shape[2], levels)
+    cols = _pooling_matrix(x.shape[3], levels)
+    grid = rows @ (x @ cols.T)  # [N, C, sum(levels), sum(levels)]: level blocks on the diagonal
+    blocks, offset = [], 0
+    for b in levels:
+        blocks.append(grid[:, :, offset:offset + b, offset:offset + b].reshape(x.shape[0], x.shape[1], b * b))
+        offset += b
+    return np.concatenate(blocks, axis=2)
 
 
 def cap_channels(pooled: np.ndarray, max_dim: int) -> np.ndarray:

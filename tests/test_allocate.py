@@ -1,0 +1,48 @@
+import itertools
+
+import pytest
+
+from msq_onnx.allocate import allocate, allocate_greedy, allocate_ilp, average_bits, check_budget
+from msq_onnx.errors import BadOption
+
+PARAMS = {"a": 100, "b": 400, "c": 50, "d": 1000}
+WIDTHS = (2, 4, 6, 8)
+DAMAGE = {name: {b: scale * 4.0 ** -b for b in WIDTHS} for name, scale in
+          (("a", 5.0), ("b", 1.0), ("c", 50.0), ("d", 0.5))}
+
+
+def brute_force(budget):
+    best = None
+    for combo in itertools.product(WIDTHS, repeat=len(PARAMS)):
+        bits = dict(zip(PARAMS, combo))
+        if average_bits(bits, PARAMS) <= budget + 1e-9:
+            cost = sum(DAMAGE[n][bits[n]] for n in bits)
+            if best is None or cost < best[0] - 1e-15:
+                best = (cost, bits)
+    return best
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0, 4.0, 5.5, 7.0])
+def test_ilp_is_optimal_and_within_budget(budget):
+    bits = allocate_ilp(DAMAGE, PARAMS, WIDTHS, budget)
+    assert average_bits(bits, PARAMS) <= budget + 1e-9
+    cost = sum(DAMAGE[n][bits[n]] for n in bits)
+    assert cost == pytest.approx(brute_force(budget)[0], rel=1e-9)
+
+
+def test_greedy_lowers_least_important_first():
+    importance = {"a": 0.3, "b": 0.1, "c": 0.9, "d": 0.2}
+    bits = allocate_greedy(importance, PARAMS, WIDTHS, 5.0)
+    assert average_bits(bits, PARAMS) <= 5.0
+    assert bits["b"] == 2 and bits["c"] == 8  # least important narrowest, most important untouched
+
+
+def test_budget_at_or_above_widest_keeps_everything_wide():
+    bits = allocate("ilp", {n: 1 for n in PARAMS}, DAMAGE, PARAMS, WIDTHS, 8.0)
+    assert set(bits.values()) == {8}
+
+
+@pytest.mark.parametrize("avg, widths", [(1.5, (2, 4, 8)), (3.0, (4, 8)), (4.0, ()), (4.0, (1, 4)), (4.0, (9,))])
+def test_impossible_or_invalid_budgets_are_refused(avg, widths):
+    with pytest.raises(BadOption):
+        check_budget(avg, widths)

@@ -1,0 +1,100 @@
+"""The CLI end to end on the bundled example, as a user and a CI pipeline run it."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jsonschema
+import onnx
+import pytest
+
+from conftest import BUNDLED_CALIB, BUNDLED_EVAL, BUNDLED_MODEL, ROOT
+from msq_onnx.report import SCHEMA_PATH
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def bundled_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bundled")
+    before = digest(BUNDLED_MODEL)
+    result = run_cli(BUNDLED_MODEL, folder / "out.onnx", "--calib", BUNDLED_CALIB, "--eval", BUNDLED_EVAL,
+                     "--avg-bits", "4", "--report", folder / "report.json", "--json")
+    return folder, result, before
+
+
+def test_bundled_example_converts_and_reports(bundled_run):
+    folder, result, before = bundled_run
+    assert result.returncode == 0, result.stderr
+    assert digest(BUNDLED_MODEL) == before  # the input is never modified
+    summary = json.loads(result.stdout)
+    report = json.load(open(folder / "report.json"))
+    jsonschema.validate(report, json.load(open(SCHEMA_PATH)))
+    assert summary["avg_weight_bits"] == report["avg_weight_bits"] <= 4.0
+    assert report["fused_integer_kernels"] == report["quantized_layers"] == 6
+    assert report["evaluation"]["samples"] == 497
+    # the accuracy claim is on held-out samples, and 4-bit MSQ keeps the model useful
+    assert report["quant_top1"] >= report["fp32_top1"] - 3.0
+    assert len({layer["bits"] for layer in report["layers"]}) > 1  # mixed precision, not uniform
+    for suffix in (".md", ".layers.png"):
+        assert os.path.getsize(folder / f"report{suffix}") > 100
+    assert "| `fc1` |" in open(folder / "report.md").read()
+    onnx.checker.check_model(str(folder / "out.onnx"))
+
+
+def test_same_inputs_give_byte_identical_model_and_report(bundled_run, tmp_path):
+    folder, first, _ = bundled_run
+    second = run_cli(BUNDLED_MODEL, tmp_path / "out.onnx", "--calib", BUNDLED_CALIB, "--eval", BUNDLED_EVAL,
+                     "--avg-bits", "4", "--report", tmp_path / "report.json", "--json")
+    assert second.returncode == 0, second.stderr
+    assert digest(folder / "out.onnx") == digest(tmp_path / "out.onnx")
+    a, b = (json.load(open(p / "report.json")) for p in (folder, tmp_path))
+    for report in (a, b):
+        report.pop("timings_s")
+        report.pop("output_model")
+    assert a == b
+
+
+def test_accuracy_gate_fails_with_its_own_code_but_still_writes(tmp_path):
+    result = run_cli(BUNDLED_MODEL, tmp_path / "out.onnx", "--calib", BUNDLED_CALIB, "--eval", BUNDLED_EVAL,
+                     "--avg-bits", "2", "--bits", "2,3", "--max-drop", "0", "--report", tmp_path / "r.json")
+    assert result.returncode == 3, result.stderr
+    assert "accuracy gate failed" in result.stderr and "Traceback" not in result.stderr
+    assert os.path.exists(tmp_path / "out.onnx")
+    report = json.load(open(tmp_path / "r.json"))
+    assert report["gate"]["passed"] is False and report["gate"]["drop"] > 0
+
+
+def test_gate_passes_when_drop_is_within_limit(tmp_path):
+    result = run_cli(BUNDLED_MODEL, tmp_path / "out.onnx", "--calib", BUNDLED_CALIB, "--eval", BUNDLED_EVAL,
+                     "--max-drop", "5", "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["gate"]["passed"] is True
+
+
+def test_help_documents_every_option():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for option in ("--calib", "--eval", "--avg-bits", "--bits", "--allocator", "--max-drop", "--levels",
+                   "--max-dim", "--batch-size", "--seed", "--resize", "--crop", "--mean", "--std",
+                   "--channel-order", "--layout", "--report", "--json", "--quiet", "Exit codes"):
+        assert option in result.stdout
+
+
+def test_console_script_is_declared_and_runs_the_same_main():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("msq-onnx") == "msq_onnx.cli:main"
+    result = subprocess.run([sys.executable, "-c", "import sys; from msq_onnx.cli import main; sys.exit(main())",
+                             "--version-does-not-exist"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1

@@ -1,0 +1,96 @@
+"""Stages 2, 7 and 8 on tiny models: the instrumented pass, the written QDQ model, its verification."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from conftest import samples_for, tiny_cnn, tiny_mlp
+from msq_onnx import Options, convert
+from msq_onnx.data import Preprocess, open_samples
+from msq_onnx.instrument import run_pass
+from msq_onnx.load import load_model
+from msq_onnx.verify import optimized_op_counts
+
+
+def _dequantized_weights(path):
+    """Weight name -> (integers, scales) of every DequantizeLinear on an initializer."""
+    model = onnx.load(path)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].dtype == np.int8:
+            found[node.output[0]] = (inits[node.input[0]], inits[node.input[1]])
+    return found
+
+
+def test_pass_collects_ranges_moments_and_features(cnn_files):
+    loaded = load_model(cnn_files["model"])
+    samples = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    stats = run_pass(loaded, samples, (1, 2), max_dim=128, batch_size=5, quiet=True)
+    assert stats.samples == 64 and stats.outputs.shape == (64, 4)
+    x = np.load(cnn_files["calib"])["x"]
+    assert stats.ranges["x"] == (float(x.min()), float(x.max()))
+    np.testing.assert_allclose(stats.input_mean["conv1"], [x.mean()], rtol=1e-4)
+    np.testing.assert_allclose(stats.input_sq["conv1"], [(x ** 2).mean()], rtol=1e-4)
+    assert stats.features["pw"].shape == (64, 16 * 5)  # 16 channels x (1 + 4) bins
+    assert stats.features["fc"].shape == (64, 4)
+
+
+def test_batch_size_does_not_change_statistics(cnn_files):
+    loaded = load_model(cnn_files["model"])
+    samples = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    one = run_pass(loaded, samples, (1, 2, 4), 64, batch_size=1, quiet=True)
+    many = run_pass(loaded, samples, (1, 2, 4), 64, batch_size=16, quiet=True)
+    assert one.ranges == many.ranges
+    for name in one.features:
+        np.testing.assert_allclose(one.features[name], many.features[name], atol=1e-5)
+
+
+def test_written_weights_sit_on_their_k_bit_grids(cnn_files, tmp_path):
+    out = tmp_path / "q.onnx"
+    result = convert(cnn_files["model"], str(out), cnn_files["calib"],
+                     Options(avg_bits=3.0, bits=(2, 3, 4, 8), quiet=True))
+    layers = {layer["name"]: layer["bits"] for layer in result.report["layers"]}
+    assert abs(result.report["avg_weight_bits"] - 3.0) < 1.0 and result.report["avg_weight_bits"] <= 3.0
+    weights = _dequantized_weights(str(out))
+    assert len(weights) == len(layers)
+    peaks = sorted(int(np.abs(integers).max()) for integers, _ in weights.values())
+    for _, scales in weights.values():
+        assert scales.ndim == 1 and len(scales) > 1  # per-channel
+    # each weight uses exactly the top level of the width allocated to its layer
+    assert peaks == sorted(2 ** (b - 1) - 1 for b in layers.values())
+
+
+def test_output_runs_fused_and_matches_fp32_closely_at_8_bits(cnn_files, tmp_path):
+    out = tmp_path / "q8.onnx"
+    result = convert(cnn_files["model"], str(out), cnn_files["calib"], Options(quiet=True))
+    assert result.report["fused_integer_kernels"] == result.report["quantized_layers"] == 4
+    counts = optimized_op_counts(str(out))
+    assert counts["QLinearConv"] == 3 and counts["QGemm"] == 1
+    model = onnx.load(str(out))
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {21}
+    x = np.load(cnn_files["calib"])["x"]  # inside the calibrated ranges: only rounding error remains
+    fp32 = ort.InferenceSession(cnn_files["model"], providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    quant = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert (fp32.argmax(1) == quant.argmax(1)).mean() >= 0.9
+    assert np.sqrt(((fp32 - quant) ** 2).mean() / (fp32 ** 2).mean()) < 0.03
+
+
+def test_matmul_layers_and_old_opset_with_2d_gemm_bias(tmp_path):
+    mlp = tiny_mlp()
+    onnx.save(mlp, tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "mlp.npz", **samples_for(mlp, 40))
+    result = convert(str(tmp_path / "mlp.onnx"), str(tmp_path / "mlp.q.onnx"), str(tmp_path / "mlp.npz"),
+                     Options(avg_bits=4, quiet=True))
+    assert [layer["op_type"] for layer in result.report["layers"]] == ["MatMul", "MatMul"]
+    assert result.report["fused_integer_kernels"] == 2
+
+    old = tiny_cnn(opset=9, gemm_bias_2d=True, batch=1)  # opset 9, fixed batch 1, [1, N] Gemm bias
+    onnx.save(old, tmp_path / "old.onnx")
+    np.savez(tmp_path / "old.npz", **samples_for(tiny_cnn(opset=17), 12))
+    result = convert(str(tmp_path / "old.onnx"), str(tmp_path / "old.q.onnx"), str(tmp_path / "old.npz"),
+                     Options(avg_bits=5, quiet=True, eval_path=str(tmp_path / "old.npz")))
+    assert result.report["opset"] == {"input": 9, "output": 21}
+    assert result.report["fused_integer_kernels"] == 4
+    assert result.report["evaluation"]["samples"] == 12

@@ -1,0 +1,79 @@
+import numpy as np
+
+from msq_onnx.load import Layer
+from msq_onnx.weights import (as_matrix, bias_shift, error_table, fake_quantize, from_matrix,
+                              input_channel_index, levels, search_clips)
+
+
+def conv_layer(shape, group=1):
+    return Layer("c", "Conv", "w", "x", "y", shape, 0, group=group)
+
+
+def test_grid_uses_at_most_the_k_bit_levels():
+    w = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32)
+    for bits in range(2, 9):
+        q, scale = fake_quantize(w, np.abs(w).max(axis=1), bits)
+        integers = q / scale[:, None]
+        assert np.allclose(integers, np.rint(integers), atol=1e-3)
+        assert np.abs(np.rint(integers)).max() <= levels(bits)
+        assert len(np.unique(np.rint(integers))) <= 2 ** bits - 1
+
+
+def test_clip_search_never_worse_than_min_max_and_better_at_low_bits():
+    rng = np.random.default_rng(1)
+    w = rng.standard_t(3, size=(16, 200)).astype(np.float32)  # heavy tails: clipping pays
+    ones = np.ones_like(w)
+    for bits in (2, 3, 4, 8):
+        searched = search_clips(w, ones, bits)
+        minmax = search_clips(w, ones, bits, search=False)
+        assert searched.error <= minmax.error + 1e-12
+    assert search_clips(w, ones, 3).error < 0.8 * search_clips(w, ones, 3, search=False).error
+
+
+def test_error_falls_with_bits():
+    layer = conv_layer((8, 4, 3, 3))
+    w = np.random.default_rng(2).normal(size=layer.weight_shape).astype(np.float32)
+    table = error_table(layer, w, None, range(2, 9))
+    errors = [table[b].error for b in range(2, 9)]
+    assert all(a > b for a, b in zip(errors, errors[1:]))
+
+
+def test_input_weighting_protects_weights_on_loud_channels():
+    layer = Layer("g", "Gemm", "w", "x", "y", (6, 2), 0)
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(6, 2)).astype(np.float32)
+    loud_first = error_table(layer, w, np.array([100.0, 0.01]), [3])[3]
+    # the error estimate is dominated by the loud channel's weights
+    q, _ = fake_quantize(w, loud_first.clip, 3)
+    err_loud = ((q - w)[:, 0] ** 2).sum()
+    flat = error_table(layer, w, None, [3])[3]
+    q_flat, _ = fake_quantize(w, flat.clip, 3)
+    assert err_loud <= ((q_flat - w)[:, 0] ** 2).sum() + 1e-9
+
+
+def test_grouped_conv_maps_weights_to_their_input_channels():
+    layer = conv_layer((4, 1, 3, 3), group=4)  # depthwise
+    index = input_channel_index(layer)
+    assert index.shape == (4, 9)
+    assert all((index[o] == o).all() for o in range(4))
+    layer = conv_layer((4, 2, 1, 1), group=2)
+    assert input_channel_index(layer).tolist() == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+def test_matrix_views_round_trip():
+    rng = np.random.default_rng(4)
+    for layer in (conv_layer((3, 2, 2, 2)), Layer("m", "MatMul", "w", "x", "y", (5, 3), 1, transposed_weight=True),
+                  Layer("t", "ConvTranspose", "w", "x", "y", (2, 3, 2, 2), 1, transposed_weight=True)):
+        w = rng.normal(size=layer.weight_shape).astype(np.float32)
+        matrix = as_matrix(layer, w)
+        out_channels = layer.weight_shape[layer.out_axis]
+        assert matrix.shape[0] == out_channels
+        np.testing.assert_array_equal(from_matrix(layer, matrix), w)
+
+
+def test_bias_shift_is_expected_output_change():
+    layer = Layer("g", "Gemm", "w", "x", "y", (2, 3), 0)
+    w = np.array([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]], np.float32)
+    q = w + np.array([[0.1, 0.0, -0.1], [0.2, 0.2, 0.2]], np.float32)
+    mean = np.array([1.0, 5.0, 2.0], np.float32)
+    np.testing.assert_allclose(bias_shift(layer, w, q, mean), [0.1 - 0.2, 0.2 * 8], atol=1e-6)
