@@ -22,6 +22,11 @@ import numpy as np
 from .errors import BadOption
 
 ALLOCATORS = ("ilp", "greedy")
+# Damage = importance^exponent x error. 1 is the literal product; it let a few
+# layers with large gains take the budget and lost 2.5 top-1 points on
+# EfficientNet-Lite0 at 4 bits, while 0.25 was best of 0, 0.25, 0.5, 1
+# (docs/BENCHMARKS.md). 0 ignores importance: an ablation.
+IMPORTANCE_EXPONENT = 0.25
 
 
 def check_budget(avg_bits: float | None, candidate_bits) -> None:
@@ -33,6 +38,13 @@ def check_budget(avg_bits: float | None, candidate_bits) -> None:
     if avg_bits is not None and avg_bits < min(candidate_bits):
         raise BadOption(f"--avg-bits {avg_bits} is below the narrowest candidate width {min(candidate_bits)}: "
                         "no allocation can meet it; raise --avg-bits or add narrower --bits.")
+
+
+def expected_damage(importance: dict, choices: dict, exponent: float = IMPORTANCE_EXPONENT) -> dict:
+    """Per layer and width: (importance / mean importance)^exponent x relative output error."""
+    mean = float(np.mean(list(importance.values()))) or 1.0
+    return {name: {bits: (importance[name] / mean) ** exponent * choice.error for bits, choice in table.items()}
+            for name, table in choices.items()}
 
 
 def average_bits(bits: dict, params: dict) -> float:

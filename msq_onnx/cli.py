@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--allocator", choices=("ilp", "greedy"), default="ilp",
                         help="ilp: knapsack of importance x measured output error (default); greedy: the "
                              "paper's rule, least important layers get fewer bits first")
+    budget.add_argument("--importance-exponent", type=float, default=0.25, metavar="E",
+                        help="ilp damage = importance^E x measured output error (default 0.25; 0 ignores "
+                             "importance, 1 is the plain product)")
     budget.add_argument("--max-drop", type=float, metavar="POINTS",
                         help="accuracy gate: exit 3 if the top-1 drop on --eval exceeds POINTS")
     budget.add_argument("--no-bias-correction", action="store_true",
@@ -105,7 +108,8 @@ def options_from(args):
     preprocess = Preprocess(resize=args.resize, crop=args.crop, mean=args.mean, std=args.std,
                             channel_order=args.channel_order, layout=args.layout,
                             interpolation=args.interpolation)
-    return Options(avg_bits=args.avg_bits, bits=args.bits, allocator=args.allocator, levels=args.levels,
+    return Options(avg_bits=args.avg_bits, bits=args.bits, allocator=args.allocator,
+                   importance_exponent=args.importance_exponent, levels=args.levels,
                    max_dim=args.max_dim, eval_path=args.eval, max_drop=args.max_drop, preprocess=preprocess,
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,
                    bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search)

@@ -17,9 +17,9 @@ from . import allocate as allocate_stage
 from .data import Preprocess, check_labels, open_samples
 from .errors import BadOption, GateFailed
 from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
-from .imprint import imprint_labels, layer_accuracies
+from .imprint import imprint_labels, layer_scores
 from .importance import importance as layer_importance
-from .importance import normalized, upstream_layers
+from .importance import upstream_layers
 from .instrument import run_pass
 from .load import load_model
 from .verify import flips, fused_integer_kernels, optimized_op_counts, predictions, smoke_check, top1
@@ -34,6 +34,7 @@ class Options:
     avg_bits: float | None = None
     bits: tuple = DEFAULT_BITS
     allocator: str = "ilp"
+    importance_exponent: float = allocate_stage.IMPORTANCE_EXPONENT
     levels: tuple = DEFAULT_LEVELS
     max_dim: int = DEFAULT_MAX_DIM
     eval_path: str | None = None
@@ -88,26 +89,33 @@ def check_options(options: Options) -> None:
         raise BadOption("--max-drop must be zero or positive (top-1 points).")
 
 
-def analyse(loaded, calib, options: Options, timer: _Timer):
-    """Everything up to the bit allocation: the MSQ measurements."""
+@dataclass
+class Analysis:
+    """The MSQ measurements that the allocation and the report draw on."""
+
+    stats: object  # instrument.PassStatistics
+    labels: object  # imprint.Labels
+    scores: dict  # layer -> imprint.PredictorScores
+    input_score: object  # the network input's PredictorScores
+    upstream: dict  # layer -> nearest upstream layers
+    importance: dict  # layer -> soft-score gain over upstream
+    choices: dict  # layer -> {bits: weights.WidthChoice}
+
+
+def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
     with timer.stage("instrument+features"):
-        stats = run_pass(loaded, calib, options.levels, options.max_dim, options.batch_size, options.quiet)
+        stats = run_pass(loaded, calib, options.levels, options.max_dim, options.batch_size, options.quiet,
+                         options.seed)
     with timer.stage("imprint"):
         labels = imprint_labels(calib.labels, stats.outputs, options.seed)
-        accuracies, input_accuracy = layer_accuracies(stats.features, stats.input_features, labels)
+        scores, input_score = layer_scores(stats.features, stats.input_features, labels)
     with timer.stage("importance"):
         upstream = upstream_layers(loaded.model, loaded.layers)
-        gains = layer_importance(accuracies, input_accuracy, upstream)
+        gains = layer_importance({name: s.soft for name, s in scores.items()}, input_score.soft, upstream)
     with timer.stage("weight-errors"):
         choices = {layer.name: error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name),
                                            options.bits, options.clip_search) for layer in loaded.layers}
-    return stats, labels, accuracies, input_accuracy, upstream, gains, choices
-
-
-def expected_damage(gains: dict, choices: dict) -> dict:
-    weights = normalized(gains)
-    return {name: {bits: weights[name] * choice.error for bits, choice in table.items()}
-            for name, table in choices.items()}
+    return Analysis(stats, labels, scores, input_score, upstream, gains, choices)
 
 
 def convert(model_path: str, output_path: str, calib_path: str, options: Options | None = None) -> Result:
@@ -125,15 +133,17 @@ def convert(model_path: str, output_path: str, calib_path: str, options: Options
         if options.eval_path:
             evaluation = open_samples(options.eval_path, loaded.inputs, options.preprocess, "evaluation")
             check_labels(evaluation, classes, "evaluation")
-    stats, labels, accuracies, input_accuracy, upstream, gains, choices = analyse(loaded, calib, options, timer)
+    analysis = analyse(loaded, calib, options, timer)
     params = {layer.name: layer.params for layer in loaded.layers}
     with timer.stage("allocate"):
-        bits = allocate_stage.allocate(options.allocator, gains, expected_damage(gains, choices), params,
-                                       options.bits, options.avg_bits)
+        damage = allocate_stage.expected_damage(analysis.importance, analysis.choices, options.importance_exponent)
+        bits = allocate_stage.allocate(options.allocator, analysis.importance, damage, params, options.bits,
+                                       options.avg_bits)
     with tempfile.TemporaryDirectory(prefix="msq-") as work_dir:
         with timer.stage("write"):
-            quantized = quantize_weights(loaded, bits, choices, stats.input_mean, options.bias_correction)
-            written = quantize_to_qdq(loaded, quantized, stats.ranges, work_dir)
+            quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,
+                                         options.bias_correction)
+            written = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, work_dir)
         with timer.stage("verify"):
             op_counts = optimized_op_counts(written)
             if evaluation is not None:
@@ -146,8 +156,7 @@ def convert(model_path: str, output_path: str, calib_path: str, options: Options
     output_size = os.path.getsize(output_path)
     from .report import build_report
 
-    report = build_report(model_path, output_path, loaded, options, bits, params, accuracies, input_accuracy,
-                          gains, upstream, choices, labels, stats, measured, op_counts,
+    report = build_report(model_path, output_path, loaded, options, bits, params, analysis, measured, op_counts,
                           fused_integer_kernels(op_counts), output_size, timer.seconds,
                           time.perf_counter() - started)
     gate = report.get("gate")

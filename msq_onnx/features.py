@@ -65,36 +65,47 @@ def pyramid_pool(probe: np.ndarray, levels=DEFAULT_LEVELS, channels_last: bool =
     return np.concatenate(blocks, axis=2)
 
 
-def cap_channels(pooled: np.ndarray, max_dim: int) -> np.ndarray:
-    """Average neighbouring channels so that C' x bins <= max_dim, then flatten.
+@functools.lru_cache(maxsize=256)
+def _hashing_matrix(dim: int, max_dim: int, seed: int):
+    """Signed feature hashing [dim, max_dim]: one +-1 per row, fixed by the seed."""
+    from scipy.sparse import csr_matrix
 
-    Channel-group averaging is deterministic and keeps every spatial bin, so
-    the pyramid survives the cap on wide layers.
+    rng = np.random.default_rng([seed, dim, max_dim])
+    columns = rng.integers(0, max_dim, dim)
+    signs = rng.choice(np.array([-1.0, 1.0], np.float32), dim)
+    return csr_matrix((signs, (np.arange(dim), columns)), shape=(dim, max_dim), dtype=np.float32)
+
+
+def cap_dimension(pooled: np.ndarray, max_dim: int, seed: int = 0) -> np.ndarray:
+    """Flatten to [N, C x bins]; wider embeddings are signed-hashed down to max_dim.
+
+    Hashing keeps inner products (and so the cosine classifier) unbiased. The
+    alternative tried first, averaging neighbouring channels, cost wide layers
+    most of their predictor accuracy (EfficientNet-Lite0's 1280-channel head:
+    0.16 with channel groups vs 0.58 hashed).
     """
-    n, channels, bins = pooled.shape
-    group = max(1, int(np.ceil(channels * bins / max_dim)))
-    if group > 1:
-        starts = np.arange(0, channels, group)
-        sizes = np.diff(np.append(starts, channels)).astype(np.float32)
-        pooled = np.add.reduceat(pooled, starts, axis=1) / sizes[None, :, None]
-    return pooled.reshape(n, -1)
+    flat = pooled.reshape(pooled.shape[0], -1)
+    if flat.shape[1] <= max_dim:
+        return flat
+    return np.asarray(flat @ _hashing_matrix(flat.shape[1], max_dim, seed), dtype=np.float32)
 
 
 def embed(probe: np.ndarray, levels=DEFAULT_LEVELS, max_dim: int = DEFAULT_MAX_DIM,
-          channels_last: bool = False) -> np.ndarray:
-    return cap_channels(pyramid_pool(probe, levels, channels_last), max_dim)
+          channels_last: bool = False, seed: int = 0) -> np.ndarray:
+    return cap_dimension(pyramid_pool(probe, levels, channels_last), max_dim, seed)
 
 
 class FeatureBank:
     """Collects per-layer embeddings batch by batch; one array per layer at the end."""
 
-    def __init__(self, names, levels=DEFAULT_LEVELS, max_dim: int = DEFAULT_MAX_DIM):
+    def __init__(self, names, levels=DEFAULT_LEVELS, max_dim: int = DEFAULT_MAX_DIM, seed: int = 0):
         self.levels = tuple(levels)
         self.max_dim = max_dim
+        self.seed = seed
         self._chunks = {name: [] for name in names}
 
     def add(self, name: str, probe: np.ndarray, channels_last: bool = False) -> None:
-        self._chunks[name].append(embed(probe, self.levels, self.max_dim, channels_last))
+        self._chunks[name].append(embed(probe, self.levels, self.max_dim, channels_last, self.seed))
 
     def matrices(self) -> dict[str, np.ndarray]:
         return {name: np.concatenate(chunks) for name, chunks in self._chunks.items() if chunks}

@@ -7,8 +7,6 @@ at a small positive floor so that every layer keeps a non-zero weight.
 
 from __future__ import annotations
 
-import numpy as np
-
 IMPORTANCE_FLOOR = 0.005
 
 
@@ -43,8 +41,3 @@ def importance(accuracies: dict, input_accuracy: float, upstream: dict,
         previous = max((accuracies[u] for u in upstream.get(name, []) if u in accuracies), default=input_accuracy)
         gains[name] = float(max(accuracy - previous, floor))
     return gains
-
-
-def normalized(values: dict) -> dict:
-    mean = float(np.mean(list(values.values()))) or 1.0
-    return {k: v / mean for k, v in values.items()}

@@ -53,13 +53,24 @@ def imprint_labels(labels: np.ndarray | None, fp32_outputs: np.ndarray, seed: in
     return Labels(values=values, source=source, classes=int(values.max()) + 1)
 
 
-def loo_accuracy(embeddings: np.ndarray, labels: np.ndarray) -> float:
-    """Leave-one-out top-1 of a cosine classifier with imprinted (class-mean) weights.
+SOFT_SCALE = 10.0  # cosine logit scale of the soft score (the imprinting paper's s)
+
+
+@dataclass
+class PredictorScores:
+    top1: float  # leave-one-out top-1 accuracy of the imprinted classifier
+    soft: float  # mean leave-one-out probability of the true class: its smooth twin
+
+
+def loo_scores(embeddings: np.ndarray, labels: np.ndarray, scale: float = SOFT_SCALE) -> PredictorScores:
+    """Leave-one-out accuracy of a cosine classifier with imprinted (class-mean) weights.
 
     Embeddings are centered on the set's mean before L2 normalization: after a
     ReLU every embedding lies in the positive orthant and raw cosines barely
     separate classes. Samples alone in their class cannot be scored and are
-    skipped.
+    skipped. The soft score (softmax of scale x cosine at the true class) is
+    what importance uses: on 300 ImageNet samples the layer gains from top-1
+    correlated 0.54 between two seeds, from the soft score 0.99.
     """
     f = normalize_rows(embeddings - embeddings.mean(axis=0))
     classes = int(labels.max()) + 1
@@ -68,16 +79,25 @@ def loo_accuracy(embeddings: np.ndarray, labels: np.ndarray) -> float:
     counts = np.bincount(labels, minlength=classes)
     sum_norms = np.linalg.norm(sums, axis=1)
     scores = f @ (sums / np.maximum(sum_norms, 1e-12)[:, None]).T
-    own_dot = scores[np.arange(len(f)), labels] * sum_norms[labels]  # f_i . S_c
+    rows = np.arange(len(f))
+    own_dot = scores[rows, labels] * sum_norms[labels]  # f_i . S_c
     rest_norm = np.sqrt(np.maximum(sum_norms[labels] ** 2 - 2 * own_dot + 1.0, 0.0))
-    scores[np.arange(len(f)), labels] = np.where(rest_norm > 1e-9, (own_dot - 1.0) / np.maximum(rest_norm, 1e-12),
-                                                 -np.inf)
+    scores[rows, labels] = np.where(rest_norm > 1e-9, (own_dot - 1.0) / np.maximum(rest_norm, 1e-12), -np.inf)
     scored = counts[labels] >= 2
     if not scored.any():
-        return 0.0
-    return float((scores.argmax(axis=1) == labels)[scored].mean())
+        return PredictorScores(0.0, 0.0)
+    logits = scale * scores
+    logits -= logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(logits)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    return PredictorScores(top1=float((scores.argmax(axis=1) == labels)[scored].mean()),
+                           soft=float(probabilities[rows, labels][scored].mean()))
 
 
-def layer_accuracies(features: dict, input_features: np.ndarray, labels: Labels) -> tuple[dict, float]:
-    accuracies = {name: loo_accuracy(matrix, labels.values) for name, matrix in features.items()}
-    return accuracies, loo_accuracy(input_features, labels.values)
+def loo_accuracy(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    return loo_scores(embeddings, labels).top1
+
+
+def layer_scores(features: dict, input_features: np.ndarray, labels: Labels) -> tuple[dict, PredictorScores]:
+    scores = {name: loo_scores(matrix, labels.values) for name, matrix in features.items()}
+    return scores, loo_scores(input_features, labels.values)

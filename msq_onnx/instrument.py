@@ -137,14 +137,14 @@ def progress(total: int, description: str, quiet: bool):
                 leave=False, file=sys.stderr)
 
 
-def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 8,
-             quiet: bool = False) -> PassStatistics:
+def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 1,
+             quiet: bool = False, seed: int = 0) -> PassStatistics:
     model, outputs = build_instrumented(loaded)
     session = make_session(model)
     names = [o.name for o in session.get_outputs()]
     position = {name: i for i, name in enumerate(names)}
-    bank = FeatureBank([layer.name for layer in loaded.layers], levels, max_dim)
-    input_bank = FeatureBank(["input"], levels, max_dim)
+    bank = FeatureBank([layer.name for layer in loaded.layers], levels, max_dim, seed)
+    input_bank = FeatureBank(["input"], levels, max_dim, seed)
     ranges: dict = {}
     mean_sum: dict = {}
     sq_sum: dict = {}

@@ -14,18 +14,18 @@ from .allocate import average_bits
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
 
 
-def build_report(model_path, output_path, loaded, options, bits, params, accuracies, input_accuracy, gains,
-                 upstream, choices, labels, stats, measured, op_counts, fused, output_size, timings,
-                 total_seconds) -> dict:
+def build_report(model_path, output_path, loaded, options, bits, params, analysis, measured, op_counts, fused,
+                 output_size, timings, total_seconds) -> dict:
     layers = [{
         "name": layer.name,
         "op_type": layer.op_type,
         "params": layer.params,
         "bits": bits[layer.name],
-        "predictor_accuracy": round(accuracies[layer.name], 6),
-        "importance": round(gains[layer.name], 6),
-        "upstream": upstream[layer.name],
-        "weight_error": float(f"{choices[layer.name][bits[layer.name]].error:.6g}"),
+        "predictor_accuracy": round(analysis.scores[layer.name].top1, 6),
+        "predictor_score": round(analysis.scores[layer.name].soft, 6),
+        "importance": round(analysis.importance[layer.name], 6),
+        "upstream": analysis.upstream[layer.name],
+        "weight_error": float(f"{analysis.choices[layer.name][bits[layer.name]].error:.6g}"),
     } for layer in loaded.layers]
     report = {
         "tool": "msq-onnx",
@@ -34,13 +34,16 @@ def build_report(model_path, output_path, loaded, options, bits, params, accurac
         "output_model": os.path.abspath(output_path),
         "options": {
             "avg_bits": options.avg_bits, "bits": list(options.bits), "allocator": options.allocator,
+            "importance_exponent": options.importance_exponent,
             "levels": list(options.levels), "max_dim": options.max_dim, "seed": options.seed,
             "bias_correction": options.bias_correction, "clip_search": options.clip_search,
             "batch_size": options.batch_size, "max_drop": options.max_drop,
         },
         "opset": {"input": loaded.source_opset, "output": loaded.opset},
-        "calibration": {"samples": stats.samples, "labels_source": labels.source, "classes": labels.classes,
-                        "input_accuracy": round(input_accuracy, 6)},
+        "calibration": {"samples": analysis.stats.samples, "labels_source": analysis.labels.source,
+                        "classes": analysis.labels.classes,
+                        "input_accuracy": round(analysis.input_score.top1, 6),
+                        "input_score": round(analysis.input_score.soft, 6)},
         "layers": layers,
         "avg_weight_bits": round(average_bits(bits, params), 6),
         "size_bytes": {"input": int(loaded.size_bytes), "output": int(output_size)},
@@ -99,11 +102,12 @@ def markdown(report: dict) -> str:
     gate = report.get("gate")
     if gate:
         lines.append(f"- accuracy gate (--max-drop {gate['max_drop']}): **{'passed' if gate['passed'] else 'FAILED'}**")
-    lines += ["", "| # | layer | op | params | predictor acc. | importance | bits | rel. weight error |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| # | layer | op | params | predictor top-1 | predictor score | importance | bits | "
+              "rel. output error |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for index, layer in enumerate(report["layers"]):
         lines.append(f"| {index} | `{layer['name']}` | {layer['op_type']} | {layer['params']:,} | "
-                     f"{layer['predictor_accuracy']:.3f} | {layer['importance']:.3f} | {layer['bits']} | "
+                     f"{layer['predictor_accuracy']:.3f} | {layer['predictor_score']:.4f} | "
+                     f"{layer['importance']:.4f} | {layer['bits']} | "
                      f"{layer['weight_error']:.2e} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()), ""]
     return "\n".join(lines)
@@ -118,8 +122,10 @@ def plot_layers(report: dict, path: str) -> None:
     layers = report["layers"]
     x = range(len(layers))
     figure, axes = plt.subplots(3, 1, figsize=(max(8, len(layers) * 0.18), 7), sharex=True)
-    axes[0].plot(x, [layer["predictor_accuracy"] for layer in layers], marker=".")
-    axes[0].set_ylabel("predictor acc.")
+    axes[0].plot(x, [layer["predictor_accuracy"] for layer in layers], marker=".", label="LOO top-1")
+    axes[0].plot(x, [layer["predictor_score"] for layer in layers], marker=".", label="soft score")
+    axes[0].set_ylabel("predictor")
+    axes[0].legend(fontsize=8)
     axes[1].bar(x, [layer["importance"] for layer in layers])
     axes[1].set_ylabel("importance")
     axes[2].bar(x, [layer["bits"] for layer in layers], color="tab:orange")

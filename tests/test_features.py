@@ -1,6 +1,6 @@
 import numpy as np
 
-from msq_onnx.features import FeatureBank, _bin_edges, cap_channels, embed, pyramid_pool
+from msq_onnx.features import FeatureBank, _bin_edges, cap_dimension, embed, pyramid_pool
 
 
 def naive_pool(x, levels):
@@ -43,12 +43,23 @@ def test_flat_features_pass_through():
     np.testing.assert_array_equal(embed(x, max_dim=100), x)
 
 
-def test_cap_averages_channel_groups_within_the_limit():
-    pooled = np.random.default_rng(4).normal(size=(2, 10, 3)).astype(np.float32)
-    capped = cap_channels(pooled, max_dim=15)
-    assert capped.shape[1] <= 15
-    # groups of 2 neighbouring channels
-    np.testing.assert_allclose(capped.reshape(2, -1, 3)[:, 0], pooled[:, :2].mean(axis=1), atol=1e-6)
+def test_cap_hashes_wide_embeddings_keeping_their_geometry():
+    rng = np.random.default_rng(4)
+    pooled = rng.normal(size=(40, 300, 21)).astype(np.float32)  # 6,300 values per sample
+    capped = cap_dimension(pooled, max_dim=1024, seed=0)
+    assert capped.shape == (40, 1024)
+    flat = pooled.reshape(40, -1)
+    exact, hashed = flat @ flat.T, capped @ capped.T
+    # norms (diagonal) survive (about 5% spread at 1,024 buckets); cross terms stay near zero
+    np.testing.assert_allclose(np.diag(hashed), np.diag(exact), rtol=0.25)
+    assert np.abs(hashed - np.diag(np.diag(hashed))).max() < 0.2 * np.diag(exact).min()
+    np.testing.assert_array_equal(capped, cap_dimension(pooled, 1024, seed=0))
+    assert not np.array_equal(capped, cap_dimension(pooled, 1024, seed=1))
+
+
+def test_narrow_embeddings_are_not_touched():
+    pooled = np.random.default_rng(5).normal(size=(2, 10, 3)).astype(np.float32)
+    np.testing.assert_array_equal(cap_dimension(pooled, max_dim=30), pooled.reshape(2, 30))
 
 
 def test_bank_concatenates_batches_in_order():
