@@ -66,6 +66,9 @@ class ImageSamples(SampleSet):
         self.files = files
         self.input = input_spec
         self.pre = preprocess
+        for name, value in (("crop", preprocess.crop), ("resize", preprocess.resize)):
+            if value is not None and value < 1:
+                raise BadData(f"--{name} {value} is not a positive pixel count; give a size such as 224.")
         self.layout, self.channels, height, width = _image_layout(input_spec.shape, preprocess.layout)
         crop = preprocess.crop or height or width
         if not crop:
@@ -79,13 +82,16 @@ class ImageSamples(SampleSet):
             raise BadData("--std contains 0; every std value must be non-zero.")
 
     def _decode(self, path: str) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         try:
             with Image.open(path) as image:
                 image = image.convert("L" if self.channels == 1 else "RGB")
                 return self._resize_crop(image)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:  # UnidentifiedImageError, OSError, DecompressionBombError, and on broken
+            # files also SyntaxError, struct.error, EOFError, ... from Pillow's decoders
             raise BadData(f"cannot read image '{path}' ({type(exc).__name__}); remove or replace it.") from None
 
     def _resize_crop(self, image) -> np.ndarray:
@@ -134,21 +140,35 @@ def _read_labels_csv(csv_path: str) -> tuple[list[str], list[str]]:
                                                                    os.path.join(base, "images", name)]
                 found = next((c for c in candidates if os.path.isfile(c)), None)
                 if found is None:
-                    raise BadData(f"{csv_path}:{row_number}: image '{name}' does not exist; "
+                    raise BadData(f"{csv_path}:{row_number}: image {name!r} does not exist; "
                                   "fix the path or remove the row.")
                 files.append(found)
                 labels.append(row[1].strip())
     except UnicodeDecodeError:
         raise BadData(f"{csv_path} is not a UTF-8 text CSV; write it as 'file,label' lines.") from None
+    except csv.Error as exc:
+        raise BadData(f"{csv_path} is not a readable CSV ({' '.join(str(exc).split())[:200]}); write it as "
+                      "'file,label' lines.") from None
+    except OSError as exc:
+        raise BadData(f"cannot read {csv_path} ({type(exc).__name__}); check the file.") from None
     return files, labels
 
 
+_INT64 = np.iinfo(np.int64)
+
+
 def _parse_int_labels(raw: list[str], where: str) -> np.ndarray:
-    try:
-        return np.array([int(v) for v in raw], dtype=np.int64)
-    except ValueError:
-        bad = next(v for v in raw if not v.lstrip("-").isdigit())
-        raise BadData(f"{where}: label {bad!r} is not an integer class index.") from None
+    values = []
+    for text in raw:
+        try:
+            value = int(text)
+        except ValueError:
+            raise BadData(f"{where}: label {text!r} is not an integer class index; write labels as "
+                          "0, 1, 2, ...") from None
+        if not _INT64.min <= value <= _INT64.max:
+            raise BadData(f"{where}: label {value} is out of range; labels are class indices 0, 1, 2, ...")
+        values.append(value)
+    return np.array(values, dtype=np.int64)
 
 
 def _image_folder(path: str) -> tuple[list[str], np.ndarray | None]:
@@ -178,25 +198,21 @@ class ArraySamples(SampleSet):
         self.mapping = None  # model input name -> array name, fixed by the first file
         counts, labels = [], []
         for path in files:
-            arrays = self._open(path)
-            mapping = self._map_inputs(path, arrays.files)
-            if self.mapping is not None and mapping != self.mapping:
-                raise BadData(f"{path}: its arrays are named differently from {files[0]}; use one naming.")
-            self.mapping = mapping
-            count = None
-            for spec in inputs:
-                array = self._array(path, arrays, mapping[spec.name])
-                self._check(path, spec, array)
-                if count is not None and len(array) != count:
-                    raise BadData(f"{path}: the input arrays hold different numbers of samples; "
-                                  "give every input the same first dimension.")
-                count = len(array)
-            if "labels" in arrays.files:
-                file_labels = self._array(path, arrays, "labels")
-                if file_labels.ndim != 1 or len(file_labels) != count or file_labels.dtype.kind not in "iu":
-                    raise BadData(f"{path}: 'labels' must be a 1-D integer array with one entry per sample "
-                                  f"({count}); got {file_labels.dtype} {file_labels.shape}.")
-                labels.append(file_labels.astype(np.int64))
+            with self._open(path) as arrays:
+                mapping = self._map_inputs(path, arrays.files)
+                if self.mapping is not None and mapping != self.mapping:
+                    raise BadData(f"{path}: its arrays are named differently from {files[0]}; use one naming.")
+                self.mapping = mapping
+                count = None
+                for spec in inputs:
+                    array = self._array(path, arrays, mapping[spec.name])
+                    self._check(path, spec, array)
+                    if count is not None and len(array) != count:
+                        raise BadData(f"{path}: the input arrays hold different numbers of samples; "
+                                      "give every input the same first dimension.")
+                    count = len(array)
+                if "labels" in arrays.files:
+                    labels.append(self._labels(path, self._array(path, arrays, "labels"), count))
             counts.append(count)
         if labels and len(labels) != len(files):
             raise BadData(f"{source}: some .npz files have 'labels' and some not; label all or none.")
@@ -207,20 +223,45 @@ class ArraySamples(SampleSet):
     @staticmethod
     def _open(path: str):
         try:
-            return np.load(path, allow_pickle=False)
+            arrays = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            if "pickle" in str(exc):  # neither zip nor .npy: numpy would unpickle it
+                raise BadData(f"'{path}' is not an .npz archive (numpy could only read it as a pickle, which is "
+                              "refused); write it with numpy.savez.") from None
+            raise BadData(f"cannot read '{path}' as .npz (ValueError); write it with numpy.savez.") from None
+        except MemoryError:
+            raise
         except Exception as exc:
             raise BadData(f"cannot read '{path}' as .npz ({type(exc).__name__}); write it with numpy.savez.") from None
+        if not isinstance(arrays, np.lib.npyio.NpzFile):  # an .npy file renamed to .npz
+            raise BadData(f"'{path}' is a single .npy array, not an .npz archive; save it with "
+                          "numpy.savez(path, <input name>=array).")
+        return arrays
 
     @staticmethod
     def _array(path: str, arrays, name: str) -> np.ndarray:
         try:
             return arrays[name]
-        except ValueError:
-            raise BadData(f"{path}: array '{name}' holds Python objects; refusing to unpickle it. "
-                          "Save plain numeric arrays.") from None
+        except ValueError as exc:
+            if "allow_pickle" in str(exc) or "pickle" in str(exc):
+                raise BadData(f"{path}: array '{name}' holds Python objects; refusing to unpickle it. "
+                              "Save plain numeric arrays.") from None
+            raise BadData(f"{path}: array '{name}' cannot be read (ValueError); the file is corrupt.") from None
+        except MemoryError:
+            raise
         except Exception as exc:
             raise BadData(f"{path}: array '{name}' cannot be read ({type(exc).__name__}); the file is corrupt.") \
                 from None
+
+    @staticmethod
+    def _labels(path: str, file_labels: np.ndarray, count: int) -> np.ndarray:
+        if file_labels.ndim != 1 or len(file_labels) != count or file_labels.dtype.kind not in "iu":
+            raise BadData(f"{path}: 'labels' must be a 1-D integer array with one entry per sample "
+                          f"({count}); got {file_labels.dtype} {file_labels.shape}.")
+        if file_labels.dtype == np.uint64 and len(file_labels) and file_labels.max() > _INT64.max:
+            raise BadData(f"{path}: label {int(file_labels.max())} is out of range; labels are class indices "
+                          "0, 1, 2, ...")
+        return file_labels.astype(np.int64)
 
     def _map_inputs(self, path: str, names) -> dict:
         data_names = [n for n in names if n != "labels"]
@@ -247,6 +288,13 @@ class ArraySamples(SampleSet):
             raise BadData(f"{path}: input '{spec.name}' has dtype {array.dtype}; give numeric samples.")
         if spec.dtype.kind == "f" and array.dtype.kind not in "fiu":
             raise BadData(f"{path}: input '{spec.name}' has dtype {array.dtype}, the model takes {spec.dtype}.")
+        if spec.dtype.kind in "iu" and array.dtype.kind == "f" and array.size and (
+                not np.isfinite(array).all() or not (array == np.round(array)).all()):
+            raise BadData(f"{path}: input '{spec.name}' has non-integer values, the model takes {spec.dtype}; "
+                          "give integer samples.")
+        if array.ndim == 0:
+            raise BadData(f"{path}: input '{spec.name}' is a single value; give an array with one entry per "
+                          "sample along its first axis.")
         shaped = self._fit_shape(spec, array)
         expected = ["N"] + [d if d is not None else "?" for d in spec.shape[1:]]
         ok = shaped.ndim == len(spec.shape) and all(
@@ -256,12 +304,18 @@ class ArraySamples(SampleSet):
                           f"{expected}; reshape the samples.")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise BadData(f"{path}: input '{spec.name}' contains NaN or Inf; clean the samples.")
+        if array.size and array.dtype != spec.dtype and spec.dtype.kind in "fiu" and array.dtype.kind in "fiu":
+            info = np.finfo(spec.dtype) if spec.dtype.kind == "f" else np.iinfo(spec.dtype)
+            low, high = array.min(), array.max()
+            if low < info.min or high > info.max:
+                raise BadData(f"{path}: input '{spec.name}' has values in [{low}, {high}], beyond the range of the "
+                              f"model's {spec.dtype} input; rescale the samples.")
 
     def batches(self, batch_size: int):
         for path in self.files:
-            arrays = self._open(path)
-            columns = {spec.name: self._fit_shape(spec, self._array(path, arrays, self.mapping[spec.name]))
-                       for spec in self.inputs}
+            with self._open(path) as arrays:
+                columns = {spec.name: self._fit_shape(spec, self._array(path, arrays, self.mapping[spec.name]))
+                           for spec in self.inputs}
             count = len(next(iter(columns.values())))
             for start in range(0, count, batch_size):
                 yield {spec.name: np.ascontiguousarray(columns[spec.name][start:start + batch_size], dtype=spec.dtype)
@@ -270,14 +324,28 @@ class ArraySamples(SampleSet):
 
 def open_samples(path: str, inputs, preprocess: Preprocess, role: str = "calibration") -> SampleSet:
     """Open a sample set in any supported format; raise BadData naming the problem."""
+    samples = _open_samples(path, inputs, preprocess, role)
+    if role == "calibration" and samples.count < 2:
+        raise BadData(f"{role} data '{path}' holds {samples.count} sample; the layer predictors need at least 2 "
+                      "(a few hundred is typical): add samples.")
+    return samples
+
+
+def _open_samples(path: str, inputs, preprocess: Preprocess, role: str) -> SampleSet:
     if not path or not os.path.exists(path):
         raise BadData(f"{role} data '{path}' does not exist; give a folder of images, a labels.csv or .npz.")
+    if not os.path.isfile(path) and not os.path.isdir(path):
+        raise BadData(f"{role} data '{path}' is neither a regular file nor a folder; give a folder of images, "
+                      "a labels.csv or .npz.")
     if os.path.isfile(path):
         if path.lower().endswith(".npz"):
             return ArraySamples([path], inputs, path)
         if path.lower().endswith(".csv"):
             files, raw = _read_labels_csv(path)
             return _image_set(files, _parse_int_labels(raw, path), path, inputs, preprocess, role)
+        if path.lower().endswith(".npy"):
+            raise BadData(f"{role} data '{path}' is a single .npy array; save it as .npz with "
+                          "numpy.savez(path, <input name>=array, labels=...) and pass that.")
         raise BadData(f"{role} data '{path}' is a file but not .npz or .csv; give a folder, a labels CSV or .npz.")
     npz_files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(".npz"))
     if npz_files:
@@ -307,3 +375,40 @@ def check_labels(samples: SampleSet, num_classes: int | None, role: str) -> None
     if role == "calibration" and len(np.unique(labels)) < 2:
         raise BadData(f"{role} data '{samples.source}' has only one class among its labels; imprinting needs "
                       "at least two (or drop the labels to use the model's own predictions).")
+
+
+class _Slice(SampleSet):
+    """Samples [start, stop) of another set, streamed through its batches."""
+
+    def __init__(self, parent: SampleSet, start: int, stop: int, role: str):
+        labels = parent.labels[start:stop] if parent.labels is not None else None
+        super().__init__(stop - start, labels, f"{parent.source} [{role} samples {start}..{stop - 1}]")
+        self.parent, self.start, self.stop = parent, start, stop
+
+    def batches(self, batch_size: int):
+        offset, pending = 0, []
+        for feed in self.parent.batches(batch_size):
+            count = len(next(iter(feed.values())))
+            low, high = max(self.start - offset, 0), min(self.stop - offset, count)
+            offset += count
+            if low < high:
+                pending.append({k: v[low:high] for k, v in feed.items()})
+                while sum(len(next(iter(p.values()))) for p in pending) >= batch_size:
+                    merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                    yield {k: v[:batch_size] for k, v in merged.items()}
+                    rest = {k: v[batch_size:] for k, v in merged.items()}
+                    pending = [rest] if len(next(iter(rest.values()))) else []
+            if offset >= self.stop:
+                break
+        if pending:
+            yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+
+
+def split_holdout(samples: SampleSet, fraction: float) -> tuple[SampleSet, SampleSet]:
+    """Calibrate on the first samples, hold out the last `fraction` (never both)."""
+    held = int(round(samples.count * fraction))
+    if held < 1 or samples.count - held < 2:
+        raise BadData(f"calibration data '{samples.source}' has {samples.count} samples: too few to hold out "
+                      f"{fraction:.0%} for --max-drop; give --eval or more samples.")
+    cut = samples.count - held
+    return _Slice(samples, 0, cut, "calibration"), _Slice(samples, cut, samples.count, "held-out")
