@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+import warnings
 
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, MsqError
 
@@ -59,14 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "i.e. every layer at the widest candidate)")
     budget.add_argument("--bits", type=_int_list, default=(2, 3, 4, 5, 6, 7, 8), metavar="LIST",
                         help="candidate weight widths, comma-separated, each 2..8 (default 2,3,4,5,6,7,8)")
-    budget.add_argument("--allocator", choices=("ilp", "greedy"), default="ilp",
-                        help="ilp: knapsack of importance x measured output error (default); greedy: the "
-                             "paper's rule, least important layers get fewer bits first")
+    budget.add_argument("--allocator", choices=("ilp", "greedy", "sensitivity"), default="ilp",
+                        help="ilp: knapsack of MSQ importance x measured output error (default); greedy: the "
+                             "paper's rule, least important layers get fewer bits first; sensitivity: knapsack "
+                             "on output damage measured one layer and width at a time (AIMET-style, slow)")
     budget.add_argument("--importance-exponent", type=float, default=0.25, metavar="E",
                         help="ilp damage = importance^E x measured output error (default 0.25; 0 ignores "
                              "importance, 1 is the plain product)")
+    budget.add_argument("--max-size", type=float, metavar="BYTES",
+                        help="size budget of the model with weights packed at their widths: bytes, or a fraction "
+                             "(<= 1) of the input model's size; turned into an average-bits budget")
     budget.add_argument("--max-drop", type=float, metavar="POINTS",
-                        help="accuracy gate: exit 3 if the top-1 drop on --eval exceeds POINTS")
+                        help="accuracy gate: exit 3 if the held-out top-1 drop exceeds POINTS (held-out = --eval, "
+                             "else the last 20%% of --calib, then not used to calibrate). Without --avg-bits or "
+                             "--max-size it also searches for the smallest budget that stays within POINTS")
     budget.add_argument("--no-bias-correction", action="store_true",
                         help="do not correct the bias shift caused by weight quantization")
     budget.add_argument("--no-clip-search", action="store_true",
@@ -102,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from(args):
-    from .convert import Options
+    from .pipeline import Options
     from .data import Preprocess
 
     preprocess = Preprocess(resize=args.resize, crop=args.crop, mean=args.mean, std=args.std,
@@ -110,7 +118,8 @@ def options_from(args):
                             interpolation=args.interpolation)
     return Options(avg_bits=args.avg_bits, bits=args.bits, allocator=args.allocator,
                    importance_exponent=args.importance_exponent, levels=args.levels,
-                   max_dim=args.max_dim, eval_path=args.eval, max_drop=args.max_drop, preprocess=preprocess,
+                   max_dim=args.max_dim, eval_path=args.eval, max_drop=args.max_drop, max_size=args.max_size,
+                   preprocess=preprocess,
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,
                    bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search)
 
@@ -130,12 +139,18 @@ def _human_summary(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C so temporary files are removed; the output
     # is only ever replaced by an atomic rename, so it is never half-written.
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        from .convert import convert, enforce_gate
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("msq-onnx: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    if not os.environ.get("MSQ_DEBUG"):
+        warnings.simplefilter("ignore")  # library warnings would break the one-line error contract
+    try:
+        from .pipeline import convert, enforce_gate
         from .report import summary, write_report
 
         result = convert(args.input, args.output, args.calib, options_from(args))
@@ -148,7 +163,7 @@ def main(argv=None) -> int:
         enforce_gate(result)
         return EXIT_OK
     except MsqError as error:
-        print(f"msq-onnx: error: {error}", file=sys.stderr)
+        print("msq-onnx: error: " + str(error).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("msq-onnx: interrupted; no output was written (an existing output is left as it was)",
@@ -158,8 +173,6 @@ def main(argv=None) -> int:
         print("msq-onnx: error: out of memory; lower --batch-size or --max-dim", file=sys.stderr)
         return EXIT_INTERNAL
     except Exception as error:  # an internal error still gets one line; MSQ_DEBUG=1 shows the traceback
-        import os
-
         if os.environ.get("MSQ_DEBUG"):
             raise
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""

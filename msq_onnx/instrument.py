@@ -30,7 +30,7 @@ class PassStatistics:
     input_sq: dict  # layer name -> per-channel mean square of its input
     features: dict  # layer name -> [N, D] pyramid-pooled embeddings
     input_features: np.ndarray  # the network input, pooled the same way
-    outputs: np.ndarray  # FP32 model output per sample, [N, classes]
+    outputs: np.ndarray  # FP32 model output per imprinted sample, [N, classes]
     samples: int = 0
     batches: int = 0
     timings: dict = field(default_factory=dict)
@@ -140,7 +140,13 @@ def progress(total: int, description: str, quiet: bool):
 def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 1,
              quiet: bool = False, seed: int = 0) -> PassStatistics:
     model, outputs = build_instrumented(loaded)
-    session = make_session(model)
+    try:
+        session = make_session(model)
+    except Exception as exc:
+        from .errors import BadModel
+
+        raise BadModel(f"ONNX Runtime {ort.__version__} cannot load the model ({' '.join(str(exc).split())[:300]}); "
+                       "re-export it with standard ONNX ops.") from None
     names = [o.name for o in session.get_outputs()]
     position = {name: i for i, name in enumerate(names)}
     bank = FeatureBank([layer.name for layer in loaded.layers], levels, max_dim, seed)
@@ -162,6 +168,12 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 first = str(exc).strip().splitlines()[0][:300]
                 raise BadData(f"the model cannot run on the calibration data ({first}); check the data's "
                               "shape, dtype and preprocessing against the model's input.") from None
+            final = result[position[loaded.output_name]]
+            if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final[:count]).all():
+                from .errors import BadData
+
+                raise BadData("the FP32 model produces NaN or Inf on the calibration data; check the samples' "
+                              "scale and preprocessing (--mean, --std).")
             for tensor, (lo, hi) in outputs["range"].items():
                 low, high = float(result[position[lo]]), float(result[position[hi]])
                 if tensor in ranges:
@@ -172,11 +184,9 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 mean_sum[layer.name] = mean_sum.get(layer.name, 0) + result[position[mean_name]] * count
                 sq_sum[layer.name] = sq_sum.get(layer.name, 0) + result[position[sq_name]] * count
                 bank.add(layer.name, result[position[outputs["probe"][layer.name]]][:count], channels_last(layer))
-            first_input = loaded.inputs[0].name
-            input_bank.add("input", feed[first_input][:count].astype(np.float32),
-                           channels_last=False)
-            final = result[position[loaded.output_name]][:count]
-            final_outputs.append(final.reshape(count, -1).astype(np.float32))
+            if input_bank.wants("input"):
+                input_bank.add("input", feed[loaded.inputs[0].name][:count].astype(np.float32))
+                final_outputs.append(final[:count].reshape(count, -1).astype(np.float32))
             del result
             seen += count
             batches += 1

@@ -10,6 +10,7 @@ import tempfile
 
 from . import __version__
 from .allocate import average_bits
+from .write import _default_mode
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
 
@@ -37,7 +38,7 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
             "importance_exponent": options.importance_exponent,
             "levels": list(options.levels), "max_dim": options.max_dim, "seed": options.seed,
             "bias_correction": options.bias_correction, "clip_search": options.clip_search,
-            "batch_size": options.batch_size, "max_drop": options.max_drop,
+            "batch_size": options.batch_size, "max_drop": options.max_drop, "max_size": options.max_size,
         },
         "opset": {"input": loaded.source_opset, "output": loaded.opset},
         "calibration": {"samples": analysis.stats.samples, "labels_source": analysis.labels.source,
@@ -68,6 +69,7 @@ def _atomic_write(path: str, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
+        os.chmod(temporary, _default_mode())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

@@ -83,16 +83,30 @@ def write_calibration_cache(ranges: dict, path: str) -> None:
 
 
 def check_output_path(input_path: str, output_path: str) -> None:
-    if os.path.abspath(output_path) == os.path.abspath(input_path) or (
-            os.path.exists(output_path) and os.path.samefile(output_path, input_path)):
+    same = os.path.abspath(output_path) == os.path.abspath(input_path) or (
+        os.path.exists(output_path) and os.path.exists(input_path) and os.path.samefile(output_path, input_path))
+    if same:
         raise BadOption(f"output path '{output_path}' is the input model; write the result to another file.")
     folder = os.path.dirname(os.path.abspath(output_path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise BadOption(f"output folder '{folder}' is a file, not a folder; choose another output path.")
     if not os.path.isdir(folder):
         raise BadOption(f"output folder '{folder}' does not exist; create it first.")
-    if not os.access(folder, os.W_OK):
-        raise BadOption(f"output folder '{folder}' is not writable; choose another output path.")
     if os.path.isdir(output_path):
         raise BadOption(f"output path '{output_path}' is a folder; give a file name such as model.qdq.onnx.")
+    try:  # os.access says yes to root and on read-only filesystems: really try
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".msq-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BadOption(f"output folder '{folder}' is not writable ({exc.strerror}); choose another output path.") \
+            from None
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -143,10 +157,14 @@ def publish(model_path: str, output_path: str) -> None:
                 out.write(model.SerializeToString())
                 out.flush()
                 os.fsync(out.fileno())
+        os.chmod(temporary, _default_mode())  # mkstemp makes 0600; a model is an ordinary file
         os.replace(temporary, output_path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+        if isinstance(exc, OSError):
+            raise BadOption(f"cannot write '{output_path}' ({exc.strerror}); free space or choose another "
+                            "output path.") from None
         raise
 
 
