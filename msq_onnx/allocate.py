@@ -6,6 +6,8 @@ Two allocators:
     a choice is the layer's importance times its measured relative output
     error at that width; the parameter-weighted average width must stay at
     or under the budget.
+  * ``sensitivity``: the same knapsack on damage measured by quantizing one
+    layer at a time (sensitivity.py; AIMET-style, many forward passes).
   * ``greedy``: the rule of the MSQ paper: start every layer at the widest
     candidate and move the least important layers to the narrowest width
     first, until the budget holds.
@@ -21,7 +23,7 @@ import numpy as np
 
 from .errors import BadOption
 
-ALLOCATORS = ("ilp", "greedy")
+ALLOCATORS = ("ilp", "greedy", "sensitivity")
 # Damage = importance^exponent x error. 1 is the literal product; it let a few
 # layers with large gains take the budget and lost 2.5 top-1 points on
 # EfficientNet-Lite0 at 4 bits, while 0.25 was best of 0, 0.25, 0.5, 1
@@ -111,7 +113,7 @@ def allocate(method: str, importance: dict, damage: dict, params: dict, candidat
     check_budget(avg_bits, candidate_bits)
     if avg_bits is None or avg_bits >= max(candidate_bits):
         return {name: max(candidate_bits) for name in importance}
-    if method == "ilp":
+    if method in ("ilp", "sensitivity"):  # the same knapsack; only the damage was measured differently
         return allocate_ilp(damage, params, candidate_bits, avg_bits)
     if method == "greedy":
         return allocate_greedy(importance, params, candidate_bits, avg_bits)

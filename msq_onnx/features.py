@@ -12,6 +12,8 @@ import numpy as np
 
 DEFAULT_LEVELS = (1, 2, 4)
 DEFAULT_MAX_DIM = 1024
+DEFAULT_MAX_SAMPLES = 400  # embeddings kept for imprinting; calibration beyond this only refines ranges
+_F16_MAX = float(np.finfo(np.float16).max)
 
 
 def _bin_edges(size: int, bins: int):
@@ -96,16 +98,32 @@ def embed(probe: np.ndarray, levels=DEFAULT_LEVELS, max_dim: int = DEFAULT_MAX_D
 
 
 class FeatureBank:
-    """Collects per-layer embeddings batch by batch; one array per layer at the end."""
+    """Collects per-layer embeddings batch by batch; one array per layer at the end.
 
-    def __init__(self, names, levels=DEFAULT_LEVELS, max_dim: int = DEFAULT_MAX_DIM, seed: int = 0):
+    Embeddings are kept in float16 (a cosine classifier does not need more)
+    and for at most max_samples samples, so the bank stops growing with the
+    calibration set: ranges and moments still use every sample.
+    """
+
+    def __init__(self, names, levels=DEFAULT_LEVELS, max_dim: int = DEFAULT_MAX_DIM, seed: int = 0,
+                 max_samples: int = DEFAULT_MAX_SAMPLES):
         self.levels = tuple(levels)
         self.max_dim = max_dim
         self.seed = seed
+        self.max_samples = max_samples
         self._chunks = {name: [] for name in names}
+        self._counts = {name: 0 for name in names}
+
+    def wants(self, name: str) -> bool:
+        return self._counts[name] < self.max_samples
 
     def add(self, name: str, probe: np.ndarray, channels_last: bool = False) -> None:
-        self._chunks[name].append(embed(probe, self.levels, self.max_dim, channels_last, self.seed))
+        room = self.max_samples - self._counts[name]
+        if room <= 0:
+            return
+        embedded = embed(probe[:room], self.levels, self.max_dim, channels_last, self.seed)
+        self._chunks[name].append(np.clip(embedded, -_F16_MAX, _F16_MAX).astype(np.float16))
+        self._counts[name] += len(embedded)
 
     def matrices(self) -> dict[str, np.ndarray]:
-        return {name: np.concatenate(chunks) for name, chunks in self._chunks.items() if chunks}
+        return {name: np.concatenate(chunks).astype(np.float32) for name, chunks in self._chunks.items() if chunks}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import allocate as allocate_stage
-from .data import Preprocess, check_labels, open_samples
+from .data import Preprocess, check_labels, open_samples, split_holdout
 from .errors import BadOption, GateFailed
 from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
 from .imprint import imprint_labels, layer_scores
@@ -27,6 +27,7 @@ from .weights import error_table
 from .write import check_output_path, publish, quantize_to_qdq, quantize_weights
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 7, 8)
+HOLDOUT_FRACTION = 0.2  # of the calibration set, for --max-drop without --eval
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Options:
     max_dim: int = DEFAULT_MAX_DIM
     eval_path: str | None = None
     max_drop: float | None = None
+    max_size: float | None = None  # bytes, or a fraction (<= 1) of the input model's size
     preprocess: Preprocess = field(default_factory=Preprocess)
     batch_size: int = 1
     seed: int = 0
@@ -81,10 +83,12 @@ def check_options(options: Options) -> None:
                         f"{', '.join(allocate_stage.ALLOCATORS)}.")
     if not options.levels or any(level < 1 for level in options.levels):
         raise BadOption("--levels must list positive pyramid sizes such as 1,2,4.")
-    if options.batch_size < 1 or options.max_dim < 1:
-        raise BadOption("--batch-size and --max-dim must be positive.")
-    if options.max_drop is not None and options.eval_path is None:
-        raise BadOption("--max-drop needs --eval: the accuracy gate is measured on held-out samples.")
+    if options.batch_size < 1:
+        raise BadOption(f"--batch-size {options.batch_size} must be at least 1.")
+    if options.max_dim < 1:
+        raise BadOption(f"--max-dim {options.max_dim} must be at least 1.")
+    if options.max_size is not None and options.max_size <= 0:
+        raise BadOption("--max-size must be positive: bytes, or a fraction (<= 1) of the input model's size.")
     if options.max_drop is not None and options.max_drop < 0:
         raise BadOption("--max-drop must be zero or positive (top-1 points).")
 
@@ -107,8 +111,11 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         stats = run_pass(loaded, calib, options.levels, options.max_dim, options.batch_size, options.quiet,
                          options.seed)
     with timer.stage("imprint"):
-        labels = imprint_labels(calib.labels, stats.outputs, options.seed)
+        imprinted = len(stats.outputs)  # the first samples, up to the bank's cap
+        labels = imprint_labels(None if calib.labels is None else calib.labels[:imprinted], stats.outputs,
+                                options.seed)
         scores, input_score = layer_scores(stats.features, stats.input_features, labels)
+        stats.features, stats.input_features = {}, None  # the largest thing held; not needed past here
     with timer.stage("importance"):
         upstream = upstream_layers(loaded.model, loaded.layers)
         gains = layer_importance({name: s.soft for name, s in scores.items()}, input_score.soft, upstream)
@@ -116,6 +123,64 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         choices = {layer.name: error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name),
                                            options.bits, options.clip_search) for layer in loaded.layers}
     return Analysis(stats, labels, scores, input_score, upstream, gains, choices)
+
+
+@dataclass
+class Candidate:
+    """One written model: its allocation, its file in the work folder, its held-out measurement."""
+
+    bits: dict
+    avg_bits: float
+    path: str
+    measured: dict | None
+
+
+class _HeldOut:
+    """FP32 predictions on the held-out samples, computed once, against which candidates are scored."""
+
+    def __init__(self, loaded, samples, options: Options, work_dir: str):
+        import onnx
+
+        self.loaded, self.samples, self.options = loaded, samples, options
+        fp32_model = os.path.join(work_dir, "fp32.onnx")
+        onnx.save_model(loaded.model, fp32_model, save_as_external_data=loaded.model.ByteSize() > 2 * 1024**3)
+        self.fp32 = predictions(fp32_model, loaded, samples, options.batch_size, options.quiet, "FP32 evaluation")
+
+    def measure(self, path: str) -> dict:
+        quant = predictions(path, self.loaded, self.samples, self.options.batch_size, self.options.quiet,
+                            "QDQ evaluation")
+        labels = self.samples.labels
+        result = {"samples": int(self.samples.count), "source": self.samples.source,
+                  "agreement": float((self.fp32 == quant).mean() * 100.0), "flips": flips(self.fp32, quant, labels)}
+        if labels is not None:
+            result["fp32_top1"] = top1(self.fp32, labels)
+            result["quant_top1"] = top1(quant, labels)
+            result["drop"] = result["fp32_top1"] - result["quant_top1"]
+        else:
+            result["drop"] = 100.0 - result["agreement"]
+        return result
+
+
+def budget_bits(loaded, options: Options, params: dict) -> float | None:
+    """The average-bits budget implied by --avg-bits and --max-size (the tighter one)."""
+    budgets = [options.avg_bits] if options.avg_bits is not None else []
+    if options.max_size is not None:
+        total = sum(params.values())
+        limit = options.max_size * loaded.size_bytes if options.max_size <= 1.0 else options.max_size
+        rest = loaded.size_bytes - 4 * total  # everything but the layer weights keeps its size
+        bits = (limit - rest) * 8.0 / total
+        if bits < min(options.bits):
+            smallest = rest + total * min(options.bits) / 8.0
+            raise BadOption(f"--max-size {options.max_size:g} is below the smallest model these widths allow "
+                            f"({smallest:,.0f} bytes packed); raise it or add narrower --bits.")
+        budgets.append(bits)
+    return min(budgets) if budgets else None
+
+
+def packed_size(loaded, bits: dict, params: dict) -> int:
+    """Bytes of the model with each layer's weights packed at its width (what a k-bit container stores)."""
+    total = sum(params.values())
+    return int(round(loaded.size_bytes - 4 * total + sum(params[n] * bits[n] for n in bits) / 8.0))
 
 
 def convert(model_path: str, output_path: str, calib_path: str, options: Options | None = None) -> Result:
@@ -128,58 +193,99 @@ def convert(model_path: str, output_path: str, calib_path: str, options: Options
         loaded = load_model(model_path)
         calib = open_samples(calib_path, loaded.inputs, options.preprocess, "calibration")
         classes = _num_classes(loaded)
-        check_labels(calib, classes, "calibration")
         evaluation = None
         if options.eval_path:
             evaluation = open_samples(options.eval_path, loaded.inputs, options.preprocess, "evaluation")
             check_labels(evaluation, classes, "evaluation")
-    analysis = analyse(loaded, calib, options, timer)
+        elif options.max_drop is not None:
+            calib, evaluation = split_holdout(calib, HOLDOUT_FRACTION)
+        check_labels(calib, classes, "calibration")
     params = {layer.name: layer.params for layer in loaded.layers}
+    budget = budget_bits(loaded, options, params)
+    analysis = analyse(loaded, calib, options, timer)
     with timer.stage("allocate"):
-        damage = allocate_stage.expected_damage(analysis.importance, analysis.choices, options.importance_exponent)
-        bits = allocate_stage.allocate(options.allocator, analysis.importance, damage, params, options.bits,
-                                       options.avg_bits)
+        damage = _damage(loaded, calib, analysis, options)
     with tempfile.TemporaryDirectory(prefix="msq-") as work_dir:
-        with timer.stage("write"):
-            quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,
-                                         options.bias_correction)
-            written = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, work_dir)
+        held_out = _HeldOut(loaded, evaluation, options, work_dir) if evaluation is not None else None
+
+        def build(avg_bits: float | None) -> Candidate:
+            with timer.stage("allocate"):
+                bits = allocate_stage.allocate(options.allocator, analysis.importance, damage, params, options.bits,
+                                               avg_bits)
+            with timer.stage("write"):
+                folder = tempfile.mkdtemp(dir=work_dir)
+                quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,
+                                             options.bias_correction)
+                path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, folder)
+            with timer.stage("verify"):
+                return Candidate(bits, allocate_stage.average_bits(bits, params), path,
+                                 held_out.measure(path) if held_out else None)
+
+        search = None
+        if options.max_drop is not None and budget is None:
+            chosen, search = search_budget(build, options)
+        else:
+            chosen = build(budget)
         with timer.stage("verify"):
-            op_counts = optimized_op_counts(written)
-            if evaluation is not None:
-                measured = _evaluate(loaded, written, evaluation, options)
-            else:
-                smoke_check(written, loaded, calib, options.batch_size)
-                measured = None
+            op_counts = optimized_op_counts(chosen.path)
+            if held_out is None:
+                smoke_check(chosen.path, loaded, calib, options.batch_size)
         with timer.stage("write"):
-            publish(written, output_path)
+            publish(chosen.path, output_path)
     output_size = os.path.getsize(output_path)
     from .report import build_report
 
-    report = build_report(model_path, output_path, loaded, options, bits, params, analysis, measured, op_counts,
-                          fused_integer_kernels(op_counts), output_size, timer.seconds,
+    report = build_report(model_path, output_path, loaded, options, chosen.bits, params, analysis, chosen.measured,
+                          op_counts, fused_integer_kernels(op_counts), output_size, timer.seconds,
                           time.perf_counter() - started)
+    report["size_bytes"]["packed"] = packed_size(loaded, chosen.bits, params)
+    if search is not None:
+        report["search"] = search
     gate = report.get("gate")
     return Result(report=report, gate_passed=None if gate is None else gate["passed"])
 
 
-def _evaluate(loaded, written: str, samples, options: Options) -> dict:
-    """FP32 vs quantized top-1 on held-out samples."""
-    fp32_model = os.path.join(os.path.dirname(written), "fp32.onnx")
-    import onnx
+def _damage(loaded, calib, analysis: Analysis, options: Options) -> dict:
+    if options.allocator == "sensitivity":
+        from . import sensitivity
 
-    onnx.save_model(loaded.model, fp32_model, save_as_external_data=loaded.model.ByteSize() > 2 * 1024**3)
-    fp32 = predictions(fp32_model, loaded, samples, options.batch_size, options.quiet, "FP32 evaluation")
-    quant = predictions(written, loaded, samples, options.batch_size, options.quiet, "QDQ evaluation")
-    result = {"samples": int(samples.count), "source": samples.source,
-              "agreement": float((fp32 == quant).mean() * 100.0), "flips": flips(fp32, quant, samples.labels)}
-    if samples.labels is not None:
-        result["fp32_top1"] = top1(fp32, samples.labels)
-        result["quant_top1"] = top1(quant, samples.labels)
-        result["drop"] = result["fp32_top1"] - result["quant_top1"]
-    else:
-        result["drop"] = 100.0 - result["agreement"]
-    return result
+        measured, _ = sensitivity.measure(loaded, calib, analysis.choices, analysis.stats.input_mean, options.bits,
+                                          bias_correction=options.bias_correction, quiet=options.quiet)
+        return sensitivity.monotone(measured)
+    return allocate_stage.expected_damage(analysis.importance, analysis.choices, options.importance_exponent)
+
+
+SEARCH_STEP = 0.25
+
+
+def search_budget(build, options: Options) -> tuple[Candidate, list]:
+    """Smallest average-bits budget (on a 0.25 grid) whose held-out drop stays within --max-drop.
+
+    Binary search: the MSQ allocation orders which layers lose bits at each
+    budget, so accuracy falls with the budget and about log2(grid) models are
+    evaluated (5 for widths 2..8), not one per layer.
+    """
+    grid = list(np.arange(min(options.bits), max(options.bits) + 1e-9, SEARCH_STEP))
+    log = []
+
+    def probe(index: int) -> Candidate:
+        candidate = build(float(grid[index]))
+        log.append({"budget": float(grid[index]), "avg_bits": round(candidate.avg_bits, 4),
+                    "drop": round(candidate.measured["drop"], 4)})
+        return candidate
+
+    best = probe(len(grid) - 1)
+    if best.measured["drop"] > options.max_drop:
+        return best, log  # even the widest fails: the gate reports it
+    low, high = 0, len(grid) - 1
+    while low < high:
+        middle = (low + high) // 2
+        candidate = probe(middle)
+        if candidate.measured["drop"] <= options.max_drop:
+            best, high = candidate, middle
+        else:
+            low = middle + 1
+    return best, log
 
 
 def enforce_gate(result: Result) -> None:

@@ -70,3 +70,12 @@ def test_bank_concatenates_batches_in_order():
     matrix = bank.matrices()["a"]
     assert matrix.shape == (3, 3)
     assert matrix[:2].sum() == 6 and matrix[2].sum() == 0
+
+
+def test_bank_stops_growing_at_its_sample_cap():
+    bank = FeatureBank(["a"], levels=(1,), max_dim=64, max_samples=5)
+    for _ in range(4):
+        bank.add("a", np.full((2, 3, 4, 4), 70000.0, np.float32))  # beyond float16's range: clipped, not inf
+    matrix = bank.matrices()["a"]
+    assert matrix.shape == (5, 3)
+    assert np.isfinite(matrix).all() and not bank.wants("a")

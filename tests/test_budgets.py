@@ -1,0 +1,84 @@
+"""Budgets users think in: --max-size, --max-drop search, held-out split; and the sensitivity allocator."""
+
+import numpy as np
+import pytest
+
+from msq_onnx import Options, convert
+from msq_onnx.data import Preprocess, SampleSet, open_samples, split_holdout
+from msq_onnx.errors import BadData, BadOption
+from msq_onnx.load import load_model
+
+
+class Numbers(SampleSet):
+    def __init__(self, count):
+        super().__init__(count, np.arange(count) % 3, "numbers")
+
+    def batches(self, batch_size):
+        for start in range(0, self.count, batch_size):
+            yield {"x": np.arange(self.count)[start:start + batch_size]}
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_holdout_split_is_disjoint_and_complete(batch):
+    calib, held = split_holdout(Numbers(23), 0.2)
+    seen_calib = np.concatenate([b["x"] for b in calib.batches(batch)])
+    seen_held = np.concatenate([b["x"] for b in held.batches(batch)])
+    assert seen_calib.tolist() == list(range(18)) and seen_held.tolist() == list(range(18, 23))
+    assert np.array_equal(held.labels, np.arange(18, 23) % 3)
+    assert all(len(b["x"]) <= batch for b in calib.batches(batch))
+
+
+def test_holdout_needs_enough_samples():
+    with pytest.raises(BadData):
+        split_holdout(Numbers(2), 0.2)
+
+
+def test_max_drop_search_finds_a_small_model_within_the_limit(cnn_files, tmp_path):
+    result = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"],
+                     Options(max_drop=2.0, eval_path=cnn_files["eval"], bits=(2, 3, 4, 8), quiet=True))
+    report = result.report
+    search = report["search"]
+    assert 2 <= len(search) <= 6  # a handful of evaluations, not one per budget step
+    assert search[0]["budget"] == 8.0
+    passing = [probe for probe in search if probe["drop"] <= 2.0]
+    assert report["avg_weight_bits"] == pytest.approx(min(p["avg_bits"] for p in passing), abs=1e-3)
+    assert result.gate_passed is True and report["gate"]["drop"] <= 2.0
+
+
+def test_max_drop_without_eval_holds_out_part_of_calibration(cnn_files, tmp_path):
+    result = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"],
+                     Options(max_drop=100.0, quiet=True))
+    assert result.report["calibration"]["samples"] == 51  # 64 - 13 held out
+    assert result.report["evaluation"]["samples"] == 13
+    assert "held-out" in result.report["evaluation"]["source"]
+
+
+def test_max_size_becomes_an_average_bits_budget(cnn_files, tmp_path):
+    loaded = load_model(cnn_files["model"])
+    total = sum(layer.params for layer in loaded.layers)
+    limit = loaded.size_bytes - 4 * total + total * 4 / 8  # room for 4 bits a weight
+    result = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"],
+                     Options(max_size=limit, quiet=True))
+    assert result.report["avg_weight_bits"] <= 4.0 + 1e-9
+    assert result.report["size_bytes"]["packed"] <= limit + 1
+    with pytest.raises(BadOption):
+        convert(cnn_files["model"], str(tmp_path / "q2.onnx"), cnn_files["calib"], Options(max_size=0.01, quiet=True))
+
+
+def test_sensitivity_allocator_measures_damage_per_layer_and_width(cnn_files, tmp_path):
+    from msq_onnx import sensitivity
+    from msq_onnx.pipeline import _Timer, analyse
+
+    loaded = load_model(cnn_files["model"])
+    calib = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    analysis = analyse(loaded, calib, Options(bits=(2, 4, 8), quiet=True), _Timer())
+    damage, passes = sensitivity.measure(loaded, calib, analysis.choices, analysis.stats.input_mean, (2, 4, 8),
+                                         count=16, quiet=True)
+    assert passes == 4 * 3 * 16
+    for table in damage.values():
+        assert table[2] > table[8] >= 0  # narrower grids move the output more
+    smooth = sensitivity.monotone(damage)
+    assert all(t[2] >= t[4] >= t[8] for t in smooth.values())
+    result = convert(cnn_files["model"], str(tmp_path / "s.onnx"), cnn_files["calib"],
+                     Options(avg_bits=3.0, bits=(2, 4, 8), allocator="sensitivity", quiet=True))
+    assert result.report["avg_weight_bits"] <= 3.0
