@@ -1,0 +1,171 @@
+"""Speed and memory of msq-onnx against ONNX Runtime's own quantize_static, as ratios measured in one run.
+
+  * conversion: wall time and peak memory (each in its own process) of one
+    msq-onnx conversion (analysis and allocation included, --avg-bits 4) and
+    of ORT's quantize_static (MinMax, QDQ, per-channel, uint8/int8) on the
+    same calibration samples;
+  * calibration memory as the set grows: 100 vs 1,000 samples (--scale);
+  * batch-1 latency, 1 thread, interleaved: FP32, ORT's uniform int8 QDQ and
+    ours; and the fused integer kernels in each optimized graph.
+
+    python bench/compare_ort.py --model efficientnet [--scale]
+    python bench/compare_ort.py --model mnist
+Writes docs/bench/timing-<model>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import datasets  # noqa: E402
+
+ORT_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_static)
+from msq_onnx.data import Preprocess, open_samples
+from msq_onnx.load import load_model
+pre = Preprocess(**{pre!r})
+samples = open_samples({calib!r}, load_model({model!r}).inputs, pre)
+
+class Reader(CalibrationDataReader):
+    def __init__(self):
+        self.batches = samples.batches(1)
+    def get_next(self):
+        return next(self.batches, None)
+
+quantize_static({model!r}, {output!r}, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax)
+"""
+
+
+def measured_run(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of a child process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{command[:3]} failed: {process.stderr.read().decode()[-500:]}")
+    return wall, usage.ru_maxrss / 1024.0
+
+
+def latency_ms(paths: dict, feed: dict, runs: int) -> dict:
+    import onnxruntime as ort
+
+    sessions = {}
+    for name, path in paths.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        for _ in range(10):
+            sessions[name].run(None, feed)
+    times = {name: [] for name in paths}
+    for _ in range(runs):  # interleaved so machine noise hits every model alike
+        for name, runner in sessions.items():
+            start = time.perf_counter()
+            runner.run(None, feed)
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def subset_csv(source: str, count: int, path: str) -> str:
+    with open(source, newline="") as handle:
+        rows = list(csv.reader(handle))
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows[:1] + rows[1:count + 1])
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("efficientnet", "mnist"), required=True)
+    parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
+    parser.add_argument("--repeats", type=int, default=2, help="conversions of each kind; the fastest counts")
+    parser.add_argument("--latency-runs", type=int, default=200)
+    parser.add_argument("--scale", action="store_true", help="also compare calibration memory at 100 vs 1,000 samples")
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"))
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.shared):
+        print(f"skipped: shared data folder '{args.shared}' not found (set --shared or MSQ_SHARED)")
+        return 0
+    work = tempfile.mkdtemp(prefix="msq-timing-")
+    if args.model == "efficientnet":
+        model = os.path.join(args.shared, "models", "efficientnet-lite0.onnx")
+        calib, _ = datasets.imagenet_split(args.shared, work)
+        pre = {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": (127.0,), "std": (128.0,)}
+        image_args = datasets.EFFICIENTNET_ARGS
+    else:
+        model = os.path.join(args.shared, "models", "mnist-8.onnx")
+        calib, _ = datasets.mnist_split(args.shared, work)
+        pre, image_args = {}, []
+    ours, theirs = os.path.join(work, "msq.onnx"), os.path.join(work, "ort_int8.onnx")
+    msq_command = [sys.executable, os.path.join(ROOT, "cli.py"), model, ours, "--calib", calib, "--avg-bits", "4",
+                   "--quiet", *image_args]
+    ort_command = [sys.executable, "-c", ORT_SCRIPT.format(root=ROOT, pre=pre, calib=calib, model=model,
+                                                          output=theirs)]
+    conversions = {"msq": [], "ort": []}
+    for _ in range(args.repeats):
+        conversions["ort"].append(measured_run(ort_command))
+        conversions["msq"].append(measured_run(msq_command))
+    best = {k: (min(w for w, _ in v), max(m for _, m in v)) for k, v in conversions.items()}
+    result = {"model": args.model, "calibration_samples": int(sum(1 for _ in open(calib)) - 1)
+              if calib.endswith(".csv") else int(np.load(calib)["labels"].shape[0]),
+              "conversion": {k: {"wall_s": round(w, 2), "peak_mib": round(m, 1)} for k, (w, m) in best.items()},
+              "wall_ratio": round(best["msq"][0] / best["ort"][0], 3),
+              "memory_ratio": round(best["msq"][1] / best["ort"][1], 3)}
+    print(json.dumps(result), flush=True)
+
+    sys.path.insert(0, ROOT)
+    from msq_onnx.verify import fused_integer_kernels, optimized_op_counts
+
+    result["fused_integer_kernels"] = {name: fused_integer_kernels(optimized_op_counts(path))
+                                       for name, path in (("msq", ours), ("ort", theirs))}
+    import onnx
+
+    shape = [d.dim_value or 1 for d in onnx.load(model).graph.input[0].type.tensor_type.shape.dim]
+    feed_name = onnx.load(model).graph.input[0].name
+    feed = {feed_name: np.random.default_rng(0).normal(size=shape).astype(np.float32)}
+    latency = latency_ms({"fp32": model, "ort_int8": theirs, "msq": ours}, feed, args.latency_runs)
+    result["latency_ms_b1_1thread"] = {k: round(v, 3) for k, v in latency.items()}
+    result["latency_vs_ort_int8"] = round(latency["msq"] / latency["ort_int8"], 3)
+    result["latency_vs_fp32"] = round(latency["msq"] / latency["fp32"], 3)
+
+    if args.scale and args.model == "efficientnet":
+        everything, _ = datasets.imagenet_split(args.shared, work, calib=1000)
+        peaks = {}
+        for count in (100, 1000):
+            subset = subset_csv(everything, count, os.path.join(work, f"calib{count}.csv"))
+            command = [sys.executable, os.path.join(ROOT, "cli.py"), model, os.path.join(work, f"s{count}.onnx"),
+                       "--calib", subset, "--avg-bits", "4", "--quiet", *image_args]
+            wall, peak = measured_run(command)
+            peaks[count] = {"wall_s": round(wall, 2), "peak_mib": round(peak, 1)}
+        result["calibration_scaling"] = peaks
+        result["memory_growth_100_to_1000"] = round(peaks[1000]["peak_mib"] / peaks[100]["peak_mib"], 3)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"timing-{args.model}")
+    with open(stem + ".json", "w") as handle:
+        json.dump(result, handle, indent=1)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
