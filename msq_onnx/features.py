@@ -12,7 +12,7 @@ import numpy as np
 
 DEFAULT_LEVELS = (1, 2, 4)
 DEFAULT_MAX_DIM = 1024
-DEFAULT_MAX_SAMPLES = 400  # embeddings kept for imprinting; calibration beyond this only refines ranges
+DEFAULT_MAX_SAMPLES = 300  # embeddings kept for imprinting; calibration beyond this only refines ranges
 _F16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -125,5 +125,15 @@ class FeatureBank:
         self._chunks[name].append(np.clip(embedded, -_F16_MAX, _F16_MAX).astype(np.float16))
         self._counts[name] += len(embedded)
 
-    def matrices(self) -> dict[str, np.ndarray]:
-        return {name: np.concatenate(chunks).astype(np.float32) for name, chunks in self._chunks.items() if chunks}
+    @property
+    def names(self) -> list[str]:
+        return [name for name, chunks in self._chunks.items() if chunks]
+
+    def matrix(self, name: str) -> np.ndarray:
+        return np.concatenate(self._chunks[name]).astype(np.float32)
+
+    def take(self, name: str) -> np.ndarray:
+        """The layer's [N, D] float32 matrix, releasing the bank's copy: one layer at a time in memory."""
+        matrix = self.matrix(name)
+        self._chunks[name] = []
+        return matrix

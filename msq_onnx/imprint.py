@@ -98,6 +98,7 @@ def loo_accuracy(embeddings: np.ndarray, labels: np.ndarray) -> float:
     return loo_scores(embeddings, labels).top1
 
 
-def layer_scores(features: dict, input_features: np.ndarray, labels: Labels) -> tuple[dict, PredictorScores]:
-    scores = {name: loo_scores(matrix, labels.values) for name, matrix in features.items()}
-    return scores, loo_scores(input_features, labels.values)
+def layer_scores(bank, input_bank, labels: Labels) -> tuple[dict, PredictorScores]:
+    """Scores every layer's embeddings, taking them out of the bank one layer at a time."""
+    scores = {name: loo_scores(bank.take(name), labels.values) for name in bank.names}
+    return scores, loo_scores(input_bank.take("input"), labels.values)

@@ -28,8 +28,8 @@ class PassStatistics:
     ranges: dict  # tensor -> (min, max) over all samples
     input_mean: dict  # layer name -> per-channel mean of its input
     input_sq: dict  # layer name -> per-channel mean square of its input
-    features: dict  # layer name -> [N, D] pyramid-pooled embeddings
-    input_features: np.ndarray  # the network input, pooled the same way
+    features: FeatureBank  # per layer: [N, D] pyramid-pooled embeddings
+    input_features: FeatureBank  # the network input ("input"), pooled the same way
     outputs: np.ndarray  # FP32 model output per imprinted sample, [N, classes]
     samples: int = 0
     batches: int = 0
@@ -195,8 +195,8 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
         ranges=ranges,
         input_mean={k: v / seen for k, v in mean_sum.items()},
         input_sq={k: v / seen for k, v in sq_sum.items()},
-        features=bank.matrices(),
-        input_features=input_bank.matrices()["input"],
+        features=bank,
+        input_features=input_bank,
         outputs=np.concatenate(final_outputs),
         samples=seen,
         batches=batches,

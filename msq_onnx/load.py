@@ -382,6 +382,9 @@ def load_model(path: str) -> LoadedModel:
     kept_inputs = [i for i in graph.input if i.name not in inits]
     del graph.input[:]
     graph.input.extend(kept_inputs)
+    # Old files (IR 3) must list initializers as inputs; the upgraded opset
+    # needs a newer IR anyway, and the written model must pass the checker.
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import)))
     _name_nodes(graph)
     _flatten_gemm_bias(graph, inits)
     try:

@@ -115,7 +115,6 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         labels = imprint_labels(None if calib.labels is None else calib.labels[:imprinted], stats.outputs,
                                 options.seed)
         scores, input_score = layer_scores(stats.features, stats.input_features, labels)
-        stats.features, stats.input_features = {}, None  # the largest thing held; not needed past here
     with timer.stage("importance"):
         upstream = upstream_layers(loaded.model, loaded.layers)
         gains = layer_importance({name: s.soft for name, s in scores.items()}, input_score.soft, upstream)

@@ -67,7 +67,7 @@ def test_bank_concatenates_batches_in_order():
     first, second = np.ones((2, 3, 4, 4), np.float32), np.zeros((1, 3, 4, 4), np.float32)
     bank.add("a", first)
     bank.add("a", second)
-    matrix = bank.matrices()["a"]
+    matrix = bank.matrix("a")
     assert matrix.shape == (3, 3)
     assert matrix[:2].sum() == 6 and matrix[2].sum() == 0
 
@@ -76,6 +76,6 @@ def test_bank_stops_growing_at_its_sample_cap():
     bank = FeatureBank(["a"], levels=(1,), max_dim=64, max_samples=5)
     for _ in range(4):
         bank.add("a", np.full((2, 3, 4, 4), 70000.0, np.float32))  # beyond float16's range: clipped, not inf
-    matrix = bank.matrices()["a"]
-    assert matrix.shape == (5, 3)
+    matrix = bank.take("a")
+    assert matrix.shape == (5, 3) and bank.names == []
     assert np.isfinite(matrix).all() and not bank.wants("a")

