@@ -384,7 +384,8 @@ def load_model(path: str) -> LoadedModel:
     graph.input.extend(kept_inputs)
     # Old files (IR 3) must list initializers as inputs; the upgraded opset
     # needs a newer IR anyway, and the written model must pass the checker.
-    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import)))
+    standard = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(standard))
     _name_nodes(graph)
     _flatten_gemm_bias(graph, inits)
     try:
