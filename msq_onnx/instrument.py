@@ -9,7 +9,9 @@ right away. Each batch is reduced to mergeable statistics and dropped.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +20,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .features import FeatureBank
-from .load import Layer, LoadedModel
+from .load import Layer, LoadedModel, is_large
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
 
@@ -93,13 +95,20 @@ def build_instrumented(loaded: LoadedModel) -> tuple[onnx.ModelProto, dict]:
 
     for index, layer in enumerate(loaded.layers):
         rank = _rank(model, layer.input_name) or (4 if layer.op_type in ("Conv", "ConvTranspose") else 2)
-        axes_name = f"msq_axes_{index}"
-        graph.initializer.append(numpy_helper.from_array(np.array(_moment_axes(layer, rank), np.int64), axes_name))
-        cast = layer.input_name
+        axes = _moment_axes(layer, rank)
+        x = layer.input_name
         mean, square, sq_mean = f"msq_mean_{index}", f"msq_sq_{index}", f"msq_sqmean_{index}"
-        graph.node.append(helper.make_node("ReduceMean", [cast, axes_name], [mean], keepdims=0, name=mean))
-        graph.node.append(helper.make_node("Mul", [cast, cast], [square], name=square))
-        graph.node.append(helper.make_node("ReduceMean", [square, axes_name], [sq_mean], keepdims=0, name=sq_mean))
+        if loaded.opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
+            axes_name = f"msq_axes_{index}"
+            graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), axes_name))
+            reduce_mean = lambda source, target: helper.make_node(  # noqa: E731
+                "ReduceMean", [source, axes_name], [target], keepdims=0, name=target)
+        else:
+            reduce_mean = lambda source, target: helper.make_node(  # noqa: E731
+                "ReduceMean", [source], [target], axes=axes, keepdims=0, name=target)
+        graph.node.append(reduce_mean(x, mean))
+        graph.node.append(helper.make_node("Mul", [x, x], [square], name=square))
+        graph.node.append(reduce_mean(square, sq_mean))
         add_output(mean)
         add_output(sq_mean)
         outputs["moments"][layer.name] = (mean, sq_mean)
@@ -109,11 +118,19 @@ def build_instrumented(loaded: LoadedModel) -> tuple[onnx.ModelProto, dict]:
 
 
 def make_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session for an in-memory model; one past protobuf's 2 GB goes through a file with external data."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if not is_large(model):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    folder = tempfile.TemporaryDirectory(prefix="msq-session-")
+    path = os.path.join(folder.name, "model.onnx")
+    onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session.msq_folder = folder  # removed when the session is
+    return session
 
 
 def batch_size_for(loaded: LoadedModel, requested: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ MIN_OPSET = 7
 # the tensor the next layer actually consumes.
 _ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh",
                 "Elu", "Selu", "Gelu", "Softplus", "Mish", "PRelu", "BatchNormalization"}
-_TWO_GIB = 2 * 1024**3
+PROTOBUF_LIMIT = 2 * 1024**3  # a ModelProto past this cannot be serialized in one piece
 
 
 @dataclass
@@ -165,8 +166,12 @@ def _first_sentence(exc: Exception) -> str:
     return text[:300] if text else type(exc).__name__
 
 
-def read_model(path: str) -> onnx.ModelProto:
-    """Parse and check the file without trusting it; never writes to it."""
+def read_model(path: str) -> tuple[onnx.ModelProto, int, bool]:
+    """Parse and check the file without trusting it; never writes to it.
+
+    Returns the model with its weights in memory, its size on disk (external
+    data included) and whether it kept weights in external data.
+    """
     if not os.path.exists(path):
         raise BadModel(f"model file '{path}' does not exist; give the path of an .onnx file.")
     if not os.path.isfile(path):
@@ -182,14 +187,16 @@ def read_model(path: str) -> onnx.ModelProto:
         raise BadModel(f"'{path}' holds no graph nodes: it is not an ONNX model or it is truncated.")
     _check_external_paths(path, model)
     try:
-        if any(True for _ in _external_tensors(model)) or os.path.getsize(path) > _TWO_GIB:
+        if any(True for _ in _external_tensors(model)) or os.path.getsize(path) > PROTOBUF_LIMIT:
             onnx.checker.check_model(path)  # path form: works past 2 GB
         else:
             onnx.checker.check_model(model)
     except Exception as exc:
         raise BadModel(f"'{path}' fails the ONNX checker: {_first_sentence(exc).rstrip('.')}; "
                        "re-export the model.") from None
-    if any(True for _ in _external_tensors(model)):
+    size = _model_size(path, model)
+    external = any(True for _ in _external_tensors(model))
+    if external:
         try:
             onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
         except Exception as exc:
@@ -201,7 +208,7 @@ def read_model(path: str) -> onnx.ModelProto:
                 raise BadModel(f"{path}: tensor '{tensor.name}' has {len(tensor.raw_data)} bytes of external data "
                                f"but its shape and type need {needed}; the model and its data do not match: "
                                "re-export the model.")
-    return model
+    return model, size, external
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -209,6 +216,29 @@ def _default_opset(model: onnx.ModelProto) -> int:
         if imp.domain in ("", "ai.onnx"):
             return imp.version
     raise BadModel("the model imports no default ONNX opset; re-export it with a standard opset.")
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() > PROTOBUF_LIMIT
+
+
+def _infer_shapes(model: onnx.ModelProto, path: str, external: bool) -> onnx.ModelProto:
+    """Shape inference; path-based for models kept in external data, so no second in-memory copy is made."""
+    if not external and not is_large(model):
+        try:
+            return onnx.shape_inference.infer_shapes(model)
+        except Exception:
+            return model  # shapes only help; ORT infers what it needs again
+    with tempfile.TemporaryDirectory(prefix="msq-shapes-") as folder:
+        inferred_path = os.path.join(folder, "inferred.onnx")
+        try:
+            onnx.shape_inference.infer_shapes_path(path, inferred_path)
+            inferred = onnx.load(inferred_path, load_external_data=False)
+        except Exception:
+            return model
+    known = {v.name for v in model.graph.value_info}
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
+    return model
 
 
 def _upgrade_opset(model: onnx.ModelProto, opset: int, path: str) -> onnx.ModelProto:
@@ -219,6 +249,11 @@ def _upgrade_opset(model: onnx.ModelProto, opset: int, path: str) -> onnx.ModelP
         raise BadModel(f"'{path}' uses opset {opset}; convert it to opset >= {MIN_OPSET} first.")
     if opset >= TARGET_OPSET:
         return model
+    if is_large(model):
+        if opset >= 13:  # per-channel Q/DQ exists from 13; the converter cannot take a model this size
+            return model
+        raise BadModel(f"'{path}' is over 2 GB at opset {opset}; the opset converter cannot take it: re-export it "
+                       "with opset >= 13.")
     try:
         return version_converter.convert_version(model, TARGET_OPSET)
     except Exception as exc:
@@ -372,8 +407,7 @@ def _input_specs(graph, inits) -> list[InputSpec]:
 
 def load_model(path: str) -> LoadedModel:
     """Read, check and normalize; raise BadModel with a one-line reason."""
-    model = read_model(path)
-    size = _model_size(path, model)
+    model, size, external = read_model(path)
     source_opset = _default_opset(model)
     model = _upgrade_opset(model, source_opset, path)
     graph = model.graph
@@ -388,10 +422,7 @@ def load_model(path: str) -> LoadedModel:
     model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(standard))
     _name_nodes(graph)
     _flatten_gemm_bias(graph, inits)
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        pass  # shapes only help; ORT infers what it needs again
+    model = _infer_shapes(model, path, external)
     inits = {t.name: t for t in model.graph.initializer}
     inputs = _input_specs(model.graph, inits)
     if not inputs:

@@ -21,7 +21,7 @@ from .imprint import imprint_labels, layer_scores
 from .importance import importance as layer_importance
 from .importance import upstream_layers
 from .instrument import run_pass
-from .load import load_model
+from .load import is_large, load_model
 from .verify import flips, fused_integer_kernels, optimized_op_counts, predictions, smoke_check, top1
 from .weights import error_table
 from .write import check_output_path, publish, quantize_to_qdq, quantize_weights
@@ -142,7 +142,7 @@ class _HeldOut:
 
         self.loaded, self.samples, self.options = loaded, samples, options
         fp32_model = os.path.join(work_dir, "fp32.onnx")
-        onnx.save_model(loaded.model, fp32_model, save_as_external_data=loaded.model.ByteSize() > 2 * 1024**3)
+        onnx.save_model(loaded.model, fp32_model, save_as_external_data=is_large(loaded.model))
         self.fp32 = predictions(fp32_model, loaded, samples, options.batch_size, options.quiet, "FP32 evaluation")
 
     def measure(self, path: str) -> dict:

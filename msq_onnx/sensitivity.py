@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
-from .instrument import batch_size_for, padded_batches, progress
+from .instrument import batch_size_for, make_session, padded_batches, progress
 from .load import LoadedModel
 from .weights import as_matrix, bias_shift, fake_quantize, from_matrix
 
 DEFAULT_SAMPLES = 64
-
-
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _with_weight_inputs(loaded: LoadedModel, layer) -> onnx.ModelProto:
@@ -65,13 +58,13 @@ def measure(loaded: LoadedModel, samples, choices: dict, input_mean: dict, candi
             quiet: bool = False) -> tuple[dict, int]:
     """Return ({layer: {bits: relative output MSE}}, forward passes run)."""
     feeds = _feeds(loaded, samples, count, batch_size)
-    reference_session = _session(loaded.model)
+    reference_session = make_session(loaded.model)
     output = loaded.output_name
     reference = [reference_session.run([output], feed)[0][:real] for feed, real in feeds]
     damage, passes = {}, 0
     with progress(len(loaded.layers) * len(candidate_bits), "sensitivity", quiet) as bar:
         for layer in loaded.layers:
-            session = _session(_with_weight_inputs(loaded, layer))
+            session = make_session(_with_weight_inputs(loaded, layer))
             weight = loaded.weight(layer).astype(np.float32)
             bias = loaded.bias(layer)
             damage[layer.name] = {}

@@ -21,10 +21,9 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import BadOption
-from .load import LoadedModel
+from .load import LoadedModel, is_large
 from .weights import as_matrix, bias_shift, fake_quantize, from_matrix
 
-_TWO_GIB = 2 * 1024**3
 
 
 @dataclass
@@ -124,7 +123,7 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
     """Run ORT's QDQ quantizer in work_dir; return the path of its output."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    large = quantized.model.ByteSize() > _TWO_GIB
+    large = is_large(quantized.model)
     prepared = os.path.join(work_dir, "prepared.onnx")
     onnx.save_model(quantized.model, prepared, save_as_external_data=large)
     cache = os.path.join(work_dir, "ranges.json")
@@ -142,14 +141,17 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
 def publish(model_path: str, output_path: str) -> None:
     """Move a finished model into place: readers see the old file or the new one, never a part."""
     model = onnx.load(model_path)
-    large = model.ByteSize() > _TWO_GIB
+    large = is_large(model)
     folder = os.path.dirname(os.path.abspath(output_path))
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".msq-", suffix=".onnx.tmp")
     os.close(handle)
     try:
         if large:
             data_name = os.path.basename(output_path) + ".data"
-            onnx.save_model(model, temporary, save_as_external_data=True, location=data_name + ".tmp")
+            # Two renames (data, then model): unlike the single-file case, a kill
+            # between them can pair new data with the old model (README: limits).
+            onnx.save_model(model, temporary, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name + ".tmp", size_threshold=0)
             os.replace(os.path.join(folder, data_name + ".tmp"), os.path.join(folder, data_name))
             _rewrite_location(temporary, data_name + ".tmp", data_name)
         else:
