@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     msq.add_argument("--levels", type=_int_list, default=(1, 2, 4), metavar="LIST",
                      help="pyramid pooling levels (default 1,2,4; 1 alone = single-scale global pooling)")
     msq.add_argument("--max-dim", type=int, default=DEFAULT_MAX_DIM, metavar="N",
-                     help=f"cap on each layer's embedding size; wider layers average channel groups "
+                     help=f"cap on each layer's embedding size; wider embeddings are signed-hashed down to it "
                           f"(default {DEFAULT_MAX_DIM})")
     msq.add_argument("--batch-size", type=int, default=1, metavar="N",
                      help="samples per ONNX Runtime call (models with a fixed batch use theirs; default 1: "
@@ -151,8 +151,10 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore")  # library warnings would break the one-line error contract
     try:
         from .pipeline import convert, enforce_gate
-        from .report import summary, write_report
+        from .report import check_report_path, summary, write_report
 
+        if args.report:
+            check_report_path(args.report)
         result = convert(args.input, args.output, args.calib, options_from(args))
         if args.report:
             write_report(result.report, args.report)

@@ -377,38 +377,41 @@ def check_labels(samples: SampleSet, num_classes: int | None, role: str) -> None
                       "at least two (or drop the labels to use the model's own predictions).")
 
 
-class _Slice(SampleSet):
-    """Samples [start, stop) of another set, streamed through its batches."""
+class _Subset(SampleSet):
+    """The samples of another set where `mask` is true, streamed through its batches."""
 
-    def __init__(self, parent: SampleSet, start: int, stop: int, role: str):
-        labels = parent.labels[start:stop] if parent.labels is not None else None
-        super().__init__(stop - start, labels, f"{parent.source} [{role} samples {start}..{stop - 1}]")
-        self.parent, self.start, self.stop = parent, start, stop
+    def __init__(self, parent: SampleSet, mask: np.ndarray, role: str):
+        labels = parent.labels[mask] if parent.labels is not None else None
+        super().__init__(int(mask.sum()), labels, f"{parent.source} [{role} samples]")
+        self.parent, self.mask = parent, mask
 
     def batches(self, batch_size: int):
-        offset, pending = 0, []
+        offset, pending, pending_count = 0, [], 0
         for feed in self.parent.batches(batch_size):
             count = len(next(iter(feed.values())))
-            low, high = max(self.start - offset, 0), min(self.stop - offset, count)
+            chosen = self.mask[offset:offset + count]
             offset += count
-            if low < high:
-                pending.append({k: v[low:high] for k, v in feed.items()})
-                while sum(len(next(iter(p.values()))) for p in pending) >= batch_size:
-                    merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                    yield {k: v[:batch_size] for k, v in merged.items()}
-                    rest = {k: v[batch_size:] for k, v in merged.items()}
-                    pending = [rest] if len(next(iter(rest.values()))) else []
-            if offset >= self.stop:
-                break
-        if pending:
+            if chosen.any():
+                pending.append({k: v[chosen] for k, v in feed.items()})
+                pending_count += int(chosen.sum())
+            while pending_count >= batch_size:
+                merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                yield {k: v[:batch_size] for k, v in merged.items()}
+                pending = [{k: v[batch_size:] for k, v in merged.items()}]
+                pending_count -= batch_size
+        if pending_count:
             yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
 
 
 def split_holdout(samples: SampleSet, fraction: float) -> tuple[SampleSet, SampleSet]:
-    """Calibrate on the first samples, hold out the last `fraction` (never both)."""
-    held = int(round(samples.count * fraction))
-    if held < 1 or samples.count - held < 2:
+    """Hold out every k-th sample (k = 1/fraction) and calibrate on the rest, never on both.
+
+    Every k-th, not the last ones: an ImageFolder lists samples class by
+    class, so its last samples would be its last classes only.
+    """
+    step = max(2, int(round(1 / fraction)))
+    held = np.arange(samples.count) % step == step - 1
+    if held.sum() < 1 or samples.count - held.sum() < 2:
         raise BadData(f"calibration data '{samples.source}' has {samples.count} samples: too few to hold out "
                       f"{fraction:.0%} for --max-drop; give --eval or more samples.")
-    cut = samples.count - held
-    return _Slice(samples, 0, cut, "calibration"), _Slice(samples, cut, samples.count, "held-out")
+    return _Subset(samples, ~held, "calibration"), _Subset(samples, held, "held-out")

@@ -114,9 +114,6 @@ class FeatureBank:
         self._chunks = {name: [] for name in names}
         self._counts = {name: 0 for name in names}
 
-    def wants(self, name: str) -> bool:
-        return self._counts[name] < self.max_samples
-
     def add(self, name: str, probe: np.ndarray, channels_last: bool = False) -> None:
         room = self.max_samples - self._counts[name]
         if room <= 0:

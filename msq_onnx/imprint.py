@@ -81,8 +81,9 @@ def loo_scores(embeddings: np.ndarray, labels: np.ndarray, scale: float = SOFT_S
     scores = f @ (sums / np.maximum(sum_norms, 1e-12)[:, None]).T
     rows = np.arange(len(f))
     own_dot = scores[rows, labels] * sum_norms[labels]  # f_i . S_c
-    rest_norm = np.sqrt(np.maximum(sum_norms[labels] ** 2 - 2 * own_dot + 1.0, 0.0))
-    scores[rows, labels] = np.where(rest_norm > 1e-9, (own_dot - 1.0) / np.maximum(rest_norm, 1e-12), -np.inf)
+    square = (f * f).sum(axis=1)  # 1, or 0 for a row that was all mean (a dead layer)
+    rest_norm = np.sqrt(np.maximum(sum_norms[labels] ** 2 - 2 * own_dot + square, 0.0))
+    scores[rows, labels] = np.where(rest_norm > 1e-9, (own_dot - square) / np.maximum(rest_norm, 1e-12), 0.0)
     scored = counts[labels] >= 2
     if not scored.any():
         return PredictorScores(0.0, 0.0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .features import FeatureBank
-from .load import Layer, LoadedModel, is_large
+from .load import Layer, LoadedModel, is_large, save_model_file
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
 
@@ -33,9 +33,8 @@ class PassStatistics:
     features: FeatureBank  # per layer: [N, D] pyramid-pooled embeddings
     input_features: FeatureBank  # the network input ("input"), pooled the same way
     outputs: np.ndarray  # FP32 model output per imprinted sample, [N, classes]
+    imprinted: np.ndarray  # indices of the samples whose embeddings were kept
     samples: int = 0
-    batches: int = 0
-    timings: dict = field(default_factory=dict)
 
 
 def _float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -127,7 +126,7 @@ def make_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSessi
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     folder = tempfile.TemporaryDirectory(prefix="msq-session-")
     path = os.path.join(folder.name, "model.onnx")
-    onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+    save_model_file(model, path)
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     session.msq_folder = folder  # removed when the session is
     return session
@@ -154,6 +153,20 @@ def progress(total: int, description: str, quiet: bool):
                 leave=False, file=sys.stderr)
 
 
+def imprint_selection(count: int, cap: int, seed: int) -> np.ndarray:
+    """Which samples keep embeddings: all, or a seeded spread of `cap` of them.
+
+    Not the first `cap`: an ImageFolder lists its samples class by class, and
+    its first samples may hold one class only.
+    """
+    keep = np.zeros(count, bool)
+    if count <= cap:
+        keep[:] = True
+    else:
+        keep[np.random.default_rng(seed).choice(count, cap, replace=False)] = True
+    return keep
+
+
 def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 1,
              quiet: bool = False, seed: int = 0) -> PassStatistics:
     model, outputs = build_instrumented(loaded)
@@ -168,13 +181,14 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     position = {name: i for i, name in enumerate(names)}
     bank = FeatureBank([layer.name for layer in loaded.layers], levels, max_dim, seed)
     input_bank = FeatureBank(["input"], levels, max_dim, seed)
+    imprinted = imprint_selection(samples.count, bank.max_samples, seed)
     ranges: dict = {}
     mean_sum: dict = {}
     sq_sum: dict = {}
     final_outputs = []
     size = batch_size_for(loaded, batch_size)
     fixed = any(spec.batch_fixed for spec in loaded.inputs)
-    seen = batches = 0
+    seen = 0
     with progress(samples.count, "calibration pass", quiet) as bar:
         for feed, count in padded_batches(samples, size, fixed):
             try:
@@ -200,13 +214,15 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 mean_name, sq_name = outputs["moments"][layer.name]
                 mean_sum[layer.name] = mean_sum.get(layer.name, 0) + result[position[mean_name]] * count
                 sq_sum[layer.name] = sq_sum.get(layer.name, 0) + result[position[sq_name]] * count
-                bank.add(layer.name, result[position[outputs["probe"][layer.name]]][:count], channels_last(layer))
-            if input_bank.wants("input"):
-                input_bank.add("input", feed[loaded.inputs[0].name][:count].astype(np.float32))
-                final_outputs.append(final[:count].reshape(count, -1).astype(np.float32))
+            chosen = imprinted[seen:seen + count]
+            if chosen.any():
+                for layer in loaded.layers:
+                    probe = result[position[outputs["probe"][layer.name]]][:count]
+                    bank.add(layer.name, probe[chosen], channels_last(layer))
+                input_bank.add("input", feed[loaded.inputs[0].name][:count][chosen].astype(np.float32))
+                final_outputs.append(final[:count][chosen].reshape(int(chosen.sum()), -1).astype(np.float32))
             del result
             seen += count
-            batches += 1
             bar.update(count)
     return PassStatistics(
         ranges=ranges,
@@ -215,6 +231,6 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
         features=bank,
         input_features=input_bank,
         outputs=np.concatenate(final_outputs),
+        imprinted=np.flatnonzero(imprinted),
         samples=seen,
-        batches=batches,
     )

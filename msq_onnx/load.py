@@ -45,6 +45,10 @@ class Layer:
     group: int = 1
     bias_name: str | None = None
     transposed_weight: bool = False  # Gemm transB=0 / MatMul: weight is [in, out]
+    # How a weight-induced output shift maps onto the bias: Gemm adds beta*C
+    # to alpha*A*B; None where a bias cannot absorb it exactly (MatMul has no
+    # bias, ConvTranspose with stride spreads each tap over several outputs).
+    bias_factor: float | None = 1.0
 
     @property
     def params(self) -> int:
@@ -222,6 +226,21 @@ def is_large(model: onnx.ModelProto) -> bool:
     return model.ByteSize() > PROTOBUF_LIMIT
 
 
+def save_model_file(model: onnx.ModelProto, path: str) -> None:
+    """Save a model; one past 2 GB gets its weights in PATH.data beside it.
+
+    onnx's external-data save empties the tensors it moves out, so their data
+    is read back at once: the caller's model stays whole (without a second
+    in-memory copy at any moment).
+    """
+    if not is_large(model):
+        onnx.save_model(model, path)
+        return
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + ".data")
+    onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+
+
 def _infer_shapes(model: onnx.ModelProto, path: str, external: bool) -> onnx.ModelProto:
     """Shape inference; path-based for models kept in external data, so no second in-memory copy is made."""
     if not external and not is_large(model):
@@ -366,24 +385,31 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> list[Layer]:
         shape = tuple(inits[weight_name].dims)
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
         group = int(_attr(node, "group", 1))
+        bias_factor = 1.0
         if op == "Conv":
             out_axis, transposed = 0, False
         elif op == "ConvTranspose":
             if group != 1:
                 continue  # per-channel layout of grouped ConvTranspose is not supported by ORT's QDQ
-            out_axis, transposed = 1, True
+            out_axis, transposed, bias_factor = 1, True, None
         elif op == "Gemm":
             if _attr(node, "transA", 0):
                 continue
             trans_b = bool(_attr(node, "transB", 0))
             out_axis, transposed = (0, False) if trans_b else (1, True)
+            alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+            bias_factor = alpha / beta if beta != 0 else None
         else:
             if len(shape) != 2:
                 continue
-            out_axis, transposed = 1, True
+            out_axis, transposed, bias_factor = 1, True, None
+        if inits[weight_name].data_type != onnx.TensorProto.FLOAT:
+            raise BadModel(f"layer '{node.name}' has {onnx.TensorProto.DataType.Name(inits[weight_name].data_type)} "
+                           "weights; msq-onnx quantizes FP32 models: export the model in float32.")
         layers.append(Layer(name=node.name, op_type=op, weight_name=weight_name, input_name=node.input[0],
                             probe_name=_probe_of(node, users, inits, outputs), weight_shape=shape,
-                            out_axis=out_axis, group=group, bias_name=bias, transposed_weight=transposed))
+                            out_axis=out_axis, group=group, bias_name=bias, transposed_weight=transposed,
+                            bias_factor=bias_factor))
     return layers
 
 
@@ -403,6 +429,16 @@ def _input_specs(graph, inits) -> list[InputSpec]:
                 for d in tensor_type.shape.dim]
         specs.append(InputSpec(value.name, dims, np.dtype(_NP_TYPES.get(tensor_type.elem_type, np.float32))))
     return specs
+
+
+def _scores_output(model: onnx.ModelProto) -> str:
+    """The class-score output: the first float output of rank >= 2 (converters such as skl2onnx put an
+    int64 label first), else the first output."""
+    for value in model.graph.output:
+        tensor_type = value.type.tensor_type
+        if tensor_type.elem_type == onnx.TensorProto.FLOAT and len(tensor_type.shape.dim) >= 2:
+            return value.name
+    return model.graph.output[0].name
 
 
 def load_model(path: str) -> LoadedModel:
@@ -435,5 +471,5 @@ def load_model(path: str) -> LoadedModel:
         raise BadModel(f"'{path}' has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a "
                        "constant weight); there is nothing to allocate bits to.")
     return LoadedModel(model=model, source_path=path, source_opset=source_opset, opset=_default_opset(model),
-                       inputs=inputs, output_name=model.graph.output[0].name, layers=layers,
+                       inputs=inputs, output_name=_scores_output(model), layers=layers,
                        size_bytes=size, initializers=inits)

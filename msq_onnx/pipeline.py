@@ -5,6 +5,7 @@ only moves data between them and times them.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -21,7 +22,7 @@ from .imprint import imprint_labels, layer_scores
 from .importance import importance as layer_importance
 from .importance import upstream_layers
 from .instrument import run_pass
-from .load import is_large, load_model
+from .load import load_model, save_model_file
 from .verify import flips, fused_integer_kernels, optimized_op_counts, predictions, smoke_check, top1
 from .weights import error_table
 from .write import check_output_path, publish, quantize_to_qdq, quantize_weights
@@ -69,14 +70,20 @@ class _Timer:
 
 
 def _num_classes(loaded) -> int | None:
-    for value in loaded.model.graph.output:
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) >= 2 and dims[-1].HasField("dim_value"):
-            return int(np.prod([d.dim_value for d in dims[1:]]))
+    value = next(v for v in loaded.model.graph.output if v.name == loaded.output_name)
+    dims = value.type.tensor_type.shape.dim
+    if len(dims) >= 2 and all(d.HasField("dim_value") for d in dims[1:]):
+        return int(np.prod([d.dim_value for d in dims[1:]]))
     return None
 
 
 def check_options(options: Options) -> None:
+    for flag, value in (("--avg-bits", options.avg_bits), ("--max-size", options.max_size),
+                        ("--max-drop", options.max_drop), ("--importance-exponent", options.importance_exponent)):
+        if value is not None and not math.isfinite(value):
+            raise BadOption(f"{flag} {value} is not a finite number.")
+    if options.seed < 0:
+        raise BadOption(f"--seed {options.seed} must be zero or positive.")
     allocate_stage.check_budget(options.avg_bits, options.bits)
     if options.allocator not in allocate_stage.ALLOCATORS:
         raise BadOption(f"unknown allocator '{options.allocator}'; choose one of "
@@ -111,8 +118,7 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         stats = run_pass(loaded, calib, options.levels, options.max_dim, options.batch_size, options.quiet,
                          options.seed)
     with timer.stage("imprint"):
-        imprinted = len(stats.outputs)  # the first samples, up to the bank's cap
-        labels = imprint_labels(None if calib.labels is None else calib.labels[:imprinted], stats.outputs,
+        labels = imprint_labels(None if calib.labels is None else calib.labels[stats.imprinted], stats.outputs,
                                 options.seed)
         scores, input_score = layer_scores(stats.features, stats.input_features, labels)
     with timer.stage("importance"):
@@ -138,11 +144,9 @@ class _HeldOut:
     """FP32 predictions on the held-out samples, computed once, against which candidates are scored."""
 
     def __init__(self, loaded, samples, options: Options, work_dir: str):
-        import onnx
-
         self.loaded, self.samples, self.options = loaded, samples, options
         fp32_model = os.path.join(work_dir, "fp32.onnx")
-        onnx.save_model(loaded.model, fp32_model, save_as_external_data=is_large(loaded.model))
+        save_model_file(loaded.model, fp32_model)
         self.fp32 = predictions(fp32_model, loaded, samples, options.batch_size, options.quiet, "FP32 evaluation")
 
     def measure(self, path: str) -> dict:

@@ -63,6 +63,17 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
     return report
 
 
+def check_report_path(path: str) -> None:
+    """Before any work: a report that cannot be written must not cost a conversion."""
+    from .errors import BadOption
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise BadOption(f"report folder '{folder}' does not exist; create it first.")
+    if os.path.isdir(path):
+        raise BadOption(f"report path '{path}' is a folder; give a file name such as report.json.")
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".msq-", suffix=".tmp")

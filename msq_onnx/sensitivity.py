@@ -16,7 +16,7 @@ from onnx import helper
 
 from .instrument import batch_size_for, make_session, padded_batches, progress
 from .load import LoadedModel
-from .weights import as_matrix, bias_shift, fake_quantize, from_matrix
+from .weights import quantize_layer
 
 DEFAULT_SAMPLES = 64
 
@@ -69,13 +69,11 @@ def measure(loaded: LoadedModel, samples, choices: dict, input_mean: dict, candi
             bias = loaded.bias(layer)
             damage[layer.name] = {}
             for bits in candidate_bits:
-                quantized, _ = fake_quantize(as_matrix(layer, weight), choices[layer.name][bits].clip, bits)
-                quantized = from_matrix(layer, quantized)
-                extra = {layer.weight_name: quantized}
+                result = quantize_layer(layer, weight, bias, choices[layer.name][bits], input_mean.get(layer.name),
+                                        bias_correction)
+                extra = {layer.weight_name: result.weight}
                 if bias is not None:
-                    shift = bias_shift(layer, weight, quantized, input_mean.get(layer.name)) if bias_correction \
-                        else 0.0
-                    extra[layer.bias_name] = (bias - shift).astype(np.float32)
+                    extra[layer.bias_name] = result.bias if result.bias is not None else bias
                 outputs = [session.run([output], dict(feed, **extra))[0][:real] for feed, real in feeds]
                 passes += sum(real for _, real in feeds)
                 damage[layer.name][bits] = _relative_error(reference, outputs)

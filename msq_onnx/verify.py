@@ -45,9 +45,9 @@ def fused_integer_kernels(counts: Counter) -> int:
 
 
 def predictions(path: str, loaded, samples, batch_size: int, quiet: bool, description: str) -> np.ndarray:
-    """Top-1 class of each sample (argmax over the flattened first output)."""
+    """Top-1 class of each sample (argmax over the flattened class-score output)."""
     runner = session(path)
-    output = runner.get_outputs()[0].name
+    output = loaded.output_name
     size = batch_size_for(loaded, batch_size)
     fixed = any(spec.batch_fixed for spec in loaded.inputs)
     chunks = []
@@ -60,7 +60,8 @@ def predictions(path: str, loaded, samples, batch_size: int, quiet: bool, descri
                 raise BadData(f"the model cannot run on '{samples.source}' ({first}); check the data's shape "
                               "and dtype against the model's input.") from None
             if not np.isfinite(result).all():
-                raise RuntimeError(f"{description}: the model produced NaN or Inf")
+                raise BadData(f"{description}: the model produces NaN or Inf on '{samples.source}'; check the "
+                              "samples' scale and preprocessing (--mean, --std).")
             chunks.append(result.reshape(count, -1).argmax(axis=1))
             bar.update(count)
     return np.concatenate(chunks)

@@ -108,6 +108,27 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
     return {bits: search_clips(matrix, weights, bits, search=search) for bits in candidate_bits}
 
 
+@dataclass
+class QuantizedLayer:
+    weight: np.ndarray  # on its grid, in the layer's own layout
+    scale: np.ndarray  # per output channel
+    bias: np.ndarray | None  # corrected bias (new when the layer had none); None: leave it as it is
+
+
+def quantize_layer(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, choice: WidthChoice,
+                   input_mean: np.ndarray | None, bias_correction: bool = True) -> QuantizedLayer:
+    """A layer's weight on its k-bit grid, and the bias that cancels the expected output shift."""
+    matrix, scale = fake_quantize(as_matrix(layer, weight), choice.clip, choice.bits)
+    quantized = from_matrix(layer, matrix)
+    if not bias_correction or layer.bias_factor is None or input_mean is None:
+        return QuantizedLayer(quantized, scale, None)
+    shift = bias_shift(layer, weight, quantized, input_mean) * layer.bias_factor
+    if not np.any(shift):
+        return QuantizedLayer(quantized, scale, None)
+    base = bias.astype(np.float32) if bias is not None else np.zeros_like(shift)
+    return QuantizedLayer(quantized, scale, (base - shift).astype(np.float32))
+
+
 def bias_shift(layer: Layer, weight: np.ndarray, quantized: np.ndarray, input_mean: np.ndarray | None) -> np.ndarray:
     """Expected output shift E[(W_q - W) x] per output channel, to subtract from the bias."""
     delta = as_matrix(layer, quantized) - as_matrix(layer, weight)

@@ -21,8 +21,8 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import BadOption
-from .load import LoadedModel, is_large
-from .weights import as_matrix, bias_shift, fake_quantize, from_matrix
+from .load import LoadedModel, is_large, save_model_file
+from .weights import quantize_layer
 
 
 
@@ -41,25 +41,26 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
     nodes = {n.name: n for n in model.graph.node}
     scales = {}
     for layer in loaded.layers:
-        width = bits[layer.name]
-        weight = loaded.weight(layer).astype(np.float32)
-        quantized, scale = fake_quantize(as_matrix(layer, weight), choices[layer.name][width].clip, width)
-        quantized = from_matrix(layer, quantized)
+        result = quantize_layer(layer, loaded.weight(layer).astype(np.float32), loaded.bias(layer),
+                                choices[layer.name][bits[layer.name]], input_mean.get(layer.name), bias_correction)
         model.graph.initializer[index[layer.weight_name]].CopyFrom(
-            numpy_helper.from_array(quantized.astype(np.float32), layer.weight_name))
-        scales[layer.weight_name] = scale
-        if not bias_correction or layer.op_type == "MatMul":
-            continue
-        shift = bias_shift(layer, weight, quantized, input_mean.get(layer.name))
-        if not np.any(shift):
+            numpy_helper.from_array(result.weight.astype(np.float32), layer.weight_name))
+        scales[layer.weight_name] = result.scale
+        if result.bias is None:
             continue
         if layer.bias_name is not None:
-            bias = loaded.bias(layer).astype(np.float32) - shift
-            model.graph.initializer[index[layer.bias_name]].CopyFrom(numpy_helper.from_array(bias, layer.bias_name))
+            model.graph.initializer[index[layer.bias_name]].CopyFrom(
+                numpy_helper.from_array(result.bias, layer.bias_name))
+            continue
+        node = nodes[layer.name]
+        if len(node.input) > 2 and node.input[2]:
+            continue  # a bias computed in the graph: nothing constant to correct
+        name = f"{layer.weight_name}_msq_bias"
+        model.graph.initializer.append(numpy_helper.from_array(result.bias, name))
+        if len(node.input) > 2:
+            node.input[2] = name
         else:
-            name = f"{layer.weight_name}_msq_bias"
-            model.graph.initializer.append(numpy_helper.from_array(-shift, name))
-            nodes[layer.name].input.append(name)  # Conv/Gemm take an optional bias third
+            node.input.append(name)  # Conv and Gemm take an optional bias as their third input
     return QuantizedWeights(model, scales)
 
 
@@ -125,7 +126,7 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
 
     large = is_large(quantized.model)
     prepared = os.path.join(work_dir, "prepared.onnx")
-    onnx.save_model(quantized.model, prepared, save_as_external_data=large)
+    save_model_file(quantized.model, prepared)
     cache = os.path.join(work_dir, "ranges.json")
     write_calibration_cache(ranges, cache)
     result = os.path.join(work_dir, "quantized.onnx")
@@ -162,8 +163,9 @@ def publish(model_path: str, output_path: str) -> None:
         os.chmod(temporary, _default_mode())  # mkstemp makes 0600; a model is an ordinary file
         os.replace(temporary, output_path)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+        for leftover in (temporary, os.path.join(folder, os.path.basename(output_path) + ".data.tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
         if isinstance(exc, OSError):
             raise BadOption(f"cannot write '{output_path}' ({exc.strerror}); free space or choose another "
                             "output path.") from None

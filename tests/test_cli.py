@@ -98,3 +98,13 @@ def test_console_script_is_declared_and_runs_the_same_main():
     result = subprocess.run([sys.executable, "-c", "import sys; from msq_onnx.cli import main; sys.exit(main())",
                              "--version-does-not-exist"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("options", [["--seed", "-1"], ["--avg-bits", "nan"], ["--max-drop", "inf", "--eval",
+                                                                                BUNDLED_EVAL],
+                                     ["--report", "no/such/folder/r.json"]])
+def test_bad_options_fail_before_anything_is_written(tmp_path, options):
+    result = run_cli(BUNDLED_MODEL, tmp_path / "out.onnx", "--calib", BUNDLED_CALIB, *options)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("msq-onnx: error:")
+    assert os.listdir(tmp_path) == []

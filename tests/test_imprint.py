@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from msq_onnx.imprint import imprint_labels, loo_accuracy
 
@@ -65,3 +66,11 @@ def test_clustering_is_seeded():
     a = imprint_labels(np.arange(60), outputs, seed=7).values
     b = imprint_labels(np.arange(60), outputs, seed=7).values
     assert np.array_equal(a, b)
+
+
+def test_a_dead_layer_scores_at_chance_not_below():
+    from msq_onnx.imprint import loo_scores
+
+    y = np.repeat(np.arange(4), 5)
+    scores = loo_scores(np.ones((20, 8)), y)  # every embedding equal: nothing to separate
+    assert scores.soft == pytest.approx(0.25)

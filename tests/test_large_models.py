@@ -31,7 +31,12 @@ def test_external_data_model_converts_through_the_large_model_paths(tmp_path, mo
 
     out = tmp_path / "out" / "q.onnx"
     out.parent.mkdir()
-    result = convert(str(source / "big.onnx"), str(out), str(tmp_path / "calib.npz"), Options(avg_bits=4, quiet=True))
+    result = convert(str(source / "big.onnx"), str(out), str(tmp_path / "calib.npz"),
+                     Options(avg_bits=4, quiet=True, eval_path=str(tmp_path / "calib.npz")))
+    assert result.report["evaluation"]["agreement"] > 80  # the FP32 copy saved for evaluation kept its weights
+    sensitive = convert(str(source / "big.onnx"), str(tmp_path / "s.onnx"), str(tmp_path / "calib.npz"),
+                        Options(avg_bits=4, quiet=True, allocator="sensitivity"))
+    assert sensitive.report["avg_weight_bits"] <= 4
 
     assert calls and calls[0][0] == str(source / "big.onnx")  # shapes inferred from the file, not a 2nd copy
     assert result.report["size_bytes"]["input"] == sum(len(b) for b in before.values())

@@ -94,3 +94,20 @@ def test_matmul_layers_and_old_opset_with_2d_gemm_bias(tmp_path):
     assert result.report["opset"] == {"input": 9, "output": 21}
     assert result.report["fused_integer_kernels"] == 4
     assert result.report["evaluation"]["samples"] == 12
+
+
+def test_imprinting_keeps_a_spread_subset_when_the_set_is_larger_than_its_cap(tmp_path):
+    from msq_onnx.instrument import imprint_selection
+
+    model = tiny_cnn()
+    onnx.save(model, tmp_path / "m.onnx")
+    arrays = samples_for(model, 330)
+    order = np.argsort(arrays["labels"], kind="stable")  # class by class, as an ImageFolder lists them
+    np.savez(tmp_path / "c.npz", x=arrays["x"][order], labels=arrays["labels"][order])
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    samples = open_samples(str(tmp_path / "c.npz"), loaded.inputs, Preprocess())
+    stats = run_pass(loaded, samples, (1, 2), 64, batch_size=16, quiet=True)  # batches straddle the cap
+    assert len(stats.imprinted) == len(stats.outputs) == stats.features.matrix("fc").shape[0] == 300
+    assert stats.imprinted.max() > 300  # not just the first 300: the last class is represented
+    keep = imprint_selection(1000, 300, seed=0)
+    assert keep.sum() == 300 and keep[:500].sum() < 200 and np.array_equal(keep, imprint_selection(1000, 300, 0))

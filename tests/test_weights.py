@@ -77,3 +77,18 @@ def test_bias_shift_is_expected_output_change():
     q = w + np.array([[0.1, 0.0, -0.1], [0.2, 0.2, 0.2]], np.float32)
     mean = np.array([1.0, 5.0, 2.0], np.float32)
     np.testing.assert_allclose(bias_shift(layer, w, q, mean), [0.1 - 0.2, 0.2 * 8], atol=1e-6)
+
+
+def test_bias_correction_follows_gemm_alpha_beta_and_skips_what_a_bias_cannot_absorb():
+    from msq_onnx.weights import WidthChoice, quantize_layer
+
+    w = np.random.default_rng(5).normal(size=(3, 4)).astype(np.float32)
+    mean = np.array([1.0, 2.0, 0.5, 1.5], np.float32)
+    choice = WidthChoice(2, np.abs(w).max(axis=1), 0.0)
+    plain = quantize_layer(Layer("g", "Gemm", "w", "x", "y", (3, 4), 0), w, None, choice, mean)
+    scaled = quantize_layer(Layer("g", "Gemm", "w", "x", "y", (3, 4), 0, bias_factor=2.0), w, None, choice, mean)
+    np.testing.assert_allclose(scaled.bias, 2.0 * plain.bias, rtol=1e-6)  # alpha / beta = 2
+    expected = -((plain.weight - w) * mean).sum(axis=1)
+    np.testing.assert_allclose(plain.bias, expected, rtol=1e-5)
+    matmul = Layer("m", "MatMul", "w", "x", "y", (4, 3), 1, transposed_weight=True, bias_factor=None)
+    assert quantize_layer(matmul, w.T.copy(), None, choice, mean).bias is None
