@@ -88,6 +88,19 @@ class Evaluator:
         return float((predicted == self.labels).mean() * 100)
 
 
+def score(loaded, analysis, evaluator: "Evaluator", bits: dict, choices=None, bias_correction: bool = True,
+          keep: dict | None = None) -> float:
+    """Write the real QDQ model for this allocation and return its held-out top-1."""
+    with tempfile.TemporaryDirectory(prefix="msq-bench-") as folder:
+        weights = quantize_weights(loaded, bits, choices or analysis.choices, analysis.stats.input_mean,
+                                   bias_correction)
+        path = quantize_to_qdq(loaded, weights, analysis.stats.ranges, folder)
+        predicted = evaluator.predictions(path)
+        if keep is not None:
+            keep["predictions"], keep["bytes"] = predicted, os.path.getsize(path)
+    return evaluator.top1(predicted)
+
+
 def compare(a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> str:
     """win / loss / tie of a against b from the samples only one of them gets right (McNemar, ~95%)."""
     only_a = int(((a == labels) & (b != labels)).sum())
@@ -174,12 +187,9 @@ def main(argv=None) -> int:
     rows, predictions = [], {}
 
     def evaluate(label, budget, bits, choices=None, bias_correction=True, analysis_key="msq", seed=None):
-        with tempfile.TemporaryDirectory(prefix="msq-bench-") as folder:
-            weights = quantize_weights(loaded, bits, choices or msq.choices, msq.stats.input_mean, bias_correction)
-            path = quantize_to_qdq(loaded, weights, msq.stats.ranges, folder)
-            predicted = evaluator.predictions(path)
-            size = os.path.getsize(path)
-        top1 = evaluator.top1(predicted)
+        kept = {}
+        top1 = score(loaded, msq, evaluator, bits, choices, bias_correction, kept)
+        predicted, size = kept["predictions"], kept["bytes"]
         predictions[(label, budget, seed)] = predicted
         row = {"allocator": label, "budget": budget, "avg_bits": round(alloc.average_bits(bits, params), 4),
                "top1": round(top1, 2), "drop": round(fp32_top1 - top1, 2),
