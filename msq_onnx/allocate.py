@@ -24,10 +24,10 @@ import numpy as np
 from .errors import BadOption
 
 ALLOCATORS = ("ilp", "greedy", "sensitivity")
-# Damage = importance^exponent x error. 1 is the literal product; it let a few
-# layers with large gains take the budget and lost 2.5 top-1 points on
-# EfficientNet-Lite0 at 4 bits, while 0.25 was best of 0, 0.25, 0.5, 1
-# (docs/BENCHMARKS.md). 0 ignores importance: an ablation.
+# Damage = importance^exponent x error. 1 is the literal product; it lets a few
+# layers with large gains take the budget (EfficientNet-Lite0 at 3.5 bits:
+# 75.5% top-1 against 81.1% at 0.25, the best of 0, 0.25, 0.5 and 1;
+# bench/importance_study.py). 0 ignores importance: an ablation.
 IMPORTANCE_EXPONENT = 0.25
 
 
@@ -47,6 +47,27 @@ def expected_damage(importance: dict, choices: dict, exponent: float = IMPORTANC
     mean = float(np.mean(list(importance.values()))) or 1.0
     return {name: {bits: (importance[name] / mean) ** exponent * choice.error for bits, choice in table.items()}
             for name, table in choices.items()}
+
+
+def activation_errors(layers, ranges: dict, input_sq: dict) -> dict:
+    """Relative noise power of each layer's uint8 input: (range / 255)^2 / 12 over its mean square.
+
+    A range dominated by a few outliers makes the uint8 step coarse for the
+    bulk of the values; this is where a 16-bit input can pay.
+    """
+    errors = {}
+    for layer in layers:
+        low, high = ranges.get(layer.input_name, (0.0, 0.0))
+        power = float(np.mean(input_sq[layer.name])) if layer.name in input_sq else 0.0
+        step = (max(high, 0.0) - min(low, 0.0)) / 255.0
+        errors[layer.name] = step * step / 12.0 / power if power > 0 else 0.0
+    return errors
+
+
+def wide_activations(errors: dict, count: int) -> set:
+    """The inputs of the `count` layers with the largest uint8 activation error."""
+    ranked = sorted((name for name in errors if errors[name] > 0), key=lambda name: -errors[name])
+    return set(ranked[:max(count, 0)])
 
 
 def average_bits(bits: dict, params: dict) -> float:

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="accuracy gate: exit 3 if the held-out top-1 drop exceeds POINTS (held-out = --eval, "
                              "else the last 20%% of --calib, then not used to calibrate). Without --avg-bits or "
                              "--max-size it also searches for the smallest budget that stays within POINTS")
+    budget.add_argument("--act16", type=int, default=0, metavar="N",
+                        help="keep the inputs of the N layers with the largest uint8 activation error (ranges "
+                             "dominated by outliers) in uint16; those layers lose ORT's fused integer kernel "
+                             "(default 0)")
     budget.add_argument("--no-bias-correction", action="store_true",
                         help="do not correct the bias shift caused by weight quantization")
     budget.add_argument("--no-clip-search", action="store_true",
@@ -117,7 +121,7 @@ def options_from(args):
                             channel_order=args.channel_order, layout=args.layout,
                             interpolation=args.interpolation)
     return Options(avg_bits=args.avg_bits, bits=args.bits, allocator=args.allocator,
-                   importance_exponent=args.importance_exponent, levels=args.levels,
+                   importance_exponent=args.importance_exponent, act16=args.act16, levels=args.levels,
                    max_dim=args.max_dim, eval_path=args.eval, max_drop=args.max_drop, max_size=args.max_size,
                    preprocess=preprocess,
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,

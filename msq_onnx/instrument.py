@@ -215,12 +215,14 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 mean_sum[layer.name] = mean_sum.get(layer.name, 0) + result[position[mean_name]] * count
                 sq_sum[layer.name] = sq_sum.get(layer.name, 0) + result[position[sq_name]] * count
             chosen = imprinted[seen:seen + count]
+            # A slice is a view; a mask copies every probe, so it is only used on batches that need one.
+            pick = slice(0, count) if chosen.all() else np.flatnonzero(chosen)
             if chosen.any():
                 for layer in loaded.layers:
-                    probe = result[position[outputs["probe"][layer.name]]][:count]
-                    bank.add(layer.name, probe[chosen], channels_last(layer))
-                input_bank.add("input", feed[loaded.inputs[0].name][:count][chosen].astype(np.float32))
-                final_outputs.append(final[:count][chosen].reshape(int(chosen.sum()), -1).astype(np.float32))
+                    probe = result[position[outputs["probe"][layer.name]]]
+                    bank.add(layer.name, probe[pick], channels_last(layer))
+                input_bank.add("input", feed[loaded.inputs[0].name][pick].astype(np.float32))
+                final_outputs.append(final[pick].reshape(int(chosen.sum()), -1).astype(np.float32))
             del result
             seen += count
             bar.update(count)

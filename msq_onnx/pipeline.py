@@ -42,6 +42,7 @@ class Options:
     eval_path: str | None = None
     max_drop: float | None = None
     max_size: float | None = None  # bytes, or a fraction (<= 1) of the input model's size
+    act16: int = 0  # inputs of this many layers (largest uint8 error) kept in uint16
     preprocess: Preprocess = field(default_factory=Preprocess)
     batch_size: int = 1
     seed: int = 0
@@ -82,6 +83,8 @@ def check_options(options: Options) -> None:
                         ("--max-drop", options.max_drop), ("--importance-exponent", options.importance_exponent)):
         if value is not None and not math.isfinite(value):
             raise BadOption(f"{flag} {value} is not a finite number.")
+    if options.act16 < 0:
+        raise BadOption(f"--act16 {options.act16} must be zero or positive.")
     if options.seed < 0:
         raise BadOption(f"--seed {options.seed} must be zero or positive.")
     allocate_stage.check_budget(options.avg_bits, options.bits)
@@ -208,6 +211,9 @@ def convert(model_path: str, output_path: str, calib_path: str, options: Options
     analysis = analyse(loaded, calib, options, timer)
     with timer.stage("allocate"):
         damage = _damage(loaded, calib, analysis, options)
+        activation_errors = allocate_stage.activation_errors(loaded.layers, analysis.stats.ranges,
+                                                             analysis.stats.input_sq)
+        wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16)
     with tempfile.TemporaryDirectory(prefix="msq-") as work_dir:
         held_out = _HeldOut(loaded, evaluation, options, work_dir) if evaluation is not None else None
 
@@ -219,7 +225,7 @@ def convert(model_path: str, output_path: str, calib_path: str, options: Options
                 folder = tempfile.mkdtemp(dir=work_dir)
                 quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,
                                              options.bias_correction)
-                path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, folder)
+                path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, folder, wide_inputs)
             with timer.stage("verify"):
                 return Candidate(bits, allocate_stage.average_bits(bits, params), path,
                                  held_out.measure(path) if held_out else None)
@@ -242,6 +248,9 @@ def convert(model_path: str, output_path: str, calib_path: str, options: Options
                           op_counts, fused_integer_kernels(op_counts), output_size, timer.seconds,
                           time.perf_counter() - started)
     report["size_bytes"]["packed"] = packed_size(loaded, chosen.bits, params)
+    for layer in report["layers"]:
+        layer["activation_error"] = float(f"{activation_errors[layer['name']]:.6g}")
+        layer["activation_bits"] = 16 if layer["name"] in wide_inputs else 8
     if search is not None:
         report["search"] = search
     gate = report.get("gate")

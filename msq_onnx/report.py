@@ -35,7 +35,7 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
         "output_model": os.path.abspath(output_path),
         "options": {
             "avg_bits": options.avg_bits, "bits": list(options.bits), "allocator": options.allocator,
-            "importance_exponent": options.importance_exponent,
+            "importance_exponent": options.importance_exponent, "act16": options.act16,
             "levels": list(options.levels), "max_dim": options.max_dim, "seed": options.seed,
             "bias_correction": options.bias_correction, "clip_search": options.clip_search,
             "batch_size": options.batch_size, "max_drop": options.max_drop, "max_size": options.max_size,

@@ -64,10 +64,14 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
     return QuantizedWeights(model, scales)
 
 
-def weight_overrides(loaded: LoadedModel, scales: dict) -> dict:
+def tensor_overrides(loaded: LoadedModel, scales: dict, wide_inputs=()) -> dict:
+    """Per-channel weight scales, and uint16 for the activation inputs of the layers in wide_inputs."""
     from onnxruntime.quantization import QuantType
 
     overrides = {}
+    for layer in loaded.layers:
+        if layer.name in wide_inputs:
+            overrides[layer.input_name] = [{"quant_type": QuantType.QUInt16}]
     for layer in loaded.layers:
         per_channel = [{"scale": np.float32(s), "zero_point": np.int8(0)} for s in scales[layer.weight_name]]
         per_channel[0].update({"quant_type": QuantType.QInt8, "axis": layer.out_axis})
@@ -120,7 +124,8 @@ def _quiet_ort_logging():
         logger.setLevel(level)
 
 
-def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: dict, work_dir: str) -> str:
+def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: dict, work_dir: str,
+                    wide_inputs=()) -> str:
     """Run ORT's QDQ quantizer in work_dir; return the path of its output."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -135,7 +140,8 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache,
                         use_external_data_format=large,
-                        extra_options={"TensorQuantOverrides": weight_overrides(loaded, quantized.scales)})
+                        extra_options={"TensorQuantOverrides": tensor_overrides(loaded, quantized.scales,
+                                                                                wide_inputs)})
     return result
 
 
