@@ -112,6 +112,9 @@ def markdown(report: dict) -> str:
         else:
             lines.append(f"- top-1 agreement with FP32 on {evaluation['samples']} held-out samples: "
                          f"{evaluation['agreement']:.2f}%")
+    if report.get("search"):
+        tried = ", ".join(f"{p['avg_bits']:.2f} bits: drop {p['drop']:.2f}" for p in report["search"])
+        lines.append(f"- budget search ({len(report['search'])} models evaluated): {tried}")
     gate = report.get("gate")
     if gate:
         lines.append(f"- accuracy gate (--max-drop {gate['max_drop']}): **{'passed' if gate['passed'] else 'FAILED'}**")
@@ -173,12 +176,21 @@ def plot_accuracy_vs_size(points: list[dict], path: str, title: str) -> None:
 
 
 def write_report(report: dict, path: str) -> list[str]:
-    """Write FILE.json, FILE.md and FILE.layers.png; return the paths written."""
+    """Write FILE.json, FILE.md, FILE.layers.png and, after a --max-drop search, FILE.search.png."""
     stem = _stem(path)
     _atomic_write(path, (json.dumps(report, indent=2, sort_keys=False) + "\n").encode())
     _atomic_write(stem + ".md", markdown(report).encode())
     plot_layers(report, stem + ".layers.png")
-    return [path, stem + ".md", stem + ".layers.png"]
+    written = [path, stem + ".md", stem + ".layers.png"]
+    fp32 = (report.get("evaluation") or {}).get("fp32_top1")
+    if report.get("search"):
+        reference = fp32 if fp32 is not None else 100.0  # without labels: agreement with FP32
+        points = [{"label": "budgets tried", "avg_bits": probe["avg_bits"], "top1": reference - probe["drop"]}
+                  for probe in report["search"]]
+        plot_accuracy_vs_size(points, stem + ".search.png",
+                              f"--max-drop {report['options']['max_drop']}: held-out top-1 (or agreement) per budget")
+        written.append(stem + ".search.png")
+    return written
 
 
 def summary(report: dict) -> dict:

@@ -45,6 +45,11 @@ def test_max_drop_search_finds_a_small_model_within_the_limit(cnn_files, tmp_pat
     passing = [probe for probe in search if probe["drop"] <= 2.0]
     assert report["avg_weight_bits"] == pytest.approx(min(p["avg_bits"] for p in passing), abs=1e-3)
     assert result.gate_passed is True and report["gate"]["drop"] <= 2.0
+    from msq_onnx.report import write_report
+
+    written = write_report(report, str(tmp_path / "r.json"))
+    assert str(tmp_path / "r.search.png") in written and (tmp_path / "r.search.png").stat().st_size > 1000
+    assert "budget search" in (tmp_path / "r.md").read_text()
 
 
 def test_max_drop_without_eval_holds_out_part_of_calibration(cnn_files, tmp_path):
