@@ -25,26 +25,13 @@ sys.path.insert(0, HERE)
 import compare_ort  # noqa: E402
 import run_bench  # noqa: E402
 from msq_onnx import allocate as alloc  # noqa: E402
-from msq_onnx.data import open_samples  # noqa: E402
-from msq_onnx.load import load_model  # noqa: E402
 from msq_onnx.pipeline import Options, _Timer, analyse  # noqa: E402
 from msq_onnx.verify import fused_integer_kernels, optimized_op_counts  # noqa: E402
 from msq_onnx.write import quantize_to_qdq, quantize_weights  # noqa: E402
 
 
 def main() -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="efficientnet")
-    parser.add_argument("--shared", default=run_bench.datasets.DEFAULT_SHARED)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "docs", "bench"))
-    args = parser.parse_args()
-    args.calib = args.eval = None
-    spec = run_bench.prepare(args)
-    loaded = load_model(spec["model"])
-    calib = open_samples(spec["calib"], loaded.inputs, spec["pre"])
-    evaluator = run_bench.Evaluator(loaded, open_samples(spec["eval"], loaded.inputs, spec["pre"], "evaluation"))
+    args, spec, loaded, calib, evaluator = run_bench.study_setup(__doc__)
     analysis = analyse(loaded, calib, Options(quiet=True), _Timer())
     params = {layer.name: layer.params for layer in loaded.layers}
     errors = alloc.activation_errors(loaded.layers, analysis.stats.ranges, analysis.stats.input_sq)

@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import datasets  # noqa: E402
+import run_bench  # noqa: E402
 
 ORT_SCRIPT = """
 import sys
@@ -57,12 +58,14 @@ quantize_static({model!r}, {output!r}, Reader(), quant_format=QuantFormat.QDQ, p
 
 def measured_run(command: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of a child process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{command[:3]} failed: {process.stderr.read().decode()[-500:]}")
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: a chatty child cannot block on it
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            errors.seek(0)
+            raise RuntimeError(f"{command[:3]} failed: {errors.read().decode(errors='replace')[-500:]}")
     return wall, usage.ru_maxrss / 1024.0
 
 
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.shared):
         print(f"skipped: shared data folder '{args.shared}' not found (set --shared or MSQ_SHARED)")
         return 0
-    work = tempfile.mkdtemp(prefix="msq-timing-")
+    work = run_bench._work_folder()
     if args.model == "efficientnet":
         model = os.path.join(args.shared, "models", "efficientnet-lite0.onnx")
         calib, _ = datasets.imagenet_split(args.shared, work)

@@ -27,8 +27,6 @@ from msq_onnx import allocate as alloc  # noqa: E402
 from msq_onnx.imprint import imprint_labels, loo_scores  # noqa: E402
 from msq_onnx.importance import importance  # noqa: E402
 from msq_onnx.instrument import run_pass  # noqa: E402
-from msq_onnx.load import load_model  # noqa: E402
-from msq_onnx.data import open_samples  # noqa: E402
 from msq_onnx.importance import upstream_layers  # noqa: E402
 from msq_onnx.pipeline import Options, _Timer, analyse  # noqa: E402
 
@@ -44,17 +42,7 @@ def gains_by_seed(loaded, calib, seed: int) -> dict:
 
 
 def main() -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="efficientnet")
-    parser.add_argument("--shared", default=run_bench.datasets.DEFAULT_SHARED)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "docs", "bench"))
-    args = parser.parse_args()
-    args.calib = args.eval = None
-    spec = run_bench.prepare(args)
-    loaded = load_model(spec["model"])
-    calib = open_samples(spec["calib"], loaded.inputs, spec["pre"])
+    args, spec, loaded, calib, evaluator = run_bench.study_setup(__doc__)
 
     first, second = gains_by_seed(loaded, calib, 0), gains_by_seed(loaded, calib, 1)
     stability = {}
@@ -64,7 +52,6 @@ def main() -> int:
         stability[kind] = round(float(np.corrcoef(a, b)[0, 1]), 3)
     print("correlation of layer gains between seeds 0 and 1:", stability, flush=True)
 
-    evaluator = run_bench.Evaluator(loaded, open_samples(spec["eval"], loaded.inputs, spec["pre"], "evaluation"))
     analysis = analyse(loaded, calib, Options(quiet=True), _Timer())
     params = {layer.name: layer.params for layer in loaded.layers}
     sweep = []

@@ -33,6 +33,7 @@ from msq_onnx import allocate as alloc  # noqa: E402
 from msq_onnx import sensitivity  # noqa: E402
 from msq_onnx.pipeline import Analysis, Options, _Timer, analyse  # noqa: E402
 from msq_onnx.data import Preprocess, open_samples  # noqa: E402
+from msq_onnx.instrument import batch_size_for, padded_batches  # noqa: E402
 from msq_onnx.load import load_model  # noqa: E402
 from msq_onnx.report import plot_accuracy_vs_size  # noqa: E402
 from msq_onnx.verify import session  # noqa: E402
@@ -44,9 +45,18 @@ UNIFORM = (8, 6, 5, 4, 3)
 RANDOM_SEEDS = 5
 
 
+def _work_folder() -> str:
+    """Split files for this run, removed when the process exits."""
+    import atexit
+    import shutil
+
+    folder = tempfile.mkdtemp(prefix="msq-bench-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 def prepare(args) -> dict:
     """Model path, calibration and evaluation paths, preprocessing, for a named model."""
-    work = tempfile.mkdtemp(prefix="msq-bench-")
     if args.model == "digits":
         return {"name": "digits-cnn", "model": os.path.join(ROOT, "models", "digits_cnn.onnx"),
                 "calib": os.path.join(ROOT, "models", "digits_calib.npz"),
@@ -54,6 +64,7 @@ def prepare(args) -> dict:
     if args.model in ("efficientnet", "mnist") and not os.path.isdir(args.shared):
         print(f"skipped: shared data folder '{args.shared}' not found (set --shared or MSQ_SHARED)")
         sys.exit(0)
+    work = _work_folder()
     if args.model == "efficientnet":
         calib, evaluation = datasets.imagenet_split(args.shared, work)
         return {"name": "efficientnet-lite0", "model": os.path.join(args.shared, "models", "efficientnet-lite0.onnx"),
@@ -69,20 +80,35 @@ def prepare(args) -> dict:
             "eval": args.eval, "pre": pre}
 
 
+def study_setup(description: str):
+    """Shared start of the study scripts: (args, spec, loaded model, calibration samples, evaluator)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="efficientnet", help="efficientnet, mnist or digits")
+    parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"))
+    args = parser.parse_args()
+    args.calib = args.eval = None
+    spec = prepare(args)
+    loaded = load_model(spec["model"])
+    calib = open_samples(spec["calib"], loaded.inputs, spec["pre"])
+    evaluator = Evaluator(loaded, open_samples(spec["eval"], loaded.inputs, spec["pre"], "evaluation"))
+    return args, spec, loaded, calib, evaluator
+
+
 class Evaluator:
     """Decodes the evaluation set once and scores written models on it."""
 
     def __init__(self, loaded, samples, batch: int = 50):
+        size = batch_size_for(loaded, batch)  # a fixed-batch model gets its own size, the last batch padded
         fixed = any(spec.batch_fixed for spec in loaded.inputs)
-        self.batch = 1 if fixed else batch
-        self.feeds = list(samples.batches(self.batch))
+        self.feeds = list(padded_batches(samples, size, fixed))
         self.labels = samples.labels
         self.output = loaded.output_name
 
     def predictions(self, path: str) -> np.ndarray:
         runner = session(path)
-        return np.concatenate([runner.run([self.output], feed)[0].reshape(len(next(iter(feed.values()))), -1)
-                               .argmax(axis=1) for feed in self.feeds])
+        return np.concatenate([runner.run([self.output], feed)[0][:count].reshape(count, -1).argmax(axis=1)
+                               for feed, count in self.feeds])
 
     def top1(self, predicted: np.ndarray) -> float:
         return float((predicted == self.labels).mean() * 100)

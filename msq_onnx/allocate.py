@@ -24,6 +24,7 @@ import numpy as np
 from .errors import BadOption
 
 ALLOCATORS = ("ilp", "greedy", "sensitivity")
+DEFAULT_BITS = (2, 3, 4, 5, 6, 7, 8)
 # Damage = importance^exponent x error. 1 is the literal product; it lets a few
 # layers with large gains take the budget (EfficientNet-Lite0 at 3.5 bits:
 # 75.5% top-1 against 81.1% at 0.25, the best of 0, 0.25, 0.5 and 1;

@@ -38,7 +38,8 @@ def _float_list(text: str) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .features import DEFAULT_MAX_DIM
+    from .allocate import ALLOCATORS, DEFAULT_BITS, IMPORTANCE_EXPONENT
+    from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
 
     parser = _Parser(
         prog="msq-onnx",
@@ -59,15 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--avg-bits", type=float, metavar="B",
                         help="parameter-weighted average weight bit-width to stay at or under (default: 8, "
                              "i.e. every layer at the widest candidate)")
-    budget.add_argument("--bits", type=_int_list, default=(2, 3, 4, 5, 6, 7, 8), metavar="LIST",
+    budget.add_argument("--bits", type=_int_list, default=DEFAULT_BITS, metavar="LIST",
                         help="candidate weight widths, comma-separated, each 2..8 (default 2,3,4,5,6,7,8)")
-    budget.add_argument("--allocator", choices=("ilp", "greedy", "sensitivity"), default="ilp",
+    budget.add_argument("--allocator", choices=ALLOCATORS, default=ALLOCATORS[0],
                         help="ilp: knapsack of MSQ importance x measured output error (default); greedy: the "
                              "paper's rule, least important layers get fewer bits first; sensitivity: knapsack "
                              "on output damage measured one layer and width at a time (AIMET-style, slow)")
-    budget.add_argument("--importance-exponent", type=float, default=0.25, metavar="E",
-                        help="ilp damage = importance^E x measured output error (default 0.25; 0 ignores "
-                             "importance, 1 is the plain product)")
+    budget.add_argument("--importance-exponent", type=float, default=IMPORTANCE_EXPONENT, metavar="E",
+                        help=f"ilp damage = importance^E x measured output error (default {IMPORTANCE_EXPONENT}; "
+                             "0 ignores importance, 1 is the plain product)")
     budget.add_argument("--max-size", type=float, metavar="BYTES",
                         help="size budget of the model with weights packed at their widths: bytes, or a fraction "
                              "(<= 1) of the input model's size; turned into an average-bits budget")
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--no-clip-search", action="store_true",
                         help="use min-max weight ranges instead of searching each channel's clipping range")
     msq = parser.add_argument_group("MSQ analysis")
-    msq.add_argument("--levels", type=_int_list, default=(1, 2, 4), metavar="LIST",
+    msq.add_argument("--levels", type=_int_list, default=DEFAULT_LEVELS, metavar="LIST",
                      help="pyramid pooling levels (default 1,2,4; 1 alone = single-scale global pooling)")
     msq.add_argument("--max-dim", type=int, default=DEFAULT_MAX_DIM, metavar="N",
                      help=f"cap on each layer's embedding size; wider embeddings are signed-hashed down to it "

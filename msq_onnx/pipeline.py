@@ -27,14 +27,13 @@ from .verify import flips, fused_integer_kernels, optimized_op_counts, predictio
 from .weights import error_table
 from .write import check_output_path, publish, quantize_to_qdq, quantize_weights
 
-DEFAULT_BITS = (2, 3, 4, 5, 6, 7, 8)
 HOLDOUT_FRACTION = 0.2  # of the calibration set, for --max-drop without --eval
 
 
 @dataclass
 class Options:
     avg_bits: float | None = None
-    bits: tuple = DEFAULT_BITS
+    bits: tuple = allocate_stage.DEFAULT_BITS
     allocator: str = "ilp"
     importance_exponent: float = allocate_stage.IMPORTANCE_EXPONENT
     levels: tuple = DEFAULT_LEVELS
