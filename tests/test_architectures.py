@@ -1,0 +1,103 @@
+"""Structures real models have beyond the tiny CNN: unfused BatchNorm, residual adds, SiLU,
+Conv1d, a transformer block on [N, T, C] with LayerNorm, attention (activation x activation
+MatMul) and GELU. Each must convert, keep its layers fused where ORT can, and stay close to FP32.
+"""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from msq_onnx import Options, convert
+
+
+def _init(rng, name, *shape, scale=0.3):
+    return numpy_helper.from_array((rng.normal(0, scale, shape)).astype(np.float32), name)
+
+
+def resnet_block_model(seed=0):
+    rng = np.random.default_rng(seed)
+    inits = [_init(rng, "w1", 8, 3, 3, 3), _init(rng, "w2", 8, 8, 3, 3), _init(rng, "w3", 8, 8, 3, 3),
+             _init(rng, "wf", 5, 8),
+             numpy_helper.from_array(np.ones(8, np.float32), "g"), numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "m"),
+             numpy_helper.from_array(np.full(8, 2.0, np.float32), "v")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="stem"),
+             helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["n1"], name="bn1"),
+             helper.make_node("Sigmoid", ["n1"], ["s1"], name="sig1"),
+             helper.make_node("Mul", ["n1", "s1"], ["a1"], name="silu1"),
+             helper.make_node("MaxPool", ["a1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+             helper.make_node("Conv", ["p1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1], name="conv3"),
+             helper.make_node("Add", ["c3", "p1"], ["res"], name="residual"),
+             helper.make_node("Relu", ["res"], ["r3"], name="relu3"),
+             helper.make_node("GlobalAveragePool", ["r3"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "wf"], ["logits"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "resnet_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                   ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def transformer_model(seed=0, tokens=6, width=16, classes=4):
+    rng = np.random.default_rng(seed)
+    inits = [_init(rng, "wq", width, width), _init(rng, "wk", width, width), _init(rng, "wv", width, width),
+             _init(rng, "w1", width, 32), _init(rng, "w2", 32, width), _init(rng, "conv", width, width, 3),
+             _init(rng, "head", width, classes),
+             numpy_helper.from_array(np.ones(width, np.float32), "ln_g"),
+             numpy_helper.from_array(np.zeros(width, np.float32), "ln_b"),
+             numpy_helper.from_array(np.array([2], np.int64), "time_axis")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "ln_g", "ln_b"], ["ln"], axis=-1, name="ln"),
+             helper.make_node("MatMul", ["ln", "wq"], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["ln", "wk"], ["k"], name="k_proj"),
+             helper.make_node("MatMul", ["ln", "wv"], ["v"], name="v_proj"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="kt"),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="attention_scores"),  # activation x activation
+             helper.make_node("Softmax", ["scores"], ["attn"], axis=-1, name="softmax"),
+             helper.make_node("MatMul", ["attn", "v"], ["ctx"], name="attention_mix"),
+             helper.make_node("Add", ["ctx", "x"], ["h"], name="residual"),
+             helper.make_node("MatMul", ["h", "w1"], ["f1"], name="ffn_up"),
+             helper.make_node("Gelu", ["f1"], ["g1"], name="gelu"),
+             helper.make_node("MatMul", ["g1", "w2"], ["f2"], name="ffn_down"),
+             helper.make_node("Transpose", ["f2"], ["ncl"], perm=[0, 2, 1], name="to_ncl"),
+             helper.make_node("Conv", ["ncl", "conv"], ["c1d"], pads=[1, 1], name="conv1d"),
+             helper.make_node("ReduceMean", ["c1d", "time_axis"], ["pooled"], keepdims=0, name="pool_time"),
+             helper.make_node("MatMul", ["pooled", "head"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "transformer", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                  ["N", tokens, width])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)  # Gelu: 20
+
+
+def _convert_and_compare(tmp_path, model, shape, avg_bits=6):
+    onnx.checker.check_model(model)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    x = np.random.default_rng(1).normal(size=(48, *shape)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)  # no labels: the FP32 top-1 serves
+    result = convert(str(path), str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(avg_bits=avg_bits, quiet=True, eval_path=str(tmp_path / "calib.npz")))
+    fp32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    quant = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    relative = np.sqrt(((fp32 - quant) ** 2).mean() / (fp32 ** 2).mean())
+    return result.report, relative
+
+
+def test_resnet_block_with_batchnorm_silu_and_residual(tmp_path):
+    report, relative = _convert_and_compare(tmp_path, resnet_block_model(), (3, 16, 16))
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert set(layers) == {"stem", "conv2", "conv3", "fc"}
+    assert report["fused_integer_kernels"] == 4
+    assert relative < 0.1 and report["agreement"] >= 85
+
+
+def test_transformer_block_on_tokens(tmp_path):
+    report, relative = _convert_and_compare(tmp_path, transformer_model(), (6, 16))
+    names = [layer["name"] for layer in report["layers"]]
+    # attention's activation x activation MatMuls have no weight to quantize
+    assert names == ["q_proj", "k_proj", "v_proj", "ffn_up", "ffn_down", "conv1d", "head"]
+    assert report["fused_integer_kernels"] >= 6
+    assert relative < 0.15 and report["agreement"] >= 80
