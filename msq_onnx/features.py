@@ -79,8 +79,8 @@ def cap_dimension(pooled: np.ndarray, max_dim: int, seed: int = 0) -> np.ndarray
 
     Hashing keeps inner products (and so the cosine classifier) unbiased. The
     alternative tried first, averaging neighbouring channels, cost wide layers
-    most of their predictor accuracy (EfficientNet-Lite0's 1280-channel head:
-    0.16 with channel groups vs 0.58 hashed).
+    most of their predictor accuracy (EfficientNet-Lite0's 1280-channel head,
+    predictor top-1 in the --report of commit cd4b93e vs now: 0.16 vs 0.54).
     """
     flat = pooled.reshape(pooled.shape[0], -1)
     if flat.shape[1] <= max_dim:
