@@ -33,7 +33,7 @@ from msq_onnx import allocate as alloc  # noqa: E402
 from msq_onnx import sensitivity  # noqa: E402
 from msq_onnx.pipeline import Analysis, Options, _Timer, analyse  # noqa: E402
 from msq_onnx.data import Preprocess, open_samples  # noqa: E402
-from msq_onnx.instrument import batch_size_for, padded_batches  # noqa: E402
+from msq_onnx.instrument import padded_batches  # noqa: E402
 from msq_onnx.load import load_model  # noqa: E402
 from msq_onnx.report import plot_accuracy_vs_size  # noqa: E402
 from msq_onnx.verify import session  # noqa: E402
@@ -99,9 +99,7 @@ class Evaluator:
     """Decodes the evaluation set once and scores written models on it."""
 
     def __init__(self, loaded, samples, batch: int = 50):
-        size = batch_size_for(loaded, batch)  # a fixed-batch model gets its own size, the last batch padded
-        fixed = any(spec.batch_fixed for spec in loaded.inputs)
-        self.feeds = list(padded_batches(samples, size, fixed))
+        self.feeds = list(padded_batches(samples, loaded, batch))  # a fixed-batch model gets its own size
         self.labels = samples.labels
         self.output = loaded.output_name
 

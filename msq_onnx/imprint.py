@@ -46,10 +46,11 @@ def imprint_labels(labels: np.ndarray | None, fp32_outputs: np.ndarray, seed: in
         values, source = labels, "labels"
     else:
         values, source = fp32_outputs.argmax(axis=1), "fp32-top1"
-    _, counts = np.unique(values, return_counts=True)
-    if np.median(counts[np.searchsorted(np.unique(values), values)]) < MIN_PER_CLASS:
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    if np.median(counts[inverse]) < MIN_PER_CLASS:  # the class size of the typical sample
         values, source = _cluster(fp32_outputs, seed), f"clusters({source})"
-    values = np.unique(values, return_inverse=True)[1]
+        inverse = np.unique(values, return_inverse=True)[1]
+    values = inverse
     return Labels(values=values, source=source, classes=int(values.max()) + 1)
 
 
@@ -93,10 +94,6 @@ def loo_scores(embeddings: np.ndarray, labels: np.ndarray, scale: float = SOFT_S
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     return PredictorScores(top1=float((scores.argmax(axis=1) == labels)[scored].mean()),
                            soft=float(probabilities[rows, labels][scored].mean()))
-
-
-def loo_accuracy(embeddings: np.ndarray, labels: np.ndarray) -> float:
-    return loo_scores(embeddings, labels).top1
 
 
 def layer_scores(bank, input_bank, labels: Labels) -> tuple[dict, PredictorScores]:

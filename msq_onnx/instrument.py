@@ -116,12 +116,10 @@ def build_instrumented(loaded: LoadedModel) -> tuple[onnx.ModelProto, dict]:
     return model, outputs
 
 
-def make_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
     """A CPU session for an in-memory model; one past protobuf's 2 GB goes through a file with external data."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
     if not is_large(model):
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     folder = tempfile.TemporaryDirectory(prefix="msq-session-")
@@ -132,17 +130,14 @@ def make_session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSessi
     return session
 
 
-def batch_size_for(loaded: LoadedModel, requested: int) -> int:
+def padded_batches(samples, loaded: LoadedModel, batch_size: int):
+    """Yield (feed, real_count) at the model's batch size: its own if fixed (the last batch padded), else ours."""
     fixed = [spec.shape[0] for spec in loaded.inputs if spec.batch_fixed]
-    return fixed[0] if fixed else requested
-
-
-def padded_batches(samples, batch_size: int, fixed: bool):
-    """Yield (feed, real_count); a fixed-batch model gets its last batch padded."""
-    for feed in samples.batches(batch_size):
+    size = fixed[0] if fixed else batch_size
+    for feed in samples.batches(size):
         count = len(next(iter(feed.values())))
-        if fixed and count < batch_size:
-            feed = {k: np.concatenate([v] + [v[-1:]] * (batch_size - count)) for k, v in feed.items()}
+        if fixed and count < size:
+            feed = {k: np.concatenate([v] + [v[-1:]] * (size - count)) for k, v in feed.items()}
         yield feed, count
 
 
@@ -186,11 +181,9 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     mean_sum: dict = {}
     sq_sum: dict = {}
     final_outputs = []
-    size = batch_size_for(loaded, batch_size)
-    fixed = any(spec.batch_fixed for spec in loaded.inputs)
     seen = 0
     with progress(samples.count, "calibration pass", quiet) as bar:
-        for feed, count in padded_batches(samples, size, fixed):
+        for feed, count in padded_batches(samples, loaded, batch_size):
             try:
                 result = session.run(None, feed)
             except Exception as exc:

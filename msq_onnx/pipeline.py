@@ -172,7 +172,7 @@ def budget_bits(loaded, options: Options, params: dict) -> float | None:
     if options.max_size is not None:
         total = sum(params.values())
         limit = options.max_size * loaded.size_bytes if options.max_size <= 1.0 else options.max_size
-        rest = loaded.size_bytes - 4 * total  # everything but the layer weights keeps its size
+        rest = _unweighted_bytes(loaded, params)
         bits = (limit - rest) * 8.0 / total
         if bits < min(options.bits):
             smallest = rest + total * min(options.bits) / 8.0
@@ -184,8 +184,12 @@ def budget_bits(loaded, options: Options, params: dict) -> float | None:
 
 def packed_size(loaded, bits: dict, params: dict) -> int:
     """Bytes of the model with each layer's weights packed at its width (what a k-bit container stores)."""
-    total = sum(params.values())
-    return int(round(loaded.size_bytes - 4 * total + sum(params[n] * bits[n] for n in bits) / 8.0))
+    return int(round(_unweighted_bytes(loaded, params) + sum(params[n] * bits[n] for n in bits) / 8.0))
+
+
+def _unweighted_bytes(loaded, params: dict) -> int:
+    """Everything but the layers' FP32 weights, which keeps its size when quantized."""
+    return loaded.size_bytes - 4 * sum(params.values())
 
 
 def convert(model_path: str, output_path: str, calib_path: str, options: Options | None = None) -> Result:

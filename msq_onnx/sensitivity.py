@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .instrument import batch_size_for, make_session, padded_batches, progress
+from .instrument import make_session, padded_batches, progress
 from .load import LoadedModel
 from .weights import quantize_layer
 
@@ -36,10 +36,8 @@ def _with_weight_inputs(loaded: LoadedModel, layer) -> onnx.ModelProto:
 
 
 def _feeds(loaded: LoadedModel, samples, count: int, batch_size: int) -> list[tuple[dict, int]]:
-    size = batch_size_for(loaded, batch_size)
-    fixed = any(spec.batch_fixed for spec in loaded.inputs)
     feeds, total = [], 0
-    for feed, real in padded_batches(samples, size, fixed):
+    for feed, real in padded_batches(samples, loaded, batch_size):
         feeds.append((feed, real))
         total += real
         if total >= count:

@@ -15,17 +15,15 @@ import onnx
 import onnxruntime as ort
 
 from .errors import BadData
-from .instrument import batch_size_for, padded_batches, progress
+from .instrument import padded_batches, progress
 
 FUSED_INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger",
                      "MatMulInteger", "QLinearConvTranspose", "DynamicQuantizeMatMul")
 
 
-def session(path: str, optimized_path: str | None = None, threads: int = 0) -> ort.InferenceSession:
+def session(path: str, optimized_path: str | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
     if optimized_path:
         options.optimized_model_filepath = optimized_path
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -48,11 +46,9 @@ def predictions(path: str, loaded, samples, batch_size: int, quiet: bool, descri
     """Top-1 class of each sample (argmax over the flattened class-score output)."""
     runner = session(path)
     output = loaded.output_name
-    size = batch_size_for(loaded, batch_size)
-    fixed = any(spec.batch_fixed for spec in loaded.inputs)
     chunks = []
     with progress(samples.count, description, quiet) as bar:
-        for feed, count in padded_batches(samples, size, fixed):
+        for feed, count in padded_batches(samples, loaded, batch_size):
             try:
                 result = runner.run([output], feed)[0][:count]
             except Exception as exc:
@@ -70,8 +66,7 @@ def predictions(path: str, loaded, samples, batch_size: int, quiet: bool, descri
 def smoke_check(path: str, loaded, samples, batch_size: int) -> None:
     """The written model loads with full optimizations and gives finite outputs."""
     runner = session(path)
-    fixed = any(spec.batch_fixed for spec in loaded.inputs)
-    feed, _ = next(padded_batches(samples, batch_size_for(loaded, batch_size), fixed))
+    feed, _ = next(padded_batches(samples, loaded, batch_size))
     for output in runner.run(None, feed):
         if np.issubdtype(output.dtype, np.floating) and not np.isfinite(output).all():
             raise RuntimeError("the quantized model produced NaN or Inf on calibration data")
