@@ -129,7 +129,14 @@ def options_from(args):
                    bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search)
 
 
-def _raise_on_sigterm(signum, frame):
+_interrupted = False
+
+
+def _interrupt(signum, frame):
+    # Remember it: an interrupt that lands inside a C extension's import (numpy,
+    # onnxruntime) surfaces as an ImportError rather than KeyboardInterrupt.
+    global _interrupted
+    _interrupted = True
     raise KeyboardInterrupt
 
 
@@ -146,7 +153,8 @@ def _human_summary(report: dict) -> str:
 def main(argv=None) -> int:
     # SIGTERM unwinds like Ctrl-C so temporary files are removed; the output
     # is only ever replaced by an atomic rename, so it is never half-written.
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:
@@ -180,6 +188,10 @@ def main(argv=None) -> int:
         print("msq-onnx: error: out of memory; lower --batch-size or --max-dim", file=sys.stderr)
         return EXIT_INTERNAL
     except Exception as error:  # an internal error still gets one line; MSQ_DEBUG=1 shows the traceback
+        if _interrupted:
+            print("msq-onnx: interrupted; no output was written (an existing output is left as it was)",
+                  file=sys.stderr)
+            return 130
         if os.environ.get("MSQ_DEBUG"):
             raise
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""

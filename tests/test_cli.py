@@ -108,3 +108,31 @@ def test_bad_options_fail_before_anything_is_written(tmp_path, options):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("msq-onnx: error:")
     assert os.listdir(tmp_path) == []
+
+
+def test_interrupt_inside_an_import_still_exits_as_interrupted(monkeypatch, tmp_path, capsys):
+    """SIGTERM landing in a C extension's import surfaces as ImportError: still exit 130, one line."""
+    import signal
+
+    import msq_onnx.pipeline
+    from msq_onnx import cli
+
+    def interrupted_import(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 1) if hasattr(signal, "sigtimedwait") else None
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+        raise AssertionError("the signal handler did not run")
+
+    monkeypatch.setattr(msq_onnx.pipeline, "convert", interrupted_import)
+    monkeypatch.setattr(cli, "_interrupted", False)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = cli.main([BUNDLED_MODEL, str(tmp_path / "out.onnx"), "--calib", BUNDLED_CALIB])
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    err = capsys.readouterr().err
+    assert code == 130 and err.startswith("msq-onnx: interrupted") and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []
