@@ -13,7 +13,7 @@ import signal
 import sys
 import warnings
 
-from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, MsqError
+from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, MsqError, one_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -194,8 +194,7 @@ def main(argv=None) -> int:
             return 130
         if os.environ.get("MSQ_DEBUG"):
             raise
-        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        print(f"msq-onnx: internal error: {type(error).__name__}: {first} (rerun with MSQ_DEBUG=1 for the "
+        print(f"msq-onnx: internal error: {type(error).__name__}: {one_line(error)} (rerun with MSQ_DEBUG=1 for the "
               "traceback and report it)", file=sys.stderr)
         return EXIT_INTERNAL
 

@@ -11,6 +11,12 @@ EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (checker and ORT messages span several), or its type if empty."""
+    text = " ".join(str(exc).split())
+    return text[:limit] if text else type(exc).__name__
+
+
 class MsqError(Exception):
     """A problem the user can fix; the message names it and what to do."""
 

@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from .errors import BadData, BadModel, one_line
 from .features import FeatureBank
 from .load import Layer, LoadedModel, is_large, save_model_file
 
@@ -168,9 +169,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     try:
         session = make_session(model)
     except Exception as exc:
-        from .errors import BadModel
-
-        raise BadModel(f"ONNX Runtime {ort.__version__} cannot load the model ({' '.join(str(exc).split())[:300]}); "
+        raise BadModel(f"ONNX Runtime {ort.__version__} cannot load the model ({one_line(exc)}); "
                        "re-export it with standard ONNX ops.") from None
     names = [o.name for o in session.get_outputs()]
     position = {name: i for i, name in enumerate(names)}
@@ -187,15 +186,10 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             try:
                 result = session.run(None, feed)
             except Exception as exc:
-                from .errors import BadData
-
-                first = str(exc).strip().splitlines()[0][:300]
-                raise BadData(f"the model cannot run on the calibration data ({first}); check the data's "
+                raise BadData(f"the model cannot run on the calibration data ({one_line(exc)}); check the data's "
                               "shape, dtype and preprocessing against the model's input.") from None
             final = result[position[loaded.output_name]]
             if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final[:count]).all():
-                from .errors import BadData
-
                 raise BadData("the FP32 model produces NaN or Inf on the calibration data; check the samples' "
                               "scale and preprocessing (--mean, --std).")
             for tensor, (lo, hi) in outputs["range"].items():

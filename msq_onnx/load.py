@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, version_converter
 
-from .errors import BadModel
+from .errors import BadModel, one_line
 
 # Written opset: the first with int4/uint4 Q/DQ and per-axis DQ everywhere, and
 # one that ONNX Runtime 1.31 (<= 26) loads. Newer models keep their own opset.
@@ -164,12 +164,6 @@ def _tensor_nbytes(tensor) -> int | None:
     return math.prod(tensor.dims) * itemsize
 
 
-def _first_sentence(exc: Exception) -> str:
-    """An exception's message on one line (checker messages span several)."""
-    text = " ".join(str(exc).split())
-    return text[:300] if text else type(exc).__name__
-
-
 def read_model(path: str) -> tuple[onnx.ModelProto, int, bool]:
     """Parse and check the file without trusting it; never writes to it.
 
@@ -196,7 +190,7 @@ def read_model(path: str) -> tuple[onnx.ModelProto, int, bool]:
         else:
             onnx.checker.check_model(model)
     except Exception as exc:
-        raise BadModel(f"'{path}' fails the ONNX checker: {_first_sentence(exc).rstrip('.')}; "
+        raise BadModel(f"'{path}' fails the ONNX checker: {one_line(exc).rstrip('.')}; "
                        "re-export the model.") from None
     size = _model_size(path, model)
     external = any(True for _ in _external_tensors(model))
@@ -204,7 +198,7 @@ def read_model(path: str) -> tuple[onnx.ModelProto, int, bool]:
         try:
             onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
         except Exception as exc:
-            raise BadModel(f"'{path}': cannot read its external data ({_first_sentence(exc)}); copy the "
+            raise BadModel(f"'{path}': cannot read its external data ({one_line(exc)}); copy the "
                            "complete data file(s) beside the model.") from None
         for tensor in model.graph.initializer:  # onnx reads to the end of the file when no length is given
             needed = _tensor_nbytes(tensor)

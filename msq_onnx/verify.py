@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import BadData
+from .errors import BadData, one_line
 from .instrument import padded_batches, progress
 
 FUSED_INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger",
@@ -52,8 +52,7 @@ def predictions(path: str, loaded, samples, batch_size: int, quiet: bool, descri
             try:
                 result = runner.run([output], feed)[0][:count]
             except Exception as exc:
-                first = str(exc).strip().splitlines()[0][:300]
-                raise BadData(f"the model cannot run on '{samples.source}' ({first}); check the data's shape "
+                raise BadData(f"the model cannot run on '{samples.source}' ({one_line(exc)}); check the data's shape "
                               "and dtype against the model's input.") from None
             if not np.isfinite(result).all():
                 raise BadData(f"{description}: the model produces NaN or Inf on '{samples.source}'; check the "
