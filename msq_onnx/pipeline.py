@@ -249,13 +249,8 @@ def convert(model_path: str, output_path: str, calib_path: str, options: Options
 
     report = build_report(model_path, output_path, loaded, options, chosen.bits, params, analysis, chosen.measured,
                           op_counts, fused_integer_kernels(op_counts), output_size, timer.seconds,
-                          time.perf_counter() - started)
-    report["size_bytes"]["packed"] = packed_size(loaded, chosen.bits, params)
-    for layer in report["layers"]:
-        layer["activation_error"] = float(f"{activation_errors[layer['name']]:.6g}")
-        layer["activation_bits"] = 16 if layer["name"] in wide_inputs else 8
-    if search is not None:
-        report["search"] = search
+                          time.perf_counter() - started, packed_bytes=packed_size(loaded, chosen.bits, params),
+                          activation_errors=activation_errors, wide_inputs=wide_inputs, search=search)
     gate = report.get("gate")
     return Result(report=report, gate_passed=None if gate is None else gate["passed"])
 

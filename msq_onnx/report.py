@@ -16,7 +16,8 @@ SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
 
 
 def build_report(model_path, output_path, loaded, options, bits, params, analysis, measured, op_counts, fused,
-                 output_size, timings, total_seconds) -> dict:
+                 output_size, timings, total_seconds, *, packed_bytes, activation_errors, wide_inputs,
+                 search=None) -> dict:
     layers = [{
         "name": layer.name,
         "op_type": layer.op_type,
@@ -27,6 +28,8 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
         "importance": round(analysis.importance[layer.name], 6),
         "upstream": analysis.upstream[layer.name],
         "weight_error": float(f"{analysis.choices[layer.name][bits[layer.name]].error:.6g}"),
+        "activation_error": float(f"{activation_errors[layer.name]:.6g}"),
+        "activation_bits": 16 if layer.name in wide_inputs else 8,
     } for layer in loaded.layers]
     report = {
         "tool": "msq-onnx",
@@ -47,7 +50,7 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
                         "input_score": round(analysis.input_score.soft, 6)},
         "layers": layers,
         "avg_weight_bits": round(average_bits(bits, params), 6),
-        "size_bytes": {"input": int(loaded.size_bytes), "output": int(output_size)},
+        "size_bytes": {"input": int(loaded.size_bytes), "output": int(output_size), "packed": int(packed_bytes)},
         "quantized_layers": len(layers),
         "fused_integer_kernels": int(fused),
         "optimized_ops": dict(sorted(op_counts.items())),
@@ -57,6 +60,8 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
         "agreement": measured.get("agreement") if measured else None,
         "timings_s": dict(timings, total=round(total_seconds, 3)),
     }
+    if search is not None:
+        report["search"] = search
     if options.max_drop is not None and measured is not None:
         report["gate"] = {"max_drop": options.max_drop, "drop": round(measured["drop"], 6),
                           "passed": bool(measured["drop"] <= options.max_drop + 1e-9)}
