@@ -150,11 +150,11 @@ def publish(model_path: str, output_path: str) -> None:
     model = onnx.load(model_path)
     large = is_large(model)
     folder = os.path.dirname(os.path.abspath(output_path))
+    data_name = os.path.basename(output_path) + ".data"  # used only when the model is large
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".msq-", suffix=".onnx.tmp")
     os.close(handle)
     try:
         if large:
-            data_name = os.path.basename(output_path) + ".data"
             # Two renames (data, then model): unlike the single-file case, a kill
             # between them can pair new data with the old model (README: limits).
             onnx.save_model(model, temporary, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -169,7 +169,7 @@ def publish(model_path: str, output_path: str) -> None:
         os.chmod(temporary, _default_mode())  # mkstemp makes 0600; a model is an ordinary file
         os.replace(temporary, output_path)
     except BaseException as exc:
-        for leftover in (temporary, os.path.join(folder, os.path.basename(output_path) + ".data.tmp")):
+        for leftover in (temporary, os.path.join(folder, data_name + ".tmp")):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
         if isinstance(exc, OSError):
