@@ -62,13 +62,8 @@ def _rank(model: onnx.ModelProto, name: str) -> int | None:
     return None
 
 
-def channels_last(layer: Layer) -> bool:
-    """MatMul activations keep features on the last axis; Conv/Gemm on axis 1."""
-    return layer.op_type == "MatMul"
-
-
 def _moment_axes(layer: Layer, rank: int) -> list[int]:
-    channel_axis = rank - 1 if channels_last(layer) else 1
+    channel_axis = rank - 1 if layer.kind.channels_last else 1
     return [a for a in range(rank) if a != channel_axis]
 
 
@@ -207,7 +202,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             if chosen.any():
                 for layer in loaded.layers:
                     probe = result[position[outputs["probe"][layer.name]]]
-                    bank.add(layer.name, probe[pick], channels_last(layer))
+                    bank.add(layer.name, probe[pick], layer.kind.channels_last)
                 input_bank.add("input", feed[loaded.inputs[0].name][pick].astype(np.float32))
                 final_outputs.append(final[pick].reshape(int(chosen.sum()), -1).astype(np.float32))
             del result

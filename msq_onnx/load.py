@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from .errors import BadModel, one_line
+from .ops import REGISTRY, Layer, Skip  # noqa: F401  (Layer is re-exported)
 
 # Written opset: the first with int4/uint4 Q/DQ and per-axis DQ everywhere, and
 # one that ONNX Runtime 1.31 (<= 26) loads. Newer models keep their own opset.
@@ -29,30 +30,6 @@ MIN_OPSET = 7
 _ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh",
                 "Elu", "Selu", "Gelu", "Softplus", "Mish", "PRelu", "BatchNormalization"}
 PROTOBUF_LIMIT = 2 * 1024**3  # a ModelProto past this cannot be serialized in one piece
-
-
-@dataclass
-class Layer:
-    """One weighted op: what the method analyses and the allocator gives bits to."""
-
-    name: str
-    op_type: str
-    weight_name: str
-    input_name: str  # activation input, for range and moment statistics
-    probe_name: str  # tensor the next layer consumes
-    weight_shape: tuple
-    out_axis: int  # per-channel axis of the weight
-    group: int = 1
-    bias_name: str | None = None
-    transposed_weight: bool = False  # Gemm transB=0 / MatMul: weight is [in, out]
-    # How a weight-induced output shift maps onto the bias: Gemm adds beta*C
-    # to alpha*A*B; None where a bias cannot absorb it exactly (MatMul has no
-    # bias, ConvTranspose with stride spreads each tap over several outputs).
-    bias_factor: float | None = 1.0
-
-    @property
-    def params(self) -> int:
-        return int(np.prod(self.weight_shape))
 
 
 @dataclass
@@ -77,6 +54,8 @@ class LoadedModel:
     layers: list[Layer]
     size_bytes: int
     initializers: dict = field(default_factory=dict)
+    # Weighted nodes that are not layers, and why: they stay in float and the report names them.
+    skipped: list = field(default_factory=list)
 
     def weight(self, layer: Layer) -> np.ndarray:
         return numpy_helper.to_array(self.initializers[layer.weight_name])
@@ -318,13 +297,6 @@ def _replace_initializer(graph, inits: dict, name: str, array: np.ndarray) -> No
     inits[name] = tensor
 
 
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def _consumers(graph) -> dict:
     users: dict[str, list] = {}
     for node in graph.node:
@@ -364,47 +336,85 @@ def _probe_of(node, users, inits, graph_outputs) -> str:
     return tensor
 
 
-def find_layers(model: onnx.ModelProto, inits: dict) -> list[Layer]:
+def _bias_add(node, users, inits) -> str | None:
+    """The constant of an Add that directly follows a MatMul: its bias, for bias correction."""
+    nexts = users.get(node.output[0], [])
+    if len(nexts) != 1 or nexts[0].op_type != "Add":
+        return None
+    other = [i for i in nexts[0].input if i != node.output[0]]
+    if len(other) != 1 or other[0] not in inits or len(users.get(other[0], [])) != 1:
+        return None
+    columns = inits[node.input[1]].dims[-1]
+    dims = [d for d in inits[other[0]].dims if d != 1]
+    return other[0] if dims == [columns] and inits[other[0]].data_type == onnx.TensorProto.FLOAT else None
+
+
+def _subgraph_layers(graph) -> list[dict]:
+    """Weighted nodes inside If/Loop/Scan bodies: msq-onnx leaves them in float and says so."""
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for body in bodies:
+                for inner in body.node:
+                    if inner.op_type in REGISTRY:
+                        found.append({"node": inner.name or inner.output[0], "op_type": inner.op_type,
+                                      "reason": f"inside the body of {node.op_type} '{node.name}': subgraphs are "
+                                                "left in float"})
+                found.extend(_subgraph_layers(body))
+    return found
+
+
+def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[dict]]:
+    """The layers (one per weight tensor) and the weighted nodes that cannot be layers, with the reason."""
     graph = model.graph
     users = _consumers(graph)
     outputs = {o.name for o in graph.output}
-    layers = []
+    by_weight: dict[str, Layer] = {}
+    skipped = _subgraph_layers(graph)
+    refused = set()
     for node in graph.node:
-        op = node.op_type
-        if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
-            continue
-        weight_name = node.input[1]
-        if weight_name not in inits:
+        kind = REGISTRY.get(node.op_type)
+        if kind is None or len(node.input) < 2 or node.input[1] not in inits:
             continue  # activation x activation: nothing to give bits to
-        shape = tuple(inits[weight_name].dims)
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
-        group = int(_attr(node, "group", 1))
-        bias_factor = 1.0
-        if op == "Conv":
-            out_axis, transposed = 0, False
-        elif op == "ConvTranspose":
-            if group != 1:
-                continue  # per-channel layout of grouped ConvTranspose is not supported by ORT's QDQ
-            out_axis, transposed, bias_factor = 1, True, None
-        elif op == "Gemm":
-            if _attr(node, "transA", 0):
-                continue
-            trans_b = bool(_attr(node, "transB", 0))
-            out_axis, transposed = (0, False) if trans_b else (1, True)
-            alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-            bias_factor = alpha / beta if beta != 0 else None
-        else:
-            if len(shape) != 2:
-                continue
-            out_axis, transposed, bias_factor = 1, True, None
+        weight_name = node.input[1]
+        if weight_name in refused:
+            skipped.append({"node": node.name, "op_type": node.op_type, "reason": f"shares weight '{weight_name}' "
+                            "with a node that cannot be quantized"})
+            continue
         if inits[weight_name].data_type != onnx.TensorProto.FLOAT:
             raise BadModel(f"layer '{node.name}' has {onnx.TensorProto.DataType.Name(inits[weight_name].data_type)} "
                            "weights; msq-onnx quantizes FP32 models: export the model in float32.")
-        layers.append(Layer(name=node.name, op_type=op, weight_name=weight_name, input_name=node.input[0],
-                            probe_name=_probe_of(node, users, inits, outputs), weight_shape=shape,
-                            out_axis=out_axis, group=group, bias_name=bias, transposed_weight=transposed,
-                            bias_factor=bias_factor))
-    return layers
+        try:
+            fields = kind.describe(node, inits)
+        except Skip as reason:
+            refused.add(weight_name)
+            skipped.append({"node": node.name, "op_type": node.op_type, "reason": str(reason)})
+            if weight_name in by_weight:
+                dropped = by_weight.pop(weight_name)
+                skipped.extend({"node": n, "op_type": dropped.op_type, "reason": f"shares weight '{weight_name}' "
+                                "with a node that cannot be quantized"} for n in dropped.nodes)
+            continue
+        shared = by_weight.get(weight_name)
+        if shared is not None:
+            if shared.op_type != node.op_type or fields.get("out_axis") != shared.out_axis:
+                raise BadModel(f"weight '{weight_name}' is shared by '{shared.name}' ({shared.op_type}) and "
+                               f"'{node.name}' ({node.op_type}) in different layouts; msq-onnx cannot give it one "
+                               "width: export the model with the weight duplicated.")
+            # One width for all users; a bias correction would only fit one of them.
+            shared.nodes += (node.name,)
+            shared.bias_name, shared.bias_factor = None, None
+            continue
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        if node.op_type == "MatMul":
+            bias = _bias_add(node, users, inits)
+            if bias is None:
+                fields["bias_factor"] = None  # MatMul has no bias input to put a correction in
+        by_weight[weight_name] = Layer(name=node.name, op_type=node.op_type, weight_name=weight_name,
+                                       input_name=node.input[0], probe_name=_probe_of(node, users, inits, outputs),
+                                       weight_shape=tuple(inits[weight_name].dims), bias_name=bias,
+                                       output_name=node.output[0], **fields)
+    return list(by_weight.values()), skipped
 
 
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
@@ -425,9 +435,14 @@ def _input_specs(graph, inits) -> list[InputSpec]:
     return specs
 
 
-def _scores_output(model: onnx.ModelProto) -> str:
-    """The class-score output: the first float output of rank >= 2 (converters such as skl2onnx put an
-    int64 label first), else the first output."""
+def task_output(model: onnx.ModelProto, requested: str | None = None) -> str:
+    """The output the task is judged on: --output, else the first float output of rank >= 2 (converters such
+    as skl2onnx put an int64 label first), else the first output."""
+    names = [value.name for value in model.graph.output]
+    if requested is not None:
+        if requested not in names:
+            raise BadModel(f"--output '{requested}' is not an output of the model; its outputs are {names}.")
+        return requested
     for value in model.graph.output:
         tensor_type = value.type.tensor_type
         if tensor_type.elem_type == onnx.TensorProto.FLOAT and len(tensor_type.shape.dim) >= 2:
@@ -435,7 +450,7 @@ def _scores_output(model: onnx.ModelProto) -> str:
     return model.graph.output[0].name
 
 
-def load_model(path: str) -> LoadedModel:
+def load_model(path: str, output: str | None = None) -> LoadedModel:
     """Read, check and normalize; raise BadModel with a one-line reason."""
     model, size, external = read_model(path)
     source_opset = _default_opset(model)
@@ -460,10 +475,10 @@ def load_model(path: str) -> LoadedModel:
     if not model.graph.output:
         raise BadModel(f"'{path}' has no graph outputs, so there is no prediction to calibrate against; "
                        "re-export it with its output tensor(s).")
-    layers = find_layers(model, inits)
+    layers, skipped = find_layers(model, inits)
     if not layers:
         raise BadModel(f"'{path}' has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a "
                        "constant weight); there is nothing to allocate bits to.")
     return LoadedModel(model=model, source_path=path, source_opset=source_opset, opset=_default_opset(model),
-                       inputs=inputs, output_name=_scores_output(model), layers=layers,
-                       size_bytes=size, initializers=inits)
+                       inputs=inputs, output_name=task_output(model, output), layers=layers,
+                       size_bytes=size, initializers=inits, skipped=skipped)

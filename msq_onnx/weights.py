@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .load import Layer
+from .ops import Layer
 
 CLIP_RATIOS = np.array([1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3,
                         0.25, 0.2], dtype=np.float32)
@@ -26,38 +26,16 @@ def levels(bits: int) -> int:
 
 def as_matrix(layer: Layer, weight: np.ndarray) -> np.ndarray:
     """[out, fan_in] view of a layer's weight, rows being per-channel groups."""
-    if layer.op_type == "ConvTranspose":
-        weight = np.swapaxes(weight, 0, 1)
-    elif layer.transposed_weight:
-        weight = weight.T
-    return weight.reshape(weight.shape[0], -1)
+    return layer.kind.matrix(layer, weight)
 
 
 def from_matrix(layer: Layer, matrix: np.ndarray) -> np.ndarray:
-    shape = layer.weight_shape
-    if layer.op_type == "ConvTranspose":
-        return np.swapaxes(matrix.reshape((shape[1], shape[0]) + tuple(shape[2:])), 0, 1)
-    if layer.transposed_weight:
-        return matrix.T.reshape(shape)
-    return matrix.reshape(shape)
+    return layer.kind.from_matrix(layer, matrix)
 
 
 def input_channel_index(layer: Layer) -> np.ndarray:
     """[out, fan_in] index of the input channel each weight multiplies."""
-    shape = layer.weight_shape
-    if layer.op_type in ("Gemm", "MatMul"):
-        out = shape[0] if not layer.transposed_weight else shape[1]
-        fan_in = shape[1] if not layer.transposed_weight else shape[0]
-        return np.broadcast_to(np.arange(fan_in), (out, fan_in))
-    if layer.op_type == "ConvTranspose":
-        out, in_channels = shape[1], shape[0]
-        kernel = int(np.prod(shape[2:]))
-        return np.broadcast_to(np.repeat(np.arange(in_channels), kernel), (out, in_channels * kernel))
-    out, in_per_group = shape[0], shape[1]
-    kernel = int(np.prod(shape[2:]))
-    group_of_out = np.arange(out) // max(1, out // layer.group)
-    within = np.repeat(np.arange(in_per_group), kernel)
-    return group_of_out[:, None] * in_per_group + within[None, :]
+    return layer.kind.input_channel_index(layer)
 
 
 def input_weights(layer: Layer, channel_values: np.ndarray | None) -> np.ndarray:
