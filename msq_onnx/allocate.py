@@ -22,6 +22,7 @@ import sys
 import numpy as np
 
 from .errors import BadOption
+from .ops import FLOAT_BITS
 
 ALLOCATORS = ("ilp", "greedy", "sensitivity")
 DEFAULT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -43,11 +44,17 @@ def check_budget(avg_bits: float | None, candidate_bits) -> None:
                         "no allocation can meet it; raise --avg-bits or add narrower --bits.")
 
 
-def expected_damage(importance: dict, choices: dict, exponent: float = IMPORTANCE_EXPONENT) -> dict:
-    """Per layer and width: (importance / mean importance)^exponent x relative output error."""
+def expected_damage(importance: dict, choices: dict, exponent: float = IMPORTANCE_EXPONENT,
+                    activation: dict | None = None) -> dict:
+    """Per layer and width: (importance / mean importance)^exponent x relative output error.
+
+    The error is the weight's at that width plus what the layer's activation
+    mode costs (the same at every width; it matters against float).
+    """
     mean = float(np.mean(list(importance.values()))) or 1.0
-    return {name: {bits: (importance[name] / mean) ** exponent * choice.error for bits, choice in table.items()}
-            for name, table in choices.items()}
+    activation = activation or {}
+    return {name: {bits: (importance[name] / mean) ** exponent * (choice.error + activation.get(name, 0.0))
+                   for bits, choice in table.items()} for name, table in choices.items()}
 
 
 def activation_errors(layers, ranges: dict, input_sq: dict) -> dict:
@@ -71,9 +78,10 @@ def wide_activations(errors: dict, count: int) -> set:
     return set(ranked[:max(count, 0)])
 
 
-def average_bits(bits: dict, params: dict) -> float:
-    total = sum(params.values())
-    return sum(bits[name] * params[name] for name in bits) / total
+def average_bits(bits: dict, params: dict, fixed: int = 0) -> float:
+    """Parameter-weighted average width; `fixed` parameters that cannot be quantized count at 32 bits."""
+    total = sum(params.values()) + fixed
+    return (sum(bits[name] * params[name] for name in bits) + FLOAT_BITS * fixed) / total
 
 
 @contextlib.contextmanager
@@ -90,8 +98,8 @@ def _stdout_silenced():
         os.close(saved)
 
 
-def allocate_ilp(damage: dict, params: dict, candidate_bits, avg_bits: float) -> dict:
-    """Minimise total damage subject to sum(params * bits) <= avg_bits * sum(params)."""
+def allocate_ilp(damage: dict, params: dict, candidate_bits, avg_bits: float, fixed: int = 0) -> dict:
+    """Minimise total damage subject to sum(params * bits) + 32 * fixed <= avg_bits * (sum(params) + fixed)."""
     from scipy import sparse
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -103,9 +111,14 @@ def allocate_ilp(damage: dict, params: dict, candidate_bits, avg_bits: float) ->
     cost = cost / max(cost.max(), 1e-30)
     one_per_layer = sparse.kron(sparse.identity(n, format="csr"), np.ones((1, k)), format="csr")
     size = np.array([[params[name] * b for b in widths] for name in names], dtype=np.float64).ravel()
-    total = float(sum(params[name] for name in names))
+    total = float(sum(params[name] for name in names) + fixed)
+    limit = avg_bits - FLOAT_BITS * fixed / total
+    lowest = (min(widths) * (total - fixed) + FLOAT_BITS * fixed) / total
+    if lowest > avg_bits + 1e-9:
+        raise BadOption(f"--avg-bits {avg_bits:g} cannot be met: {fixed:,} parameters in nodes that cannot be "
+                        f"quantized count at 32 bits, so the lowest reachable average is {lowest:.2f}.")
     constraints = [LinearConstraint(one_per_layer, 1, 1),
-                   LinearConstraint(size[None, :] / total, -np.inf, avg_bits + 1e-9)]
+                   LinearConstraint(size[None, :] / total, -np.inf, limit + 1e-9)]
     with _stdout_silenced():  # no time limit: a timed-out solve would depend on the machine's speed
         result = milp(cost.ravel(), constraints=constraints, integrality=np.ones(n * k), bounds=Bounds(0, 1))
     if result.status != 0 or result.x is None:
@@ -114,27 +127,32 @@ def allocate_ilp(damage: dict, params: dict, candidate_bits, avg_bits: float) ->
     return {name: widths[c] for name, c in zip(names, choice)}
 
 
-def allocate_greedy(importance: dict, params: dict, candidate_bits, avg_bits: float) -> dict:
+def allocate_greedy(importance: dict, params: dict, candidate_bits, avg_bits: float, fixed: int = 0) -> dict:
     widths = sorted(candidate_bits)
     bits = {name: widths[-1] for name in importance}
     order = sorted(importance, key=lambda name: importance[name])  # stable: ties keep network order
     for name in order:
-        if average_bits(bits, params) <= avg_bits + 1e-9:
+        if average_bits(bits, params, fixed) <= avg_bits + 1e-9:
             break
         bits[name] = widths[0]
-        if average_bits(bits, params) <= avg_bits + 1e-9:
+        if average_bits(bits, params, fixed) <= avg_bits + 1e-9:
             # This layer alone overshot the budget: keep it as wide as still fits.
             bits[name] = next(w for w in reversed(widths)
-                              if average_bits({**bits, name: w}, params) <= avg_bits + 1e-9)
+                              if average_bits({**bits, name: w}, params, fixed) <= avg_bits + 1e-9)
     return bits
 
 
-def allocate(method: str, importance: dict, damage: dict, params: dict, candidate_bits, avg_bits: float | None):
-    check_budget(avg_bits, candidate_bits)
-    if avg_bits is None or avg_bits >= max(candidate_bits):
-        return {name: max(candidate_bits) for name in importance}
+def allocate(method: str, importance: dict, damage: dict, params: dict, candidate_bits, avg_bits: float | None,
+             fixed: int = 0):
+    """Widths per layer; candidate_bits may hold FLOAT_BITS (float), which only the knapsack weighs."""
+    integer_widths = [b for b in candidate_bits if b != FLOAT_BITS]
+    check_budget(avg_bits, integer_widths)
+    if avg_bits is None:
+        return {name: max(integer_widths) for name in importance}
     if method in ("ilp", "sensitivity"):  # the same knapsack; only the damage was measured differently
-        return allocate_ilp(damage, params, candidate_bits, avg_bits)
+        if avg_bits >= max(integer_widths) and not fixed:
+            return {name: max(integer_widths) for name in importance}
+        return allocate_ilp(damage, params, candidate_bits, avg_bits, fixed)
     if method == "greedy":
-        return allocate_greedy(importance, params, candidate_bits, avg_bits)
+        return allocate_greedy(importance, params, integer_widths, avg_bits, fixed)
     raise BadOption(f"unknown allocator '{method}'; choose one of {', '.join(ALLOCATORS)}.")

@@ -52,10 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("output", help="where to write the QDQ model (written atomically)")
     parser.add_argument("--calib", required=True, metavar="PATH",
                         help="calibration samples: ImageFolder folder, folder or CSV with labels.csv "
-                             "(file,label), or .npz file/folder (arrays named after model inputs, optional "
-                             "integer 'labels'). Without labels the FP32 top-1 serves as labels.")
-    parser.add_argument("--eval", metavar="PATH", help="held-out samples (same formats) to measure FP32 and "
-                        "quantized top-1 (or top-1 agreement without labels)")
+                             "(file,label), .npz file/folder (arrays named after model inputs, optional "
+                             "integer 'labels'; per-sample files may differ in sequence length), or text "
+                             "(.tsv/.csv/.jsonl/.txt with --tokenizer). Without labels the FP32 outputs serve.")
+    parser.add_argument("--eval", metavar="PATH", help="held-out samples (same formats) on which every output is "
+                        "compared with FP32 (default: every 5th --calib sample, then not calibrated on)")
+    parser.add_argument("--output", dest="task_output", metavar="NAME",
+                        help="the output the task is judged on when the model has several (default: the first "
+                             "float output of rank >= 2)")
     budget = parser.add_argument_group("bit allocation")
     budget.add_argument("--avg-bits", type=float, metavar="B",
                         help="parameter-weighted average weight bit-width to stay at or under (default: 8, "
@@ -73,9 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="size budget of the model with weights packed at their widths: bytes, or a fraction "
                              "(<= 1) of the input model's size; turned into an average-bits budget")
     budget.add_argument("--max-drop", type=float, metavar="POINTS",
-                        help="accuracy gate: exit 3 if the held-out top-1 drop exceeds POINTS (held-out = --eval, "
-                             "else the last 20%% of --calib, then not used to calibrate). Without --avg-bits or "
-                             "--max-size it also searches for the smallest budget that stays within POINTS")
+                        help="accuracy gate: exit 3 if the task output's held-out top-1 drop exceeds POINTS (without "
+                             "labels: disagreement with FP32 in points). Without --avg-bits or --max-size it also "
+                             "searches for the smallest budget that passes the gates")
+    budget.add_argument("--min-cosine", type=float, metavar="C",
+                        help="accuracy gate: exit 3 if the task output's mean cosine to FP32 on held-out samples "
+                             "is below C (0 < C <= 1); searches like --max-drop")
+    budget.add_argument("--activations", choices=("auto", "static", "dynamic", "weight-only"), default="auto",
+                        help="activation mode of every layer: auto (default) measures each layer and takes the "
+                             "fastest mode whose output error is small; static = uint8 QDQ (fused integer "
+                             "kernels), dynamic = per-batch int8 (MatMul/Gemm), weight-only = float activations")
     budget.add_argument("--act16", type=int, default=0, metavar="N",
                         help="keep the inputs of the N layers with the largest uint8 activation error (ranges "
                              "dominated by outliers) in uint16; those layers lose ORT's fused integer kernel "
@@ -106,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--layout", choices=("auto", "nchw", "nhwc"), default="auto",
                         help="image tensor layout (auto: from the model's input shape)")
     images.add_argument("--interpolation", choices=("bilinear", "bicubic"), default="bilinear")
+    text = parser.add_argument_group("text (for --calib/--eval .tsv, .csv, .jsonl or .txt files)")
+    text.add_argument("--tokenizer", metavar="tokenizer.json", help="a Hugging Face tokenizers file")
+    text.add_argument("--text-column", default="text", help="column (or JSON key) of the text (default text)")
+    text.add_argument("--label-column", default="label",
+                      help="column of the label (default label; strings map to classes in sorted order)")
     out = parser.add_argument_group("output")
     out.add_argument("--report", metavar="FILE.json",
                      help="write the JSON report, plus FILE.md and FILE.layers.png beside it")
@@ -120,10 +136,12 @@ def options_from(args):
 
     preprocess = Preprocess(resize=args.resize, crop=args.crop, mean=args.mean, std=args.std,
                             channel_order=args.channel_order, layout=args.layout,
-                            interpolation=args.interpolation)
+                            interpolation=args.interpolation, tokenizer=args.tokenizer,
+                            text_column=args.text_column, label_column=args.label_column)
     return Options(avg_bits=args.avg_bits, bits=args.bits, allocator=args.allocator,
                    importance_exponent=args.importance_exponent, act16=args.act16, levels=args.levels,
                    max_dim=args.max_dim, eval_path=args.eval, max_drop=args.max_drop, max_size=args.max_size,
+                   min_cosine=args.min_cosine, output=args.task_output, activations=args.activations,
                    preprocess=preprocess,
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,
                    bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search)
@@ -143,10 +161,13 @@ def _interrupt(signum, frame):
 def _human_summary(report: dict) -> str:
     text = (f"wrote {report['output_model']}: {report['quantized_layers']} layers, average "
             f"{report['avg_weight_bits']:.2f} weight bits, {report['fused_integer_kernels']} fused integer kernels")
+    text += " (" + ", ".join(f"{count} {mode}" for mode, count in report["modes"].items()) + ")"
     if report.get("quant_top1") is not None:
         text += f"; top-1 FP32 {report['fp32_top1']:.2f}% -> {report['quant_top1']:.2f}%"
     elif report.get("agreement") is not None:
-        text += f"; top-1 agreement with FP32 {report['agreement']:.2f}%"
+        text += f"; agreement with FP32 {report['agreement']:.2f}%"
+    if report.get("cosine") is not None:
+        text += f"; cosine to FP32 {report['cosine']:.4f}"
     return text
 
 
@@ -171,6 +192,8 @@ def main(argv=None) -> int:
         result = convert(args.input, args.output, args.calib, options_from(args))
         if args.report:
             write_report(result.report, args.report)
+        for warning in result.report["warnings"]:  # even with --quiet: a result we cannot stand behind
+            print(f"msq-onnx: warning: {warning}", file=sys.stderr)
         if args.json:
             print(json.dumps(summary(result.report)))
         elif not args.quiet:

@@ -8,6 +8,11 @@ Formats (the same for --calib and --eval):
   * an .npz file or a folder of .npz files; arrays named after the model's
     inputs (a single-input model also accepts one unnamed array) and an
     optional integer ``labels`` array. Loaded with allow_pickle=False.
+    Sequence inputs may differ in length from file to file: batches are
+    right-padded with 0 to their longest sample;
+  * text for transformer-style models (.tsv, .jsonl, .txt, and .csv given a
+    tokenizer), tokenized with a HF tokenizer.json: see text.py;
+  * in memory, an ONNX Runtime CalibrationDataReader (from_data_reader).
 Images are decoded one batch at a time so memory does not grow with the set.
 """
 
@@ -15,18 +20,20 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BadData
+from .errors import BadData, one_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DEFAULT_LABEL_COLUMN = "label"
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Image preprocessing: resize short side, center crop, (x - mean) / std on 0..255."""
+    """Images: resize short side, center crop, (x - mean) / std on 0..255. Text: tokenizer and columns."""
 
     resize: int | None = None  # short side; None: crop / 0.875, the usual ImageNet ratio
     crop: int | None = None  # None: the model's input height/width
@@ -35,6 +42,9 @@ class Preprocess:
     channel_order: str = "rgb"
     layout: str = "auto"  # nchw, nhwc, or auto from the model's input shape
     interpolation: str = "bilinear"
+    tokenizer: str | None = None  # path to a HF tokenizer.json
+    text_column: str = "text"
+    label_column: str = DEFAULT_LABEL_COLUMN  # a missing default column means unlabelled; any other is an error
 
 
 def _image_layout(shape, layout: str):
@@ -50,6 +60,8 @@ def _image_layout(shape, layout: str):
 
 class SampleSet:
     """An ordered set of samples; yields feed dicts batch by batch."""
+
+    class_names: list[str] | None = None  # label index -> name, when the data named its classes
 
     def __init__(self, count: int, labels: np.ndarray | None, source: str):
         self.count = count
@@ -189,6 +201,146 @@ def _image_folder(path: str) -> tuple[list[str], np.ndarray | None]:
     return files, None
 
 
+def _map_inputs(where: str, names, inputs) -> dict:
+    """Model input name -> data name; a single-input model takes one array of any name."""
+    data_names = [n for n in names if n != "labels"]
+    input_names = [s.name for s in inputs]
+    unknown = [n for n in data_names if n not in input_names]
+    if len(inputs) == 1 and len(data_names) == 1 and unknown:
+        return {input_names[0]: data_names[0]}
+    if unknown:
+        raise BadData(f"{where}: array(s) {unknown} name no model input; the model's inputs are {input_names}.")
+    missing = [n for n in input_names if n not in data_names]
+    if missing:
+        raise BadData(f"{where}: no array for model input(s) {missing}; name one array after each input.")
+    return {n: n for n in input_names}
+
+
+def _fit_shape(spec, array: np.ndarray) -> np.ndarray:
+    # [N,H,W] for a [N,1,H,W] input: the channel axis users leave out.
+    if array.ndim == len(spec.shape) - 1 and len(spec.shape) == 4 and spec.shape[1] == 1:
+        return array[:, None]
+    return array
+
+
+def _check_array(where: str, spec, array: np.ndarray) -> None:
+    """Dtype, rank, fixed dims and values of one input's samples against the model input."""
+    if array.dtype.kind not in "fiub":
+        raise BadData(f"{where}: input '{spec.name}' has dtype {array.dtype}; give numeric samples.")
+    if spec.dtype.kind == "f" and array.dtype.kind not in "fiu":
+        raise BadData(f"{where}: input '{spec.name}' has dtype {array.dtype}, the model takes {spec.dtype}.")
+    if spec.dtype.kind in "iu" and array.dtype.kind == "f" and array.size and (
+            not np.isfinite(array).all() or not (array == np.round(array)).all()):
+        raise BadData(f"{where}: input '{spec.name}' has non-integer values, the model takes {spec.dtype}; "
+                      "give integer samples.")
+    if array.ndim == 0:
+        raise BadData(f"{where}: input '{spec.name}' is a single value; give an array with one entry per "
+                      "sample along its first axis.")
+    shaped = _fit_shape(spec, array)
+    expected = ["N"] + [d if d is not None else "?" for d in spec.shape[1:]]
+    ok = shaped.ndim == len(spec.shape) and all(
+        want is None or want == got for want, got in zip(spec.shape[1:], shaped.shape[1:]))
+    if not ok:
+        raise BadData(f"{where}: input '{spec.name}' has shape {list(array.shape)}, the model takes "
+                      f"{expected}; reshape the samples.")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise BadData(f"{where}: input '{spec.name}' contains NaN or Inf; clean the samples.")
+    if array.size and array.dtype != spec.dtype and spec.dtype.kind in "fiu" and array.dtype.kind in "fiu":
+        info = np.finfo(spec.dtype) if spec.dtype.kind == "f" else np.iinfo(spec.dtype)
+        low, high = array.min(), array.max()
+        if low < info.min or high > info.max:
+            raise BadData(f"{where}: input '{spec.name}' has values in [{low}, {high}], beyond the range of the "
+                          f"model's {spec.dtype} input; rescale the samples.")
+
+
+def _check_sequence_lengths(where: str, inputs, shapes: dict) -> None:
+    """Inputs with a dynamic axis 1 (the sequence axis of ids, masks, ...) must agree on its length.
+
+    Padding each input on its own would pair token i of one input with
+    padding of another, so a mismatch is refused rather than repaired.
+    """
+    lengths = {spec.name: shapes[spec.name][1] for spec in inputs
+               if len(spec.shape) >= 2 and spec.shape[1] is None and len(shapes[spec.name]) >= 2}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"{name} {length}" for name, length in lengths.items())
+        raise BadData(f"{where}: sequence lengths differ between inputs ({described}); pad them to one length.")
+
+
+def _check_feed(where: str, inputs, mapping: dict, get) -> tuple[dict, int]:
+    """Check one group of samples (an .npz file, a reader's feed) and return (arrays fitted to the inputs, count).
+
+    `get(name)` reads the array that `mapping` names for an input.
+    """
+    fitted, count = {}, None
+    for spec in inputs:
+        array = get(mapping[spec.name])
+        _check_array(where, spec, array)
+        if count is not None and len(array) != count:
+            raise BadData(f"{where}: the input arrays hold different numbers of samples; "
+                          "give every input the same first dimension.")
+        count = len(array)
+        fitted[spec.name] = _fit_shape(spec, array)
+    _check_sequence_lengths(where, inputs, {name: array.shape for name, array in fitted.items()})
+    return fitted, count
+
+
+def _sample_count(feed: dict) -> int:
+    return len(next(iter(feed.values())))
+
+
+def pad_and_stack(feeds: list[dict], pad_values: dict | None = None, length: int | None = None) -> dict:
+    """Join feeds {input name: array} along the batch axis, right-padding axis 1 (the sequence axis) to the
+    longest among them, or to `length` if that is longer.
+
+    Padding uses pad_values.get(name, 0); 0 is right for attention masks (padding
+    is masked out), token type ids and the usual [PAD] id. Axes past 1 must agree.
+    """
+    pad_values = pad_values or {}
+    merged = {}
+    for name in feeds[0]:
+        parts = [feed[name] for feed in feeds]
+        if parts[0].ndim < 2:
+            merged[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            continue
+        target = max([part.shape[1] for part in parts] + [length or 0])
+        if all(part.shape[1] == target for part in parts):
+            merged[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            continue
+        out = np.full((sum(len(part) for part in parts), target) + parts[0].shape[2:], pad_values.get(name, 0),
+                      dtype=np.result_type(*parts))
+        row = 0
+        for part in parts:
+            out[row:row + len(part), :part.shape[1]] = part
+            row += len(part)
+        merged[name] = out
+    return merged
+
+
+def _rebatch(feeds, batch_size: int):
+    """Regroup feeds of any sizes into batches of batch_size (the last may be smaller), padded by pad_and_stack.
+
+    A feed whose shape past the sequence axis differs from the pending ones
+    (dynamic-size images, say) starts a new batch: only sequences are padded.
+    """
+    pending, pending_count = [], 0
+    for feed in feeds:
+        if pending and any(feed[k].shape[2:] != pending[0][k].shape[2:] for k in feed):
+            yield pad_and_stack(pending)
+            pending, pending_count = [], 0
+        count = _sample_count(feed)
+        start = 0
+        while start < count:
+            take = min(count - start, batch_size - pending_count)
+            pending.append({k: v[start:start + take] for k, v in feed.items()})
+            pending_count += take
+            start += take
+            if pending_count == batch_size:
+                yield pad_and_stack(pending)
+                pending, pending_count = [], 0
+    if pending:
+        yield pad_and_stack(pending)
+
+
 class ArraySamples(SampleSet):
     """Samples from .npz files, read one file at a time."""
 
@@ -199,18 +351,11 @@ class ArraySamples(SampleSet):
         counts, labels = [], []
         for path in files:
             with self._open(path) as arrays:
-                mapping = self._map_inputs(path, arrays.files)
+                mapping = _map_inputs(path, arrays.files, inputs)
                 if self.mapping is not None and mapping != self.mapping:
                     raise BadData(f"{path}: its arrays are named differently from {files[0]}; use one naming.")
                 self.mapping = mapping
-                count = None
-                for spec in inputs:
-                    array = self._array(path, arrays, mapping[spec.name])
-                    self._check(path, spec, array)
-                    if count is not None and len(array) != count:
-                        raise BadData(f"{path}: the input arrays hold different numbers of samples; "
-                                      "give every input the same first dimension.")
-                    count = len(array)
+                _, count = _check_feed(path, inputs, mapping, lambda name: self._array(path, arrays, name))
                 if "labels" in arrays.files:
                     labels.append(self._labels(path, self._array(path, arrays, "labels"), count))
             counts.append(count)
@@ -263,63 +408,18 @@ class ArraySamples(SampleSet):
                           "0, 1, 2, ...")
         return file_labels.astype(np.int64)
 
-    def _map_inputs(self, path: str, names) -> dict:
-        data_names = [n for n in names if n != "labels"]
-        input_names = [s.name for s in self.inputs]
-        unknown = [n for n in data_names if n not in input_names]
-        if len(self.inputs) == 1 and len(data_names) == 1 and unknown:
-            return {input_names[0]: data_names[0]}
-        if unknown:
-            raise BadData(f"{path}: array(s) {unknown} name no model input; the model's inputs are {input_names}.")
-        missing = [n for n in input_names if n not in data_names]
-        if missing:
-            raise BadData(f"{path}: no array for model input(s) {missing}; name one array after each input.")
-        return {n: n for n in input_names}
-
-    @staticmethod
-    def _fit_shape(spec, array: np.ndarray) -> np.ndarray:
-        # [N,H,W] for a [N,1,H,W] input: the channel axis users leave out.
-        if array.ndim == len(spec.shape) - 1 and len(spec.shape) == 4 and spec.shape[1] == 1:
-            return array[:, None]
-        return array
-
-    def _check(self, path: str, spec, array: np.ndarray) -> None:
-        if array.dtype.kind not in "fiub":
-            raise BadData(f"{path}: input '{spec.name}' has dtype {array.dtype}; give numeric samples.")
-        if spec.dtype.kind == "f" and array.dtype.kind not in "fiu":
-            raise BadData(f"{path}: input '{spec.name}' has dtype {array.dtype}, the model takes {spec.dtype}.")
-        if spec.dtype.kind in "iu" and array.dtype.kind == "f" and array.size and (
-                not np.isfinite(array).all() or not (array == np.round(array)).all()):
-            raise BadData(f"{path}: input '{spec.name}' has non-integer values, the model takes {spec.dtype}; "
-                          "give integer samples.")
-        if array.ndim == 0:
-            raise BadData(f"{path}: input '{spec.name}' is a single value; give an array with one entry per "
-                          "sample along its first axis.")
-        shaped = self._fit_shape(spec, array)
-        expected = ["N"] + [d if d is not None else "?" for d in spec.shape[1:]]
-        ok = shaped.ndim == len(spec.shape) and all(
-            want is None or want == got for want, got in zip(spec.shape[1:], shaped.shape[1:]))
-        if not ok:
-            raise BadData(f"{path}: input '{spec.name}' has shape {list(array.shape)}, the model takes "
-                          f"{expected}; reshape the samples.")
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise BadData(f"{path}: input '{spec.name}' contains NaN or Inf; clean the samples.")
-        if array.size and array.dtype != spec.dtype and spec.dtype.kind in "fiu" and array.dtype.kind in "fiu":
-            info = np.finfo(spec.dtype) if spec.dtype.kind == "f" else np.iinfo(spec.dtype)
-            low, high = array.min(), array.max()
-            if low < info.min or high > info.max:
-                raise BadData(f"{path}: input '{spec.name}' has values in [{low}, {high}], beyond the range of the "
-                              f"model's {spec.dtype} input; rescale the samples.")
-
-    def batches(self, batch_size: int):
+    def _chunks(self, batch_size: int):
         for path in self.files:
             with self._open(path) as arrays:
-                columns = {spec.name: self._fit_shape(spec, self._array(path, arrays, self.mapping[spec.name]))
+                columns = {spec.name: _fit_shape(spec, self._array(path, arrays, self.mapping[spec.name]))
                            for spec in self.inputs}
-            count = len(next(iter(columns.values())))
-            for start in range(0, count, batch_size):
+            for start in range(0, _sample_count(columns), batch_size):
                 yield {spec.name: np.ascontiguousarray(columns[spec.name][start:start + batch_size], dtype=spec.dtype)
                        for spec in self.inputs}
+
+    def batches(self, batch_size: int):
+        # Batches span files: a folder of one-sample files still runs batch_size samples at a time.
+        return _rebatch(self._chunks(batch_size), batch_size)
 
 
 def open_samples(path: str, inputs, preprocess: Preprocess, role: str = "calibration") -> SampleSet:
@@ -331,22 +431,30 @@ def open_samples(path: str, inputs, preprocess: Preprocess, role: str = "calibra
     return samples
 
 
+_FORMATS = "a folder of images, a labels.csv, .npz, or text (.tsv, .jsonl, .txt; .csv with --tokenizer)"
+
+
 def _open_samples(path: str, inputs, preprocess: Preprocess, role: str) -> SampleSet:
     if not path or not os.path.exists(path):
-        raise BadData(f"{role} data '{path}' does not exist; give a folder of images, a labels.csv or .npz.")
+        raise BadData(f"{role} data '{path}' does not exist; give {_FORMATS}.")
     if not os.path.isfile(path) and not os.path.isdir(path):
-        raise BadData(f"{role} data '{path}' is neither a regular file nor a folder; give a folder of images, "
-                      "a labels.csv or .npz.")
+        raise BadData(f"{role} data '{path}' is neither a regular file nor a folder; give {_FORMATS}.")
     if os.path.isfile(path):
-        if path.lower().endswith(".npz"):
+        suffix = os.path.splitext(path.lower())[1]
+        if suffix == ".npz":
             return ArraySamples([path], inputs, path)
-        if path.lower().endswith(".csv"):
-            files, raw = _read_labels_csv(path)
-            return _image_set(files, _parse_int_labels(raw, path), path, inputs, preprocess, role)
-        if path.lower().endswith(".npy"):
+        if suffix == ".npy":
             raise BadData(f"{role} data '{path}' is a single .npy array; save it as .npz with "
                           "numpy.savez(path, <input name>=array, labels=...) and pass that.")
-        raise BadData(f"{role} data '{path}' is a file but not .npz or .csv; give a folder, a labels CSV or .npz.")
+        # A .csv is an image list unless a tokenizer says the data is text.
+        if preprocess.tokenizer or suffix in (".tsv", ".jsonl", ".txt"):
+            from .text import TextSamples  # imports tokenizers only for text data
+
+            return TextSamples(path, inputs, preprocess, role)
+        if suffix == ".csv":
+            files, raw = _read_labels_csv(path)
+            return _image_set(files, _parse_int_labels(raw, path), path, inputs, preprocess, role)
+        raise BadData(f"{role} data '{path}' is a file but not .npz, .csv or text; give {_FORMATS}.")
     npz_files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(".npz"))
     if npz_files:
         return ArraySamples(npz_files, inputs, path)
@@ -362,6 +470,52 @@ def _image_set(files, labels, path, inputs, preprocess, role) -> ImageSamples:
         raise BadData(f"the model has {len(inputs)} inputs; images feed only single-input models: use .npz "
                       "with one array per input.")
     return ImageSamples(files, labels, path, inputs[0], preprocess)
+
+
+class _FeedSamples(SampleSet):
+    """Validated feeds held in memory."""
+
+    def __init__(self, feeds: list[dict], source: str):
+        super().__init__(sum(_sample_count(feed) for feed in feeds), None, source)
+        self.feeds = feeds
+
+    def batches(self, batch_size: int):
+        return _rebatch(self.feeds, batch_size)
+
+
+def from_data_reader(reader, inputs, source: str = "CalibrationDataReader") -> SampleSet:
+    """Read an onnxruntime.quantization.CalibrationDataReader (any object whose get_next() returns a feed dict,
+    then None) to its end into memory, each feed checked like an .npz file's arrays; no labels."""
+    if not callable(getattr(reader, "get_next", None)):
+        raise BadData(f"{source}: {type(reader).__name__} has no get_next(); give an "
+                      "onnxruntime.quantization.CalibrationDataReader.")
+    feeds, number = [], 0
+    while True:
+        number += 1
+        where = f"{source} feed {number}"
+        try:
+            feed = reader.get_next()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise BadData(f"{where}: get_next() raised {type(exc).__name__} ({one_line(exc)}); fix the reader.") \
+                from None
+        if feed is None:
+            break
+        if not isinstance(feed, Mapping):
+            raise BadData(f"{where} is a {type(feed).__name__}, not a dict of model input name -> array; "
+                          "return such a dict from get_next().")
+        try:
+            arrays = {name: np.asarray(value) for name, value in feed.items()}
+        except ValueError as exc:  # ragged nested lists
+            raise BadData(f"{where}: cannot make arrays of its values ({one_line(exc)}); give numpy arrays.") \
+                from None
+        fitted, count = _check_feed(where, inputs, _map_inputs(where, arrays, inputs), arrays.__getitem__)
+        if count:
+            feeds.append({spec.name: np.ascontiguousarray(fitted[spec.name], dtype=spec.dtype) for spec in inputs})
+    if not feeds:
+        raise BadData(f"{source} gave no samples before get_next() returned None; give at least one feed.")
+    return _FeedSamples(feeds, source)
 
 
 def check_labels(samples: SampleSet, num_classes: int | None, role: str) -> None:
@@ -384,23 +538,19 @@ class _Subset(SampleSet):
         labels = parent.labels[mask] if parent.labels is not None else None
         super().__init__(int(mask.sum()), labels, f"{parent.source} [{role} samples]")
         self.parent, self.mask = parent, mask
+        self.class_names = parent.class_names
 
-    def batches(self, batch_size: int):
-        offset, pending, pending_count = 0, [], 0
+    def _chosen(self, batch_size: int):
+        offset = 0
         for feed in self.parent.batches(batch_size):
-            count = len(next(iter(feed.values())))
+            count = _sample_count(feed)
             chosen = self.mask[offset:offset + count]
             offset += count
             if chosen.any():
-                pending.append({k: v[chosen] for k, v in feed.items()})
-                pending_count += int(chosen.sum())
-            while pending_count >= batch_size:
-                merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-                yield {k: v[:batch_size] for k, v in merged.items()}
-                pending = [{k: v[batch_size:] for k, v in merged.items()}]
-                pending_count -= batch_size
-        if pending_count:
-            yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                yield {k: v[chosen] for k, v in feed.items()}
+
+    def batches(self, batch_size: int):
+        return _rebatch(self._chosen(batch_size), batch_size)
 
 
 def split_holdout(samples: SampleSet, fraction: float) -> tuple[SampleSet, SampleSet]:

@@ -57,6 +57,12 @@ class LoadedModel:
     # Weighted nodes that are not layers, and why: they stay in float and the report names them.
     skipped: list = field(default_factory=list)
 
+    @property
+    def float_params(self) -> int:
+        """Parameters of the weighted nodes that cannot be quantized: they count at 32 bits in every budget."""
+        weights = {s["weight"] for s in self.skipped if s.get("weight") in self.initializers}
+        return sum(math.prod(self.initializers[w].dims) for w in weights)
+
     def weight(self, layer: Layer) -> np.ndarray:
         return numpy_helper.to_array(self.initializers[layer.weight_name])
 
@@ -389,7 +395,7 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
             fields = kind.describe(node, inits)
         except Skip as reason:
             refused.add(weight_name)
-            skipped.append({"node": node.name, "op_type": node.op_type, "reason": str(reason)})
+            skipped.append({"node": node.name, "op_type": node.op_type, "reason": str(reason), "weight": weight_name})
             if weight_name in by_weight:
                 dropped = by_weight.pop(weight_name)
                 skipped.extend({"node": n, "op_type": dropped.op_type, "reason": f"shares weight '{weight_name}' "

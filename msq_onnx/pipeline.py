@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import allocate as allocate_stage
+from . import fidelity
+from . import modes as mode_stage
 from .data import Preprocess, check_labels, open_samples, split_holdout
 from .errors import BadOption, GateFailed
 from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
@@ -23,11 +25,14 @@ from .importance import importance as layer_importance
 from .importance import upstream_layers
 from .instrument import run_pass
 from .load import load_model, save_model_file
-from .verify import flips, fused_integer_kernels, optimized_op_counts, predictions, smoke_check, top1
+from .ops import FLOAT, FLOAT_BITS, MODES
+from .verify import fused_integer_kernels, optimized_op_counts, smoke_check
 from .weights import error_table
 from .write import check_output_path, publish, quantize_to_qdq, quantize_weights
 
-HOLDOUT_FRACTION = 0.2  # of the calibration set, for --max-drop without --eval
+HOLDOUT_FRACTION = 0.2  # of the calibration set held out (every 5th sample) when there is no --eval
+MIN_SPLIT = 10  # fewer calibration samples than this are not split: fidelity is then measured on them
+ACTIVATION_CHOICES = ("auto",) + tuple(m for m in MODES if m != FLOAT)
 
 
 @dataclass
@@ -41,6 +46,10 @@ class Options:
     eval_path: str | None = None
     max_drop: float | None = None
     max_size: float | None = None  # bytes, or a fraction (<= 1) of the input model's size
+    min_cosine: float | None = None  # gate on the task output's mean cosine to FP32
+    output: str | None = None  # the task output; None: the first float output of rank >= 2
+    activations: str = "auto"  # per-layer mode from measured damage, or one mode for every layer
+    mode_tolerance: float = mode_stage.TOLERANCE
     act16: int = 0  # inputs of this many layers (largest uint8 error) kept in uint16
     preprocess: Preprocess = field(default_factory=Preprocess)
     batch_size: int = 1
@@ -70,6 +79,7 @@ class _Timer:
 
 
 def _num_classes(loaded) -> int | None:
+    """Outputs per sample of the task output, when fixed: the class count labels are checked against."""
     value = next(v for v in loaded.model.graph.output if v.name == loaded.output_name)
     dims = value.type.tensor_type.shape.dim
     if len(dims) >= 2 and all(d.HasField("dim_value") for d in dims[1:]):
@@ -100,6 +110,10 @@ def check_options(options: Options) -> None:
         raise BadOption("--max-size must be positive: bytes, or a fraction (<= 1) of the input model's size.")
     if options.max_drop is not None and options.max_drop < 0:
         raise BadOption("--max-drop must be zero or positive (top-1 points).")
+    if options.min_cosine is not None and not (0.0 < options.min_cosine <= 1.0):
+        raise BadOption(f"--min-cosine {options.min_cosine} is outside (0, 1]; give a cosine such as 0.99.")
+    if options.activations not in ACTIVATION_CHOICES:
+        raise BadOption(f"--activations {options.activations!r} is not one of {', '.join(ACTIVATION_CHOICES)}.")
 
 
 @dataclass
@@ -113,6 +127,7 @@ class Analysis:
     upstream: dict  # layer -> nearest upstream layers
     importance: dict  # layer -> soft-score gain over upstream
     choices: dict  # layer -> {bits: weights.WidthChoice}
+    modes: dict  # layer -> modes.ModeChoice: its activation mode, measured
 
 
 def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
@@ -129,7 +144,11 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
     with timer.stage("weight-errors"):
         choices = {layer.name: error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name),
                                            options.bits, options.clip_search) for layer in loaded.layers}
-    return Analysis(stats, labels, scores, input_score, upstream, gains, choices)
+    with timer.stage("activation-modes"):
+        errors = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size, quiet=options.quiet)
+        modes = mode_stage.choose(loaded, errors, options.mode_tolerance,
+                                  None if options.activations == "auto" else options.activations)
+    return Analysis(stats, labels, scores, input_score, upstream, gains, choices, modes)
 
 
 @dataclass
@@ -143,27 +162,23 @@ class Candidate:
 
 
 class _HeldOut:
-    """FP32 predictions on the held-out samples, computed once, against which candidates are scored."""
+    """FP32 outputs on the held-out samples, computed once, against which candidates are compared."""
 
     def __init__(self, loaded, samples, options: Options, work_dir: str):
         self.loaded, self.samples, self.options = loaded, samples, options
         fp32_model = os.path.join(work_dir, "fp32.onnx")
         save_model_file(loaded.model, fp32_model)
-        self.fp32 = predictions(fp32_model, loaded, samples, options.batch_size, options.quiet, "FP32 evaluation")
+        self.reference = fidelity.Reference(fp32_model, loaded, samples, options.batch_size, options.quiet)
 
     def measure(self, path: str) -> dict:
-        quant = predictions(path, self.loaded, self.samples, self.options.batch_size, self.options.quiet,
-                            "QDQ evaluation")
-        labels = self.samples.labels
-        result = {"samples": int(self.samples.count), "source": self.samples.source,
-                  "agreement": float((self.fp32 == quant).mean() * 100.0), "flips": flips(self.fp32, quant, labels)}
-        if labels is not None:
-            result["fp32_top1"] = top1(self.fp32, labels)
-            result["quant_top1"] = top1(quant, labels)
-            result["drop"] = result["fp32_top1"] - result["quant_top1"]
-        else:
-            result["drop"] = 100.0 - result["agreement"]
-        return result
+        return fidelity.compare(self.reference, path, self.loaded.output_name, self.samples.labels,
+                                self.options.quiet)
+
+
+def gate_passed(measured: dict, options: Options) -> bool:
+    drop_ok = options.max_drop is None or measured.get("drop") is None or measured["drop"] <= options.max_drop + 1e-9
+    cosine_ok = options.min_cosine is None or measured["cosine"] >= options.min_cosine - 1e-12
+    return drop_ok and cosine_ok
 
 
 def budget_bits(loaded, options: Options, params: dict) -> float | None:
@@ -192,24 +207,41 @@ def _unweighted_bytes(loaded, params: dict) -> int:
     return loaded.size_bytes - 4 * sum(params.values())
 
 
-def convert(model_path: str, output_path: str, calib_path: str, options: Options | None = None) -> Result:
+def _open_calibration(calib, loaded, options: Options):
+    """A path in any supported format, or an onnxruntime CalibrationDataReader (from Python)."""
+    if isinstance(calib, (str, os.PathLike)):
+        return open_samples(os.fspath(calib), loaded.inputs, options.preprocess, "calibration")
+    from .data import from_data_reader
+
+    return from_data_reader(calib, loaded.inputs)
+
+
+def _held_out(calib, loaded, options: Options):
+    """(calibration, held-out) samples: --eval, else every 5th calibration sample (not calibrated on)."""
+    classes = _num_classes(loaded)
+    if options.eval_path:
+        evaluation = open_samples(options.eval_path, loaded.inputs, options.preprocess, "evaluation")
+        check_labels(evaluation, classes, "evaluation")
+    elif calib.count >= MIN_SPLIT or options.max_drop is not None or options.min_cosine is not None:
+        calib, evaluation = split_holdout(calib, HOLDOUT_FRACTION)
+    else:
+        evaluation = calib  # too few to split; the report says these were calibrated on
+    check_labels(calib, classes, "calibration")
+    return calib, evaluation
+
+
+def convert(model_path: str, output_path: str, calib, options: Options | None = None) -> Result:
+    """Quantize model_path into output_path; calib is a sample path or a CalibrationDataReader."""
     options = options or Options()
     timer = _Timer()
     started = time.perf_counter()
     check_options(options)
     check_output_path(model_path, output_path)
     with timer.stage("load"):
-        loaded = load_model(model_path)
-        calib = open_samples(calib_path, loaded.inputs, options.preprocess, "calibration")
-        classes = _num_classes(loaded)
-        evaluation = None
-        if options.eval_path:
-            evaluation = open_samples(options.eval_path, loaded.inputs, options.preprocess, "evaluation")
-            check_labels(evaluation, classes, "evaluation")
-        elif options.max_drop is not None:
-            calib, evaluation = split_holdout(calib, HOLDOUT_FRACTION)
-        check_labels(calib, classes, "calibration")
+        loaded = load_model(model_path, options.output)
+        calib, evaluation = _held_out(_open_calibration(calib, loaded, options), loaded, options)
     params = {layer.name: layer.params for layer in loaded.layers}
+    fixed = loaded.float_params
     budget = budget_bits(loaded, options, params)
     analysis = analyse(loaded, calib, options, timer)
     with timer.stage("allocate"):
@@ -218,58 +250,96 @@ def convert(model_path: str, output_path: str, calib_path: str, options: Options
                                                              analysis.stats.input_sq)
         wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16)
     with tempfile.TemporaryDirectory(prefix="msq-") as work_dir:
-        held_out = _HeldOut(loaded, evaluation, options, work_dir) if evaluation is not None else None
+        held_out = _HeldOut(loaded, evaluation, options, work_dir)
 
         def build(avg_bits: float | None) -> Candidate:
             with timer.stage("allocate"):
-                bits = allocate_stage.allocate(options.allocator, analysis.importance, damage, params, options.bits,
-                                               avg_bits)
+                bits = allocate_stage.allocate(options.allocator, analysis.importance, damage, params,
+                                               candidate_widths(options), avg_bits, fixed)
             with timer.stage("write"):
                 folder = tempfile.mkdtemp(dir=work_dir)
                 quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,
                                              options.bias_correction)
-                path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, folder, wide_inputs)
+                path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, folder, wide_inputs,
+                                       layer_modes(analysis, bits))
             with timer.stage("verify"):
-                return Candidate(bits, allocate_stage.average_bits(bits, params), path,
-                                 held_out.measure(path) if held_out else None)
+                return Candidate(bits, allocate_stage.average_bits(bits, params, fixed), path,
+                                 held_out.measure(path))
 
         search = None
-        if options.max_drop is not None and budget is None:
+        if (options.max_drop is not None or options.min_cosine is not None) and budget is None:
             chosen, search = search_budget(build, options)
         else:
             chosen = build(budget)
         with timer.stage("verify"):
             op_counts = optimized_op_counts(chosen.path)
-            if held_out is None:
+            if evaluation is calib:
                 smoke_check(chosen.path, loaded, calib, options.batch_size)
         with timer.stage("write"):
             publish(chosen.path, output_path)
     output_size = os.path.getsize(output_path)
     from .report import build_report
 
+    warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib)
     report = build_report(model_path, output_path, loaded, options, chosen.bits, params, analysis, chosen.measured,
                           op_counts, fused_integer_kernels(op_counts), output_size, timer.seconds,
                           time.perf_counter() - started, packed_bytes=packed_size(loaded, chosen.bits, params),
-                          activation_errors=activation_errors, wide_inputs=wide_inputs, search=search)
+                          activation_errors=activation_errors, wide_inputs=wide_inputs, search=search,
+                          modes=layer_modes(analysis, chosen.bits), warnings=warnings, fixed_params=fixed)
     gate = report.get("gate")
     return Result(report=report, gate_passed=None if gate is None else gate["passed"])
 
 
+def candidate_widths(options: Options) -> tuple:
+    """The integer widths, plus float for the knapsack allocators (the greedy rule only moves between widths)."""
+    return tuple(options.bits) + ((FLOAT_BITS,) if options.allocator != "greedy" else ())
+
+
+def layer_modes(analysis: Analysis, bits: dict) -> dict:
+    return {name: FLOAT if bits[name] == FLOAT_BITS else analysis.modes[name].mode for name in bits}
+
+
+def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, not_held_out: bool) -> list[str]:
+    """What the tool cannot stand behind, said in one line each."""
+    warnings = []
+    if options.max_drop is None and options.min_cosine is None:
+        collapsed = fidelity.collapse_warning(chosen.measured)
+        if collapsed:
+            warnings.append(collapsed)
+    floated = [name for name, bits in chosen.bits.items() if bits == FLOAT_BITS]
+    if floated:
+        warnings.append(f"{len(floated)} layer(s) kept in float by the allocator (counted at 32 bits): "
+                        f"{', '.join(floated[:5])}{' ...' if len(floated) > 5 else ''}")
+    if loaded.skipped:
+        names = [f"{s['node']} ({s['reason']})" for s in loaded.skipped[:3]]
+        warnings.append(f"{len(loaded.skipped)} weighted node(s) left in float: {'; '.join(names)}"
+                        f"{' ...' if len(loaded.skipped) > 3 else ''}")
+    if not_held_out:
+        warnings.append(f"only {chosen.measured['samples']} calibration samples and no --eval: fidelity was measured "
+                        "on the samples calibrated on")
+    return warnings
+
+
 def _damage(loaded, calib, analysis: Analysis, options: Options) -> dict:
+    """Per layer and width, the damage the allocator minimises; float costs none (and 32 bits)."""
     if options.allocator == "sensitivity":
         from . import sensitivity
 
         measured, _ = sensitivity.measure(loaded, calib, analysis.choices, analysis.stats.input_mean, options.bits,
                                           bias_correction=options.bias_correction, quiet=options.quiet)
-        return sensitivity.monotone(measured)
-    return allocate_stage.expected_damage(analysis.importance, analysis.choices, options.importance_exponent)
+        damage = sensitivity.monotone(measured)
+    else:
+        activation = {name: choice.errors.get(choice.mode, 0.0) for name, choice in analysis.modes.items()}
+        damage = allocate_stage.expected_damage(analysis.importance, analysis.choices, options.importance_exponent,
+                                                activation)
+    return {name: {**table, FLOAT_BITS: 0.0} for name, table in damage.items()}
 
 
 SEARCH_STEP = 0.25
 
 
 def search_budget(build, options: Options) -> tuple[Candidate, list]:
-    """Smallest average-bits budget (on a 0.25 grid) whose held-out drop stays within --max-drop.
+    """Smallest average-bits budget (on a 0.25 grid) that passes the gates (--max-drop, --min-cosine).
 
     Binary search: the MSQ allocation orders which layers lose bits at each
     budget, so accuracy falls with the budget and about log2(grid) models are
@@ -281,25 +351,34 @@ def search_budget(build, options: Options) -> tuple[Candidate, list]:
     def probe(index: int) -> Candidate:
         candidate = build(float(grid[index]))
         log.append({"budget": float(grid[index]), "avg_bits": round(candidate.avg_bits, 4),
-                    "drop": round(candidate.measured["drop"], 4)})
+                    "drop": _rounded(candidate.measured.get("drop")), "cosine": candidate.measured["cosine"]})
         return candidate
 
     best = probe(len(grid) - 1)
-    if best.measured["drop"] > options.max_drop:
+    if not gate_passed(best.measured, options):
         return best, log  # even the widest fails: the gate reports it
     low, high = 0, len(grid) - 1
     while low < high:
         middle = (low + high) // 2
         candidate = probe(middle)
-        if candidate.measured["drop"] <= options.max_drop:
+        if gate_passed(candidate.measured, options):
             best, high = candidate, middle
         else:
             low = middle + 1
     return best, log
 
 
+def _rounded(value):
+    return None if value is None else round(value, 4)
+
+
 def enforce_gate(result: Result) -> None:
     if result.gate_passed is False:
         gate = result.report["gate"]
-        raise GateFailed(f"accuracy gate failed: top-1 drop {gate['drop']:.2f} points exceeds --max-drop "
-                         f"{gate['max_drop']}; the model and report were written for inspection.")
+        failed = []
+        if gate.get("max_drop") is not None and gate["drop"] > gate["max_drop"]:
+            failed.append(f"top-1 drop {gate['drop']:.2f} points exceeds --max-drop {gate['max_drop']}")
+        if gate.get("min_cosine") is not None and gate["cosine"] < gate["min_cosine"]:
+            failed.append(f"cosine to FP32 {gate['cosine']:.4f} is below --min-cosine {gate['min_cosine']}")
+        raise GateFailed(f"accuracy gate failed: {'; '.join(failed)}; the model and report were written for "
+                         "inspection.")

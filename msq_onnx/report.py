@@ -15,9 +15,14 @@ from .write import _default_mode
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
 
 
+def _weight_error(analysis, name: str, bits: int):
+    choice = analysis.choices[name].get(bits)
+    return 0.0 if choice is None else float(f"{choice.error:.6g}")  # float: no weight error
+
+
 def build_report(model_path, output_path, loaded, options, bits, params, analysis, measured, op_counts, fused,
                  output_size, timings, total_seconds, *, packed_bytes, activation_errors, wide_inputs,
-                 search=None) -> dict:
+                 modes, warnings, fixed_params=0, search=None) -> dict:
     layers = [{
         "name": layer.name,
         "op_type": layer.op_type,
@@ -27,9 +32,14 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
         "predictor_score": round(analysis.scores[layer.name].soft, 6),
         "importance": round(analysis.importance[layer.name], 6),
         "upstream": analysis.upstream[layer.name],
-        "weight_error": float(f"{analysis.choices[layer.name][bits[layer.name]].error:.6g}"),
+        "weight_error": _weight_error(analysis, layer.name, bits[layer.name]),
         "activation_error": float(f"{activation_errors[layer.name]:.6g}"),
         "activation_bits": 16 if layer.name in wide_inputs else 8,
+        "mode": modes[layer.name],
+        "mode_reason": ("the allocator kept it in float" if modes[layer.name] == "float"
+                        else analysis.modes[layer.name].reason),
+        "mode_errors": {mode: float(f"{error:.6g}") for mode, error in analysis.modes[layer.name].errors.items()},
+        "nodes": list(layer.nodes),
     } for layer in loaded.layers]
     report = {
         "tool": "msq-onnx",
@@ -42,6 +52,7 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
             "levels": list(options.levels), "max_dim": options.max_dim, "seed": options.seed,
             "bias_correction": options.bias_correction, "clip_search": options.clip_search,
             "batch_size": options.batch_size, "max_drop": options.max_drop, "max_size": options.max_size,
+            "min_cosine": options.min_cosine, "output": loaded.output_name, "activations": options.activations,
         },
         "opset": {"input": loaded.source_opset, "output": loaded.opset},
         "calibration": {"samples": analysis.stats.samples, "labels_source": analysis.labels.source,
@@ -49,7 +60,12 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
                         "input_accuracy": round(analysis.input_score.top1, 6),
                         "input_score": round(analysis.input_score.soft, 6)},
         "layers": layers,
-        "avg_weight_bits": round(average_bits(bits, params), 6),
+        "avg_weight_bits": round(average_bits(bits, params, fixed_params), 6),
+        "modes": {mode: sum(1 for m in modes.values() if m == mode) for mode in sorted(set(modes.values()))},
+        "left_in_float": [{k: v for k, v in s.items() if k != "weight"} for s in loaded.skipped]
+        + [{"node": name, "op_type": next(l.op_type for l in loaded.layers if l.name == name),
+            "reason": "kept in float by the allocator"} for name, mode in modes.items() if mode == "float"],
+        "warnings": list(warnings),
         "size_bytes": {"input": int(loaded.size_bytes), "output": int(output_size), "packed": int(packed_bytes)},
         "quantized_layers": len(layers),
         "fused_integer_kernels": int(fused),
@@ -58,14 +74,22 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
         "fp32_top1": measured.get("fp32_top1") if measured else None,
         "quant_top1": measured.get("quant_top1") if measured else None,
         "agreement": measured.get("agreement") if measured else None,
+        "cosine": measured.get("cosine") if measured else None,
         "timings_s": dict(timings, total=round(total_seconds, 3)),
     }
     if search is not None:
         report["search"] = search
-    if options.max_drop is not None and measured is not None:
-        report["gate"] = {"max_drop": options.max_drop, "drop": round(measured["drop"], 6),
-                          "passed": bool(measured["drop"] <= options.max_drop + 1e-9)}
+    if (options.max_drop is not None or options.min_cosine is not None) and measured is not None:
+        from .pipeline import gate_passed
+
+        report["gate"] = {"max_drop": options.max_drop, "drop": _round(measured.get("drop")),
+                          "min_cosine": options.min_cosine, "cosine": measured["cosine"],
+                          "passed": bool(gate_passed(measured, options))}
     return report
+
+
+def _round(value):
+    return None if value is None else round(value, 6)
 
 
 def check_report_path(path: str) -> None:
@@ -110,25 +134,34 @@ def markdown(report: dict) -> str:
              f"{report['calibration']['labels_source']}"]
     evaluation = report.get("evaluation")
     if evaluation:
+        lines.append(f"- task output `{evaluation['task_output']}` ({evaluation['kind']}) on {evaluation['samples']} "
+                     f"held-out samples: cosine to FP32 {evaluation['cosine']:.4f}, SQNR {evaluation['sqnr_db']} dB")
         if evaluation.get("fp32_top1") is not None:
-            lines.append(f"- held-out top-1 on {evaluation['samples']} samples: FP32 {evaluation['fp32_top1']:.2f}%, "
-                         f"quantized {evaluation['quant_top1']:.2f}% (drop {evaluation['drop']:.2f} points; "
-                         f"{evaluation['flips']['changed']} predictions changed)")
-        else:
-            lines.append(f"- top-1 agreement with FP32 on {evaluation['samples']} held-out samples: "
-                         f"{evaluation['agreement']:.2f}%")
+            lines.append(f"- top-1: FP32 {evaluation['fp32_top1']:.2f}%, quantized {evaluation['quant_top1']:.2f}% "
+                         f"(drop {evaluation['drop']:.2f} points)")
+        if evaluation.get("agreement") is not None:
+            measure = "top-1" if evaluation["kind"] == "class-scores" else "nearest neighbour"
+            lines.append(f"- agreement with FP32 ({measure}): {evaluation['agreement']:.2f}%")
+        for name, out in evaluation["outputs"].items():
+            lines.append(f"- output `{name}`: cosine {out['cosine']:.4f} (min {out['min_cosine']:.4f}), "
+                         f"SQNR {out['sqnr_db']} dB")
+    lines.append("- activation modes: " + ", ".join(f"{mode} {count}" for mode, count in report["modes"].items()))
+    for warning in report.get("warnings", []):
+        lines.append(f"- **warning**: {warning}")
     if report.get("search"):
-        tried = ", ".join(f"{p['avg_bits']:.2f} bits: drop {p['drop']:.2f}" for p in report["search"])
+        tried = ", ".join(f"{p['avg_bits']:.2f} bits: drop {p['drop']}, cosine {p['cosine']:.4f}"
+                          for p in report["search"])
         lines.append(f"- budget search ({len(report['search'])} models evaluated): {tried}")
     gate = report.get("gate")
     if gate:
-        lines.append(f"- accuracy gate (--max-drop {gate['max_drop']}): **{'passed' if gate['passed'] else 'FAILED'}**")
-    lines += ["", "| # | layer | op | params | predictor top-1 | predictor score | importance | bits | "
-              "rel. output error |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines.append(f"- accuracy gate (--max-drop {gate['max_drop']}, --min-cosine {gate['min_cosine']}): "
+                     f"**{'passed' if gate['passed'] else 'FAILED'}**")
+    lines += ["", "| # | layer | op | params | predictor top-1 | predictor score | importance | bits | mode | "
+              "rel. output error |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for index, layer in enumerate(report["layers"]):
         lines.append(f"| {index} | `{layer['name']}` | {layer['op_type']} | {layer['params']:,} | "
                      f"{layer['predictor_accuracy']:.3f} | {layer['predictor_score']:.4f} | "
-                     f"{layer['importance']:.4f} | {layer['bits']} | "
+                     f"{layer['importance']:.4f} | {layer['bits']} | {layer['mode']} | "
                      f"{layer['weight_error']:.2e} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()), ""]
     return "\n".join(lines)
@@ -149,8 +182,12 @@ def plot_layers(report: dict, path: str) -> None:
     axes[0].legend(fontsize=8)
     axes[1].bar(x, [layer["importance"] for layer in layers])
     axes[1].set_ylabel("importance")
-    axes[2].bar(x, [layer["bits"] for layer in layers], color="tab:orange")
-    axes[2].set_ylabel("weight bits")
+    colours = {"static": "tab:orange", "dynamic": "tab:blue", "weight-only": "tab:green", "float": "tab:gray"}
+    axes[2].bar(x, [min(layer["bits"], 9) for layer in layers], color=[colours[layer["mode"]] for layer in layers])
+    for mode, colour in colours.items():
+        axes[2].bar([], [], color=colour, label=mode)
+    axes[2].legend(fontsize=7, ncol=4)
+    axes[2].set_ylabel("weight bits (float at top)")
     axes[2].set_xlabel("layer (network order)")
     axes[0].set_title(f"msq-onnx: {os.path.basename(report['input_model'])}, "
                       f"avg {report['avg_weight_bits']:.2f} bits")
@@ -190,10 +227,11 @@ def write_report(report: dict, path: str) -> list[str]:
     fp32 = (report.get("evaluation") or {}).get("fp32_top1")
     if report.get("search"):
         reference = fp32 if fp32 is not None else 100.0  # without labels: agreement with FP32
-        points = [{"label": "budgets tried", "avg_bits": probe["avg_bits"], "top1": reference - probe["drop"]}
+        points = [{"label": "budgets tried", "avg_bits": probe["avg_bits"],
+                   "top1": reference - probe["drop"] if probe["drop"] is not None else 100.0 * probe["cosine"]}
                   for probe in report["search"]]
         plot_accuracy_vs_size(points, stem + ".search.png",
-                              f"--max-drop {report['options']['max_drop']}: held-out top-1 (or agreement) per budget")
+                              "held-out top-1 (or agreement, or 100 x cosine) per budget tried")
         written.append(stem + ".search.png")
     return written
 
@@ -201,5 +239,5 @@ def write_report(report: dict, path: str) -> list[str]:
 def summary(report: dict) -> dict:
     """The machine-readable line for --json."""
     keys = ("output_model", "avg_weight_bits", "size_bytes", "fp32_top1", "quant_top1", "agreement",
-            "fused_integer_kernels", "quantized_layers", "gate")
+            "fused_integer_kernels", "quantized_layers", "modes", "warnings", "gate")
     return {k: report.get(k) for k in keys if k in report}

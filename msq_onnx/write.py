@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from .errors import BadOption
 from .load import LoadedModel, is_large, save_model_file
-from .weights import quantize_layer
+from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY, attribute
+from .weights import as_matrix, quantize_layer
 
 
 
@@ -34,13 +35,15 @@ class QuantizedWeights:
 
 def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean: dict,
                      bias_correction: bool = True) -> QuantizedWeights:
-    """Copy of the model with every layer's weight fake-quantized (and its bias corrected)."""
+    """Copy of the model with every quantized layer's weight fake-quantized (and its bias corrected)."""
     model = onnx.ModelProto()
     model.CopyFrom(loaded.model)
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
     nodes = {n.name: n for n in model.graph.node}
     scales = {}
     for layer in loaded.layers:
+        if bits[layer.name] not in choices[layer.name]:
+            continue  # left in float
         result = quantize_layer(layer, loaded.weight(layer).astype(np.float32), loaded.bias(layer),
                                 choices[layer.name][bits[layer.name]], input_mean.get(layer.name), bias_correction)
         model.graph.initializer[index[layer.weight_name]].CopyFrom(
@@ -64,15 +67,15 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
     return QuantizedWeights(model, scales)
 
 
-def tensor_overrides(loaded: LoadedModel, scales: dict, wide_inputs=()) -> dict:
+def tensor_overrides(layers, scales: dict, wide_inputs=()) -> dict:
     """Per-channel weight scales, and uint16 for the activation inputs of the layers in wide_inputs."""
     from onnxruntime.quantization import QuantType
 
     overrides = {}
-    for layer in loaded.layers:
+    for layer in layers:
         if layer.name in wide_inputs:
             overrides[layer.input_name] = [{"quant_type": QuantType.QUInt16}]
-    for layer in loaded.layers:
+    for layer in layers:
         per_channel = [{"scale": np.float32(s), "zero_point": np.int8(0)} for s in scales[layer.weight_name]]
         per_channel[0].update({"quant_type": QuantType.QInt8, "axis": layer.out_axis})
         overrides[layer.weight_name] = per_channel
@@ -124,25 +127,179 @@ def _quiet_ort_logging():
         logger.setLevel(level)
 
 
+# Ops that stay in the integer domain between static layers, as ORT's QDQ
+# quantizer handles them on CNNs; "first": only the data input matters.
+_STATIC_PASSTHROUGH = {"Relu": "all", "Clip": "first", "LeakyRelu": "all", "Sigmoid": "all", "HardSwish": "all",
+                       "HardSigmoid": "all", "Add": "all", "Mul": "all", "Concat": "all", "MaxPool": "all",
+                       "AveragePool": "all", "GlobalAveragePool": "all", "Reshape": "first", "Flatten": "all",
+                       "Transpose": "all", "Squeeze": "first", "Unsqueeze": "first", "Resize": "first",
+                       "Pad": "first", "Split": "first", "Slice": "first"}
+
+
+def static_region(model: onnx.ModelProto, static_nodes: set) -> list[str]:
+    """The nodes handed to ORT's static quantizer: the static layers and the ops fed only by them.
+
+    Anything else (LayerNorm, Softmax, a Gather table, the layers in other
+    modes) is never quantized by ORT behind the tool's back.
+    """
+    initializers = {t.name for t in model.graph.initializer}
+    included = set(static_nodes)
+    produced = {out for node in model.graph.node if node.name in included for out in node.output}
+    for node in model.graph.node:  # graph order is topological
+        rule = _STATIC_PASSTHROUGH.get(node.op_type)
+        if node.name in included or rule is None:
+            continue
+        data = [i for i in (node.input[:1] if rule == "first" else node.input) if i]
+        if node.op_type in ("Add", "Mul") and any(i in initializers for i in data):
+            continue  # a constant operand (a MatMul's bias) would be quantized as an activation
+        activations = [i for i in data if i not in initializers]
+        if activations and all(i in produced for i in activations):
+            included.add(node.name)
+            produced.update(node.output)
+    return [node.name for node in model.graph.node if node.name in included]
+
+
 def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: dict, work_dir: str,
-                    wide_inputs=()) -> str:
-    """Run ORT's QDQ quantizer in work_dir; return the path of its output."""
+                    wide_inputs=(), modes: dict | None = None) -> str:
+    """Write the model in work_dir: ORT's QDQ quantizer for the static layers, our rewrite for the others."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    modes = modes or {layer.name: STATIC for layer in loaded.layers}
     large = is_large(quantized.model)
     prepared = os.path.join(work_dir, "prepared.onnx")
     save_model_file(quantized.model, prepared)
-    cache = os.path.join(work_dir, "ranges.json")
-    write_calibration_cache(ranges, cache)
     result = os.path.join(work_dir, "quantized.onnx")
-    with _quiet_ort_logging():
-        quantize_static(prepared, result, calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache,
-                        use_external_data_format=large,
-                        extra_options={"TensorQuantOverrides": tensor_overrides(loaded, quantized.scales,
-                                                                                wide_inputs)})
+    static = [layer for layer in loaded.layers if modes[layer.name] == STATIC]
+    if static:
+        cache = os.path.join(work_dir, "ranges.json")
+        write_calibration_cache(ranges, cache)
+        nodes = static_region(quantized.model, {n for layer in static for n in layer.nodes})
+        with _quiet_ort_logging():
+            quantize_static(prepared, result, calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache,
+                            use_external_data_format=large, nodes_to_quantize=nodes,
+                            extra_options={"TensorQuantOverrides": tensor_overrides(static, quantized.scales,
+                                                                                    wide_inputs)})
+        model = onnx.load(result)
+    else:
+        model = onnx.load(prepared)
+    others = [layer for layer in loaded.layers if modes[layer.name] in (DYNAMIC, WEIGHT_ONLY)
+              and layer.weight_name in quantized.scales]
+    if others:
+        rewrite_layers(model, others, quantized, modes)
+        save_model_file(model, result)
+    elif not static:
+        save_model_file(model, result)
     return result
+
+
+def _integer_weight(layer, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """[out, fan_in] integers of a weight that already sits on its grid."""
+    return np.rint(as_matrix(layer, weight) / scale[:, None]).astype(np.int8)
+
+
+class _GraphEdit:
+    """Collects the nodes and initializers a rewrite adds, with names that cannot clash."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = {t.name: t for t in model.graph.initializer}
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        tensor = numpy_helper.from_array(array, name)
+        self.model.graph.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+    def drop_unused(self) -> None:
+        used = {i for node in self.model.graph.node for i in node.input}
+        used |= {o.name for o in self.model.graph.output}
+        kept = [t for t in self.model.graph.initializer if t.name in used]
+        del self.model.graph.initializer[:]
+        self.model.graph.initializer.extend(kept)
+
+
+def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, modes: dict) -> None:
+    """Dynamic and weight-only layers, written as quantize_dynamic and MatMulNBits expect them.
+
+    Dense layers (MatMul, Gemm) become MatMul on a [K, N] int8 weight
+    (Gemm's transposed weight too: DQ -> Gemm is not fused, DQ -> MatMul is).
+    """
+    edit = _GraphEdit(model)
+    position = {node.name: i for i, node in enumerate(model.graph.node)}
+    replacements: dict[int, list] = {}
+    for layer in layers:
+        weight = numpy_helper.to_array(edit.inits[layer.weight_name])
+        scale = quantized.scales[layer.weight_name]
+        integers = _integer_weight(layer, weight, scale)
+        prefix = layer.weight_name + "_msq"
+        dense = layer.op_type in ("MatMul", "Gemm")
+        q_name = edit.constant(prefix + "_q", integers.T.copy() if dense else
+                               layer.kind.from_matrix(layer, integers).astype(np.int8))
+        s_name = edit.constant(prefix + "_scale", scale.astype(np.float32))
+        z_name = edit.constant(prefix + "_zero", np.zeros(len(scale), np.int8))
+        mode = modes[layer.name]
+        shared_dq = None
+        if mode == WEIGHT_ONLY:
+            shared_dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [prefix + "_dq"],
+                                         name=prefix + "_dq", axis=1 if dense else layer.out_axis)
+        for node_name in layer.nodes:
+            node = model.graph.node[position[node_name]]
+            new_nodes = [shared_dq] if shared_dq is not None and node_name == layer.nodes[0] else []
+            if dense:
+                new_nodes += _dense_nodes(node, mode, prefix + "_" + str(position[node_name]),
+                                          prefix + "_dq", q_name, s_name, z_name, edit)
+            else:  # Conv / ConvTranspose: float op on the dequantized weight
+                copy = onnx.NodeProto()
+                copy.CopyFrom(node)
+                copy.input[1] = prefix + "_dq"
+                new_nodes.append(copy)
+            replacements[position[node_name]] = new_nodes
+    rebuilt = []
+    for index, node in enumerate(model.graph.node):
+        rebuilt.extend(replacements.get(index, [node]))
+    del model.graph.node[:]
+    model.graph.node.extend(rebuilt)
+    edit.drop_unused()
+
+
+def _dense_nodes(node, mode: str, prefix: str, dq_name: str, q_name: str, s_name: str, z_name: str,
+                 edit: _GraphEdit) -> list:
+    """x @ W (+ Gemm's alpha and bias) in the given mode; the node's output name is kept."""
+    x, output = node.input[0], node.output[0]
+    alpha = float(attribute(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+    beta = float(attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 0.0
+    bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+    tail = alpha != 1.0 or bias is not None
+    product = prefix + "_mm" if tail else output
+    nodes = []
+    if mode == WEIGHT_ONLY:
+        nodes.append(helper.make_node("MatMul", [x, dq_name], [product], name=prefix + "_matmul"))
+    else:  # the graph quantize_dynamic writes; ORT fuses it into DynamicQuantizeMatMul
+        nodes += [
+            helper.make_node("DynamicQuantizeLinear", [x], [prefix + "_xq", prefix + "_xs", prefix + "_xz"],
+                             name=prefix + "_dql"),
+            helper.make_node("MatMulInteger", [prefix + "_xq", q_name, prefix + "_xz", z_name], [prefix + "_acc"],
+                             name=prefix + "_mmi"),
+            helper.make_node("Cast", [prefix + "_acc"], [prefix + "_accf"], name=prefix + "_cast",
+                             to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [prefix + "_xs", s_name], [prefix + "_scales"], name=prefix + "_scales_mul"),
+            helper.make_node("Mul", [prefix + "_accf", prefix + "_scales"], [product], name=prefix + "_out_mul"),
+        ]
+    if alpha != 1.0:
+        scaled = prefix + "_alpha_out" if bias is not None else output
+        nodes.append(helper.make_node("Mul", [product, edit.constant(prefix + "_alpha", np.array(alpha, np.float32))],
+                                      [scaled], name=prefix + "_alpha"))
+        product = scaled
+    if bias is not None:
+        term = bias
+        if beta != 1.0:
+            term = prefix + "_beta_bias"
+            nodes.append(helper.make_node("Mul", [bias, edit.constant(prefix + "_beta", np.array(beta, np.float32))],
+                                          [term], name=prefix + "_beta"))
+        nodes.append(helper.make_node("Add", [product, term], [output], name=prefix + "_bias_add"))
+    return nodes
 
 
 def publish(model_path: str, output_path: str) -> None:

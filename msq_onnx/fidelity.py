@@ -1,0 +1,207 @@
+"""Stage: how faithful the written model is to FP32, for every graph output.
+
+Both models run on the held-out samples. Every float output gets its mean
+per-sample cosine and its SQNR; the task output (--output) also gets what
+its users measure: for class scores, top-1 agreement with FP32 and top-1
+against labels; for embeddings, nearest-class-mean top-1 against labels
+(class means from the same model's embeddings of the even held-out samples,
+scored on the odd ones) and, without labels, how often a sample's nearest
+neighbour stays the same. Accuracy is measured on the real output model with
+ORT's full optimizations, never on an instrumented copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import BadData, one_line
+from .instrument import padded_batches, progress
+from .verify import session
+
+CACHE_LIMIT = 256 * 1024**2  # FP32 outputs kept in memory for repeated comparisons (a --max-drop search)
+KEEP_LIMIT = 8192  # widest per-sample task output kept for top-1 / neighbour measures
+NEIGHBOUR_SAMPLES = 4000
+# Without a gate, a task output this far from FP32 is called collapsed on stderr and in the report.
+COLLAPSE_COSINE = 0.9
+COLLAPSE_DROP = 10.0
+
+
+@dataclass
+class _OutputSums:
+    signal: float = 0.0
+    noise: float = 0.0
+    cosine_sum: float = 0.0
+    cosine_min: float = 1.0
+    samples: int = 0
+    kept_fp32: list = field(default_factory=list)
+    kept_quant: list = field(default_factory=list)
+
+    def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool) -> None:
+        ref = reference.reshape(len(reference), -1).astype(np.float64)
+        out = quantized.reshape(len(quantized), -1).astype(np.float64)
+        self.signal += float((ref ** 2).sum())
+        self.noise += float(((out - ref) ** 2).sum())
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+        both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(out, axis=1) == 0)
+        cosine = np.where(both_zero, 1.0, (ref * out).sum(axis=1) / np.maximum(norms, 1e-30))
+        self.cosine_sum += float(cosine.sum())
+        self.cosine_min = min(self.cosine_min, float(cosine.min()))
+        self.samples += len(ref)
+        if keep:
+            self.kept_fp32.append(ref.astype(np.float32))
+            self.kept_quant.append(out.astype(np.float32))
+
+
+class Reference:
+    """FP32 outputs on the held-out samples: computed once and cached when small, else recomputed."""
+
+    def __init__(self, fp32_path: str, loaded, samples, batch_size: int, quiet: bool):
+        self.path, self.loaded, self.samples, self.batch_size = fp32_path, loaded, samples, batch_size
+        self.names = [o.name for o in loaded.model.graph.output]
+        self.cache = []
+        size = 0
+        for feed, count, outputs in self._run("FP32 evaluation", quiet):
+            size += sum(o.nbytes for o in outputs)
+            if size > CACHE_LIMIT:
+                self.cache = None
+                break
+            self.cache.append(outputs)
+
+    def _run(self, description: str, quiet: bool):
+        runner = session(self.path)
+        with progress(self.samples.count, description, quiet) as bar:
+            for feed, count in padded_batches(self.samples, self.loaded, self.batch_size):
+                yield feed, count, _run_checked(runner, self.names, feed, count, self.samples, description)
+                bar.update(count)
+
+    def batches(self, quiet: bool):
+        if self.cache is None:
+            yield from self._run("FP32 evaluation", quiet)
+            return
+        for (feed, count), outputs in zip(padded_batches(self.samples, self.loaded, self.batch_size), self.cache):
+            yield feed, count, outputs
+
+
+def _run_checked(runner, names, feed, count, samples, description) -> list:
+    try:
+        outputs = runner.run(names, feed)
+    except Exception as exc:
+        raise BadData(f"the model cannot run on '{samples.source}' ({one_line(exc)}); check the data's shape "
+                      "and dtype against the model's inputs.") from None
+    outputs = [np.asarray(o)[:count] for o in outputs]
+    for name, value in zip(names, outputs):
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise BadData(f"{description}: output '{name}' is NaN or Inf on '{samples.source}'; check the samples' "
+                          "scale and preprocessing (--mean, --std).")
+    return outputs
+
+
+def output_kind(fp32: np.ndarray | None, labels: np.ndarray | None) -> str:
+    """class-scores, embedding or tensor, from the kept FP32 task output [N, C]."""
+    if fp32 is None or fp32.ndim != 2 or fp32.shape[1] < 2:
+        return "tensor"
+    if labels is not None and labels.max() >= fp32.shape[1]:
+        return "embedding"
+    norms = np.linalg.norm(fp32, axis=1)
+    return "embedding" if np.allclose(norms, 1.0, atol=1e-3) else "class-scores"
+
+
+def nearest_class_mean_top1(embeddings: np.ndarray, labels: np.ndarray) -> float | None:
+    """Top-1 of the odd samples against class means of the even ones (normalized embeddings)."""
+    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    build, score = np.arange(len(unit)) % 2 == 0, np.arange(len(unit)) % 2 == 1
+    classes = np.unique(labels[build])
+    if len(classes) < 2 or not score.any():
+        return None
+    means = np.stack([unit[build & (labels == c)].mean(axis=0) for c in classes])
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    predicted = classes[(unit[score] @ means.T).argmax(axis=1)]
+    return float((predicted == labels[score]).mean() * 100.0)
+
+
+def neighbour_agreement(fp32: np.ndarray, quant: np.ndarray) -> float:
+    """% of samples whose nearest other sample (cosine) is the same under both models."""
+    def nearest(x):
+        unit = x[:NEIGHBOUR_SAMPLES] / np.maximum(np.linalg.norm(x[:NEIGHBOUR_SAMPLES], axis=1, keepdims=True), 1e-12)
+        similarity = unit @ unit.T
+        np.fill_diagonal(similarity, -np.inf)
+        return similarity.argmax(axis=1)
+    return float((nearest(fp32) == nearest(quant)).mean() * 100.0)
+
+
+def compare(reference: Reference, quant_path: str, task_output: str, labels: np.ndarray | None,
+            quiet: bool = False) -> dict:
+    """Per-output fidelity of the model at quant_path, and the task output's accuracy figures."""
+    runner = session(quant_path)
+    sums = {name: _OutputSums() for name in reference.names}
+    samples = reference.samples
+    with progress(samples.count, "QDQ evaluation", quiet) as bar:
+        for feed, count, fp32 in reference.batches(quiet):
+            quant = _run_checked(runner, reference.names, feed, count, samples, "QDQ evaluation")
+            for name, ref, out in zip(reference.names, fp32, quant):
+                if np.issubdtype(ref.dtype, np.number):
+                    keep = name == task_output and ref[:1].size <= KEEP_LIMIT
+                    sums[name].add(ref, out, keep)
+            bar.update(count)
+    outputs = {}
+    for name, acc in sums.items():
+        if not acc.samples:
+            continue
+        sqnr = 10 * np.log10(acc.signal / acc.noise) if acc.noise > 0 else None
+        outputs[name] = {"cosine": round(acc.cosine_sum / acc.samples, 6), "min_cosine": round(acc.cosine_min, 6),
+                         "sqnr_db": None if sqnr is None else round(float(sqnr), 3)}
+    task = sums[task_output]
+    fp32 = np.concatenate(task.kept_fp32) if task.kept_fp32 else None
+    quant = np.concatenate(task.kept_quant) if task.kept_quant else None
+    kind = output_kind(fp32, labels)
+    result = {"samples": int(samples.count), "source": samples.source, "task_output": task_output, "kind": kind,
+              "outputs": outputs, "cosine": outputs[task_output]["cosine"],
+              "sqnr_db": outputs[task_output]["sqnr_db"]}
+    outputs[task_output]["kind"] = kind
+    if kind == "class-scores":
+        fp32_top, quant_top = fp32.argmax(axis=1), quant.argmax(axis=1)
+        result["agreement"] = float((fp32_top == quant_top).mean() * 100.0)
+        result["flips"] = flips(fp32_top, quant_top, labels)
+        if labels is not None:
+            result["fp32_top1"] = top1(fp32_top, labels)
+            result["quant_top1"] = top1(quant_top, labels)
+    elif kind == "embedding":
+        result["agreement"] = neighbour_agreement(fp32, quant)
+        if labels is not None:
+            result["fp32_top1"] = nearest_class_mean_top1(fp32, labels)
+            result["quant_top1"] = nearest_class_mean_top1(quant, labels)
+            result["top1_method"] = "nearest class mean (means from even held-out samples, scored on odd ones)"
+    if result.get("fp32_top1") is not None and result.get("quant_top1") is not None:
+        result["drop"] = result["fp32_top1"] - result["quant_top1"]
+    elif result.get("agreement") is not None:
+        result["drop"] = 100.0 - result["agreement"]
+    return result
+
+
+def collapse_warning(measured: dict) -> str | None:
+    """One line when the task output is far from FP32, whatever the gates say."""
+    problems = []
+    if measured["cosine"] < COLLAPSE_COSINE:
+        problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}")
+    if measured.get("fp32_top1") is not None and measured.get("drop", 0.0) > COLLAPSE_DROP:
+        problems.append(f"top-1 {measured['fp32_top1']:.2f}% -> {measured['quant_top1']:.2f}%")
+    if not problems:
+        return None
+    return (f"output '{measured['task_output']}' collapsed ({'; '.join(problems)}) on {measured['samples']} held-out "
+            "samples: do not deploy this model; raise --avg-bits or try --activations dynamic.")
+
+
+def top1(predicted: np.ndarray, labels: np.ndarray) -> float:
+    return float((predicted == labels).mean() * 100.0)
+
+
+def flips(fp32: np.ndarray, quant: np.ndarray, labels: np.ndarray | None) -> dict:
+    """Predictions that changed: the noise floor for comparing two models on one set."""
+    changed = fp32 != quant
+    result = {"changed": int(changed.sum())}
+    if labels is not None:
+        result["fixed"] = int((changed & (quant == labels)).sum())
+        result["broken"] = int((changed & (fp32 == labels)).sum())
+    return result
