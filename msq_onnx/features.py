@@ -43,11 +43,28 @@ def _channels_first(probe: np.ndarray, channels_last: bool) -> np.ndarray:
     return probe
 
 
-def pyramid_pool(probe: np.ndarray, levels=DEFAULT_LEVELS, channels_last: bool = False) -> np.ndarray:
+def _masked_pooling(mask: np.ndarray, levels: tuple) -> np.ndarray:
+    """[N, sum(levels), T]: per sample, the pyramid's segments over its real tokens only.
+
+    The sequence analogue of the image pyramid: level b cuts the sample's
+    unpadded tokens (wherever the mask puts them) into b consecutive segments
+    of equal length and averages each; padding never enters a feature.
+    """
+    matrices = np.zeros((mask.shape[0], sum(levels), mask.shape[1]), np.float32)
+    for i, row in enumerate(mask):
+        positions = np.flatnonzero(row)
+        if len(positions):
+            matrices[i][:, positions] = _pooling_matrix(len(positions), levels)
+    return matrices
+
+
+def pyramid_pool(probe: np.ndarray, levels=DEFAULT_LEVELS, channels_last: bool = False,
+                 mask: np.ndarray | None = None) -> np.ndarray:
     """[N, C, H, W] -> [N, C, sum(b*b)]; [N, C, T] -> [N, C, sum(b)]; [N, C] -> [N, C, 1].
 
     Bin averages are two small matrix products (all levels at once), which is
-    an order of magnitude faster than slicing the bins one by one.
+    an order of magnitude faster than slicing the bins one by one. A sequence
+    with its attention mask [N, T] is pooled over its real tokens only.
     """
     levels = tuple(levels)
     x = _channels_first(np.asarray(probe, dtype=np.float32), channels_last)
@@ -56,6 +73,8 @@ def pyramid_pool(probe: np.ndarray, levels=DEFAULT_LEVELS, channels_last: bool =
     if x.ndim > 4:
         x = x.reshape(x.shape[0], x.shape[1], -1)
     if x.ndim == 3:
+        if mask is not None and mask.shape == (x.shape[0], x.shape[2]):
+            return np.einsum("nct,nbt->ncb", x, _masked_pooling(mask, levels), optimize=True)
         return x @ _pooling_matrix(x.shape[2], levels).T
     rows = _pooling_matrix(x.shape[2], levels)
     cols = _pooling_matrix(x.shape[3], levels)
@@ -91,8 +110,27 @@ def cap_dimension(pooled: np.ndarray, max_dim: int, seed: int = 0) -> np.ndarray
 
 
 def embed(probe: np.ndarray, levels=DEFAULT_LEVELS, max_dim: int = DEFAULT_MAX_DIM,
-          channels_last: bool = False, seed: int = 0) -> np.ndarray:
-    return cap_dimension(pyramid_pool(probe, levels, channels_last), max_dim, seed)
+          channels_last: bool = False, seed: int = 0, mask: np.ndarray | None = None) -> np.ndarray:
+    return cap_dimension(pyramid_pool(probe, levels, channels_last, mask), max_dim, seed)
+
+
+def token_features(ids: np.ndarray, mask: np.ndarray | None, max_dim: int = DEFAULT_MAX_DIM,
+                   seed: int = 0) -> np.ndarray:
+    """The network input's embedding for token ids [N, T]: a hashed bag of its real tokens, per token.
+
+    What a predictor can read from the raw input before any layer, as the
+    pooled pixels are for an image: the baseline of the first layer's gain.
+    """
+    ids = np.asarray(ids).reshape(len(ids), -1).astype(np.int64)
+    real = np.ones(ids.shape, bool) if mask is None or mask.shape != ids.shape else mask.astype(bool)
+    rng = np.random.default_rng([seed, max_dim, 7])
+    salt, sign_salt = int(rng.integers(1, 2**31)), int(rng.integers(1, 2**31))
+    bucket = (ids * salt + 12345) % max_dim
+    sign = np.where(((ids * sign_salt) >> 7) % 2 == 0, 1.0, -1.0)
+    bags = np.zeros((len(ids), max_dim), np.float32)
+    for i in range(len(ids)):
+        np.add.at(bags[i], bucket[i][real[i]], sign[i][real[i]])
+    return bags / np.maximum(real.sum(axis=1, keepdims=True), 1)
 
 
 class FeatureBank:
@@ -112,11 +150,16 @@ class FeatureBank:
         self._chunks = {name: [] for name in names}
         self._counts = {name: 0 for name in names}
 
-    def add(self, name: str, probe: np.ndarray, channels_last: bool = False) -> None:
+    def add(self, name: str, probe: np.ndarray, channels_last: bool = False, mask: np.ndarray | None = None) -> None:
         room = self.max_samples - self._counts[name]
         if room <= 0:
             return
-        embedded = embed(probe[:room], self.levels, self.max_dim, channels_last, self.seed)
+        embedded = embed(probe[:room], self.levels, self.max_dim, channels_last, self.seed,
+                         None if mask is None else mask[:room])
+        self.add_embedding(name, embedded)
+
+    def add_embedding(self, name: str, embedded: np.ndarray) -> None:
+        embedded = embedded[:self.max_samples - self._counts[name]]
         self._chunks[name].append(np.clip(embedded, -_F16_MAX, _F16_MAX).astype(np.float16))
         self._counts[name] += len(embedded)
 

@@ -40,14 +40,18 @@ def _cluster(outputs: np.ndarray, seed: int) -> np.ndarray:
     return np.unique(assignment, return_inverse=True)[1]
 
 
-def imprint_labels(labels: np.ndarray | None, fp32_outputs: np.ndarray, seed: int = 0) -> Labels:
-    """Ground truth when given, else FP32 top-1; clustered when classes are too small."""
+def imprint_labels(labels: np.ndarray | None, fp32_outputs: np.ndarray, seed: int = 0,
+                   class_scores: bool = True) -> Labels:
+    """Ground truth when given, else FP32 top-1 (class-score outputs) or clusters of the FP32 outputs
+    (embeddings, maps: their arg-max is no class); clustered too when classes are too small."""
     if labels is not None:
         values, source = labels, "labels"
-    else:
+    elif class_scores:
         values, source = fp32_outputs.argmax(axis=1), "fp32-top1"
+    else:
+        values, source = np.zeros(len(fp32_outputs), np.int64), "fp32-outputs"
     _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    if np.median(counts[inverse]) < MIN_PER_CLASS:  # the class size of the typical sample
+    if np.median(counts[inverse]) < MIN_PER_CLASS or len(counts) < 2:  # the class size of the typical sample
         values, source = _cluster(fp32_outputs, seed), f"clusters({source})"
         inverse = np.unique(values, return_inverse=True)[1]
     values = inverse

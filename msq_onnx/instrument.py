@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadData, BadModel, one_line
-from .features import FeatureBank
+from .features import FeatureBank, embed, token_features
 from .load import Layer, LoadedModel, is_large, save_model_file
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
@@ -36,6 +36,7 @@ class PassStatistics:
     outputs: np.ndarray  # FP32 model output per imprinted sample, [N, classes]
     imprinted: np.ndarray  # indices of the samples whose embeddings were kept
     samples: int = 0
+    rows: dict = None  # layer -> median rows per sample its weight multiplies (tokens for a sequence)
 
 
 def _float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -158,9 +159,26 @@ def imprint_selection(count: int, cap: int, seed: int) -> np.ndarray:
     return keep
 
 
+def attention_mask_input(loaded: LoadedModel) -> str | None:
+    """The integer [batch, sequence] input that marks real tokens, if the model takes one."""
+    for spec in loaded.inputs:
+        if spec.dtype.kind in "iub" and len(spec.shape) == 2 and "mask" in spec.name.lower():
+            return spec.name
+    return None
+
+
+def output_embedding(final: np.ndarray, max_dim: int, seed: int) -> np.ndarray:
+    """[N, D] view of the FP32 task output for pseudo-labels: as is when [N, C], globally pooled when wider
+    (a [N, T, C] or [N, C, H, W] output has no fixed flat size across batches)."""
+    if final.ndim <= 2:
+        return final.reshape(len(final), -1).astype(np.float32)
+    return embed(final, (1,), max_dim, final.ndim == 3, seed)
+
+
 def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 1,
              quiet: bool = False, seed: int = 0) -> PassStatistics:
     model, outputs = build_instrumented(loaded)
+    mask_input = attention_mask_input(loaded)
     try:
         session = make_session(model)
     except Exception as exc:
@@ -175,6 +193,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     mean_sum: dict = {}
     sq_sum: dict = {}
     final_outputs = []
+    rows: dict = {}
     seen = 0
     with progress(samples.count, "calibration pass", quiet) as bar:
         for feed, count in padded_batches(samples, loaded, batch_size):
@@ -193,6 +212,9 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                     low, high = min(low, ranges[tensor][0]), max(high, ranges[tensor][1])
                 ranges[tensor] = (low, high)
             for layer in loaded.layers:
+                probe_shape = result[position[outputs["probe"][layer.name]]].shape
+                rows.setdefault(layer.name, []).append(
+                    int(np.prod(probe_shape[1:-1])) if layer.kind.channels_last and len(probe_shape) > 2 else 1)
                 mean_name, sq_name = outputs["moments"][layer.name]
                 mean_sum[layer.name] = mean_sum.get(layer.name, 0) + result[position[mean_name]] * count
                 sq_sum[layer.name] = sq_sum.get(layer.name, 0) + result[position[sq_name]] * count
@@ -200,11 +222,16 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             # A slice is a view; a mask copies every probe, so it is only used on batches that need one.
             pick = slice(0, count) if chosen.all() else np.flatnonzero(chosen)
             if chosen.any():
+                mask = feed[mask_input][pick] if mask_input else None
                 for layer in loaded.layers:
                     probe = result[position[outputs["probe"][layer.name]]]
-                    bank.add(layer.name, probe[pick], layer.kind.channels_last)
-                input_bank.add("input", feed[loaded.inputs[0].name][pick].astype(np.float32))
-                final_outputs.append(final[pick].reshape(int(chosen.sum()), -1).astype(np.float32))
+                    bank.add(layer.name, probe[pick], layer.kind.channels_last, mask)
+                first = feed[loaded.inputs[0].name][pick]
+                if np.issubdtype(first.dtype, np.integer) and first.ndim == 2:
+                    input_bank.add_embedding("input", token_features(first, mask, max_dim, seed))
+                else:
+                    input_bank.add("input", first.astype(np.float32))
+                final_outputs.append(output_embedding(final[pick], max_dim, seed))
             del result
             seen += count
             bar.update(count)
@@ -217,4 +244,5 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
         outputs=np.concatenate(final_outputs),
         imprinted=np.flatnonzero(imprinted),
         samples=seen,
+        rows={name: int(np.median(counts)) for name, counts in rows.items()},
     )

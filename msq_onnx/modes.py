@@ -28,7 +28,11 @@ from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY
 # Relative output MSE a layer may take from its activation quantization: 30 dB
 # SQNR. ReLU-CNN layers measure 1e-5..1e-3 with static uint8 (EfficientNet-Lite0,
 # the digits CNN), the layers that break transformers 1e-2 and more.
-TOLERANCE = 1e-3
+TOLERANCE = 1e-2
+# Relative error of the task output with every layer's activations quantized
+# as chosen (weights in FP32) that the modes may add up to.
+END_TO_END_TOLERANCE = 1e-2
+MAX_DEMOTION_ROUNDS = 8
 DEFAULT_SAMPLES = 32
 
 
@@ -46,112 +50,195 @@ def uint8_quantization(low: float, high: float) -> tuple[float, int]:
     return scale, int(np.clip(round(-low / scale), 0, 255))
 
 
+class _Quantizers:
+    """Adds the nodes that put a tensor through a mode's activation quantizer (as ORT will run it)."""
+
+    def __init__(self, ranges: dict):
+        self.ranges, self.nodes, self.inits = ranges, [], []
+
+    def static(self, tensor: str, range_of: str, prefix: str) -> str:
+        scale, zero = uint8_quantization(*self.ranges.get(range_of, (0.0, 0.0)))
+        self.inits.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{prefix}_s"),
+                           numpy_helper.from_array(np.array(zero, np.uint8), f"{prefix}_z")])
+        self.nodes.append(helper.make_node("QuantizeLinear", [tensor, f"{prefix}_s", f"{prefix}_z"], [f"{prefix}_q"]))
+        self.nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}_q", f"{prefix}_s", f"{prefix}_z"],
+                                           [f"{prefix}_dq"]))
+        return f"{prefix}_dq"
+
+    def dynamic(self, tensor: str, prefix: str) -> str:
+        self.nodes.append(helper.make_node("DynamicQuantizeLinear", [tensor],
+                                           [f"{prefix}_q", f"{prefix}_s", f"{prefix}_z"]))
+        self.nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}_q", f"{prefix}_s", f"{prefix}_z"],
+                                           [f"{prefix}_dq"]))
+        return f"{prefix}_dq"
+
+    def apply(self, node, mode: str, prefix: str, output: str) -> str:
+        """Quantize node's input (and, static, its result) into a copy whose final tensor is `output`."""
+        source = node.input[0]
+        quantized = self.static(source, source, prefix + "_in") if mode == STATIC else self.dynamic(source, prefix)
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{prefix}_node"
+        copy.input[0] = quantized
+        del copy.output[1:]
+        if mode == STATIC:  # ORT's static QDQ also quantizes the layer's output, on the output's range
+            copy.output[0] = f"{prefix}_y"
+            self.nodes.append(copy)
+            self.nodes.append(helper.make_node("Identity", [self.static(copy.output[0], node.output[0],
+                                                                        prefix + "_out")], [output]))
+        else:
+            copy.output[0] = output
+            self.nodes.append(copy)
+        return output
+
+
+def _expose(graph, names) -> None:
+    exposed = {o.name for o in graph.output}
+    for name in names:
+        if name not in exposed:
+            graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
+            exposed.add(name)
+
+
 def build_measurement(loaded, ranges: dict) -> tuple[onnx.ModelProto, dict]:
     """The FP32 model plus, per layer and mode, a quantized-input copy of the layer and its error sums."""
     model = onnx.ModelProto()
     model.CopyFrom(loaded.model)
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
+    quantizers = _Quantizers(ranges)
     outputs: dict = {}
-    extra_nodes, extra_inits = [], []
-
-    def qdq(tensor: str, value_range, prefix: str) -> str:
-        scale, zero = uint8_quantization(*value_range)
-        extra_inits.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{prefix}_s"),
-                            numpy_helper.from_array(np.array(zero, np.uint8), f"{prefix}_z")])
-        extra_nodes.append(helper.make_node("QuantizeLinear", [tensor, f"{prefix}_s", f"{prefix}_z"], [f"{prefix}_q"]))
-        extra_nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}_q", f"{prefix}_s", f"{prefix}_z"],
-                                            [f"{prefix}_dq"]))
-        return f"{prefix}_dq"
-
     for index, layer in enumerate(loaded.layers):
         node = nodes[layer.name]
         reference = node.output[0]
         signal = f"msq_m{index}_signal"
-        extra_nodes.append(helper.make_node("ReduceSumSquare", [reference], [signal], keepdims=0))
+        quantizers.nodes.append(helper.make_node("ReduceSumSquare", [reference], [signal], keepdims=0))
         outputs[layer.name] = {"signal": signal}
         for mode in layer.kind.modes:
-            prefix = f"msq_m{index}_{mode.replace('-', '_')}"
-            if mode == STATIC:
-                quantized_input = qdq(node.input[0], ranges.get(node.input[0], (0.0, 0.0)), prefix + "_in")
-            elif mode == DYNAMIC:
-                extra_nodes.append(helper.make_node("DynamicQuantizeLinear", [node.input[0]],
-                                                    [f"{prefix}_q", f"{prefix}_s", f"{prefix}_z"]))
-                extra_nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}_q", f"{prefix}_s", f"{prefix}_z"],
-                                                    [f"{prefix}_dq"]))
-                quantized_input = f"{prefix}_dq"
-            else:
+            if mode not in (STATIC, DYNAMIC):
                 continue  # weight-only keeps float activations: no activation error to measure
-            copy = onnx.NodeProto()
-            copy.CopyFrom(node)
-            copy.name = f"{prefix}_node"
-            copy.input[0] = quantized_input
-            del copy.output[1:]
-            copy.output[0] = f"{prefix}_y"
-            extra_nodes.append(copy)
-            result = copy.output[0]
-            if mode == STATIC:  # ORT's static QDQ also quantizes the layer's output
-                result = qdq(result, ranges.get(reference, (0.0, 0.0)), prefix + "_out")
-            extra_nodes.append(helper.make_node("Sub", [result, reference], [f"{prefix}_d"]))
-            extra_nodes.append(helper.make_node("ReduceSumSquare", [f"{prefix}_d"], [f"{prefix}_e"], keepdims=0))
+            prefix = f"msq_m{index}_{mode}"
+            result = quantizers.apply(node, mode, prefix, f"{prefix}_result")
+            quantizers.nodes.append(helper.make_node("Sub", [result, reference], [f"{prefix}_d"]))
+            quantizers.nodes.append(helper.make_node("ReduceSumSquare", [f"{prefix}_d"], [f"{prefix}_e"],
+                                                     keepdims=0))
             outputs[layer.name][mode] = f"{prefix}_e"
-    graph.node.extend(extra_nodes)
-    graph.initializer.extend(extra_inits)
-    exposed = {o.name for o in graph.output}
-    for names in outputs.values():
-        for name in names.values():
-            if name not in exposed:
-                graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
-                exposed.add(name)
+    graph.node.extend(quantizers.nodes)
+    graph.initializer.extend(quantizers.inits)
+    _expose(graph, [name for table in outputs.values() for name in table.values()])
     return model, outputs
 
 
-def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_size: int = 1,
-            quiet: bool = False) -> dict:
-    """{layer: {mode: relative output error}} over the first `count` samples."""
-    model, outputs = build_measurement(loaded, ranges)
+def build_simulation(loaded, ranges: dict, modes: dict) -> onnx.ModelProto:
+    """The FP32 model with every layer's activations quantized as its mode runs them (weights FP32)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.model)
+    graph = model.graph
+    quantizers = _Quantizers(ranges)
+    rebuilt = []
+    by_node = {n: layer for layer in loaded.layers for n in layer.nodes}
+    for index, node in enumerate(graph.node):
+        layer = by_node.get(node.name)
+        mode = modes.get(layer.name) if layer is not None else None
+        if mode not in (STATIC, DYNAMIC):
+            rebuilt.append(node)
+            continue
+        quantizers.nodes = []
+        quantizers.apply(node, mode, f"msq_s{index}", node.output[0])
+        rebuilt.extend(quantizers.nodes)
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    graph.initializer.extend(quantizers.inits)
+    return model
+
+
+@dataclass
+class Measurement:
+    errors: dict  # layer -> {mode: relative output error of the layer alone with its input in that mode}
+    feeds: list  # the (feed, real count) batches measured on, kept for the end-to-end check
+    reference: list  # the FP32 task output of each batch
+
+
+def _session(model):
     try:
-        session = make_session(model)
+        return make_session(model)
     except Exception as exc:
         raise BadModel(f"ONNX Runtime cannot run the activation-mode measurement ({one_line(exc)}); "
                        "re-export the model with standard ONNX ops.") from None
+
+
+def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_size: int = 1,
+            quiet: bool = False) -> Measurement:
+    """Each layer's error in each mode, alone, over the first `count` samples."""
+    model, outputs = build_measurement(loaded, ranges)
+    session = _session(model)
     wanted = sorted({name for table in outputs.values() for name in table.values()})
     sums = dict.fromkeys(wanted, 0.0)
-    seen = 0
+    feeds, reference = [], []
     with progress(min(count, samples.count), "activation modes", quiet) as bar:
         for feed, real in padded_batches(samples, loaded, batch_size):
-            result = session.run(wanted, feed)
+            result = session.run(wanted + [loaded.output_name], feed)
             for name, value in zip(wanted, result):
                 sums[name] += float(value)
-            seen += real
+            feeds.append((feed, real))
+            reference.append(result[-1][:real])
             bar.update(real)
-            if seen >= count:
+            if sum(r for _, r in feeds) >= count:
                 break
     errors = {}
     for layer, table in outputs.items():
         signal = max(sums[table["signal"]], 1e-30)
         errors[layer] = {mode: sums[name] / signal for mode, name in table.items() if mode != "signal"}
         errors[layer][WEIGHT_ONLY] = 0.0
-    return errors
+    return Measurement(errors, feeds, reference)
 
 
-def choose(loaded, errors: dict, tolerance: float = TOLERANCE, forced: str | None = None) -> dict:
-    """Per layer: the fastest allowed mode whose measured error is within tolerance."""
+def end_to_end_error(loaded, ranges: dict, modes: dict, measurement: Measurement) -> float:
+    """Relative error of the task output with every layer's activations in its mode: what the layers'
+    errors add up to downstream."""
+    session = _session(build_simulation(loaded, ranges, modes))
+    signal = noise = 0.0
+    for (feed, real), fp32 in zip(measurement.feeds, measurement.reference):
+        out = session.run([loaded.output_name], feed)[0][:real]
+        signal += float((fp32.astype(np.float64) ** 2).sum())
+        noise += float(((out.astype(np.float64) - fp32) ** 2).sum())
+    return noise / max(signal, 1e-30)
+
+
+def choose(loaded, measurement: Measurement, ranges: dict, orders: dict, tolerance: float = TOLERANCE,
+           forced: str | None = None, end_to_end: float = END_TO_END_TOLERANCE) -> tuple[dict, list]:
+    """Per layer (`orders`: its allowed modes, fastest first): the fastest mode whose own error is within
+    `tolerance`; then, while the task output's end-to-end error exceeds `end_to_end`, the lossiest quarter of
+    the layers with quantized activations moves to its next slower mode that loses less. Returns the choices
+    and the end-to-end log."""
+    errors = measurement.errors
+    if forced is not None:
+        choices = {}
+        for layer in loaded.layers:
+            mode = forced if forced in orders[layer.name] else WEIGHT_ONLY
+            reason = f"--activations {forced}" if mode == forced else f"{forced} not available for {layer.op_type}"
+            choices[layer.name] = ModeChoice(mode, errors[layer.name], reason)
+        return choices, []
+    chosen = {layer.name: next(m for m in orders[layer.name] if errors[layer.name].get(m, 0.0) <= tolerance)
+              for layer in loaded.layers}
+    log = []
+    for _ in range(MAX_DEMOTION_ROUNDS + 1):
+        error = end_to_end_error(loaded, ranges, chosen, measurement)
+        log.append({"end_to_end_error": float(f"{error:.6g}"),
+                    "modes": {m: sum(1 for v in chosen.values() if v == m) for m in (STATIC, DYNAMIC, WEIGHT_ONLY)}})
+        lossy = sorted((name for name, mode in chosen.items() if errors[name].get(mode, 0.0) > 0),
+                       key=lambda name: -errors[name][chosen[name]])
+        if error <= end_to_end or not lossy:
+            break
+        for name in lossy[:max(1, len(lossy) // 4)]:
+            order, current = orders[name], errors[name][chosen[name]]
+            chosen[name] = next(m for m in order[order.index(chosen[name]) + 1:] if errors[name].get(m, 0.0) < current)
     choices = {}
     for layer in loaded.layers:
-        measured = errors.get(layer.name, {})
-        allowed = layer.kind.modes
-        if forced is not None:
-            mode = forced if forced in allowed or forced == FLOAT else allowed[-1]
-            reason = f"--activations {forced}" if mode == forced else f"{forced} not available for {layer.op_type}"
-            choices[layer.name] = ModeChoice(mode, measured, reason)
-            continue
-        for mode in allowed:
-            error = measured.get(mode, 0.0)
-            if error <= tolerance:
-                faster = [f"{m} {measured[m]:.2g}" for m in allowed[:allowed.index(mode)] if m in measured]
-                reason = (f"fastest mode; output error {error:.2g} <= {tolerance:g}" if not faster else
-                          f"output error {error:.2g} <= {tolerance:g}; faster modes too lossy ({', '.join(faster)})")
-                choices[layer.name] = ModeChoice(mode, measured, reason)
-                break
-    return choices
+        measured, mode, order = errors[layer.name], chosen[layer.name], orders[layer.name]
+        faster = [f"{m} {measured[m]:.2g}" for m in order[:order.index(mode)] if m in measured]
+        reason = (f"fastest mode; output error {measured.get(mode, 0.0):.2g}" if not faster else
+                  f"output error {measured.get(mode, 0.0):.2g}; faster modes too lossy alone or downstream "
+                  f"({', '.join(faster)})")
+        choices[layer.name] = ModeChoice(mode, measured, reason)
+    return choices, log

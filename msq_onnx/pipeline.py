@@ -24,6 +24,7 @@ from .imprint import imprint_labels, layer_scores
 from .importance import importance as layer_importance
 from .importance import upstream_layers
 from .instrument import run_pass
+from .latency import mode_order
 from .load import load_model, save_model_file
 from .ops import FLOAT, FLOAT_BITS, MODES
 from .verify import fused_integer_kernels, optimized_op_counts, smoke_check
@@ -128,6 +129,7 @@ class Analysis:
     importance: dict  # layer -> soft-score gain over upstream
     choices: dict  # layer -> {bits: weights.WidthChoice}
     modes: dict  # layer -> modes.ModeChoice: its activation mode, measured
+    mode_log: list  # end-to-end error of the task output after each round of mode choices
 
 
 def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
@@ -136,7 +138,7 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
                          options.seed)
     with timer.stage("imprint"):
         labels = imprint_labels(None if calib.labels is None else calib.labels[stats.imprinted], stats.outputs,
-                                options.seed)
+                                options.seed, fidelity.output_kind(stats.outputs, None) == "class-scores")
         scores, input_score = layer_scores(stats.features, stats.input_features, labels)
     with timer.stage("importance"):
         upstream = upstream_layers(loaded.model, loaded.layers)
@@ -145,10 +147,12 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         choices = {layer.name: error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name),
                                            options.bits, options.clip_search) for layer in loaded.layers}
     with timer.stage("activation-modes"):
-        errors = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size, quiet=options.quiet)
-        modes = mode_stage.choose(loaded, errors, options.mode_tolerance,
-                                  None if options.activations == "auto" else options.activations)
-    return Analysis(stats, labels, scores, input_score, upstream, gains, choices, modes)
+        measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
+                                         quiet=options.quiet)
+        orders = {layer.name: mode_order(layer, stats.rows.get(layer.name)) for layer in loaded.layers}
+        modes, mode_log = mode_stage.choose(loaded, measurement, stats.ranges, orders, options.mode_tolerance,
+                                            None if options.activations == "auto" else options.activations)
+    return Analysis(stats, labels, scores, input_score, upstream, gains, choices, modes, mode_log)
 
 
 @dataclass

@@ -16,8 +16,10 @@ import onnxruntime as ort
 
 from .instrument import padded_batches, progress
 
+# Kernels that compute on the quantized weights (MatMulNBits: packed int2/int4/int8 weights).
 FUSED_INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger",
-                     "MatMulInteger", "QLinearConvTranspose", "DynamicQuantizeMatMul")
+                     "MatMulInteger", "QLinearConvTranspose", "DynamicQuantizeMatMul", "MatMulNBits",
+                     "GatherBlockQuantized")
 
 
 def session(path: str, optimized_path: str | None = None) -> ort.InferenceSession:

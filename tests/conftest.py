@@ -98,3 +98,10 @@ def cnn_files(tmp_path):
     np.savez(tmp_path / "eval.npz", **samples_for(model, 48, seed=2))
     return {"model": str(path), "calib": str(tmp_path / "calib.npz"), "eval": str(tmp_path / "eval.npz"),
             "dir": tmp_path}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _latency_cache(tmp_path_factory):
+    """Mode timings cached for this test session only: never the user's cache, one choice per shape."""
+    os.environ["MSQ_CACHE"] = str(tmp_path_factory.mktemp("msq-cache"))
+    yield

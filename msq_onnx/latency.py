@@ -1,0 +1,149 @@
+"""Measured speed: how fast a dense layer runs in each activation mode, on this machine.
+
+Which mode is fastest depends on the shape: for one row per sample (a CNN's
+classifier) static QGemm/QLinearMatMul wins, for a transformer's 96 tokens
+static QLinearMatMul measured 1.09x the time of dynamic int8 (MiniLM-L6,
+1 thread). So the order is timed, not assumed: each distinct (rows, K, N)
+becomes a one-node model in each mode, written the way write.py writes it,
+and ONNX Runtime runs them interleaved on one thread; the median wins.
+Conv has no dynamic kernel on CPU and its weight-only form is a float Conv
+(1.8-3x static, ../shared/docs/ort-cpu-facts.md), so only dense layers are timed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .ops import DYNAMIC, STATIC, WEIGHT_ONLY
+
+RUNS = 25
+WARMUP = 3
+OPSET = 21
+IR_VERSION = 10  # what opset 21 needs; onnx 1.23 would stamp 14, which ORT 1.31 refuses
+
+
+def _dense_model(rows: int, fan_in: int, fan_out: int, mode: str, bias: bool) -> onnx.ModelProto:
+    from .write import _dense_nodes, _GraphEdit
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([], "timing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, fan_in])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, fan_out])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    edit = _GraphEdit(model)
+    q = edit.constant("w_q", rng.integers(-127, 128, (fan_in, fan_out)).astype(np.int8))
+    s = edit.constant("w_s", np.full(fan_out, 0.01, np.float32))
+    z = edit.constant("w_z", np.zeros(fan_out, np.int8))
+    nodes = [] if mode == DYNAMIC else [helper.make_node("DequantizeLinear", [q, s, z], ["w_dq"], axis=1)]
+    if mode == STATIC:  # the QDQ pattern ORT fuses into QLinearMatMul
+        edit.constant("a_s", np.array(0.05, np.float32))
+        edit.constant("a_z", np.array(128, np.uint8))
+        nodes += [helper.make_node("QuantizeLinear", ["x", "a_s", "a_z"], ["xq"]),
+                  helper.make_node("DequantizeLinear", ["xq", "a_s", "a_z"], ["xdq"]),
+                  helper.make_node("MatMul", ["xdq", "w_dq"], ["m"]),
+                  helper.make_node("QuantizeLinear", ["m", "a_s", "a_z"], ["mq"]),
+                  helper.make_node("DequantizeLinear", ["mq", "a_s", "a_z"], ["y"])]
+    else:
+        matmul = helper.make_node("MatMul", ["x", "w"], ["y"], name="layer")
+        nodes += _dense_nodes(matmul, mode, "t", "w_dq", q, s, z, edit)
+    if bias:  # a float bias Add after the layer: dynamic and weight-only kernels absorb it, static cannot
+        nodes[-1].output[0] = "pre_bias"
+        nodes.append(helper.make_node("Add", ["pre_bias", edit.constant("b", np.zeros(fan_out, np.float32))], ["y"]))
+    model.graph.node.extend(nodes)
+    edit.drop_unused()
+    return model
+
+
+def cache_path() -> str:
+    """Per machine and ONNX Runtime version: a timing is measured once, then every conversion on this
+    machine makes the same choice (the output stays byte-identical from run to run)."""
+    import onnxruntime as ort
+
+    root = os.environ.get("MSQ_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "msq-onnx")
+    return os.path.join(root, f"latency-ort{ort.__version__}-{platform.machine()}-{os.cpu_count()}cpu.json")
+
+
+def _load_cache() -> dict:
+    try:
+        with open(cache_path(), encoding="utf-8") as handle:
+            data = json.load(handle)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_cache(key: str, times: dict) -> None:
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = _load_cache()
+        data[key] = times
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".latency-")
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=1, sort_keys=True)
+        os.replace(temporary, path)
+    except OSError:
+        pass  # an unwritable cache only costs a re-measurement
+
+
+def row_bucket(rows: int) -> int:
+    """Rows rounded up to a power of two: 90 and 96 tokens share one timing."""
+    return 1 << max(0, int(rows) - 1).bit_length()
+
+
+def dense_mode_times(rows: int, fan_in: int, fan_out: int, bias: bool = False) -> dict:
+    """{mode: median seconds} of a [rows, fan_in] x [fan_in, fan_out] layer in each mode, cached."""
+    key = f"dense {row_bucket(rows)}x{fan_in}x{fan_out}{' +bias' if bias else ''}"
+    cached = _load_cache().get(key)
+    if isinstance(cached, dict) and set(cached) == {STATIC, DYNAMIC, WEIGHT_ONLY}:
+        return cached
+    times = _time_dense(row_bucket(rows), fan_in, fan_out, bias)
+    _store_cache(key, times)
+    return times
+
+
+@functools.lru_cache(maxsize=256)
+def _time_dense(rows: int, fan_in: int, fan_out: int, bias: bool) -> dict:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    modes = (STATIC, DYNAMIC, WEIGHT_ONLY)
+    sessions = [ort.InferenceSession(_dense_model(rows, fan_in, fan_out, m, bias).SerializeToString(), options,
+                                     providers=["CPUExecutionProvider"]) for m in modes]
+    feed = {"x": np.random.default_rng(1).normal(size=(rows, fan_in)).astype(np.float32)}
+    times = [[] for _ in modes]
+    for run in range(WARMUP + RUNS):  # interleaved: drift on a busy machine hits every mode alike
+        for index, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feed)
+            if run >= WARMUP:
+                times[index].append(time.perf_counter() - start)
+    return {mode: float(np.median(t)) for mode, t in zip(modes, times)}
+
+
+ABSOLUTE_TIE = 10e-6  # and so are differences of microseconds, which no model's latency shows
+TIE = 1.15  # timings within 15% are a tie on a noisy machine: the registry's order (static first) then holds
+
+
+def mode_order(layer, rows: int | None) -> tuple:
+    """The layer's allowed modes, fastest first: timed for dense layers, as measured once for Conv."""
+    allowed = layer.kind.modes
+    if layer.op_type not in ("MatMul", "Gemm") or not rows:
+        return allowed
+    fan_out = layer.weight_shape[layer.out_axis]
+    times = dense_mode_times(int(rows), layer.params // fan_out, fan_out, layer.bias_name is not None)
+    fastest = min(times[m] for m in allowed)
+    tie = max(fastest * TIE, fastest + ABSOLUTE_TIE)
+    return tuple(sorted(allowed, key=lambda m: 0.0 if times[m] <= tie else times[m]))
