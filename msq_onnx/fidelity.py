@@ -109,14 +109,15 @@ def output_kind(fp32: np.ndarray | None, labels: np.ndarray | None) -> str:
 
 
 def nearest_class_mean_top1(embeddings: np.ndarray, labels: np.ndarray) -> float | None:
-    """Top-1 of the odd samples against class means of the even ones (normalized embeddings)."""
+    """Top-1 of the odd samples against class means of the even ones: the highest dot product of the
+    L2-normalized embedding with a mean of normalized embeddings (the means are not re-normalized, as in
+    ../shared's MiniLM protocol, where FP32 scores 69.84%)."""
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     build, score = np.arange(len(unit)) % 2 == 0, np.arange(len(unit)) % 2 == 1
     classes = np.unique(labels[build])
     if len(classes) < 2 or not score.any():
         return None
     means = np.stack([unit[build & (labels == c)].mean(axis=0) for c in classes])
-    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
     predicted = classes[(unit[score] @ means.T).argmax(axis=1)]
     return float((predicted == labels[score]).mean() * 100.0)
 

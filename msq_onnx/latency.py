@@ -133,17 +133,24 @@ def _time_dense(rows: int, fan_in: int, fan_out: int, bias: bool) -> dict:
     return {mode: float(np.median(t)) for mode, t in zip(modes, times)}
 
 
-ABSOLUTE_TIE = 10e-6  # and so are differences of microseconds, which no model's latency shows
-TIE = 1.15  # timings within 15% are a tie on a noisy machine: the registry's order (static first) then holds
+ABSOLUTE_TIE = 10e-6  # differences of microseconds, which no model's latency shows, are a tie
+TIE = 1.05  # and so are timings within 5% on a noisy machine: the registry's order (static first) then holds
+# Conv has no timed alternative: its weight-only form (DQ + float Conv) measured 1.8-3.0x the static
+# QLinearConv on ResNet-18/MobileNetV2-like nets (../shared/docs/ort-cpu-facts.md).
+CONV_COSTS = {STATIC: 1.0, WEIGHT_ONLY: 2.3}
 
 
-def mode_order(layer, rows: int | None) -> tuple:
-    """The layer's allowed modes, fastest first: timed for dense layers, as measured once for Conv."""
-    allowed = layer.kind.modes
+def mode_costs(layer, rows: int | None) -> dict:
+    """{mode: cost} for the layer's allowed modes; only ratios between one layer's modes are meaningful."""
     if layer.op_type not in ("MatMul", "Gemm") or not rows:
-        return allowed
+        return {mode: CONV_COSTS.get(mode, 1.0 + index) for index, mode in enumerate(layer.kind.modes)}
     fan_out = layer.weight_shape[layer.out_axis]
     times = dense_mode_times(int(rows), layer.params // fan_out, fan_out, layer.bias_name is not None)
-    fastest = min(times[m] for m in allowed)
-    tie = max(fastest * TIE, fastest + ABSOLUTE_TIE)
-    return tuple(sorted(allowed, key=lambda m: 0.0 if times[m] <= tie else times[m]))
+    return {mode: times[mode] for mode in layer.kind.modes}
+
+
+def mode_order(layer, costs: dict) -> tuple:
+    """The layer's allowed modes, fastest first; near-ties keep the registry's order."""
+    fastest = min(costs.values())
+    tie = max(fastest * TIE, fastest + ABSOLUTE_TIE) if layer.op_type in ("MatMul", "Gemm") else fastest * TIE
+    return tuple(sorted(layer.kind.modes, key=lambda m: 0.0 if costs[m] <= tie else costs[m]))

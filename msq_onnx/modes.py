@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadModel, one_line
 from .instrument import make_session, padded_batches, progress
+from .latency import TIE, mode_order
 from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY
 
 # Relative output MSE a layer may take from its activation quantization: 30 dB
@@ -50,11 +51,32 @@ def uint8_quantization(low: float, high: float) -> tuple[float, int]:
     return scale, int(np.clip(round(-low / scale), 0, 255))
 
 
+# A Relu or Clip right after a static layer is removed by ORT's QDQ quantizer: the layer's output is
+# quantized on the activation's range, whose saturation is the activation.
+_ABSORBED = ("Relu", "Clip")
+
+
+def _quantized_output_ranges(model: onnx.ModelProto) -> dict:
+    """Node output -> the tensor whose range its static quantization uses."""
+    users: dict = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    result = {}
+    for node in model.graph.node:
+        for name in node.output:
+            following = users.get(name, [])
+            absorbed = len(following) == 1 and following[0].op_type in _ABSORBED
+            result[name] = following[0].output[0] if absorbed else name
+    return result
+
+
 class _Quantizers:
     """Adds the nodes that put a tensor through a mode's activation quantizer (as ORT will run it)."""
 
-    def __init__(self, ranges: dict):
+    def __init__(self, ranges: dict, model: onnx.ModelProto):
         self.ranges, self.nodes, self.inits = ranges, [], []
+        self.output_ranges = _quantized_output_ranges(model)
 
     def static(self, tensor: str, range_of: str, prefix: str) -> str:
         scale, zero = uint8_quantization(*self.ranges.get(range_of, (0.0, 0.0)))
@@ -84,8 +106,9 @@ class _Quantizers:
         if mode == STATIC:  # ORT's static QDQ also quantizes the layer's output, on the output's range
             copy.output[0] = f"{prefix}_y"
             self.nodes.append(copy)
-            self.nodes.append(helper.make_node("Identity", [self.static(copy.output[0], node.output[0],
-                                                                        prefix + "_out")], [output]))
+            range_of = self.output_ranges.get(node.output[0], node.output[0])
+            self.nodes.append(helper.make_node("Identity", [self.static(copy.output[0], range_of, prefix + "_out")],
+                                               [output]))
         else:
             copy.output[0] = output
             self.nodes.append(copy)
@@ -106,26 +129,26 @@ def build_measurement(loaded, ranges: dict) -> tuple[onnx.ModelProto, dict]:
     model.CopyFrom(loaded.model)
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
-    quantizers = _Quantizers(ranges)
+    quantizers = _Quantizers(ranges, model)
     outputs: dict = {}
     for index, layer in enumerate(loaded.layers):
         node = nodes[layer.name]
-        reference = node.output[0]
-        signal = f"msq_m{index}_signal"
-        quantizers.nodes.append(helper.make_node("ReduceSumSquare", [reference], [signal], keepdims=0))
-        outputs[layer.name] = {"signal": signal}
+        outputs[layer.name] = {}
         for mode in layer.kind.modes:
             if mode not in (STATIC, DYNAMIC):
                 continue  # weight-only keeps float activations: no activation error to measure
             prefix = f"msq_m{index}_{mode}"
             result = quantizers.apply(node, mode, prefix, f"{prefix}_result")
-            quantizers.nodes.append(helper.make_node("Sub", [result, reference], [f"{prefix}_d"]))
-            quantizers.nodes.append(helper.make_node("ReduceSumSquare", [f"{prefix}_d"], [f"{prefix}_e"],
-                                                     keepdims=0))
-            outputs[layer.name][mode] = f"{prefix}_e"
+            # A static output quantized on its absorbed activation's range is that activation's output.
+            reference = quantizers.output_ranges[node.output[0]] if mode == STATIC else node.output[0]
+            quantizers.nodes += [
+                helper.make_node("Sub", [result, reference], [f"{prefix}_d"]),
+                helper.make_node("ReduceSumSquare", [f"{prefix}_d"], [f"{prefix}_e"], keepdims=0),
+                helper.make_node("ReduceSumSquare", [reference], [f"{prefix}_signal"], keepdims=0)]
+            outputs[layer.name][mode] = (f"{prefix}_e", f"{prefix}_signal")
     graph.node.extend(quantizers.nodes)
     graph.initializer.extend(quantizers.inits)
-    _expose(graph, [name for table in outputs.values() for name in table.values()])
+    _expose(graph, [name for table in outputs.values() for pair in table.values() for name in pair])
     return model, outputs
 
 
@@ -134,7 +157,7 @@ def build_simulation(loaded, ranges: dict, modes: dict) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(loaded.model)
     graph = model.graph
-    quantizers = _Quantizers(ranges)
+    quantizers = _Quantizers(ranges, model)
     rebuilt = []
     by_node = {n: layer for layer in loaded.layers for n in layer.nodes}
     for index, node in enumerate(graph.node):
@@ -161,7 +184,7 @@ class Measurement:
 
 def _session(model):
     try:
-        return make_session(model)
+        return make_session(model, optimize=False)
     except Exception as exc:
         raise BadModel(f"ONNX Runtime cannot run the activation-mode measurement ({one_line(exc)}); "
                        "re-export the model with standard ONNX ops.") from None
@@ -172,7 +195,7 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
     """Each layer's error in each mode, alone, over the first `count` samples."""
     model, outputs = build_measurement(loaded, ranges)
     session = _session(model)
-    wanted = sorted({name for table in outputs.values() for name in table.values()})
+    wanted = sorted({name for table in outputs.values() for pair in table.values() for name in pair})
     sums = dict.fromkeys(wanted, 0.0)
     feeds, reference = [], []
     with progress(min(count, samples.count), "activation modes", quiet) as bar:
@@ -187,8 +210,7 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
                 break
     errors = {}
     for layer, table in outputs.items():
-        signal = max(sums[table["signal"]], 1e-30)
-        errors[layer] = {mode: sums[name] / signal for mode, name in table.items() if mode != "signal"}
+        errors[layer] = {mode: sums[error] / max(sums[signal], 1e-30) for mode, (error, signal) in table.items()}
         errors[layer][WEIGHT_ONLY] = 0.0
     return Measurement(errors, feeds, reference)
 
@@ -205,13 +227,14 @@ def end_to_end_error(loaded, ranges: dict, modes: dict, measurement: Measurement
     return noise / max(signal, 1e-30)
 
 
-def choose(loaded, measurement: Measurement, ranges: dict, orders: dict, tolerance: float = TOLERANCE,
+def choose(loaded, measurement: Measurement, ranges: dict, costs: dict, tolerance: float = TOLERANCE,
            forced: str | None = None, end_to_end: float = END_TO_END_TOLERANCE) -> tuple[dict, list]:
-    """Per layer (`orders`: its allowed modes, fastest first): the fastest mode whose own error is within
-    `tolerance`; then, while the task output's end-to-end error exceeds `end_to_end`, the lossiest quarter of
-    the layers with quantized activations moves to its next slower mode that loses less. Returns the choices
-    and the end-to-end log."""
+    """Per layer (`costs`: {mode: measured cost}): the fastest mode whose own error is within `tolerance`;
+    then, while the task output's end-to-end error exceeds `end_to_end`, up to a quarter of the layers
+    with quantized activations move to their next mode that loses less, lossiest first: the moves that
+    cost no time in rounds of their own, before any that does. Returns the choices and the log."""
     errors = measurement.errors
+    orders = {layer.name: mode_order(layer, costs[layer.name]) for layer in loaded.layers}
     if forced is not None:
         choices = {}
         for layer in loaded.layers:
@@ -221,18 +244,27 @@ def choose(loaded, measurement: Measurement, ranges: dict, orders: dict, toleran
         return choices, []
     chosen = {layer.name: next(m for m in orders[layer.name] if errors[layer.name].get(m, 0.0) <= tolerance)
               for layer in loaded.layers}
+
+    def next_mode(name: str) -> str | None:
+        order, current = orders[name], errors[name][chosen[name]]
+        return next((m for m in order[order.index(chosen[name]) + 1:] if errors[name].get(m, 0.0) < current), None)
+
+    def slowdown(name: str) -> float:
+        return costs[name][next_mode(name)] / costs[name][chosen[name]]
+
     log = []
     for _ in range(MAX_DEMOTION_ROUNDS + 1):
         error = end_to_end_error(loaded, ranges, chosen, measurement)
         log.append({"end_to_end_error": float(f"{error:.6g}"),
                     "modes": {m: sum(1 for v in chosen.values() if v == m) for m in (STATIC, DYNAMIC, WEIGHT_ONLY)}})
-        lossy = sorted((name for name, mode in chosen.items() if errors[name].get(mode, 0.0) > 0),
-                       key=lambda name: -errors[name][chosen[name]])
+        lossy = [name for name in chosen if next_mode(name) is not None]
         if error <= end_to_end or not lossy:
             break
-        for name in lossy[:max(1, len(lossy) // 4)]:
-            order, current = orders[name], errors[name][chosen[name]]
-            chosen[name] = next(m for m in order[order.index(chosen[name]) + 1:] if errors[name].get(m, 0.0) < current)
+        free = [name for name in lossy if slowdown(name) <= TIE]
+        step = free if free else lossy  # a demotion that costs no time goes first, and alone
+        step.sort(key=lambda name: -errors[name][chosen[name]])
+        for name in step[:max(1, len(lossy) // 4)]:
+            chosen[name] = next_mode(name)
     choices = {}
     for layer in loaded.layers:
         measured, mode, order = errors[layer.name], chosen[layer.name], orders[layer.name]

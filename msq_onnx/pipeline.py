@@ -24,7 +24,7 @@ from .imprint import imprint_labels, layer_scores
 from .importance import importance as layer_importance
 from .importance import upstream_layers
 from .instrument import run_pass
-from .latency import mode_order
+from .latency import mode_costs
 from .load import load_model, save_model_file
 from .ops import FLOAT, FLOAT_BITS, MODES
 from .verify import fused_integer_kernels, optimized_op_counts, smoke_check
@@ -149,8 +149,8 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
     with timer.stage("activation-modes"):
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
                                          quiet=options.quiet)
-        orders = {layer.name: mode_order(layer, stats.rows.get(layer.name)) for layer in loaded.layers}
-        modes, mode_log = mode_stage.choose(loaded, measurement, stats.ranges, orders, options.mode_tolerance,
+        costs = {layer.name: mode_costs(layer, stats.rows.get(layer.name)) for layer in loaded.layers}
+        modes, mode_log = mode_stage.choose(loaded, measurement, stats.ranges, costs, options.mode_tolerance,
                                             None if options.activations == "auto" else options.activations)
     return Analysis(stats, labels, scores, input_score, upstream, gains, choices, modes, mode_log)
 

@@ -66,6 +66,7 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
         + [{"node": name, "op_type": next(l.op_type for l in loaded.layers if l.name == name),
             "reason": "kept in float by the allocator"} for name, mode in modes.items() if mode == "float"],
         "warnings": list(warnings),
+        "activation_modes": {"tolerance": options.mode_tolerance, "end_to_end": analysis.mode_log},
         "size_bytes": {"input": int(loaded.size_bytes), "output": int(output_size), "packed": int(packed_bytes)},
         "quantized_layers": len(layers),
         "fused_integer_kernels": int(fused),
