@@ -43,7 +43,7 @@ def main() -> int:
     feed = {loaded.inputs[0].name: np.random.default_rng(0).normal(size=shape).astype(np.float32)}
     with tempfile.TemporaryDirectory(prefix="msq-act16-") as folder:
         for budget in (3.5, 4.0):
-            bits = alloc.allocate("ilp", analysis.importance, damage, params, (2, 3, 4, 5, 6, 7, 8), budget)
+            bits = alloc.allocate_avg_bits("ilp", analysis.importance, damage, params, (2, 3, 4, 5, 6, 7, 8), budget)
             weights = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
             paths = {}
             for count in (0, 1, 3, 5):

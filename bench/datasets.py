@@ -48,3 +48,65 @@ def mnist_split(shared: str, work: str, calib: int = 500, seed: int = 0) -> tupl
         np.savez(path, Input3=data["images"][part][:, None].astype(np.float32), labels=data["labels"][part])
         paths.append(path)
     return paths[0], paths[1]
+
+
+DEBIAN_TSV = os.path.join("data", "debian-descriptions", "descriptions.tsv")
+
+
+def _raise_csv_field_limit() -> None:
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 28))  # the default 128 KiB is below some descriptions
+
+
+def debian_split(shared: str, work: str, calib: int = 300, limit: int | None = None) -> tuple[str, str]:
+    """Write debian-calib.tsv / debian-eval.tsv (columns text, label = section) in the file's row order.
+
+    The first `calib` rows calibrate, every later row evaluates (`limit`: only the first `limit` of those,
+    for smoke runs)."""
+    _raise_csv_field_limit()
+    with open(os.path.join(shared, DEBIAN_TSV), newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    parts = {"debian-calib.tsv": rows[:calib],
+             "debian-eval.tsv": rows[calib:] if limit is None else rows[calib:calib + limit]}
+    paths = []
+    for name, part in parts.items():
+        path = os.path.join(work, name)
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(["text", "label"])
+            writer.writerows([row["text"], row["section"]] for row in part)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def read_text_rows(path: str) -> tuple[list[str], list[str]]:
+    """(texts, labels) of a text,label .tsv written by debian_split."""
+    _raise_csv_field_limit()
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    return [row["text"] for row in rows], [row["label"] for row in rows]
+
+
+def tokenize_rows(tokenizer_path: str, texts: list[str], length: int | None = None,
+                  names: tuple[str, str, str] = ("input_ids", "attention_mask", "token_type_ids")) -> list[dict]:
+    """One batch-1 feed per text: {ids, mask, type ids} int64 [1, n], named `names`.
+
+    length None: each text its own length (the tokenizer.json's own truncation applies). length L: truncated
+    to L tokens (the closing [SEP] kept) and right-padded to L with the pad id and mask 0."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    tokenizer.no_padding()
+    pad_id = 0
+    if tokenizer.padding:
+        pad_id = tokenizer.padding["pad_id"]
+    elif tokenizer.token_to_id("[PAD]") is not None:
+        pad_id = tokenizer.token_to_id("[PAD]")
+    if length is not None:
+        tokenizer.enable_truncation(max_length=length)
+    feeds = []
+    for encoding in tokenizer.encode_batch(texts):
+        columns = [list(encoding.ids), list(encoding.attention_mask), list(encoding.type_ids)]
+        if length is not None:
+            columns = [c + [pad] * (length - len(c)) for c, pad in zip(columns, (pad_id, 0, 0))]
+        feeds.append({name: np.array([c], dtype=np.int64) for name, c in zip(names, columns)})
+    return feeds

@@ -58,7 +58,7 @@ def main() -> int:
     for budget in (3.0, 3.5, 4.0):
         for exponent in (0.0, 0.25, 0.5, 1.0):
             damage = alloc.expected_damage(analysis.importance, analysis.choices, exponent)
-            bits = alloc.allocate("ilp", analysis.importance, damage, params, (2, 3, 4, 5, 6, 7, 8), budget)
+            bits = alloc.allocate_avg_bits("ilp", analysis.importance, damage, params, (2, 3, 4, 5, 6, 7, 8), budget)
             top1 = run_bench.score(loaded, analysis, evaluator, bits)
             sweep.append({"budget": budget, "exponent": exponent, "top1": round(top1, 2)})
             print(f"budget {budget} exponent {exponent}: top-1 {top1:.2f}", flush=True)

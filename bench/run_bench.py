@@ -228,19 +228,19 @@ def main(argv=None) -> int:
         if k in widths:
             evaluate(f"uniform-{k}", float(k), {name: k for name in params}, analysis_key="none")
     for budget in budgets:
-        msq_bits = alloc.allocate("ilp", msq.importance, damage(msq), params, widths, budget)
+        msq_bits = alloc.allocate_avg_bits("ilp", msq.importance, damage(msq), params, widths, budget)
         evaluate("msq", budget, msq_bits)
         single = analyses["msq-single"]
-        evaluate("msq-single", budget, alloc.allocate("ilp", single.importance, damage(single), params, widths,
+        evaluate("msq-single", budget, alloc.allocate_avg_bits("ilp", single.importance, damage(single), params, widths,
                                                       budget), analysis_key="msq-single")
-        evaluate("msq-greedy", budget, alloc.allocate("greedy", msq.importance, None, params, widths, budget))
-        evaluate("error-only", budget, alloc.allocate("ilp", msq.importance, damage(msq, 0.0), params, widths,
+        evaluate("msq-greedy", budget, alloc.allocate_avg_bits("greedy", msq.importance, None, params, widths, budget))
+        evaluate("error-only", budget, alloc.allocate_avg_bits("ilp", msq.importance, damage(msq, 0.0), params, widths,
                                                       budget))
-        evaluate("sensitivity", budget, alloc.allocate("sensitivity", msq.importance,
+        evaluate("sensitivity", budget, alloc.allocate_avg_bits("sensitivity", msq.importance,
                                                        sensitivity.monotone(measured), params, widths, budget),
                  analysis_key="sensitivity")
         minmax_damage = alloc.expected_damage(msq.importance, minmax_choices)
-        evaluate("msq min-max clip", budget, alloc.allocate("ilp", msq.importance, minmax_damage, params, widths,
+        evaluate("msq min-max clip", budget, alloc.allocate_avg_bits("ilp", msq.importance, minmax_damage, params, widths,
                                                             budget), choices=minmax_choices)
         evaluate("msq no bias corr.", budget, msq_bits, bias_correction=False)
         evaluate("first-last-8", budget, first_last_8(loaded.layers, params, widths, budget), analysis_key="none")

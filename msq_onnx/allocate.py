@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -98,8 +99,29 @@ def _stdout_silenced():
         os.close(saved)
 
 
-def allocate_ilp(damage: dict, params: dict, candidate_bits, avg_bits: float, fixed: int = 0) -> dict:
-    """Minimise total damage subject to sum(params * bits) + 32 * fixed <= avg_bits * (sum(params) + fixed)."""
+@dataclass
+class Budget:
+    """sum over layers of costs[layer][width] <= limit: average bits (costs params x width) or bytes."""
+
+    costs: dict
+    limit: float
+    name: str  # the flag it comes from, for messages
+    total: float | None = None  # --max-size: the bytes the whole written file may take
+
+
+def bits_budget(params: dict, widths, avg_bits: float, fixed: int = 0) -> Budget:
+    """--avg-bits: `fixed` parameters that cannot be quantized count at 32 bits, so the layers get less."""
+    total = sum(params.values()) + fixed
+    costs = {name: {b: float(params[name] * b) for b in widths} for name in params}
+    return Budget(costs, avg_bits * total - FLOAT_BITS * fixed, f"--avg-bits {avg_bits:g}")
+
+
+def fits(bits: dict, budgets) -> bool:
+    return all(sum(b.costs[name][bits[name]] for name in bits) <= b.limit * (1 + 1e-9) + 1e-6 for b in budgets)
+
+
+def allocate_ilp(damage: dict, candidate_bits, budgets) -> dict:
+    """Minimise total damage, one width per layer, within every budget (multiple-choice knapsack)."""
     from scipy import sparse
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -109,50 +131,59 @@ def allocate_ilp(damage: dict, params: dict, candidate_bits, avg_bits: float, fi
     cost = np.array([[damage[name][b] for b in widths] for name in names], dtype=np.float64)
     # Normalising keeps HiGHS's tolerances meaningful whatever the error scale.
     cost = cost / max(cost.max(), 1e-30)
-    one_per_layer = sparse.kron(sparse.identity(n, format="csr"), np.ones((1, k)), format="csr")
-    size = np.array([[params[name] * b for b in widths] for name in names], dtype=np.float64).ravel()
-    total = float(sum(params[name] for name in names) + fixed)
-    limit = avg_bits - FLOAT_BITS * fixed / total
-    lowest = (min(widths) * (total - fixed) + FLOAT_BITS * fixed) / total
-    if lowest > avg_bits + 1e-9:
-        raise BadOption(f"--avg-bits {avg_bits:g} cannot be met: {fixed:,} parameters in nodes that cannot be "
-                        f"quantized count at 32 bits, so the lowest reachable average is {lowest:.2f}.")
-    constraints = [LinearConstraint(one_per_layer, 1, 1),
-                   LinearConstraint(size[None, :] / total, -np.inf, limit + 1e-9)]
+    constraints = [LinearConstraint(sparse.kron(sparse.identity(n, format="csr"), np.ones((1, k)), format="csr"), 1, 1)]
+    for budget in budgets:
+        row = np.array([[budget.costs[name][b] for b in widths] for name in names], dtype=np.float64).ravel()
+        scale = max(float(np.abs(row).max()), 1e-30)
+        constraints.append(LinearConstraint(row[None, :] / scale, -np.inf, budget.limit / scale + 1e-9))
     with _stdout_silenced():  # no time limit: a timed-out solve would depend on the machine's speed
         result = milp(cost.ravel(), constraints=constraints, integrality=np.ones(n * k), bounds=Bounds(0, 1))
     if result.status != 0 or result.x is None:
-        raise BadOption(f"no allocation meets --avg-bits {avg_bits:g} with widths {widths} ({result.message}).")
+        raise BadOption(f"no allocation meets {' and '.join(b.name for b in budgets)} with widths {widths} "
+                        f"({result.message}).")
     choice = result.x.reshape(n, k).argmax(axis=1)
     return {name: widths[c] for name, c in zip(names, choice)}
 
 
-def allocate_greedy(importance: dict, params: dict, candidate_bits, avg_bits: float, fixed: int = 0) -> dict:
+def allocate_greedy(importance: dict, candidate_bits, budgets) -> dict:
     widths = sorted(candidate_bits)
     bits = {name: widths[-1] for name in importance}
     order = sorted(importance, key=lambda name: importance[name])  # stable: ties keep network order
     for name in order:
-        if average_bits(bits, params, fixed) <= avg_bits + 1e-9:
+        if fits(bits, budgets):
             break
         bits[name] = widths[0]
-        if average_bits(bits, params, fixed) <= avg_bits + 1e-9:
+        if fits(bits, budgets):
             # This layer alone overshot the budget: keep it as wide as still fits.
-            bits[name] = next(w for w in reversed(widths)
-                              if average_bits({**bits, name: w}, params, fixed) <= avg_bits + 1e-9)
+            bits[name] = next(w for w in reversed(widths) if fits({**bits, name: w}, budgets))
     return bits
 
 
-def allocate(method: str, importance: dict, damage: dict, params: dict, candidate_bits, avg_bits: float | None,
-             fixed: int = 0):
+def check_reachable(budgets, widths) -> None:
+    for budget in budgets:
+        lowest = sum(min(budget.costs[name][b] for b in widths) for name in budget.costs)
+        if lowest > budget.limit * (1 + 1e-9) + 1e-6:
+            raise BadOption(f"{budget.name} cannot be met: even the narrowest widths need more "
+                            f"({lowest:,.0f} against {budget.limit:,.0f}); raise it or add narrower --bits.")
+
+
+def allocate(method: str, importance: dict, damage: dict, candidate_bits, budgets) -> dict:
     """Widths per layer; candidate_bits may hold FLOAT_BITS (float), which only the knapsack weighs."""
     integer_widths = [b for b in candidate_bits if b != FLOAT_BITS]
-    check_budget(avg_bits, integer_widths)
-    if avg_bits is None:
-        return {name: max(integer_widths) for name in importance}
+    widest = {name: max(integer_widths) for name in importance}
+    if not budgets or (fits(widest, budgets) and method != "greedy"):
+        return widest
     if method in ("ilp", "sensitivity"):  # the same knapsack; only the damage was measured differently
-        if avg_bits >= max(integer_widths) and not fixed:
-            return {name: max(integer_widths) for name in importance}
-        return allocate_ilp(damage, params, candidate_bits, avg_bits, fixed)
+        check_reachable(budgets, candidate_bits)
+        return allocate_ilp(damage, candidate_bits, budgets)
     if method == "greedy":
-        return allocate_greedy(importance, params, integer_widths, avg_bits, fixed)
+        check_reachable(budgets, integer_widths)
+        return allocate_greedy(importance, integer_widths, budgets)
     raise BadOption(f"unknown allocator '{method}'; choose one of {', '.join(ALLOCATORS)}.")
+
+
+def allocate_avg_bits(method: str, importance: dict, damage: dict, params: dict, candidate_bits,
+                      avg_bits: float | None, fixed: int = 0) -> dict:
+    """allocate() under --avg-bits alone (None: every layer at the widest width)."""
+    budgets = [] if avg_bits is None else [bits_budget(params, candidate_bits, avg_bits, fixed)]
+    return allocate(method, importance, damage, candidate_bits, budgets)

@@ -74,8 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"ilp damage = importance^E x measured output error (default {IMPORTANCE_EXPONENT}; "
                              "0 ignores importance, 1 is the plain product)")
     budget.add_argument("--max-size", type=float, metavar="BYTES",
-                        help="size budget of the model with weights packed at their widths: bytes, or a fraction "
-                             "(<= 1) of the input model's size; turned into an average-bits budget")
+                        help="bound on the bytes written (model file plus external data): bytes, or a fraction "
+                             "(<= 1) of the input model's size. With --prefer speed (int8 containers) it may be "
+                             "unreachable: --prefer size writes int4/int2 containers")
+    budget.add_argument("--prefer", choices=("speed", "size"), default="speed",
+                        help="speed (default): int8 containers on ORT's fused integer kernels (the k-bit levels "
+                             "show in gzip size, not on disk); size: the narrowest container ORT runs: int4/int2 "
+                             "MatMul weights (MatMulNBits), int4 Conv weights (slower: float Conv), 4-bit "
+                             "embedding tables (GatherBlockQuantized, used in both)")
     budget.add_argument("--max-drop", type=float, metavar="POINTS",
                         help="accuracy gate: exit 3 if the task output's held-out top-1 drop exceeds POINTS (without "
                              "labels: disagreement with FP32 in points). Without --avg-bits or --max-size it also "
@@ -142,6 +148,7 @@ def options_from(args):
                    importance_exponent=args.importance_exponent, act16=args.act16, levels=args.levels,
                    max_dim=args.max_dim, eval_path=args.eval, max_drop=args.max_drop, max_size=args.max_size,
                    min_cosine=args.min_cosine, output=args.task_output, activations=args.activations,
+                   prefer=args.prefer,
                    preprocess=preprocess,
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,
                    bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search)

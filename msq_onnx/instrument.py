@@ -90,6 +90,10 @@ def build_instrumented(loaded: LoadedModel) -> tuple[onnx.ModelProto, dict]:
         outputs["range"][tensor] = (lo, hi)
 
     for index, layer in enumerate(loaded.layers):
+        add_output(layer.probe_name)
+        outputs["probe"][layer.name] = layer.probe_name
+        if not layer.kind.input_moments:
+            continue  # token ids: no per-channel statistics
         rank = _rank(model, layer.input_name) or (4 if layer.op_type in ("Conv", "ConvTranspose") else 2)
         axes = _moment_axes(layer, rank)
         x = layer.input_name
@@ -108,8 +112,6 @@ def build_instrumented(loaded: LoadedModel) -> tuple[onnx.ModelProto, dict]:
         add_output(mean)
         add_output(sq_mean)
         outputs["moments"][layer.name] = (mean, sq_mean)
-        add_output(layer.probe_name)
-        outputs["probe"][layer.name] = layer.probe_name
     return model, outputs
 
 
@@ -223,6 +225,8 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 probe_shape = result[position[outputs["probe"][layer.name]]].shape
                 rows.setdefault(layer.name, []).append(
                     int(np.prod(probe_shape[1:-1])) if layer.kind.channels_last and len(probe_shape) > 2 else 1)
+                if layer.name not in outputs["moments"]:
+                    continue
                 mean_name, sq_name = outputs["moments"][layer.name]
                 mean_sum[layer.name] = mean_sum.get(layer.name, 0) + result[position[mean_name]] * count
                 sq_sum[layer.name] = sq_sum.get(layer.name, 0) + result[position[sq_name]] * count

@@ -381,9 +381,11 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
     refused = set()
     for node in graph.node:
         kind = REGISTRY.get(node.op_type)
-        if kind is None or len(node.input) < 2 or node.input[1] not in inits:
+        if kind is None or len(node.input) < 2 or node.input[kind.weight_index] not in inits:
             continue  # activation x activation: nothing to give bits to
-        weight_name = node.input[1]
+        weight_name = node.input[kind.weight_index]
+        if node.op_type == "Gather" and inits[weight_name].data_type != onnx.TensorProto.FLOAT:
+            continue  # an index or shape table, not an embedding
         if weight_name in refused:
             skipped.append({"node": node.name, "op_type": node.op_type, "reason": f"shares weight '{weight_name}' "
                             "with a node that cannot be quantized"})
@@ -404,9 +406,14 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
         shared = by_weight.get(weight_name)
         if shared is not None:
             if shared.op_type != node.op_type or fields.get("out_axis") != shared.out_axis:
-                raise BadModel(f"weight '{weight_name}' is shared by '{shared.name}' ({shared.op_type}) and "
-                               f"'{node.name}' ({node.op_type}) in different layouts; msq-onnx cannot give it one "
-                               "width: export the model with the weight duplicated.")
+                # e.g. tied input and output embeddings: one width would need one layout
+                refused.add(weight_name)
+                del by_weight[weight_name]
+                reason = (f"shares weight '{weight_name}' with a node of another layout "
+                          f"({shared.op_type} and {node.op_type}): left in float")
+                skipped.append({"node": node.name, "op_type": node.op_type, "reason": reason, "weight": weight_name})
+                skipped.extend({"node": n, "op_type": shared.op_type, "reason": reason} for n in shared.nodes)
+                continue
             # One width for all users; a bias correction would only fit one of them.
             shared.nodes += (node.name,)
             shared.bias_name, shared.bias_factor = None, None
@@ -417,7 +424,8 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
             if bias is None:
                 fields["bias_factor"] = None  # MatMul has no bias input to put a correction in
         by_weight[weight_name] = Layer(name=node.name, op_type=node.op_type, weight_name=weight_name,
-                                       input_name=node.input[0], probe_name=_probe_of(node, users, inits, outputs),
+                                       input_name=node.input[kind.data_index],
+                                       probe_name=_probe_of(node, users, inits, outputs),
                                        weight_shape=tuple(inits[weight_name].dims), bias_name=bias,
                                        output_name=node.output[0], **fields)
     return list(by_weight.values()), skipped

@@ -26,7 +26,7 @@ from .importance import upstream_layers
 from .instrument import run_pass
 from .latency import mode_costs
 from .load import load_model, save_model_file
-from .ops import FLOAT, FLOAT_BITS, MODES
+from .ops import FLOAT, FLOAT_BITS, MODES, PREFER, STATIC
 from .verify import fused_integer_kernels, optimized_op_counts, smoke_check
 from .weights import error_table
 from .write import check_output_path, publish, quantize_to_qdq, quantize_weights
@@ -50,6 +50,7 @@ class Options:
     min_cosine: float | None = None  # gate on the task output's mean cosine to FP32
     output: str | None = None  # the task output; None: the first float output of rank >= 2
     activations: str = "auto"  # per-layer mode from measured damage, or one mode for every layer
+    prefer: str = "speed"  # speed: int8 containers on fused kernels; size: the narrowest container that runs
     mode_tolerance: float = mode_stage.TOLERANCE
     act16: int = 0  # inputs of this many layers (largest uint8 error) kept in uint16
     preprocess: Preprocess = field(default_factory=Preprocess)
@@ -113,6 +114,8 @@ def check_options(options: Options) -> None:
         raise BadOption("--max-drop must be zero or positive (top-1 points).")
     if options.min_cosine is not None and not (0.0 < options.min_cosine <= 1.0):
         raise BadOption(f"--min-cosine {options.min_cosine} is outside (0, 1]; give a cosine such as 0.99.")
+    if options.prefer not in PREFER:
+        raise BadOption(f"--prefer {options.prefer!r} is not one of {', '.join(PREFER)}.")
     if options.activations not in ACTIVATION_CHOICES:
         raise BadOption(f"--activations {options.activations!r} is not one of {', '.join(ACTIVATION_CHOICES)}.")
 
@@ -163,6 +166,9 @@ class Candidate:
     avg_bits: float
     path: str
     measured: dict | None
+    modes: dict  # layer -> activation mode as written
+    containers: dict  # layer -> weight container as written
+    file_bytes: int  # the model file and its external data, as written
 
 
 class _HeldOut:
@@ -185,30 +191,37 @@ def gate_passed(measured: dict, options: Options) -> bool:
     return drop_ok and cosine_ok
 
 
-def budget_bits(loaded, options: Options, params: dict) -> float | None:
-    """The average-bits budget implied by --avg-bits and --max-size (the tighter one)."""
-    budgets = [options.avg_bits] if options.avg_bits is not None else []
-    if options.max_size is not None:
-        total = sum(params.values())
-        limit = options.max_size * loaded.size_bytes if options.max_size <= 1.0 else options.max_size
-        rest = _unweighted_bytes(loaded, params)
-        bits = (limit - rest) * 8.0 / total
-        if bits < min(options.bits):
-            smallest = rest + total * min(options.bits) / 8.0
-            raise BadOption(f"--max-size {options.max_size:g} is below the smallest model these widths allow "
-                            f"({smallest:,.0f} bytes packed); raise it or add narrower --bits.")
-        budgets.append(bits)
-    return min(budgets) if budgets else None
+def size_budget(loaded, options: Options, widths) -> allocate_stage.Budget | None:
+    """--max-size in the bytes each width's container really takes in the written file."""
+    if options.max_size is None:
+        return None
+    limit = options.max_size * loaded.size_bytes if options.max_size <= 1.0 else options.max_size
+    rest = loaded.size_bytes - sum(4 * layer.params for layer in loaded.layers)  # what is not a layer's weight
+
+    def costs(prefer: str) -> dict:
+        return {layer.name: {b: layer.kind.container_bytes(layer, layer.kind.container(b, STATIC, prefer))
+                             for b in widths} for layer in loaded.layers}
+
+    def smallest(prefer: str) -> float:
+        return rest + sum(min(table.values()) for table in costs(prefer).values())
+
+    if smallest(options.prefer) > limit:
+        hint = (f"; --prefer size writes int4 containers and reaches {smallest('size'):,.0f}"
+                if options.prefer == "speed" and smallest("size") < smallest("speed") else
+                "; raise it or add narrower --bits")
+        raise BadOption(f"--max-size {options.max_size:g} ({limit:,.0f} bytes) is below the smallest model "
+                        f"--prefer {options.prefer} can write ({smallest(options.prefer):,.0f} bytes){hint}.")
+    return allocate_stage.Budget(costs(options.prefer), limit - rest, f"--max-size {options.max_size:g}", limit)
 
 
-def packed_size(loaded, bits: dict, params: dict) -> int:
-    """Bytes of the model with each layer's weights packed at its width (what a k-bit container stores)."""
-    return int(round(_unweighted_bytes(loaded, params) + sum(params[n] * bits[n] for n in bits) / 8.0))
-
-
-def _unweighted_bytes(loaded, params: dict) -> int:
-    """Everything but the layers' FP32 weights, which keeps its size when quantized."""
-    return loaded.size_bytes - 4 * sum(params.values())
+def plan_layers(loaded, analysis: Analysis, bits: dict, prefer: str) -> tuple[dict, dict]:
+    """Each layer's final activation mode and weight container, from its width and the objective."""
+    modes, containers = {}, {}
+    for layer in loaded.layers:
+        mode = FLOAT if bits[layer.name] == FLOAT_BITS else analysis.modes[layer.name].mode
+        containers[layer.name] = layer.kind.container(bits[layer.name], mode, prefer)
+        modes[layer.name] = layer.kind.mode_for(containers[layer.name], mode)
+    return modes, containers
 
 
 def _open_calibration(calib, loaded, options: Options):
@@ -246,7 +259,11 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         calib, evaluation = _held_out(_open_calibration(calib, loaded, options), loaded, options)
     params = {layer.name: layer.params for layer in loaded.layers}
     fixed = loaded.float_params
-    budget = budget_bits(loaded, options, params)
+    widths = candidate_widths(options)
+    budgets = [b for b in (size_budget(loaded, options, widths),) if b is not None]
+    if options.avg_bits is not None:
+        budgets.append(allocate_stage.bits_budget(params, widths, options.avg_bits, fixed))
+        allocate_stage.check_reachable(budgets[-1:], widths)
     analysis = analyse(loaded, calib, options, timer)
     with timer.stage("allocate"):
         damage = _damage(loaded, calib, analysis, options)
@@ -256,42 +273,68 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     with tempfile.TemporaryDirectory(prefix="msq-") as work_dir:
         held_out = _HeldOut(loaded, evaluation, options, work_dir)
 
-        def build(avg_bits: float | None) -> Candidate:
+        def build(budgets: list) -> Candidate:
             with timer.stage("allocate"):
-                bits = allocate_stage.allocate(options.allocator, analysis.importance, damage, params,
-                                               candidate_widths(options), avg_bits, fixed)
+                bits = allocate_stage.allocate(options.allocator, analysis.importance, damage, widths, budgets)
+                modes, containers = plan_layers(loaded, analysis, bits, options.prefer)
             with timer.stage("write"):
                 folder = tempfile.mkdtemp(dir=work_dir)
                 quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,
                                              options.bias_correction)
-                path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, folder, wide_inputs,
-                                       layer_modes(analysis, bits))
+                path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, folder, wide_inputs, modes,
+                                       containers)
             with timer.stage("verify"):
                 return Candidate(bits, allocate_stage.average_bits(bits, params, fixed), path,
-                                 held_out.measure(path))
+                                 held_out.measure(path), modes, containers, written_bytes(path))
 
         search = None
-        if (options.max_drop is not None or options.min_cosine is not None) and budget is None:
-            chosen, search = search_budget(build, options)
+        if (options.max_drop is not None or options.min_cosine is not None) and not budgets:
+            chosen, search = search_budget(
+                lambda avg: build([allocate_stage.bits_budget(params, widths, avg, fixed)]), options)
         else:
-            chosen = build(budget)
+            chosen = build(budgets)
+            chosen = _meet_size(chosen, budgets, build, options.prefer)
         with timer.stage("verify"):
             op_counts = optimized_op_counts(chosen.path)
             if evaluation is calib:
                 smoke_check(chosen.path, loaded, calib, options.batch_size)
+        with timer.stage("latency"):
+            latency = measure_latency(chosen, evaluation, analysis.stats.ranges, work_dir)
         with timer.stage("write"):
             publish(chosen.path, output_path)
-    output_size = os.path.getsize(output_path)
     from .report import build_report
 
-    warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib)
-    report = build_report(model_path, output_path, loaded, options, chosen.bits, params, analysis, chosen.measured,
-                          op_counts, fused_integer_kernels(op_counts), output_size, timer.seconds,
-                          time.perf_counter() - started, packed_bytes=packed_size(loaded, chosen.bits, params),
+    warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib, budgets)
+    report = build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts,
+                          fused_integer_kernels(op_counts), timer.seconds, time.perf_counter() - started,
                           activation_errors=activation_errors, wide_inputs=wide_inputs, search=search,
-                          modes=layer_modes(analysis, chosen.bits), warnings=warnings, fixed_params=fixed)
+                          warnings=warnings, fixed_params=fixed, latency=latency)
     gate = report.get("gate")
     return Result(report=report, gate_passed=None if gate is None else gate["passed"])
+
+
+SIZE_RETRIES = 3
+
+
+def _meet_size(chosen: Candidate, budgets: list, build, prefer: str) -> Candidate:
+    """The written file must meet --max-size, not just its weights: what the allocator does not see (Q/DQ
+    nodes, zero points, names) comes off the weights' allowance and the allocation is made again."""
+    size = next((b for b in budgets if b.total is not None), None)
+    for _ in range(SIZE_RETRIES):
+        if size is None or chosen.file_bytes <= size.total:
+            break
+        used = sum(size.costs[name][bits] for name, bits in chosen.bits.items())
+        lowest = sum(min(table.values()) for table in size.costs.values())
+        if used <= lowest:
+            hint = ("; --prefer size writes int4/int2 containers" if prefer == "speed" else
+                    "; raise it or add narrower --bits")
+            raise BadOption(f"{size.name} cannot be met: the smallest model --prefer {prefer} writes is "
+                            f"{chosen.file_bytes:,} bytes (written and measured){hint}.")
+        limit = max(used - (chosen.file_bytes - size.total), lowest)
+        size = allocate_stage.Budget(size.costs, limit, size.name, size.total)
+        budgets = [size if b.total is not None else b for b in budgets]
+        chosen = build(budgets)
+    return chosen
 
 
 def candidate_widths(options: Options) -> tuple:
@@ -299,13 +342,40 @@ def candidate_widths(options: Options) -> tuple:
     return tuple(options.bits) + ((FLOAT_BITS,) if options.allocator != "greedy" else ())
 
 
-def layer_modes(analysis: Analysis, bits: dict) -> dict:
-    return {name: FLOAT if bits[name] == FLOAT_BITS else analysis.modes[name].mode for name in bits}
+def written_bytes(path: str) -> int:
+    """The model file plus the external data files it names: what a deployment copies."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    folder = os.path.dirname(os.path.abspath(path))
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, name)) for name in locations)
 
 
-def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, not_held_out: bool) -> list[str]:
+def measure_latency(chosen: Candidate, samples, ranges: dict, work_dir: str) -> dict:
+    """Batch-1 latency of FP32, the written model and ORT's own int8 model, on one held-out sample."""
+    from .verify import reference_int8, time_models
+
+    feed = {name: value[:1] for name, value in next(iter(samples.batches(1))).items()}
+    fp32 = os.path.join(work_dir, "fp32.onnx")
+    static = sum(1 for m in chosen.modes.values() if m == "static") * 2 >= len(chosen.modes)
+    reference, kind = reference_int8(fp32, work_dir, static, ranges)
+    times = time_models([fp32, chosen.path] + ([reference] if reference else []), feed)
+    result = {"fp32": times[0], "output": times[1], "input_shapes": {k: list(v.shape) for k, v in feed.items()},
+              "threads": 1, "batch": 1}
+    if reference:
+        result[f"ort_{kind}_int8"] = times[2]
+    return result
+
+
+def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, not_held_out: bool,
+              budgets: list) -> list[str]:
     """What the tool cannot stand behind, said in one line each."""
     warnings = []
+    size = next((b for b in budgets if b.total is not None), None)
+    if size is not None and chosen.file_bytes > size.total:
+        warnings.append(f"the written model is {chosen.file_bytes:,} bytes, over --max-size ({size.total:,.0f}): "
+                        "the budget is met by the weights only, not by the file")
     if options.max_drop is None and options.min_cosine is None:
         collapsed = fidelity.collapse_warning(chosen.measured)
         if collapsed:
@@ -355,6 +425,7 @@ def search_budget(build, options: Options) -> tuple[Candidate, list]:
     def probe(index: int) -> Candidate:
         candidate = build(float(grid[index]))
         log.append({"budget": float(grid[index]), "avg_bits": round(candidate.avg_bits, 4),
+                    "bytes": candidate.file_bytes,
                     "drop": _rounded(candidate.measured.get("drop")), "cosine": candidate.measured["cosine"]})
         return candidate
 

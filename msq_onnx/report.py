@@ -15,14 +15,51 @@ from .write import _default_mode
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
 
 
+def _written_opset(path: str) -> int:
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def _weight_error(analysis, name: str, bits: int):
     choice = analysis.choices[name].get(bits)
     return 0.0 if choice is None else float(f"{choice.error:.6g}")  # float: no weight error
 
 
-def build_report(model_path, output_path, loaded, options, bits, params, analysis, measured, op_counts, fused,
-                 output_size, timings, total_seconds, *, packed_bytes, activation_errors, wide_inputs,
-                 modes, warnings, fixed_params=0, search=None) -> dict:
+def _mode_reason(layer, analysis, chosen) -> str:
+    mode = chosen.modes[layer.name]
+    if mode == "float":
+        return "the allocator kept it in float"
+    if mode != analysis.modes[layer.name].mode:
+        return f"its {chosen.containers[layer.name]} container runs only as {mode} (--prefer size)"
+    return analysis.modes[layer.name].reason
+
+
+def gzip_size(paths) -> int:
+    """gzip -9 of the written files: what an app bundle or a download carries."""
+    import zlib
+
+    total = 0
+    for path in paths:
+        packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: gzip framing
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                total += len(packer.compress(chunk))
+        total += len(packer.flush())
+    return total
+
+
+def _written_files(output_path: str) -> list[str]:
+    data = output_path + ".data"
+    return [output_path] + ([data] if os.path.exists(data) else [])
+
+
+def build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts, fused,
+                 timings, total_seconds, *, activation_errors, wide_inputs, warnings, latency,
+                 fixed_params=0, search=None) -> dict:
+    bits, modes, measured = chosen.bits, chosen.modes, chosen.measured
+    files = _written_files(output_path)
     layers = [{
         "name": layer.name,
         "op_type": layer.op_type,
@@ -36,8 +73,9 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
         "activation_error": float(f"{activation_errors[layer.name]:.6g}"),
         "activation_bits": 16 if layer.name in wide_inputs else 8,
         "mode": modes[layer.name],
-        "mode_reason": ("the allocator kept it in float" if modes[layer.name] == "float"
-                        else analysis.modes[layer.name].reason),
+        "mode_reason": _mode_reason(layer, analysis, chosen),
+        "container": chosen.containers[layer.name],
+        "bytes": int(layer.kind.container_bytes(layer, chosen.containers[layer.name])),
         "mode_errors": {mode: float(f"{error:.6g}") for mode, error in analysis.modes[layer.name].errors.items()},
         "nodes": list(layer.nodes),
     } for layer in loaded.layers]
@@ -53,8 +91,10 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
             "bias_correction": options.bias_correction, "clip_search": options.clip_search,
             "batch_size": options.batch_size, "max_drop": options.max_drop, "max_size": options.max_size,
             "min_cosine": options.min_cosine, "output": loaded.output_name, "activations": options.activations,
+            "prefer": options.prefer,
         },
-        "opset": {"input": loaded.source_opset, "output": loaded.opset},
+        "opset": {"input": loaded.source_opset, "output": _written_opset(output_path),
+                  "raised_for_int2": any(c == "int2" for c in chosen.containers.values())},
         "calibration": {"samples": analysis.stats.samples, "labels_source": analysis.labels.source,
                         "classes": analysis.labels.classes,
                         "input_accuracy": round(analysis.input_score.top1, 6),
@@ -67,7 +107,9 @@ def build_report(model_path, output_path, loaded, options, bits, params, analysi
             "reason": "kept in float by the allocator"} for name, mode in modes.items() if mode == "float"],
         "warnings": list(warnings),
         "activation_modes": {"tolerance": options.mode_tolerance, "end_to_end": analysis.mode_log},
-        "size_bytes": {"input": int(loaded.size_bytes), "output": int(output_size), "packed": int(packed_bytes)},
+        "size_bytes": {"input": int(loaded.size_bytes), "file": int(sum(os.path.getsize(p) for p in files)),
+                       "gzip": gzip_size(files), "layers": sum(layer["bytes"] for layer in layers)},
+        "latency_ms": latency,
         "quantized_layers": len(layers),
         "fused_integer_kernels": int(fused),
         "optimized_ops": dict(sorted(op_counts.items())),
@@ -126,8 +168,10 @@ def markdown(report: dict) -> str:
     lines = ["# msq-onnx report", "",
              f"- input: `{report['input_model']}` ({report['size_bytes']['input']:,} bytes, opset "
              f"{report['opset']['input']})",
-             f"- output: `{report['output_model']}` ({report['size_bytes']['output']:,} bytes, opset "
-             f"{report['opset']['output']})",
+             f"- output: `{report['output_model']}` ({report['size_bytes']['file']:,} bytes written, "
+             f"{report['size_bytes']['gzip']:,} gzip -9, opset {report['opset']['output']})",
+             "- batch-1 latency, 1 thread (ms): " + ", ".join(
+                 f"{k} {v}" for k, v in report["latency_ms"].items() if isinstance(v, float)),
              f"- average weight bits: {report['avg_weight_bits']:.3f} (budget: {report['options']['avg_bits']}, "
              f"allocator: {report['options']['allocator']})",
              f"- fused integer kernels: {report['fused_integer_kernels']} for {report['quantized_layers']} layers",
@@ -158,11 +202,12 @@ def markdown(report: dict) -> str:
         lines.append(f"- accuracy gate (--max-drop {gate['max_drop']}, --min-cosine {gate['min_cosine']}): "
                      f"**{'passed' if gate['passed'] else 'FAILED'}**")
     lines += ["", "| # | layer | op | params | predictor top-1 | predictor score | importance | bits | mode | "
-              "rel. output error |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+              "container | bytes | rel. output error |", "|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for index, layer in enumerate(report["layers"]):
         lines.append(f"| {index} | `{layer['name']}` | {layer['op_type']} | {layer['params']:,} | "
                      f"{layer['predictor_accuracy']:.3f} | {layer['predictor_score']:.4f} | "
-                     f"{layer['importance']:.4f} | {layer['bits']} | {layer['mode']} | "
+                     f"{layer['importance']:.4f} | {layer['bits']} | {layer['mode']} | {layer['container']} | "
+                     f"{layer['bytes']:,} | "
                      f"{layer['weight_error']:.2e} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()), ""]
     return "\n".join(lines)
@@ -197,8 +242,9 @@ def plot_layers(report: dict, path: str) -> None:
     plt.close(figure)
 
 
-def plot_accuracy_vs_size(points: list[dict], path: str, title: str) -> None:
-    """points: {label, size_bytes or avg_bits, top1}; one line per label."""
+def plot_accuracy_vs_size(points: list[dict], path: str, title: str, x: str = "avg_bits",
+                          xlabel: str = "average weight bits (model size)") -> None:
+    """points: {label, x, top1}; one line per label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,9 +252,9 @@ def plot_accuracy_vs_size(points: list[dict], path: str, title: str) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for label in sorted({p["label"] for p in points}):
-        series = sorted((p["avg_bits"], p["top1"]) for p in points if p["label"] == label)
+        series = sorted((p[x], p["top1"]) for p in points if p["label"] == label)
         axis.plot([s[0] for s in series], [s[1] for s in series], marker="o", label=label)
-    axis.set_xlabel("average weight bits (model size)")
+    axis.set_xlabel(xlabel)
     axis.set_ylabel("top-1 (%)")
     axis.set_title(title)
     axis.grid(alpha=0.3)
@@ -228,11 +274,12 @@ def write_report(report: dict, path: str) -> list[str]:
     fp32 = (report.get("evaluation") or {}).get("fp32_top1")
     if report.get("search"):
         reference = fp32 if fp32 is not None else 100.0  # without labels: agreement with FP32
-        points = [{"label": "budgets tried", "avg_bits": probe["avg_bits"],
+        points = [{"label": "budgets tried", "bytes": probe["bytes"] / 1e6,
                    "top1": reference - probe["drop"] if probe["drop"] is not None else 100.0 * probe["cosine"]}
                   for probe in report["search"]]
         plot_accuracy_vs_size(points, stem + ".search.png",
-                              "held-out top-1 (or agreement, or 100 x cosine) per budget tried")
+                              "held-out top-1 (or agreement, or 100 x cosine) per budget tried", x="bytes",
+                              xlabel="bytes written (MB)")
         written.append(stem + ".search.png")
     return written
 

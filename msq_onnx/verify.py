@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections import Counter
 
 import numpy as np
@@ -50,3 +51,53 @@ def smoke_check(path: str, loaded, samples, batch_size: int) -> None:
     for output in runner.run(None, feed):
         if np.issubdtype(output.dtype, np.floating) and not np.isfinite(output).all():
             raise RuntimeError("the quantized model produced NaN or Inf on calibration data")
+
+
+def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict) -> tuple[str | None, str]:
+    """ONNX Runtime's own uniform int8 model, the yardstick a user would build: quantize_static (per channel,
+    our ranges as its calibration cache) for a model we run mostly static, quantize_dynamic otherwise."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    from .write import _quiet_ort_logging, write_calibration_cache
+
+    kind = "static" if static else "dynamic"
+    path = os.path.join(work_dir, f"ort-{kind}-int8.onnx")
+    try:
+        with _quiet_ort_logging():
+            if static:
+                cache = os.path.join(work_dir, "reference-ranges.json")
+                write_calibration_cache(ranges, cache)
+                quantize_static(fp32_path, path, calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache)
+            else:
+                quantize_dynamic(fp32_path, path, per_channel=True, weight_type=QuantType.QInt8)
+        return path, kind
+    except Exception:  # the yardstick is optional: ORT's quantizer refuses some models that we convert
+        return None, kind
+
+
+LATENCY_SECONDS = 1.5  # per model, spent in timed runs after warm-up
+
+
+def time_models(paths: list[str], feed: dict) -> list[float]:
+    """Median batch-1 latency (ms) of each model on one thread, runs interleaved so drift hits all alike."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    sessions = [ort.InferenceSession(p, options, providers=["CPUExecutionProvider"]) for p in paths]
+    first = []
+    for runner in sessions:  # warm-up, and a first timing to choose the number of runs
+        runner.run(None, feed)
+        start = time.perf_counter()
+        runner.run(None, feed)
+        first.append(time.perf_counter() - start)
+    runs = int(np.clip(LATENCY_SECONDS / max(max(first), 1e-6), 5, 200))
+    times = [[] for _ in sessions]
+    for _ in range(runs):
+        for index, runner in enumerate(sessions):
+            start = time.perf_counter()
+            runner.run(None, feed)
+            times[index].append(time.perf_counter() - start)
+    return [round(float(np.median(t)) * 1000.0, 4) for t in times]

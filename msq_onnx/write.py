@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from .errors import BadOption
 from .load import LoadedModel, is_large, save_model_file
-from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY, attribute
+from .ops import CONTAINER_BITS, DYNAMIC, FLOAT, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute
 from .weights import as_matrix, quantize_layer
 
 
@@ -67,8 +67,9 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
     return QuantizedWeights(model, scales)
 
 
-def tensor_overrides(layers, scales: dict, wide_inputs=()) -> dict:
-    """Per-channel weight scales, and uint16 for the activation inputs of the layers in wide_inputs."""
+def tensor_overrides(layers, scales: dict, wide_inputs=(), containers: dict | None = None) -> dict:
+    """Per-channel weight scales in each layer's container, and uint16 for the activation inputs of the
+    layers in wide_inputs."""
     from onnxruntime.quantization import QuantType
 
     overrides = {}
@@ -77,7 +78,8 @@ def tensor_overrides(layers, scales: dict, wide_inputs=()) -> dict:
             overrides[layer.input_name] = [{"quant_type": QuantType.QUInt16}]
     for layer in layers:
         per_channel = [{"scale": np.float32(s), "zero_point": np.int8(0)} for s in scales[layer.weight_name]]
-        per_channel[0].update({"quant_type": QuantType.QInt8, "axis": layer.out_axis})
+        four = (containers or {}).get(layer.name) == INT4
+        per_channel[0].update({"quant_type": QuantType.QInt4 if four else QuantType.QInt8, "axis": layer.out_axis})
         overrides[layer.weight_name] = per_channel
     return overrides
 
@@ -160,11 +162,12 @@ def static_region(model: onnx.ModelProto, static_nodes: set) -> list[str]:
 
 
 def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: dict, work_dir: str,
-                    wide_inputs=(), modes: dict | None = None) -> str:
+                    wide_inputs=(), modes: dict | None = None, containers: dict | None = None) -> str:
     """Write the model in work_dir: ORT's QDQ quantizer for the static layers, our rewrite for the others."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     modes = modes or {layer.name: STATIC for layer in loaded.layers}
+    containers = containers or {layer.name: INT8 for layer in loaded.layers}
     large = is_large(quantized.model)
     prepared = os.path.join(work_dir, "prepared.onnx")
     save_model_file(quantized.model, prepared)
@@ -180,14 +183,14 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
                             calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache,
                             use_external_data_format=large, nodes_to_quantize=nodes,
                             extra_options={"TensorQuantOverrides": tensor_overrides(static, quantized.scales,
-                                                                                    wide_inputs)})
+                                                                                    wide_inputs, containers)})
         model = onnx.load(result)
     else:
         model = onnx.load(prepared)
     others = [layer for layer in loaded.layers if modes[layer.name] in (DYNAMIC, WEIGHT_ONLY)
               and layer.weight_name in quantized.scales]
     if others:
-        rewrite_layers(model, others, quantized, modes)
+        rewrite_layers(model, others, quantized, modes, containers)
         save_model_file(model, result)
     elif not static:
         save_model_file(model, result)
@@ -220,10 +223,49 @@ class _GraphEdit:
         self.model.graph.initializer.extend(kept)
 
 
-def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, modes: dict) -> None:
-    """Dynamic and weight-only layers, written as quantize_dynamic and MatMulNBits expect them.
+def packed_tensor(name: str, integers: np.ndarray, container: str) -> onnx.TensorProto:
+    """int8, or int4/int2 packed low bits first into raw bytes (what the file stores: the bits show)."""
+    if container == INT8:
+        return numpy_helper.from_array(integers.astype(np.int8), name)
+    bits = CONTAINER_BITS[container]
+    per_byte = 8 // bits
+    flat = (integers.astype(np.int16).ravel() & ((1 << bits) - 1)).astype(np.uint8)
+    flat = np.concatenate([flat, np.zeros(-len(flat) % per_byte, np.uint8)]).reshape(-1, per_byte)
+    packed = np.zeros(len(flat), np.uint8)
+    for slot in range(per_byte):
+        packed |= flat[:, slot] << (bits * slot)
+    tensor = onnx.TensorProto()
+    tensor.name = name
+    tensor.data_type = onnx.TensorProto.INT4 if container == INT4 else onnx.TensorProto.INT2
+    tensor.dims.extend(integers.shape)
+    tensor.raw_data = packed.tobytes()
+    return tensor
 
-    Dense layers (MatMul, Gemm) become MatMul on a [K, N] int8 weight
+
+def _gather_nodes(node, layer, integers: np.ndarray, scale: np.ndarray, container: str, prefix: str,
+                  edit: _GraphEdit) -> list:
+    """GatherBlockQuantized on the table: uint8 data holding 4-bit (two per byte, zero point 8 as in
+    MatMulNBits) or 8-bit values (explicit zero point 128), one scale per block of a row."""
+    table = layer.kind.from_matrix(layer, integers).astype(np.int16)
+    blocks = (layer.weight_shape[0], layer.weight_shape[1] // layer.block)
+    inputs = [prefix + "_data", node.input[1], edit.constant(prefix + "_scale", scale.reshape(blocks))]
+    if container == INT4:
+        biased = (table + 8).astype(np.uint8)
+        edit.constant(inputs[0], biased[:, 0::2] | (biased[:, 1::2] << 4))
+    else:
+        edit.constant(inputs[0], (table + 128).astype(np.uint8))
+        inputs.append(edit.constant(prefix + "_zero", np.full(blocks, 128, np.uint8)))
+    return [helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=node.name, domain=MS_DOMAIN,
+                             bits=CONTAINER_BITS[container], block_size=layer.block, gather_axis=0,
+                             quantize_axis=1)]
+
+
+def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, modes: dict,
+                   containers: dict) -> None:
+    """Dynamic and weight-only layers, written as quantize_dynamic, MatMulNBits and GatherBlockQuantized
+    expect them.
+
+    Dense layers (MatMul, Gemm) become MatMul on a [K, N] weight
     (Gemm's transposed weight too: DQ -> Gemm is not fused, DQ -> MatMul is).
     """
     edit = _GraphEdit(model)
@@ -234,15 +276,22 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
         scale = quantized.scales[layer.weight_name]
         integers = _integer_weight(layer, weight, scale)
         prefix = layer.weight_name + "_msq"
+        container, mode = containers[layer.name], modes[layer.name]
+        if layer.op_type == "Gather":
+            for node_name in layer.nodes:
+                node = model.graph.node[position[node_name]]
+                replacements[position[node_name]] = _gather_nodes(node, layer, integers, scale, container,
+                                                                  f"{prefix}_{position[node_name]}", edit)
+            continue
         dense = layer.op_type in ("MatMul", "Gemm")
-        q_name = edit.constant(prefix + "_q", integers.T.copy() if dense else
-                               layer.kind.from_matrix(layer, integers).astype(np.int8))
+        q_name = prefix + "_q"
+        stored = integers.T.copy() if dense else layer.kind.from_matrix(layer, integers)
+        model.graph.initializer.append(packed_tensor(q_name, stored, container))
         s_name = edit.constant(prefix + "_scale", scale.astype(np.float32))
-        z_name = edit.constant(prefix + "_zero", np.zeros(len(scale), np.int8))
-        mode = modes[layer.name]
+        z_name = edit.constant(prefix + "_zero", np.zeros(len(scale), np.int8)) if mode == DYNAMIC else ""
         shared_dq = None
-        if mode == WEIGHT_ONLY:
-            shared_dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [prefix + "_dq"],
+        if mode == WEIGHT_ONLY:  # symmetric: no zero point, whatever the container
+            shared_dq = helper.make_node("DequantizeLinear", [q_name, s_name], [prefix + "_dq"],
                                          name=prefix + "_dq", axis=1 if dense else layer.out_axis)
         for node_name in layer.nodes:
             node = model.graph.node[position[node_name]]
@@ -262,6 +311,23 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
     del model.graph.node[:]
     model.graph.node.extend(rebuilt)
     edit.drop_unused()
+    if any(layer.op_type == "Gather" for layer in layers) and not any(o.domain == MS_DOMAIN
+                                                                       for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if any(containers[layer.name] == INT2 for layer in layers):
+        raise_opset(model, INT2_OPSET)
+
+
+MS_DOMAIN = "com.microsoft"
+INT2_OPSET = 25  # the first opset with int2 DequantizeLinear; ONNX Runtime 1.31 loads <= 26
+
+
+def raise_opset(model: onnx.ModelProto, opset: int) -> None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and entry.version < opset:
+            entry.version = opset
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(
+        [o for o in model.opset_import if o.domain in ("", "ai.onnx")]))
 
 
 def _dense_nodes(node, mode: str, prefix: str, dq_name: str, q_name: str, s_name: str, z_name: str,

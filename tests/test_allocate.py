@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from msq_onnx.allocate import allocate, allocate_greedy, allocate_ilp, average_bits, check_budget
+from msq_onnx.allocate import allocate_avg_bits, allocate_greedy, allocate_ilp, average_bits, bits_budget, check_budget
 from msq_onnx.errors import BadOption
 
 PARAMS = {"a": 100, "b": 400, "c": 50, "d": 1000}
@@ -24,7 +24,7 @@ def brute_force(budget):
 
 @pytest.mark.parametrize("budget", [2.5, 3.0, 4.0, 5.5, 7.0])
 def test_ilp_is_optimal_and_within_budget(budget):
-    bits = allocate_ilp(DAMAGE, PARAMS, WIDTHS, budget)
+    bits = allocate_ilp(DAMAGE, WIDTHS, [bits_budget(PARAMS, WIDTHS, budget)])
     assert average_bits(bits, PARAMS) <= budget + 1e-9
     cost = sum(DAMAGE[n][bits[n]] for n in bits)
     assert cost == pytest.approx(brute_force(budget)[0], rel=1e-9)
@@ -32,13 +32,13 @@ def test_ilp_is_optimal_and_within_budget(budget):
 
 def test_greedy_lowers_least_important_first():
     importance = {"a": 0.3, "b": 0.1, "c": 0.9, "d": 0.2}
-    bits = allocate_greedy(importance, PARAMS, WIDTHS, 5.0)
+    bits = allocate_greedy(importance, WIDTHS, [bits_budget(PARAMS, WIDTHS, 5.0)])
     assert average_bits(bits, PARAMS) <= 5.0
     assert bits["b"] == 2 and bits["c"] == 8  # least important narrowest, most important untouched
 
 
 def test_budget_at_or_above_widest_keeps_everything_wide():
-    bits = allocate("ilp", {n: 1 for n in PARAMS}, DAMAGE, PARAMS, WIDTHS, 8.0)
+    bits = allocate_avg_bits("ilp", {n: 1 for n in PARAMS}, DAMAGE, PARAMS, WIDTHS, 8.0)
     assert set(bits.values()) == {8}
 
 

@@ -1,3 +1,4 @@
+import os
 """Budgets users think in: --max-size, --max-drop search, held-out split; and the sensitivity allocator."""
 
 import numpy as np
@@ -60,16 +61,24 @@ def test_max_drop_without_eval_holds_out_part_of_calibration(cnn_files, tmp_path
     assert "held-out" in result.report["evaluation"]["source"]
 
 
-def test_max_size_becomes_an_average_bits_budget(cnn_files, tmp_path):
-    loaded = load_model(cnn_files["model"])
-    total = sum(layer.params for layer in loaded.layers)
-    limit = loaded.size_bytes - 4 * total + total * 4 / 8  # room for 4 bits a weight
+def test_max_size_bounds_the_bytes_written(cnn_files, tmp_path):
+    narrow = convert(cnn_files["model"], str(tmp_path / "q4.onnx"), cnn_files["calib"],
+                     Options(avg_bits=4, bits=(4, 8), prefer="size", quiet=True))
+    wide = convert(cnn_files["model"], str(tmp_path / "q8.onnx"), cnn_files["calib"],
+                   Options(prefer="size", quiet=True))
+    for result, name in ((narrow, "q4.onnx"), (wide, "q8.onnx")):  # the report gives the bytes really written
+        assert result.report["size_bytes"]["file"] == os.path.getsize(tmp_path / name)
+    assert narrow.report["size_bytes"]["file"] < wide.report["size_bytes"]["file"]  # int4 containers are smaller
+    limit = (narrow.report["size_bytes"]["file"] + wide.report["size_bytes"]["file"]) // 2
     result = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"],
-                     Options(max_size=limit, quiet=True))
-    assert result.report["avg_weight_bits"] <= 4.0 + 1e-9
-    assert result.report["size_bytes"]["packed"] <= limit + 1
+                     Options(max_size=limit, bits=(4, 8), prefer="size", quiet=True))
+    assert os.path.getsize(tmp_path / "q.onnx") <= limit
+    assert {layer["container"] for layer in result.report["layers"]} <= {"int4", "int8", "float"}
+    with pytest.raises(BadOption, match="--prefer size"):  # int8 containers cannot get there
+        convert(cnn_files["model"], str(tmp_path / "q2.onnx"), cnn_files["calib"],
+                Options(max_size=narrow.report["size_bytes"]["file"], bits=(4, 8), quiet=True))
     with pytest.raises(BadOption):
-        convert(cnn_files["model"], str(tmp_path / "q2.onnx"), cnn_files["calib"], Options(max_size=0.01, quiet=True))
+        convert(cnn_files["model"], str(tmp_path / "q3.onnx"), cnn_files["calib"], Options(max_size=0.01, quiet=True))
 
 
 def test_sensitivity_allocator_measures_damage_per_layer_and_width(cnn_files, tmp_path):

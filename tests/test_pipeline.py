@@ -91,7 +91,7 @@ def test_matmul_layers_and_old_opset_with_2d_gemm_bias(tmp_path):
     np.savez(tmp_path / "old.npz", **samples_for(tiny_cnn(opset=17), 12))
     result = convert(str(tmp_path / "old.onnx"), str(tmp_path / "old.q.onnx"), str(tmp_path / "old.npz"),
                      Options(avg_bits=5, quiet=True, eval_path=str(tmp_path / "old.npz")))
-    assert result.report["opset"] == {"input": 9, "output": 21}
+    assert result.report["opset"] == {"input": 9, "output": 21, "raised_for_int2": False}
     assert result.report["fused_integer_kernels"] == 4
     assert result.report["evaluation"]["samples"] == 12
 
