@@ -112,7 +112,7 @@ class Budget:
 def bits_budget(params: dict, widths, avg_bits: float, fixed: int = 0) -> Budget:
     """--avg-bits: `fixed` parameters that cannot be quantized count at 32 bits, so the layers get less."""
     total = sum(params.values()) + fixed
-    costs = {name: {b: float(params[name] * b) for b in widths} for name in params}
+    costs = {name: {b: float(params[name] * b) for b in set(widths) | {FLOAT_BITS}} for name in params}
     return Budget(costs, avg_bits * total - FLOAT_BITS * fixed, f"--avg-bits {avg_bits:g}")
 
 
@@ -128,16 +128,17 @@ def allocate_ilp(damage: dict, candidate_bits, budgets) -> dict:
     names = list(damage)
     widths = sorted(candidate_bits)
     n, k = len(names), len(widths)
-    cost = np.array([[damage[name][b] for b in widths] for name in names], dtype=np.float64)
+    cost = np.array([[damage[name].get(b, 0.0) for b in widths] for name in names], dtype=np.float64)
     # Normalising keeps HiGHS's tolerances meaningful whatever the error scale.
     cost = cost / max(cost.max(), 1e-30)
+    allowed = np.array([[b in damage[name] for b in widths] for name in names], dtype=np.float64).ravel()
     constraints = [LinearConstraint(sparse.kron(sparse.identity(n, format="csr"), np.ones((1, k)), format="csr"), 1, 1)]
     for budget in budgets:
         row = np.array([[budget.costs[name][b] for b in widths] for name in names], dtype=np.float64).ravel()
         scale = max(float(np.abs(row).max()), 1e-30)
         constraints.append(LinearConstraint(row[None, :] / scale, -np.inf, budget.limit / scale + 1e-9))
     with _stdout_silenced():  # no time limit: a timed-out solve would depend on the machine's speed
-        result = milp(cost.ravel(), constraints=constraints, integrality=np.ones(n * k), bounds=Bounds(0, 1))
+        result = milp(cost.ravel(), constraints=constraints, integrality=np.ones(n * k), bounds=Bounds(0, allowed))
     if result.status != 0 or result.x is None:
         raise BadOption(f"no allocation meets {' and '.join(b.name for b in budgets)} with widths {widths} "
                         f"({result.message}).")
@@ -145,10 +146,10 @@ def allocate_ilp(damage: dict, candidate_bits, budgets) -> dict:
     return {name: widths[c] for name, c in zip(names, choice)}
 
 
-def allocate_greedy(importance: dict, candidate_bits, budgets) -> dict:
+def allocate_greedy(importance: dict, candidate_bits, budgets, floats=frozenset()) -> dict:
     widths = sorted(candidate_bits)
-    bits = {name: widths[-1] for name in importance}
-    order = sorted(importance, key=lambda name: importance[name])  # stable: ties keep network order
+    bits = {name: FLOAT_BITS if name in floats else widths[-1] for name in importance}
+    order = sorted((n for n in importance if n not in floats), key=lambda name: importance[name])  # stable
     for name in order:
         if fits(bits, budgets):
             break
@@ -159,30 +160,35 @@ def allocate_greedy(importance: dict, candidate_bits, budgets) -> dict:
     return bits
 
 
-def check_reachable(budgets, widths) -> None:
+def check_reachable(budgets, widths, allowed: dict | None = None) -> None:
     for budget in budgets:
-        lowest = sum(min(budget.costs[name][b] for b in widths) for name in budget.costs)
+        lowest = sum(min(budget.costs[name][b] for b in widths if allowed is None or b in allowed[name])
+                     for name in budget.costs)
         if lowest > budget.limit * (1 + 1e-9) + 1e-6:
             raise BadOption(f"{budget.name} cannot be met: even the narrowest widths need more "
                             f"({lowest:,.0f} against {budget.limit:,.0f}); raise it or add narrower --bits.")
 
 
-def allocate(method: str, importance: dict, damage: dict, candidate_bits, budgets) -> dict:
-    """Widths per layer; candidate_bits may hold FLOAT_BITS (float), which only the knapsack weighs."""
+def allocate(method: str, importance: dict, damage: dict | None, candidate_bits, budgets) -> dict:
+    """Widths per layer; candidate_bits may hold FLOAT_BITS (float), which only the knapsack weighs. A layer
+    whose damage table holds only FLOAT_BITS (float activations only) stays float."""
     integer_widths = [b for b in candidate_bits if b != FLOAT_BITS]
-    widest = {name: max(integer_widths) for name in importance}
+    allowed = {name: set(damage[name]) if damage is not None else set(candidate_bits) for name in importance}
+    floats = {name for name, widths in allowed.items() if widths == {FLOAT_BITS}}
+    widest = {name: FLOAT_BITS if name in floats else max(integer_widths) for name in importance}
     if not budgets or (fits(widest, budgets) and method != "greedy"):
         return widest
     if method in ("ilp", "sensitivity"):  # the same knapsack; only the damage was measured differently
-        check_reachable(budgets, candidate_bits)
+        check_reachable(budgets, candidate_bits, allowed)
         return allocate_ilp(damage, candidate_bits, budgets)
     if method == "greedy":
-        check_reachable(budgets, integer_widths)
-        return allocate_greedy(importance, integer_widths, budgets)
+        check_reachable(budgets, integer_widths + [FLOAT_BITS], {n: ({FLOAT_BITS} if n in floats else
+                                                                     set(integer_widths)) for n in allowed})
+        return allocate_greedy(importance, integer_widths, budgets, floats)
     raise BadOption(f"unknown allocator '{method}'; choose one of {', '.join(ALLOCATORS)}.")
 
 
-def allocate_avg_bits(method: str, importance: dict, damage: dict, params: dict, candidate_bits,
+def allocate_avg_bits(method: str, importance: dict, damage: dict | None, params: dict, candidate_bits,
                       avg_bits: float | None, fixed: int = 0) -> dict:
     """allocate() under --avg-bits alone (None: every layer at the widest width)."""
     budgets = [] if avg_bits is None else [bits_budget(params, candidate_bits, avg_bits, fixed)]

@@ -98,9 +98,13 @@ def _run_checked(runner, names, feed, count, samples, description) -> list:
     return outputs
 
 
-def output_kind(fp32: np.ndarray | None, labels: np.ndarray | None) -> str:
-    """class-scores, embedding or tensor, from the kept FP32 task output [N, C]."""
-    if fp32 is None or fp32.ndim != 2 or fp32.shape[1] < 2:
+def output_kind(fp32: np.ndarray | None, labels: np.ndarray | None, sample_shape=None) -> str:
+    """class-scores, embedding or tensor, from the kept FP32 task output [N, C] and one sample's own shape
+    (a [C, H, W] map flattened to [N, C*H*W] is still a map; [C, 1, 1] logits are still class scores)."""
+    dims = list(fp32.shape[1:] if sample_shape is None else sample_shape) if fp32 is not None else []
+    while len(dims) > 1 and dims[-1] == 1:
+        dims.pop()
+    if fp32 is None or len(dims) != 1 or fp32.shape[1] < 2:
         return "tensor"
     if labels is not None and labels.max() >= fp32.shape[1]:
         return "embedding"
@@ -138,12 +142,15 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     runner = session(quant_path)
     sums = {name: _OutputSums() for name in reference.names}
     samples = reference.samples
+    task_shape = None
     with progress(samples.count, "QDQ evaluation", quiet) as bar:
         for feed, count, fp32 in reference.batches(quiet):
             quant = _run_checked(runner, reference.names, feed, count, samples, "QDQ evaluation")
             for name, ref, out in zip(reference.names, fp32, quant):
                 if np.issubdtype(ref.dtype, np.number):
                     keep = name == task_output and ref[:1].size <= KEEP_LIMIT
+                    if name == task_output:
+                        task_shape = ref.shape[1:]
                     sums[name].add(ref, out, keep)
             bar.update(count)
     outputs = {}
@@ -156,7 +163,7 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     task = sums[task_output]
     fp32 = np.concatenate(task.kept_fp32) if task.kept_fp32 else None
     quant = np.concatenate(task.kept_quant) if task.kept_quant else None
-    kind = output_kind(fp32, labels)
+    kind = output_kind(fp32, labels, task_shape)
     result = {"samples": int(samples.count), "source": samples.source, "task_output": task_output, "kind": kind,
               "outputs": outputs, "cosine": outputs[task_output]["cosine"],
               "sqnr_db": outputs[task_output]["sqnr_db"]}

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .ops import DYNAMIC, STATIC, WEIGHT_ONLY
+from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY
 
 RUNS = 25
 WARMUP = 3
@@ -42,8 +42,11 @@ def _dense_model(rows: int, fan_in: int, fan_out: int, mode: str, bias: bool) ->
     q = edit.constant("w_q", rng.integers(-127, 128, (fan_in, fan_out)).astype(np.int8))
     s = edit.constant("w_s", np.full(fan_out, 0.01, np.float32))
     z = edit.constant("w_z", np.zeros(fan_out, np.int8))
-    nodes = [] if mode == DYNAMIC else [helper.make_node("DequantizeLinear", [q, s, z], ["w_dq"], axis=1)]
-    if mode == STATIC:  # the QDQ pattern ORT fuses into QLinearMatMul
+    nodes = [] if mode in (DYNAMIC, FLOAT) else [helper.make_node("DequantizeLinear", [q, s, z], ["w_dq"], axis=1)]
+    if mode == FLOAT:
+        nodes = [helper.make_node("MatMul", ["x", edit.constant("w", rng.normal(size=(fan_in, fan_out))
+                                                               .astype(np.float32))], ["y"])]
+    elif mode == STATIC:  # the QDQ pattern ORT fuses into QLinearMatMul
         edit.constant("a_s", np.array(0.05, np.float32))
         edit.constant("a_z", np.array(128, np.uint8))
         nodes += [helper.make_node("QuantizeLinear", ["x", "a_s", "a_z"], ["xq"]),
@@ -104,7 +107,7 @@ def dense_mode_times(rows: int, fan_in: int, fan_out: int, bias: bool = False) -
     """{mode: median seconds} of a [rows, fan_in] x [fan_in, fan_out] layer in each mode, cached."""
     key = f"dense {row_bucket(rows)}x{fan_in}x{fan_out}{' +bias' if bias else ''}"
     cached = _load_cache().get(key)
-    if isinstance(cached, dict) and set(cached) == {STATIC, DYNAMIC, WEIGHT_ONLY}:
+    if isinstance(cached, dict) and set(cached) == {STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT}:
         return cached
     times = _time_dense(row_bucket(rows), fan_in, fan_out, bias)
     _store_cache(key, times)
@@ -119,7 +122,7 @@ def _time_dense(rows: int, fan_in: int, fan_out: int, bias: bool) -> dict:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    modes = (STATIC, DYNAMIC, WEIGHT_ONLY)
+    modes = (STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT)
     sessions = [ort.InferenceSession(_dense_model(rows, fan_in, fan_out, m, bias).SerializeToString(), options,
                                      providers=["CPUExecutionProvider"]) for m in modes]
     feed = {"x": np.random.default_rng(1).normal(size=(rows, fan_in)).astype(np.float32)}
@@ -135,22 +138,23 @@ def _time_dense(rows: int, fan_in: int, fan_out: int, bias: bool) -> dict:
 
 ABSOLUTE_TIE = 10e-6  # differences of microseconds, which no model's latency shows, are a tie
 TIE = 1.05  # and so are timings within 5% on a noisy machine: the registry's order (static first) then holds
-# Conv has no timed alternative: its weight-only form (DQ + float Conv) measured 1.8-3.0x the static
-# QLinearConv on ResNet-18/MobileNetV2-like nets (../shared/docs/ort-cpu-facts.md).
-CONV_COSTS = {STATIC: 1.0, WEIGHT_ONLY: 2.3}
+# Conv is not timed: on ResNet-18/MobileNetV2-like nets static QLinearConv measured 0.30-0.44x FP32 and
+# int4 weight-only (DQ + float Conv) 1.8-3.0x FP32 (../shared/docs/ort-cpu-facts.md).
+# Relative to static, from the same measurements: FP32 Conv 1/0.30, int4 weight-only 1.9/0.30.
+CONV_COSTS = {STATIC: 1.0, FLOAT: 3.3, WEIGHT_ONLY: 6.3}
 
 
 def mode_costs(layer, rows: int | None) -> dict:
     """{mode: cost} for the layer's allowed modes; only ratios between one layer's modes are meaningful."""
     if layer.op_type not in ("MatMul", "Gemm") or not rows:
-        return {mode: CONV_COSTS.get(mode, 1.0 + index) for index, mode in enumerate(layer.kind.modes)}
+        return {mode: CONV_COSTS.get(mode, 1.0 + index) for index, mode in enumerate(layer.kind.modes + (FLOAT,))}
     fan_out = layer.weight_shape[layer.out_axis]
     times = dense_mode_times(int(rows), layer.params // fan_out, fan_out, layer.bias_name is not None)
-    return {mode: times[mode] for mode in layer.kind.modes}
+    return {mode: times[mode] for mode in layer.kind.modes + (FLOAT,)}
 
 
 def mode_order(layer, costs: dict) -> tuple:
     """The layer's allowed modes, fastest first; near-ties keep the registry's order."""
-    fastest = min(costs.values())
+    fastest = min(costs[m] for m in layer.kind.modes)
     tie = max(fastest * TIE, fastest + ABSOLUTE_TIE) if layer.op_type in ("MatMul", "Gemm") else fastest * TIE
     return tuple(sorted(layer.kind.modes, key=lambda m: 0.0 if costs[m] <= tie else costs[m]))

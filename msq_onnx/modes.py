@@ -35,6 +35,19 @@ TOLERANCE = 1e-2
 END_TO_END_TOLERANCE = 1e-2
 MAX_DEMOTION_ROUNDS = 8
 DEFAULT_SAMPLES = 32
+BLOCK_ACTIVATION = 32  # the block ORT's DQ -> MatMul to MatMulNBits fusion uses
+
+
+def quantizes_activations(layer, mode: str) -> bool:
+    """Static and dynamic do; so does weight-only on a dense layer (MatMulNBits at accuracy level 4), when its
+    rows split into whole blocks; a weight-only Conv and a float layer see float inputs."""
+    if mode in (STATIC, DYNAMIC):
+        return True
+    return mode == WEIGHT_ONLY and layer.op_type in ("MatMul", "Gemm") and fan_in(layer) % BLOCK_ACTIVATION == 0
+
+
+def fan_in(layer) -> int:
+    return layer.params // layer.weight_shape[layer.out_axis]
 
 
 @dataclass
@@ -77,6 +90,7 @@ class _Quantizers:
     def __init__(self, ranges: dict, model: onnx.ModelProto):
         self.ranges, self.nodes, self.inits = ranges, [], []
         self.output_ranges = _quantized_output_ranges(model)
+        self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
     def static(self, tensor: str, range_of: str, prefix: str) -> str:
         scale, zero = uint8_quantization(*self.ranges.get(range_of, (0.0, 0.0)))
@@ -94,10 +108,43 @@ class _Quantizers:
                                            [f"{prefix}_dq"]))
         return f"{prefix}_dq"
 
-    def apply(self, node, mode: str, prefix: str, output: str) -> str:
+    def blockwise(self, tensor: str, fan_in: int, prefix: str) -> str:
+        """What MatMulNBits does to its input at accuracy level 4 (the level ORT gives a DQ -> MatMul it fuses):
+        symmetric int8 per block of 32 along K, for each row."""
+        block = BLOCK_ACTIVATION
+        shape, absolute, peak = f"{prefix}_shape", f"{prefix}_abs", f"{prefix}_peak"
+        self.inits += [numpy_helper.from_array(np.array([-1, fan_in // block, block], np.int64), f"{prefix}_blocks"),
+                       numpy_helper.from_array(np.array(127.0, np.float32), f"{prefix}_127"),
+                       numpy_helper.from_array(np.array(1e-30, np.float32), f"{prefix}_tiny")]
+        reduce_max = (helper.make_node("ReduceMax", [absolute], [peak], axes=[-1], keepdims=1) if self.opset < 18
+                      else helper.make_node("ReduceMax", [absolute, self._axes()], [peak], keepdims=1))
+        self.nodes += [
+            helper.make_node("Shape", [tensor], [shape]),
+            helper.make_node("Reshape", [tensor, f"{prefix}_blocks"], [f"{prefix}_x"]),
+            helper.make_node("Abs", [f"{prefix}_x"], [absolute]),
+            reduce_max,
+            helper.make_node("Div", [peak, f"{prefix}_127"], [f"{prefix}_s0"]),
+            helper.make_node("Max", [f"{prefix}_s0", f"{prefix}_tiny"], [f"{prefix}_s"]),
+            helper.make_node("Div", [f"{prefix}_x", f"{prefix}_s"], [f"{prefix}_r"]),
+            helper.make_node("Round", [f"{prefix}_r"], [f"{prefix}_q"]),
+            helper.make_node("Mul", [f"{prefix}_q", f"{prefix}_s"], [f"{prefix}_y"]),
+            helper.make_node("Reshape", [f"{prefix}_y", shape], [f"{prefix}_dq"])]
+        return f"{prefix}_dq"
+
+    def _axes(self) -> str:
+        if not any(t.name == "msq_last_axis" for t in self.inits):
+            self.inits.append(numpy_helper.from_array(np.array([-1], np.int64), "msq_last_axis"))
+        return "msq_last_axis"
+
+    def apply(self, node, mode: str, prefix: str, output: str, fan_in: int = 0) -> str:
         """Quantize node's input (and, static, its result) into a copy whose final tensor is `output`."""
         source = node.input[0]
-        quantized = self.static(source, source, prefix + "_in") if mode == STATIC else self.dynamic(source, prefix)
+        if mode == STATIC:
+            quantized = self.static(source, source, prefix + "_in")
+        elif mode == DYNAMIC:
+            quantized = self.dynamic(source, prefix)
+        else:
+            quantized = self.blockwise(source, fan_in, prefix)
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         copy.name = f"{prefix}_node"
@@ -135,10 +182,10 @@ def build_measurement(loaded, ranges: dict) -> tuple[onnx.ModelProto, dict]:
         node = nodes[layer.name]
         outputs[layer.name] = {}
         for mode in layer.kind.modes:
-            if mode not in (STATIC, DYNAMIC):
-                continue  # weight-only keeps float activations: no activation error to measure
-            prefix = f"msq_m{index}_{mode}"
-            result = quantizers.apply(node, mode, prefix, f"{prefix}_result")
+            if not quantizes_activations(layer, mode):
+                continue  # float activations: no activation error to measure
+            prefix = f"msq_m{index}_{mode.replace('-', '_')}"
+            result = quantizers.apply(node, mode, prefix, f"{prefix}_result", fan_in(layer))
             # A static output quantized on its absorbed activation's range is that activation's output.
             reference = quantizers.output_ranges[node.output[0]] if mode == STATIC else node.output[0]
             quantizers.nodes += [
@@ -163,11 +210,11 @@ def build_simulation(loaded, ranges: dict, modes: dict) -> onnx.ModelProto:
     for index, node in enumerate(graph.node):
         layer = by_node.get(node.name)
         mode = modes.get(layer.name) if layer is not None else None
-        if mode not in (STATIC, DYNAMIC):
+        if mode is None or not quantizes_activations(layer, mode):
             rebuilt.append(node)
             continue
         quantizers.nodes = []
-        quantizers.apply(node, mode, f"msq_s{index}", node.output[0])
+        quantizers.apply(node, mode, f"msq_s{index}", node.output[0], fan_in(layer))
         rebuilt.extend(quantizers.nodes)
     del graph.node[:]
     graph.node.extend(rebuilt)
@@ -211,7 +258,8 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
     errors = {}
     for layer, table in outputs.items():
         errors[layer] = {mode: sums[error] / max(sums[signal], 1e-30) for mode, (error, signal) in table.items()}
-        errors[layer][WEIGHT_ONLY] = 0.0
+        errors[layer].setdefault(WEIGHT_ONLY, 0.0)
+        errors[layer][FLOAT] = 0.0
     return Measurement(errors, feeds, reference)
 
 
@@ -234,7 +282,8 @@ def choose(loaded, measurement: Measurement, ranges: dict, costs: dict, toleranc
     with quantized activations move to their next mode that loses less, lossiest first: the moves that
     cost no time in rounds of their own, before any that does. Returns the choices and the log."""
     errors = measurement.errors
-    orders = {layer.name: mode_order(layer, costs[layer.name]) for layer in loaded.layers}
+    # Float is the last resort of the end-to-end check only: it costs the layer its bits (32 in the budget).
+    orders = {layer.name: mode_order(layer, costs[layer.name]) + (FLOAT,) for layer in loaded.layers}
     if forced is not None:
         choices = {}
         for layer in loaded.layers:
@@ -242,8 +291,8 @@ def choose(loaded, measurement: Measurement, ranges: dict, costs: dict, toleranc
             reason = f"--activations {forced}" if mode == forced else f"{forced} not available for {layer.op_type}"
             choices[layer.name] = ModeChoice(mode, errors[layer.name], reason)
         return choices, []
-    chosen = {layer.name: next(m for m in orders[layer.name] if errors[layer.name].get(m, 0.0) <= tolerance)
-              for layer in loaded.layers}
+    chosen = {layer.name: next(m for m in orders[layer.name][:-1] + (FLOAT,)
+                               if errors[layer.name].get(m, 0.0) <= tolerance) for layer in loaded.layers}
 
     def next_mode(name: str) -> str | None:
         order, current = orders[name], errors[name][chosen[name]]
@@ -256,7 +305,7 @@ def choose(loaded, measurement: Measurement, ranges: dict, costs: dict, toleranc
     for _ in range(MAX_DEMOTION_ROUNDS + 1):
         error = end_to_end_error(loaded, ranges, chosen, measurement)
         log.append({"end_to_end_error": float(f"{error:.6g}"),
-                    "modes": {m: sum(1 for v in chosen.values() if v == m) for m in (STATIC, DYNAMIC, WEIGHT_ONLY)}})
+                    "modes": {m: sum(1 for v in chosen.values() if v == m) for m in (STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT)}})
         lossy = [name for name in chosen if next_mode(name) is not None]
         if error <= end_to_end or not lossy:
             break

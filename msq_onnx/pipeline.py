@@ -200,10 +200,10 @@ def size_budget(loaded, options: Options, widths) -> allocate_stage.Budget | Non
 
     def costs(prefer: str) -> dict:
         return {layer.name: {b: layer.kind.container_bytes(layer, layer.kind.container(b, STATIC, prefer))
-                             for b in widths} for layer in loaded.layers}
+                             for b in set(widths) | {FLOAT_BITS}} for layer in loaded.layers}
 
     def smallest(prefer: str) -> float:
-        return rest + sum(min(table.values()) for table in costs(prefer).values())
+        return rest + sum(min(table[b] for b in widths) for table in costs(prefer).values())
 
     if smallest(options.prefer) > limit:
         hint = (f"; --prefer size writes int4 containers and reaches {smallest('size'):,.0f}"
@@ -406,7 +406,9 @@ def _damage(loaded, calib, analysis: Analysis, options: Options) -> dict:
         activation = {name: choice.errors.get(choice.mode, 0.0) for name, choice in analysis.modes.items()}
         damage = allocate_stage.expected_damage(analysis.importance, analysis.choices, options.importance_exponent,
                                                 activation)
-    return {name: {**table, FLOAT_BITS: 0.0} for name, table in damage.items()}
+    # A layer whose activations only float keeps faithful (the end-to-end check) has float as its one width.
+    return {name: {FLOAT_BITS: 0.0} if analysis.modes[name].mode == FLOAT else {**table, FLOAT_BITS: 0.0}
+            for name, table in damage.items()}
 
 
 SEARCH_STEP = 0.25

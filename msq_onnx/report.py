@@ -29,7 +29,7 @@ def _weight_error(analysis, name: str, bits: int):
 
 def _mode_reason(layer, analysis, chosen) -> str:
     mode = chosen.modes[layer.name]
-    if mode == "float":
+    if mode == "float" and analysis.modes[layer.name].mode != "float":
         return "the allocator kept it in float"
     if mode != analysis.modes[layer.name].mode:
         return f"its {chosen.containers[layer.name]} container runs only as {mode} (--prefer size)"

@@ -772,6 +772,90 @@ def _(d):
     return _option_case("--frobnicate", expect=("--frobnicate",))(d)
 
 
+# ---- token models: text through a tokenizer, sequence .npz, task output, gates and modes
+
+
+def token_model(length=None, mask: bool = False) -> onnx.ModelProto:
+    """int64 input_ids [N, length] (+ attention_mask) -> Gather embedding -> mean over tokens -> MatMul."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 1, (12, 8)).astype(np.float32), "emb"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (8, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed"),
+             helper.make_node("ReduceMean", ["h"], ["pooled"], axes=[1], keepdims=0, name="pool"),
+             helper.make_node("MatMul", ["pooled", "w"], ["logits"], name="head")]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", length or "T"])]
+    if mask:  # read, so that it is a real input: scales the embedding by the mask
+        nodes[0:1] = [helper.make_node("Gather", ["emb", "input_ids"], ["h0"], name="embed"),
+                      helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT, name="mask_float"),
+                      helper.make_node("Unsqueeze", ["m", "last"], ["m3"], name="mask_unsqueeze"),
+                      helper.make_node("Mul", ["h0", "m3"], ["h"], name="mask_mul")]
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), "last"))
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", length or "T"]))
+    graph = helper.make_graph(nodes, "token_model", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def word_tokenizer(path: Path) -> str:
+    """A real tokenizer.json: [CLS] words [SEP] over a ten-word vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[CLS]": 2, "[SEP]": 3, "good": 4, "bad": 5, "movie": 6, "film": 7,
+             "very": 8, "a": 9}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                             special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer.save(str(path))
+    return str(path)
+
+
+def texts_tsv(path: Path, header=("id", "text", "label"), rows=None) -> str:
+    rows = rows or [("good movie", "0"), ("bad film", "1"), ("a good film", "0"), ("very bad", "1")]
+    lines = ["\t".join(header)] + ["\t".join((str(i), text, label)) for i, (text, label) in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@case("text-tokenizer-does-not-load", over_existing=True)
+def _(d):
+    (d / "tokenizer.json").write_text('{"model": 3}')
+    return save_unchecked(token_model(), d / "tokens.onnx"), \
+        ["--calib", texts_tsv(d / "calib.tsv"), "--tokenizer", str(d / "tokenizer.json")], \
+        ("tokenizer.json", "does not load")
+
+
+@case("text-tsv-without-text-column")
+def _(d):
+    return save_unchecked(token_model(), d / "tokens.onnx"), \
+        ["--calib", texts_tsv(d / "calib.tsv", header=("id", "sentence", "label")),
+         "--tokenizer", word_tokenizer(d / "tokenizer.json")], ("'text'", "sentence", "--text-column")
+
+
+@case("text-longer-than-fixed-sequence")
+def _(d):
+    rows = [("good movie", "0"), ("a very good film", "1"), ("bad", "0")]  # row 2: 6 tokens with [CLS] [SEP]
+    return save_unchecked(token_model(length=5), d / "tokens.onnx"), \
+        ["--calib", texts_tsv(d / "calib.tsv", rows=rows), "--tokenizer", word_tokenizer(d / "tokenizer.json")], \
+        ("calib.tsv:3", "6 tokens", "fixed sequence length 5")
+
+
+@case("data-npz-inputs-differ-in-sequence-length")
+def _(d):
+    np.savez(d / "calib.npz", input_ids=np.ones((8, 12), np.int64), attention_mask=np.ones((8, 10), np.int64))
+    return save_unchecked(token_model(mask=True), d / "tokens.onnx"), ["--calib", str(d / "calib.npz")], \
+        ("sequence lengths differ", "input_ids 12", "attention_mask 10")
+
+
+CASES["opt-output-nosuch"] = _option_case("--output", "nosuch", expect=("--output", "nosuch", "logits"))
+CASES["opt-min-cosine-0"] = _option_case("--min-cosine", "0", expect=("--min-cosine",))
+CASES["opt-min-cosine-1.5"] = _option_case("--min-cosine", "1.5", expect=("--min-cosine", "1.5"))
+CASES["opt-activations-bogus"] = _option_case("--activations", "bogus", expect=("--activations", "bogus"))
+OVER_EXISTING.add("opt-output-nosuch")
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input(tmp_path, name):
     inputs = tmp_path / "in"

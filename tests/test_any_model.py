@@ -1,0 +1,701 @@
+"""Models as users have them, beyond ReLU CNNs: a tiny transformer encoder on token ids, shared weights,
+nodes ONNX Runtime's quantizer cannot take (grouped ConvTranspose, Gemm transA=1, layers inside If),
+MatMul + Add biases, several outputs, accuracy gates and collapse warnings, per-layer activation modes
+and CalibrationDataReader input. Every model is built here with onnx.helper.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import ROOT, samples_for, tiny_cnn
+from msq_onnx import Options, convert
+from msq_onnx.errors import BadOption, MsqError
+from msq_onnx.load import load_model
+
+MODES = {"static", "dynamic", "weight-only", "float"}
+N = helper.make_node
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def save(model: onnx.ModelProto, path) -> str:
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return str(path)
+
+
+def run_model(path, feed: dict, names=None) -> list:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(names, feed)
+
+
+def producers(model: onnx.ModelProto) -> dict:
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def initializers(model: onnx.ModelProto) -> dict:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def node_named(model: onnx.ModelProto, name: str):
+    return next(node for node in model.graph.node if node.name == name)
+
+
+def is_plain_float_weight(model: onnx.ModelProto, tensor: str) -> bool:
+    """The tensor is a float32 initializer, not computed by any node (no DequantizeLinear in between)."""
+    inits = initializers(model)
+    return tensor in inits and inits[tensor].dtype == np.float32 and tensor not in producers(model)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return float(((a * b).sum(1) / norms).mean())
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env={k: v for k, v in os.environ.items()
+                                                                   if k != "MSQ_DEBUG"})
+
+
+# --------------------------------------------------------------------------- 1. a tiny transformer encoder
+
+VOCAB, WIDTH, CLASSES = 32, 16, 3
+
+
+def encoder(seed: int = 0, vocab: int = VOCAB, width: int = WIDTH, ffn: int = 32) -> onnx.ModelProto:
+    """int64 input_ids + attention_mask [batch, sequence] -> Gather embedding -> LayerNorm -> Q/K/V MatMul + bias
+    -> masked softmax attention -> output projection + residual -> LayerNorm -> Erf-GELU FFN + residual -> mean
+    pooling over the mask -> L2 normalisation: an [batch, width] sentence embedding."""
+    rng = np.random.default_rng(seed)
+    inits = []
+
+    def weight(name, *shape, scale=0.3):
+        inits.append(numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), name))
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+
+    weight("emb", vocab, width, scale=1.0)
+    for ln in ("ln1", "ln2"):
+        const(f"{ln}_g", np.ones(width, np.float32))
+        const(f"{ln}_b", np.zeros(width, np.float32))
+    for name in ("q", "k", "v", "o"):
+        weight(f"w{name}", width, width)
+        weight(f"b{name}", width, scale=0.1)
+    weight("w1", width, ffn)
+    weight("b1", ffn, scale=0.1)
+    weight("w2", ffn, width)
+    weight("b2", width, scale=0.1)
+    const("one", np.float32(1.0))
+    const("neg", np.float32(-10000.0))
+    const("half", np.float32(0.5))
+    const("sqrt2", np.float32(np.sqrt(2.0)))
+    const("scale", np.float32(1 / np.sqrt(width)))
+    const("ax1", np.array([1], np.int64))
+    const("axm1", np.array([-1], np.int64))
+    nodes = [N("Gather", ["emb", "input_ids"], ["h0"], axis=0, name="embed"),
+             N("LayerNormalization", ["h0", "ln1_g", "ln1_b"], ["ln1"], axis=-1, name="ln1")]
+    for name in ("q", "k", "v"):
+        nodes += [N("MatMul", ["ln1", f"w{name}"], [f"{name}_mm"], name=f"{name}_proj"),
+                  N("Add", [f"{name}_mm", f"b{name}"], [name], name=f"{name}_bias")]
+    nodes += [
+        N("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="kt"),
+        N("MatMul", ["q", "kt"], ["qk"], name="scores"),  # activation x activation: not a layer
+        N("Mul", ["qk", "scale"], ["qk_scaled"], name="scores_scale"),
+        N("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT, name="mask_float"),
+        N("Sub", ["one", "maskf"], ["inverted"], name="mask_invert"),
+        N("Mul", ["inverted", "neg"], ["mask_bias"], name="mask_bias"),
+        N("Unsqueeze", ["mask_bias", "ax1"], ["mask_bias3"], name="mask_unsqueeze"),
+        N("Add", ["qk_scaled", "mask_bias3"], ["masked"], name="mask_add"),
+        N("Softmax", ["masked"], ["attn"], axis=-1, name="softmax"),
+        N("MatMul", ["attn", "v"], ["ctx"], name="mix"),
+        N("MatMul", ["ctx", "wo"], ["o_mm"], name="o_proj"),
+        N("Add", ["o_mm", "bo"], ["o"], name="o_bias"),
+        N("Add", ["h0", "o"], ["h1"], name="residual1"),
+        N("LayerNormalization", ["h1", "ln2_g", "ln2_b"], ["ln2"], axis=-1, name="ln2"),
+        N("MatMul", ["ln2", "w1"], ["f1_mm"], name="ffn_up"),
+        N("Add", ["f1_mm", "b1"], ["f1"], name="ffn_up_bias"),
+        N("Div", ["f1", "sqrt2"], ["f1_scaled"], name="gelu_div"),
+        N("Erf", ["f1_scaled"], ["erf"], name="gelu_erf"),
+        N("Add", ["erf", "one"], ["erf1"], name="gelu_add"),
+        N("Mul", ["f1", "erf1"], ["gelu0"], name="gelu_mul"),
+        N("Mul", ["gelu0", "half"], ["gelu"], name="gelu_half"),
+        N("MatMul", ["gelu", "w2"], ["f2_mm"], name="ffn_down"),
+        N("Add", ["f2_mm", "b2"], ["f2"], name="ffn_down_bias"),
+        N("Add", ["h1", "f2"], ["h2"], name="residual2"),
+        N("Unsqueeze", ["maskf", "axm1"], ["mask3"], name="pool_mask"),
+        N("Mul", ["h2", "mask3"], ["masked_h"], name="pool_mul"),
+        N("ReduceSum", ["masked_h", "ax1"], ["summed"], keepdims=0, name="pool_sum"),
+        N("ReduceSum", ["maskf", "axm1"], ["count"], keepdims=1, name="pool_count"),
+        N("Div", ["summed", "count"], ["pooled"], name="pool_div"),
+        N("ReduceL2", ["pooled"], ["norm"], axes=[-1], keepdims=1, name="l2"),
+        N("Div", ["pooled", "norm"], ["embedding"], name="normalize"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_encoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def token_sample(rng, label: int, length: int) -> np.ndarray:
+    """Token ids mostly from the label's band of the vocabulary, so the classes are separable."""
+    band = VOCAB // CLASSES
+    ids = np.where(rng.random(length) < 0.8, rng.integers(label * band, (label + 1) * band, length),
+                   rng.integers(0, VOCAB, length))
+    return ids.astype(np.int64)
+
+
+def token_folder(folder, count: int, seed: int = 0) -> str:
+    """One .npz per sample, sequence lengths 4..12, with labels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    for index in range(count):
+        ids = token_sample(rng, index % CLASSES, int(rng.integers(4, 13)))[None]
+        np.savez(folder / f"{index:03d}.npz", input_ids=ids, attention_mask=np.ones_like(ids),
+                 labels=np.array([index % CLASSES]))
+    return str(folder)
+
+
+def padded_batch(rng, lengths, total: int) -> dict:
+    ids = np.zeros((len(lengths), total), np.int64)
+    mask = np.zeros((len(lengths), total), np.int64)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = token_sample(rng, row % CLASSES, length)
+        mask[row, :length] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def encoder_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("encoder")
+    model_path = save(encoder(), folder / "encoder.onnx")
+    calib = token_folder(folder / "calib", 40)
+    result = convert(model_path, str(folder / "q.onnx"), calib, Options(quiet=True))
+    return model_path, str(folder / "q.onnx"), result.report
+
+
+def test_encoder_runs_with_dynamic_batch_and_sequence(encoder_run):
+    model_path, out, _report = encoder_run
+    written = onnx.load(out)
+    for value in written.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        assert value.type.tensor_type.elem_type == TensorProto.INT64
+        assert [d.dim_param for d in dims] == ["batch", "sequence"], value  # still symbolic, not fixed
+        assert not any(d.HasField("dim_value") for d in dims)
+    rng = np.random.default_rng(5)
+    for total in (5, 9):
+        feed = padded_batch(rng, [total, total - 2], total)  # batch 2, the second row padded
+        (fp32,) = run_model(model_path, feed)
+        (quant,) = run_model(out, feed)
+        assert quant.shape == (2, WIDTH)
+        assert cosine(fp32, quant) > 0.98
+
+
+def test_encoder_keeps_ort_away_from_gather_and_layernorm(encoder_run):
+    """ORT's static quantizer never puts Q/DQ on the embedding table, LayerNorm or Softmax: the table stays a
+    plain float initializer unless msq-onnx itself made the Gather a layer (then GatherBlockQuantized reads it)."""
+    _, out, report = encoder_run
+    written = onnx.load(out)
+    made_by = producers(written)
+    for node in written.graph.node:
+        if node.op_type in ("Gather", "LayerNormalization", "Softmax"):
+            for name in node.input:
+                assert name not in made_by or made_by[name].op_type != "DequantizeLinear", (node.name, name)
+    gather_layers = [layer for layer in report["layers"] if layer["op_type"] == "Gather"]
+    if gather_layers:
+        assert not any(n.op_type == "Gather" and n.input[0] == "emb" for n in written.graph.node)
+        assert any(n.op_type == "GatherBlockQuantized" for n in written.graph.node)
+    else:
+        (gather,) = [n for n in written.graph.node if n.op_type == "Gather"]
+        assert is_plain_float_weight(written, gather.input[0])
+        np.testing.assert_array_equal(initializers(written)[gather.input[0]],
+                                      numpy_helper.to_array(encoder().graph.initializer[0]))
+    assert len([n for n in written.graph.node if n.op_type == "LayerNormalization"]) == 2
+
+
+def test_gather_that_is_not_a_layer_keeps_its_float_table(tmp_path):
+    """Rows of 12 values: no GatherBlockQuantized block divides them, so the table must reach the written model
+    exactly as it was: ORT's static quantizer is not given the Gather."""
+    model = encoder(width=12)
+    path = save(model, tmp_path / "encoder.onnx")
+    report = convert(path, str(tmp_path / "q.onnx"), token_folder(tmp_path / "calib", 20),
+                     Options(quiet=True)).report
+    assert "embed" not in [layer["name"] for layer in report["layers"]]
+    written = onnx.load(tmp_path / "q.onnx")
+    (gather,) = [n for n in written.graph.node if n.op_type == "Gather"]
+    assert is_plain_float_weight(written, gather.input[0])
+    np.testing.assert_array_equal(initializers(written)[gather.input[0]],
+                                  numpy_helper.to_array(model.graph.initializer[0]))
+    assert all(producers(written).get(name) is None or producers(written)[name].op_type != "DequantizeLinear"
+               for name in gather.input)
+    assert report["evaluation"]["cosine"] > 0.98
+
+
+def test_encoder_report(encoder_run):
+    _, _, report = encoder_run
+    names = [layer["name"] for layer in report["layers"] if layer["op_type"] == "MatMul"]
+    assert names == ["q_proj", "k_proj", "v_proj", "o_proj", "ffn_up", "ffn_down"]  # not scores/mix
+    assert {layer["op_type"] for layer in report["layers"]} <= {"MatMul", "Gather"}
+    for layer in report["layers"]:
+        assert layer["mode"] in MODES and layer["mode_reason"]
+        if layer["op_type"] == "MatMul":
+            assert set(layer["mode_errors"]) >= {"static", "dynamic", "weight-only"}
+    assert sum(report["modes"].values()) == len(report["layers"])
+    assert report["activation_modes"]["end_to_end"]
+    evaluation = report["evaluation"]
+    assert evaluation["task_output"] == "embedding" and evaluation["kind"] == "embedding"
+    assert evaluation["samples"] == 8  # every 5th of 40
+    assert evaluation["cosine"] > 0.98 and evaluation["outputs"]["embedding"]["cosine"] > 0.98
+    assert evaluation["top1_method"].startswith("nearest class mean")
+    assert evaluation["fp32_top1"] is not None and evaluation["quant_top1"] is not None
+    assert report["left_in_float"] == [] and report["warnings"] == []
+
+
+# --------------------------------------------------------------------------- 2. a shared weight
+
+
+def shared_weight_model(seed: int = 0) -> onnx.ModelProto:
+    """x @ ws -> Relu -> @ ws (the same initializer) -> @ head."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (8, 8)).astype(np.float32), "ws"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (8, 3)).astype(np.float32), "head")]
+    nodes = [N("MatMul", ["x", "ws"], ["a"], name="first"),
+             N("Relu", ["a"], ["r"], name="relu"),
+             N("MatMul", ["r", "ws"], ["b"], name="second"),
+             N("MatMul", ["b", "head"], ["y"], name="classifier")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def compute_users(model: onnx.ModelProto, tensor: str) -> list:
+    """Nodes that compute with `tensor`, directly or through one DequantizeLinear."""
+    found = []
+    for node in model.graph.node:
+        if tensor not in node.input:
+            continue
+        if node.op_type == "DequantizeLinear":
+            found += [user for user in model.graph.node if node.output[0] in user.input]
+        else:
+            found.append(node)
+    return found
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic", "weight-only"])
+def test_shared_weight_is_one_layer_with_one_width(tmp_path, activations):
+    model = shared_weight_model()
+    path = save(model, tmp_path / "shared.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).normal(size=(30, 8)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    report = convert(path, str(out), str(tmp_path / "calib.npz"),
+                     Options(avg_bits=5, bits=(4, 8), activations=activations, quiet=True)).report
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert sorted(layers) == ["classifier", "first"]  # one layer per weight tensor
+    shared = layers["first"]
+    assert shared["nodes"] == ["first", "second"] and isinstance(shared["bits"], int)
+    assert shared["mode"] == activations
+    written = onnx.load(out)
+    inits = initializers(written)
+    assert "ws" not in inits or inits["ws"].dtype != np.float32  # no float copy left for one of the users
+    integer = [name for name, value in inits.items()
+               if name.startswith("ws") and value.dtype == np.int8 and value.shape == (8, 8)]
+    assert len(integer) == 1, integer  # one quantized weight ...
+    users = compute_users(written, integer[0])
+    assert len(users) == 2, [(n.op_type, n.name) for n in users]  # ... read by both consumers
+    peak = int(np.abs(inits[integer[0]]).max())
+    assert peak <= 2 ** (shared["bits"] - 1) - 1  # on the layer's one grid
+    x = np.random.default_rng(2).normal(size=(6, 8)).astype(np.float32)
+    assert cosine(run_model(path, {"x": x})[0], run_model(out, {"x": x})[0]) > 0.95
+
+
+# --------------------------------------------------------------------------- 3. nodes ORT's quantizer cannot take
+
+
+def unquantizable_model(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> grouped (depthwise) ConvTranspose -> pool -> Gemm(transB) -> Transpose -> Gemm(transA=1)."""
+    rng = np.random.default_rng(seed)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name)
+
+    inits = [init("wc", 32, 4, 3, 3), init("wt", 32, 1, 1, 1), init("wf", 8, 32), init("wa", 8, 3)]
+    nodes = [N("Conv", ["x", "wc"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             N("Relu", ["c"], ["r"], name="relu"),
+             N("ConvTranspose", ["r", "wt"], ["t"], group=32, name="up_grouped"),
+             N("GlobalAveragePool", ["t"], ["g"], name="gap"),
+             N("Flatten", ["g"], ["f"], name="flat"),
+             N("Gemm", ["f", "wf"], ["h"], transB=1, name="fc"),
+             N("Transpose", ["h"], ["ht"], perm=[1, 0], name="to_transposed"),
+             N("Gemm", ["ht", "wa"], ["y"], transA=1, name="fc_transA")]
+    graph = helper.make_graph(nodes, "unquantizable",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+FLOAT_PARAMS = 32 + 8 * 3  # wt and wa: 56 of 1,464 parameters
+
+
+@pytest.fixture(scope="module")
+def unquantizable_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unquantizable")
+    path = save(unquantizable_model(), folder / "model.onnx")
+    np.savez(folder / "calib.npz", x=np.random.default_rng(1).normal(size=(30, 4, 6, 6)).astype(np.float32))
+    return folder, path, str(folder / "calib.npz")
+
+
+def test_grouped_convtranspose_and_transA_gemm_stay_float(unquantizable_files):
+    folder, path, calib = unquantizable_files
+    out = folder / "q.onnx"
+    report = convert(path, str(out), calib, Options(avg_bits=6, quiet=True)).report
+    assert [layer["name"] for layer in report["layers"]] == ["conv", "fc"]
+    left = {entry["node"]: entry for entry in report["left_in_float"]}
+    assert set(left) == {"up_grouped", "fc_transA"}
+    assert "grouped ConvTranspose" in left["up_grouped"]["reason"]
+    assert "transA" in left["fc_transA"]["reason"]
+    assert any("left in float" in warning for warning in report["warnings"])
+    written = onnx.load(out)
+    assert is_plain_float_weight(written, node_named(written, "up_grouped").input[1])
+    assert node_named(written, "up_grouped").input[1] == "wt"
+    assert is_plain_float_weight(written, node_named(written, "fc_transA").input[1])
+    np.testing.assert_array_equal(initializers(written)["wt"],
+                                  numpy_helper.to_array(unquantizable_model().graph.initializer[1]))
+    # the float weights count at 32 bits: the model's average is above the quantized layers' own
+    params = {layer["name"]: layer["params"] for layer in report["layers"]}
+    own = sum(layer["bits"] * params[layer["name"]] for layer in report["layers"]) / sum(params.values())
+    expected = (own * sum(params.values()) + 32 * FLOAT_PARAMS) / (sum(params.values()) + FLOAT_PARAMS)
+    assert report["avg_weight_bits"] > own
+    assert report["avg_weight_bits"] == pytest.approx(expected, abs=1e-5)
+    assert report["avg_weight_bits"] <= 6 + 1e-9
+    x = np.random.default_rng(3).normal(size=(5, 4, 6, 6)).astype(np.float32)
+    assert cosine(run_model(path, {"x": x})[0], run_model(out, {"x": x})[0]) > 0.95
+
+
+def test_unreachable_budget_with_float_nodes_is_bad_option(unquantizable_files):
+    folder, path, calib = unquantizable_files
+    out = folder / "unreachable.onnx"
+    # 2 bits on every layer would average 2, but the float parameters at 32 bits lift the floor to 3.15
+    with pytest.raises(BadOption) as info:
+        convert(path, str(out), calib, Options(avg_bits=2.5, quiet=True))
+    assert info.value.exit_code == 2 and "--avg-bits 2.5" in str(info.value)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- 4. a layer inside an If
+
+
+def if_model(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+
+    def branch(name, scale):
+        weight = numpy_helper.from_array((scale * rng.normal(0, 0.4, (6, 6))).astype(np.float32), f"{name}_w")
+        body = helper.make_graph([N("MatMul", ["h", f"{name}_w"], [f"{name}_out"], name=f"{name}_matmul")], name,
+                                 [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["N", 6])],
+                                 [weight])
+        return body
+
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (6, 6)).astype(np.float32), "w_in"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (6, 3)).astype(np.float32), "w_out"),
+             numpy_helper.from_array(np.float32(0.0), "zero")]
+    nodes = [N("MatMul", ["x", "w_in"], ["h"], name="input_proj"),
+             N("ReduceSum", ["x"], ["total"], keepdims=0, name="total"),
+             N("Greater", ["total", "zero"], ["positive"], name="positive"),
+             N("If", ["positive"], ["chosen"], then_branch=branch("then", 1.0), else_branch=branch("else", -1.0),
+               name="branch"),
+             N("Relu", ["chosen"], ["r"], name="relu"),
+             N("MatMul", ["r", "w_out"], ["y"], name="output_proj")]
+    graph = helper.make_graph(nodes, "with_if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_layers_inside_if_branches_are_left_in_float(tmp_path):
+    path = save(if_model(), tmp_path / "if.onnx")
+    x = np.random.default_rng(1).normal(size=(30, 6)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "q.onnx"
+    report = convert(path, str(out), str(tmp_path / "calib.npz"), Options(quiet=True)).report
+    assert [layer["name"] for layer in report["layers"]] == ["input_proj", "output_proj"]
+    left = {entry["node"]: entry["reason"] for entry in report["left_in_float"]}
+    assert set(left) == {"then_matmul", "else_matmul"}
+    for reason in left.values():
+        assert "subgraph" in reason and "If" in reason
+    written = onnx.load(out)
+    branch = node_named(written, "branch")
+    for attribute in branch.attribute:
+        body = attribute.g
+        (matmul,) = [n for n in body.node if n.op_type == "MatMul"]
+        weights = {t.name: numpy_helper.to_array(t) for t in body.initializer}
+        assert weights[matmul.input[1]].dtype == np.float32
+    # both branches still run
+    for sample in (np.abs(x[:4]), -np.abs(x[:4])):
+        assert cosine(run_model(path, {"x": sample})[0], run_model(out, {"x": sample})[0]) > 0.95
+
+
+# --------------------------------------------------------------------------- 5. MatMul + Add bias correction
+
+
+def biased_mlp(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (12, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (16,)).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (16, 4)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (4,)).astype(np.float32), "b2")]
+    nodes = [N("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+             N("Add", ["m1", "b1"], ["a1"], name="add1"),
+             N("Relu", ["a1"], ["r1"], name="relu1"),
+             N("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
+             N("Add", ["b2", "m2"], ["y"], name="add2")]  # the bias may come first
+    graph = helper.make_graph(nodes, "biased_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_matmul_add_bias_is_found_and_corrected(tmp_path):
+    path = save(biased_mlp(), tmp_path / "mlp.onnx")
+    loaded = load_model(path)
+    assert {layer.name: layer.bias_name for layer in loaded.layers} == {"mm1": "b1", "mm2": "b2"}
+    # inputs with a large mean: a weight error then shifts every output the same way
+    x = np.random.default_rng(1).normal(1.5, 0.5, size=(50, 12)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    (fp32,) = run_model(path, {"x": x})
+    shifts = {}
+    for corrected in (True, False):
+        out = tmp_path / f"q_{corrected}.onnx"
+        convert(path, str(out), str(tmp_path / "calib.npz"),
+                Options(avg_bits=3, bits=(3,), bias_correction=corrected, quiet=True))
+        (quant,) = run_model(out, {"x": x})
+        shifts[corrected] = float(np.linalg.norm((quant - fp32).mean(axis=0)))
+        biases = initializers(onnx.load(out))
+        assert biases["b1"].dtype == np.float32  # still a float bias on the float Add
+        changed = not np.allclose(biases["b2"], numpy_helper.to_array(biased_mlp().graph.initializer[3]))
+        assert changed == corrected
+    assert shifts[True] < 0.5 * shifts[False], shifts
+
+
+# --------------------------------------------------------------------------- 6. two outputs
+
+
+def two_output_cnn() -> onnx.ModelProto:
+    """tiny_cnn with its last feature map [N, 16, 8, 8] as a second output 'aux'."""
+    model = tiny_cnn()
+    model.graph.node.append(N("Identity", ["r3"], ["aux"], name="aux_out"))
+    model.graph.output.append(helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["N", 16, 8, 8]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def two_output_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two_outputs")
+    model = two_output_cnn()
+    path = save(model, folder / "model.onnx")
+    np.savez(folder / "calib.npz", **samples_for(tiny_cnn(), 40, seed=1))
+    return folder, path, str(folder / "calib.npz")
+
+
+@pytest.fixture(scope="module")
+def aux_task_report(two_output_files):
+    folder, path, calib = two_output_files
+    return convert(path, str(folder / "q_aux.onnx"), calib, Options(output="aux", quiet=True)).report
+
+
+def test_every_output_is_measured_and_the_first_scores_are_the_task(two_output_files):
+    folder, path, calib = two_output_files
+    report = convert(path, str(folder / "q.onnx"), calib, Options(quiet=True)).report
+    evaluation = report["evaluation"]
+    assert set(evaluation["outputs"]) == {"logits", "aux"}
+    for measured in evaluation["outputs"].values():
+        assert 0.9 < measured["cosine"] <= 1.0 and measured["min_cosine"] <= measured["cosine"]
+        assert measured["sqnr_db"] > 10
+    assert evaluation["task_output"] == "logits" and report["options"]["output"] == "logits"
+    assert evaluation["kind"] == "class-scores" and evaluation["fp32_top1"] is not None
+
+
+def test_output_option_makes_aux_the_task(aux_task_report):
+    evaluation = aux_task_report["evaluation"]
+    assert evaluation["task_output"] == "aux" and aux_task_report["options"]["output"] == "aux"
+    assert evaluation["cosine"] == evaluation["outputs"]["aux"]["cosine"]
+    assert set(evaluation["outputs"]) == {"logits", "aux"}
+
+
+def test_a_feature_map_task_output_is_a_tensor(aux_task_report):
+    evaluation = aux_task_report["evaluation"]
+    assert evaluation["kind"] == "tensor"
+    assert evaluation.get("fp32_top1") is None and evaluation.get("agreement") is None
+
+
+def test_unknown_output_name_is_bad_input(two_output_files):
+    folder, path, calib = two_output_files
+    out = folder / "nosuch.onnx"
+    with pytest.raises(MsqError) as info:
+        convert(path, str(out), calib, Options(output="nosuch", quiet=True))
+    assert info.value.exit_code == 2 and "nosuch" in str(info.value) and "aux" in str(info.value)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- 7, 8. gates, collapse, activation modes
+
+
+def outlier_mlp(seed: int = 0, outlier: float = 1000.0) -> onnx.ModelProto:
+    """x @ w1 + b1 -> Relu -> @ w2: hidden channel 0 is `outlier` times larger than the others (as in
+    transformers) and does not reach the output, so a per-tensor uint8 range spent on it rounds away the
+    channels that matter."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (16, 32)).astype(np.float32)
+    w1[:, 0] *= outlier
+    b1 = rng.normal(0, 0.1, 32).astype(np.float32)
+    b1[0] = 3.0 * outlier  # channel 0 is always active (and always huge)
+    w2 = rng.normal(0, 0.3, (32, 4)).astype(np.float32)
+    w2[0] = 0.0
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2")]
+    nodes = [N("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+             N("Add", ["m1", "b1"], ["a1"], name="add1"),
+             N("Relu", ["a1"], ["r1"], name="relu1"),
+             N("MatMul", ["r1", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "outlier_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.fixture(scope="module")
+def outlier_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("outliers")
+    path = save(outlier_mlp(), folder / "model.onnx")
+    np.savez(folder / "calib.npz", x=np.random.default_rng(1).normal(size=(40, 16)).astype(np.float32))
+    np.savez(folder / "eval.npz", x=np.random.default_rng(2).normal(size=(24, 16)).astype(np.float32))
+    return folder, path, str(folder / "calib.npz"), str(folder / "eval.npz")
+
+
+@pytest.fixture(scope="module")
+def outlier_auto_report(outlier_files):
+    folder, path, calib, evaluation = outlier_files
+    return convert(path, str(folder / "auto.onnx"), calib, Options(eval_path=evaluation, quiet=True)).report
+
+
+def test_outlier_activations_are_not_quantized_statically(outlier_auto_report):
+    layers = {layer["name"]: layer for layer in outlier_auto_report["layers"]}
+    fed = layers["mm2"]  # its input is the activation with the outlier channel
+    assert fed["mode"] != "static", fed
+    assert fed["mode_errors"]["static"] > 0.1, fed  # measured: static uint8 rounds its input away
+    assert "static" in fed["mode_reason"]  # the reason names the faster mode that was too lossy
+    # the modes' simulated end-to-end error is small once the choice is made
+    assert outlier_auto_report["activation_modes"]["end_to_end"][-1]["end_to_end_error"] < 0.01
+
+
+
+def test_outlier_model_stays_faithful_in_auto_mode(outlier_auto_report):
+    assert outlier_auto_report["evaluation"]["cosine"] > 0.99
+    # no quantized mode keeps mm2's input faithful (MatMulNBits quantizes it to int8 per block too): it is
+    # left in float, and that is said
+    assert [w for w in outlier_auto_report["warnings"] if "collapsed" in w] == []
+    assert any("float" in w and "mm2" in w for w in outlier_auto_report["warnings"])
+
+
+def test_weight_only_activation_error_is_measured_not_assumed(outlier_files, tmp_path):
+    """ORT fuses DQ -> MatMul into MatMulNBits at accuracy level 4, which quantizes the input to int8 per block of
+    32: the measurement must see that (an outlier channel rounds its block away), and a forced mode that
+    collapses the output must be said."""
+    _, path, calib, evaluation = outlier_files
+    out = tmp_path / "q.onnx"
+    report = convert(path, str(out), calib, Options(activations="weight-only", eval_path=evaluation,
+                                                   quiet=True)).report
+    assert report["modes"] == {"weight-only": 2}
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert layers["mm2"]["mode_errors"]["weight-only"] > 0.01
+    x = np.load(evaluation)["x"]
+    if cosine(run_model(path, {"x": x})[0], run_model(out, {"x": x})[0]) < 0.9:
+        assert any("collapsed" in w for w in report["warnings"])
+
+
+def test_relu_cnn_convs_are_static_in_auto_mode(cnn_files):
+    report = convert(cnn_files["model"], str(cnn_files["dir"] / "q.onnx"), cnn_files["calib"],
+                     Options(quiet=True, eval_path=cnn_files["eval"])).report
+    modes = {layer["name"]: layer["mode"] for layer in report["layers"]}
+    assert modes["conv1"] == modes["dw"] == modes["pw"] == "static", modes
+    assert report["modes"].get("static", 0) >= 3
+
+
+def test_forced_dynamic_falls_back_for_convs(cnn_files):
+    report = convert(cnn_files["model"], str(cnn_files["dir"] / "q.onnx"), cnn_files["calib"],
+                     Options(activations="dynamic", quiet=True, eval_path=cnn_files["eval"])).report
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    for name in ("conv1", "dw", "pw"):
+        assert layers[name]["mode"] == "weight-only", layers[name]
+        assert "dynamic not available for Conv" in layers[name]["mode_reason"]
+    assert layers["fc"]["mode"] == "dynamic" and "--activations dynamic" in layers["fc"]["mode_reason"]
+    assert report["modes"] == {"dynamic": 1, "weight-only": 3}
+    assert report["options"]["activations"] == "dynamic"
+
+
+def test_cli_min_cosine_gate_fails_with_exit_3(cnn_files, tmp_path):
+    eval_path = tmp_path / "unlabelled.npz"
+    np.savez(eval_path, **samples_for(tiny_cnn(), 24, seed=2, with_labels=False))
+    out, report_path = tmp_path / "q.onnx", tmp_path / "report.json"
+    result = run_cli(cnn_files["model"], out, "--calib", cnn_files["calib"], "--eval", eval_path, "--bits", "2",
+                     "--avg-bits", "2", "--min-cosine", "0.9999", "--quiet", "--report", report_path)
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("msq-onnx: error: accuracy gate failed"), result.stderr
+    assert "cosine" in lines[0] and "--min-cosine 0.9999" in lines[0]
+    assert out.exists() and onnx.load(out).graph.node  # written for inspection
+    report = json.loads(report_path.read_text())
+    assert report["gate"]["passed"] is False and report["gate"]["cosine"] < 0.9999
+    assert report["evaluation"].get("fp32_top1") is None  # no labels: judged on cosine and agreement
+
+
+def test_cli_warns_on_collapse_without_a_gate(outlier_files, tmp_path):
+    _, path, calib, evaluation = outlier_files
+    out, report_path = tmp_path / "q.onnx", tmp_path / "report.json"
+    result = run_cli(path, out, "--calib", calib, "--eval", evaluation, "--activations", "static", "--quiet",
+                     "--report", report_path)
+    report = json.loads(report_path.read_text())
+    assert report["evaluation"]["cosine"] < 0.9  # the construction really collapses
+    assert result.returncode == 0, result.stderr
+    assert out.exists()
+    lines = result.stderr.splitlines()
+    warnings = [line for line in lines if line.startswith("msq-onnx: warning:")]
+    assert any("collapsed" in line and "'y'" in line for line in warnings), result.stderr
+    assert not any("error" in line.split(":")[1] for line in lines), result.stderr
+    assert any("collapsed" in warning for warning in report["warnings"])
+
+
+# --------------------------------------------------------------------------- 9. CalibrationDataReader
+
+
+def test_calibration_data_reader_is_accepted(tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    rng = np.random.default_rng(3)
+    feeds = []
+    for batch, length in [(1, 5), (3, 7), (2, 4), (4, 9), (1, 12), (3, 6), (2, 8), (4, 5), (2, 10), (3, 4)]:
+        feeds.append(padded_batch(rng, [length] * batch, length))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.pending = iter(feeds)
+
+        def get_next(self):
+            return next(self.pending, None)
+
+    path = save(encoder(), tmp_path / "encoder.onnx")
+    total = sum(len(feed["input_ids"]) for feed in feeds)
+    report = convert(path, str(tmp_path / "q.onnx"), Reader(), Options(quiet=True)).report
+    assert report["calibration"]["samples"] + report["evaluation"]["samples"] == total == 25
+    assert report["evaluation"]["samples"] == 5  # every 5th sample held out
+    assert report["evaluation"]["source"].startswith("CalibrationDataReader")
+    assert report["evaluation"]["cosine"] > 0.98
