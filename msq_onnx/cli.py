@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the inputs of the N layers with the largest uint8 activation error (ranges "
                              "dominated by outliers) in uint16; those layers lose ORT's fused integer kernel "
                              "(default 0)")
+    budget.add_argument("--rounding", choices=("gptq", "nearest"), default="gptq",
+                        help="gptq (default): round each dense or 1x1-conv layer column by column, compensating "
+                             "the error through its input Hessian (gathered on 64 calibration samples); nearest: "
+                             "round to nearest")
     budget.add_argument("--no-bias-correction", action="store_true",
                         help="do not correct the bias shift caused by weight quantization")
     budget.add_argument("--no-clip-search", action="store_true",
@@ -148,7 +152,7 @@ def options_from(args):
                    importance_exponent=args.importance_exponent, act16=args.act16, levels=args.levels,
                    max_dim=args.max_dim, eval_path=args.eval, max_drop=args.max_drop, max_size=args.max_size,
                    min_cosine=args.min_cosine, output=args.task_output, activations=args.activations,
-                   prefer=args.prefer,
+                   prefer=args.prefer, rounding=args.rounding,
                    preprocess=preprocess,
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,
                    bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search)

@@ -258,3 +258,70 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
         samples=seen,
         rows={name: int(np.median(counts)) for name, counts in rows.items()},
     )
+
+
+HESSIAN_SAMPLES = 64  # enough rows for a sequence model (tokens); fewer rows than inputs leave it singular
+MAX_HESSIAN_FAN_IN = 4096  # a K x K matrix per distinct input: 64 MB at this size
+
+
+def _hessian_rows(layer: Layer, rank: int | None) -> bool:
+    """Whether the layer's output is rows of its input times the weight matrix (so H = X^T X is exact)."""
+    if layer.op_type in ("MatMul", "Gemm"):
+        return True
+    return (layer.op_type == "Conv" and layer.group == 1 and all(d == 1 for d in layer.weight_shape[2:])
+            and rank == 4)
+
+
+def input_hessians(loaded: LoadedModel, samples, count: int = HESSIAN_SAMPLES, batch_size: int = 1,
+                   quiet: bool = False) -> dict:
+    """{layer: X^T X of its input rows} over the first `count` samples, for GPTQ rounding.
+
+    Dense layers and 1x1 convolutions only (their rows are tokens or pixels);
+    layers whose rows are fewer than their fan-in get none: the system would
+    be underdetermined and round-to-nearest is the safer choice.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.model)
+    graph = model.graph
+    by_input: dict = {}
+    for layer in loaded.layers:
+        fan_in = layer.params // layer.weight_shape[layer.out_axis]
+        rank = _rank(model, layer.input_name)
+        if layer.kind.input_moments and _hessian_rows(layer, rank) and fan_in <= MAX_HESSIAN_FAN_IN:
+            by_input.setdefault(layer.input_name, (fan_in, layer.op_type == "Conv", []))[2].append(layer.name)
+    if not by_input:
+        return {}
+    names = {}
+    for index, (tensor, (fan_in, channels_first, _)) in enumerate(by_input.items()):
+        prefix = f"msq_h{index}"
+        source = tensor
+        if channels_first:  # [N, C, H, W] -> rows of C
+            graph.node.append(helper.make_node("Transpose", [tensor], [prefix + "_t"], perm=[0, 2, 3, 1]))
+            source = prefix + "_t"
+        graph.initializer.append(numpy_helper.from_array(np.array([-1, fan_in], np.int64), prefix + "_shape"))
+        graph.node.extend([
+            helper.make_node("Reshape", [source, prefix + "_shape"], [prefix + "_rows"]),
+            helper.make_node("Transpose", [prefix + "_rows"], [prefix + "_cols"], perm=[1, 0]),
+            helper.make_node("MatMul", [prefix + "_cols", prefix + "_rows"], [prefix + "_h"])])
+        graph.output.append(helper.make_tensor_value_info(prefix + "_h", TensorProto.FLOAT, None))
+        names[tensor] = prefix + "_h"
+    session = make_session(model)
+    wanted = list(names.values())
+    sums = {name: 0.0 for name in wanted}
+    seen = 0
+    with progress(min(count, samples.count), "input statistics", quiet) as bar:
+        for feed, real in padded_batches(samples, loaded, batch_size):
+            for name, value in zip(wanted, session.run(wanted, feed)):
+                sums[name] = sums[name] + value.astype(np.float64)
+            seen += real
+            bar.update(real)
+            if seen >= count:
+                break
+    result = {}
+    for tensor, (fan_in, _, layers) in by_input.items():
+        hessian = sums[names[tensor]]
+        if int(np.linalg.matrix_rank(hessian, hermitian=True)) < fan_in // 2:
+            continue  # too few distinct rows (a classifier's head on a few dozen samples)
+        for name in layers:
+            result[name] = hessian / max(seen, 1)
+    return result

@@ -23,7 +23,7 @@ from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
 from .imprint import imprint_labels, layer_scores
 from .importance import importance as layer_importance
 from .importance import upstream_layers
-from .instrument import run_pass
+from .instrument import input_hessians, run_pass
 from .latency import mode_costs
 from .load import load_model, save_model_file
 from .ops import FLOAT, FLOAT_BITS, MODES, PREFER, STATIC
@@ -51,6 +51,7 @@ class Options:
     output: str | None = None  # the task output; None: the first float output of rank >= 2
     activations: str = "auto"  # per-layer mode from measured damage, or one mode for every layer
     prefer: str = "speed"  # speed: int8 containers on fused kernels; size: the narrowest container that runs
+    rounding: str = "gptq"  # gptq: rounding with the layer's input Hessian where it is known; nearest
     mode_tolerance: float = mode_stage.TOLERANCE
     act16: int = 0  # inputs of this many layers (largest uint8 error) kept in uint16
     preprocess: Preprocess = field(default_factory=Preprocess)
@@ -114,6 +115,8 @@ def check_options(options: Options) -> None:
         raise BadOption("--max-drop must be zero or positive (top-1 points).")
     if options.min_cosine is not None and not (0.0 < options.min_cosine <= 1.0):
         raise BadOption(f"--min-cosine {options.min_cosine} is outside (0, 1]; give a cosine such as 0.99.")
+    if options.rounding not in ("gptq", "nearest"):
+        raise BadOption(f"--rounding {options.rounding!r} is not one of gptq, nearest.")
     if options.prefer not in PREFER:
         raise BadOption(f"--prefer {options.prefer!r} is not one of {', '.join(PREFER)}.")
     if options.activations not in ACTIVATION_CHOICES:
@@ -147,8 +150,12 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         upstream = upstream_layers(loaded.model, loaded.layers)
         gains = layer_importance({name: s.soft for name, s in scores.items()}, input_score.soft, upstream)
     with timer.stage("weight-errors"):
+        hessians = input_hessians(loaded, calib, batch_size=options.batch_size, quiet=options.quiet) \
+            if options.rounding == "gptq" else {}
         choices = {layer.name: error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name),
-                                           options.bits, options.clip_search) for layer in loaded.layers}
+                                           options.bits, options.clip_search, hessians.get(layer.name))
+                   for layer in loaded.layers}
+        del hessians
     with timer.stage("activation-modes"):
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
                                          quiet=options.quiet)

@@ -58,7 +58,8 @@ def fake_quantize(matrix: np.ndarray, clip: np.ndarray, bits: int) -> tuple[np.n
 class WidthChoice:
     bits: int
     clip: np.ndarray  # per output channel
-    error: float  # relative output error: sum s*dw^2 / sum s*w^2
+    error: float  # relative output error: sum s*dw^2 / sum s*w^2, or with the full input Hessian after GPTQ
+    integers: np.ndarray | None = None  # [out, fan_in] int8 from GPTQ rounding; None: round to nearest
 
 
 def search_clips(matrix: np.ndarray, weights: np.ndarray, bits: int, ratios=CLIP_RATIOS,
@@ -79,11 +80,63 @@ def search_clips(matrix: np.ndarray, weights: np.ndarray, bits: int, ratios=CLIP
     return WidthChoice(bits, best_clip, float(best_err.sum()) / max(signal, 1e-30))
 
 
+GPTQ_BLOCK = 128  # columns rounded before their error is pushed to the rest in one product
+GPTQ_DAMPING = 0.01  # of the mean diagonal, added to the Hessian (as in the GPTQ paper)
+
+
+def gptq_round(matrix: np.ndarray, scale: np.ndarray, bits: int, hessian: np.ndarray) -> np.ndarray:
+    """Round [out, fan_in] column by column onto per-row grids of `scale`, each column's rounding error
+    compensated on the columns not yet rounded through the inverse input Hessian (Frantar et al., GPTQ,
+    2023; OBQ's update with a fixed order). Returns the int8 integers."""
+    top = levels(bits)
+    w = matrix.astype(np.float64).copy()
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices_from(h)] += GPTQ_DAMPING * float(np.mean(np.diag(h)))
+    try:
+        upper = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
+    except np.linalg.LinAlgError:
+        return np.clip(np.rint(matrix / scale[:, None]), -top, top).astype(np.int8)
+    step = scale.astype(np.float64)[:, None]
+    integers = np.zeros(w.shape, np.int8)
+    for start in range(0, w.shape[1], GPTQ_BLOCK):
+        stop = min(start + GPTQ_BLOCK, w.shape[1])
+        block = w[:, start:stop]
+        errors = np.zeros_like(block)
+        factor = upper[start:stop, start:stop]
+        for i in range(stop - start):
+            q = np.clip(np.rint(block[:, i:i + 1] / step), -top, top)
+            integers[:, start + i] = q[:, 0]
+            error = (block[:, i:i + 1] - q * step) / factor[i, i]
+            block[:, i:] -= error * factor[i:i + 1, i:]
+            errors[:, i:i + 1] = error
+        w[:, stop:] -= errors @ upper[start:stop, stop:]
+    return integers
+
+
+def hessian_error(matrix: np.ndarray, quantized: np.ndarray, hessian: np.ndarray) -> float:
+    """Relative output MSE tr(dW H dW^T) / tr(W H W^T): exact for the calibration inputs."""
+    delta = (quantized - matrix).astype(np.float64)
+    signal = float(np.einsum("ij,jk,ik->", matrix, hessian, matrix, optimize=True))
+    return float(np.einsum("ij,jk,ik->", delta, hessian, delta, optimize=True)) / max(signal, 1e-30)
+
+
 def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, candidate_bits,
-                search: bool = True) -> dict[int, WidthChoice]:
+                search: bool = True, hessian: np.ndarray | None = None) -> dict[int, WidthChoice]:
+    """Per width: clipping from the diagonal search; with the input Hessian, GPTQ rounding and its exact error."""
     matrix = as_matrix(layer, weight)
     weights = input_weights(layer, input_sq)
-    return {bits: search_clips(matrix, weights, bits, search=search) for bits in candidate_bits}
+    table = {}
+    for bits in candidate_bits:
+        choice = search_clips(matrix, weights, bits, search=search)
+        if hessian is not None:
+            scale = np.maximum(choice.clip, 1e-12) / levels(bits)
+            choice.integers = gptq_round(matrix, scale, bits, hessian)
+            choice.error = hessian_error(matrix.astype(np.float64), choice.integers * scale[:, None], hessian)
+        table[bits] = choice
+    return table
 
 
 @dataclass
@@ -96,7 +149,11 @@ class QuantizedLayer:
 def quantize_layer(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, choice: WidthChoice,
                    input_mean: np.ndarray | None, bias_correction: bool = True) -> QuantizedLayer:
     """A layer's weight on its k-bit grid, and the bias that cancels the expected output shift."""
-    matrix, scale = fake_quantize(as_matrix(layer, weight), choice.clip, choice.bits)
+    if choice.integers is not None:
+        scale = (np.maximum(choice.clip, 1e-12) / levels(choice.bits)).astype(np.float32)
+        matrix = (choice.integers * scale[:, None]).astype(np.float32)
+    else:
+        matrix, scale = fake_quantize(as_matrix(layer, weight), choice.clip, choice.bits)
     quantized = from_matrix(layer, matrix)
     if not bias_correction or layer.bias_factor is None or input_mean is None:
         return QuantizedLayer(quantized, scale, None)
