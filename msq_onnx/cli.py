@@ -43,10 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="msq-onnx",
-        description="Post-training mixed-precision quantization of an FP32 ONNX classifier into a QDQ model "
-                    "(uint8 activations, per-channel int8-container weights on k-bit grids) with per-layer "
-                    "bit-widths chosen by MSQ: pyramid-pooled, weight-imprinted task predictors after every layer.",
-        epilog="Exit codes: 0 success, 2 bad input or usage, 3 accuracy gate (--max-drop) failed, 1 internal error.",
+        description="Post-training mixed-precision quantization of an FP32 ONNX model (CNNs, transformers, "
+                    "integer or several inputs; class scores, embeddings or maps) for ONNX Runtime. Per layer: a "
+                    "bit-width chosen by MSQ (pyramid-pooled, weight-imprinted task predictors after every layer) "
+                    "and measured error under a budget, an activation mode measured for damage and speed (static "
+                    "uint8, dynamic int8, weight-only, float) and a weight container (--prefer). Every output is "
+                    "compared with FP32 on held-out samples.",
+        epilog="Exit codes: 0 success (warnings on stderr), 2 bad input or usage, 3 an accuracy gate (--max-drop, "
+               "--min-cosine) failed, 1 internal error, 130 interrupted.",
     )
     parser.add_argument("input", help="FP32 ONNX model (opset 7-26; never modified)")
     parser.add_argument("output", help="where to write the QDQ model (written atomically)")

@@ -67,14 +67,18 @@ def pyramid_pool(probe: np.ndarray, levels=DEFAULT_LEVELS, channels_last: bool =
     with its attention mask [N, T] is pooled over its real tokens only.
     """
     levels = tuple(levels)
-    x = _channels_first(np.asarray(probe, dtype=np.float32), channels_last)
+    probe = np.asarray(probe, dtype=np.float32)
+    if channels_last and probe.ndim == 3 and mask is not None and mask.shape == probe.shape[:2]:
+        # [N, b, T] @ [N, T, C] on the probe as it comes: a batched product, no transposed copy
+        return np.swapaxes(np.matmul(_masked_pooling(mask, levels), probe), 1, 2)
+    x = _channels_first(probe, channels_last)
     if x.ndim == 2:
         return x[:, :, None]
     if x.ndim > 4:
         x = x.reshape(x.shape[0], x.shape[1], -1)
     if x.ndim == 3:
         if mask is not None and mask.shape == (x.shape[0], x.shape[2]):
-            return np.einsum("nct,nbt->ncb", x, _masked_pooling(mask, levels), optimize=True)
+            return np.matmul(x, np.swapaxes(_masked_pooling(mask, levels), 1, 2))
         return x @ _pooling_matrix(x.shape[2], levels).T
     rows = _pooling_matrix(x.shape[2], levels)
     cols = _pooling_matrix(x.shape[3], levels)

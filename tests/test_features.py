@@ -79,3 +79,21 @@ def test_bank_stops_growing_at_its_sample_cap():
     matrix = bank.take("a")
     assert matrix.shape == (5, 3) and bank.names == []
     assert np.isfinite(matrix).all()
+
+
+def test_sequence_pyramid_pools_real_tokens_only():
+    """Level b cuts the real tokens into b segments; padding (mask 0) never enters, whatever it holds."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 9, 5)).astype(np.float32)  # [N, T, C], channels last as a MatMul's output
+    mask = np.ones((2, 9), np.int64)
+    mask[1, 6:] = 0
+    pooled = pyramid_pool(x, (1, 2), channels_last=True, mask=mask)
+    assert pooled.shape == (2, 5, 3)
+    np.testing.assert_allclose(pooled[1, :, 0], x[1, :6].mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(pooled[1, :, 1], x[1, :3].mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(pooled[1, :, 2], x[1, 3:6].mean(axis=0), atol=1e-5)
+    noisy = x.copy()
+    noisy[1, 6:] = 1e6  # padding content must not matter
+    np.testing.assert_allclose(pyramid_pool(noisy, (1, 2), channels_last=True, mask=mask), pooled, atol=1e-4)
+    channels_first = pyramid_pool(np.swapaxes(x, 1, 2), (1, 2), channels_last=False, mask=mask)
+    np.testing.assert_allclose(channels_first, pooled, atol=1e-5)
