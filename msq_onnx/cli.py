@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "dominated by outliers) in uint16; those layers lose ORT's fused integer kernel "
                              "(default 0)")
     budget.add_argument("--rounding", choices=("gptq", "nearest"), default="gptq",
-                        help="gptq (default): round each dense or 1x1-conv layer column by column, compensating "
-                             "the error through its input Hessian (gathered on 64 calibration samples); nearest: "
-                             "round to nearest")
+                        help="gptq (default): round each dense layer column by column, compensating the error "
+                             "through its input Hessian (even samples of the first 128), kept per width where it "
+                             "beats round-to-nearest on the odd ones; nearest: round to nearest")
     budget.add_argument("--no-bias-correction", action="store_true",
                         help="do not correct the bias shift caused by weight quantization")
     budget.add_argument("--no-clip-search", action="store_true",

@@ -134,24 +134,41 @@ def damped(hessian: np.ndarray) -> np.ndarray:
     return h
 
 
+def hessian_errors(matrix: np.ndarray, candidates: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """Per stacked candidate row: (w - q) H (w - q)^T, one product for all of them."""
+    delta = candidates - np.tile(matrix.astype(np.float64), (len(candidates) // len(matrix), 1))
+    return np.sum((delta @ hessian) * delta, axis=1)
+
+
 def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, candidate_bits,
-                search: bool = True, hessian: np.ndarray | None = None) -> dict[int, WidthChoice]:
-    """Per width: clipping from the diagonal search; with the input Hessian, GPTQ rounding (all widths in one
-    pass) and its exact relative output error."""
+                search: bool = True, hessians=None) -> dict[int, WidthChoice]:
+    """Per width: clipping from the diagonal search. With input Hessians (instrument.InputHessians), GPTQ
+    rounds on one half of the calibration rows and, per width, the rounding (GPTQ or nearest) whose output
+    error on the other half is lower is kept, with that error: honest, and GPTQ never makes a width worse."""
     matrix = as_matrix(layer, weight)
     weights = input_weights(layer, input_sq)
     table = {bits: search_clips(matrix, weights, bits, search=search) for bits in candidate_bits}
-    widths = [b for b in table if b <= GPTQ_MAX_BITS]
-    if hessian is None or not widths:
+    if hessians is None:
         return table
+    widths, rows = list(table), matrix.shape[0]
     scales = np.concatenate([np.maximum(table[b].clip, 1e-12) / levels(b) for b in widths])
-    tops = np.repeat([levels(b) for b in widths], matrix.shape[0])
-    integers, losses = gptq_round(np.tile(matrix, (len(widths), 1)), scales, tops, hessian)
-    signal = max(float(np.sum((matrix.astype(np.float64) @ damped(hessian)) * matrix)), 1e-30)
-    rows = matrix.shape[0]
+    tops = np.repeat([levels(b) for b in widths], rows)
+    stacked = np.tile(matrix, (len(widths), 1))
+    nearest = np.clip(np.rint(stacked / scales[:, None]), -tops[:, None], tops[:, None])
+    rounded = np.repeat([b <= GPTQ_MAX_BITS for b in widths], rows)  # wider grids: nearest is enough
+    gptq = nearest.copy()
+    if rounded.any():
+        gptq[rounded], _ = gptq_round(stacked[rounded], scales[rounded], tops[rounded], hessians.fit)
+    check = hessians.check.astype(np.float64)
+    signal = max(float(np.sum((matrix.astype(np.float64) @ check) * matrix)), 1e-30)
+    gptq_errors = hessian_errors(matrix, gptq * scales[:, None], check)
+    nearest_errors = hessian_errors(matrix, nearest * scales[:, None], check)
     for index, bits in enumerate(widths):
-        table[bits].integers = integers[index * rows:(index + 1) * rows]
-        table[bits].error = float(losses[index * rows:(index + 1) * rows].sum()) / signal
+        part = slice(index * rows, (index + 1) * rows)
+        gptq_error, nearest_error = gptq_errors[part].sum() / signal, nearest_errors[part].sum() / signal
+        if gptq_error < nearest_error:
+            table[bits].integers = gptq[part].astype(np.int8)
+        table[bits].error = float(min(gptq_error, nearest_error))
     return table
 
 
