@@ -48,7 +48,11 @@ def main(argv=None) -> int:
     parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
     parser.add_argument("--budgets", nargs="+", type=float, default=[3.0, 3.5, 4.0, 5.0])
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"))
+    parser.add_argument("--replot", action="store_true", help="only redraw bytes.png from the saved JSON files")
     args = parser.parse_args(argv)
+    if args.replot:
+        replot(args.out)
+        return 0
     model = os.path.join(args.shared, "models", "efficientnet-lite0.onnx")
     if not os.path.exists(model):
         print(f"skipped: {model} not found (set --shared or MSQ_SHARED)")
@@ -97,6 +101,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def replot(out: str) -> None:
+    """Redraw docs/bench/bytes.png from the saved JSON files, without converting again."""
+    with open(os.path.join(out, "bytes-efficientnet.json")) as handle:
+        plot(json.load(handle), os.path.join(out, "minilm-l6.json"), os.path.join(out, "bytes.png"))
+
+
 def plot(result: dict, minilm_json: str, path: str) -> None:
     import matplotlib
 
@@ -117,7 +127,7 @@ def plot(result: dict, minilm_json: str, path: str) -> None:
     if panels == 2:
         minilm = json.load(open(minilm_json))
         axis = axes[0][1]
-        for row in minilm.get("rows", []):
+        for row in minilm.get("models", []):
             if row.get("top1") is None or row.get("bytes") is None:
                 continue
             axis.scatter(row["bytes"] / 1e6, row["top1"], label=row.get("name"))
