@@ -230,9 +230,9 @@ def plot_layers(report: dict, path: str) -> None:
     axes[1].set_ylabel("importance")
     colours = {"static": "tab:orange", "dynamic": "tab:blue", "weight-only": "tab:green", "float": "tab:gray"}
     axes[2].bar(x, [min(layer["bits"], 9) for layer in layers], color=[colours[layer["mode"]] for layer in layers])
-    for mode, colour in colours.items():
-        axes[2].bar([], [], color=colour, label=mode)
-    axes[2].legend(fontsize=7, ncol=4)
+    from matplotlib.patches import Patch
+
+    axes[2].legend(handles=[Patch(color=colour, label=mode) for mode, colour in colours.items()], fontsize=7, ncol=4)
     axes[2].set_ylabel("weight bits (float at top)")
     axes[2].set_xlabel("layer (network order)")
     axes[0].set_title(f"msq-onnx: {os.path.basename(report['input_model'])}, "
