@@ -62,21 +62,39 @@ class WidthChoice:
     integers: np.ndarray | None = None  # [out, fan_in] int8 from GPTQ rounding; None: round to nearest
 
 
-def search_clips(matrix: np.ndarray, weights: np.ndarray, bits: int, ratios=CLIP_RATIOS,
+LARGE_LAYER = 2_000_000  # parameters above which the clipping grid is searched every third ratio
+
+
+def search_clips(matrix: np.ndarray, weights: np.ndarray | None, bits: int, ratios=CLIP_RATIOS,
                  search: bool = True) -> WidthChoice:
-    """Per-channel clipping ratio minimising the input-weighted squared error."""
+    """Per-channel clipping ratio minimising the input-weighted squared error (weights None: unweighted).
+
+    Every ratio costs a full pass over the weight, so the work is done in place, and a layer past
+    LARGE_LAYER (an embedding table: 11.7 M values in MiniLM-L6, 8.6 s for the full grid) searches a
+    third of the grid."""
     matrix = matrix.astype(np.float32, copy=False)
     peak = np.abs(matrix).max(axis=1)
     best_err = np.full(matrix.shape[0], np.inf, np.float32)
     best_clip = peak.copy()
-    for ratio in (ratios if search else ratios[:1]):
+    top = levels(bits)
+    grid = (ratios if matrix.size <= LARGE_LAYER else ratios[::3]) if search else ratios[:1]
+    work = np.empty_like(matrix)
+    for ratio in grid:
         clip = peak * ratio
-        quantized, _ = fake_quantize(matrix, clip, bits)
-        err = (weights * (quantized - matrix) ** 2).sum(axis=1)
+        step = (np.maximum(clip, 1e-12) / top)[:, None]
+        np.divide(matrix, step, out=work)
+        np.rint(work, out=work)
+        np.clip(work, -top, top, out=work)
+        work *= step
+        work -= matrix
+        np.square(work, out=work)
+        if weights is not None:
+            work *= weights
+        err = work.sum(axis=1)
         better = err < best_err
         best_err[better] = err[better]
         best_clip[better] = clip[better]
-    signal = float((weights * matrix**2).sum())
+    signal = float((matrix ** 2 if weights is None else weights * matrix ** 2).sum())
     return WidthChoice(bits, best_clip, float(best_err.sum()) / max(signal, 1e-30))
 
 
@@ -146,7 +164,7 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
     rounds on one half of the calibration rows and, per width, the rounding (GPTQ or nearest) whose output
     error on the other half is lower is kept, with that error: honest, and GPTQ never makes a width worse."""
     matrix = as_matrix(layer, weight)
-    weights = input_weights(layer, input_sq)
+    weights = None if input_sq is None else input_weights(layer, input_sq)
     table = {bits: search_clips(matrix, weights, bits, search=search) for bits in candidate_bits}
     if hessians is None:
         return table
