@@ -307,7 +307,7 @@ def write_outputs(result: dict, out: str, stem: str) -> tuple[str, str]:
     with open(json_path, "w") as handle:
         json.dump(result, handle, indent=1)
     setup = result["setup"]
-    text = [f"# MiniLM-L6 sentence embeddings on Debian descriptions (`bench/text_bench.py`)", "",
+    text = ["# MiniLM-L6 sentence embeddings on Debian descriptions (`bench/text_bench.py`)", "",
             f"{setup['calibration_rows']} calibration texts, {setup['evaluation_rows']} evaluation rows "
             f"({setup['scored_rows']} scored; class means from the other {setup['mean_rows']}). Top-1: "
             "nearest class mean (dot product with the means of the model's own L2-normalized embeddings); "

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY
 

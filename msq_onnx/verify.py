@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .instrument import padded_batches, progress
+from .instrument import padded_batches
 
 # Kernels that compute on the quantized weights (MatMulNBits: packed int2/int4/int8 weights).
 FUSED_INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger",

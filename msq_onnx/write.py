@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from .errors import BadOption
 from .load import LoadedModel, is_large, save_model_file
-from .ops import CONTAINER_BITS, DYNAMIC, FLOAT, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute
+from .ops import CONTAINER_BITS, DYNAMIC, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute
 from .weights import as_matrix, quantize_layer
 
 
