@@ -699,3 +699,21 @@ def test_calibration_data_reader_is_accepted(tmp_path):
     assert report["evaluation"]["samples"] == 5  # every 5th sample held out
     assert report["evaluation"]["source"].startswith("CalibrationDataReader")
     assert report["evaluation"]["cosine"] > 0.98
+
+
+def test_fixed_batch_model_converts_and_its_latency_uses_the_fixed_batch(tmp_path):
+    """A model whose batch axis is fixed at 4 gets padded batches everywhere, the latency run included."""
+    rng = np.random.default_rng(5)
+    weight = rng.normal(size=(6, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "fixed.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(23, 6)).astype(np.float32))
+    report = convert(str(tmp_path / "fixed.onnx"), str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(quiet=True)).report
+    assert report["latency_ms"]["batch"] == 4 and report["latency_ms"]["input_shapes"] == {"x": [4, 6]}
+    assert report["latency_ms"]["output"] > 0 and report["evaluation"]["cosine"] > 0.99
