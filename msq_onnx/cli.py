@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bound on the bytes written (model file plus external data): bytes, or a fraction "
                              "(<= 1) of the input model's size. With --prefer speed (int8 containers) it may be "
                              "unreachable: --prefer size writes int4/int2 containers")
+    budget.add_argument("--max-latency", type=float, metavar="R",
+                        help="batch-1 latency at most R times FP32's (each layer timed alone on this machine in "
+                             "each mode and container, cached): with --prefer size, the smallest model no slower "
+                             "than R; needs fixed input sizes besides the batch")
     budget.add_argument("--prefer", choices=("speed", "size"), default="speed",
                         help="speed (default): int8 containers on ORT's fused integer kernels (the k-bit levels "
                              "show in gzip size, not on disk); size: the narrowest container ORT runs: int4/int2 "
@@ -156,7 +160,7 @@ def options_from(args):
                    importance_exponent=args.importance_exponent, act16=args.act16, levels=args.levels,
                    max_dim=args.max_dim, eval_path=args.eval, max_drop=args.max_drop, max_size=args.max_size,
                    min_cosine=args.min_cosine, output=args.task_output, activations=args.activations,
-                   prefer=args.prefer, rounding=args.rounding,
+                   prefer=args.prefer, rounding=args.rounding, max_latency=args.max_latency,
                    preprocess=preprocess,
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,
                    bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search)

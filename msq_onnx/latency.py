@@ -116,24 +116,9 @@ def dense_mode_times(rows: int, fan_in: int, fan_out: int, bias: bool = False) -
 
 @functools.lru_cache(maxsize=256)
 def _time_dense(rows: int, fan_in: int, fan_out: int, bias: bool) -> dict:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
     modes = (STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT)
-    sessions = [ort.InferenceSession(_dense_model(rows, fan_in, fan_out, m, bias).SerializeToString(), options,
-                                     providers=["CPUExecutionProvider"]) for m in modes]
     feed = {"x": np.random.default_rng(1).normal(size=(rows, fan_in)).astype(np.float32)}
-    times = [[] for _ in modes]
-    for run in range(WARMUP + RUNS):  # interleaved: drift on a busy machine hits every mode alike
-        for index, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, feed)
-            if run >= WARMUP:
-                times[index].append(time.perf_counter() - start)
-    return {mode: float(np.median(t)) for mode, t in zip(modes, times)}
+    return dict(zip(modes, _time([_dense_model(rows, fan_in, fan_out, m, bias) for m in modes], feed)))
 
 
 ABSOLUTE_TIE = 10e-6  # differences of microseconds, which no model's latency shows, are a tie
@@ -158,3 +143,106 @@ def mode_order(layer, costs: dict) -> tuple:
     fastest = min(costs[m] for m in layer.kind.modes)
     tie = max(fastest * TIE, fastest + ABSOLUTE_TIE) if layer.op_type in ("MatMul", "Gemm") else fastest * TIE
     return tuple(sorted(layer.kind.modes, key=lambda m: 0.0 if costs[m] <= tie else costs[m]))
+
+
+def _conv_model(node, weight_shape: tuple, input_shape: list, mode: str) -> onnx.ModelProto:
+    """The layer's own Conv (attributes and all) on a batch-1 input, written as the mode runs it."""
+    from .write import _GraphEdit
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([], "timing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    edit = _GraphEdit(model)
+    out = weight_shape[0]
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    bias = [edit.constant("b", np.zeros(out, np.float32))] if node.op_type == "Conv" else []
+    if mode == FLOAT:
+        weight = edit.constant("w", rng.normal(size=weight_shape).astype(np.float32) * 0.01)
+        nodes = [helper.make_node(node.op_type, ["x", weight] + bias, ["y"], **attributes)]
+    else:
+        edit.constant("w_q", rng.integers(-127, 128, weight_shape).astype(np.int8))
+        edit.constant("w_s", np.full(weight_shape[0] if node.op_type == "Conv" else weight_shape[1], 0.01,
+                                     np.float32))
+        axis = 0 if node.op_type == "Conv" else 1
+        nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w_dq"], axis=axis)]
+        if mode == STATIC:  # the QDQ pattern ORT fuses into QLinearConv
+            edit.constant("a_s", np.array(0.05, np.float32))
+            edit.constant("a_z", np.array(128, np.uint8))
+            nodes += [helper.make_node("QuantizeLinear", ["x", "a_s", "a_z"], ["xq"]),
+                      helper.make_node("DequantizeLinear", ["xq", "a_s", "a_z"], ["xdq"]),
+                      helper.make_node(node.op_type, ["xdq", "w_dq"] + bias, ["m"], **attributes),
+                      helper.make_node("QuantizeLinear", ["m", "a_s", "a_z"], ["mq"]),
+                      helper.make_node("DequantizeLinear", ["mq", "a_s", "a_z"], ["y"])]
+        else:
+            nodes.append(helper.make_node(node.op_type, ["x", "w_dq"] + bias, ["y"], **attributes))
+    model.graph.node.extend(nodes)
+    return model
+
+
+def _time(models: list, feed: dict) -> list[float]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                for m in models]
+    times = [[] for _ in models]
+    for run in range(WARMUP + RUNS):
+        for index, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feed)
+            if run >= WARMUP:
+                times[index].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
+def conv_mode_times(node, weight_shape: tuple, input_shape: list) -> dict:
+    """{mode: median seconds} of one convolution at batch 1 in static, weight-only and float, cached."""
+    attributes = sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute)
+    key = f"{node.op_type} {list(weight_shape)} on {input_shape} {attributes}"
+    cached = _load_cache().get(key)
+    modes = (STATIC, WEIGHT_ONLY, FLOAT)
+    if isinstance(cached, dict) and set(cached) == set(modes):
+        return cached
+    feed = {"x": np.random.default_rng(1).normal(size=input_shape).astype(np.float32)}
+    times = dict(zip(modes, _time([_conv_model(node, weight_shape, input_shape, m) for m in modes], feed)))
+    _store_cache(key, times)
+    return times
+
+
+def layer_seconds(loaded, rows: dict) -> dict | None:
+    """{layer: {mode: seconds at batch 1}} for every layer, or None when a shape is not known."""
+    shapes = {v.name: v.type.tensor_type.shape for v in list(loaded.model.graph.value_info) +
+              list(loaded.model.graph.input)}
+    nodes = {n.name: n for n in loaded.model.graph.node}
+    result = {}
+    for layer in loaded.layers:
+        if layer.op_type == "Gather":
+            result[layer.name] = {WEIGHT_ONLY: 0.0, FLOAT: 0.0}  # a lookup: microseconds either way
+            continue
+        if layer.op_type in ("MatMul", "Gemm"):
+            fan_out = layer.weight_shape[layer.out_axis]
+            times = dense_mode_times(int(rows.get(layer.name) or 1), layer.params // fan_out, fan_out,
+                                     layer.bias_name is not None)
+            result[layer.name] = {mode: times[mode] * len(layer.nodes) for mode in times}
+            continue
+        shape = shapes.get(layer.input_name)
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim] if shape is not None else []
+        if len(dims) < 3 or any(d is None or d <= 0 for d in dims[1:]):
+            return None
+        times = conv_mode_times(nodes[layer.name], layer.weight_shape, [1] + dims[1:])
+        result[layer.name] = {mode: value * len(layer.nodes) for mode, value in times.items()}
+    return result
+
+
+def width_seconds(layer, seconds: dict, mode: str, container: str) -> float:
+    """What one layer costs at batch 1 in the mode and container a width gives it. An int4 Conv weight runs as
+    DQ + float Conv whatever its activations, which is what the weight-only timing measured."""
+    if container == "float":
+        return seconds[FLOAT]
+    if layer.op_type in ("Conv", "ConvTranspose") and container == "int4":
+        return seconds[WEIGHT_ONLY]
+    return seconds.get(mode, seconds[FLOAT])

@@ -52,6 +52,7 @@ class Options:
     activations: str = "auto"  # per-layer mode from measured damage, or one mode for every layer
     prefer: str = "speed"  # speed: int8 containers on fused kernels; size: the narrowest container that runs
     rounding: str = "gptq"  # gptq: rounding with the layer's input Hessian where it is known; nearest
+    max_latency: float | None = None  # batch-1 latency at most this many times FP32's (a second knapsack bound)
     mode_tolerance: float = mode_stage.TOLERANCE
     act16: int = 0  # inputs of this many layers (largest uint8 error) kept in uint16
     preprocess: Preprocess = field(default_factory=Preprocess)
@@ -115,6 +116,9 @@ def check_options(options: Options) -> None:
         raise BadOption("--max-drop must be zero or positive (top-1 points).")
     if options.min_cosine is not None and not (0.0 < options.min_cosine <= 1.0):
         raise BadOption(f"--min-cosine {options.min_cosine} is outside (0, 1]; give a cosine such as 0.99.")
+    if options.max_latency is not None and not (math.isfinite(options.max_latency) and options.max_latency > 0):
+        raise BadOption(f"--max-latency {options.max_latency} must be a positive ratio to FP32's latency, "
+                        "such as 0.8.")
     if options.rounding not in ("gptq", "nearest"):
         raise BadOption(f"--rounding {options.rounding!r} is not one of gptq, nearest.")
     if options.prefer not in PREFER:
@@ -224,6 +228,31 @@ def size_budget(loaded, options: Options, widths) -> allocate_stage.Budget | Non
     return allocate_stage.Budget(costs(options.prefer), limit - rest, f"--max-size {options.max_size:g}", limit)
 
 
+def latency_budget(loaded, analysis: Analysis, options: Options, widths, samples, work_dir: str):
+    """--max-latency R: the layers' batch-1 times (each layer timed alone in each mode, on this machine) plus
+    the rest of the FP32 model must stay within R x the FP32 model's measured latency."""
+    from .instrument import padded_batches
+    from .latency import layer_seconds, width_seconds
+    from .verify import time_models
+
+    seconds = layer_seconds(loaded, analysis.stats.rows)
+    if seconds is None:
+        raise BadOption("--max-latency needs every layer's input shape (besides the batch) fixed in the model; "
+                        "this one has symbolic sizes: use --max-size or --avg-bits.")
+    feed, _ = next(padded_batches(samples, loaded, 1))
+    fp32 = time_models([os.path.join(work_dir, "fp32.onnx")], feed)[0] / 1000.0
+    rest = max(fp32 - sum(s[FLOAT] for s in seconds.values()), 0.0)
+    costs = {}
+    for layer in loaded.layers:
+        costs[layer.name] = {}
+        for bits in set(widths) | {FLOAT_BITS}:
+            mode = FLOAT if bits == FLOAT_BITS else analysis.modes[layer.name].mode
+            container = layer.kind.container(bits, mode, options.prefer)
+            costs[layer.name][bits] = width_seconds(layer, seconds[layer.name], layer.kind.mode_for(container, mode),
+                                                    container)
+    return allocate_stage.Budget(costs, options.max_latency * fp32 - rest, f"--max-latency {options.max_latency:g}")
+
+
 def plan_layers(loaded, analysis: Analysis, bits: dict, prefer: str) -> tuple[dict, dict]:
     """Each layer's final activation mode and weight container, from its width and the objective."""
     modes, containers = {}, {}
@@ -282,6 +311,9 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16)
     with tempfile.TemporaryDirectory(prefix="msq-") as work_dir:
         held_out = _HeldOut(loaded, evaluation, options, work_dir)
+        if options.max_latency is not None:
+            with timer.stage("latency"):
+                budgets.append(latency_budget(loaded, analysis, options, widths, evaluation, work_dir))
 
         def build(budgets: list) -> Candidate:
             with timer.stage("allocate"):
@@ -298,12 +330,16 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                                  held_out.measure(path), modes, containers, written_bytes(path))
 
         search = None
-        if (options.max_drop is not None or options.min_cosine is not None) and not budgets:
+        if (options.max_drop is not None or options.min_cosine is not None) and options.avg_bits is None \
+                and options.max_size is None:
             chosen, search = search_budget(
-                lambda avg: build([allocate_stage.bits_budget(params, widths, avg, fixed)]), options)
+                lambda avg: build(budgets + [allocate_stage.bits_budget(params, widths, avg, fixed)]), options)
         else:
             chosen = build(budgets)
             chosen = _meet_size(chosen, budgets, build, options.prefer)
+            if options.max_latency is not None:
+                with timer.stage("latency"):
+                    chosen = _meet_latency(loaded, chosen, budgets, build, evaluation, work_dir)
         with timer.stage("verify"):
             op_counts = optimized_op_counts(chosen.path)
             if evaluation is calib:
@@ -314,7 +350,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             publish(chosen.path, output_path)
     from .report import build_report
 
-    warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib, budgets)
+    warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib, budgets, latency)
     report = build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts,
                           fused_integer_kernels(op_counts), timer.seconds, time.perf_counter() - started,
                           activation_errors=activation_errors, wide_inputs=wide_inputs, search=search,
@@ -344,6 +380,32 @@ def _meet_size(chosen: Candidate, budgets: list, build, prefer: str) -> Candidat
         size = allocate_stage.Budget(size.costs, limit, size.name, size.total)
         budgets = [size if b.total is not None else b for b in budgets]
         chosen = build(budgets)
+    return chosen
+
+
+LATENCY_RETRIES = 2
+
+
+def _meet_latency(loaded, chosen: Candidate, budgets: list, build, samples, work_dir: str) -> Candidate:
+    """Layers timed alone miss what joins them (Q/DQ at the borders of a static region, layout changes): the
+    written model is timed against FP32 and, while it is over, the layers' allowance shrinks by the overshoot."""
+    from .instrument import padded_batches
+    from .verify import time_models
+
+    bound = next(b for b in budgets if b.name.startswith("--max-latency"))
+    ratio = float(bound.name.split()[-1])
+    feed, _ = next(padded_batches(samples, loaded, 1))
+    for _ in range(LATENCY_RETRIES):
+        fp32, output = time_models([os.path.join(work_dir, "fp32.onnx"), chosen.path], feed)
+        if output <= ratio * fp32:
+            break
+        tighter = allocate_stage.Budget(bound.costs, bound.limit * ratio * fp32 / output, bound.name)
+        budgets = [tighter if b is bound else b for b in budgets]
+        bound = tighter
+        try:
+            chosen = build(budgets)
+        except BadOption:
+            break  # no allocation is that fast: the warning says the bound was not met
     return chosen
 
 
@@ -386,9 +448,15 @@ def measure_latency(loaded, chosen: Candidate, samples, ranges: dict, work_dir: 
 
 
 def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, not_held_out: bool,
-              budgets: list) -> list[str]:
+              budgets: list, measured_latency: dict | None = None) -> list[str]:
     """What the tool cannot stand behind, said in one line each."""
     warnings = []
+    latency = chosen_latency = None
+    if options.max_latency is not None and measured_latency:
+        latency, chosen_latency = options.max_latency, measured_latency["output"] / measured_latency["fp32"]
+    if latency is not None and chosen_latency > latency:
+        warnings.append(f"measured latency is {chosen_latency:.2f}x FP32's, over --max-latency {latency:g}: the "
+                        "bound was met on the layers' separate timings only (this machine's timings drift)")
     size = next((b for b in budgets if b.total is not None), None)
     if size is not None and chosen.file_bytes > size.total:
         warnings.append(f"the written model is {chosen.file_bytes:,} bytes, over --max-size ({size.total:,.0f}): "

@@ -91,7 +91,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
             "bias_correction": options.bias_correction, "clip_search": options.clip_search,
             "batch_size": options.batch_size, "max_drop": options.max_drop, "max_size": options.max_size,
             "min_cosine": options.min_cosine, "output": loaded.output_name, "activations": options.activations,
-            "prefer": options.prefer, "rounding": options.rounding,
+            "prefer": options.prefer, "rounding": options.rounding, "max_latency": options.max_latency,
         },
         "opset": {"input": loaded.source_opset, "output": _written_opset(output_path),
                   "raised_for_int2": any(c == "int2" for c in chosen.containers.values())},

@@ -98,3 +98,16 @@ def test_sensitivity_allocator_measures_damage_per_layer_and_width(cnn_files, tm
     result = convert(cnn_files["model"], str(tmp_path / "s.onnx"), cnn_files["calib"],
                      Options(avg_bits=3.0, bits=(2, 4, 8), allocator="sensitivity", quiet=True))
     assert result.report["avg_weight_bits"] <= 3.0
+
+
+def test_max_latency_is_a_second_bound_measured_on_this_machine(cnn_files, tmp_path):
+    result = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"],
+                     Options(avg_bits=4, bits=(2, 4, 8), prefer="size", max_latency=50.0, quiet=True))
+    latency = result.report["latency_ms"]
+    assert result.report["options"]["max_latency"] == 50.0 and latency["output"] > 0 and latency["fp32"] > 0
+    assert not any("--max-latency" in w for w in result.report["warnings"])  # 50x FP32 is always met
+    with pytest.raises(BadOption, match="--max-latency"):
+        convert(cnn_files["model"], str(tmp_path / "q2.onnx"), cnn_files["calib"], Options(max_latency=0.0, quiet=True))
+    with pytest.raises(BadOption, match="--max-latency"):  # no layer timing fits a thousandth of FP32's time
+        convert(cnn_files["model"], str(tmp_path / "q3.onnx"), cnn_files["calib"],
+                Options(max_latency=0.001, quiet=True))
