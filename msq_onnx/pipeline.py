@@ -195,12 +195,17 @@ class _HeldOut:
         self.reference = fidelity.Reference(fp32_model, loaded, samples, options.batch_size, options.quiet)
 
     def measure(self, path: str) -> dict:
-        return fidelity.compare(self.reference, path, self.loaded.output_name, self.samples.labels,
-                                self.options.quiet)
+        measured = fidelity.compare(self.reference, path, self.loaded.output_name, self.samples.labels,
+                                    self.options.quiet)
+        if self.options.max_drop is not None and measured.get("drop") is None:
+            raise BadOption(f"--max-drop needs a task output with decisions (class scores, or embeddings); "
+                            f"'{measured['task_output']}' is a {measured['kind']}: gate it with --min-cosine, or "
+                            "choose another --output.")
+        return measured
 
 
 def gate_passed(measured: dict, options: Options) -> bool:
-    drop_ok = options.max_drop is None or measured.get("drop") is None or measured["drop"] <= options.max_drop + 1e-9
+    drop_ok = options.max_drop is None or measured["drop"] <= options.max_drop + 1e-9
     cosine_ok = options.min_cosine is None or measured["cosine"] >= options.min_cosine - 1e-12
     return drop_ok and cosine_ok
 

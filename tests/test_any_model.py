@@ -539,6 +539,16 @@ def test_a_feature_map_task_output_is_a_tensor(aux_task_report):
     assert evaluation.get("fp32_top1") is None and evaluation.get("agreement") is None
 
 
+def test_max_drop_on_a_map_output_is_refused_not_silently_passed(two_output_files):
+    folder, path, calib = two_output_files
+    out = folder / "gated.onnx"
+    with pytest.raises(MsqError, match="--min-cosine") as info:
+        convert(path, str(out), calib, Options(output="aux", max_drop=1.0, quiet=True))
+    assert info.value.exit_code == 2 and not out.exists()
+    gated = convert(path, str(out), calib, Options(output="aux", min_cosine=0.5, quiet=True)).report
+    assert gated["gate"]["passed"] and gated["gate"]["cosine"] == gated["evaluation"]["cosine"]
+
+
 def test_unknown_output_name_is_bad_input(two_output_files):
     folder, path, calib = two_output_files
     out = folder / "nosuch.onnx"
