@@ -371,6 +371,10 @@ def _subgraph_layers(graph) -> list[dict]:
     return found
 
 
+# Weighted ops msq-onnx does not quantize: named in the report and counted at 32 bits, never silently float.
+_UNHANDLED_WEIGHTED = ("LSTM", "GRU", "RNN", "Einsum", "Attention", "MultiHeadAttention")
+
+
 def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[dict]]:
     """The layers (one per weight tensor) and the weighted nodes that cannot be layers, with the reason."""
     graph = model.graph
@@ -381,6 +385,12 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
     refused = set()
     for node in graph.node:
         kind = REGISTRY.get(node.op_type)
+        if kind is None and node.op_type in _UNHANDLED_WEIGHTED:
+            weights = [i for i in node.input if i in inits and inits[i].data_type == onnx.TensorProto.FLOAT
+                       and len(inits[i].dims) >= 2]
+            skipped.extend({"node": node.name, "op_type": node.op_type, "weight": w,
+                            "reason": f"{node.op_type} weights are not quantized by msq-onnx"} for w in weights)
+            continue
         if kind is None or len(node.input) < 2 or node.input[kind.weight_index] not in inits:
             continue  # activation x activation: nothing to give bits to
         weight_name = node.input[kind.weight_index]

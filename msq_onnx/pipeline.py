@@ -306,8 +306,13 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     widths = candidate_widths(options)
     budgets = [b for b in (size_budget(loaded, options, widths),) if b is not None]
     if options.avg_bits is not None:
+        lowest = (min(options.bits) * sum(params.values()) + FLOAT_BITS * fixed) / (sum(params.values()) + fixed)
+        if lowest > options.avg_bits + 1e-9:
+            names = sorted({s["node"] for s in loaded.skipped if s.get("weight")})
+            raise BadOption(f"--avg-bits {options.avg_bits:g} cannot be met: {fixed:,} parameters in nodes left in "
+                            f"float ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}) count at 32 bits, "
+                            f"so the lowest reachable average is {lowest:.2f}; raise --avg-bits.")
         budgets.append(allocate_stage.bits_budget(params, widths, options.avg_bits, fixed))
-        allocate_stage.check_reachable(budgets[-1:], widths)
     analysis = analyse(loaded, calib, options, timer)
     with timer.stage("allocate"):
         damage = _damage(loaded, calib, analysis, options)
@@ -475,9 +480,10 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
         warnings.append(f"{len(floated)} layer(s) kept in float by the allocator (counted at 32 bits): "
                         f"{', '.join(floated[:5])}{' ...' if len(floated) > 5 else ''}")
     if loaded.skipped:
-        names = [f"{s['node']} ({s['reason']})" for s in loaded.skipped[:3]]
-        warnings.append(f"{len(loaded.skipped)} weighted node(s) left in float: {'; '.join(names)}"
-                        f"{' ...' if len(loaded.skipped) > 3 else ''}")
+        reasons = {s["node"]: s["reason"] for s in loaded.skipped}
+        names = [f"{node} ({reason})" for node, reason in list(reasons.items())[:3]]
+        warnings.append(f"{len(reasons)} weighted node(s) left in float: {'; '.join(names)}"
+                        f"{' ...' if len(reasons) > 3 else ''}")
     if not_held_out:
         warnings.append(f"only {chosen.measured['samples']} calibration samples and no --eval: fidelity was measured "
                         "on the samples calibrated on")

@@ -727,3 +727,29 @@ def test_fixed_batch_model_converts_and_its_latency_uses_the_fixed_batch(tmp_pat
                      Options(quiet=True)).report
     assert report["latency_ms"]["batch"] == 4 and report["latency_ms"]["input_shapes"] == {"x": [4, 6]}
     assert report["latency_ms"]["output"] > 0 and report["evaluation"]["cosine"] > 0.99
+
+
+def test_unhandled_weighted_ops_are_named_and_count_in_the_budget(tmp_path):
+    """An LSTM's weights are not quantized: the report and stderr say so, and --avg-bits counts them at 32."""
+    rng = np.random.default_rng(2)
+    hidden = 6
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32) * 0.3, n)
+             for n, s in (("W", (1, 4 * hidden, 4)), ("R", (1, 4 * hidden, hidden)), ("B", (1, 8 * hidden)),
+                          ("wo", (hidden, 3)))]
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+    graph = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y", "Yh"], hidden_size=hidden, name="lstm"),
+         helper.make_node("Squeeze", ["Yh", "axis0"], ["h"], name="squeeze"),
+         helper.make_node("MatMul", ["h", "wo"], ["out"], name="head")], "lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(5, 12, 4)).astype(np.float32))
+    report = convert(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), str(tmp_path / "c.npz"),
+                     Options(quiet=True)).report
+    assert {s["node"] for s in report["left_in_float"]} == {"lstm"}
+    assert any("lstm" in w and "LSTM" in w for w in report["warnings"])
+    assert report["avg_weight_bits"] > 8  # the LSTM's weights count at 32 bits
+    with pytest.raises(MsqError, match="lstm"):
+        convert(str(tmp_path / "m.onnx"), str(tmp_path / "q2.onnx"), str(tmp_path / "c.npz"),
+                Options(avg_bits=4, quiet=True))
