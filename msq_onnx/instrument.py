@@ -283,20 +283,26 @@ def _hessian_rows(layer: Layer) -> bool:
 
 
 def input_hessians(loaded: LoadedModel, samples, count: int = HESSIAN_SAMPLES, batch_size: int = 1,
-                   quiet: bool = False) -> dict:
+                   quiet: bool = False, rows: dict | None = None) -> dict:
     """{layer: InputHessians} over the first `count` samples, for GPTQ rounding.
 
-    Dense layers only (their rows are tokens). A layer whose fitting half has fewer than MIN_ROWS_PER_INPUT rows per input
-    feature gets none: a classifier's head sees one row per sample, and GPTQ
-    fitted on a few dozen rows rounds for those rows, not for the task.
+    Dense layers only (their rows are tokens). A layer whose fitting half has
+    fewer than MIN_ROWS_PER_INPUT rows per input feature gets none: a
+    classifier's head sees one row per sample, and GPTQ fitted on a few dozen
+    rows rounds for those rows, not for the task. With `rows` (rows per sample
+    from the calibration pass) such layers are left out before the pass, which
+    is then not run at all when none remains (a CNN).
     """
     model = onnx.ModelProto()
     model.CopyFrom(loaded.model)
     graph = model.graph
     by_input: dict = {}
+    fitting = min(count, samples.count) // 2
     for layer in loaded.layers:
         fan_in = layer.params // layer.weight_shape[layer.out_axis]
-        if layer.kind.input_moments and _hessian_rows(layer) and fan_in <= MAX_HESSIAN_FAN_IN:
+        expected = (rows or {}).get(layer.name)
+        too_few = expected is not None and expected * fitting < MIN_ROWS_PER_INPUT * fan_in
+        if layer.kind.input_moments and _hessian_rows(layer) and fan_in <= MAX_HESSIAN_FAN_IN and not too_few:
             by_input.setdefault(layer.input_name, (fan_in, []))[1].append(layer.name)
     if not by_input:
         return {}

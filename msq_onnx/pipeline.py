@@ -157,7 +157,8 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         narrowed = (options.avg_bits is not None and options.avg_bits < max(options.bits)) or any(
             v is not None for v in (options.max_size, options.max_drop, options.min_cosine))
         # Without a budget every layer keeps the widest width, which rounds to nearest anyway.
-        hessians = input_hessians(loaded, calib, batch_size=options.batch_size, quiet=options.quiet) \
+        hessians = input_hessians(loaded, calib, batch_size=options.batch_size, quiet=options.quiet,
+                                  rows=stats.rows) \
             if options.rounding == "gptq" and narrowed else {}
         choices = {layer.name: error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name),
                                            options.bits, options.clip_search, hessians.get(layer.name))
