@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--activations", choices=("auto", "static", "dynamic", "weight-only"), default="auto",
                         help="activation mode of every layer: auto (default) measures each layer and takes the "
                              "fastest mode whose output error is small; static = uint8 QDQ (fused integer "
-                             "kernels), dynamic = per-batch int8 (MatMul/Gemm), weight-only = float activations")
+                             "kernels), dynamic = per-batch int8 (MatMul/Gemm), weight-only = DQ(weight) -> MatMul/Conv "
+                             "(ORT's MatMulNBits then quantizes MatMul inputs to int8 per block of 32)")
     budget.add_argument("--act16", type=int, default=0, metavar="N",
                         help="keep the inputs of the N layers with the largest uint8 activation error (ranges "
                              "dominated by outliers) in uint16; those layers lose ORT's fused integer kernel "

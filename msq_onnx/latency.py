@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import tempfile
-import time
 
 import numpy as np
 import onnx
@@ -26,6 +25,7 @@ from onnx import TensorProto, helper
 from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY
 
 RUNS = 25
+DENSE_MODES = (STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT)
 WARMUP = 3
 OPSET = 21
 IR_VERSION = 10  # what opset 21 needs; onnx 1.23 would stamp 14, which ORT 1.31 refuses
@@ -106,19 +106,13 @@ def row_bucket(rows: int) -> int:
 def dense_mode_times(rows: int, fan_in: int, fan_out: int, bias: bool = False) -> dict:
     """{mode: median seconds} of a [rows, fan_in] x [fan_in, fan_out] layer in each mode, cached."""
     key = f"dense {row_bucket(rows)}x{fan_in}x{fan_out}{' +bias' if bias else ''}"
-    cached = _load_cache().get(key)
-    if isinstance(cached, dict) and set(cached) == {STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT}:
-        return cached
-    times = _time_dense(row_bucket(rows), fan_in, fan_out, bias)
-    _store_cache(key, times)
-    return times
+    return _cached_times(key, DENSE_MODES, lambda: _time_dense(row_bucket(rows), fan_in, fan_out, bias))
 
 
 @functools.lru_cache(maxsize=256)
 def _time_dense(rows: int, fan_in: int, fan_out: int, bias: bool) -> dict:
-    modes = (STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT)
     feed = {"x": np.random.default_rng(1).normal(size=(rows, fan_in)).astype(np.float32)}
-    return dict(zip(modes, _time([_dense_model(rows, fan_in, fan_out, m, bias) for m in modes], feed)))
+    return dict(zip(DENSE_MODES, _time([_dense_model(rows, fan_in, fan_out, m, bias) for m in DENSE_MODES], feed)))
 
 
 ABSOLUTE_TIE = 10e-6  # differences of microseconds, which no model's latency shows, are a tie
@@ -181,36 +175,34 @@ def _conv_model(node, weight_shape: tuple, input_shape: list, mode: str) -> onnx
 
 
 def _time(models: list, feed: dict) -> list[float]:
-    import onnxruntime as ort
+    from .verify import interleaved_medians, single_thread_sessions
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                for m in models]
-    times = [[] for _ in models]
-    for run in range(WARMUP + RUNS):
-        for index, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, feed)
-            if run >= WARMUP:
-                times[index].append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
+    sessions = single_thread_sessions(models)
+    interleaved_medians(sessions, feed, WARMUP)
+    return interleaved_medians(sessions, feed, RUNS)
+
+
+def _cached_times(key: str, modes: tuple, measure) -> dict:
+    """{mode: seconds} from this machine's cache, else measured once and stored."""
+    cached = _load_cache().get(key)
+    if isinstance(cached, dict) and set(cached) == set(modes):
+        return cached
+    times = measure()
+    _store_cache(key, times)
+    return times
 
 
 def conv_mode_times(node, weight_shape: tuple, input_shape: list) -> dict:
     """{mode: median seconds} of one convolution at batch 1 in static, weight-only and float, cached."""
     attributes = sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute)
     key = f"{node.op_type} {list(weight_shape)} on {input_shape} {attributes}"
-    cached = _load_cache().get(key)
     modes = (STATIC, WEIGHT_ONLY, FLOAT)
-    if isinstance(cached, dict) and set(cached) == set(modes):
-        return cached
-    feed = {"x": np.random.default_rng(1).normal(size=input_shape).astype(np.float32)}
-    times = dict(zip(modes, _time([_conv_model(node, weight_shape, input_shape, m) for m in modes], feed)))
-    _store_cache(key, times)
-    return times
+
+    def measure() -> dict:
+        feed = {"x": np.random.default_rng(1).normal(size=input_shape).astype(np.float32)}
+        return dict(zip(modes, _time([_conv_model(node, weight_shape, input_shape, m) for m in modes], feed)))
+
+    return _cached_times(key, modes, measure)
 
 
 def layer_seconds(loaded, rows: dict) -> dict | None:

@@ -291,8 +291,8 @@ def choose(loaded, measurement: Measurement, ranges: dict, costs: dict, toleranc
             reason = f"--activations {forced}" if mode == forced else f"{forced} not available for {layer.op_type}"
             choices[layer.name] = ModeChoice(mode, errors[layer.name], reason)
         return choices, []
-    chosen = {layer.name: next(m for m in orders[layer.name][:-1] + (FLOAT,)
-                               if errors[layer.name].get(m, 0.0) <= tolerance) for layer in loaded.layers}
+    chosen = {layer.name: next(m for m in orders[layer.name] if errors[layer.name].get(m, 0.0) <= tolerance)
+              for layer in loaded.layers}
 
     def next_mode(name: str) -> str | None:
         order, current = orders[name], errors[name][chosen[name]]

@@ -80,24 +80,30 @@ def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict) ->
 LATENCY_SECONDS = 1.5  # per model, spent in timed runs after warm-up
 
 
-def time_models(paths: list[str], feed: dict) -> list[float]:
-    """Median batch-1 latency (ms) of each model on one thread, runs interleaved so drift hits all alike."""
+def single_thread_sessions(models: list) -> list:
+    """CPU sessions on one intra-op and one inter-op thread, from paths or in-memory models."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    sessions = [ort.InferenceSession(p, options, providers=["CPUExecutionProvider"]) for p in paths]
-    first = []
-    for runner in sessions:  # warm-up, and a first timing to choose the number of runs
-        runner.run(None, feed)
-        start = time.perf_counter()
-        runner.run(None, feed)
-        first.append(time.perf_counter() - start)
-    runs = int(np.clip(LATENCY_SECONDS / max(max(first), 1e-6), 5, 200))
+    return [ort.InferenceSession(m if isinstance(m, str) else m.SerializeToString(), options,
+                                 providers=["CPUExecutionProvider"]) for m in models]
+
+
+def interleaved_medians(sessions: list, feed: dict, runs: int) -> list[float]:
+    """Median seconds per session over `runs` rounds, one run of each per round so drift hits all alike."""
     times = [[] for _ in sessions]
     for _ in range(runs):
         for index, runner in enumerate(sessions):
             start = time.perf_counter()
             runner.run(None, feed)
             times[index].append(time.perf_counter() - start)
-    return [round(float(np.median(t)) * 1000.0, 4) for t in times]
+    return [float(np.median(t)) for t in times]
+
+
+def time_models(paths: list[str], feed: dict) -> list[float]:
+    """Median batch-1 latency (ms) of each model on one thread, the number of runs fitted to LATENCY_SECONDS."""
+    sessions = single_thread_sessions(paths)
+    first = interleaved_medians(sessions, feed, 2)  # warm-up, and a first timing to choose the number of runs
+    runs = int(np.clip(LATENCY_SECONDS / max(max(first), 1e-6), 5, 200))
+    return [round(t * 1000.0, 4) for t in interleaved_medians(sessions, feed, runs)]
