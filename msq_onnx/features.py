@@ -49,12 +49,20 @@ def _masked_pooling(mask: np.ndarray, levels: tuple) -> np.ndarray:
     The sequence analogue of the image pyramid: level b cuts the sample's
     unpadded tokens (wherever the mask puts them) into b consecutive segments
     of equal length and averages each; padding never enters a feature.
+    Every layer of a batch pools with the same mask: the matrices are kept.
     """
+    return _masked_pooling_cached(mask.shape, np.asarray(mask).astype(bool).tobytes(), tuple(levels))
+
+
+@functools.lru_cache(maxsize=4)
+def _masked_pooling_cached(shape: tuple, mask_bytes: bytes, levels: tuple) -> np.ndarray:
+    mask = np.frombuffer(mask_bytes, bool).reshape(shape)
     matrices = np.zeros((mask.shape[0], sum(levels), mask.shape[1]), np.float32)
     for i, row in enumerate(mask):
         positions = np.flatnonzero(row)
         if len(positions):
             matrices[i][:, positions] = _pooling_matrix(len(positions), levels)
+    matrices.flags.writeable = False  # shared by every layer of the batch
     return matrices
 
 

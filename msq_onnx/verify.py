@@ -77,7 +77,7 @@ def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict) ->
         return None, kind
 
 
-LATENCY_SECONDS = 1.5  # per model, spent in timed runs after warm-up
+LATENCY_SECONDS = 0.5  # per model, spent in timed runs after warm-up (medians of >= 5 runs hold at this length)
 
 
 def single_thread_sessions(models: list) -> list:

@@ -69,33 +69,46 @@ def search_clips(matrix: np.ndarray, weights: np.ndarray | None, bits: int, rati
                  search: bool = True) -> WidthChoice:
     """Per-channel clipping ratio minimising the input-weighted squared error (weights None: unweighted).
 
-    Every ratio costs a full pass over the weight, so the work is done in place, and a layer past
-    LARGE_LAYER (an embedding table: 11.7 M values in MiniLM-L6, 8.6 s for the full grid) searches a
-    third of the grid."""
-    matrix = matrix.astype(np.float32, copy=False)
+    Every ratio costs a full pass over the weight, so the grid is searched coarse to fine: every other
+    ratio, then each row's two neighbours of its best one (the error is unimodal in the ratio on every
+    layer measured, so this finds the full grid's optimum in 11 passes instead of 17). A layer past
+    LARGE_LAYER (an embedding table: 11.7 M values in MiniLM-L6) searches every third ratio only. The work runs in place on a contiguous copy: a transposed view made it 3-6x slower."""
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
     peak = np.abs(matrix).max(axis=1)
-    best_err = np.full(matrix.shape[0], np.inf, np.float32)
-    best_clip = peak.copy()
     top = levels(bits)
-    grid = (ratios if matrix.size <= LARGE_LAYER else ratios[::3]) if search else ratios[:1]
     work = np.empty_like(matrix)
-    for ratio in grid:
-        clip = peak * ratio
-        step = (np.maximum(clip, 1e-12) / top)[:, None]
+
+    def row_errors(ratio: np.ndarray) -> np.ndarray:
+        step = (np.maximum(peak * ratio, 1e-12) / top)[:, None]
         np.divide(matrix, step, out=work)
         np.rint(work, out=work)
         np.clip(work, -top, top, out=work)
-        work *= step
-        work -= matrix
+        np.multiply(work, step, out=work)
+        np.subtract(work, matrix, out=work)
         np.square(work, out=work)
         if weights is not None:
-            work *= weights
-        err = work.sum(axis=1)
+            np.multiply(work, weights, out=work)
+        return work.sum(axis=1)
+
+    stride = (3 if matrix.size > LARGE_LAYER else 2) if search else len(ratios)
+    coarse = np.arange(0, len(ratios), stride)
+    best_err = np.full(matrix.shape[0], np.inf, np.float32)
+    best_index = np.zeros(matrix.shape[0], np.int64)
+    for index in coarse:
+        err = row_errors(np.full(len(peak), ratios[index], np.float32))
         better = err < best_err
-        best_err[better] = err[better]
-        best_clip[better] = clip[better]
+        best_err[better], best_index[better] = err[better], index
+    if stride == 2:
+        for offset in range(-(stride // 2), stride // 2 + 1):
+            if offset == 0:
+                continue
+            index = np.clip(best_index + offset, 0, len(ratios) - 1)
+            err = row_errors(ratios[index])
+            better = err < best_err
+            best_err[better], best_index[better] = err[better], index[better]
     signal = float((matrix ** 2 if weights is None else weights * matrix ** 2).sum())
-    return WidthChoice(bits, best_clip, float(best_err.sum()) / max(signal, 1e-30))
+    return WidthChoice(bits, peak * ratios[best_index], float(best_err.sum()) / max(signal, 1e-30))
 
 
 GPTQ_BLOCK = 64  # columns rounded before their error is pushed to the rest in one product (64: fastest here)
@@ -113,13 +126,13 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
     integers and each row's added output error sum_i ((w_i - q_i) / U_ii)^2, which is exactly the growth
     of (W - Q) H (W - Q)^T for the damped Hessian, so no second product is needed to measure it.
     """
-    w = matrix.astype(np.float64).copy()
+    w = matrix.astype(np.float32)  # a copy; the factorisation is float64, the updates float32 (2x faster)
     h = damped(hessian)
     dead = np.diag(hessian) <= 0
     w[:, dead] = 0.0
-    step, limit = scale.astype(np.float64), top.astype(np.float64)
+    step, limit = scale.astype(np.float32), top.astype(np.float32)
     try:
-        upper = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
+        upper = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper Cholesky factor of H^-1
     except np.linalg.LinAlgError:
         integers = np.clip(np.rint(w / step[:, None]), -limit[:, None], limit[:, None])
         delta = w - integers * step[:, None]
@@ -154,8 +167,8 @@ def damped(hessian: np.ndarray) -> np.ndarray:
 
 def hessian_errors(matrix: np.ndarray, candidates: np.ndarray, hessian: np.ndarray) -> np.ndarray:
     """Per stacked candidate row: (w - q) H (w - q)^T, one product for all of them."""
-    delta = candidates - np.tile(matrix.astype(np.float64), (len(candidates) // len(matrix), 1))
-    return np.sum((delta @ hessian) * delta, axis=1)
+    delta = (candidates - np.tile(matrix, (len(candidates) // len(matrix), 1))).astype(np.float32)
+    return np.sum((delta @ hessian.astype(np.float32)) * delta, axis=1, dtype=np.float64)
 
 
 def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, candidate_bits,
