@@ -129,6 +129,22 @@ class OpKind:
         """[out, fan_in] index of the input channel each weight multiplies."""
         raise NotImplementedError
 
+    def input_rows(self, layer: Layer, node, input_shape, prefix: str) -> "InputRows | None":
+        """Graph nodes turning the layer's activation input into the rows its weight multiplies, as
+        [rows, fan_in], so that rows^T rows is its input Hessian; None: no exact
+        rows for this kind (the diagonal estimate of weights.py serves). Convolutions have none: GPTQ on
+        im2col rows made EfficientNet-Lite0 worse (docs/BENCHMARKS.md, "Rounding with the inputs")."""
+        return None
+
+
+@dataclass
+class InputRows:
+    nodes: list  # ONNX nodes from the layer's input to `output`
+    initializers: list
+    output: str  # [rows, fan_in]
+    fan_in: int
+    key: str  # layers with the same key read the same rows (q, k and v of one input): one Hessian serves
+
 
 class _Conv(OpKind):
     def describe(self, node, inits):
@@ -183,6 +199,13 @@ class _Dense(OpKind):
 
     def input_channel_index(self, layer):
         return _dense_channel_index(layer)
+
+    def input_rows(self, layer, node, input_shape, prefix):
+        """Every leading index (batch, token) is a row of the features on the last axis."""
+        fan_in = layer.params // layer.weight_shape[layer.out_axis]
+        shape = onnx.numpy_helper.from_array(np.array([-1, fan_in], np.int64), prefix + "_shape")
+        reshape = onnx.helper.make_node("Reshape", [layer.input_name, shape.name], [prefix + "_rows"])
+        return InputRows([reshape], [shape], prefix + "_rows", fan_in, f"{layer.input_name}/{fan_in}")
 
 
 class _Gemm(_Dense):

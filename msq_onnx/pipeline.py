@@ -23,7 +23,7 @@ from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
 from .imprint import imprint_labels, layer_scores
 from .importance import importance as layer_importance
 from .importance import upstream_layers
-from .instrument import input_hessians, run_pass
+from .instrument import run_pass
 from .latency import mode_costs
 from .load import load_model, save_model_file
 from .ops import FLOAT, FLOAT_BITS, MODES, PREFER, STATIC
@@ -143,9 +143,12 @@ class Analysis:
 
 
 def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
+    # Without a budget every layer keeps the widest width, which rounds to nearest: no Hessians then.
+    narrowed = (options.avg_bits is not None and options.avg_bits < max(options.bits)) or any(
+        v is not None for v in (options.max_size, options.max_drop, options.min_cosine))
     with timer.stage("instrument+features"):
         stats = run_pass(loaded, calib, options.levels, options.max_dim, options.batch_size, options.quiet,
-                         options.seed)
+                         options.seed, hessians=options.rounding == "gptq" and narrowed)
     with timer.stage("imprint"):
         labels = imprint_labels(None if calib.labels is None else calib.labels[stats.imprinted], stats.outputs,
                                 options.seed, fidelity.output_kind(stats.outputs, None) == "class-scores")
@@ -154,16 +157,10 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         upstream = upstream_layers(loaded.model, loaded.layers)
         gains = layer_importance({name: s.soft for name, s in scores.items()}, input_score.soft, upstream)
     with timer.stage("weight-errors"):
-        narrowed = (options.avg_bits is not None and options.avg_bits < max(options.bits)) or any(
-            v is not None for v in (options.max_size, options.max_drop, options.min_cosine))
-        # Without a budget every layer keeps the widest width, which rounds to nearest anyway.
-        hessians = input_hessians(loaded, calib, batch_size=options.batch_size, quiet=options.quiet,
-                                  rows=stats.rows) \
-            if options.rounding == "gptq" and narrowed else {}
         choices = {layer.name: error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name),
-                                           options.bits, options.clip_search, hessians.get(layer.name))
+                                           options.bits, options.clip_search, stats.hessians.get(layer.name))
                    for layer in loaded.layers}
-        del hessians
+        stats.hessians = {}  # released: tens of MB per wide layer
     with timer.stage("activation-modes"):
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
                                          quiet=options.quiet)

@@ -1,4 +1,8 @@
+import os
+import tempfile
+
 import numpy as np
+import onnx
 import pytest
 
 from msq_onnx.load import Layer
@@ -124,3 +128,37 @@ def test_gptq_rounds_better_than_nearest_on_correlated_inputs_and_reports_held_o
     assert with_gptq[3].error < 0.8 * np.sum((rtn @ hessians.check) * rtn) / np.sum((matrix @ hessians.check) * matrix)
     integers, losses = gptq_round(matrix, scale, np.full(16, levels(3)), hessians.fit)
     assert integers.shape == matrix.shape and losses.shape == (16,) and (losses >= 0).all()
+
+
+def test_calibration_pass_sums_each_dense_layers_input_hessian_even_and_odd_samples_apart(monkeypatch):
+    """The Hessians come out of the calibration pass itself (no second pass over the data) and equal numpy's
+    X^T X over the even and the odd samples."""
+    import onnxruntime as ort
+
+    from conftest import samples_for, tiny_mlp
+    from msq_onnx import instrument
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.load import load_model
+
+    monkeypatch.setattr(instrument, "MIN_ROWS_PER_INPUT", 0)  # six samples: too few rows to fit otherwise
+    model = tiny_mlp()
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "m.onnx")
+    onnx.save(model, path)
+    loaded = load_model(path)
+    x = samples_for(model, 6, with_labels=False)["x"]
+    np.savez(os.path.join(folder, "x.npz"), x=x)
+    stats = instrument.run_pass(loaded, open_samples(os.path.join(folder, "x.npz"), loaded.inputs, Preprocess()),
+                                (1, 2), 64, quiet=True, hessians=True)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info("r1", onnx.TensorProto.FLOAT, None))
+    r1 = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(["r1"], {"x": x})[0]
+    by_node = {layer.nodes[0]: layer.name for layer in loaded.layers}
+    for node, inputs in (("mm1", x), ("mm2", r1)):
+        got = stats.hessians[by_node[node]]
+        np.testing.assert_allclose(got.fit, inputs[0::2].T @ inputs[0::2], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got.check, inputs[1::2].T @ inputs[1::2], rtol=1e-4, atol=1e-4)
+    without = instrument.run_pass(loaded, open_samples(os.path.join(folder, "x.npz"), loaded.inputs, Preprocess()),
+                                  (1, 2), 64, quiet=True)
+    assert without.hessians == {}
