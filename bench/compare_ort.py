@@ -1,16 +1,18 @@
 """Speed and memory of msq-onnx against ONNX Runtime's own quantize_static, as ratios measured in one run.
 
-  * conversion: wall time and peak memory (each in its own process) of one
-    msq-onnx conversion (analysis and allocation included, --avg-bits 4) and
-    of ORT's quantize_static (MinMax, QDQ, per-channel, uint8/int8) on the
-    same calibration samples;
+  * conversion: wall time and peak memory (each in its own process, best of
+    --repeats, the two tools alternating) of one msq-onnx conversion
+    (analysis, allocation, writing and verification included, --avg-bits 4)
+    and of ORT's quantize_static (MinMax, QDQ, per-channel, uint8/int8) on the
+    same calibration samples, read by the same loader;
   * calibration memory as the set grows: 100 vs 1,000 samples (--scale);
   * batch-1 latency, 1 thread, interleaved: FP32, ORT's uniform int8 QDQ and
     ours; and the fused integer kernels in each optimized graph.
 
-    python bench/compare_ort.py --model efficientnet [--scale]
+    python bench/compare_ort.py                      # EfficientNet-Lite0 and MiniLM-L6
+    python bench/compare_ort.py --model efficientnet --scale
     python bench/compare_ort.py --model mnist
-Writes docs/bench/timing-<model>.json and .md.
+Writes docs/bench/timing-<model>.json.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from msq_onnx.data import Preprocess, open_samples
 from msq_onnx.load import load_model
-pre = Preprocess(**{pre!r})
+pre = Preprocess(**{pre!r})  # images: resize/crop/normalize; text: the tokenizer and columns
 samples = open_samples({calib!r}, load_model({model!r}).inputs, pre)
 
 class Reader(CalibrationDataReader):
@@ -99,7 +101,8 @@ def subset_csv(source: str, count: int, path: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("efficientnet", "mnist"), required=True)
+    parser.add_argument("--model", choices=("efficientnet", "minilm", "mnist"), nargs="+",
+                        default=["efficientnet", "minilm"])
     parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
     parser.add_argument("--repeats", type=int, default=2, help="conversions of each kind; the fastest counts")
     parser.add_argument("--latency-runs", type=int, default=200)
@@ -109,19 +112,35 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.shared):
         print(f"skipped: shared data folder '{args.shared}' not found (set --shared or MSQ_SHARED)")
         return 0
+    ratios = {}
+    for model in args.model:
+        result = compare(model, args)
+        ratios[model] = {k: result[k] for k in ("wall_ratio", "memory_ratio", "latency_vs_ort_int8") if k in result}
+    print(json.dumps({"ours_over_ort": ratios}))
+    return 0
+
+
+def compare(model_name: str, args) -> dict:
     work = run_bench._work_folder()
-    if args.model == "efficientnet":
+    text_args = []
+    if model_name == "efficientnet":
         model = os.path.join(args.shared, "models", "efficientnet-lite0.onnx")
         calib, _ = datasets.imagenet_split(args.shared, work)
         pre = {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": (127.0,), "std": (128.0,)}
         image_args = datasets.EFFICIENTNET_ARGS
+    elif model_name == "minilm":
+        model = os.path.join(args.shared, "models", "minilm-l6", "model.onnx")
+        tokenizer = os.path.join(args.shared, "models", "minilm-l6", "tokenizer.json")
+        calib, _ = datasets.debian_split(args.shared, work, limit=1)
+        pre = {"tokenizer": tokenizer, "label_column": "label"}
+        image_args, text_args = [], ["--tokenizer", tokenizer, "--label-column", "label"]
     else:
         model = os.path.join(args.shared, "models", "mnist-8.onnx")
         calib, _ = datasets.mnist_split(args.shared, work)
         pre, image_args = {}, []
     ours, theirs = os.path.join(work, "msq.onnx"), os.path.join(work, "ort_int8.onnx")
     msq_command = [sys.executable, os.path.join(ROOT, "cli.py"), model, ours, "--calib", calib, "--avg-bits", "4",
-                   "--quiet", *image_args]
+                   "--quiet", *image_args, *text_args]
     ort_command = [sys.executable, "-c", ORT_SCRIPT.format(root=ROOT, pre=pre, calib=calib, model=model,
                                                           output=theirs)]
     conversions = {"msq": [], "ort": []}
@@ -143,8 +162,7 @@ def main(argv=None) -> int:
         conversions["ort"].append(measured_run(ort_command))
         conversions["msq"].append(measured_run(msq_command))
     best = {k: (min(w for w, _ in v), max(m for _, m in v)) for k, v in conversions.items() if v}
-    result = {"model": args.model, "calibration_samples": int(sum(1 for _ in open(calib)) - 1)
-              if calib.endswith(".csv") else int(np.load(calib)["labels"].shape[0]),
+    result = {"model": model_name, "calibration_samples": _count(calib),
               "conversion": {k: {"wall_s": round(w, 2), "peak_mib": round(m, 1)} for k, (w, m) in best.items()}}
     if ort_error:
         result["ort_quantize_static_error_on_original"] = ort_error
@@ -159,17 +177,16 @@ def main(argv=None) -> int:
     compared = {"fp32": model, "ort_int8": theirs, "msq": ours}
     result["fused_integer_kernels"] = {name: fused_integer_kernels(optimized_op_counts(path))
                                        for name, path in compared.items()}
-    import onnx
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.load import load_model
 
-    shape = [d.dim_value or 1 for d in onnx.load(model).graph.input[0].type.tensor_type.shape.dim]
-    feed_name = onnx.load(model).graph.input[0].name
-    feed = {feed_name: np.random.default_rng(0).normal(size=shape).astype(np.float32)}
+    feed = next(open_samples(calib, load_model(model).inputs, Preprocess(**pre)).batches(1))  # a real sample
     latency = latency_ms(compared, feed, args.latency_runs)
     result["latency_ms_b1_1thread"] = {k: round(v, 3) for k, v in latency.items()}
     result["latency_vs_ort_int8"] = round(latency["msq"] / latency["ort_int8"], 3)
     result["latency_vs_fp32"] = round(latency["msq"] / latency["fp32"], 3)
 
-    if args.scale and args.model == "efficientnet":
+    if args.scale and model_name == "efficientnet":
         everything, _ = datasets.imagenet_split(args.shared, work, calib=1000)
         peaks = {}
         for count in (100, 1000):
@@ -181,11 +198,18 @@ def main(argv=None) -> int:
         result["calibration_scaling"] = peaks
         result["memory_growth_100_to_1000"] = round(peaks[1000]["peak_mib"] / peaks[100]["peak_mib"], 3)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"timing-{args.model}")
+    stem = os.path.join(args.out, f"timing-{model_name}")
     with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=1)
-    print(json.dumps(result, indent=1))
-    return 0
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
+def _count(calib: str) -> int:
+    if calib.endswith(".npz"):
+        return int(np.load(calib)["labels"].shape[0])
+    return sum(1 for _ in open(calib, encoding="utf-8")) - 1 if calib.endswith(".csv") else \
+        len(datasets.read_text_rows(calib)[0])
 
 
 if __name__ == "__main__":
