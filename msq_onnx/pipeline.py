@@ -419,7 +419,7 @@ def _meet_latency(loaded, chosen: Candidate, budgets: list, build, samples, work
 
 def candidate_widths(options: Options) -> tuple:
     """The integer widths, plus float for the knapsack allocators (the greedy rule only moves between widths)."""
-    return tuple(options.bits) + ((FLOAT_BITS,) if options.allocator != "greedy" else ())
+    return tuple(options.bits) + ((FLOAT_BITS,) if options.allocator not in allocate_stage.GREEDY else ())
 
 
 def written_bytes(path: str) -> int:

@@ -37,6 +37,18 @@ def test_greedy_lowers_least_important_first():
     assert bits["b"] == 2 and bits["c"] == 8  # least important narrowest, most important untouched
 
 
+def test_greedy_step_lowers_one_width_at_a_time_from_the_least_important_layer():
+    importance = {"a": 0.3, "b": 0.1, "c": 0.9, "d": 0.2}
+    budget = [bits_budget(PARAMS, WIDTHS, 5.0)]
+    stepped = allocate_avg_bits("greedy-step", importance, None, PARAMS, WIDTHS, 5.0)
+    assert average_bits(stepped, PARAMS) <= 5.0
+    # widths never rise with importance, and no layer sits at the narrowest while another keeps the widest
+    ranked = sorted(importance, key=importance.get)
+    assert [stepped[n] for n in ranked] == sorted(stepped[n] for n in ranked)
+    assert not (min(stepped.values()) == WIDTHS[0] and max(stepped.values()) == WIDTHS[-1])
+    assert stepped != allocate_greedy(importance, WIDTHS, budget)
+
+
 def test_budget_at_or_above_widest_keeps_everything_wide():
     bits = allocate_avg_bits("ilp", {n: 1 for n in PARAMS}, DAMAGE, PARAMS, WIDTHS, 8.0)
     assert set(bits.values()) == {8}
