@@ -110,6 +110,10 @@ class OpKind:
             return 4 * layer.params
         return -(-layer.params * CONTAINER_BITS[container] // 8) + 4 * layer.weight_shape[layer.out_axis]
 
+    def scale_block(self, layer: "Layer", bits: int, prefer: str) -> int:
+        """Inputs per scale along a row at this width and objective; 0: one scale per output channel."""
+        return 0
+
     def describe(self, node, inits: dict) -> dict:
         """Layer fields of this node (weight, axis, bias...), or raise Skip."""
         raise NotImplementedError
@@ -187,12 +191,28 @@ def _dense_channel_index(layer: Layer) -> np.ndarray:
     return np.broadcast_to(np.arange(fan_in), (out, fan_in))
 
 
+DENSE_BLOCK = 64  # inputs per scale of an int4/int2 MatMulNBits weight: 0.5 bit of float32 scale per weight
+
+
 class _Dense(OpKind):
-    """MatMul and Gemm: int4 and int2 weights only run as weight-only DQ -> MatMul (MatMulNBits)."""
+    """MatMul and Gemm: int4 and int2 weights only run as weight-only DQ -> MatMul (MatMulNBits), with one
+    scale per block of DENSE_BLOCK inputs of each output channel, as MatMulNBits stores them."""
 
     def container(self, bits, mode, prefer):
         chosen = super().container(bits, mode, prefer)
         return INT2 if chosen == INT4 and bits <= 2 else chosen
+
+    def scale_block(self, layer, bits, prefer):
+        fan_in = layer.params // layer.weight_shape[layer.out_axis]
+        narrow = self.container(bits, STATIC, prefer) in (INT4, INT2)
+        return DENSE_BLOCK if narrow and fan_in % DENSE_BLOCK == 0 else 0
+
+    def container_bytes(self, layer, container):
+        fan_in = layer.params // layer.weight_shape[layer.out_axis]
+        if container in (INT4, INT2) and fan_in % DENSE_BLOCK == 0:
+            scales = layer.weight_shape[layer.out_axis] * (fan_in // DENSE_BLOCK)
+            return -(-layer.params * CONTAINER_BITS[container] // 8) + 4 * scales
+        return super().container_bytes(layer, container)
 
     def mode_for(self, container, mode):
         return WEIGHT_ONLY if container in (INT4, INT2) else mode

@@ -158,7 +158,8 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         gains = layer_importance({name: s.soft for name, s in scores.items()}, input_score.soft, upstream)
     with timer.stage("weight-errors"):
         choices = {layer.name: error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name),
-                                           options.bits, options.clip_search, stats.hessians.get(layer.name))
+                                           options.bits, options.clip_search, stats.hessians.get(layer.name),
+                                           {b: layer.kind.scale_block(layer, b, options.prefer) for b in options.bits})
                    for layer in loaded.layers}
         stats.hessians = {}  # released: tens of MB per wide layer
     with timer.stage("activation-modes"):

@@ -46,18 +46,27 @@ def input_weights(layer: Layer, channel_values: np.ndarray | None) -> np.ndarray
     return np.asarray(channel_values, np.float32)[index]
 
 
+def steps(scale: np.ndarray, fan_in: int) -> np.ndarray:
+    """The grid step of every weight: [out, 1] for a scale per row, [out, fan_in] for one per block."""
+    if np.ndim(scale) == 1:
+        return np.asarray(scale)[:, None]
+    return np.repeat(scale, fan_in // scale.shape[1], axis=1)
+
+
 def fake_quantize(matrix: np.ndarray, clip: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Round to the k-bit grid of per-row range [-clip, clip]; returns (values, scales)."""
+    """Round to the k-bit grid of range [-clip, clip] per row ([out] clip) or per block of a row
+    ([out, blocks] clip); returns (values, scales)."""
     top = levels(bits)
-    scale = np.maximum(clip, 1e-12) / top
-    q = np.clip(np.rint(matrix / scale[:, None]), -top, top)
-    return (q * scale[:, None]).astype(np.float32), scale.astype(np.float32)
+    scale = (np.maximum(clip, 1e-12) / top).astype(np.float32)
+    step = steps(scale, matrix.shape[1])
+    q = np.clip(np.rint(matrix / step), -top, top)
+    return (q * step).astype(np.float32), scale
 
 
 @dataclass
 class WidthChoice:
     bits: int
-    clip: np.ndarray  # per output channel
+    clip: np.ndarray  # per output channel, or [out, blocks]: per block of `block` inputs of a row
     error: float  # relative output error: sum s*dw^2 / sum s*w^2, or with the full input Hessian after GPTQ
     integers: np.ndarray | None = None  # [out, fan_in] int8 from GPTQ rounding; None: round to nearest
 
@@ -118,7 +127,8 @@ GPTQ_DAMPING = 0.01  # of the mean diagonal, added to the Hessian (as in the GPT
 
 def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Round [rows, fan_in] column by column onto per-row grids (step `scale`, levels +-`top`), each
+    """Round [rows, fan_in] column by column onto per-row grids (step `scale`, [rows] or per weight
+    [rows, fan_in] for block-wise scales; levels +-`top`), each
     column's rounding error compensated on the columns not yet rounded through the inverse input Hessian
     (Frantar et al., GPTQ, 2023: OBQ's update in a fixed order, a block of columns at a time).
 
@@ -130,13 +140,15 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
     h = damped(hessian)
     dead = np.diag(hessian) <= 0
     w[:, dead] = 0.0
-    step, limit = scale.astype(np.float32), top.astype(np.float32)
+    grid = np.broadcast_to(scale.astype(np.float32).reshape(len(w), -1), w.shape)  # [rows, fan_in]
+    limit = top.astype(np.float32)
     try:
         upper = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper Cholesky factor of H^-1
     except np.linalg.LinAlgError:
-        integers = np.clip(np.rint(w / step[:, None]), -limit[:, None], limit[:, None])
-        delta = w - integers * step[:, None]
+        integers = np.clip(np.rint(w / grid), -limit[:, None], limit[:, None])
+        delta = w - integers * grid
         return integers.astype(np.int8), np.einsum("ij,jk,ik->i", delta, h, delta)
+    column_steps = np.ascontiguousarray(grid.T)
     columns = np.ascontiguousarray(w.T)  # [fan_in, rows]: one column is a contiguous row here
     integers = np.zeros(columns.shape, np.int8)
     losses = np.zeros(w.shape[0])
@@ -146,6 +158,7 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
         errors = np.zeros_like(block)
         factor = upper[start:stop, start:stop]
         for i in range(stop - start):
+            step = column_steps[start + i]
             q = np.clip(np.rint(block[i] / step), -limit, limit)
             integers[start + i] = q
             error = (block[i] - q * step) / factor[i, i]
@@ -172,28 +185,30 @@ def hessian_errors(matrix: np.ndarray, candidates: np.ndarray, hessian: np.ndarr
 
 
 def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, candidate_bits,
-                search: bool = True, hessians=None) -> dict[int, WidthChoice]:
+                search: bool = True, hessians=None, blocks: dict | None = None) -> dict[int, WidthChoice]:
     """Per width: clipping from the diagonal search. With input Hessians (instrument.InputHessians), GPTQ
     rounds on one half of the calibration rows and, per width, the rounding (GPTQ or nearest) whose output
     error on the other half is lower is kept, with that error: honest, and GPTQ never makes a width worse."""
-    matrix = as_matrix(layer, weight)
+    matrix = np.ascontiguousarray(as_matrix(layer, weight), dtype=np.float32)
     weights = None if input_sq is None else input_weights(layer, input_sq)
-    table = {bits: search_clips(matrix, weights, bits, search=search) for bits in candidate_bits}
+    table = {bits: _width_choice(matrix, weights, bits, search, (blocks or {}).get(bits, 0))
+             for bits in candidate_bits}
     if hessians is None:
         return table
     widths, rows = list(table), matrix.shape[0]
-    scales = np.concatenate([np.maximum(table[b].clip, 1e-12) / levels(b) for b in widths])
+    scales = np.concatenate([steps(np.maximum(table[b].clip, 1e-12) / levels(b), matrix.shape[1])
+                             * np.ones((1, matrix.shape[1]), np.float32) for b in widths])  # [rows x widths, fan_in]
     tops = np.repeat([levels(b) for b in widths], rows)
     stacked = np.tile(matrix, (len(widths), 1))
-    nearest = np.clip(np.rint(stacked / scales[:, None]), -tops[:, None], tops[:, None])
+    nearest = np.clip(np.rint(stacked / scales), -tops[:, None], tops[:, None])
     rounded = np.repeat([b <= GPTQ_MAX_BITS for b in widths], rows)  # wider grids: nearest is enough
     gptq = nearest.copy()
     if rounded.any():
         gptq[rounded], _ = gptq_round(stacked[rounded], scales[rounded], tops[rounded], hessians.fit)
     check = hessians.check.astype(np.float64)
     signal = max(float(np.sum((matrix.astype(np.float64) @ check) * matrix)), 1e-30)
-    gptq_errors = hessian_errors(matrix, gptq * scales[:, None], check)
-    nearest_errors = hessian_errors(matrix, nearest * scales[:, None], check)
+    gptq_errors = hessian_errors(matrix, gptq * scales, check)
+    nearest_errors = hessian_errors(matrix, nearest * scales, check)
     for index, bits in enumerate(widths):
         part = slice(index * rows, (index + 1) * rows)
         gptq_error, nearest_error = gptq_errors[part].sum() / signal, nearest_errors[part].sum() / signal
@@ -203,10 +218,21 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
     return table
 
 
+def _width_choice(matrix: np.ndarray, weights: np.ndarray | None, bits: int, search: bool, block: int) -> WidthChoice:
+    """The clipping search per row, or per block of `block` inputs of a row (a MatMulNBits weight: every
+    block has its own scale, which is what makes 2-4 bits usable on a transformer's MatMuls)."""
+    if not block:
+        return search_clips(matrix, weights, bits, search=search)
+    rows = matrix.reshape(-1, block)  # consecutive blocks of one row are consecutive rows here
+    choice = search_clips(rows, None if weights is None else weights.reshape(-1, block), bits, search=search)
+    choice.clip = choice.clip.reshape(matrix.shape[0], -1)
+    return choice
+
+
 @dataclass
 class QuantizedLayer:
     weight: np.ndarray  # on its grid, in the layer's own layout
-    scale: np.ndarray  # per output channel
+    scale: np.ndarray  # per output channel, or [out, blocks]
     bias: np.ndarray | None  # corrected bias (new when the layer had none); None: leave it as it is
 
 
@@ -215,7 +241,7 @@ def quantize_layer(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, ch
     """A layer's weight on its k-bit grid, and the bias that cancels the expected output shift."""
     if choice.integers is not None:
         scale = (np.maximum(choice.clip, 1e-12) / levels(choice.bits)).astype(np.float32)
-        matrix = (choice.integers * scale[:, None]).astype(np.float32)
+        matrix = (choice.integers * steps(scale, choice.integers.shape[1])).astype(np.float32)
     else:
         matrix, scale = fake_quantize(as_matrix(layer, weight), choice.clip, choice.bits)
     quantized = from_matrix(layer, matrix)

@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 from .errors import BadOption
 from .load import LoadedModel, is_large, save_model_file
 from .ops import CONTAINER_BITS, DYNAMIC, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute
-from .weights import as_matrix, quantize_layer
+from .weights import as_matrix, quantize_layer, steps
 
 
 
@@ -198,8 +198,9 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
 
 
 def _integer_weight(layer, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """[out, fan_in] integers of a weight that already sits on its grid."""
-    return np.rint(as_matrix(layer, weight) / scale[:, None]).astype(np.int8)
+    """[out, fan_in] integers of a weight that already sits on its grid (a scale per row or per block)."""
+    matrix = as_matrix(layer, weight)
+    return np.rint(matrix / steps(scale, matrix.shape[1])).astype(np.int8)
 
 
 class _GraphEdit:
@@ -287,12 +288,15 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
         q_name = prefix + "_q"
         stored = integers.T.copy() if dense else layer.kind.from_matrix(layer, integers)
         model.graph.initializer.append(packed_tensor(q_name, stored, container))
-        s_name = edit.constant(prefix + "_scale", scale.astype(np.float32))
+        blocked = np.ndim(scale) == 2  # [out, blocks]: blocks along the stored [K, N] weight's axis 0
+        s_name = edit.constant(prefix + "_scale", (scale.T.copy() if blocked else scale).astype(np.float32))
         z_name = edit.constant(prefix + "_zero", np.zeros(len(scale), np.int8)) if mode == DYNAMIC else ""
         shared_dq = None
         if mode == WEIGHT_ONLY:  # symmetric: no zero point, whatever the container
+            block = {"axis": 0, "block_size": stored.shape[0] // scale.shape[1]} if blocked else \
+                {"axis": 1 if dense else layer.out_axis}
             shared_dq = helper.make_node("DequantizeLinear", [q_name, s_name], [prefix + "_dq"],
-                                         name=prefix + "_dq", axis=1 if dense else layer.out_axis)
+                                         name=prefix + "_dq", **block)
         for node_name in layer.nodes:
             node = model.graph.node[position[node_name]]
             new_nodes = [shared_dq] if shared_dq is not None and node_name == layer.nodes[0] else []

@@ -753,3 +753,42 @@ def test_unhandled_weighted_ops_are_named_and_count_in_the_budget(tmp_path):
     with pytest.raises(MsqError, match="lstm"):
         convert(str(tmp_path / "m.onnx"), str(tmp_path / "q2.onnx"), str(tmp_path / "c.npz"),
                 Options(avg_bits=4, quiet=True))
+
+
+def test_narrow_matmul_weights_get_one_scale_per_block_as_matmulnbits_stores_them(tmp_path):
+    """--prefer size at 4 bits: a MatMul whose fan-in DENSE_BLOCK divides is written as a block-wise
+    DequantizeLinear (one scale per 64 inputs of each column) that ORT fuses into MatMulNBits; the model
+    computes x @ (integers x block scales), and the report's bytes count the block scales."""
+    from conftest import tiny_mlp
+    from msq_onnx.ops import DENSE_BLOCK
+    from msq_onnx.verify import optimized_op_counts
+
+    model = tiny_mlp(features=2 * DENSE_BLOCK)
+    path, out = str(tmp_path / "mlp.onnx"), str(tmp_path / "q.onnx")
+    onnx.save(model, path)
+    np.savez(tmp_path / "calib.npz", **samples_for(model, 64, seed=1))
+    result = convert(path, out, str(tmp_path / "calib.npz"),
+                     Options(avg_bits=4, bits=(4, 8), prefer="size", rounding="nearest", quiet=True))
+    written = onnx.load(out)
+    inits = {t.name: t for t in written.graph.initializer}
+    blocked = [n for n in written.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    assert len(blocked) == 1  # the first MatMul (fan-in 128); the second (fan-in 16) keeps a scale per column
+    node = blocked[0]
+    assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "block_size")) == DENSE_BLOCK
+    scale = numpy_helper.to_array(inits[node.input[1]])
+    assert scale.shape == (2, 16)  # [K / block, N]
+    assert inits[node.input[0]].data_type == TensorProto.INT4
+    assert optimized_op_counts(out)["MatMulNBits"] >= 1
+    # the dequantized weight is the integers times their block's scale, and it is what runs
+    integers = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)  # [K, N]
+    dequantized = integers * np.repeat(scale, DENSE_BLOCK, axis=0)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(written)
+    probe.graph.output.append(helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None))
+    got = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [node.output[0]], {"x": np.zeros((1, 2 * DENSE_BLOCK), np.float32)})[0]
+    np.testing.assert_allclose(got, dequantized, rtol=1e-6)
+    assert np.abs(integers).max() <= 7
+    layer = next(entry for entry in result.report["layers"] if entry["bits"] == 4 and entry["params"] == 128 * 16)
+    assert layer["bytes"] == 128 * 16 // 2 + 4 * 16 * 2  # int4 values and one float scale per block
