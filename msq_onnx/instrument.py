@@ -309,7 +309,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 mean_sum[layer.name] = mean_sum.get(layer.name, 0) + result[position[mean_name]] * count
                 sq_sum[layer.name] = sq_sum.get(layer.name, 0) + result[position[sq_name]] * count
             if gathered:
-                gram.add({name: result[position[name]] for name in gathered}, seen)
+                gram.add({name: result[position[name]] for name in gathered})
             chosen = imprinted[seen:seen + count]
             # A slice is a view; a mask copies every probe, so it is only used on batches that need one.
             pick = slice(0, count) if chosen.all() else np.flatnonzero(chosen)
@@ -360,13 +360,15 @@ class HessianSums:
         self.names = names  # key -> (gram output, count output)
         self.sums = {key: [None, None] for key in names}
         self.rows = {key: 0 for key in names}
+        self.batches = 0
 
     def outputs(self, seen: int) -> list:
         """What to fetch for the batch starting at sample `seen`."""
         return [name for pair in self.names.values() for name in pair] if seen < HESSIAN_SAMPLES else []
 
-    def add(self, values: dict, seen: int) -> None:
-        half = seen % 2  # whole batches alternate; at batch size 1, samples do
+    def add(self, values: dict) -> None:
+        half = self.batches % 2  # whole batches alternate; at batch size 1, samples do
+        self.batches += 1
         for key, (gram, count_name) in self.names.items():
             value = values[gram]
             total = self.sums[key][half]

@@ -162,3 +162,10 @@ def test_calibration_pass_sums_each_dense_layers_input_hessian_even_and_odd_samp
     without = instrument.run_pass(loaded, open_samples(os.path.join(folder, "x.npz"), loaded.inputs, Preprocess()),
                                   (1, 2), 64, quiet=True)
     assert without.hessians == {}
+    # in batches of two, whole batches alternate: samples 0, 1, 4, 5 fit and 2, 3 check
+    batched = instrument.run_pass(loaded, open_samples(os.path.join(folder, "x.npz"), loaded.inputs, Preprocess()),
+                                  (1, 2), 64, batch_size=2, quiet=True, hessians=True)
+    got = batched.hessians[by_node["mm1"]]
+    fit, check = x[[0, 1, 4, 5]], x[[2, 3]]
+    np.testing.assert_allclose(got.fit, fit.T @ fit, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.check, check.T @ check, rtol=1e-4, atol=1e-4)
