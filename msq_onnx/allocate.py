@@ -181,7 +181,7 @@ def allocate_greedy_steps(importance: dict, candidate_bits, budgets, floats=froz
             if step > 0:
                 bits[name], lowered = widths[step - 1], True
         if not lowered:
-            break  # every layer at the narrowest width: check_reachable has already said whether that fits
+            break  # every layer at the narrowest width: allocate() says so if that does not fit either
     return bits
 
 
@@ -210,7 +210,11 @@ def allocate(method: str, importance: dict, damage: dict | None, candidate_bits,
         check_reachable(budgets, integer_widths + [FLOAT_BITS], {n: ({FLOAT_BITS} if n in floats else
                                                                      set(integer_widths)) for n in allowed})
         rule = allocate_greedy if method == "greedy" else allocate_greedy_steps
-        return rule(importance, integer_widths, budgets, floats)
+        bits = rule(importance, integer_widths, budgets, floats)
+        if not fits(bits, budgets):  # a narrower width is not always cheaper (time under --max-latency)
+            raise BadOption(f"the {method} rule cannot meet {' and '.join(b.name for b in budgets)}: narrowing "
+                            "layers in importance order does not get there; use --allocator ilp.")
+        return bits
     raise BadOption(f"unknown allocator '{method}'; choose one of {', '.join(ALLOCATORS)}.")
 
 

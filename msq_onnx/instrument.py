@@ -364,7 +364,8 @@ class HessianSums:
 
     def outputs(self, seen: int) -> list:
         """What to fetch for the batch starting at sample `seen`."""
-        return [name for pair in self.names.values() for name in pair] if seen < HESSIAN_SAMPLES else []
+        wanted = seen < HESSIAN_SAMPLES or self.batches < 2  # both halves need a batch, however large
+        return [name for pair in self.names.values() for name in pair] if wanted else []
 
     def add(self, values: dict) -> None:
         half = self.batches % 2  # whole batches alternate; at batch size 1, samples do

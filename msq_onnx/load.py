@@ -235,6 +235,7 @@ def save_model_file(model: onnx.ModelProto, path: str) -> None:
 
 
 SET_ASIDE_BYTES = 1024  # initializers past this are weights: no graph tool reads their values
+SET_ASIDE = "msq-set-aside"  # the external-data location marking a weight set aside
 
 
 def _graph_only(transform, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -245,7 +246,7 @@ def _graph_only(transform, model: onnx.ModelProto) -> onnx.ModelProto:
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.raw_data) > SET_ASIDE_BYTES:
             kept[tensor.name] = tensor.raw_data
-            onnx.external_data_helper.set_external_data(tensor, location="msq-set-aside")
+            onnx.external_data_helper.set_external_data(tensor, location=SET_ASIDE)
             tensor.ClearField("raw_data")
     try:
         result = transform(model)
@@ -253,6 +254,8 @@ def _graph_only(transform, model: onnx.ModelProto) -> onnx.ModelProto:
         _put_back(model, kept)
     if result is not model:
         _put_back(result, kept)
+        if any(e.value == SET_ASIDE for t in result.graph.initializer for e in t.external_data):
+            return transform(model)  # a weight came back renamed or moved: run on the whole model instead
     return result
 
 

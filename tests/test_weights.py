@@ -169,3 +169,8 @@ def test_calibration_pass_sums_each_dense_layers_input_hessian_even_and_odd_samp
     fit, check = x[[0, 1, 4, 5]], x[[2, 3]]
     np.testing.assert_allclose(got.fit, fit.T @ fit, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got.check, check.T @ check, rtol=1e-4, atol=1e-4)
+    # a batch as large as the Hessian sample count still leaves a second batch to judge on
+    monkeypatch.setattr(instrument, "HESSIAN_SAMPLES", 2)
+    large = instrument.run_pass(loaded, open_samples(os.path.join(folder, "x.npz"), loaded.inputs, Preprocess()),
+                                (1, 2), 64, batch_size=4, quiet=True, hessians=True)
+    np.testing.assert_allclose(large.hessians[by_node["mm1"]].check, x[4:].T @ x[4:], rtol=1e-4, atol=1e-4)
