@@ -88,12 +88,21 @@ def pyramid_pool(probe: np.ndarray, levels=DEFAULT_LEVELS, channels_last: bool =
         if mask is not None and mask.shape == (x.shape[0], x.shape[2]):
             return np.matmul(x, np.swapaxes(_masked_pooling(mask, levels), 1, 2))
         return x @ _pooling_matrix(x.shape[2], levels).T
-    rows = _pooling_matrix(x.shape[2], levels)
-    cols = _pooling_matrix(x.shape[3], levels)
-    grid = rows @ (x @ cols.T)  # [N, C, sum(levels), sum(levels)]: level blocks on the diagonal
+    rows, cols = pooling_matrices(x.shape[2], x.shape[3], levels)
+    return grid_pyramid(rows @ (x @ cols), levels)
+
+
+def pooling_matrices(height: int, width: int, levels) -> tuple[np.ndarray, np.ndarray]:
+    """([L, H], [W, L]) with L = sum(levels): rows @ map @ cols averages every bin of every level."""
+    levels = tuple(levels)
+    return _pooling_matrix(height, levels), _pooling_matrix(width, levels).T
+
+
+def grid_pyramid(grid: np.ndarray, levels) -> np.ndarray:
+    """[N, C, L, L] bin averages of all level pairs -> [N, C, sum(b*b)]: the level blocks on the diagonal."""
     blocks, offset = [], 0
     for b in levels:
-        blocks.append(grid[:, :, offset:offset + b, offset:offset + b].reshape(x.shape[0], x.shape[1], b * b))
+        blocks.append(grid[:, :, offset:offset + b, offset:offset + b].reshape(grid.shape[0], grid.shape[1], b * b))
         offset += b
     return np.concatenate(blocks, axis=2)
 
@@ -169,6 +178,12 @@ class FeatureBank:
         embedded = embed(probe[:room], self.levels, self.max_dim, channels_last, self.seed,
                          None if mask is None else mask[:room])
         self.add_embedding(name, embedded)
+
+    def add_grid(self, name: str, grid: np.ndarray) -> None:
+        """A map's bin averages computed in the graph ([N, C, L, L], see pooling_matrices)."""
+        room = self.max_samples - self._counts[name]
+        if room > 0:
+            self.add_embedding(name, cap_dimension(grid_pyramid(grid[:room], self.levels), self.max_dim, self.seed))
 
     def add_embedding(self, name: str, embedded: np.ndarray) -> None:
         embedded = embedded[:self.max_samples - self._counts[name]]

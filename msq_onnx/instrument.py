@@ -21,7 +21,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadData, BadModel, one_line
-from .features import FeatureBank, embed, token_features
+from .features import FeatureBank, embed, pooling_matrices, token_features
 from .load import Layer, LoadedModel, is_large, save_model_file
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
@@ -58,6 +58,12 @@ def _float_tensors(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def _static_shapes(model: onnx.ModelProto) -> dict:
+    """tensor -> dims (None where symbolic), from shape inference."""
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+
+
 def _rank(model: onnx.ModelProto, name: str) -> int | None:
     for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         if value.name == name and value.type.tensor_type.HasField("shape"):
@@ -70,13 +76,14 @@ def _moment_axes(layer: Layer, rank: int) -> list[int]:
     return [a for a in range(rank) if a != channel_axis]
 
 
-def build_instrumented(loaded: LoadedModel, hessians: bool = False) -> tuple[onnx.ModelProto, dict]:
+def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -> tuple[onnx.ModelProto, dict]:
     """Return the instrumented copy and a map of its extra outputs (with `hessians`, also each layer's
-    input rows^T rows and row count, fetched for the first HESSIAN_SAMPLES samples only)."""
+    input rows^T rows and row count, fetched for the first HESSIAN_SAMPLES samples only; with pyramid
+    `levels`, maps of a fixed size come out already pooled)."""
     model = onnx.ModelProto()
     model.CopyFrom(loaded.model)
     graph = model.graph
-    outputs = {"range": {}, "moments": {}, "probe": {}, "hessian": {}, "rows": {}}
+    outputs = {"range": {}, "moments": {}, "probe": {}, "grid": {}, "hessian": {}, "rows": {}}
     exposed = {o.name for o in graph.output}
 
     def add_output(name: str, elem=TensorProto.FLOAT):
@@ -92,9 +99,24 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False) -> tuple[onn
         add_output(hi)
         outputs["range"][tensor] = (lo, hi)
 
+    shapes = _static_shapes(model)
     for index, layer in enumerate(loaded.layers):
-        add_output(layer.probe_name)
-        outputs["probe"][layer.name] = layer.probe_name
+        shape = shapes.get(layer.probe_name)
+        if levels and not layer.kind.channels_last and shape is not None and len(shape) == 4 and all(shape[2:]):
+            # A map is pooled where it is made: ORT returns C x L x L values instead of the whole map
+            # (EfficientNet-Lite0: the pooling took 2.8 s of numpy on the copied maps).
+            rows, cols = pooling_matrices(shape[2], shape[3], levels)
+            rows_name, cols_name, half, grid = (f"msq_pool_rows_{index}", f"msq_pool_cols_{index}",
+                                                f"msq_pool_half_{index}", f"msq_grid_{index}")
+            graph.initializer.extend([numpy_helper.from_array(rows, rows_name),
+                                      numpy_helper.from_array(np.ascontiguousarray(cols), cols_name)])
+            graph.node.extend([helper.make_node("MatMul", [layer.probe_name, cols_name], [half], name=half),
+                               helper.make_node("MatMul", [rows_name, half], [grid], name=grid)])
+            add_output(grid)
+            outputs["grid"][layer.name] = grid
+        else:
+            add_output(layer.probe_name)
+            outputs["probe"][layer.name] = layer.probe_name
         if not layer.kind.input_moments:
             continue  # token ids: no per-channel statistics
         rank = _rank(model, layer.input_name) or (4 if layer.op_type in ("Conv", "ConvTranspose") else 2)
@@ -127,8 +149,7 @@ def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, ad
     row per sample) is left out before the pass; symbolic row counts are judged after it."""
     graph = model.graph
     nodes = {node.name: node for node in graph.node}
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in list(graph.value_info) + list(graph.input)}
+    shapes = _static_shapes(model)
     keys = {}
     for index, layer in enumerate(loaded.layers):
         fan_in = layer.params // layer.weight_shape[layer.out_axis]
@@ -259,7 +280,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     HESSIAN_SAMPLES samples in the same runs. ORT runs every node of a graph whatever is fetched, so the
     later samples go through a session without the Hessian products (MiniLM-L6: 39 ms per run with
     them, 22 ms without)."""
-    model, outputs = build_instrumented(loaded, hessians)
+    model, outputs = build_instrumented(loaded, hessians, levels)
     mask_input = attention_mask_input(loaded)
     # The Hessian products' K x K outputs would stay in ORT's arena after the first 128 samples (MiniLM-L6's
     # pass peak: 897 MB with the arena, 768 MB without it; 605 MB with no Hessians at all).
@@ -282,7 +303,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             gathered = gram.outputs(seen)
             if not gathered and len(session.get_outputs()) > len(lean):
                 session = None  # released first: two sessions of one model would double the peak memory
-                session = _pass_session(build_instrumented(loaded)[0])
+                session = _pass_session(build_instrumented(loaded, levels=levels)[0])
             fetched = lean + gathered
             position = {name: i for i, name in enumerate(fetched)}
             try:
@@ -300,9 +321,12 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                     low, high = min(low, ranges[tensor][0]), max(high, ranges[tensor][1])
                 ranges[tensor] = (low, high)
             for layer in loaded.layers:
-                probe_shape = result[position[outputs["probe"][layer.name]]].shape
-                rows.setdefault(layer.name, []).append(
-                    int(np.prod(probe_shape[1:-1])) if layer.kind.channels_last and len(probe_shape) > 2 else 1)
+                if layer.name in outputs["grid"]:
+                    rows.setdefault(layer.name, []).append(1)  # a map: one row per sample, as for any Conv
+                else:
+                    probe_shape = result[position[outputs["probe"][layer.name]]].shape
+                    rows.setdefault(layer.name, []).append(
+                        int(np.prod(probe_shape[1:-1])) if layer.kind.channels_last and len(probe_shape) > 2 else 1)
                 if layer.name not in outputs["moments"]:
                     continue
                 mean_name, sq_name = outputs["moments"][layer.name]
@@ -316,6 +340,9 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             if chosen.any():
                 mask = feed[mask_input][pick] if mask_input else None
                 for layer in loaded.layers:
+                    if layer.name in outputs["grid"]:
+                        bank.add_grid(layer.name, result[position[outputs["grid"][layer.name]]][pick])
+                        continue
                     probe = result[position[outputs["probe"][layer.name]]]
                     bank.add(layer.name, probe[pick], layer.kind.channels_last, mask)
                 first = feed[loaded.inputs[0].name][pick]

@@ -97,3 +97,36 @@ def test_sequence_pyramid_pools_real_tokens_only():
     np.testing.assert_allclose(pyramid_pool(noisy, (1, 2), channels_last=True, mask=mask), pooled, atol=1e-4)
     channels_first = pyramid_pool(np.swapaxes(x, 1, 2), (1, 2), channels_last=False, mask=mask)
     np.testing.assert_allclose(channels_first, pooled, atol=1e-5)
+
+
+def test_maps_of_a_fixed_size_are_pooled_in_the_graph_exactly_as_numpy_pools_them(tmp_path):
+    """The calibration pass returns C x L x L bin averages for fixed-size maps instead of the maps; the
+    embeddings equal numpy's pyramid pooling of the maps themselves."""
+    import onnx
+    import onnxruntime as ort
+
+    from conftest import samples_for, tiny_cnn
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.features import embed
+    from msq_onnx.instrument import build_instrumented, run_pass
+    from msq_onnx.load import load_model
+
+    model = tiny_cnn(channels=2, size=9)  # 9 x 9: bins of a level overlap, as in adaptive pooling
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    x = samples_for(model, 5, with_labels=False)["x"]
+    np.savez(tmp_path / "x.npz", x=x)
+    _, outputs = build_instrumented(loaded, levels=(1, 2, 4))
+    convs = [layer for layer in loaded.layers if layer.op_type == "Conv"]
+    assert all(layer.name in outputs["grid"] for layer in convs) and convs
+    stats = run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2, 4), 4096,
+                     quiet=True)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(loaded.model)
+    probe.graph.output.extend([onnx.helper.make_tensor_value_info(layer.probe_name, onnx.TensorProto.FLOAT, None)
+                               for layer in convs])
+    maps = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [layer.probe_name for layer in convs], {"x": x})
+    for layer, values in zip(convs, maps):
+        np.testing.assert_allclose(stats.features.matrix(layer.name), embed(values, (1, 2, 4), 4096),
+                                   rtol=2e-3, atol=2e-3)  # the bank keeps float16
