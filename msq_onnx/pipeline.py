@@ -80,6 +80,20 @@ class _Timer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+            _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap a finished stage freed back to the system. glibc keeps freed blocks of ORT sessions
+    and numpy arrays mapped, so each stage started on the last one's high-water mark (EfficientNet-Lite0:
+    resident 300 MB between stages instead of 150 MB, and a 330 MB peak instead of 305 MB)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, musl): nothing to trim
 
 
 def _num_classes(loaded) -> int | None:
