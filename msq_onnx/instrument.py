@@ -148,18 +148,17 @@ def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, ad
     A layer whose input shape fixes too few rows per sample to ever fit GPTQ (a classifier's head: one
     row per sample) is left out before the pass; symbolic row counts are judged after it."""
     graph = model.graph
-    nodes = {node.name: node for node in graph.node}
     shapes = _static_shapes(model)
     keys = {}
     for index, layer in enumerate(loaded.layers):
-        fan_in = layer.params // layer.weight_shape[layer.out_axis]
         shape = shapes.get(layer.input_name)
         known = shape is not None and len(shape) >= 1 and all(d for d in shape[1:-1])
         rows_per_sample = int(np.prod(shape[1:-1])) if known else None
-        if not layer.kind.input_moments or fan_in > MAX_HESSIAN_FAN_IN or layer.nodes[0] not in nodes or (
-                rows_per_sample is not None and rows_per_sample * (HESSIAN_SAMPLES // 2) < MIN_ROWS_PER_INPUT * fan_in):
+        if not layer.kind.input_moments or layer.fan_in > MAX_HESSIAN_FAN_IN or (
+                rows_per_sample is not None
+                and rows_per_sample * (HESSIAN_SAMPLES // 2) < MIN_ROWS_PER_INPUT * layer.fan_in):
             continue
-        rows = layer.kind.input_rows(layer, nodes[layer.nodes[0]], shape, f"msq_h{index}")
+        rows = layer.kind.input_rows(layer, f"msq_h{index}")
         if rows is None:
             continue
         if rows.key not in keys:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -43,11 +43,7 @@ def quantizes_activations(layer, mode: str) -> bool:
     rows split into whole blocks; a weight-only Conv and a float layer see float inputs."""
     if mode in (STATIC, DYNAMIC):
         return True
-    return mode == WEIGHT_ONLY and layer.op_type in ("MatMul", "Gemm") and fan_in(layer) % BLOCK_ACTIVATION == 0
-
-
-def fan_in(layer) -> int:
-    return layer.params // layer.weight_shape[layer.out_axis]
+    return mode == WEIGHT_ONLY and layer.op_type in ("MatMul", "Gemm") and layer.fan_in % BLOCK_ACTIVATION == 0
 
 
 @dataclass
@@ -185,7 +181,7 @@ def build_measurement(loaded, ranges: dict) -> tuple[onnx.ModelProto, dict]:
             if not quantizes_activations(layer, mode):
                 continue  # float activations: no activation error to measure
             prefix = f"msq_m{index}_{mode.replace('-', '_')}"
-            result = quantizers.apply(node, mode, prefix, f"{prefix}_result", fan_in(layer))
+            result = quantizers.apply(node, mode, prefix, f"{prefix}_result", layer.fan_in)
             # A static output quantized on its absorbed activation's range is that activation's output.
             reference = quantizers.output_ranges[node.output[0]] if mode == STATIC else node.output[0]
             quantizers.nodes += [
@@ -214,7 +210,7 @@ def build_simulation(loaded, ranges: dict, modes: dict) -> onnx.ModelProto:
             rebuilt.append(node)
             continue
         quantizers.nodes = []
-        quantizers.apply(node, mode, f"msq_s{index}", node.output[0], fan_in(layer))
+        quantizers.apply(node, mode, f"msq_s{index}", node.output[0], layer.fan_in)
         rebuilt.extend(quantizers.nodes)
     del graph.node[:]
     graph.node.extend(rebuilt)

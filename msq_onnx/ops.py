@@ -57,6 +57,11 @@ class Layer:
         return int(np.prod(self.weight_shape))
 
     @property
+    def fan_in(self) -> int:
+        """Weights per output channel: the length of a row of the [out, fan_in] matrix view."""
+        return self.params // self.weight_shape[self.out_axis]
+
+    @property
     def kind(self) -> "OpKind":
         return REGISTRY[self.op_type]
 
@@ -133,7 +138,7 @@ class OpKind:
         """[out, fan_in] index of the input channel each weight multiplies."""
         raise NotImplementedError
 
-    def input_rows(self, layer: Layer, node, input_shape, prefix: str) -> "InputRows | None":
+    def input_rows(self, layer: Layer, prefix: str) -> "InputRows | None":
         """Graph nodes turning the layer's activation input into the rows its weight multiplies, as
         [rows, fan_in], so that rows^T rows is its input Hessian; None: no exact
         rows for this kind (the diagonal estimate of weights.py serves). Convolutions have none: GPTQ on
@@ -146,7 +151,6 @@ class InputRows:
     nodes: list  # ONNX nodes from the layer's input to `output`
     initializers: list
     output: str  # [rows, fan_in]
-    fan_in: int
     key: str  # layers with the same key read the same rows (q, k and v of one input): one Hessian serves
 
 
@@ -203,14 +207,12 @@ class _Dense(OpKind):
         return INT2 if chosen == INT4 and bits <= 2 else chosen
 
     def scale_block(self, layer, bits, prefer):
-        fan_in = layer.params // layer.weight_shape[layer.out_axis]
         narrow = self.container(bits, STATIC, prefer) in (INT4, INT2)
-        return DENSE_BLOCK if narrow and fan_in % DENSE_BLOCK == 0 else 0
+        return DENSE_BLOCK if narrow and layer.fan_in % DENSE_BLOCK == 0 else 0
 
     def container_bytes(self, layer, container):
-        fan_in = layer.params // layer.weight_shape[layer.out_axis]
-        if container in (INT4, INT2) and fan_in % DENSE_BLOCK == 0:
-            scales = layer.weight_shape[layer.out_axis] * (fan_in // DENSE_BLOCK)
+        if container in (INT4, INT2) and layer.fan_in % DENSE_BLOCK == 0:
+            scales = layer.weight_shape[layer.out_axis] * (layer.fan_in // DENSE_BLOCK)
             return -(-layer.params * CONTAINER_BITS[container] // 8) + 4 * scales
         return super().container_bytes(layer, container)
 
@@ -220,12 +222,11 @@ class _Dense(OpKind):
     def input_channel_index(self, layer):
         return _dense_channel_index(layer)
 
-    def input_rows(self, layer, node, input_shape, prefix):
+    def input_rows(self, layer, prefix):
         """Every leading index (batch, token) is a row of the features on the last axis."""
-        fan_in = layer.params // layer.weight_shape[layer.out_axis]
-        shape = onnx.numpy_helper.from_array(np.array([-1, fan_in], np.int64), prefix + "_shape")
+        shape = onnx.numpy_helper.from_array(np.array([-1, layer.fan_in], np.int64), prefix + "_shape")
         reshape = onnx.helper.make_node("Reshape", [layer.input_name, shape.name], [prefix + "_rows"])
-        return InputRows([reshape], [shape], prefix + "_rows", fan_in, f"{layer.input_name}/{fan_in}")
+        return InputRows([reshape], [shape], prefix + "_rows", f"{layer.input_name}/{layer.fan_in}")
 
 
 class _Gemm(_Dense):

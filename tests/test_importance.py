@@ -1,4 +1,3 @@
-import onnx
 from onnx import TensorProto, helper
 
 from msq_onnx.importance import IMPORTANCE_FLOOR, importance, upstream_layers
