@@ -98,6 +98,19 @@ def pooling_matrices(height: int, width: int, levels) -> tuple[np.ndarray, np.nd
     return _pooling_matrix(height, levels), _pooling_matrix(width, levels).T
 
 
+def flat_pooling_matrix(height: int, width: int, levels) -> np.ndarray:
+    """[H*W, sum(b*b)]: a flattened map times it gives the pyramid in pyramid_pool's order, every bin of every
+    level in one product."""
+    rows, cols = pooling_matrices(height, width, levels)
+    columns, offset = [], 0
+    for b in levels:
+        for i in range(b):
+            for j in range(b):
+                columns.append(np.outer(rows[offset + i], cols[:, offset + j]).ravel())
+        offset += b
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
 def grid_pyramid(grid: np.ndarray, levels) -> np.ndarray:
     """[N, C, L, L] bin averages of all level pairs -> [N, C, sum(b*b)]: the level blocks on the diagonal."""
     blocks, offset = [], 0
@@ -179,11 +192,11 @@ class FeatureBank:
                          None if mask is None else mask[:room])
         self.add_embedding(name, embedded)
 
-    def add_grid(self, name: str, grid: np.ndarray) -> None:
-        """A map's bin averages computed in the graph ([N, C, L, L], see pooling_matrices)."""
+    def add_pyramid(self, name: str, pooled: np.ndarray) -> None:
+        """A map's bin averages computed in the graph ([N, C, sum(b*b)], see flat_pooling_matrix)."""
         room = self.max_samples - self._counts[name]
         if room > 0:
-            self.add_embedding(name, cap_dimension(grid_pyramid(grid[:room], self.levels), self.max_dim, self.seed))
+            self.add_embedding(name, cap_dimension(pooled[:room], self.max_dim, self.seed))
 
     def add_embedding(self, name: str, embedded: np.ndarray) -> None:
         embedded = embedded[:self.max_samples - self._counts[name]]

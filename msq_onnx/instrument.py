@@ -1,11 +1,12 @@
 """Stage 2: one streamed pass of the FP32 model over the calibration set.
 
-The model is copied with (a) ReduceMin/ReduceMax on every float activation,
-as ORT's MinMax calibrator does, so ranges come out as scalars; (b) per-channel
-mean and mean square of every layer's input, for output-aware weight errors
-and bias correction; (c) every layer's probe tensor exposed, pooled in numpy
-right away. Each batch is reduced to mergeable statistics and dropped.
-"""
+The model is copied with (a) ReduceMin/ReduceMax on every float activation
+whose range a quantizer would read (ORT's MinMax calibrator reduces every one;
+a tensor that only feeds a Relu/Clip takes the activation's range), so ranges
+come out as scalars; (b) per-channel mean and mean square of every layer's
+input, for output-aware weight errors and bias correction; (c) every layer's probe tensor pyramid-pooled in the graph when
+its map has a fixed size, else exposed and pooled in numpy right away. Each
+batch is reduced to mergeable statistics and dropped."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadData, BadModel, one_line
-from .features import FeatureBank, embed, pooling_matrices, token_features
+from .features import FeatureBank, embed, flat_pooling_matrix, token_features
 from .load import Layer, LoadedModel, is_large, save_model_file
+from .ops import range_sources
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
 
@@ -83,7 +85,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -
     model = onnx.ModelProto()
     model.CopyFrom(loaded.model)
     graph = model.graph
-    outputs = {"range": {}, "moments": {}, "probe": {}, "grid": {}, "hessian": {}, "rows": {}}
+    outputs = {"range": {}, "borrowed": {}, "moments": {}, "probe": {}, "pyramid": {}, "hessian": {}, "rows": {}}
     exposed = {o.name for o in graph.output}
 
     def add_output(name: str, elem=TensorProto.FLOAT):
@@ -91,7 +93,11 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -
             graph.output.append(helper.make_tensor_value_info(name, elem, None))
             exposed.add(name)
 
+    sources = range_sources(model)
     for index, tensor in enumerate(_float_tensors(model)):
+        if sources.get(tensor, tensor) != tensor:
+            outputs["borrowed"][tensor] = sources[tensor]
+            continue  # its range is its activation's (a fetched map also stops ORT fusing Conv with Relu/Clip)
         lo, hi = f"msq_min_{index}", f"msq_max_{index}"
         graph.node.append(helper.make_node("ReduceMin", [tensor], [lo], keepdims=0, name=lo))
         graph.node.append(helper.make_node("ReduceMax", [tensor], [hi], keepdims=0, name=hi))
@@ -103,17 +109,18 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -
     for index, layer in enumerate(loaded.layers):
         shape = shapes.get(layer.probe_name)
         if levels and not layer.kind.channels_last and shape is not None and len(shape) == 4 and all(shape[2:]):
-            # A map is pooled where it is made: ORT returns C x L x L values instead of the whole map
-            # (EfficientNet-Lite0: the pooling took 2.8 s of numpy on the copied maps).
-            rows, cols = pooling_matrices(shape[2], shape[3], levels)
-            rows_name, cols_name, half, grid = (f"msq_pool_rows_{index}", f"msq_pool_cols_{index}",
-                                                f"msq_pool_half_{index}", f"msq_grid_{index}")
-            graph.initializer.extend([numpy_helper.from_array(rows, rows_name),
-                                      numpy_helper.from_array(np.ascontiguousarray(cols), cols_name)])
-            graph.node.extend([helper.make_node("MatMul", [layer.probe_name, cols_name], [half], name=half),
-                               helper.make_node("MatMul", [rows_name, half], [grid], name=grid)])
-            add_output(grid)
-            outputs["grid"][layer.name] = grid
+            # A map is pooled where it is made, in one product: [N, C, H*W] @ [H*W, sum(b*b)] gives every bin of
+            # every level. ORT returns C x sum(b*b) values instead of the whole map (EfficientNet-Lite0: the
+            # pooling took 2.8 s of numpy on copied maps; as two small products per channel, 15% of the pass).
+            flat, pooled = f"msq_flat_{index}", f"msq_pyramid_{index}"
+            flat_shape, matrix = f"msq_flat_shape_{index}", f"msq_pyramid_matrix_{index}"
+            graph.initializer.extend([
+                numpy_helper.from_array(np.array([0, 0, -1], np.int64), flat_shape),
+                numpy_helper.from_array(flat_pooling_matrix(shape[2], shape[3], levels), matrix)])
+            graph.node.extend([helper.make_node("Reshape", [layer.probe_name, flat_shape], [flat], name=flat),
+                               helper.make_node("MatMul", [flat, matrix], [pooled], name=pooled)])
+            add_output(pooled)
+            outputs["pyramid"][layer.name] = pooled
         else:
             add_output(layer.probe_name)
             outputs["probe"][layer.name] = layer.probe_name
@@ -281,7 +288,8 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     """The streamed pass; with `hessians`, each layer's input Hessians are summed over the first
     HESSIAN_SAMPLES samples in the same runs. ORT runs every node of a graph whatever is fetched, so the
     later samples go through a session without the Hessian products (MiniLM-L6: 39 ms per run with
-    them, 22 ms without)."""
+    them, 22 ms without). The moments stay in every run: a second session for them alone cost more time
+    (its build) and memory (EfficientNet-Lite0: +50 MB) than their products and reductions (a fifth of a run)."""
     model, outputs = build_instrumented(loaded, hessians, levels)
     mask_input = attention_mask_input(loaded)
     # The Hessian products' K x K outputs would stay in ORT's arena after the first 128 samples (MiniLM-L6's
@@ -302,7 +310,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     seen = 0
     with progress(samples.count, "calibration pass", quiet) as bar:
         for feed, count in padded_batches(samples, loaded, batch_size):
-            gathered = gram.outputs(seen)
+            gathered = gram.outputs() if seen < HESSIAN_SAMPLES or gram.needs_batches() else []
             if not gathered and len(session.get_outputs()) > len(lean):
                 session = None  # released first: two sessions of one model would double the peak memory
                 session = _pass_session(build_instrumented(loaded, levels=levels)[0])
@@ -323,7 +331,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                     low, high = min(low, ranges[tensor][0]), max(high, ranges[tensor][1])
                 ranges[tensor] = (low, high)
             for layer in loaded.layers:
-                if layer.name in outputs["grid"]:
+                if layer.name in outputs["pyramid"]:
                     rows.setdefault(layer.name, []).append(1)  # a map: one row per sample, as for any Conv
                 else:
                     probe_shape = result[position[outputs["probe"][layer.name]]].shape
@@ -342,8 +350,8 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             if chosen.any():
                 mask = feed[mask_input][pick] if mask_input else None
                 for layer in loaded.layers:
-                    if layer.name in outputs["grid"]:
-                        bank.add_grid(layer.name, result[position[outputs["grid"][layer.name]]][pick])
+                    if layer.name in outputs["pyramid"]:
+                        bank.add_pyramid(layer.name, result[position[outputs["pyramid"][layer.name]]][pick])
                         continue
                     probe = result[position[outputs["probe"][layer.name]]]
                     bank.add(layer.name, probe[pick], layer.kind.channels_last, mask)
@@ -356,6 +364,11 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             del result
             seen += count
             bar.update(count)
+    for tensor in outputs["borrowed"]:
+        source = tensor
+        while source in outputs["borrowed"]:  # Conv -> Relu -> Clip: the last activation's range
+            source = outputs["borrowed"][source]
+        ranges[tensor] = ranges[source]
     return PassStatistics(
         ranges=ranges,
         input_mean={k: v / seen for k, v in mean_sum.items()},
@@ -391,10 +404,11 @@ class HessianSums:
         self.rows = {key: 0 for key in names}
         self.batches = 0
 
-    def outputs(self, seen: int) -> list:
-        """What to fetch for the batch starting at sample `seen`."""
-        wanted = seen < HESSIAN_SAMPLES or self.batches < 2  # both halves need a batch, however large
-        return [name for pair in self.names.values() for name in pair] if wanted else []
+    def needs_batches(self) -> bool:
+        return bool(self.names) and self.batches < 2  # both halves need a batch, however large
+
+    def outputs(self) -> list:
+        return [name for pair in self.names.values() for name in pair]
 
     def add(self, values: dict) -> None:
         half = self.batches % 2  # whole batches alternate; at batch size 1, samples do

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import BadModel, one_line
 from .instrument import make_session, padded_batches, progress
 from .latency import TIE, mode_order
-from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY
+from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY, range_sources
 
 # Relative output MSE a layer may take from its activation quantization: 30 dB
 # SQNR. ReLU-CNN layers measure 1e-5..1e-3 with static uint8 (EfficientNet-Lite0,
@@ -60,32 +60,12 @@ def uint8_quantization(low: float, high: float) -> tuple[float, int]:
     return scale, int(np.clip(round(-low / scale), 0, 255))
 
 
-# A Relu or Clip right after a static layer is removed by ORT's QDQ quantizer: the layer's output is
-# quantized on the activation's range, whose saturation is the activation.
-_ABSORBED = ("Relu", "Clip")
-
-
-def _quantized_output_ranges(model: onnx.ModelProto) -> dict:
-    """Node output -> the tensor whose range its static quantization uses."""
-    users: dict = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    result = {}
-    for node in model.graph.node:
-        for name in node.output:
-            following = users.get(name, [])
-            absorbed = len(following) == 1 and following[0].op_type in _ABSORBED
-            result[name] = following[0].output[0] if absorbed else name
-    return result
-
-
 class _Quantizers:
     """Adds the nodes that put a tensor through a mode's activation quantizer (as ORT will run it)."""
 
     def __init__(self, ranges: dict, model: onnx.ModelProto):
         self.ranges, self.nodes, self.inits = ranges, [], []
-        self.output_ranges = _quantized_output_ranges(model)
+        self.output_ranges = range_sources(model)
         self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
     def static(self, tensor: str, range_of: str, prefix: str) -> str:

@@ -24,6 +24,29 @@ MODES = (STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT)
 FLOAT_BITS = 32  # a float layer's width in budgets: leaving a layer out never meets a budget
 
 
+# A Relu or Clip that is the only user of a tensor is removed by ORT's QDQ quantizer (its
+# adjust_tensor_ranges): the tensor is quantized on the activation's output range, whose saturation is
+# the activation. So that tensor's own range is never used, and the calibration pass does not measure it.
+_ABSORBED = ("Relu", "Clip")
+
+
+def range_sources(model: onnx.ModelProto) -> dict:
+    """Node output -> the tensor whose range its static quantization uses (itself, or the Relu/Clip
+    output that absorbs it)."""
+    users: dict = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    result = {}
+    for node in model.graph.node:
+        for name in node.output:
+            following = users.get(name, [])
+            absorbed = len(following) == 1 and following[0].op_type in _ABSORBED and name not in graph_outputs
+            result[name] = following[0].output[0] if absorbed else name
+    return result
+
+
 @dataclass
 class Layer:
     """One allocation unit: a weight tensor and the node(s) that use it."""

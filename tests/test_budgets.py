@@ -1,5 +1,6 @@
-import os
 """Budgets users think in: --max-size, --max-drop search, held-out split; and the sensitivity allocator."""
+
+import os
 
 import numpy as np
 import pytest
@@ -111,3 +112,31 @@ def test_max_latency_is_a_second_bound_measured_on_this_machine(cnn_files, tmp_p
     with pytest.raises(BadOption, match="--max-latency"):  # no layer timing fits a thousandth of FP32's time
         convert(cnn_files["model"], str(tmp_path / "q3.onnx"), cnn_files["calib"],
                 Options(max_latency=0.001, quiet=True))
+
+
+def test_a_held_out_split_of_images_decodes_only_its_own_images(tmp_path, monkeypatch):
+    """Each split reads its images alone (decoding was most of a held-out pass), with the same pixels as
+    the whole set's, and a split of a split picks the parent's samples chosen by both."""
+    from PIL import Image
+
+    from msq_onnx.data import ImageSamples
+    from msq_onnx.load import InputSpec
+
+    for index in range(10):
+        Image.fromarray(np.full((6, 6, 3), index * 20, np.uint8)).save(tmp_path / f"{index}.png")
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{i}.png,{i % 2}\n" for i in range(10)))
+    spec = InputSpec("x", [None, 3, 6, 6], np.dtype(np.float32))
+    samples = open_samples(str(tmp_path / "labels.csv"), [spec], Preprocess(resize=6, crop=6))
+    assert isinstance(samples, ImageSamples)
+    whole = np.concatenate([b["x"] for b in samples.batches(4)])
+    decoded = []
+    original = ImageSamples._decode
+    monkeypatch.setattr(ImageSamples, "_decode", lambda self, path: decoded.append(path) or original(self, path))
+    calib, held = split_holdout(samples, 0.2)
+    held_pixels = np.concatenate([b["x"] for b in held.batches(3)])
+    assert [os.path.basename(p) for p in decoded] == ["4.png", "9.png"]
+    np.testing.assert_array_equal(held_pixels, whole[[4, 9]])
+    decoded.clear()
+    _, inner = split_holdout(calib, 0.5)  # calib holds 0 1 2 3 5 6 7 8; every 2nd of it: 1 3 6 8
+    assert np.array_equal(np.concatenate([b["x"] for b in inner.batches(2)]), whole[[1, 3, 6, 8]])
+    assert [os.path.basename(p) for p in decoded] == ["1.png", "3.png", "6.png", "8.png"]

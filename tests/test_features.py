@@ -118,7 +118,7 @@ def test_maps_of_a_fixed_size_are_pooled_in_the_graph_exactly_as_numpy_pools_the
     np.savez(tmp_path / "x.npz", x=x)
     _, outputs = build_instrumented(loaded, levels=(1, 2, 4))
     convs = [layer for layer in loaded.layers if layer.op_type == "Conv"]
-    assert all(layer.name in outputs["grid"] for layer in convs) and convs
+    assert all(layer.name in outputs["pyramid"] for layer in convs) and convs
     stats = run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2, 4), 4096,
                      quiet=True)
     probe = onnx.ModelProto()
@@ -130,3 +130,27 @@ def test_maps_of_a_fixed_size_are_pooled_in_the_graph_exactly_as_numpy_pools_the
     for layer, values in zip(convs, maps):
         np.testing.assert_allclose(stats.features.matrix(layer.name), embed(values, (1, 2, 4), 4096),
                                    rtol=2e-3, atol=2e-3)  # the bank keeps float16
+
+
+def test_a_tensor_feeding_only_a_relu_or_clip_takes_the_activations_range_unmeasured(tmp_path):
+    """ORT's QDQ quantizer quantizes such a tensor on its activation's output range, so the pass does not
+    reduce it (which also lets ORT fuse the Conv with its activation); a graph output is still measured."""
+    import onnx
+
+    from conftest import samples_for, tiny_cnn
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.instrument import build_instrumented, run_pass
+    from msq_onnx.load import load_model
+
+    model = tiny_cnn()
+    model.graph.output.append(onnx.helper.make_tensor_value_info("c3", onnx.TensorProto.FLOAT, ["N", 16, 8, 8]))
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "x.npz", x=samples_for(model, 6, with_labels=False)["x"])
+    instrumented, outputs = build_instrumented(loaded, levels=(1, 2))
+    reduced = {node.input[0] for node in instrumented.graph.node if node.op_type in ("ReduceMin", "ReduceMax")}
+    assert {"c1", "c2"}.isdisjoint(reduced) and {"x", "r1", "r2", "c3", "r3"} <= reduced
+    stats = run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2), 64,
+                     quiet=True)
+    assert stats.ranges["c1"] == stats.ranges["r1"] and stats.ranges["c2"] == stats.ranges["r2"]
+    assert stats.ranges["r2"][1] <= 6.0 and stats.ranges["c3"][0] < 0.0 <= stats.ranges["r3"][0]
