@@ -78,9 +78,10 @@ def _moment_axes(layer: Layer, rank: int) -> list[int]:
     return [a for a in range(rank) if a != channel_axis]
 
 
-def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -> tuple[onnx.ModelProto, dict]:
+def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
+                       hessian_layers=None) -> tuple[onnx.ModelProto, dict]:
     """Return the instrumented copy and a map of its extra outputs (with `hessians`, also each layer's
-    input rows^T rows and row count, fetched for the first HESSIAN_SAMPLES samples only; with pyramid
+    input rows^T rows and row count, for the layers in `hessian_layers` if given; with pyramid
     `levels`, maps of a fixed size come out already pooled)."""
     model = onnx.ModelProto()
     model.CopyFrom(loaded.model)
@@ -145,11 +146,11 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -
         add_output(sq_mean)
         outputs["moments"][layer.name] = (mean, sq_mean)
     if hessians:
-        _add_hessians(loaded, model, outputs, add_output)
+        _add_hessians(loaded, model, outputs, add_output, hessian_layers)
     return model, outputs
 
 
-def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, add_output) -> None:
+def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, add_output, only=None) -> None:
     """Per distinct input rows (ops.InputRows): the K x K product rows^T rows and the rows' shape.
 
     A layer whose input shape fixes too few rows per sample to ever fit GPTQ (a classifier's head: one
@@ -161,7 +162,8 @@ def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, ad
         shape = shapes.get(layer.input_name)
         known = shape is not None and len(shape) >= 1 and all(d for d in shape[1:-1])
         rows_per_sample = int(np.prod(shape[1:-1])) if known else None
-        if not layer.kind.input_moments or layer.fan_in > MAX_HESSIAN_FAN_IN or (
+        if (only is not None and layer.name not in only) or not layer.kind.input_moments or \
+                layer.fan_in > MAX_HESSIAN_FAN_IN or (
                 rows_per_sample is not None
                 and rows_per_sample * (HESSIAN_SAMPLES // 2) < MIN_ROWS_PER_INPUT * layer.fan_in):
             continue
@@ -227,7 +229,7 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = Tr
 def padded_batches(samples, loaded: LoadedModel, batch_size: int):
     """Yield (feed, real_count) at the model's batch size: its own if fixed (the last batch padded), else ours."""
     fixed = [spec.shape[0] for spec in loaded.inputs if spec.batch_fixed]
-    size = fixed[0] if fixed else batch_size
+    size = _batch_of(loaded, batch_size)
     for feed in samples.batches(size):
         count = len(next(iter(feed.values())))
         if fixed and count < size:
@@ -285,15 +287,20 @@ def _pass_session(model: onnx.ModelProto, arena: bool = True) -> ort.InferenceSe
 
 def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 1,
              quiet: bool = False, seed: int = 0, hessians: bool = False) -> PassStatistics:
-    """The streamed pass; with `hessians`, each layer's input Hessians are summed over the first
-    HESSIAN_SAMPLES samples in the same runs. ORT runs every node of a graph whatever is fetched, so the
-    later samples go through a session without the Hessian products (MiniLM-L6: 39 ms per run with
-    them, 22 ms without). The moments stay in every run: a second session for them alone cost more time
-    (its build) and memory (EfficientNet-Lite0: +50 MB) than their products and reductions (a fifth of a run)."""
-    model, outputs = build_instrumented(loaded, hessians, levels)
+    """The streamed pass; with `hessians`, each layer's input Hessians are summed over the last
+    HESSIAN_SAMPLES samples in the same runs.
+
+    ORT runs every node of a graph whatever is fetched, so the Hessian products get a session of their own
+    for those samples (MiniLM-L6: 39 ms per run with them, 22 ms without). The samples before it tell how
+    many rows each input has per sample, so only inputs that can reach GPTQ's rows get their K x K product
+    (MiniLM-L6's four-times-wider FFN inputs never did, and were 84% of the products' work). The moments
+    stay in every run: a session without them cost more time (its build) and memory (EfficientNet-Lite0:
+    +50 MB) than their products and reductions (a fifth of a run)."""
+    hessian_from = _hessian_start(samples.count, _batch_of(loaded, batch_size)) if hessians else samples.count
+    model, outputs = build_instrumented(loaded, hessians and hessian_from == 0, levels)
     mask_input = attention_mask_input(loaded)
-    # The Hessian products' K x K outputs would stay in ORT's arena after the first 128 samples (MiniLM-L6's
-    # pass peak: 897 MB with the arena, 768 MB without it; 605 MB with no Hessians at all).
+    # The Hessian products' K x K outputs would stay in ORT's arena (MiniLM-L6's pass peak: 897 MB with the
+    # arena, 768 MB without it; 605 MB with no Hessians at all).
     session = _pass_session(model, arena=not outputs["hessian"])
     del model
     lean = [name for name in (o.name for o in session.get_outputs())
@@ -310,10 +317,14 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     seen = 0
     with progress(samples.count, "calibration pass", quiet) as bar:
         for feed, count in padded_batches(samples, loaded, batch_size):
-            gathered = gram.outputs() if seen < HESSIAN_SAMPLES or gram.needs_batches() else []
-            if not gathered and len(session.get_outputs()) > len(lean):
+            worth = _worth_gathering(loaded, rows, samples.count - seen) if seen == hessian_from > 0 else None
+            if worth:
                 session = None  # released first: two sessions of one model would double the peak memory
-                session = _pass_session(build_instrumented(loaded, levels=levels)[0])
+                model, outputs = build_instrumented(loaded, True, levels, worth)
+                session = _pass_session(model, arena=not outputs["hessian"])
+                del model
+                gram = HessianSums(outputs["hessian"])
+            gathered = gram.outputs()
             fetched = lean + gathered
             position = {name: i for i, name in enumerate(fetched)}
             try:
@@ -388,6 +399,25 @@ MAX_HESSIAN_FAN_IN = 4096  # a K x K matrix per distinct input: 64 MB at this si
 MIN_ROWS_PER_INPUT = 4  # rows (tokens) per input feature in the fitting half, or GPTQ would overfit
 
 
+def _batch_of(loaded: LoadedModel, batch_size: int) -> int:
+    fixed = [spec.shape[0] for spec in loaded.inputs if spec.batch_fixed]
+    return fixed[0] if fixed else batch_size
+
+
+def _hessian_start(count: int, batch: int) -> int:
+    """The first sample of the Hessian batches: the last HESSIAN_SAMPLES, on a batch boundary, and at least
+    two batches, one for each half, however large the batches."""
+    start = count - max(HESSIAN_SAMPLES, 2 * batch)
+    return max(0, start // batch * batch)
+
+
+def _worth_gathering(loaded: LoadedModel, rows: dict, samples: int) -> set:
+    """The layers whose inputs, at their mean rows per sample so far, reach MIN_ROWS_PER_INPUT rows per input
+    feature over the fitting half of `samples` (what HessianSums.by_layer checks on the rows gathered)."""
+    return {layer.name for layer in loaded.layers if layer.name in rows
+            and np.mean(rows[layer.name]) * (samples // 2) >= MIN_ROWS_PER_INPUT * layer.fan_in}
+
+
 @dataclass
 class InputHessians:
     fit: np.ndarray  # X^T X of the even samples' rows: what GPTQ rounds against
@@ -403,9 +433,6 @@ class HessianSums:
         self.sums = {key: [None, None] for key in names}
         self.rows = {key: 0 for key in names}
         self.batches = 0
-
-    def needs_batches(self) -> bool:
-        return bool(self.names) and self.batches < 2  # both halves need a batch, however large
 
     def outputs(self) -> list:
         return [name for pair in self.names.values() for name in pair]

@@ -174,3 +174,41 @@ def test_calibration_pass_sums_each_dense_layers_input_hessian_even_and_odd_samp
     large = instrument.run_pass(loaded, open_samples(os.path.join(folder, "x.npz"), loaded.inputs, Preprocess()),
                                 (1, 2), 64, batch_size=4, quiet=True, hessians=True)
     np.testing.assert_allclose(large.hessians[by_node["mm1"]].check, x[4:].T @ x[4:], rtol=1e-4, atol=1e-4)
+
+
+def test_hessians_come_from_the_last_samples_and_only_for_inputs_whose_rows_can_fit_gptq(monkeypatch, tmp_path):
+    """The samples before the Hessian batches count each input's rows per sample: a narrow input with enough
+    rows gets its K x K product, a wide one that could never fit GPTQ gets none (no product in the graph)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from msq_onnx import instrument
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.load import load_model
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="narrow"), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="wide")], "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 3])],
+        [numpy_helper.from_array(rng.normal(size=(4, 64)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.normal(size=(64, 3)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    x = rng.normal(size=(20, 5, 4)).astype(np.float32)  # 5 rows per sample
+    np.savez(tmp_path / "x.npz", x=x)
+    monkeypatch.setattr(instrument, "HESSIAN_SAMPLES", 8)  # samples 12..19: 12 14 16 18 fit, 13 15 17 19 check
+    built = []
+    original = instrument.build_instrumented
+    monkeypatch.setattr(instrument, "build_instrumented",
+                        lambda *a, **k: built.append(original(*a, **k)[1]["hessian"]) or original(*a, **k))
+    stats = instrument.run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2),
+                                64, quiet=True, hessians=True)
+    by_node = {layer.nodes[0]: layer.name for layer in loaded.layers}
+    assert built[0] == {} and len(built[1]) == 1  # the first session has no products; the second only x's
+    assert set(stats.hessians) == {by_node["narrow"]}  # 20 fitting rows >= 4 x 4; the 64-wide input: none
+    fit, check = x[12::2].reshape(-1, 4), x[13::2].reshape(-1, 4)
+    np.testing.assert_allclose(stats.hessians[by_node["narrow"]].fit, fit.T @ fit, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats.hessians[by_node["narrow"]].check, check.T @ check, rtol=1e-4, atol=1e-4)
