@@ -150,14 +150,11 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     return model, outputs
 
 
-def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, add_output, only=None) -> None:
-    """Per distinct input rows (ops.InputRows): the K x K product rows^T rows and the rows' shape.
-
-    A layer whose input shape fixes too few rows per sample to ever fit GPTQ (a classifier's head: one
-    row per sample) is left out before the pass; symbolic row counts are judged after it."""
-    graph = model.graph
-    shapes = _static_shapes(model)
-    keys = {}
+def _hessian_candidates(loaded: LoadedModel, shapes: dict, only=None) -> dict:
+    """layer -> ops.InputRows of the layers whose input Hessian can feed GPTQ. A layer whose input shape
+    fixes too few rows per sample to ever fit it (a classifier's head: one row per sample) is left out
+    before the pass; symbolic row counts are judged on the samples before the Hessian batches."""
+    candidates = {}
     for index, layer in enumerate(loaded.layers):
         shape = shapes.get(layer.input_name)
         known = shape is not None and len(shape) >= 1 and all(d for d in shape[1:-1])
@@ -168,13 +165,22 @@ def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, ad
                 and rows_per_sample * (HESSIAN_SAMPLES // 2) < MIN_ROWS_PER_INPUT * layer.fan_in):
             continue
         rows = layer.kind.input_rows(layer, f"msq_h{index}")
-        if rows is None:
-            continue
+        if rows is not None:
+            candidates[layer.name] = rows
+    return candidates
+
+
+def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, add_output, only=None) -> None:
+    """Per distinct input rows (ops.InputRows) of the candidates: the K x K product rows^T rows and the
+    rows' shape."""
+    graph = model.graph
+    keys = {}
+    for name, rows in _hessian_candidates(loaded, _static_shapes(model), only).items():
         if rows.key not in keys:
             keys[rows.key] = rows
             graph.initializer.extend(rows.initializers)
             graph.node.extend(rows.nodes)
-            prefix = f"msq_h{index}"
+            prefix = f"msq_gram{len(keys)}"
             # ORT folds the Transpose into the product (FusedMatMul): rows^T rows with no copy made
             graph.node.extend([helper.make_node("Transpose", [rows.output], [prefix + "_t"], perm=[1, 0]),
                                helper.make_node("MatMul", [prefix + "_t", rows.output], [prefix + "_gram"]),
@@ -182,7 +188,7 @@ def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, ad
             add_output(prefix + "_gram")
             add_output(prefix + "_count", TensorProto.INT64)
             outputs["hessian"][rows.key] = (prefix + "_gram", prefix + "_count")
-        outputs["rows"][layer.name] = rows.key
+        outputs["rows"][name] = rows.key
 
 
 @contextmanager
@@ -412,9 +418,11 @@ def _hessian_start(count: int, batch: int) -> int:
 
 
 def _worth_gathering(loaded: LoadedModel, rows: dict, samples: int) -> set:
-    """The layers whose inputs, at their mean rows per sample so far, reach MIN_ROWS_PER_INPUT rows per input
-    feature over the fitting half of `samples` (what HessianSums.by_layer checks on the rows gathered)."""
-    return {layer.name for layer in loaded.layers if layer.name in rows
+    """The Hessian candidates whose inputs, at their mean rows per sample so far, reach MIN_ROWS_PER_INPUT rows
+    per input feature over the fitting half of `samples` (what HessianSums.by_layer checks on the rows
+    gathered)."""
+    candidates = _hessian_candidates(loaded, _static_shapes(loaded.model))
+    return {layer.name for layer in loaded.layers if layer.name in candidates and layer.name in rows
             and np.mean(rows[layer.name]) * (samples // 2) >= MIN_ROWS_PER_INPUT * layer.fan_in}
 
 

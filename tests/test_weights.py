@@ -212,3 +212,24 @@ def test_hessians_come_from_the_last_samples_and_only_for_inputs_whose_rows_can_
     fit, check = x[12::2].reshape(-1, 4), x[13::2].reshape(-1, 4)
     np.testing.assert_allclose(stats.hessians[by_node["narrow"]].fit, fit.T @ fit, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(stats.hessians[by_node["narrow"]].check, check.T @ check, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_with_no_input_that_can_fit_gptq_keeps_one_calibration_session(monkeypatch, tmp_path):
+    """Convolutions and a one-row head take no Hessians: no second session is built for the last samples
+    (a rebuilt session cost EfficientNet-Lite0 50 MB of peak memory for nothing)."""
+    from conftest import samples_for, tiny_cnn
+    from msq_onnx import instrument
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.load import load_model
+
+    model = tiny_cnn()
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "x.npz", x=samples_for(model, 100, with_labels=False)["x"])
+    monkeypatch.setattr(instrument, "HESSIAN_SAMPLES", 72)  # 36 fitting samples: 4 rows per input of a 3x3 tap
+    built = []
+    original = instrument.build_instrumented
+    monkeypatch.setattr(instrument, "build_instrumented", lambda *a, **k: built.append(1) or original(*a, **k))
+    stats = instrument.run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2),
+                                64, quiet=True, hessians=True)
+    assert len(built) == 1 and stats.hessians == {} and stats.samples == 100
