@@ -171,10 +171,7 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         upstream = upstream_layers(loaded.model, loaded.layers)
         gains = layer_importance({name: s.soft for name, s in scores.items()}, input_score.soft, upstream)
     with timer.stage("weight-errors"):
-        choices = {layer.name: error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name),
-                                           options.bits, options.clip_search, stats.hessians.get(layer.name),
-                                           {b: layer.kind.scale_block(layer, b, options.prefer) for b in options.bits})
-                   for layer in loaded.layers}
+        choices = _error_tables(loaded, stats, options)
         stats.hessians = {}  # released: tens of MB per wide layer
     with timer.stage("activation-modes"):
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
@@ -183,6 +180,27 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         modes, mode_log = mode_stage.choose(loaded, measurement, stats.ranges, costs, options.mode_tolerance,
                                             None if options.activations == "auto" else options.activations)
     return Analysis(stats, labels, scores, input_score, upstream, gains, choices, modes, mode_log)
+
+
+TABLE_WORKERS = 2  # layers whose error tables are computed at once; each holds its own working copies
+
+
+def _error_tables(loaded, stats, options) -> dict:
+    """Every layer's error per width, two layers at a time: the clipping search's element-wise passes and
+    GPTQ's products release the GIL, so the second core works too (MiniLM-L6: 5.8 s -> 3.5 s, the same model written)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .instrument import one_blas_thread
+
+    def table(layer):
+        return error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name), options.bits,
+                           options.clip_search, stats.hessians.get(layer.name),
+                           {b: layer.kind.scale_block(layer, b, options.prefer) for b in options.bits})
+
+    workers = max(1, min(TABLE_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count() or 1))
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip([layer.name for layer in loaded.layers], pool.map(table, loaded.layers)))
 
 
 @dataclass
