@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default 0)")
     budget.add_argument("--rounding", choices=("gptq", "nearest"), default="gptq",
                         help="gptq (default): round each dense layer column by column, compensating the error "
-                             "through its input Hessian (even samples of the first 128), kept per width where it "
+                             "through its input Hessian (even samples of the last 128), kept per width where it "
                              "beats round-to-nearest on the odd ones; nearest: round to nearest")
     budget.add_argument("--no-bias-correction", action="store_true",
                         help="do not correct the bias shift caused by weight quantization")
