@@ -29,7 +29,7 @@ import numpy as np
 from .errors import BadOption
 from .ops import FLOAT_BITS
 
-ALLOCATORS = ("ilp", "greedy", "greedy-step", "sensitivity")
+ALLOCATORS = ("ilp", "greedy", "greedy-step", "sensitivity", "msq-task")
 GREEDY = ("greedy", "greedy-step")  # the paper's rule, read two ways: they move between integer widths only
 DEFAULT_BITS = (2, 3, 4, 5, 6, 7, 8)
 # Damage = importance^exponent x error. 1 is the literal product; it lets a few
@@ -203,7 +203,7 @@ def allocate(method: str, importance: dict, damage: dict | None, candidate_bits,
     widest = {name: FLOAT_BITS if name in floats else max(integer_widths) for name in importance}
     if not budgets or (fits(widest, budgets) and method not in GREEDY):
         return widest
-    if method in ("ilp", "sensitivity"):  # the same knapsack; only the damage was measured differently
+    if method in ("ilp", "sensitivity", "msq-task"):  # the same knapsack; only the damage was measured differently
         check_reachable(budgets, candidate_bits, allowed)
         return allocate_ilp(damage, candidate_bits, budgets)
     if method in GREEDY:

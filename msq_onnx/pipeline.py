@@ -526,14 +526,23 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
 
 def _damage(loaded, calib, analysis: Analysis, options: Options) -> dict:
     """Per layer and width, the damage the allocator minimises; float costs none (and 32 bits)."""
+    activation = {name: choice.errors.get(choice.mode, 0.0) for name, choice in analysis.modes.items()}
     if options.allocator == "sensitivity":
         from . import sensitivity
 
         measured, _ = sensitivity.measure(loaded, calib, analysis.choices, analysis.stats.input_mean, options.bits,
                                           bias_correction=options.bias_correction, quiet=options.quiet)
         damage = sensitivity.monotone(measured)
+    elif options.allocator == "msq-task":
+        from . import sensitivity
+
+        weights, _ = sensitivity.task_weights(loaded, calib, analysis.choices, analysis.stats.input_mean,
+                                              analysis.stats.outputs, analysis.labels.values, min(options.bits),
+                                              options.max_dim, options.seed, bias_correction=options.bias_correction,
+                                              quiet=options.quiet)
+        # exponent 1: the measured weight itself (scaled by its mean, which moves no allocation)
+        damage = allocate_stage.expected_damage(weights, analysis.choices, 1.0, activation)
     else:
-        activation = {name: choice.errors.get(choice.mode, 0.0) for name, choice in analysis.modes.items()}
         damage = allocate_stage.expected_damage(analysis.importance, analysis.choices, options.importance_exponent,
                                                 activation)
     # A layer whose activations only float keeps faithful (the end-to-end check) has float as its one width.

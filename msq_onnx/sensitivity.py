@@ -51,6 +51,16 @@ def _relative_error(reference: list, outputs: list) -> float:
     return noise / max(signal, 1e-30)
 
 
+def _with_layer_quantized(session, layer, weight, bias, choice, input_mean, bias_correction: bool, feeds,
+                          output: str) -> list:
+    """The task output per batch, with this layer's weight (and corrected bias) quantized as `choice` says."""
+    result = quantize_layer(layer, weight, bias, choice, input_mean, bias_correction)
+    extra = {layer.weight_name: result.weight}
+    if bias is not None:
+        extra[layer.bias_name] = result.bias if result.bias is not None else bias
+    return [session.run([output], dict(feed, **extra))[0][:real] for feed, real in feeds]
+
+
 def measure(loaded: LoadedModel, samples, choices: dict, input_mean: dict, candidate_bits,
             count: int = DEFAULT_SAMPLES, batch_size: int = 16, bias_correction: bool = True,
             quiet: bool = False) -> tuple[dict, int]:
@@ -67,12 +77,8 @@ def measure(loaded: LoadedModel, samples, choices: dict, input_mean: dict, candi
             bias = loaded.bias(layer)
             damage[layer.name] = {}
             for bits in candidate_bits:
-                result = quantize_layer(layer, weight, bias, choices[layer.name][bits], input_mean.get(layer.name),
-                                        bias_correction)
-                extra = {layer.weight_name: result.weight}
-                if bias is not None:
-                    extra[layer.bias_name] = result.bias if result.bias is not None else bias
-                outputs = [session.run([output], dict(feed, **extra))[0][:real] for feed, real in feeds]
+                outputs = _with_layer_quantized(session, layer, weight, bias, choices[layer.name][bits],
+                                                input_mean.get(layer.name), bias_correction, feeds, output)
                 passes += sum(real for _, real in feeds)
                 damage[layer.name][bits] = _relative_error(reference, outputs)
                 bar.update(1)
@@ -90,3 +96,65 @@ def monotone(damage: dict) -> dict:
         result[name] = dict(zip(widths, values))
     return result
 
+
+
+def _predictor(reference: np.ndarray, labels: np.ndarray):
+    """The task predictor MSQ imprints on the FP32 output: cosine to centered class means. Returns a scorer
+    of output embeddings against the classes their FP32 twins are predicted as: its soft score (mean
+    softmax probability of that class, the imprinting paper's scale) is the predictor's agreement."""
+    from .imprint import SOFT_SCALE, normalize_rows
+
+    center = reference.mean(axis=0)
+    features = normalize_rows(reference - center)
+    classes = int(labels.max()) + 1
+    sums = np.zeros((classes, features.shape[1]))
+    np.add.at(sums, labels, features)
+    means = normalize_rows(sums)
+
+    def soft_score(embeddings: np.ndarray, predicted: np.ndarray) -> float:
+        logits = SOFT_SCALE * (normalize_rows(embeddings - center) @ means.T)
+        logits -= logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(logits)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        return float(probabilities[np.arange(len(embeddings)), predicted].mean())
+
+    def predict(embeddings: np.ndarray) -> np.ndarray:
+        return (normalize_rows(embeddings - center) @ means.T).argmax(axis=1)
+
+    return soft_score, predict
+
+
+TASK_FLOOR = 1e-4  # a drop below this (about the soft score's noise on 64 samples) counts as this
+
+
+def task_weights(loaded: LoadedModel, samples, choices: dict, input_mean: dict, reference: np.ndarray,
+                 labels: np.ndarray, width: int, max_dim: int, seed: int = 0, count: int = DEFAULT_SAMPLES,
+                 batch_size: int = 16, bias_correction: bool = True, quiet: bool = False) -> tuple[dict, dict]:
+    """Per layer, how much the task predictor loses per unit of the layer's error: the drop of its soft
+    score when that layer alone is quantized at `width` (everything else FP32, `count` samples), over the
+    layer's relative output error at that width. One forward pass per layer and sample instead of one per
+    width: MSQ's predictor, measured after quantizing the layer, weighs the error the knapsack reads.
+    Returns ({layer: weight}, {layer: soft-score drop})."""
+    from .instrument import output_embedding
+
+    feeds = _feeds(loaded, samples, count, batch_size)
+    output = loaded.output_name
+    fp32_session = make_session(loaded.model)
+    fp32 = np.concatenate([output_embedding(fp32_session.run([output], feed)[0][:real], max_dim, seed)
+                           for feed, real in feeds])
+    del fp32_session
+    soft_score, predict = _predictor(reference, labels)
+    predicted = predict(fp32)
+    baseline = soft_score(fp32, predicted)
+    weights, drops = {}, {}
+    with progress(len(loaded.layers), "task predictor per layer", quiet) as bar:
+        for layer in loaded.layers:
+            session = make_session(_with_weight_inputs(loaded, layer))
+            outputs = _with_layer_quantized(session, layer, loaded.weight(layer).astype(np.float32),
+                                            loaded.bias(layer), choices[layer.name][width],
+                                            input_mean.get(layer.name), bias_correction, feeds, output)
+            quantized = np.concatenate([output_embedding(o, max_dim, seed) for o in outputs])
+            drops[layer.name] = baseline - soft_score(quantized, predicted)
+            weights[layer.name] = max(drops[layer.name], TASK_FLOOR) / max(choices[layer.name][width].error, 1e-12)
+            bar.update(1)
+    return weights, drops

@@ -101,6 +101,39 @@ def test_sensitivity_allocator_measures_damage_per_layer_and_width(cnn_files, tm
     assert result.report["avg_weight_bits"] <= 3.0
 
 
+def test_msq_task_weighs_each_layers_error_by_the_task_predictors_loss_with_that_layer_quantized(cnn_files,
+                                                                                                  tmp_path):
+    """The predictor's soft score barely moves with a layer at 8 bits and falls with it at 2 bits; a layer
+    whose 2-bit weights are wrecked (clipped to almost nothing) loses far more; the allocator meets its budget."""
+    import dataclasses
+
+    from msq_onnx import sensitivity
+    from msq_onnx.pipeline import _Timer, analyse
+
+    loaded = load_model(cnn_files["model"])
+    calib = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    analysis = analyse(loaded, calib, Options(bits=(2, 8), quiet=True), _Timer())
+
+    def drops(choices, width):
+        return sensitivity.task_weights(loaded, calib, choices, analysis.stats.input_mean, analysis.stats.outputs,
+                                        analysis.labels.values, width, 1024, count=32, quiet=True)
+
+    weights8, at8 = drops(analysis.choices, 8)
+    weights2, at2 = drops(analysis.choices, 2)
+    assert set(at8) == set(at2) == {layer.name for layer in loaded.layers}
+    assert max(abs(d) for d in at8.values()) < 0.01 < max(at2.values())
+    assert all(w > 0 for w in list(weights8.values()) + list(weights2.values()))
+    first = loaded.layers[0].name
+    wrecked = dict(analysis.choices)
+    wrecked[first] = {**analysis.choices[first], 2: dataclasses.replace(analysis.choices[first][2],
+                                                                        clip=analysis.choices[first][2].clip * 1e-3)}
+    _, broken = drops(wrecked, 2)
+    assert broken[first] > at2[first] + 0.05 and broken[first] > 0.1
+    result = convert(cnn_files["model"], str(tmp_path / "t.onnx"), cnn_files["calib"],
+                     Options(avg_bits=3.0, bits=(2, 4, 8), allocator="msq-task", quiet=True))
+    assert result.report["avg_weight_bits"] <= 3.0 and result.report["options"]["allocator"] == "msq-task"
+
+
 def test_max_latency_is_a_second_bound_measured_on_this_machine(cnn_files, tmp_path):
     result = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"],
                      Options(avg_bits=4, bits=(2, 4, 8), prefer="size", max_latency=50.0, quiet=True))
