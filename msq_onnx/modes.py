@@ -35,6 +35,10 @@ TOLERANCE = 1e-2
 END_TO_END_TOLERANCE = 1e-2
 MAX_DEMOTION_ROUNDS = 8
 DEFAULT_SAMPLES = 32
+# Fewer samples do when every layer has seen this many input rows: a token sequence gives a transformer's
+# layers dozens of rows a sample; a classifier head gets one, and keeps the 32 samples.
+ENOUGH_ROWS = 1024
+MIN_SAMPLES = 8
 BLOCK_ACTIVATION = 32  # the block ORT's DQ -> MatMul to MatMulNBits fusion uses
 
 
@@ -214,8 +218,11 @@ def _session(model):
 
 
 def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_size: int = 1,
-            quiet: bool = False) -> Measurement:
-    """Each layer's error in each mode, alone, over the first `count` samples."""
+            quiet: bool = False, rows: dict | None = None) -> Measurement:
+    """Each layer's error in each mode, alone, over the first `count` samples, or the first MIN_SAMPLES or
+    more once every layer has seen ENOUGH_ROWS input rows (`rows`: layer -> rows per sample)."""
+    fewest = min((rows or {}).get(layer.name, 1) for layer in loaded.layers) if loaded.layers else 1
+    count = min(count, max(MIN_SAMPLES, -(-ENOUGH_ROWS // max(fewest, 1))))
     model, outputs = build_measurement(loaded, ranges)
     session = _session(model)
     wanted = sorted({name for table in outputs.values() for pair in table.values() for name in pair})

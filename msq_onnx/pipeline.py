@@ -172,7 +172,7 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         gains = layer_importance({name: s.soft for name, s in scores.items()}, input_score.soft, upstream)
     with timer.stage("activation-modes"):
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
-                                         quiet=options.quiet)
+                                         quiet=options.quiet, rows=stats.rows)
         costs = {layer.name: mode_costs(layer, stats.rows.get(layer.name)) for layer in loaded.layers}
         modes, mode_log = mode_stage.choose(loaded, measurement, stats.ranges, costs, options.mode_tolerance,
                                             None if options.activations == "auto" else options.activations)

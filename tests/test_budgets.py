@@ -173,3 +173,21 @@ def test_a_held_out_split_of_images_decodes_only_its_own_images(tmp_path, monkey
     _, inner = split_holdout(calib, 0.5)  # calib holds 0 1 2 3 5 6 7 8; every 2nd of it: 1 3 6 8
     assert np.array_equal(np.concatenate([b["x"] for b in inner.batches(2)]), whole[[1, 3, 6, 8]])
     assert [os.path.basename(p) for p in decoded] == ["1.png", "3.png", "6.png", "8.png"]
+
+
+def test_activation_modes_are_measured_on_fewer_samples_only_when_every_layer_has_rows_enough(cnn_files):
+    """A sequence model's layers see dozens of rows a sample: 12 samples give each 1,024; a layer with one
+    row a sample (a classifier head) keeps the 32 samples."""
+    from msq_onnx import modes
+    from msq_onnx.instrument import run_pass
+
+    loaded = load_model(cnn_files["model"])
+    calib = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    ranges = run_pass(loaded, calib, (1, 2), 64, quiet=True).ranges
+    many = {layer.name: 90 for layer in loaded.layers}
+    measured = modes.measure(loaded, calib, ranges, quiet=True, rows=many)
+    assert sum(real for _, real in measured.feeds) == 12
+    one_row_head = dict(many, **{loaded.layers[-1].name: 1})
+    assert sum(real for _, real in modes.measure(loaded, calib, ranges, quiet=True, rows=one_row_head).feeds) == 32
+    assert sum(real for _, real in modes.measure(loaded, calib, ranges, quiet=True).feeds) == 32
+    assert set(measured.errors) == {layer.name for layer in loaded.layers}
