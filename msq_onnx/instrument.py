@@ -4,9 +4,10 @@ The model is copied with (a) ReduceMin/ReduceMax on every float activation
 whose range a quantizer would read (ORT's MinMax calibrator reduces every one;
 a tensor that only feeds a Relu/Clip takes the activation's range), so ranges
 come out as scalars; (b) per-channel mean and mean square of every layer's
-input, for output-aware weight errors and bias correction; (c) every layer's probe tensor pyramid-pooled in the graph when
-its map has a fixed size, else exposed and pooled in numpy right away. Each
-batch is reduced to mergeable statistics and dropped."""
+input, for output-aware weight errors and bias correction; (c) every layer's
+probe tensor pyramid-pooled in the graph when its map has a fixed size, else
+exposed and pooled in numpy right away. Each batch is reduced to mergeable
+statistics and dropped."""
 
 from __future__ import annotations
 
@@ -95,9 +96,14 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
             exposed.add(name)
 
     sources = range_sources(model)
-    for index, tensor in enumerate(_float_tensors(model)):
-        if sources.get(tensor, tensor) != tensor:
-            outputs["borrowed"][tensor] = sources[tensor]
+    float_tensors = _float_tensors(model)
+    measured = set(float_tensors)
+    for index, tensor in enumerate(float_tensors):
+        source = tensor
+        while sources.get(source, source) != source:  # Conv -> Relu -> Clip: the last activation's range
+            source = sources[source]
+        if source != tensor and source in measured:
+            outputs["borrowed"][tensor] = source
             continue  # its range is its activation's (a fetched map also stops ORT fusing Conv with Relu/Clip)
         lo, hi = f"msq_min_{index}", f"msq_max_{index}"
         graph.node.append(helper.make_node("ReduceMin", [tensor], [lo], keepdims=0, name=lo))
@@ -381,10 +387,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             del result
             seen += count
             bar.update(count)
-    for tensor in outputs["borrowed"]:
-        source = tensor
-        while source in outputs["borrowed"]:  # Conv -> Relu -> Clip: the last activation's range
-            source = outputs["borrowed"][source]
+    for tensor, source in outputs["borrowed"].items():
         ranges[tensor] = ranges[source]
     return PassStatistics(
         ranges=ranges,

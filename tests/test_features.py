@@ -154,3 +154,31 @@ def test_a_tensor_feeding_only_a_relu_or_clip_takes_the_activations_range_unmeas
                      quiet=True)
     assert stats.ranges["c1"] == stats.ranges["r1"] and stats.ranges["c2"] == stats.ranges["r2"]
     assert stats.ranges["r2"][1] <= 6.0 and stats.ranges["c3"][0] < 0.0 <= stats.ranges["r3"][0]
+
+
+def test_a_chain_of_activations_lends_the_last_ones_range_to_every_tensor_before_it(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.instrument import build_instrumented, run_pass
+    from msq_onnx.load import load_model
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("Clip", ["r", "lo", "hi"], ["y"])], "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [numpy_helper.from_array(rng.normal(size=(4, 2, 1, 1)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(0.5), "hi")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "x.npz", x=rng.normal(size=(5, 2, 6, 6)).astype(np.float32))
+    _, outputs = build_instrumented(loaded)
+    assert outputs["borrowed"] == {"c": "y", "r": "y"}
+    stats = run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2), 64,
+                     quiet=True)
+    assert stats.ranges["c"] == stats.ranges["r"] == stats.ranges["y"] and stats.ranges["y"][1] <= 0.5
