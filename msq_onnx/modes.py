@@ -211,7 +211,9 @@ class Measurement:
 
 def _session(model):
     try:
-        return make_session(model, optimize=False)
+        # No arena: the stage's peak fell by 17 MB on EfficientNet-Lite0, at no cost in time (measure and the
+        # first end-to-end check: 2.37 / 2.28 s with it, 1.97 / 2.08 s without).
+        return make_session(model, optimize=False, arena=False)
     except Exception as exc:
         raise BadModel(f"ONNX Runtime cannot run the activation-mode measurement ({one_line(exc)}); "
                        "re-export the model with standard ONNX ops.") from None
