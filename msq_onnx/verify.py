@@ -53,13 +53,15 @@ def smoke_check(path: str, loaded, samples, batch_size: int) -> None:
             raise RuntimeError("the quantized model produced NaN or Inf on calibration data")
 
 
-def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict) -> tuple[str | None, str]:
+def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict,
+                   per_channel: bool = False) -> tuple[str | None, str]:
     """ONNX Runtime's own uniform int8 model, the latency yardstick a user would build: quantize_static (our
     ranges as its calibration cache) for a model we run mostly static, quantize_dynamic otherwise.
 
-    Only its speed is measured, so its weights are quantized per tensor: the same kernels run (batch-1
+    When only its speed is measured its weights are quantized per tensor: the same kernels run (batch-1
     latency per tensor / per channel: EfficientNet-Lite0 4.42 / 4.47 ms, MiniLM-L6 4.45 / 4.55 ms) and
-    ORT's quantizer writes it 10x (static) and 3x (dynamic) faster: its per-channel loop is Python."""
+    ORT's quantizer writes it 10x (static) and 3x (dynamic) faster: its per-channel loop is Python. Its bytes
+    or accuracy as a user's file need per_channel=True."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from .write import _quiet_ort_logging, write_calibration_cache
@@ -72,10 +74,11 @@ def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict) ->
                 cache = os.path.join(work_dir, "reference-ranges.json")
                 write_calibration_cache(ranges, cache)
                 quantize_static(fp32_path, path, calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-                                per_channel=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                per_channel=per_channel, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache)
             else:
-                quantize_dynamic(fp32_path, path, per_channel=False, weight_type=QuantType.QInt8)
+                quantize_dynamic(fp32_path, path, per_channel=per_channel, weight_type=QuantType.QInt8)
         return path, kind
     except Exception:  # the yardstick is optional: ORT's quantizer refuses some models that we convert
         return None, kind
