@@ -23,7 +23,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadData, BadModel, one_line
-from .features import FeatureBank, embed, flat_pooling_matrix, token_features
+from .features import FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices, token_features
 from .load import Layer, LoadedModel, is_large, save_model_file
 from .ops import range_sources
 
@@ -42,6 +42,7 @@ class PassStatistics:
     samples: int = 0
     rows: dict = None  # layer -> median rows per sample its weight multiplies (tokens for a sequence)
     hessians: dict = None  # layer -> InputHessians, when asked for
+    tokens: float | None = None  # mean real (unmasked) tokens per sample, for a model with an attention mask
 
 
 def _float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -87,7 +88,8 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     model = onnx.ModelProto()
     model.CopyFrom(loaded.model)
     graph = model.graph
-    outputs = {"range": {}, "borrowed": {}, "moments": {}, "probe": {}, "pyramid": {}, "hessian": {}, "rows": {}}
+    outputs = {"range": {}, "borrowed": {}, "moments": {}, "probe": {}, "pyramid": {}, "grid": {}, "hessian": {},
+               "rows": {}}
     exposed = {o.name for o in graph.output}
 
     def add_output(name: str, elem=TensorProto.FLOAT):
@@ -115,7 +117,8 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     shapes = _static_shapes(model)
     for index, layer in enumerate(loaded.layers):
         shape = shapes.get(layer.probe_name)
-        if levels and not layer.kind.channels_last and shape is not None and len(shape) == 4 and all(shape[2:]):
+        fixed_map = levels and not layer.kind.channels_last and shape is not None and len(shape) == 4 and all(shape[2:])
+        if fixed_map and shape[2] * shape[3] * sum(b * b for b in levels) <= FLAT_POOLING_MAX:
             # A map is pooled where it is made, in one product: [N, C, H*W] @ [H*W, sum(b*b)] gives every bin of
             # every level. ORT returns C x sum(b*b) values instead of the whole map (EfficientNet-Lite0: the
             # pooling took 2.8 s of numpy on copied maps; as two small products per channel, 15% of the pass).
@@ -128,6 +131,18 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
                                helper.make_node("MatMul", [flat, matrix], [pooled], name=pooled)])
             add_output(pooled)
             outputs["pyramid"][layer.name] = pooled
+        elif fixed_map:
+            # A large map: the one product's matrix would grow with H*W (88 MB for 1024 x 1024), the rows and
+            # the columns are pooled apart instead, rows @ map @ cols: every pair of levels, [N, C, L, L].
+            rows, cols = pooling_matrices(shape[2], shape[3], levels)
+            rows_name, cols_name, half, grid = (f"msq_pool_rows_{index}", f"msq_pool_cols_{index}",
+                                                f"msq_pool_half_{index}", f"msq_grid_{index}")
+            graph.initializer.extend([numpy_helper.from_array(rows, rows_name),
+                                      numpy_helper.from_array(np.ascontiguousarray(cols), cols_name)])
+            graph.node.extend([helper.make_node("MatMul", [layer.probe_name, cols_name], [half], name=half),
+                               helper.make_node("MatMul", [rows_name, half], [grid], name=grid)])
+            add_output(grid)
+            outputs["grid"][layer.name] = grid
         else:
             add_output(layer.probe_name)
             outputs["probe"][layer.name] = layer.probe_name
@@ -312,7 +327,11 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     (MiniLM-L6's four-times-wider FFN inputs never did, and were 84% of the products' work). The moments
     stay in every run: a session without them cost more time (its build) and memory (EfficientNet-Lite0:
     +50 MB) than their products and reductions (a fifth of a run)."""
-    hessian_from = _hessian_start(samples.count, _batch_of(loaded, batch_size)) if hessians else samples.count
+    size = _batch_of(loaded, batch_size)
+    # A model's fixed batch pads the last one with copies of its last sample: they stay out of the Hessians.
+    fixed_batch = any(spec.batch_fixed for spec in loaded.inputs)
+    whole = samples.count - (samples.count % size if fixed_batch else 0)
+    hessian_from = _hessian_start(whole, size) if hessians else samples.count
     model, outputs = build_instrumented(loaded, hessians and hessian_from == 0, levels)
     mask_input = attention_mask_input(loaded)
     # The Hessian products' K x K outputs would stay in ORT's arena (MiniLM-L6's pass peak: 897 MB with the
@@ -330,17 +349,20 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     sq_sum: dict = {}
     final_outputs = []
     rows: dict = {}
-    seen = 0
+    tokens = []  # real tokens per sample, when an attention mask tells them from padding
+    seen, switched = 0, hessian_from == 0
     with progress(samples.count, "calibration pass", quiet) as bar:
         for feed, count in padded_batches(samples, loaded, batch_size):
-            worth = _worth_gathering(loaded, rows, samples.count - seen) if seen == hessian_from > 0 else None
+            # The batch that holds hessian_from: batches of differently shaped samples need not start on it
+            worth = None if switched or seen + count <= hessian_from else _worth_gathering(loaded, rows, whole - seen)
+            switched = switched or worth is not None
             if worth:
                 session = None  # released first: two sessions of one model would double the peak memory
                 model, outputs = build_instrumented(loaded, True, levels, worth)
                 session = _pass_session(model, arena=not outputs["hessian"])
                 del model
                 gram = HessianSums(outputs["hessian"])
-            gathered = gram.outputs()
+            gathered = gram.outputs() if count == len(next(iter(feed.values()))) or not fixed_batch else []
             fetched = lean + gathered
             position = {name: i for i, name in enumerate(fetched)}
             try:
@@ -348,6 +370,8 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             except Exception as exc:
                 raise BadData(f"the model cannot run on the calibration data ({one_line(exc)}); check the data's "
                               "shape, dtype and preprocessing against the model's input.") from None
+            if mask_input:
+                tokens.extend(np.asarray(feed[mask_input][:count]).reshape(count, -1).sum(axis=1).tolist())
             final = result[position[loaded.output_name]]
             if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final[:count]).all():
                 raise BadData("the FP32 model produces NaN or Inf on the calibration data; check the samples' "
@@ -358,7 +382,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                     low, high = min(low, ranges[tensor][0]), max(high, ranges[tensor][1])
                 ranges[tensor] = (low, high)
             for layer in loaded.layers:
-                if layer.name in outputs["pyramid"]:
+                if layer.name in outputs["pyramid"] or layer.name in outputs["grid"]:
                     rows.setdefault(layer.name, []).append(1)  # a map: one row per sample, as for any Conv
                 else:
                     probe_shape = result[position[outputs["probe"][layer.name]]].shape
@@ -379,6 +403,10 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 for layer in loaded.layers:
                     if layer.name in outputs["pyramid"]:
                         bank.add_pyramid(layer.name, result[position[outputs["pyramid"][layer.name]]][pick])
+                        continue
+                    if layer.name in outputs["grid"]:
+                        grid = result[position[outputs["grid"][layer.name]]][pick]
+                        bank.add_pyramid(layer.name, grid_pyramid(grid, levels))
                         continue
                     probe = result[position[outputs["probe"][layer.name]]]
                     bank.add(layer.name, probe[pick], layer.kind.channels_last, mask)
@@ -404,9 +432,11 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
         samples=seen,
         rows={name: int(np.median(counts)) for name, counts in rows.items()},
         hessians=gram.by_layer(outputs["rows"]),
+        tokens=float(np.mean(tokens)) if tokens else None,
     )
 
 
+FLAT_POOLING_MAX = 1 << 21  # entries of a one-product pooling matrix (8 MB); larger maps pool rows and columns apart
 HESSIAN_SAMPLES = 128  # split by parity: one half rounds (GPTQ), the other half judges the rounding
 MAX_HESSIAN_FAN_IN = 4096  # a K x K matrix per distinct input: 64 MB at this size
 MIN_ROWS_PER_INPUT = 4  # rows (tokens) per input feature in the fitting half, or GPTQ would overfit

@@ -224,7 +224,7 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
     """Each layer's error in each mode, alone, over the first `count` samples, or the first MIN_SAMPLES or
     more once every layer has seen ENOUGH_ROWS input rows (`rows`: layer -> rows per sample)."""
     fewest = min((rows or {}).get(layer.name, 1) for layer in loaded.layers) if loaded.layers else 1
-    count = min(count, max(MIN_SAMPLES, -(-ENOUGH_ROWS // max(fewest, 1))))
+    count = min(count, max(MIN_SAMPLES, int(np.ceil(ENOUGH_ROWS / max(fewest, 1)))))
     model, outputs = build_measurement(loaded, ranges)
     session = _session(model)
     wanted = sorted({name for table in outputs.values() for pair in table.values() for name in pair})

@@ -42,7 +42,8 @@ def range_sources(model: onnx.ModelProto) -> dict:
     for node in model.graph.node:
         for name in node.output:
             following = users.get(name, [])
-            absorbed = len(following) == 1 and following[0].op_type in _ABSORBED and name not in graph_outputs
+            absorbed = (len(following) == 1 and following[0].op_type in _ABSORBED and following[0].input[0] == name
+                        and name not in graph_outputs)  # its data input, not a Clip's min or max
             result[name] = following[0].output[0] if absorbed else name
     return result
 

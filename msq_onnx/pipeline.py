@@ -156,7 +156,9 @@ class Analysis:
     mode_log: list  # end-to-end error of the task output after each round of mode choices
 
 
-def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
+def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None) -> Analysis:
+    """The MSQ measurements. before_tables(stats, modes) runs between the activation modes and the error
+    tables, when the process holds the least: the error tables' GPTQ roundings stay until the writing."""
     # Without a budget every layer keeps the widest width, which rounds to nearest: no Hessians then.
     narrowed = (options.avg_bits is not None and options.avg_bits < max(options.bits)) or any(
         v is not None for v in (options.max_size, options.max_drop, options.min_cosine))
@@ -171,11 +173,15 @@ def analyse(loaded, calib, options: Options, timer: _Timer) -> Analysis:
         upstream = upstream_layers(loaded.model, loaded.layers)
         gains = layer_importance({name: s.soft for name, s in scores.items()}, input_score.soft, upstream)
     with timer.stage("activation-modes"):
+        # Rows that are padding do not count towards the samples the modes need: real tokens only.
+        real_rows = {name: min(r, stats.tokens) if stats.tokens else r for name, r in stats.rows.items()}
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
-                                         quiet=options.quiet, rows=stats.rows)
+                                         quiet=options.quiet, rows=real_rows)
         costs = {layer.name: mode_costs(layer, stats.rows.get(layer.name)) for layer in loaded.layers}
         modes, mode_log = mode_stage.choose(loaded, measurement, stats.ranges, costs, options.mode_tolerance,
                                             None if options.activations == "auto" else options.activations)
+    if before_tables is not None:
+        before_tables(stats, modes)
     # After the modes: the threads' heaps keep some of what they freed, and the modes' simulation sessions
     # set the peak (EfficientNet-Lite0: 331 MB with the tables before them, 301 MB after).
     with timer.stage("weight-errors"):
@@ -347,7 +353,18 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                             f"float ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}) count at 32 bits, "
                             f"so the lowest reachable average is {lowest:.2f}; raise --avg-bits.")
         budgets.append(allocate_stage.bits_budget(params, widths, options.avg_bits, fixed))
-    analysis = analyse(loaded, calib, options, timer)
+    # ORT's quantizer holds about 400 MB of model copies while it writes its int8 yardstick: built before the
+    # error tables and any candidate exist, its peak sits on the least (MiniLM-L6: 701 -> 656 MB).
+    reference_dir = tempfile.TemporaryDirectory(prefix="msq-reference-")
+    yardstick = []
+
+    def build_yardstick(stats, modes):
+        with timer.stage("latency"):
+            fp32 = os.path.join(reference_dir.name, "fp32.onnx")
+            save_model_file(loaded.model, fp32)
+            yardstick.append(_yardstick(modes, stats.ranges, fp32, reference_dir.name))
+
+    analysis = analyse(loaded, calib, options, timer, build_yardstick)
     with timer.stage("allocate"):
         damage = _damage(loaded, calib, analysis, options)
         activation_errors = allocate_stage.activation_errors(loaded.layers, analysis.stats.ranges,
@@ -355,10 +372,6 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16)
     with tempfile.TemporaryDirectory(prefix="msq-") as work_dir:
         held_out = _HeldOut(loaded, evaluation, options, work_dir)
-        with timer.stage("latency"):
-            # ORT's quantizer holds several copies of the model while it writes the yardstick: done before any
-            # candidate exists, its peak sits on less (MiniLM-L6: 701 -> 674 MB).
-            yardstick = _yardstick(analysis, work_dir)
         if options.max_latency is not None:
             with timer.stage("latency"):
                 budgets.append(latency_budget(loaded, analysis, options, widths, evaluation, work_dir))
@@ -393,9 +406,10 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             if evaluation is calib:
                 smoke_check(chosen.path, loaded, calib, options.batch_size)
         with timer.stage("latency"):
-            latency = measure_latency(loaded, chosen, evaluation, yardstick, work_dir)
+            latency = measure_latency(loaded, chosen, evaluation, yardstick[0], work_dir)
         with timer.stage("write"):
             publish(chosen.path, output_path)
+    reference_dir.cleanup()
     from .report import build_report
 
     warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib, budgets, latency)
@@ -472,15 +486,15 @@ def written_bytes(path: str) -> int:
     return os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, name)) for name in locations)
 
 
-def _yardstick(analysis: Analysis, work_dir: str) -> tuple[str | None, str]:
-    """ORT's own uniform int8 model of the FP32 model in work_dir: quantize_static with our ranges when most
-    layers measured static, quantize_dynamic otherwise."""
+def _yardstick(modes: dict, ranges: dict, fp32_path: str, work_dir: str) -> tuple[str | None, str]:
+    """ORT's own uniform int8 model of the FP32 model: quantize_static with our ranges when most layers
+    measured static (`modes`: layer -> ModeChoice), quantize_dynamic otherwise."""
     from .verify import reference_int8
 
-    modes = [choice.mode for choice in analysis.modes.values()]
-    static = sum(1 for m in modes if m == "static") * 2 >= len(modes)
-    _return_freed_memory()  # what the held-out FP32 run left: ORT's quantizer starts from the lowest base
-    reference = reference_int8(os.path.join(work_dir, "fp32.onnx"), work_dir, static, analysis.stats.ranges)
+    measured = [choice.mode for choice in modes.values()]
+    static = sum(1 for m in measured if m == "static") * 2 >= len(measured)
+    _return_freed_memory()  # the modes' sessions: ORT's quantizer starts from the lowest base
+    reference = reference_int8(fp32_path, work_dir, static, ranges)
     _return_freed_memory()
     return reference
 

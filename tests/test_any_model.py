@@ -792,3 +792,26 @@ def test_narrow_matmul_weights_get_one_scale_per_block_as_matmulnbits_stores_the
     assert np.abs(integers).max() <= 7
     layer = next(entry for entry in result.report["layers"] if entry["bits"] == 4 and entry["params"] == 128 * 16)
     assert layer["bytes"] == 128 * 16 // 2 + 4 * 16 * 2  # int4 values and one float scale per block
+
+
+def test_pass_counts_real_tokens_and_modes_need_fewer_samples_only_for_real_rows(tmp_path):
+    """Padding is not a row: the pass records the real tokens per sample (from the attention mask), which the
+    mode measurement's sample count reads instead of the padded length."""
+    from msq_onnx import modes
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.instrument import run_pass
+    from msq_onnx.load import load_model
+
+    model_path = save(encoder(), tmp_path / "encoder.onnx")
+    loaded = load_model(model_path)
+    rng = np.random.default_rng(3)
+    feed = padded_batch(rng, [4, 6, 5, 7] * 5, 64)  # 20 samples of 4-7 real tokens padded to 64
+    np.savez(tmp_path / "x.npz", **feed)
+    samples = open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess())
+    stats = run_pass(loaded, samples, (1, 2), 64, quiet=True)
+    assert stats.tokens == pytest.approx(5.5)
+    assert max(stats.rows.values()) == 64  # the padded length a run computes
+    real = {name: min(r, stats.tokens) for name, r in stats.rows.items()}
+    # 64 rows a sample would need 16 samples; 5.5 real rows need all 20 there are
+    assert sum(n for _, n in modes.measure(loaded, samples, stats.ranges, quiet=True, rows=real).feeds) == 20
+    assert sum(n for _, n in modes.measure(loaded, samples, stats.ranges, quiet=True, rows=stats.rows).feeds) == 16

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from msq_onnx.features import FeatureBank, _bin_edges, cap_dimension, embed, pyramid_pool
 
@@ -99,9 +100,15 @@ def test_sequence_pyramid_pools_real_tokens_only():
     np.testing.assert_allclose(channels_first, pooled, atol=1e-5)
 
 
-def test_maps_of_a_fixed_size_are_pooled_in_the_graph_exactly_as_numpy_pools_them(tmp_path):
-    """The calibration pass returns C x L x L bin averages for fixed-size maps instead of the maps; the
-    embeddings equal numpy's pyramid pooling of the maps themselves."""
+@pytest.mark.parametrize("one_product", [True, False])
+def test_maps_of_a_fixed_size_are_pooled_in_the_graph_exactly_as_numpy_pools_them(tmp_path, monkeypatch, one_product):
+    """The calibration pass returns the bin averages of fixed-size maps instead of the maps (in one product,
+    or rows and columns apart for a map too large for one); the embeddings equal numpy's pyramid pooling of
+    the maps themselves."""
+    from msq_onnx import instrument
+
+    if not one_product:
+        monkeypatch.setattr(instrument, "FLAT_POOLING_MAX", 0)
     import onnx
     import onnxruntime as ort
 
@@ -118,7 +125,7 @@ def test_maps_of_a_fixed_size_are_pooled_in_the_graph_exactly_as_numpy_pools_the
     np.savez(tmp_path / "x.npz", x=x)
     _, outputs = build_instrumented(loaded, levels=(1, 2, 4))
     convs = [layer for layer in loaded.layers if layer.op_type == "Conv"]
-    assert all(layer.name in outputs["pyramid"] for layer in convs) and convs
+    assert all(layer.name in outputs["pyramid" if one_product else "grid"] for layer in convs) and convs
     stats = run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2, 4), 4096,
                      quiet=True)
     probe = onnx.ModelProto()
@@ -182,3 +189,19 @@ def test_a_chain_of_activations_lends_the_last_ones_range_to_every_tensor_before
     stats = run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2), 64,
                      quiet=True)
     assert stats.ranges["c"] == stats.ranges["r"] == stats.ranges["y"] and stats.ranges["y"][1] <= 0.5
+
+
+def test_only_a_clips_data_input_borrows_its_range_not_its_bounds():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from msq_onnx.ops import range_sources
+
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["hi"], value=numpy_helper.from_array(np.float32(6.0))),
+         helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Clip", ["c", "", "hi"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")])
+    sources = range_sources(onnx.helper.make_model(graph))
+    assert sources["c"] == "y" and sources["hi"] == "hi"

@@ -233,3 +233,68 @@ def test_a_model_with_no_input_that_can_fit_gptq_keeps_one_calibration_session(m
     stats = instrument.run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2),
                                 64, quiet=True, hessians=True)
     assert len(built) == 1 and stats.hessians == {} and stats.samples == 100
+
+
+def _sequence_model(tmp_path, batch="N"):
+    """x [batch, T, 4] -> MatMul 4x8 ("narrow") -> Relu -> MatMul 8x3."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="narrow"), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="head")], "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, "T", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, "T", 3])],
+        [numpy_helper.from_array(rng.normal(size=(4, 8)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.normal(size=(8, 3)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    return str(tmp_path / "m.onnx")
+
+
+def test_hessians_start_even_when_no_batch_begins_at_the_first_hessian_sample(monkeypatch, tmp_path):
+    """Samples of different shapes regroup into batches that need not start on the computed first sample
+    (here 12, with batches starting at 0, 5, 10, 15): the Hessians start with the batch that holds it
+    (they were never gathered), so both halves get a batch: 10-14 fits, 15-19 checks."""
+    from msq_onnx import instrument
+    from msq_onnx.data import SampleSet
+    from msq_onnx.load import load_model
+
+    loaded = load_model(_sequence_model(tmp_path))
+    x = np.random.default_rng(1).normal(size=(20, 6, 4)).astype(np.float32)
+
+    class Fives(SampleSet):
+        def batches(self, batch_size):
+            for start in range(0, 20, 5):
+                yield {"x": x[start:start + 5]}
+
+    monkeypatch.setattr(instrument, "HESSIAN_SAMPLES", 8)
+    monkeypatch.setattr(instrument, "MIN_ROWS_PER_INPUT", 1)
+    stats = instrument.run_pass(loaded, Fives(20, None, "fives"), (1, 2), 64, batch_size=4, quiet=True,
+                                hessians=True)
+    narrow = next(layer.name for layer in loaded.layers if layer.nodes[0] == "narrow")
+    assert instrument._hessian_start(20, 4) == 12
+    fit, check = x[10:15].reshape(-1, 4), x[15:20].reshape(-1, 4)
+    np.testing.assert_allclose(stats.hessians[narrow].fit, fit.T @ fit, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats.hessians[narrow].check, check.T @ check, rtol=1e-4, atol=1e-4)
+
+
+def test_the_padded_last_batch_of_a_fixed_batch_model_stays_out_of_the_hessians(monkeypatch, tmp_path):
+    """A fixed batch of 4 over 10 samples pads the third batch with copies of sample 9: the Hessians use the
+    two whole batches, samples 0-3 to fit and 4-7 to check."""
+    from msq_onnx import instrument
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.load import load_model
+
+    loaded = load_model(_sequence_model(tmp_path, batch=4))
+    x = np.random.default_rng(2).normal(size=(10, 6, 4)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    monkeypatch.setattr(instrument, "HESSIAN_SAMPLES", 8)
+    monkeypatch.setattr(instrument, "MIN_ROWS_PER_INPUT", 1)
+    stats = instrument.run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()),
+                                (1, 2), 64, quiet=True, hessians=True)
+    narrow = next(layer.name for layer in loaded.layers if layer.nodes[0] == "narrow")
+    fit, check = x[0:4].reshape(-1, 4), x[4:8].reshape(-1, 4)
+    np.testing.assert_allclose(stats.hessians[narrow].fit, fit.T @ fit, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats.hessians[narrow].check, check.T @ check, rtol=1e-4, atol=1e-4)
