@@ -258,7 +258,7 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = Tr
 
 def padded_batches(samples, loaded: LoadedModel, batch_size: int):
     """Yield (feed, real_count) at the model's batch size: its own if fixed (the last batch padded), else ours."""
-    fixed = [spec.shape[0] for spec in loaded.inputs if spec.batch_fixed]
+    fixed = any(spec.batch_fixed for spec in loaded.inputs)
     size = _batch_of(loaded, batch_size)
     for feed in samples.batches(size):
         count = len(next(iter(feed.values())))
@@ -362,7 +362,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 session = _pass_session(model, arena=not outputs["hessian"])
                 del model
                 gram = HessianSums(outputs["hessian"])
-            gathered = gram.outputs() if count == len(next(iter(feed.values()))) or not fixed_batch else []
+            gathered = gram.outputs() if count == len(next(iter(feed.values()))) else []  # padding stays out
             fetched = lean + gathered
             position = {name: i for i, name in enumerate(fetched)}
             try:

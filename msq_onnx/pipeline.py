@@ -230,8 +230,7 @@ class _HeldOut:
 
     def __init__(self, loaded, samples, options: Options, work_dir: str):
         self.loaded, self.samples, self.options = loaded, samples, options
-        fp32_model = os.path.join(work_dir, "fp32.onnx")
-        save_model_file(loaded.model, fp32_model)
+        fp32_model = os.path.join(work_dir, "fp32.onnx")  # written before the error tables (build_yardstick)
         self.reference = fidelity.Reference(fp32_model, loaded, samples, options.batch_size, options.quiet)
 
     def measure(self, path: str) -> dict:
@@ -355,14 +354,14 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         budgets.append(allocate_stage.bits_budget(params, widths, options.avg_bits, fixed))
     # ORT's quantizer holds about 400 MB of model copies while it writes its int8 yardstick: built before the
     # error tables and any candidate exist, its peak sits on the least (MiniLM-L6: 701 -> 656 MB).
-    reference_dir = tempfile.TemporaryDirectory(prefix="msq-reference-")
+    workspace = tempfile.TemporaryDirectory(prefix="msq-")
     yardstick = []
 
     def build_yardstick(stats, modes):
         with timer.stage("latency"):
-            fp32 = os.path.join(reference_dir.name, "fp32.onnx")
+            fp32 = os.path.join(workspace.name, "fp32.onnx")  # also the held-out reference and the latency's
             save_model_file(loaded.model, fp32)
-            yardstick.append(_yardstick(modes, stats.ranges, fp32, reference_dir.name))
+            yardstick.append(_yardstick(modes, stats.ranges, fp32, workspace.name))
 
     analysis = analyse(loaded, calib, options, timer, build_yardstick)
     with timer.stage("allocate"):
@@ -370,7 +369,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         activation_errors = allocate_stage.activation_errors(loaded.layers, analysis.stats.ranges,
                                                              analysis.stats.input_sq)
         wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16)
-    with tempfile.TemporaryDirectory(prefix="msq-") as work_dir:
+    with workspace as work_dir:
         held_out = _HeldOut(loaded, evaluation, options, work_dir)
         if options.max_latency is not None:
             with timer.stage("latency"):
@@ -409,7 +408,6 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             latency = measure_latency(loaded, chosen, evaluation, yardstick[0], work_dir)
         with timer.stage("write"):
             publish(chosen.path, output_path)
-    reference_dir.cleanup()
     from .report import build_report
 
     warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib, budgets, latency)

@@ -97,7 +97,6 @@ def monotone(damage: dict) -> dict:
     return result
 
 
-
 def _predictor(reference: np.ndarray, labels: np.ndarray):
     """The task predictor MSQ imprints on the FP32 output: cosine to centered class means. Returns a scorer
     of output embeddings against the classes their FP32 twins are predicted as: its soft score (mean
