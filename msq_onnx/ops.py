@@ -119,8 +119,8 @@ class OpKind:
     def data_index(self) -> int:
         return 1 - self.weight_index
 
-    def container(self, bits: int, mode: str, prefer: str) -> str:
-        """The narrowest container ONNX Runtime runs for this width, mode and objective.
+    def container(self, layer, bits: int, mode: str, prefer: str) -> str:
+        """The narrowest container ONNX Runtime runs for this layer, width, mode and objective.
 
         speed: int8 everywhere (the fused integer kernels take int8 and only use
         the k-bit levels); size: int4 where the runtime can run it.
@@ -226,12 +226,16 @@ class _Dense(OpKind):
     """MatMul and Gemm: int4 and int2 weights only run as weight-only DQ -> MatMul (MatMulNBits), with one
     scale per block of DENSE_BLOCK inputs of each output channel, as MatMulNBits stores them."""
 
-    def container(self, bits, mode, prefer):
-        chosen = super().container(bits, mode, prefer)
-        return INT2 if chosen == INT4 and bits <= 2 else chosen
+    def container(self, layer, bits, mode, prefer):
+        chosen = super().container(layer, bits, mode, prefer)
+        # ORT 1.31 fuses an int2 DequantizeLinear -> MatMul into a MatMulNBits that computes garbage unless the
+        # output columns come in fours (measured: N = 1, 2, 3, 5, 6, 7, 10 wrong; 4, 8, 12, 16, 20 right): the
+        # 2-bit levels go in an int4 container there.
+        two_bit = bits <= 2 and layer.weight_shape[layer.out_axis] % 4 == 0
+        return INT2 if chosen == INT4 and two_bit else chosen
 
     def scale_block(self, layer, bits, prefer):
-        narrow = self.container(bits, STATIC, prefer) in (INT4, INT2)
+        narrow = self.container(layer, bits, STATIC, prefer) in (INT4, INT2)
         return DENSE_BLOCK if narrow and layer.fan_in % DENSE_BLOCK == 0 else 0
 
     def container_bytes(self, layer, container):
@@ -286,7 +290,7 @@ class _Gather(OpKind):
             raise Skip(f"embedding rows of {table.dims[1]} values: no block size of {GATHER_BLOCKS} divides them")
         return {"out_axis": 0, "transposed_weight": False, "bias_factor": None, "block": block}
 
-    def container(self, bits, mode, prefer):
+    def container(self, layer, bits, mode, prefer):
         if mode == FLOAT or bits >= FLOAT_BITS:
             return FLOAT_CONTAINER
         return INT4 if bits <= 4 else INT8

@@ -257,7 +257,7 @@ def size_budget(loaded, options: Options, widths) -> allocate_stage.Budget | Non
     rest = loaded.size_bytes - sum(4 * layer.params for layer in loaded.layers)  # what is not a layer's weight
 
     def costs(prefer: str) -> dict:
-        return {layer.name: {b: layer.kind.container_bytes(layer, layer.kind.container(b, STATIC, prefer))
+        return {layer.name: {b: layer.kind.container_bytes(layer, layer.kind.container(layer, b, STATIC, prefer))
                              for b in set(widths) | {FLOAT_BITS}} for layer in loaded.layers}
 
     def smallest(prefer: str) -> float:
@@ -291,7 +291,7 @@ def latency_budget(loaded, analysis: Analysis, options: Options, widths, samples
         costs[layer.name] = {}
         for bits in set(widths) | {FLOAT_BITS}:
             mode = FLOAT if bits == FLOAT_BITS else analysis.modes[layer.name].mode
-            container = layer.kind.container(bits, mode, options.prefer)
+            container = layer.kind.container(layer, bits, mode, options.prefer)
             costs[layer.name][bits] = width_seconds(layer, seconds[layer.name], layer.kind.mode_for(container, mode),
                                                     container)
     return allocate_stage.Budget(costs, options.max_latency * fp32 - rest, f"--max-latency {options.max_latency:g}")
@@ -302,7 +302,7 @@ def plan_layers(loaded, analysis: Analysis, bits: dict, prefer: str) -> tuple[di
     modes, containers = {}, {}
     for layer in loaded.layers:
         mode = FLOAT if bits[layer.name] == FLOAT_BITS else analysis.modes[layer.name].mode
-        containers[layer.name] = layer.kind.container(bits[layer.name], mode, prefer)
+        containers[layer.name] = layer.kind.container(layer, bits[layer.name], mode, prefer)
         modes[layer.name] = layer.kind.mode_for(containers[layer.name], mode)
     return modes, containers
 
