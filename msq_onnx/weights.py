@@ -1,4 +1,7 @@
-"""Per-channel symmetric k-bit weight quantization with searched clipping.
+"""Per-channel k-bit weight quantization with searched clipping.
+
+The grid is the k-bit two's-complement range below 8 bits (zero point 0, so every container and kernel
+takes it as it is) and -127..127 at 8.
 
 Each layer's weight is viewed as [out_channels, fan_in]. For every candidate
 width the clipping range of each output channel is chosen to minimise the
@@ -20,8 +23,19 @@ CLIP_RATIOS = np.array([1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0
 
 
 def levels(bits: int) -> int:
-    """Largest integer of the restricted symmetric k-bit grid: -(2^(k-1)-1)..(2^(k-1)-1)."""
+    """Largest integer of the k-bit grid, 2^(k-1)-1; the grid step is a row's clip over it."""
     return 2 ** (bits - 1) - 1
+
+
+FULL_RANGE_BELOW = 8  # widths whose grid also takes the two's-complement level -2^(k-1)
+
+
+def lowest(top):
+    """Magnitude of the grid's most negative integer for a largest integer `top` (a width's levels()):
+    below 8 bits the k-bit two's-complement range, -2^(k-1)..2^(k-1)-1, which every container holds
+    (int4 and MatMulNBits store -8..7, int2 -2..1): 2 bits get four levels instead of three. 8 bits keep
+    -127..127, where ORT's u8s8 kernels can saturate on -128."""
+    return np.where(np.asarray(top) < levels(FULL_RANGE_BELOW), np.asarray(top) + 1, np.asarray(top))
 
 
 def as_matrix(layer: Layer, weight: np.ndarray) -> np.ndarray:
@@ -59,7 +73,7 @@ def fake_quantize(matrix: np.ndarray, clip: np.ndarray, bits: int) -> tuple[np.n
     top = levels(bits)
     scale = (np.maximum(clip, 1e-12) / top).astype(np.float32)
     step = steps(scale, matrix.shape[1])
-    q = np.clip(np.rint(matrix / step), -top, top)
+    q = np.clip(np.rint(matrix / step), -lowest(top), top)
     return (q * step).astype(np.float32), scale
 
 
@@ -92,7 +106,7 @@ def search_clips(matrix: np.ndarray, weights: np.ndarray | None, bits: int, rati
         step = (np.maximum(peak * ratio, 1e-12) / top)[:, None]
         np.divide(matrix, step, out=work)
         np.rint(work, out=work)
-        np.clip(work, -top, top, out=work)
+        np.clip(work, -float(lowest(top)), top, out=work)
         np.multiply(work, step, out=work)
         np.subtract(work, matrix, out=work)
         np.square(work, out=work)
@@ -141,11 +155,11 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
     dead = np.diag(hessian) <= 0
     w[:, dead] = 0.0
     grid = np.broadcast_to(scale.astype(np.float32).reshape(len(w), -1), w.shape)  # [rows, fan_in]
-    limit = top.astype(np.float32)
+    limit, floor = top.astype(np.float32), -lowest(top).astype(np.float32)
     try:
         upper = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper Cholesky factor of H^-1
     except np.linalg.LinAlgError:
-        integers = np.clip(np.rint(w / grid), -limit[:, None], limit[:, None])
+        integers = np.clip(np.rint(w / grid), floor[:, None], limit[:, None])
         delta = w - integers * grid
         return integers.astype(np.int8), np.einsum("ij,jk,ik->i", delta, h, delta)
     column_steps = np.ascontiguousarray(grid.T)
@@ -159,7 +173,7 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
         factor = upper[start:stop, start:stop]
         for i in range(stop - start):
             step = column_steps[start + i]
-            q = np.clip(np.rint(block[i] / step), -limit, limit)
+            q = np.clip(np.rint(block[i] / step), floor, limit)
             integers[start + i] = q
             error = (block[i] - q * step) / factor[i, i]
             block[i:] -= np.outer(factor[i, i:], error)
@@ -200,7 +214,7 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
                              * np.ones((1, matrix.shape[1]), np.float32) for b in widths])  # [rows x widths, fan_in]
     tops = np.repeat([levels(b) for b in widths], rows)
     stacked = np.tile(matrix, (len(widths), 1))
-    nearest = np.clip(np.rint(stacked / scales), -tops[:, None], tops[:, None])
+    nearest = np.clip(np.rint(stacked / scales), -lowest(tops)[:, None], tops[:, None])
     rounded = np.repeat([b <= GPTQ_MAX_BITS for b in widths], rows)  # wider grids: nearest is enough
     gptq = nearest.copy()
     if rounded.any():

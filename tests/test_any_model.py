@@ -317,8 +317,8 @@ def test_shared_weight_is_one_layer_with_one_width(tmp_path, activations):
     assert len(integer) == 1, integer  # one quantized weight ...
     users = compute_users(written, integer[0])
     assert len(users) == 2, [(n.op_type, n.name) for n in users]  # ... read by both consumers
-    peak = int(np.abs(inits[integer[0]]).max())
-    assert peak <= 2 ** (shared["bits"] - 1) - 1  # on the layer's one grid
+    values = inits[integer[0]]
+    assert values.max() <= 2 ** (shared["bits"] - 1) - 1 and values.min() >= -2 ** (shared["bits"] - 1)  # one grid
     x = np.random.default_rng(2).normal(size=(6, 8)).astype(np.float32)
     assert cosine(run_model(path, {"x": x})[0], run_model(out, {"x": x})[0]) > 0.95
 
@@ -789,9 +789,47 @@ def test_narrow_matmul_weights_get_one_scale_per_block_as_matmulnbits_stores_the
     got = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         [node.output[0]], {"x": np.zeros((1, 2 * DENSE_BLOCK), np.float32)})[0]
     np.testing.assert_allclose(got, dequantized, rtol=1e-6)
-    assert np.abs(integers).max() <= 7
+    assert integers.max() <= 7 and integers.min() >= -8
     layer = next(entry for entry in result.report["layers"] if entry["bits"] == 4 and entry["params"] == 128 * 16)
     assert layer["bytes"] == 128 * 16 // 2 + 4 * 16 * 2  # int4 values and one float scale per block
+
+
+def test_two_bit_weights_take_four_levels_through_the_int2_container_and_the_fused_kernel(tmp_path):
+    """The 2-bit grid is -2..1 times the step (four levels, where a symmetric grid has three): the -2 level
+    survives int2 packing, ORT's DequantizeLinear reads it back, and the fused MatMulNBits computes what the
+    unfused graph does."""
+    from conftest import tiny_mlp
+    from msq_onnx.ops import DENSE_BLOCK
+    from msq_onnx.verify import optimized_op_counts
+
+    model = tiny_mlp(features=2 * DENSE_BLOCK)
+    path, out = str(tmp_path / "mlp.onnx"), str(tmp_path / "q.onnx")
+    onnx.save(model, path)
+    np.savez(tmp_path / "calib.npz", **samples_for(model, 64, seed=1))
+    convert(path, out, str(tmp_path / "calib.npz"), Options(bits=(2,), prefer="size", quiet=True))
+    written = onnx.load(out)
+    blocked = [n for n in written.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    assert len(blocked) == 1 and {t.name: t for t in written.graph.initializer}[
+        blocked[0].input[0]].data_type == TensorProto.INT2
+    probe = onnx.ModelProto()
+    probe.CopyFrom(written)
+    probe.graph.output.append(helper.make_tensor_value_info(blocked[0].output[0], TensorProto.FLOAT, None))
+    x = np.random.default_rng(5).normal(size=(8, 2 * DENSE_BLOCK)).astype(np.float32)
+    dequantized = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [blocked[0].output[0]], {"x": x[:1]})[0]  # [K, N]
+    scale = numpy_helper.to_array({t.name: t for t in written.graph.initializer}[blocked[0].input[1]])
+    integers = dequantized / np.repeat(scale, DENSE_BLOCK, axis=0)
+    np.testing.assert_allclose(integers, np.rint(integers), atol=1e-4)
+    assert set(np.unique(np.rint(integers))) == {-2.0, -1.0, 0.0, 1.0}
+    original = numpy_helper.to_array(model.graph.initializer[0])
+    assert np.sum((dequantized - original) ** 2) < 0.3 * np.sum(original ** 2)  # the weight, not noise
+    assert optimized_op_counts(out)["MatMulNBits"] >= 1
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    unfused = ort.InferenceSession(out, plain, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    fused = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert cosine(unfused, fused) > 0.999
 
 
 def test_pass_counts_real_tokens_and_modes_need_fewer_samples_only_for_real_rows(tmp_path):

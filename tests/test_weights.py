@@ -7,7 +7,7 @@ import pytest
 
 from msq_onnx.load import Layer
 from msq_onnx.weights import (as_matrix, bias_shift, error_table, fake_quantize, from_matrix,
-                              input_channel_index, levels, search_clips)
+                              input_channel_index, levels, lowest, search_clips)
 
 
 def conv_layer(shape, group=1):
@@ -15,13 +15,28 @@ def conv_layer(shape, group=1):
 
 
 def test_grid_uses_at_most_the_k_bit_levels():
-    w = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32)
+    """Below 8 bits the grid is the k-bit two's-complement range -2^(k-1)..2^(k-1)-1 (2 bits: four levels, not
+    the three of a symmetric grid); 8 bits keep -127..127."""
+    w = np.random.default_rng(0).normal(size=(4, 400)).astype(np.float32)
     for bits in range(2, 9):
-        q, scale = fake_quantize(w, np.abs(w).max(axis=1), bits)
+        q, scale = fake_quantize(w, 0.6 * np.abs(w).max(axis=1), bits)
         integers = q / scale[:, None]
         assert np.allclose(integers, np.rint(integers), atol=1e-3)
-        assert np.abs(np.rint(integers)).max() <= levels(bits)
-        assert len(np.unique(np.rint(integers))) <= 2 ** bits - 1
+        integers = np.rint(integers)
+        assert integers.max() <= levels(bits) and integers.min() >= -(2 ** (bits - 1) if bits < 8 else 127)
+        used = len(np.unique(integers))
+        assert used == 2 ** bits if bits <= 5 else used <= (2 ** bits if bits < 8 else 255)  # all, where 1,600 fill them
+        assert lowest(levels(bits)) == (2 ** (bits - 1) if bits < 8 else 127)
+
+
+def test_the_full_two_bit_grid_halves_the_error_of_a_symmetric_one():
+    """Four levels where the symmetric grid had three: the clipping search finds a much closer 2-bit weight."""
+    w = np.random.default_rng(3).normal(size=(32, 256)).astype(np.float32)
+    full = search_clips(w, None, 2).error
+    clip = np.abs(w).max(axis=1)
+    symmetric = min(float(((np.clip(np.rint(w / (r * clip)[:, None]), -1, 1) * (r * clip)[:, None] - w) ** 2).sum())
+                    for r in np.linspace(0.2, 1.0, 17)) / float((w ** 2).sum())  # best ternary ratio for all rows
+    assert full < 0.8 * symmetric
 
 
 def test_clip_search_never_worse_than_min_max_and_better_at_low_bits():
@@ -117,14 +132,15 @@ def test_gptq_rounds_better_than_nearest_on_correlated_inputs_and_reports_held_o
         choice = with_gptq[bits]
         scale = choice.clip / levels(bits)
         values = (choice.integers if choice.integers is not None else
-                  np.clip(np.rint(matrix / scale[:, None]), -levels(bits), levels(bits))) * scale[:, None]
+                  np.clip(np.rint(matrix / scale[:, None]), -lowest(levels(bits)), levels(bits))) * scale[:, None]
         delta = values - matrix
         held_out = np.sum((delta @ hessians.check) * delta) / np.sum((matrix @ hessians.check) * matrix)
         assert choice.error == pytest.approx(held_out, rel=1e-6)  # the error is measured on the other half
-    assert with_gptq[3].integers is not None and np.abs(with_gptq[3].integers).max() <= levels(3)
+    assert with_gptq[3].integers is not None and with_gptq[3].integers.max() <= levels(3)
+    assert with_gptq[3].integers.min() >= -lowest(levels(3))
     # GPTQ beats nearest on the held-out rows at 3 bits (nearest's error under the same Hessian)
     scale = nearest[3].clip / levels(3)
-    rtn = np.clip(np.rint(matrix / scale[:, None]), -levels(3), levels(3)) * scale[:, None] - matrix
+    rtn = np.clip(np.rint(matrix / scale[:, None]), -lowest(levels(3)), levels(3)) * scale[:, None] - matrix
     assert with_gptq[3].error < 0.8 * np.sum((rtn @ hessians.check) * rtn) / np.sum((matrix @ hessians.check) * matrix)
     integers, losses = gptq_round(matrix, scale, np.full(16, levels(3)), hessians.fit)
     assert integers.shape == matrix.shape and losses.shape == (16,) and (losses >= 0).all()
