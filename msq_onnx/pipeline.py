@@ -26,7 +26,7 @@ from .importance import upstream_layers
 from .instrument import run_pass
 from .latency import mode_costs
 from .load import load_model, save_model_file
-from .ops import FLOAT, FLOAT_BITS, MODES, PREFER, STATIC
+from .ops import CONTAINER_BITS, FLOAT, FLOAT_BITS, MODES, PREFER, STATIC
 from .verify import fused_integer_kernels, optimized_op_counts, smoke_check
 from .weights import error_table
 from .write import check_output_path, publish, quantize_to_qdq, quantize_weights
@@ -185,7 +185,7 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None) 
     # After the modes: the threads' heaps keep some of what they freed, and the modes' simulation sessions
     # set the peak (EfficientNet-Lite0: 331 MB with the tables before them, 301 MB after).
     with timer.stage("weight-errors"):
-        choices = _error_tables(loaded, stats, options)
+        choices = _error_tables(loaded, stats, options, modes)
         stats.hessians = {}  # released: tens of MB per wide layer
     return Analysis(stats, labels, scores, input_score, upstream, gains, choices, modes, mode_log)
 
@@ -193,7 +193,7 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None) 
 TABLE_WORKERS = 2  # layers whose error tables are computed at once; each holds its own working copies
 
 
-def _error_tables(loaded, stats, options) -> dict:
+def _error_tables(loaded, stats, options, modes: dict) -> dict:
     """Every layer's error per width, two layers at a time: the clipping search's element-wise passes and
     GPTQ's products release the GIL, so the second core works too (MiniLM-L6: 5.8 s -> 3.5 s, the same
     model written)."""
@@ -202,9 +202,12 @@ def _error_tables(loaded, stats, options) -> dict:
     from .instrument import one_blas_thread
 
     def table(layer):
+        # A width written in a wider container (3 bits in int4, 5-7 in int8) can put its extra level on either side.
+        room = {b: CONTAINER_BITS[layer.kind.container(layer, b, modes[layer.name].mode, options.prefer)] > b
+                for b in options.bits}
         return error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name), options.bits,
                            options.clip_search, stats.hessians.get(layer.name),
-                           {b: layer.kind.scale_block(layer, b, options.prefer) for b in options.bits})
+                           {b: layer.kind.scale_block(layer, b, options.prefer) for b in options.bits}, room)
 
     workers = max(1, min(TABLE_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else os.cpu_count() or 1))

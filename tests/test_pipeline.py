@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from conftest import samples_for, tiny_cnn, tiny_mlp
 from msq_onnx import Options, convert
@@ -14,14 +14,30 @@ from msq_onnx.verify import optimized_op_counts
 
 
 def _dequantized_weights(path):
-    """Weight name -> (integers, scales) of every DequantizeLinear on an initializer."""
+    """Weight name -> (integers as [channel, rest], scales) of every DequantizeLinear on an initializer."""
     model = onnx.load(path)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     found = {}
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].dtype == np.int8:
-            found[node.output[0]] = (inits[node.input[0]], inits[node.input[1]])
+            axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)
+            integers = np.moveaxis(inits[node.input[0]], axis, 0)
+            found[node.output[0]] = (integers.reshape(len(integers), -1), inits[node.input[1]])
     return found
+
+
+def _grid_width(rows: np.ndarray) -> int:
+    """The narrowest k whose grid holds every row: -2^(k-1)..2^(k-1)-1 or its mirror below 8 bits, +-127 at 8."""
+    low, high = rows.min(axis=1), rows.max(axis=1)
+    for bits in range(2, 9):
+        top = 2 ** (bits - 1) - 1
+        if bits == 8:
+            fits = (low >= -top) & (high <= top)
+        else:
+            fits = ((low >= -top - 1) & (high <= top)) | ((low >= -top) & (high <= top + 1))
+        if fits.all():
+            return bits
+    raise AssertionError(f"integers {low.min()}..{high.max()} fit no grid")
 
 
 def test_pass_collects_ranges_moments_and_features(cnn_files):
@@ -57,15 +73,9 @@ def test_written_weights_sit_on_their_k_bit_grids(cnn_files, tmp_path):
     assert len(weights) == len(layers)
     for _, scales in weights.values():
         assert scales.ndim == 1 and len(scales) > 1  # per-channel
-    # each weight reaches the top level of the width allocated to its layer and stays on that width's grid
-    # (-2^(k-1)..2^(k-1)-1 below 8 bits, -127..127 at 8)
-    widths = []
-    for integers, _ in weights.values():
-        bits = int(np.log2(int(integers.max()) + 1)) + 1
-        assert integers.max() == 2 ** (bits - 1) - 1
-        assert integers.min() >= -(2 ** (bits - 1) if bits < 8 else 127)
-        widths.append(bits)
-    assert sorted(widths) == sorted(layers.values())
+    # every output channel of a weight sits on the grid of the width allocated to its layer, and uses it: the
+    # narrowest grid holding each weight is that width
+    assert sorted(_grid_width(integers) for integers, _ in weights.values()) == sorted(layers.values())
 
 
 def test_output_runs_fused_and_matches_fp32_closely_at_8_bits(cnn_files, tmp_path):

@@ -314,3 +314,28 @@ def test_the_padded_last_batch_of_a_fixed_batch_model_stays_out_of_the_hessians(
     fit, check = x[0:4].reshape(-1, 4), x[4:8].reshape(-1, 4)
     np.testing.assert_allclose(stats.hessians[narrow].fit, fit.T @ fit, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(stats.hessians[narrow].check, check.T @ check, rtol=1e-4, atol=1e-4)
+
+
+def test_mirrored_rows_put_the_extra_level_on_their_larger_side_also_under_gptq():
+    """Where the container holds +2^(k-1) too, a row whose positive extreme is the larger gets the grid
+    -(2^(k-1)-1)..2^(k-1): lower error on skewed rows; GPTQ keeps every row on its own grid."""
+    from msq_onnx.instrument import InputHessians
+
+    rng = np.random.default_rng(4)
+    skew = rng.exponential(1.0, size=(8, 300)).astype(np.float32) - 0.6
+    w = np.concatenate([skew[:4], -skew[4:]])  # four rows with a long positive tail, four with a negative one
+    plain, mirrored = search_clips(w, None, 3), search_clips(w, None, 3, mirror=True)
+    assert plain.flipped is None and mirrored.flipped.tolist() == [True] * 4 + [False] * 4
+    assert mirrored.error < 0.9 * plain.error
+    q, scale = fake_quantize(w, mirrored.clip, 3, mirrored.flipped)
+    integers = np.rint(q / scale[:, None])
+    assert integers[:4].max() == 4 and integers[:4].min() >= -3
+    assert integers[4:].min() == -4 and integers[4:].max() <= 3
+    assert search_clips(w, None, 8, mirror=True).flipped is None  # 8 bits stay -127..127
+    layer = Layer("m", "MatMul", "w", "x", "y", (300, 8), 1, transposed_weight=True)
+    inputs = rng.normal(size=(4000, 300)) @ (rng.normal(size=(300, 300)) * 0.1 + np.eye(300))  # correlated
+    hessians = InputHessians(inputs[::2].T @ inputs[::2], inputs[1::2].T @ inputs[1::2])
+    choice = error_table(layer, w.T.copy(), None, (3,), hessians=hessians, mirrors={3: True})[3]
+    assert choice.integers is not None
+    assert choice.integers[:4].max() == 4 and choice.integers[:4].min() >= -3  # the extra level is used
+    assert choice.integers[4:].min() >= -4 and choice.integers[4:].max() <= 3
