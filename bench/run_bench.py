@@ -31,7 +31,7 @@ sys.path.insert(0, HERE)
 import datasets  # noqa: E402
 from msq_onnx import allocate as alloc  # noqa: E402
 from msq_onnx import sensitivity  # noqa: E402
-from msq_onnx.pipeline import Analysis, Options, _Timer, analyse  # noqa: E402
+from msq_onnx.pipeline import Analysis, Options, _Timer, analyse, plan_layers  # noqa: E402
 from msq_onnx.data import Preprocess, open_samples  # noqa: E402
 from msq_onnx.instrument import padded_batches  # noqa: E402
 from msq_onnx.load import load_model  # noqa: E402
@@ -118,7 +118,8 @@ def score(loaded, analysis, evaluator: "Evaluator", bits: dict, choices=None, bi
     with tempfile.TemporaryDirectory(prefix="msq-bench-") as folder:
         weights = quantize_weights(loaded, bits, choices or analysis.choices, analysis.stats.input_mean,
                                    bias_correction)
-        path = quantize_to_qdq(loaded, weights, analysis.stats.ranges, folder)
+        modes, containers = plan_layers(loaded, analysis, bits, "speed")  # as the CLI writes it: float stays float
+        path = quantize_to_qdq(loaded, weights, analysis.stats.ranges, folder, modes=modes, containers=containers)
         predicted = evaluator.predictions(path)
         if keep is not None:
             keep["predictions"], keep["bytes"] = predicted, os.path.getsize(path)
