@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "task predictor's loss with that layer alone at the narrowest width (one pass per "
                              "layer)")
     budget.add_argument("--importance-exponent", type=float, default=IMPORTANCE_EXPONENT, metavar="E",
-                        help=f"ilp damage = importance^E x measured output error (default {IMPORTANCE_EXPONENT}; "
-                             "0 ignores importance, 1 is the plain product)")
+                        help=f"ilp damage = importance^E x measured output error (default {IMPORTANCE_EXPONENT}, the "
+                             "tuning protocol's choice: each layer's measured error alone; 1 is the plain product)")
     budget.add_argument("--max-size", type=float, metavar="BYTES",
                         help="bound on the bytes written (model file plus external data): bytes, or a fraction "
                              "(<= 1) of the input model's size. With --prefer speed (int8 containers) it may be "
