@@ -173,10 +173,11 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
     if static:
         large = is_large(quantized.model)
         prepared = os.path.join(work_dir, "prepared.onnx")
+        nodes = static_region(quantized.model, {n for layer in static for n in layer.nodes})
         save_model_file(quantized.model, prepared)
+        quantized.model = None  # ORT's quantizer reads the file and holds its own copies; ours goes first
         cache = os.path.join(work_dir, "ranges.json")
         write_calibration_cache(ranges, cache)
-        nodes = static_region(quantized.model, {n for layer in static for n in layer.nodes})
         with _quiet_ort_logging():
             quantize_static(prepared, result, calibration_data_reader=None, quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
