@@ -197,8 +197,19 @@ def _human_summary(report: dict) -> str:
 def main(argv=None) -> int:
     # SIGTERM unwinds like Ctrl-C so temporary files are removed; the output
     # is only ever replaced by an atomic rename, so it is never half-written.
+    # The handlers are put back on the way out: a signal after the work is done
+    # (the interpreter shutting down) must not turn exit 0 into a traceback.
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    try:
+        return _run(argv)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _run(argv) -> int:
     try:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:

@@ -228,6 +228,37 @@ def test_encoder_keeps_ort_away_from_gather_and_layernorm(encoder_run):
     assert len([n for n in written.graph.node if n.op_type == "LayerNormalization"]) == 2
 
 
+@pytest.mark.parametrize("bits,level", [(4, -8), (3, 4)])
+def test_embedding_table_levels_decode_as_written_in_ort(tmp_path, bits, level):
+    """GatherBlockQuantized reads every level the grids use: -8 at 4 bits (the container's full range) and +4 at
+    3 bits (a block whose extra level sits on the positive side): ORT's rows equal our decoding of the bytes."""
+    model = encoder(vocab=64, width=32)
+    path = save(model, tmp_path / "encoder.onnx")
+    out = str(tmp_path / "q.onnx")
+    convert(path, out, token_folder(tmp_path / "calib", 20), Options(bits=(bits,), prefer="size", quiet=True))
+    written = onnx.load(out)
+    (node,) = [n for n in written.graph.node if n.op_type == "GatherBlockQuantized"]
+    inits = initializers(written)
+    data, scale = inits[node.input[0]], inits[node.input[2]]
+    nibbles = np.stack([data & 15, data >> 4], axis=-1).reshape(len(data), -1).astype(np.int16) - 8
+    block = helper.get_attribute_value(next(a for a in node.attribute if a.name == "block_size"))
+    expected = nibbles * np.repeat(scale, block, axis=1)
+    assert level in nibbles and nibbles.min() >= -8 and nibbles.max() <= 7
+    ids = np.arange(64, dtype=np.int64)[None, :]
+    alone = helper.make_model(helper.make_graph(
+        [helper.make_node("GatherBlockQuantized", [node.input[0], "ids", node.input[2]], ["rows"], domain="com.microsoft",
+                          **{a.name: helper.get_attribute_value(a) for a in node.attribute})],
+        "gather", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 64])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(data, node.input[0]), numpy_helper.from_array(scale, node.input[2])]),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    alone.ir_version = 10
+    rows = ort.InferenceSession(alone.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(rows[0], expected, rtol=1e-6, atol=1e-7)
+    table = numpy_helper.to_array(model.graph.initializer[0])
+    assert np.sum((expected - table) ** 2) < 0.1 * np.sum(table ** 2)  # the table, not noise
+
+
 def test_gather_that_is_not_a_layer_keeps_its_float_table(tmp_path):
     """Rows of 12 values: no GatherBlockQuantized block divides them, so the table must reach the written model
     exactly as it was: ORT's static quantizer is not given the Gather."""
