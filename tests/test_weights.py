@@ -339,3 +339,17 @@ def test_mirrored_rows_put_the_extra_level_on_their_larger_side_also_under_gptq(
     assert choice.integers is not None
     assert choice.integers[:4].max() == 4 and choice.integers[:4].min() >= -3  # the extra level is used
     assert choice.integers[4:].min() >= -4 and choice.integers[4:].max() <= 3
+
+
+def test_large_tables_refine_the_coarse_clipping_search_at_narrow_widths(monkeypatch):
+    """A table past LARGE_LAYER searches every third ratio; below REFINED_BELOW_BITS the best one's neighbours
+    are tried too, which finds lower errors than the coarse grid alone."""
+    import msq_onnx.weights as weights_module
+
+    w = np.random.default_rng(6).standard_t(4, size=(400, 32)).astype(np.float32)
+    monkeypatch.setattr(weights_module, "LARGE_LAYER", 0)
+    refined = {bits: search_clips(w, None, bits).error for bits in (2, 3, 8)}
+    monkeypatch.setattr(weights_module, "REFINED_BELOW_BITS", 0)
+    coarse = {bits: search_clips(w, None, bits).error for bits in (2, 3, 8)}
+    assert refined[2] < coarse[2] and refined[3] < coarse[3]
+    assert refined[8] == coarse[8]  # wide widths keep the coarse grid
