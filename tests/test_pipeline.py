@@ -76,6 +76,10 @@ def test_written_weights_sit_on_their_k_bit_grids(cnn_files, tmp_path):
     # every output channel of a weight sits on the grid of the width allocated to its layer, and uses it: the
     # narrowest grid holding each weight is that width
     assert sorted(_grid_width(integers) for integers, _ in weights.values()) == sorted(layers.values())
+    # both orientations reach the file through ORT's quantizer: rows at -2^(k-1) and mirrored rows at +2^(k-1)
+    ends = [(rows.min(axis=1), rows.max(axis=1), 2 ** (_grid_width(rows) - 1)) for rows, _ in weights.values()
+            if _grid_width(rows) < 8]
+    assert any((low == -top).any() for low, _, top in ends) and any((high == top).any() for _, high, top in ends)
 
 
 def test_output_runs_fused_and_matches_fp32_closely_at_8_bits(cnn_files, tmp_path):
