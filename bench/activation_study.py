@@ -44,10 +44,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="msq-act16-") as folder:
         for budget in (3.5, 4.0):
             bits = alloc.allocate_avg_bits("ilp", analysis.importance, damage, params, (2, 3, 4, 5, 6, 7, 8), budget)
-            weights = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
             paths = {}
             for count in (0, 1, 3, 5):
                 target = tempfile.mkdtemp(dir=folder)
+                weights = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)  # used up
                 paths[count] = quantize_to_qdq(loaded, weights, analysis.stats.ranges, target,
                                                alloc.wide_activations(errors, count))
             latency = compare_ort.latency_ms({str(k): v for k, v in paths.items()}, feed, 100)

@@ -202,8 +202,10 @@ def main(argv=None) -> int:
                                                        count=args.sensitivity_samples, quiet=True)
     seconds["sensitivity"] = time.perf_counter() - start + seconds["msq"]  # it needs the pass's statistics too
     passes["sensitivity"] = sensitivity_passes + calib.count
-    minmax_choices = {layer.name: error_table(layer, loaded.weight(layer), msq.stats.input_sq.get(layer.name),
-                                              widths, search=False) for layer in loaded.layers}
+    minmax_choices = {layer.name: error_table(  # the same grids as msq's, only the clipping search left out
+        layer, loaded.weight(layer), msq.stats.input_sq.get(layer.name), widths, search=False,
+        mirrors={b: layer.kind.has_room(layer, b, msq.modes[layer.name].mode, "speed") for b in widths})
+        for layer in loaded.layers}
     print("analysis seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
 
     def damage(analysis, exponent=alloc.IMPORTANCE_EXPONENT):

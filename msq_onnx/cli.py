@@ -206,7 +206,8 @@ def main(argv=None) -> int:
         return _run(argv)
     finally:
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            if handler is not None:  # None: set outside Python, nothing we can put back
+                signal.signal(number, handler)
 
 
 def _run(argv) -> int:

@@ -133,6 +133,11 @@ class OpKind:
         """The mode a container forces: int8 is the only one every mode takes."""
         return mode
 
+    def has_room(self, layer, bits: int, mode: str, prefer: str) -> bool:
+        """The width's container is wider than the width (3 bits in int4, 2-7 in int8): its grid's extra level
+        may sit on either side (weights.search_clips' mirror)."""
+        return CONTAINER_BITS[self.container(layer, bits, mode, prefer)] > bits
+
     def container_bytes(self, layer: "Layer", container: str) -> int:
         """Bytes the written weight takes: packed integers and one float scale per channel."""
         if container == FLOAT_CONTAINER:

@@ -26,7 +26,7 @@ from .importance import upstream_layers
 from .instrument import run_pass
 from .latency import mode_costs
 from .load import load_model, save_model_file
-from .ops import CONTAINER_BITS, FLOAT, FLOAT_BITS, MODES, PREFER, STATIC
+from .ops import FLOAT, FLOAT_BITS, MODES, PREFER, STATIC
 from .verify import fused_integer_kernels, optimized_op_counts, smoke_check
 from .weights import error_table
 from .write import check_output_path, publish, quantize_to_qdq, quantize_weights
@@ -202,9 +202,7 @@ def _error_tables(loaded, stats, options, modes: dict) -> dict:
     from .instrument import one_blas_thread
 
     def table(layer):
-        # A width written in a wider container (3 bits in int4, 5-7 in int8) can put its extra level on either side.
-        room = {b: CONTAINER_BITS[layer.kind.container(layer, b, modes[layer.name].mode, options.prefer)] > b
-                for b in options.bits}
+        room = {b: layer.kind.has_room(layer, b, modes[layer.name].mode, options.prefer) for b in options.bits}
         return error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name), options.bits,
                            options.clip_search, stats.hessians.get(layer.name),
                            {b: layer.kind.scale_block(layer, b, options.prefer) for b in options.bits}, room)

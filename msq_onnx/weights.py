@@ -182,15 +182,19 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
     dead = np.diag(hessian) <= 0
     w[:, dead] = 0.0
     grid = np.broadcast_to(scale.astype(np.float32).reshape(len(w), -1), w.shape)  # [rows, fan_in]
-    floor, limit = (np.broadcast_to(b, w.shape) for b in grid_bounds(top, flipped, w.shape[1]))
+    # Each row's grid is -lowest..top, shifted up by one where flipped: kept as a bool per weight (1 byte),
+    # not as two float bound arrays, which cost MiniLM-L6's table workers about 50 MB each.
+    floor, limit = -lowest(top).astype(np.float32), top.astype(np.float32)
+    flip = None if flipped is None else np.broadcast_to(steps(np.asarray(flipped), w.shape[1]), w.shape)
     try:
         upper = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper Cholesky factor of H^-1
     except np.linalg.LinAlgError:
-        integers = np.clip(np.rint(w / grid), floor, limit)
+        shift = 0 if flip is None else flip
+        integers = np.clip(np.rint(w / grid), floor[:, None] + shift, limit[:, None] + shift)
         delta = w - integers * grid
         return integers.astype(np.int8), np.einsum("ij,jk,ik->i", delta, h, delta)
     column_steps = np.ascontiguousarray(grid.T)
-    column_floor, column_limit = np.ascontiguousarray(floor.T), np.ascontiguousarray(limit.T)
+    column_flips = None if flip is None else np.ascontiguousarray(flip.T)
     columns = np.ascontiguousarray(w.T)  # [fan_in, rows]: one column is a contiguous row here
     integers = np.zeros(columns.shape, np.int8)
     losses = np.zeros(w.shape[0])
@@ -201,7 +205,8 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
         factor = upper[start:stop, start:stop]
         for i in range(stop - start):
             step = column_steps[start + i]
-            q = np.clip(np.rint(block[i] / step), column_floor[start + i], column_limit[start + i])
+            shift = 0 if column_flips is None else column_flips[start + i]
+            q = np.clip(np.rint(block[i] / step), floor + shift, limit + shift)
             integers[start + i] = q
             error = (block[i] - q * step) / factor[i, i]
             block[i:] -= np.outer(factor[i, i:], error)
@@ -248,8 +253,9 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
                                                   table[b].flipped, matrix.shape[1]), matrix.shape)
                             for b in widths])  # [rows x widths, fan_in]
     stacked = np.tile(matrix, (len(widths), 1))
-    low, high = grid_bounds(tops, flips, matrix.shape[1])
-    nearest = np.clip(np.rint(stacked / scales), low, high)
+    nearest = np.rint(stacked / scales)
+    np.maximum(nearest, -lowest(tops)[:, None].astype(np.float32) + flips, out=nearest)  # one temporary at a time
+    np.minimum(nearest, tops[:, None].astype(np.float32) + flips, out=nearest)
     rounded = np.repeat([b <= GPTQ_MAX_BITS for b in widths], rows)  # wider grids: nearest is enough
     gptq = nearest.copy()
     if rounded.any():

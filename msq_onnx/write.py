@@ -163,7 +163,8 @@ def static_region(model: onnx.ModelProto, static_nodes: set) -> list[str]:
 
 def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: dict, work_dir: str,
                     wide_inputs=(), modes: dict | None = None, containers: dict | None = None) -> str:
-    """Write the model in work_dir: ORT's QDQ quantizer for the static layers, our rewrite for the others."""
+    """Write the model in work_dir: ORT's QDQ quantizer for the static layers, our rewrite for the others.
+    It uses `quantized` up: its model is released or rewritten in place; build a new one for another write."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     modes = modes or {layer.name: STATIC for layer in loaded.layers}
