@@ -299,10 +299,13 @@ def quantize_layer(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, ch
                    input_mean: np.ndarray | None, bias_correction: bool = True) -> QuantizedLayer:
     """A layer's weight on its k-bit grid, and the bias that cancels the expected output shift."""
     if choice.integers is not None:
+        integers = choice.integers
         scale = (np.maximum(choice.clip, 1e-12) / levels(choice.bits)).astype(np.float32)
-        matrix = (choice.integers * steps(scale, choice.integers.shape[1])).astype(np.float32)
     else:
-        matrix, scale = fake_quantize(as_matrix(layer, weight), choice.clip, choice.bits, choice.flipped)
+        values, scale = fake_quantize(as_matrix(layer, weight), choice.clip, choice.bits, choice.flipped)
+        integers = np.rint(values / steps(scale, values.shape[1]))
+    scale = layer.kind.stored_scale(scale)  # what the file holds: the simulation uses exactly it
+    matrix = (integers * steps(scale.astype(np.float32), integers.shape[1])).astype(np.float32)
     quantized = from_matrix(layer, matrix)
     if not bias_correction or layer.bias_factor is None or input_mean is None:
         return QuantizedLayer(quantized, scale, None)

@@ -250,7 +250,8 @@ def packed_tensor(name: str, integers: np.ndarray, container: str) -> onnx.Tenso
 def _gather_nodes(node, layer, integers: np.ndarray, scale: np.ndarray, container: str, prefix: str,
                   edit: _GraphEdit) -> list:
     """GatherBlockQuantized on the table: uint8 data holding 4-bit (two per byte, zero point 8 as in
-    MatMulNBits) or 8-bit values (explicit zero point 128), one scale per block of a row."""
+    MatMulNBits) or 8-bit values (explicit zero point 128), one scale per block of a row. Its rows come out in
+    the scales' type: float16 scales get a Cast back to float."""
     table = layer.kind.from_matrix(layer, integers).astype(np.int16)
     blocks = (layer.weight_shape[0], layer.weight_shape[1] // layer.block)
     inputs = [prefix + "_data", node.input[1], edit.constant(prefix + "_scale", scale.reshape(blocks))]
@@ -260,9 +261,13 @@ def _gather_nodes(node, layer, integers: np.ndarray, scale: np.ndarray, containe
     else:
         edit.constant(inputs[0], (table + 128).astype(np.uint8))
         inputs.append(edit.constant(prefix + "_zero", np.full(blocks, 128, np.uint8)))
-    return [helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=node.name, domain=MS_DOMAIN,
-                             bits=CONTAINER_BITS[container], block_size=layer.block, gather_axis=0,
-                             quantize_axis=1)]
+    half = scale.dtype == np.float16
+    rows = [prefix + "_rows"] if half else list(node.output)
+    nodes = [helper.make_node("GatherBlockQuantized", inputs, rows, name=node.name, domain=MS_DOMAIN,
+                              bits=CONTAINER_BITS[container], block_size=layer.block, gather_axis=0, quantize_axis=1)]
+    if half:
+        nodes.append(helper.make_node("Cast", rows, list(node.output), name=prefix + "_cast", to=onnx.TensorProto.FLOAT))
+    return nodes
 
 
 def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, modes: dict,

@@ -249,12 +249,13 @@ def test_embedding_table_levels_decode_as_written_in_ort(tmp_path, bits, level):
         [helper.make_node("GatherBlockQuantized", [node.input[0], "ids", node.input[2]], ["rows"], domain="com.microsoft",
                           **{a.name: helper.get_attribute_value(a) for a in node.attribute})],
         "gather", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 64])],
-        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("rows", helper.np_dtype_to_tensor_dtype(scale.dtype), None)],
         [numpy_helper.from_array(data, node.input[0]), numpy_helper.from_array(scale, node.input[2])]),
         opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     alone.ir_version = 10
     rows = ort.InferenceSession(alone.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
-    np.testing.assert_allclose(rows[0], expected, rtol=1e-6, atol=1e-7)
+    assert scale.dtype == np.float16  # half a bit per weight of scales, not one
+    np.testing.assert_allclose(rows[0].astype(np.float32), expected, rtol=2e-3, atol=1e-6)  # float16 rows
     table = numpy_helper.to_array(model.graph.initializer[0])
     assert np.sum((expected - table) ** 2) < 0.1 * np.sum(table ** 2)  # the table, not noise
 
@@ -884,3 +885,12 @@ def test_pass_counts_real_tokens_and_modes_need_fewer_samples_only_for_real_rows
     # 64 rows a sample would need 16 samples; 5.5 real rows need all 20 there are
     assert sum(n for _, n in modes.measure(loaded, samples, stats.ranges, quiet=True, rows=real).feeds) == 20
     assert sum(n for _, n in modes.measure(loaded, samples, stats.ranges, quiet=True, rows=stats.rows).feeds) == 16
+
+
+def test_embedding_scales_are_stored_in_float16_unless_it_cannot_hold_them():
+    from msq_onnx.ops import REGISTRY
+
+    gather, dense = REGISTRY["Gather"], REGISTRY["MatMul"]
+    assert gather.stored_scale(np.array([1e-3, 0.5], np.float32)).dtype == np.float16
+    assert gather.stored_scale(np.array([1e-3, 7e4], np.float32)).dtype == np.float32  # past float16's range
+    assert dense.stored_scale(np.array([1e-3, 0.5], np.float32)).dtype == np.float32
