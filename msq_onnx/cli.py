@@ -212,6 +212,8 @@ def main(argv=None) -> int:
 
 def _run(argv) -> int:
     try:
+        if hasattr(signal, "pthread_sigmask"):  # cli.py holds them while it imports; delivered here if pending
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:
         print("msq-onnx: interrupted; nothing was written", file=sys.stderr)

@@ -372,3 +372,20 @@ def test_interrupted_conversion_leaves_old_or_complete_output(tmp_path):
         assert not left, f"left in TMPDIR: {left}; {context}"
     print("exit codes by delay:", outcomes)  # shown with -s / on failure
     assert any(code != 0 for code in outcomes), f"no run was actually interrupted: {outcomes}"
+
+
+def test_signal_while_python_imports_is_a_clean_interrupt(tmp_path):
+    """SIGINT / SIGTERM in the first 0.4 s land while numpy and onnxruntime are imported: held until main()
+    has its handlers, so every run exits 130 with one line (without the hold: exit -11 or a traceback)."""
+    import random
+
+    rng = random.Random(0)
+    for index in range(12):
+        output = tmp_path / f"out{index}.onnx"
+        proc = _convert(output, tmp_path)
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGINT if index % 2 == 0 else signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 130, (index, proc.returncode, stderr[-500:])
+        assert stderr.strip().splitlines()[-1].startswith("msq-onnx: interrupted"), stderr[-500:]
+        assert "Traceback" not in stderr and not output.exists()
