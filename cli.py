@@ -3,13 +3,24 @@
 import signal
 import sys
 
-# Ctrl-C or SIGTERM during the imports below can land inside a C extension's initialisation (numpy,
-# onnxruntime) and crash the interpreter (exit -11, measured at 0.1 s into a run): the signals are held
-# until main() has its handlers, which then report "interrupted" and exit 130.
-if hasattr(signal, "pthread_sigmask"):
+_early = []
+
+
+def _remember(signum, frame):
+    # No exception here: raised inside a C extension's import (numpy, onnxruntime) it broke the import or
+    # crashed the interpreter (exit -11, measured at 0.1 s into a run). Reported once the imports are done.
+    _early.append(signum)
+
+
+signal.signal(signal.SIGINT, _remember)
+signal.signal(signal.SIGTERM, _remember)
+if hasattr(signal, "pthread_sigmask"):  # and held from here on until main() has its own handlers
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 from msq_onnx.cli import main  # noqa: E402
 
 if __name__ == "__main__":
+    if _early:
+        sys.stderr.write("msq-onnx: interrupted; nothing was written\n")
+        sys.exit(130)
     sys.exit(main())
