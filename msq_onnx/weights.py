@@ -69,26 +69,27 @@ def steps(scale: np.ndarray, fan_in: int) -> np.ndarray:
 
 def grid_bounds(top, flipped, fan_in: int) -> tuple[np.ndarray, np.ndarray]:
     """Lowest and highest integer of every weight's grid, broadcastable to [rows, fan_in]: top [rows] (or one
-    width's scalar), flipped None or per row ([rows]) or per block ([rows, blocks]), True where a row's extra
-    level sits on the positive side (-top..top+1 instead of -(top+1)..top)."""
+    width's scalar), flipped None or per row ([rows]), per block ([rows, blocks]) or per weight, True where a
+    row's extra level sits on the positive side (-top..top+1 instead of -(top+1)..top): a shift up by one."""
     top = np.asarray(top, np.float32).reshape(-1, 1)
-    low, high = -lowest(top).astype(np.float32), top
-    if flipped is None:
-        return low, high
-    flip = steps(np.asarray(flipped), fan_in)
-    return np.where(flip, -top, low), np.where(flip, top + 1, high)
+    shift = 0 if flipped is None else steps(np.asarray(flipped), fan_in)
+    return -lowest(top).astype(np.float32) + shift, top + shift
+
+
+def grid_integers(matrix: np.ndarray, clip: np.ndarray, bits: int, flipped: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Round to the k-bit grid of step clip / levels(bits) per row ([out] clip) or per block of a row
+    ([out, blocks] clip), its extra level on the side `flipped` says; returns (integers, scales)."""
+    top = levels(bits)
+    scale = (np.maximum(clip, 1e-12) / top).astype(np.float32)
+    return np.clip(np.rint(matrix / steps(scale, matrix.shape[1])), *grid_bounds(top, flipped, matrix.shape[1])), scale
 
 
 def fake_quantize(matrix: np.ndarray, clip: np.ndarray, bits: int, flipped: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Round to the k-bit grid of step clip / levels(bits) per row ([out] clip) or per block of a row
-    ([out, blocks] clip), its extra level on the side `flipped` says; returns (values, scales)."""
-    top = levels(bits)
-    scale = (np.maximum(clip, 1e-12) / top).astype(np.float32)
-    step = steps(scale, matrix.shape[1])
-    low, high = grid_bounds(top, flipped, matrix.shape[1])
-    q = np.clip(np.rint(matrix / step), low, high)
-    return (q * step).astype(np.float32), scale
+    """grid_integers as values on the grid; returns (values, scales)."""
+    integers, scale = grid_integers(matrix, clip, bits, flipped)
+    return (integers * steps(scale, matrix.shape[1])).astype(np.float32), scale
 
 
 @dataclass
@@ -189,8 +190,7 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
     try:
         upper = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # upper Cholesky factor of H^-1
     except np.linalg.LinAlgError:
-        shift = 0 if flip is None else flip
-        integers = np.clip(np.rint(w / grid), floor[:, None] + shift, limit[:, None] + shift)
+        integers = np.clip(np.rint(w / grid), *grid_bounds(top, flip, w.shape[1]))
         delta = w - integers * grid
         return integers.astype(np.int8), np.einsum("ij,jk,ik->i", delta, h, delta)
     column_steps = np.ascontiguousarray(grid.T)
@@ -302,8 +302,7 @@ def quantize_layer(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, ch
         integers = choice.integers
         scale = (np.maximum(choice.clip, 1e-12) / levels(choice.bits)).astype(np.float32)
     else:
-        values, scale = fake_quantize(as_matrix(layer, weight), choice.clip, choice.bits, choice.flipped)
-        integers = np.rint(values / steps(scale, values.shape[1]))
+        integers, scale = grid_integers(as_matrix(layer, weight), choice.clip, choice.bits, choice.flipped)
     scale = layer.kind.stored_scale(scale)  # what the file holds: the simulation uses exactly it
     matrix = (integers * steps(scale.astype(np.float32), integers.shape[1])).astype(np.float32)
     quantized = from_matrix(layer, matrix)
