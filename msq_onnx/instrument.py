@@ -203,12 +203,16 @@ def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, ad
             graph.node.extend(rows.nodes)
             prefix = f"msq_gram{len(keys)}"
             # ORT folds the Transpose into the product (FusedMatMul): rows^T rows with no copy made
+            graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), prefix + "_axis"))
             graph.node.extend([helper.make_node("Transpose", [rows.output], [prefix + "_t"], perm=[1, 0]),
                                helper.make_node("MatMul", [prefix + "_t", rows.output], [prefix + "_gram"]),
+                               helper.make_node("ReduceSum", [rows.output, prefix + "_axis"], [prefix + "_sum"],
+                                                keepdims=0),
                                helper.make_node("Shape", [rows.output], [prefix + "_count"], end=1)])
             add_output(prefix + "_gram")
+            add_output(prefix + "_sum")
             add_output(prefix + "_count", TensorProto.INT64)
-            outputs["hessian"][rows.key] = (prefix + "_gram", prefix + "_count")
+            outputs["hessian"][rows.key] = (prefix + "_gram", prefix + "_sum", prefix + "_count")
         outputs["rows"][name] = rows.key
 
 
@@ -339,7 +343,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     session = _pass_session(model, arena=not outputs["hessian"])
     del model
     lean = [name for name in (o.name for o in session.get_outputs())
-            if all(name not in pair for pair in outputs["hessian"].values())]
+            if all(name not in names for names in outputs["hessian"].values())]
     gram = HessianSums(outputs["hessian"])
     bank = FeatureBank([layer.name for layer in loaded.layers], levels, max_dim, seed)
     input_bank = FeatureBank(["input"], levels, max_dim, seed)
@@ -467,30 +471,51 @@ def _worth_gathering(loaded: LoadedModel, rows: dict, samples: int) -> set:
 class InputHessians:
     fit: np.ndarray  # X^T X of the even samples' rows: what GPTQ rounds against
     check: np.ndarray  # X^T X of the odd samples' rows: what both roundings are judged on
+    fit_sum: np.ndarray | None = None  # the rows' column sums and counts, to centre them
+    check_sum: np.ndarray | None = None
+    fit_rows: int = 0
+    check_rows: int = 0
+
+    def centred(self, mean: np.ndarray) -> "InputHessians":
+        """sum (x - mean)(x - mean)^T per half: the error a rounding leaves once the bias correction (which
+        subtracts the weight error times `mean`) has taken out its constant part. Without centring, an input
+        with a large mean makes GPTQ spend itself on that one direction and the error look small: the
+        120 x 6625 head of PP-OCRv4's recognizer measured 0.21% relative error at 2 bits, 1.04% centred."""
+        mean = np.asarray(mean, np.float64)
+
+        def centre(gram, total, rows):
+            total = np.asarray(total, np.float64)
+            return (gram.astype(np.float64) - np.outer(total, mean) - np.outer(mean, total)
+                    + rows * np.outer(mean, mean)).astype(np.float32)
+
+        return InputHessians(centre(self.fit, self.fit_sum, self.fit_rows),
+                             centre(self.check, self.check_sum, self.check_rows))
 
 
 class HessianSums:
-    """Running float32 sums of rows^T rows per input, even and odd batches apart: memory stays flat in
-    the number of samples."""
+    """Running float32 sums of rows^T rows (and of the rows) per input, even and odd batches apart: memory
+    stays flat in the number of samples."""
 
     def __init__(self, names: dict):
-        self.names = names  # key -> (gram output, count output)
+        self.names = names  # key -> (gram output, sum output, count output)
         self.sums = {key: [None, None] for key in names}
-        self.rows = {key: 0 for key in names}
+        self.totals = {key: [None, None] for key in names}
+        self.counts = {key: [0, 0] for key in names}
         self.batches = 0
 
     def outputs(self) -> list:
-        return [name for pair in self.names.values() for name in pair]
+        return [name for names in self.names.values() for name in names]
 
     def add(self, values: dict) -> None:
         half = self.batches % 2  # whole batches alternate; at batch size 1, samples do
         self.batches += 1
-        for key, (gram, count_name) in self.names.items():
-            value = values[gram]
-            total = self.sums[key][half]
+        for key, (gram, total_name, count_name) in self.names.items():
+            value, total = values[gram], self.sums[key][half]
             self.sums[key][half] = value.copy() if total is None else np.add(total, value, out=total)
-            if half == 0:
-                self.rows[key] += int(values[count_name][0])
+            column_sums = values[total_name].astype(np.float64)
+            total = self.totals[key][half]
+            self.totals[key][half] = column_sums if total is None else total + column_sums
+            self.counts[key][half] += int(values[count_name][0])
 
     def by_layer(self, layer_keys: dict) -> dict:
         """{layer: InputHessians} for the inputs whose fitting half has MIN_ROWS_PER_INPUT rows per feature:
@@ -498,6 +523,6 @@ class HessianSums:
         result = {}
         for name, key in layer_keys.items():
             fit, check = self.sums[key]
-            if fit is not None and check is not None and self.rows[key] >= MIN_ROWS_PER_INPUT * fit.shape[0]:
-                result[name] = InputHessians(fit, check)
+            if fit is not None and check is not None and self.counts[key][0] >= MIN_ROWS_PER_INPUT * fit.shape[0]:
+                result[name] = InputHessians(fit, check, *self.totals[key], *self.counts[key])
         return result

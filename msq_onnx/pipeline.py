@@ -190,6 +190,22 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None) 
     return Analysis(stats, labels, scores, input_score, upstream, gains, choices, modes, mode_log)
 
 
+def error_statistics(layer, stats, bias_correction: bool) -> tuple:
+    """The input statistics a layer's rounding error is measured against: per input channel, its power, and
+    its Hessians when GPTQ can use them. Where the bias correction will take the error's constant part out
+    (weights.quantize_layer), the Hessians are centred on the input's mean: the error they measure on the
+    held-out rows is then exactly the one written, relative to the part of the output that varies.
+    The per-channel powers stay uncentred: on EfficientNet-Lite0's convolutions (no Hessians) centring them
+    measured worse on the tuning half (3.0 bits 78.2 -> 77.0%, 2.5 bits 70.4 -> 68.0%); a convolution's
+    per-channel correction does not take out a mean that varies over the map (its padded borders)."""
+    power, hessians = stats.input_sq.get(layer.name), stats.hessians.get(layer.name)
+    mean = stats.input_mean.get(layer.name)
+    if bias_correction and layer.bias_factor is not None and hessians is not None and mean is not None \
+            and hessians.fit_sum is not None and np.ndim(mean) == 1 and len(mean) == len(hessians.fit):
+        hessians = hessians.centred(mean)
+    return power, hessians
+
+
 TABLE_WORKERS = 2  # layers whose error tables are computed at once; each holds its own working copies
 
 
@@ -203,8 +219,8 @@ def _error_tables(loaded, stats, options, modes: dict) -> dict:
 
     def table(layer):
         room = {b: layer.kind.has_room(layer, b, modes[layer.name].mode, options.prefer) for b in options.bits}
-        return error_table(layer, loaded.weight(layer), stats.input_sq.get(layer.name), options.bits,
-                           options.clip_search, stats.hessians.get(layer.name),
+        input_power, hessians = error_statistics(layer, stats, options.bias_correction)
+        return error_table(layer, loaded.weight(layer), input_power, options.bits, options.clip_search, hessians,
                            {b: layer.kind.scale_block(layer, b, options.prefer) for b in options.bits}, room)
 
     workers = max(1, min(TABLE_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")

@@ -146,6 +146,47 @@ def test_gptq_rounds_better_than_nearest_on_correlated_inputs_and_reports_held_o
     assert integers.shape == matrix.shape and losses.shape == (16,) and (losses >= 0).all()
 
 
+def test_errors_are_measured_after_the_bias_correction_takes_out_their_constant_part():
+    """An input with a large mean: the bias correction cancels the weight error times the mean, so the error a
+    width leaves is the centred one, which the Hessians measure exactly. Measured on uncentred Hessians it
+    looked several times smaller (GPTQ spent itself on the mean's direction, and the mean inflated the
+    signal)."""
+    from types import SimpleNamespace
+
+    from msq_onnx.instrument import InputHessians
+    from msq_onnx.pipeline import error_statistics
+    from msq_onnx.weights import quantize_layer
+
+    rng = np.random.default_rng(3)
+    mixing = rng.normal(size=(24, 24)) * 0.3 + np.eye(24)
+    rows = lambda n: rng.normal(size=(n, 24)) @ mixing + 4.0  # noqa: E731 - post-activation inputs sit far from 0
+    fit, check = rows(3000), rows(3000)
+    both = np.concatenate([fit, check])
+    weight = rng.normal(size=(24, 40)).astype(np.float32)  # MatMul layout [in, out]
+    bias = rng.normal(size=40).astype(np.float32)
+    layer = Layer("m", "MatMul", "w", "x", "y", (24, 40), 1, transposed_weight=True, bias_name="b")
+    stats = SimpleNamespace(input_sq={"m": (both ** 2).mean(axis=0)}, input_mean={"m": both.mean(axis=0)},
+                            hessians={"m": InputHessians(fit.T @ fit, check.T @ check, fit.sum(axis=0),
+                                                         check.sum(axis=0), len(fit), len(check))})
+    centred_check = (check - both.mean(axis=0))
+    for hessians in (True, False):
+        if not hessians:
+            stats.hessians = {}
+        power, h = error_statistics(layer, stats, bias_correction=True)
+        table = error_table(layer, weight, power, (2, 3), hessians=h)
+        raw_power, raw_hessians = error_statistics(layer, stats, bias_correction=False)
+        uncentred = error_table(layer, weight, raw_power, (2, 3), hessians=raw_hessians)
+        for bits in (2, 3):
+            q = quantize_layer(layer, weight, bias, table[bits], both.mean(axis=0))
+            left = (check @ q.weight + q.bias) - (check @ weight + bias)  # what the written layer does
+            written = np.sum(left ** 2) / np.sum((centred_check @ weight) ** 2)
+            if hessians:
+                assert table[bits].error == pytest.approx(written, rel=1e-3)
+                assert uncentred[bits].error < 0.5 * written
+            else:  # the diagonal estimate is an expectation over the rounding, its ratio unmoved by like means
+                assert table[bits].error == pytest.approx(written, rel=0.35)
+
+
 def test_calibration_pass_sums_each_dense_layers_input_hessian_even_and_odd_samples_apart(monkeypatch):
     """The Hessians come out of the calibration pass itself (no second pass over the data) and equal numpy's
     X^T X over the even and the odd samples."""
@@ -175,6 +216,13 @@ def test_calibration_pass_sums_each_dense_layers_input_hessian_even_and_odd_samp
         got = stats.hessians[by_node[node]]
         np.testing.assert_allclose(got.fit, inputs[0::2].T @ inputs[0::2], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(got.check, inputs[1::2].T @ inputs[1::2], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got.fit_sum, inputs[0::2].sum(axis=0), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got.check_sum, inputs[1::2].sum(axis=0), rtol=1e-4, atol=1e-4)
+        assert (got.fit_rows, got.check_rows) == (3, 3)
+        mean = inputs.mean(axis=0)
+        centred = got.centred(mean)
+        np.testing.assert_allclose(centred.check, (inputs[1::2] - mean).T @ (inputs[1::2] - mean), rtol=1e-3,
+                                   atol=1e-3)
     without = instrument.run_pass(loaded, open_samples(os.path.join(folder, "x.npz"), loaded.inputs, Preprocess()),
                                   (1, 2), 64, quiet=True)
     assert without.hessians == {}
