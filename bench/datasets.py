@@ -7,7 +7,10 @@ comes from --shared or MSQ_SHARED (default ../shared beside the checkout).
 from __future__ import annotations
 
 import csv
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -110,3 +113,17 @@ def tokenize_rows(tokenizer_path: str, texts: list[str], length: int | None = No
             columns = [c + [pad] * (length - len(c)) for c, pad in zip(columns, (pad_id, 0, 0))]
         feeds.append({name: np.array([c], dtype=np.int64) for name, c in zip(names, columns)})
     return feeds
+
+
+def run_cli(model: str, work: str, calib: str, evaluation: str, name: str, flags: list[str]) -> dict:
+    """One conversion through cli.py (its own process, as a user runs it): the report it wrote. Exit 3 (a gate
+    failed) still wrote one."""
+    out, report = os.path.join(work, name + ".onnx"), os.path.join(work, name + ".json")
+    command = [sys.executable, os.path.join(HERE, "..", "cli.py"), model, out, "--calib", calib, "--eval", evaluation,
+               *flags, "--report", report, "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode not in (0, 3):
+        raise SystemExit(f"{name}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
+    with open(report) as handle:
+        return json.load(handle)
+

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -29,13 +28,7 @@ import datasets  # noqa: E402
 
 
 def convert(model: str, work: str, calib: str, evaluation: str, name: str, flags: list[str]) -> dict:
-    out, report = os.path.join(work, name + ".onnx"), os.path.join(work, name + ".json")
-    command = [sys.executable, os.path.join(ROOT, "cli.py"), model, out, "--calib", calib, "--eval", evaluation,
-               *datasets.EFFICIENTNET_ARGS, *flags, "--report", report, "--quiet"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode not in (0, 3):
-        raise SystemExit(f"{name}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
-    data = json.load(open(report))
+    data = datasets.run_cli(model, work, calib, evaluation, name, [*datasets.EFFICIENTNET_ARGS, *flags])
     evaluation_ = data["evaluation"]
     return {"name": name, "flags": " ".join(flags), "top1": evaluation_["quant_top1"], "fp32_top1": evaluation_["fp32_top1"],
             "avg_bits": data["avg_weight_bits"], "bytes": data["size_bytes"]["file"],
