@@ -505,6 +505,26 @@ def _input_specs(graph, inits) -> list[InputSpec]:
     return specs
 
 
+def _check_sample_axes(path: str, graph, inits) -> None:
+    """Calibration samples are fed along the first axis of every input. A scalar input (a sample rate), or one
+    whose batch axis is not the first (an RNN state [layers, batch, hidden]), cannot be fed that way."""
+    values = [value for value in graph.input if value.name not in inits]
+    dims = {value.name: list(value.type.tensor_type.shape.dim) for value in values}
+    known_rank = {value.name for value in values if value.type.tensor_type.HasField("shape")}
+    batch = next((d[0].dim_param for d in dims.values() if d and d[0].dim_param), None)
+    for name, shape in dims.items():
+        if not shape and name in known_rank:
+            problem = "is a scalar (rank 0)"
+        elif batch and shape[0].dim_param != batch and any(d.dim_param == batch for d in shape[1:]):
+            axis = next(i for i, d in enumerate(shape) if d.dim_param == batch)
+            problem = f"has its batch axis '{batch}' at position {axis}, not first"
+        else:
+            continue
+        raise BadModel(f"'{path}': input '{name}' {problem}; msq-onnx feeds calibration samples along the first "
+                       "axis of every input, so it cannot feed this model: re-export it with that input fixed as a "
+                       "constant or its batch axis first.")
+
+
 def task_output(model: onnx.ModelProto, requested: str | None = None) -> str:
     """The output the task is judged on: --output, else the first float output of rank >= 2 (converters such
     as skl2onnx put an int64 label first), else the first output."""
@@ -542,13 +562,17 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
     inputs = _input_specs(model.graph, inits)
     if not inputs:
         raise BadModel(f"'{path}' has no graph inputs to feed; re-export it with its input tensor(s).")
+    _check_sample_axes(path, model.graph, inits)
     if not model.graph.output:
         raise BadModel(f"'{path}' has no graph outputs, so there is no prediction to calibrate against; "
                        "re-export it with its output tensor(s).")
     layers, skipped = find_layers(model, inits)
     if not layers:
+        inside = sum("subgraphs are left in float" in entry["reason"] for entry in skipped)
+        where = (f" outside control flow: its {inside} weighted node(s) sit inside If/Loop/Scan bodies, which "
+                 "msq-onnx leaves in float" if inside else "")
         raise BadModel(f"'{path}' has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a "
-                       "constant weight); there is nothing to allocate bits to.")
+                       f"constant weight){where}; there is nothing to allocate bits to.")
     return LoadedModel(model=model, source_path=path, source_opset=source_opset, opset=_default_opset(model),
                        inputs=inputs, output_name=task_output(model, output), layers=layers,
                        size_bytes=size, initializers=inits, skipped=skipped)

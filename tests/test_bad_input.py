@@ -353,6 +353,60 @@ def _(d):
     return save_unchecked(model, d / "relu.onnx"), ["--calib", str(calib)], ("no quantizable layer",)
 
 
+@case("model-scalar-input")
+def _(d):
+    """A sample-rate-like scalar input: no sample axis to feed calibration samples along."""
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "sr"], ["xs"], name="scale"),
+                               helper.make_node("MatMul", ["xs", "w"], ["y"], name="mm")], "scalar_input",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                               helper.make_tensor_value_info("sr", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    calib = d / "calib.npz"
+    np.savez(calib, x=np.ones((8, 4), np.float32), sr=np.ones(8, np.float32))
+    return save_unchecked(model, d / "scalar.onnx"), ["--calib", str(calib)], ("'sr'", "scalar")
+
+
+@case("model-state-batch-not-first")
+def _(d):
+    """An RNN-style state [layers, batch, hidden]: its samples cannot be stacked along the first axis."""
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+                               helper.make_node("Identity", ["state"], ["state_out"], name="keep")], "state_input",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+                               helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
+                               helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, "batch", 8])],
+                              [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    calib = d / "calib.npz"
+    np.savez(calib, x=np.ones((8, 4), np.float32), state=np.zeros((2, 8, 8), np.float32))
+    return save_unchecked(model, d / "state.onnx"), ["--calib", str(calib)], ("'state'", "position 1")
+
+
+@case("model-layers-only-inside-if")
+def _(d):
+    """Every weighted node inside an If body: nothing to allocate, and the message says where they are."""
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("MatMul", ["x", "w"], [name + "_y"], name=name + "_mm")], name, [],
+        [helper.make_tensor_value_info(name + "_y", TensorProto.FLOAT, ["N", 3])])
+    graph = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+                               helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+                               helper.make_node("If", ["c"], ["y"], name="branch", then_branch=branch("a"),
+                                                else_branch=branch("b"))], "if_only",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(np.ones((4, 3), np.float32), "w"),
+                               numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    calib = d / "calib.npz"
+    np.savez(calib, x=np.ones((8, 4), np.float32))
+    return save_unchecked(model, d / "if.onnx"), ["--calib", str(calib)], ("no quantizable layer", "If")
+
+
 @case("model-opset-27")
 def _(d):
     model = tiny_cnn()
