@@ -117,6 +117,10 @@ class Budget:
     limit: float
     name: str  # the flag it comes from, for messages
     total: float | None = None  # --max-size: the bytes the whole written file may take
+    unit: str = "bits"  # of costs and limit: bits, bytes or seconds
+
+    def show(self, value: float) -> str:
+        return f"{value * 1000:.3g} ms" if self.unit == "seconds" else f"{value:,.0f} {self.unit}"
 
 
 def bits_budget(params: dict, widths, avg_bits: float, fixed: int = 0) -> Budget:
@@ -193,7 +197,8 @@ def check_reachable(budgets, widths, allowed: dict | None = None) -> None:
                      for name in budget.costs)
         if lowest > budget.limit * (1 + 1e-9) + 1e-6:
             raise BadOption(f"{budget.name} cannot be met: even the narrowest widths need more "
-                            f"({lowest:,.0f} against {budget.limit:,.0f}); raise it or add narrower --bits.")
+                            f"({budget.show(lowest)} against {budget.show(budget.limit)}); raise it"
+                            f"{'' if budget.unit == 'seconds' else ' or add narrower --bits'}.")
 
 
 def allocate(method: str, importance: dict, damage: dict | None, candidate_bits, budgets) -> dict:

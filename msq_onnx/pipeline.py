@@ -286,7 +286,8 @@ def size_budget(loaded, options: Options, widths) -> allocate_stage.Budget | Non
                 "; raise it or add narrower --bits")
         raise BadOption(f"--max-size {options.max_size:g} ({limit:,.0f} bytes) is below the smallest model "
                         f"--prefer {options.prefer} can write ({smallest(options.prefer):,.0f} bytes){hint}.")
-    return allocate_stage.Budget(costs(options.prefer), limit - rest, f"--max-size {options.max_size:g}", limit)
+    return allocate_stage.Budget(costs(options.prefer), limit - rest, f"--max-size {options.max_size:g}", limit,
+                                 "bytes")
 
 
 def latency_budget(loaded, analysis: Analysis, options: Options, widths, samples, work_dir: str):
@@ -311,7 +312,8 @@ def latency_budget(loaded, analysis: Analysis, options: Options, widths, samples
             container = layer.kind.container(layer, bits, mode, options.prefer)
             costs[layer.name][bits] = width_seconds(layer, seconds[layer.name], layer.kind.mode_for(container, mode),
                                                     container)
-    return allocate_stage.Budget(costs, options.max_latency * fp32 - rest, f"--max-latency {options.max_latency:g}")
+    return allocate_stage.Budget(costs, options.max_latency * fp32 - rest, f"--max-latency {options.max_latency:g}",
+                                 unit="seconds")
 
 
 def plan_layers(loaded, analysis: Analysis, bits: dict, prefer: str) -> tuple[dict, dict]:
@@ -454,7 +456,7 @@ def _meet_size(chosen: Candidate, budgets: list, build, prefer: str) -> Candidat
             raise BadOption(f"{size.name} cannot be met: the smallest model --prefer {prefer} writes is "
                             f"{chosen.file_bytes:,} bytes (written and measured){hint}.")
         limit = max(used - (chosen.file_bytes - size.total), lowest)
-        size = allocate_stage.Budget(size.costs, limit, size.name, size.total)
+        size = allocate_stage.Budget(size.costs, limit, size.name, size.total, size.unit)
         budgets = [size if b.total is not None else b for b in budgets]
         chosen = build(budgets)
     return chosen
@@ -476,7 +478,7 @@ def _meet_latency(loaded, chosen: Candidate, budgets: list, build, samples, work
         fp32, output = time_models([os.path.join(work_dir, "fp32.onnx"), chosen.path], feed)
         if output <= ratio * fp32:
             break
-        tighter = allocate_stage.Budget(bound.costs, bound.limit * ratio * fp32 / output, bound.name)
+        tighter = allocate_stage.Budget(bound.costs, bound.limit * ratio * fp32 / output, bound.name, unit=bound.unit)
         budgets = [tighter if b is bound else b for b in budgets]
         bound = tighter
         try:
@@ -536,6 +538,10 @@ def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple, work_d
     return result
 
 
+SLOWER_THAN_FP32 = 1.1  # beyond the drift between this machine's interleaved timings (a few percent) ...
+SLOWER_BY_MS = 0.1  # ... and beyond a run's own overhead: a 0.02 ms toy model's ratio is the session's, not the model's
+
+
 def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, not_held_out: bool,
               budgets: list, measured_latency: dict | None = None) -> list[str]:
     """What the tool cannot stand behind, said in one line each."""
@@ -546,6 +552,15 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
     if latency is not None and chosen_latency > latency:
         warnings.append(f"measured latency is {chosen_latency:.2f}x FP32's, over --max-latency {latency:g}: the "
                         "bound was met on the layers' separate timings only (this machine's timings drift)")
+    elif latency is None and measured_latency and measured_latency["output"] > max(
+            SLOWER_THAN_FP32 * measured_latency["fp32"], measured_latency["fp32"] + SLOWER_BY_MS):
+        counts = {mode: list(chosen.modes.values()).count(mode) for mode in sorted(set(chosen.modes.values()))}
+        modes = ", ".join(f"{count} {mode}" for mode, count in counts.items())
+        warnings.append(f"the written model runs {measured_latency['output'] / measured_latency['fp32']:.2f}x slower "
+                        f"than FP32 at batch 1 on this machine ({measured_latency['output']:.3g} vs "
+                        f"{measured_latency['fp32']:.3g} ms; layers: {modes}): its float and weight-only layers pay "
+                        "for their Q/DQ conversions; --activations static puts every layer on the fused integer "
+                        "kernels (check the fidelity it then reports)")
     size = next((b for b in budgets if b.total is not None), None)
     if size is not None and chosen.file_bytes > size.total:
         warnings.append(f"the written model is {chosen.file_bytes:,} bytes, over --max-size ({size.total:,.0f}): "

@@ -101,3 +101,50 @@ def test_transformer_block_on_tokens(tmp_path):
     assert names == ["q_proj", "k_proj", "v_proj", "ffn_up", "ffn_down", "conv1d", "head"]
     assert report["fused_integer_kernels"] >= 6
     assert relative < 0.15 and report["agreement"] >= 80
+
+
+def _conv_bn_model(seed=0, second_user=False):
+    """Conv (no bias) -> BatchNormalization with statistics far from identity, as PaddlePaddle exports leave them."""
+    rng = np.random.default_rng(seed)
+    inits = [_init(rng, "w", 6, 3, 3, 3),
+             numpy_helper.from_array(rng.uniform(0.2, 3.0, 6).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.normal(0, 1, 6).astype(np.float32), "beta"),
+             numpy_helper.from_array(rng.normal(0, 2, 6).astype(np.float32), "mean"),
+             numpy_helper.from_array(rng.uniform(0.01, 9.0, 6).astype(np.float32), "var"), _init(rng, "wf", 4, 6)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"], epsilon=1e-3,
+                              name="bn"),
+             helper.make_node("Relu", ["n"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf"], ["logits"], transB=1, name="fc")]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])]
+    if second_user:  # the convolution's own output is also read elsewhere: folding would change it there
+        outputs.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 6, 8, 8]))
+    graph = helper.make_graph(nodes, "conv_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                              ["N", 3, 8, 8])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+
+
+def test_batch_normalization_is_folded_into_its_convolution(tmp_path):
+    """A BN behind a Conv is folded as ORT's optimizer folds it: the same outputs, no BN left to run beside a
+    quantized weight, and static quantization measures the rescaled output."""
+    from msq_onnx.load import load_model
+
+    x = np.random.default_rng(2).normal(size=(5, 3, 8, 8)).astype(np.float32)
+    for second_user, expect_bn in ((False, 0), (True, 1)):
+        model = _conv_bn_model(second_user=second_user)
+        path = tmp_path / f"bn{second_user}.onnx"
+        onnx.save(model, path)
+        loaded = load_model(str(path))
+        assert [n.op_type for n in loaded.model.graph.node].count("BatchNormalization") == expect_bn
+        before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"x": x})[0]
+        after = ort.InferenceSession(loaded.model.SerializeToString(),
+                                     providers=["CPUExecutionProvider"]).run(["logits"], {"x": x})[0]
+        np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5)
+        if not expect_bn:
+            conv = next(n for n in loaded.model.graph.node if n.op_type == "Conv")
+            assert len(conv.input) == 3 and conv.input[2] in loaded.initializers  # a bias made for the fold
+            assert not {"gamma", "beta", "mean", "var"} & {t.name for t in loaded.model.graph.initializer}
+    report, relative = _convert_and_compare(tmp_path, _conv_bn_model(), (3, 8, 8), avg_bits=8)
+    assert report["fused_integer_kernels"] == 2 and relative < 0.05

@@ -3,6 +3,7 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import helper, numpy_helper
 
 from conftest import samples_for, tiny_cnn, tiny_mlp
@@ -131,3 +132,31 @@ def test_imprinting_keeps_a_spread_subset_when_the_set_is_larger_than_its_cap(tm
     assert stats.imprinted.max() > 300  # not just the first 300: the last class is represented
     keep = imprint_selection(1000, 300, seed=0)
     assert keep.sum() == 300 and keep[:500].sum() < 200 and np.array_equal(keep, imprint_selection(1000, 300, 0))
+
+
+def test_a_written_model_slower_than_fp32_is_said_out_loud():
+    """Measured latency over 1.1x FP32's, with no --max-latency asked: one warning naming the ratio and the modes
+    (a MobileNetV3-style classifier whose depthwise layers went weight-only ran 2.3x slower than FP32)."""
+    from types import SimpleNamespace
+
+    from msq_onnx.allocate import Budget, check_reachable
+    from msq_onnx.errors import BadOption
+    from msq_onnx.pipeline import Candidate, Options, _warnings
+
+    chosen = Candidate({"a": 8, "b": 8}, 8.0, "q.onnx", None, {"a": "static", "b": "weight-only"}, {}, 100)
+    loaded = SimpleNamespace(skipped=[])
+    options = Options(max_drop=1.0)  # a gate: the collapse check is the gate's, not a warning
+
+    def warned(latency, opts=options):
+        return [w for w in _warnings(loaded, chosen, None, opts, False, [], latency) if "slower than FP32" in w]
+
+    slow = warned({"fp32": 4.0, "output": 9.0})
+    assert len(slow) == 1 and "2.25x" in slow[0] and "1 weight-only" in slow[0]
+    assert not warned({"fp32": 4.0, "output": 4.2})  # within this machine's drift
+    assert not warned({"fp32": 0.02, "output": 0.03})  # a toy model: the session's overhead, not the model's
+    assert not warned(None)
+    bounded = Options(max_drop=1.0, max_latency=3.0)  # the bound's own check speaks instead
+    assert not warned({"fp32": 4.0, "output": 9.0}, bounded)
+    # a latency bound that cannot be met says so in milliseconds, not in rounded seconds
+    with pytest.raises(BadOption, match=r"3\.6 ms against 3\.5 ms"):
+        check_reachable([Budget({"a": {8: 0.0036}}, 0.0035, "--max-latency 1", unit="seconds")], [8])
