@@ -150,8 +150,12 @@ def test_a_written_model_slower_than_fp32_is_said_out_loud():
     def warned(latency, opts=options):
         return [w for w in _warnings(loaded, chosen, None, opts, False, [], latency) if "slower than FP32" in w]
 
+    slow = warned({"fp32": 4.0, "output": 9.0, "ort_static_int8": 5.0})
+    assert len(slow) == 1 and "2.25x" in slow[0] and "1 weight-only" in slow[0] and "--activations static" in slow[0]
+    assert "own int8 model 5 ms" in slow[0]
+    chosen.modes = {"a": "static", "b": "static"}  # then the advice cannot be to go static
     slow = warned({"fp32": 4.0, "output": 9.0})
-    assert len(slow) == 1 and "2.25x" in slow[0] and "1 weight-only" in slow[0]
+    assert len(slow) == 1 and "every layer is static" in slow[0] and "--activations" not in slow[0]
     assert not warned({"fp32": 4.0, "output": 4.2})  # within this machine's drift
     assert not warned({"fp32": 0.02, "output": 0.03})  # a toy model: the session's overhead, not the model's
     assert not warned(None)
