@@ -882,9 +882,12 @@ def test_pass_counts_real_tokens_and_modes_need_fewer_samples_only_for_real_rows
     assert stats.tokens == pytest.approx(5.5)
     assert max(stats.rows.values()) == 64  # the padded length a run computes
     real = {name: min(r, stats.tokens) for name, r in stats.rows.items()}
-    # 64 rows a sample would need 16 samples; 5.5 real rows need all 20 there are
+    # 64 rows a sample of the narrowest layer's 16 outputs reach 8,192 values in 8 samples; 5.5 real rows need
+    # all 20 there are
+    narrowest = min(layer.weight_shape[layer.out_axis] for layer in loaded.layers)
+    assert narrowest == 16 and modes.ENOUGH_VALUES == 8192
     assert sum(n for _, n in modes.measure(loaded, samples, stats.ranges, quiet=True, rows=real).feeds) == 20
-    assert sum(n for _, n in modes.measure(loaded, samples, stats.ranges, quiet=True, rows=stats.rows).feeds) == 16
+    assert sum(n for _, n in modes.measure(loaded, samples, stats.ranges, quiet=True, rows=stats.rows).feeds) == 8
 
 
 def test_embedding_scales_are_stored_in_float16_unless_it_cannot_hold_them():

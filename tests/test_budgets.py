@@ -175,19 +175,27 @@ def test_a_held_out_split_of_images_decodes_only_its_own_images(tmp_path, monkey
     assert [os.path.basename(p) for p in decoded] == ["1.png", "3.png", "6.png", "8.png"]
 
 
-def test_activation_modes_are_measured_on_fewer_samples_only_when_every_layer_has_rows_enough(cnn_files):
-    """A sequence model's layers see dozens of rows a sample: 12 samples give each 1,024; a layer with one
-    row a sample (a classifier head) keeps the 32 samples."""
+def test_activation_modes_are_measured_on_fewer_samples_only_when_every_layer_has_values_enough(cnn_files,
+                                                                                             monkeypatch):
+    """Every layer's error must sum ENOUGH_VALUES output values (static sizes from shape inference): a
+    convolution's map gives thousands a sample, a classifier head one per class, so the head sets the count,
+    between 8 and 32 samples. (Symbolic sizes count rows x channels: the token test in test_any_model.)"""
     from msq_onnx import modes
     from msq_onnx.instrument import run_pass
 
     loaded = load_model(cnn_files["model"])
     calib = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
     ranges = run_pass(loaded, calib, (1, 2), 64, quiet=True).ranges
-    many = {layer.name: 90 for layer in loaded.layers}
-    measured = modes.measure(loaded, calib, ranges, quiet=True, rows=many)
-    assert sum(real for _, real in measured.feeds) == 12
-    one_row_head = dict(many, **{loaded.layers[-1].name: 1})
-    assert sum(real for _, real in modes.measure(loaded, calib, ranges, quiet=True, rows=one_row_head).feeds) == 32
-    assert sum(real for _, real in modes.measure(loaded, calib, ranges, quiet=True).feeds) == 32
+    head = loaded.layers[-1]
+    classes = head.weight_shape[head.out_axis]
+
+    def count():
+        return sum(real for _, real in modes.measure(loaded, calib, ranges, quiet=True).feeds)
+
+    assert count() == 32  # a head of a few classes: 8,192 values would take more samples than the cap
+    monkeypatch.setattr(modes, "ENOUGH_VALUES", 9 * classes)
+    assert count() == 9
+    monkeypatch.setattr(modes, "ENOUGH_VALUES", classes)
+    measured = modes.measure(loaded, calib, ranges, quiet=True)
+    assert sum(real for _, real in measured.feeds) == modes.MIN_SAMPLES == 8
     assert set(measured.errors) == {layer.name for layer in loaded.layers}
