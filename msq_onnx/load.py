@@ -399,6 +399,10 @@ def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> int:
             conv.input[2] = bias
         conv.output[0] = bn.output[0]
         folded.append(bn)
+    gone = {bn.input[0] for bn in folded}  # the convolutions' former outputs: no tensor of that name is left
+    stale_info = [v for v in graph.value_info if v.name in gone]
+    for value in stale_info:
+        graph.value_info.remove(value)
     for bn in folded:
         graph.node.remove(bn)
     if folded:

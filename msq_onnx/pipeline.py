@@ -542,11 +542,14 @@ SLOWER_THAN_FP32 = 1.1  # beyond the drift between this machine's interleaved ti
 SLOWER_BY_MS = 0.1  # ... and beyond a run's own overhead: a 0.02 ms toy model's ratio is the session's, not the model's
 
 
-def _slower_than_fp32(chosen: Candidate, measured: dict) -> str:
+def _slower_than_fp32(chosen: Candidate, measured: dict, prefer: str = "speed") -> str:
     counts = {mode: list(chosen.modes.values()).count(mode) for mode in sorted(set(chosen.modes.values()))}
     yardstick = next((f"; ONNX Runtime's own int8 model {value:.3g} ms" for key, value in measured.items()
                       if key.startswith("ort_")), "")
-    if set(counts) == {STATIC}:
+    if prefer == "size":
+        why = ("--prefer size stores weights in the narrowest containers, and ORT runs int4 Conv weights as float "
+               "convolutions: --prefer speed keeps int8 on the fused integer kernels")
+    elif set(counts) == {STATIC}:
         why = ("every layer is static, so the Q/DQ pairs around the float ops between layers cost more than the "
                "integer kernels save on this model at batch 1")
     else:
@@ -569,7 +572,7 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
                         "bound was met on the layers' separate timings only (this machine's timings drift)")
     elif latency is None and measured_latency and measured_latency["output"] > max(
             SLOWER_THAN_FP32 * measured_latency["fp32"], measured_latency["fp32"] + SLOWER_BY_MS):
-        warnings.append(_slower_than_fp32(chosen, measured_latency))
+        warnings.append(_slower_than_fp32(chosen, measured_latency, options.prefer))
     size = next((b for b in budgets if b.total is not None), None)
     if size is not None and chosen.file_bytes > size.total:
         warnings.append(f"the written model is {chosen.file_bytes:,} bytes, over --max-size ({size.total:,.0f}): "

@@ -156,6 +156,8 @@ def test_a_written_model_slower_than_fp32_is_said_out_loud():
     chosen.modes = {"a": "static", "b": "static"}  # then the advice cannot be to go static
     slow = warned({"fp32": 4.0, "output": 9.0})
     assert len(slow) == 1 and "every layer is static" in slow[0] and "--activations" not in slow[0]
+    sized = Options(max_drop=1.0, prefer="size")  # there the containers are why
+    assert "--prefer speed" in warned({"fp32": 4.0, "output": 9.0}, sized)[0]
     assert not warned({"fp32": 4.0, "output": 4.2})  # within this machine's drift
     assert not warned({"fp32": 0.02, "output": 0.03})  # a toy model: the session's overhead, not the model's
     assert not warned(None)
