@@ -484,9 +484,13 @@ class InputHessians:
         mean = np.asarray(mean, np.float64)
 
         def centre(gram, total, rows):
-            total = np.asarray(total, np.float64)
-            return (gram.astype(np.float64) - np.outer(total, mean) - np.outer(mean, total)
-                    + rows * np.outer(mean, mean)).astype(np.float32)
+            # G - s m^T - m s^T + n m m^T = G - u m^T - m u^T with u = s - n m / 2: two K x K float64 arrays at
+            # a time, not five (a 4096-wide input's would be 320 MB)
+            centred = gram.astype(np.float64)
+            outer = np.outer(np.asarray(total, np.float64) - rows * mean / 2, mean)
+            centred -= outer
+            centred -= outer.T
+            return centred.astype(np.float32)
 
         return InputHessians(centre(self.fit, self.fit_sum, self.fit_rows),
                              centre(self.check, self.check_sum, self.check_rows))

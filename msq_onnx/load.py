@@ -281,7 +281,8 @@ def _infer_shapes(model: onnx.ModelProto, path: str, external: bool) -> onnx.Mod
         except Exception:
             return model
     known = {v.name for v in model.graph.value_info}
-    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
+    present = {name for node in model.graph.node for name in node.output}  # folded-away tensors stay out
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known and v.name in present)
     return model
 
 
@@ -352,6 +353,18 @@ def _subgraph_inputs(graph) -> set:
     return names
 
 
+def _all_names(graph) -> set:
+    """Every value name of the graph and of its subgraphs: inputs, outputs, initializers and node ends."""
+    names = {v.name for v in list(graph.input) + list(graph.output)} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        for attr in node.attribute:
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                names |= _all_names(body)
+    return names
+
+
 def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> int:
     """Conv -> BatchNormalization (inference form, constant statistics) folded into the Conv's weight and bias,
     as ONNX Runtime does when it optimizes the FP32 model. Left apart, the runtime cannot fold it behind a
@@ -362,6 +375,7 @@ def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> int:
     users = _consumers(graph)
     outputs = {o.name for o in graph.output}
     shared = _subgraph_inputs(graph) | outputs
+    taken = _all_names(graph)  # a new bias must not shadow any of them (an input of that name would stop being fed)
     folded = []
     for bn in graph.node:
         if bn.op_type != "BatchNormalization" or any(bn.output[1:]) or attribute(bn, "training_mode", 0):
@@ -389,8 +403,9 @@ def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> int:
             _replace_initializer(graph, inits, bias, new_bias)
         else:
             bias = f"{conv.name or weight}_folded_bias"
-            while bias in inits or bias in producer:
+            while bias in taken:
                 bias += "_"
+            taken.add(bias)
             tensor = numpy_helper.from_array(new_bias, bias)
             graph.initializer.append(tensor)
             inits[bias] = tensor
@@ -549,6 +564,8 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
             shared.bias_name, shared.bias_factor = None, None
             continue
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        if len(node.input) > 2 and node.input[2] and bias is None:
+            fields["bias_factor"] = None  # a bias computed in the graph: nothing constant to put a correction in
         if node.op_type == "MatMul":
             bias = _bias_add(node, users, inits)
             if bias is None:
@@ -583,13 +600,17 @@ def _check_sample_axes(path: str, graph, inits) -> None:
     """Calibration samples are fed along the first axis of every input. A scalar input (a sample rate), or one
     whose batch axis is not the first (an RNN state [layers, batch, hidden]), cannot be fed that way."""
     values = [value for value in graph.input if value.name not in inits]
+    for value in values:
+        if not value.type.HasField("tensor_type"):
+            raise BadModel(f"'{path}': input '{value.name}' is a {value.type.WhichOneof('value')}, not a tensor; "
+                           "msq-onnx feeds tensors only: re-export the model with tensor inputs.")
     dims = {value.name: list(value.type.tensor_type.shape.dim) for value in values}
     known_rank = {value.name for value in values if value.type.tensor_type.HasField("shape")}
     batch = next((d[0].dim_param for d in dims.values() if d and d[0].dim_param), None)
     for name, shape in dims.items():
         if not shape and name in known_rank:
             problem = "is a scalar (rank 0)"
-        elif batch and shape[0].dim_param != batch and any(d.dim_param == batch for d in shape[1:]):
+        elif batch and shape and shape[0].dim_param != batch and any(d.dim_param == batch for d in shape[1:]):
             axis = next(i for i, d in enumerate(shape) if d.dim_param == batch)
             problem = f"has its batch axis '{batch}' at position {axis}, not first"
         else:

@@ -228,11 +228,13 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
     shapes = _static_shapes(loaded.model)
 
     def values(layer) -> int:
-        """Output values a sample: the output's static size, else rows x output channels."""
+        """Output values a sample: rows x output channels where rows are counted (tokens: real ones only, a fixed
+        sequence length counts padding too), else the output's static size."""
+        channels = layer.weight_shape[layer.out_axis]
+        if layer.kind.channels_last and rows and layer.name in rows:
+            return int(rows[layer.name] * channels)
         dims = shapes.get(layer.output_name, [])[1:]
-        if dims and all(dims):
-            return int(np.prod(dims))
-        return (rows or {}).get(layer.name, 1) * layer.weight_shape[layer.out_axis]
+        return int(np.prod(dims)) if dims and all(dims) else (rows or {}).get(layer.name, 1) * channels
 
     # An embedding table's modes leave its input alone: nothing of it to measure.
     measured = [layer for layer in loaded.layers if any(quantizes_activations(layer, m) for m in layer.kind.modes)]

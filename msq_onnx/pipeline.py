@@ -542,22 +542,24 @@ SLOWER_THAN_FP32 = 1.1  # beyond the drift between this machine's interleaved ti
 SLOWER_BY_MS = 0.1  # ... and beyond a run's own overhead: a 0.02 ms toy model's ratio is the session's, not the model's
 
 
-def _slower_than_fp32(chosen: Candidate, measured: dict, prefer: str = "speed") -> str:
+def _slower_than_fp32(chosen: Candidate, measured: dict, options: Options, layers) -> str:
     counts = {mode: list(chosen.modes.values()).count(mode) for mode in sorted(set(chosen.modes.values()))}
     yardstick = next((f"; ONNX Runtime's own int8 model {value:.3g} ms" for key, value in measured.items()
                       if key.startswith("ort_")), "")
-    if prefer == "size":
-        why = ("--prefer size stores weights in the narrowest containers, and ORT runs int4 Conv weights as float "
-               "convolutions: --prefer speed keeps int8 on the fused integer kernels")
-    elif set(counts) == {STATIC}:
-        why = ("every layer is static, so the Q/DQ pairs around the float ops between layers cost more than the "
-               "integer kernels save on this model at batch 1")
+    could_be_static = [layer for layer in layers if chosen.modes.get(layer.name, STATIC) != STATIC
+                       and STATIC in layer.kind.modes]
+    if options.prefer == "size":
+        why = ("--prefer size stores weights in the narrowest containers ORT runs, some slower than int8 (int4 Conv "
+               "weights run as float convolutions): --prefer speed keeps int8 on the fused integer kernels")
+    elif could_be_static and options.activations == "auto":
+        why = (f"{len(could_be_static)} layer(s) that could run static pay for Q/DQ conversions instead: "
+               "--activations static puts them on the fused integer kernels (check the fidelity it then reports)")
     else:
-        why = ("its weight-only and float layers pay for Q/DQ conversions: --activations static puts every layer on "
-               "the fused integer kernels (check the fidelity it then reports)")
-    return (f"the written model runs {measured['output'] / measured['fp32']:.2f}x slower than FP32 at batch 1 on "
-            f"this machine ({measured['output']:.3g} vs {measured['fp32']:.3g} ms{yardstick}; layers: "
-            f"{', '.join(f'{count} {mode}' for mode, count in counts.items())}): {why}")
+        why = ("the Q/DQ pairs around the float ops between its layers cost more than the integer kernels save on "
+               "this model at this batch size")
+    return (f"the written model runs {measured['output'] / measured['fp32']:.2f}x slower than FP32 at batch "
+            f"{measured.get('batch', 1)} on this machine ({measured['output']:.3g} vs {measured['fp32']:.3g} ms"
+            f"{yardstick}; layers: {', '.join(f'{count} {mode}' for mode, count in counts.items())}): {why}")
 
 
 def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, not_held_out: bool,
@@ -572,7 +574,7 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
                         "bound was met on the layers' separate timings only (this machine's timings drift)")
     elif latency is None and measured_latency and measured_latency["output"] > max(
             SLOWER_THAN_FP32 * measured_latency["fp32"], measured_latency["fp32"] + SLOWER_BY_MS):
-        warnings.append(_slower_than_fp32(chosen, measured_latency, options.prefer))
+        warnings.append(_slower_than_fp32(chosen, measured_latency, options, loaded.layers))
     size = next((b for b in budgets if b.total is not None), None)
     if size is not None and chosen.file_bytes > size.total:
         warnings.append(f"the written model is {chosen.file_bytes:,} bytes, over --max-size ({size.total:,.0f}): "

@@ -55,9 +55,7 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
             model.graph.initializer[index[layer.bias_name]].CopyFrom(
                 numpy_helper.from_array(result.bias, layer.bias_name))
             continue
-        node = nodes[layer.name]
-        if len(node.input) > 2 and node.input[2]:
-            continue  # a bias computed in the graph: nothing constant to correct
+        node = nodes[layer.name]  # no bias yet (one computed in the graph has no bias_factor: load.find_layers)
         name = f"{layer.weight_name}_msq_bias"
         model.graph.initializer.append(numpy_helper.from_array(result.bias, name))
         if len(node.input) > 2:

@@ -888,6 +888,13 @@ def test_pass_counts_real_tokens_and_modes_need_fewer_samples_only_for_real_rows
     assert narrowest == 16 and modes.ENOUGH_VALUES == 8192
     assert sum(n for _, n in modes.measure(loaded, samples, stats.ranges, quiet=True, rows=real).feeds) == 20
     assert sum(n for _, n in modes.measure(loaded, samples, stats.ranges, quiet=True, rows=stats.rows).feeds) == 8
+    # exported with a fixed sequence length of 64: the static sizes count padding, the real rows still rule
+    fixed = encoder()
+    for value in fixed.graph.input:
+        value.type.tensor_type.shape.dim[1].dim_value = 64
+    loaded = load_model(save(fixed, tmp_path / "fixed.onnx"))
+    samples = open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess())
+    assert sum(n for _, n in modes.measure(loaded, samples, stats.ranges, quiet=True, rows=real).feeds) == 20
 
 
 def test_embedding_scales_are_stored_in_float16_unless_it_cannot_hold_them():

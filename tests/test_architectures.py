@@ -148,3 +148,50 @@ def test_batch_normalization_is_folded_into_its_convolution(tmp_path):
             assert not {"gamma", "beta", "mean", "var"} & {t.name for t in loaded.model.graph.initializer}
     report, relative = _convert_and_compare(tmp_path, _conv_bn_model(), (3, 8, 8), avg_bits=8)
     assert report["fused_integer_kernels"] == 2 and relative < 0.05
+
+
+def test_a_folded_bias_never_takes_the_name_of_a_graph_input(tmp_path):
+    """The bias a fold creates gets a name no value of the graph has: an input of that name would otherwise be
+    shadowed by the initializer and stop being fed."""
+    from msq_onnx.load import load_model
+
+    model = _conv_bn_model()
+    model.graph.node[0].name = "conv"
+    model.graph.input.append(helper.make_tensor_value_info("conv_folded_bias", TensorProto.FLOAT, ["N", 4]))
+    model.graph.node.append(helper.make_node("Add", ["logits", "conv_folded_bias"], ["shifted"], name="shift"))
+    model.graph.output.append(helper.make_tensor_value_info("shifted", TensorProto.FLOAT, ["N", 4]))
+    path = tmp_path / "named.onnx"
+    onnx.save(model, path)
+    loaded = load_model(str(path))
+    assert "conv_folded_bias" not in loaded.initializers
+    feed = {"x": np.ones((2, 3, 8, 8), np.float32), "conv_folded_bias": np.full((2, 4), 3.0, np.float32)}
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["shifted"], feed)[0]
+    after = ort.InferenceSession(loaded.model.SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(["shifted"], feed)[0]
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_a_gemm_whose_bias_is_computed_in_the_graph_gets_no_correction_and_no_centred_error(tmp_path):
+    """Nothing constant to put a correction in: the layer says so (bias_factor None), so its errors are measured
+    uncentred, as the layer will be written."""
+    from types import SimpleNamespace
+
+    from msq_onnx.instrument import InputHessians
+    from msq_onnx.load import load_model
+    from msq_onnx.pipeline import error_statistics
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([helper.make_node("Mul", ["b", "two"], ["c"], name="computed_bias"),
+                               helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc")], "gemm_c",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+                              [_init(rng, "w", 8, 6), _init(rng, "b", 6), numpy_helper.from_array(np.float32(2), "two")])
+    path = tmp_path / "gemm_c.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    layer = load_model(str(path)).layers[0]
+    assert layer.bias_name is None and layer.bias_factor is None
+    x = rng.normal(size=(64, 8)) + 5.0
+    hessians = InputHessians(x.T @ x, x.T @ x, x.sum(axis=0), x.sum(axis=0), 64, 64)
+    stats = SimpleNamespace(input_sq={layer.name: (x ** 2).mean(axis=0)}, input_mean={layer.name: x.mean(axis=0)},
+                            hessians={layer.name: hessians})
+    assert error_statistics(layer, stats, bias_correction=True)[1] is hessians

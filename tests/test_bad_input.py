@@ -386,6 +386,23 @@ def _(d):
     return save_unchecked(model, d / "state.onnx"), ["--calib", str(calib)], ("'state'", "position 1")
 
 
+@case("model-sequence-input")
+def _(d):
+    """A graph input that is a sequence of tensors: one line naming it, no traceback."""
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+                               helper.make_node("SequenceLength", ["s"], ["n"], name="count")], "sequence_input",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                               helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3]),
+                               helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+                              [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    calib = d / "calib.npz"
+    np.savez(calib, x=np.ones((8, 4), np.float32))
+    return save_unchecked(model, d / "sequence.onnx"), ["--calib", str(calib)], ("'s'", "not a tensor")
+
+
 @case("model-layers-only-inside-if")
 def _(d):
     """Every weighted node inside an If body: nothing to allocate, and the message says where they are."""
