@@ -26,7 +26,7 @@ from .importance import upstream_layers
 from .instrument import run_pass
 from .latency import mode_costs
 from .load import load_model, save_model_file
-from .ops import FLOAT, FLOAT_BITS, MODES, PREFER, STATIC
+from .ops import FLOAT, FLOAT_BITS, MODES, PREFER, STATIC, WEIGHT_ONLY
 from .verify import fused_integer_kernels, optimized_op_counts, smoke_check
 from .weights import error_table
 from .write import check_output_path, publish, quantize_to_qdq, quantize_weights
@@ -546,8 +546,8 @@ def _slower_than_fp32(chosen: Candidate, measured: dict, options: Options, layer
     counts = {mode: list(chosen.modes.values()).count(mode) for mode in sorted(set(chosen.modes.values()))}
     yardstick = next((f"; ONNX Runtime's own int8 model {value:.3g} ms" for key, value in measured.items()
                       if key.startswith("ort_")), "")
-    could_be_static = [layer for layer in layers if chosen.modes.get(layer.name, STATIC) != STATIC
-                       and STATIC in layer.kind.modes]
+    could_be_static = [layer for layer in layers if chosen.modes.get(layer.name) in (WEIGHT_ONLY, FLOAT)
+                       and STATIC in layer.kind.modes]  # dynamic layers already run integer kernels
     if options.prefer == "size":
         why = ("--prefer size stores weights in the narrowest containers ORT runs, some slower than int8 (int4 Conv "
                "weights run as float convolutions): --prefer speed keeps int8 on the fused integer kernels")

@@ -168,6 +168,8 @@ def test_a_written_model_slower_than_fp32_is_said_out_loud():
     chosen.modes = {"a": "static", "b": "static", "e": "weight-only"}  # an embedding table cannot be static
     slow = warned({"fp32": 4.0, "output": 9.0, "batch": 8})
     assert "between its layers" in slow[0] and "--activations" not in slow[0] and "at batch 8" in slow[0]
+    chosen.modes = {"a": "dynamic", "b": "static", "e": "weight-only"}  # dynamic already runs integer kernels
+    assert "--activations" not in warned({"fp32": 4.0, "output": 9.0})[0]
     sized = Options(max_drop=1.0, prefer="size")  # there the containers are why
     assert "--prefer speed" in warned({"fp32": 4.0, "output": 9.0}, sized)[0]
     # a latency bound that cannot be met says so in milliseconds, not in rounded seconds
