@@ -302,13 +302,20 @@ def choose(loaded, measurement: Measurement, ranges: dict, costs: dict, toleranc
         return costs[name][next_mode(name)] / costs[name][chosen[name]]
 
     log = []
-    for _ in range(MAX_DEMOTION_ROUNDS + 1):
+    for round_ in range(MAX_DEMOTION_ROUNDS + 2):
         error = end_to_end_error(loaded, ranges, chosen, measurement)
         log.append({"end_to_end_error": float(f"{error:.6g}"),
                     "modes": {m: sum(1 for v in chosen.values() if v == m) for m in (STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT)}})
         lossy = [name for name in chosen if next_mode(name) is not None]
-        if error <= end_to_end or not lossy:
+        if error <= end_to_end or not lossy or round_ > MAX_DEMOTION_ROUNDS:
             break
+        if round_ == MAX_DEMOTION_ROUNDS:
+            # The rounds are spent and the output is still over its tolerance: every lossy layer moves at once.
+            # PicoDet's layout detector kept 9 of 102 layers static after 8 rounds, end-to-end error 0.098 against
+            # 0.01, written cosine 0.949 at 8 bits; with them moved as well, 0.9998.
+            for name in lossy:
+                chosen[name] = next_mode(name)
+            continue
         free = [name for name in lossy if slowdown(name) <= TIE]
         step = free if free else lossy  # a demotion that costs no time goes first, and alone
         step.sort(key=lambda name: -errors[name][chosen[name]])

@@ -199,3 +199,26 @@ def test_activation_modes_are_measured_on_fewer_samples_only_when_every_layer_ha
     measured = modes.measure(loaded, calib, ranges, quiet=True)
     assert sum(real for _, real in measured.feeds) == modes.MIN_SAMPLES == 8
     assert set(measured.errors) == {layer.name for layer in loaded.layers}
+
+
+def test_when_the_demotion_rounds_run_out_every_lossy_layer_moves_at_once(monkeypatch):
+    """A detector whose few least lossy static layers still carry the end-to-end error after the rounds (PicoDet:
+    9 of 102 left static, error 0.098 against 0.01, cosine 0.949 at 8 bits) must not be written that way: a last
+    step moves every remaining lossy layer, and the log shows the error it reached."""
+    from types import SimpleNamespace
+
+    from msq_onnx import modes
+    from msq_onnx.ops import Layer
+
+    layers = [Layer(f"c{i}", "Conv", f"w{i}", f"x{i}", f"y{i}", (4, 4, 1, 1), 0) for i in range(40)]
+    loaded = SimpleNamespace(layers=layers)
+    errors = {layer.name: {modes.STATIC: 1e-4 * (i + 1), modes.WEIGHT_ONLY: 0.0} for i, layer in enumerate(layers)}
+    measurement = modes.Measurement(errors, [], [])
+    # the least lossy layer alone (c0) still breaks the output: only moving all of them brings it back
+    monkeypatch.setattr(modes, "end_to_end_error",
+                        lambda loaded, ranges, chosen, measurement: 0.1 if chosen["c0"] == modes.STATIC else 0.0)
+    costs = {layer.name: {modes.STATIC: 1.0, modes.WEIGHT_ONLY: 6.3, modes.FLOAT: 3.3} for layer in layers}
+    choices, log = modes.choose(loaded, measurement, {}, costs)
+    assert {choice.mode for choice in choices.values()} == {modes.WEIGHT_ONLY}
+    assert log[-1]["end_to_end_error"] == 0.0 and len(log) == modes.MAX_DEMOTION_ROUNDS + 2
+    assert log[-2]["modes"][modes.STATIC] > 0  # the rounds alone had not got there
