@@ -49,9 +49,10 @@ class _OutputSums:
         self.cosine_sum += float(cosine.sum())
         self.cosine_min = min(self.cosine_min, float(cosine.min()))
         self.samples += len(ref)
-        if keep:
-            self.kept_fp32.append(ref.astype(np.float32))
-            self.kept_quant.append(out.astype(np.float32))
+        if keep:  # integer outputs (predicted labels) stay integers: output_kind reads the dtype
+            kept = np.float32 if np.issubdtype(reference.dtype, np.floating) else reference.dtype
+            self.kept_fp32.append(ref.astype(kept))
+            self.kept_quant.append(out.astype(kept))
 
 
 class Reference:
@@ -99,11 +100,14 @@ def _run_checked(runner, names, feed, count, samples, description) -> list:
 
 
 def output_kind(fp32: np.ndarray | None, labels: np.ndarray | None, sample_shape=None) -> str:
-    """class-scores, embedding or tensor, from the kept FP32 task output [N, C] and one sample's own shape
-    (a [C, H, W] map flattened to [N, C*H*W] is still a map; [C, 1, 1] logits are still class scores)."""
+    """labels, class-scores, embedding or tensor, from the kept FP32 task output [N, C] and one sample's own
+    shape (a [C, H, W] map flattened to [N, C*H*W] is still a map; [C, 1, 1] logits are still class scores; one
+    integer a sample is a predicted label, as scikit-learn's converted classifiers output)."""
     dims = list(fp32.shape[1:] if sample_shape is None else sample_shape) if fp32 is not None else []
-    while len(dims) > 1 and dims[-1] == 1:
+    while dims and dims[-1] == 1:
         dims.pop()
+    if fp32 is not None and np.issubdtype(fp32.dtype, np.integer) and not dims:
+        return "labels"
     if fp32 is None or len(dims) != 1 or fp32.shape[1] < 2:
         return "tensor"
     if labels is not None and labels.max() >= fp32.shape[1]:
@@ -175,6 +179,13 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
         if labels is not None:
             result["fp32_top1"] = top1(fp32_top, labels)
             result["quant_top1"] = top1(quant_top, labels)
+    elif kind == "labels":
+        fp32_top, quant_top = fp32.reshape(len(fp32)), quant.reshape(len(quant))
+        result["agreement"] = float((fp32_top == quant_top).mean() * 100.0)
+        result["flips"] = flips(fp32_top, quant_top, labels)
+        if labels is not None:
+            result["fp32_top1"] = top1(fp32_top, labels)
+            result["quant_top1"] = top1(quant_top, labels)
     elif kind == "embedding":
         result["agreement"] = neighbour_agreement(fp32, quant)
         if labels is not None:
@@ -195,12 +206,12 @@ def collapse_warning(measured: dict) -> str | None:
     1,000 classes lose cosine long before top-1 moves (EfficientNet-Lite0 at 3 bits: cosine 0.74, 4.1 points
     lost). Embeddings and maps by cosine."""
     problems = []
-    if measured["kind"] != "class-scores" and measured["cosine"] < COLLAPSE_COSINE:
+    decisions = measured["kind"] in ("class-scores", "labels")
+    if not decisions and measured["cosine"] < COLLAPSE_COSINE:
         problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}")
     if measured.get("fp32_top1") is not None and measured.get("drop", 0.0) > COLLAPSE_DROP:
         problems.append(f"top-1 {measured['fp32_top1']:.2f}% -> {measured['quant_top1']:.2f}%")
-    elif measured["kind"] == "class-scores" and measured.get("fp32_top1") is None \
-            and measured.get("drop", 0.0) > COLLAPSE_DROP:
+    elif decisions and measured.get("fp32_top1") is None and measured.get("drop", 0.0) > COLLAPSE_DROP:
         problems.append(f"top-1 agreement with FP32 {measured['agreement']:.1f}%")
     if not problems:
         return None

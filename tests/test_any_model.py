@@ -904,3 +904,29 @@ def test_embedding_scales_are_stored_in_float16_unless_it_cannot_hold_them():
     assert gather.stored_scale(np.array([1e-3, 0.5], np.float32)).dtype == np.float16
     assert gather.stored_scale(np.array([1e-3, 7e4], np.float32)).dtype == np.float32  # past float16's range
     assert dense.stored_scale(np.array([1e-3, 0.5], np.float32)).dtype == np.float32
+
+
+def test_a_classifier_that_outputs_only_its_predicted_label_is_judged_by_its_decisions(tmp_path):
+    """scikit-learn's converted classifiers (skl2onnx) output an int64 label per sample (and a sequence of maps):
+    the label is judged by agreement with FP32's and top-1 against the labels, not by a cosine of class ids."""
+    from conftest import samples_for, tiny_mlp
+    from msq_onnx import fidelity
+
+    model = tiny_mlp(classes=4)
+    model.graph.node.append(helper.make_node("ArgMax", ["y"], ["label"], axis=1, keepdims=0, name="argmax"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
+    path = save(model, tmp_path / "labels.onnx")
+    data = samples_for(tiny_mlp(classes=4), 120)
+    np.savez(tmp_path / "calib.npz", x=data["x"][:80], labels=data["labels"][:80])
+    np.savez(tmp_path / "eval.npz", x=data["x"][80:], labels=data["labels"][80:])
+    result = convert(path, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(avg_bits=4, quiet=True, eval_path=str(tmp_path / "eval.npz")))
+    evaluation = result.report["evaluation"]
+    assert evaluation["kind"] == "labels" and evaluation["task_output"] == "label"
+    assert evaluation["fp32_top1"] == 100.0  # samples_for labels the data with the model's own decisions
+    quant = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["label"], {"x": data["x"][80:]})[0]
+    assert evaluation["quant_top1"] == pytest.approx((quant == data["labels"][80:]).mean() * 100)
+    assert evaluation["agreement"] == pytest.approx(evaluation["quant_top1"])
+    assert fidelity.output_kind(np.array([[3.0], [1.0]]), None) == "tensor"  # one float a sample stays a tensor
