@@ -37,8 +37,10 @@ class _OutputSums:
     samples: int = 0
     kept_fp32: list = field(default_factory=list)
     kept_quant: list = field(default_factory=list)
+    integer: bool = False
 
     def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool) -> None:
+        self.integer = not np.issubdtype(reference.dtype, np.floating)
         ref = reference.reshape(len(reference), -1).astype(np.float64)
         out = quantized.reshape(len(quantized), -1).astype(np.float64)
         self.signal += float((ref ** 2).sum())
@@ -164,6 +166,8 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
         sqnr = 10 * np.log10(acc.signal / acc.noise) if acc.noise > 0 else None
         outputs[name] = {"cosine": round(acc.cosine_sum / acc.samples, 6), "min_cosine": round(acc.cosine_min, 6),
                          "sqnr_db": None if sqnr is None else round(float(sqnr), 3)}
+        if acc.integer:
+            outputs[name]["integer"] = True  # ids or labels: their cosine says little
     task = sums[task_output]
     fp32 = np.concatenate(task.kept_fp32) if task.kept_fp32 else None
     quant = np.concatenate(task.kept_quant) if task.kept_quant else None
@@ -199,24 +203,33 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     return result
 
 
-def collapse_warning(measured: dict) -> str | None:
-    """One line when the task output is far from FP32, whatever the gates say.
+def collapse_warning(measured: dict, task: bool = True) -> str | None:
+    """One line when the task output (unless a gate judges it: task=False) or any other float output is far from
+    FP32.
 
     Class scores are judged by their decisions (top-1 drop, or disagreement without labels): the logits of
     1,000 classes lose cosine long before top-1 moves (EfficientNet-Lite0 at 3 bits: cosine 0.74, 4.1 points
     lost). Embeddings and maps by cosine."""
     problems = []
     decisions = measured["kind"] in ("class-scores", "labels")
-    if not decisions and measured["cosine"] < COLLAPSE_COSINE:
-        problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}")
-    if measured.get("fp32_top1") is not None and measured.get("drop", 0.0) > COLLAPSE_DROP:
-        problems.append(f"top-1 {measured['fp32_top1']:.2f}% -> {measured['quant_top1']:.2f}%")
-    elif decisions and measured.get("fp32_top1") is None and measured.get("drop", 0.0) > COLLAPSE_DROP:
-        problems.append(f"top-1 agreement with FP32 {measured['agreement']:.1f}%")
-    if not problems:
+    if task:  # task=False: a gate judges the task output; the other outputs are still this check's
+        if not decisions and measured["cosine"] < COLLAPSE_COSINE:
+            problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}")
+        if measured.get("fp32_top1") is not None and measured.get("drop", 0.0) > COLLAPSE_DROP:
+            problems.append(f"top-1 {measured['fp32_top1']:.2f}% -> {measured['quant_top1']:.2f}%")
+        elif decisions and measured.get("fp32_top1") is None and measured.get("drop", 0.0) > COLLAPSE_DROP:
+            problems.append(f"top-1 agreement with FP32 {measured['agreement']:.1f}%")
+    # Every float output counts, not only the task's: a detector's boxes can break while its scores hold.
+    others = [f"'{name}' (cosine to FP32 {out['cosine']:.3f} < {COLLAPSE_COSINE})"
+              for name, out in measured.get("outputs", {}).items()
+              if name != measured["task_output"] and not out.get("integer") and out["cosine"] < COLLAPSE_COSINE]
+    if not problems and not others:
         return None
-    return (f"output '{measured['task_output']}' collapsed ({'; '.join(problems)}) on {measured['samples']} held-out "
-            "samples: do not deploy this model; raise --avg-bits or try --activations dynamic.")
+    parts = [f"output '{measured['task_output']}' collapsed ({'; '.join(problems)})"] if problems else []
+    if others:
+        parts.append(f"output{'s' if len(others) > 1 else ''} {', '.join(others)} collapsed")
+    return (f"{'; '.join(parts)} on {measured['samples']} held-out samples: do not deploy this model; raise "
+            "--avg-bits or try --activations dynamic.")
 
 
 def top1(predicted: np.ndarray, labels: np.ndarray) -> float:

@@ -579,10 +579,10 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
     if size is not None and chosen.file_bytes > size.total:
         warnings.append(f"the written model is {chosen.file_bytes:,} bytes, over --max-size ({size.total:,.0f}): "
                         "the budget is met by the weights only, not by the file")
-    if options.max_drop is None and options.min_cosine is None:
-        collapsed = fidelity.collapse_warning(chosen.measured)
-        if collapsed:
-            warnings.append(collapsed)
+    collapsed = chosen.measured and fidelity.collapse_warning(
+        chosen.measured, task=options.max_drop is None and options.min_cosine is None)
+    if collapsed:
+        warnings.append(collapsed)
     floated = [name for name, bits in chosen.bits.items() if bits == FLOAT_BITS]
     if floated:
         warnings.append(f"{len(floated)} layer(s) kept in float by the allocator (counted at 32 bits): "

@@ -930,3 +930,20 @@ def test_a_classifier_that_outputs_only_its_predicted_label_is_judged_by_its_dec
     assert evaluation["quant_top1"] == pytest.approx((quant == data["labels"][80:]).mean() * 100)
     assert evaluation["agreement"] == pytest.approx(evaluation["quant_top1"])
     assert fidelity.output_kind(np.array([[3.0], [1.0]]), None) == "tensor"  # one float a sample stays a tensor
+
+
+def test_a_collapsed_output_beside_a_faithful_task_output_is_still_warned():
+    """Every float output counts: a detector's boxes may break while its scores hold. Integer outputs (ids,
+    labels) are judged by nothing of theirs here: a cosine of ids says little."""
+    from msq_onnx.fidelity import collapse_warning
+
+    measured = {"task_output": "scores", "kind": "tensor", "cosine": 0.99, "samples": 32,
+                "outputs": {"scores": {"cosine": 0.99}, "boxes": {"cosine": 0.62}, "ids": {"cosine": 0.1, "integer": True}}}
+    warning = collapse_warning(measured)
+    assert warning is not None and "'boxes'" in warning and "0.620" in warning and "'ids'" not in warning
+    assert "'scores'" not in warning
+    gated = dict(measured, cosine=0.5, outputs=dict(measured["outputs"], scores={"cosine": 0.5}))
+    warning = collapse_warning(gated, task=False)  # a gate judges the task output; the others are still said
+    assert "'boxes'" in warning and "'scores'" not in warning
+    measured["outputs"]["boxes"]["cosine"] = 0.95
+    assert collapse_warning(measured) is None
