@@ -52,7 +52,7 @@ class _OutputSums:
         self.cosine_min = min(self.cosine_min, float(cosine.min()))
         self.samples += len(ref)
         if keep:  # integer outputs (predicted labels) stay integers: output_kind reads the dtype
-            kept = np.float32 if np.issubdtype(reference.dtype, np.floating) else reference.dtype
+            kept = reference.dtype if self.integer else np.float32
             self.kept_fp32.append(ref.astype(kept))
             self.kept_quant.append(out.astype(kept))
 
@@ -99,6 +99,9 @@ def _run_checked(runner, names, feed, count, samples, description) -> list:
             raise BadData(f"{description}: output '{name}' is NaN or Inf on '{samples.source}'; check the samples' "
                           "scale and preprocessing (--mean, --std).")
     return outputs
+
+
+DECISION_KINDS = ("class-scores", "labels")  # outputs judged by the decision they make (top-1), not by cosine
 
 
 def output_kind(fp32: np.ndarray | None, labels: np.ndarray | None, sample_shape=None) -> str:
@@ -176,15 +179,11 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
               "outputs": outputs, "cosine": outputs[task_output]["cosine"],
               "sqnr_db": outputs[task_output]["sqnr_db"]}
     outputs[task_output]["kind"] = kind
-    if kind == "class-scores":
-        fp32_top, quant_top = fp32.argmax(axis=1), quant.argmax(axis=1)
-        result["agreement"] = float((fp32_top == quant_top).mean() * 100.0)
-        result["flips"] = flips(fp32_top, quant_top, labels)
-        if labels is not None:
-            result["fp32_top1"] = top1(fp32_top, labels)
-            result["quant_top1"] = top1(quant_top, labels)
-    elif kind == "labels":
-        fp32_top, quant_top = fp32.reshape(len(fp32)), quant.reshape(len(quant))
+    if kind in DECISION_KINDS:
+        if kind == "labels":
+            fp32_top, quant_top = fp32.reshape(len(fp32)), quant.reshape(len(quant))
+        else:
+            fp32_top, quant_top = fp32.argmax(axis=1), quant.argmax(axis=1)
         result["agreement"] = float((fp32_top == quant_top).mean() * 100.0)
         result["flips"] = flips(fp32_top, quant_top, labels)
         if labels is not None:
@@ -211,7 +210,7 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
     1,000 classes lose cosine long before top-1 moves (EfficientNet-Lite0 at 3 bits: cosine 0.74, 4.1 points
     lost). Embeddings and maps by cosine."""
     problems = []
-    decisions = measured["kind"] in ("class-scores", "labels")
+    decisions = measured["kind"] in DECISION_KINDS
     if task:  # task=False: a gate judges the task output; the other outputs are still this check's
         if not decisions and measured["cosine"] < COLLAPSE_COSINE:
             problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}")

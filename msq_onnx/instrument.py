@@ -62,7 +62,7 @@ def _float_tensors(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict:
+def static_shapes(model: onnx.ModelProto) -> dict:
     """tensor -> dims (None where symbolic), from shape inference."""
     return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
             for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
@@ -114,7 +114,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
         add_output(hi)
         outputs["range"][tensor] = (lo, hi)
 
-    shapes = _static_shapes(model)
+    shapes = static_shapes(model)
     for index, layer in enumerate(loaded.layers):
         shape = shapes.get(layer.probe_name)
         fixed_map = levels and not layer.kind.channels_last and shape is not None and len(shape) == 4 and all(shape[2:])
@@ -196,7 +196,7 @@ def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, ad
     rows' shape."""
     graph = model.graph
     keys = {}
-    for name, rows in _hessian_candidates(loaded, _static_shapes(model), only).items():
+    for name, rows in _hessian_candidates(loaded, static_shapes(model), only).items():
         if rows.key not in keys:
             keys[rows.key] = rows
             graph.initializer.extend(rows.initializers)
@@ -462,7 +462,7 @@ def _worth_gathering(loaded: LoadedModel, rows: dict, samples: int) -> set:
     """The Hessian candidates whose inputs, at their mean rows per sample so far, reach MIN_ROWS_PER_INPUT rows
     per input feature over the fitting half of `samples` (what HessianSums.by_layer checks on the rows
     gathered)."""
-    candidates = _hessian_candidates(loaded, _static_shapes(loaded.model))
+    candidates = _hessian_candidates(loaded, static_shapes(loaded.model))
     return {layer.name for layer in loaded.layers if layer.name in candidates and layer.name in rows
             and np.mean(rows[layer.name]) * (samples // 2) >= MIN_ROWS_PER_INPUT * layer.fan_in}
 

@@ -346,10 +346,9 @@ def _subgraph_inputs(graph) -> set:
     """Every tensor name read inside an If/Loop/Scan body (outer-scope values included)."""
     names = set()
     for node in graph.node:
-        for attr in node.attribute:
-            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                names.update(name for inner in body.node for name in inner.input)
-                names |= _subgraph_inputs(body)
+        for body in _bodies(node):
+            names.update(name for inner in body.node for name in inner.input)
+            names |= _subgraph_inputs(body)
     return names
 
 
@@ -359,18 +358,17 @@ def _all_names(graph) -> set:
     for node in graph.node:
         names.update(node.input)
         names.update(node.output)
-        for attr in node.attribute:
-            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                names |= _all_names(body)
+        for body in _bodies(node):
+            names |= _all_names(body)
     return names
 
 
-def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> int:
+def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> None:
     """Conv -> BatchNormalization (inference form, constant statistics) folded into the Conv's weight and bias,
     as ONNX Runtime does when it optimizes the FP32 model. Left apart, the runtime cannot fold it behind a
     quantized weight (an extra op per convolution), and static quantization measures the convolution's output
     before BN's per-channel rescaling: PaddlePaddle exports keep every BN, and PaddleClas's orientation
-    classifier, all static uint8 at 8 bits, fell to cosine 0.89. Returns how many were folded."""
+    classifier, all static uint8 at 8 bits, fell to cosine 0.89."""
     producer = {out: node for node in graph.node for out in node.output}
     users = _consumers(graph)
     outputs = {o.name for o in graph.output}
@@ -427,7 +425,6 @@ def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> int:
         for tensor in stale:
             graph.initializer.remove(tensor)
             inits.pop(tensor.name, None)
-    return len(folded)
 
 
 def _replace_initializer(graph, inits: dict, name: str, array: np.ndarray) -> None:
@@ -490,19 +487,23 @@ def _bias_add(node, users, inits) -> str | None:
     return other[0] if dims == [columns] and inits[other[0]].data_type == onnx.TensorProto.FLOAT else None
 
 
+def _bodies(node) -> list:
+    """The subgraphs a node holds (If's branches, Loop's and Scan's bodies)."""
+    return [body for attr in node.attribute
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
+
+
 def _subgraph_layers(graph) -> list[dict]:
     """Weighted nodes inside If/Loop/Scan bodies: msq-onnx leaves them in float and says so."""
     found = []
     for node in graph.node:
-        for attr in node.attribute:
-            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for body in bodies:
-                for inner in body.node:
-                    if inner.op_type in REGISTRY:
-                        found.append({"node": inner.name or inner.output[0], "op_type": inner.op_type,
-                                      "reason": f"inside the body of {node.op_type} '{node.name}': subgraphs are "
-                                                "left in float"})
-                found.extend(_subgraph_layers(body))
+        for body in _bodies(node):
+            for inner in body.node:
+                if inner.op_type in REGISTRY:
+                    found.append({"node": inner.name or inner.output[0], "op_type": inner.op_type,
+                                  "reason": f"inside the body of {node.op_type} '{node.name}': subgraphs are "
+                                            "left in float"})
+            found.extend(_subgraph_layers(body))
     return found
 
 

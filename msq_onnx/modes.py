@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadModel, one_line
-from .instrument import _static_shapes, make_session, padded_batches, progress
+from .instrument import static_shapes, make_session, padded_batches, progress
 from .latency import TIE, mode_order
 from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY, range_sources
 
@@ -35,10 +35,10 @@ TOLERANCE = 1e-2
 END_TO_END_TOLERANCE = 1e-2
 MAX_DEMOTION_ROUNDS = 8
 DEFAULT_SAMPLES = 32
-# Fewer samples do when every layer's error is a sum over this many output values (the output's static size,
-# else rows x output channels): a convolution's map or a token sequence gives that in one sample, a 1000-class
-# head in 9, a 2-class head keeps the 32 samples. EfficientNet-Lite0 (head: 1,000 values a sample) on 8 samples instead of 32: every layer's
-# static error within 1.25x, the same modes, the output byte-identical, the stage 1.76 -> 0.57 s.
+# Fewer samples do when every layer's error is a sum over this many output values (real rows x output channels
+# for token layers, else the output's static size): a convolution's map or a token sequence gives that in one
+# sample, a 1000-class head in 9, a 2-class head keeps the 32 samples. EfficientNet-Lite0 on 9 samples instead of
+# 32: every layer's static error within 1.25x, the same modes, the output byte-identical, the stage 1.76 -> 0.6 s.
 ENOUGH_VALUES = 8192
 MIN_SAMPLES = 8
 BLOCK_ACTIVATION = 32  # the block ORT's DQ -> MatMul to MatMulNBits fusion uses
@@ -225,7 +225,7 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
             quiet: bool = False, rows: dict | None = None) -> Measurement:
     """Each layer's error in each mode, alone, over the first `count` samples, or the first MIN_SAMPLES or
     more once every layer's error sums ENOUGH_VALUES output values (`rows`: layer -> rows per sample)."""
-    shapes = _static_shapes(loaded.model)
+    shapes = static_shapes(loaded.model)
 
     def values(layer) -> int:
         """Output values a sample: rows x output channels where rows are counted (tokens: real ones only, a fixed

@@ -10,6 +10,7 @@ import tempfile
 
 from . import __version__
 from .allocate import average_bits
+from .fidelity import DECISION_KINDS
 from .write import _default_mode
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
@@ -185,7 +186,7 @@ def markdown(report: dict) -> str:
             lines.append(f"- top-1: FP32 {evaluation['fp32_top1']:.2f}%, quantized {evaluation['quant_top1']:.2f}% "
                          f"(drop {evaluation['drop']:.2f} points)")
         if evaluation.get("agreement") is not None:
-            measure = "top-1" if evaluation["kind"] in ("class-scores", "labels") else "nearest neighbour"
+            measure = "top-1" if evaluation["kind"] in DECISION_KINDS else "nearest neighbour"
             lines.append(f"- agreement with FP32 ({measure}): {evaluation['agreement']:.2f}%")
         for name, out in evaluation["outputs"].items():
             lines.append(f"- output `{name}`: cosine {out['cosine']:.4f} (min {out['min_cosine']:.4f}), "

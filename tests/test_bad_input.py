@@ -164,6 +164,23 @@ def save_unchecked(model: onnx.ModelProto, path: Path) -> str:
     return str(path)
 
 
+def graph_case(d: Path, name: str, nodes, inputs, outputs, initializers, calib: dict, expect: tuple):
+    """A hand-built opset-17 graph, written unchecked, with its calibration arrays: a case's three parts."""
+    model = helper.make_model(helper.make_graph(nodes, name, inputs, outputs, initializers),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    np.savez(d / "calib.npz", **calib)
+    return save_unchecked(model, d / f"{name}.onnx"), ["--calib", str(d / "calib.npz")], expect
+
+
+def _x(*shape):
+    return helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+
+
+def _w():
+    return numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+
+
 def good_cnn(folder: Path, **kwargs) -> tuple[str, onnx.ModelProto]:
     model = tiny_cnn(**kwargs)
     return save_unchecked(model, folder / "cnn.onnx"), model
@@ -356,51 +373,34 @@ def _(d):
 @case("model-scalar-input")
 def _(d):
     """A sample-rate-like scalar input: no sample axis to feed calibration samples along."""
-    graph = helper.make_graph([helper.make_node("Mul", ["x", "sr"], ["xs"], name="scale"),
-                               helper.make_node("MatMul", ["xs", "w"], ["y"], name="mm")], "scalar_input",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
-                               helper.make_tensor_value_info("sr", TensorProto.FLOAT, [])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-                              [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    calib = d / "calib.npz"
-    np.savez(calib, x=np.ones((8, 4), np.float32), sr=np.ones(8, np.float32))
-    return save_unchecked(model, d / "scalar.onnx"), ["--calib", str(calib)], ("'sr'", "scalar")
+    return graph_case(d, "scalar_input", [helper.make_node("Mul", ["x", "sr"], ["xs"], name="scale"),
+                                          helper.make_node("MatMul", ["xs", "w"], ["y"], name="mm")],
+                      [_x("N", 4), helper.make_tensor_value_info("sr", TensorProto.FLOAT, [])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [_w()],
+                      {"x": np.ones((8, 4), np.float32), "sr": np.ones(8, np.float32)}, ("'sr'", "scalar"))
 
 
 @case("model-state-batch-not-first")
 def _(d):
     """An RNN-style state [layers, batch, hidden]: its samples cannot be stacked along the first axis."""
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
-                               helper.make_node("Identity", ["state"], ["state_out"], name="keep")], "state_input",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
-                               helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
-                               helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, "batch", 8])],
-                              [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    calib = d / "calib.npz"
-    np.savez(calib, x=np.ones((8, 4), np.float32), state=np.zeros((2, 8, 8), np.float32))
-    return save_unchecked(model, d / "state.onnx"), ["--calib", str(calib)], ("'state'", "position 1")
+    return graph_case(d, "state_input", [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+                                         helper.make_node("Identity", ["state"], ["state_out"], name="keep")],
+                      [_x("batch", 4), helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
+                       helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, "batch", 8])], [_w()],
+                      {"x": np.ones((8, 4), np.float32), "state": np.zeros((2, 8, 8), np.float32)},
+                      ("'state'", "position 1"))
 
 
 @case("model-sequence-input")
 def _(d):
     """A graph input that is a sequence of tensors: one line naming it, no traceback."""
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
-                               helper.make_node("SequenceLength", ["s"], ["n"], name="count")], "sequence_input",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
-                               helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3]),
-                               helper.make_tensor_value_info("n", TensorProto.INT64, [])],
-                              [numpy_helper.from_array(np.ones((4, 3), np.float32), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    calib = d / "calib.npz"
-    np.savez(calib, x=np.ones((8, 4), np.float32))
-    return save_unchecked(model, d / "sequence.onnx"), ["--calib", str(calib)], ("'s'", "not a tensor")
+    return graph_case(d, "sequence_input", [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+                                            helper.make_node("SequenceLength", ["s"], ["n"], name="count")],
+                      [_x("N", 4), helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3]),
+                       helper.make_tensor_value_info("n", TensorProto.INT64, [])], [_w()],
+                      {"x": np.ones((8, 4), np.float32)}, ("'s'", "not a tensor"))
 
 
 @case("model-layers-only-inside-if")
@@ -409,19 +409,13 @@ def _(d):
     branch = lambda name: helper.make_graph(  # noqa: E731
         [helper.make_node("MatMul", ["x", "w"], [name + "_y"], name=name + "_mm")], name, [],
         [helper.make_tensor_value_info(name + "_y", TensorProto.FLOAT, ["N", 3])])
-    graph = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
-                               helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
-                               helper.make_node("If", ["c"], ["y"], name="branch", then_branch=branch("a"),
-                                                else_branch=branch("b"))], "if_only",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-                              [numpy_helper.from_array(np.ones((4, 3), np.float32), "w"),
-                               numpy_helper.from_array(np.array(0, np.float32), "zero")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    calib = d / "calib.npz"
-    np.savez(calib, x=np.ones((8, 4), np.float32))
-    return save_unchecked(model, d / "if.onnx"), ["--calib", str(calib)], ("no quantizable layer", "If")
+    return graph_case(d, "if_only", [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+                                     helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+                                     helper.make_node("If", ["c"], ["y"], name="branch", then_branch=branch("a"),
+                                                      else_branch=branch("b"))],
+                      [_x("N", 4)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                      [_w(), numpy_helper.from_array(np.array(0, np.float32), "zero")],
+                      {"x": np.ones((8, 4), np.float32)}, ("no quantizable layer", "If"))
 
 
 @case("model-opset-27")
