@@ -11,7 +11,7 @@ import tempfile
 from . import __version__
 from .allocate import average_bits
 from .fidelity import DECISION_KINDS
-from .write import _default_mode
+from .write import _default_mode, written_files
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
 
@@ -51,16 +51,11 @@ def gzip_size(paths) -> int:
     return total
 
 
-def _written_files(output_path: str) -> list[str]:
-    data = output_path + ".data"
-    return [output_path] + ([data] if os.path.exists(data) else [])
-
-
 def build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts, fused,
                  timings, total_seconds, *, activation_errors, wide_inputs, warnings, latency,
-                 fixed_params=0, search=None) -> dict:
+                 gzip_bytes: int, fixed_params=0, search=None) -> dict:
     bits, modes, measured = chosen.bits, chosen.modes, chosen.measured
-    files = _written_files(output_path)
+    files = written_files(output_path)
     layers = [{
         "name": layer.name,
         "op_type": layer.op_type,
@@ -109,7 +104,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "warnings": list(warnings),
         "activation_modes": {"tolerance": options.mode_tolerance, "end_to_end": analysis.mode_log},
         "size_bytes": {"input": int(loaded.size_bytes), "file": int(sum(os.path.getsize(p) for p in files)),
-                       "gzip": gzip_size(files), "layers": sum(layer["bytes"] for layer in layers)},
+                       "gzip": gzip_bytes, "layers": sum(layer["bytes"] for layer in layers)},
         "latency_ms": latency,
         "quantized_layers": len(layers),
         "fused_integer_kernels": int(fused),

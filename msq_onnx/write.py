@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -379,8 +380,9 @@ def _dense_nodes(node, mode: str, prefix: str, dq_name: str, q_name: str, s_name
     return nodes
 
 
-def publish(model_path: str, output_path: str) -> None:
-    """Move a finished model into place: readers see the old file or the new one, never a part."""
+def publish(model_path: str, output_path: str) -> bool:
+    """Move a finished model into place: readers see the old file or the new one, never a part. True when
+    the file published is model_path's bytes as they were (not split into model and external data)."""
     model = onnx.load(model_path)
     large = is_large(model)
     folder = os.path.dirname(os.path.abspath(output_path))
@@ -395,13 +397,14 @@ def publish(model_path: str, output_path: str) -> None:
                             location=data_name + ".tmp", size_threshold=0)
             os.replace(os.path.join(folder, data_name + ".tmp"), os.path.join(folder, data_name))
             _rewrite_location(temporary, data_name + ".tmp", data_name)
-        else:
-            with open(temporary, "wb") as out:
-                out.write(model.SerializeToString())
+        else:  # the bytes as written and verified (and as report.gzip_size may already have read them)
+            with open(model_path, "rb") as source, open(temporary, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 22)
                 out.flush()
                 os.fsync(out.fileno())
         os.chmod(temporary, _default_mode())  # mkstemp makes 0600; a model is an ordinary file
         os.replace(temporary, output_path)
+        return not large
     except BaseException as exc:
         for leftover in (temporary, os.path.join(folder, data_name + ".tmp")):
             with contextlib.suppress(FileNotFoundError):
@@ -410,6 +413,12 @@ def publish(model_path: str, output_path: str) -> None:
             raise BadOption(f"cannot write '{output_path}' ({exc.strerror}); free space or choose another "
                             "output path.") from None
         raise
+
+
+def written_files(output_path: str) -> list[str]:
+    """A published model and its external data file, if it has one: what a deployment copies."""
+    data = output_path + ".data"
+    return [output_path] + ([data] if os.path.exists(data) else [])
 
 
 def _rewrite_location(path: str, old: str, new: str) -> None:

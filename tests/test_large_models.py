@@ -5,6 +5,7 @@ how it is read (external data, path-based shape inference), how sessions are
 made (through a file) and how the output is written (external data beside it).
 """
 
+import gzip
 import os
 
 import numpy as np
@@ -42,6 +43,8 @@ def test_external_data_model_converts_through_the_large_model_paths(tmp_path, mo
     assert result.report["size_bytes"]["input"] == sum(len(b) for b in before.values())
     assert result.report["opset"]["output"] == 17  # the converter cannot take >2 GB: opset >= 13 is kept
     assert sorted(os.listdir(out.parent)) == ["q.onnx", "q.onnx.data"]
+    assert result.report["size_bytes"]["gzip"] == sum(len(gzip.compress((out.parent / p).read_bytes(), 9))
+                                                      for p in ("q.onnx", "q.onnx.data"))
     assert {p: (source / p).read_bytes() for p in os.listdir(source)} == before  # input untouched
     x = np.load(tmp_path / "calib.npz")["x"]
     fp32 = ort.InferenceSession(str(source / "big.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
