@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "float output of rank >= 2)")
     budget = parser.add_argument_group("bit allocation")
     budget.add_argument("--avg-bits", type=float, metavar="B",
-                        help="parameter-weighted average weight bit-width to stay at or under (default: 8, "
-                             "i.e. every layer at the widest candidate)")
+                        help="parameter-weighted average weight bit-width to stay at or under (default: no budget, "
+                             "every layer at the widest candidate; weights left in float count at 32 bits)")
     budget.add_argument("--bits", type=_int_list, default=DEFAULT_BITS, metavar="LIST",
                         help="candidate weight widths, comma-separated, each 2..8 (default 2,3,4,5,6,7,8)")
     budget.add_argument("--allocator", choices=ALLOCATORS, default=ALLOCATORS[0],

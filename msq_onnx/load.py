@@ -427,6 +427,107 @@ def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> None:
             inits.pop(tensor.name, None)
 
 
+def _reshaped(data: np.ndarray, shape: np.ndarray, allow_zero: int) -> np.ndarray:
+    shape = [data.shape[i] if size == 0 and not allow_zero else int(size) for i, size in enumerate(shape)]
+    return data.reshape(shape)
+
+
+def _unsqueezed(data: np.ndarray, axes) -> np.ndarray:
+    for axis in sorted(a % (data.ndim + len(axes)) for a in axes):
+        data = np.expand_dims(data, axis)
+    return data
+
+
+def _sliced(data: np.ndarray, starts, ends, axes=None, slice_steps=None) -> np.ndarray:
+    index = [slice(None)] * data.ndim
+    axes = range(len(starts)) if axes is None else axes
+    slice_steps = [1] * len(starts) if slice_steps is None else slice_steps
+    for start, end, axis, step in zip(starts, ends, axes, slice_steps):
+        index[int(axis)] = slice(int(start), int(end), int(step))  # numpy clamps as ONNX does
+    return data[tuple(index)]
+
+
+# Data-movement ops an exporter leaves between a weight and its user (torch's dynamo export feeds a GRU its
+# weights through Slice, Concat and Unsqueeze; a transposed weight comes through Transpose): computed in numpy.
+_MOVES = {
+    "Identity": lambda node, x: x[0],
+    "Transpose": lambda node, x: np.transpose(x[0], attribute(node, "perm", None)),
+    "Unsqueeze": lambda node, x: _unsqueezed(x[0], [int(a) for a in x[1]]),
+    "Squeeze": lambda node, x: np.squeeze(x[0], tuple(int(a) for a in x[1])) if len(x) > 1 else np.squeeze(x[0]),
+    "Reshape": lambda node, x: _reshaped(x[0], x[1], attribute(node, "allowzero", 0)),
+    "Flatten": lambda node, x: x[0].reshape(int(np.prod(x[0].shape[:attribute(node, "axis", 1)])), -1),
+    "Concat": lambda node, x: np.concatenate(x, axis=attribute(node, "axis", 0)),
+    "Slice": lambda node, x: _sliced(*x),  # torch's GRU/LSTM gate reordering
+}
+
+
+def _computed_weight(name: str, producers: dict, inits: dict, chain: list) -> np.ndarray | None:
+    """The value of a tensor computed from initializers through _MOVES only (the nodes passed appended to
+    chain), or None if it depends on anything else."""
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    node = producers.get(name)
+    if node is None or node.op_type not in _MOVES or len(node.output) != 1:
+        return None
+    values = []
+    for source in (i for i in node.input if i):
+        value = _computed_weight(source, producers, inits, chain)
+        if value is None:
+            return None
+        values.append(value)
+    try:
+        result = _MOVES[node.op_type](node, values)
+    except (ValueError, IndexError, TypeError):
+        return None
+    chain.append(node)
+    return result
+
+
+def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
+    """A weighted node's weight computed from initializers (find_layers' kinds and _UNHANDLED_WEIGHTED) becomes
+    an initializer itself, so the layer is quantized, or an unhandled op's float weights count in the budget.
+    A chain whose float weights something else also reads (a tied embedding) is left as it is: folding it would
+    store the weight twice; find_layers then reports the node."""
+    producers = {out: node for node in graph.node for out in node.output}
+    users = _consumers(graph)
+    keep = _subgraph_inputs(graph) | {o.name for o in graph.output}
+    taken = _all_names(graph)
+    for node in list(graph.node):  # chains are removed from graph.node as they fold
+        kind = REGISTRY.get(node.op_type)
+        if kind is not None:
+            positions = [kind.weight_index] if len(node.input) > kind.weight_index else []
+        elif node.op_type in _UNHANDLED_WEIGHTED:
+            positions = range(1, len(node.input))
+        else:
+            continue
+        for position in positions:
+            name, chain = node.input[position], []
+            value = None if not name or name in inits else _computed_weight(name, producers, inits, chain)
+            if value is None or value.dtype != np.float32 or value.ndim < 2:
+                continue
+            inner = {i for step in chain for i in step.input if i}  # its initializers and intermediate values
+            outside = {n for n in inner if any(u not in chain for u in users.get(n, []))} | (inner & keep)
+            if any(n in inits and inits[n].data_type == onnx.TensorProto.FLOAT and len(inits[n].dims) >= 2
+                   for n in outside):
+                continue  # a weight read elsewhere too
+            if outside - set(inits) or name in keep:  # an intermediate value is read elsewhere: the chain stays
+                folded = f"{name}_folded"
+                while folded in taken:
+                    folded += "_"
+                taken.add(folded)
+                node.input[position] = folded
+            else:
+                folded = name
+                for step in chain:
+                    graph.node.remove(step)
+                for source in inner & set(inits) - outside:
+                    graph.initializer.remove(inits.pop(source))
+            tensor = numpy_helper.from_array(value, folded)
+            graph.initializer.append(tensor)
+            inits[folded] = tensor
+            users = _consumers(graph)
+
+
 def _replace_initializer(graph, inits: dict, name: str, array: np.ndarray) -> None:
     tensor = numpy_helper.from_array(array, name)
     for index, existing in enumerate(graph.initializer):
@@ -652,6 +753,7 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
     standard = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
     model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(standard))
     _name_nodes(graph)
+    _fold_weight_chains(graph, inits)
     _flatten_gemm_bias(graph, inits)
     _fold_batch_norms(graph, inits)
     model = _infer_shapes(model, path, external)

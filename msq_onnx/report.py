@@ -98,7 +98,8 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "layers": layers,
         "avg_weight_bits": round(average_bits(bits, params, fixed_params), 6),
         "modes": {mode: sum(1 for m in modes.values() if m == mode) for mode in sorted(set(modes.values()))},
-        "left_in_float": [{k: v for k, v in s.items() if k != "weight"} for s in loaded.skipped]
+        "left_in_float": list({(s["node"], s["reason"]): {k: v for k, v in s.items() if k != "weight"}
+                               for s in loaded.skipped}.values())  # one entry a node, not one a weight
         + [{"node": name, "op_type": next(l.op_type for l in loaded.layers if l.name == name),
             "reason": "kept in float by the allocator"} for name, mode in modes.items() if mode == "float"],
         "warnings": list(warnings),

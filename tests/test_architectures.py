@@ -4,6 +4,7 @@ MatMul) and GELU. Each must convert, keep its layers fused where ORT can, and st
 """
 
 import numpy as np
+import pytest
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -195,3 +196,66 @@ def test_a_gemm_whose_bias_is_computed_in_the_graph_gets_no_correction_and_no_ce
     stats = SimpleNamespace(input_sq={layer.name: (x ** 2).mean(axis=0)}, input_mean={layer.name: x.mean(axis=0)},
                             hessians={layer.name: hessians})
     assert error_statistics(layer, stats, bias_correction=True)[1] is hessians
+
+
+def test_weights_behind_data_movement_ops_are_layers_or_count_in_the_budget(tmp_path):
+    """torch's dynamo export feeds a GRU its weights through Slice/Concat/Unsqueeze and a transposed weight comes
+    through Transpose: the MatMul's weight is folded and quantized, the GRU's float weights count at 32 bits
+    (the budget they make unreachable is refused, not met on paper), and the graph computes what it did."""
+    from msq_onnx.errors import BadOption
+    from msq_onnx.load import load_model
+
+    rng = np.random.default_rng(0)
+    hidden, features = 8, 6
+    gates = rng.normal(0, 0.3, (3 * hidden, features)).astype(np.float32)
+    inits = [numpy_helper.from_array(gates, "w_ih"), _init(rng, "w_hh", 1, 3 * hidden, hidden),
+             _init(rng, "proj_t", 4, hidden),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([hidden], np.int64), "h1"),
+             numpy_helper.from_array(np.array([2 * hidden], np.int64), "h2"),
+             numpy_helper.from_array(np.array([3 * hidden], np.int64), "h3")]
+    nodes = [helper.make_node("Slice", ["w_ih", "h1", "h2", "zero"], ["z"], name="slice_z"),  # r,z,n -> z,r,n
+             helper.make_node("Slice", ["w_ih", "zero", "h1", "zero"], ["r"], name="slice_r"),
+             helper.make_node("Slice", ["w_ih", "h2", "h3", "zero"], ["n"], name="slice_n"),
+             helper.make_node("Concat", ["z", "r", "n"], ["w_zrn"], axis=0, name="reorder"),
+             helper.make_node("Unsqueeze", ["w_zrn", "zero"], ["w"], name="unsqueeze"),
+             helper.make_node("GRU", ["x", "w", "w_hh"], ["all", "last"], hidden_size=hidden, name="gru"),
+             helper.make_node("Squeeze", ["last", "zero"], ["state"], name="squeeze"),
+             helper.make_node("Transpose", ["proj_t"], ["proj"], perm=[1, 0], name="transpose"),
+             helper.make_node("MatMul", ["state", "proj"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "gru", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", features])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    onnx.checker.check_model(model)
+    path = tmp_path / "gru.onnx"
+    onnx.save(model, path)
+    loaded = load_model(str(path))
+    assert [layer.name for layer in loaded.layers] == ["head"]
+    assert loaded.float_params == gates.size + 3 * hidden * hidden  # both GRU weights, at 32 bits
+    x = rng.normal(size=(5, 3, features)).astype(np.float32)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    after = ort.InferenceSession(loaded.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
+    assert not any(n.op_type in ("Slice", "Concat", "Unsqueeze", "Transpose") for n in loaded.model.graph.node)
+    assert {t.name for t in loaded.model.graph.initializer} >= {"w", "proj"} and "w_ih" not in \
+        {t.name for t in loaded.model.graph.initializer}
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(5, 16, features)).astype(np.float32))
+    with pytest.raises(BadOption, match="lowest reachable average"):
+        convert(str(path), str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"), Options(avg_bits=8, quiet=True))
+
+
+def test_a_tied_weight_read_through_a_transpose_is_not_stored_twice():
+    """An embedding table also read transposed by the output projection: folding the Transpose would store the
+    table twice, so the chain stays and the Gather keeps the table."""
+    from msq_onnx.load import _fold_weight_chains
+
+    rng = np.random.default_rng(0)
+    table = _init(rng, "table", 10, 4)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="tie"),
+             helper.make_node("MatMul", ["e", "table_t"], ["logits"], name="lm_head")]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 10])], [table])
+    inits = {"table": graph.initializer[0]}
+    _fold_weight_chains(graph, inits)
+    assert [n.op_type for n in graph.node] == ["Gather", "Transpose", "MatMul"] and list(inits) == ["table"]
