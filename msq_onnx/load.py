@@ -677,6 +677,17 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
                                        probe_name=_probe_of(node, users, inits, outputs),
                                        weight_shape=tuple(inits[weight_name].dims), bias_name=bias,
                                        output_name=node.output[0], **fields)
+    inner = _subgraph_inputs(graph)
+    for weight_name, layer in list(by_weight.items()):
+        # A weight something else also reads (a tied output projection through a Transpose) keeps its float
+        # copy in the model whatever the layer is given: quantizing the layer would add bytes, not save them.
+        others = [u for u in users.get(weight_name, []) if u.name not in layer.nodes]
+        if others or weight_name in inner:
+            reader = f"{others[0].op_type} '{others[0].name}'" if others else "a subgraph"
+            del by_weight[weight_name]
+            skipped.extend({"node": n, "op_type": layer.op_type, "weight": weight_name,
+                            "reason": f"its weight is also read by {reader}, which needs it in float"}
+                           for n in layer.nodes)
     return list(by_weight.values()), skipped
 
 

@@ -244,18 +244,24 @@ def test_weights_behind_data_movement_ops_are_layers_or_count_in_the_budget(tmp_
         convert(str(path), str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"), Options(avg_bits=8, quiet=True))
 
 
-def test_a_tied_weight_read_through_a_transpose_is_not_stored_twice():
+def test_a_tied_weight_read_through_a_transpose_stays_float_and_counts(tmp_path):
     """An embedding table also read transposed by the output projection: folding the Transpose would store the
-    table twice, so the chain stays and the Gather keeps the table."""
-    from msq_onnx.load import _fold_weight_chains
+    table twice, and quantizing the Gather alone would add a quantized copy beside the float one the Transpose
+    needs (the file grew past FP32's). The table stays float, is reported and counts at 32 bits."""
+    from msq_onnx.load import load_model
 
     rng = np.random.default_rng(0)
-    table = _init(rng, "table", 10, 4)
     nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["h"], name="mlp"),
              helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="tie"),
-             helper.make_node("MatMul", ["e", "table_t"], ["logits"], name="lm_head")]
+             helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="lm_head")]
     graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 10])], [table])
-    inits = {"table": graph.initializer[0]}
-    _fold_weight_chains(graph, inits)
-    assert [n.op_type for n in graph.node] == ["Gather", "Transpose", "MatMul"] and list(inits) == ["table"]
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 10])],
+                              [_init(rng, "table", 10, 32), _init(rng, "w", 32, 32)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              tmp_path / "tied.onnx")
+    loaded = load_model(str(tmp_path / "tied.onnx"))
+    assert [n.op_type for n in loaded.model.graph.node] == ["Gather", "MatMul", "Transpose", "MatMul"]
+    assert [layer.name for layer in loaded.layers] == ["mlp"]
+    assert [(s["node"], s["weight"]) for s in loaded.skipped] == [("embed", "table")] and loaded.float_params == 320
+    assert "Transpose 'tie'" in loaded.skipped[0]["reason"]
