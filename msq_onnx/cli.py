@@ -40,6 +40,7 @@ def _float_list(text: str) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     from .allocate import ALLOCATORS, DEFAULT_BITS, IMPORTANCE_EXPONENT
     from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
+    from .fidelity import OUTPUT_KINDS
 
     parser = _Parser(
         prog="msq-onnx",
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", dest="task_output", metavar="NAME",
                         help="the output the task is judged on when the model has several (default: the first "
                              "float output of rank >= 2)")
+    parser.add_argument("--output-kind", choices=OUTPUT_KINDS,
+                        help="what an [N, C] task output holds, when its name and values do not say: class scores "
+                             "are judged by top-1 agreement, embeddings and tensors by cosine (default: probability "
+                             "rows or a name with logit/prob/score/cls are class scores, embed/hidden/pool an "
+                             "embedding, box/coord/offset a tensor; else unit-norm rows an embedding)")
     budget = parser.add_argument_group("bit allocation")
     budget.add_argument("--avg-bits", type=float, metavar="B",
                         help="parameter-weighted average weight bit-width to stay at or under (default: no budget, "
@@ -163,7 +169,8 @@ def options_from(args):
     return Options(avg_bits=args.avg_bits, bits=args.bits, allocator=args.allocator,
                    importance_exponent=args.importance_exponent, act16=args.act16, levels=args.levels,
                    max_dim=args.max_dim, eval_path=args.eval, max_drop=args.max_drop, max_size=args.max_size,
-                   min_cosine=args.min_cosine, output=args.task_output, activations=args.activations,
+                   min_cosine=args.min_cosine, output=args.task_output, output_kind=args.output_kind,
+                   activations=args.activations,
                    prefer=args.prefer, rounding=args.rounding, max_latency=args.max_latency,
                    preprocess=preprocess,
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,

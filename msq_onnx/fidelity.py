@@ -104,10 +104,21 @@ def _run_checked(runner, names, feed, count, samples, description) -> list:
 DECISION_KINDS = ("class-scores", "labels")  # outputs judged by the decision they make (top-1), not by cosine
 
 
-def output_kind(fp32: np.ndarray | None, labels: np.ndarray | None, sample_shape=None) -> str:
+OUTPUT_KINDS = ("class-scores", "embedding", "tensor")  # what --output-kind may declare
+# An [N, C] output's name says what it holds when its values cannot: a box regression or a mean-pooled hidden
+# state is no class score, though neither is unit-normalized. Checked in this order ("bbox_pred" is boxes).
+_NAMED_KINDS = (("tensor", ("box", "coord", "offset", "regress", "landmark", "keypoint", "depth", "disp")),
+                ("class-scores", ("logit", "prob", "score", "class", "cls", "label", "pred", "softmax")),
+                ("embedding", ("embed", "hidden", "pool", "feature", "vector", "encod", "latent")))
+
+
+def output_kind(fp32: np.ndarray | None, labels: np.ndarray | None, sample_shape=None, name: str = "",
+                declared: str | None = None) -> str:
     """labels, class-scores, embedding or tensor, from the kept FP32 task output [N, C] and one sample's own
     shape (a [C, H, W] map flattened to [N, C*H*W] is still a map; [C, 1, 1] logits are still class scores; one
-    integer a sample is a predicted label, as scikit-learn's converted classifiers output)."""
+    integer a sample is a predicted label, as scikit-learn's converted classifiers output). `declared`
+    (--output-kind) decides for an [N, C] float output; else rows that are probabilities are class scores,
+    labels beyond C make it an embedding, then the output's name, then unit-normalized rows an embedding."""
     dims = list(fp32.shape[1:] if sample_shape is None else sample_shape) if fp32 is not None else []
     while dims and dims[-1] == 1:
         dims.pop()
@@ -115,8 +126,16 @@ def output_kind(fp32: np.ndarray | None, labels: np.ndarray | None, sample_shape
         return "labels"
     if fp32 is None or len(dims) != 1 or fp32.shape[1] < 2:
         return "tensor"
+    if declared is not None:
+        return declared
+    if np.all(fp32 >= 0) and np.allclose(fp32.sum(axis=1), 1.0, atol=1e-3):
+        return "class-scores"
     if labels is not None and labels.max() >= fp32.shape[1]:
         return "embedding"
+    lowered = name.lower()
+    for kind, hints in _NAMED_KINDS:
+        if any(hint in lowered for hint in hints):
+            return kind
     norms = np.linalg.norm(fp32, axis=1)
     return "embedding" if np.allclose(norms, 1.0, atol=1e-3) else "class-scores"
 
@@ -146,7 +165,7 @@ def neighbour_agreement(fp32: np.ndarray, quant: np.ndarray) -> float:
 
 
 def compare(reference: Reference, quant_path: str, task_output: str, labels: np.ndarray | None,
-            quiet: bool = False) -> dict:
+            quiet: bool = False, declared_kind: str | None = None) -> dict:
     """Per-output fidelity of the model at quant_path, and the task output's accuracy figures."""
     runner = session(quant_path)
     sums = {name: _OutputSums() for name in reference.names}
@@ -174,7 +193,7 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     task = sums[task_output]
     fp32 = np.concatenate(task.kept_fp32) if task.kept_fp32 else None
     quant = np.concatenate(task.kept_quant) if task.kept_quant else None
-    kind = output_kind(fp32, labels, task_shape)
+    kind = output_kind(fp32, labels, task_shape, task_output, declared_kind)
     result = {"samples": int(samples.count), "source": samples.source, "task_output": task_output, "kind": kind,
               "outputs": outputs, "cosine": outputs[task_output]["cosine"],
               "sqnr_db": outputs[task_output]["sqnr_db"]}

@@ -52,6 +52,7 @@ class Options:
     max_size: float | None = None  # bytes, or a fraction (<= 1) of the input model's size
     min_cosine: float | None = None  # gate on the task output's mean cosine to FP32
     output: str | None = None  # the task output; None: the first float output of rank >= 2
+    output_kind: str | None = None  # what an [N, C] task output holds (fidelity.OUTPUT_KINDS); None: inferred
     activations: str = "auto"  # per-layer mode from measured damage, or one mode for every layer
     prefer: str = "speed"  # speed: int8 containers on fused kernels; size: the narrowest container that runs
     rounding: str = "gptq"  # gptq: rounding with the layer's input Hessian where it is known; nearest
@@ -113,6 +114,8 @@ def check_options(options: Options) -> None:
                         ("--max-drop", options.max_drop), ("--importance-exponent", options.importance_exponent)):
         if value is not None and not math.isfinite(value):
             raise BadOption(f"{flag} {value} is not a finite number.")
+    if options.output_kind is not None and options.output_kind not in fidelity.OUTPUT_KINDS:
+        raise BadOption(f"--output-kind {options.output_kind} is not one of {', '.join(fidelity.OUTPUT_KINDS)}.")
     if options.act16 < 0:
         raise BadOption(f"--act16 {options.act16} must be zero or positive.")
     if options.seed < 0:
@@ -170,7 +173,8 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None) 
                          options.seed, hessians=options.rounding == "gptq" and narrowed)
     with timer.stage("imprint"):
         labels = imprint_labels(None if calib.labels is None else calib.labels[stats.imprinted], stats.outputs,
-                                options.seed, fidelity.output_kind(stats.outputs, None) == "class-scores")
+                                options.seed, fidelity.output_kind(stats.outputs, None, name=loaded.output_name,
+                                                                   declared=options.output_kind) == "class-scores")
         scores, input_score = layer_scores(stats.features, stats.input_features, labels)
     with timer.stage("importance"):
         upstream = upstream_layers(loaded.model, loaded.layers)
@@ -255,7 +259,7 @@ class _HeldOut:
 
     def measure(self, path: str) -> dict:
         measured = fidelity.compare(self.reference, path, self.loaded.output_name, self.samples.labels,
-                                    self.options.quiet)
+                                    self.options.quiet, self.options.output_kind)
         if self.options.max_drop is not None and measured.get("drop") is None:
             raise BadOption(f"--max-drop needs a task output with decisions (class scores, or embeddings); "
                             f"'{measured['task_output']}' is a {measured['kind']}: gate it with --min-cosine, or "

@@ -949,3 +949,28 @@ def test_a_collapsed_output_beside_a_faithful_task_output_is_still_warned():
     assert "'boxes'" in warning and "'scores'" not in warning
     measured["outputs"]["boxes"]["cosine"] = 0.95
     assert collapse_warning(measured) is None
+
+
+def test_an_output_that_is_not_class_scores_is_not_judged_by_its_arg_max(cnn_files, tmp_path):
+    """A mean-pooled embedding or a box regression is no class score though neither is unit-normalized: an
+    arg-max over its dimensions flagged a 0.998-cosine embedding as collapsed. The name says what it holds, and
+    --output-kind says it when the name does not; probability rows are class scores whatever their name."""
+    from msq_onnx import fidelity
+    from msq_onnx.errors import BadOption
+
+    rows = np.random.default_rng(0).normal(size=(20, 6))
+    assert fidelity.output_kind(rows, None, name="pooled") == "embedding"
+    assert fidelity.output_kind(rows, None, name="boxes") == "tensor"
+    assert fidelity.output_kind(rows, None, name="bbox_pred") == "tensor"
+    assert fidelity.output_kind(rows, None, name="cls_logits") == "class-scores"
+    assert fidelity.output_kind(rows, None, name="output") == "class-scores"  # nothing says otherwise
+    assert fidelity.output_kind(rows, None, name="output", declared="embedding") == "embedding"
+    probabilities = np.exp(rows) / np.exp(rows).sum(axis=1, keepdims=True)
+    assert fidelity.output_kind(probabilities, None, name="pooled_features") == "class-scores"
+    assert fidelity.output_kind(rows, np.array([0, 9]), name="logits") == "embedding"  # labels beyond C
+    result = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"],
+                     Options(avg_bits=4, quiet=True, output_kind="tensor"))
+    evaluation = result.report["evaluation"]
+    assert evaluation["kind"] == "tensor" and "agreement" not in evaluation and evaluation["cosine"] > 0.9
+    with pytest.raises(BadOption, match="--output-kind"):
+        convert(cnn_files["model"], str(tmp_path / "q2.onnx"), cnn_files["calib"], Options(output_kind="logits"))
