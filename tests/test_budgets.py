@@ -225,3 +225,25 @@ def test_when_the_demotion_rounds_run_out_every_lossy_layer_moves_at_once(monkey
     assert {choice.mode for choice in choices.values()} == {modes.WEIGHT_ONLY}
     assert log[-1]["end_to_end_error"] == 0.0 and len(log) == modes.MAX_DEMOTION_ROUNDS + 2
     assert log[-2]["modes"][modes.STATIC] > 0  # the rounds alone had not got there
+
+
+def test_the_demotions_never_move_a_layer_into_float(monkeypatch):
+    """Float runs faster than a weight-only MatMul, so the move looked free, but it takes the layer out of the
+    budget (32 bits): a ViT's demotions floated three weight-only projections (own error 1.3e-4) and its
+    classifier, and --avg-bits 8 squeezed the rest to 2-3 bits. Float stays for a layer no quantized mode keeps
+    faithful alone."""
+    from types import SimpleNamespace
+
+    from msq_onnx import modes
+    from msq_onnx.ops import Layer
+
+    layers = [Layer(f"m{i}", "MatMul", f"w{i}", f"x{i}", f"y{i}", (4, 4), 1) for i in range(8)]
+    errors = {layer.name: {modes.DYNAMIC: 1e-3, modes.WEIGHT_ONLY: 1e-4, modes.FLOAT: 0.0} for layer in layers}
+    errors["m7"] = {modes.DYNAMIC: 0.5, modes.WEIGHT_ONLY: 0.5, modes.FLOAT: 0.0}  # nothing quantized holds
+    costs = {layer.name: {modes.STATIC: 2.0, modes.DYNAMIC: 1.0, modes.WEIGHT_ONLY: 3.0, modes.FLOAT: 1.5}
+             for layer in layers}
+    errors = {name: {modes.STATIC: 1.0, **table} for name, table in errors.items()}
+    monkeypatch.setattr(modes, "end_to_end_error", lambda *args: 0.05)  # never under the tolerance
+    choices, _ = modes.choose(SimpleNamespace(layers=layers), modes.Measurement(errors, [], []), {}, costs)
+    assert {name: c.mode for name, c in choices.items() if name != "m7"} == {f"m{i}": modes.WEIGHT_ONLY for i in range(7)}
+    assert choices["m7"].mode == modes.FLOAT
