@@ -616,6 +616,7 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
     """The layers (one per weight tensor) and the weighted nodes that cannot be layers, with the reason."""
     graph = model.graph
     users = _consumers(graph)
+    producers = {out: node for node in graph.node for out in node.output}
     outputs = {o.name for o in graph.output}
     by_weight: dict[str, Layer] = {}
     skipped = _subgraph_layers(graph)
@@ -628,7 +629,16 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
             skipped.extend({"node": node.name, "op_type": node.op_type, "weight": w,
                             "reason": f"{node.op_type} weights are not quantized by msq-onnx"} for w in weights)
             continue
-        if kind is None or len(node.input) < 2 or node.input[kind.weight_index] not in inits:
+        if kind is not None and len(node.input) > kind.weight_index and node.input[kind.weight_index] not in inits:
+            chain = []  # a weight computed from initializers _fold_weight_chains left alone (one read elsewhere)
+            if _computed_weight(node.input[kind.weight_index], producers, inits, chain) is not None:
+                sources = sorted({i for step in chain for i in step.input if i in inits
+                                  and inits[i].data_type == onnx.TensorProto.FLOAT and len(inits[i].dims) >= 2})
+                skipped.extend({"node": node.name, "op_type": node.op_type, "weight": w,
+                                "reason": f"its weight is computed from '{w}', which another node also reads (a "
+                                          "tied weight): left in float"} for w in sources)
+            continue
+        if kind is None or len(node.input) < 2:
             continue  # activation x activation: nothing to give bits to
         weight_name = node.input[kind.weight_index]
         if node.op_type == "Gather" and inits[weight_name].data_type != onnx.TensorProto.FLOAT:

@@ -263,5 +263,6 @@ def test_a_tied_weight_read_through_a_transpose_stays_float_and_counts(tmp_path)
     loaded = load_model(str(tmp_path / "tied.onnx"))
     assert [n.op_type for n in loaded.model.graph.node] == ["Gather", "MatMul", "Transpose", "MatMul"]
     assert [layer.name for layer in loaded.layers] == ["mlp"]
-    assert [(s["node"], s["weight"]) for s in loaded.skipped] == [("embed", "table")] and loaded.float_params == 320
-    assert "Transpose 'tie'" in loaded.skipped[0]["reason"]
+    assert [(s["node"], s["weight"]) for s in loaded.skipped] == [("lm_head", "table"), ("embed", "table")]
+    assert loaded.float_params == 320  # the table once
+    assert "tied" in loaded.skipped[0]["reason"] and "Transpose 'tie'" in loaded.skipped[1]["reason"]
