@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what an [N, C] task output holds, when its name and values do not say: class scores "
                              "are judged by top-1 agreement, embeddings and tensors by cosine (default: probability "
                              "rows or a name with logit/prob/score/cls are class scores, embed/hidden/pool an "
-                             "embedding, box/coord/offset a tensor; else unit-norm rows an embedding)")
+                             "embedding, box/coord/offset a tensor; else unit-norm rows an embedding). An [N, T, C] "
+                             "output declared or named as class scores is judged by its arg-max at each position")
     budget = parser.add_argument_group("bit allocation")
     budget.add_argument("--avg-bits", type=float, metavar="B",
                         help="parameter-weighted average weight bit-width to stay at or under (default: no budget, "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import BadData, one_line
-from .instrument import padded_batches, progress
+from .instrument import attention_mask_input, padded_batches, progress
 from .verify import session
 
 CACHE_LIMIT = 256 * 1024**2  # FP32 outputs kept in memory for repeated comparisons (a --max-drop search)
@@ -38,9 +38,23 @@ class _OutputSums:
     kept_fp32: list = field(default_factory=list)
     kept_quant: list = field(default_factory=list)
     integer: bool = False
+    positions: int = 0  # a sequence of class scores [N, T, C]: real positions seen ...
+    agreeing: int = 0  # ... and those whose arg-max over C agrees with FP32's
+    probabilities: bool = True  # every FP32 row over the last axis is a probability distribution
 
-    def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool) -> None:
+    def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None) -> None:
+        """real: [N, T] True at real tokens (the attention mask) for an output whose first two axes are [N, T]:
+        padded positions then count in nothing, as they count in no use of the model."""
         self.integer = not np.issubdtype(reference.dtype, np.floating)
+        if real is not None and (reference.ndim < 3 or reference.shape[:2] != real.shape or self.integer):
+            real = None
+        if reference.ndim == 3 and not self.integer:
+            where = np.ones(reference.shape[:2], bool) if real is None else real
+            self.positions += int(where.sum())
+            self.agreeing += int(((reference.argmax(-1) == quantized.argmax(-1)) & where).sum())
+            self.probabilities &= bool(np.all(reference >= 0) and np.allclose(reference.sum(-1), 1.0, atol=1e-3))
+        if real is not None:
+            reference, quantized = reference * real[..., None], quantized * real[..., None]
         ref = reference.reshape(len(reference), -1).astype(np.float64)
         out = quantized.reshape(len(quantized), -1).astype(np.float64)
         self.signal += float((ref ** 2).sum())
@@ -112,6 +126,20 @@ _NAMED_KINDS = (("tensor", ("box", "coord", "offset", "regress", "landmark", "ke
                 ("embedding", ("embed", "hidden", "pool", "feature", "vector", "encod", "latent")))
 
 
+def _named_kind(name: str) -> str | None:
+    lowered = name.lower()
+    return next((kind for kind, hints in _NAMED_KINDS if any(hint in lowered for hint in hints)), None)
+
+
+def sequence_kind(name: str, declared: str | None, probabilities: bool) -> str:
+    """A [N, T, C] output: a sequence of class scores (a language model's, a CTC recognizer's, a token
+    classifier's logits), judged position by position, when --output-kind, its name or its probability rows say
+    so; else a tensor."""
+    if declared is not None:
+        return "class-scores" if declared == "class-scores" else "tensor"
+    return "class-scores" if probabilities or _named_kind(name) == "class-scores" else "tensor"
+
+
 def output_kind(fp32: np.ndarray | None, labels: np.ndarray | None, sample_shape=None, name: str = "",
                 declared: str | None = None) -> str:
     """labels, class-scores, embedding or tensor, from the kept FP32 task output [N, C] and one sample's own
@@ -132,10 +160,9 @@ def output_kind(fp32: np.ndarray | None, labels: np.ndarray | None, sample_shape
         return "class-scores"
     if labels is not None and labels.max() >= fp32.shape[1]:
         return "embedding"
-    lowered = name.lower()
-    for kind, hints in _NAMED_KINDS:
-        if any(hint in lowered for hint in hints):
-            return kind
+    named = _named_kind(name)
+    if named is not None:
+        return named
     norms = np.linalg.norm(fp32, axis=1)
     return "embedding" if np.allclose(norms, 1.0, atol=1e-3) else "class-scores"
 
@@ -171,15 +198,17 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     sums = {name: _OutputSums() for name in reference.names}
     samples = reference.samples
     task_shape = None
+    mask = attention_mask_input(reference.loaded)
     with progress(samples.count, "QDQ evaluation", quiet) as bar:
         for feed, count, fp32 in reference.batches(quiet):
             quant = _run_checked(runner, reference.names, feed, count, samples, "QDQ evaluation")
+            real = None if mask is None or mask not in feed else np.asarray(feed[mask])[:count] != 0
             for name, ref, out in zip(reference.names, fp32, quant):
                 if np.issubdtype(ref.dtype, np.number):
                     keep = name == task_output and ref[:1].size <= KEEP_LIMIT
                     if name == task_output:
                         task_shape = ref.shape[1:]
-                    sums[name].add(ref, out, keep)
+                    sums[name].add(ref, out, keep, real)
             bar.update(count)
     outputs = {}
     for name, acc in sums.items():
@@ -193,12 +222,19 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     task = sums[task_output]
     fp32 = np.concatenate(task.kept_fp32) if task.kept_fp32 else None
     quant = np.concatenate(task.kept_quant) if task.kept_quant else None
-    kind = output_kind(fp32, labels, task_shape, task_output, declared_kind)
+    sequence = task.positions > 0
+    kind = sequence_kind(task_output, declared_kind, task.probabilities) if sequence else \
+        output_kind(fp32, labels, task_shape, task_output, declared_kind)
     result = {"samples": int(samples.count), "source": samples.source, "task_output": task_output, "kind": kind,
               "outputs": outputs, "cosine": outputs[task_output]["cosine"],
               "sqnr_db": outputs[task_output]["sqnr_db"]}
     outputs[task_output]["kind"] = kind
-    if kind in DECISION_KINDS:
+    if mask is not None and any(acc.positions for acc in sums.values()):
+        result["positions"] = f"real tokens only ('{mask}' != 0)"
+    if sequence and kind == "class-scores":  # per position; a label per sample says nothing about positions
+        result["agreement"] = 100.0 * task.agreeing / task.positions
+        result["agreement_unit"] = f"positions ({task.positions:,})"
+    elif kind in DECISION_KINDS:
         if kind == "labels":
             fp32_top, quant_top = fp32.reshape(len(fp32)), quant.reshape(len(quant))
         else:
@@ -236,7 +272,8 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
         if measured.get("fp32_top1") is not None and measured.get("drop", 0.0) > COLLAPSE_DROP:
             problems.append(f"top-1 {measured['fp32_top1']:.2f}% -> {measured['quant_top1']:.2f}%")
         elif decisions and measured.get("fp32_top1") is None and measured.get("drop", 0.0) > COLLAPSE_DROP:
-            problems.append(f"top-1 agreement with FP32 {measured['agreement']:.1f}%")
+            where = f" over {measured['agreement_unit']}" if measured.get("agreement_unit") else ""
+            problems.append(f"top-1 agreement with FP32 {measured['agreement']:.1f}%{where}")
     # Every float output counts, not only the task's: a detector's boxes can break while its scores hold.
     others = [f"'{name}' (cosine to FP32 {out['cosine']:.3f} < {COLLAPSE_COSINE})"
               for name, out in measured.get("outputs", {}).items()

@@ -974,3 +974,32 @@ def test_an_output_that_is_not_class_scores_is_not_judged_by_its_arg_max(cnn_fil
     assert evaluation["kind"] == "tensor" and "agreement" not in evaluation and evaluation["cosine"] > 0.9
     with pytest.raises(BadOption, match="--output-kind"):
         convert(cnn_files["model"], str(tmp_path / "q2.onnx"), cnn_files["calib"], Options(output_kind="logits"))
+
+
+def test_a_sequence_of_class_scores_is_judged_position_by_position_on_real_tokens():
+    """A language model's [N, T, V] logits: the report's cosine read padded positions and its kind was 'tensor',
+    so a GPT-2 whose next-token arg-max agreed with FP32's at 78.8% of the real tokens passed on cosine 0.993. The
+    arg-max agrees or not at each real position (the attention mask's), and padding counts in nothing."""
+    from msq_onnx import fidelity
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    quantized = reference.copy()
+    quantized[0, 1] = -quantized[0, 1]  # one real position's decision changes
+    quantized[1, 4] = rng.normal(size=7) * 50  # a padded position, wildly off
+    real = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
+    sums = fidelity._OutputSums()
+    sums.add(reference, quantized, keep=False, real=real)
+    assert (sums.positions, sums.agreeing) == (8, 7)
+    unmasked = fidelity._OutputSums()
+    unmasked.add(reference, quantized, keep=False)
+    assert unmasked.positions == 10
+    # the second sample's only difference is padding: exactly faithful on its real tokens, far off with padding
+    assert sums.cosine_sum - unmasked.cosine_sum > 0.5 and sums.noise < unmasked.noise / 10
+    assert fidelity.sequence_kind("logits", None, False) == "class-scores"
+    assert fidelity.sequence_kind("last_hidden_state", None, False) == "tensor"
+    assert fidelity.sequence_kind("out", None, True) == "class-scores"  # probability rows
+    assert fidelity.sequence_kind("logits", "tensor", False) == "tensor"
+    measured = {"kind": "class-scores", "task_output": "logits", "cosine": 0.993, "agreement": 78.8, "drop": 21.2,
+                "agreement_unit": "positions (2,438)", "samples": 128, "outputs": {}}
+    assert "78.8% over positions (2,438)" in fidelity.collapse_warning(measured)
