@@ -263,7 +263,7 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = Tr
 def padded_batches(samples, loaded: LoadedModel, batch_size: int):
     """Yield (feed, real_count) at the model's batch size: its own if fixed (the last batch padded), else ours."""
     fixed = any(spec.batch_fixed for spec in loaded.inputs)
-    size = _batch_of(loaded, batch_size)
+    size = batch_of(loaded, batch_size)
     for feed in samples.batches(size):
         count = len(next(iter(feed.values())))
         if fixed and count < size:
@@ -331,7 +331,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     (MiniLM-L6's four-times-wider FFN inputs never did, and were 84% of the products' work). The moments
     stay in every run: a session without them cost more time (its build) and memory (EfficientNet-Lite0:
     +50 MB) than their products and reductions (a fifth of a run)."""
-    size = _batch_of(loaded, batch_size)
+    size = batch_of(loaded, batch_size)
     # A model's fixed batch pads the last one with copies of its last sample: they stay out of the Hessians.
     fixed_batch = any(spec.batch_fixed for spec in loaded.inputs)
     whole = samples.count - (samples.count % size if fixed_batch else 0)
@@ -446,7 +446,7 @@ MAX_HESSIAN_FAN_IN = 4096  # a K x K matrix per distinct input: 64 MB at this si
 MIN_ROWS_PER_INPUT = 4  # rows (tokens) per input feature in the fitting half, or GPTQ would overfit
 
 
-def _batch_of(loaded: LoadedModel, batch_size: int) -> int:
+def batch_of(loaded: LoadedModel, batch_size: int) -> int:
     fixed = [spec.shape[0] for spec in loaded.inputs if spec.batch_fixed]
     return fixed[0] if fixed else batch_size
 
