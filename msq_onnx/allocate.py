@@ -196,9 +196,13 @@ def check_reachable(budgets, widths, allowed: dict | None = None) -> None:
         lowest = sum(min(budget.costs[name][b] for b in widths if allowed is None or b in allowed[name])
                      for name in budget.costs)
         if lowest > budget.limit * (1 + 1e-9) + 1e-6:
+            floats = sorted(name for name, widths_of in (allowed or {}).items() if widths_of == {FLOAT_BITS})
+            why = (f"; {len(floats)} layer(s) that no quantized mode keeps faithful stay float, at 32 bits "
+                   f"({', '.join(floats[:3])}{' ...' if len(floats) > 3 else ''})" if floats else "")
+            narrower = budget.unit != "seconds" and min(b for b in widths if b != FLOAT_BITS) > 2
             raise BadOption(f"{budget.name} cannot be met: even the narrowest widths need more "
-                            f"({budget.show(lowest)} against {budget.show(budget.limit)}); raise it"
-                            f"{'' if budget.unit == 'seconds' else ' or add narrower --bits'}.")
+                            f"({budget.show(lowest)} against {budget.show(budget.limit)}){why}; raise it"
+                            f"{' or add narrower --bits' if narrower else ''}.")
 
 
 def allocate(method: str, importance: dict, damage: dict | None, candidate_bits, budgets) -> dict:

@@ -175,3 +175,21 @@ def test_a_written_model_slower_than_fp32_is_said_out_loud():
     # a latency bound that cannot be met says so in milliseconds, not in rounded seconds
     with pytest.raises(BadOption, match=r"3\.6 ms against 3\.5 ms"):
         check_reachable([Budget({"a": {8: 0.0036}}, 0.0035, "--max-latency 1", unit="seconds")], [8])
+
+
+def test_an_unreachable_budget_names_the_float_layers_and_advises_only_what_can_help():
+    """'add narrower --bits' when 2 bits, the narrowest there is, is already a candidate was advice nobody could
+    follow, and the layers that made the budget unreachable (float: no quantized mode keeps them faithful) went
+    unnamed."""
+    from msq_onnx.allocate import Budget, check_reachable
+    from msq_onnx.errors import BadOption
+    from msq_onnx.ops import FLOAT_BITS
+
+    costs = {"a": {2: 200, 4: 400, FLOAT_BITS: 3200}, "b": {FLOAT_BITS: 3200}}
+    with pytest.raises(BadOption) as failed:
+        check_reachable([Budget(costs, 1000, "--avg-bits 4")], [2, 4, FLOAT_BITS],
+                        {"a": {2, 4, FLOAT_BITS}, "b": {FLOAT_BITS}})
+    assert "1 layer(s) that no quantized mode keeps faithful stay float, at 32 bits (b)" in str(failed.value)
+    assert "narrower --bits" not in str(failed.value)
+    with pytest.raises(BadOption, match="or add narrower --bits"):
+        check_reachable([Budget({"a": {4: 400, 8: 800}}, 100, "--avg-bits 1")], [4, 8])
