@@ -483,6 +483,9 @@ def _computed_weight(name: str, producers: dict, inits: dict, chain: list) -> np
     return result
 
 
+_BIASED = ("Conv", "ConvTranspose", "Gemm")  # a constant bias in input 2: ORT quantizes it with the layer
+
+
 def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
     """A weighted node's weight computed from initializers (find_layers' kinds and _UNHANDLED_WEIGHTED) becomes
     an initializer itself, so the layer is quantized, or an unhandled op's float weights count in the budget.
@@ -496,6 +499,8 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
         kind = REGISTRY.get(node.op_type)
         if kind is not None:
             positions = [kind.weight_index] if len(node.input) > kind.weight_index else []
+            if node.op_type in _BIASED and len(node.input) > 2:
+                positions.append(2)  # torch's legacy export shares an all-zero bias through Identity nodes
         elif node.op_type in _UNHANDLED_WEIGHTED:
             positions = range(1, len(node.input))
         else:
@@ -503,7 +508,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
         for position in positions:
             name, chain = node.input[position], []
             value = None if not name or name in inits else _computed_weight(name, producers, inits, chain)
-            if value is None or value.dtype != np.float32 or value.ndim < 2:
+            if value is None or value.dtype != np.float32 or value.ndim < (1 if position == 2 else 2):
                 continue
             inner = {i for step in chain for i in step.input if i}  # its initializers and intermediate values
             outside = {n for n in inner if any(u not in chain for u in users.get(n, []))} | (inner & keep)

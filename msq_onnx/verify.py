@@ -23,9 +23,10 @@ FUSED_INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFl
                      "GatherBlockQuantized")
 
 
-def session(path: str, optimized_path: str | None = None) -> ort.InferenceSession:
+def session(path: str, optimized_path: str | None = None, silent: bool = False) -> ort.InferenceSession:
+    """silent: not even ORT's error lines on stderr (a run whose failure the caller reports itself)."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if silent else 3
     if optimized_path:
         options.optimized_model_filepath = optimized_path
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -40,8 +41,13 @@ def optimized_op_counts(path: str) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
-def fused_integer_kernels(counts: Counter) -> int:
-    return sum(counts[op] for op in FUSED_INTEGER_OPS)
+# Of those, the kernels that also take integer activations: one per static or dynamic layer node.
+INTEGER_ACTIVATION_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger",
+                          "MatMulInteger", "QLinearConvTranspose", "DynamicQuantizeMatMul")
+
+
+def fused_integer_kernels(counts: Counter, ops=FUSED_INTEGER_OPS) -> int:
+    return sum(counts[op] for op in ops)
 
 
 def smoke_check(path: str, loaded, samples, batch_size: int) -> None:

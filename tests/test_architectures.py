@@ -244,6 +244,30 @@ def test_weights_behind_data_movement_ops_are_layers_or_count_in_the_budget(tmp_
         convert(str(path), str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"), Options(avg_bits=8, quiet=True))
 
 
+def test_a_bias_shared_through_identity_nodes_is_folded_so_the_conv_fuses(tmp_path):
+    """torch's legacy export shares an all-zero bias between layers through Identity nodes: a bias computed in the
+    graph cannot be quantized, so ORT ran Whisper's conv2 in float while the report called it static."""
+    from msq_onnx.load import load_model
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Identity", ["zeros"], ["b1"], name="share1"),
+             helper.make_node("Identity", ["zeros"], ["b2"], name="share2"),
+             helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    graph = helper.make_graph(nodes, "shared_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [_init(rng, "w1", 4, 3, 3, 3), _init(rng, "w2", 4, 4, 3, 3),
+                               numpy_helper.from_array(np.zeros(4, np.float32), "zeros")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    assert [n.op_type for n in loaded.model.graph.node] == ["Conv", "Relu", "Conv"]
+    assert all(layer.bias_name in loaded.initializers for layer in loaded.layers)
+    report, relative = _convert_and_compare(tmp_path, loaded.model, (3, 8, 8), avg_bits=8)
+    assert report["modes"] == {"static": 2} and report["fused_integer_kernels"] == 2 and relative < 0.05
+    assert not any("optimized graph" in w for w in report["warnings"])
+
+
 def test_a_tied_weight_read_through_a_transpose_stays_float_and_counts(tmp_path):
     """An embedding table also read transposed by the output projection: folding the Transpose would store the
     table twice, and quantizing the Gather alone would add a quantized copy beside the float one the Transpose

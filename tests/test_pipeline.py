@@ -193,3 +193,28 @@ def test_an_unreachable_budget_names_the_float_layers_and_advises_only_what_can_
     assert "narrower --bits" not in str(failed.value)
     with pytest.raises(BadOption, match="or add narrower --bits"):
         check_reachable([Budget({"a": {4: 400, 8: 800}}, 100, "--avg-bits 1")], [4, 8])
+
+
+def test_layers_written_static_that_orts_graph_runs_in_float_are_said():
+    """A static layer whose Q/DQ ORT's optimizer cannot fuse (Whisper's conv2 took its bias through an Identity)
+    runs in float between Q/DQ pairs while the report called it static: the count of integer kernels in the
+    optimized graph is checked against the layers written with quantized activations."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from msq_onnx.ops import Layer
+    from msq_onnx.pipeline import Candidate, Options, _warnings
+
+    layers = [Layer(n, "Conv", "w" + n, "x", "y" + n, (4, 4, 1, 1), 0) for n in "abc"]
+    chosen = Candidate(dict.fromkeys("abc", 8), 8.0, "q.onnx", None, {"a": "static", "b": "static", "c": "weight-only"},
+                       {}, 100)
+    loaded = SimpleNamespace(skipped=[], layers=layers)
+
+    def said(counts):
+        return [w for w in _warnings(loaded, chosen, None, Options(max_drop=1.0), False, [], None, Counter(counts))
+                if "optimized graph" in w]
+
+    assert said({"QLinearConv": 1, "Conv": 2}) == ["1 of 2 layer node(s) written with quantized activations run in "
+                                                   "float in ONNX Runtime's optimized graph (1 integer kernels): "
+                                                   "their Q/DQ pairs cost time and save nothing"]
+    assert said({"QLinearConv": 2, "Conv": 1}) == []
