@@ -191,6 +191,11 @@ class _Conv(OpKind):
     def describe(self, node, inits):
         return {"out_axis": 0, "transposed_weight": False, "group": int(attribute(node, "group", 1))}
 
+    def mode_for(self, container, mode):
+        # ORT has no int4/int2 QLinearConv: such a weight is dequantized to a float Conv, and Q/DQ on its
+        # activations would only add time and error (a ViT's patch Conv under --prefer size: 1.3x FP32's time).
+        return WEIGHT_ONLY if container in (INT4, INT2) else mode
+
     def input_channel_index(self, layer):
         shape = layer.weight_shape
         out, in_per_group = shape[0], shape[1]
@@ -200,7 +205,7 @@ class _Conv(OpKind):
         return group_of_out[:, None] * in_per_group + within[None, :]
 
 
-class _ConvTranspose(OpKind):
+class _ConvTranspose(_Conv):  # its weight runs as Conv's does: mode_for
     def describe(self, node, inits):
         group = int(attribute(node, "group", 1))
         if group != 1:
