@@ -290,3 +290,21 @@ def test_a_tied_weight_read_through_a_transpose_stays_float_and_counts(tmp_path)
     assert [(s["node"], s["weight"]) for s in loaded.skipped] == [("lm_head", "table"), ("embed", "table")]
     assert loaded.float_params == 320  # the table once
     assert "tied" in loaded.skipped[0]["reason"] and "Transpose 'tie'" in loaded.skipped[1]["reason"]
+
+
+def test_a_conv_transpose_keeps_float_activations_as_ort_runs_it(tmp_path):
+    """ORT's CPU optimizer fuses no QDQ ConvTranspose: written static, a U-Net's up-sampling layers ran as float
+    between Q/DQ pairs (the unfused-kernel warning caught them). They are weight-only, and the Conv after stays
+    static on its integer kernel."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("ConvTranspose", ["x", "wt", "bt"], ["u"], strides=[2, 2], pads=[1, 1, 1, 1], name="up"),
+             helper.make_node("Relu", ["u"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "wc"], ["y"], pads=[1, 1, 1, 1], name="conv")]
+    graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 12, 12])],
+                              [_init(rng, "wt", 8, 4, 4, 4), _init(rng, "bt", 4, scale=0.1), _init(rng, "wc", 4, 4, 3, 3)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    report, relative = _convert_and_compare(tmp_path, model, (8, 6, 6), avg_bits=8)
+    modes = {layer["name"]: layer["mode"] for layer in report["layers"]}
+    assert modes == {"up": "weight-only", "conv": "static"} and report["fused_integer_kernels"] == 1
+    assert not any("optimized graph" in w for w in report["warnings"]) and relative < 0.05
