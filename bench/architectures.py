@@ -287,6 +287,22 @@ def row(r: dict) -> str:
             f"{notes} |")
 
 
+def sweep(names, export_one, convert, budgets, prefix: str) -> list:
+    """Every model through every exporter and budget: export_one(name, work) -> {exporter: path or the one-line
+    reason it failed}, convert(name, exporter, path, budget, work) -> a row. Rows print as they come."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        for name in names:
+            for exporter, model in export_one(name, work).items():
+                if not model.endswith(".onnx"):
+                    results.append({"model": name, "exporter": exporter, "bits": "", "exit": None, "error": model})
+                    continue
+                for budget in budgets:
+                    results.append(convert(name, exporter, model, budget, work))
+                    print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", nargs="+", default=["8", "4", "3"])
@@ -303,16 +319,8 @@ def main(argv=None) -> int:
     models = zoo()
     if set(args.models or []) - set(models):
         parser.error(f"--models: choose from {', '.join(models)}")
-    results = []
-    with tempfile.TemporaryDirectory(prefix="msq-architectures-") as work:
-        for name in args.models or models:
-            for exporter, model in export(name, models[name], work).items():
-                if not model.endswith(".onnx"):
-                    results.append({"model": name, "exporter": exporter, "bits": "", "exit": None, "error": model})
-                    continue
-                for bits in args.budgets:
-                    results.append(run(name, exporter, model, bits, work))
-                    print(json.dumps(results[-1]), flush=True)
+    results = sweep(args.models or models, lambda name, work: export(name, models[name], work), run, args.budgets,
+                    "msq-architectures-")
     datasets.save_table(args.out, "architectures", results,
                         ["| model | exporter | bits | exit | task cosine report / ORT | agreement report / ORT "
                          "| lowest output cosine (ORT) | avg bits | bytes / FP32 | latency / FP32 | quantized "
