@@ -41,6 +41,7 @@ class _OutputSums:
     positions: int = 0  # a sequence of class scores [N, T, C]: real positions seen ...
     agreeing: int = 0  # ... and those whose arg-max over C agrees with FP32's
     probabilities: bool = True  # every FP32 row over the last axis is a probability distribution
+    masked: bool = False  # padded positions were left out
 
     def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None) -> None:
         """real: [N, T] True at real tokens (the attention mask) for an output whose first two axes are [N, T]:
@@ -48,13 +49,15 @@ class _OutputSums:
         self.integer = not np.issubdtype(reference.dtype, np.floating)
         if real is not None and (reference.ndim < 3 or reference.shape[:2] != real.shape or self.integer):
             real = None
-        if reference.ndim == 3 and not self.integer:
+        if reference.ndim == 3 and reference.shape[-1] >= 2 and not self.integer:  # [N, C, 1] is no sequence
             where = np.ones(reference.shape[:2], bool) if real is None else real
             self.positions += int(where.sum())
             self.agreeing += int(((reference.argmax(-1) == quantized.argmax(-1)) & where).sum())
             self.probabilities &= bool(np.all(reference >= 0) and np.allclose(reference.sum(-1), 1.0, atol=1e-3))
         if real is not None:
-            reference, quantized = reference * real[..., None], quantized * real[..., None]
+            self.masked = True
+            real = real.reshape(real.shape + (1,) * (reference.ndim - 2))
+            reference, quantized = reference * real, quantized * real
         ref = reference.reshape(len(reference), -1).astype(np.float64)
         out = quantized.reshape(len(quantized), -1).astype(np.float64)
         self.signal += float((ref ** 2).sum())
@@ -231,7 +234,7 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
               "batch": batch_of(reference.loaded, reference.batch_size), "outputs": outputs,
               "cosine": outputs[task_output]["cosine"], "sqnr_db": outputs[task_output]["sqnr_db"]}
     outputs[task_output]["kind"] = kind
-    if mask is not None and any(acc.positions for acc in sums.values()):
+    if any(acc.masked for acc in sums.values()):
         result["positions"] = f"real tokens only ('{mask}' != 0)"
     if sequence and kind == "class-scores":  # per position; a label per sample says nothing about positions
         result["agreement"] = 100.0 * task.agreeing / task.positions

@@ -438,7 +438,7 @@ def _unsqueezed(data: np.ndarray, axes) -> np.ndarray:
     return data
 
 
-def _sliced(data: np.ndarray, starts, ends, axes=None, slice_steps=None) -> np.ndarray:
+def _sliced(data: np.ndarray, starts, ends, axes=None, slice_steps=None) -> np.ndarray:  # None: input omitted
     index = [slice(None)] * data.ndim
     axes = range(len(starts)) if axes is None else axes
     slice_steps = [1] * len(starts) if slice_steps is None else slice_steps
@@ -453,7 +453,8 @@ _MOVES = {
     "Identity": lambda node, x: x[0],
     "Transpose": lambda node, x: np.transpose(x[0], attribute(node, "perm", None)),
     "Unsqueeze": lambda node, x: _unsqueezed(x[0], [int(a) for a in x[1]]),
-    "Squeeze": lambda node, x: np.squeeze(x[0], tuple(int(a) for a in x[1])) if len(x) > 1 else np.squeeze(x[0]),
+    "Squeeze": lambda node, x: np.squeeze(x[0]) if len(x) < 2 or x[1] is None or not np.size(x[1])
+    else np.squeeze(x[0], tuple(int(a) for a in x[1])),
     "Reshape": lambda node, x: _reshaped(x[0], x[1], attribute(node, "allowzero", 0)),
     "Flatten": lambda node, x: x[0].reshape(int(np.prod(x[0].shape[:attribute(node, "axis", 1)])), -1),
     "Concat": lambda node, x: np.concatenate(x, axis=attribute(node, "axis", 0)),
@@ -469,17 +470,18 @@ def _computed_weight(name: str, producers: dict, inits: dict, chain: list) -> np
     node = producers.get(name)
     if node is None or node.op_type not in _MOVES or len(node.output) != 1:
         return None
-    values = []
-    for source in (i for i in node.input if i):
-        value = _computed_weight(source, producers, inits, chain)
-        if value is None:
+    values = []  # by position: an omitted optional input (Slice's axes before its steps) stays a None
+    for source in node.input:
+        value = _computed_weight(source, producers, inits, chain) if source else None
+        if source and value is None:
             return None
         values.append(value)
     try:
         result = _MOVES[node.op_type](node, values)
     except (ValueError, IndexError, TypeError):
         return None
-    chain.append(node)
+    if not any(step is node for step in chain):  # a node reached by two paths (Concat(t, t)) is one step
+        chain.append(node)
     return result
 
 
@@ -495,6 +497,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
     users = _consumers(graph)
     keep = _subgraph_inputs(graph) | {o.name for o in graph.output}
     taken = _all_names(graph)
+    copies = {}  # a kept chain's output -> its folded initializer: two readers share one copy
     for node in list(graph.node):  # chains are removed from graph.node as they fold
         kind = REGISTRY.get(node.op_type)
         if kind is not None:
@@ -507,6 +510,9 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
             continue
         for position in positions:
             name, chain = node.input[position], []
+            if name in copies:
+                node.input[position] = copies[name]
+                continue
             value = None if not name or name in inits else _computed_weight(name, producers, inits, chain)
             if value is None or value.dtype != np.float32 or value.ndim < (1 if position == 2 else 2):
                 continue
@@ -520,7 +526,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
                 while folded in taken:
                     folded += "_"
                 taken.add(folded)
-                node.input[position] = folded
+                node.input[position] = copies[name] = folded
             else:
                 folded = name
                 for step in chain:
@@ -531,6 +537,24 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
             graph.initializer.append(tensor)
             inits[folded] = tensor
             users = _consumers(graph)
+    if copies:
+        _drop_dead_moves(graph, inits, keep)
+
+
+def _drop_dead_moves(graph: onnx.GraphProto, inits: dict, keep: set) -> None:
+    """Data-movement nodes nothing reads any more (a fused QKV weight's Transpose and Slices once each reader has
+    its folded copy) and the initializers only they read: left, they kept a float weight in the file that no
+    budget counted."""
+    while True:
+        users = _consumers(graph)
+        dead = [n for n in graph.node if n.op_type in _MOVES and not any(users.get(o) or o in keep for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    users = _consumers(graph)
+    for name in [n for n in inits if n not in users and n not in keep]:
+        graph.initializer.remove(inits.pop(name))
 
 
 def _replace_initializer(graph, inits: dict, name: str, array: np.ndarray) -> None:
@@ -696,7 +720,7 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
     for weight_name, layer in list(by_weight.items()):
         # A weight something else also reads (a tied output projection through a Transpose) keeps its float
         # copy in the model whatever the layer is given: quantizing the layer would add bytes, not save them.
-        others = [u for u in users.get(weight_name, []) if u.name not in layer.nodes]
+        others = [u for u in users.get(weight_name, []) if u.name not in layer.nodes and u.op_type not in ("Shape", "Size")]
         if others or weight_name in inner:
             reader = f"{others[0].op_type} '{others[0].name}'" if others else "a subgraph"
             del by_weight[weight_name]

@@ -560,7 +560,7 @@ SLOWER_BY_MS = 0.1  # ... and beyond a run's own overhead: a 0.02 ms toy model's
 def _slower_than_fp32(chosen: Candidate, measured: dict, options: Options, layers) -> str:
     counts = {mode: list(chosen.modes.values()).count(mode) for mode in sorted(set(chosen.modes.values()))}
     yardstick = next((f"; ONNX Runtime's own int8 model {value:.3g} ms" for key, value in measured.items()
-                      if key.startswith("ort_")), "")
+                      if key.startswith("ort_") and isinstance(value, (int, float))), "")
     could_be_static = [layer for layer in layers if chosen.modes.get(layer.name) in (WEIGHT_ONLY, FLOAT)
                        and STATIC in layer.kind.modes]  # dynamic layers already run integer kernels
     if options.prefer == "size":

@@ -1000,6 +1000,14 @@ def test_a_sequence_of_class_scores_is_judged_position_by_position_on_real_token
     assert fidelity.sequence_kind("last_hidden_state", None, False) == "tensor"
     assert fidelity.sequence_kind("out", None, True) == "class-scores"  # probability rows
     assert fidelity.sequence_kind("logits", "tensor", False) == "tensor"
+    # [N, C, 1] scores are no sequence (an arg-max over one value always agrees); a 4-D [N, T, heads, d] output
+    # takes the mask too
+    column = fidelity._OutputSums()
+    column.add(reference[:, :, :1], quantized[:, :, :1], keep=False, real=real)
+    assert column.positions == 0
+    heads = fidelity._OutputSums()
+    heads.add(reference.reshape(2, 5, 7, 1).repeat(2, 3), quantized.reshape(2, 5, 7, 1).repeat(2, 3), False, real)
+    assert heads.masked and heads.noise == pytest.approx(2 * sums.noise)
     measured = {"kind": "class-scores", "task_output": "logits", "cosine": 0.993, "agreement": 78.8, "drop": 21.2,
                 "agreement_unit": "positions (2,438)", "samples": 128, "outputs": {}}
     assert "78.8% over positions (2,438)" in fidelity.collapse_warning(measured)

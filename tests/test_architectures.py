@@ -308,3 +308,37 @@ def test_a_conv_transpose_keeps_float_activations_as_ort_runs_it(tmp_path):
     modes = {layer["name"]: layer["mode"] for layer in report["layers"]}
     assert modes == {"up": "weight-only", "conv": "static"} and report["fused_integer_kernels"] == 1
     assert not any("optimized graph" in w for w in report["warnings"]) and relative < 0.05
+
+
+def test_weight_chains_fold_as_onnx_computes_them(tmp_path):
+    """The folded weight equals what ORT computes for the chain: a node reached twice (Concat(t, t)), Slice with
+    its axes omitted but its steps given, Squeeze without axes; and a Transpose shared by three
+    readers (a fused QKV weight sliced three ways) leaves no dead node or float weight behind."""
+    from msq_onnx.load import load_model
+
+    rng = np.random.default_rng(0)
+    i64 = lambda name, *values: numpy_helper.from_array(np.array(values, np.int64), name)  # noqa: E731
+    inits = [_init(rng, "base", 4, 1, 4), _init(rng, "qkv", 12, 4), i64("zero", 0), i64("two", 2), i64("one", 1),
+             i64("four", 4), i64("eight", 8),
+             i64("twelve", 12)]
+    nodes = [helper.make_node("Squeeze", ["base"], ["sq"], name="squeeze"),  # [4, 1, 4] -> [4, 4]
+             helper.make_node("Slice", ["sq", "zero", "two", "", "one"], ["half"], name="slice"),  # axis 0
+             helper.make_node("Concat", ["half", "half"], ["w"], axis=0, name="twice"),
+             helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+             helper.make_node("Transpose", ["qkv"], ["qkv_t"], perm=[1, 0], name="t"),
+             helper.make_node("Slice", ["qkv_t", "zero", "four", "one"], ["q"], name="sq_q"),
+             helper.make_node("Slice", ["qkv_t", "four", "eight", "one"], ["k"], name="sq_k"),
+             helper.make_node("Slice", ["qkv_t", "eight", "twelve", "one"], ["v"], name="sq_v"),
+             helper.make_node("MatMul", ["a", "q"], ["yq"], name="mq"), helper.make_node("MatMul", ["a", "k"], ["yk"], name="mk"),
+             helper.make_node("MatMul", ["a", "v"], ["yv"], name="mv"), helper.make_node("Sum", ["yq", "yk", "yv"], ["y"], name="sum")]
+    graph = helper.make_graph(nodes, "chains", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    path = tmp_path / "chains.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    loaded = load_model(str(path))
+    assert [n.op_type for n in loaded.model.graph.node] == ["MatMul"] * 4 + ["Sum"]
+    assert len(loaded.layers) == 4 and loaded.float_params == 0 and "qkv" not in loaded.initializers
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    after = ort.InferenceSession(loaded.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)

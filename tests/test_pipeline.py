@@ -155,6 +155,8 @@ def test_a_written_model_slower_than_fp32_is_said_out_loud():
     def warned(latency, opts=options):
         return [w for w in _warnings(loaded, chosen, None, opts, False, [], latency) if "slower than FP32" in w]
 
+    failed = warned({"fp32": 4.0, "output": 9.0, "ort_static_int8_failed": "ONNX Runtime's own ... fails", "batch": 1})
+    assert len(failed) == 1 and "own int8 model" not in failed[0]  # a yardstick that failed has no time to quote
     slow = warned({"fp32": 4.0, "output": 9.0, "ort_static_int8": 5.0, "batch": 1})
     assert len(slow) == 1 and "2.25x" in slow[0] and "2 weight-only" in slow[0] and "own int8 model 5 ms" in slow[0]
     assert "1 layer(s) that could run static" in slow[0] and "--activations static" in slow[0]  # not the table
