@@ -287,6 +287,16 @@ def row(r: dict) -> str:
             f"{notes} |")
 
 
+def save(out: str, stem: str, results: list, model_column: str, bits_column: str, row=row) -> None:
+    """The rows as `row` (this one, or one that rewrites its first column) writes them, under the header that
+    names its columns."""
+    datasets.save_table(out, stem, results,
+                        [f"| {model_column} | exporter | {bits_column} | exit | task cosine report / ORT "
+                         "| agreement report / ORT | lowest output cosine (ORT) | avg bits | bytes / FP32 "
+                         "| latency / FP32 | quantized | float | warnings or error |",
+                         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"], row)
+
+
 def sweep(names, export_one, convert, budgets, prefix: str) -> list:
     """Every model through every exporter and budget: export_one(name, work) -> {exporter: path or the one-line
     reason it failed}, convert(name, exporter, path, budget, work) -> a row. Rows print as they come."""
@@ -321,11 +331,7 @@ def main(argv=None) -> int:
         parser.error(f"--models: choose from {', '.join(models)}")
     results = sweep(args.models or models, lambda name, work: export(name, models[name], work), run, args.budgets,
                     "msq-architectures-")
-    datasets.save_table(args.out, "architectures", results,
-                        ["| model | exporter | bits | exit | task cosine report / ORT | agreement report / ORT "
-                         "| lowest output cosine (ORT) | avg bits | bytes / FP32 | latency / FP32 | quantized "
-                         "| float | warnings or error |",
-                         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"], row)
+    save(args.out, "architectures", results, "model", "bits")
     return 0
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SHARED = os.environ.get("MSQ_SHARED", os.path.join(HERE, "..", "..", "shared"))
+WHEEL_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "msq-onnx-bench")  # models pip-downloaded for benches
 
 # The preprocessing ../shared/README.md gives for EfficientNet-Lite0.
 EFFICIENTNET_ARGS = ["--resize", "256", "--crop", "224", "--interpolation", "bicubic",

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
     parser.add_argument("--budgets", nargs="+", default=["8", "4"])
-    parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "msq-onnx-bench"))
+    parser.add_argument("--cache", default=datasets.WHEEL_CACHE)
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"))
     args = parser.parse_args(argv)
     os.makedirs(args.cache, exist_ok=True)

@@ -242,11 +242,8 @@ def main(argv=None) -> int:
         args.models or models, lambda name, work: export(name, models[name], work),
         lambda name, exporter, model, budget, work: convert(name, exporter, model, budget, work, models[name][3]),
         args.budgets, "msq-transformers-")
-    datasets.save_table(args.out, "transformers-models", results,
-                        ["| model: task output (kind) | exporter | bits (s: --prefer size) | exit "
-                         "| task cosine report / ORT | agreement report / ORT | lowest output cosine (ORT) | avg bits "
-                         "| bytes / FP32 | latency / FP32 | quantized | float | warnings or error |",
-                         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"], row)
+    architectures.save(args.out, "transformers-models", results, "model: task output (kind)", "bits (s: --prefer size)",
+                       row)
     return 0
 
 

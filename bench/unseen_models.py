@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
     parser.add_argument("--budgets", nargs="+", default=["3", "3.5", "4"])
     parser.add_argument("--models", nargs="+", choices=["ocr", "lite1", "lite2"], default=["ocr", "lite1", "lite2"])
-    parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "msq-onnx-bench"))
+    parser.add_argument("--cache", default=datasets.WHEEL_CACHE)
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"))
     args = parser.parse_args(argv)
     os.makedirs(args.cache, exist_ok=True)

@@ -493,7 +493,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
     an initializer itself, so the layer is quantized, or an unhandled op's float weights count in the budget.
     A chain whose float weights something else also reads (a tied embedding) is left as it is: folding it would
     store the weight twice; find_layers then reports the node."""
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = _producers(graph)
     users = _consumers(graph)
     keep = _subgraph_inputs(graph) | {o.name for o in graph.output}
     taken = _all_names(graph)
@@ -518,8 +518,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
                 continue
             inner = {i for step in chain for i in step.input if i}  # its initializers and intermediate values
             outside = {n for n in inner if any(u not in chain for u in users.get(n, []))} | (inner & keep)
-            if any(n in inits and inits[n].data_type == onnx.TensorProto.FLOAT and len(inits[n].dims) >= 2
-                   for n in outside):
+            if any(_float_weight(n, inits) for n in outside):
                 continue  # a weight read elsewhere too
             if outside - set(inits) or name in keep:  # an intermediate value is read elsewhere: the chain stays
                 folded = f"{name}_folded"
@@ -563,6 +562,15 @@ def _replace_initializer(graph, inits: dict, name: str, array: np.ndarray) -> No
         if existing.name == name:
             graph.initializer[index].CopyFrom(tensor)
     inits[name] = tensor
+
+
+def _producers(graph) -> dict:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _float_weight(name: str, inits: dict) -> bool:
+    """A float initializer of rank >= 2: a weight (not a bias, a shape or an index)."""
+    return name in inits and inits[name].data_type == onnx.TensorProto.FLOAT and len(inits[name].dims) >= 2
 
 
 def _consumers(graph) -> dict:
@@ -645,7 +653,7 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
     """The layers (one per weight tensor) and the weighted nodes that cannot be layers, with the reason."""
     graph = model.graph
     users = _consumers(graph)
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = _producers(graph)
     outputs = {o.name for o in graph.output}
     by_weight: dict[str, Layer] = {}
     skipped = _subgraph_layers(graph)
@@ -653,16 +661,14 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
     for node in graph.node:
         kind = REGISTRY.get(node.op_type)
         if kind is None and node.op_type in _UNHANDLED_WEIGHTED:
-            weights = [i for i in node.input if i in inits and inits[i].data_type == onnx.TensorProto.FLOAT
-                       and len(inits[i].dims) >= 2]
+            weights = [i for i in node.input if _float_weight(i, inits)]
             skipped.extend({"node": node.name, "op_type": node.op_type, "weight": w,
                             "reason": f"{node.op_type} weights are not quantized by msq-onnx"} for w in weights)
             continue
         if kind is not None and len(node.input) > kind.weight_index and node.input[kind.weight_index] not in inits:
             chain = []  # a weight computed from initializers _fold_weight_chains left alone (one read elsewhere)
             if _computed_weight(node.input[kind.weight_index], producers, inits, chain) is not None:
-                sources = sorted({i for step in chain for i in step.input if i in inits
-                                  and inits[i].data_type == onnx.TensorProto.FLOAT and len(inits[i].dims) >= 2})
+                sources = sorted({i for step in chain for i in step.input if _float_weight(i, inits)})
                 skipped.extend({"node": node.name, "op_type": node.op_type, "weight": w,
                                 "reason": f"its weight is computed from '{w}', which another node also reads (a "
                                           "tied weight): left in float"} for w in sources)

@@ -29,7 +29,7 @@ from .latency import mode_costs
 from .load import is_large, load_model, save_model_file
 from .ops import DYNAMIC, FLOAT, FLOAT_BITS, MODES, PREFER, STATIC, WEIGHT_ONLY
 from .report import gzip_size
-from .verify import fused_integer_kernels, optimized_op_counts, smoke_check
+from .verify import INTEGER_ACTIVATION_OPS, fused_integer_kernels, optimized_op_counts, smoke_check
 from .weights import error_table
 from .write import check_output_path, publish, quantize_to_qdq, quantize_weights, written_files
 
@@ -581,8 +581,6 @@ def _unfused(loaded, chosen: Candidate, op_counts) -> str | None:
     """Layers written with integer activations that ORT's optimized graph does not run on an integer kernel (a
     bias it could not quantize, a pattern its fusions miss): they run in float between Q/DQ pairs, and the
     report's modes would otherwise claim what the runtime does not do."""
-    from .verify import INTEGER_ACTIVATION_OPS
-
     nodes = sum(len(layer.nodes) for layer in loaded.layers if chosen.modes.get(layer.name) in (STATIC, DYNAMIC))
     fused = fused_integer_kernels(op_counts, INTEGER_ACTIVATION_OPS) if op_counts is not None else nodes
     if fused >= nodes:

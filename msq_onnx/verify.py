@@ -17,10 +17,11 @@ import onnxruntime as ort
 
 from .instrument import padded_batches
 
+# Kernels that take integer activations as well as integer weights: one per static or dynamic layer node.
+INTEGER_ACTIVATION_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger",
+                          "MatMulInteger", "QLinearConvTranspose", "DynamicQuantizeMatMul")
 # Kernels that compute on the quantized weights (MatMulNBits: packed int2/int4/int8 weights).
-FUSED_INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger",
-                     "MatMulInteger", "QLinearConvTranspose", "DynamicQuantizeMatMul", "MatMulNBits",
-                     "GatherBlockQuantized")
+FUSED_INTEGER_OPS = INTEGER_ACTIVATION_OPS + ("MatMulNBits", "GatherBlockQuantized")
 
 
 def session(path: str, optimized_path: str | None = None, silent: bool = False) -> ort.InferenceSession:
@@ -39,11 +40,6 @@ def optimized_op_counts(path: str) -> Counter:
         session(path, optimized)
         model = onnx.load(optimized, load_external_data=False)
     return Counter(node.op_type for node in model.graph.node)
-
-
-# Of those, the kernels that also take integer activations: one per static or dynamic layer node.
-INTEGER_ACTIVATION_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger",
-                          "MatMulInteger", "QLinearConvTranspose", "DynamicQuantizeMatMul")
 
 
 def fused_integer_kernels(counts: Counter, ops=FUSED_INTEGER_OPS) -> int:
