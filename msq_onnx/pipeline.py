@@ -506,13 +506,7 @@ def candidate_widths(options: Options) -> tuple:
 
 
 def written_bytes(path: str) -> int:
-    """The model file plus the external data files it names: what a deployment copies."""
-    import onnx
-
-    model = onnx.load(path, load_external_data=False)
-    folder = os.path.dirname(os.path.abspath(path))
-    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    return os.path.getsize(path) + sum(os.path.getsize(os.path.join(folder, name)) for name in locations)
+    return sum(os.path.getsize(name) for name in written_files(path))
 
 
 def _yardstick(modes: dict, ranges: dict, fp32_path: str, work_dir: str) -> tuple[str | None, str]:

@@ -415,10 +415,12 @@ def publish(model_path: str, output_path: str) -> bool:
         raise
 
 
-def written_files(output_path: str) -> list[str]:
-    """A published model and its external data file, if it has one: what a deployment copies."""
-    data = output_path + ".data"
-    return [output_path] + ([data] if os.path.exists(data) else [])
+def written_files(path: str) -> list[str]:
+    """The model file and the external data files it names: what a deployment copies."""
+    model = onnx.load(path, load_external_data=False)
+    folder = os.path.dirname(os.path.abspath(path))
+    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return [path] + [os.path.join(folder, name) for name in sorted(locations)]
 
 
 def _rewrite_location(path: str, old: str, new: str) -> None:
