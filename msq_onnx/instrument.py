@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -88,6 +90,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     model = onnx.ModelProto()
     model.CopyFrom(loaded.model)
     graph = model.graph
+    original_nodes = len(graph.node)
     outputs = {"range": {}, "borrowed": {}, "moments": {}, "probe": {}, "pyramid": {}, "grid": {}, "hessian": {},
                "rows": {}}
     exposed = {o.name for o in graph.output}
@@ -168,7 +171,28 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
         outputs["moments"][layer.name] = (mean, sq_mean)
     if hessians:
         _add_hessians(loaded, model, outputs, add_output, hessian_layers)
+    _place_after_producers(graph, original_nodes)
     return model, outputs
+
+
+def _place_after_producers(graph: onnx.GraphProto, original_nodes: int) -> None:
+    """Move each node added after the first `original_nodes` to just after the last node it reads from.
+
+    Appended at the end, the reductions made ORT keep every activation they read alive until the end of a run:
+    EfficientNet-Lite0's instrumented run held 43 MB over its session, 31 MB with each statistic taken where
+    its tensor is made (two runs at once: 95 -> 74 MB, and 0.85 -> 0.69 s for 60 images)."""
+    produced_at = {name: i for i, node in enumerate(graph.node[:original_nodes]) for name in node.output}
+    after = [[] for _ in range(original_nodes + 1)]  # after[i + 1]: the added nodes that follow node i
+    for node in graph.node[original_nodes:]:
+        at = max((produced_at.get(name, -1) for name in node.input), default=-1)
+        produced_at.update((name, at) for name in node.output)  # an added node's readers follow it in its slot
+        after[at + 1].append(node)
+    ordered = list(after[0])
+    for i, node in enumerate(graph.node[:original_nodes]):
+        ordered.append(node)
+        ordered.extend(after[i + 1])
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def _hessian_candidates(loaded: LoadedModel, shapes: dict, only=None) -> dict:
@@ -231,7 +255,7 @@ def one_blas_thread():
 
 
 def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = True,
-                 pattern: bool = True) -> ort.InferenceSession:
+                 pattern: bool = True, threads: int = 0) -> ort.InferenceSession:
     """A CPU session for an in-memory model; one past protobuf's 2 GB goes through a file with external data.
 
     optimize=False runs the graph as written: ORT's QDQ fusions assume a
@@ -241,10 +265,12 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = Tr
     instead of keeping the largest set for the next run. pattern=False does
     without ORT's memory pattern, one pre-planned block for all of a run's
     tensors: an instrumented graph's many short-lived tensors make it large.
+    threads: ORT's intra-op threads (0: its default, one per core).
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = arena
+    options.intra_op_num_threads = threads
     # The unoptimized simulation graphs hold many short-lived Q/DQ tensors: the plan set EfficientNet-Lite0's
     # peak (330 MB; 315 MB without it).
     options.enable_mem_pattern = pattern and optimize
@@ -258,6 +284,67 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = Tr
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     session.msq_folder = folder  # removed when the session is
     return session
+
+
+RUN_WORKERS = 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def run_threads() -> int:
+    """ORT's intra-op threads for a session that ordered_runs drives: the cores shared among its workers."""
+    return max(1, (os.cpu_count() or 1) // RUN_WORKERS)
+
+
+def ordered_runs(run, items, workers: int | None = None):
+    """Yield (item, run(item)) in the order of `items`, with up to `workers` runs at once, each on its own thread.
+
+    One ORT session run from two threads, each on its own intra-op thread, instead of one run at a time on two:
+    a transformer's small matrices and an instrumented graph's many reductions leave one of two threads idle
+    inside a run (MiniLM-L6's instrumented graph, 120 texts: 2.43 s -> 1.96 s; EfficientNet-Lite0's 1.97 s ->
+    1.51 s; outputs bit-identical). Results come back in order, so whatever sums them sums in the same order.
+    """
+    workers = RUN_WORKERS if workers is None else workers
+    if workers <= 1:
+        for item in items:
+            yield item, run(item)
+        return
+    pending = deque()
+    with ThreadPoolExecutor(workers) as pool:
+        try:
+            for item in items:
+                pending.append((item, pool.submit(run, item)))
+                if len(pending) > workers:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+        finally:
+            for _, future in pending:  # a consumer that stopped early (or failed) waits for no queued run
+                future.cancel()
+
+
+class BatchStream:
+    """A stream of (feed, count) batches read in parts: `until(limit)` yields batches while their samples add up
+    to at most `limit`, and keeps the batch that would pass it for the next part."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+        self.held = None
+
+    def more(self) -> bool:
+        if self.held is None:
+            self.held = next(self.batches, None)
+        return self.held is not None
+
+    def until(self, limit: float):
+        total = 0
+        while self.more():
+            feed, count = self.held
+            if total + count > limit:
+                return
+            self.held = None
+            total += count
+            yield feed, count
 
 
 def padded_batches(samples, loaded: LoadedModel, batch_size: int):
@@ -311,13 +398,20 @@ def output_embedding(final: np.ndarray, max_dim: int, seed: int) -> np.ndarray:
     return embed(final, (1,), max_dim, final.ndim == 3, seed)
 
 
-def _pass_session(model: onnx.ModelProto, arena: bool = True) -> ort.InferenceSession:
+def _pass_session(model: onnx.ModelProto, hessians: bool) -> tuple[ort.InferenceSession, int]:
+    """The pass's session and how many of its runs go at once (ordered_runs).
+
+    A session whose runs output the Hessian products runs one sample at a time, on every core: two runs at once
+    held two sets of K x K products (MiniLM-L6's pass peak 567 -> 653 MB), and the products would stay in
+    ORT's arena (897 MB with the arena, 768 MB without it; 605 MB with no Hessians at all)."""
+    workers = 1 if hessians else RUN_WORKERS
     try:
         # No memory pattern: EfficientNet-Lite0's pass peak 294 -> 253 MB at the same speed (6.76 / 6.68 s).
-        return make_session(model, arena=arena, pattern=False)
+        session = make_session(model, arena=not hessians, pattern=False, threads=0 if workers == 1 else run_threads())
     except Exception as exc:
         raise BadModel(f"ONNX Runtime {ort.__version__} cannot load the model ({one_line(exc)}); "
                        "re-export it with standard ONNX ops.") from None
+    return session, workers
 
 
 def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 1,
@@ -338,9 +432,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     hessian_from = _hessian_start(whole, size) if hessians else samples.count
     model, outputs = build_instrumented(loaded, hessians and hessian_from == 0, levels)
     mask_input = attention_mask_input(loaded)
-    # The Hessian products' K x K outputs would stay in ORT's arena (MiniLM-L6's pass peak: 897 MB with the
-    # arena, 768 MB without it; 605 MB with no Hessians at all).
-    session = _pass_session(model, arena=not outputs["hessian"])
+    session, workers = _pass_session(model, bool(outputs["hessian"]))
     del model
     lean = [name for name in (o.name for o in session.get_outputs())
             if all(name not in names for names in outputs["hessian"].values())]
@@ -354,75 +446,87 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     final_outputs = []
     rows: dict = {}
     tokens = []  # real tokens per sample, when an attention mask tells them from padding
-    seen, switched = 0, hessian_from == 0
-    with progress(samples.count, "calibration pass", quiet) as bar:
-        for feed, count in padded_batches(samples, loaded, batch_size):
-            # The batch that holds hessian_from: batches of differently shaped samples need not start on it
-            worth = None if switched or seen + count <= hessian_from else _worth_gathering(loaded, rows, whole - seen)
-            switched = switched or worth is not None
-            if worth:
-                session = None  # released first: two sessions of one model would double the peak memory
-                model, outputs = build_instrumented(loaded, True, levels, worth)
-                session = _pass_session(model, arena=not outputs["hessian"])
-                del model
-                gram = HessianSums(outputs["hessian"])
+    seen = 0
+
+    def runner(session, gram):
+        def run(batch):
+            feed, count = batch
             gathered = gram.outputs() if count == len(next(iter(feed.values()))) else []  # padding stays out
             fetched = lean + gathered
-            position = {name: i for i, name in enumerate(fetched)}
             try:
-                result = session.run(fetched, feed)
+                values = session.run(fetched, feed)
             except Exception as exc:
-                raise BadData(f"the model cannot run on the calibration data ({one_line(exc)}); check the data's "
-                              "shape, dtype and preprocessing against the model's input.") from None
-            if mask_input:
-                tokens.extend(np.asarray(feed[mask_input][:count]).reshape(count, -1).sum(axis=1).tolist())
-            final = result[position[loaded.output_name]]
-            if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final[:count]).all():
-                raise BadData("the FP32 model produces NaN or Inf on the calibration data; check the samples' "
-                              "scale and preprocessing (--mean, --std).")
-            for tensor, (lo, hi) in outputs["range"].items():
-                low, high = float(result[position[lo]]), float(result[position[hi]])
-                if tensor in ranges:
-                    low, high = min(low, ranges[tensor][0]), max(high, ranges[tensor][1])
-                ranges[tensor] = (low, high)
+                raise BadData(f"the model cannot run on the calibration data ({one_line(exc)}); check the "
+                              "data's shape, dtype and preprocessing against the model's input.") from None
+            return dict(zip(fetched, values)), gathered
+        return run
+
+    def absorb(feed, count, result, gathered):
+        nonlocal seen
+        if mask_input:
+            tokens.extend(np.asarray(feed[mask_input][:count]).reshape(count, -1).sum(axis=1).tolist())
+        final = result[loaded.output_name]
+        if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final[:count]).all():
+            raise BadData("the FP32 model produces NaN or Inf on the calibration data; check the samples' "
+                          "scale and preprocessing (--mean, --std).")
+        for tensor, (lo, hi) in outputs["range"].items():
+            low, high = float(result[lo]), float(result[hi])
+            if tensor in ranges:
+                low, high = min(low, ranges[tensor][0]), max(high, ranges[tensor][1])
+            ranges[tensor] = (low, high)
+        for layer in loaded.layers:
+            if layer.name in outputs["pyramid"] or layer.name in outputs["grid"]:
+                rows.setdefault(layer.name, []).append(1)  # a map: one row per sample, as for any Conv
+            else:
+                probe_shape = result[outputs["probe"][layer.name]].shape
+                rows.setdefault(layer.name, []).append(
+                    int(np.prod(probe_shape[1:-1])) if layer.kind.channels_last and len(probe_shape) > 2 else 1)
+            if layer.name not in outputs["moments"]:
+                continue
+            mean_name, sq_name = outputs["moments"][layer.name]
+            mean_sum[layer.name] = mean_sum.get(layer.name, 0) + result[mean_name] * count
+            sq_sum[layer.name] = sq_sum.get(layer.name, 0) + result[sq_name] * count
+        if gathered:
+            gram.add({name: result[name] for name in gathered})
+        chosen = imprinted[seen:seen + count]
+        # A slice is a view; a mask copies every probe, so it is only used on batches that need one.
+        pick = slice(0, count) if chosen.all() else np.flatnonzero(chosen)
+        if chosen.any():
+            mask = feed[mask_input][pick] if mask_input else None
             for layer in loaded.layers:
-                if layer.name in outputs["pyramid"] or layer.name in outputs["grid"]:
-                    rows.setdefault(layer.name, []).append(1)  # a map: one row per sample, as for any Conv
-                else:
-                    probe_shape = result[position[outputs["probe"][layer.name]]].shape
-                    rows.setdefault(layer.name, []).append(
-                        int(np.prod(probe_shape[1:-1])) if layer.kind.channels_last and len(probe_shape) > 2 else 1)
-                if layer.name not in outputs["moments"]:
+                if layer.name in outputs["pyramid"]:
+                    bank.add_pyramid(layer.name, result[outputs["pyramid"][layer.name]][pick])
                     continue
-                mean_name, sq_name = outputs["moments"][layer.name]
-                mean_sum[layer.name] = mean_sum.get(layer.name, 0) + result[position[mean_name]] * count
-                sq_sum[layer.name] = sq_sum.get(layer.name, 0) + result[position[sq_name]] * count
-            if gathered:
-                gram.add({name: result[position[name]] for name in gathered})
-            chosen = imprinted[seen:seen + count]
-            # A slice is a view; a mask copies every probe, so it is only used on batches that need one.
-            pick = slice(0, count) if chosen.all() else np.flatnonzero(chosen)
-            if chosen.any():
-                mask = feed[mask_input][pick] if mask_input else None
-                for layer in loaded.layers:
-                    if layer.name in outputs["pyramid"]:
-                        bank.add_pyramid(layer.name, result[position[outputs["pyramid"][layer.name]]][pick])
-                        continue
-                    if layer.name in outputs["grid"]:
-                        grid = result[position[outputs["grid"][layer.name]]][pick]
-                        bank.add_pyramid(layer.name, grid_pyramid(grid, levels))
-                        continue
-                    probe = result[position[outputs["probe"][layer.name]]]
-                    bank.add(layer.name, probe[pick], layer.kind.channels_last, mask)
-                first = feed[loaded.inputs[0].name][pick]
-                if np.issubdtype(first.dtype, np.integer) and first.ndim == 2:
-                    input_bank.add_embedding("input", token_features(first, mask, max_dim, seed))
-                else:
-                    input_bank.add("input", first.astype(np.float32))
-                final_outputs.append(output_embedding(final[pick], max_dim, seed))
-            del result
-            seen += count
-            bar.update(count)
+                if layer.name in outputs["grid"]:
+                    bank.add_pyramid(layer.name, grid_pyramid(result[outputs["grid"][layer.name]][pick], levels))
+                    continue
+                bank.add(layer.name, result[outputs["probe"][layer.name]][pick], layer.kind.channels_last, mask)
+            first = feed[loaded.inputs[0].name][pick]
+            if np.issubdtype(first.dtype, np.integer) and first.ndim == 2:
+                input_bank.add_embedding("input", token_features(first, mask, max_dim, seed))
+            else:
+                input_bank.add("input", first.astype(np.float32))
+            final_outputs.append(output_embedding(final[pick], max_dim, seed))
+        seen += count
+
+    stream = BatchStream(padded_batches(samples, loaded, batch_size))
+    with progress(samples.count, "calibration pass", quiet) as bar:
+        # Up to the batch that holds hessian_from (batches of differently shaped samples need not start on it),
+        # then, if any input is worth a K x K product, the rest through a session that computes them.
+        for part in range(2):
+            if part == 1 and hessian_from > 0 and stream.more():
+                worth = _worth_gathering(loaded, rows, whole - seen)
+                if worth:
+                    session = None  # released first: two sessions of one model would double the peak memory
+                    model, outputs = build_instrumented(loaded, True, levels, worth)
+                    session, workers = _pass_session(model, bool(outputs["hessian"]))
+                    del model
+                    gram = HessianSums(outputs["hessian"])
+            batches = stream.until(hessian_from if part == 0 else float("inf"))
+            for (feed, count), (result, gathered) in ordered_runs(runner(session, gram), batches, workers):
+                absorb(feed, count, result, gathered)
+                del result
+                bar.update(count)
     for tensor, source in outputs["borrowed"].items():
         ranges[tensor] = ranges[source]
     return PassStatistics(

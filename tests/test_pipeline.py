@@ -64,6 +64,93 @@ def test_batch_size_does_not_change_statistics(cnn_files):
         np.testing.assert_allclose(one.features.matrix(name), many.features.matrix(name), atol=1e-3)
 
 
+def test_ordered_runs_keep_the_order_and_run_two_at_once():
+    import threading
+    import time
+
+    from msq_onnx.instrument import ordered_runs
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def run(item):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02 * (item % 3))  # later items can finish first
+        with lock:
+            running[0] -= 1
+        return item * item
+
+    assert list(ordered_runs(run, range(12), workers=2)) == [(i, i * i) for i in range(12)]
+    assert most[0] == 2
+    assert list(ordered_runs(run, range(5), workers=1)) == [(i, i * i) for i in range(5)]
+
+    def failing(item):
+        if item == 3:
+            raise ValueError("sample 3")
+        return item
+
+    seen = []
+    with pytest.raises(ValueError, match="sample 3"):
+        for item, _ in ordered_runs(failing, range(10), workers=2):
+            seen.append(item)
+    assert seen == [0, 1, 2]
+
+
+def test_batch_stream_reads_in_parts_without_losing_a_batch():
+    from msq_onnx.instrument import BatchStream
+
+    stream = BatchStream(iter([("a", 2), ("b", 2), ("c", 3), ("d", 1)]))
+    assert list(stream.until(5)) == [("a", 2), ("b", 2)]  # c would pass 5 and is kept
+    assert stream.more()
+    assert list(stream.until(float("inf"))) == [("c", 3), ("d", 1)]
+    assert not stream.more() and list(stream.until(10)) == []
+
+
+def test_statistics_are_taken_where_their_tensor_is_made(cnn_files):
+    """Appended at the end, every reduction kept its tensor alive for the whole run (ORT's peak memory)."""
+    from msq_onnx.instrument import build_instrumented
+
+    loaded = load_model(cnn_files["model"])
+    instrumented, _ = build_instrumented(loaded, levels=(1, 2))
+    original = {node.name for node in loaded.model.graph.node}
+    nodes = list(instrumented.graph.node)
+    made_at = {name: i for i, node in enumerate(nodes) for name in node.output}
+    for i, node in enumerate(nodes):
+        assert all(made_at.get(name, -1) < i for name in node.input)  # still in topological order
+        if node.name in original:
+            continue
+        last_input = max((made_at.get(name, -1) for name in node.input), default=-1)
+        assert all(nodes[j].name not in original for j in range(last_input + 1, i)), node.name
+
+
+def test_two_runs_at_once_give_the_statistics_of_one(cnn_files, monkeypatch):
+    from msq_onnx import instrument
+
+    monkeypatch.setattr(instrument, "MIN_ROWS_PER_INPUT", 0)
+    monkeypatch.setattr(instrument, "HESSIAN_SAMPLES", 16)  # the pass switches sessions at sample 48 of 64
+    loaded = load_model(cnn_files["model"])
+
+    def pass_with(workers):
+        monkeypatch.setattr(instrument, "RUN_WORKERS", workers)
+        samples = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+        return run_pass(loaded, samples, (1, 2), 64, batch_size=3, quiet=True, hessians=True)
+
+    one, two = pass_with(1), pass_with(2)
+    assert one.ranges == two.ranges and one.samples == two.samples == 64 and one.rows == two.rows
+    for name in one.input_mean:
+        np.testing.assert_array_equal(one.input_mean[name], two.input_mean[name])
+        np.testing.assert_array_equal(one.input_sq[name], two.input_sq[name])
+    for name in one.features.names:
+        np.testing.assert_array_equal(one.features.matrix(name), two.features.matrix(name))
+    np.testing.assert_array_equal(one.outputs, two.outputs)
+    assert one.hessians and one.hessians.keys() == two.hessians.keys()
+    for name in one.hessians:
+        np.testing.assert_array_equal(one.hessians[name].fit, two.hessians[name].fit)
+        np.testing.assert_array_equal(one.hessians[name].check, two.hessians[name].check)
+
+
 def test_written_weights_sit_on_their_k_bit_grids(cnn_files, tmp_path):
     out = tmp_path / "q.onnx"
     result = convert(cnn_files["model"], str(out), cnn_files["calib"],
