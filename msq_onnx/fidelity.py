@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import BadData, one_line
-from .instrument import batch_of, attention_mask_input, padded_batches, progress
+from .instrument import attention_mask_input, batch_of, ordered_runs, padded_batches, progress, run_threads
 from .verify import session
 
 CACHE_LIMIT = 256 * 1024**2  # FP32 outputs kept in memory for repeated comparisons (a --max-drop search)
@@ -90,10 +90,12 @@ class Reference:
             self.cache.append(outputs)
 
     def _run(self, description: str, quiet: bool):
-        runner = session(self.path)
+        runner = session(self.path, threads=run_threads())
+        run = lambda batch: _run_checked(runner, self.names, *batch, self.samples, description)  # noqa: E731
         with progress(self.samples.count, description, quiet) as bar:
-            for feed, count in padded_batches(self.samples, self.loaded, self.batch_size):
-                yield feed, count, _run_checked(runner, self.names, feed, count, self.samples, description)
+            for (feed, count), outputs in ordered_runs(run, padded_batches(self.samples, self.loaded,
+                                                                           self.batch_size)):
+                yield feed, count, outputs
                 bar.update(count)
 
     def batches(self, quiet: bool):
@@ -197,14 +199,15 @@ def neighbour_agreement(fp32: np.ndarray, quant: np.ndarray) -> float:
 def compare(reference: Reference, quant_path: str, task_output: str, labels: np.ndarray | None,
             quiet: bool = False, declared_kind: str | None = None) -> dict:
     """Per-output fidelity of the model at quant_path, and the task output's accuracy figures."""
-    runner = session(quant_path)
+    runner = session(quant_path, threads=run_threads())
     sums = {name: _OutputSums() for name in reference.names}
     samples = reference.samples
     task_shape = None
     mask = attention_mask_input(reference.loaded)
+    run = lambda batch: _run_checked(runner, reference.names, batch[0], batch[1], samples,  # noqa: E731
+                                     "QDQ evaluation")
     with progress(samples.count, "QDQ evaluation", quiet) as bar:
-        for feed, count, fp32 in reference.batches(quiet):
-            quant = _run_checked(runner, reference.names, feed, count, samples, "QDQ evaluation")
+        for (feed, count, fp32), quant in ordered_runs(run, reference.batches(quiet)):
             real = None if mask is None or mask not in feed else np.asarray(feed[mask])[:count] != 0
             for name, ref, out in zip(reference.names, fp32, quant):
                 if np.issubdtype(ref.dtype, np.number):

@@ -24,10 +24,13 @@ INTEGER_ACTIVATION_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntege
 FUSED_INTEGER_OPS = INTEGER_ACTIVATION_OPS + ("MatMulNBits", "GatherBlockQuantized")
 
 
-def session(path: str, optimized_path: str | None = None, silent: bool = False) -> ort.InferenceSession:
-    """silent: not even ORT's error lines on stderr (a run whose failure the caller reports itself)."""
+def session(path: str, optimized_path: str | None = None, silent: bool = False,
+            threads: int = 0) -> ort.InferenceSession:
+    """silent: not even ORT's error lines on stderr (a run whose failure the caller reports itself);
+    threads: ORT's intra-op threads (0: its default, one per core)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4 if silent else 3
+    options.intra_op_num_threads = threads
     if optimized_path:
         options.optimized_model_filepath = optimized_path
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
