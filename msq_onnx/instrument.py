@@ -286,12 +286,17 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = Tr
     return session
 
 
-RUN_WORKERS = 2 if (os.cpu_count() or 1) >= 2 else 1
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+RUN_WORKERS = min(2, usable_cores())
 
 
 def run_threads() -> int:
     """ORT's intra-op threads for a session that ordered_runs drives: the cores shared among its workers."""
-    return max(1, (os.cpu_count() or 1) // RUN_WORKERS)
+    return max(1, usable_cores() // RUN_WORKERS)
 
 
 def ordered_runs(run, items, workers: int | None = None):

@@ -222,7 +222,7 @@ def _error_tables(loaded, stats, options, modes: dict) -> dict:
     model written)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .instrument import one_blas_thread
+    from .instrument import one_blas_thread, usable_cores
 
     def table(layer):
         room = {b: layer.kind.has_room(layer, b, modes[layer.name].mode, options.prefer) for b in options.bits}
@@ -230,8 +230,7 @@ def _error_tables(loaded, stats, options, modes: dict) -> dict:
         return error_table(layer, loaded.weight(layer), input_power, options.bits, options.clip_search, hessians,
                            {b: layer.kind.scale_block(layer, b, options.prefer) for b in options.bits}, room)
 
-    workers = max(1, min(TABLE_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                         else os.cpu_count() or 1))
+    workers = max(1, min(TABLE_WORKERS, usable_cores()))
     with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(zip([layer.name for layer in loaded.layers], pool.map(table, loaded.layers)))
 
