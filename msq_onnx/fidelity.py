@@ -77,8 +77,9 @@ class _OutputSums:
 class Reference:
     """FP32 outputs on the held-out samples: computed once and cached when small, else recomputed."""
 
-    def __init__(self, fp32_path: str, loaded, samples, batch_size: int, quiet: bool):
+    def __init__(self, fp32_path: str, loaded, samples, batch_size: int, quiet: bool, workers: int = 1):
         self.path, self.loaded, self.samples, self.batch_size = fp32_path, loaded, samples, batch_size
+        self.workers = workers  # runs at once (instrument.run_workers)
         self.names = [o.name for o in loaded.model.graph.output]
         self.cache = []
         size = 0
@@ -90,11 +91,11 @@ class Reference:
             self.cache.append(outputs)
 
     def _run(self, description: str, quiet: bool):
-        runner = session(self.path, threads=run_threads())
+        runner = session(self.path, threads=run_threads(self.workers))
         run = lambda batch: _run_checked(runner, self.names, *batch, self.samples, description)  # noqa: E731
         with progress(self.samples.count, description, quiet) as bar:
             for (feed, count), outputs in ordered_runs(run, padded_batches(self.samples, self.loaded,
-                                                                           self.batch_size)):
+                                                                           self.batch_size), self.workers):
                 yield feed, count, outputs
                 bar.update(count)
 
@@ -199,7 +200,7 @@ def neighbour_agreement(fp32: np.ndarray, quant: np.ndarray) -> float:
 def compare(reference: Reference, quant_path: str, task_output: str, labels: np.ndarray | None,
             quiet: bool = False, declared_kind: str | None = None) -> dict:
     """Per-output fidelity of the model at quant_path, and the task output's accuracy figures."""
-    runner = session(quant_path, threads=run_threads())
+    runner = session(quant_path, threads=run_threads(reference.workers))
     sums = {name: _OutputSums() for name in reference.names}
     samples = reference.samples
     task_shape = None
@@ -207,7 +208,7 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     run = lambda batch: _run_checked(runner, reference.names, batch[0], batch[1], samples,  # noqa: E731
                                      "QDQ evaluation")
     with progress(samples.count, "QDQ evaluation", quiet) as bar:
-        for (feed, count, fp32), quant in ordered_runs(run, reference.batches(quiet)):
+        for (feed, count, fp32), quant in ordered_runs(run, reference.batches(quiet), reference.workers):
             real = None if mask is None or mask not in feed else np.asarray(feed[mask])[:count] != 0
             for name, ref, out in zip(reference.names, fp32, quant):
                 if np.issubdtype(ref.dtype, np.number):

@@ -45,6 +45,7 @@ class PassStatistics:
     rows: dict = None  # layer -> median rows per sample its weight multiplies (tokens for a sequence)
     hessians: dict = None  # layer -> InputHessians, when asked for
     tokens: float | None = None  # mean real (unmasked) tokens per sample, for a model with an attention mask
+    workers: int = 1  # runs of the model at once in the later stages (run_workers, from the first sample)
 
 
 def _float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -294,12 +295,28 @@ def usable_cores() -> int:
 RUN_WORKERS = min(2, usable_cores())
 
 
-def run_threads() -> int:
+PAIRED_RUN_LIMIT = 512 * 1024**2  # estimated tensor bytes of one run past which runs go one at a time
+TENSORS_PER_INPUT = 100  # a run's tensors over its input's bytes, when shapes are symbolic (EfficientNet-Lite0: 88)
+
+
+def run_workers(loaded: LoadedModel, feed: dict) -> int:
+    """How many runs of this model ordered_runs puts in flight: RUN_WORKERS, or one where a run's tensors are
+    large. Two runs hold two sets of tensors (EfficientNet-Lite0's pass: +40 MB); a segmentation network at
+    1024 x 1024 would hold gigabytes. A run's tensors are estimated from the shapes shape inference fixed,
+    or from the input's size where they are symbolic."""
+    batch = len(next(iter(feed.values())))
+    dims = [d[1:] for d in static_shapes(loaded.model).values() if d]
+    fixed = sum(float(np.prod(d, dtype=np.float64)) for d in dims if all(d)) * 4 * batch
+    given = sum(np.asarray(value).nbytes for value in feed.values()) * TENSORS_PER_INPUT
+    return 1 if max(fixed, given) > PAIRED_RUN_LIMIT else RUN_WORKERS
+
+
+def run_threads(workers: int = RUN_WORKERS) -> int:
     """ORT's intra-op threads for a session that ordered_runs drives: the cores shared among its workers."""
-    return max(1, usable_cores() // RUN_WORKERS)
+    return max(1, usable_cores() // workers)
 
 
-def ordered_runs(run, items, workers: int | None = None):
+def ordered_runs(run, items, workers: int):
     """Yield (item, run(item)) in the order of `items`, with up to `workers` runs at once, each on its own thread.
 
     One ORT session run from two threads, each on its own intra-op thread, instead of one run at a time on two:
@@ -307,7 +324,6 @@ def ordered_runs(run, items, workers: int | None = None):
     inside a run (MiniLM-L6's instrumented graph, 120 texts: 2.43 s -> 1.96 s; EfficientNet-Lite0's 1.97 s ->
     1.51 s; outputs bit-identical). Results come back in order, so whatever sums them sums in the same order.
     """
-    workers = RUN_WORKERS if workers is None else workers
     if workers <= 1:
         for item in items:
             yield item, run(item)
@@ -403,16 +419,16 @@ def output_embedding(final: np.ndarray, max_dim: int, seed: int) -> np.ndarray:
     return embed(final, (1,), max_dim, final.ndim == 3, seed)
 
 
-def _pass_session(model: onnx.ModelProto, hessians: bool) -> tuple[ort.InferenceSession, int]:
+def _pass_session(model: onnx.ModelProto, hessians: bool, workers: int) -> tuple[ort.InferenceSession, int]:
     """The pass's session and how many of its runs go at once (ordered_runs).
 
     A session whose runs output the Hessian products runs one sample at a time, on every core: two runs at once
     held two sets of K x K products (MiniLM-L6's pass peak 567 -> 653 MB), and the products would stay in
     ORT's arena (897 MB with the arena, 768 MB without it; 605 MB with no Hessians at all)."""
-    workers = 1 if hessians else RUN_WORKERS
+    workers = 1 if hessians else workers
     try:
         # No memory pattern: EfficientNet-Lite0's pass peak 294 -> 253 MB at the same speed (6.76 / 6.68 s).
-        session = make_session(model, arena=not hessians, pattern=False, threads=0 if workers == 1 else run_threads())
+        session = make_session(model, arena=not hessians, pattern=False, threads=run_threads(workers))
     except Exception as exc:
         raise BadModel(f"ONNX Runtime {ort.__version__} cannot load the model ({one_line(exc)}); "
                        "re-export it with standard ONNX ops.") from None
@@ -437,7 +453,9 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     hessian_from = _hessian_start(whole, size) if hessians else samples.count
     model, outputs = build_instrumented(loaded, hessians and hessian_from == 0, levels)
     mask_input = attention_mask_input(loaded)
-    session, workers = _pass_session(model, bool(outputs["hessian"]))
+    stream = BatchStream(padded_batches(samples, loaded, batch_size))
+    paired = run_workers(loaded, stream.held[0]) if stream.more() else 1
+    session, workers = _pass_session(model, bool(outputs["hessian"]), paired)
     del model
     lean = [name for name in (o.name for o in session.get_outputs())
             if all(name not in names for names in outputs["hessian"].values())]
@@ -514,7 +532,6 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             final_outputs.append(output_embedding(final[pick], max_dim, seed))
         seen += count
 
-    stream = BatchStream(padded_batches(samples, loaded, batch_size))
     with progress(samples.count, "calibration pass", quiet) as bar:
         # Up to the batch that holds hessian_from (batches of differently shaped samples need not start on it),
         # then, if any input is worth a K x K product, the rest through a session that computes them.
@@ -524,7 +541,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 if worth:
                     session = None  # released first: two sessions of one model would double the peak memory
                     model, outputs = build_instrumented(loaded, True, levels, worth)
-                    session, workers = _pass_session(model, bool(outputs["hessian"]))
+                    session, workers = _pass_session(model, bool(outputs["hessian"]), paired)
                     del model
                     gram = HessianSums(outputs["hessian"])
             batches = stream.until(hessian_from if part == 0 else float("inf"))
@@ -546,6 +563,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
         rows={name: int(np.median(counts)) for name, counts in rows.items()},
         hessians=gram.by_layer(outputs["rows"]),
         tokens=float(np.mean(tokens)) if tokens else None,
+        workers=paired,
     )
 
 

@@ -209,20 +209,21 @@ class Measurement:
     errors: dict  # layer -> {mode: relative output error of the layer alone with its input in that mode}
     feeds: list  # the (feed, real count) batches measured on, kept for the end-to-end check
     reference: list  # the FP32 task output of each batch
+    workers: int = 1  # runs at once (instrument.run_workers)
 
 
-def _session(model):
+def _session(model, workers: int):
     try:
         # No arena: the stage's peak fell by 17 MB on EfficientNet-Lite0, at no cost in time (measure and the
         # first end-to-end check: 2.37 / 2.28 s with it, 1.97 / 2.08 s without).
-        return make_session(model, optimize=False, arena=False, threads=run_threads())
+        return make_session(model, optimize=False, arena=False, threads=run_threads(workers))
     except Exception as exc:
         raise BadModel(f"ONNX Runtime cannot run the activation-mode measurement ({one_line(exc)}); "
                        "re-export the model with standard ONNX ops.") from None
 
 
 def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_size: int = 1,
-            quiet: bool = False, rows: dict | None = None) -> Measurement:
+            quiet: bool = False, rows: dict | None = None, workers: int = 1) -> Measurement:
     """Each layer's error in each mode, alone, over the first `count` samples, or the first MIN_SAMPLES or
     more once every layer's error sums ENOUGH_VALUES output values (`rows`: layer -> rows per sample)."""
     shapes = static_shapes(loaded.model)
@@ -241,7 +242,7 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
     fewest = min((values(layer) for layer in measured), default=ENOUGH_VALUES)
     count = min(count, max(MIN_SAMPLES, int(np.ceil(ENOUGH_VALUES / max(fewest, 1)))))
     model, outputs = build_measurement(loaded, ranges)
-    session = _session(model)
+    session = _session(model, workers)
     wanted = sorted({name for table in outputs.values() for pair in table.values() for name in pair})
     sums = dict.fromkeys(wanted, 0.0)
     feeds, reference = [], []
@@ -256,7 +257,8 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
                 return
 
     with progress(min(count, samples.count), "activation modes", quiet) as bar:
-        for (feed, real), result in ordered_runs(lambda batch: session.run(fetched, batch[0]), first_batches()):
+        for (feed, real), result in ordered_runs(lambda batch: session.run(fetched, batch[0]), first_batches(),
+                                                 workers):
             for name, value in zip(wanted, result):
                 sums[name] += float(value)
             feeds.append((feed, real))
@@ -267,15 +269,16 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
         errors[layer] = {mode: sums[error] / max(sums[signal], 1e-30) for mode, (error, signal) in table.items()}
         errors[layer].setdefault(WEIGHT_ONLY, 0.0)
         errors[layer][FLOAT] = 0.0
-    return Measurement(errors, feeds, reference)
+    return Measurement(errors, feeds, reference, workers)
 
 
 def end_to_end_error(loaded, ranges: dict, modes: dict, measurement: Measurement) -> float:
     """Relative error of the task output with every layer's activations in its mode: what the layers'
     errors add up to downstream."""
-    session = _session(build_simulation(loaded, ranges, modes))
+    session = _session(build_simulation(loaded, ranges, modes), measurement.workers)
     signal = noise = 0.0
-    runs = ordered_runs(lambda batch: session.run([loaded.output_name], batch[0])[0], measurement.feeds)
+    runs = ordered_runs(lambda batch: session.run([loaded.output_name], batch[0])[0], measurement.feeds,
+                        measurement.workers)
     for ((feed, real), out), fp32 in zip(runs, measurement.reference):
         out = out[:real]
         signal += float((fp32.astype(np.float64) ** 2).sum())

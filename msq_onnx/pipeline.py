@@ -183,7 +183,7 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None) 
         # Rows that are padding do not count towards the samples the modes need: real tokens only.
         real_rows = {name: min(r, stats.tokens) if stats.tokens else r for name, r in stats.rows.items()}
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
-                                         quiet=options.quiet, rows=real_rows)
+                                         quiet=options.quiet, rows=real_rows, workers=stats.workers)
         costs = {layer.name: mode_costs(layer, stats.rows.get(layer.name)) for layer in loaded.layers}
         modes, mode_log = mode_stage.choose(loaded, measurement, stats.ranges, costs, options.mode_tolerance,
                                             None if options.activations == "auto" else options.activations)
@@ -251,10 +251,10 @@ class Candidate:
 class _HeldOut:
     """FP32 outputs on the held-out samples, computed once, against which candidates are compared."""
 
-    def __init__(self, loaded, samples, options: Options, work_dir: str):
+    def __init__(self, loaded, samples, options: Options, work_dir: str, workers: int):
         self.loaded, self.samples, self.options = loaded, samples, options
         fp32_model = os.path.join(work_dir, "fp32.onnx")  # written before the error tables (build_yardstick)
-        self.reference = fidelity.Reference(fp32_model, loaded, samples, options.batch_size, options.quiet)
+        self.reference = fidelity.Reference(fp32_model, loaded, samples, options.batch_size, options.quiet, workers)
 
     def measure(self, path: str) -> dict:
         measured = fidelity.compare(self.reference, path, self.loaded.output_name, self.samples.labels,
@@ -395,7 +395,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                                                              analysis.stats.input_sq)
         wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16)
     with workspace as work_dir:
-        held_out = _HeldOut(loaded, evaluation, options, work_dir)
+        held_out = _HeldOut(loaded, evaluation, options, work_dir, analysis.stats.workers)
         if options.max_latency is not None:
             with timer.stage("latency"):
                 budgets.append(latency_budget(loaded, analysis, options, widths, evaluation, work_dir))

@@ -151,6 +151,23 @@ def test_two_runs_at_once_give_the_statistics_of_one(cnn_files, monkeypatch):
         np.testing.assert_array_equal(one.hessians[name].check, two.hessians[name].check)
 
 
+def test_large_runs_go_one_at_a_time(cnn_files, monkeypatch):
+    """Two runs at once hold two sets of tensors: past PAIRED_RUN_LIMIT (estimated from the shapes, or from
+    the input's size where they are symbolic) the runs go one at a time, every later stage too."""
+    from msq_onnx import instrument
+
+    monkeypatch.setattr(instrument, "RUN_WORKERS", 2)
+    loaded = load_model(cnn_files["model"])
+    feed = {"x": np.zeros((1, 1, 8, 8), np.float32)}
+    assert instrument.run_workers(loaded, feed) == 2
+    monkeypatch.setattr(instrument, "PAIRED_RUN_LIMIT", 256 * 100 - 1)  # the input's 256 bytes x 100
+    assert instrument.run_workers(loaded, feed) == 1
+    samples = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    assert run_pass(loaded, samples, (1, 2), 64, quiet=True).workers == 1
+    monkeypatch.setattr(instrument, "PAIRED_RUN_LIMIT", 10**9)
+    assert run_pass(loaded, samples, (1, 2), 64, quiet=True).workers == 2
+
+
 def test_written_weights_sit_on_their_k_bit_grids(cnn_files, tmp_path):
     out = tmp_path / "q.onnx"
     result = convert(cnn_files["model"], str(out), cnn_files["calib"],
