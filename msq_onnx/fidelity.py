@@ -79,29 +79,35 @@ class Reference:
 
     def __init__(self, fp32_path: str, loaded, samples, batch_size: int, quiet: bool, workers: int = 1):
         self.path, self.loaded, self.samples, self.batch_size = fp32_path, loaded, samples, batch_size
-        self.workers = workers  # runs at once (instrument.run_workers)
+        self.paired = workers  # runs at once (instrument.run_workers)
         self.names = [o.name for o in loaded.model.graph.output]
         self.cache = []
         size = 0
-        for feed, count, outputs in self._run("FP32 evaluation", quiet):
+        for feed, count, outputs in self._run("FP32 evaluation", quiet, workers):
             size += sum(o.nbytes for o in outputs)
             if size > CACHE_LIMIT:
                 self.cache = None
                 break
             self.cache.append(outputs)
 
-    def _run(self, description: str, quiet: bool):
-        runner = session(self.path, threads=run_threads(self.workers))
+    def _run(self, description: str, quiet: bool, workers: int):
+        runner = session(self.path, threads=run_threads(workers))
         run = lambda batch: _run_checked(runner, self.names, *batch, self.samples, description)  # noqa: E731
         with progress(self.samples.count, description, quiet) as bar:
             for (feed, count), outputs in ordered_runs(run, padded_batches(self.samples, self.loaded,
-                                                                           self.batch_size), self.workers):
+                                                                           self.batch_size), workers):
                 yield feed, count, outputs
                 bar.update(count)
 
+    @property
+    def workers(self) -> int:
+        """Runs at once of a model compared against this reference: one when the FP32 runs are repeated
+        beside them (no cache), which would otherwise put two of each in flight."""
+        return self.paired if self.cache is not None else 1
+
     def batches(self, quiet: bool):
         if self.cache is None:
-            yield from self._run("FP32 evaluation", quiet)
+            yield from self._run("FP32 evaluation", quiet, 1)
             return
         for (feed, count), outputs in zip(padded_batches(self.samples, self.loaded, self.batch_size), self.cache):
             yield feed, count, outputs

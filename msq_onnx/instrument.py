@@ -295,25 +295,47 @@ def usable_cores() -> int:
 RUN_WORKERS = min(2, usable_cores())
 
 
-PAIRED_RUN_LIMIT = 512 * 1024**2  # estimated tensor bytes of one run past which runs go one at a time
-TENSORS_PER_INPUT = 100  # a run's tensors over its input's bytes, when shapes are symbolic (EfficientNet-Lite0: 88)
+PAIRED_RUN_LIMIT = 256 * 1024**2  # estimated tensor bytes of one run past which runs go one at a time
+TENSORS_PER_INPUT = 100  # a run's tensors over its input's bytes, where shapes stay unknown (EfficientNet-Lite0: 88)
+
+
+def _run_bytes(model: onnx.ModelProto, feed: dict) -> float:
+    """The bytes of a run's tensors that shape inference sized, its symbolic dims read from the feed: an axis
+    named 'sequence' in the inputs has the feed's length wherever it appears (a transformer's [N, T, T]); a
+    first axis with neither size nor name is the batch."""
+    batch = len(next(iter(feed.values())))
+    named = {}
+    for value in model.graph.input:
+        if value.name in feed:
+            for dim, size in zip(value.type.tensor_type.shape.dim, np.shape(feed[value.name])):
+                if dim.dim_param:
+                    named[dim.dim_param] = size
+    total = 0.0
+    for value in list(model.graph.value_info) + list(model.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else named.get(d.dim_param, batch if axis == 0 and not
+                                                                      d.dim_param else None)
+                for axis, d in enumerate(value.type.tensor_type.shape.dim)]
+        if dims and all(dims):
+            total += float(np.prod(dims, dtype=np.float64)) * 4
+    return total
 
 
 def run_workers(loaded: LoadedModel, feed: dict) -> int:
     """How many runs of this model ordered_runs puts in flight: RUN_WORKERS, or one where a run's tensors are
     large. Two runs hold two sets of tensors (EfficientNet-Lite0's pass: +40 MB); a segmentation network at
-    1024 x 1024 would hold gigabytes. A run's tensors are estimated from the shapes shape inference fixed,
-    or from the input's size where they are symbolic."""
-    batch = len(next(iter(feed.values())))
-    dims = [d[1:] for d in static_shapes(loaded.model).values() if d]
-    fixed = sum(float(np.prod(d, dtype=np.float64)) for d in dims if all(d)) * 4 * batch
+    1024 x 1024 or a large transformer at a long sequence would hold gigabytes. The estimate is the tensors
+    shape inference sized on this feed (_run_bytes), or the input's bytes x TENSORS_PER_INPUT where fewer are
+    known; the limit leaves room for the simulation graphs' Q/DQ copies and the results in flight."""
+    sized = _run_bytes(loaded.model, feed)
     given = sum(np.asarray(value).nbytes for value in feed.values()) * TENSORS_PER_INPUT
-    return 1 if max(fixed, given) > PAIRED_RUN_LIMIT else RUN_WORKERS
+    return 1 if max(sized, given) > PAIRED_RUN_LIMIT else RUN_WORKERS
 
 
 def run_threads(workers: int = RUN_WORKERS) -> int:
-    """ORT's intra-op threads for a session that ordered_runs drives: the cores shared among its workers."""
-    return max(1, usable_cores() // workers)
+    """ORT's intra-op threads for a session that ordered_runs drives: the cores shared among two workers; one
+    worker keeps ORT's own default (its count of physical cores, where the process's logical ones would
+    double the threads on a host with hyper-threading)."""
+    return 0 if workers <= 1 else max(1, usable_cores() // workers)
 
 
 def ordered_runs(run, items, workers: int):
@@ -323,6 +345,7 @@ def ordered_runs(run, items, workers: int):
     a transformer's small matrices and an instrumented graph's many reductions leave one of two threads idle
     inside a run (MiniLM-L6's instrumented graph, 120 texts: 2.43 s -> 1.96 s; EfficientNet-Lite0's 1.97 s ->
     1.51 s; outputs bit-identical). Results come back in order, so whatever sums them sums in the same order.
+    While the caller holds one result, `workers` more runs go on: workers + 1 results can be alive at once.
     """
     if workers <= 1:
         for item in items:

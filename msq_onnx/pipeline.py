@@ -252,8 +252,12 @@ class _HeldOut:
     """FP32 outputs on the held-out samples, computed once, against which candidates are compared."""
 
     def __init__(self, loaded, samples, options: Options, work_dir: str, workers: int):
+        from .instrument import padded_batches, run_workers
+
         self.loaded, self.samples, self.options = loaded, samples, options
         fp32_model = os.path.join(work_dir, "fp32.onnx")  # written before the error tables (build_yardstick)
+        # --eval's samples can be larger than the calibration's, from which `workers` was decided
+        workers = min(workers, run_workers(loaded, next(padded_batches(samples, loaded, options.batch_size))[0]))
         self.reference = fidelity.Reference(fp32_model, loaded, samples, options.batch_size, options.quiet, workers)
 
     def measure(self, path: str) -> dict:

@@ -168,6 +168,64 @@ def test_large_runs_go_one_at_a_time(cnn_files, monkeypatch):
     assert run_pass(loaded, samples, (1, 2), 64, quiet=True).workers == 2
 
 
+def test_a_symbolic_sequence_is_sized_from_the_feed(tmp_path, monkeypatch):
+    """Token ids are a few bytes a position, a transformer's tensors thousands: the run's size comes from the
+    shapes shape inference gave in the input's named axes, read from the feed ([N, T, T] scores here)."""
+    from msq_onnx import instrument
+
+    monkeypatch.setattr(instrument, "RUN_WORKERS", 2)
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
+             helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1], name="t"),
+             helper.make_node("MatMul", ["h", "ht"], ["scores"], name="scores"),
+             helper.make_node("MatMul", ["scores", "h"], ["mixed"], name="mix"),
+             helper.make_node("MatMul", ["mixed", "w"], ["logits"], name="head")]
+    graph = helper.make_graph(
+        nodes, "tokens", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", "T"])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", "T", 2])],
+        [numpy_helper.from_array(rng.normal(size=(50, 16)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.normal(size=(16, 2)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "t.onnx")
+    loaded = load_model(str(tmp_path / "t.onnx"))
+    feed = {"ids": np.zeros((4, 256), np.int64)}
+    scores = 4 * 256 * 256 * 4  # the [N, T, T] tensor alone: 1 MB, where the input is 8 KB
+    assert instrument._run_bytes(loaded.model, feed) >= scores
+    monkeypatch.setattr(instrument, "PAIRED_RUN_LIMIT", scores)  # over the input's 8 KB x 100, under the run
+    assert instrument.run_workers(loaded, feed) == 1
+    assert instrument.run_workers(loaded, {"ids": np.zeros((4, 16), np.int64)}) == 2
+
+
+def test_compared_runs_stay_two_when_the_reference_is_recomputed(cnn_files, tmp_path, monkeypatch):
+    """Without a cache the FP32 runs repeat beside the compared ones: one of each at a time, not two of each."""
+    import threading
+
+    from msq_onnx import fidelity
+
+    loaded = load_model(cnn_files["model"])
+    samples = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    monkeypatch.setattr(fidelity, "CACHE_LIMIT", 0)
+    reference = fidelity.Reference(cnn_files["model"], loaded, samples, 1, True, workers=2)
+    assert reference.cache is None and reference.workers == 1
+    running, most, lock = [0], [0], threading.Lock()
+    real_run = ort.InferenceSession.run
+
+    def counted(self, *args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return real_run(self, *args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(ort.InferenceSession, "run", counted)
+    measured = fidelity.compare(reference, cnn_files["model"], loaded.output_name, None, quiet=True)
+    assert measured and most[0] <= 2
+
+
 def test_written_weights_sit_on_their_k_bit_grids(cnn_files, tmp_path):
     out = tmp_path / "q.onnx"
     result = convert(cnn_files["model"], str(out), cnn_files["calib"],
