@@ -125,6 +125,22 @@ def test_statistics_are_taken_where_their_tensor_is_made(cnn_files):
         assert all(nodes[j].name not in original for j in range(last_input + 1, i)), node.name
 
 
+def test_added_nodes_reading_inputs_or_each_other_keep_a_valid_order():
+    from msq_onnx.instrument import _place_after_producers
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"], name="a"), helper.make_node("Neg", ["a"], ["b"], name="b"),
+         helper.make_node("ReduceMax", ["x"], ["x_max"], name="on_input"),  # added: reads the graph input
+         helper.make_node("Mul", ["b", "b"], ["sq"], name="sq"),  # added: reads the last original node
+         helper.make_node("ReduceMean", ["sq"], ["sq_mean"], name="sq_mean"),  # added: reads an added node
+         helper.make_node("Add", ["a", "w"], ["aw"], name="aw")],  # added: an original tensor and an initializer
+        "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.ones(2, np.float32), "w")])
+    _place_after_producers(graph, 2)
+    assert [n.name for n in graph.node] == ["on_input", "a", "aw", "b", "sq", "sq_mean"]
+
+
 def test_two_runs_at_once_give_the_statistics_of_one(cnn_files, monkeypatch):
     from msq_onnx import instrument
 
