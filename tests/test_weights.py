@@ -401,3 +401,29 @@ def test_large_tables_refine_the_coarse_clipping_search_at_narrow_widths(monkeyp
     coarse = {bits: search_clips(w, None, bits).error for bits in (2, 3, 8)}
     assert refined[2] < coarse[2] and refined[3] < coarse[3]
     assert refined[8] == coarse[8]  # wide widths keep the coarse grid
+
+
+def test_clip_search_in_blocks_finds_each_rows_best_ratio_on_the_full_grid(monkeypatch):
+    """The search runs on blocks of rows and counts errors in grid units; every row still gets the ratio whose
+    input-weighted squared error, computed directly, is lowest, and the reported error is that error's share."""
+    from msq_onnx import weights as stage
+
+    monkeypatch.setattr(stage, "SEARCH_BLOCK", 64)  # 40 columns: one row a block, 300 blocks
+    rng = np.random.default_rng(3)
+    matrix = (rng.standard_t(3, size=(300, 40)) * rng.uniform(0.1, 2.0, size=(300, 1))).astype(np.float32)
+    weight = rng.uniform(0.1, 3.0, size=matrix.shape).astype(np.float32)
+    choice = stage.search_clips(matrix, weight, 3)
+    peak = np.abs(matrix).max(axis=1)
+    direct = []
+    for ratio in stage.CLIP_RATIOS:
+        values, _ = stage.fake_quantize(matrix, peak * ratio, 3)
+        direct.append((weight * (values - matrix) ** 2).sum(axis=1))
+    direct = np.stack(direct, axis=1).astype(np.float64)
+    best = direct[:, 0::2].argmin(axis=1) * 2  # every other ratio, then the best one's lower, then upper neighbour
+    rows = np.arange(len(best))
+    for offset in (-1, 1):
+        near = np.clip(best + offset, 0, len(stage.CLIP_RATIOS) - 1)
+        best = np.where(direct[rows, near] < direct[rows, best], near, best)
+    np.testing.assert_allclose(choice.clip, peak * stage.CLIP_RATIOS[best], rtol=1e-6)
+    chosen = direct[np.arange(len(best)), best]
+    np.testing.assert_allclose(choice.error, chosen.sum() / (weight * matrix ** 2).sum(), rtol=1e-4)
