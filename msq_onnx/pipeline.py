@@ -529,18 +529,21 @@ def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple, work_d
     """Latency of FP32, the written model and ORT's own int8 model (`yardstick`: its path or None, and its
     kind) on one held-out sample (batch 1, or the model's fixed batch)."""
     from .instrument import padded_batches
-    from .verify import session, time_models
+    from .verify import single_thread_sessions, time_sessions
 
     feed, _ = next(padded_batches(samples, loaded, 1))
     fp32 = os.path.join(work_dir, "fp32.onnx")
     reference, kind = yardstick
     failed = None
+    sessions = single_thread_sessions([fp32, chosen.path])
     if reference is not None:
         try:  # the yardstick is optional: a model ORT's quantizer writes but cannot run is left out, and said
-            session(reference, silent=True).run(None, feed)
+            timed = single_thread_sessions([reference], silent=True)[0]
+            timed.run(None, feed)  # the session it is timed with, checked first: one build, not two
+            sessions.append(timed)
         except Exception as exc:
             reference, failed = None, one_line(exc)[:300]
-    times = time_models([fp32, chosen.path] + ([reference] if reference else []), feed)
+    times = time_sessions(sessions, feed)
     result = {"fp32": times[0], "output": times[1], "input_shapes": {k: list(v.shape) for k, v in feed.items()},
               "threads": 1, "batch": len(next(iter(feed.values())))}
     if reference:

@@ -95,12 +95,12 @@ def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict,
 LATENCY_SECONDS = 0.25
 
 
-def single_thread_sessions(models: list) -> list:
-    """CPU sessions on one intra-op and one inter-op thread, from paths or in-memory models."""
+def single_thread_sessions(models: list, silent: bool = False) -> list:
+    """CPU sessions on one intra-op and one inter-op thread, from paths or in-memory models (silent: as session's)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if silent else 3
     return [ort.InferenceSession(m if isinstance(m, str) else m.SerializeToString(), options,
                                  providers=["CPUExecutionProvider"]) for m in models]
 
@@ -118,7 +118,11 @@ def interleaved_medians(sessions: list, feed: dict, runs: int) -> list[float]:
 
 def time_models(paths: list[str], feed: dict) -> list[float]:
     """Median batch-1 latency (ms) of each model on one thread, the number of runs fitted to LATENCY_SECONDS."""
-    sessions = single_thread_sessions(paths)
+    return time_sessions(single_thread_sessions(paths), feed)
+
+
+def time_sessions(sessions: list, feed: dict) -> list[float]:
+    """time_models on sessions already built (single_thread_sessions)."""
     first = interleaved_medians(sessions, feed, 2)  # warm-up, and a first timing to choose the number of runs
     runs = int(np.clip(LATENCY_SECONDS / max(max(first), 1e-6), 5, 200))
     return [round(t * 1000.0, 4) for t in interleaved_medians(sessions, feed, runs)]

@@ -398,3 +398,24 @@ def test_layers_written_static_that_orts_graph_runs_in_float_are_said():
                                                    "float in ONNX Runtime's optimized graph (1 integer kernels): "
                                                    "their Q/DQ pairs cost time and save nothing"]
     assert said({"QLinearConv": 2, "Conv": 1}) == []
+
+
+def test_a_yardstick_that_cannot_run_is_left_out_of_the_latency_and_said(cnn_files, tmp_path, capfd):
+    import shutil
+    from types import SimpleNamespace
+
+    from msq_onnx.pipeline import measure_latency
+
+    loaded = load_model(cnn_files["model"])
+    samples = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    shutil.copy(cnn_files["model"], tmp_path / "fp32.onnx")
+    chosen = SimpleNamespace(path=str(tmp_path / "fp32.onnx"))
+    broken = onnx.load(cnn_files["model"])
+    broken.graph.node[0].op_type = "NoSuchOp"  # ORT refuses it when the session is built
+    onnx.save(broken, tmp_path / "ort.onnx")
+    measured = measure_latency(loaded, chosen, samples, (str(tmp_path / "ort.onnx"), "static"), str(tmp_path))
+    assert measured["fp32"] > 0 and measured["output"] > 0 and "ort_static_int8" not in measured
+    assert "NoSuchOp" in measured["ort_static_int8_failed"]
+    assert "NoSuchOp" not in capfd.readouterr().err  # said in the report, not on stderr
+    measured = measure_latency(loaded, chosen, samples, (cnn_files["model"], "static"), str(tmp_path))
+    assert measured["ort_static_int8"] > 0 and "ort_static_int8_failed" not in measured
