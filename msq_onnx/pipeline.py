@@ -9,6 +9,7 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from .latency import mode_costs
 from .load import is_large, load_model, save_model_file
 from .ops import DYNAMIC, FLOAT, FLOAT_BITS, MODES, PREFER, STATIC, WEIGHT_ONLY
 from .report import gzip_size
-from .verify import INTEGER_ACTIVATION_OPS, fused_integer_kernels, optimized_op_counts, smoke_check
+from .verify import INTEGER_ACTIVATION_OPS, fused_integer_kernels, smoke_check
 from .weights import error_table
 from .write import check_output_path, publish, quantize_to_qdq, quantize_weights, written_files
 
@@ -429,16 +430,15 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             if options.max_latency is not None:
                 with timer.stage("latency"):
                     chosen = _meet_latency(loaded, chosen, budgets, build, evaluation, work_dir)
-        with timer.stage("verify"):
-            op_counts = optimized_op_counts(chosen.path)
-            if evaluation is calib:
+        if evaluation is calib:
+            with timer.stage("verify"):
                 smoke_check(chosen.path, loaded, calib, options.batch_size)
         # gzip -9 (0.6 s on EfficientNet-Lite0) runs on the core the single-threaded latency timing leaves
         # idle, on the bytes publish copies as they are (a model past 2 GB is split, and measured after)
         with ThreadPoolExecutor(1) as pool:
             packed = None if is_large(loaded.model) else pool.submit(gzip_size, [chosen.path])
             with timer.stage("latency"):
-                latency = measure_latency(loaded, chosen, evaluation, yardstick[0], work_dir)
+                latency, op_counts = measure_latency(loaded, chosen, evaluation, yardstick[0], work_dir)
             with timer.stage("write"):
                 as_is = publish(chosen.path, output_path)
             gzip_bytes = packed.result() if packed and as_is else gzip_size(written_files(output_path))
@@ -525,17 +525,21 @@ def _yardstick(modes: dict, ranges: dict, fp32_path: str, work_dir: str) -> tupl
     return reference
 
 
-def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple, work_dir: str) -> dict:
+def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple,
+                    work_dir: str) -> tuple[dict, Counter]:
     """Latency of FP32, the written model and ORT's own int8 model (`yardstick`: its path or None, and its
-    kind) on one held-out sample (batch 1, or the model's fixed batch)."""
+    kind) on one held-out sample (batch 1, or the model's fixed batch); and the op types of the written model's
+    graph as ORT optimized it for its timed session (no session of its own for the kernel count)."""
     from .instrument import padded_batches
-    from .verify import single_thread_sessions, time_sessions
+    from .verify import op_counts, single_thread_sessions, time_sessions
 
     feed, _ = next(padded_batches(samples, loaded, 1))
     fp32 = os.path.join(work_dir, "fp32.onnx")
     reference, kind = yardstick
     failed = None
-    sessions = single_thread_sessions([fp32, chosen.path])
+    optimized = os.path.join(tempfile.mkdtemp(dir=work_dir), "optimized.onnx")
+    sessions = single_thread_sessions([chosen.path], optimized_path=optimized) + single_thread_sessions([fp32])
+    sessions.reverse()  # FP32 first, as the report lists them
     if reference is not None:
         try:  # the yardstick is optional: a model ORT's quantizer writes but cannot run is left out, and said
             timed = single_thread_sessions([reference], silent=True)[0]
@@ -550,7 +554,7 @@ def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple, work_d
         result[f"ort_{kind}_int8"] = times[2]
     elif failed:
         result[f"ort_{kind}_int8_failed"] = f"ONNX Runtime's own {kind} int8 model of this FP32 model fails: {failed}"
-    return result
+    return result, op_counts(optimized)
 
 
 SLOWER_THAN_FP32 = 1.1  # beyond the drift between this machine's interleaved timings (a few percent) ...

@@ -41,8 +41,12 @@ def optimized_op_counts(path: str) -> Counter:
     with tempfile.TemporaryDirectory(prefix="msq-verify-") as folder:
         optimized = os.path.join(folder, "optimized.onnx")
         session(path, optimized)
-        model = onnx.load(optimized, load_external_data=False)
-    return Counter(node.op_type for node in model.graph.node)
+        return op_counts(optimized)
+
+
+def op_counts(optimized_path: str) -> Counter:
+    """Op types of a graph ORT wrote after optimizing it (a session's optimized_model_filepath)."""
+    return Counter(node.op_type for node in onnx.load(optimized_path, load_external_data=False).graph.node)
 
 
 def fused_integer_kernels(counts: Counter, ops=FUSED_INTEGER_OPS) -> int:
@@ -95,14 +99,21 @@ def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict,
 LATENCY_SECONDS = 0.25
 
 
-def single_thread_sessions(models: list, silent: bool = False) -> list:
-    """CPU sessions on one intra-op and one inter-op thread, from paths or in-memory models (silent: as session's)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4 if silent else 3
-    return [ort.InferenceSession(m if isinstance(m, str) else m.SerializeToString(), options,
-                                 providers=["CPUExecutionProvider"]) for m in models]
+def single_thread_sessions(models: list, silent: bool = False, optimized_path: str | None = None) -> list:
+    """CPU sessions on one intra-op and one inter-op thread, from paths or in-memory models (silent: as session's).
+    optimized_path: where the first model's graph is written as ORT optimized it (op_counts reads it: the same
+    graph as with more threads, on EfficientNet-Lite0's and MiniLM-L6's outputs)."""
+    sessions = []
+    for index, model in enumerate(models):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 4 if silent else 3
+        if optimized_path and index == 0:
+            options.optimized_model_filepath = optimized_path
+        sessions.append(ort.InferenceSession(model if isinstance(model, str) else model.SerializeToString(),
+                                             options, providers=["CPUExecutionProvider"]))
+    return sessions
 
 
 def interleaved_medians(sessions: list, feed: dict, runs: int) -> list[float]:

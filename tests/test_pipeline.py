@@ -413,9 +413,11 @@ def test_a_yardstick_that_cannot_run_is_left_out_of_the_latency_and_said(cnn_fil
     broken = onnx.load(cnn_files["model"])
     broken.graph.node[0].op_type = "NoSuchOp"  # ORT refuses it when the session is built
     onnx.save(broken, tmp_path / "ort.onnx")
-    measured = measure_latency(loaded, chosen, samples, (str(tmp_path / "ort.onnx"), "static"), str(tmp_path))
+    measured, counts = measure_latency(loaded, chosen, samples, (str(tmp_path / "ort.onnx"), "static"),
+                                       str(tmp_path))
+    assert counts == optimized_op_counts(chosen.path)  # the timed session's graph is the one counted
     assert measured["fp32"] > 0 and measured["output"] > 0 and "ort_static_int8" not in measured
     assert "NoSuchOp" in measured["ort_static_int8_failed"]
     assert "NoSuchOp" not in capfd.readouterr().err  # said in the report, not on stderr
-    measured = measure_latency(loaded, chosen, samples, (cnn_files["model"], "static"), str(tmp_path))
+    measured, _ = measure_latency(loaded, chosen, samples, (cnn_files["model"], "static"), str(tmp_path))
     assert measured["ort_static_int8"] > 0 and "ort_static_int8_failed" not in measured
