@@ -531,18 +531,17 @@ def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple,
     kind) on one held-out sample (batch 1, or the model's fixed batch); and the op types of the written model's
     graph as ORT optimized it for its timed session (no session of its own for the kernel count)."""
     from .instrument import padded_batches
-    from .verify import op_counts, single_thread_sessions, time_sessions
+    from .verify import op_counts, single_thread_session, time_sessions
 
     feed, _ = next(padded_batches(samples, loaded, 1))
     fp32 = os.path.join(work_dir, "fp32.onnx")
     reference, kind = yardstick
     failed = None
     optimized = os.path.join(tempfile.mkdtemp(dir=work_dir), "optimized.onnx")
-    sessions = single_thread_sessions([chosen.path], optimized_path=optimized) + single_thread_sessions([fp32])
-    sessions.reverse()  # FP32 first, as the report lists them
+    sessions = [single_thread_session(fp32), single_thread_session(chosen.path, optimized_path=optimized)]
     if reference is not None:
         try:  # the yardstick is optional: a model ORT's quantizer writes but cannot run is left out, and said
-            timed = single_thread_sessions([reference], silent=True)[0]
+            timed = single_thread_session(reference, silent=True)
             timed.run(None, feed)  # the session it is timed with, checked first: one build, not two
             sessions.append(timed)
         except Exception as exc:

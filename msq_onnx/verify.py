@@ -99,21 +99,22 @@ def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict,
 LATENCY_SECONDS = 0.25
 
 
-def single_thread_sessions(models: list, silent: bool = False, optimized_path: str | None = None) -> list:
-    """CPU sessions on one intra-op and one inter-op thread, from paths or in-memory models (silent: as session's).
-    optimized_path: where the first model's graph is written as ORT optimized it (op_counts reads it: the same
-    graph as with more threads, on EfficientNet-Lite0's and MiniLM-L6's outputs)."""
-    sessions = []
-    for index, model in enumerate(models):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 4 if silent else 3
-        if optimized_path and index == 0:
-            options.optimized_model_filepath = optimized_path
-        sessions.append(ort.InferenceSession(model if isinstance(model, str) else model.SerializeToString(),
-                                             options, providers=["CPUExecutionProvider"]))
-    return sessions
+def single_thread_session(model, silent: bool = False, optimized_path: str | None = None) -> ort.InferenceSession:
+    """A CPU session on one intra-op and one inter-op thread, from a path or an in-memory model (silent: as
+    session's). optimized_path: where ORT writes the graph as it optimized it (op_counts reads it: the same graph
+    as with more threads, on EfficientNet-Lite0's and MiniLM-L6's outputs)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 4 if silent else 3
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(model if isinstance(model, str) else model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def single_thread_sessions(models: list) -> list:
+    return [single_thread_session(model) for model in models]
 
 
 def interleaved_medians(sessions: list, feed: dict, runs: int) -> list[float]:
