@@ -88,8 +88,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     """Return the instrumented copy and a map of its extra outputs (with `hessians`, also each layer's
     input rows^T rows and row count, for the layers in `hessian_layers` if given; with pyramid
     `levels`, maps of a fixed size come out already pooled)."""
-    model = onnx.ModelProto()
-    model.CopyFrom(loaded.model)
+    model = loaded.session_copy()
     graph = model.graph
     original_nodes = len(graph.node)
     outputs = {"range": {}, "borrowed": {}, "moments": {}, "probe": {}, "pyramid": {}, "grid": {}, "hessian": {},
@@ -256,8 +255,9 @@ def one_blas_thread():
 
 
 def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = True,
-                 pattern: bool = True, threads: int = 0) -> ort.InferenceSession:
+                 pattern: bool = True, threads: int = 0, weights: str | None = None) -> ort.InferenceSession:
     """A CPU session for an in-memory model; one past protobuf's 2 GB goes through a file with external data.
+    weights: the folder of the weights file a LoadedModel.session_copy() points into.
 
     optimize=False runs the graph as written: ORT's QDQ fusions assume a
     deployable QDQ model and change the numbers of a simulation graph (Q/DQ
@@ -277,8 +277,15 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = Tr
     options.enable_mem_pattern = pattern and optimize
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if weights is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", weights)
     if not is_large(model):
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if weights is not None:  # in the weights' folder: the paths of its external data are relative to the file's
+        handle, path = tempfile.mkstemp(suffix=".onnx", prefix="session-", dir=weights)
+        os.close(handle)
+        save_model_file(model, path)
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     folder = tempfile.TemporaryDirectory(prefix="msq-session-")
     path = os.path.join(folder.name, "model.onnx")
     save_model_file(model, path)
@@ -442,7 +449,8 @@ def output_embedding(final: np.ndarray, max_dim: int, seed: int) -> np.ndarray:
     return embed(final, (1,), max_dim, final.ndim == 3, seed)
 
 
-def _pass_session(model: onnx.ModelProto, hessians: bool, workers: int) -> tuple[ort.InferenceSession, int]:
+def _pass_session(model: onnx.ModelProto, hessians: bool, workers: int,
+                  weights: str | None) -> tuple[ort.InferenceSession, int]:
     """The pass's session and how many of its runs go at once (ordered_runs).
 
     A session whose runs output the Hessian products runs one sample at a time, on every core: two runs at once
@@ -451,7 +459,8 @@ def _pass_session(model: onnx.ModelProto, hessians: bool, workers: int) -> tuple
     workers = 1 if hessians else workers
     try:
         # No memory pattern: EfficientNet-Lite0's pass peak 294 -> 253 MB at the same speed (6.76 / 6.68 s).
-        session = make_session(model, arena=not hessians, pattern=False, threads=run_threads(workers))
+        session = make_session(model, arena=not hessians, pattern=False, threads=run_threads(workers),
+                               weights=weights)
     except Exception as exc:
         raise BadModel(f"ONNX Runtime {ort.__version__} cannot load the model ({one_line(exc)}); "
                        "re-export it with standard ONNX ops.") from None
@@ -478,7 +487,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     mask_input = attention_mask_input(loaded)
     stream = BatchStream(padded_batches(samples, loaded, batch_size))
     paired = run_workers(loaded, stream.held[0]) if stream.more() else 1
-    session, workers = _pass_session(model, bool(outputs["hessian"]), paired)
+    session, workers = _pass_session(model, bool(outputs["hessian"]), paired, loaded.weights_folder)
     del model
     lean = [name for name in (o.name for o in session.get_outputs())
             if all(name not in names for names in outputs["hessian"].values())]
@@ -564,7 +573,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 if worth:
                     session = None  # released first: two sessions of one model would double the peak memory
                     model, outputs = build_instrumented(loaded, True, levels, worth)
-                    session, workers = _pass_session(model, bool(outputs["hessian"]), paired)
+                    session, workers = _pass_session(model, bool(outputs["hessian"]), paired, loaded.weights_folder)
                     del model
                     gram = HessianSums(outputs["hessian"])
             batches = stream.until(hessian_from if part == 0 else float("inf"))

@@ -27,7 +27,7 @@ from .importance import importance as layer_importance
 from .importance import upstream_layers
 from .instrument import run_pass
 from .latency import mode_costs
-from .load import is_large, load_model, save_model_file
+from .load import is_large, load_model
 from .ops import DYNAMIC, FLOAT, FLOAT_BITS, MODES, PREFER, STATIC, WEIGHT_ONLY
 from .report import gzip_size
 from .verify import INTEGER_ACTIVATION_OPS, fused_integer_kernels, smoke_check
@@ -252,11 +252,11 @@ class Candidate:
 class _HeldOut:
     """FP32 outputs on the held-out samples, computed once, against which candidates are compared."""
 
-    def __init__(self, loaded, samples, options: Options, work_dir: str, workers: int):
+    def __init__(self, loaded, samples, options: Options, workers: int):
         from .instrument import padded_batches, run_workers
 
         self.loaded, self.samples, self.options = loaded, samples, options
-        fp32_model = os.path.join(work_dir, "fp32.onnx")  # written before the error tables (build_yardstick)
+        fp32_model = loaded.model_file()
         # --eval's samples can be larger than the calibration's, from which `workers` was decided
         workers = min(workers, run_workers(loaded, next(padded_batches(samples, loaded, options.batch_size))[0]))
         self.reference = fidelity.Reference(fp32_model, loaded, samples, options.batch_size, options.quiet, workers)
@@ -301,7 +301,7 @@ def size_budget(loaded, options: Options, widths) -> allocate_stage.Budget | Non
                                  "bytes")
 
 
-def latency_budget(loaded, analysis: Analysis, options: Options, widths, samples, work_dir: str):
+def latency_budget(loaded, analysis: Analysis, options: Options, widths, samples):
     """--max-latency R: the layers' batch-1 times (each layer timed alone in each mode, on this machine) plus
     the rest of the FP32 model must stay within R x the FP32 model's measured latency."""
     from .instrument import padded_batches
@@ -313,7 +313,7 @@ def latency_budget(loaded, analysis: Analysis, options: Options, widths, samples
         raise BadOption("--max-latency needs every layer's input shape (besides the batch) fixed in the model; "
                         "this one has symbolic sizes: use --max-size or --avg-bits.")
     feed, _ = next(padded_batches(samples, loaded, 1))
-    fp32 = time_models([os.path.join(work_dir, "fp32.onnx")], feed)[0] / 1000.0
+    fp32 = time_models([loaded.model_file()], feed)[0] / 1000.0
     rest = max(fp32 - sum(s[FLOAT] for s in seconds.values()), 0.0)
     costs = {}
     for layer in loaded.layers:
@@ -389,9 +389,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
 
     def build_yardstick(stats, modes):
         with timer.stage("latency"):
-            fp32 = os.path.join(workspace.name, "fp32.onnx")  # also the held-out reference and the latency's
-            save_model_file(loaded.model, fp32)
-            yardstick.append(_yardstick(modes, stats.ranges, fp32, workspace.name))
+            yardstick.append(_yardstick(modes, stats.ranges, loaded.model_file(), workspace.name))
 
     analysis = analyse(loaded, calib, options, timer, build_yardstick)
     with timer.stage("allocate"):
@@ -400,10 +398,10 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                                                              analysis.stats.input_sq)
         wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16)
     with workspace as work_dir:
-        held_out = _HeldOut(loaded, evaluation, options, work_dir, analysis.stats.workers)
+        held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers)
         if options.max_latency is not None:
             with timer.stage("latency"):
-                budgets.append(latency_budget(loaded, analysis, options, widths, evaluation, work_dir))
+                budgets.append(latency_budget(loaded, analysis, options, widths, evaluation))
 
         def build(budgets: list) -> Candidate:
             with timer.stage("allocate"):
@@ -429,7 +427,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             chosen = _meet_size(chosen, budgets, build, options.prefer)
             if options.max_latency is not None:
                 with timer.stage("latency"):
-                    chosen = _meet_latency(loaded, chosen, budgets, build, evaluation, work_dir)
+                    chosen = _meet_latency(loaded, chosen, budgets, build, evaluation)
         if evaluation is calib:
             with timer.stage("verify"):
                 smoke_check(chosen.path, loaded, calib, options.batch_size)
@@ -480,7 +478,7 @@ def _meet_size(chosen: Candidate, budgets: list, build, prefer: str) -> Candidat
 LATENCY_RETRIES = 2
 
 
-def _meet_latency(loaded, chosen: Candidate, budgets: list, build, samples, work_dir: str) -> Candidate:
+def _meet_latency(loaded, chosen: Candidate, budgets: list, build, samples) -> Candidate:
     """Layers timed alone miss what joins them (Q/DQ at the borders of a static region, layout changes): the
     written model is timed against FP32 and, while it is over, the layers' allowance shrinks by the overshoot."""
     from .instrument import padded_batches
@@ -490,7 +488,7 @@ def _meet_latency(loaded, chosen: Candidate, budgets: list, build, samples, work
     ratio = float(bound.name.split()[-1])
     feed, _ = next(padded_batches(samples, loaded, 1))
     for _ in range(LATENCY_RETRIES):
-        fp32, output = time_models([os.path.join(work_dir, "fp32.onnx"), chosen.path], feed)
+        fp32, output = time_models([loaded.model_file(), chosen.path], feed)
         if output <= ratio * fp32:
             break
         tighter = allocate_stage.Budget(bound.costs, bound.limit * ratio * fp32 / output, bound.name, unit=bound.unit)
@@ -534,7 +532,7 @@ def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple,
     from .verify import op_counts, single_thread_session, time_sessions
 
     feed, _ = next(padded_batches(samples, loaded, 1))
-    fp32 = os.path.join(work_dir, "fp32.onnx")
+    fp32 = loaded.model_file()
     reference, kind = yardstick
     failed = None
     optimized = os.path.join(tempfile.mkdtemp(dir=work_dir), "optimized.onnx")

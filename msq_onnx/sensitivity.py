@@ -23,8 +23,7 @@ DEFAULT_SAMPLES = 64
 
 def _with_weight_inputs(loaded: LoadedModel, layer) -> onnx.ModelProto:
     """The FP32 model with this layer's weight (and bias) fed as inputs instead of initializers."""
-    model = onnx.ModelProto()
-    model.CopyFrom(loaded.model)
+    model = loaded.session_copy()
     fed = [layer.weight_name] + ([layer.bias_name] if layer.bias_name else [])
     kept = [t for t in model.graph.initializer if t.name not in fed]
     del model.graph.initializer[:]
@@ -66,13 +65,13 @@ def measure(loaded: LoadedModel, samples, choices: dict, input_mean: dict, candi
             quiet: bool = False) -> tuple[dict, int]:
     """Return ({layer: {bits: relative output MSE}}, forward passes run)."""
     feeds = _feeds(loaded, samples, count, batch_size)
-    reference_session = make_session(loaded.model)
+    reference_session = make_session(loaded.session_copy(), weights=loaded.weights_folder)
     output = loaded.output_name
     reference = [reference_session.run([output], feed)[0][:real] for feed, real in feeds]
     damage, passes = {}, 0
     with progress(len(loaded.layers) * len(candidate_bits), "sensitivity", quiet) as bar:
         for layer in loaded.layers:
-            session = make_session(_with_weight_inputs(loaded, layer))
+            session = make_session(_with_weight_inputs(loaded, layer), weights=loaded.weights_folder)
             weight = loaded.weight(layer).astype(np.float32)
             bias = loaded.bias(layer)
             damage[layer.name] = {}
@@ -138,7 +137,7 @@ def task_weights(loaded: LoadedModel, samples, choices: dict, input_mean: dict, 
 
     feeds = _feeds(loaded, samples, count, batch_size)
     output = loaded.output_name
-    fp32_session = make_session(loaded.model)
+    fp32_session = make_session(loaded.session_copy(), weights=loaded.weights_folder)
     fp32 = np.concatenate([output_embedding(fp32_session.run([output], feed)[0][:real], max_dim, seed)
                            for feed, real in feeds])
     del fp32_session
@@ -148,7 +147,7 @@ def task_weights(loaded: LoadedModel, samples, choices: dict, input_mean: dict, 
     weights, drops = {}, {}
     with progress(len(loaded.layers), "task predictor per layer", quiet) as bar:
         for layer in loaded.layers:
-            session = make_session(_with_weight_inputs(loaded, layer))
+            session = make_session(_with_weight_inputs(loaded, layer), weights=loaded.weights_folder)
             outputs = _with_layer_quantized(session, layer, loaded.weight(layer).astype(np.float32),
                                             loaded.bias(layer), choices[layer.name][width],
                                             input_mean.get(layer.name), bias_correction, feeds, output)

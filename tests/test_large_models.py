@@ -50,3 +50,35 @@ def test_external_data_model_converts_through_the_large_model_paths(tmp_path, mo
     fp32 = ort.InferenceSession(str(source / "big.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     quant = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert (fp32.argmax(1) == quant.argmax(1)).mean() > 0.8
+
+
+def test_sessions_read_the_weights_from_one_file_written_once(tmp_path, monkeypatch):
+    """The graphs the analysis runs (instrumented, simulated) point into one weights file instead of carrying
+    a copy of every weight into each session: the same outputs as with the weights inline, one file however
+    many copies are made, removed with the loaded model."""
+    import gc
+
+    from msq_onnx.instrument import build_instrumented, make_session
+
+    monkeypatch.setattr(load, "SET_ASIDE_BYTES", 100)  # the tiny model's weights count as weights
+    model = tiny_cnn()
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load.load_model(str(tmp_path / "m.onnx"))
+    instrumented, _ = build_instrumented(loaded, levels=(1, 2))
+    external = {t.name for t in instrumented.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert external == {"w1", "w2", "w3", "wf"}
+    assert not any(t.HasField("raw_data") for t in instrumented.graph.initializer if t.name in external)
+    folder = loaded.weights_folder
+    inline = onnx.ModelProto()
+    inline.CopyFrom(instrumented)
+    onnx.load_external_data_for_model(inline, folder)
+    x = samples_for(model, 4)["x"]
+    shared = make_session(instrumented, weights=folder).run(None, {"x": x})
+    whole = make_session(inline).run(None, {"x": x})
+    assert len(shared) == len(whole) > 10 and all(np.array_equal(a, b) for a, b in zip(shared, whole))
+    written = os.path.getmtime(os.path.join(folder, "weights.bin"))
+    loaded.session_copy()
+    assert os.listdir(folder) == ["weights.bin"] and os.path.getmtime(os.path.join(folder, "weights.bin")) == written
+    del loaded, instrumented
+    gc.collect()
+    assert not os.path.exists(folder)
