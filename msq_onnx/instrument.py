@@ -449,22 +449,32 @@ def output_embedding(final: np.ndarray, max_dim: int, seed: int) -> np.ndarray:
     return embed(final, (1,), max_dim, final.ndim == 3, seed)
 
 
-def _pass_session(model: onnx.ModelProto, hessians: bool, workers: int,
+def _pass_session(model: onnx.ModelProto, products: int, workers: int,
                   weights: str | None) -> tuple[ort.InferenceSession, int]:
-    """The pass's session and how many of its runs go at once (ordered_runs).
+    """The pass's session and how many of its runs go at once (ordered_runs). products: the bytes of the K x K
+    Hessian products one run outputs (_product_bytes).
 
-    A session whose runs output the Hessian products runs one sample at a time, on every core: two runs at once
-    held two sets of K x K products (MiniLM-L6's pass peak 567 -> 653 MB), and the products would stay in
-    ORT's arena (897 MB with the arena, 768 MB without it; 605 MB with no Hessians at all)."""
-    workers = 1 if hessians else workers
+    Where the products of the runs in flight would pass PAIRED_RUN_LIMIT, the session runs one sample at a
+    time, without ORT's arena, which would keep them. Small ones go like any other run: MiniLM-L6's (18 inputs
+    of 384, 10.6 MB a run) two at once with the arena, its pass 6.4 -> 5.5 s, the pass's peak 446 -> 492-499 MB,
+    under the conversion's (608-622 MB, the yardstick's). It held one set at a time while the FFN inputs
+    (1536 wide, 84% of the products) were gathered too, which two at once took from 567 to 653 MB."""
+    large = products * (workers + 1) > PAIRED_RUN_LIMIT
+    workers = 1 if large else workers
     try:
         # No memory pattern: EfficientNet-Lite0's pass peak 294 -> 253 MB at the same speed (6.76 / 6.68 s).
-        session = make_session(model, arena=not hessians, pattern=False, threads=run_threads(workers),
+        session = make_session(model, arena=not large, pattern=False, threads=run_threads(workers),
                                weights=weights)
     except Exception as exc:
         raise BadModel(f"ONNX Runtime {ort.__version__} cannot load the model ({one_line(exc)}); "
                        "re-export it with standard ONNX ops.") from None
     return session, workers
+
+
+def _product_bytes(loaded: LoadedModel, outputs: dict) -> int:
+    """Bytes of the K x K products a run of build_instrumented's model outputs (one per distinct input)."""
+    fan_in = {outputs["rows"][layer.name]: layer.fan_in for layer in loaded.layers if layer.name in outputs["rows"]}
+    return sum(4 * k * k for key, k in fan_in.items() if key in outputs["hessian"])
 
 
 def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 1,
@@ -487,7 +497,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     mask_input = attention_mask_input(loaded)
     stream = BatchStream(padded_batches(samples, loaded, batch_size))
     paired = run_workers(loaded, stream.held[0]) if stream.more() else 1
-    session, workers = _pass_session(model, bool(outputs["hessian"]), paired, loaded.weights_folder)
+    session, workers = _pass_session(model, _product_bytes(loaded, outputs), paired, loaded.weights_folder)
     del model
     lean = [name for name in (o.name for o in session.get_outputs())
             if all(name not in names for names in outputs["hessian"].values())]
@@ -573,7 +583,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 if worth:
                     session = None  # released first: two sessions of one model would double the peak memory
                     model, outputs = build_instrumented(loaded, True, levels, worth)
-                    session, workers = _pass_session(model, bool(outputs["hessian"]), paired, loaded.weights_folder)
+                    session, workers = _pass_session(model, _product_bytes(loaded, outputs), paired, loaded.weights_folder)
                     del model
                     gram = HessianSums(outputs["hessian"])
             batches = stream.until(hessian_from if part == 0 else float("inf"))

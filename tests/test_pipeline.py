@@ -184,6 +184,20 @@ def test_large_runs_go_one_at_a_time(cnn_files, monkeypatch):
     assert run_pass(loaded, samples, (1, 2), 64, quiet=True).workers == 2
 
 
+def test_hessian_runs_go_two_at_once_while_their_products_are_small(cnn_files, monkeypatch):
+    """The Hessian products' session runs like the others (two at once, ORT's arena) unless the products of
+    the runs in flight would pass PAIRED_RUN_LIMIT: then one at a time, without the arena that would keep them."""
+    from msq_onnx import instrument
+
+    loaded = load_model(cnn_files["model"])
+    model, _ = instrument.build_instrumented(loaded)
+    monkeypatch.setattr(instrument, "PAIRED_RUN_LIMIT", 3 * 10**6)
+    session, workers = instrument._pass_session(model, 10**6, 2, loaded.weights_folder)  # 3 MB in flight: fits
+    assert workers == 2 and session.get_session_options().enable_cpu_mem_arena
+    session, workers = instrument._pass_session(model, 10**6 + 1, 2, loaded.weights_folder)
+    assert workers == 1 and not session.get_session_options().enable_cpu_mem_arena
+
+
 def test_a_symbolic_sequence_is_sized_from_the_feed(tmp_path, monkeypatch):
     """Token ids are a few bytes a position, a transformer's tensors thousands: the run's size comes from the
     shapes shape inference gave in the input's named axes, read from the feed ([N, T, T] scores here)."""
