@@ -202,24 +202,20 @@ def _human_summary(report: dict) -> str:
     return text
 
 
-MMAP_THRESHOLD = 1 << 20  # bytes: blocks this large are mapped on their own and unmapped when freed
-
-
 def _allocator_for_a_run() -> None:
-    """glibc serves a block from its heap rather than its own mapping once its dynamic mmap threshold has risen,
-    and the threshold follows the largest block freed (up to 32 MB): after the first big numpy temporaries, every
-    array and ONNX Runtime buffer of a stage landed in a heap that kept their pages. Fixed at 1 MB (which also turns
-    the dynamic rise off), a freed array gives its pages back at once, and with one arena the worker threads' blocks
-    are trimmed too. Measured on this machine (`/usr/bin/time`, --avg-bits 4, 300 samples): EfficientNet-Lite0 peak
-    322.6 -> 269-274 MB, the written model byte-identical; MiniLM-L6 678 -> 671 MB (its peak is live data: the 90 MB
-    model and its sessions). The CLI's own process only: the Python API leaves its caller's allocator
-    alone."""
+    """One glibc arena for every thread: the pass's and the error tables' worker threads otherwise each get an
+    arena of their own, whose freed blocks stay mapped beside the main heap's (EfficientNet-Lite0's peak 305-322
+    MB with glibc's defaults, 281-287 MB with one arena; the stages' malloc_trim then returns one heap's free
+    pages). glibc's mmap threshold keeps its dynamic rise: fixed at 1 MB (every larger block mapped on its own
+    and unmapped when freed) the peak was 273-277 MB, but every array of a megabyte or more cost page faults
+    again: EfficientNet-Lite0 9.2-10.2 -> 8.0-9.1 s, MiniLM-L6 15.6-16.0 -> 14.2 s (peak 627-632 -> 643-644 MB;
+    ORT's quantize_static 278 and 637 MB). The CLI's own process only: the Python API leaves its caller's
+    allocator alone."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
         libc.mallopt(-8, 1)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass  # not glibc (macOS, musl): its own policy stands
