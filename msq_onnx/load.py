@@ -74,6 +74,15 @@ class LoadedModel:
             self.shared_weights = SharedWeights(self.model)
         return _without_weights(self.model, self.shared_weights.places)[0]
 
+    def with_weights(self, copy: onnx.ModelProto) -> onnx.ModelProto:
+        """A session_copy made whole: each reference into the weights file still in it becomes its weight again,
+        as loaded (copied in memory)."""
+        for tensor in copy.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL and any(
+                    e.key == "location" and e.value == WEIGHTS_FILE for e in tensor.external_data):
+                tensor.CopyFrom(self.initializers[tensor.name])
+        return copy
+
     def model_file(self) -> str:
         """The model as a file ORT and its quantizer read: its graph, written once beside the weights file
         session_copy points into, so the weights are not serialized again (MiniLM-L6: 90 MB saved, and each

@@ -36,9 +36,9 @@ class QuantizedWeights:
 
 def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean: dict,
                      bias_correction: bool = True) -> QuantizedWeights:
-    """Copy of the model with every quantized layer's weight fake-quantized (and its bias corrected)."""
-    model = onnx.ModelProto()
-    model.CopyFrom(loaded.model)
+    """Copy of the model with every quantized layer's weight fake-quantized (and its bias corrected). Made from
+    session_copy: the float weights the quantized ones replace are never copied (MiniLM-L6: 90 MB)."""
+    model = loaded.session_copy()
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
     nodes = {n.name: n for n in model.graph.node}
     scales = {}
@@ -63,7 +63,7 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
             node.input[2] = name
         else:
             node.input.append(name)  # Conv and Gemm take an optional bias as their third input
-    return QuantizedWeights(model, scales)
+    return QuantizedWeights(loaded.with_weights(model), scales)
 
 
 def tensor_overrides(layers, scales: dict, wide_inputs=(), containers: dict | None = None) -> dict:
