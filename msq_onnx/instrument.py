@@ -583,7 +583,8 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 if worth:
                     session = None  # released first: two sessions of one model would double the peak memory
                     model, outputs = build_instrumented(loaded, True, levels, worth)
-                    session, workers = _pass_session(model, _product_bytes(loaded, outputs), paired, loaded.weights_folder)
+                    session, workers = _pass_session(model, _product_bytes(loaded, outputs), paired,
+                                                     loaded.weights_folder)
                     del model
                     gram = HessianSums(outputs["hessian"])
             batches = stream.until(hessian_from if part == 0 else float("inf"))

@@ -357,6 +357,7 @@ def _held_out(calib, loaded, options: Options):
     else:
         evaluation = calib  # too few to split; the report says these were calibrated on
     check_labels(calib, classes, "calibration")
+    evaluation.keep_decoded()  # read for the FP32 reference, then for each candidate
     return calib, evaluation
 
 

@@ -354,3 +354,42 @@ def test_debian_descriptions_parse(tmp_path, tok):
     samples = open_text(DEBIAN, tok, specs(), label_column="section")
     assert samples.count == 2714 and len(samples.class_names) == 19
     assert sorted(np.unique(samples.labels).tolist()) == list(range(19))
+
+
+def test_held_out_images_are_decoded_once_and_read_back_the_same(tmp_path, monkeypatch):
+    """keep_decoded: the held-out images are read for the FP32 reference and again for each candidate; their
+    crops are kept once decoded (within KEPT_PIXELS_BYTES), the calibration images are not, and the feeds equal
+    those of a set that decodes every time."""
+    from PIL import Image
+
+    from msq_onnx import data
+
+    rng = np.random.default_rng(0)
+    rows = ["file,label"]
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8), "RGB").save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{i % 2}")
+    (tmp_path / "set.csv").write_text("\n".join(rows) + "\n")
+    spec = InputSpec("x", [None, 3, 16, 16], np.dtype(np.float32))
+    pre = Preprocess(mean=(127.0,), std=(128.0,))
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open",
+                        lambda path, *a, **k: opened.append(os.path.basename(path)) or real_open(path, *a, **k))
+
+    calib, held = split_holdout(open_samples(str(tmp_path / "set.csv"), [spec], pre), 0.2)
+    held.keep_decoded()
+    first, second = list(held.batches(1)), list(held.batches(1))
+    assert sorted(opened) == ["4.png", "9.png"]  # every 5th, decoded once for two reads
+    list(calib.batches(1)), list(calib.batches(1))
+    assert len(opened) == 2 + 2 * 8  # the calibration images are not kept
+    fresh = list(split_holdout(open_samples(str(tmp_path / "set.csv"), [spec], pre), 0.2)[1].batches(1))
+    for a, b, c in zip(first, second, fresh):
+        np.testing.assert_array_equal(a["x"], c["x"])
+        np.testing.assert_array_equal(b["x"], c["x"])
+    monkeypatch.setattr(data, "KEPT_PIXELS_BYTES", 16 * 16 * 3)  # room for one crop
+    opened.clear()
+    _, held = split_holdout(open_samples(str(tmp_path / "set.csv"), [spec], pre), 0.2)
+    held.keep_decoded()
+    list(held.batches(1)), list(held.batches(1))
+    assert opened == ["4.png", "9.png", "9.png"]
