@@ -281,17 +281,45 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = Tr
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", weights)
     if not is_large(model):
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    if weights is not None:  # in the weights' folder: the paths of its external data are relative to the file's
-        handle, path = tempfile.mkstemp(suffix=".onnx", prefix="session-", dir=weights)
-        os.close(handle)
-        save_model_file(model, path)
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    if weights is not None:
+        return _session_beside(model, options, weights)
     folder = tempfile.TemporaryDirectory(prefix="msq-session-")
     path = os.path.join(folder.name, "model.onnx")
     save_model_file(model, path)
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     session.msq_folder = folder  # removed when the session is
     return session
+
+
+def _session_beside(model: onnx.ModelProto, options, weights: str) -> ort.InferenceSession:
+    """A session of a session copy past 2 GB: saved in the weights' folder (its references are relative to the
+    file), its own large tensors beside it; the caller's copy is left as it is (save_model_file would read the
+    weights file back into it) and the files go with the session."""
+    import weakref
+
+    handle, path = tempfile.mkstemp(suffix=".onnx", prefix="session-", dir=weights)
+    os.close(handle)
+    throwaway = onnx.ModelProto()
+    throwaway.CopyFrom(model)
+    files = [path, path + ".data"]
+    try:  # onnx moves the tensors still inline into the .data file; references without bytes stay as they are
+        onnx.save_model(throwaway, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(files[1]))
+        del throwaway
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except BaseException:
+        _remove(files)
+        raise
+    session.msq_files = weakref.finalize(session, _remove, files)
+    return session
+
+
+def _remove(paths: list) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def usable_cores() -> int:

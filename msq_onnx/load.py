@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,10 +70,15 @@ class LoadedModel:
         """A copy of the model for a graph ORT will run (instrumented, simulated): its weights past
         SET_ASIDE_BYTES are references into one file, written on the first call, so that a session reads them
         from there (make_session's `weights`) instead of from a serialized copy of every weight. MiniLM-L6
-        (90 MB): copy, serialization and session 0.33-0.38 s -> 0.08 s, the same outputs."""
-        if self.shared_weights is None:
-            self.shared_weights = SharedWeights(self.model)
-        return _without_weights(self.model, self.shared_weights.places)[0]
+        (90 MB): copy, serialization and session 0.33-0.38 s -> 0.08 s, the same outputs. The file holds the
+        weights as they were at the first call: the loaded model is not changed after load_model."""
+        return _without_weights(self.model, self._shared().places)[0]
+
+    def _shared(self) -> "SharedWeights":
+        with _SHARING:  # two threads' first copies would write two files, and one folder would go
+            if self.shared_weights is None:
+                self.shared_weights = SharedWeights(self.model)
+            return self.shared_weights
 
     def with_weights(self, copy: onnx.ModelProto) -> onnx.ModelProto:
         """A session_copy made whole: each reference into the weights file still in it becomes its weight again,
@@ -87,10 +93,11 @@ class LoadedModel:
         """The model as a file ORT and its quantizer read: its graph, written once beside the weights file
         session_copy points into, so the weights are not serialized again (MiniLM-L6: 90 MB saved, and each
         session built from the file in 0.08 s instead of 0.17)."""
-        copy = self.session_copy()
-        path = os.path.join(self.weights_folder, MODEL_FILE)
-        if not os.path.exists(path):
-            save_model_file(copy, path)
+        path = os.path.join(self._shared().folder, MODEL_FILE)
+        with _SHARING:
+            if not os.path.exists(path):
+                save_model_file(self.session_copy(), path + ".part")
+                os.replace(path + ".part", path)  # whole or absent for a reader in another thread
         return path
 
     @property
@@ -173,15 +180,21 @@ _ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorP
              onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
              onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT32: 4,
              onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
-             onnx.TensorProto.BOOL: 1, onnx.TensorProto.COMPLEX64: 8, onnx.TensorProto.COMPLEX128: 16}
+             onnx.TensorProto.BOOL: 1, onnx.TensorProto.COMPLEX64: 8, onnx.TensorProto.COMPLEX128: 16,
+             onnx.TensorProto.FLOAT8E4M3FN: 1, onnx.TensorProto.FLOAT8E4M3FNUZ: 1, onnx.TensorProto.FLOAT8E5M2: 1,
+             onnx.TensorProto.FLOAT8E5M2FNUZ: 1, onnx.TensorProto.FLOAT8E8M0: 1}
+_PER_BYTE = {onnx.TensorProto.INT4: 2, onnx.TensorProto.UINT4: 2, onnx.TensorProto.FLOAT4E2M1: 2,
+             onnx.TensorProto.INT2: 4, onnx.TensorProto.UINT2: 4}  # packed low bits first, the last byte padded
 
 
 def _tensor_nbytes(tensor) -> int | None:
-    """Bytes a plain-typed tensor needs; None for strings and packed or unknown types (the checker decides)."""
-    itemsize = _ITEMSIZE.get(tensor.data_type)
-    if itemsize is None or any(d < 0 for d in tensor.dims):
+    """Bytes a tensor's raw data needs; None for strings and unknown types (the checker decides)."""
+    if any(d < 0 for d in tensor.dims):
         return None
-    return math.prod(tensor.dims) * itemsize
+    if tensor.data_type in _PER_BYTE:
+        return -(-math.prod(tensor.dims) // _PER_BYTE[tensor.data_type])
+    itemsize = _ITEMSIZE.get(tensor.data_type)
+    return None if itemsize is None else math.prod(tensor.dims) * itemsize
 
 
 def read_model(path: str) -> tuple[onnx.ModelProto, int, bool]:
@@ -270,6 +283,7 @@ def save_model_file(model: onnx.ModelProto, path: str) -> None:
 SET_ASIDE_BYTES = 1024  # initializers past this are weights: no graph tool reads their values
 SET_ASIDE = "msq-set-aside"  # the external-data location marking a weight set aside
 WEIGHTS_FILE = "weights.bin"
+_SHARING = threading.RLock()  # LoadedModel's lazy weights file and model file
 MODEL_FILE = "model.onnx"  # the normalized FP32 model's graph beside WEIGHTS_FILE (LoadedModel.model_file)
 WEIGHT_ALIGNMENT = 4096  # each weight starts on a page: ORT maps such external data from the file
 
@@ -282,7 +296,7 @@ class SharedWeights:
         import shutil
         import weakref
 
-        self.folder = tempfile.mkdtemp(prefix="msq-weights-")
+        self.folder = os.path.abspath(tempfile.mkdtemp(prefix="msq-weights-"))  # TMPDIR may be relative
         weakref.finalize(self, shutil.rmtree, self.folder, True)
         self.places = {}
         with open(os.path.join(self.folder, WEIGHTS_FILE), "wb") as out:

@@ -82,3 +82,33 @@ def test_sessions_read_the_weights_from_one_file_written_once(tmp_path, monkeypa
     del loaded, instrumented
     gc.collect()
     assert not os.path.exists(folder)
+
+
+def test_the_weights_file_is_one_and_absolute_whoever_asks_first(tmp_path, monkeypatch):
+    """Threads making their first session copies at once share one weights file (each would have written its own,
+    and removed it under the others); a relative temporary folder still gives an absolute path, which ORT needs
+    after the process changes directory."""
+    import tempfile
+    import threading
+
+    monkeypatch.setattr(load, "SET_ASIDE_BYTES", 100)
+    onnx.save(tiny_cnn(), tmp_path / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", "tmp")
+    loaded = load.load_model("m.onnx")
+    barrier, folders = threading.Barrier(4), []
+
+    def first_copy():
+        barrier.wait()
+        loaded.model_file()
+        folders.append(loaded.weights_folder)
+
+    threads = [threading.Thread(target=first_copy) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(folders)) == 1 and os.path.isabs(folders[0])
+    assert sorted(os.listdir(tmp_path / "tmp")) == [os.path.basename(folders[0])]
+    assert sorted(os.listdir(folders[0])) == ["model.onnx", "weights.bin"]

@@ -197,6 +197,17 @@ def test_hessian_runs_go_two_at_once_while_their_products_are_small(cnn_files, m
     session, workers = instrument._pass_session(model, 10**6 + 1, 2, loaded.weights_folder)
     assert workers == 1 and not session.get_session_options().enable_cpu_mem_arena
 
+    # the pass sizes the products its Hessian session's runs output
+    monkeypatch.setattr(instrument, "MIN_ROWS_PER_INPUT", 0)
+    monkeypatch.setattr(instrument, "HESSIAN_SAMPLES", 16)
+    sized, real = [], instrument._pass_session
+    monkeypatch.setattr(instrument, "_pass_session",
+                        lambda model, products, *rest: sized.append(products) or real(model, products, *rest))
+    stats = run_pass(loaded, open_samples(cnn_files["calib"], loaded.inputs, Preprocess()), (1, 2), 64, quiet=True,
+                     hessians=True)
+    products = {id(h.fit): h.fit.size * 4 for h in stats.hessians.values()}  # float32, one per distinct input
+    assert sized == [0, sum(products.values())] and sized[1] > 0
+
 
 def test_a_symbolic_sequence_is_sized_from_the_feed(tmp_path, monkeypatch):
     """Token ids are a few bytes a position, a transformer's tensors thousands: the run's size comes from the
