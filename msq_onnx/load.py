@@ -93,7 +93,7 @@ class LoadedModel:
         """The model as a file ORT and its quantizer read: its graph, written once beside the weights file
         session_copy points into, so the weights are not serialized again (MiniLM-L6: 90 MB saved, and each
         session built from the file in 0.08 s instead of 0.17)."""
-        path = os.path.join(self._shared().folder, MODEL_FILE)
+        path = os.path.join(self.weights_folder, MODEL_FILE)
         with _SHARING:
             if not os.path.exists(path):
                 save_model_file(self.session_copy(), path + ".part")
@@ -101,9 +101,10 @@ class LoadedModel:
         return path
 
     @property
-    def weights_folder(self) -> str | None:
-        """The folder of the file session_copy's references point into (None before the first copy)."""
-        return None if self.shared_weights is None else self.shared_weights.folder
+    def weights_folder(self) -> str:
+        """The folder of the file session_copy's references point into (the file is written on first use, so a
+        caller need not have made a copy before asking)."""
+        return self._shared().folder
 
     def weight(self, layer: Layer) -> np.ndarray:
         return numpy_helper.to_array(self.initializers[layer.weight_name])
