@@ -286,6 +286,47 @@ def test_written_weights_sit_on_their_k_bit_grids(cnn_files, tmp_path):
     assert any((low == -top).any() for low, _, top in ends) and any((high == top).any() for _, high, top in ends)
 
 
+def test_static_weights_reach_ort_already_quantized_and_a_dead_channels_bias_keeps_int32_room(tmp_path, monkeypatch):
+    """The static layers' weights go to ORT's quantizer as int8 -> DequantizeLinear, which it leaves as they are
+    (no second rounding, channel by channel). A channel whose weights are ~1e-9 (a weight step of ~1e-11)
+    has a bias step of input step x weight step far below what its bias needs in int32: its weight step is
+    widened, as ORT's own quantizer does, so the bias is written, not saturated."""
+    import onnxruntime.quantization.quant_utils as quant_utils
+
+    import msq_onnx.pipeline as pipeline
+
+    model = tiny_cnn()
+    inits = {t.name: t for t in model.graph.initializer}
+    w1, b1 = numpy_helper.to_array(inits["w1"]).copy(), numpy_helper.to_array(inits["b1"]).copy()
+    w1[0] *= 1e-9
+    b1[0] = 5.0
+    inits["w1"].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    inits["b1"].CopyFrom(numpy_helper.from_array(b1, "b1"))
+    onnx.save(model, tmp_path / "dead.onnx")
+    np.savez(tmp_path / "calib.npz", **samples_for(model, 64, seed=1))
+    rounded, writing = [], []
+    original, write = quant_utils.quantize_onnx_initializer, pipeline.quantize_to_qdq
+    monkeypatch.setattr("onnxruntime.quantization.qdq_quantizer.quantize_onnx_initializer", lambda weight, *args, **kw:
+                        (writing and rounded.append(weight.name)) or original(weight, *args, **kw))
+    monkeypatch.setattr(pipeline, "quantize_to_qdq", lambda *args, **kw: writing.append(1) or write(*args, **kw))
+    out = tmp_path / "dead.q.onnx"
+    convert(str(tmp_path / "dead.onnx"), str(out), str(tmp_path / "calib.npz"),
+            Options(quiet=True, activations="static"))
+    assert writing and rounded == []  # ORT's quantizer rounded no weight of ours again (its yardstick does)
+    written = onnx.load(str(out))
+    values = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    conv1 = next(n for n in written.graph.node if n.name == "conv1")
+    bias_dq = next(n for n in written.graph.node if n.output[0] == conv1.input[2])
+    assert values[bias_dq.input[0]].dtype == np.int32
+    bias = values[bias_dq.input[0]].astype(np.float64) * values[bias_dq.input[1]]
+    assert abs(bias[0] - 5.0) < 1e-4  # the dead channel's output is its bias (the others are bias-corrected)
+    assert np.abs(values[bias_dq.input[0]]).max() < np.iinfo(np.int32).max  # not saturated
+    x = np.load(tmp_path / "calib.npz")["x"]
+    fp32 = ort.InferenceSession(str(tmp_path / "dead.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    quant = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert (fp32.argmax(1) == quant.argmax(1)).mean() >= 0.9
+
+
 def test_output_runs_fused_and_matches_fp32_closely_at_8_bits(cnn_files, tmp_path):
     out = tmp_path / "q8.onnx"
     result = convert(cnn_files["model"], str(out), cnn_files["calib"], Options(quiet=True))
