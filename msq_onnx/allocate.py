@@ -130,6 +130,25 @@ def bits_budget(params: dict, widths, avg_bits: float, fixed: int = 0) -> Budget
     return Budget(costs, avg_bits * total - FLOAT_BITS * fixed, f"--avg-bits {avg_bits:g}")
 
 
+def reachable_widths(budgets, widths) -> dict | None:
+    """Per layer, the widths that some allocation within every budget can give it: that layer at the width and
+    every other at its cheapest option still fits. The others cannot be chosen, so their error tables need not
+    be measured (MiniLM-L6 at --avg-bits 4: its embedding table holds half the parameters and cannot go past 5
+    bits). Budgets only tighten after this (--max-size retries, --max-latency), so the sets stay supersets. The
+    narrowest width is always kept. None: no budget, every width."""
+    if not budgets:
+        return None
+    names = list(budgets[0].costs)
+    reachable = {name: {min(widths)} for name in names}
+    floors = [sum(min(budget.costs[name].values()) for name in names) for budget in budgets]
+    for name in names:
+        for bits in widths:
+            if all(floor - min(budget.costs[name].values()) + budget.costs[name][bits]
+                   <= budget.limit * (1 + 1e-9) + 1e-6 for floor, budget in zip(floors, budgets)):
+                reachable[name].add(bits)
+    return {name: sorted(found) for name, found in reachable.items()}
+
+
 def fits(bits: dict, budgets) -> bool:
     return all(sum(b.costs[name][bits[name]] for name in bits) <= b.limit * (1 + 1e-9) + 1e-6 for b in budgets)
 

@@ -163,9 +163,10 @@ class Analysis:
     mode_log: list  # end-to-end error of the task output after each round of mode choices
 
 
-def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None) -> Analysis:
+def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, widths_of=None) -> Analysis:
     """The MSQ measurements. before_tables(stats, modes) runs between the activation modes and the error
-    tables, when the process holds the least: the error tables' GPTQ roundings stay until the writing."""
+    tables, when the process holds the least: the error tables' GPTQ roundings stay until the writing.
+    widths_of: the widths each layer's error table measures (allocate.reachable_widths; None: options.bits)."""
     # Without a budget every layer keeps the widest width, which rounds to nearest: no Hessians then.
     narrowed = (options.avg_bits is not None and options.avg_bits < max(options.bits)) or any(
         v is not None for v in (options.max_size, options.max_drop, options.min_cosine))
@@ -193,7 +194,7 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None) 
     # After the modes: the threads' heaps keep some of what they freed, and the modes' simulation sessions
     # set the peak (EfficientNet-Lite0: 331 MB with the tables before them, 301 MB after).
     with timer.stage("weight-errors"):
-        choices = _error_tables(loaded, stats, options, modes)
+        choices = _error_tables(loaded, stats, options, modes, widths_of)
         stats.hessians = {}  # released: tens of MB per wide layer
     return Analysis(stats, labels, scores, input_score, upstream, gains, choices, modes, mode_log)
 
@@ -217,7 +218,7 @@ def error_statistics(layer, stats, bias_correction: bool) -> tuple:
 TABLE_WORKERS = 2  # layers whose error tables are computed at once; each holds its own working copies
 
 
-def _error_tables(loaded, stats, options, modes: dict) -> dict:
+def _error_tables(loaded, stats, options, modes: dict, widths_of=None) -> dict:
     """Every layer's error per width, two layers at a time: the clipping search's element-wise passes and
     GPTQ's products release the GIL, so the second core works too (MiniLM-L6: 5.8 s -> 3.5 s, the same
     model written)."""
@@ -226,10 +227,11 @@ def _error_tables(loaded, stats, options, modes: dict) -> dict:
     from .instrument import one_blas_thread, usable_cores
 
     def table(layer):
-        room = {b: layer.kind.has_room(layer, b, modes[layer.name].mode, options.prefer) for b in options.bits}
+        widths = options.bits if widths_of is None else widths_of[layer.name]
+        room = {b: layer.kind.has_room(layer, b, modes[layer.name].mode, options.prefer) for b in widths}
         input_power, hessians = error_statistics(layer, stats, options.bias_correction)
-        return error_table(layer, loaded.weight(layer), input_power, options.bits, options.clip_search, hessians,
-                           {b: layer.kind.scale_block(layer, b, options.prefer) for b in options.bits}, room)
+        return error_table(layer, loaded.weight(layer), input_power, widths, options.clip_search, hessians,
+                           {b: layer.kind.scale_block(layer, b, options.prefer) for b in widths}, room)
 
     workers = max(1, min(TABLE_WORKERS, usable_cores()))
     with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
@@ -392,7 +394,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         with timer.stage("latency"):
             yardstick.append(_yardstick(modes, stats.ranges, loaded.model_file(), workspace.name))
 
-    analysis = analyse(loaded, calib, options, timer, build_yardstick)
+    analysis = analyse(loaded, calib, options, timer, build_yardstick,
+                       allocate_stage.reachable_widths(budgets, options.bits))
     with timer.stage("allocate"):
         damage = _damage(loaded, calib, analysis, options)
         activation_errors = allocate_stage.activation_errors(loaded.layers, analysis.stats.ranges,

@@ -69,13 +69,15 @@ def measure(loaded: LoadedModel, samples, choices: dict, input_mean: dict, candi
     output = loaded.output_name
     reference = [reference_session.run([output], feed)[0][:real] for feed, real in feeds]
     damage, passes = {}, 0
-    with progress(len(loaded.layers) * len(candidate_bits), "sensitivity", quiet) as bar:
+    # a layer's table holds only the widths its budget can reach (allocate.reachable_widths)
+    widths_of = {layer.name: [b for b in candidate_bits if b in choices[layer.name]] for layer in loaded.layers}
+    with progress(sum(map(len, widths_of.values())), "sensitivity", quiet) as bar:
         for layer in loaded.layers:
             session = make_session(_with_weight_inputs(loaded, layer), weights=loaded.weights_folder)
             weight = loaded.weight(layer).astype(np.float32)
             bias = loaded.bias(layer)
             damage[layer.name] = {}
-            for bits in candidate_bits:
+            for bits in widths_of[layer.name]:
                 outputs = _with_layer_quantized(session, layer, weight, bias, choices[layer.name][bits],
                                                 input_mean.get(layer.name), bias_correction, feeds, output)
                 passes += sum(real for _, real in feeds)

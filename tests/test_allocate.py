@@ -2,7 +2,8 @@ import itertools
 
 import pytest
 
-from msq_onnx.allocate import allocate_avg_bits, allocate_greedy, allocate_ilp, average_bits, bits_budget, check_budget
+from msq_onnx.allocate import (FLOAT_BITS, allocate_avg_bits, allocate_greedy, allocate_ilp, average_bits, bits_budget,
+                               check_budget, reachable_widths)
 from msq_onnx.errors import BadOption
 
 PARAMS = {"a": 100, "b": 400, "c": 50, "d": 1000}
@@ -58,3 +59,24 @@ def test_budget_at_or_above_widest_keeps_everything_wide():
 def test_impossible_or_invalid_budgets_are_refused(avg, widths):
     with pytest.raises(BadOption):
         check_budget(avg, widths)
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0, 4.0, 5.5, 7.0])
+def test_reachable_widths_are_exactly_those_some_allocation_within_the_budget_gives_and_the_knapsack_needs_no_other(
+        budget):
+    widths = WIDTHS + (FLOAT_BITS,)
+    reachable = reachable_widths([bits_budget(PARAMS, widths, budget)], WIDTHS)
+    used = {name: set() for name in PARAMS}
+    for combo in itertools.product(widths, repeat=len(PARAMS)):
+        bits = dict(zip(PARAMS, combo))
+        if average_bits(bits, PARAMS) <= budget + 1e-9:
+            for name, b in bits.items():
+                used[name].add(b)
+    assert {name: set(found) for name, found in reachable.items()} == {name: used[name] - {FLOAT_BITS}
+                                                                        for name in PARAMS}
+    if budget < 4.0:
+        assert reachable["d"] != list(WIDTHS)  # the largest layer cannot take every width
+    pruned = {name: {b: DAMAGE[name][b] for b in reachable[name]} for name in PARAMS}
+    assert allocate_ilp(pruned, WIDTHS, [bits_budget(PARAMS, WIDTHS, budget)]) == \
+        allocate_ilp(DAMAGE, WIDTHS, [bits_budget(PARAMS, WIDTHS, budget)])
+    assert reachable_widths([], WIDTHS) is None
