@@ -283,8 +283,10 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
         gptq[rounded], _ = gptq_round(stacked[rounded], scales[rounded], tops[rounded], hessians.fit, flips[rounded])
     check = hessians.check.astype(np.float64)
     signal = max(float(np.sum((matrix.astype(np.float64) @ check) * matrix)), 1e-30)
-    gptq_errors = hessian_errors(matrix, gptq * scales, check)
     nearest_errors = hessian_errors(matrix, nearest * scales, check)
+    gptq_errors = nearest_errors.copy()  # the wider grids' GPTQ rows are their nearest rows
+    if rounded.any():  # whole widths, each the matrix's rows in order, as hessian_errors tiles them
+        gptq_errors[rounded] = hessian_errors(matrix, gptq[rounded] * scales[rounded], check)
     for index, bits in enumerate(widths):
         part = slice(index * rows, (index + 1) * rows)
         gptq_error, nearest_error = gptq_errors[part].sum() / signal, nearest_errors[part].sum() / signal
