@@ -86,6 +86,31 @@ def tensor_overrides(layers, scales: dict, wide_inputs=(), containers: dict | No
     return overrides
 
 
+def fold_gemm_beta(model: onnx.ModelProto, names: set) -> None:
+    """Gemm's beta multiplied into its constant bias (beta then 1) for the nodes in `names`: ORT's QDQ quantizer
+    sets beta to 1 but quantizes the bias as it is, so a Gemm with beta 0.5 would add 2x the bias it should."""
+    inits = {t.name: t for t in model.graph.initializer}
+    readers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    for node in model.graph.node:
+        beta = float(attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+        if node.name not in names or beta == 1.0 or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        bias = numpy_helper.to_array(inits[node.input[2]]) * np.float32(beta)
+        name = node.input[2] if readers[node.input[2]] == 1 else f"{node.input[2]}_{node.name}_beta"
+        tensor = numpy_helper.from_array(bias.astype(numpy_helper.to_array(inits[node.input[2]]).dtype), name)
+        if name in inits:
+            inits[name].CopyFrom(tensor)
+        else:
+            model.graph.initializer.append(tensor)
+            node.input[2] = name
+        for attr in node.attribute:
+            if attr.name == "beta":
+                attr.f = 1.0
+
+
 BIAS_RANGE = float(np.iinfo(np.int32).max) - float(np.iinfo(np.int32).min + 1)  # ORT's int32 bias levels
 
 
@@ -101,34 +126,50 @@ def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: di
     Returns the names of the layers written here."""
     inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
     graph_inputs = {i.name for i in model.graph.input}
+    graph_outputs = {o.name for o in model.graph.output}
+    wide_tensors = {layer.input_name for layer in layers if layer.name in wide_inputs}  # ORT's override is per tensor
     by_name = {node.name: node for node in model.graph.node}
     consumers = {}
     for index, node in enumerate(model.graph.node):
         for name in node.input:
             consumers.setdefault(name, []).append(index)
+    taken = set(inits) | set(by_name) | graph_inputs | graph_outputs | {v.name for v in model.graph.value_info} \
+        | {o for node in model.graph.node for o in node.output}
+
+    def fresh(name: str) -> str:  # ORT's own names for these, unless the model already has one
+        while name in taken:
+            name += "_msq"
+        taken.add(name)
+        return name
+
     inserted, done = {}, set()
     for layer in layers:
         scale = scales.get(layer.weight_name)
         if containers.get(layer.name, INT8) != INT8 or scale is None or np.ndim(scale) != 1 \
                 or layer.weight_name not in inits or layer.weight_name in graph_inputs \
-                or layer.input_name not in ranges:
+                or layer.weight_name in graph_outputs:
             continue
-        biases = [numpy_helper.to_array(model.graph.initializer[inits[node.input[2]]]) for node in
-                  (by_name.get(n) for n in layer.nodes) if node is not None and len(node.input) > 2
-                  and node.input[2] in inits]
-        scale = bias_safe_scale(scale, biases, ranges[layer.input_name], layer.name in wide_inputs)
+        nodes = [by_name[n] for n in layer.nodes]
+        inputs = [node.input[layer.kind.data_index] for node in nodes]
+        if any(name not in ranges for name in inputs):
+            continue
+        biases = [(numpy_helper.to_array(model.graph.initializer[inits[node.input[2]]]), ranges[name],
+                   name in wide_tensors) for node, name in zip(nodes, inputs)
+                  if len(node.input) > 2 and node.input[2] in inits]
+        scale = bias_safe_scale(scale, biases)
         if scale is None:
             continue
         weight = model.graph.initializer[inits[layer.weight_name]]
         integers = np.clip(_integer_weight(layer, numpy_helper.to_array(weight), scale), -127, 127)
         integers = layer.kind.from_matrix(layer, integers)
         name = layer.weight_name
-        weight.CopyFrom(numpy_helper.from_array(integers.astype(np.int8), name + "_quantized"))
-        model.graph.initializer.extend([numpy_helper.from_array(scale.astype(np.float32), name + "_scale"),
-                                        numpy_helper.from_array(np.zeros(len(scale), np.int8), name + "_zero_point")])
-        output = name + "_DequantizeLinear_Output"
-        dq = helper.make_node("DequantizeLinear", [name + "_quantized", name + "_scale", name + "_zero_point"],
-                              [output], name=name + "_DequantizeLinear", axis=layer.out_axis)
+        stored, scale_name, zero_name, output = (fresh(name + suffix) for suffix in (
+            "_quantized", "_scale", "_zero_point", "_DequantizeLinear_Output"))
+        weight.CopyFrom(numpy_helper.from_array(integers.astype(np.int8), stored))
+        model.graph.initializer.extend([numpy_helper.from_array(scale.astype(np.float32), scale_name),
+                                        numpy_helper.from_array(np.zeros(len(scale), np.int8), zero_name)])
+        dq = helper.make_node("DequantizeLinear", [stored, scale_name, zero_name], [output],
+                              name=fresh(name + "_DequantizeLinear"), axis=layer.out_axis)
         users = consumers.get(name, [])
         for index in users:
             node = model.graph.node[index]
@@ -146,17 +187,16 @@ def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: di
     return done
 
 
-def bias_safe_scale(scale: np.ndarray, biases: list, input_range, wide: bool) -> np.ndarray | None:
+def bias_safe_scale(scale: np.ndarray, biases: list) -> np.ndarray | None:
     """The weight scale, each channel widened where its int32 bias step (input scale x weight scale; ORT's
     asymmetric uint8 / uint16 grid over the range widened to hold 0) would be too fine for its bias, to what
     ORT's _adjust_weight_scale_for_int32_bias would make it, and 0.1% more. Only near-dead channels need it
     (in EfficientNet-Lite0 a weight step of 1e-11 against a bias of 7); their integers round to 0 either way.
     None: a bias that is not one value per channel (left to ORT)."""
-    lo, hi = input_range
-    input_scale = (max(float(hi), 0.0) - min(float(lo), 0.0)) / (65535.0 if wide else 255.0)
-    input_scale = input_scale if input_scale >= np.finfo(np.float32).tiny else 1.0
     safe = scale.astype(np.float64)
-    for bias in biases:
+    for bias, (lo, hi), wide in biases:  # each node's bias against that node's own input step
+        input_scale = (max(float(hi), 0.0) - min(float(lo), 0.0)) / (65535.0 if wide else 255.0)
+        input_scale = input_scale if input_scale >= np.finfo(np.float32).tiny else 1.0
         if np.shape(bias) != safe.shape:
             return None
         smallest = 1.0001 * 2.0 * np.abs(bias.astype(np.float64)) / BIAS_RANGE / input_scale * 1.001
@@ -255,6 +295,7 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
         large = is_large(quantized.model)
         prepared = os.path.join(work_dir, "prepared.onnx")
         nodes = static_region(quantized.model, {n for layer in static for n in layer.nodes})
+        fold_gemm_beta(quantized.model, set(nodes))
         done = dequantized_weights(quantized.model, static, quantized.scales, ranges, containers, wide_inputs)
         save_model_file(quantized.model, prepared)
         quantized.model = None  # ORT's quantizer reads the file and holds its own copies; ours goes first

@@ -327,6 +327,81 @@ def test_static_weights_reach_ort_already_quantized_and_a_dead_channels_bias_kee
     assert (fp32.argmax(1) == quant.argmax(1)).mean() >= 0.9
 
 
+def _graph_model(nodes, inits, inputs, classes=4):
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT,
+                                                                                  ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _static_corner_case(kind: str):
+    """Models whose static layers ORT's quantizer writes from our integers, each with a trap: (model, options)."""
+    rng = np.random.default_rng(0)
+    if kind in ("shared weight, inputs 1000x apart", "weight also a graph output", "name taken"):
+        w = rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32)
+        b = rng.normal(0, 0.1, 8).astype(np.float32)
+        w[0] *= 1e-9
+        b[0] = 5.0  # a near-dead channel whose output is its bias
+        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
+                 numpy_helper.from_array(np.float32(0.001), "small"),
+                 numpy_helper.from_array(rng.normal(0, 0.5, (4, 16)).astype(np.float32), "wf"),
+                 numpy_helper.from_array(np.zeros(4, np.float32), "bf")]
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["ya"], pads=[1, 1, 1, 1], name="conv_a"),
+                 helper.make_node("Mul", ["x", "small"], ["xs"], name="shrink"),
+                 helper.make_node("Conv", ["xs", "w", "b"], ["yb"], pads=[1, 1, 1, 1], name="conv_b"),
+                 helper.make_node("Concat", ["ya", "yb"], ["y"], axis=1, name="cat"),
+                 helper.make_node("GlobalAveragePool", ["y"], ["g"], name="gap"),
+                 helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+                 helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], transB=1, name="fc")]
+        if kind == "name taken":  # a tensor already named as ORT names the quantized weight and its scale
+            nodes[-1].output[0] = "pre"
+            inits.append(numpy_helper.from_array(np.float32(2.0), "wf_scale"))
+            nodes += [helper.make_node("Mul", ["pre", "wf_scale"], ["wf_quantized"], name="double"),
+                      helper.make_node("Identity", ["wf_quantized"], ["logits"], name="out")]
+        model = _graph_model(nodes, inits, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                          ["N", 1, 8, 8])])
+        if kind == "weight also a graph output":
+            model.graph.output.append(helper.make_tensor_value_info("wf", onnx.TensorProto.FLOAT, [4, 16]))
+        return model, {}
+    w1, w2 = rng.normal(0, 0.5, (2, 4, 16)).astype(np.float32)
+    b1 = rng.normal(0, 0.5, 4).astype(np.float32)
+    b2 = b1.copy()
+    if kind == "one input, one of its readers wide":  # --act16 makes the tensor uint16 for both readers
+        w2[0] *= 1e-9
+        b2[0] = 5.0
+        attrs = {}
+    else:  # Gemm with beta 0.5: ORT sets beta to 1 and keeps the bias as it is
+        attrs = {"beta": 0.5}
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+             numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(b2, "b2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["y1"], transB=1, name="g1", **attrs),
+             helper.make_node("Gemm", ["x", "w2", "b2"], ["y2"], transB=1, name="g2", **attrs),
+             helper.make_node("Add", ["y1", "y2"], ["logits"], name="add")]
+    model = _graph_model(nodes, inits, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])])
+    return model, {"act16": 1} if kind == "one input, one of its readers wide" else {}
+
+
+@pytest.mark.parametrize("kind", ["shared weight, inputs 1000x apart", "weight also a graph output", "name taken",
+                                  "one input, one of its readers wide", "gemm beta 0.5"])
+def test_static_layers_written_from_our_integers_stay_faithful_in_corner_cases(kind, tmp_path):
+    """Each trap broke the written model: an int32 bias saturated (a bias step from another node's input, or
+    from a uint8 step where ORT writes uint16), an invalid graph (a renamed weight that was a graph output, a
+    name taken twice), or ORT's Gemm writing the bias without its beta."""
+    model, extra = _static_corner_case(kind)
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **samples_for(model, 64, seed=1, with_labels=False))
+    out = tmp_path / "m.q.onnx"
+    convert(str(tmp_path / "m.onnx"), str(out), str(tmp_path / "calib.npz"),
+            Options(quiet=True, activations="static", **extra))
+    x = np.load(tmp_path / "calib.npz")["x"]
+    fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(["logits"],
+                                                                                                {"x": x})[0]
+    quant = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["logits"], {"x": x})[0]
+    assert np.abs(quant - fp32).max() <= 0.05 * np.abs(fp32).max(), np.abs(quant - fp32).max()
+
+
 def test_output_runs_fused_and_matches_fp32_closely_at_8_bits(cnn_files, tmp_path):
     out = tmp_path / "q8.onnx"
     result = convert(cnn_files["model"], str(out), cnn_files["calib"], Options(quiet=True))
