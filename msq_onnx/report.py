@@ -11,7 +11,8 @@ import tempfile
 from . import __version__
 from .allocate import average_bits
 from .fidelity import DECISION_KINDS
-from .write import _default_mode, written_files
+from .ops import STATIC
+from .write import _default_mode, uint16_tensors, written_files
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
 
@@ -56,6 +57,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
                  gzip_bytes: int, fixed_params=0, search=None) -> dict:
     bits, modes, measured = chosen.bits, chosen.modes, chosen.measured
     files = written_files(output_path)
+    wide = uint16_tensors([layer for layer in loaded.layers if modes[layer.name] == STATIC], wide_inputs)
     layers = [{
         "name": layer.name,
         "op_type": layer.op_type,
@@ -67,7 +69,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "upstream": analysis.upstream[layer.name],
         "weight_error": _weight_error(analysis, layer.name, bits[layer.name]),
         "activation_error": float(f"{activation_errors[layer.name]:.6g}"),
-        "activation_bits": 16 if layer.name in wide_inputs else 8,
+        "activation_bits": 16 if modes[layer.name] == STATIC and layer.input_name in wide else 8,
         "mode": modes[layer.name],
         "mode_reason": _mode_reason(layer, analysis, chosen),
         "container": chosen.containers[layer.name],

@@ -74,10 +74,8 @@ def tensor_overrides(layers, scales: dict, wide_inputs=(), containers: dict | No
     layers (or of inputs_of's) in wide_inputs."""
     from onnxruntime.quantization import QuantType
 
-    overrides = {}
-    for layer in layers if inputs_of is None else inputs_of:
-        if layer.name in wide_inputs:
-            overrides[layer.input_name] = [{"quant_type": QuantType.QUInt16}]
+    overrides = {name: [{"quant_type": QuantType.QUInt16}]
+                 for name in uint16_tensors(layers if inputs_of is None else inputs_of, wide_inputs)}
     for layer in layers:
         per_channel = [{"scale": np.float32(s), "zero_point": np.int8(0)} for s in scales[layer.weight_name]]
         four = (containers or {}).get(layer.name) == INT4
@@ -114,6 +112,12 @@ def fold_gemm_beta(model: onnx.ModelProto, names: set) -> None:
 BIAS_RANGE = float(np.iinfo(np.int32).max) - float(np.iinfo(np.int32).min + 1)  # ORT's int32 bias levels
 
 
+def uint16_tensors(static_layers, wide_inputs) -> set:
+    """The activation tensors written as uint16: the inputs of the static layers in wide_inputs, for every
+    static layer that reads them (ORT's override is per tensor)."""
+    return {layer.input_name for layer in static_layers if layer.name in wide_inputs}
+
+
 def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: dict, containers: dict,
                         wide_inputs=()) -> set:
     """Put each int8-container static layer's weight in the model already quantized (integers -> DQ -> node),
@@ -127,7 +131,7 @@ def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: di
     inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
     graph_inputs = {i.name for i in model.graph.input}
     graph_outputs = {o.name for o in model.graph.output}
-    wide_tensors = {layer.input_name for layer in layers if layer.name in wide_inputs}  # ORT's override is per tensor
+    wide_tensors = uint16_tensors(layers, wide_inputs)
     by_name = {node.name: node for node in model.graph.node}
     consumers = {}
     for index, node in enumerate(model.graph.node):
