@@ -98,13 +98,16 @@ def fold_gemm_beta(model: onnx.ModelProto, names: set) -> None:
         beta = float(attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
         if node.name not in names or beta == 1.0 or len(node.input) < 3 or node.input[2] not in inits:
             continue
-        bias = numpy_helper.to_array(inits[node.input[2]]) * np.float32(beta)
-        name = node.input[2] if readers[node.input[2]] == 1 else f"{node.input[2]}_{node.name}_beta"
-        tensor = numpy_helper.from_array(bias.astype(numpy_helper.to_array(inits[node.input[2]]).dtype), name)
-        if name in inits:
-            inits[name].CopyFrom(tensor)
-        else:
-            model.graph.initializer.append(tensor)
+        original = numpy_helper.to_array(inits[node.input[2]])
+        if readers[node.input[2]] == 1:
+            inits[node.input[2]].CopyFrom(numpy_helper.from_array(original * original.dtype.type(beta),
+                                                                  node.input[2]))
+        else:  # a bias other nodes read too keeps its value for them
+            name = f"{node.input[2]}_{node.name}_beta"
+            while name in inits:
+                name += "_msq"
+            inits[name] = numpy_helper.from_array(original * original.dtype.type(beta), name)
+            model.graph.initializer.append(inits[name])
             node.input[2] = name
         for attr in node.attribute:
             if attr.name == "beta":

@@ -371,12 +371,12 @@ def _static_corner_case(kind: str):
         w2[0] *= 1e-9
         b2[0] = 5.0
         attrs = {}
-    else:  # Gemm with beta 0.5: ORT sets beta to 1 and keeps the bias as it is
+    else:  # Gemm with beta 0.5 (one bias read by both): ORT sets beta to 1 and keeps the bias as it is
         attrs = {"beta": 0.5}
     inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
              numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(b2, "b2")]
     nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["y1"], transB=1, name="g1", **attrs),
-             helper.make_node("Gemm", ["x", "w2", "b2"], ["y2"], transB=1, name="g2", **attrs),
+             helper.make_node("Gemm", ["x", "w2", "b1" if attrs else "b2"], ["y2"], transB=1, name="g2", **attrs),
              helper.make_node("Add", ["y1", "y2"], ["logits"], name="add")]
     model = _graph_model(nodes, inits, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])])
     return model, {"act16": 1} if kind == "one input, one of its readers wide" else {}
