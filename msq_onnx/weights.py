@@ -105,7 +105,28 @@ LARGE_LAYER = 2_000_000  # parameters above which the clipping grid is searched 
 REFINED_BELOW_BITS = 5  # ... and refined around the best only at narrower widths, where the error is large
 
 
-def search_clips(matrix: np.ndarray, weights: np.ndarray | None, bits: int, ratios=CLIP_RATIOS,
+class SearchRows:
+    """A weight's [rows, fan_in] view prepared once for the clipping search at every width: a contiguous float32
+    copy, its input weights, each row's peak and the weighted signal, and on first use the rows negated where
+    the mirrored grid's extra level goes. None of it depends on the width (MiniLM-L6's embedding table: 0.67 of
+    its 1.94 s at seven widths was recomputing it)."""
+
+    def __init__(self, matrix: np.ndarray, weights: np.ndarray | None):
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        self.weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
+        self.peak = np.abs(self.matrix).max(axis=1)
+        self.signal = float((self.matrix ** 2 if self.weights is None else self.weights * self.matrix ** 2).sum())
+        self._mirrored = None
+
+    def mirrored(self) -> tuple[np.ndarray, np.ndarray]:
+        """(flipped, rows): True where a row's larger extreme is positive, and the rows negated there."""
+        if self._mirrored is None:
+            flipped = self.matrix.max(axis=1) > -self.matrix.min(axis=1)
+            self._mirrored = flipped, np.where(flipped[:, None], -self.matrix, self.matrix)
+        return self._mirrored
+
+
+def search_clips(matrix, weights: np.ndarray | None, bits: int, ratios=CLIP_RATIOS,
                  search: bool = True, mirror: bool = False) -> WidthChoice:
     """Per-channel clipping ratio minimising the input-weighted squared error (weights None: unweighted).
 
@@ -120,13 +141,12 @@ def search_clips(matrix: np.ndarray, weights: np.ndarray | None, bits: int, rati
 
     mirror: the container has room for the level +2^(k-1) too, so each row puts its extra level on the side
     of its larger extreme (searched as the negated row). On MiniLM-L6 that takes 13% off the 3-bit error of
-    the dense layers and 17% off the 2-bit embedding's, 98% of what searching both sides finds."""
-    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-    flipped = None
-    if mirror and bits < FULL_RANGE_BELOW:
-        flipped = matrix.max(axis=1) > -matrix.min(axis=1)
-        matrix = np.where(flipped[:, None], -matrix, matrix)
-    weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
+    the dense layers and 17% off the 2-bit embedding's, 98% of what searching both sides finds.
+
+    matrix: an array, or SearchRows already made from it and `weights` (then ignored)."""
+    prepared = matrix if isinstance(matrix, SearchRows) else SearchRows(matrix, weights)
+    flipped, matrix = prepared.mirrored() if mirror and bits < FULL_RANGE_BELOW else (None, prepared.matrix)
+    weights, peak = prepared.weights, prepared.peak
     large = matrix.size > LARGE_LAYER
     stride = (3 if large else 2) if search else len(ratios)
     refine = search and (not large or bits < REFINED_BELOW_BITS)
@@ -136,24 +156,22 @@ def search_clips(matrix: np.ndarray, weights: np.ndarray | None, bits: int, rati
     for start in range(0, matrix.shape[0], rows):
         part = slice(start, start + rows)
         best_index[part], best_err[part] = _search_rows(matrix[part], None if weights is None else weights[part],
-                                                        levels(bits), ratios, stride, refine)
-    peak = np.abs(matrix).max(axis=1)
-    signal = float((matrix ** 2 if weights is None else weights * matrix ** 2).sum())
-    return WidthChoice(bits, peak * ratios[best_index], float(best_err.sum()) / max(signal, 1e-30), flipped=flipped)
+                                                        peak[part], levels(bits), ratios, stride, refine)
+    return WidthChoice(bits, peak * ratios[best_index], float(best_err.sum()) / max(prepared.signal, 1e-30),
+                       flipped=flipped)
 
 
 SEARCH_BLOCK = 1 << 20  # weights searched at a time: 4 MB work arrays instead of an embedding table's 47 MB; blocks
 # of 1 << 16 kept the searches of two table threads taking turns at the GIL (3.6-3.8 s -> 3.1 s with 1 << 20)
 
 
-def _search_rows(matrix: np.ndarray, weights: np.ndarray | None, top: int, ratios: np.ndarray, stride: int,
-                 refine: bool) -> tuple[np.ndarray, np.ndarray]:
+def _search_rows(matrix: np.ndarray, weights: np.ndarray | None, peak: np.ndarray, top: int, ratios: np.ndarray,
+                 stride: int, refine: bool) -> tuple[np.ndarray, np.ndarray]:
     """search_clips on a block of rows: each row's best ratio index and its error, a pass over the block per
     ratio. The error is counted in grid units, step^2 * sum w (q - x / step)^2: one product fewer per weight,
     a multiplication for the division, row sums as products (numpy's reduction along a short row, an embedding
     table's 32-value blocks, is slow): MiniLM-L6's embedding table at seven widths 2.2-2.35 -> 1.4-1.5 s, the
-    same clips."""
-    peak = np.abs(matrix).max(axis=1)
+    same clips. peak: each row's largest magnitude."""
     scaled, work = np.empty_like(matrix), np.empty_like(matrix)
     ones = np.ones(matrix.shape[1], np.float32)
     floor = -float(lowest(top))
@@ -261,9 +279,11 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
     mirrors[bits]: the width's container holds +2^(k-1) too (search_clips)."""
     matrix = np.ascontiguousarray(as_matrix(layer, weight), dtype=np.float32)
     weights = None if input_sq is None else input_weights(layer, input_sq)
+    prepared = {}  # per block size: the search's width-independent work, done once for all widths
     table = {bits: _width_choice(matrix, weights, bits, search, (blocks or {}).get(bits, 0),
-                                 (mirrors or {}).get(bits, False))
+                                 (mirrors or {}).get(bits, False), prepared)
              for bits in candidate_bits}
+    del prepared
     if hessians is None:
         return table
     widths, rows = list(table), matrix.shape[0]
@@ -297,14 +317,16 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
 
 
 def _width_choice(matrix: np.ndarray, weights: np.ndarray | None, bits: int, search: bool, block: int,
-                  mirror: bool) -> WidthChoice:
+                  mirror: bool, prepared: dict) -> WidthChoice:
     """The clipping search per row, or per block of `block` inputs of a row (a MatMulNBits weight: every
-    block has its own scale, which is what makes 2-4 bits usable on a transformer's MatMuls)."""
+    block has its own scale, which is what makes 2-4 bits usable on a transformer's MatMuls). prepared:
+    block -> SearchRows, filled here and shared by the layer's widths."""
+    if block not in prepared:  # consecutive blocks of one row are consecutive rows of the reshaped view
+        shape = (-1, block) if block else matrix.shape
+        prepared[block] = SearchRows(matrix.reshape(shape), None if weights is None else weights.reshape(shape))
+    choice = search_clips(prepared[block], None, bits, search=search, mirror=mirror)
     if not block:
-        return search_clips(matrix, weights, bits, search=search, mirror=mirror)
-    rows = matrix.reshape(-1, block)  # consecutive blocks of one row are consecutive rows here
-    choice = search_clips(rows, None if weights is None else weights.reshape(-1, block), bits, search=search,
-                          mirror=mirror)
+        return choice
     choice.clip = choice.clip.reshape(matrix.shape[0], -1)
     if choice.flipped is not None:
         choice.flipped = choice.flipped.reshape(matrix.shape[0], -1)
