@@ -466,13 +466,13 @@ def _flatten_gemm_bias(graph: onnx.GraphProto, inits: dict) -> None:
                 _replace_initializer(graph, inits, node.input[2], bias.reshape(-1))
 
 
-def _subgraph_inputs(graph) -> set:
+def subgraph_inputs(graph) -> set:
     """Every tensor name read inside an If/Loop/Scan body (outer-scope values included)."""
     names = set()
     for node in graph.node:
         for body in _bodies(node):
             names.update(name for inner in body.node for name in inner.input)
-            names |= _subgraph_inputs(body)
+            names |= subgraph_inputs(body)
     return names
 
 
@@ -496,7 +496,7 @@ def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> None:
     producer = {out: node for node in graph.node for out in node.output}
     users = _consumers(graph)
     outputs = {o.name for o in graph.output}
-    shared = _subgraph_inputs(graph) | outputs
+    shared = subgraph_inputs(graph) | outputs
     taken = _all_names(graph)  # a new bias must not shadow any of them (an input of that name would stop being fed)
     folded = []
     for bn in graph.node:
@@ -543,7 +543,7 @@ def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> None:
     for bn in folded:
         graph.node.remove(bn)
     if folded:
-        used = {name for node in graph.node for name in node.input} | _subgraph_inputs(graph) | outputs
+        used = {name for node in graph.node for name in node.input} | subgraph_inputs(graph) | outputs
         parameters = {name for bn in folded for name in bn.input[1:5]}
         stale = [t for t in graph.initializer if t.name in parameters and t.name not in used]
         for tensor in stale:
@@ -619,7 +619,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
     store the weight twice; find_layers then reports the node."""
     producers = _producers(graph)
     users = _consumers(graph)
-    keep = _subgraph_inputs(graph) | {o.name for o in graph.output}
+    keep = subgraph_inputs(graph) | {o.name for o in graph.output}
     taken = _all_names(graph)
     copies = {}  # a kept chain's output -> its folded initializer: two readers share one copy
     for node in list(graph.node):  # chains are removed from graph.node as they fold
@@ -846,7 +846,7 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
                                        probe_name=_probe_of(node, users, inits, outputs),
                                        weight_shape=tuple(inits[weight_name].dims), bias_name=bias,
                                        output_name=node.output[0], **fields)
-    inner = _subgraph_inputs(graph)
+    inner = subgraph_inputs(graph)
     for weight_name, layer in list(by_weight.items()):
         # A weight something else also reads (a tied output projection through a Transpose) keeps its float
         # copy in the model whatever the layer is given: quantizing the layer would add bytes, not save them.

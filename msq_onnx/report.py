@@ -57,7 +57,9 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
                  gzip_bytes: int, fixed_params=0, search=None) -> dict:
     bits, modes, measured = chosen.bits, chosen.modes, chosen.measured
     files = written_files(output_path)
-    wide = uint16_tensors([layer for layer in loaded.layers if modes[layer.name] == STATIC], wide_inputs)
+    wide = uint16_tensors([layer for layer in loaded.layers if modes[layer.name] == STATIC], wide_inputs,
+                          loaded.model)
+    inputs = {node.name: node.input for node in loaded.model.graph.node}
     layers = [{
         "name": layer.name,
         "op_type": layer.op_type,
@@ -69,7 +71,8 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "upstream": analysis.upstream[layer.name],
         "weight_error": _weight_error(analysis, layer.name, bits[layer.name]),
         "activation_error": float(f"{activation_errors[layer.name]:.6g}"),
-        "activation_bits": 16 if modes[layer.name] == STATIC and layer.input_name in wide else 8,
+        "activation_bits": 16 if modes[layer.name] == STATIC and all(
+            inputs[name][layer.kind.data_index] in wide for name in layer.nodes) else 8,
         "mode": modes[layer.name],
         "mode_reason": _mode_reason(layer, analysis, chosen),
         "container": chosen.containers[layer.name],

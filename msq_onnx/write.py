@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import BadOption
-from .load import LoadedModel, is_large, save_model_file
+from .load import LoadedModel, is_large, save_model_file, subgraph_inputs
 from .ops import CONTAINER_BITS, DYNAMIC, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute
 from .weights import as_matrix, quantize_layer, steps
 
@@ -36,6 +36,27 @@ class QuantizedWeights:
     scales: dict  # weight name -> per-channel scales
 
 
+ELSEWHERE = None  # tensor_readers' reader for a graph output or a subgraph (every node has a name: load)
+
+
+def tensor_readers(model: onnx.ModelProto) -> dict:
+    """Tensor -> the names of the nodes that read it, with ELSEWHERE for a graph output or a subgraph."""
+    readers: dict = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.name)
+    for name in subgraph_inputs(model.graph) | {o.name for o in model.graph.output}:
+        readers.setdefault(name, set()).add(ELSEWHERE)
+    return readers
+
+
+def unique_name(name: str, taken: set) -> str:
+    while name in taken:
+        name += "_msq"
+    taken.add(name)
+    return name
+
+
 def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean: dict,
                      bias_correction: bool = True) -> QuantizedWeights:
     """Copy of the model with every quantized layer's weight fake-quantized (and its bias corrected). Made from
@@ -43,6 +64,8 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
     model = loaded.session_copy()
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
     nodes = {n.name: n for n in model.graph.node}
+    readers = tensor_readers(model)
+    taken = set(index) | {o for node in model.graph.node for o in node.output}
     scales = {}
     for layer in loaded.layers:
         if bits[layer.name] not in choices[layer.name]:
@@ -57,8 +80,18 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
         if result.bias is None:
             continue
         if layer.bias_name is not None:
-            model.graph.initializer[index[layer.bias_name]].CopyFrom(
-                numpy_helper.from_array(result.bias, layer.bias_name))
+            # A MatMul's bias is the constant of the Add after it; the others' is their own input.
+            own = {name for name in readers.get(layer.bias_name, ()) if name in layer.nodes or (
+                layer.op_type == "MatMul" and name in nodes and layer.output_name in nodes[name].input)}
+            if readers.get(layer.bias_name, set()) <= own:
+                model.graph.initializer[index[layer.bias_name]].CopyFrom(
+                    numpy_helper.from_array(result.bias, layer.bias_name))
+                continue
+            # Something else reads the bias too: the layer's readers get a corrected copy, the others the original.
+            name = unique_name(f"{layer.bias_name}_{layer.name}_corrected", taken)
+            model.graph.initializer.append(numpy_helper.from_array(result.bias, name))
+            for reader in own:
+                nodes[reader].input[:] = [name if i == layer.bias_name else i for i in nodes[reader].input]
             continue
         node = nodes[layer.name]  # no bias yet (one computed in the graph has no bias_factor: load.find_layers)
         name = f"{layer.weight_name}_msq_bias"
@@ -70,14 +103,12 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
     return QuantizedWeights(loaded.with_weights(model), scales)
 
 
-def tensor_overrides(layers, scales: dict, wide_inputs=(), containers: dict | None = None,
-                     inputs_of=None) -> dict:
-    """Per-channel weight scales in each layer's container, and uint16 for the activation inputs of the
-    layers (or of inputs_of's) in wide_inputs."""
+def tensor_overrides(layers, scales: dict, wide_tensors=(), containers: dict | None = None) -> dict:
+    """Per-channel weight scales in each layer's container, and uint16 for the activation tensors in
+    wide_tensors (uint16_tensors)."""
     from onnxruntime.quantization import QuantType
 
-    overrides = {name: [{"quant_type": QuantType.QUInt16}]
-                 for name in uint16_tensors(layers if inputs_of is None else inputs_of, wide_inputs)}
+    overrides = {name: [{"quant_type": QuantType.QUInt16}] for name in wide_tensors}
     for layer in layers:
         per_channel = [{"scale": np.float32(s), "zero_point": np.int8(0)} for s in scales[layer.weight_name]]
         four = (containers or {}).get(layer.name) == INT4
@@ -86,29 +117,26 @@ def tensor_overrides(layers, scales: dict, wide_inputs=(), containers: dict | No
     return overrides
 
 
-def fold_gemm_beta(model: onnx.ModelProto, names: set) -> None:
-    """Gemm's beta multiplied into its constant bias (beta then 1) for the nodes in `names`: ORT's QDQ quantizer
-    sets beta to 1 but quantizes the bias as it is, so a Gemm with beta 0.5 would add 2x the bias it should."""
+def own_biases(model: onnx.ModelProto, names: set) -> None:
+    """A copy of its constant bias for each Conv / ConvTranspose / Gemm in `names` (the static region) whose bias
+    something else also reads, and for a Gemm with beta != 1, beta multiplied in (beta then 1). ORT's QDQ
+    quantizer puts its int32 rounding of a bias in front of every reader of that tensor, and it sets a Gemm's
+    beta to 1 but keeps the bias as it was (a beta of 0.5 added twice the bias)."""
     inits = {t.name: t for t in model.graph.initializer}
-    readers = {}
+    readers = tensor_readers(model)
+    taken = set(inits) | {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.input}
     for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    for node in model.graph.node:
+        if node.name not in names or node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 \
+                or node.input[2] not in inits:
+            continue
         beta = float(attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
-        if node.name not in names or beta == 1.0 or len(node.input) < 3 or node.input[2] not in inits:
+        if beta == 1.0 and readers.get(node.input[2]) == {node.name}:
             continue
         original = numpy_helper.to_array(inits[node.input[2]])
-        if readers[node.input[2]] == 1:
-            inits[node.input[2]].CopyFrom(numpy_helper.from_array(original * original.dtype.type(beta),
-                                                                  node.input[2]))
-        else:  # a bias other nodes read too keeps its value for them
-            name = f"{node.input[2]}_{node.name}_beta"
-            while name in inits:
-                name += "_msq"
-            inits[name] = numpy_helper.from_array(original * original.dtype.type(beta), name)
-            model.graph.initializer.append(inits[name])
-            node.input[2] = name
+        name = unique_name(f"{node.input[2]}_{node.name}", taken)
+        inits[name] = numpy_helper.from_array(original * original.dtype.type(beta), name)
+        model.graph.initializer.append(inits[name])
+        node.input[2] = name  # the original stays for its other readers; ORT's quantizer drops it if none is left
         for attr in node.attribute:
             if attr.name == "beta":
                 attr.f = 1.0
@@ -117,14 +145,17 @@ def fold_gemm_beta(model: onnx.ModelProto, names: set) -> None:
 BIAS_RANGE = float(np.iinfo(np.int32).max) - float(np.iinfo(np.int32).min + 1)  # ORT's int32 bias levels
 
 
-def uint16_tensors(static_layers, wide_inputs) -> set:
-    """The activation tensors written as uint16: the inputs of the static layers in wide_inputs, for every
-    static layer that reads them (ORT's override is per tensor)."""
-    return {layer.input_name for layer in static_layers if layer.name in wide_inputs}
+def uint16_tensors(static_layers, wide_inputs, model: onnx.ModelProto) -> set:
+    """The activation tensors written as uint16: the inputs of every node of the static layers in wide_inputs
+    (a weight several nodes share has one per node). ORT's override is per tensor, so every static reader of
+    one of them gets uint16."""
+    nodes = {node.name: node for node in model.graph.node}
+    return {nodes[name].input[layer.kind.data_index] for layer in static_layers if layer.name in wide_inputs
+            for name in layer.nodes if name in nodes}
 
 
 def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: dict, containers: dict,
-                        wide_inputs=()) -> set:
+                        wide_tensors=()) -> set:
     """Put each int8-container static layer's weight in the model already quantized (integers -> DQ -> node),
     the form ORT's QDQ quantizer leaves alone (a tensor a DequantizeLinear makes) and reads the weight scale
     of the int32 bias from. ORT would otherwise round the weights again, in a Python loop per output channel,
@@ -136,7 +167,6 @@ def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: di
     inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
     graph_inputs = {i.name for i in model.graph.input}
     graph_outputs = {o.name for o in model.graph.output}
-    wide_tensors = uint16_tensors(layers, wide_inputs)
     by_name = {node.name: node for node in model.graph.node}
     consumers = {}
     for index, node in enumerate(model.graph.node):
@@ -304,8 +334,9 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
         large = is_large(quantized.model)
         prepared = os.path.join(work_dir, "prepared.onnx")
         nodes = static_region(quantized.model, {n for layer in static for n in layer.nodes})
-        fold_gemm_beta(quantized.model, set(nodes))
-        done = dequantized_weights(quantized.model, static, quantized.scales, ranges, containers, wide_inputs)
+        own_biases(quantized.model, set(nodes))
+        wide_tensors = uint16_tensors(static, wide_inputs, quantized.model)
+        done = dequantized_weights(quantized.model, static, quantized.scales, ranges, containers, wide_tensors)
         save_model_file(quantized.model, prepared)
         quantized.model = None  # ORT's quantizer reads the file and holds its own copies; ours goes first
         cache = os.path.join(work_dir, "ranges.json")
@@ -317,7 +348,7 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
                             use_external_data_format=large, nodes_to_quantize=nodes,
                             extra_options={"TensorQuantOverrides": tensor_overrides(
                                 [layer for layer in static if layer.name not in done], quantized.scales,
-                                wide_inputs, containers, inputs_of=static)})
+                                wide_tensors, containers)})
         model = onnx.load(result)
     else:
         # Without ORT's quantizer the copy is ours alone: rewritten in place, with no file round trip (MiniLM-L6:

@@ -404,6 +404,46 @@ def test_static_layers_written_from_our_integers_stay_faithful_in_corner_cases(k
     assert np.abs(quant - fp32).max() <= 0.05 * np.abs(fp32).max(), np.abs(quant - fp32).max()
 
 
+def test_act16_widens_the_input_of_every_node_of_a_layer_and_the_report_says_what_was_written(tmp_path):
+    """A weight two Conv nodes share is one layer with two inputs: --act16 writes both as uint16."""
+    model, _ = _static_corner_case("shared weight, inputs 1000x apart")
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **samples_for(model, 64, seed=1, with_labels=False))
+    out = tmp_path / "m.q.onnx"
+    result = convert(str(tmp_path / "m.onnx"), str(out), str(tmp_path / "calib.npz"),
+                     Options(quiet=True, activations="static", act16=2))
+    written = onnx.load(str(out))
+    zero_types = {t.name: t.data_type for t in written.graph.initializer}
+    quantized = {node.input[0]: zero_types[node.input[2]] for node in written.graph.node
+                 if node.op_type == "QuantizeLinear" and len(node.input) > 2}
+    assert quantized["x"] == quantized["xs"] == onnx.TensorProto.UINT16
+    assert {layer["name"]: layer["activation_bits"] for layer in result.report["layers"]} == \
+        {"conv_a": 16, "fc": 16}
+
+
+@pytest.mark.parametrize("reader", ["Identity", "graph output"])
+def test_a_bias_something_else_also_reads_keeps_its_value_for_it(reader, tmp_path):
+    """A layer's bias another node or the graph's outputs also read: the bias correction (large here: the inputs'
+    mean is 3) and ORT's int32 rounding of it would move their values too; the layer gets a copy of its own."""
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(0, 0.5, (4, 16)).astype(np.float32), rng.normal(0, 0.5, 4).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["logits"], transB=1, name="fc")]
+    outputs = [helper.make_tensor_value_info("bias_out" if reader == "Identity" else "b", onnx.TensorProto.FLOAT, [4])]
+    if reader == "Identity":
+        nodes.append(helper.make_node("Identity", ["b"], ["bias_out"], name="copy"))
+    model = _graph_model(nodes, [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+                         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])])
+    model.graph.output.extend(outputs)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = (rng.normal(0, 1, (64, 16)) + 3).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "m.q.onnx"
+    convert(str(tmp_path / "m.onnx"), str(out), str(tmp_path / "calib.npz"),
+            Options(quiet=True, activations="static", bits=(2, 3), avg_bits=2.0, output="logits"))
+    written = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run([outputs[0].name], {"x": x})[0]
+    np.testing.assert_array_equal(written, b)
+
+
 def test_output_runs_fused_and_matches_fp32_closely_at_8_bits(cnn_files, tmp_path):
     out = tmp_path / "q8.onnx"
     result = convert(cnn_files["model"], str(out), cnn_files["calib"], Options(quiet=True))
