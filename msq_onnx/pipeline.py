@@ -400,7 +400,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         damage = _damage(loaded, calib, analysis, options)
         activation_errors = allocate_stage.activation_errors(loaded.layers, analysis.stats.ranges,
                                                              analysis.stats.input_sq)
-        wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16)
+        static = {name for name, choice in analysis.modes.items() if choice.mode == STATIC}
+        wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16, static)
     with workspace as work_dir:
         held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers)
         if options.max_latency is not None:

@@ -3,7 +3,7 @@ import itertools
 import pytest
 
 from msq_onnx.allocate import (FLOAT_BITS, allocate_avg_bits, allocate_greedy, allocate_ilp, average_bits, bits_budget,
-                               check_budget, reachable_widths)
+                               check_budget, reachable_widths, wide_activations)
 from msq_onnx.errors import BadOption
 
 PARAMS = {"a": 100, "b": 400, "c": 50, "d": 1000}
@@ -80,3 +80,10 @@ def test_reachable_widths_are_exactly_those_some_allocation_within_the_budget_gi
     assert allocate_ilp(pruned, WIDTHS, [bits_budget(PARAMS, WIDTHS, budget)]) == \
         allocate_ilp(DAMAGE, WIDTHS, [bits_budget(PARAMS, WIDTHS, budget)])
     assert reachable_widths([], WIDTHS) is None
+
+
+def test_act16_ranks_only_the_layers_whose_inputs_are_uint8():
+    errors = {"dynamic": 0.5, "static_loud": 0.2, "static_quiet": 0.1, "clean": 0.0}
+    assert wide_activations(errors, 1, {"static_loud", "static_quiet", "clean"}) == {"static_loud"}
+    assert wide_activations(errors, 5, {"static_loud", "static_quiet", "clean"}) == {"static_loud", "static_quiet"}
+    assert wide_activations(errors, 1) == {"dynamic"}  # no modes known: every layer ranks
