@@ -50,7 +50,17 @@ def tensor_readers(model: onnx.ModelProto) -> dict:
     return readers
 
 
+def taken_names(model: onnx.ModelProto) -> set:
+    """Every name a new tensor or node must not take: initializers, graph inputs and outputs, value_info,
+    node names and node outputs."""
+    graph = model.graph
+    return ({t.name for t in graph.initializer} | {v.name for v in list(graph.input) + list(graph.output)}
+            | {v.name for v in graph.value_info} | {n.name for n in graph.node}
+            | {o for n in graph.node for o in n.output})
+
+
 def unique_name(name: str, taken: set) -> str:
+    """`name`, or it with _msq appended until no name in `taken` has it; taken gets it."""
     while name in taken:
         name += "_msq"
     taken.add(name)
@@ -65,7 +75,7 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
     nodes = {n.name: n for n in model.graph.node}
     readers = tensor_readers(model)
-    taken = set(index) | {o for node in model.graph.node for o in node.output}
+    taken = taken_names(model)
     scales = {}
     for layer in loaded.layers:
         if bits[layer.name] not in choices[layer.name]:
@@ -124,7 +134,7 @@ def own_biases(model: onnx.ModelProto, names: set) -> None:
     beta to 1 but keeps the bias as it was (a beta of 0.5 added twice the bias)."""
     inits = {t.name: t for t in model.graph.initializer}
     readers = tensor_readers(model)
-    taken = set(inits) | {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.input}
+    taken = taken_names(model)
     for node in model.graph.node:
         if node.name not in names or node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 \
                 or node.input[2] not in inits:
@@ -172,15 +182,7 @@ def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: di
     for index, node in enumerate(model.graph.node):
         for name in node.input:
             consumers.setdefault(name, []).append(index)
-    taken = set(inits) | set(by_name) | graph_inputs | graph_outputs | {v.name for v in model.graph.value_info} \
-        | {o for node in model.graph.node for o in node.output}
-
-    def fresh(name: str) -> str:  # ORT's own names for these, unless the model already has one
-        while name in taken:
-            name += "_msq"
-        taken.add(name)
-        return name
-
+    taken = taken_names(model)
     inserted, done = {}, set()
     for layer in layers:
         scale = scales.get(layer.weight_name)
@@ -202,13 +204,13 @@ def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: di
         integers = np.clip(_integer_weight(layer, numpy_helper.to_array(weight), scale), -127, 127)
         integers = layer.kind.from_matrix(layer, integers)
         name = layer.weight_name
-        stored, scale_name, zero_name, output = (fresh(name + suffix) for suffix in (
+        stored, scale_name, zero_name, output = (unique_name(name + suffix, taken) for suffix in (  # ORT's names
             "_quantized", "_scale", "_zero_point", "_DequantizeLinear_Output"))
         weight.CopyFrom(numpy_helper.from_array(integers.astype(np.int8), stored))
         model.graph.initializer.extend([numpy_helper.from_array(scale.astype(np.float32), scale_name),
                                         numpy_helper.from_array(np.zeros(len(scale), np.int8), zero_name)])
         dq = helper.make_node("DequantizeLinear", [stored, scale_name, zero_name], [output],
-                              name=fresh(name + "_DequantizeLinear"), axis=layer.out_axis)
+                              name=unique_name(name + "_DequantizeLinear", taken), axis=layer.out_axis)
         users = consumers.get(name, [])
         for index in users:
             node = model.graph.node[index]
