@@ -476,14 +476,22 @@ def subgraph_inputs(graph) -> set:
     return names
 
 
-def _all_names(graph) -> set:
+def unique_name(name: str, taken: set, suffix: str = "_") -> str:
+    """`name`, or it with `suffix` appended until `taken` does not hold it; `taken` gets it."""
+    while name in taken:
+        name += suffix
+    taken.add(name)
+    return name
+
+
+def all_names(graph) -> set:
     """Every value name of the graph and of its subgraphs: inputs, outputs, initializers and node ends."""
     names = {v.name for v in list(graph.input) + list(graph.output)} | {t.name for t in graph.initializer}
     for node in graph.node:
         names.update(node.input)
         names.update(node.output)
         for body in _bodies(node):
-            names |= _all_names(body)
+            names |= all_names(body)
     return names
 
 
@@ -494,10 +502,10 @@ def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> None:
     before BN's per-channel rescaling: PaddlePaddle exports keep every BN, and PaddleClas's orientation
     classifier, all static uint8 at 8 bits, fell to cosine 0.89."""
     producer = {out: node for node in graph.node for out in node.output}
-    users = _consumers(graph)
+    users = consumers(graph)
     outputs = {o.name for o in graph.output}
     shared = subgraph_inputs(graph) | outputs
-    taken = _all_names(graph)  # a new bias must not shadow any of them (an input of that name would stop being fed)
+    taken = all_names(graph)  # a new bias must not shadow any of them (an input of that name would stop being fed)
     folded = []
     for bn in graph.node:
         if bn.op_type != "BatchNormalization" or any(bn.output[1:]) or attribute(bn, "training_mode", 0):
@@ -524,10 +532,7 @@ def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> None:
         if bias:
             _replace_initializer(graph, inits, bias, new_bias)
         else:
-            bias = f"{conv.name or weight}_folded_bias"
-            while bias in taken:
-                bias += "_"
-            taken.add(bias)
+            bias = unique_name(f"{conv.name or weight}_folded_bias", taken)
             tensor = numpy_helper.from_array(new_bias, bias)
             graph.initializer.append(tensor)
             inits[bias] = tensor
@@ -618,9 +623,9 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
     A chain whose float weights something else also reads (a tied embedding) is left as it is: folding it would
     store the weight twice; find_layers then reports the node."""
     producers = _producers(graph)
-    users = _consumers(graph)
+    users = consumers(graph)
     keep = subgraph_inputs(graph) | {o.name for o in graph.output}
-    taken = _all_names(graph)
+    taken = all_names(graph)
     copies = {}  # a kept chain's output -> its folded initializer: two readers share one copy
     for node in list(graph.node):  # chains are removed from graph.node as they fold
         kind = REGISTRY.get(node.op_type)
@@ -645,10 +650,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
             if any(_float_weight(n, inits) for n in outside):
                 continue  # a weight read elsewhere too
             if outside - set(inits) or name in keep:  # an intermediate value is read elsewhere: the chain stays
-                folded = f"{name}_folded"
-                while folded in taken:
-                    folded += "_"
-                taken.add(folded)
+                folded = unique_name(f"{name}_folded", taken)
                 node.input[position] = copies[name] = folded
             else:
                 folded = name
@@ -659,7 +661,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
             tensor = numpy_helper.from_array(value, folded)
             graph.initializer.append(tensor)
             inits[folded] = tensor
-            users = _consumers(graph)
+            users = consumers(graph)
     if copies:
         _drop_dead_moves(graph, inits, keep)
 
@@ -669,13 +671,13 @@ def _drop_dead_moves(graph: onnx.GraphProto, inits: dict, keep: set) -> None:
     its folded copy) and the initializers only they read: left, they kept a float weight in the file that no
     budget counted."""
     while True:
-        users = _consumers(graph)
+        users = consumers(graph)
         dead = [n for n in graph.node if n.op_type in _MOVES and not any(users.get(o) or o in keep for o in n.output)]
         if not dead:
             break
         for node in dead:
             graph.node.remove(node)
-    users = _consumers(graph)
+    users = consumers(graph)
     for name in [n for n in inits if n not in users and n not in keep]:
         graph.initializer.remove(inits.pop(name))
 
@@ -697,7 +699,7 @@ def _float_weight(name: str, inits: dict) -> bool:
     return name in inits and inits[name].data_type == onnx.TensorProto.FLOAT and len(inits[name].dims) >= 2
 
 
-def _consumers(graph) -> dict:
+def consumers(graph) -> dict:
     users: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -776,7 +778,7 @@ _UNHANDLED_WEIGHTED = ("LSTM", "GRU", "RNN", "Einsum", "Attention", "MultiHeadAt
 def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[dict]]:
     """The layers (one per weight tensor) and the weighted nodes that cannot be layers, with the reason."""
     graph = model.graph
-    users = _consumers(graph)
+    users = consumers(graph)
     producers = _producers(graph)
     outputs = {o.name for o in graph.output}
     by_weight: dict[str, Layer] = {}

@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import BadOption
-from .load import LoadedModel, is_large, save_model_file, subgraph_inputs
+from .load import LoadedModel, all_names, consumers, is_large, save_model_file, subgraph_inputs, unique_name
 from .ops import CONTAINER_BITS, DYNAMIC, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute
 from .weights import as_matrix, quantize_layer, steps
 
@@ -41,30 +41,16 @@ ELSEWHERE = None  # tensor_readers' reader for a graph output or a subgraph (eve
 
 def tensor_readers(model: onnx.ModelProto) -> dict:
     """Tensor -> the names of the nodes that read it, with ELSEWHERE for a graph output or a subgraph."""
-    readers: dict = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, set()).add(node.name)
+    readers = {name: {node.name for node in nodes} for name, nodes in consumers(model.graph).items()}
     for name in subgraph_inputs(model.graph) | {o.name for o in model.graph.output}:
         readers.setdefault(name, set()).add(ELSEWHERE)
     return readers
 
 
 def taken_names(model: onnx.ModelProto) -> set:
-    """Every name a new tensor or node must not take: initializers, graph inputs and outputs, value_info,
-    node names and node outputs."""
+    """Every name a new tensor or node must not take: load.all_names, and node names and value_info too."""
     graph = model.graph
-    return ({t.name for t in graph.initializer} | {v.name for v in list(graph.input) + list(graph.output)}
-            | {v.name for v in graph.value_info} | {n.name for n in graph.node}
-            | {o for n in graph.node for o in n.output})
-
-
-def unique_name(name: str, taken: set) -> str:
-    """`name`, or it with _msq appended until no name in `taken` has it; taken gets it."""
-    while name in taken:
-        name += "_msq"
-    taken.add(name)
-    return name
+    return all_names(graph) | {v.name for v in graph.value_info} | {n.name for n in graph.node}
 
 
 def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean: dict,
@@ -98,7 +84,7 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
                     numpy_helper.from_array(result.bias, layer.bias_name))
                 continue
             # Something else reads the bias too: the layer's readers get a corrected copy, the others the original.
-            name = unique_name(f"{layer.bias_name}_{layer.name}_corrected", taken)
+            name = unique_name(f"{layer.bias_name}_{layer.name}_corrected", taken, "_msq")
             model.graph.initializer.append(numpy_helper.from_array(result.bias, name))
             for reader in own:
                 nodes[reader].input[:] = [name if i == layer.bias_name else i for i in nodes[reader].input]
@@ -143,7 +129,7 @@ def own_biases(model: onnx.ModelProto, names: set) -> None:
         if beta == 1.0 and readers.get(node.input[2]) == {node.name}:
             continue
         original = numpy_helper.to_array(inits[node.input[2]])
-        name = unique_name(f"{node.input[2]}_{node.name}", taken)
+        name = unique_name(f"{node.input[2]}_{node.name}", taken, "_msq")
         inits[name] = numpy_helper.from_array(original * original.dtype.type(beta), name)
         model.graph.initializer.append(inits[name])
         node.input[2] = name  # the original stays for its other readers; ORT's quantizer drops it if none is left
@@ -176,19 +162,16 @@ def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: di
     Returns the names of the layers written here."""
     inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
     graph_inputs = {i.name for i in model.graph.input}
-    graph_outputs = {o.name for o in model.graph.output}
     by_name = {node.name: node for node in model.graph.node}
-    consumers = {}
-    for index, node in enumerate(model.graph.node):
-        for name in node.input:
-            consumers.setdefault(name, []).append(index)
+    position = {node.name: index for index, node in enumerate(model.graph.node)}
+    readers = tensor_readers(model)
     taken = taken_names(model)
     inserted, done = {}, set()
     for layer in layers:
         scale = scales.get(layer.weight_name)
         if containers.get(layer.name, INT8) != INT8 or scale is None or np.ndim(scale) != 1 \
                 or layer.weight_name not in inits or layer.weight_name in graph_inputs \
-                or layer.weight_name in graph_outputs:
+                or ELSEWHERE in readers.get(layer.weight_name, ()):  # a graph output: renamed, it would dangle
             continue
         nodes = [by_name[n] for n in layer.nodes]
         inputs = [node.input[layer.kind.data_index] for node in nodes]
@@ -204,18 +187,19 @@ def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: di
         integers = np.clip(_integer_weight(layer, numpy_helper.to_array(weight), scale), -127, 127)
         integers = layer.kind.from_matrix(layer, integers)
         name = layer.weight_name
-        stored, scale_name, zero_name, output = (unique_name(name + suffix, taken) for suffix in (  # ORT's names
-            "_quantized", "_scale", "_zero_point", "_DequantizeLinear_Output"))
+        stored, scale_name, zero_name, output = (  # ORT's own names for them, unless the model has one
+            unique_name(name + suffix, taken, "_msq")
+            for suffix in ("_quantized", "_scale", "_zero_point", "_DequantizeLinear_Output"))
         weight.CopyFrom(numpy_helper.from_array(integers.astype(np.int8), stored))
         model.graph.initializer.extend([numpy_helper.from_array(scale.astype(np.float32), scale_name),
                                         numpy_helper.from_array(np.zeros(len(scale), np.int8), zero_name)])
         dq = helper.make_node("DequantizeLinear", [stored, scale_name, zero_name], [output],
-                              name=unique_name(name + "_DequantizeLinear", taken), axis=layer.out_axis)
-        users = consumers.get(name, [])
+                              name=unique_name(name + "_DequantizeLinear", taken, "_msq"), axis=layer.out_axis)
+        users = sorted(position[reader] for reader in readers.get(name, ()))
         for index in users:
             node = model.graph.node[index]
             node.input[:] = [output if i == name else i for i in node.input]
-        inserted.setdefault(min(users, default=len(model.graph.node)), []).append(dq)
+        inserted.setdefault(users[0] if users else len(model.graph.node), []).append(dq)
         done.add(layer.name)
     if inserted:
         rebuilt = []
