@@ -101,6 +101,7 @@ def main(argv=None) -> int:
         lines += [f"| {seconds:.2f} | `{name}` |" for name, seconds in ours.most_common(args.top)]
         text = "\n".join(lines) + "\n"
         print(text)
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"profile-{model_name}.md"), "w") as handle:
             handle.write(text)
     return 0
