@@ -235,21 +235,24 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
     column_steps = np.ascontiguousarray(grid.T)
     column_flips = None if flip is None else np.ascontiguousarray(flip.T)
     columns = np.ascontiguousarray(w.T)  # [fan_in, rows]: one column is a contiguous row here
+    lower = np.ascontiguousarray(upper.T)  # lower[j, :j]: what the block's earlier errors add to column j
     integers = np.zeros(columns.shape, np.int8)
     losses = np.zeros(w.shape[0])
     for start in range(0, len(columns), GPTQ_BLOCK):
         stop = min(start + GPTQ_BLOCK, len(columns))
         block = columns[start:stop]
         errors = np.zeros_like(block)
-        factor = upper[start:stop, start:stop]
         for i in range(stop - start):
-            step = column_steps[start + i]
-            shift = 0 if column_flips is None else column_flips[start + i]
-            q = np.clip(np.rint(block[i] / step), floor + shift, limit + shift)
-            integers[start + i] = q
-            error = (block[i] - q * step) / factor[i, i]
-            block[i:] -= np.outer(factor[i, i:], error)
-            errors[i] = error
+            # Each column takes the block's earlier errors when its turn comes (one product) instead of every
+            # later column taking each error as it is made (an outer product over the rest of the block): the
+            # same sums in another order, with no temporary. MiniLM-L6's error tables 2.67-2.76 -> 2.27-2.33 s
+            # (CPU 4.8-5.0 -> 4.1-4.2 s); 574 of its 35 M candidate integers moved, by the summation order.
+            j = start + i
+            column = block[i] - lower[j, start:j] @ errors[:i] if i else block[i]
+            shift = 0 if column_flips is None else column_flips[j]
+            q = np.clip(np.rint(column / column_steps[j]), floor + shift, limit + shift)
+            integers[j] = q
+            errors[i] = (column - q * column_steps[j]) / upper[j, j]
         losses += (errors ** 2).sum(axis=0)
         columns[stop:] -= upper[start:stop, stop:].T @ errors
     return np.ascontiguousarray(integers.T), losses
