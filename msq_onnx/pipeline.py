@@ -403,7 +403,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         static = {name for name, choice in analysis.modes.items() if choice.mode == STATIC}
         wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16, static)
     with workspace as work_dir:
-        held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers)
+        with timer.stage("verify"):  # the FP32 outputs every candidate is compared with
+            held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers)
         if options.max_latency is not None:
             with timer.stage("latency"):
                 budgets.append(latency_budget(loaded, analysis, options, widths, evaluation))
