@@ -111,26 +111,6 @@ def flat_pooling_matrix(height: int, width: int, levels) -> np.ndarray:
     return np.stack(columns, axis=1).astype(np.float32)
 
 
-def finest_kernel(height: int, width: int, levels) -> tuple[int, int] | None:
-    """The pooling window that cuts a map into the finest level's bins when they are all of one size and
-    every coarser level's bins are unions of them; None otherwise (fine_pyramid then cannot rebuild it)."""
-    finest = max(levels)
-    if height % finest or width % finest or any(finest % b for b in levels):
-        return None
-    return height // finest, width // finest
-
-
-def fine_pyramid(fine: np.ndarray, levels) -> np.ndarray:
-    """[N, C, f, f] averages of the finest level's bins (f = max(levels), finest_kernel) -> [N, C, sum(b*b)]
-    in pyramid_pool's order: each coarser bin is the mean of the equal fine bins it covers."""
-    n, c, finest = fine.shape[0], fine.shape[1], fine.shape[2]
-    blocks = []
-    for b in levels:
-        size = finest // b
-        blocks.append(fine.reshape(n, c, b, size, b, size).mean(axis=(3, 5)).reshape(n, c, b * b))
-    return np.concatenate(blocks, axis=2)
-
-
 def grid_pyramid(grid: np.ndarray, levels) -> np.ndarray:
     """[N, C, L, L] bin averages of all level pairs -> [N, C, sum(b*b)]: the level blocks on the diagonal."""
     blocks, offset = [], 0

@@ -25,8 +25,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadData, BadModel, one_line
-from .features import (FeatureBank, embed, fine_pyramid, finest_kernel, flat_pooling_matrix, grid_pyramid,
-                       pooling_matrices, token_features)
+from .features import FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices, token_features
 from .load import Layer, LoadedModel, is_large, save_model_file
 from .ops import range_sources, static_tensors
 
@@ -92,8 +91,8 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     model = loaded.session_copy()
     graph = model.graph
     original_nodes = len(graph.node)
-    outputs = {"range": {}, "borrowed": {}, "moments": {}, "probe": {}, "pyramid": {}, "grid": {}, "fine": {},
-               "hessian": {}, "rows": {}}
+    outputs = {"range": {}, "borrowed": {}, "moments": {}, "probe": {}, "pyramid": {}, "grid": {}, "hessian": {},
+               "rows": {}}
     exposed = {o.name for o in graph.output}
 
     def add_output(name: str, elem=TensorProto.FLOAT):
@@ -125,16 +124,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     for index, layer in enumerate(loaded.layers):
         shape = shapes.get(layer.probe_name)
         fixed_map = levels and not layer.kind.channels_last and shape is not None and len(shape) == 4 and all(shape[2:])
-        kernel = finest_kernel(shape[2], shape[3], levels) if fixed_map else None
-        if kernel is not None:
-            # Bins of one size: an AveragePool gives the finest level's, the coarser ones are their means
-            # (fine_pyramid). EfficientNet-Lite0's 16 maps of 112, 56 and 28: a run 21.0 -> 19.5 ms (one thread).
-            fine = f"msq_fine_{index}"
-            graph.node.append(helper.make_node("AveragePool", [layer.probe_name], [fine], kernel_shape=list(kernel),
-                                               strides=list(kernel), name=fine))
-            add_output(fine)
-            outputs["fine"][layer.name] = fine
-        elif fixed_map and shape[2] * shape[3] * sum(b * b for b in levels) <= FLAT_POOLING_MAX:
+        if fixed_map and shape[2] * shape[3] * sum(b * b for b in levels) <= FLAT_POOLING_MAX:
             # A map is pooled where it is made, in one product: [N, C, H*W] @ [H*W, sum(b*b)] gives every bin of
             # every level. ORT returns C x sum(b*b) values instead of the whole map (EfficientNet-Lite0: the
             # pooling took 2.8 s of numpy on copied maps; as two small products per channel, 15% of the pass).
@@ -581,7 +571,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 low, high = min(low, ranges[tensor][0]), max(high, ranges[tensor][1])
             ranges[tensor] = (low, high)
         for layer in loaded.layers:
-            if any(layer.name in outputs[kind] for kind in ("pyramid", "grid", "fine")):
+            if layer.name in outputs["pyramid"] or layer.name in outputs["grid"]:
                 rows.setdefault(layer.name, []).append(1)  # a map: one row per sample, as for any Conv
             else:
                 probe_shape = result[outputs["probe"][layer.name]].shape
@@ -602,9 +592,6 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             for layer in loaded.layers:
                 if layer.name in outputs["pyramid"]:
                     bank.add_pyramid(layer.name, result[outputs["pyramid"][layer.name]][pick])
-                    continue
-                if layer.name in outputs["fine"]:
-                    bank.add_pyramid(layer.name, fine_pyramid(result[outputs["fine"][layer.name]][pick], levels))
                     continue
                 if layer.name in outputs["grid"]:
                     bank.add_pyramid(layer.name, grid_pyramid(result[outputs["grid"][layer.name]][pick], levels))
