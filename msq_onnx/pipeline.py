@@ -516,7 +516,7 @@ def written_bytes(path: str) -> int:
     return sum(os.path.getsize(name) for name in written_files(path))
 
 
-def _yardstick(modes: dict, ranges: dict, loaded, work_dir: str) -> tuple[str | None, str]:
+def _yardstick(modes: dict, ranges: dict, loaded, work_dir: str) -> tuple[str | None, str, str | None]:
     """ORT's own uniform int8 model of the FP32 model: quantize_static with our ranges when most layers
     measured static (`modes`: layer -> ModeChoice), quantize_dynamic otherwise."""
     from .verify import reference_int8, timing_ranges
@@ -532,16 +532,15 @@ def _yardstick(modes: dict, ranges: dict, loaded, work_dir: str) -> tuple[str | 
 
 def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple,
                     work_dir: str) -> tuple[dict, Counter]:
-    """Latency of FP32, the written model and ORT's own int8 model (`yardstick`: its path or None, and its
-    kind) on one held-out sample (batch 1, or the model's fixed batch); and the op types of the written model's
+    """Latency of FP32, the written model and ORT's own int8 model (`yardstick`: its path or None, its kind,
+    and what went wrong writing it) on one held-out sample (batch 1, or the model's fixed batch); and the op types of the written model's
     graph as ORT optimized it for its timed session (no session of its own for the kernel count)."""
     from .instrument import padded_batches
     from .verify import op_counts, single_thread_session, time_sessions
 
     feed, _ = next(padded_batches(samples, loaded, 1))
     fp32 = loaded.model_file()
-    reference, kind = yardstick
-    failed = None
+    reference, kind, failed = yardstick
     optimized = os.path.join(tempfile.mkdtemp(dir=work_dir), "optimized.onnx")
     sessions = [single_thread_session(fp32), single_thread_session(chosen.path, optimized_path=optimized)]
     if reference is not None:
@@ -550,14 +549,14 @@ def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple,
             timed.run(None, feed)  # the session it is timed with, checked first: one build, not two
             sessions.append(timed)
         except Exception as exc:
-            reference, failed = None, one_line(exc)[:300]
+            reference, failed = None, f"fails: {one_line(exc)}"[:300]
     times = time_sessions(sessions, feed)
     result = {"fp32": times[0], "output": times[1], "input_shapes": {k: list(v.shape) for k, v in feed.items()},
               "threads": 1, "batch": len(next(iter(feed.values())))}
     if reference:
         result[f"ort_{kind}_int8"] = times[2]
     elif failed:
-        result[f"ort_{kind}_int8_failed"] = f"ONNX Runtime's own {kind} int8 model of this FP32 model fails: {failed}"
+        result[f"ort_{kind}_int8_failed"] = f"ONNX Runtime's own {kind} int8 model of this FP32 model {failed}"
     return result, op_counts(optimized)
 
 

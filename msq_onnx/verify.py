@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .errors import one_line
 from .instrument import float_tensors, padded_batches
 
 # Kernels that take integer activations as well as integer weights: one per static or dynamic layer node.
@@ -68,8 +69,14 @@ def timing_ranges(model: onnx.ModelProto, ranges: dict) -> dict:
     without one takes the range of the first input it is computed from that has one, or (0, 1): exact through
     data movement (Reshape, Transpose), where ORT drops the Q/DQ pair only on equal scales; elsewhere a
     stand-in that changes the numbers in the yardstick's scales, not its kernels. The yardstick is only timed
-    and its bytes counted, never evaluated."""
+    and its bytes counted, never evaluated. A graph input without one (read only by an op no static layer
+    follows: a Rescaling Mul) takes its first reader's output range."""
     complete = dict(ranges)
+    first_reader_output = {name: node.output[0] for node in reversed(model.graph.node) for name in node.input
+                           if node.output}
+    for value in model.graph.input:
+        if value.name not in complete:
+            complete[value.name] = ranges.get(first_reader_output.get(value.name), (0.0, 1.0))
     for node in model.graph.node:
         found = next((complete[name] for name in node.input if name in complete), (0.0, 1.0))
         complete.update((name, found) for name in node.output if name not in complete)
@@ -78,9 +85,10 @@ def timing_ranges(model: onnx.ModelProto, ranges: dict) -> dict:
 
 
 def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict,
-                   per_channel: bool = False) -> tuple[str | None, str]:
+                   per_channel: bool = False) -> tuple[str | None, str, str | None]:
     """ONNX Runtime's own uniform int8 model, the latency yardstick a user would build: quantize_static (our
-    ranges as its calibration cache) for a model we run mostly static, quantize_dynamic otherwise.
+    ranges as its calibration cache) for a model we run mostly static, quantize_dynamic otherwise. Returns
+    its path (None where ORT's quantizer refused the model), its kind, and then what went wrong.
 
     When only its speed is measured its weights are quantized per tensor: the same kernels run (batch-1
     latency per tensor / per channel: EfficientNet-Lite0 4.42 / 4.47 ms, MiniLM-L6 4.45 / 4.55 ms) and
@@ -103,9 +111,9 @@ def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict,
                                 calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache)
             else:
                 quantize_dynamic(fp32_path, path, per_channel=per_channel, weight_type=QuantType.QInt8)
-        return path, kind
-    except Exception:  # the yardstick is optional: ORT's quantizer refuses some models that we convert
-        return None, kind
+        return path, kind, None
+    except Exception as exc:  # the yardstick is optional: ORT's quantizer refuses some models that we convert
+        return None, kind, f"cannot be written: {one_line(exc)}"[:300]
 
 
 # Per model, spent in timed runs after warm-up. EfficientNet-Lite0's output / FP32 latency over three

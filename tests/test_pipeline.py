@@ -596,13 +596,13 @@ def test_a_yardstick_that_cannot_run_is_left_out_of_the_latency_and_said(cnn_fil
     broken = onnx.load(cnn_files["model"])
     broken.graph.node[0].op_type = "NoSuchOp"  # ORT refuses it when the session is built
     onnx.save(broken, tmp_path / "ort.onnx")
-    measured, counts = measure_latency(loaded, chosen, samples, (str(tmp_path / "ort.onnx"), "static"),
+    measured, counts = measure_latency(loaded, chosen, samples, (str(tmp_path / "ort.onnx"), "static", None),
                                        str(tmp_path))
     assert counts == optimized_op_counts(chosen.path)  # the timed session's graph is the one counted
     assert measured["fp32"] > 0 and measured["output"] > 0 and "ort_static_int8" not in measured
     assert "NoSuchOp" in measured["ort_static_int8_failed"]
     assert "NoSuchOp" not in capfd.readouterr().err  # said in the report, not on stderr
-    measured, _ = measure_latency(loaded, chosen, samples, (cnn_files["model"], "static"), str(tmp_path))
+    measured, _ = measure_latency(loaded, chosen, samples, (cnn_files["model"], "static", None), str(tmp_path))
     assert measured["ort_static_int8"] > 0 and "ort_static_int8_failed" not in measured
 
 
@@ -659,3 +659,44 @@ def test_the_pass_measures_only_the_ranges_a_static_layer_can_read_and_the_yards
                      Options(quiet=True, activations="static"))
     latency = result.report["latency_ms"]
     assert latency["ort_static_int8"] > 0 and "ort_static_int8_failed" not in latency
+
+
+def test_a_graph_input_no_static_layer_reads_still_gets_the_yardstick_a_range(tmp_path):
+    """x -> Mul by a constant (a Keras Rescaling) -> Conv: the Mul stays out of the static region, so the pass
+    measures no range for x, which ORT's uniform static yardstick quantizes: it takes its reader's range."""
+    from msq_onnx.verify import timing_ranges
+
+    model = tiny_cnn()
+    graph = model.graph
+    first = next(n for n in graph.node if n.input[0] == "x")
+    first.input[0] = "x_scaled"
+    graph.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), "rescale"))
+    graph.node.insert(0, helper.make_node("Mul", ["x", "rescale"], ["x_scaled"], name="rescaling"))
+    onnx.save(model, tmp_path / "rescaled.onnx")
+    np.savez(tmp_path / "calib.npz", **samples_for(model, 64, seed=1))
+    loaded = load_model(str(tmp_path / "rescaled.onnx"))
+    stats = run_pass(loaded, open_samples(str(tmp_path / "calib.npz"), loaded.inputs, Preprocess()), (1,), 64,
+                     quiet=True)
+    assert "x" not in stats.ranges and "x_scaled" in stats.ranges
+    assert timing_ranges(loaded.model, stats.ranges)["x"] == stats.ranges["x_scaled"]
+    result = convert(str(tmp_path / "rescaled.onnx"), str(tmp_path / "rescaled.q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(quiet=True, activations="static"))
+    assert result.report["latency_ms"]["ort_static_int8"] > 0
+
+
+def test_a_yardstick_ort_cannot_write_is_said_with_its_reason(cnn_files, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from msq_onnx.pipeline import measure_latency
+    from msq_onnx.verify import reference_int8
+
+    yardstick = reference_int8(cnn_files["model"], str(tmp_path), True, {})  # no ranges at all: ORT refuses
+    assert yardstick[0] is None and yardstick[1] == "static" and yardstick[2].startswith("cannot be written")
+    loaded = load_model(cnn_files["model"])
+    shutil.copy(cnn_files["model"], tmp_path / "fp32.onnx")
+    measured, _ = measure_latency(loaded, SimpleNamespace(path=str(tmp_path / "fp32.onnx")),
+                                  open_samples(cnn_files["calib"], loaded.inputs, Preprocess()), yardstick,
+                                  str(tmp_path))
+    assert "ort_static_int8" not in measured
+    assert "cannot be written" in measured["ort_static_int8_failed"]
