@@ -533,8 +533,9 @@ def _yardstick(modes: dict, ranges: dict, loaded, work_dir: str) -> tuple[str | 
 def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple,
                     work_dir: str) -> tuple[dict, Counter]:
     """Latency of FP32, the written model and ORT's own int8 model (`yardstick`: its path or None, its kind,
-    and what went wrong writing it) on one held-out sample (batch 1, or the model's fixed batch); and the op types of the written model's
-    graph as ORT optimized it for its timed session (no session of its own for the kernel count)."""
+    and what went wrong writing it) on one held-out sample (batch 1, or the model's fixed batch); and the op
+    types of the written model's graph as ORT optimized it for its timed session (no session of its own for
+    the kernel count)."""
     from .instrument import padded_batches
     from .verify import op_counts, single_thread_session, time_sessions
 
