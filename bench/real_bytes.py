@@ -64,15 +64,14 @@ def main(argv=None) -> int:
         from msq_onnx.data import Preprocess, open_samples
         from msq_onnx.instrument import run_pass
         from msq_onnx.load import load_model, save_model_file
-        from msq_onnx.verify import reference_int8, timing_ranges
+        from msq_onnx.verify import reference_int8
 
         loaded = load_model(model)
         pre = Preprocess(resize=256, crop=224, interpolation="bicubic", mean=(127.0,), std=(128.0,))
         stats = run_pass(loaded, open_samples(calib, loaded.inputs, pre), (1,), 64, quiet=True)
         fp32 = os.path.join(work, "fp32.onnx")
         save_model_file(loaded.model, fp32)
-        reference, _, failed = reference_int8(fp32, work, True, timing_ranges(loaded.model, stats.ranges),
-                                              per_channel=True)  # the file a user gets
+        reference, _, failed = reference_int8(fp32, work, True, stats.ranges, per_channel=True)  # a user's file
         if reference is None:
             raise SystemExit(f"ORT's int8 model of EfficientNet-Lite0 {failed}")
         anchor = {"name": "ORT quantize_static int8 (same ranges)", "bytes": os.path.getsize(reference),

@@ -392,7 +392,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
 
     def build_yardstick(stats, modes):
         with timer.stage("latency"):
-            yardstick.append(_yardstick(modes, stats.ranges, loaded, workspace.name))
+            yardstick.append(_yardstick(modes, stats.ranges, loaded.model_file(), workspace.name))
 
     analysis = analyse(loaded, calib, options, timer, build_yardstick,
                        allocate_stage.reachable_widths(budgets, options.bits))
@@ -516,16 +516,15 @@ def written_bytes(path: str) -> int:
     return sum(os.path.getsize(name) for name in written_files(path))
 
 
-def _yardstick(modes: dict, ranges: dict, loaded, work_dir: str) -> tuple[str | None, str, str | None]:
+def _yardstick(modes: dict, ranges: dict, fp32_path: str, work_dir: str) -> tuple[str | None, str, str | None]:
     """ORT's own uniform int8 model of the FP32 model: quantize_static with our ranges when most layers
     measured static (`modes`: layer -> ModeChoice), quantize_dynamic otherwise."""
-    from .verify import reference_int8, timing_ranges
+    from .verify import reference_int8
 
     measured = [choice.mode for choice in modes.values()]
     static = sum(1 for m in measured if m == "static") * 2 >= len(measured)
     _return_freed_memory()  # the modes' sessions: ORT's quantizer starts from the lowest base
-    reference = reference_int8(loaded.model_file(), work_dir, static,
-                               timing_ranges(loaded.model, ranges) if static else ranges)
+    reference = reference_int8(fp32_path, work_dir, static, ranges)
     _return_freed_memory()
     return reference
 
