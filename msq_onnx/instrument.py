@@ -3,11 +3,11 @@
 The model is copied with (a) ReduceMin/ReduceMax on every float activation
 whose range a static layer's quantization can read (ops.static_tensors; ORT's
 MinMax calibrator reduces every one; a tensor that only feeds a Relu/Clip takes
-the activation's range), so ranges come out as scalars; (b) per-channel mean and mean square of every layer's
-input, for output-aware weight errors and bias correction; (c) every layer's
-probe tensor pyramid-pooled in the graph when its map has a fixed size, else
-exposed and pooled in numpy right away. Each batch is reduced to mergeable
-statistics and dropped."""
+the activation's range), so ranges come out as scalars; (b) per-channel mean
+and mean square of every layer's input, for output-aware weight errors and bias
+correction; (c) every layer's probe tensor pyramid-pooled in the graph when its
+map has a fixed size, else exposed and pooled in numpy right away. Each batch
+is reduced to mergeable statistics and dropped."""
 
 from __future__ import annotations
 

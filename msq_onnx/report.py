@@ -12,7 +12,7 @@ from . import __version__
 from .allocate import average_bits
 from .fidelity import DECISION_KINDS
 from .ops import STATIC
-from .write import _default_mode, uint16_tensors, written_files
+from .write import _default_mode, data_inputs, uint16_tensors, written_files
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
 
@@ -59,7 +59,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
     files = written_files(output_path)
     wide = uint16_tensors([layer for layer in loaded.layers if modes[layer.name] == STATIC], wide_inputs,
                           loaded.model)
-    inputs = {node.name: node.input for node in loaded.model.graph.node}
+    nodes = {node.name: node for node in loaded.model.graph.node}
     layers = [{
         "name": layer.name,
         "op_type": layer.op_type,
@@ -72,7 +72,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "weight_error": _weight_error(analysis, layer.name, bits[layer.name]),
         "activation_error": float(f"{activation_errors[layer.name]:.6g}"),
         "activation_bits": 16 if modes[layer.name] == STATIC and all(
-            inputs[name][layer.kind.data_index] in wide for name in layer.nodes) else 8,
+            name in wide for name in data_inputs(layer, nodes)) else 8,
         "mode": modes[layer.name],
         "mode_reason": _mode_reason(layer, analysis, chosen),
         "container": chosen.containers[layer.name],

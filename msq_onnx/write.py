@@ -141,13 +141,17 @@ def own_biases(model: onnx.ModelProto, names: set) -> None:
 BIAS_RANGE = float(np.iinfo(np.int32).max) - float(np.iinfo(np.int32).min + 1)  # ORT's int32 bias levels
 
 
+def data_inputs(layer, nodes: dict) -> list[str]:
+    """The activation input of each of the layer's nodes (`nodes`: name -> node): a weight several nodes share
+    has one per node."""
+    return [nodes[name].input[layer.kind.data_index] for name in layer.nodes if name in nodes]
+
+
 def uint16_tensors(static_layers, wide_inputs, model: onnx.ModelProto) -> set:
-    """The activation tensors written as uint16: the inputs of every node of the static layers in wide_inputs
-    (a weight several nodes share has one per node). ORT's override is per tensor, so every static reader of
-    one of them gets uint16."""
+    """The activation tensors written as uint16: the data inputs of the static layers in wide_inputs. ORT's
+    override is per tensor, so every static reader of one of them gets uint16."""
     nodes = {node.name: node for node in model.graph.node}
-    return {nodes[name].input[layer.kind.data_index] for layer in static_layers if layer.name in wide_inputs
-            for name in layer.nodes if name in nodes}
+    return {name for layer in static_layers if layer.name in wide_inputs for name in data_inputs(layer, nodes)}
 
 
 def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: dict, containers: dict,
@@ -174,7 +178,7 @@ def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: di
                 or ELSEWHERE in readers.get(layer.weight_name, ()):  # a graph output: renamed, it would dangle
             continue
         nodes = [by_name[n] for n in layer.nodes]
-        inputs = [node.input[layer.kind.data_index] for node in nodes]
+        inputs = data_inputs(layer, by_name)
         if any(name not in ranges for name in inputs):
             continue
         biases = [(numpy_helper.to_array(model.graph.initializer[inits[node.input[2]]]), ranges[name],
