@@ -522,7 +522,7 @@ def _yardstick(modes: dict, ranges: dict, fp32_path: str, work_dir: str) -> tupl
     from .verify import reference_int8
 
     measured = [choice.mode for choice in modes.values()]
-    static = sum(1 for m in measured if m == "static") * 2 >= len(measured)
+    static = sum(1 for m in measured if m == STATIC) * 2 >= len(measured)
     _return_freed_memory()  # the modes' sessions: ORT's quantizer starts from the lowest base
     reference = reference_int8(fp32_path, work_dir, static, ranges)
     _return_freed_memory()
