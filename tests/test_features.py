@@ -100,11 +100,12 @@ def test_sequence_pyramid_pools_real_tokens_only():
     np.testing.assert_allclose(channels_first, pooled, atol=1e-5)
 
 
-@pytest.mark.parametrize("one_product", [True, False])
-def test_maps_of_a_fixed_size_are_pooled_in_the_graph_exactly_as_numpy_pools_them(tmp_path, monkeypatch, one_product):
+@pytest.mark.parametrize("one_product,size", [(True, 9), (False, 9), (True, 8)])
+def test_maps_of_a_fixed_size_are_pooled_in_the_graph_exactly_as_numpy_pools_them(tmp_path, monkeypatch, one_product,
+                                                                                   size):
     """The calibration pass returns the bin averages of fixed-size maps instead of the maps (in one product,
-    or rows and columns apart for a map too large for one); the embeddings equal numpy's pyramid pooling of
-    the maps themselves."""
+    rows and columns apart for a map too large for one, or from an AveragePool's equal bins where the finest
+    level divides the map); the embeddings equal numpy's pyramid pooling of the maps themselves."""
     from msq_onnx import instrument
 
     if not one_product:
@@ -118,14 +119,16 @@ def test_maps_of_a_fixed_size_are_pooled_in_the_graph_exactly_as_numpy_pools_the
     from msq_onnx.instrument import build_instrumented, run_pass
     from msq_onnx.load import load_model
 
-    model = tiny_cnn(channels=2, size=9)  # 9 x 9: bins of a level overlap, as in adaptive pooling
+    model = tiny_cnn(channels=2, size=size)  # 9 x 9: bins of a level overlap, as in adaptive pooling
     onnx.save(model, tmp_path / "m.onnx")
     loaded = load_model(str(tmp_path / "m.onnx"))
     x = samples_for(model, 5, with_labels=False)["x"]
     np.savez(tmp_path / "x.npz", x=x)
-    _, outputs = build_instrumented(loaded, levels=(1, 2, 4))
+    instrumented, outputs = build_instrumented(loaded, levels=(1, 2, 4))
     convs = [layer for layer in loaded.layers if layer.op_type == "Conv"]
     assert all(layer.name in outputs["pyramid" if one_product else "grid"] for layer in convs) and convs
+    pooled = {node.input[0] for node in instrumented.graph.node if node.op_type == "AveragePool"}
+    assert pooled == ({layer.probe_name for layer in convs} if size % 4 == 0 else set())
     stats = run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2, 4), 4096,
                      quiet=True)
     probe = onnx.ModelProto()
