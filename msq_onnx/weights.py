@@ -221,6 +221,7 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
     h = damped(hessian)
     dead = np.diag(hessian) <= 0
     w[:, dead] = 0.0
+    per_row = np.size(scale) == len(w)  # one step per row: every column rounds on the same [rows] steps
     grid = np.broadcast_to(scale.astype(np.float32).reshape(len(w), -1), w.shape)  # [rows, fan_in]
     # Each row's grid is -lowest..top, shifted up by one where flipped: kept as a bool per weight (1 byte),
     # not as two float bound arrays, which cost MiniLM-L6's table workers about 50 MB each.
@@ -232,8 +233,10 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
         integers = np.clip(np.rint(w / grid), *grid_bounds(top, flip, w.shape[1]))
         delta = w - integers * grid
         return integers.astype(np.int8), np.einsum("ij,jk,ik->i", delta, h, delta)
-    column_steps = np.ascontiguousarray(grid.T)
-    column_flips = None if flip is None else np.ascontiguousarray(flip.T)
+    # Per row, column j's steps and shifts are views of one [rows] vector, not a transposed copy of every weight's
+    column_steps = np.broadcast_to(grid[:, 0], grid.T.shape) if per_row else np.ascontiguousarray(grid.T)
+    column_flips = None if flip is None else (
+        np.broadcast_to(flip[:, 0], flip.T.shape) if per_row and np.ndim(flipped) == 1 else np.ascontiguousarray(flip.T))
     columns = np.ascontiguousarray(w.T)  # [fan_in, rows]: one column is a contiguous row here
     lower = np.ascontiguousarray(upper.T)  # lower[j, :j]: what the block's earlier errors add to column j
     integers = np.zeros(columns.shape, np.int8)
@@ -290,12 +293,16 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
     if hessians is None:
         return table
     widths, rows = list(table), matrix.shape[0]
-    scales = np.concatenate([steps(np.maximum(table[b].clip, 1e-12) / levels(b), matrix.shape[1])
-                             * np.ones((1, matrix.shape[1]), np.float32) for b in widths])  # [rows x widths, fan_in]
+    # A scale per row stays a [rows x widths, 1] column that broadcasts over the fan-in; block scales (and their
+    # flips) are spread to every weight: MiniLM-L6's 1536-row layers held four such 16 MB arrays per width stack.
+    per_row = all(np.ndim(table[b].clip) == 1 for b in widths)
+    fan_in = 1 if per_row else matrix.shape[1]
+    scales = np.concatenate([steps(np.maximum(table[b].clip, 1e-12) / levels(b), fan_in)
+                             * np.ones((1, fan_in), np.float32) for b in widths])  # [rows x widths, fan_in or 1]
     tops = np.repeat([levels(b) for b in widths], rows)
     flips = np.concatenate([np.broadcast_to(steps(np.zeros(rows, bool) if table[b].flipped is None else
-                                                  table[b].flipped, matrix.shape[1]), matrix.shape)
-                            for b in widths])  # [rows x widths, fan_in]
+                                                  table[b].flipped, fan_in), (rows, fan_in))
+                            for b in widths])  # [rows x widths, fan_in or 1]
     stacked = np.tile(matrix, (len(widths), 1))
     nearest = np.rint(stacked / scales)
     np.maximum(nearest, -lowest(tops)[:, None].astype(np.float32) + flips, out=nearest)  # one temporary at a time
@@ -303,7 +310,8 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
     rounded = np.repeat([b <= GPTQ_MAX_BITS for b in widths], rows)  # wider grids: nearest is enough
     gptq = nearest.copy()
     if rounded.any():
-        gptq[rounded], _ = gptq_round(stacked[rounded], scales[rounded], tops[rounded], hessians.fit, flips[rounded])
+        gptq[rounded], _ = gptq_round(stacked[rounded], scales[rounded], tops[rounded], hessians.fit,
+                                      flips[rounded][:, 0] if per_row else flips[rounded])
     check = hessians.check.astype(np.float64)
     signal = max(float(np.sum((matrix.astype(np.float64) @ check) * matrix)), 1e-30)
     nearest_errors = hessian_errors(matrix, nearest * scales, check)

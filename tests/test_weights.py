@@ -146,6 +146,26 @@ def test_gptq_rounds_better_than_nearest_on_correlated_inputs_and_reports_held_o
     assert integers.shape == matrix.shape and losses.shape == (16,) and (losses >= 0).all()
 
 
+def test_gptq_with_a_scale_per_row_rounds_as_with_that_scale_spread_over_every_weight():
+    """A step and a flipped grid per row are kept as [rows] vectors through GPTQ's columns (no per-weight copies):
+    the integers and losses are those of the same steps and flips given for every weight."""
+    from msq_onnx.weights import gptq_round
+
+    rng = np.random.default_rng(5)
+    inputs = rng.normal(size=(500, 24)) @ (rng.normal(size=(24, 24)) * 0.3 + np.eye(24))
+    matrix = rng.normal(size=(40, 24)).astype(np.float32)
+    scale = (np.abs(matrix).max(axis=1) / 3.5).astype(np.float32)
+    tops = np.full(40, levels(3))
+    flipped = rng.random(40) < 0.5
+    row = gptq_round(matrix, scale, tops, inputs.T @ inputs, flipped)
+    spread = gptq_round(matrix, np.repeat(scale[:, None], 24, axis=1), tops, inputs.T @ inputs,
+                        np.repeat(flipped[:, None], 24, axis=1))
+    np.testing.assert_array_equal(row[0], spread[0])
+    np.testing.assert_array_equal(row[1], spread[1])
+    assert (row[0][flipped] == levels(3) + 1).any()  # the flipped rows use their extra level
+    assert not np.array_equal(row[0], gptq_round(matrix, scale, tops, inputs.T @ inputs)[0])
+
+
 def test_errors_are_measured_after_the_bias_correction_takes_out_their_constant_part():
     """An input with a large mean: the bias correction cancels the weight error times the mean, so the error a
     width leaves is the centred one, which the Hessians measure exactly. Measured on uncentred Hessians it
