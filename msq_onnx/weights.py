@@ -272,7 +272,7 @@ def damped(hessian: np.ndarray) -> np.ndarray:
 
 def hessian_errors(matrix: np.ndarray, candidates: np.ndarray, hessian: np.ndarray) -> np.ndarray:
     """Per stacked candidate row: (w - q) H (w - q)^T, one product for all of them."""
-    delta = (candidates - np.tile(matrix, (len(candidates) // len(matrix), 1))).astype(np.float32)
+    delta = (candidates.reshape(-1, *matrix.shape) - matrix).reshape(candidates.shape).astype(np.float32, copy=False)
     return np.sum((delta @ hessian.astype(np.float32)) * delta, axis=1, dtype=np.float64)
 
 
