@@ -1,9 +1,10 @@
 """Stage 2: one streamed pass of the FP32 model over the calibration set.
 
-The model is copied with (a) its min and max on every float activation
-whose range a static layer's quantization can read (ops.static_tensors; ORT's
-MinMax calibrator reduces every one; a tensor that only feeds a Relu/Clip takes
-the activation's range), so ranges come out as scalars; (b) per-channel mean
+The model is copied with (a) the min and max of every float activation whose
+range a static layer's quantization can read (ops.static_tensors; ORT's MinMax
+calibrator reduces every one; a tensor that only feeds a Relu/Clip takes the
+activation's range; a Relu's output, never negative, its max only), so ranges
+come out as scalars; (b) per-channel mean
 and mean square of every layer's input, for output-aware weight errors and bias
 correction; (c) every layer's probe tensor pyramid-pooled in the graph when its
 map has a fixed size, else exposed and pooled in numpy right away. Each batch
@@ -27,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import BadData, BadModel, one_line
 from .features import FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices, token_features
 from .load import Layer, LoadedModel, is_large, save_model_file
-from .ops import range_sources, static_tensors
+from .ops import nonnegative_tensors, range_sources, static_tensors
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
 
@@ -118,6 +119,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     readable = static_tensors(model, {node for layer in loaded.layers for node in layer.nodes})
     ranged = [name for name in float_tensors(model) if name in readable]
     maps = _float_maps(model)
+    nonnegative = nonnegative_tensors(model)
     measured = set(ranged)
     for index, tensor in enumerate(ranged):
         source = tensor
@@ -126,16 +128,17 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
         if source != tensor and source in measured:
             outputs["borrowed"][tensor] = source
             continue  # its range is its activation's (a fetched map also stops ORT fusing Conv with Relu/Clip)
-        lo, hi = f"msq_min_{index}", f"msq_max_{index}"
-        graph.node.append(helper.make_node("ReduceMin", [tensor], [lo], keepdims=0, name=lo))
+        lo, hi = (None if tensor in nonnegative else f"msq_min_{index}"), f"msq_max_{index}"
+        if lo:
+            graph.node.append(helper.make_node("ReduceMin", [tensor], [lo], keepdims=0, name=lo))
+            add_output(lo)
         if tensor in maps:  # the channels' maxima first: the same maximum, read in the blocked layout
             graph.node.extend([helper.make_node("GlobalMaxPool", [tensor], [hi + "_g"], name=hi + "_g"),
                                helper.make_node("ReduceMax", [hi + "_g"], [hi], keepdims=0, name=hi)])
         else:
             graph.node.append(helper.make_node("ReduceMax", [tensor], [hi], keepdims=0, name=hi))
-        add_output(lo)
         add_output(hi)
-        outputs["range"][tensor] = (lo, hi)
+        outputs["range"][tensor] = (lo, hi)  # lo None: never negative, its range starts at 0
 
     shapes = static_shapes(model)
     for index, layer in enumerate(loaded.layers):
@@ -607,7 +610,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             raise BadData("the FP32 model produces NaN or Inf on the calibration data; check the samples' "
                           "scale and preprocessing (--mean, --std).")
         for tensor, (lo, hi) in outputs["range"].items():
-            low, high = float(result[lo]), float(result[hi])
+            low, high = 0.0 if lo is None else float(result[lo]), float(result[hi])
             if tensor in ranges:
                 low, high = min(low, ranges[tensor][0]), max(high, ranges[tensor][1])
             ranges[tensor] = (low, high)

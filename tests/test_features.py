@@ -158,12 +158,44 @@ def test_a_tensor_feeding_only_a_relu_or_clip_takes_the_activations_range_unmeas
     loaded = load_model(str(tmp_path / "m.onnx"))
     np.savez(tmp_path / "x.npz", x=samples_for(model, 6, with_labels=False)["x"])
     instrumented, outputs = build_instrumented(loaded, levels=(1, 2))
-    reduced = {node.input[0] for node in instrumented.graph.node if node.op_type in ("ReduceMin", "ReduceMax")}
+    reduced = {node.input[0] for node in instrumented.graph.node
+               if node.op_type in ("ReduceMin", "ReduceMax", "GlobalMaxPool")}
     assert {"c1", "c2"}.isdisjoint(reduced) and {"x", "r1", "r2", "c3", "r3"} <= reduced
+    # A Relu's or Clip(0, 6)'s output is never negative: only its maximum is measured, and its range starts at 0
+    minimum = {node.input[0] for node in instrumented.graph.node if node.op_type == "ReduceMin"}
+    assert {"x", "c3"} <= minimum and minimum.isdisjoint({"r1", "r2", "r3"})
     stats = run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2), 64,
                      quiet=True)
     assert stats.ranges["c1"] == stats.ranges["r1"] and stats.ranges["c2"] == stats.ranges["r2"]
-    assert stats.ranges["r2"][1] <= 6.0 and stats.ranges["c3"][0] < 0.0 <= stats.ranges["r3"][0]
+    assert stats.ranges["r2"][1] <= 6.0 and stats.ranges["c3"][0] < 0.0 == stats.ranges["r3"][0]
+
+
+def test_only_ops_that_cannot_go_negative_skip_their_minimum():
+    """A Relu, and a Clip whose lower bound is a constant >= 0 (an input from opset 11, an attribute before);
+    not a Clip with no lower bound, a negative one, or one computed at run time."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from msq_onnx.ops import nonnegative_tensors
+
+    def model(nodes, inits, opset):
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                  [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, [2]) for n in nodes],
+                                  inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+    scalars = [numpy_helper.from_array(np.float32(v), name) for name, v in (("zero", 0.0), ("minus", -1.0),
+                                                                          ("six", 6.0))]
+    new = model([helper.make_node("Relu", ["x"], ["relu"]),
+                 helper.make_node("Clip", ["x", "zero", "six"], ["c06"]),
+                 helper.make_node("Clip", ["x", "minus", "six"], ["cm16"]),
+                 helper.make_node("Clip", ["x", "", "six"], ["c6"]),
+                 helper.make_node("Clip", ["x", "relu"], ["cdyn"]),
+                 helper.make_node("Tanh", ["x"], ["tanh"])], scalars, 13)
+    assert nonnegative_tensors(new) == {"relu", "c06"}
+    old = model([helper.make_node("Clip", ["x"], ["a"], min=0.0, max=6.0),
+                 helper.make_node("Clip", ["x"], ["b"], max=6.0),
+                 helper.make_node("Clip", ["x"], ["c"], min=-0.5)], [], 10)
+    assert nonnegative_tensors(old) == {"a"}
 
 
 def test_a_chain_of_activations_lends_the_last_ones_range_to_every_tensor_before_it(tmp_path):
