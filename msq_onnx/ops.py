@@ -38,17 +38,31 @@ _NONNEGATIVE = ("Relu", "Sigmoid", "HardSigmoid", "Softmax")
 
 
 def nonnegative_tensors(model: onnx.ModelProto) -> set:
-    """Outputs of _NONNEGATIVE ops, and of Clips whose lower bound is a constant >= 0."""
+    """Outputs of _NONNEGATIVE ops, and of Clips whose lower bound is a constant >= 0 and whose upper bound, if
+    any, is a constant >= 0 too (a Clip whose max is below its min returns its max)."""
     initializers = {t.name: t for t in model.graph.initializer}
+
+    def bound(node, name: str, index: int, absent: float) -> float | None:
+        """A Clip bound: its attribute (opset < 11), its constant input, `absent` without one, None if unknown."""
+        attribute = next((a.f for a in node.attribute if a.name == name), None)
+        if attribute is not None:
+            return attribute
+        if len(node.input) <= index or not node.input[index]:
+            return absent
+        if node.input[index] not in initializers:
+            return None  # computed at run time
+        values = onnx.numpy_helper.to_array(initializers[node.input[index]])
+        return float(values.reshape(-1)[0]) if values.size == 1 else None
+
     names = set()
     for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
         if node.op_type in _NONNEGATIVE:
             names.add(node.output[0])
         elif node.op_type == "Clip":
-            low = next((a.f for a in node.attribute if a.name == "min"), None)  # opset < 11
-            if low is None and len(node.input) > 1 and node.input[1] in initializers:
-                low = float(onnx.numpy_helper.to_array(initializers[node.input[1]]).reshape(-1)[0])
-            if low is not None and low >= 0:
+            low, high = bound(node, "min", 1, -np.inf), bound(node, "max", 2, np.inf)
+            if low is not None and high is not None and low >= 0 and high >= 0:
                 names.add(node.output[0])
     return names
 

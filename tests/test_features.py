@@ -172,7 +172,8 @@ def test_a_tensor_feeding_only_a_relu_or_clip_takes_the_activations_range_unmeas
 
 def test_only_ops_that_cannot_go_negative_skip_their_minimum():
     """A Relu, and a Clip whose lower bound is a constant >= 0 (an input from opset 11, an attribute before);
-    not a Clip with no lower bound, a negative one, or one computed at run time."""
+    not a Clip with no lower bound, a negative one, one computed at run time, or one above a negative max
+    (the output is then the max); nor an op of another domain that shares a name."""
     from onnx import TensorProto, helper, numpy_helper
 
     from msq_onnx.ops import nonnegative_tensors
@@ -185,16 +186,22 @@ def test_only_ops_that_cannot_go_negative_skip_their_minimum():
 
     scalars = [numpy_helper.from_array(np.float32(v), name) for name, v in (("zero", 0.0), ("minus", -1.0),
                                                                           ("six", 6.0))]
+    scalars.append(numpy_helper.from_array(np.zeros(0, np.float32), "empty"))
     new = model([helper.make_node("Relu", ["x"], ["relu"]),
                  helper.make_node("Clip", ["x", "zero", "six"], ["c06"]),
                  helper.make_node("Clip", ["x", "minus", "six"], ["cm16"]),
                  helper.make_node("Clip", ["x", "", "six"], ["c6"]),
                  helper.make_node("Clip", ["x", "relu"], ["cdyn"]),
+                 helper.make_node("Clip", ["x", "zero", "minus"], ["upside"]),
+                 helper.make_node("Clip", ["x", "zero", "relu"], ["cdynmax"]),
+                 helper.make_node("Clip", ["x", "empty"], ["cempty"]),
+                 helper.make_node("Relu", ["x"], ["custom"], domain="com.example"),
                  helper.make_node("Tanh", ["x"], ["tanh"])], scalars, 13)
     assert nonnegative_tensors(new) == {"relu", "c06"}
     old = model([helper.make_node("Clip", ["x"], ["a"], min=0.0, max=6.0),
                  helper.make_node("Clip", ["x"], ["b"], max=6.0),
-                 helper.make_node("Clip", ["x"], ["c"], min=-0.5)], [], 10)
+                 helper.make_node("Clip", ["x"], ["c"], min=-0.5),
+                 helper.make_node("Clip", ["x"], ["d"], min=1.0, max=-2.0)], [], 10)
     assert nonnegative_tensors(old) == {"a"}
 
 
