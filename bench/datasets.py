@@ -23,6 +23,15 @@ EFFICIENTNET_ARGS = ["--resize", "256", "--crop", "224", "--interpolation", "bic
                      "--mean", "127", "--std", "128"]
 
 
+def shared_model(shared: str, *parts: str) -> str | None:
+    """The path of a model under the shared folder's models/, or None after printing the benchmark's skip line."""
+    path = os.path.join(shared, "models", *parts)
+    if os.path.exists(path):
+        return path
+    print(f"skipped: {path} not found (set --shared or MSQ_SHARED)")
+    return None
+
+
 def imagenet_split(shared: str, work: str, calib: int = 300, seed: int = 0) -> tuple[str, str]:
     """Write calib.csv / eval.csv (absolute paths) for the 1,300 ImageNet images."""
     root = os.path.abspath(os.path.join(shared, "data", "imagenet-val-1300"))
