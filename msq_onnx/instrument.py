@@ -84,7 +84,7 @@ def _float_maps(model: onnx.ModelProto) -> set:
     where GlobalMaxPool, GlobalAveragePool, AveragePool and Mul read them as they are; a Reduce* or a MatMul
     reads NCHW, for which ORT copies the whole map back first. EfficientNet-Lite0's instrumented run on one
     thread: 21.7 ms with the maps' statistics as Reduce*/MatMul, 18.1 ms as pools (plain model: 9.5 ms); its
-    pass 3.97-4.04 -> 3.19-3.31 s (two runs at once contend for memory bandwidth)."""
+    pass 3.73-4.21 -> 3.23-3.55 s."""
     values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
     return {v.name for v in values if v.type.tensor_type.elem_type == TensorProto.FLOAT
             and len(v.type.tensor_type.shape.dim) == 4

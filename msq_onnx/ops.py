@@ -32,8 +32,8 @@ _ABSORBED = ("Relu", "Clip")
 
 # Ops whose output is never negative. The uint8 range of such a tensor starts at 0 whatever its smallest value
 # (ORT's quantizer and msq-onnx widen every activation range to hold 0), so the calibration pass measures only
-# its maximum: on EfficientNet-Lite0 the ReduceMin of each ReLU6 map was also what made ORT copy the map out of
-# its blocked layout (pass 3.45-3.55 -> 3.05-3.19 s).
+# its maximum: on EfficientNet-Lite0 the ReduceMin of each ReLU6 map also made ORT copy the map out of its
+# blocked layout (33 ReduceMins and 11 map copies fewer; an instrumented run 19.63 -> 18.81 ms on one thread).
 _NONNEGATIVE = ("Relu", "Sigmoid", "HardSigmoid", "Softmax")
 
 

@@ -235,8 +235,8 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
         return integers.astype(np.int8), np.einsum("ij,jk,ik->i", delta, h, delta)
     # Per row, column j's steps and shifts are views of one [rows] vector, not a transposed copy of every weight's
     column_steps = np.broadcast_to(grid[:, 0], grid.T.shape) if per_row else np.ascontiguousarray(grid.T)
-    column_flips = None if flip is None else (
-        np.broadcast_to(flip[:, 0], flip.T.shape) if per_row and np.ndim(flipped) == 1 else np.ascontiguousarray(flip.T))
+    column_flips = None if flip is None else (np.broadcast_to(flip[:, 0], flip.T.shape)
+                                              if per_row and np.ndim(flipped) == 1 else np.ascontiguousarray(flip.T))
     columns = np.ascontiguousarray(w.T)  # [fan_in, rows]: one column is a contiguous row here
     lower = np.ascontiguousarray(upper.T)  # lower[j, :j]: what the block's earlier errors add to column j
     integers = np.zeros(columns.shape, np.int8)
