@@ -4,11 +4,11 @@ The model is copied with (a) the min and max of every float activation whose
 range a static layer's quantization can read (ops.static_tensors; ORT's MinMax
 calibrator reduces every one; a tensor that only feeds a Relu/Clip takes the
 activation's range; a Relu's output, never negative, its max only), so ranges
-come out as scalars; (b) per-channel mean
-and mean square of every layer's input, for output-aware weight errors and bias
-correction; (c) every layer's probe tensor pyramid-pooled in the graph when its
-map has a fixed size, else exposed and pooled in numpy right away. Each batch
-is reduced to mergeable statistics and dropped."""
+come out as scalars; (b) per-channel mean and mean square of every layer's
+input, for output-aware weight errors and bias correction; (c) every layer's
+probe tensor pyramid-pooled in the graph when its map has a fixed size, else
+exposed and pooled in numpy right away. Each batch is reduced to mergeable
+statistics and dropped."""
 
 from __future__ import annotations
 
@@ -79,16 +79,19 @@ def _rank(model: onnx.ModelProto, name: str) -> int | None:
     return None
 
 
-def _float_maps(model: onnx.ModelProto) -> set:
-    """The float32 [N, C, H, W] tensors of fixed H and W: ORT runs a CNN's maps in its blocked NCHWc layout,
-    where GlobalMaxPool, GlobalAveragePool, AveragePool and Mul read them as they are; a Reduce* or a MatMul
-    reads NCHW, for which ORT copies the whole map back first. EfficientNet-Lite0's instrumented run on one
-    thread: 21.7 ms with the maps' statistics as Reduce*/MatMul, 18.1 ms as pools (plain model: 9.5 ms); its
-    pass 3.73-4.21 -> 3.23-3.55 s."""
+def _fixed_map(shape) -> bool:
+    """[N, C, H, W] with H and W fixed (static_shapes' dims)."""
+    return shape is not None and len(shape) == 4 and all(shape[2:])
+
+
+def _float_maps(model: onnx.ModelProto, shapes: dict) -> set:
+    """The float32 fixed-size maps: ORT runs a CNN's maps in its blocked NCHWc layout, where GlobalMaxPool,
+    GlobalAveragePool, AveragePool and Mul read them as they are; a Reduce* or a MatMul reads NCHW, for which
+    ORT copies the whole map back first. EfficientNet-Lite0's instrumented run on one thread: 21.7 ms with the
+    maps' statistics as Reduce*/MatMul, 18.1 ms as pools (plain model: 9.5 ms); its pass 3.73-4.21 -> 3.23-3.55 s."""
     values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
-    return {v.name for v in values if v.type.tensor_type.elem_type == TensorProto.FLOAT
-            and len(v.type.tensor_type.shape.dim) == 4
-            and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[2:])}
+    return {v.name for v in values
+            if v.type.tensor_type.elem_type == TensorProto.FLOAT and _fixed_map(shapes.get(v.name))}
 
 
 def _moment_axes(layer: Layer, rank: int) -> list[int]:
@@ -118,7 +121,8 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     # now, 25.0 ms (LayerNorm, GELU, attention scores and the like are never quantized statically).
     readable = static_tensors(model, {node for layer in loaded.layers for node in layer.nodes})
     ranged = [name for name in float_tensors(model) if name in readable]
-    maps = _float_maps(model)
+    shapes = static_shapes(model)
+    maps = _float_maps(model, shapes)
     nonnegative = nonnegative_tensors(model)
     measured = set(ranged)
     for index, tensor in enumerate(ranged):
@@ -140,10 +144,9 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
         add_output(hi)
         outputs["range"][tensor] = (lo, hi)  # lo None: never negative, its range starts at 0
 
-    shapes = static_shapes(model)
     for index, layer in enumerate(loaded.layers):
         shape = shapes.get(layer.probe_name)
-        fixed_map = levels and not layer.kind.channels_last and shape is not None and len(shape) == 4 and all(shape[2:])
+        fixed_map = levels and not layer.kind.channels_last and _fixed_map(shape)
         finest = max(levels) if levels else 1
         if fixed_map and layer.probe_name in maps and all(finest % b == 0 for b in levels) \
                 and shape[2] % finest == 0 and shape[3] % finest == 0:
