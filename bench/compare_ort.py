@@ -12,6 +12,7 @@
     python bench/compare_ort.py                      # EfficientNet-Lite0 and MiniLM-L6
     python bench/compare_ort.py --model efficientnet --scale
     python bench/compare_ort.py --model mnist
+    python bench/compare_ort.py --onnx model.onnx --calib samples.npz   # any model (bench/larger_models.py)
 Writes docs/bench/timing-<model>.json.
 """
 
@@ -103,21 +104,34 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("efficientnet", "minilm", "mnist"), nargs="+",
                         default=["efficientnet", "minilm"])
+    parser.add_argument("--onnx", help="any other model instead, with --calib (a .npz or a folder of .npy/.npz "
+                                       "files, read as they are: no preprocessing)")
+    parser.add_argument("--calib", help="the calibration samples of --onnx")
     parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
     parser.add_argument("--repeats", type=int, default=2, help="conversions of each kind; the fastest counts")
     parser.add_argument("--latency-runs", type=int, default=200)
     parser.add_argument("--scale", action="store_true", help="also compare calibration memory at 100 vs 1,000 samples")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"))
     args = parser.parse_args(argv)
+    if args.onnx:
+        if not args.calib:
+            parser.error("--onnx needs --calib")
+        name = os.path.splitext(os.path.basename(args.onnx))[0]
+        result = compare_model(name, os.path.abspath(args.onnx), os.path.abspath(args.calib), {}, [], args)
+        print(json.dumps({"ours_over_ort": {name: _ratios(result)}}))
+        return 0
     if not os.path.isdir(args.shared):
         print(f"skipped: shared data folder '{args.shared}' not found (set --shared or MSQ_SHARED)")
         return 0
     ratios = {}
     for model in args.model:
-        result = compare(model, args)
-        ratios[model] = {k: result[k] for k in ("wall_ratio", "memory_ratio", "latency_vs_ort_int8") if k in result}
+        ratios[model] = _ratios(compare(model, args))
     print(json.dumps({"ours_over_ort": ratios}))
     return 0
+
+
+def _ratios(result: dict) -> dict:
+    return {k: result[k] for k in ("wall_ratio", "memory_ratio", "latency_vs_ort_int8") if k in result}
 
 
 def compare(model_name: str, args) -> dict:
@@ -138,9 +152,16 @@ def compare(model_name: str, args) -> dict:
         model = os.path.join(args.shared, "models", "mnist-8.onnx")
         calib, _ = datasets.mnist_split(args.shared, work)
         pre, image_args = {}, []
+    return compare_model(model_name, model, calib, pre, image_args + text_args, args, work)
+
+
+def compare_model(model_name: str, model: str, calib: str, pre: dict, cli_args: list, args, work=None) -> dict:
+    """One model's conversions (ours and ORT's, alternating), then latency; writes docs/bench/timing-<name>.json.
+    pre: open_samples' Preprocess for ORT's reader; cli_args: the same for our CLI."""
+    work = work or run_bench._work_folder()
     ours, theirs = os.path.join(work, "msq.onnx"), os.path.join(work, "ort_int8.onnx")
     msq_command = [sys.executable, os.path.join(ROOT, "cli.py"), model, ours, "--calib", calib, "--avg-bits", "4",
-                   "--quiet", *image_args, *text_args]
+                   "--quiet", *cli_args]
     ort_command = [sys.executable, "-c", ORT_SCRIPT.format(root=ROOT, pre=pre, calib=calib, model=model,
                                                           output=theirs)]
     conversions = {"msq": [], "ort": []}
@@ -186,13 +207,13 @@ def compare(model_name: str, args) -> dict:
     result["latency_vs_ort_int8"] = round(latency["msq"] / latency["ort_int8"], 3)
     result["latency_vs_fp32"] = round(latency["msq"] / latency["fp32"], 3)
 
-    if args.scale and model_name == "efficientnet":
+    if getattr(args, "scale", False) and model_name == "efficientnet":
         everything, _ = datasets.imagenet_split(args.shared, work, calib=1000)
         peaks = {}
         for count in (100, 1000):
             subset = subset_csv(everything, count, os.path.join(work, f"calib{count}.csv"))
             command = [sys.executable, os.path.join(ROOT, "cli.py"), model, os.path.join(work, f"s{count}.onnx"),
-                       "--calib", subset, "--avg-bits", "4", "--quiet", *image_args]
+                       "--calib", subset, "--avg-bits", "4", "--quiet", *cli_args]
             wall, peak = measured_run(command)
             peaks[count] = {"wall_s": round(wall, 2), "peak_mib": round(peak, 1)}
         result["calibration_scaling"] = peaks
@@ -207,7 +228,10 @@ def compare(model_name: str, args) -> dict:
 
 def _count(calib: str) -> int:
     if calib.endswith(".npz"):
-        return int(np.load(calib)["labels"].shape[0])
+        with np.load(calib) as arrays:
+            return int(len(arrays["labels"] if "labels" in arrays.files else arrays[arrays.files[0]]))
+    if os.path.isdir(calib):
+        return -1  # a folder of arrays: counted by the tools, not here
     return sum(1 for _ in open(calib, encoding="utf-8")) - 1 if calib.endswith(".csv") else \
         len(datasets.read_text_rows(calib)[0])
 
