@@ -251,3 +251,33 @@ def test_the_demotions_never_move_a_layer_into_float(monkeypatch):
     choices, _ = modes.choose(SimpleNamespace(layers=layers), modes.Measurement(errors, [], []), {}, costs)
     assert {name: c.mode for name, c in choices.items() if name != "m7"} == {f"m{i}": modes.WEIGHT_ONLY for i in range(7)}
     assert choices["m7"].mode == modes.FLOAT
+
+
+def test_gzip_size_is_a_gzip_9_stream_deflated_in_blocks_two_cores_can_share(tmp_path, monkeypatch):
+    """The report's gzip size: blocks deflated apart, each primed with the window before it (as pigz writes
+    them), whose stream between gzip's header and trailer decompresses to the file; one block is gzip -9 exactly."""
+    import struct
+    import zlib
+
+    from msq_onnx import report
+
+    rng = np.random.default_rng(0)
+    data = np.clip(np.rint(rng.normal(0, 3, 200_000)), -8, 7).astype(np.int8).tobytes()  # 4-bit-like weights
+    path = tmp_path / "w.bin"
+    path.write_bytes(data)
+    small = tmp_path / "small.bin"
+    small.write_bytes(data[:3000])
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    monkeypatch.setattr(report, "GZIP_BLOCK", 16_384)  # 13 blocks, the last one short
+    blocks = list(report.deflated_blocks(str(path), 0, len(data)))
+    assert len(blocks) == 13
+    stream = (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + b"".join(blocks)
+              + struct.pack("<II", zlib.crc32(data), len(data)))
+    assert gzip.decompress(stream) == data
+    with report.GzipSize([str(path), str(small), str(empty)], threads=2, at_first=1) as packed:
+        measured = packed.result()
+    assert measured == len(stream) + len(gzip.compress(data[:3000], 9)) + len(gzip.compress(b"", 9))
+    assert report.gzip_size([str(small)]) == len(gzip.compress(data[:3000], 9))
+    serial = len(gzip.compress(data, 9))
+    assert abs(len(stream) - serial) < 0.01 * serial  # the window carried over: nearly one stream's size
