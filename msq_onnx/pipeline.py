@@ -437,15 +437,21 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             with timer.stage("verify"):
                 smoke_check(chosen.path, loaded, calib, options.batch_size)
         # gzip -9 (0.6 s on EfficientNet-Lite0) runs on the core the single-threaded latency timing leaves
-        # idle, on the bytes publish copies as they are (a model past 2 GB is split, and measured after)
-        with GzipSize([] if is_large(loaded.model) else [chosen.path], usable_cores()) as packed:
+        # idle (on one core, after it), on the bytes publish copies as they are (a model past 2 GB is split, and
+        # measured after); every core once the timing is done
+        cores = usable_cores()
+        with GzipSize([] if is_large(loaded.model) else [chosen.path], cores, int(cores > 1)) as packed:
             with timer.stage("latency"):
                 latency, op_counts = measure_latency(loaded, chosen, evaluation, yardstick[0], work_dir)
             packed.widen()
             with timer.stage("write"):
                 as_is = publish(chosen.path, output_path)
             with timer.stage("gzip"):  # past the latency timing (BERT-base's 100 MB: 4.5 s more on one thread)
-                gzip_bytes = packed.result() if packed.paths and as_is else gzip_size(written_files(output_path))
+                if packed.paths and as_is:
+                    gzip_bytes = packed.result()
+                else:
+                    packed.cancel()
+                    gzip_bytes = gzip_size(written_files(output_path))
     from .report import build_report
 
     warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib, budgets, latency, op_counts)

@@ -38,7 +38,7 @@ def _mode_reason(layer, analysis, chosen) -> str:
     return analysis.modes[layer.name].reason
 
 
-GZIP_BLOCK = 1 << 20  # bytes deflated apart: blocks go two at a time where a core is free
+GZIP_BLOCK = 1 << 20  # bytes deflated apart: blocks run at once on the cores free for them
 _WINDOW = 1 << 15  # deflate's window: each block starts with the 32 KB before it as its dictionary
 _GZIP_FRAMING = 18  # gzip's header (10 bytes) and trailer (CRC-32 and size, 8)
 
@@ -63,21 +63,24 @@ def deflated_blocks(path: str, start: int, stop: int):
 class GzipSize:
     """gzip -9 of the written files, what an app bundle or a download carries, measured in the background.
 
-    Blocks of GZIP_BLOCK deflate apart, each from the 32 KB before it (pigz's way), so two cores share the work;
-    the size is within 0.13% of one serial stream's (EfficientNet-Lite0 at 3 bits +0.12%, MiniLM-L6 and
-    ResNet-50 at 4 bits -0.006%), and a file of one block is byte for byte gzip.compress(data, 9). `at_first`
-    blocks run at once until widen(): the batch-1 latency timing holds one core meanwhile (ResNet-50's 26 MB
-    took 3.3 s on one thread, 1.9 s of it past the timing; 1.6 s on two)."""
+    Blocks of GZIP_BLOCK deflate apart, each from the 32 KB before it (pigz's way), so `threads` cores share the
+    work; the size is within 0.13% of one serial stream's (EfficientNet-Lite0 at 3 bits +0.12%, MiniLM-L6 and
+    ResNet-50 at 4 bits -0.006%), and a file of one block deflates byte for byte as gzip.compress(data, 9).
+    `at_first` blocks run at once until widen(): the batch-1 latency timing holds one core meanwhile (ResNet-50's
+    26 MB took 3.3 s on one thread, 1.9 s of it past the timing; 1.6 s on two)."""
 
     def __init__(self, paths, threads: int = 2, at_first: int = 1):
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
         self.paths = list(paths)
-        self.permits, self.spare = threading.Semaphore(at_first), max(0, threads - at_first)
-        self.pool = ThreadPoolExecutor(max(1, threads))
-        self.parts = [self.pool.submit(self._block, path, offset) for path in self.paths
-                      for offset in range(0, max(os.path.getsize(path), 1), GZIP_BLOCK)]
+        sizes = [os.path.getsize(path) for path in self.paths]
+        threads = max(1, threads)
+        at_first = min(max(0, at_first), threads)
+        self.permits, self.spare = threading.Semaphore(at_first), threads - at_first
+        self.pool = ThreadPoolExecutor(threads)
+        self.parts = [self.pool.submit(self._block, path, offset) for path, size in zip(self.paths, sizes)
+                      for offset in range(0, max(size, 1), GZIP_BLOCK)]
 
     def _block(self, path: str, offset: int) -> int:
         with self.permits:
@@ -92,12 +95,19 @@ class GzipSize:
         self.widen()
         return sum(part.result() for part in self.parts) + _GZIP_FRAMING * len(self.paths)
 
+    def cancel(self) -> None:
+        """Drop the blocks not started (their size is not wanted), and let the running ones finish."""
+        self.widen()
+        self.pool.shutdown(cancel_futures=True)
+
     def __enter__(self) -> "GzipSize":
         return self
 
     def __exit__(self, *failed) -> None:
-        self.widen()  # blocks waiting for a permit finish; the unstarted ones are dropped on a failure
-        self.pool.shutdown(cancel_futures=failed[0] is not None)
+        if failed[0] is not None:
+            self.cancel()
+        self.widen()
+        self.pool.shutdown()
 
 
 def gzip_size(paths) -> int:

@@ -82,7 +82,9 @@ def grid_integers(matrix: np.ndarray, clip: np.ndarray, bits: int, flipped: np.n
     ([out, blocks] clip), its extra level on the side `flipped` says; returns (integers, scales)."""
     top = levels(bits)
     scale = (np.maximum(clip, 1e-12) / top).astype(np.float32)
-    return np.clip(np.rint(matrix / steps(scale, matrix.shape[1])), *grid_bounds(top, flipped, matrix.shape[1])), scale
+    integers = matrix / steps(scale, matrix.shape[1])  # one array, rounded and clipped in place (an embedding: 47 MB)
+    np.rint(integers, out=integers)
+    return np.clip(integers, *grid_bounds(top, flipped, matrix.shape[1]), out=integers), scale
 
 
 def fake_quantize(matrix: np.ndarray, clip: np.ndarray, bits: int, flipped: np.ndarray | None = None
@@ -360,7 +362,11 @@ def quantize_layer(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, ch
     else:
         integers, scale = grid_integers(as_matrix(layer, weight), choice.clip, choice.bits, choice.flipped)
     scale = layer.kind.stored_scale(scale)  # what the file holds: the simulation uses exactly it
-    matrix = (integers * steps(scale.astype(np.float32), integers.shape[1])).astype(np.float32)
+    grid = steps(scale.astype(np.float32), integers.shape[1])
+    if choice.integers is None:  # the integers rounded here become the values, in place
+        matrix = np.multiply(integers, grid, out=integers).astype(np.float32, copy=False)
+    else:
+        matrix = (integers * grid).astype(np.float32, copy=False)
     quantized = from_matrix(layer, matrix)
     if not bias_correction or layer.bias_factor is None or input_mean is None:
         return QuantizedLayer(quantized, scale, None)

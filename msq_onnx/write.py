@@ -64,39 +64,53 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
     taken = taken_names(model)
     scales = {}
     for layer in loaded.layers:
-        if bits[layer.name] not in choices[layer.name]:
-            # left in float; any other width missing from the table is a bug upstream (allocate.reachable_widths)
-            assert bits[layer.name] == FLOAT_BITS, (layer.name, bits[layer.name], sorted(choices[layer.name]))
-            continue
-        result = quantize_layer(layer, loaded.weight(layer).astype(np.float32), loaded.bias(layer),
+        # left in float; any other width missing from the table is a bug upstream (allocate.reachable_widths)
+        assert bits[layer.name] in choices[layer.name] or bits[layer.name] == FLOAT_BITS, (
+            layer.name, bits[layer.name], sorted(choices[layer.name]))
+    quantized_layers = [layer for layer in loaded.layers if bits[layer.name] in choices[layer.name]]
+
+    def rounded(layer):
+        result = quantize_layer(layer, loaded.weight(layer).astype(np.float32, copy=False), loaded.bias(layer),
                                 choices[layer.name][bits[layer.name]], input_mean.get(layer.name), bias_correction)
-        model.graph.initializer[index[layer.weight_name]].CopyFrom(
-            numpy_helper.from_array(result.weight.astype(np.float32), layer.weight_name))
-        scales[layer.weight_name] = result.scale
-        if result.bias is None:
-            continue
-        if layer.bias_name is not None:
-            # A MatMul's bias is the constant of the Add after it; the others' is their own input.
-            own = {name for name in readers.get(layer.bias_name, ()) if name in layer.nodes or (
-                layer.op_type == "MatMul" and name in nodes and layer.output_name in nodes[name].input)}
-            if readers.get(layer.bias_name, set()) <= own:
-                model.graph.initializer[index[layer.bias_name]].CopyFrom(
-                    numpy_helper.from_array(result.bias, layer.bias_name))
-                continue
-            # Something else reads the bias too: the layer's readers get a corrected copy, the others the original.
-            name = unique_name(f"{layer.bias_name}_{layer.name}_corrected", taken, "_msq")
-            model.graph.initializer.append(numpy_helper.from_array(result.bias, name))
-            for reader in own:
-                nodes[reader].input[:] = [name if i == layer.bias_name else i for i in nodes[reader].input]
-            continue
-        node = nodes[layer.name]  # no bias yet (one computed in the graph has no bias_factor: load.find_layers)
-        name = f"{layer.weight_name}_msq_bias"
-        model.graph.initializer.append(numpy_helper.from_array(result.bias, name))
-        if len(node.input) > 2:
-            node.input[2] = name
-        else:
-            node.input.append(name)  # Conv and Gemm take an optional bias as their third input
+        return result, numpy_helper.from_array(result.weight.astype(np.float32, copy=False), layer.weight_name)
+
+    from .instrument import RUN_WORKERS, one_blas_thread, ordered_runs
+
+    # Two layers round and serialize at once (numpy lets go of the GIL); the copy is edited here, in the layers'
+    # order.
+    with one_blas_thread():
+        for layer, (result, tensor) in ordered_runs(rounded, quantized_layers, RUN_WORKERS):
+            model.graph.initializer[index[layer.weight_name]].CopyFrom(tensor)
+            _set_bias(model, layer, result, index, nodes, readers, taken)
+            scales[layer.weight_name] = result.scale
     return QuantizedWeights(loaded.with_weights(model), scales)
+
+
+def _set_bias(model: onnx.ModelProto, layer, result, index: dict, nodes: dict, readers: dict, taken: set) -> None:
+    """Put one layer's corrected bias into the copy."""
+    if result.bias is None:
+        return
+    if layer.bias_name is not None:
+        # A MatMul's bias is the constant of the Add after it; the others' is their own input.
+        own = {name for name in readers.get(layer.bias_name, ()) if name in layer.nodes or (
+            layer.op_type == "MatMul" and name in nodes and layer.output_name in nodes[name].input)}
+        if readers.get(layer.bias_name, set()) <= own:
+            model.graph.initializer[index[layer.bias_name]].CopyFrom(
+                numpy_helper.from_array(result.bias, layer.bias_name))
+            return
+        # Something else reads the bias too: the layer's readers get a corrected copy, the others the original.
+        name = unique_name(f"{layer.bias_name}_{layer.name}_corrected", taken, "_msq")
+        model.graph.initializer.append(numpy_helper.from_array(result.bias, name))
+        for reader in own:
+            nodes[reader].input[:] = [name if i == layer.bias_name else i for i in nodes[reader].input]
+        return
+    node = nodes[layer.name]  # no bias yet (one computed in the graph has no bias_factor: load.find_layers)
+    name = f"{layer.weight_name}_msq_bias"
+    model.graph.initializer.append(numpy_helper.from_array(result.bias, name))
+    if len(node.input) > 2:
+        node.input[2] = name
+    else:
+        node.input.append(name)  # Conv and Gemm take an optional bias as their third input
 
 
 def tensor_overrides(layers, scales: dict, wide_tensors=(), containers: dict | None = None) -> dict:
@@ -519,7 +533,7 @@ def publish(model_path: str, output_path: str) -> bool:
                             location=data_name + ".tmp", size_threshold=0)
             os.replace(os.path.join(folder, data_name + ".tmp"), os.path.join(folder, data_name))
             _rewrite_location(temporary, data_name + ".tmp", data_name)
-        else:  # the bytes as written and verified (and as report.gzip_size may already have read them)
+        else:  # the bytes as written and verified (and as report.GzipSize reads them, maybe meanwhile)
             with open(model_path, "rb") as source, open(temporary, "wb") as out:
                 shutil.copyfileobj(source, out, 1 << 22)
                 out.flush()

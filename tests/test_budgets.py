@@ -279,5 +279,13 @@ def test_gzip_size_is_a_gzip_9_stream_deflated_in_blocks_two_cores_can_share(tmp
         measured = packed.result()
     assert measured == len(stream) + len(gzip.compress(data[:3000], 9)) + len(gzip.compress(b"", 9))
     assert report.gzip_size([str(small)]) == len(gzip.compress(data[:3000], 9))
+    for size in (2 * 16_384, 16_384 + 1, 1):  # whole blocks only, one byte past a block, one byte
+        part = tmp_path / f"part{size}.bin"
+        part.write_bytes(data[:size])
+        joined = b"".join(report.deflated_blocks(str(part), 0, size))
+        assert zlib.decompress(joined, -15) == data[:size]
+        packed = report.GzipSize([str(part)], threads=2, at_first=0)  # nothing runs until widened
+        assert not any(p.done() for p in packed.parts)
+        assert packed.result() == len(joined) + 18
     serial = len(gzip.compress(data, 9))
     assert abs(len(stream) - serial) < 0.01 * serial  # the window carried over: nearly one stream's size
