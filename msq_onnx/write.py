@@ -321,7 +321,7 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
                             extra_options={"TensorQuantOverrides": tensor_overrides(
                                 [layer for layer in static if layer.name not in done], quantized.scales,
                                 wide_tensors, containers)})
-        model = onnx.load(result)
+        model = None  # read back only where other layers are rewritten in it
     else:
         # Without ORT's quantizer the copy is ours alone: rewritten in place, with no file round trip (MiniLM-L6:
         # the write's peak held the copy, its serialization and the model read back, 90 MB each).
@@ -329,6 +329,7 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
     others = [layer for layer in loaded.layers if modes[layer.name] in (DYNAMIC, WEIGHT_ONLY)
               and layer.weight_name in quantized.scales]
     if others:
+        model = onnx.load(result) if model is None else model
         rewrite_layers(model, others, quantized, modes, containers)
         save_model_file(model, result)
     elif not static:
