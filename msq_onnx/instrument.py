@@ -12,6 +12,7 @@ statistics and dropped."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -622,13 +623,15 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
                 rows.setdefault(layer.name, []).append(1)  # a map: one row per sample, as for any Conv
             else:
                 probe_shape = result[outputs["probe"][layer.name]].shape
-                rows.setdefault(layer.name, []).append(
-                    int(np.prod(probe_shape[1:-1])) if layer.kind.channels_last and len(probe_shape) > 2 else 1)
+                rows.setdefault(layer.name, []).append(  # math.prod: np.prod of a tuple took 0.2 s of a MiniLM pass
+                    math.prod(probe_shape[1:-1]) if layer.kind.channels_last and len(probe_shape) > 2 else 1)
             if layer.name not in outputs["moments"]:
                 continue
-            mean_name, sq_name = outputs["moments"][layer.name]
-            mean_sum[layer.name] = mean_sum.get(layer.name, 0) + result[mean_name] * count
-            sq_sum[layer.name] = sq_sum.get(layer.name, 0) + result[sq_name] * count
+            for sums, name in zip((mean_sum, sq_sum), outputs["moments"][layer.name]):
+                if layer.name in sums:  # summed in place, in the same order
+                    np.add(sums[layer.name], result[name] * count, out=sums[layer.name])
+                else:
+                    sums[layer.name] = result[name] * count
         if gathered:
             gram.add({name: result[name] for name in gathered})
         chosen = imprinted[seen:seen + count]
