@@ -628,10 +628,10 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             if layer.name not in outputs["moments"]:
                 continue
             for sums, name in zip((mean_sum, sq_sum), outputs["moments"][layer.name]):
-                if layer.name in sums:  # summed in place, in the same order
-                    np.add(sums[layer.name], result[name] * count, out=sums[layer.name])
+                if layer.name in sums:  # in place for an array; a 1-D input's 0-d moments are numpy scalars
+                    sums[layer.name] += result[name] * count
                 else:
-                    sums[layer.name] = result[name] * count
+                    sums[layer.name] = 0 + result[name] * count  # a new array (never ORT's), -0.0 made +0.0
         if gathered:
             gram.add({name: result[name] for name in gathered})
         chosen = imprinted[seen:seen + count]

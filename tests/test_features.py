@@ -247,3 +247,35 @@ def test_only_a_clips_data_input_borrows_its_range_not_its_bounds():
         [numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")])
     sources = range_sources(onnx.helper.make_model(graph))
     assert sources["c"] == "y" and sources["hi"] == "hi"
+
+
+def test_a_layer_on_a_vector_sums_its_moments_over_every_batch(tmp_path):
+    """A MatMul fed a 1-D vector (pooled over the batch) has 0-d moments: they add up like any other."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.instrument import run_pass
+    from msq_onnx.load import load_model
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["v"], axes=[0], keepdims=0, name="pool"),
+         helper.make_node("MatMul", ["x", "W1"], ["a"], name="mm1"),
+         helper.make_node("MatMul", ["v", "W2"], ["b"], name="mm2"),
+         helper.make_node("Add", ["a", "b"], ["y"], name="add")], "vector",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), name) for name in ("W1", "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    x = rng.standard_normal((40, 4)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    stats = run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2), 64,
+                     quiet=True)
+    vector = next(layer.name for layer in loaded.layers if layer.nodes[0] == "mm2")
+    assert np.ndim(stats.input_mean[vector]) == 0
+    np.testing.assert_allclose(stats.input_mean[vector], x.mean(), rtol=1e-5)  # each sample's own mean, averaged
+    np.testing.assert_allclose(stats.input_sq[vector], (x ** 2).mean(), rtol=1e-5)
