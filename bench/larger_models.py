@@ -2,8 +2,8 @@
 
 Both come from transformers' configs with their default sizes (ResNetConfig: ResNet-50, here with ImageNet's
 1,000-class head, 25.6 M parameters; BertConfig: 12 layers x 768, vocabulary 30,522, 110 M), weights from a fixed
-seed, nothing downloaded, exported with torch's legacy exporter at opset 17. Speed and memory do not depend on what the weights learned, so random
-weights measure them as trained ones would. Calibration: 300 samples in a .npz, standard-normal 224 x 224 images for
+seed, nothing downloaded, exported with torch's legacy exporter at opset 17. Speed and memory do not depend on
+what the weights learned, so random weights measure them as trained ones would. Calibration: 300 samples in a .npz, standard-normal 224 x 224 images for
 the ResNet; for the BERT token ids with 16..128 real tokens right-padded to 128 (attention_mask 0 on the padding),
 as a tokenizer's fixed-length export would give them. Each model then goes through `bench/compare_ort.py --onnx`
 (best of --repeats alternating conversions, --avg-bits 4, and the batch-1 latencies).

@@ -43,21 +43,18 @@ _WINDOW = 1 << 15  # deflate's window: each block starts with the 32 KB before i
 _GZIP_FRAMING = 18  # gzip's header (10 bytes) and trailer (CRC-32 and size, 8)
 
 
-def deflated_blocks(path: str, start: int, stop: int):
-    """One file's blocks from `start` to `stop` (offsets, GZIP_BLOCK apart), deflated at level 9 as pigz writes
-    them: each primed with the window before it and ended by a sync flush, the file's last by the final one.
-    The blocks joined between gzip's header and trailer are a gzip -9 stream of the file."""
+def deflated_block(path: str, offset: int) -> bytes:
+    """The file's block at `offset` (a multiple of GZIP_BLOCK), deflated at level 9 as pigz writes it: primed
+    with the window before it and ended by a sync flush, the file's last block by the final one. The blocks
+    joined in order between gzip's header and trailer are a gzip -9 stream of the file."""
     import zlib
 
-    size = os.path.getsize(path)
+    last = offset + GZIP_BLOCK >= os.path.getsize(path)
     with open(path, "rb") as handle:
-        for offset in range(start, stop, GZIP_BLOCK):
-            handle.seek(max(0, offset - _WINDOW))
-            window = handle.read(offset - max(0, offset - _WINDOW))
-            packer = zlib.compressobj(9, zlib.DEFLATED, -15, **({"zdict": window} if window else {}))
-            last = offset + GZIP_BLOCK >= size
-            yield packer.compress(handle.read(GZIP_BLOCK)) + packer.flush(zlib.Z_FINISH if last else
-                                                                            zlib.Z_SYNC_FLUSH)
+        handle.seek(max(0, offset - _WINDOW))
+        window = handle.read(offset - max(0, offset - _WINDOW))
+        packer = zlib.compressobj(9, zlib.DEFLATED, -15, **({"zdict": window} if window else {}))
+        return packer.compress(handle.read(GZIP_BLOCK)) + packer.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
 
 
 class GzipSize:
@@ -84,7 +81,7 @@ class GzipSize:
 
     def _block(self, path: str, offset: int) -> int:
         with self.permits:
-            return sum(len(block) for block in deflated_blocks(path, offset, offset + 1))
+            return len(deflated_block(path, offset))
 
     def widen(self) -> None:
         for _ in range(self.spare):
