@@ -26,9 +26,11 @@ def upstream_layers(model, layers) -> dict[str, list[str]]:
             node = producer.get(tensor)
             if node is None:
                 continue  # a graph input
-            if node.name in layer_names:
+            if node.name in layer_names and node.name not in layer.nodes:
                 found.append(node.name)
                 continue
+            # The layer's own node is passed through: an LSTM's recurrence weight multiplies the node's own
+            # hidden states, and its upstream is the LSTM's (otherwise its input weight's layer, a gain of zero).
             stack.extend(i for i in node.input if i)
         result[layer.name] = sorted(set(found))
     return result

@@ -145,6 +145,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
         add_output(hi)
         outputs["range"][tensor] = (lo, hi)  # lo None: never negative, its range starts at 0
 
+    views = {}  # probe -> the tensor with its samples on axis 0 (ops.OpKind.batch_first)
     for index, layer in enumerate(loaded.layers):
         shape = shapes.get(layer.probe_name)
         fixed_map = levels and not layer.kind.channels_last and _fixed_map(shape)
@@ -191,8 +192,12 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
             add_output(grid)
             outputs["grid"][layer.name] = grid
         else:
-            add_output(layer.probe_name)
-            outputs["probe"][layer.name] = layer.probe_name
+            if layer.probe_name not in views:  # the layers of one node (an LSTM's W and R) share one view
+                added, constants, views[layer.probe_name] = layer.kind.batch_first(layer, f"msq_probe_{index}")
+                graph.node.extend(added)
+                graph.initializer.extend(constants)
+            add_output(views[layer.probe_name])
+            outputs["probe"][layer.name] = views[layer.probe_name]
         if not layer.kind.input_moments:
             continue  # token ids: no per-channel statistics
         rank = _rank(model, layer.input_name) or (4 if layer.op_type in ("Conv", "ConvTranspose") else 2)

@@ -212,8 +212,8 @@ def layer_seconds(loaded, rows: dict) -> dict | None:
     nodes = {n.name: n for n in loaded.model.graph.node}
     result = {}
     for layer in loaded.layers:
-        if layer.op_type == "Gather":
-            result[layer.name] = {WEIGHT_ONLY: 0.0, FLOAT: 0.0}  # a lookup: microseconds either way
+        if not layer.kind.timed:
+            result[layer.name] = {WEIGHT_ONLY: 0.0, FLOAT: 0.0}  # a lookup or a weight's DQ: microseconds either way
             continue
         if layer.op_type in ("MatMul", "Gemm"):
             fan_out = layer.weight_shape[layer.out_axis]

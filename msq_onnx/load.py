@@ -630,7 +630,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
     for node in list(graph.node):  # chains are removed from graph.node as they fold
         kind = REGISTRY.get(node.op_type)
         if kind is not None:
-            positions = [kind.weight_index] if len(node.input) > kind.weight_index else []
+            positions = [position for position in kind.constant_inputs(node) if len(node.input) > position]
             if node.op_type in _BIASED and len(node.input) > 2:
                 positions.append(2)  # torch's legacy export shares an all-zero bias through Identity nodes
         elif node.op_type in _UNHANDLED_WEIGHTED:
@@ -772,7 +772,72 @@ def _subgraph_layers(graph) -> list[dict]:
 
 
 # Weighted ops msq-onnx does not quantize: named in the report and counted at 32 bits, never silently float.
-_UNHANDLED_WEIGHTED = ("LSTM", "GRU", "RNN", "Einsum", "Attention", "MultiHeadAttention")
+_UNHANDLED_WEIGHTED = ("Einsum", "Attention", "MultiHeadAttention")
+
+
+def _add_layer(node, kind, position: int, activation: str, suffix: str, inits: dict, users: dict, producers: dict,
+               outputs: set, by_weight: dict, refused: set, skipped: list) -> None:
+    """find_layers for one weight of a node (input `position`, multiplying `activation`): a new layer in
+    by_weight, one more node of a layer that shares the weight, or the reason it is neither in skipped."""
+    if len(node.input) <= position or not node.input[position]:
+        return
+    weight_name = node.input[position]
+    if weight_name not in inits:
+        chain = []  # a weight computed from initializers _fold_weight_chains left alone (one read elsewhere)
+        if _computed_weight(weight_name, producers, inits, chain) is not None:
+            sources = sorted({i for step in chain for i in step.input if _float_weight(i, inits)})
+            skipped.extend({"node": node.name, "op_type": node.op_type, "weight": w,
+                            "reason": f"its weight is computed from '{w}', which another node also reads (a "
+                                      "tied weight): left in float"} for w in sources)
+        return
+    if node.op_type == "Gather" and inits[weight_name].data_type != onnx.TensorProto.FLOAT:
+        return  # an index or shape table, not an embedding
+    if weight_name in refused:
+        skipped.append({"node": node.name, "op_type": node.op_type, "reason": f"shares weight '{weight_name}' "
+                        "with a node that cannot be quantized"})
+        return
+    if inits[weight_name].data_type != onnx.TensorProto.FLOAT:
+        raise BadModel(f"layer '{node.name}' has {onnx.TensorProto.DataType.Name(inits[weight_name].data_type)} "
+                       "weights; msq-onnx quantizes FP32 models: export the model in float32.")
+    try:
+        fields = kind.describe(node, inits)
+    except Skip as reason:
+        refused.add(weight_name)
+        skipped.append({"node": node.name, "op_type": node.op_type, "reason": str(reason), "weight": weight_name})
+        if weight_name in by_weight:
+            dropped = by_weight.pop(weight_name)
+            skipped.extend({"node": n, "op_type": dropped.op_type, "reason": f"shares weight '{weight_name}' "
+                            "with a node that cannot be quantized"} for n in dropped.nodes)
+        return
+    shared = by_weight.get(weight_name)
+    if shared is not None:
+        if shared.op_type != node.op_type or fields.get("out_axis") != shared.out_axis \
+                or shared.weight_position != position:
+            # e.g. tied input and output embeddings: one width would need one layout
+            refused.add(weight_name)
+            del by_weight[weight_name]
+            reason = (f"shares weight '{weight_name}' with a node of another layout "
+                      f"({shared.op_type} and {node.op_type}): left in float")
+            skipped.append({"node": node.name, "op_type": node.op_type, "reason": reason, "weight": weight_name})
+            skipped.extend({"node": n, "op_type": shared.op_type, "reason": reason} for n in shared.nodes)
+            return
+        # One width for all users; a bias correction would only fit one of them.
+        shared.nodes += (node.name,)
+        shared.bias_name, shared.bias_factor = None, None
+        return
+    at = kind.bias_index
+    bias = node.input[at] if at is not None and len(node.input) > at and node.input[at] in inits else None
+    if at is not None and len(node.input) > at and node.input[at] and bias is None:
+        fields["bias_factor"] = None  # a bias computed in the graph: nothing constant to put a correction in
+    if node.op_type == "MatMul":
+        bias = _bias_add(node, users, inits)
+        if bias is None:
+            fields["bias_factor"] = None  # MatMul has no bias input to put a correction in
+    by_weight[weight_name] = Layer(name=node.name + suffix, op_type=node.op_type, weight_name=weight_name,
+                                   input_name=activation, nodes=(node.name,), weight_input=position,
+                                   probe_name=kind.probe(node) or _probe_of(node, users, inits, outputs),
+                                   weight_shape=tuple(inits[weight_name].dims), bias_name=bias,
+                                   output_name=node.output[0], **fields)
 
 
 def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[dict]]:
@@ -791,63 +856,11 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
             skipped.extend({"node": node.name, "op_type": node.op_type, "weight": w,
                             "reason": f"{node.op_type} weights are not quantized by msq-onnx"} for w in weights)
             continue
-        if kind is not None and len(node.input) > kind.weight_index and node.input[kind.weight_index] not in inits:
-            chain = []  # a weight computed from initializers _fold_weight_chains left alone (one read elsewhere)
-            if _computed_weight(node.input[kind.weight_index], producers, inits, chain) is not None:
-                sources = sorted({i for step in chain for i in step.input if _float_weight(i, inits)})
-                skipped.extend({"node": node.name, "op_type": node.op_type, "weight": w,
-                                "reason": f"its weight is computed from '{w}', which another node also reads (a "
-                                          "tied weight): left in float"} for w in sources)
-            continue
         if kind is None or len(node.input) < 2:
             continue  # activation x activation: nothing to give bits to
-        weight_name = node.input[kind.weight_index]
-        if node.op_type == "Gather" and inits[weight_name].data_type != onnx.TensorProto.FLOAT:
-            continue  # an index or shape table, not an embedding
-        if weight_name in refused:
-            skipped.append({"node": node.name, "op_type": node.op_type, "reason": f"shares weight '{weight_name}' "
-                            "with a node that cannot be quantized"})
-            continue
-        if inits[weight_name].data_type != onnx.TensorProto.FLOAT:
-            raise BadModel(f"layer '{node.name}' has {onnx.TensorProto.DataType.Name(inits[weight_name].data_type)} "
-                           "weights; msq-onnx quantizes FP32 models: export the model in float32.")
-        try:
-            fields = kind.describe(node, inits)
-        except Skip as reason:
-            refused.add(weight_name)
-            skipped.append({"node": node.name, "op_type": node.op_type, "reason": str(reason), "weight": weight_name})
-            if weight_name in by_weight:
-                dropped = by_weight.pop(weight_name)
-                skipped.extend({"node": n, "op_type": dropped.op_type, "reason": f"shares weight '{weight_name}' "
-                                "with a node that cannot be quantized"} for n in dropped.nodes)
-            continue
-        shared = by_weight.get(weight_name)
-        if shared is not None:
-            if shared.op_type != node.op_type or fields.get("out_axis") != shared.out_axis:
-                # e.g. tied input and output embeddings: one width would need one layout
-                refused.add(weight_name)
-                del by_weight[weight_name]
-                reason = (f"shares weight '{weight_name}' with a node of another layout "
-                          f"({shared.op_type} and {node.op_type}): left in float")
-                skipped.append({"node": node.name, "op_type": node.op_type, "reason": reason, "weight": weight_name})
-                skipped.extend({"node": n, "op_type": shared.op_type, "reason": reason} for n in shared.nodes)
-                continue
-            # One width for all users; a bias correction would only fit one of them.
-            shared.nodes += (node.name,)
-            shared.bias_name, shared.bias_factor = None, None
-            continue
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
-        if len(node.input) > 2 and node.input[2] and bias is None:
-            fields["bias_factor"] = None  # a bias computed in the graph: nothing constant to put a correction in
-        if node.op_type == "MatMul":
-            bias = _bias_add(node, users, inits)
-            if bias is None:
-                fields["bias_factor"] = None  # MatMul has no bias input to put a correction in
-        by_weight[weight_name] = Layer(name=node.name, op_type=node.op_type, weight_name=weight_name,
-                                       input_name=node.input[kind.data_index],
-                                       probe_name=_probe_of(node, users, inits, outputs),
-                                       weight_shape=tuple(inits[weight_name].dims), bias_name=bias,
-                                       output_name=node.output[0], **fields)
+        for position, activation, suffix in kind.weights(node):
+            _add_layer(node, kind, position, activation, suffix, inits, users, producers, outputs, by_weight,
+                       refused, skipped)
     inner = subgraph_inputs(graph)
     for weight_name, layer in list(by_weight.items()):
         # A weight something else also reads (a tied output projection through a Transpose) keeps its float

@@ -160,7 +160,7 @@ def build_measurement(loaded, ranges: dict) -> tuple[onnx.ModelProto, dict]:
     quantizers = _Quantizers(ranges, model)
     outputs: dict = {}
     for index, layer in enumerate(loaded.layers):
-        node = nodes[layer.name]
+        node = nodes[layer.nodes[0]]
         outputs[layer.name] = {}
         for mode in layer.kind.modes:
             if not quantizes_activations(layer, mode):

@@ -155,6 +155,7 @@ class Layer:
     output_name: str = ""  # the node's own output (before bias, activation, residual)
     gemm_alpha: float = 1.0  # Gemm only: rewritten as MatMul for the dynamic and weight-only modes
     block: int = 0  # Gather only: scales per block of this many values along a table row
+    weight_input: int = -1  # the node input the weight is (-1: the kind's weight_index); an LSTM has two
 
     def __post_init__(self):
         if not self.nodes:
@@ -172,6 +173,10 @@ class Layer:
     @property
     def kind(self) -> "OpKind":
         return REGISTRY[self.op_type]
+
+    @property
+    def weight_position(self) -> int:
+        return self.kind.weight_index if self.weight_input < 0 else self.weight_input
 
 
 class Skip(Exception):
@@ -198,10 +203,31 @@ class OpKind:
     channels_last: bool = False  # MatMul activations keep features on the last axis, Conv/Gemm on axis 1
     weight_index: int = 1  # which input is the weight; the activation input is the other of inputs 0 and 1
     input_moments: bool = True  # the activation input is a float tensor with per-channel statistics
+    bias_index: int | None = 2  # the input a constant bias sits in (MatMul: its Add; recurrent ops: left float)
+    timed: bool = True  # False: weight-only runs the float op on a looked-up or dequantized weight, as float does
 
     @property
     def data_index(self) -> int:
         return 1 - self.weight_index
+
+    def weights(self, node) -> tuple:
+        """(input position, the activation tensor it multiplies, suffix of the layer's name) per weight of the
+        node: one layer each."""
+        return ((self.weight_index, node.input[self.data_index], ""),)
+
+    def constant_inputs(self, node) -> list:
+        """Inputs that load.py folds into initializers where an exporter computes them from constants."""
+        return [position for position, _, _ in self.weights(node)]
+
+    def probe(self, node) -> str | None:
+        """The tensor whose features the layer's predictor reads, where the kind fixes it (None: load.py
+        follows the node's output through its bias, residual add and activation)."""
+        return None
+
+    def batch_first(self, layer: "Layer", prefix: str) -> tuple[list, list, str]:
+        """Nodes and initializers giving the layer's probe with the samples on axis 0, as the features read
+        it, and its name: the probe itself for every kind but the recurrent ones."""
+        return [], [], layer.probe_name
 
     def container(self, layer, bits: int, mode: str, prefer: str) -> str:
         """The narrowest container ONNX Runtime runs for this layer, width, mode and objective.
@@ -372,6 +398,56 @@ class _MatMul(_Dense):
         return {"out_axis": 1, "transposed_weight": True, "bias_factor": 1.0}
 
 
+class _Recurrent(OpKind):
+    """LSTM, GRU and RNN: the input weights W [directions, gates x hidden, inputs] (input 1) and the recurrence
+    weights R [directions, gates x hidden, hidden] (input 2) are two layers. ONNX Runtime has no integer kernel
+    for them, so both are weight-only: integers and one scale per gate row (shared by the directions: axis 1)
+    that a DequantizeLinear turns back into the float weight the op reads every run (a GRU of 3 x 24 x 16
+    takes its dequantized weights at cosine 0.99998 at 8 bits). The bytes shrink; the recurrence runs in
+    float. The bias B stays float, as a Conv's does."""
+
+    def weights(self, node):
+        hidden = self.probe(node)  # what R multiplies: the hidden states, h_t of every step (Y) or the last
+        return ((1, node.input[0], ""), (2, hidden, "/R"))
+
+    def constant_inputs(self, node):
+        # torch's dynamo export reorders the bias's gates as it does the weights' (Slice, Concat)
+        return list(range(1, len(node.input)))
+
+    def probe(self, node):
+        return next((o for o in node.output[:2] if o), node.output[0])
+
+    def describe(self, node, inits):
+        weight = inits[node.input[1]]
+        if len(weight.dims) != 3:
+            raise Skip(f"{node.op_type} weight of rank {len(weight.dims)}: ONNX's layout is [directions, gates x "
+                       "hidden, inputs]")
+        if int(attribute(node, "layout", 0)) != 0:
+            raise Skip(f"{node.op_type} with layout=1 (batch first): its hidden states are not read in that layout")
+        return {"out_axis": 1, "transposed_weight": False, "bias_factor": None}
+
+    def matrix(self, layer, weight):
+        return np.swapaxes(weight, 0, 1).reshape(weight.shape[1], -1)  # [gates x hidden, directions x inputs]
+
+    def from_matrix(self, layer, matrix):
+        directions, rows, columns = layer.weight_shape
+        return np.swapaxes(matrix.reshape(rows, directions, columns), 0, 1)
+
+    def input_channel_index(self, layer):
+        directions, rows, columns = layer.weight_shape
+        return np.broadcast_to(np.tile(np.arange(columns), directions), (rows, directions * columns))
+
+    def batch_first(self, layer, prefix):
+        # Y is [steps, directions, batch, hidden] and Y_h [directions, batch, hidden]: a sample's features are
+        # its steps' hidden states, side by side over the directions ([batch, steps, directions x hidden]).
+        tensor, steps = layer.probe_name, layer.probe_name == layer.output_name  # probe(): Y where there is one
+        perm, shape = ([2, 0, 1, 3], [0, 0, -1]) if steps else ([1, 0, 2], [0, -1])
+        shape_name, moved, view = prefix + "_shape", prefix + "_moved", prefix + "_view"
+        nodes = [onnx.helper.make_node("Transpose", [tensor], [moved], perm=perm, name=moved),
+                 onnx.helper.make_node("Reshape", [moved, shape_name], [view], name=view)]
+        return nodes, [onnx.numpy_helper.from_array(np.array(shape, np.int64), shape_name)], view
+
+
 FLOAT16_SCALE_LIMIT = 60000.0  # below float16's largest finite value, 65504
 GATHER_BLOCKS = (32, 64, 128, 16)  # scale block along a table row: the first that divides the row
 
@@ -424,7 +500,9 @@ REGISTRY = {kind.op_type: kind for kind in (
     _ConvTranspose("ConvTranspose", (WEIGHT_ONLY,)),
     _Gemm("Gemm", (STATIC, DYNAMIC, WEIGHT_ONLY)),
     _MatMul("MatMul", (STATIC, DYNAMIC, WEIGHT_ONLY), channels_last=True),
-    _Gather("Gather", (WEIGHT_ONLY,), channels_last=True, weight_index=0, input_moments=False),
+    _Gather("Gather", (WEIGHT_ONLY,), channels_last=True, weight_index=0, input_moments=False, timed=False),
+    *(_Recurrent(op_type, (WEIGHT_ONLY,), channels_last=True, bias_index=None, timed=False)
+      for op_type in ("LSTM", "GRU", "RNN")),
 )}
 
 

@@ -104,7 +104,7 @@ def _set_bias(model: onnx.ModelProto, layer, result, index: dict, nodes: dict, r
         for reader in own:
             nodes[reader].input[:] = [name if i == layer.bias_name else i for i in nodes[reader].input]
         return
-    node = nodes[layer.name]  # no bias yet (one computed in the graph has no bias_factor: load.find_layers)
+    node = nodes[layer.nodes[0]]  # no bias yet (one computed in the graph has no bias_factor: load.find_layers)
     name = f"{layer.weight_name}_msq_bias"
     model.graph.initializer.append(numpy_helper.from_array(result.bias, name))
     if len(node.input) > 2:
@@ -448,12 +448,16 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
             if dense:
                 new_nodes += _dense_nodes(node, mode, prefix + "_" + str(position[node_name]),
                                           prefix + "_dq", q_name, s_name, z_name, edit)
-            else:  # Conv / ConvTranspose: float op on the dequantized weight
-                copy = onnx.NodeProto()
+                replacements[position[node_name]] = new_nodes
+                continue
+            # Conv, ConvTranspose, LSTM...: the float op on the dequantized weight. A node with two weights (an
+            # LSTM's W and R) is rewritten once per weight, on the copy the first rewrite made.
+            earlier = replacements.get(position[node_name])
+            copy = earlier[-1] if earlier else onnx.NodeProto()
+            if not earlier:
                 copy.CopyFrom(node)
-                copy.input[1] = prefix + "_dq"
-                new_nodes.append(copy)
-            replacements[position[node_name]] = new_nodes
+            copy.input[layer.weight_position] = prefix + "_dq"
+            replacements[position[node_name]] = new_nodes + (earlier or [copy])
     rebuilt = []
     for index, node in enumerate(model.graph.node):
         rebuilt.extend(replacements.get(index, [node]))

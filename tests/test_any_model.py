@@ -764,29 +764,116 @@ def test_fixed_batch_model_converts_and_its_latency_uses_the_fixed_batch(tmp_pat
 
 
 def test_unhandled_weighted_ops_are_named_and_count_in_the_budget(tmp_path):
-    """An LSTM's weights are not quantized: the report and stderr say so, and --avg-bits counts them at 32."""
+    """An Einsum's weight is not quantized: the report and stderr say so, and --avg-bits counts it at 32."""
     rng = np.random.default_rng(2)
-    hidden = 6
     inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32) * 0.3, n)
-             for n, s in (("W", (1, 4 * hidden, 4)), ("R", (1, 4 * hidden, hidden)), ("B", (1, 8 * hidden)),
-                          ("wo", (hidden, 3)))]
-    inits.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+             for n, s in (("we", (4, 6)), ("wo", (6, 3)))]
     graph = helper.make_graph(
-        [helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y", "Yh"], hidden_size=hidden, name="lstm"),
-         helper.make_node("Squeeze", ["Yh", "axis0"], ["h"], name="squeeze"),
-         helper.make_node("MatMul", ["h", "wo"], ["out"], name="head")], "lstm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", 4])],
+        [helper.make_node("Einsum", ["x", "we"], ["h"], equation="ni,ij->nj", name="einsum"),
+         helper.make_node("MatMul", ["h", "wo"], ["out"], name="head")], "einsum",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=rng.normal(size=(5, 12, 4)).astype(np.float32))
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(12, 4)).astype(np.float32))
     report = convert(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), str(tmp_path / "c.npz"),
                      Options(quiet=True)).report
-    assert [s["node"] for s in report["left_in_float"]] == ["lstm"]  # once, not once per weight
-    assert any("lstm" in w and "LSTM" in w for w in report["warnings"])
-    assert report["avg_weight_bits"] > 8  # the LSTM's weights count at 32 bits
-    with pytest.raises(MsqError, match="lstm"):
+    assert [s["node"] for s in report["left_in_float"]] == ["einsum"]
+    assert any("einsum" in w and "Einsum" in w for w in report["warnings"])
+    assert report["avg_weight_bits"] > 8  # the Einsum's weight counts at 32 bits
+    with pytest.raises(MsqError, match="einsum"):
         convert(str(tmp_path / "m.onnx"), str(tmp_path / "q2.onnx"), str(tmp_path / "c.npz"),
                 Options(avg_bits=4, quiet=True))
+
+
+def recurrent_model(op_type: str, directions: int, seed: int = 2, steps: int = 7, features: int = 8,
+                    hidden: int = 16) -> onnx.ModelProto:
+    """A batch-first sequence classifier as torch exports one: Transpose to [steps, N, features], the recurrent
+    op, its last hidden state flattened over the directions, a MatMul head."""
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op_type]
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32) * 0.3, n)
+             for n, s in (("W", (directions, gates * hidden, features)), ("R", (directions, gates * hidden, hidden)),
+                          ("B", (directions, 2 * gates * hidden)), ("wo", (directions * hidden, 5)))]
+    inits.append(numpy_helper.from_array(np.array([0, -1], np.int64), "flat"))
+    direction = "bidirectional" if directions == 2 else "forward"
+    graph = helper.make_graph(
+        [N("Transpose", ["x"], ["xt"], perm=[1, 0, 2], name="to_steps"),
+         N(op_type, ["xt", "W", "R", "B"], ["Y", "Yh"], hidden_size=hidden, direction=direction, name="rnn"),
+         N("Transpose", ["Yh"], ["ht"], perm=[1, 0, 2], name="to_batch"),
+         N("Reshape", ["ht", "flat"], ["h"], name="flatten"),
+         N("MatMul", ["h", "wo"], ["out"], name="head")], "recurrent",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", steps, features])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("op_type,directions", [("LSTM", 2), ("GRU", 1), ("RNN", 2)])
+def test_recurrent_weights_are_two_weight_only_layers_dequantized_into_the_op(tmp_path, op_type, directions):
+    """An LSTM's, GRU's or RNN's input weights W and recurrence weights R are two layers: stored as integers with
+    a scale per gate row, a DequantizeLinear feeding the op's inputs 1 and 2. The written file is smaller, runs,
+    and stays close to FP32; --prefer size stores 4-bit levels in int4 and is smaller again."""
+    model = recurrent_model(op_type, directions)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(3).normal(size=(80, 7, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    sizes = {}
+    for prefer in ("speed", "size"):
+        out = tmp_path / f"q-{prefer}.onnx"
+        report = convert(str(tmp_path / "m.onnx"), str(out), str(tmp_path / "c.npz"),
+                         Options(avg_bits=4, prefer=prefer, quiet=True)).report
+        layers = {layer["name"]: layer for layer in report["layers"]}
+        assert {"rnn", "rnn/R"} <= set(layers) and report["left_in_float"] == []
+        assert layers["rnn"]["mode"] == layers["rnn/R"]["mode"] == "weight-only"
+        assert layers["rnn/R"]["importance"] == layers["rnn"]["importance"]  # one node, one predictor gain
+        written = onnx.load(str(out))
+        inits = {t.name: t for t in written.graph.initializer}
+        producers = {o: n for n in written.graph.node for o in n.output}
+        rnn = next(n for n in written.graph.node if n.op_type == op_type)
+        for position, name in ((1, "rnn"), (2, "rnn/R")):
+            dq = producers[rnn.input[position]]
+            assert dq.op_type == "DequantizeLinear"
+            stored = inits[dq.input[0]]
+            expected = onnx.TensorProto.INT4 if layers[name]["container"] == "int4" else onnx.TensorProto.INT8
+            assert stored.data_type == expected and list(stored.dims) == list(
+                numpy_helper.to_array(model.graph.initializer[position - 1]).shape)
+            assert numpy_helper.to_array(inits[dq.input[1]]).shape == (stored.dims[1],)  # a scale per gate row
+        if prefer == "size":
+            assert "int4" in {layers["rnn"]["container"], layers["rnn/R"]["container"]}
+        fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        cosine = np.sum(fp32 * got, 1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(got, axis=1))
+        assert cosine.mean() > 0.95 and np.abs(got - fp32).max() > 0  # quantized, and close
+        sizes[prefer] = os.path.getsize(out)
+    assert sizes["size"] < sizes["speed"] < os.path.getsize(tmp_path / "m.onnx")
+
+
+def test_a_batch_first_recurrent_op_is_left_in_float_and_named(tmp_path):
+    """layout=1 puts the batch first in an LSTM's inputs and outputs, which the features do not read: its weights
+    stay float and the report says why."""
+    model = recurrent_model("LSTM", 1)
+    rnn = next(node for node in model.graph.node if node.op_type == "LSTM")
+    rnn.attribute.append(helper.make_attribute("layout", 1))
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    assert [layer.name for layer in loaded.layers] == ["head"]
+    assert {s["weight"] for s in loaded.skipped if s["node"] == "rnn"} == {"W", "R"}
+    assert all("layout=1" in s["reason"] for s in loaded.skipped if s["node"] == "rnn")
+
+
+def test_a_recurrent_layers_features_are_one_row_per_sample(tmp_path):
+    """The op's hidden states are [steps, directions, N, hidden]: the pass reads them with the samples first, so
+    each layer's predictor sees one row per sample (its steps pooled), and R's input power is per hidden unit."""
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.instrument import run_pass
+
+    onnx.save(recurrent_model("LSTM", 2), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(4).normal(size=(30, 7, 8)).astype(np.float32))
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    stats = run_pass(loaded, open_samples(str(tmp_path / "c.npz"), loaded.inputs, Preprocess()), (1, 2, 4), 4096,
+                     quiet=True)
+    assert stats.features.matrix("rnn").shape == stats.features.matrix("rnn/R").shape == (30, 2 * 16 * 7)
+    assert stats.input_sq["rnn"].shape == (8,) and stats.input_sq["rnn/R"].shape == (16,)
+    assert stats.rows["rnn"] == stats.rows["rnn/R"] == 7  # a sample's rows are its steps
 
 
 def test_narrow_matmul_weights_get_one_scale_per_block_as_matmulnbits_stores_them(tmp_path):
