@@ -200,9 +200,17 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
             outputs["probe"][layer.name] = views[layer.probe_name]
         if not layer.kind.input_moments:
             continue  # token ids: no per-channel statistics
-        rank = _rank(model, layer.input_name) or (4 if layer.op_type in ("Conv", "ConvTranspose") else 2)
+        x, rank = layer.input_name, _rank(model, layer.input_name)
+        if rank is None and layer.kind.channels_last:
+            # ONNX's shape inference stops at an op it does not know (ORT's SkipLayerNormalization, Attention):
+            # the features on the last axis are the layer's input channels, every other index a row of them.
+            channels = int(layer.kind.input_channel_index(layer).max()) + 1
+            flat, flat_shape = f"msq_moment_rows_{index}", f"msq_moment_rows_shape_{index}"
+            graph.initializer.append(numpy_helper.from_array(np.array([-1, channels], np.int64), flat_shape))
+            graph.node.append(helper.make_node("Reshape", [x, flat_shape], [flat], name=flat))
+            x, rank = flat, 2
+        rank = rank or (4 if layer.op_type in ("Conv", "ConvTranspose") else 2)
         axes = _moment_axes(layer, rank)
-        x = layer.input_name
         mean, square, sq_mean = f"msq_mean_{index}", f"msq_sq_{index}", f"msq_sqmean_{index}"
         if loaded.opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
             axes_name = f"msq_axes_{index}"

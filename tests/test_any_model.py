@@ -847,6 +847,76 @@ def test_recurrent_weights_are_two_weight_only_layers_dequantized_into_the_op(tm
     assert sizes["size"] < sizes["speed"] < os.path.getsize(tmp_path / "m.onnx")
 
 
+def test_fused_attention_weights_are_a_weight_only_layer(tmp_path):
+    """ONNX Runtime's transformer optimizer packs Q, K and V into one com.microsoft Attention weight [hidden,
+    3 x hidden]: it is a layer, written as a DequantizeLinear into the op, and the model stays close to FP32.
+    ONNX's own Attention (opset 23) reads K as an input, not a weight, and is not taken for this kind."""
+    from msq_onnx.ops import kind_for
+
+    rng = np.random.default_rng(5)
+    hidden, steps = 32, 6
+    inits = [numpy_helper.from_array((rng.normal(size=(hidden, 3 * hidden)) * 0.2).astype(np.float32), "qkv"),
+             numpy_helper.from_array((rng.normal(size=3 * hidden) * 0.1).astype(np.float32), "qkv_bias"),
+             numpy_helper.from_array((rng.normal(size=(hidden, 4)) * 0.3).astype(np.float32), "wo"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    graph = helper.make_graph(
+        [N("Attention", ["x", "qkv", "qkv_bias"], ["a"], num_heads=4, domain="com.microsoft", name="attention"),
+         N("ReduceMean", ["a", "axis1"], ["pooled"], keepdims=0, name="pool"),
+         N("MatMul", ["pooled", "wo"], ["out"], name="head")], "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", steps, hidden])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = rng.normal(size=(64, steps, hidden)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    report = convert(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), str(tmp_path / "c.npz"),
+                     Options(avg_bits=4, quiet=True)).report
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert layers["attention"]["mode"] == "weight-only" and report["left_in_float"] == []
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    producers = {o: n for n in written.graph.node for o in n.output}
+    attention = next(n for n in written.graph.node if n.op_type == "Attention")
+    assert producers[attention.input[1]].op_type == "DequantizeLinear"
+    fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.sum(fp32 * got) / (np.linalg.norm(fp32) * np.linalg.norm(got)) > 0.98
+    assert kind_for(N("Attention", ["q", "k", "v"], ["y"])) is None  # ONNX's own Attention
+
+
+def test_ort_optimized_graphs_keep_their_moments_per_channel_and_name_their_float_tables(tmp_path):
+    """A graph through ONNX Runtime's transformer optimizer: ONNX's shape inference stops at its com.microsoft ops,
+    so a MatMul after one has an input of unknown rank; its moments are still one per input channel (they were
+    per token and channel, and a pass over texts of two lengths crashed). The embedding tables an
+    EmbedLayerNormalization reads stay float, are named and count in the budget (they were silently float)."""
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.instrument import run_pass
+
+    rng = np.random.default_rng(6)
+    hidden, vocab = 8, 50
+    inits = [numpy_helper.from_array((rng.normal(size=s) * 0.3).astype(np.float32), n)
+             for n, s in (("words", (vocab, hidden)), ("positions", (16, hidden)), ("w", (hidden, 4)))]
+    inits += [numpy_helper.from_array(np.ones(hidden, np.float32), "gamma"),
+              numpy_helper.from_array(np.zeros(hidden, np.float32), "beta")]
+    graph = helper.make_graph(
+        [N("EmbedLayerNormalization", ["ids", "", "words", "positions", "", "gamma", "beta"], ["e", ""],
+           domain="com.microsoft", name="embed"),
+         N("FastGelu", ["e"], ["g"], domain="com.microsoft", name="gelu"),
+         N("MatMul", ["g", "w"], ["out"], name="head")], "optimized",
+        [helper.make_tensor_value_info("ids", TensorProto.INT32, ["N", "T"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", "T", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    assert [layer.name for layer in loaded.layers] == ["head"]
+    assert loaded.float_params == (vocab + 16) * hidden and {s["node"] for s in loaded.skipped} == {"embed"}
+    np.savez(tmp_path / "c.npz", ids=rng.integers(0, vocab, size=(12, 7)).astype(np.int32))
+    stats = run_pass(loaded, open_samples(str(tmp_path / "c.npz"), loaded.inputs, Preprocess()), (1, 2), 4096,
+                     quiet=True)
+    assert stats.input_sq["head"].shape == (hidden,) and stats.input_mean["head"].shape == (hidden,)
+
+
 def test_a_batch_first_recurrent_op_is_left_in_float_and_named(tmp_path):
     """layout=1 puts the batch first in an LSTM's inputs and outputs, which the features do not read: its weights
     stay float and the report says why."""
