@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from .errors import BadModel, one_line
-from .ops import REGISTRY, Layer, Skip, attribute, kind_for  # noqa: F401  (Layer is re-exported)
+from .ops import Layer, Skip, attribute, kind_for  # noqa: F401  (Layer is re-exported)
 
 # Written opset: the first with int4/uint4 Q/DQ and per-axis DQ everywhere, and
 # one that ONNX Runtime 1.31 (<= 26) loads. Newer models keep their own opset.
@@ -763,7 +763,7 @@ def _subgraph_layers(graph) -> list[dict]:
     for node in graph.node:
         for body in _bodies(node):
             for inner in body.node:
-                if inner.op_type in REGISTRY:
+                if kind_for(inner) is not None:
                     found.append({"node": inner.name or inner.output[0], "op_type": inner.op_type,
                                   "reason": f"inside the body of {node.op_type} '{node.name}': subgraphs are "
                                             "left in float"})
@@ -780,9 +780,10 @@ _UNHANDLED_WEIGHTED = ("Einsum", "MultiHeadAttention", "EmbedLayerNormalization"
 
 
 def _add_layer(node, kind, position: int, activation: str, suffix: str, inits: dict, users: dict, producers: dict,
-               outputs: set, by_weight: dict, refused: set, skipped: list) -> None:
+               outputs: set, by_weight: dict, refused: set, skipped: list, names: set) -> None:
     """find_layers for one weight of a node (input `position`, multiplying `activation`): a new layer in
-    by_weight, one more node of a layer that shares the weight, or the reason it is neither in skipped."""
+    by_weight, one more node of a layer that shares the weight, or the reason it is neither in skipped.
+    names: the node and layer names taken, which a second layer of a node (an LSTM's R) must not reuse."""
     if len(node.input) <= position or not node.input[position]:
         return
     weight_name = node.input[position]
@@ -837,7 +838,8 @@ def _add_layer(node, kind, position: int, activation: str, suffix: str, inits: d
         bias = _bias_add(node, users, inits)
         if bias is None:
             fields["bias_factor"] = None  # MatMul has no bias input to put a correction in
-    by_weight[weight_name] = Layer(name=node.name + suffix, op_type=node.op_type, weight_name=weight_name,
+    name = unique_name(node.name + suffix, names, "_msq") if suffix else node.name
+    by_weight[weight_name] = Layer(name=name, op_type=node.op_type, weight_name=weight_name,
                                    input_name=activation, nodes=(node.name,), weight_input=position,
                                    probe_name=kind.probe(node) or _probe_of(node, users, inits, outputs),
                                    weight_shape=tuple(inits[weight_name].dims), bias_name=bias,
@@ -853,6 +855,7 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
     by_weight: dict[str, Layer] = {}
     skipped = _subgraph_layers(graph)
     refused = set()
+    names = {node.name for node in graph.node}
     for node in graph.node:
         kind = kind_for(node)
         if kind is None and node.op_type in _UNHANDLED_WEIGHTED:
@@ -864,7 +867,7 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
             continue  # activation x activation: nothing to give bits to
         for position, activation, suffix in kind.weights(node):
             _add_layer(node, kind, position, activation, suffix, inits, users, producers, outputs, by_weight,
-                       refused, skipped)
+                       refused, skipped, names)
     inner = subgraph_inputs(graph)
     for weight_name, layer in list(by_weight.items()):
         # A weight something else also reads (a tied output projection through a Transpose) keeps its float
@@ -970,7 +973,8 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
         where = (f" outside control flow: its {inside} weighted node(s) sit inside If/Loop/Scan bodies, which "
                  "msq-onnx leaves in float" if inside else "")
         raise BadModel(f"'{path}' has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a "
-                       f"constant weight){where}; there is nothing to allocate bits to.")
+                       f"constant weight, an embedding table, LSTM/GRU/RNN or ORT's Attention){where}; there is "
+                       "nothing to allocate bits to.")
     return LoadedModel(model=model, source_path=path, source_opset=source_opset, opset=_default_opset(model),
                        inputs=inputs, output_name=task_output(model, output), layers=layers,
                        size_bytes=size, initializers=inits, skipped=skipped)

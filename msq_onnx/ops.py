@@ -431,12 +431,14 @@ class _Recurrent(OpKind):
         return next((o for o in node.output[:2] if o), node.output[0])
 
     def describe(self, node, inits):
-        weight = inits[node.input[1]]
-        if len(weight.dims) != 3:
-            raise Skip(f"{node.op_type} weight of rank {len(weight.dims)}: ONNX's layout is [directions, gates x "
-                       "hidden, inputs]")
         if int(attribute(node, "layout", 0)) != 0:
             raise Skip(f"{node.op_type} with layout=1 (batch first): its hidden states are not read in that layout")
+        if not any(node.output[:2]):
+            raise Skip(f"{node.op_type} with neither Y nor Y_h as an output: no hidden states to measure it on")
+        for weight in (inits[name] for name in node.input[1:3] if name in inits):
+            if len(weight.dims) != 3:
+                raise Skip(f"{node.op_type} weight of rank {len(weight.dims)}: ONNX's layout is [directions, gates "
+                           "x hidden, inputs]")
         return {"out_axis": 1, "transposed_weight": False, "bias_factor": None}
 
     def matrix(self, layer, weight):

@@ -930,6 +930,38 @@ def test_a_batch_first_recurrent_op_is_left_in_float_and_named(tmp_path):
     assert all("layout=1" in s["reason"] for s in loaded.skipped if s["node"] == "rnn")
 
 
+def test_recurrent_ops_that_review_found_broken(tmp_path):
+    """Three LSTMs a review built: one whose only output is Y_c (no hidden states to read: float, named), one whose
+    W is computed in the graph next to an initializer R (R alone is a layer; it was a KeyError), and one next to
+    a node already named like its R layer (the layer gets another name; both were one layer's statistics)."""
+    only_c = recurrent_model("LSTM", 1)
+    rnn = next(node for node in only_c.graph.node if node.op_type == "LSTM")
+    del rnn.output[:]
+    rnn.output.extend(["", "", "Yc"])
+    next(node for node in only_c.graph.node if node.name == "to_batch").input[0] = "Yc"
+    onnx.save(only_c, tmp_path / "c.onnx")
+    loaded = load_model(str(tmp_path / "c.onnx"))
+    assert [layer.name for layer in loaded.layers] == ["head"]
+    assert any("neither Y nor Y_h" in s["reason"] for s in loaded.skipped if s["node"] == "rnn")
+
+    computed = recurrent_model("LSTM", 1)
+    rnn = next(node for node in computed.graph.node if node.op_type == "LSTM")
+    rnn.input[1] = "W_scaled"
+    computed.graph.initializer.append(numpy_helper.from_array(np.array(1.5, np.float32), "scale"))
+    computed.graph.node.insert(0, N("Mul", ["W", "scale"], ["W_scaled"], name="scale_w"))
+    onnx.save(computed, tmp_path / "w.onnx")
+    assert [layer.name for layer in load_model(str(tmp_path / "w.onnx")).layers] == ["rnn/R", "head"]
+
+    clash = recurrent_model("LSTM", 1)
+    next(node for node in clash.graph.node if node.op_type == "MatMul").name = "rnn/R"
+    onnx.save(clash, tmp_path / "n.onnx")
+    np.savez(tmp_path / "s.npz", x=np.random.default_rng(7).normal(size=(40, 7, 8)).astype(np.float32))
+    report = convert(str(tmp_path / "n.onnx"), str(tmp_path / "q.onnx"), str(tmp_path / "s.npz"),
+                     Options(avg_bits=4, quiet=True)).report
+    names = [layer["name"] for layer in report["layers"]]
+    assert len(set(names)) == 3 and "rnn/R" in names and "rnn" in names
+
+
 def test_a_recurrent_layers_features_are_one_row_per_sample(tmp_path):
     """The op's hidden states are [steps, directions, N, hidden]: the pass reads them with the samples first, so
     each layer's predictor sees one row per sample (its steps pooled), and R's input power is per hidden unit."""
