@@ -591,13 +591,40 @@ _MOVES = {
 }
 
 
+def _reduced(node, x: list, reduce) -> np.ndarray:
+    """A Reduce* node on a constant: its axes from the attribute (opset < 18) or the second input."""
+    axes = x[1] if len(x) > 1 and x[1] is not None else attribute(node, "axes", None)
+    axes = None if axes is None or not np.size(axes) else tuple(int(a) for a in np.ravel(axes))
+    if axes is None and attribute(node, "noop_with_empty_axes", 0):
+        return x[0]
+    return reduce(x[0], axes, bool(attribute(node, "keepdims", 1)))
+
+
+# Arithmetic on constants, as torch's weight normalisation (weight_norm: g * v / ||v||) leaves it in an export that
+# was not constant-folded: the weight is computed every run from two initializers, and was float and uncounted.
+_ARITHMETIC = {
+    "Mul": lambda node, x: np.multiply(x[0], x[1]),
+    "Div": lambda node, x: np.divide(x[0], x[1]),
+    "Add": lambda node, x: np.add(x[0], x[1]),
+    "Sub": lambda node, x: np.subtract(x[0], x[1]),
+    "Neg": lambda node, x: np.negative(x[0]),
+    "Sqrt": lambda node, x: np.sqrt(x[0]),
+    "Pow": lambda node, x: np.power(x[0], x[1]).astype(x[0].dtype),
+    "ReduceL2": lambda node, x: _reduced(node, x, lambda a, axes, keep: np.sqrt(
+        np.sum(np.square(a), axis=axes, keepdims=keep))),
+    "ReduceSumSquare": lambda node, x: _reduced(node, x, lambda a, axes, keep: np.sum(
+        np.square(a), axis=axes, keepdims=keep)),
+}
+_CONSTANT_OPS = {**_MOVES, **_ARITHMETIC}  # what _computed_weight evaluates in numpy
+
+
 def _computed_weight(name: str, producers: dict, inits: dict, chain: list) -> np.ndarray | None:
-    """The value of a tensor computed from initializers through _MOVES only (the nodes passed appended to
+    """The value of a tensor computed from initializers through _CONSTANT_OPS only (the nodes passed appended to
     chain), or None if it depends on anything else."""
     if name in inits:
         return numpy_helper.to_array(inits[name])
     node = producers.get(name)
-    if node is None or node.op_type not in _MOVES or len(node.output) != 1:
+    if node is None or node.op_type not in _CONSTANT_OPS or len(node.output) != 1 or node.domain not in ("", "ai.onnx"):
         return None
     values = []  # by position: an omitted optional input (Slice's axes before its steps) stays a None
     for source in node.input:
@@ -606,7 +633,8 @@ def _computed_weight(name: str, producers: dict, inits: dict, chain: list) -> np
             return None
         values.append(value)
     try:
-        result = _MOVES[node.op_type](node, values)
+        with np.errstate(all="ignore"):  # a zero norm gives inf or nan here as it would in the runtime
+            result = _CONSTANT_OPS[node.op_type](node, values)
     except (ValueError, IndexError, TypeError):
         return None
     if not any(step is node for step in chain):  # a node reached by two paths (Concat(t, t)) is one step
@@ -672,7 +700,8 @@ def _drop_dead_moves(graph: onnx.GraphProto, inits: dict, keep: set) -> None:
     budget counted."""
     while True:
         users = consumers(graph)
-        dead = [n for n in graph.node if n.op_type in _MOVES and not any(users.get(o) or o in keep for o in n.output)]
+        dead = [n for n in graph.node if n.op_type in _CONSTANT_OPS and not any(users.get(o) or o in keep
+                                                                                 for o in n.output)]
         if not dead:
             break
         for node in dead:

@@ -932,7 +932,8 @@ def test_a_batch_first_recurrent_op_is_left_in_float_and_named(tmp_path):
 
 def test_recurrent_ops_that_review_found_broken(tmp_path):
     """Three LSTMs a review built: one whose only output is Y_c (no hidden states to read: float, named), one whose
-    W is computed in the graph next to an initializer R (R alone is a layer; it was a KeyError), and one next to
+    W is computed in the graph by an op the load does not fold, next to an initializer R (R alone is a layer; it
+    was a KeyError), and one next to
     a node already named like its R layer (the layer gets another name; both were one layer's statistics)."""
     only_c = recurrent_model("LSTM", 1)
     rnn = next(node for node in only_c.graph.node if node.op_type == "LSTM")
@@ -946,9 +947,8 @@ def test_recurrent_ops_that_review_found_broken(tmp_path):
 
     computed = recurrent_model("LSTM", 1)
     rnn = next(node for node in computed.graph.node if node.op_type == "LSTM")
-    rnn.input[1] = "W_scaled"
-    computed.graph.initializer.append(numpy_helper.from_array(np.array(1.5, np.float32), "scale"))
-    computed.graph.node.insert(0, N("Mul", ["W", "scale"], ["W_scaled"], name="scale_w"))
+    rnn.input[1] = "W_abs"  # an op the load does not fold (Mul is folded: load._ARITHMETIC)
+    computed.graph.node.insert(0, N("Abs", ["W"], ["W_abs"], name="abs_w"))
     onnx.save(computed, tmp_path / "w.onnx")
     assert [layer.name for layer in load_model(str(tmp_path / "w.onnx")).layers] == ["rnn/R", "head"]
 

@@ -4,6 +4,7 @@ MatMul) and GELU. Each must convert, keep its layers fused where ORT can, and st
 """
 
 import numpy as np
+import pytest
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -181,11 +182,11 @@ def test_a_gemm_whose_bias_is_computed_in_the_graph_gets_no_correction_and_no_ce
     from msq_onnx.pipeline import error_statistics
 
     rng = np.random.default_rng(0)
-    graph = helper.make_graph([helper.make_node("Mul", ["b", "two"], ["c"], name="computed_bias"),
+    graph = helper.make_graph([helper.make_node("Abs", ["b"], ["c"], name="computed_bias"),  # not folded by the load
                                helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc")], "gemm_c",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
-                              [_init(rng, "w", 8, 6), _init(rng, "b", 6), numpy_helper.from_array(np.float32(2), "two")])
+                              [_init(rng, "w", 8, 6), _init(rng, "b", 6)])
     path = tmp_path / "gemm_c.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
     layer = load_model(str(path)).layers[0]
@@ -237,6 +238,43 @@ def test_weights_behind_data_movement_ops_are_layers_or_count_in_the_budget(tmp_
     assert not any(n.op_type in ("Slice", "Concat", "Unsqueeze", "Transpose") for n in loaded.model.graph.node)
     assert {t.name for t in loaded.model.graph.initializer} >= {"w", "proj"} and "w_ih" not in \
         {t.name for t in loaded.model.graph.initializer}
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_a_weight_normalised_conv_is_folded_into_a_layer(tmp_path, opset):
+    """torch's weight_norm exported without constant folding computes a Conv's weight every run, g * v / ||v||
+    (ReduceL2 with axes as an attribute before opset 18, as an input from 18): the load folds it into one
+    initializer, so the Conv is a layer (it was float and counted nowhere) and the graph computes what it did."""
+    from msq_onnx.load import load_model
+
+    rng = np.random.default_rng(1)
+    inits = [_init(rng, "v", 8, 3, 3, 3), numpy_helper.from_array(rng.uniform(0.5, 2, (8, 1, 1, 1)).astype(np.float32),
+                                                                 "g"), _init(rng, "wf", 5, 8)]
+    if opset >= 18:
+        inits.append(numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"))
+        norm = helper.make_node("ReduceL2", ["v", "axes"], ["norm"], keepdims=1, name="norm")
+    else:
+        norm = helper.make_node("ReduceL2", ["v"], ["norm"], axes=[1, 2, 3], keepdims=1, name="norm")
+    nodes = [norm, helper.make_node("Div", ["v", "norm"], ["direction"], name="direction"),
+             helper.make_node("Mul", ["g", "direction"], ["w"], name="scaled"),
+             helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "wf"], ["logits"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "weight_norm", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                  ["N", 3, 12, 12])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
+    path = tmp_path / "wn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8), path)
+    loaded = load_model(str(path))
+    assert [layer.name for layer in loaded.layers] == ["conv", "fc"] and loaded.float_params == 0
+    assert not any(n.op_type in ("ReduceL2", "Div", "Mul") for n in loaded.model.graph.node)
+    x = rng.normal(size=(4, 3, 12, 12)).astype(np.float32)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    after = ort.InferenceSession(loaded.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
 
 
 def test_a_bias_shared_through_identity_nodes_is_folded_so_the_conv_fuses(tmp_path):
