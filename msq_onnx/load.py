@@ -968,6 +968,12 @@ def task_output(model: onnx.ModelProto, requested: str | None = None) -> str:
     return model.graph.output[0].name
 
 
+# Ops that only a quantized model holds: a model with these and no float layer was quantized already.
+_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                  "QLinearConv", "QLinearMatMul", "QGemm", "MatMulNBits", "DynamicQuantizeMatMul",
+                  "DynamicQuantizeLSTM", "QAttention", "GatherBlockQuantized", "MatMulIntegerToFloat"}
+
+
 def load_model(path: str, output: str | None = None) -> LoadedModel:
     """Read, check and normalize; raise BadModel with a one-line reason."""
     model, size, external = read_model(path)
@@ -998,6 +1004,10 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
                        "re-export it with its output tensor(s).")
     layers, skipped = find_layers(model, inits)
     if not layers:
+        quantized = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
+        if quantized:
+            raise BadModel(f"'{path}' is already quantized ({', '.join(quantized)}): give msq-onnx the FP32 model "
+                           "it was made from.")
         inside = sum("subgraphs are left in float" in entry["reason"] for entry in skipped)
         where = (f" outside control flow: its {inside} weighted node(s) sit inside If/Loop/Scan bodies, which "
                  "msq-onnx leaves in float" if inside else "")

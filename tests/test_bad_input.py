@@ -1030,3 +1030,17 @@ def test_output_is_a_folder(tmp_path):
 def test_output_folder_not_writable_even_for_root(tmp_path):
     """/proc refuses new files even to root: a real unwritable folder, unlike a chmod-ed one."""
     _run_output_case(tmp_path, "/proc/msq-out.onnx", expect=("writable",))
+
+
+def test_an_already_quantized_model_is_named_as_such(tmp_path, capsys, monkeypatch):
+    """A model msq-onnx (or ORT's quantizer) already quantized has no float layer left: the one line says what it
+    is and asks for the FP32 model, instead of listing the layer kinds it looked for."""
+    from msq_onnx import Options, convert
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    model_path, model = good_cnn(inputs)
+    calib = good_calib(inputs, model)
+    convert(model_path, str(inputs / "int8.onnx"), calib, Options(quiet=True))
+    run_in_process(tmp_path, str(inputs / "int8.onnx"), ["--calib", calib], ("already quantized", "FP32 model"),
+                   capsys, monkeypatch)
