@@ -20,7 +20,7 @@ import tempfile
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY
 
@@ -192,6 +192,23 @@ def _cached_times(key: str, modes: tuple, measure) -> dict:
     return times
 
 
+def dequantize_seconds(values: int) -> float:
+    """Median seconds of a DequantizeLinear of `values` int8 weights (its output read once, by a ReduceMax, as the
+    op that takes it reads it once), on one thread; cached per size."""
+    def measure() -> dict:
+        graph = helper.make_graph(
+            [helper.make_node("DequantizeLinear", ["q", "s"], ["w"]),
+             helper.make_node("ReduceMax", ["w"], ["y"], keepdims=0)], "dequantize",
+            [helper.make_tensor_value_info("q", TensorProto.INT8, [values])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+            [numpy_helper.from_array(np.array(0.01, np.float32), "s")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+        feed = {"q": np.random.default_rng(2).integers(-127, 128, values).astype(np.int8)}
+        return {WEIGHT_ONLY: _time([model], feed)[0]}
+
+    return _cached_times(f"DequantizeLinear int8 x {values}", (WEIGHT_ONLY,), measure)[WEIGHT_ONLY]
+
+
 def conv_mode_times(node, weight_shape: tuple, input_shape: list) -> dict:
     """{mode: median seconds} of one convolution at batch 1 in static, weight-only and float, cached."""
     attributes = sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute)
@@ -213,7 +230,10 @@ def layer_seconds(loaded, rows: dict) -> dict | None:
     result = {}
     for layer in loaded.layers:
         if not layer.kind.timed:
-            result[layer.name] = {WEIGHT_ONLY: 0.0, FLOAT: 0.0}  # a lookup or a weight's DQ: microseconds either way
+            # A lookup costs microseconds either way; an LSTM's or Attention's weight is dequantized every run, once
+            # for all the nodes that share it.
+            weight_only = dequantize_seconds(layer.params) if layer.kind.dequantized_every_run else 0.0
+            result[layer.name] = {WEIGHT_ONLY: weight_only, FLOAT: 0.0}
             continue
         if layer.op_type in ("MatMul", "Gemm"):
             fan_out = layer.weight_shape[layer.out_axis]

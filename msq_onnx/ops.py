@@ -205,6 +205,7 @@ class OpKind:
     input_moments: bool = True  # the activation input is a float tensor with per-channel statistics
     bias_index: int | None = 2  # the input a constant bias sits in (MatMul: its Add; recurrent ops: left float)
     timed: bool = True  # False: weight-only runs the float op on a looked-up or dequantized weight, as float does
+    dequantized_every_run: bool = False  # ... and, with it, dequantizes the whole weight in every run (not Gather)
     domain: str = ""  # the op's domain ("": ONNX's own)
 
     @property
@@ -516,9 +517,10 @@ REGISTRY = {kind.op_type: kind for kind in (
     _Gemm("Gemm", (STATIC, DYNAMIC, WEIGHT_ONLY)),
     _MatMul("MatMul", (STATIC, DYNAMIC, WEIGHT_ONLY), channels_last=True),
     _Gather("Gather", (WEIGHT_ONLY,), channels_last=True, weight_index=0, input_moments=False, timed=False),
-    _Attention("Attention", (WEIGHT_ONLY,), channels_last=True, timed=False, domain="com.microsoft"),
-    *(_Recurrent(op_type, (WEIGHT_ONLY,), channels_last=True, bias_index=None, timed=False)
-      for op_type in ("LSTM", "GRU", "RNN")),
+    _Attention("Attention", (WEIGHT_ONLY,), channels_last=True, timed=False, dequantized_every_run=True,
+               domain="com.microsoft"),
+    *(_Recurrent(op_type, (WEIGHT_ONLY,), channels_last=True, bias_index=None, timed=False,
+                 dequantized_every_run=True) for op_type in ("LSTM", "GRU", "RNN")),
 )}
 
 

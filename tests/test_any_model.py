@@ -962,6 +962,17 @@ def test_recurrent_ops_that_review_found_broken(tmp_path):
     assert len(set(names)) == 3 and "rnn/R" in names and "rnn" in names
 
 
+def test_the_latency_budget_sees_a_recurrent_weights_dequantization(tmp_path):
+    """Weight-only LSTM weights are dequantized in every run: --max-latency's per-layer costs charge weight-only that
+    DequantizeLinear (measured on this machine) and float nothing, where both were 0."""
+    from msq_onnx.latency import layer_seconds
+
+    onnx.save(recurrent_model("LSTM", 2), tmp_path / "m.onnx")
+    seconds = layer_seconds(load_model(str(tmp_path / "m.onnx")), {})
+    for name in ("rnn", "rnn/R"):
+        assert seconds[name]["weight-only"] > 0.0 and seconds[name]["float"] == 0.0
+
+
 def test_a_recurrent_layers_features_are_one_row_per_sample(tmp_path):
     """The op's hidden states are [steps, directions, N, hidden]: the pass reads them with the samples first, so
     each layer's predictor sees one row per sample (its steps pooled), and R's input power is per hidden unit."""
