@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import jsonschema
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -21,6 +22,7 @@ from conftest import ROOT, samples_for, tiny_cnn
 from msq_onnx import Options, convert
 from msq_onnx.errors import BadOption, MsqError
 from msq_onnx.load import load_model
+from msq_onnx.report import SCHEMA_PATH
 
 MODES = {"static", "dynamic", "weight-only", "float"}
 N = helper.make_node
@@ -837,6 +839,7 @@ def test_recurrent_weights_are_two_weight_only_layers_dequantized_into_the_op(tm
             assert stored.data_type == expected and list(stored.dims) == list(
                 numpy_helper.to_array(model.graph.initializer[position - 1]).shape)
             assert numpy_helper.to_array(inits[dq.input[1]]).shape == (stored.dims[1],)  # a scale per gate row
+        jsonschema.validate(report, json.load(open(SCHEMA_PATH)))
         if prefer == "size":
             assert "int4" in {layers["rnn"]["container"], layers["rnn/R"]["container"]}
         fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -874,6 +877,7 @@ def test_fused_attention_weights_are_a_weight_only_layer(tmp_path):
                      Options(avg_bits=4, quiet=True)).report
     layers = {layer["name"]: layer for layer in report["layers"]}
     assert layers["attention"]["mode"] == "weight-only" and report["left_in_float"] == []
+    jsonschema.validate(report, json.load(open(SCHEMA_PATH)))
     written = onnx.load(str(tmp_path / "q.onnx"))
     producers = {o: n for n in written.graph.node for o in n.output}
     attention = next(n for n in written.graph.node if n.op_type == "Attention")
@@ -971,6 +975,15 @@ def test_the_latency_budget_sees_a_recurrent_weights_dequantization(tmp_path):
     seconds = layer_seconds(load_model(str(tmp_path / "m.onnx")), {})
     for name in ("rnn", "rnn/R"):
         assert seconds[name]["weight-only"] > 0.0 and seconds[name]["float"] == 0.0
+
+
+def test_the_report_schema_knows_every_op_kind_of_the_registry():
+    """A layer of any kind the registry quantizes must pass the report's schema: its op_type list is the registry's."""
+    from msq_onnx.ops import REGISTRY
+
+    schema = json.load(open(SCHEMA_PATH))
+    layer = schema["properties"]["layers"]["items"]["properties"]
+    assert set(layer["op_type"]["enum"]) == set(REGISTRY)
 
 
 def test_a_recurrent_layers_features_are_one_row_per_sample(tmp_path):
