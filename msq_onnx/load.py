@@ -850,8 +850,12 @@ def _add_layer(node, kind, position: int, activation: str, suffix: str, inits: d
             # e.g. tied input and output embeddings: one width would need one layout
             refused.add(weight_name)
             del by_weight[weight_name]
-            reason = (f"shares weight '{weight_name}' with a node of another layout "
-                      f"({shared.op_type} and {node.op_type}): left in float")
+            if shared.op_type == node.op_type and fields.get("out_axis") == shared.out_axis:
+                other = (f"is {node.op_type} inputs {shared.weight_position} and {position}, which multiply "
+                         "different values")  # an LSTM's W and R: one layer would be weighed for one of them
+            else:
+                other = f"with a node of another layout ({shared.op_type} and {node.op_type})"
+            reason = f"shares weight '{weight_name}' {other}: left in float"
             skipped.append({"node": node.name, "op_type": node.op_type, "reason": reason, "weight": weight_name})
             skipped.extend({"node": n, "op_type": shared.op_type, "reason": reason} for n in shared.nodes)
             return

@@ -986,6 +986,20 @@ def test_the_report_schema_knows_every_op_kind_of_the_registry():
     assert set(layer["op_type"]["enum"]) == set(REGISTRY)
 
 
+def test_one_tensor_as_an_lstms_w_and_r_is_left_in_float_and_said_so(tmp_path):
+    """W and R the same array (inputs as wide as the hidden state): one layer would be weighed for one of the two
+    inputs it multiplies, so it stays float, and the reason names the two inputs, not "another layout"."""
+    model = recurrent_model("LSTM", 1, features=16)
+    rnn = next(node for node in model.graph.node if node.op_type == "LSTM")
+    rnn.input[2] = "W"
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "R"))
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    assert [layer.name for layer in loaded.layers] == ["head"]
+    reasons = {s["reason"] for s in loaded.skipped if s["node"] == "rnn"}
+    assert reasons and all("inputs 1 and 2" in r and "another layout" not in r for r in reasons)
+
+
 def test_a_recurrent_layers_features_are_one_row_per_sample(tmp_path):
     """The op's hidden states are [steps, directions, N, hidden]: the pass reads them with the samples first, so
     each layer's predictor sees one row per sample (its steps pooled), and R's input power is per hidden unit."""
