@@ -596,7 +596,7 @@ def _reduced(node, x: list, reduce) -> np.ndarray:
     axes = x[1] if len(x) > 1 and x[1] is not None else attribute(node, "axes", None)
     axes = None if axes is None or not np.size(axes) else tuple(int(a) for a in np.ravel(axes))
     if axes is None and attribute(node, "noop_with_empty_axes", 0):
-        return x[0]
+        return reduce(x[0], (), True)  # no axis reduced; the element-wise part (square, root) still applies
     return reduce(x[0], axes, bool(attribute(node, "keepdims", 1)))
 
 
@@ -616,22 +616,39 @@ _ARITHMETIC = {
         np.square(a), axis=axes, keepdims=keep)),
 }
 _CONSTANT_OPS = {**_MOVES, **_ARITHMETIC}  # what _computed_weight evaluates in numpy
+_ELEMENTWISE_PAIRS = ("Mul", "Div", "Add", "Sub")
 
 
 def _computed_weight(name: str, producers: dict, inits: dict, chain: list) -> np.ndarray | None:
     """The value of a tensor computed from initializers through _CONSTANT_OPS only (the nodes passed appended to
-    chain), or None if it depends on anything else."""
+    chain), or None if it depends on anything else (or on a chain too deep to follow)."""
+    try:
+        return _evaluated(name, producers, inits, chain, {})
+    except RecursionError:
+        return None
+
+
+def _evaluated(name: str, producers: dict, inits: dict, chain: list, memo: dict) -> np.ndarray | None:
+    """_computed_weight, each value computed once (memo: name -> value): a value read twice, as in
+    t1 = Add(t0, t0), would otherwise double the work at every level."""
+    if name in memo:
+        return memo[name]
     if name in inits:
-        return numpy_helper.to_array(inits[name])
+        memo[name] = numpy_helper.to_array(inits[name])
+        return memo[name]
+    memo[name] = None  # until computed: nothing depends on itself in a valid graph
     node = producers.get(name)
     if node is None or node.op_type not in _CONSTANT_OPS or len(node.output) != 1 or node.domain not in ("", "ai.onnx"):
         return None
     values = []  # by position: an omitted optional input (Slice's axes before its steps) stays a None
     for source in node.input:
-        value = _computed_weight(source, producers, inits, chain) if source else None
+        value = _evaluated(source, producers, inits, chain, memo) if source else None
         if source and value is None:
             return None
         values.append(value)
+    operands = values[:2] if node.op_type in _ELEMENTWISE_PAIRS else values[:1]  # not a Reduce's axes, Pow's power
+    if node.op_type in _ARITHMETIC and not all(np.issubdtype(v.dtype, np.floating) for v in operands):
+        return None  # integer arithmetic (a shape's, say) truncates in ONNX where numpy would not
     try:
         with np.errstate(all="ignore"):  # a zero norm gives inf or nan here as it would in the runtime
             result = _CONSTANT_OPS[node.op_type](node, values)
@@ -639,22 +656,26 @@ def _computed_weight(name: str, producers: dict, inits: dict, chain: list) -> np
         return None
     if not any(step is node for step in chain):  # a node reached by two paths (Concat(t, t)) is one step
         chain.append(node)
+    memo[name] = result
     return result
 
 
 _BIASED = ("Conv", "ConvTranspose", "Gemm")  # a constant bias in input 2: ORT quantizes it with the layer
 
 
-def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
+def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> list[dict]:
     """A weighted node's weight computed from initializers (find_layers' kinds and _UNHANDLED_WEIGHTED) becomes
     an initializer itself, so the layer is quantized, or an unhandled op's float weights count in the budget.
     A chain whose float weights something else also reads (a tied embedding) is left as it is: folding it would
-    store the weight twice; find_layers then reports the node."""
+    store the weight twice; find_layers then reports the node. Returns, as find_layers' skipped entries, the float
+    weights a kept chain still reads once every reader has its copy (an intermediate read by something else): they
+    stay in the file beside the copies, and count at 32 bits."""
     producers = _producers(graph)
     users = consumers(graph)
     keep = subgraph_inputs(graph) | {o.name for o in graph.output}
     taken = all_names(graph)
     copies = {}  # a kept chain's output -> its folded initializer: two readers share one copy
+    beside = {}  # a float weight a kept chain reads -> the node given a copy of what the chain computes
     for node in list(graph.node):  # chains are removed from graph.node as they fold
         kind = kind_for(node)
         if kind is not None:
@@ -680,6 +701,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
             if outside - set(inits) or name in keep:  # an intermediate value is read elsewhere: the chain stays
                 folded = unique_name(f"{name}_folded", taken)
                 node.input[position] = copies[name] = folded
+                beside.update((source, node) for source in inner if _float_weight(source, inits))
             else:
                 folded = name
                 for step in chain:
@@ -692,6 +714,10 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> None:
             users = consumers(graph)
     if copies:
         _drop_dead_moves(graph, inits, keep)
+    return [{"node": node.name, "op_type": node.op_type, "weight": source,
+             "reason": f"its weight is computed from '{source}', which stays in the file for another reader of the "
+                       "computation: the layer reads a folded copy, and the float original counts at 32 bits"}
+            for source, node in beside.items() if source in inits]
 
 
 def _drop_dead_moves(graph: onnx.GraphProto, inits: dict, keep: set) -> None:
@@ -972,10 +998,20 @@ def task_output(model: onnx.ModelProto, requested: str | None = None) -> str:
     return model.graph.output[0].name
 
 
-# Ops that only a quantized model holds: a model with these and no float layer was quantized already.
-_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
-                  "QLinearConv", "QLinearMatMul", "QGemm", "MatMulNBits", "DynamicQuantizeMatMul",
-                  "DynamicQuantizeLSTM", "QAttention", "GatherBlockQuantized", "MatMulIntegerToFloat"}
+# Ops whose weights are integers: a model with these (or a DequantizeLinear of an integer initializer) and no float
+# layer was quantized already. A Q/DQ pair on activations alone (fake quantization) does not make it so.
+_INTEGER_WEIGHT_OPS = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulNBits",
+                       "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention", "GatherBlockQuantized",
+                       "MatMulIntegerToFloat"}
+
+
+def _integer_weight_ops(graph, inits: dict) -> list[str]:
+    """The op types in the graph that hold integer weights, sorted."""
+    found = {n.op_type for n in graph.node if n.op_type in _INTEGER_WEIGHT_OPS}
+    if any(n.op_type == "DequantizeLinear" and n.input[0] in inits
+           and inits[n.input[0]].data_type != onnx.TensorProto.FLOAT for n in graph.node):
+        found.add("DequantizeLinear")
+    return sorted(found)
 
 
 def load_model(path: str, output: str | None = None) -> LoadedModel:
@@ -994,7 +1030,7 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
     standard = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
     model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(standard))
     _name_nodes(graph)
-    _fold_weight_chains(graph, inits)
+    kept_beside_copies = _fold_weight_chains(graph, inits)
     _flatten_gemm_bias(graph, inits)
     _fold_batch_norms(graph, inits)
     model = _infer_shapes(model, path, external)
@@ -1007,12 +1043,13 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
         raise BadModel(f"'{path}' has no graph outputs, so there is no prediction to calibrate against; "
                        "re-export it with its output tensor(s).")
     layers, skipped = find_layers(model, inits)
+    skipped.extend(kept_beside_copies)
     if not layers:
-        quantized = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
-        if quantized:
+        inside = sum("subgraphs are left in float" in entry["reason"] for entry in skipped)
+        quantized = _integer_weight_ops(model.graph, inits)
+        if quantized and not inside:
             raise BadModel(f"'{path}' is already quantized ({', '.join(quantized)}): give msq-onnx the FP32 model "
                            "it was made from.")
-        inside = sum("subgraphs are left in float" in entry["reason"] for entry in skipped)
         where = (f" outside control flow: its {inside} weighted node(s) sit inside If/Loop/Scan bodies, which "
                  "msq-onnx leaves in float" if inside else "")
         raise BadModel(f"'{path}' has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a "

@@ -277,6 +277,67 @@ def test_a_weight_normalised_conv_is_folded_into_a_layer(tmp_path, opset):
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
 
 
+def _matmul_on_computed_weight(tmp_path, name: str, nodes: list, inits: list, extra_outputs=()):
+    """x [N, 6] @ W (computed by `nodes` from `inits`) + a second MatMul on a plain weight; saved, loaded, and the
+    loaded model's outputs compared with the file's."""
+    from msq_onnx.load import load_model
+
+    rng = np.random.default_rng(3)
+    graph = helper.make_graph(nodes + [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+                                       helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")], name,
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])]
+                              + [helper.make_tensor_value_info(o, TensorProto.FLOAT, shape) for o, shape in extra_outputs],
+                              inits + [_init(rng, "w2", 4, 3)])
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), path)
+    loaded = load_model(str(path))
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    after = ort.InferenceSession(loaded.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    return loaded
+
+
+def test_constant_folding_keeps_onnx_semantics_a_review_found_broken(tmp_path):
+    """A ReduceL2 with noop_with_empty_axes still squares and roots (it was taken as the identity); integer Div in a
+    shape truncates, so such a chain is not folded in numpy (it wrote a [3, 4] weight for ONNX's [2, 6]); a chain
+    deeper than Python's recursion is left as it is (it raised RecursionError)."""
+    rng = np.random.default_rng(4)
+    noop = _matmul_on_computed_weight(tmp_path, "noop", [
+        helper.make_node("ReduceL2", ["v", "none"], ["n"], keepdims=1, noop_with_empty_axes=1),
+        helper.make_node("Mul", ["v", "n"], ["W"])],
+        [_init(rng, "v", 6, 4), numpy_helper.from_array(np.zeros(0, np.int64), "none")])
+    assert [layer.name for layer in noop.layers] == ["mm", "mm2"]
+
+    from msq_onnx.load import _computed_weight
+
+    three, two = (numpy_helper.from_array(np.array([v], np.int64), n) for v, n in ((3, "three"), (2, "two")))
+    divide = helper.make_node("Div", ["three", "two"], ["one"])  # 1 in ONNX, 1.5 in numpy
+    assert _computed_weight("one", {"one": divide}, {"three": three, "two": two}, []) is None
+
+    deep = [helper.make_node("Neg", ["v" if i == 0 else f"t{i}"], [f"t{i + 1}"]) for i in range(1500)]
+    chain = _matmul_on_computed_weight(tmp_path, "deep", deep + [helper.make_node("Identity", ["t1500"], ["W"])],
+                                       [_init(rng, "v", 6, 4)])
+    assert [layer.name for layer in chain.layers] == ["mm2"]
+
+
+def test_a_float_weight_a_kept_chain_still_reads_counts_in_the_budget(tmp_path):
+    """A weight-normalised weight whose direction something else also reads (here a graph output): the layer reads a
+    folded copy, the chain stays for the other reader, and its float source, still in the file, counts at 32 bits
+    (it counted nowhere, and the file could grow past the input at "4.00 bits")."""
+    rng = np.random.default_rng(5)
+    loaded = _matmul_on_computed_weight(tmp_path, "kept", [
+        helper.make_node("ReduceL2", ["v", "axis1"], ["n"], keepdims=1),
+        helper.make_node("Div", ["v", "n"], ["W"])],
+        [_init(rng, "v", 6, 4), numpy_helper.from_array(np.array([1], np.int64), "axis1")],
+        extra_outputs=[("n", [6, 1])])
+    assert [layer.name for layer in loaded.layers] == ["mm", "mm2"]
+    assert loaded.float_params == 24 and {s["weight"] for s in loaded.skipped} == {"v"}
+
+
 def test_a_bias_shared_through_identity_nodes_is_folded_so_the_conv_fuses(tmp_path):
     """torch's legacy export shares an all-zero bias between layers through Identity nodes: a bias computed in the
     graph cannot be quantized, so ORT ran Whisper's conv2 in float while the report called it static."""

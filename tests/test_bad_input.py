@@ -1044,3 +1044,31 @@ def test_an_already_quantized_model_is_named_as_such(tmp_path, capsys, monkeypat
     convert(model_path, str(inputs / "int8.onnx"), calib, Options(quiet=True))
     run_in_process(tmp_path, str(inputs / "int8.onnx"), ["--calib", calib], ("already quantized", "FP32 model"),
                    capsys, monkeypatch)
+
+
+def test_fake_quantized_activations_do_not_make_a_model_already_quantized(tmp_path):
+    """Q/DQ pairs on activations alone (fake quantization) and a layer that sits inside an If body: the refusal says
+    the layers are inside control flow, not that the model was quantized already (a review found it did)."""
+    from msq_onnx.errors import BadModel
+    from msq_onnx.load import load_model
+
+    rng = np.random.default_rng(0)
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("MatMul", ["xd", "W"], [name])], name, [],
+                                 [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4])])
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
+             helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
+             helper.make_node("Greater", ["top", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], then_branch=branch("a"), else_branch=branch("b"))]
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+             numpy_helper.from_array(rng.normal(size=(6, 4)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(0, np.float32), "zero")]
+    graph = helper.make_graph(nodes, "fake_quant", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    with pytest.raises(BadModel, match="If/Loop/Scan") as raised:
+        load_model(str(tmp_path / "m.onnx"))
+    assert "already quantized" not in str(raised.value)
