@@ -713,16 +713,16 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> list[dict]:
             inits[folded] = tensor
             users = consumers(graph)
     if copies:
-        _drop_dead_moves(graph, inits, keep)
+        _drop_dead_constant_ops(graph, inits, keep)
     return [{"node": node.name, "op_type": node.op_type, "weight": source,
              "reason": f"its weight is computed from '{source}', which stays in the file for another reader of the "
                        "computation: the layer reads a folded copy, and the float original counts at 32 bits"}
             for source, node in beside.items() if source in inits]
 
 
-def _drop_dead_moves(graph: onnx.GraphProto, inits: dict, keep: set) -> None:
-    """Data-movement nodes nothing reads any more (a fused QKV weight's Transpose and Slices once each reader has
-    its folded copy) and the initializers only they read: left, they kept a float weight in the file that no
+def _drop_dead_constant_ops(graph: onnx.GraphProto, inits: dict, keep: set) -> None:
+    """Nodes of _CONSTANT_OPS nothing reads any more (a fused QKV weight's Transpose and Slices once each reader
+    has its folded copy) and the initializers only they read: left, they kept a float weight in the file that no
     budget counted."""
     while True:
         users = consumers(graph)
@@ -998,16 +998,18 @@ def task_output(model: onnx.ModelProto, requested: str | None = None) -> str:
     return model.graph.output[0].name
 
 
-# Ops whose weights are integers: a model with these (or a DequantizeLinear of an integer initializer) and no float
-# layer was quantized already. A Q/DQ pair on activations alone (fake quantization) does not make it so.
-_INTEGER_WEIGHT_OPS = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulNBits",
-                       "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention", "GatherBlockQuantized",
-                       "MatMulIntegerToFloat"}
+# Integer-weight kernels besides those verify.FUSED_INTEGER_OPS counts in a written model (ORT's quantize_dynamic
+# writes these two): a model with any of them (or a DequantizeLinear of an integer initializer) and no float layer
+# was quantized already. A Q/DQ pair on activations alone (fake quantization) does not make it so.
+_MORE_INTEGER_WEIGHT_OPS = ("DynamicQuantizeLSTM", "QAttention")
 
 
 def _integer_weight_ops(graph, inits: dict) -> list[str]:
     """The op types in the graph that hold integer weights, sorted."""
-    found = {n.op_type for n in graph.node if n.op_type in _INTEGER_WEIGHT_OPS}
+    from .verify import FUSED_INTEGER_OPS  # verify imports the pass, which imports this module
+
+    integer_ops = set(FUSED_INTEGER_OPS) | set(_MORE_INTEGER_WEIGHT_OPS)
+    found = {n.op_type for n in graph.node if n.op_type in integer_ops}
     if any(n.op_type == "DequantizeLinear" and n.input[0] in inits
            and inits[n.input[0]].data_type != onnx.TensorProto.FLOAT for n in graph.node):
         found.add("DequantizeLinear")
