@@ -92,10 +92,18 @@ def wide_activations(errors: dict, count: int, static=None) -> set:
     return set(ranked[:max(count, 0)])
 
 
-def average_bits(bits: dict, params: dict, fixed: int = 0) -> float:
-    """Parameter-weighted average width; `fixed` parameters that cannot be quantized count at 32 bits."""
-    total = sum(params.values()) + fixed
-    return (sum(bits[name] * params[name] for name in bits) + FLOAT_BITS * fixed) / total
+def fixed_sums(fixed) -> tuple[int, float]:
+    """(parameters, bits) of the weights no allocation changes: `fixed` is a count of float parameters (32 bits
+    each) or width -> parameters (LoadedModel.fixed_weights)."""
+    fixed = fixed if isinstance(fixed, dict) else {FLOAT_BITS: fixed}
+    return sum(fixed.values()), float(sum(width * count for width, count in fixed.items()))
+
+
+def average_bits(bits: dict, params: dict, fixed=0) -> float:
+    """Parameter-weighted average width, the `fixed` weights (fixed_sums) included at their widths."""
+    fixed_params, fixed_bits = fixed_sums(fixed)
+    total = sum(params.values()) + fixed_params
+    return (sum(bits[name] * params[name] for name in bits) + fixed_bits) / total
 
 
 @contextlib.contextmanager
@@ -126,11 +134,12 @@ class Budget:
         return f"{value * 1000:.3g} ms" if self.unit == "seconds" else f"{value:,.0f} {self.unit}"
 
 
-def bits_budget(params: dict, widths, avg_bits: float, fixed: int = 0) -> Budget:
-    """--avg-bits: `fixed` parameters that cannot be quantized count at 32 bits, so the layers get less."""
-    total = sum(params.values()) + fixed
+def bits_budget(params: dict, widths, avg_bits: float, fixed=0) -> Budget:
+    """--avg-bits: the `fixed` weights (fixed_sums) count at their widths, so the layers get less."""
+    fixed_params, fixed_bits = fixed_sums(fixed)
+    total = sum(params.values()) + fixed_params
     costs = {name: {b: float(params[name] * b) for b in set(widths) | {FLOAT_BITS}} for name in params}
-    return Budget(costs, avg_bits * total - FLOAT_BITS * fixed, f"--avg-bits {avg_bits:g}")
+    return Budget(costs, avg_bits * total - fixed_bits, f"--avg-bits {avg_bits:g}")
 
 
 def reachable_widths(budgets, widths) -> dict | None:
@@ -233,7 +242,9 @@ def allocate(method: str, importance: dict, damage: dict | None, candidate_bits,
     integer_widths = [b for b in candidate_bits if b != FLOAT_BITS]
     allowed = {name: set(damage[name]) if damage is not None else set(candidate_bits) for name in importance}
     floats = {name for name, widths in allowed.items() if widths == {FLOAT_BITS}}
-    widest = {name: FLOAT_BITS if name in floats else max(integer_widths) for name in importance}
+    # A layer's own widest width: a capped one (pipeline.saturation_caps) has lost the wider ones.
+    widest = {name: FLOAT_BITS if name in floats else max(b for b in allowed[name] if b != FLOAT_BITS)
+              for name in importance}
     if not budgets or (fits(widest, budgets) and method not in GREEDY):
         return widest
     if method in ("ilp", "sensitivity", "msq-task"):  # the same knapsack; only the damage was measured differently
@@ -244,6 +255,7 @@ def allocate(method: str, importance: dict, damage: dict | None, candidate_bits,
                                                                      set(integer_widths)) for n in allowed})
         rule = allocate_greedy if method == "greedy" else allocate_greedy_steps
         bits = rule(importance, integer_widths, budgets, floats)
+        bits = {name: min(b, widest[name]) for name, b in bits.items()}  # narrower only: still within budget
         if not fits(bits, budgets):  # a narrower width is not always cheaper (time under --max-latency)
             raise BadOption(f"the {method} rule cannot meet {' and '.join(b.name for b in budgets)}: narrowing "
                             "layers in importance order does not get there; use --allocator ilp.")
@@ -252,7 +264,7 @@ def allocate(method: str, importance: dict, damage: dict | None, candidate_bits,
 
 
 def allocate_avg_bits(method: str, importance: dict, damage: dict | None, params: dict, candidate_bits,
-                      avg_bits: float | None, fixed: int = 0) -> dict:
+                      avg_bits: float | None, fixed=0) -> dict:
     """allocate() under --avg-bits alone (None: every layer at the widest width)."""
     budgets = [] if avg_bits is None else [bits_budget(params, candidate_bits, avg_bits, fixed)]
     return allocate(method, importance, damage, candidate_bits, budgets)

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "fastest mode whose output error is small; static = uint8 QDQ (fused integer "
                              "kernels), dynamic = per-batch int8 (MatMul/Gemm), weight-only = DQ(weight) -> MatMul/Conv "
                              "(ORT's MatMulNBits then quantizes MatMul inputs to int8 per block of 32)")
+    budget.add_argument("--reduce-range", choices=("auto", "on", "off"), default="auto",
+                        help="7-bit weights for the layers ORT's u8s8 integer kernels run (its reduce_range): auto "
+                             "(default) where this machine's kernels saturate on 8-bit weights (AVX2 or AVX512 "
+                             "without VNNI), on for such a target, off: 8 bits wherever allocated")
     budget.add_argument("--act16", type=int, default=0, metavar="N",
                         help="keep the inputs of the N layers with the largest uint8 activation error (ranges "
                              "dominated by outliers) in uint16; those layers lose ORT's fused integer kernel "
@@ -173,7 +177,7 @@ def options_from(args):
                    min_cosine=args.min_cosine, output=args.task_output, output_kind=args.output_kind,
                    activations=args.activations,
                    prefer=args.prefer, rounding=args.rounding, max_latency=args.max_latency,
-                   preprocess=preprocess,
+                   reduce_range=args.reduce_range, preprocess=preprocess,
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,
                    bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search)
 

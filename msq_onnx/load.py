@@ -58,11 +58,23 @@ class LoadedModel:
     # Weighted nodes that are not layers, and why: they stay in float and the report names them.
     skipped: list = field(default_factory=list)
 
+    # Integer weights the input already held (a partly quantized model): kept as they are, and named.
+    prequantized: list = field(default_factory=list)
+
     @property
     def float_params(self) -> int:
         """Parameters of the weighted nodes that cannot be quantized: they count at 32 bits in every budget."""
         weights = {s["weight"] for s in self.skipped if s.get("weight") in self.initializers}
         return sum(math.prod(self.initializers[w].dims) for w in weights)
+
+    @property
+    def fixed_weights(self) -> dict:
+        """width -> parameters no allocation can change: the float ones at 32 bits, the input's integer ones at
+        their stored width. Every budget and average counts them."""
+        fixed = {32: self.float_params} if self.float_params else {}
+        for weight, bits in {e["weight"]: e["bits"] for e in self.prequantized}.items():
+            fixed[bits] = fixed.get(bits, 0) + math.prod(self.initializers[weight].dims)
+        return fixed
 
     shared_weights: "SharedWeights | None" = field(default=None, repr=False, compare=False)
 
@@ -588,7 +600,19 @@ _MOVES = {
     "Flatten": lambda node, x: x[0].reshape(int(np.prod(x[0].shape[:attribute(node, "axis", 1)])), -1),
     "Concat": lambda node, x: np.concatenate(x, axis=attribute(node, "axis", 0)),
     "Slice": lambda node, x: _sliced(*x),  # torch's GRU/LSTM gate reordering
+    # Weights stored narrower than they run (float16 or bfloat16 in the file, Cast to float32 before the layer):
+    # exact, and then quantized like any float weight rather than taken for a model without layers.
+    "Cast": lambda node, x: _cast_to_float(x[0], attribute(node, "to", 0)),
+    "CastLike": lambda node, x: _cast_to_float(x[0], onnx.TensorProto.FLOAT if x[1].dtype == np.float32 else 0),
 }
+
+
+def _cast_to_float(data: np.ndarray, to: int) -> np.ndarray:
+    """A float tensor of any width cast to float32; anything else is not a weight this folding computes."""
+    narrow_float = data.dtype.name.startswith(("bfloat16", "float8"))  # ml_dtypes: not numpy floating subtypes
+    if to != onnx.TensorProto.FLOAT or not (np.issubdtype(data.dtype, np.floating) or narrow_float):
+        raise TypeError("not a float-to-float32 cast")
+    return data.astype(np.float32)
 
 
 def _reduced(node, x: list, reduce) -> np.ndarray:
@@ -1016,6 +1040,30 @@ def _integer_weight_ops(graph, inits: dict) -> list[str]:
     return sorted(found)
 
 
+_STORED_BITS = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT16: 16,
+                onnx.TensorProto.UINT16: 16, onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4,
+                onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2}  # int32 is a quantized bias, not a weight
+
+
+def _prequantized_weights(graph, inits: dict) -> list[dict]:
+    """The integer weights (2-D or more) a partly quantized input already holds: read by a DequantizeLinear, or by
+    an integer kernel (QLinearConv, MatMulInteger, ...). They stay as they are; each budget counts them at their
+    stored width, where they had counted nowhere ("4.00 bits" over the float layers alone)."""
+    from .verify import FUSED_INTEGER_OPS
+
+    integer_ops = set(FUSED_INTEGER_OPS) | set(_MORE_INTEGER_WEIGHT_OPS) | {"DequantizeLinear"}
+    found = []
+    for node in graph.node:
+        if node.op_type not in integer_ops:
+            continue
+        for name in node.input[:1] if node.op_type == "DequantizeLinear" else node.input:
+            tensor = inits.get(name)
+            if tensor is not None and tensor.data_type in _STORED_BITS and len(tensor.dims) >= 2:
+                found.append({"node": node.name, "op_type": node.op_type, "weight": name,
+                              "bits": _STORED_BITS[tensor.data_type]})
+    return found
+
+
 def load_model(path: str, output: str | None = None) -> LoadedModel:
     """Read, check and normalize; raise BadModel with a one-line reason."""
     model, size, external = read_model(path)
@@ -1059,4 +1107,5 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
                        "nothing to allocate bits to.")
     return LoadedModel(model=model, source_path=path, source_opset=source_opset, opset=_default_opset(model),
                        inputs=inputs, output_name=task_output(model, output), layers=layers,
-                       size_bytes=size, initializers=inits, skipped=skipped)
+                       size_bytes=size, initializers=inits, skipped=skipped,
+                       prequantized=_prequantized_weights(model.graph, inits))

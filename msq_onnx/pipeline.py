@@ -29,13 +29,15 @@ from .latency import mode_costs
 from .load import is_large, load_model
 from .ops import DYNAMIC, FLOAT, FLOAT_BITS, MODES, PREFER, STATIC, WEIGHT_ONLY
 from .report import GzipSize, gzip_size
-from .verify import INTEGER_ACTIVATION_OPS, fused_integer_kernels, smoke_check
+from .verify import (INTEGER_ACTIVATION_OPS, SATURATION_FREE_BITS, fused_integer_kernels, integer_kernels_saturate,
+                     smoke_check)
 from .weights import error_table
 from .write import check_output_path, publish, quantize_to_qdq, quantize_weights, written_files
 
 HOLDOUT_FRACTION = 0.2  # of the calibration set held out (every 5th sample) when there is no --eval
 MIN_SPLIT = 10  # fewer calibration samples than this are not split: fidelity is then measured on them
 FEW_HELD_OUT = 30  # below this, one sample moves agreement and top-1 by over 3 points: the report says so
+REDUCE_RANGE = ("auto", "on", "off")
 ACTIVATION_CHOICES = ("auto",) + tuple(m for m in MODES if m != FLOAT)
 
 
@@ -58,6 +60,9 @@ class Options:
     rounding: str = "gptq"  # gptq: rounding with the layer's input Hessian where it is known; nearest
     max_latency: float | None = None  # batch-1 latency at most this many times FP32's (a second knapsack bound)
     mode_tolerance: float = mode_stage.TOLERANCE
+    # 7-bit weights for layers on u8s8 integer kernels: auto where this machine's kernels saturate (verify.
+    # integer_kernels_saturate), on for a target that does (AVX2 or AVX512 without VNNI), off: never
+    reduce_range: str = "auto"
     act16: int = 0  # inputs of this many layers (largest uint8 error) kept in uint16
     preprocess: Preprocess = field(default_factory=Preprocess)
     batch_size: int = 1
@@ -116,6 +121,8 @@ def check_options(options: Options) -> None:
             raise BadOption(f"{flag} {value} is not a finite number.")
     if options.output_kind is not None and options.output_kind not in fidelity.OUTPUT_KINDS:
         raise BadOption(f"--output-kind {options.output_kind} is not one of {', '.join(fidelity.OUTPUT_KINDS)}.")
+    if options.reduce_range not in REDUCE_RANGE:
+        raise BadOption(f"--reduce-range {options.reduce_range} is not one of {', '.join(REDUCE_RANGE)}.")
     if options.act16 < 0:
         raise BadOption(f"--act16 {options.act16} must be zero or positive.")
     if options.seed < 0:
@@ -373,16 +380,18 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         loaded = load_model(model_path, options.output)
         calib, evaluation = _held_out(_open_calibration(calib, loaded, options), loaded, options)
     params = {layer.name: layer.params for layer in loaded.layers}
-    fixed = loaded.float_params
+    fixed = loaded.fixed_weights
     widths = candidate_widths(options)
     budgets = [b for b in (size_budget(loaded, options, widths),) if b is not None]
     if options.avg_bits is not None:
-        lowest = (min(options.bits) * sum(params.values()) + FLOAT_BITS * fixed) / (sum(params.values()) + fixed)
+        lowest = allocate_stage.average_bits({name: min(options.bits) for name in params}, params, fixed)
         if lowest > options.avg_bits + 1e-9:
-            names = sorted({s["node"] for s in loaded.skipped if s.get("weight")})
-            raise BadOption(f"--avg-bits {options.avg_bits:g} cannot be met: {fixed:,} parameters in nodes left in "
-                            f"float ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}) count at 32 bits, "
-                            f"so the lowest reachable average is {lowest:.2f}; raise --avg-bits.")
+            names = sorted({s["node"] for s in loaded.skipped + loaded.prequantized if s.get("weight")})
+            counted = ", ".join(f"{count:,} at {width} bits" for width, count in sorted(fixed.items(), reverse=True))
+            raise BadOption(f"--avg-bits {options.avg_bits:g} cannot be met: the parameters no allocation changes "
+                            f"({counted}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}, left in float "
+                            f"or quantized in the input) make the lowest reachable average {lowest:.2f}; raise "
+                            "--avg-bits.")
         budgets.append(allocate_stage.bits_budget(params, widths, options.avg_bits, fixed))
     # ORT's quantizer holds about 400 MB of model copies while it writes its int8 yardstick: built before the
     # error tables and any candidate exist, its peak sits on the least (MiniLM-L6: 701 -> 656 MB).
@@ -396,7 +405,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     analysis = analyse(loaded, calib, options, timer, build_yardstick,
                        allocate_stage.reachable_widths(budgets, options.bits))
     with timer.stage("allocate"):
-        damage = _damage(loaded, calib, analysis, options)
+        caps = saturation_caps(loaded, analysis, options)
+        damage = _damage(loaded, calib, analysis, options, caps)
         activation_errors = allocate_stage.activation_errors(loaded.layers, analysis.stats.ranges,
                                                              analysis.stats.input_sq)
         static = {name for name, choice in analysis.modes.items() if choice.mode == STATIC}
@@ -458,7 +468,9 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     report = build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts,
                           fused_integer_kernels(op_counts), timer.seconds, time.perf_counter() - started,
                           activation_errors=activation_errors, wide_inputs=wide_inputs, search=search,
-                          warnings=warnings, fixed_params=fixed, latency=latency, gzip_bytes=gzip_bytes)
+                          warnings=warnings, fixed_params=fixed, latency=latency, gzip_bytes=gzip_bytes,
+                          reduce_range={"setting": options.reduce_range, "capped_layers": sorted(caps),
+                                        "saturating_kernels": integer_kernels_saturate()})
     gate = report.get("gate")
     return Result(report=report, gate_passed=None if gate is None else gate["passed"])
 
@@ -632,6 +644,18 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
         names = [f"{node} ({reason})" for node, reason in list(reasons.items())[:3]]
         warnings.append(f"{len(reasons)} weighted node(s) left in float: {'; '.join(names)}"
                         f"{' ...' if len(reasons) > 3 else ''}")
+    wide = [n for n, b in chosen.bits.items() if b != FLOAT_BITS and b > SATURATION_FREE_BITS
+            and chosen.modes[n] in (STATIC, DYNAMIC)]
+    if wide and integer_kernels_saturate():
+        warnings.append(f"{len(wide)} layer(s) run 8-bit weights on this machine's u8s8 integer kernels, which saturate "
+                        "(AVX2 or AVX512 without VNNI): their accuracy here is below what a VNNI machine gets; "
+                        "--reduce-range auto or on writes them in 7 bits")
+    if loaded.prequantized:
+        nodes = list(dict.fromkeys(entry["node"] for entry in loaded.prequantized))
+        widths = sorted({entry["bits"] for entry in loaded.prequantized})
+        warnings.append(f"{len(nodes)} node(s) were quantized in the input already and are kept as they are, counted "
+                        f"at their stored {'/'.join(map(str, widths))} bits: {', '.join(nodes[:5])}"
+                        f"{' ...' if len(nodes) > 5 else ''}")
     if not_held_out:
         warnings.append(f"only {chosen.measured['samples']} calibration samples and no --eval: fidelity was measured "
                         "on the samples calibrated on")
@@ -642,8 +666,9 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
     return warnings
 
 
-def _damage(loaded, calib, analysis: Analysis, options: Options) -> dict:
-    """Per layer and width, the damage the allocator minimises; float costs none (and 32 bits)."""
+def _damage(loaded, calib, analysis: Analysis, options: Options, caps: dict) -> dict:
+    """Per layer and width, the damage the allocator minimises; float costs none (and 32 bits). caps: layer ->
+    its widest width (saturation_caps)."""
     activation = {name: choice.errors.get(choice.mode, 0.0) for name, choice in analysis.modes.items()}
     if options.allocator == "sensitivity":
         from . import sensitivity
@@ -664,8 +689,29 @@ def _damage(loaded, calib, analysis: Analysis, options: Options) -> dict:
         damage = allocate_stage.expected_damage(analysis.importance, analysis.choices, options.importance_exponent,
                                                 activation)
     # A layer whose activations only float keeps faithful (the end-to-end check) has float as its one width.
-    return {name: {FLOAT_BITS: 0.0} if analysis.modes[name].mode == FLOAT else {**table, FLOAT_BITS: 0.0}
+    return {name: {FLOAT_BITS: 0.0} if analysis.modes[name].mode == FLOAT else
+            {**{b: d for b, d in table.items() if b <= caps.get(name, b)}, FLOAT_BITS: 0.0}
             for name, table in damage.items()}
+
+
+def saturates(options: Options) -> bool:
+    return options.reduce_range == "on" or (options.reduce_range == "auto" and integer_kernels_saturate())
+
+
+def saturation_caps(loaded, analysis: Analysis, options: Options) -> dict:
+    """layer -> its widest width, for the layers an integer kernel runs at their wider widths where those kernels
+    saturate (`saturates`): ONNX Runtime's reduce_range, per layer. A layer that weight-only or float runs keeps
+    every width; with no width at or under the cap among --bits, nothing is capped (and the report says so)."""
+    if not saturates(options) or not any(b <= SATURATION_FREE_BITS for b in options.bits):
+        return {}
+    caps = {}
+    for layer in loaded.layers:
+        mode = analysis.modes[layer.name].mode
+        wider = [b for b in options.bits if b > SATURATION_FREE_BITS]
+        if mode != FLOAT and any(layer.kind.mode_for(layer.kind.container(layer, b, mode, options.prefer), mode)
+                                 in (STATIC, DYNAMIC) for b in wider):
+            caps[layer.name] = SATURATION_FREE_BITS
+    return caps
 
 
 SEARCH_STEP = 0.25

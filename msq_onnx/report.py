@@ -118,7 +118,7 @@ def gzip_size(paths) -> int:
 
 def build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts, fused,
                  timings, total_seconds, *, activation_errors, wide_inputs, warnings, latency,
-                 gzip_bytes: int, fixed_params=0, search=None) -> dict:
+                 gzip_bytes: int, fixed_params=0, search=None, reduce_range=None) -> dict:
     bits, modes, measured = chosen.bits, chosen.modes, chosen.measured
     files = written_files(output_path)
     wide = uint16_tensors([layer for layer in loaded.layers if modes[layer.name] == STATIC], wide_inputs,
@@ -157,7 +157,9 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
             "batch_size": options.batch_size, "max_drop": options.max_drop, "max_size": options.max_size,
             "min_cosine": options.min_cosine, "output": loaded.output_name, "activations": options.activations,
             "prefer": options.prefer, "rounding": options.rounding, "max_latency": options.max_latency,
+            "reduce_range": options.reduce_range,
         },
+        "reduce_range": reduce_range,
         "opset": {"input": loaded.source_opset, "output": _written_opset(output_path),
                   "raised_for_int2": any(c == "int2" for c in chosen.containers.values())},
         "calibration": {"samples": analysis.stats.samples, "labels_source": analysis.labels.source,
@@ -171,6 +173,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
                                for s in loaded.skipped}.values())  # one entry a node, not one a weight
         + [{"node": name, "op_type": next(l.op_type for l in loaded.layers if l.name == name),
             "reason": "kept in float by the allocator"} for name, mode in modes.items() if mode == "float"],
+        "already_quantized": loaded.prequantized,
         "warnings": list(warnings),
         "activation_modes": {"tolerance": options.mode_tolerance, "end_to_end": analysis.mode_log},
         "size_bytes": {"input": int(loaded.size_bytes), "file": int(sum(os.path.getsize(p) for p in files)),

@@ -1241,3 +1241,46 @@ def test_a_sequence_of_class_scores_is_judged_position_by_position_on_real_token
     measured = {"kind": "class-scores", "task_output": "logits", "cosine": 0.993, "agreement": 78.8, "drop": 21.2,
                 "agreement_unit": "positions (2,438)", "samples": 128, "outputs": {}}
     assert "78.8% over positions (2,438)" in fidelity.collapse_warning(measured)
+
+
+def test_a_partly_quantized_input_counts_its_integer_weights_and_says_so(tmp_path):
+    """ORT's quantize_static with the classifier excluded leaves the convolutions' weights int8 behind
+    DequantizeLinear and the Gemm in float. The float layer is quantized; the int8 weights stay as they are, are
+    named in the report and a warning, and count at 8 bits in the budget and the average (they counted nowhere, so
+    "4.00 bits" described the Gemm alone)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    model = tiny_cnn()
+    fp32 = tmp_path / "cnn.onnx"
+    onnx.save(model, fp32)
+    calib = samples_for(model, 64, seed=1)
+    np.savez(tmp_path / "calib.npz", **calib)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"x": calib["x"][i:i + 1]} for i in range(16)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    partly = tmp_path / "partly.onnx"
+    quantize_static(str(fp32), str(partly), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    op_types_to_quantize=["Conv"])
+    loaded = load_model(str(partly))
+    assert [layer.name for layer in loaded.layers] == ["fc"]
+    conv_params = 8 * 1 * 9 + 8 * 9 + 16 * 8
+    assert loaded.fixed_weights == {8: conv_params}
+    assert sorted(e["weight"] for e in loaded.prequantized) == ["w1_quantized", "w2_quantized", "w3_quantized"]
+
+    result = convert(str(partly), str(tmp_path / "out.onnx"), str(tmp_path / "calib.npz"),
+                     Options(avg_bits=7, quiet=True))
+    report = result.report
+    jsonschema.validate(report, json.load(open(SCHEMA_PATH)))
+    fc_bits = next(layer["bits"] for layer in report["layers"] if layer["name"] == "fc")
+    expected = (fc_bits * 4 * 16 + 8 * conv_params) / (4 * 16 + conv_params)
+    assert report["avg_weight_bits"] == pytest.approx(expected) and report["avg_weight_bits"] <= 7 + 1e-9
+    assert fc_bits < 7  # the Gemm pays for the convolutions' 8 bits
+    assert {e["node"] for e in report["already_quantized"]} == {e["node"] for e in loaded.prequantized}
+    assert any("quantized in the input already" in w and "8 bits" in w for w in report["warnings"])
+    with pytest.raises(BadOption, match="272 at 8 bits.*lowest reachable average 6.86"):
+        convert(str(partly), str(tmp_path / "out2.onnx"), str(tmp_path / "calib.npz"), Options(avg_bits=4, quiet=True))

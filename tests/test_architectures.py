@@ -324,6 +324,29 @@ def test_constant_folding_keeps_onnx_semantics_a_review_found_broken(tmp_path):
     assert [layer.name for layer in chain.layers] == ["mm2"]
 
 
+@pytest.mark.parametrize("stored", [TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE])
+def test_a_weight_stored_narrow_and_cast_to_float_is_a_layer(tmp_path, stored):
+    """Weights kept in the file as float16 (or bfloat16, or double) and Cast to float32 before their MatMul: the cast
+    is folded exactly, so the MatMul is a layer; the model was refused as having no quantizable layer. A Cast to an
+    integer type is not a float weight and stays as it is."""
+    rng = np.random.default_rng(6)
+    values = rng.normal(0, 0.3, (6, 4)).astype(np.float32)
+    narrow = helper.make_tensor("v", stored, [6, 4], values.astype(helper.tensor_dtype_to_np_dtype(stored)).ravel()
+                                if stored != TensorProto.BFLOAT16 else values.ravel())
+    loaded = _matmul_on_computed_weight(tmp_path, "cast", [helper.make_node("Cast", ["v"], ["W"], to=TensorProto.FLOAT)],
+                                        [narrow])
+    assert [layer.name for layer in loaded.layers] == ["mm", "mm2"] and loaded.float_params == 0
+    assert not any(n.op_type == "Cast" for n in loaded.model.graph.node) and "v" not in loaded.initializers
+    like = _matmul_on_computed_weight(tmp_path, "castlike", [helper.make_node("CastLike", ["v", "like"], ["W"])],
+                                      [narrow, numpy_helper.from_array(np.zeros(1, np.float32), "like")])
+    assert [layer.name for layer in like.layers] == ["mm", "mm2"]
+
+    from msq_onnx.load import _computed_weight
+
+    to_int = helper.make_node("Cast", ["v"], ["W"], to=TensorProto.INT32)
+    assert _computed_weight("W", {"W": to_int}, {"v": narrow}, []) is None
+
+
 def test_a_float_weight_a_kept_chain_still_reads_counts_in_the_budget(tmp_path):
     """A weight-normalised weight whose direction something else also reads (here a graph output): the layer reads a
     folded copy, the chain stays for the other reader, and its float source, still in the file, counts at 32 bits
