@@ -191,23 +191,28 @@ def allocate_ilp(damage: dict, candidate_bits, budgets) -> dict:
     return {name: widths[c] for name, c in zip(names, choice)}
 
 
-def allocate_greedy(importance: dict, candidate_bits, budgets, floats=frozenset()) -> dict:
+def _greedy_start(importance: dict, widths: list, floats, widest: dict | None) -> dict:
+    """Every layer at its own widest width (widest: a capped layer's, allocate's), float ones at float."""
+    return {name: FLOAT_BITS if name in floats else (widest or {}).get(name, widths[-1]) for name in importance}
+
+
+def allocate_greedy(importance: dict, candidate_bits, budgets, floats=frozenset(), widest=None) -> dict:
     widths = sorted(candidate_bits)
-    bits = {name: FLOAT_BITS if name in floats else widths[-1] for name in importance}
+    bits = _greedy_start(importance, widths, floats, widest)
     order = sorted((n for n in importance if n not in floats), key=lambda name: importance[name])  # stable
     for name in order:
         if fits(bits, budgets):
             break
-        bits[name] = widths[0]
+        start, bits[name] = bits[name], widths[0]
         if fits(bits, budgets):
             # This layer alone overshot the budget: keep it as wide as still fits.
-            bits[name] = next(w for w in reversed(widths) if fits({**bits, name: w}, budgets))
+            bits[name] = next(w for w in reversed(widths) if w <= start and fits({**bits, name: w}, budgets))
     return bits
 
 
-def allocate_greedy_steps(importance: dict, candidate_bits, budgets, floats=frozenset()) -> dict:
+def allocate_greedy_steps(importance: dict, candidate_bits, budgets, floats=frozenset(), widest=None) -> dict:
     widths = sorted(candidate_bits)
-    bits = {name: FLOAT_BITS if name in floats else widths[-1] for name in importance}
+    bits = _greedy_start(importance, widths, floats, widest)
     order = sorted((n for n in importance if n not in floats), key=lambda name: importance[name])  # stable
     while not fits(bits, budgets):
         lowered = False
@@ -254,8 +259,7 @@ def allocate(method: str, importance: dict, damage: dict | None, candidate_bits,
         check_reachable(budgets, integer_widths + [FLOAT_BITS], {n: ({FLOAT_BITS} if n in floats else
                                                                      set(integer_widths)) for n in allowed})
         rule = allocate_greedy if method == "greedy" else allocate_greedy_steps
-        bits = rule(importance, integer_widths, budgets, floats)
-        bits = {name: min(b, widest[name]) for name, b in bits.items()}  # narrower only: still within budget
+        bits = rule(importance, integer_widths, budgets, floats, widest)
         if not fits(bits, budgets):  # a narrower width is not always cheaper (time under --max-latency)
             raise BadOption(f"the {method} rule cannot meet {' and '.join(b.name for b in budgets)}: narrowing "
                             "layers in importance order does not get there; use --allocator ilp.")

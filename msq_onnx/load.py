@@ -72,8 +72,8 @@ class LoadedModel:
         """width -> parameters no allocation can change: the float ones at 32 bits, the input's integer ones at
         their stored width. Every budget and average counts them."""
         fixed = {32: self.float_params} if self.float_params else {}
-        for weight, bits in {e["weight"]: e["bits"] for e in self.prequantized}.items():
-            fixed[bits] = fixed.get(bits, 0) + math.prod(self.initializers[weight].dims)
+        for bits, params in {e["weight"]: (e["bits"], e["params"]) for e in self.prequantized}.values():
+            fixed[bits] = fixed.get(bits, 0) + params
         return fixed
 
     shared_weights: "SharedWeights | None" = field(default=None, repr=False, compare=False)
@@ -773,9 +773,13 @@ def _producers(graph) -> dict:
     return {out: node for node in graph.node for out in node.output}
 
 
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+
+
 def _float_weight(name: str, inits: dict) -> bool:
-    """A float initializer of rank >= 2: a weight (not a bias, a shape or an index)."""
-    return name in inits and inits[name].data_type == onnx.TensorProto.FLOAT and len(inits[name].dims) >= 2
+    """A float initializer of rank >= 2 (of any width: a float16 table cast to float is still a weight): a weight,
+    not a bias, a shape or an index."""
+    return name in inits and inits[name].data_type in _FLOAT_TYPES and len(inits[name].dims) >= 2
 
 
 def consumers(graph) -> dict:
@@ -1045,22 +1049,31 @@ _STORED_BITS = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.Tensor
                 onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2}  # int32 is a quantized bias, not a weight
 
 
-def _prequantized_weights(graph, inits: dict) -> list[dict]:
-    """The integer weights (2-D or more) a partly quantized input already holds: read by a DequantizeLinear, or by
-    an integer kernel (QLinearConv, MatMulInteger, ...). They stay as they are; each budget counts them at their
-    stored width, where they had counted nowhere ("4.00 bits" over the float layers alone)."""
-    from .verify import FUSED_INTEGER_OPS
+# Where an integer kernel (or a DequantizeLinear) reads its weight; zero points and packed scales are not weights.
+_INTEGER_WEIGHT_INPUTS = {"DequantizeLinear": (0,), "QLinearConv": (3,), "QLinearConvTranspose": (3,), "QGemm": (3,),
+                          "QLinearMatMul": (3,), "MatMulInteger": (1,), "ConvInteger": (1,),
+                          "MatMulIntegerToFloat": (1,), "DynamicQuantizeMatMul": (1,), "QAttention": (1,),
+                          "DynamicQuantizeLSTM": (1, 2), "MatMulNBits": (1,), "GatherBlockQuantized": (0,)}
+_PACKED = ("MatMulNBits", "GatherBlockQuantized")  # uint8 bytes holding 8 / bits values each (their `bits` attribute)
 
-    integer_ops = set(FUSED_INTEGER_OPS) | set(_MORE_INTEGER_WEIGHT_OPS) | {"DequantizeLinear"}
+
+def _prequantized_weights(graph, inits: dict) -> list[dict]:
+    """The integer weights a partly quantized input already holds, read by a DequantizeLinear or an integer kernel
+    (QLinearConv, MatMulInteger, MatMulNBits, ...). They stay as they are; each budget counts them at their stored
+    width, where they had counted nowhere ("4.00 bits" over the float layers alone)."""
     found = []
     for node in graph.node:
-        if node.op_type not in integer_ops:
-            continue
-        for name in node.input[:1] if node.op_type == "DequantizeLinear" else node.input:
-            tensor = inits.get(name)
-            if tensor is not None and tensor.data_type in _STORED_BITS and len(tensor.dims) >= 2:
-                found.append({"node": node.name, "op_type": node.op_type, "weight": name,
-                              "bits": _STORED_BITS[tensor.data_type]})
+        for position in _INTEGER_WEIGHT_INPUTS.get(node.op_type, ()):
+            tensor = inits.get(node.input[position]) if position < len(node.input) else None
+            if tensor is None or tensor.data_type not in _STORED_BITS or len(tensor.dims) < 2:
+                continue
+            bits, params = _STORED_BITS[tensor.data_type], math.prod(tensor.dims)
+            if node.op_type in _PACKED and tensor.data_type == onnx.TensorProto.UINT8:
+                bits = int(attribute(node, "bits", 4))
+                params = (int(attribute(node, "K", 0)) * int(attribute(node, "N", 0)) if node.op_type == "MatMulNBits"
+                          else params * 8 // bits)
+            found.append({"node": node.name, "op_type": node.op_type, "weight": tensor.name, "bits": bits,
+                          "params": params})
     return found
 
 

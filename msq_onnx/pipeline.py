@@ -435,8 +435,10 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         search = None
         if (options.max_drop is not None or options.min_cosine is not None) and options.avg_bits is None \
                 and options.max_size is None:
+            reach = [allocate_stage.average_bits({name: width(options.bits) for name in params}, params, fixed)
+                     for width in (min, max)]
             chosen, search = search_budget(
-                lambda avg: build(budgets + [allocate_stage.bits_budget(params, widths, avg, fixed)]), options)
+                lambda avg: build(budgets + [allocate_stage.bits_budget(params, widths, avg, fixed)]), options, reach)
         else:
             chosen = build(budgets)
             chosen = _meet_size(chosen, budgets, build, options.prefer)
@@ -646,10 +648,12 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
                         f"{' ...' if len(reasons) > 3 else ''}")
     wide = [n for n, b in chosen.bits.items() if b != FLOAT_BITS and b > SATURATION_FREE_BITS
             and chosen.modes[n] in (STATIC, DYNAMIC)]
-    if wide and integer_kernels_saturate():
-        warnings.append(f"{len(wide)} layer(s) run 8-bit weights on this machine's u8s8 integer kernels, which saturate "
-                        "(AVX2 or AVX512 without VNNI): their accuracy here is below what a VNNI machine gets; "
-                        "--reduce-range auto or on writes them in 7 bits")
+    if wide and (integer_kernels_saturate() or options.reduce_range == "on"):
+        where = "this machine's" if integer_kernels_saturate() else "the target's (--reduce-range on)"
+        remedy = (f"add {SATURATION_FREE_BITS} to --bits so that they can be capped there"
+                  if SATURATION_FREE_BITS not in options.bits else "--reduce-range auto or on writes them in 7 bits")
+        warnings.append(f"{len(wide)} layer(s) run 8-bit weights on {where} u8s8 integer kernels, which saturate (AVX2 "
+                        f"or AVX512 without VNNI): their accuracy there is below what a VNNI machine gets; {remedy}")
     if loaded.prequantized:
         nodes = list(dict.fromkeys(entry["node"] for entry in loaded.prequantized))
         widths = sorted({entry["bits"] for entry in loaded.prequantized})
@@ -701,9 +705,9 @@ def saturates(options: Options) -> bool:
 def saturation_caps(loaded, analysis: Analysis, options: Options) -> dict:
     """layer -> its widest width, for the layers an integer kernel runs at their wider widths where those kernels
     saturate (`saturates`): ONNX Runtime's reduce_range, per layer. A layer that weight-only or float runs keeps
-    every width; with no width at or under the cap among --bits, nothing is capped (and the report says so)."""
-    if not saturates(options) or not any(b <= SATURATION_FREE_BITS for b in options.bits):
-        return {}
+    every width; without 7 among --bits nothing is capped (and a warning says so)."""
+    if not saturates(options) or SATURATION_FREE_BITS not in options.bits:
+        return {}  # without 7 among --bits a cap would drop a layer to 4 or 2 bits: the warning says to add it
     caps = {}
     for layer in loaded.layers:
         mode = analysis.modes[layer.name].mode
@@ -717,14 +721,18 @@ def saturation_caps(loaded, analysis: Analysis, options: Options) -> dict:
 SEARCH_STEP = 0.25
 
 
-def search_budget(build, options: Options) -> tuple[Candidate, list]:
-    """Smallest average-bits budget (on a 0.25 grid) that passes the gates (--max-drop, --min-cosine).
+def search_budget(build, options: Options, reach=None) -> tuple[Candidate, list]:
+    """Smallest average-bits budget (on a 0.25 grid) that passes the gates (--max-drop, --min-cosine). reach: the
+    averages of every layer at the narrowest and at the widest width, the fixed weights (float, or quantized in the
+    input) included: the grid spans them (from --bits alone it reached under what any allocation can meet).
 
     Binary search: the MSQ allocation orders which layers lose bits at each
     budget, so accuracy falls with the budget and about log2(grid) models are
     evaluated (5 for widths 2..8), not one per layer.
     """
-    grid = list(np.arange(min(options.bits), max(options.bits) + 1e-9, SEARCH_STEP))
+    low_end, high_end = reach or (min(options.bits), max(options.bits))
+    grid = list(np.arange(math.ceil(low_end / SEARCH_STEP - 1e-9) * SEARCH_STEP,
+                          max(high_end, min(options.bits)) + SEARCH_STEP - 1e-9, SEARCH_STEP))
     log = []
 
     def probe(index: int) -> Candidate:

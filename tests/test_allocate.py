@@ -87,3 +87,22 @@ def test_act16_ranks_only_the_layers_whose_inputs_are_uint8():
     assert wide_activations(errors, 1, {"static_loud", "static_quiet", "clean"}) == {"static_loud"}
     assert wide_activations(errors, 5, {"static_loud", "static_quiet", "clean"}) == {"static_loud", "static_quiet"}
     assert wide_activations(errors, 1) == {"dynamic"}  # no modes known: every layer ranks
+
+
+@pytest.mark.parametrize("method", ["greedy", "greedy-step", "ilp"])
+def test_a_capped_layer_starts_at_its_own_widest_width_and_the_budget_goes_to_the_others(method):
+    """Layers b and c lost 8 bits (pipeline.saturation_caps: 7 at most). At --avg-bits 7 every layer fits at 7;
+    the greedy rules started all at 8 and narrowed a to 5 before the cap, leaving the budget unspent (a review's).
+    Now each starts at its own widest width and the average is spent to the budget."""
+    from msq_onnx.allocate import allocate
+
+    params = {"a": 100, "b": 100, "c": 100}
+    widths = (2, 3, 4, 5, 6, 7, 8, 32)
+    damage = {"a": {b: 1.0 / b for b in widths}, "b": {b: 1.0 / b for b in widths if b != 8},
+              "c": {b: 1.0 / b for b in widths if b != 8}}
+    importance = {"a": 0.5, "b": 0.2, "c": 0.3}
+    bits = allocate(method, importance, damage, widths, [bits_budget(params, widths, 7.0)])
+    assert bits["b"] <= 7 and bits["c"] <= 7 and average_bits(bits, params) == pytest.approx(7.0)
+    if method == "ilp":
+        assert bits == {"a": 7, "b": 7, "c": 7}
+    assert allocate(method, importance, damage, widths, []) == {"a": 8, "b": 7, "c": 7}

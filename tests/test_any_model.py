@@ -1248,24 +1248,7 @@ def test_a_partly_quantized_input_counts_its_integer_weights_and_says_so(tmp_pat
     DequantizeLinear and the Gemm in float. The float layer is quantized; the int8 weights stay as they are, are
     named in the report and a warning, and count at 8 bits in the budget and the average (they counted nowhere, so
     "4.00 bits" described the Gemm alone)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    model = tiny_cnn()
-    fp32 = tmp_path / "cnn.onnx"
-    onnx.save(model, fp32)
-    calib = samples_for(model, 64, seed=1)
-    np.savez(tmp_path / "calib.npz", **calib)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([{"x": calib["x"][i:i + 1]} for i in range(16)])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    partly = tmp_path / "partly.onnx"
-    quantize_static(str(fp32), str(partly), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    op_types_to_quantize=["Conv"])
+    partly = _partly_quantized(tmp_path)
     loaded = load_model(str(partly))
     assert [layer.name for layer in loaded.layers] == ["fc"]
     conv_params = 8 * 1 * 9 + 8 * 9 + 16 * 8
@@ -1284,3 +1267,67 @@ def test_a_partly_quantized_input_counts_its_integer_weights_and_says_so(tmp_pat
     assert any("quantized in the input already" in w and "8 bits" in w for w in report["warnings"])
     with pytest.raises(BadOption, match="272 at 8 bits.*lowest reachable average 6.86"):
         convert(str(partly), str(tmp_path / "out2.onnx"), str(tmp_path / "calib.npz"), Options(avg_bits=4, quiet=True))
+
+
+def test_packed_integer_weights_count_at_their_bits_and_a_tied_float16_table_is_not_copied(tmp_path):
+    """A MatMulNBits weight is uint8 bytes of two 4-bit values: it counts as K x N parameters at 4 bits, not as its
+    bytes at 8 (which shrank the average's denominator). A float16 table read by a Gather and, cast and transposed,
+    by a MatMul is one tied weight: folding the cast stored a float32 copy beside it, counted nowhere."""
+    rng = np.random.default_rng(0)
+    k, n = 32, 8
+    packed = numpy_helper.from_array(rng.integers(0, 255, (n, 1, k // 2), dtype=np.uint8), "nbits_B")
+    scales = numpy_helper.from_array(np.full(n, 0.1, np.float32), "nbits_scales")
+    nodes = [helper.make_node("MatMulNBits", ["x", "nbits_B", "nbits_scales"], ["h"], domain="com.microsoft", K=k, N=n,
+                              bits=4, block_size=32, name="nbits"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [packed, scales, numpy_helper.from_array(rng.normal(size=(n, 3)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    onnx.save(model, tmp_path / "nbits.onnx")
+    loaded = load_model(str(tmp_path / "nbits.onnx"))
+    assert [layer.name for layer in loaded.layers] == ["mm"] and loaded.fixed_weights == {4: k * n}
+
+    table = numpy_helper.from_array(rng.normal(size=(10, 4)).astype(np.float16), "table16")
+    nodes = [helper.make_node("Gather", ["table16", "ids"], ["e16"], name="embed"),
+             helper.make_node("Cast", ["e16"], ["e"], to=TensorProto.FLOAT, name="cast_e"),
+             helper.make_node("Cast", ["table16"], ["table"], to=TensorProto.FLOAT, name="cast_t"),
+             helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="tie"),
+             helper.make_node("MatMul", ["e", "table_t"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "tied16", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, 10])], [table])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "t.onnx")
+    with pytest.raises(MsqError):  # the table stays float16 and tied: refused in one line, never copied
+        load_model(str(tmp_path / "t.onnx"))
+
+
+def test_a_budget_search_starts_where_the_fixed_weights_allow(tmp_path):
+    """--max-drop without a budget searches averages from every layer at the narrowest width; with weights no
+    allocation changes (float, or int8 in a partly quantized input) that start can be out of reach, and the search
+    stopped on "--avg-bits 2 cannot be met", a flag nobody passed (a review's)."""
+    report = convert(_partly_quantized(tmp_path), str(tmp_path / "out.onnx"), str(tmp_path / "calib.npz"),
+                     Options(max_drop=100.0, quiet=True)).report
+    assert min(probe["budget"] for probe in report["search"]) >= 6.75 and report["avg_weight_bits"] <= 7.0 + 1e-9
+
+
+def _partly_quantized(tmp_path) -> str:
+    """The tiny CNN through ORT's quantize_static with only its convolutions quantized: their weights int8 behind
+    DequantizeLinear, the Gemm float. Writes calib.npz beside it; returns the model's path."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    model = tiny_cnn()
+    onnx.save(model, tmp_path / "cnn.onnx")
+    calib = samples_for(model, 64, seed=1)
+    np.savez(tmp_path / "calib.npz", **calib)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"x": calib["x"][i:i + 1]} for i in range(16)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(tmp_path / "cnn.onnx"), str(tmp_path / "partly.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, op_types_to_quantize=["Conv"])
+    return str(tmp_path / "partly.onnx")

@@ -40,7 +40,7 @@ def test_holdout_needs_enough_samples():
 
 def test_max_drop_search_finds_a_small_model_within_the_limit(cnn_files, tmp_path):
     result = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"],
-                     Options(max_drop=2.0, eval_path=cnn_files["eval"], bits=(2, 3, 4, 8), quiet=True))
+                     Options(max_drop=2.0, eval_path=cnn_files["eval"], bits=(2, 3, 4, 7, 8), quiet=True))
     report = result.report
     search = report["search"]
     assert 2 <= len(search) <= 6  # a handful of evaluations, not one per budget step

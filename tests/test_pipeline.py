@@ -750,3 +750,12 @@ def test_the_saturation_probe_matches_a_product_that_overflows_int16(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     product = single_thread_session(model).run(None, {"a": np.full((1, 64), 255, np.uint8)})[0]
     assert bool((product != 64 * 255 * 127).any()) == integer_kernels_saturate()
+
+
+def test_without_7_among_the_bits_nothing_is_capped_and_the_warning_says_to_add_it(cnn_files, tmp_path):
+    """--bits 2,4,8 on a saturating target: capping at 7 would have dropped every static layer to 4 bits; the layers
+    keep 8 and the warning names the remedy (a review's)."""
+    report = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"],
+                     Options(quiet=True, bits=(2, 4, 8), reduce_range="on")).report
+    assert {layer["bits"] for layer in report["layers"]} == {8} and report["reduce_range"]["capped_layers"] == []
+    assert any("saturate" in w and "add 7 to --bits" in w for w in report["warnings"])
