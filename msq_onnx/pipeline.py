@@ -32,7 +32,8 @@ from .report import GzipSize, gzip_size
 from .verify import (INTEGER_ACTIVATION_OPS, SATURATION_FREE_BITS, fused_integer_kernels, integer_kernels_saturate,
                      smoke_check)
 from .weights import error_table
-from .write import check_output_path, publish, quantize_to_qdq, quantize_weights, written_files
+from .write import (check_output_path, data_inputs, publish, quantize_to_qdq, quantize_weights, uint16_tensors,
+                    written_files)
 
 HOLDOUT_FRACTION = 0.2  # of the calibration set held out (every 5th sample) when there is no --eval
 MIN_SPLIT = 10  # fewer calibration samples than this are not split: fidelity is then measured on them
@@ -405,12 +406,12 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     analysis = analyse(loaded, calib, options, timer, build_yardstick,
                        allocate_stage.reachable_widths(budgets, options.bits))
     with timer.stage("allocate"):
-        caps = saturation_caps(loaded, analysis, options)
-        damage = _damage(loaded, calib, analysis, options, caps)
         activation_errors = allocate_stage.activation_errors(loaded.layers, analysis.stats.ranges,
                                                              analysis.stats.input_sq)
         static = {name for name, choice in analysis.modes.items() if choice.mode == STATIC}
         wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16, static)
+        caps = saturation_caps(loaded, analysis, options, wide_inputs)
+        damage = _damage(loaded, calib, analysis, options, caps)
     with workspace as work_dir:
         with timer.stage("verify"):  # the FP32 outputs every candidate is compared with
             held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers)
@@ -702,14 +703,20 @@ def saturates(options: Options) -> bool:
     return options.reduce_range == "on" or (options.reduce_range == "auto" and integer_kernels_saturate())
 
 
-def saturation_caps(loaded, analysis: Analysis, options: Options) -> dict:
+def saturation_caps(loaded, analysis: Analysis, options: Options, wide_inputs=frozenset()) -> dict:
     """layer -> its widest width, for the layers an integer kernel runs at their wider widths where those kernels
     saturate (`saturates`): ONNX Runtime's reduce_range, per layer. A layer that weight-only or float runs keeps
-    every width; without 7 among --bits nothing is capped (and a warning says so)."""
+    every width, and so does one reading a uint16 input (wide_inputs, --act16: a float kernel runs it); without 7
+    among --bits nothing is capped (and a warning says so)."""
     if not saturates(options) or SATURATION_FREE_BITS not in options.bits:
         return {}  # without 7 among --bits a cap would drop a layer to 4 or 2 bits: the warning says to add it
+    static = [layer for layer in loaded.layers if analysis.modes[layer.name].mode == STATIC]
+    nodes = {node.name: node for node in loaded.model.graph.node}
+    uint16 = uint16_tensors(static, wide_inputs, loaded.model)
     caps = {}
     for layer in loaded.layers:
+        if any(tensor in uint16 for tensor in data_inputs(layer, nodes)):
+            continue
         mode = analysis.modes[layer.name].mode
         wider = [b for b in options.bits if b > SATURATION_FREE_BITS]
         if mode != FLOAT and any(layer.kind.mode_for(layer.kind.container(layer, b, mode, options.prefer), mode)
