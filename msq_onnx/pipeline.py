@@ -467,7 +467,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                     gzip_bytes = gzip_size(written_files(output_path))
     from .report import build_report
 
-    warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib, budgets, latency, op_counts)
+    warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib, budgets, latency, op_counts,
+                         uint16_readers(loaded, analysis, wide_inputs))
     report = build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts,
                           fused_integer_kernels(op_counts), timer.seconds, time.perf_counter() - started,
                           activation_errors=activation_errors, wide_inputs=wide_inputs, search=search,
@@ -618,7 +619,8 @@ def _unfused(loaded, chosen: Candidate, op_counts) -> str | None:
 
 
 def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, not_held_out: bool,
-              budgets: list, measured_latency: dict | None = None, op_counts=None) -> list[str]:
+              budgets: list, measured_latency: dict | None = None, op_counts=None,
+              float_kernels=frozenset()) -> list[str]:
     """What the tool cannot stand behind, said in one line each."""
     warnings = [w for w in (_unfused(loaded, chosen, op_counts),) if w]
     latency = chosen_latency = None
@@ -648,7 +650,7 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
         warnings.append(f"{len(reasons)} weighted node(s) left in float: {'; '.join(names)}"
                         f"{' ...' if len(reasons) > 3 else ''}")
     wide = [n for n, b in chosen.bits.items() if b != FLOAT_BITS and b > SATURATION_FREE_BITS
-            and chosen.modes[n] in (STATIC, DYNAMIC)]
+            and chosen.modes[n] in (STATIC, DYNAMIC) and n not in float_kernels]
     if wide and (integer_kernels_saturate() or options.reduce_range == "on"):
         where = "this machine's" if integer_kernels_saturate() else "the target's (--reduce-range on)"
         remedy = (f"add {SATURATION_FREE_BITS} to --bits so that they can be capped there"
@@ -703,6 +705,14 @@ def saturates(options: Options) -> bool:
     return options.reduce_range == "on" or (options.reduce_range == "auto" and integer_kernels_saturate())
 
 
+def uint16_readers(loaded, analysis: Analysis, wide_inputs) -> set:
+    """The layers a uint16 input (--act16) puts on a float kernel: every static reader of such a tensor."""
+    static = [layer for layer in loaded.layers if analysis.modes[layer.name].mode == STATIC]
+    nodes = {node.name: node for node in loaded.model.graph.node}
+    uint16 = uint16_tensors(static, wide_inputs, loaded.model)
+    return {layer.name for layer in loaded.layers if any(t in uint16 for t in data_inputs(layer, nodes))}
+
+
 def saturation_caps(loaded, analysis: Analysis, options: Options, wide_inputs=frozenset()) -> dict:
     """layer -> its widest width, for the layers an integer kernel runs at their wider widths where those kernels
     saturate (`saturates`): ONNX Runtime's reduce_range, per layer. A layer that weight-only or float runs keeps
@@ -710,12 +720,10 @@ def saturation_caps(loaded, analysis: Analysis, options: Options, wide_inputs=fr
     among --bits nothing is capped (and a warning says so)."""
     if not saturates(options) or SATURATION_FREE_BITS not in options.bits:
         return {}  # without 7 among --bits a cap would drop a layer to 4 or 2 bits: the warning says to add it
-    static = [layer for layer in loaded.layers if analysis.modes[layer.name].mode == STATIC]
-    nodes = {node.name: node for node in loaded.model.graph.node}
-    uint16 = uint16_tensors(static, wide_inputs, loaded.model)
+    float_kernels = uint16_readers(loaded, analysis, wide_inputs)
     caps = {}
     for layer in loaded.layers:
-        if any(tensor in uint16 for tensor in data_inputs(layer, nodes)):
+        if layer.name in float_kernels:
             continue
         mode = analysis.modes[layer.name].mode
         wider = [b for b in options.bits if b > SATURATION_FREE_BITS]

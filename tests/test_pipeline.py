@@ -771,3 +771,4 @@ def test_a_layer_with_a_uint16_input_keeps_8_bits_under_reduce_range(cnn_files, 
     assert {layer["name"]: layer["bits"] for layer in report["layers"]} == \
         {layer["name"]: 8 if layer["name"] in wide else 7 for layer in report["layers"]}
     assert set(report["reduce_range"]["capped_layers"]) == {layer["name"] for layer in report["layers"]} - wide
+    assert not any("saturate" in w for w in report["warnings"])  # the 8-bit layer runs no u8s8 kernel
