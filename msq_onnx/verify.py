@@ -101,7 +101,10 @@ def integer_kernels_saturate() -> bool:
                               [helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, [1, 2])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [1, 1])], [weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    product = single_thread_session(model, silent=True).run(None, {"a": np.full((1, 2), 255, np.uint8)})[0]
+    try:
+        product = single_thread_session(model, silent=True).run(None, {"a": np.full((1, 2), 255, np.uint8)})[0]
+    except Exception:  # a build without the kernel runs no u8s8 layer either: nothing to cap
+        return False
     return int(product.ravel()[0]) != 2 * 255 * 127
 
 
