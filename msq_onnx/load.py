@@ -1070,8 +1070,8 @@ def _prequantized_weights(graph, inits: dict) -> list[dict]:
             bits, params = _STORED_BITS[tensor.data_type], math.prod(tensor.dims)
             if node.op_type in _PACKED and tensor.data_type == onnx.TensorProto.UINT8:
                 bits = int(attribute(node, "bits", 4))
-                params = (int(attribute(node, "K", 0)) * int(attribute(node, "N", 0)) if node.op_type == "MatMulNBits"
-                          else params * 8 // bits)
+                logical = int(attribute(node, "K", 0)) * int(attribute(node, "N", 0)) if node.op_type == "MatMulNBits" else 0
+                params = logical or params * 8 // bits  # K x N where given (its blocks are padded), else the bytes
             found.append({"node": node.name, "op_type": node.op_type, "weight": tensor.name, "bits": bits,
                           "params": params})
     return found

@@ -436,10 +436,9 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         search = None
         if (options.max_drop is not None or options.min_cosine is not None) and options.avg_bits is None \
                 and options.max_size is None:
-            reach = [allocate_stage.average_bits({name: width(options.bits) for name in params}, params, fixed)
-                     for width in (min, max)]
             chosen, search = search_budget(
-                lambda avg: build(budgets + [allocate_stage.bits_budget(params, widths, avg, fixed)]), options, reach)
+                lambda avg: build(budgets + [allocate_stage.bits_budget(params, widths, avg, fixed)]), options,
+                search_reach(damage, params, fixed))
         else:
             chosen = build(budgets)
             chosen = _meet_size(chosen, budgets, build, options.prefer)
@@ -653,8 +652,9 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
             and chosen.modes[n] in (STATIC, DYNAMIC) and n not in float_kernels]
     if wide and (integer_kernels_saturate() or options.reduce_range == "on"):
         where = "this machine's" if integer_kernels_saturate() else "the target's (--reduce-range on)"
-        remedy = (f"add {SATURATION_FREE_BITS} to --bits so that they can be capped there"
-                  if SATURATION_FREE_BITS not in options.bits else "--reduce-range auto or on writes them in 7 bits")
+        remedy = " and ".join(([] if options.reduce_range != "off" else ["--reduce-range auto or on"])
+                              + ([] if SATURATION_FREE_BITS in options.bits else [f"{SATURATION_FREE_BITS} among --bits"]))
+        remedy = f"{remedy} would write them in {SATURATION_FREE_BITS} bits"
         warnings.append(f"{len(wide)} layer(s) run 8-bit weights on {where} u8s8 integer kernels, which saturate (AVX2 "
                         f"or AVX512 without VNNI): their accuracy there is below what a VNNI machine gets; {remedy}")
     if loaded.prequantized:
@@ -710,7 +710,8 @@ def uint16_readers(loaded, analysis: Analysis, wide_inputs) -> set:
     static = [layer for layer in loaded.layers if analysis.modes[layer.name].mode == STATIC]
     nodes = {node.name: node for node in loaded.model.graph.node}
     uint16 = uint16_tensors(static, wide_inputs, loaded.model)
-    return {layer.name for layer in loaded.layers if any(t in uint16 for t in data_inputs(layer, nodes))}
+    # a dynamic reader of the same tensor quantizes it itself, to uint8 for a u8s8 kernel
+    return {layer.name for layer in static if any(t in uint16 for t in data_inputs(layer, nodes))}
 
 
 def saturation_caps(loaded, analysis: Analysis, options: Options, wide_inputs=frozenset()) -> dict:
@@ -734,6 +735,15 @@ def saturation_caps(loaded, analysis: Analysis, options: Options, wide_inputs=fr
 
 
 SEARCH_STEP = 0.25
+
+
+def search_reach(damage: dict, params: dict, fixed) -> tuple[float, float]:
+    """The averages of every layer at its narrowest and at its widest allowed width (a float-only layer stays at 32
+    bits, a capped one stops at 7), the fixed weights included: the ends of search_budget's grid are then
+    allocations the knapsack can reach."""
+    allowed = {name: [b for b in damage[name] if b != FLOAT_BITS] or [FLOAT_BITS] for name in params}
+    return tuple(allocate_stage.average_bits({name: width(allowed[name]) for name in params}, params, fixed)
+                 for width in (min, max))
 
 
 def search_budget(build, options: Options, reach=None) -> tuple[Candidate, list]:

@@ -758,7 +758,7 @@ def test_without_7_among_the_bits_nothing_is_capped_and_the_warning_says_to_add_
     report = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"],
                      Options(quiet=True, bits=(2, 4, 8), reduce_range="on")).report
     assert {layer["bits"] for layer in report["layers"]} == {8} and report["reduce_range"]["capped_layers"] == []
-    assert any("saturate" in w and "add 7 to --bits" in w for w in report["warnings"])
+    assert any("saturate" in w and "7 among --bits would write them in 7 bits" in w for w in report["warnings"])
 
 
 def test_a_layer_with_a_uint16_input_keeps_8_bits_under_reduce_range(cnn_files, tmp_path):
@@ -772,3 +772,34 @@ def test_a_layer_with_a_uint16_input_keeps_8_bits_under_reduce_range(cnn_files, 
         {layer["name"]: 8 if layer["name"] in wide else 7 for layer in report["layers"]}
     assert set(report["reduce_range"]["capped_layers"]) == {layer["name"] for layer in report["layers"]} - wide
     assert not any("saturate" in w for w in report["warnings"])  # the 8-bit layer runs no u8s8 kernel
+
+
+def test_the_budget_search_spans_what_each_layer_can_take_and_act16_spares_static_readers_only(tmp_path):
+    """A layer that only float keeps faithful stays at 32 bits and a capped one stops at 7: the search's grid ends
+    where the knapsack can reach (from --bits alone its low probes were unreachable, a BadOption on an --avg-bits
+    nobody passed, and its top probe not the widest model). A dynamic layer reading a tensor --act16 makes uint16
+    for a static one quantizes it to uint8 itself, so it runs a u8s8 kernel and is not spared (a review's)."""
+    from types import SimpleNamespace
+
+    from msq_onnx.ops import DYNAMIC, FLOAT_BITS, STATIC
+    from msq_onnx.pipeline import search_reach, uint16_readers
+
+    damage = {"a": {FLOAT_BITS: 0.0}, "b": {2: 0.3, 4: 0.1, 7: 0.01, FLOAT_BITS: 0.0},
+              "c": {2: 0.3, 4: 0.1, 8: 0.0, FLOAT_BITS: 0.0}}
+    params = {"a": 10, "b": 40, "c": 50}
+    assert search_reach(damage, params, 0) == pytest.approx(((320 + 80 + 100) / 100, (320 + 280 + 400) / 100))
+    assert search_reach(damage, params, {8: 100}) == pytest.approx(((500 + 800) / 200, (1000 + 800) / 200))
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"), helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+         helper.make_node("Add", ["q", "k"], ["y"], name="add")], "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), name) for name in ("wq", "wk")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    by_node = {layer.nodes[0]: layer.name for layer in loaded.layers}
+    analysis = SimpleNamespace(modes={by_node["q"]: SimpleNamespace(mode=STATIC),
+                                      by_node["k"]: SimpleNamespace(mode=DYNAMIC)})
+    assert uint16_readers(loaded, analysis, {by_node["q"]}) == {by_node["q"]}
