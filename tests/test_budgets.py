@@ -44,7 +44,9 @@ def test_max_drop_search_finds_a_small_model_within_the_limit(cnn_files, tmp_pat
     report = result.report
     search = report["search"]
     assert 2 <= len(search) <= 6  # a handful of evaluations, not one per budget step
-    assert search[0]["budget"] == 8.0
+    # the widest model first: 8 bits, or 7 where this machine's u8s8 kernels saturate (reduce_range caps every layer)
+    assert search[0]["budget"] == (7.0 if report["reduce_range"]["capped_layers"] else 8.0)
+    assert search[0]["budget"] == search[0]["avg_bits"]
     passing = [probe for probe in search if probe["drop"] <= 2.0]
     assert report["avg_weight_bits"] == pytest.approx(min(p["avg_bits"] for p in passing), abs=1e-3)
     assert result.gate_passed is True and report["gate"]["drop"] <= 2.0
