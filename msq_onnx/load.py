@@ -60,6 +60,13 @@ class LoadedModel:
 
     # Integer weights the input already held (a partly quantized model): kept as they are, and named.
     prequantized: list = field(default_factory=list)
+    # A weight the load computed from others (weight_norm, a float16 source and a Cast) -> its sources' bytes in
+    # the input file: what --max-size takes out of the input's size for it, instead of 4 bytes a weight.
+    folded_bytes: dict = field(default_factory=dict)
+
+    def input_bytes(self, layer: Layer) -> int:
+        """The bytes the layer's weight took in the input file."""
+        return self.folded_bytes.get(layer.weight_name, 4 * layer.params)
 
     @property
     def float_params(self) -> int:
@@ -687,19 +694,21 @@ def _evaluated(name: str, producers: dict, inits: dict, chain: list, memo: dict)
 _BIASED = ("Conv", "ConvTranspose", "Gemm")  # a constant bias in input 2: ORT quantizes it with the layer
 
 
-def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> list[dict]:
+def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> tuple[list[dict], dict]:
     """A weighted node's weight computed from initializers (find_layers' kinds and _UNHANDLED_WEIGHTED) becomes
     an initializer itself, so the layer is quantized, or an unhandled op's float weights count in the budget.
     A chain whose float weights something else also reads (a tied embedding) is left as it is: folding it would
     store the weight twice; find_layers then reports the node. Returns, as find_layers' skipped entries, the float
     weights a kept chain still reads once every reader has its copy (an intermediate read by something else): they
-    stay in the file beside the copies, and count at 32 bits."""
+    stay in the file beside the copies, and count at 32 bits; and, per folded weight, the bytes its sources took in
+    the input file."""
     producers = _producers(graph)
     users = consumers(graph)
     keep = subgraph_inputs(graph) | {o.name for o in graph.output}
     taken = all_names(graph)
     copies = {}  # a kept chain's output -> its folded initializer: two readers share one copy
     beside = {}  # a float weight a kept chain reads -> the node given a copy of what the chain computes
+    stored = {}  # a folded weight -> the bytes its sources took in the input (a float16 source: half of float32's)
     for node in list(graph.node):  # chains are removed from graph.node as they fold
         kind = kind_for(node)
         if kind is not None:
@@ -726,10 +735,12 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> list[dict]:
                 folded = unique_name(f"{name}_folded", taken)
                 node.input[position] = copies[name] = folded
                 beside.update((source, node) for source in inner if _float_weight(source, inits))
+                stored[folded] = 0  # its sources stay in the file, for the other reader
             else:
                 folded = name
                 for step in chain:
                     graph.node.remove(step)
+                stored[folded] = sum(_tensor_bytes(inits[source]) for source in inner & set(inits) - outside)
                 for source in inner & set(inits) - outside:
                     graph.initializer.remove(inits.pop(source))
             tensor = numpy_helper.from_array(value, folded)
@@ -741,7 +752,11 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> list[dict]:
     return [{"node": node.name, "op_type": node.op_type, "weight": source,
              "reason": f"its weight is computed from '{source}', which stays in the file for another reader of the "
                        "computation: the layer reads a folded copy, and the float original counts at 32 bits"}
-            for source, node in beside.items() if source in inits]
+            for source, node in beside.items() if source in inits], stored
+
+
+def _tensor_bytes(tensor) -> int:
+    return math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
 def _drop_dead_constant_ops(graph: onnx.GraphProto, inits: dict, keep: set) -> None:
@@ -1093,7 +1108,7 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
     standard = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
     model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(standard))
     _name_nodes(graph)
-    kept_beside_copies = _fold_weight_chains(graph, inits)
+    kept_beside_copies, folded_bytes = _fold_weight_chains(graph, inits)
     _flatten_gemm_bias(graph, inits)
     _fold_batch_norms(graph, inits)
     model = _infer_shapes(model, path, external)
@@ -1121,4 +1136,4 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
     return LoadedModel(model=model, source_path=path, source_opset=source_opset, opset=_default_opset(model),
                        inputs=inputs, output_name=task_output(model, output), layers=layers,
                        size_bytes=size, initializers=inits, skipped=skipped,
-                       prequantized=_prequantized_weights(model.graph, inits))
+                       prequantized=_prequantized_weights(model.graph, inits), folded_bytes=folded_bytes)

@@ -291,7 +291,7 @@ def size_budget(loaded, options: Options, widths) -> allocate_stage.Budget | Non
     if options.max_size is None:
         return None
     limit = options.max_size * loaded.size_bytes if options.max_size <= 1.0 else options.max_size
-    rest = loaded.size_bytes - sum(4 * layer.params for layer in loaded.layers)  # what is not a layer's weight
+    rest = loaded.size_bytes - sum(loaded.input_bytes(layer) for layer in loaded.layers)  # not a layer's weight
 
     def costs(prefer: str) -> dict:
         return {layer.name: {b: layer.kind.container_bytes(layer, layer.kind.container(layer, b, STATIC, prefer))

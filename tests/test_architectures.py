@@ -337,6 +337,15 @@ def test_a_weight_stored_narrow_and_cast_to_float_is_a_layer(tmp_path, stored):
                                         [narrow])
     assert [layer.name for layer in loaded.layers] == ["mm", "mm2"] and loaded.float_params == 0
     assert not any(n.op_type == "Cast" for n in loaded.model.graph.node) and "v" not in loaded.initializers
+    # --max-size takes the weight's own bytes in the input out of its size (2 a weight in float16), not 4
+    from msq_onnx.pipeline import Options, size_budget
+
+    itemsize = {TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.DOUBLE: 8}[stored]
+    mm = next(layer for layer in loaded.layers if layer.name == "mm")
+    assert loaded.input_bytes(mm) == 24 * itemsize
+    budget = size_budget(loaded, Options(max_size=0.9), (2, 4, 8))
+    rest = loaded.size_bytes - 24 * itemsize - 4 * 12  # mm2's weight is float32 in the file
+    assert budget.limit == pytest.approx(0.9 * loaded.size_bytes - rest)
     like = _matmul_on_computed_weight(tmp_path, "castlike", [helper.make_node("CastLike", ["v", "like"], ["W"])],
                                       [narrow, numpy_helper.from_array(np.zeros(1, np.float32), "like")])
     assert [layer.name for layer in like.layers] == ["mm", "mm2"]
