@@ -67,12 +67,37 @@ def _dense_model(rows: int, fan_in: int, fan_out: int, mode: str, bias: bool) ->
 
 def cache_path() -> str:
     """Per machine and ONNX Runtime version: a timing is measured once, then every conversion on this
-    machine makes the same choice (the output stays byte-identical from run to run)."""
+    machine makes the same choice (the output stays byte-identical from run to run). The machine is its CPU model
+    and instruction sets too: a home folder that moves from an AVX512-VNNI host to an AVX2 one (where ORT's integer
+    kernels run slower and saturate) must not reuse the other's timings."""
     import onnxruntime as ort
 
     root = os.environ.get("MSQ_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "msq-onnx")
-    return os.path.join(root, f"latency-ort{ort.__version__}-{platform.machine()}-{os.cpu_count()}cpu.json")
+    return os.path.join(root, f"latency-ort{ort.__version__}-{platform.machine()}-{os.cpu_count()}cpu-"
+                              f"{cpu_signature()}.json")
+
+
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm", "sve")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_signature(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """Eight hex digits of the CPU's model and the instruction sets ORT's kernels choose between; the platform's
+    processor string where /proc/cpuinfo is missing (macOS, Windows)."""
+    import hashlib
+
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(1 << 20)
+    except OSError:
+        text = ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.lower().startswith(("model name", "cpu model", "hardware"))), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                      if line.lower().startswith(("flags", "features"))), []))
+    described = f"{model}|{','.join(f for f in _ISA_FLAGS if f in flags)}"
+    return hashlib.sha256(described.encode()).hexdigest()[:8]
 
 
 def _load_cache() -> dict:

@@ -803,3 +803,22 @@ def test_the_budget_search_spans_what_each_layer_can_take_and_act16_spares_stati
     analysis = SimpleNamespace(modes={by_node["q"]: SimpleNamespace(mode=STATIC),
                                       by_node["k"]: SimpleNamespace(mode=DYNAMIC)})
     assert uint16_readers(loaded, analysis, {by_node["q"]}) == {by_node["q"]}
+
+
+def test_mode_timings_are_cached_per_cpu_model_and_instruction_set(tmp_path):
+    """The timings' cache was named by ORT's version, the architecture and the core count alone: a home folder moved
+    from an AVX512-VNNI host to an AVX2 one of the same size reused timings of other kernels. The name now carries
+    the CPU's model and the instruction sets ORT chooses between."""
+    from msq_onnx.latency import cache_path, cpu_signature
+
+    def cpuinfo(name, model, flags):
+        path = tmp_path / name
+        path.write_text(f"processor\t: 0\nmodel name\t: {model}\nflags\t\t: fpu sse2 {flags}\n\n"
+                        f"processor\t: 1\nmodel name\t: {model}\nflags\t\t: fpu sse2 {flags}\n")
+        return str(path)
+
+    vnni = cpu_signature(cpuinfo("a", "Intel Xeon", "avx2 avx512f avx512_vnni"))
+    avx2 = cpu_signature(cpuinfo("b", "Intel Xeon", "avx2"))
+    epyc = cpu_signature(cpuinfo("c", "AMD EPYC", "avx2"))
+    assert len({vnni, avx2, epyc}) == 3 and cpu_signature(cpuinfo("d", "Intel Xeon", "avx2 ht")) == avx2
+    assert cache_path().endswith(f"-{cpu_signature()}.json")
