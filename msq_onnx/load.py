@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from .errors import BadModel, one_line
-from .ops import Layer, Skip, attribute, kind_for  # noqa: F401  (Layer is re-exported)
+from .ops import FLOAT_BITS, Layer, Skip, attribute, kind_for  # noqa: F401  (Layer is re-exported)
 
 # Written opset: the first with int4/uint4 Q/DQ and per-axis DQ everywhere, and
 # one that ONNX Runtime 1.31 (<= 26) loads. Newer models keep their own opset.
@@ -78,7 +78,7 @@ class LoadedModel:
     def fixed_weights(self) -> dict:
         """width -> parameters no allocation can change: the float ones at 32 bits, the input's integer ones at
         their stored width. Every budget and average counts them."""
-        fixed = {32: self.float_params} if self.float_params else {}
+        fixed = {FLOAT_BITS: self.float_params} if self.float_params else {}
         for bits, params in {e["weight"]: (e["bits"], e["params"]) for e in self.prequantized}.values():
             fixed[bits] = fixed.get(bits, 0) + params
         return fixed
@@ -740,7 +740,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> tuple[list[dict]
                 folded = name
                 for step in chain:
                     graph.node.remove(step)
-                stored[folded] = sum(_tensor_bytes(inits[source]) for source in inner & set(inits) - outside)
+                stored[folded] = sum(_tensor_nbytes(inits[source]) or 0 for source in inner & set(inits) - outside)
                 for source in inner & set(inits) - outside:
                     graph.initializer.remove(inits.pop(source))
             tensor = numpy_helper.from_array(value, folded)
@@ -753,10 +753,6 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> tuple[list[dict]
              "reason": f"its weight is computed from '{source}', which stays in the file for another reader of the "
                        "computation: the layer reads a folded copy, and the float original counts at 32 bits"}
             for source, node in beside.items() if source in inits], stored
-
-
-def _tensor_bytes(tensor) -> int:
-    return math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
 def _drop_dead_constant_ops(graph: onnx.GraphProto, inits: dict, keep: set) -> None:
@@ -1041,24 +1037,6 @@ def task_output(model: onnx.ModelProto, requested: str | None = None) -> str:
     return model.graph.output[0].name
 
 
-# Integer-weight kernels besides those verify.FUSED_INTEGER_OPS counts in a written model (ORT's quantize_dynamic
-# writes these two): a model with any of them (or a DequantizeLinear of an integer initializer) and no float layer
-# was quantized already. A Q/DQ pair on activations alone (fake quantization) does not make it so.
-_MORE_INTEGER_WEIGHT_OPS = ("DynamicQuantizeLSTM", "QAttention")
-
-
-def _integer_weight_ops(graph, inits: dict) -> list[str]:
-    """The op types in the graph that hold integer weights, sorted."""
-    from .verify import FUSED_INTEGER_OPS  # verify imports the pass, which imports this module
-
-    integer_ops = set(FUSED_INTEGER_OPS) | set(_MORE_INTEGER_WEIGHT_OPS)
-    found = {n.op_type for n in graph.node if n.op_type in integer_ops}
-    if any(n.op_type == "DequantizeLinear" and n.input[0] in inits
-           and inits[n.input[0]].data_type != onnx.TensorProto.FLOAT for n in graph.node):
-        found.add("DequantizeLinear")
-    return sorted(found)
-
-
 _STORED_BITS = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT16: 16,
                 onnx.TensorProto.UINT16: 16, onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4,
                 onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2}  # int32 is a quantized bias, not a weight
@@ -1070,6 +1048,18 @@ _INTEGER_WEIGHT_INPUTS = {"DequantizeLinear": (0,), "QLinearConv": (3,), "QLinea
                           "MatMulIntegerToFloat": (1,), "DynamicQuantizeMatMul": (1,), "QAttention": (1,),
                           "DynamicQuantizeLSTM": (1, 2), "MatMulNBits": (1,), "GatherBlockQuantized": (0,)}
 _PACKED = ("MatMulNBits", "GatherBlockQuantized")  # uint8 bytes holding 8 / bits values each (their `bits` attribute)
+
+
+def _integer_weight_ops(graph, inits: dict) -> list[str]:
+    """The op types in the graph that hold integer weights (_INTEGER_WEIGHT_INPUTS: the kernels verify counts in a
+    written model, and the two only quantize_dynamic writes), sorted: a model with any of them (or a
+    DequantizeLinear of an integer initializer) and no float layer was quantized already. A Q/DQ pair on
+    activations alone (fake quantization) does not make it so."""
+    found = {n.op_type for n in graph.node if n.op_type in _INTEGER_WEIGHT_INPUTS and n.op_type != "DequantizeLinear"}
+    if any(n.op_type == "DequantizeLinear" and n.input[0] in inits
+           and inits[n.input[0]].data_type != onnx.TensorProto.FLOAT for n in graph.node):
+        found.add("DequantizeLinear")
+    return sorted(found)
 
 
 def _prequantized_weights(graph, inits: dict) -> list[dict]:

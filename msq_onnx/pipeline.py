@@ -722,12 +722,12 @@ def saturation_caps(loaded, analysis: Analysis, options: Options, wide_inputs=fr
     if not saturates(options) or SATURATION_FREE_BITS not in options.bits:
         return {}  # without 7 among --bits a cap would drop a layer to 4 or 2 bits: the warning says to add it
     float_kernels = uint16_readers(loaded, analysis, wide_inputs)
+    wider = [b for b in options.bits if b > SATURATION_FREE_BITS]
     caps = {}
     for layer in loaded.layers:
         if layer.name in float_kernels:
             continue
         mode = analysis.modes[layer.name].mode
-        wider = [b for b in options.bits if b > SATURATION_FREE_BITS]
         if mode != FLOAT and any(layer.kind.mode_for(layer.kind.container(layer, b, mode, options.prefer), mode)
                                  in (STATIC, DYNAMIC) for b in wider):
             caps[layer.name] = SATURATION_FREE_BITS

@@ -1046,6 +1046,16 @@ def test_an_already_quantized_model_is_named_as_such(tmp_path, capsys, monkeypat
                    capsys, monkeypatch)
 
 
+def test_the_integer_weight_inputs_cover_every_integer_kernel_a_written_model_is_counted_by():
+    """load's one list of integer-weight kernels (where each reads its weight) serves both the "already quantized"
+    refusal and the partly quantized input's count: it must hold every kernel verify counts, and quantize_dynamic's
+    two more."""
+    from msq_onnx.load import _INTEGER_WEIGHT_INPUTS
+    from msq_onnx.verify import FUSED_INTEGER_OPS
+
+    assert set(FUSED_INTEGER_OPS) | {"DynamicQuantizeLSTM", "QAttention", "DequantizeLinear"} == set(_INTEGER_WEIGHT_INPUTS)
+
+
 def test_fake_quantized_activations_do_not_make_a_model_already_quantized(tmp_path):
     """Q/DQ pairs on activations alone (fake quantization) and a layer that sits inside an If body: the refusal says
     the layers are inside control flow, not that the model was quantized already (a review found it did)."""
