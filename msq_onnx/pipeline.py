@@ -168,6 +168,9 @@ class Analysis:
     choices: dict  # layer -> {bits: weights.WidthChoice}
     modes: dict  # layer -> modes.ModeChoice: its activation mode, measured
     mode_log: list  # end-to-end error of the task output after each round of mode choices
+    activation_errors: dict  # layer -> relative error of its input at 8 bits (allocate.activation_errors)
+    wide_inputs: set  # the layers whose static input --act16 writes at 16 bits
+    caps: dict  # layer -> its widest width where the machine's integer kernels saturate (saturation_caps)
 
 
 def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, widths_of=None) -> Analysis:
@@ -196,6 +199,14 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
         costs = {layer.name: mode_costs(layer, stats.rows.get(layer.name)) for layer in loaded.layers}
         modes, mode_log = mode_stage.choose(loaded, measurement, stats.ranges, costs, options.mode_tolerance,
                                             None if options.activations == "auto" else options.activations)
+    activation_errors = allocate_stage.activation_errors(loaded.layers, stats.ranges, stats.input_sq)
+    static = {name for name, choice in modes.items() if choice.mode == STATIC}
+    wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16, static)
+    caps = saturation_caps(loaded, modes, options, wide_inputs)
+    # a capped layer's wider widths are never allocated: their error tables are not measured (MiniLM-L6 on an AVX2
+    # machine: every dynamic layer's 8 bits)
+    widths_of = {layer.name: [b for b in (options.bits if widths_of is None else widths_of[layer.name])
+                              if b <= caps.get(layer.name, b)] for layer in loaded.layers}
     if before_tables is not None:
         before_tables(stats, modes)
     # After the modes: the threads' heaps keep some of what they freed, and the modes' simulation sessions
@@ -203,7 +214,8 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
     with timer.stage("weight-errors"):
         choices = _error_tables(loaded, stats, options, modes, widths_of)
         stats.hessians = {}  # released: tens of MB per wide layer
-    return Analysis(stats, labels, scores, input_score, upstream, gains, choices, modes, mode_log)
+    return Analysis(stats, labels, scores, input_score, upstream, gains, choices, modes, mode_log,
+                    activation_errors, wide_inputs, caps)
 
 
 def error_statistics(layer, stats, bias_correction: bool) -> tuple:
@@ -405,12 +417,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
 
     analysis = analyse(loaded, calib, options, timer, build_yardstick,
                        allocate_stage.reachable_widths(budgets, options.bits))
+    activation_errors, wide_inputs, caps = analysis.activation_errors, analysis.wide_inputs, analysis.caps
     with timer.stage("allocate"):
-        activation_errors = allocate_stage.activation_errors(loaded.layers, analysis.stats.ranges,
-                                                             analysis.stats.input_sq)
-        static = {name for name, choice in analysis.modes.items() if choice.mode == STATIC}
-        wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16, static)
-        caps = saturation_caps(loaded, analysis, options, wide_inputs)
         damage = _damage(loaded, calib, analysis, options, caps)
     with workspace as work_dir:
         with timer.stage("verify"):  # the FP32 outputs every candidate is compared with
@@ -467,7 +475,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     from .report import build_report
 
     warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib, budgets, latency, op_counts,
-                         uint16_readers(loaded, analysis, wide_inputs))
+                         uint16_readers(loaded, analysis.modes, wide_inputs))
     report = build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts,
                           fused_integer_kernels(op_counts), timer.seconds, time.perf_counter() - started,
                           activation_errors=activation_errors, wide_inputs=wide_inputs, search=search,
@@ -705,29 +713,30 @@ def saturates(options: Options) -> bool:
     return options.reduce_range == "on" or (options.reduce_range == "auto" and integer_kernels_saturate())
 
 
-def uint16_readers(loaded, analysis: Analysis, wide_inputs) -> set:
-    """The layers a uint16 input (--act16) puts on a float kernel: every static reader of such a tensor."""
-    static = [layer for layer in loaded.layers if analysis.modes[layer.name].mode == STATIC]
+def uint16_readers(loaded, modes: dict, wide_inputs) -> set:
+    """The layers a uint16 input (--act16) puts on a float kernel: every static reader of such a tensor.
+    modes: layer -> modes.ModeChoice."""
+    static = [layer for layer in loaded.layers if modes[layer.name].mode == STATIC]
     nodes = {node.name: node for node in loaded.model.graph.node}
     uint16 = uint16_tensors(static, wide_inputs, loaded.model)
     # a dynamic reader of the same tensor quantizes it itself, to uint8 for a u8s8 kernel
     return {layer.name for layer in static if any(t in uint16 for t in data_inputs(layer, nodes))}
 
 
-def saturation_caps(loaded, analysis: Analysis, options: Options, wide_inputs=frozenset()) -> dict:
+def saturation_caps(loaded, modes: dict, options: Options, wide_inputs=frozenset()) -> dict:
     """layer -> its widest width, for the layers an integer kernel runs at their wider widths where those kernels
     saturate (`saturates`): ONNX Runtime's reduce_range, per layer. A layer that weight-only or float runs keeps
     every width, and so does one reading a uint16 input (wide_inputs, --act16: a float kernel runs it); without 7
     among --bits nothing is capped (and a warning says so)."""
     if not saturates(options) or SATURATION_FREE_BITS not in options.bits:
         return {}  # without 7 among --bits a cap would drop a layer to 4 or 2 bits: the warning says to add it
-    float_kernels = uint16_readers(loaded, analysis, wide_inputs)
+    float_kernels = uint16_readers(loaded, modes, wide_inputs)
     wider = [b for b in options.bits if b > SATURATION_FREE_BITS]
     caps = {}
     for layer in loaded.layers:
         if layer.name in float_kernels:
             continue
-        mode = analysis.modes[layer.name].mode
+        mode = modes[layer.name].mode
         if mode != FLOAT and any(layer.kind.mode_for(layer.kind.container(layer, b, mode, options.prefer), mode)
                                  in (STATIC, DYNAMIC) for b in wider):
             caps[layer.name] = SATURATION_FREE_BITS
