@@ -10,6 +10,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -571,14 +572,20 @@ def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple,
     fp32 = loaded.model_file()
     reference, kind, failed = yardstick
     optimized = os.path.join(tempfile.mkdtemp(dir=work_dir), "optimized.onnx")
-    sessions = [single_thread_session(fp32), single_thread_session(chosen.path, optimized_path=optimized)]
-    if reference is not None:
-        try:  # the yardstick is optional: a model ORT's quantizer writes but cannot run is left out, and said
-            timed = single_thread_session(reference, silent=True)
-            timed.run(None, feed)  # the session it is timed with, checked first: one build, not two
-            sessions.append(timed)
-        except Exception as exc:
-            reference, failed = None, f"fails: {one_line(exc)}"[:300]
+    # ORT builds a session without the GIL: the three at once on two cores (MiniLM-L6's two FP32 ones: 0.50 -> 0.33 s)
+    with ThreadPoolExecutor(max_workers=max(1, min(3, usable_cores()))) as builders:
+        built = [builders.submit(single_thread_session, fp32),
+                 builders.submit(single_thread_session, chosen.path, optimized_path=optimized)]
+        if reference is not None:
+            built.append(builders.submit(single_thread_session, reference, silent=True))
+        sessions = [future.result() for future in built[:2]]
+        if reference is not None:
+            try:  # the yardstick is optional: a model ORT's quantizer writes but cannot run is left out, and said
+                timed = built[2].result()
+                timed.run(None, feed)  # the session it is timed with, checked first: one build, not two
+                sessions.append(timed)
+            except Exception as exc:
+                reference, failed = None, f"fails: {one_line(exc)}"[:300]
     times = time_sessions(sessions, feed)
     result = {"fp32": times[0], "output": times[1], "input_shapes": {k: list(v.shape) for k, v in feed.items()},
               "threads": 1, "batch": len(next(iter(feed.values())))}
