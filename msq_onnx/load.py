@@ -648,18 +648,45 @@ _ARITHMETIC = {
 }
 _CONSTANT_OPS = {**_MOVES, **_ARITHMETIC}  # what _computed_weight evaluates in numpy
 _ELEMENTWISE_PAIRS = ("Mul", "Div", "Add", "Sub")
+# Standard ops never computed at load: those whose output is not a function of their inputs, those that run a
+# subgraph, and the quantization ops, whose integer weights count at their stored width (_prequantized_weights).
+_NOT_FOLDED = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                         "Bernoulli", "If", "Loop", "Scan", "DequantizeLinear", "QuantizeLinear"})
 
 
-def _computed_weight(name: str, producers: dict, inits: dict, chain: list) -> np.ndarray | None:
-    """The value of a tensor computed from initializers through _CONSTANT_OPS only (the nodes passed appended to
-    chain), or None if it depends on anything else (or on a chain too deep to follow)."""
+def _computed_weight(name: str, producers: dict, inits: dict, chain: list, opset: int | None = None
+                     ) -> np.ndarray | None:
+    """The value of a tensor computed from initializers (the nodes passed appended to chain), or None if it depends
+    on anything else (or on a chain too deep to follow). _CONSTANT_OPS run in numpy; with the model's `opset`, any
+    other standard op runs in ONNX's reference implementation (an Abs, Exp or Clip on a weight left in an export
+    that was not constant-folded was float and counted nowhere)."""
+    if opset is not None and _constant_sources(name, producers, inits) is None:
+        return None  # an activation: found without converting the weights on its way to a graph input
     try:
-        return _evaluated(name, producers, inits, chain, {})
+        return _evaluated(name, producers, inits, chain, {}, opset)
     except RecursionError:
         return None
 
 
-def _evaluated(name: str, producers: dict, inits: dict, chain: list, memo: dict) -> np.ndarray | None:
+def _reference_value(node, values: list, opset: int) -> np.ndarray:
+    """One standard node on constant inputs (None: an omitted optional input), as ONNX's reference implementation
+    computes it."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"x{index}" if value is not None else "" for index, value in enumerate(values)]
+    step = onnx.helper.make_node(node.op_type, names, ["y"])
+    step.attribute.extend(node.attribute)
+    graph = onnx.helper.make_graph(
+        [step], "constant",
+        [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+         for name, value in zip(names, values) if name],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UNDEFINED, None)])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    return np.asarray(ReferenceEvaluator(model).run(None, {n: v for n, v in zip(names, values) if n})[0])
+
+
+def _evaluated(name: str, producers: dict, inits: dict, chain: list, memo: dict,
+               opset: int | None = None) -> np.ndarray | None:
     """_computed_weight, each value computed once (memo: name -> value): a value read twice, as in
     t1 = Add(t0, t0), would otherwise double the work at every level."""
     if name in memo:
@@ -669,21 +696,29 @@ def _evaluated(name: str, producers: dict, inits: dict, chain: list, memo: dict)
         return memo[name]
     memo[name] = None  # until computed: nothing depends on itself in a valid graph
     node = producers.get(name)
-    if node is None or node.op_type not in _CONSTANT_OPS or len(node.output) != 1 or node.domain not in ("", "ai.onnx"):
+    if node is None or len(node.output) != 1 or node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED \
+            or (node.op_type not in _CONSTANT_OPS and opset is None):
         return None
     values = []  # by position: an omitted optional input (Slice's axes before its steps) stays a None
     for source in node.input:
-        value = _evaluated(source, producers, inits, chain, memo) if source else None
+        value = _evaluated(source, producers, inits, chain, memo, opset) if source else None
         if source and value is None:
             return None
         values.append(value)
     operands = values[:2] if node.op_type in _ELEMENTWISE_PAIRS else values[:1]  # not a Reduce's axes, Pow's power
-    if node.op_type in _ARITHMETIC and not all(np.issubdtype(v.dtype, np.floating) for v in operands):
-        return None  # integer arithmetic (a shape's, say) truncates in ONNX where numpy would not
+    # integer arithmetic (a shape's, say) truncates in ONNX where numpy would not: the reference implementation's
+    in_numpy = node.op_type in _CONSTANT_OPS and not (
+        node.op_type in _ARITHMETIC and not all(np.issubdtype(v.dtype, np.floating) for v in operands))
+    if not in_numpy and opset is None:
+        return None
     try:
         with np.errstate(all="ignore"):  # a zero norm gives inf or nan here as it would in the runtime
-            result = _CONSTANT_OPS[node.op_type](node, values)
+            result = _CONSTANT_OPS[node.op_type](node, values) if in_numpy else _reference_value(node, values, opset)
     except (ValueError, IndexError, TypeError):
+        return None
+    except Exception:  # noqa: BLE001  the reference implementation's own errors: an op it lacks, a type it refuses
+        if in_numpy:
+            raise
         return None
     if not any(step is node for step in chain):  # a node reached by two paths (Concat(t, t)) is one step
         chain.append(node)
@@ -691,10 +726,30 @@ def _evaluated(name: str, producers: dict, inits: dict, chain: list, memo: dict)
     return result
 
 
+def _constant_sources(name: str, producers: dict, inits: dict) -> set | None:
+    """The float weights a tensor is computed from when no graph input feeds it (None: one does, so it is an
+    activation)."""
+    seen, pending, sources = set(), [name], set()
+    while pending:
+        current = pending.pop()
+        if not current or current in seen:
+            continue
+        seen.add(current)
+        if current in inits:
+            if _float_weight(current, inits):
+                sources.add(current)
+            continue
+        node = producers.get(current)
+        if node is None:
+            return None
+        pending.extend(node.input)
+    return sources
+
+
 _BIASED = ("Conv", "ConvTranspose", "Gemm")  # a constant bias in input 2: ORT quantizes it with the layer
 
 
-def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> tuple[list[dict], dict]:
+def _fold_weight_chains(graph: onnx.GraphProto, inits: dict, opset: int | None = None) -> tuple[list[dict], dict]:
     """A weighted node's weight computed from initializers (find_layers' kinds and _UNHANDLED_WEIGHTED) becomes
     an initializer itself, so the layer is quantized, or an unhandled op's float weights count in the budget.
     A chain whose float weights something else also reads (a tied embedding) is left as it is: folding it would
@@ -724,7 +779,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict) -> tuple[list[dict]
             if name in copies:
                 node.input[position] = copies[name]
                 continue
-            value = None if not name or name in inits else _computed_weight(name, producers, inits, chain)
+            value = None if not name or name in inits else _computed_weight(name, producers, inits, chain, opset)
             if value is None or value.dtype != np.float32 or value.ndim < (1 if position == 2 else 2):
                 continue
             inner = {i for step in chain for i in step.input if i}  # its initializers and intermediate values
@@ -874,7 +929,7 @@ _UNHANDLED_WEIGHTED = ("Einsum", "MultiHeadAttention", "EmbedLayerNormalization"
 
 
 def _add_layer(node, kind, position: int, activation: str, suffix: str, inits: dict, users: dict, producers: dict,
-               outputs: set, by_weight: dict, refused: set, skipped: list, names: set) -> None:
+               outputs: set, by_weight: dict, refused: set, skipped: list, names: set, opset: int | None = None) -> None:
     """find_layers for one weight of a node (input `position`, multiplying `activation`): a new layer in
     by_weight, one more node of a layer that shares the weight, or the reason it is neither in skipped.
     names: the node and layer names taken, which a second layer of a node (an LSTM's R) must not reuse."""
@@ -883,11 +938,17 @@ def _add_layer(node, kind, position: int, activation: str, suffix: str, inits: d
     weight_name = node.input[position]
     if weight_name not in inits:
         chain = []  # a weight computed from initializers _fold_weight_chains left alone (one read elsewhere)
-        if _computed_weight(weight_name, producers, inits, chain) is not None:
+        if _computed_weight(weight_name, producers, inits, chain, opset) is not None:
             sources = sorted({i for step in chain for i in step.input if _float_weight(i, inits)})
             skipped.extend({"node": node.name, "op_type": node.op_type, "weight": w,
                             "reason": f"its weight is computed from '{w}', which another node also reads (a "
                                       "tied weight): left in float"} for w in sources)
+        else:  # from initializers through what cannot be computed once (another domain's op, a random one)
+            skipped.extend({"node": node.name, "op_type": node.op_type, "weight": w,
+                            "reason": f"its weight is computed from '{w}' through what msq-onnx does not compute "
+                                      "when it loads (another domain's op, a random one, or a chain too deep to "
+                                      "follow): left in float"}
+                           for w in sorted(_constant_sources(weight_name, producers, inits) or ()))
         return
     if node.op_type == "Gather" and inits[weight_name].data_type != onnx.TensorProto.FLOAT:
         return  # an index or shape table, not an embedding
@@ -954,6 +1015,7 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
     skipped = _subgraph_layers(graph)
     refused = set()
     names = {node.name for node in graph.node}
+    opset = _default_opset(model)
     for node in graph.node:
         kind = kind_for(node)
         if kind is None and node.op_type in _UNHANDLED_WEIGHTED:
@@ -965,7 +1027,7 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
             continue  # activation x activation: nothing to give bits to
         for position, activation, suffix in kind.weights(node):
             _add_layer(node, kind, position, activation, suffix, inits, users, producers, outputs, by_weight,
-                       refused, skipped, names)
+                       refused, skipped, names, opset)
     inner = subgraph_inputs(graph)
     for weight_name, layer in list(by_weight.items()):
         # A weight something else also reads (a tied output projection through a Transpose) keeps its float
@@ -1098,7 +1160,7 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
     standard = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
     model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(standard))
     _name_nodes(graph)
-    kept_beside_copies, folded_bytes = _fold_weight_chains(graph, inits)
+    kept_beside_copies, folded_bytes = _fold_weight_chains(graph, inits, _default_opset(model))
     _flatten_gemm_bias(graph, inits)
     _fold_batch_norms(graph, inits)
     model = _infer_shapes(model, path, external)

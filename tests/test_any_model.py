@@ -951,10 +951,13 @@ def test_recurrent_ops_that_review_found_broken(tmp_path):
 
     computed = recurrent_model("LSTM", 1)
     rnn = next(node for node in computed.graph.node if node.op_type == "LSTM")
-    rnn.input[1] = "W_abs"  # an op the load does not fold (Mul is folded: load._ARITHMETIC)
-    computed.graph.node.insert(0, N("Abs", ["W"], ["W_abs"], name="abs_w"))
+    rnn.input[1] = "W_kept"  # what the load cannot fold: a random op's output is no constant
+    computed.graph.node.insert(0, N("RandomUniformLike", ["W"], ["W_r"], low=1.0, high=1.0, name="random_w"))
+    computed.graph.node.insert(1, N("Mul", ["W", "W_r"], ["W_kept"], name="scale_w"))
     onnx.save(computed, tmp_path / "w.onnx")
-    assert [layer.name for layer in load_model(str(tmp_path / "w.onnx")).layers] == ["rnn/R", "head"]
+    kept = load_model(str(tmp_path / "w.onnx"))
+    assert [layer.name for layer in kept.layers] == ["rnn/R", "head"]
+    assert kept.float_params == kept.initializers["W"].dims[1] * kept.initializers["W"].dims[2]  # W counts at 32 bits
 
     clash = recurrent_model("LSTM", 1)
     next(node for node in clash.graph.node if node.op_type == "MatMul").name = "rnn/R"

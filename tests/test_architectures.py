@@ -182,7 +182,8 @@ def test_a_gemm_whose_bias_is_computed_in_the_graph_gets_no_correction_and_no_ce
     from msq_onnx.pipeline import error_statistics
 
     rng = np.random.default_rng(0)
-    graph = helper.make_graph([helper.make_node("Abs", ["b"], ["c"], name="computed_bias"),  # not folded by the load
+    graph = helper.make_graph([helper.make_node("RandomUniformLike", ["b"], ["r"], low=1.0, high=1.0, name="random"),
+                               helper.make_node("Mul", ["b", "r"], ["c"], name="computed_bias"),  # no constant
                                helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc")], "gemm_c",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
@@ -322,6 +323,45 @@ def test_constant_folding_keeps_onnx_semantics_a_review_found_broken(tmp_path):
     chain = _matmul_on_computed_weight(tmp_path, "deep", deep + [helper.make_node("Identity", ["t1500"], ["W"])],
                                        [_init(rng, "v", 6, 4)])
     assert [layer.name for layer in chain.layers] == ["mm2"]
+
+
+def test_a_weight_any_standard_op_computes_from_constants_is_folded_into_a_layer(tmp_path):
+    """Ops outside the numpy list (Abs, Clip with its bounds as inputs, Exp) and integer arithmetic in a shape are
+    computed as ONNX's reference implementation does: the MatMul is a layer, quantized and counted. Before, its
+    weight stayed float and counted nowhere: a model whose largest weight was float32 read "4.00 bits"."""
+    rng = np.random.default_rng(7)
+    i64 = lambda name, *values: numpy_helper.from_array(np.array(values, np.int64), name)  # noqa: E731
+    f32 = lambda name, value: numpy_helper.from_array(np.array(value, np.float32), name)  # noqa: E731
+    loaded = _matmul_on_computed_weight(tmp_path, "ops", [
+        helper.make_node("Abs", ["v"], ["a"]),
+        helper.make_node("Clip", ["a", "lo", "hi"], ["c"]),
+        helper.make_node("Exp", ["c"], ["e"]),
+        helper.make_node("Div", ["twelve", "two"], ["six"]),  # integer: 6 in ONNX as in numpy here, computed by ONNX
+        helper.make_node("Concat", ["six", "minus1"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["e", "shape"], ["W"])],
+        [_init(rng, "v", 3, 8), f32("lo", 0.1), f32("hi", 0.5), i64("twelve", 12), i64("two", 2), i64("minus1", -1)])
+    assert [layer.name for layer in loaded.layers] == ["mm", "mm2"] and loaded.float_params == 0
+    folded = loaded.weight(loaded.layers[0])
+    np.testing.assert_allclose(folded, np.exp(np.clip(np.abs(numpy_helper.to_array(
+        next(t for t in onnx.load(tmp_path / "ops.onnx").graph.initializer if t.name == "v"))), 0.1, 0.5)).reshape(6, 4),
+        rtol=1e-6)
+    assert not any(n.op_type in ("Abs", "Clip", "Exp") for n in loaded.model.graph.node)
+
+
+def test_a_weight_computed_through_a_random_op_is_left_in_float_named_and_counted(tmp_path):
+    """A weight scaled by a RandomUniformLike each run is no constant: it stays as it is, its float source counts at
+    32 bits and the report names it, where it counted nowhere; a MatMul of two activations is no weight at all."""
+    rng = np.random.default_rng(8)
+    loaded = _matmul_on_computed_weight(tmp_path, "random", [
+        helper.make_node("RandomUniformLike", ["v"], ["r"], low=1.0, high=1.0),
+        helper.make_node("Mul", ["v", "r"], ["W"])], [_init(rng, "v", 6, 4)])
+    assert [layer.name for layer in loaded.layers] == ["mm2"] and loaded.float_params == 24
+    assert [(s["node"], s["weight"]) for s in loaded.skipped] == [("mm", "v")]
+    assert "does not compute when it loads" in loaded.skipped[0]["reason"]
+    scaled = _matmul_on_computed_weight(tmp_path, "scaled", [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=1), helper.make_node("Mul", ["u", "s"], ["W"])],
+        [_init(rng, "u", 6, 4)])
+    assert [layer.name for layer in scaled.layers] == ["mm2"] and scaled.skipped == [] and scaled.float_params == 0
 
 
 @pytest.mark.parametrize("stored", [TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE])
