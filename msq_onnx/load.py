@@ -924,8 +924,8 @@ def _subgraph_layers(graph) -> list[dict]:
 # ONNX's Einsum, the float-weight ops ONNX Runtime's own optimizers write (com.microsoft): the embedding tables an
 # EmbedLayerNormalization reads (MiniLM-L6 through its transformer optimizer: 12.3 M of 22.9 M parameters), and
 # the fused convolutions and products of a graph saved after ORT's session optimizations.
-_UNHANDLED_WEIGHTED = ("Einsum", "MultiHeadAttention", "EmbedLayerNormalization", "FusedConv", "FusedGemm",
-                       "FusedMatMul", "DecoderAttention")
+_UNHANDLED_WEIGHTED = ("Einsum", "DeformConv", "MultiHeadAttention", "EmbedLayerNormalization", "FusedConv",
+                       "FusedGemm", "FusedMatMul", "DecoderAttention")
 
 
 def _add_layer(node, kind, position: int, activation: str, suffix: str, inits: dict, users: dict, producers: dict,
@@ -1028,6 +1028,13 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
         for position, activation, suffix in kind.weights(node):
             _add_layer(node, kind, position, activation, suffix, inits, users, producers, outputs, by_weight,
                        refused, skipped, names, opset)
+    named = set(by_weight) | {s.get("weight") for s in skipped}
+    for node in graph.node:  # a weight on the left (W @ x): ORT's quantizer and ops.py take a product's on the right
+        if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx") and node.input \
+                and _float_weight(node.input[0], inits) and node.input[0] not in named:
+            skipped.append({"node": node.name, "op_type": node.op_type, "weight": node.input[0],
+                            "reason": f"its weight '{node.input[0]}' is the left operand (W @ x), which msq-onnx "
+                                      "does not quantize: left in float"})
     inner = subgraph_inputs(graph)
     for weight_name, layer in list(by_weight.items()):
         # A weight something else also reads (a tied output projection through a Transpose) keeps its float

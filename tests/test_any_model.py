@@ -787,6 +787,38 @@ def test_unhandled_weighted_ops_are_named_and_count_in_the_budget(tmp_path):
                 Options(avg_bits=4, quiet=True))
 
 
+def test_weights_no_layer_takes_are_named_and_count_in_the_budget(tmp_path):
+    """A MatMul whose weight is its left operand (W @ x) and a DeformConv's weight: float, named, counted at 32 bits.
+    Both were float and counted nowhere: the report's average covered the other layers alone."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32) * 0.3, n)
+             for n, s in (("wl", (4, 8)), ("wo", (5, 3)))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["wl", "x"], ["h"], name="left"),
+         helper.make_node("MatMul", ["h", "wo"], ["out"], name="head")], "left",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 5])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(12, 8, 5)).astype(np.float32))
+    report = convert(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), str(tmp_path / "c.npz"),
+                     Options(quiet=True)).report
+    assert [s["node"] for s in report["left_in_float"]] == ["left"] and "'wl'" in report["left_in_float"][0]["reason"]
+    assert any("left" in w and "W @ x" in w for w in report["warnings"])
+    assert report["avg_weight_bits"] == pytest.approx((32 * 32 + 15 * report["layers"][0]["bits"]) / 47, abs=0.01)
+
+    deform = helper.make_graph(
+        [helper.make_node("Conv", ["x", "wo_conv"], ["o"], pads=[1, 1, 1, 1], name="offsets"),
+         helper.make_node("DeformConv", ["x", "wd", "o"], ["y"], pads=[1, 1, 1, 1], name="deform")], "deform",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 6, 6])],
+        [numpy_helper.from_array(rng.normal(size=(18, 4, 3, 3)).astype(np.float32), "wo_conv"),
+         numpy_helper.from_array(rng.normal(size=(5, 4, 3, 3)).astype(np.float32), "wd")])
+    onnx.save(helper.make_model(deform, opset_imports=[helper.make_opsetid("", 19)], ir_version=9), tmp_path / "d.onnx")
+    loaded = load_model(str(tmp_path / "d.onnx"))
+    assert [layer.name for layer in loaded.layers] == ["offsets"]
+    assert [(s["node"], s["weight"]) for s in loaded.skipped] == [("deform", "wd")] and loaded.float_params == 180
+
+
 def recurrent_model(op_type: str, directions: int, seed: int = 2, steps: int = 7, features: int = 8,
                     hidden: int = 16) -> onnx.ModelProto:
     """A batch-first sequence classifier as torch exports one: Transpose to [steps, N, features], the recurrent
