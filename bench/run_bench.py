@@ -35,6 +35,7 @@ from msq_onnx.pipeline import Analysis, Options, _Timer, analyse, plan_layers  #
 from msq_onnx.data import Preprocess, open_samples  # noqa: E402
 from msq_onnx.instrument import padded_batches  # noqa: E402
 from msq_onnx.load import load_model  # noqa: E402
+from msq_onnx.ops import FLOAT_BITS  # noqa: E402
 from msq_onnx.report import plot_accuracy_vs_size  # noqa: E402
 from msq_onnx.verify import session  # noqa: E402
 from msq_onnx.weights import error_table  # noqa: E402
@@ -135,6 +136,14 @@ def compare(a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> str:
     return f"{'win' if only_a > only_b else 'loss'} ({only_a}/{only_b})"
 
 
+def within_tables(bits: dict, choices: dict) -> dict:
+    """Each layer's width, or the widest its error table holds below it: where the machine's integer kernels
+    saturate, reduce_range leaves a static or dynamic layer no table above 7 bits (pipeline.saturation_caps), and
+    the tool never writes it wider; a uniform-8 or random row gets what the tool would write."""
+    return {name: b if b >= FLOAT_BITS or b in choices[name] else max(w for w in choices[name] if w <= b)
+            for name, b in bits.items()}
+
+
 def random_allocation(params: dict, widths, budget: float, seed: int) -> dict:
     """A random maximal allocation: widths raised one step at a time in random order while the budget holds."""
     rng = np.random.default_rng(seed)
@@ -214,6 +223,7 @@ def main(argv=None) -> int:
     rows, predictions = [], {}
 
     def evaluate(label, budget, bits, choices=None, bias_correction=True, analysis_key="msq", seed=None):
+        bits = within_tables(bits, msq.choices)
         kept = {}
         top1 = score(loaded, msq, evaluator, bits, choices, bias_correction, kept)
         predicted, size = kept["predictions"], kept["bytes"]

@@ -44,7 +44,7 @@ def main() -> int:
     def run(allocator: str, exponent: float | None, budget: float) -> dict:
         options = Options(allocator=allocator, importance_exponent=exponent or 0.0, quiet=True)
         widths = candidate_widths(options)
-        damage = None if allocator in alloc.GREEDY else _damage(loaded, calib, analysis, options)
+        damage = _damage(loaded, calib, analysis, options, analysis.caps)  # the greedy rules read its widths
         bits = alloc.allocate(allocator, analysis.importance, damage, widths,
                               [alloc.bits_budget(params, widths, budget)])
         kept = {}

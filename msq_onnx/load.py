@@ -648,18 +648,22 @@ _ARITHMETIC = {
 }
 _CONSTANT_OPS = {**_MOVES, **_ARITHMETIC}  # what _computed_weight evaluates in numpy
 _ELEMENTWISE_PAIRS = ("Mul", "Div", "Add", "Sub")
-# Standard ops never computed at load: those whose output is not a function of their inputs, those that run a
-# subgraph, and the quantization ops, whose integer weights count at their stored width (_prequantized_weights).
+# Standard ops never computed at load: those whose output need not be a function of their inputs (Dropout in
+# training mode), those that run a subgraph, and the quantization ops, whose integer weights count at their stored
+# width (_prequantized_weights).
 _NOT_FOLDED = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-                         "Bernoulli", "If", "Loop", "Scan", "DequantizeLinear", "QuantizeLinear"})
+                         "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceMap", "DequantizeLinear",
+                         "QuantizeLinear", "DynamicQuantizeLinear"})
+_QUANTIZED_SOURCES = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
 
 
 def _computed_weight(name: str, producers: dict, inits: dict, chain: list, opset: int | None = None
                      ) -> np.ndarray | None:
     """The value of a tensor computed from initializers (the nodes passed appended to chain), or None if it depends
     on anything else (or on a chain too deep to follow). _CONSTANT_OPS run in numpy; with the model's `opset`, any
-    other standard op runs in ONNX's reference implementation (an Abs, Exp or Clip on a weight left in an export
-    that was not constant-folded was float and counted nowhere)."""
+    other standard op runs in ONNX Runtime, as it would every run (an Abs, Exp or Clip on a weight left in an export
+    that was not constant-folded was float and counted nowhere), unless its result is larger than its inputs (a
+    mask built from a shape, a low-rank product): stored, that would grow the file."""
     if opset is not None and _constant_sources(name, producers, inits) is None:
         return None  # an activation: found without converting the weights on its way to a graph input
     try:
@@ -668,10 +672,10 @@ def _computed_weight(name: str, producers: dict, inits: dict, chain: list, opset
         return None
 
 
-def _reference_value(node, values: list, opset: int) -> np.ndarray:
-    """One standard node on constant inputs (None: an omitted optional input), as ONNX's reference implementation
-    computes it."""
-    from onnx.reference import ReferenceEvaluator
+def _runtime_value(node, values: list, opset: int) -> np.ndarray:
+    """One standard node on constant inputs (None: an omitted optional input), as ONNX Runtime computes it (ONNX's
+    reference implementation differs from it on some ops: LpNormalization with p=1 divides by the plain sum)."""
+    import onnxruntime as ort
 
     names = [f"x{index}" if value is not None else "" for index, value in enumerate(values)]
     step = onnx.helper.make_node(node.op_type, names, ["y"])
@@ -680,9 +684,18 @@ def _reference_value(node, values: list, opset: int) -> np.ndarray:
         [step], "constant",
         [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
          for name, value in zip(names, values) if name],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UNDEFINED, None)])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    return np.asarray(ReferenceEvaluator(model).run(None, {n: v for n, v in zip(names, values) if n})[0])
+        [onnx.helper.make_value_info("y", onnx.TypeProto())])
+    imports = [onnx.helper.make_opsetid("", opset)]
+    model = onnx.helper.make_model(graph, opset_imports=imports,
+                                   ir_version=onnx.helper.find_min_ir_version_for(imports))
+    model = onnx.shape_inference.infer_shapes(model)  # ORT wants the output's type
+    if not model.graph.output[0].type.tensor_type.elem_type:
+        raise TypeError("the output's type is not inferred")
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a refusal is an answer (not folded), not a message
+    options.intra_op_num_threads = 1
+    runner = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return np.asarray(runner.run(None, {n: v for n, v in zip(names, values) if n})[0])
 
 
 def _evaluated(name: str, producers: dict, inits: dict, chain: list, memo: dict,
@@ -706,20 +719,24 @@ def _evaluated(name: str, producers: dict, inits: dict, chain: list, memo: dict,
             return None
         values.append(value)
     operands = values[:2] if node.op_type in _ELEMENTWISE_PAIRS else values[:1]  # not a Reduce's axes, Pow's power
-    # integer arithmetic (a shape's, say) truncates in ONNX where numpy would not: the reference implementation's
-    in_numpy = node.op_type in _CONSTANT_OPS and not (
-        node.op_type in _ARITHMETIC and not all(np.issubdtype(v.dtype, np.floating) for v in operands))
-    if not in_numpy and opset is None:
-        return None
-    try:
-        with np.errstate(all="ignore"):  # a zero norm gives inf or nan here as it would in the runtime
-            result = _CONSTANT_OPS[node.op_type](node, values) if in_numpy else _reference_value(node, values, opset)
-    except (ValueError, IndexError, TypeError):
-        return None
-    except Exception:  # noqa: BLE001  the reference implementation's own errors: an op it lacks, a type it refuses
-        if in_numpy:
-            raise
-        return None
+    # integer arithmetic (a shape's, say) truncates in ONNX where numpy would not: the runtime computes that
+    result = None
+    if node.op_type in _CONSTANT_OPS and not (
+            node.op_type in _ARITHMETIC and not all(np.issubdtype(v.dtype, np.floating) for v in operands)):
+        try:
+            with np.errstate(all="ignore"):  # a zero norm gives inf or nan here as it would in the runtime
+                result = _CONSTANT_OPS[node.op_type](node, values)
+        except (ValueError, IndexError, TypeError):  # and a cast numpy's list refuses (to float16) the runtime does
+            pass
+    if result is None:
+        if opset is None:
+            return None
+        try:
+            result = _runtime_value(node, values, opset)
+        except Exception:  # noqa: BLE001  the runtime's own refusals: a type or an attribute it does not take
+            return None
+        if result.size > sum(np.size(v) for v in values if v is not None):
+            return None  # a mask from a shape, a broadcast or a low-rank product: smaller computed than stored
     if not any(step is node for step in chain):  # a node reached by two paths (Concat(t, t)) is one step
         chain.append(node)
     memo[name] = result
@@ -740,8 +757,8 @@ def _constant_sources(name: str, producers: dict, inits: dict) -> set | None:
                 sources.add(current)
             continue
         node = producers.get(current)
-        if node is None:
-            return None
+        if node is None or node.op_type in _QUANTIZED_SOURCES:
+            return None  # a graph input: an activation; or a weight stored quantized, counted at its own width
         pending.extend(node.input)
     return sources
 
@@ -779,7 +796,10 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict, opset: int | None =
             if name in copies:
                 node.input[position] = copies[name]
                 continue
-            value = None if not name or name in inits else _computed_weight(name, producers, inits, chain, opset)
+            # an unhandled op's inputs (a mask, a bias) are folded only as far as numpy's list goes: they are
+            # counted, not quantized, and a runtime-computed one could be larger than what it is computed from
+            value = None if not name or name in inits else _computed_weight(
+                name, producers, inits, chain, opset if kind is not None else None)
             if value is None or value.dtype != np.float32 or value.ndim < (1 if position == 2 else 2):
                 continue
             inner = {i for step in chain for i in step.input if i}  # its initializers and intermediate values
@@ -811,13 +831,15 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict, opset: int | None =
 
 
 def _drop_dead_constant_ops(graph: onnx.GraphProto, inits: dict, keep: set) -> None:
-    """Nodes of _CONSTANT_OPS nothing reads any more (a fused QKV weight's Transpose and Slices once each reader
-    has its folded copy) and the initializers only they read: left, they kept a float weight in the file that no
-    budget counted."""
+    """Nodes computed from constants alone that nothing reads any more (a fused QKV weight's Transpose, or Abs, and
+    Slices once each reader has its folded copy) and the initializers only they read: left, they kept a float weight
+    in the file that no budget counted."""
+    producers = _producers(graph)
     while True:
         users = consumers(graph)
-        dead = [n for n in graph.node if n.op_type in _CONSTANT_OPS and not any(users.get(o) or o in keep
-                                                                                 for o in n.output)]
+        dead = [n for n in graph.node if not any(users.get(o) or o in keep for o in n.output)
+                and (n.op_type in _CONSTANT_OPS or all(_constant_sources(o, producers, inits) is not None
+                                                       for o in n.output if o))]
         if not dead:
             break
         for node in dead:
@@ -948,7 +970,7 @@ def _add_layer(node, kind, position: int, activation: str, suffix: str, inits: d
                             "reason": f"its weight is computed from '{w}' through what msq-onnx does not compute "
                                       "when it loads (another domain's op, a random one, or a chain too deep to "
                                       "follow): left in float"}
-                           for w in sorted(_constant_sources(weight_name, producers, inits) or ()))
+                           for w in sorted((_constant_sources(weight_name, producers, inits) or set()) - set(by_weight)))
         return
     if node.op_type == "Gather" and inits[weight_name].data_type != onnx.TensorProto.FLOAT:
         return  # an index or shape table, not an embedding

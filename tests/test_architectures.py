@@ -278,7 +278,7 @@ def test_a_weight_normalised_conv_is_folded_into_a_layer(tmp_path, opset):
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
 
 
-def _matmul_on_computed_weight(tmp_path, name: str, nodes: list, inits: list, extra_outputs=()):
+def _matmul_on_computed_weight(tmp_path, name: str, nodes: list, inits: list, extra_outputs=(), opset: int = 18):
     """x [N, 6] @ W (computed by `nodes` from `inits`) + a second MatMul on a plain weight; saved, loaded, and the
     loaded model's outputs compared with the file's."""
     from msq_onnx.load import load_model
@@ -291,7 +291,8 @@ def _matmul_on_computed_weight(tmp_path, name: str, nodes: list, inits: list, ex
                               + [helper.make_tensor_value_info(o, TensorProto.FLOAT, shape) for o, shape in extra_outputs],
                               inits + [_init(rng, "w2", 4, 3)])
     path = tmp_path / f"{name}.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10 if opset > 19 else 8),
+              path)
     loaded = load_model(str(path))
     x = rng.normal(size=(5, 6)).astype(np.float32)
     before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
@@ -346,6 +347,46 @@ def test_a_weight_any_standard_op_computes_from_constants_is_folded_into_a_layer
         next(t for t in onnx.load(tmp_path / "ops.onnx").graph.initializer if t.name == "v"))), 0.1, 0.5)).reshape(6, 4),
         rtol=1e-6)
     assert not any(n.op_type in ("Abs", "Clip", "Exp") for n in loaded.model.graph.node)
+
+
+def test_folding_computes_as_onnx_runtime_and_never_grows_or_leaves_what_it_folded(tmp_path):
+    """A review's cases. LpNormalization with p=1 folds to what ORT computes (ONNX's reference implementation divides
+    by the plain sum); Dropout in training mode stays as it is (random every run); a Cast to float16 and back folds;
+    a weight through Abs sliced into two MatMuls leaves neither the Abs nor its source behind; a low-rank product
+    U @ V is not made dense (32x the stored parameters), its right factor stays a layer and the left one counts;
+    a blockwise DequantizeLinear's scale is no float weight."""
+    rng = np.random.default_rng(9)
+    i64 = lambda name, *values: numpy_helper.from_array(np.array(values, np.int64), name)  # noqa: E731
+    lp = _matmul_on_computed_weight(tmp_path, "lp", [helper.make_node("LpNormalization", ["v"], ["W"], p=1, axis=1)],
+                                    [_init(rng, "v", 6, 4)])  # the helper compares ORT's outputs before and after
+    assert [layer.name for layer in lp.layers] == ["mm", "mm2"] and lp.float_params == 0
+    train = _matmul_on_computed_weight(tmp_path, "drop", [  # ratio 0: the outputs still compare equal
+        helper.make_node("Dropout", ["v", "ratio", "training"], ["W"])], [
+        _init(rng, "v", 6, 4), numpy_helper.from_array(np.array(0.0, np.float32), "ratio"),
+        numpy_helper.from_array(np.array(True), "training")])
+    assert [layer.name for layer in train.layers] == ["mm2"] and train.float_params == 24  # never folded
+    half = _matmul_on_computed_weight(tmp_path, "half", [
+        helper.make_node("Cast", ["v"], ["v16"], to=TensorProto.FLOAT16),
+        helper.make_node("Cast", ["v16"], ["W"], to=TensorProto.FLOAT)], [_init(rng, "v", 6, 4)])
+    assert [layer.name for layer in half.layers] == ["mm", "mm2"] and half.float_params == 0
+    fused = _matmul_on_computed_weight(tmp_path, "fused", [
+        helper.make_node("Abs", ["v"], ["a"]),
+        helper.make_node("Slice", ["a", "zero", "four", "one"], ["W"]),
+        helper.make_node("Slice", ["a", "four", "eight", "one"], ["W_other"]),
+        helper.make_node("MatMul", ["x", "W_other"], ["other"])], [
+        _init(rng, "v", 6, 8), i64("zero", 0), i64("four", 4), i64("eight", 8), i64("one", 1)],
+        extra_outputs=[("other", ["N", 4])])
+    assert len(fused.layers) == 3 and fused.float_params == 0 and "v" not in fused.initializers
+    assert not any(n.op_type in ("Abs", "Slice") for n in fused.model.graph.node)
+    low = _matmul_on_computed_weight(tmp_path, "low", [helper.make_node("MatMul", ["u", "f"], ["W"], name="uf")],
+                                     [_init(rng, "u", 6, 1), _init(rng, "f", 1, 4)])
+    assert [layer.name for layer in low.layers] == ["uf", "mm2"] and low.float_params == 6  # u, 6 parameters
+    assert sum(int(np.prod(t.dims)) for t in low.model.graph.initializer) == 6 + 4 + 12
+    blocked = _matmul_on_computed_weight(tmp_path, "blocked", [
+        helper.make_node("DequantizeLinear", ["q", "scale"], ["W"], axis=0, block_size=2)], [
+        numpy_helper.from_array(rng.integers(-8, 8, (6, 4)).astype(np.int8), "q"),
+        numpy_helper.from_array(np.full((3, 4), 0.05, np.float32), "scale")], opset=21)
+    assert blocked.float_params == 0 and blocked.skipped == [] and blocked.fixed_weights == {8: 24}
 
 
 def test_a_weight_computed_through_a_random_op_is_left_in_float_named_and_counted(tmp_path):
