@@ -651,10 +651,9 @@ _ELEMENTWISE_PAIRS = ("Mul", "Div", "Add", "Sub")
 # Standard ops never computed at load: those whose output need not be a function of their inputs (Dropout in
 # training mode), those that run a subgraph, and the quantization ops, whose integer weights count at their stored
 # width (_prequantized_weights).
-_NOT_FOLDED = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-                         "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceMap", "DequantizeLinear",
-                         "QuantizeLinear", "DynamicQuantizeLinear"})
 _QUANTIZED_SOURCES = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
+_NOT_FOLDED = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                         "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceMap"}) | _QUANTIZED_SOURCES
 
 
 def _computed_weight(name: str, producers: dict, inits: dict, chain: list, opset: int | None = None
@@ -951,7 +950,8 @@ _UNHANDLED_WEIGHTED = ("Einsum", "DeformConv", "MultiHeadAttention", "EmbedLayer
 
 
 def _add_layer(node, kind, position: int, activation: str, suffix: str, inits: dict, users: dict, producers: dict,
-               outputs: set, by_weight: dict, refused: set, skipped: list, names: set, opset: int | None = None) -> None:
+               outputs: set, by_weight: dict, refused: set, skipped: list, names: set,
+               opset: int | None = None) -> None:
     """find_layers for one weight of a node (input `position`, multiplying `activation`): a new layer in
     by_weight, one more node of a layer that shares the weight, or the reason it is neither in skipped.
     names: the node and layer names taken, which a second layer of a node (an LSTM's R) must not reuse."""
@@ -970,7 +970,8 @@ def _add_layer(node, kind, position: int, activation: str, suffix: str, inits: d
                             "reason": f"its weight is computed from '{w}' through what msq-onnx does not compute "
                                       "when it loads (another domain's op, a random one, or a chain too deep to "
                                       "follow): left in float"}
-                           for w in sorted((_constant_sources(weight_name, producers, inits) or set()) - set(by_weight)))
+                           for w in sorted((_constant_sources(weight_name, producers, inits) or set())
+                                           - set(by_weight)))
         return
     if node.op_type == "Gather" and inits[weight_name].data_type != onnx.TensorProto.FLOAT:
         return  # an index or shape table, not an embedding

@@ -291,8 +291,8 @@ def _matmul_on_computed_weight(tmp_path, name: str, nodes: list, inits: list, ex
                               + [helper.make_tensor_value_info(o, TensorProto.FLOAT, shape) for o, shape in extra_outputs],
                               inits + [_init(rng, "w2", 4, 3)])
     path = tmp_path / f"{name}.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10 if opset > 19 else 8),
-              path)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10 if opset > 19 else 8)
+    onnx.save(model, path)
     loaded = load_model(str(path))
     x = rng.normal(size=(5, 6)).astype(np.float32)
     before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
@@ -342,10 +342,9 @@ def test_a_weight_any_standard_op_computes_from_constants_is_folded_into_a_layer
         helper.make_node("Reshape", ["e", "shape"], ["W"])],
         [_init(rng, "v", 3, 8), f32("lo", 0.1), f32("hi", 0.5), i64("twelve", 12), i64("two", 2), i64("minus1", -1)])
     assert [layer.name for layer in loaded.layers] == ["mm", "mm2"] and loaded.float_params == 0
-    folded = loaded.weight(loaded.layers[0])
-    np.testing.assert_allclose(folded, np.exp(np.clip(np.abs(numpy_helper.to_array(
-        next(t for t in onnx.load(tmp_path / "ops.onnx").graph.initializer if t.name == "v"))), 0.1, 0.5)).reshape(6, 4),
-        rtol=1e-6)
+    source = next(t for t in onnx.load(tmp_path / "ops.onnx").graph.initializer if t.name == "v")
+    expected = np.exp(np.clip(np.abs(numpy_helper.to_array(source)), 0.1, 0.5)).reshape(6, 4)
+    np.testing.assert_allclose(loaded.weight(loaded.layers[0]), expected, rtol=1e-6)
     assert not any(n.op_type in ("Abs", "Clip", "Exp") for n in loaded.model.graph.node)
 
 
