@@ -71,8 +71,9 @@ class LoadedModel:
     @property
     def float_params(self) -> int:
         """Parameters of the weighted nodes that cannot be quantized: they count at 32 bits in every budget."""
-        weights = {s["weight"] for s in self.skipped if s.get("weight") in self.initializers}
-        return sum(math.prod(self.initializers[w].dims) for w in weights)
+        weights = {s["weight"]: s.get("params", 0) for s in self.skipped if s.get("weight")}  # a body's own: "params"
+        return sum(math.prod(self.initializers[w].dims) if w in self.initializers else params
+                   for w, params in weights.items())
 
     @property
     def fixed_weights(self) -> dict:
@@ -927,17 +928,24 @@ def _bodies(node) -> list:
             for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
 
 
-def _subgraph_layers(graph) -> list[dict]:
-    """Weighted nodes inside If/Loop/Scan bodies: msq-onnx leaves them in float and says so."""
+def _subgraph_layers(graph, inits: dict | None = None) -> list[dict]:
+    """Weighted nodes inside If/Loop/Scan bodies: msq-onnx leaves them in float, says so, and counts their float
+    weights (a body's own initializers or the graph's) at 32 bits: uncounted, a budget was met by leaving them
+    float. inits: the initializers the body sees from outside."""
     found = []
     for node in graph.node:
         for body in _bodies(node):
+            visible = {**(inits or {t.name: t for t in graph.initializer}), **{t.name: t for t in body.initializer}}
             for inner in body.node:
-                if kind_for(inner) is not None:
-                    found.append({"node": inner.name or inner.output[0], "op_type": inner.op_type,
-                                  "reason": f"inside the body of {node.op_type} '{node.name}': subgraphs are "
-                                            "left in float"})
-            found.extend(_subgraph_layers(body))
+                if kind_for(inner) is None:
+                    continue
+                entry = {"node": inner.name or inner.output[0], "op_type": inner.op_type,
+                         "reason": f"inside the body of {node.op_type} '{node.name}': subgraphs are left in float"}
+                weights = [name for name in inner.input if _float_weight(name, visible)]
+                found.extend({**entry, "weight": name, "params": math.prod(visible[name].dims)} for name in weights)
+                if not weights:
+                    found.append(entry)
+            found.extend(_subgraph_layers(body, visible))
     return found
 
 
