@@ -101,12 +101,15 @@ def static_region(model: onnx.ModelProto, static_nodes: set) -> list[str]:
     modes) is never quantized by ORT behind the tool's back.
     """
     initializers = {t.name for t in model.graph.initializer}
+    graph_outputs = {o.name for o in model.graph.output}
     included = set(static_nodes)
     produced = {out for node in model.graph.node if node.name in included for out in node.output}
     for node in model.graph.node:  # graph order is topological
         rule = _STATIC_PASSTHROUGH.get(node.op_type)
         if node.name in included or rule is None:
             continue
+        if node.op_type in _ABSORBED and node.input[0] in graph_outputs:
+            continue  # ORT's quantizer would give the graph output the activation's range and clip it (>= 0)
         data = [i for i in (node.input[:1] if rule == "first" else node.input) if i]
         if node.op_type in ("Add", "Mul") and any(i in initializers for i in data):
             continue  # a constant operand (a MatMul's bias) would be quantized as an activation
