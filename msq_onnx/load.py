@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from .errors import BadModel, one_line
-from .ops import FLOAT_BITS, Layer, Skip, attribute, kind_for  # noqa: F401  (Layer is re-exported)
+from .ops import FLOAT_BITS, Layer, Skip, attribute, bodies, kind_for, subgraph_inputs  # noqa: F401  (re-exported)
 
 # Written opset: the first with int4/uint4 Q/DQ and per-axis DQ everywhere, and
 # one that ONNX Runtime 1.31 (<= 26) loads. Newer models keep their own opset.
@@ -486,16 +486,6 @@ def _flatten_gemm_bias(graph: onnx.GraphProto, inits: dict) -> None:
                 _replace_initializer(graph, inits, node.input[2], bias.reshape(-1))
 
 
-def subgraph_inputs(graph) -> set:
-    """Every tensor name read inside an If/Loop/Scan body (outer-scope values included)."""
-    names = set()
-    for node in graph.node:
-        for body in _bodies(node):
-            names.update(name for inner in body.node for name in inner.input)
-            names |= subgraph_inputs(body)
-    return names
-
-
 def unique_name(name: str, taken: set, suffix: str = "_") -> str:
     """`name`, or it with `suffix` appended until `taken` does not hold it; `taken` gets it."""
     while name in taken:
@@ -510,7 +500,7 @@ def all_names(graph) -> set:
     for node in graph.node:
         names.update(node.input)
         names.update(node.output)
-        for body in _bodies(node):
+        for body in bodies(node):
             names |= all_names(body)
     return names
 
@@ -922,19 +912,13 @@ def _bias_add(node, users, inits) -> str | None:
     return other[0] if dims == [columns] and inits[other[0]].data_type == onnx.TensorProto.FLOAT else None
 
 
-def _bodies(node) -> list:
-    """The subgraphs a node holds (If's branches, Loop's and Scan's bodies)."""
-    return [body for attr in node.attribute
-            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
-
-
 def _subgraph_layers(graph, inits: dict | None = None) -> list[dict]:
     """Weighted nodes inside If/Loop/Scan bodies: msq-onnx leaves them in float, says so, and counts their float
     weights (a body's own initializers or the graph's) at 32 bits: uncounted, a budget was met by leaving them
     float. inits: the initializers the body sees from outside."""
     found = []
     for node in graph.node:
-        for body in _bodies(node):
+        for body in bodies(node):
             visible = {**(inits or {t.name: t for t in graph.initializer}), **{t.name: t for t in body.initializer}}
             for inner in body.node:
                 if kind_for(inner) is None:

@@ -67,6 +67,22 @@ def nonnegative_tensors(model: onnx.ModelProto) -> set:
     return names
 
 
+def bodies(node) -> list:
+    """The subgraphs a node holds (If's branches, Loop's and Scan's bodies)."""
+    return [body for attr in node.attribute
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
+
+
+def subgraph_inputs(graph) -> set:
+    """Every tensor name read inside an If/Loop/Scan body (outer-scope values included)."""
+    names = set()
+    for node in graph.node:
+        for body in bodies(node):
+            names.update(name for inner in body.node for name in inner.input)
+            names |= subgraph_inputs(body)
+    return names
+
+
 def range_sources(model: onnx.ModelProto) -> dict:
     """Node output -> the tensor whose range its static quantization uses (itself, or the Relu/Clip
     output that absorbs it)."""
@@ -102,14 +118,17 @@ def static_region(model: onnx.ModelProto, static_nodes: set) -> list[str]:
     """
     initializers = {t.name for t in model.graph.initializer}
     graph_outputs = {o.name for o in model.graph.output}
+    inner = subgraph_inputs(model.graph)
     included = set(static_nodes)
     produced = {out for node in model.graph.node if node.name in included for out in node.output}
     for node in model.graph.node:  # graph order is topological
         rule = _STATIC_PASSTHROUGH.get(node.op_type)
         if node.name in included or rule is None:
             continue
-        if node.op_type in _ABSORBED and node.input[0] in graph_outputs:
-            continue  # ORT's quantizer would give the graph output the activation's range and clip it (>= 0)
+        if node.op_type in _ABSORBED and (node.input[0] in graph_outputs or {node.input[0], node.output[0]} & inner):
+            # ORT's quantizer would give a graph output the activation's range and clip it (>= 0), or drop the
+            # activation and leave the If/Loop body that reads its input or output the other tensor
+            continue
         data = [i for i in (node.input[:1] if rule == "first" else node.input) if i]
         if node.op_type in ("Add", "Mul") and any(i in initializers for i in data):
             continue  # a constant operand (a MatMul's bias) would be quantized as an activation

@@ -814,6 +814,33 @@ def test_a_graph_output_before_a_relu_keeps_its_negative_values(tmp_path):
     assert report["evaluation"]["outputs"]["h0"]["cosine"] > 0.99
 
 
+def test_an_if_body_reading_a_relus_output_still_reads_it_after_the_relu(tmp_path):
+    """Gemm -> Relu -> h, and both If branches read h from the outer scope: ORT's quantizer dropped the Relu (h's only
+    consumer inside the graph) and the branches got the Gemm's output, no Relu (cosine 0.68 at 8 bits, a hunting
+    subagent's). The Relu stays out of ORT's region."""
+    rng = np.random.default_rng(5)
+    weight = lambda name, *shape: numpy_helper.from_array(rng.normal(size=shape).astype(np.float32) * 0.3, name)  # noqa: E731
+    branch = lambda name, w: helper.make_graph(  # noqa: E731
+        [helper.make_node("MatMul", ["h", w], [name + "_out"], name=name + "_mm")], name, [],
+        [helper.make_tensor_value_info(name + "_out", TensorProto.FLOAT, ["N", 16])])
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h0"], transB=1, name="fc1"),
+         helper.make_node("Relu", ["h0"], ["h"], name="relu"),
+         helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0, name="total"),
+         helper.make_node("Greater", ["total", "zero"], ["cond"], name="cond"),
+         helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", "wt"), else_branch=branch("else", "we"),
+                          name="branch")], "if_reads_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        [weight("w1", 32, 16), weight("b1", 32), weight("wt", 32, 16), weight("we", 32, 16),
+         numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(40, 16)).astype(np.float32))
+    report = convert(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), str(tmp_path / "c.npz"),
+                     Options(quiet=True)).report
+    assert report["evaluation"]["outputs"]["y"]["cosine"] > 0.99
+
+
 def test_weights_no_layer_takes_are_named_and_count_in_the_budget(tmp_path):
     """A MatMul whose weight is its left operand (W @ x) and a DeformConv's weight: float, named, counted at 32 bits.
     Both were float and counted nowhere: the report's average covered the other layers alone."""
