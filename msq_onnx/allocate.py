@@ -174,6 +174,9 @@ def allocate_ilp(damage: dict, candidate_bits, budgets) -> dict:
     widths = sorted(candidate_bits)
     n, k = len(names), len(widths)
     cost = np.array([[damage[name].get(b, 0.0) for b in widths] for name in names], dtype=np.float64)
+    finite = np.isfinite(cost)
+    if not finite.all():  # an error that overflowed float32 (weights near 1e30) counts as the worst one measured
+        cost = np.where(finite, cost, float(cost[finite].max()) if finite.any() else 1.0)
     # Normalising keeps HiGHS's tolerances meaningful whatever the error scale.
     cost = cost / max(cost.max(), 1e-30)
     allowed = np.array([[b in damage[name] for b in widths] for name in names], dtype=np.float64).ravel()

@@ -80,7 +80,8 @@ class Reference:
     def __init__(self, fp32_path: str, loaded, samples, batch_size: int, quiet: bool, workers: int = 1):
         self.path, self.loaded, self.samples, self.batch_size = fp32_path, loaded, samples, batch_size
         self.paired = workers  # runs at once (instrument.run_workers)
-        self.names = [o.name for o in loaded.model.graph.output]
+        # a sequence or map output has no values to compare element by element
+        self.names = [o.name for o in loaded.model.graph.output if o.type.HasField("tensor_type")]
         self.cache = []
         size = 0
         for feed, count, outputs in self._run("FP32 evaluation", quiet, workers):
@@ -119,7 +120,8 @@ def _run_checked(runner, names, feed, count, samples, description) -> list:
     except Exception as exc:
         raise BadData(f"the model cannot run on '{samples.source}' ({one_line(exc)}); check the data's shape "
                       "and dtype against the model's inputs.") from None
-    outputs = [np.asarray(o)[:count] for o in outputs]
+    # a rank-0 output (a mean over the batch) is one value a run, not one a sample
+    outputs = [np.asarray(o).reshape(1) if np.ndim(o) == 0 else np.asarray(o)[:count] for o in outputs]
     for name, value in zip(names, outputs):
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             raise BadData(f"{description}: output '{name}' is NaN or Inf on '{samples.source}'; check the samples' "

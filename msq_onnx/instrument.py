@@ -333,7 +333,7 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = Tr
     threads: ORT's intra-op threads (0: its default, one per core).
     """
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failed run's reason is in the one line BadData gives, not in ORT's log lines
     options.enable_cpu_mem_arena = arena
     options.intra_op_num_threads = threads
     # The unoptimized simulation graphs hold many short-lived Q/DQ tensors: the plan set EfficientNet-Lite0's
@@ -624,6 +624,10 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             tokens.extend(np.asarray(feed[mask_input][:count]).reshape(count, -1).sum(axis=1).tolist())
         final = result[loaded.output_name]
         if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final[:count]).all():
+            broken = _nonfinite_weight(loaded)
+            if broken is not None:
+                raise BadModel(f"weight '{broken}' holds NaN or Inf values, and the FP32 model's outputs are NaN or Inf; "
+                               "fix the weight or re-export the model.")
             raise BadData("the FP32 model produces NaN or Inf on the calibration data; check the samples' "
                           "scale and preprocessing (--mean, --std).")
         for tensor, (lo, hi) in outputs["range"].items():
@@ -702,6 +706,12 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
         tokens=float(np.mean(tokens)) if tokens else None,
         workers=paired,
     )
+
+
+def _nonfinite_weight(loaded: LoadedModel) -> str | None:
+    """The first float initializer holding a NaN or an Inf: read only once the outputs are not finite."""
+    return next((name for name, tensor in loaded.initializers.items() if tensor.data_type in _FLOAT_TYPES
+                 and not np.isfinite(numpy_helper.to_array(tensor)).all()), None)
 
 
 FLAT_POOLING_MAX = 1 << 21  # entries of a one-product pooling matrix (8 MB); larger maps pool rows and columns apart

@@ -965,6 +965,8 @@ def _add_layer(node, kind, position: int, activation: str, suffix: str, inits: d
                            for w in sorted((_constant_sources(weight_name, producers, inits) or set())
                                            - set(by_weight)))
         return
+    if not math.prod(inits[weight_name].dims):
+        return  # an empty weight: nothing to give bits to (its fan-in of 0 divided the mode costs by zero)
     if node.op_type == "Gather" and inits[weight_name].data_type != onnx.TensorProto.FLOAT:
         return  # an index or shape table, not an embedding
     if weight_name in refused:
@@ -1194,6 +1196,10 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
     if not model.graph.output:
         raise BadModel(f"'{path}' has no graph outputs, so there is no prediction to calibrate against; "
                        "re-export it with its output tensor(s).")
+    passed = [o.name for o in model.graph.output if o.name in {i.name for i in model.graph.input}]
+    if passed:
+        raise BadModel(f"'{path}': output '{passed[0]}' is a graph input passed through unchanged, which ONNX Runtime's "
+                       "quantizer cannot take; drop it from the outputs (the caller has it already).")
     layers, skipped = find_layers(model, inits)
     skipped.extend(kept_beside_copies)
     if not layers:

@@ -841,6 +841,44 @@ def test_an_if_body_reading_a_relus_output_still_reads_it_after_the_relu(tmp_pat
     assert report["evaluation"]["outputs"]["y"]["cosine"] > 0.99
 
 
+@pytest.mark.parametrize("case", ["scalar-output", "sequence-output", "empty-weight", "huge-weight"])
+def test_odd_models_convert_instead_of_an_internal_error(tmp_path, case):
+    """A hunting subagent's: a rank-0 output (a mean over the batch), a sequence output, a [16, 0] weight and a weight
+    of 1e30 each ended in "internal error" (IndexError, ValueError, ZeroDivisionError, scipy's "c must be finite").
+    Now the rank-0 output is compared as one value a run, the sequence is left out of the comparison, the empty
+    weight is no layer, and an error that overflowed counts as the worst measured."""
+    rng = np.random.default_rng(6)
+    w1 = rng.normal(size=(16, 8)).astype(np.float32) * (1e30 if case == "huge-weight" else 0.3)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]
+    if case == "scalar-output":
+        nodes.append(helper.make_node("ReduceMean", ["y"], ["m"], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, []))
+    elif case == "sequence-output":
+        nodes.append(helper.make_node("SequenceConstruct", ["y", "h"], ["seq"]))
+        outputs.append(helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None))
+    elif case == "empty-weight":
+        inits.append(numpy_helper.from_array(np.zeros((16, 0), np.float32), "w0"))
+        nodes += [helper.make_node("MatMul", ["x", "w0"], ["e"], name="empty"),
+                  helper.make_node("ReduceSum", ["e", "one"], ["s"], keepdims=1),
+                  helper.make_node("Add", ["y", "s"], ["z"])]
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "one"))
+        outputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4])]
+    graph = helper.make_graph(nodes, case, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              outputs, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(40, 16)).astype(np.float32))
+    report = convert(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), str(tmp_path / "c.npz"),
+                     Options(avg_bits=4, quiet=True)).report
+    assert sorted(layer["name"] for layer in report["layers"]) == ["fc1", "fc2"]
+    if case == "scalar-output":
+        assert report["evaluation"]["outputs"]["m"]["cosine"] > 0.5
+    if case != "huge-weight":
+        assert report["evaluation"]["cosine"] > 0.9
+
+
 def test_weights_no_layer_takes_are_named_and_count_in_the_budget(tmp_path):
     """A MatMul whose weight is its left operand (W @ x) and a DeformConv's weight: float, named, counted at 32 bits.
     Both were float and counted nowhere: the report's average covered the other layers alone."""

@@ -625,6 +625,23 @@ def _(d):
     return path, ["--calib", good_calib(d, model)], ("too short", "cnn.onnx.data")
 
 
+@case("model-nan-weight", extra=True)  # was: "check the samples' scale and preprocessing", blaming clean data
+def _(d):
+    model = tiny_cnn()
+    weight = next(t for t in model.graph.initializer if t.name == "w1")
+    values = numpy_helper.to_array(weight).copy()
+    values.flat[3] = np.nan
+    weight.CopyFrom(numpy_helper.from_array(values, "w1"))
+    return save_unchecked(model, d / "cnn.onnx"), ["--calib", good_calib(d, tiny_cnn())], ("'w1'", "NaN or Inf")
+
+
+@case("model-output-is-an-input", extra=True)  # was: internal AssertionError "Graph is not a DAG" in ORT's quantizer
+def _(d):
+    model = tiny_cnn()
+    model.graph.output.append(next(value for value in model.graph.input if value.name == "x"))
+    return save_unchecked(model, d / "cnn.onnx"), ["--calib", good_calib(d, tiny_cnn())], ("'x'", "passed through")
+
+
 def _edit_external(path: str, tensor_name: str, key: str, value: str | None) -> None:
     model = onnx.load(path, load_external_data=False)
     tensor = next(t for t in model.graph.initializer if t.name == tensor_name)
