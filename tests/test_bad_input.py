@@ -625,6 +625,20 @@ def _(d):
     return path, ["--calib", good_calib(d, model)], ("too short", "cnn.onnx.data")
 
 
+@case("model-onnx-runtime-cannot-run")  # in a subprocess: ORT's own "[E:onnxruntime:...]" lines went to stderr
+def _(d):
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+               for n, s in (("w1", (8, 2, 3, 3)), ("b1", (8,)), ("wf", (10, 8)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], group=2, dilations=[2, 2], auto_pad="SAME_UPPER",
+                              strides=[2, 2], name="conv1"),  # dilations with SAME_UPPER: ORT refuses at run time
+             helper.make_node("GlobalAveragePool", ["c1"], ["gp"]), helper.make_node("Flatten", ["gp"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf"], ["y"], transB=1, name="fc")]
+    return graph_case(d, "dilated", nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 9, 9])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], weights,
+                      {"x": rng.normal(size=(12, 4, 9, 9)).astype(np.float32)}, ("cannot run", "Dilation"))
+
+
 @case("model-nan-weight", extra=True)  # was: "check the samples' scale and preprocessing", blaming clean data
 def _(d):
     model = tiny_cnn()
