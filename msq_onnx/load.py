@@ -1057,8 +1057,10 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
         # A weight something else also reads (a tied output projection through a Transpose) keeps its float
         # copy in the model whatever the layer is given: quantizing the layer would add bytes, not save them.
         others = [u for u in users.get(weight_name, []) if u.name not in layer.nodes and u.op_type not in ("Shape", "Size")]
-        if others or weight_name in inner:
-            reader = f"{others[0].op_type} '{others[0].name}'" if others else "a subgraph"
+        if others or weight_name in inner or weight_name in outputs:
+            # a graph output that is the weight itself would come out quantized (a hunting subagent's)
+            reader = f"{others[0].op_type} '{others[0].name}'" if others else \
+                "a subgraph" if weight_name in inner else "the graph output of that name"
             del by_weight[weight_name]
             skipped.extend({"node": n, "op_type": layer.op_type, "weight": weight_name,
                             "reason": f"its weight is also read by {reader}, which needs it in float"}

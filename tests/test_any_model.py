@@ -841,6 +841,28 @@ def test_an_if_body_reading_a_relus_output_still_reads_it_after_the_relu(tmp_pat
     assert report["evaluation"]["outputs"]["y"]["cosine"] > 0.99
 
 
+def test_a_weight_that_is_also_a_graph_output_stays_float(tmp_path):
+    """A MatMul weight exposed as a graph output: quantizing the layer changed that output (cosine 0.997, a hunting
+    subagent's); the layer keeps it in float, says why, and the output comes out exact."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n) for n, s in (("w1", (16, 8)),
+                                                                                           ("w2", (8, 4)))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("MatMul", ["h", "w2"], ["y"],
+                                                                                      name="fc2")], "weight_out",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("w2", TensorProto.FLOAT, [8, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(40, 16)).astype(np.float32))
+    report = convert(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), str(tmp_path / "c.npz"),
+                     Options(quiet=True)).report
+    assert [layer["name"] for layer in report["layers"]] == ["fc1"]
+    assert [(s["node"], "graph output" in s["reason"]) for s in report["left_in_float"]] == [("fc2", True)]
+    written = run_model(str(tmp_path / "q.onnx"), {"x": np.ones((1, 16), np.float32)})[1]
+    assert np.array_equal(written, numpy_helper.to_array(inits[1]))
+
+
 @pytest.mark.parametrize("case", ["scalar-output", "sequence-output", "empty-weight", "huge-weight"])
 def test_odd_models_convert_instead_of_an_internal_error(tmp_path, case):
     """A hunting subagent's: a rank-0 output (a mean over the batch), a sequence output, a [16, 0] weight and a weight
