@@ -863,6 +863,7 @@ def test_a_weight_that_is_also_a_graph_output_stays_float(tmp_path):
     assert np.array_equal(written, numpy_helper.to_array(inits[1]))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the 1e30 weight's squares, on purpose
 @pytest.mark.parametrize("case", ["scalar-output", "sequence-output", "empty-weight", "huge-weight"])
 def test_odd_models_convert_instead_of_an_internal_error(tmp_path, case):
     """A hunting subagent's: a rank-0 output (a mean over the batch), a sequence output, a [16, 0] weight and a weight
