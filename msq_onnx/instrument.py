@@ -626,8 +626,8 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
         if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final[:count]).all():
             broken = _nonfinite_weight(loaded)
             if broken is not None:
-                raise BadModel(f"weight '{broken}' holds NaN or Inf values, and the FP32 model's outputs are NaN or Inf; "
-                               "fix the weight or re-export the model.")
+                raise BadModel(f"weight '{broken}' holds NaN or Inf values, and the FP32 model's outputs are NaN or "
+                               "Inf; fix the weight or re-export the model.")
             raise BadData("the FP32 model produces NaN or Inf on the calibration data; check the samples' "
                           "scale and preprocessing (--mean, --std).")
         for tensor, (lo, hi) in outputs["range"].items():

@@ -1200,8 +1200,8 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
                        "re-export it with its output tensor(s).")
     passed = [o.name for o in model.graph.output if o.name in {i.name for i in model.graph.input}]
     if passed:
-        raise BadModel(f"'{path}': output '{passed[0]}' is a graph input passed through unchanged, which ONNX Runtime's "
-                       "quantizer cannot take; drop it from the outputs (the caller has it already).")
+        raise BadModel(f"'{path}': output '{passed[0]}' is a graph input passed through unchanged, which ONNX "
+                       "Runtime's quantizer cannot take; drop it from the outputs (the caller has it already).")
     layers, skipped = find_layers(model, inits)
     skipped.extend(kept_beside_copies)
     if not layers:

@@ -819,7 +819,9 @@ def test_an_if_body_reading_a_relus_output_still_reads_it_after_the_relu(tmp_pat
     consumer inside the graph) and the branches got the Gemm's output, no Relu (cosine 0.68 at 8 bits, a hunting
     subagent's). The Relu stays out of ORT's region."""
     rng = np.random.default_rng(5)
-    weight = lambda name, *shape: numpy_helper.from_array(rng.normal(size=shape).astype(np.float32) * 0.3, name)  # noqa: E731
+    def weight(name, *shape):
+        return numpy_helper.from_array(rng.normal(size=shape).astype(np.float32) * 0.3, name)
+
     branch = lambda name, w: helper.make_graph(  # noqa: E731
         [helper.make_node("MatMul", ["h", w], [name + "_out"], name=name + "_mm")], name, [],
         [helper.make_tensor_value_info(name + "_out", TensorProto.FLOAT, ["N", 16])])
@@ -872,7 +874,8 @@ def test_odd_models_convert_instead_of_an_internal_error(tmp_path, case):
     weight is no layer, and an error that overflowed counts as the worst measured."""
     rng = np.random.default_rng(6)
     w1 = rng.normal(size=(16, 8)).astype(np.float32) * (1e30 if case == "huge-weight" else 0.3)
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w2")]
+    inits = [numpy_helper.from_array(w1, "w1"),
+             numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w2")]
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]
