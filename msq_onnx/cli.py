@@ -257,7 +257,7 @@ def _run(argv) -> int:
         from .report import check_report_path, summary, write_report
 
         if args.report:
-            check_report_path(args.report)
+            check_report_path(args.report, (args.input, args.output))
         result = convert(args.input, args.output, args.calib, options_from(args))
         if args.report:
             write_report(result.report, args.report)

@@ -286,6 +286,11 @@ class _HeldOut:
     def measure(self, path: str) -> dict:
         measured = fidelity.compare(self.reference, path, self.loaded.output_name, self.samples.labels,
                                     self.options.quiet, self.options.output_kind)
+        task = measured["task_output"]
+        if self.options.min_cosine is not None and measured["outputs"].get(task, {}).get("integer"):
+            raise BadOption(f"--min-cosine needs a float task output; '{task}' holds integers (ids or labels), whose "
+                            "cosine passes whenever both are non-zero: gate it with --max-drop, or choose another "
+                            "--output.")
         if self.options.max_drop is not None and measured.get("drop") is None:
             raise BadOption(f"--max-drop needs a task output with decisions (class scores, or embeddings); "
                             f"'{measured['task_output']}' is a {measured['kind']}: gate it with --min-cosine, or "

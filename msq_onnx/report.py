@@ -204,15 +204,21 @@ def _round(value):
     return None if value is None else round(value, 6)
 
 
-def check_report_path(path: str) -> None:
-    """Before any work: a report that cannot be written must not cost a conversion."""
+def check_report_path(path: str, model_paths: tuple = ()) -> None:
+    """Before any work: a report that cannot be written must not cost a conversion (nor leave the model written
+    beside a failure), and must not overwrite the input or output model (model_paths)."""
     from .errors import BadOption
 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise BadOption(f"report folder '{folder}' does not exist; create it first.")
-    if os.path.isdir(path):
-        raise BadOption(f"report path '{path}' is a folder; give a file name such as report.json.")
+    stem = _stem(path)
+    models = {os.path.abspath(p) for p in model_paths}
+    for target in (path, stem + ".md", stem + ".layers.png", stem + ".search.png"):
+        if os.path.isdir(target):
+            raise BadOption(f"report file '{target}' is a folder; give --report a name whose files are free.")
+        if os.path.abspath(target) in models:
+            raise BadOption(f"report file '{target}' is the model '{target}' itself; give --report another name.")
 
 
 def _atomic_write(path: str, data: bytes) -> None:

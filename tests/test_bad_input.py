@@ -639,6 +639,28 @@ def _(d):
                       {"x": rng.normal(size=(12, 4, 9, 9)).astype(np.float32)}, ("cannot run", "Dilation"))
 
 
+@case("report-is-the-input-model", extra=True)  # was: the input model overwritten with the JSON report, exit 0
+def _(d):
+    path = save_unchecked(tiny_cnn(), d / "cnn.onnx")
+    return path, ["--calib", good_calib(d, tiny_cnn()), "--report", path], ("--report", "is the model")
+
+
+@case("report-markdown-is-a-folder", extra=True)  # was: internal IsADirectoryError after the model was written
+def _(d):
+    (d / "r.md").mkdir()
+    return save_unchecked(tiny_cnn(), d / "cnn.onnx"), ["--calib", good_calib(d, tiny_cnn()), "--report",
+                                                        str(d / "r.json")], ("r.md", "is a folder")
+
+
+@case("min-cosine-on-integer-ids", extra=True)  # was: a gate passed at cosine 1.0 with two class ids changed
+def _(d):
+    model = tiny_cnn()
+    model.graph.node.append(helper.make_node("ArgMax", [model.graph.output[0].name], ["ids"], axis=1, keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"]))
+    return save_unchecked(model, d / "cnn.onnx"), ["--calib", good_calib(d, tiny_cnn(), 40), "--output", "ids",
+                                                   "--min-cosine", "0.99"], ("--min-cosine", "'ids'", "--max-drop")
+
+
 @case("model-nan-weight", extra=True)  # was: "check the samples' scale and preprocessing", blaming clean data
 def _(d):
     model = tiny_cnn()
@@ -1113,3 +1135,14 @@ def test_fake_quantized_activations_do_not_make_a_model_already_quantized(tmp_pa
     with pytest.raises(BadModel, match="If/Loop/Scan") as raised:
         load_model(str(tmp_path / "m.onnx"))
     assert "already quantized" not in str(raised.value)
+
+
+def test_an_output_path_on_the_input_models_external_data_is_refused(tmp_path, capsys):
+    """The output written over the input's own data file destroyed the input, exit 0 (a hunting subagent's)."""
+    from msq_onnx import cli
+
+    path, model = with_external_data(tmp_path)
+    data = tmp_path / "cnn.onnx.data"
+    before = data.read_bytes()
+    code = cli.main([path, str(data), "--calib", good_calib(tmp_path, model)])
+    assert code == 2 and "external data" in capsys.readouterr().err and data.read_bytes() == before
