@@ -5,6 +5,7 @@ Markdown summary and PNG plots beside it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 
@@ -116,6 +117,22 @@ def gzip_size(paths) -> int:
         return packed.result()
 
 
+def _left_in_float(loaded) -> list:
+    """One entry a node that cannot be a layer, with the float parameters it reads (counted at 32 bits in
+    avg_weight_bits, so the average can be recomputed from the report); a weight two such nodes share is counted once,
+    with the first."""
+    entries, counted = {}, set()
+    for skipped in loaded.skipped:
+        entry = entries.setdefault((skipped["node"], skipped["reason"]), {
+            **{k: v for k, v in skipped.items() if k not in ("weight", "params")}, "params": 0})
+        weight = skipped.get("weight")
+        if weight and weight not in counted:
+            counted.add(weight)
+            entry["params"] += math.prod(loaded.initializers[weight].dims) if weight in loaded.initializers \
+                else skipped.get("params", 0)
+    return list(entries.values())
+
+
 def build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts, fused,
                  timings, total_seconds, *, activation_errors, wide_inputs, warnings, latency,
                  gzip_bytes: int, fixed_params=0, search=None, reduce_range=None) -> dict:
@@ -169,10 +186,10 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "layers": layers,
         "avg_weight_bits": round(average_bits(bits, params, fixed_params), 6),
         "modes": {mode: sum(1 for m in modes.values() if m == mode) for mode in sorted(set(modes.values()))},
-        "left_in_float": list({(s["node"], s["reason"]): {k: v for k, v in s.items() if k != "weight"}
-                               for s in loaded.skipped}.values())  # one entry a node, not one a weight
+        "left_in_float": _left_in_float(loaded)  # one entry a node, not one a weight
         + [{"node": name, "op_type": next(l.op_type for l in loaded.layers if l.name == name),
-            "reason": "kept in float by the allocator"} for name, mode in modes.items() if mode == "float"],
+            "reason": "kept in float by the allocator", "params": params[name]}
+           for name, mode in modes.items() if mode == "float"],
         "already_quantized": loaded.prequantized,
         "warnings": list(warnings),
         "activation_modes": {"tolerance": options.mode_tolerance, "end_to_end": analysis.mode_log},
