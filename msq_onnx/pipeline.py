@@ -484,7 +484,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                          uint16_readers(loaded, analysis.modes, wide_inputs))
     report = build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts,
                           fused_integer_kernels(op_counts), timer.seconds, time.perf_counter() - started,
-                          activation_errors=activation_errors, wide_inputs=wide_inputs, search=search,
+                          activation_errors=activation_errors, search=search,
                           warnings=warnings, fixed_params=fixed, latency=latency, gzip_bytes=gzip_bytes,
                           reduce_range={"setting": options.reduce_range, "capped_layers": sorted(caps),
                                         "saturating_kernels": integer_kernels_saturate()})

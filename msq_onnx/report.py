@@ -9,11 +9,13 @@ import math
 import os
 import tempfile
 
+import onnx
+
 from . import __version__
 from .allocate import average_bits
 from .fidelity import DECISION_KINDS
 from .ops import STATIC
-from .write import _default_mode, data_inputs, uint16_tensors, written_files
+from .write import _default_mode, written_files
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
 
@@ -117,6 +119,22 @@ def gzip_size(paths) -> int:
         return packed.result()
 
 
+def _written_wide_inputs(path: str) -> set:
+    """The nodes of the written model that read an activation dequantized from 16-bit integers: what ORT's quantizer
+    wrote, which is not always what --act16 asked for (a tensor that comes through a Flatten or a MaxPool takes its
+    source's uint8, a hunting subagent found: the report said 16)."""
+    model = onnx.load(path, load_external_data=False)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    sixteen = (onnx.TensorProto.UINT16, onnx.TensorProto.INT16)
+
+    def wide(name: str) -> bool:
+        source = producers.get(name)
+        return source is not None and source.op_type == "DequantizeLinear" and len(source.input) > 2 \
+            and types.get(source.input[2]) in sixteen
+    return {node.name for node in model.graph.node if any(wide(name) for name in node.input)}
+
+
 def _left_in_float(loaded) -> list:
     """One entry a node that cannot be a layer, with the float parameters it reads (counted at 32 bits in
     avg_weight_bits, so the average can be recomputed from the report); a weight two such nodes share is counted once,
@@ -134,13 +152,11 @@ def _left_in_float(loaded) -> list:
 
 
 def build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts, fused,
-                 timings, total_seconds, *, activation_errors, wide_inputs, warnings, latency,
+                 timings, total_seconds, *, activation_errors, warnings, latency,
                  gzip_bytes: int, fixed_params=0, search=None, reduce_range=None) -> dict:
     bits, modes, measured = chosen.bits, chosen.modes, chosen.measured
     files = written_files(output_path)
-    wide = uint16_tensors([layer for layer in loaded.layers if modes[layer.name] == STATIC], wide_inputs,
-                          loaded.model)
-    nodes = {node.name: node for node in loaded.model.graph.node}
+    wide = _written_wide_inputs(output_path)
     layers = [{
         "name": layer.name,
         "op_type": layer.op_type,
@@ -152,8 +168,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "upstream": analysis.upstream[layer.name],
         "weight_error": _weight_error(analysis, layer.name, bits[layer.name]),
         "activation_error": float(f"{activation_errors[layer.name]:.6g}"),
-        "activation_bits": 16 if modes[layer.name] == STATIC and all(
-            name in wide for name in data_inputs(layer, nodes)) else 8,
+        "activation_bits": 16 if modes[layer.name] == STATIC and layer.nodes[0] in wide else 8,
         "mode": modes[layer.name],
         "mode_reason": _mode_reason(layer, analysis, chosen),
         "container": chosen.containers[layer.name],

@@ -417,8 +417,32 @@ def test_act16_widens_the_input_of_every_node_of_a_layer_and_the_report_says_wha
     quantized = {node.input[0]: zero_types[node.input[2]] for node in written.graph.node
                  if node.op_type == "QuantizeLinear" and len(node.input) > 2}
     assert quantized["x"] == quantized["xs"] == onnx.TensorProto.UINT16
+    # fc's input comes through a Flatten, which ORT writes in its source's uint8 whatever was asked: the report said
+    # 16 for it, and now says what the file holds
     assert {layer["name"]: layer["activation_bits"] for layer in result.report["layers"]} == \
-        {"conv_a": 16, "fc": 16}
+        {"conv_a": 16, "fc": 8}
+
+
+def test_the_reported_activation_bits_are_those_of_the_written_file(tmp_path):
+    """--act16 asks ORT for uint16 inputs, but a tensor that comes through a Flatten or a MaxPool keeps its source's
+    uint8: the bundled digits CNN's fc1 was reported at 16 bits and written at 8 (a hunting subagent's). The report
+    now reads each layer's input width from the written file."""
+    import os
+
+    models = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+    out = tmp_path / "d.onnx"
+    report = convert(os.path.join(models, "digits_cnn.onnx"), str(out), os.path.join(models, "digits_calib.npz"),
+                     Options(quiet=True, act16=100)).report
+    written = onnx.load(str(out))
+    producers = {o: n for n in written.graph.node for o in n.output}
+    zero_types = {t.name: t.data_type for t in written.graph.initializer}
+    nodes = {n.name: n for n in written.graph.node}
+    for layer in report["layers"]:
+        sources = [producers.get(name) for name in nodes[layer["nodes"][0]].input]
+        wide = any(s is not None and s.op_type == "DequantizeLinear" and len(s.input) > 2
+                   and zero_types.get(s.input[2]) == onnx.TensorProto.UINT16 for s in sources)
+        assert layer["activation_bits"] == (16 if wide else 8), layer["name"]
+    assert {layer["activation_bits"] for layer in report["layers"]} == {8, 16}  # both kinds are checked
 
 
 @pytest.mark.parametrize("reader", ["Identity", "graph output"])
