@@ -68,12 +68,16 @@ class LoadedModel:
         """The bytes the layer's weight took in the input file."""
         return self.folded_bytes.get(layer.weight_name, 4 * layer.params)
 
+    def skipped_params(self, entry: dict) -> int:
+        """The parameters of a `skipped` entry's float weight: the graph's initializer, or a body's own ("params")."""
+        weight = entry.get("weight")
+        return math.prod(self.initializers[weight].dims) if weight in self.initializers else entry.get("params", 0)
+
     @property
     def float_params(self) -> int:
         """Parameters of the weighted nodes that cannot be quantized: they count at 32 bits in every budget."""
-        weights = {s["weight"]: s.get("params", 0) for s in self.skipped if s.get("weight")}  # a body's own: "params"
-        return sum(math.prod(self.initializers[w].dims) if w in self.initializers else params
-                   for w, params in weights.items())
+        by_weight = {s["weight"]: s for s in self.skipped if s.get("weight")}  # a weight counts once
+        return sum(self.skipped_params(entry) for entry in by_weight.values())
 
     @property
     def fixed_weights(self) -> dict:
@@ -161,6 +165,17 @@ def _external_location(tensor) -> str:
 
 def _external_entry(tensor, key: str) -> str | None:
     return next((e.value for e in tensor.external_data if e.key == key), None)
+
+
+def external_data_files(path: str) -> set:
+    """The real paths of the files the model at `path` keeps its external data in (its graph read, not its weights);
+    none for a file that does not parse, which read_model then refuses in its own words."""
+    base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001  protobuf raises several unrelated types
+        return set()
+    return {os.path.realpath(os.path.join(base, _external_location(tensor))) for tensor in _external_tensors(model)}
 
 
 def _check_external_paths(path: str, model: onnx.ModelProto) -> None:
@@ -665,7 +680,7 @@ def _computed_weight(name: str, producers: dict, inits: dict, chain: list, opset
 def _runtime_value(node, values: list, opset: int) -> np.ndarray:
     """One standard node on constant inputs (None: an omitted optional input), as ONNX Runtime computes it (ONNX's
     reference implementation differs from it on some ops: LpNormalization with p=1 divides by the plain sum)."""
-    import onnxruntime as ort
+    from .verify import single_thread_session  # imported here: verify reads load's models
 
     names = [f"x{index}" if value is not None else "" for index, value in enumerate(values)]
     step = onnx.helper.make_node(node.op_type, names, ["y"])
@@ -681,10 +696,7 @@ def _runtime_value(node, values: list, opset: int) -> np.ndarray:
     model = onnx.shape_inference.infer_shapes(model)  # ORT wants the output's type
     if not model.graph.output[0].type.tensor_type.elem_type:
         raise TypeError("the output's type is not inferred")
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # a refusal is an answer (not folded), not a message
-    options.intra_op_num_threads = 1
-    runner = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    runner = single_thread_session(model, silent=True)  # a refusal is an answer (not folded), not a message
     return np.asarray(runner.run(None, {n: v for n, v in zip(names, values) if n})[0])
 
 

@@ -5,7 +5,6 @@ Markdown summary and PNG plots beside it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 
@@ -146,8 +145,7 @@ def _left_in_float(loaded) -> list:
         weight = skipped.get("weight")
         if weight and weight not in counted:
             counted.add(weight)
-            entry["params"] += math.prod(loaded.initializers[weight].dims) if weight in loaded.initializers \
-                else skipped.get("params", 0)
+            entry["params"] += loaded.skipped_params(skipped)
     return list(entries.values())
 
 

@@ -24,7 +24,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import BadOption
-from .load import LoadedModel, all_names, consumers, is_large, save_model_file, subgraph_inputs, unique_name
+from .load import (LoadedModel, all_names, consumers, external_data_files, is_large, save_model_file, subgraph_inputs,
+                   unique_name)
 from .ops import CONTAINER_BITS, DYNAMIC, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute, static_region
 from .weights import as_matrix, quantize_layer, steps
 
@@ -254,10 +255,6 @@ def write_calibration_cache(ranges: dict, path: str) -> None:
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
 
 
-def folder_of(path: str) -> str:
-    return os.path.dirname(os.path.abspath(path))
-
-
 def check_output_path(input_path: str, output_path: str) -> None:
     same = os.path.abspath(output_path) == os.path.abspath(input_path) or (
         os.path.exists(output_path) and os.path.exists(input_path) and os.path.samefile(output_path, input_path))
@@ -270,15 +267,13 @@ def check_output_path(input_path: str, output_path: str) -> None:
         raise BadOption(f"output folder '{folder}' does not exist; create it first.")
     if os.path.isdir(output_path):
         raise BadOption(f"output path '{output_path}' is a folder; give a file name such as model.qdq.onnx.")
-    if os.path.isfile(output_path) and os.path.isfile(input_path) and \
-            os.path.commonpath([os.path.abspath(output_path), folder_of(input_path)]) == folder_of(input_path):
-        # beside the input (where its external data lives, never outside it): is it one of its data files?
-        graph = onnx.load(input_path, load_external_data=False)
-        data = {os.path.abspath(os.path.join(folder_of(input_path), entry.value)) for tensor in graph.graph.initializer
-                for entry in tensor.external_data if entry.key == "location"}
-        if os.path.abspath(output_path) in data:
-            raise BadOption(f"output path '{output_path}' holds the input model's external data; write the result "
-                            "to another file.")
+    source_folder = os.path.realpath(os.path.dirname(os.path.abspath(input_path)))
+    target = os.path.realpath(output_path)
+    # an existing file beside the input, where its external data lives (load refuses any outside): one of them?
+    if os.path.isfile(target) and os.path.isfile(input_path) and \
+            os.path.commonpath([target, source_folder]) == source_folder and target in external_data_files(input_path):
+        raise BadOption(f"output path '{output_path}' holds the input model's external data; write the result "
+                        "to another file.")
     try:  # os.access says yes to root and on read-only filesystems: really try
         handle, probe = tempfile.mkstemp(dir=folder, prefix=".msq-probe-")
         os.close(handle)
