@@ -84,9 +84,9 @@ def activation_errors(layers, ranges: dict, input_sq: dict) -> dict:
 
 
 def wide_activations(errors: dict, count: int, static=None) -> set:
-    """The inputs of the `count` layers with the largest uint8 activation error, among `static` (the layers
-    whose activations are uint8 at all; None: every layer): a dynamic layer quantizes its input to int8 at run
-    time, so a uint16 input would widen nothing."""
+    """The inputs of the `count` layers with the largest uint8 activation error, among `static` (the static
+    layers whose inputs can be uint16, write.uint16_widenable; None: every layer): a dynamic layer quantizes
+    its input to int8 at run time, so a uint16 input would widen nothing."""
     ranked = sorted((name for name in errors if errors[name] > 0 and (static is None or name in static)),
                     key=lambda name: -errors[name])
     return set(ranked[:max(count, 0)])

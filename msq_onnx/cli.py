@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "without VNNI), on for such a target, off: 8 bits wherever allocated")
     budget.add_argument("--act16", type=int, default=0, metavar="N",
                         help="keep the inputs of the N layers with the largest uint8 activation error (ranges "
-                             "dominated by outliers) in uint16; those layers lose ORT's fused integer kernel "
-                             "(default 0)")
+                             "dominated by outliers) in uint16; those layers lose ORT's fused integer kernel. "
+                             "Layers fed through a Flatten, MaxPool, Reshape ... from another static layer keep "
+                             "its uint8 in ORT's quantizer and are not chosen (default 0)")
     budget.add_argument("--rounding", choices=("gptq", "nearest"), default="gptq",
                         help="gptq (default): round each dense layer column by column, compensating the error "
                              "through its input Hessian (even samples of the last 128), kept per width where it "

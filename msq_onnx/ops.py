@@ -139,6 +139,26 @@ def static_region(model: onnx.ModelProto, static_nodes: set) -> list[str]:
     return [node.name for node in model.graph.node if node.name in included]
 
 
+# Ops whose output ORT's QDQ quantizer writes with its data input's quantization (quantize_output_same_as_input in
+# onnxruntime/quantization/operators): a uint16 override on such an output is not read, the input's uint8 is.
+_SHARED_QUANTIZATION = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "AveragePool", "Slice", "Split",
+                        "MaxPool", "Resize", "Pad"}
+
+
+def shares_quantization(node: onnx.NodeProto, constants: dict) -> bool:
+    """Whether ORT's static quantizer gives node's outputs its data input's quantization (node in the static
+    region). A Pad does where its padding holds input values or 0 (constants: name -> array, its pad value)."""
+    if node.op_type not in _SHARED_QUANTIZATION:
+        return False
+    if node.op_type != "Pad":
+        return True
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+    if mode != b"constant":
+        return True
+    value = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(())
+    return value is not None and np.issubdtype(value.dtype, np.floating) and float(np.ravel(value)[0]) == 0.0
+
+
 def static_tensors(model: onnx.ModelProto, static_nodes: set) -> set:
     """The tensors whose ranges a static quantization of any of `static_nodes` reads: the inputs and outputs
     of static_region with all of them static (a region only grows with its static set), and the activations

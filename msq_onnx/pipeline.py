@@ -34,7 +34,7 @@ from .verify import (INTEGER_ACTIVATION_OPS, SATURATION_FREE_BITS, fused_integer
                      smoke_check)
 from .weights import error_table
 from .write import (check_output_path, data_inputs, publish, quantize_to_qdq, quantize_weights, uint16_tensors,
-                    written_files)
+                    uint16_widenable, written_files)
 
 HOLDOUT_FRACTION = 0.2  # of the calibration set held out (every 5th sample) when there is no --eval
 MIN_SPLIT = 10  # fewer calibration samples than this are not split: fidelity is then measured on them
@@ -202,7 +202,9 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
                                             None if options.activations == "auto" else options.activations)
     activation_errors = allocate_stage.activation_errors(loaded.layers, stats.ranges, stats.input_sq)
     static = {name for name, choice in modes.items() if choice.mode == STATIC}
-    wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16, static)
+    # --act16's layers are taken among those whose inputs ORT would really write as uint16
+    widenable = uint16_widenable([layer for layer in loaded.layers if layer.name in static], loaded.model)
+    wide_inputs = allocate_stage.wide_activations(activation_errors, options.act16, widenable)
     caps = saturation_caps(loaded, modes, options, wide_inputs)
     # a capped layer's wider widths are never allocated: their error tables are not measured (MiniLM-L6 on an AVX2
     # machine: every dynamic layer's 8 bits)

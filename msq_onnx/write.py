@@ -26,7 +26,8 @@ from onnx import helper, numpy_helper
 from .errors import BadOption
 from .load import (LoadedModel, all_names, consumers, external_data_files, is_large, save_model_file, subgraph_inputs,
                    unique_name)
-from .ops import CONTAINER_BITS, DYNAMIC, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute, static_region
+from .ops import (CONTAINER_BITS, DYNAMIC, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute,
+                  shares_quantization, static_region)
 from .weights import as_matrix, quantize_layer, steps
 
 
@@ -162,9 +163,26 @@ def data_inputs(layer, nodes: dict) -> list[str]:
     return [nodes[name].input[layer.kind.data_index] for name in layer.nodes if name in nodes]
 
 
+def uint16_widenable(static_layers, model: onnx.ModelProto) -> set:
+    """The static layers whose data inputs ORT's quantizer would write as uint16 when asked: not those that come
+    through an op of the static region that passes its input's quantization on (ops.shares_quantization: a
+    Flatten or MaxPool after another static layer). Such an input keeps its source's uint8 whatever the override
+    says (the bundled digits CNN's fc1), and widening the source would take a second layer off its integer kernel."""
+    nodes = {node.name: node for node in model.graph.node}
+    region = set(static_region(model, {n for layer in static_layers for n in layer.nodes}))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in
+                 {node.input[2] for node in model.graph.node if node.op_type == "Pad" and len(node.input) > 2}}
+
+    def own(tensor: str) -> bool:
+        producer = producers.get(tensor)
+        return producer is None or producer.name not in region or not shares_quantization(producer, constants)
+    return {layer.name for layer in static_layers if all(own(t) for t in data_inputs(layer, nodes))}
+
+
 def uint16_tensors(static_layers, wide_inputs, model: onnx.ModelProto) -> set:
-    """The activation tensors written as uint16: the data inputs of the static layers in wide_inputs. ORT's
-    override is per tensor, so every static reader of one of them gets uint16."""
+    """The activation tensors written as uint16: the data inputs of the static layers in wide_inputs (chosen
+    among uint16_widenable). ORT's override is per tensor, so every static reader of one of them gets uint16."""
     nodes = {node.name: node for node in model.graph.node}
     return {name for layer in static_layers if layer.name in wide_inputs for name in data_inputs(layer, nodes)}
 

@@ -423,6 +423,24 @@ def test_act16_widens_the_input_of_every_node_of_a_layer_and_the_report_says_wha
         {"conv_a": 16, "fc": 8}
 
 
+def test_act16_widens_layers_whose_inputs_ort_writes_as_uint16_and_caps_the_others(tmp_path):
+    """The digits CNN's fc1 has the largest uint8 activation error, but its input comes through a MaxPool and a
+    Flatten, which ORT's quantizer writes with their source's uint8 whatever --act16 asks. --act16 1 took fc1,
+    widened nothing, and spared it the reduce_range cap as if it ran a float kernel: it kept 8-bit weights on a
+    saturating u8s8 kernel. Now the layer widened is the next one ORT can give a uint16 input, and fc1 is capped."""
+    import os
+
+    models = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+    report = convert(os.path.join(models, "digits_cnn.onnx"), str(tmp_path / "d.onnx"),
+                     os.path.join(models, "digits_calib.npz"), Options(quiet=True, act16=1, reduce_range="on")).report
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert max(layers, key=lambda name: layers[name]["activation_error"]) == "fc1"
+    wide = [name for name, layer in layers.items() if layer["activation_bits"] == 16]  # read from the written file
+    assert len(wide) == 1 and wide[0] != "fc1"
+    assert "fc1" in report["reduce_range"]["capped_layers"] and layers["fc1"]["bits"] <= 7
+    assert wide[0] not in report["reduce_range"]["capped_layers"] and layers[wide[0]]["bits"] == 8
+
+
 def test_the_reported_activation_bits_are_those_of_the_written_file(tmp_path):
     """--act16 asks ORT for uint16 inputs, but a tensor that comes through a Flatten or a MaxPool keeps its source's
     uint8: the bundled digits CNN's fc1 was reported at 16 bits and written at 8 (a hunting subagent's). The report
