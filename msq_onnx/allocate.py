@@ -165,6 +165,22 @@ def fits(bits: dict, budgets) -> bool:
     return all(sum(b.costs[name][bits[name]] for name in bits) <= b.limit * (1 + 1e-9) + 1e-6 for b in budgets)
 
 
+def import_solver_in_background() -> None:
+    """Start importing the knapsack's solver (scipy.optimize: 0.35-0.5 s of one core) on a thread while the
+    caller waits on ONNX Runtime, whose session builds leave a core idle and the GIL free. allocate_ilp's own
+    import then finds it loaded, or waits on the import lock for it; its errors are that import's to report."""
+    import importlib
+    import threading
+
+    def load():
+        try:
+            importlib.import_module("scipy.optimize")
+        except Exception:
+            pass
+
+    threading.Thread(target=load, name="msq-import-solver", daemon=True).start()
+
+
 def allocate_ilp(damage: dict, candidate_bits, budgets) -> dict:
     """Minimise total damage, one width per layer, within every budget (multiple-choice knapsack)."""
     from scipy import sparse

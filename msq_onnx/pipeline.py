@@ -193,6 +193,8 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
         upstream = upstream_layers(loaded.model, loaded.layers)
         gains = layer_importance({name: s.soft for name, s in scores.items()}, input_score.soft, upstream)
     with timer.stage("activation-modes"):
+        if (narrowed or options.max_latency is not None) and options.allocator not in allocate_stage.GREEDY:
+            allocate_stage.import_solver_in_background()
         # Rows that are padding do not count towards the samples the modes need: real tokens only.
         real_rows = {name: min(r, stats.tokens) if stats.tokens else r for name, r in stats.rows.items()}
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
