@@ -280,27 +280,15 @@ def _hessian_candidates(loaded: LoadedModel, shapes: dict, only=None) -> dict:
 
 
 def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, add_output, only=None) -> None:
-    """Per distinct input rows (ops.InputRows) of the candidates: the K x K product rows^T rows and the
-    rows' shape."""
+    """Per distinct input rows (ops.InputRows) of the candidates: the rows as [rows, K], an output the pass
+    fetches only for the Hessian batches (HessianSums takes rows^T rows of them in numpy)."""
     graph = model.graph
-    keys = {}
     for name, rows in _hessian_candidates(loaded, static_shapes(model), only).items():
-        if rows.key not in keys:
-            keys[rows.key] = rows
+        if rows.key not in outputs["hessian"]:
             graph.initializer.extend(rows.initializers)
             graph.node.extend(rows.nodes)
-            prefix = f"msq_gram{len(keys)}"
-            # ORT folds the Transpose into the product (FusedMatMul): rows^T rows with no copy made
-            graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), prefix + "_axis"))
-            graph.node.extend([helper.make_node("Transpose", [rows.output], [prefix + "_t"], perm=[1, 0]),
-                               helper.make_node("MatMul", [prefix + "_t", rows.output], [prefix + "_gram"]),
-                               helper.make_node("ReduceSum", [rows.output, prefix + "_axis"], [prefix + "_sum"],
-                                                keepdims=0),
-                               helper.make_node("Shape", [rows.output], [prefix + "_count"], end=1)])
-            add_output(prefix + "_gram")
-            add_output(prefix + "_sum")
-            add_output(prefix + "_count", TensorProto.INT64)
-            outputs["hessian"][rows.key] = (prefix + "_gram", prefix + "_sum", prefix + "_count")
+            add_output(rows.output)
+            outputs["hessian"][rows.key] = rows.output
         outputs["rows"][name] = rows.key
 
 
@@ -541,32 +529,13 @@ def output_embedding(final: np.ndarray, max_dim: int, seed: int) -> np.ndarray:
     return embed(final, (1,), max_dim, final.ndim == 3, seed)
 
 
-def _pass_session(model: onnx.ModelProto, products: int, workers: int,
-                  weights: str | None) -> tuple[ort.InferenceSession, int]:
-    """The pass's session and how many of its runs go at once (ordered_runs). products: the bytes of the K x K
-    Hessian products one run outputs (_product_bytes).
-
-    Where the products of the runs in flight would pass PAIRED_RUN_LIMIT, the session runs one sample at a
-    time, without ORT's arena, which would keep them. Small ones go like any other run: MiniLM-L6's (18 inputs
-    of 384, 10.6 MB a run) two at once with the arena, its pass 6.4 -> 5.5 s, the pass's peak 446 -> 492-499 MB,
-    under the conversion's (608-622 MB, the yardstick's). It held one set at a time while the FFN inputs
-    (1536 wide, 84% of the products) were gathered too, which two at once took from 567 to 653 MB."""
-    large = products * (workers + 1) > PAIRED_RUN_LIMIT
-    workers = 1 if large else workers
+def _pass_session(model: onnx.ModelProto, workers: int, weights: str | None) -> ort.InferenceSession:
     try:
         # No memory pattern: EfficientNet-Lite0's pass peak 294 -> 253 MB at the same speed (6.76 / 6.68 s).
-        session = make_session(model, arena=not large, pattern=False, threads=run_threads(workers),
-                               weights=weights)
+        return make_session(model, pattern=False, threads=run_threads(workers), weights=weights)
     except Exception as exc:
         raise BadModel(f"ONNX Runtime {ort.__version__} cannot load the model ({one_line(exc)}); "
                        "re-export it with standard ONNX ops.") from None
-    return session, workers
-
-
-def _product_bytes(loaded: LoadedModel, outputs: dict) -> int:
-    """Bytes of the K x K products a run of build_instrumented's model outputs (one per distinct input)."""
-    fan_in = {outputs["rows"][layer.name]: layer.fan_in for layer in loaded.layers if layer.name in outputs["rows"]}
-    return sum(4 * k * k for key, k in fan_in.items() if key in outputs["hessian"])
 
 
 def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 1,
@@ -574,26 +543,25 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     """The streamed pass; with `hessians`, each layer's input Hessians are summed over the last
     HESSIAN_SAMPLES samples in the same runs.
 
-    ORT runs every node of a graph whatever is fetched, so the Hessian products get a session of their own
-    for those samples (MiniLM-L6: 39 ms per run with them, 22 ms without). The samples before it tell how
-    many rows each input has per sample, so only inputs that can reach GPTQ's rows get their K x K product
-    (MiniLM-L6's four-times-wider FFN inputs never did, and were 84% of the products' work). The moments
-    stay in every run: a session without them cost more time (its build) and memory (EfficientNet-Lite0:
-    +50 MB) than their products and reductions (a fifth of a run)."""
+    The Hessians' rows are fetched for those samples only, and their products taken in numpy: one session
+    for the whole pass. In the graph, the products needed a session of their own (ORT runs every node
+    whatever is fetched), and their K x K outputs were copied out of every run (MiniLM-L6: 10.6 MB a run);
+    the pass took 7.5 s without Hessians and 8.8 s with them that way. The samples before them tell how
+    many rows each input has per sample, so only inputs that can reach GPTQ's rows are fetched (MiniLM-L6's
+    four-times-wider FFN inputs never do)."""
     size = batch_of(loaded, batch_size)
     # A model's fixed batch pads the last one with copies of its last sample: they stay out of the Hessians.
     fixed_batch = any(spec.batch_fixed for spec in loaded.inputs)
     whole = samples.count - (samples.count % size if fixed_batch else 0)
     hessian_from = _hessian_start(whole, size) if hessians else samples.count
-    model, outputs = build_instrumented(loaded, hessians and hessian_from == 0, levels)
+    model, outputs = build_instrumented(loaded, hessians and hessian_from < samples.count, levels)
     mask_input = attention_mask_input(loaded)
     stream = BatchStream(padded_batches(samples, loaded, batch_size))
-    paired = run_workers(loaded, stream.held[0]) if stream.more() else 1
-    session, workers = _pass_session(model, _product_bytes(loaded, outputs), paired, loaded.weights_folder)
+    workers = run_workers(loaded, stream.held[0]) if stream.more() else 1
+    session = _pass_session(model, workers, loaded.weights_folder)
     del model
-    lean = [name for name in (o.name for o in session.get_outputs())
-            if all(name not in names for names in outputs["hessian"].values())]
-    gram = HessianSums(outputs["hessian"])
+    lean = [name for name in (o.name for o in session.get_outputs()) if name not in outputs["hessian"].values()]
+    gram = HessianSums(outputs["hessian"] if hessian_from == 0 else {})  # the samples before it: no rows fetched
     bank = FeatureBank([layer.name for layer in loaded.layers], levels, max_dim, seed)
     input_bank = FeatureBank(["input"], levels, max_dim, seed)
     imprinted = imprint_selection(samples.count, bank.max_samples, seed)
@@ -674,17 +642,11 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
 
     with progress(samples.count, "calibration pass", quiet) as bar:
         # Up to the batch that holds hessian_from (batches of differently shaped samples need not start on it),
-        # then, if any input is worth a K x K product, the rest through a session that computes them.
+        # then the rest, with the rows of the inputs worth a K x K product.
         for part in range(2):
             if part == 1 and hessian_from > 0 and stream.more():
-                worth = _worth_gathering(loaded, rows, whole - seen)
-                if worth:
-                    session = None  # released first: two sessions of one model would double the peak memory
-                    model, outputs = build_instrumented(loaded, True, levels, worth)
-                    session, workers = _pass_session(model, _product_bytes(loaded, outputs), paired,
-                                                     loaded.weights_folder)
-                    del model
-                    gram = HessianSums(outputs["hessian"])
+                worth = {outputs["rows"][name] for name in _worth_gathering(loaded, rows, whole - seen)}
+                gram = HessianSums({key: name for key, name in outputs["hessian"].items() if key in worth})
             batches = stream.until(hessian_from if part == 0 else float("inf"))
             for (feed, count), (result, gathered) in ordered_runs(runner(session, gram), batches, workers):
                 absorb(feed, count, result, gathered)
@@ -704,7 +666,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
         rows={name: int(np.median(counts)) for name, counts in rows.items()},
         hessians=gram.by_layer(outputs["rows"]),
         tokens=float(np.mean(tokens)) if tokens else None,
-        workers=paired,
+        workers=workers,
     )
 
 
@@ -772,35 +734,53 @@ class InputHessians:
 
 class HessianSums:
     """Running float32 sums of rows^T rows (and of the rows) per input, even and odd batches apart: memory
-    stays flat in the number of samples."""
+    stays flat in the number of samples. The rows of a few batches are stacked before their product: one
+    product of 512 rows runs at 1.4x the speed of five of 93 (MiniLM-L6's texts). Added in the order of the
+    batches, so the sums are the same on every run."""
+
+    STACKED_ROWS = 512
 
     def __init__(self, names: dict):
-        self.names = names  # key -> (gram output, sum output, count output)
+        self.names = names  # key -> the rows output, [rows, K]
         self.sums = {key: [None, None] for key in names}
         self.totals = {key: [None, None] for key in names}
         self.counts = {key: [0, 0] for key in names}
+        self.pending = {key: [[], []] for key in names}
         self.batches = 0
 
     def outputs(self) -> list:
-        return [name for names in self.names.values() for name in names]
+        return list(self.names.values())
 
     def add(self, values: dict) -> None:
         half = self.batches % 2  # whole batches alternate; at batch size 1, samples do
         self.batches += 1
-        for key, (gram, total_name, count_name) in self.names.items():
-            value, total = values[gram], self.sums[key][half]
-            self.sums[key][half] = value.copy() if total is None else np.add(total, value, out=total)
-            column_sums = values[total_name].astype(np.float64)
-            total = self.totals[key][half]
-            self.totals[key][half] = column_sums if total is None else total + column_sums
-            self.counts[key][half] += int(values[count_name][0])
+        for key, name in self.names.items():
+            rows = np.asarray(values[name], np.float32)
+            self.pending[key][half].append(rows)
+            self.counts[key][half] += len(rows)
+            if sum(len(block) for block in self.pending[key][half]) >= self.STACKED_ROWS:
+                self._take(key, half)
+
+    def _take(self, key, half: int) -> None:
+        blocks, self.pending[key][half] = self.pending[key][half], []
+        if not blocks:
+            return
+        rows = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        gram, total = rows.T @ rows, self.sums[key][half]
+        self.sums[key][half] = gram if total is None else np.add(total, gram, out=total)
+        column_sums = rows.sum(axis=0, dtype=np.float64)
+        total = self.totals[key][half]
+        self.totals[key][half] = column_sums if total is None else total + column_sums
 
     def by_layer(self, layer_keys: dict) -> dict:
         """{layer: InputHessians} for the inputs whose fitting half has MIN_ROWS_PER_INPUT rows per feature:
         GPTQ fitted on fewer rounds for those rows, not for the task."""
+        for key in self.names:
+            for half in range(2):
+                self._take(key, half)
         result = {}
         for name, key in layer_keys.items():
-            fit, check = self.sums[key]
+            fit, check = self.sums.get(key, (None, None))
             if fit is not None and check is not None and self.counts[key][0] >= MIN_ROWS_PER_INPUT * fit.shape[0]:
                 result[name] = InputHessians(fit, check, *self.totals[key], *self.counts[key])
         return result

@@ -184,29 +184,23 @@ def test_large_runs_go_one_at_a_time(cnn_files, monkeypatch):
     assert run_pass(loaded, samples, (1, 2), 64, quiet=True).workers == 2
 
 
-def test_hessian_runs_go_two_at_once_while_their_products_are_small(cnn_files, monkeypatch):
-    """The Hessian products' session runs like the others (two at once, ORT's arena) unless the products of
-    the runs in flight would pass PAIRED_RUN_LIMIT: then one at a time, without the arena that would keep them."""
+def test_hessian_batches_run_in_the_pass_session_two_at_once(cnn_files, monkeypatch):
+    """The Hessians' rows are fetched from the pass's one session (no second session for the last samples),
+    two runs at once like the others, and their products are exactly the rows' (taken in numpy)."""
     from msq_onnx import instrument
 
     loaded = load_model(cnn_files["model"])
-    model, _ = instrument.build_instrumented(loaded)
-    monkeypatch.setattr(instrument, "PAIRED_RUN_LIMIT", 3 * 10**6)
-    session, workers = instrument._pass_session(model, 10**6, 2, loaded.weights_folder)  # 3 MB in flight: fits
-    assert workers == 2 and session.get_session_options().enable_cpu_mem_arena
-    session, workers = instrument._pass_session(model, 10**6 + 1, 2, loaded.weights_folder)
-    assert workers == 1 and not session.get_session_options().enable_cpu_mem_arena
-
-    # the pass sizes the products its Hessian session's runs output
     monkeypatch.setattr(instrument, "MIN_ROWS_PER_INPUT", 0)
     monkeypatch.setattr(instrument, "HESSIAN_SAMPLES", 16)
-    sized, real = [], instrument._pass_session
-    monkeypatch.setattr(instrument, "_pass_session",
-                        lambda model, products, *rest: sized.append(products) or real(model, products, *rest))
-    stats = run_pass(loaded, open_samples(cnn_files["calib"], loaded.inputs, Preprocess()), (1, 2), 64, quiet=True,
-                     hessians=True)
-    products = {id(h.fit): h.fit.size * 4 for h in stats.hessians.values()}  # float32, one per distinct input
-    assert sized == [0, sum(products.values())] and sized[1] > 0
+    monkeypatch.setattr(instrument, "RUN_WORKERS", 2)
+    built, real = [], instrument._pass_session
+    monkeypatch.setattr(instrument, "_pass_session", lambda *a: built.append(a[1]) or real(*a))
+    samples = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    stats = run_pass(loaded, samples, (1, 2), 64, quiet=True, hessians=True)
+    assert built == [2] and stats.workers == 2 and stats.hessians
+    for hessians in stats.hessians.values():
+        assert hessians.fit_rows == hessians.check_rows == 8  # one row a sample: the head's input
+        np.testing.assert_allclose(hessians.fit, hessians.fit.T)
 
 
 def test_a_symbolic_sequence_is_sized_from_the_feed(tmp_path, monkeypatch):
