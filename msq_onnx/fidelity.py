@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import BadData, one_line
+from .errors import BadData, BadOption, one_line
 from .instrument import attention_mask_input, batch_of, ordered_runs, padded_batches, progress, run_threads
 from .verify import session
 
@@ -37,23 +37,33 @@ class _OutputSums:
     samples: int = 0
     kept_fp32: list = field(default_factory=list)
     kept_quant: list = field(default_factory=list)
+    unkept: bool = False  # the task output is too wide to keep, or its width varies between samples: no [N, C]
     integer: bool = False
-    positions: int = 0  # a sequence of class scores [N, T, C]: real positions seen ...
-    agreeing: int = 0  # ... and those whose arg-max over C agrees with FP32's
+    positions: int = 0  # a sequence of class scores [N, T, C] or of labels [N, T]: real positions seen ...
+    agreeing: int = 0  # ... and those whose arg-max over C (or label) agrees with FP32's
     probabilities: bool = True  # every FP32 row over the last axis is a probability distribution
     masked: bool = False  # padded positions were left out
+    scalar: bool | None = None  # one value a sample in every batch (a regression, a sigmoid head)
+    moments: np.ndarray = field(default_factory=lambda: np.zeros(5))  # of one-value outputs: sums of x, y, xx, yy, xy
 
-    def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None) -> None:
-        """real: [N, T] True at real tokens (the attention mask) for an output whose first two axes are [N, T]:
-        padded positions then count in nothing, as they count in no use of the model."""
+    def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None,
+            tokens: bool = False) -> None:
+        """real: [N, T] True at real tokens (the attention mask) for an output whose first two axes are [N, T]
+        (tokens: a 2-D output whose axis 1 is the mask's, [N, T] scores or tags): padded positions then count
+        in nothing, as they count in no use of the model. keep: the task output, kept whole for its [N, C]
+        measures while each sample's is one width of at most KEEP_LIMIT values."""
         self.integer = not np.issubdtype(reference.dtype, np.floating)
-        if real is not None and (reference.ndim < 3 or reference.shape[:2] != real.shape or self.integer):
+        if real is not None and (reference.shape[:2] != real.shape or (reference.ndim < 3 and not tokens)
+                                 or (self.integer and reference.ndim != 2)):
             real = None
-        if reference.ndim == 3 and reference.shape[-1] >= 2 and not self.integer:  # [N, C, 1] is no sequence
+        sequence = reference.ndim == 3 and reference.shape[-1] >= 2  # [N, C, 1] is no sequence
+        if (sequence and not self.integer) or (self.integer and reference.ndim == 2 and reference.shape[1] > 1):
             where = np.ones(reference.shape[:2], bool) if real is None else real
             self.positions += int(where.sum())
-            self.agreeing += int(((reference.argmax(-1) == quantized.argmax(-1)) & where).sum())
-            self.probabilities &= bool(np.all(reference >= 0) and np.allclose(reference.sum(-1), 1.0, atol=1e-3))
+            same = reference == quantized if self.integer else reference.argmax(-1) == quantized.argmax(-1)
+            self.agreeing += int((same & where).sum())
+            if not self.integer:
+                self.probabilities &= bool(np.all(reference >= 0) and np.allclose(reference.sum(-1), 1.0, atol=1e-3))
         if real is not None:
             self.masked = True
             real = real.reshape(real.shape + (1,) * (reference.ndim - 2))
@@ -68,10 +78,51 @@ class _OutputSums:
         self.cosine_sum += float(cosine.sum())
         self.cosine_min = min(self.cosine_min, float(cosine.min()))
         self.samples += len(ref)
-        if keep:  # integer outputs (predicted labels) stay integers: output_kind reads the dtype
-            kept = reference.dtype if self.integer else np.float32
-            self.kept_fp32.append(ref.astype(kept))
-            self.kept_quant.append(out.astype(kept))
+        one = ref.shape[1] == 1
+        self.scalar = one if self.scalar is None else self.scalar and one
+        if one:
+            x, y = ref[:, 0], out[:, 0]
+            self.moments += [x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()]
+        if keep and not self.unkept:
+            if ref.shape[1] > KEEP_LIMIT or (self.kept_fp32 and self.kept_fp32[0].shape[1] != ref.shape[1]):
+                self.unkept, self.kept_fp32, self.kept_quant = True, [], []
+            else:  # integer outputs (predicted labels) stay integers: output_kind reads the dtype
+                kept = reference.dtype if self.integer else np.float32
+                self.kept_fp32.append(ref.astype(kept))
+                self.kept_quant.append(out.astype(kept))
+
+    def across_samples(self) -> tuple[float, float | None]:
+        """(cosine, SQNR dB) of a one-value output over the held-out samples, both centred on FP32's mean: a
+        sample's own cosine is the sign of its value (1.0 for a regression that lost everything but its offset,
+        a hunting subagent's: correlation 0.78 reported as cosine 1.0), and an offset would fill the signal."""
+        x, y, xx, yy, xy = self.moments
+        n = max(self.samples, 1)
+        var_x, var_y = xx - x * x / n, yy - y * y / n
+        cov = xy - x * y / n
+        if var_x <= 0:
+            cosine = 1.0 if var_y <= 0 and np.isclose(x, y) else 0.0
+        else:
+            cosine = float(cov / np.sqrt(var_x * max(var_y, 1e-300))) if var_y > 0 else 0.0
+        return cosine, (10 * np.log10(var_x / self.noise) if self.noise > 0 and var_x > 0 else None)
+
+
+def token_outputs(loaded) -> set:
+    """The 2-D outputs whose second axis is the attention mask's (the same named or fixed length): a score or
+    a tag per token, whose padded positions count in nothing. A [N, C] output is not one of them, even when C
+    happens to equal a batch's padded length."""
+    mask = attention_mask_input(loaded)
+    if mask is None:
+        return set()
+    spec = next(v for v in loaded.model.graph.input if v.name == mask).type.tensor_type.shape.dim
+    if len(spec) != 2:
+        return set()
+    axis = spec[1].dim_param or (spec[1].dim_value if spec[1].dim_value > 1 else None)
+    result = set()
+    for value in loaded.model.graph.output:
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        if axis is not None and len(dims) == 2 and (dims[1].dim_param or dims[1].dim_value) == axis:
+            result.add(value.name)
+    return result
 
 
 class Reference:
@@ -82,6 +133,7 @@ class Reference:
         self.paired = workers  # runs at once (instrument.run_workers)
         # a sequence or map output has no values to compare element by element
         self.names = [o.name for o in loaded.model.graph.output if o.type.HasField("tensor_type")]
+        self.token_outputs = token_outputs(loaded)
         self.cache = []
         size = 0
         for feed, count, outputs in self._run("FP32 evaluation", quiet, workers):
@@ -219,12 +271,16 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
         for (feed, count, fp32), quant in ordered_runs(run, reference.batches(quiet), reference.workers):
             real = None if mask is None or mask not in feed else np.asarray(feed[mask])[:count] != 0
             for name, ref, out in zip(reference.names, fp32, quant):
+                if ref.dtype == bool:  # a yes/no decision per sample or position: judged as labels 0 / 1
+                    ref, out = ref.astype(np.uint8), out.astype(np.uint8)
                 if np.issubdtype(ref.dtype, np.number):
-                    keep = name == task_output and ref[:1].size <= KEEP_LIMIT
                     if name == task_output:
                         task_shape = ref.shape[1:]
-                    sums[name].add(ref, out, keep, real)
+                    sums[name].add(ref, out, name == task_output, real, name in reference.token_outputs)
             bar.update(count)
+    if not sums[task_output].samples:
+        raise BadOption(f"output '{task_output}' holds no numbers to compare with FP32; choose a numeric output "
+                        "with --output.")
     outputs = {}
     for name, acc in sums.items():
         if not acc.samples:
@@ -232,14 +288,27 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
         sqnr = 10 * np.log10(acc.signal / acc.noise) if acc.noise > 0 else None
         outputs[name] = {"cosine": round(acc.cosine_sum / acc.samples, 6), "min_cosine": round(acc.cosine_min, 6),
                          "sqnr_db": None if sqnr is None else round(float(sqnr), 3)}
+        if acc.scalar and not acc.integer:
+            cosine, sqnr = acc.across_samples()
+            outputs[name].update(cosine=round(cosine, 6), min_cosine=round(cosine, 6),
+                                 sqnr_db=None if sqnr is None else round(float(sqnr), 3),
+                                 cosine_over="held-out samples, centred (one value a sample: their correlation)")
         if acc.integer:
             outputs[name]["integer"] = True  # ids or labels: their cosine says little
     task = sums[task_output]
     fp32 = np.concatenate(task.kept_fp32) if task.kept_fp32 else None
     quant = np.concatenate(task.kept_quant) if task.kept_quant else None
     sequence = task.positions > 0
-    kind = sequence_kind(task_output, declared_kind, task.probabilities) if sequence else \
-        output_kind(fp32, labels, task_shape, task_output, declared_kind)
+    # One score a sample is a binary classifier's when declared so, given 0/1 labels, or named as scores and held
+    # in [0, 1]; its decisions are then judged beside the correlation (collapse_warning reads both).
+    binary = bool(task.scalar and not task.integer and fp32 is not None and (
+        declared_kind == "class-scores" or (declared_kind is None and (
+            (labels is not None and set(np.unique(labels).tolist()) <= {0, 1})
+            or (_named_kind(task_output) == "class-scores" and np.all((fp32 >= 0) & (fp32 <= 1)))))))
+    if sequence:
+        kind = "labels" if task.integer else sequence_kind(task_output, declared_kind, task.probabilities)
+    else:
+        kind = "class-scores" if binary else output_kind(fp32, labels, task_shape, task_output, declared_kind)
     # Dynamic layers quantize each run's activations on that run's own range: at another batch size the same
     # samples give other outputs (a ViT at 4 bits: agreement 92.2% run one by one, 85.9% in one batch of 128).
     result = {"samples": int(samples.count), "source": samples.source, "task_output": task_output, "kind": kind,
@@ -248,12 +317,16 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     outputs[task_output]["kind"] = kind
     if any(acc.masked for acc in sums.values()):
         result["positions"] = f"real tokens only ('{mask}' != 0)"
-    if sequence and kind == "class-scores":  # per position; a label per sample says nothing about positions
+    if sequence and kind in DECISION_KINDS:  # per position; a label per sample says nothing about positions
         result["agreement"] = 100.0 * task.agreeing / task.positions
         result["agreement_unit"] = f"positions ({task.positions:,})"
     elif kind in DECISION_KINDS:
         if kind == "labels":
             fp32_top, quant_top = fp32.reshape(len(fp32)), quant.reshape(len(quant))
+        elif binary:  # one score a sample: a probability decides at 0.5, a logit at 0
+            threshold = 0.5 if np.all((fp32 >= 0) & (fp32 <= 1)) else 0.0
+            fp32_top, quant_top = (fp32[:, 0] > threshold).astype(int), (quant[:, 0] > threshold).astype(int)
+            result["decision"] = f"score > {threshold:g}"
         else:
             fp32_top, quant_top = fp32.argmax(axis=1), quant.argmax(axis=1)
         result["agreement"] = float((fp32_top == quant_top).mean() * 100.0)
@@ -284,7 +357,8 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
     problems = []
     decisions = measured["kind"] in DECISION_KINDS
     if task:  # task=False: a gate judges the task output; the other outputs are still this check's
-        if not decisions and measured["cosine"] < COLLAPSE_COSINE:
+        # one binary score a sample: its correlation with FP32 too (decisions at 0.5 hide a drifting score)
+        if (not decisions or measured.get("decision")) and measured["cosine"] < COLLAPSE_COSINE:
             problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}")
         if measured.get("fp32_top1") is not None and measured.get("drop", 0.0) > COLLAPSE_DROP:
             problems.append(f"top-1 {measured['fp32_top1']:.2f}% -> {measured['quant_top1']:.2f}%")

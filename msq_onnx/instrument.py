@@ -27,7 +27,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadData, BadModel, one_line
-from .features import FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices, token_features
+from .features import (DEFAULT_LEVELS, FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices,
+                       token_features)
 from .load import Layer, LoadedModel, is_large, save_model_file
 from .ops import nonnegative_tensors, range_sources, static_tensors
 
@@ -529,6 +530,15 @@ def output_embedding(final: np.ndarray, max_dim: int, seed: int) -> np.ndarray:
     return embed(final, (1,), max_dim, final.ndim == 3, seed)
 
 
+def stacked_outputs(chunks: list, max_dim: int, seed: int) -> np.ndarray:
+    """The output_embedding chunks of several batches as one [N, D] matrix. A flat output whose width varies
+    between samples (a score per token, [N, T]: a token tagger's or a QA head's) is pooled over that width in
+    segments, as a sequence's features are: it has no [N, C] of its own (np.concatenate failed on it)."""
+    if len({chunk.shape[1:] for chunk in chunks}) <= 1:
+        return np.concatenate(chunks)
+    return np.concatenate([embed(chunk[:, None, :], DEFAULT_LEVELS, max_dim, False, seed) for chunk in chunks])
+
+
 def _pass_session(model: onnx.ModelProto, workers: int, weights: str | None) -> ort.InferenceSession:
     try:
         # No memory pattern: EfficientNet-Lite0's pass peak 294 -> 253 MB at the same speed (6.76 / 6.68 s).
@@ -565,6 +575,10 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     bank = FeatureBank([layer.name for layer in loaded.layers], levels, max_dim, seed)
     input_bank = FeatureBank(["input"], levels, max_dim, seed)
     imprinted = imprint_selection(samples.count, bank.max_samples, seed)
+    # The input's features along the layout its first readers take: a sequence of feature vectors [N, T, F] read
+    # by a MatMul is pooled over T (as channels first, its varying length made widths that would not stack).
+    input_channels_last = any(layer.kind.channels_last for layer in loaded.layers
+                              if layer.input_name == loaded.inputs[0].name)
     ranges: dict = {}
     mean_sum: dict = {}
     sq_sum: dict = {}
@@ -636,7 +650,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             if np.issubdtype(first.dtype, np.integer) and first.ndim == 2:
                 input_bank.add_embedding("input", token_features(first, mask, max_dim, seed))
             else:
-                input_bank.add("input", first.astype(np.float32))
+                input_bank.add("input", first.astype(np.float32), input_channels_last, mask)
             final_outputs.append(output_embedding(final[pick], max_dim, seed))
         seen += count
 
@@ -660,7 +674,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
         input_sq={k: v / seen for k, v in sq_sum.items()},
         features=bank,
         input_features=input_bank,
-        outputs=np.concatenate(final_outputs),
+        outputs=stacked_outputs(final_outputs, max_dim, seed),
         imprinted=np.flatnonzero(imprinted),
         samples=seen,
         rows={name: int(np.median(counts)) for name, counts in rows.items()},

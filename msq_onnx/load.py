@@ -1124,17 +1124,33 @@ def _check_sample_axes(path: str, graph, inits) -> None:
 
 def task_output(model: onnx.ModelProto, requested: str | None = None) -> str:
     """The output the task is judged on: --output, else the first float output of rank >= 2 (converters such
-    as skl2onnx put an int64 label first), else the first output."""
+    as skl2onnx put an int64 label first), else the first float output, else the first numeric one (ids, a
+    bool decision). Strings, sequences and maps hold nothing to compare number by number."""
     names = [value.name for value in model.graph.output]
+
+    def numeric(value) -> bool:
+        return value.type.HasField("tensor_type") and value.type.tensor_type.elem_type not in (
+            onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED)
+
+    usable = [value.name for value in model.graph.output if numeric(value)]
     if requested is not None:
         if requested not in names:
             raise BadModel(f"--output '{requested}' is not an output of the model; its outputs are {names}.")
+        if requested not in usable:
+            raise BadModel(f"--output '{requested}' holds strings, a sequence or a map, which cannot be compared with "
+                           f"FP32 number by number; choose a numeric output ({', '.join(usable) or 'none'}).")
         return requested
+    if not usable:
+        raise BadModel(f"the model's outputs ({', '.join(names)}) hold strings, sequences or maps only: nothing to "
+                       "compare with FP32 number by number; export a numeric output (scores, probabilities).")
     for value in model.graph.output:
         tensor_type = value.type.tensor_type
         if tensor_type.elem_type == onnx.TensorProto.FLOAT and len(tensor_type.shape.dim) >= 2:
             return value.name
-    return model.graph.output[0].name
+    floats = [value.name for value in model.graph.output if value.name in usable and
+              value.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                   onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)]
+    return (floats or usable)[0]
 
 
 _STORED_BITS = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT16: 16,

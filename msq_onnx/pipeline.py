@@ -108,11 +108,12 @@ def _return_freed_memory() -> None:
 
 
 def _num_classes(loaded) -> int | None:
-    """Outputs per sample of the task output, when fixed: the class count labels are checked against."""
+    """Outputs per sample of the task output, when fixed: the class count labels are checked against. One
+    score a sample is a binary classifier's (a sigmoid head): its labels are 0 and 1."""
     value = next(v for v in loaded.model.graph.output if v.name == loaded.output_name)
     dims = value.type.tensor_type.shape.dim
     if len(dims) >= 2 and all(d.HasField("dim_value") for d in dims[1:]):
-        return int(np.prod([d.dim_value for d in dims[1:]]))
+        return max(int(np.prod([d.dim_value for d in dims[1:]])), 2)
     return None
 
 

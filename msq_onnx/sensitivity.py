@@ -135,13 +135,13 @@ def task_weights(loaded: LoadedModel, samples, choices: dict, input_mean: dict, 
     layer's relative output error at that width. One forward pass per layer and sample instead of one per
     width: MSQ's predictor, measured after quantizing the layer, weighs the error the knapsack reads.
     Returns ({layer: weight}, {layer: soft-score drop})."""
-    from .instrument import output_embedding
+    from .instrument import output_embedding, stacked_outputs
 
     feeds = _feeds(loaded, samples, count, batch_size)
     output = loaded.output_name
     fp32_session = make_session(loaded.session_copy(), weights=loaded.weights_folder)
-    fp32 = np.concatenate([output_embedding(fp32_session.run([output], feed)[0][:real], max_dim, seed)
-                           for feed, real in feeds])
+    fp32 = stacked_outputs([output_embedding(fp32_session.run([output], feed)[0][:real], max_dim, seed)
+                            for feed, real in feeds], max_dim, seed)
     del fp32_session
     soft_score, predict = _predictor(reference, labels)
     predicted = predict(fp32)
@@ -153,7 +153,7 @@ def task_weights(loaded: LoadedModel, samples, choices: dict, input_mean: dict, 
             outputs = _with_layer_quantized(session, layer, loaded.weight(layer).astype(np.float32),
                                             loaded.bias(layer), choices[layer.name][width],
                                             input_mean.get(layer.name), bias_correction, feeds, output)
-            quantized = np.concatenate([output_embedding(o, max_dim, seed) for o in outputs])
+            quantized = stacked_outputs([output_embedding(o, max_dim, seed) for o in outputs], max_dim, seed)
             drops[layer.name] = baseline - soft_score(quantized, predicted)
             weights[layer.name] = max(drops[layer.name], TASK_FLOOR) / max(choices[layer.name][width].error, 1e-12)
             bar.update(1)

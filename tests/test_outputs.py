@@ -1,0 +1,183 @@
+"""Task outputs of every shape: a score or a tag per token, one value a sample, yes/no decisions, strings, and
+inputs with a default. Each case was a crash, a wrong number or a changed signature (a hunting subagent's)."""
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from msq_onnx.cli import main
+from msq_onnx.pipeline import Options, convert
+
+
+def _save(tmp_path, nodes, inputs, outputs, inits, name="m.onnx", ir_version=8):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = ir_version
+    onnx.checker.check_model(model)
+    path = str(tmp_path / name)
+    onnx.save(model, path)
+    return path
+
+
+def _weights(rng, *shape, scale=0.5):
+    return (rng.normal(size=shape) * scale).astype(np.float32)
+
+
+def _tagger(tmp_path, tags_output=False):
+    """ids, mask [N, T] -> a 3-class score per token [N, T, 3] (or its arg-max, int64 tags [N, T], first) and a
+    start score per token [N, T] (a QA head's)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["h"]),
+             helper.make_node("MatMul", ["h", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["logits"]),
+             helper.make_node("MatMul", ["r", "w3"], ["s3"]),
+             helper.make_node("Squeeze", ["s3", "last"], ["start_logits"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "T", 3]),
+               helper.make_tensor_value_info("start_logits", TensorProto.FLOAT, ["N", "T"])]
+    if tags_output:
+        nodes.append(helper.make_node("ArgMax", ["logits"], ["tags"], axis=-1, keepdims=0))
+        outputs.insert(0, helper.make_tensor_value_info("tags", TensorProto.INT64, ["N", "T"]))
+    inits = [numpy_helper.from_array(_weights(rng, 50, 16), "table"),
+             numpy_helper.from_array(_weights(rng, 16, 32), "w1"), numpy_helper.from_array(_weights(rng, 32, 3), "w2"),
+             numpy_helper.from_array(_weights(rng, 32, 1), "w3"), numpy_helper.from_array(np.array([-1]), "last")]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "T"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "T"])]
+    return _save(tmp_path, nodes, inputs, outputs, inits)
+
+
+def _token_samples(folder, count, seed):
+    """One .npz a text, each of its own length."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder)
+    for i in range(count):
+        length = int(rng.integers(3, 12))
+        np.savez(os.path.join(folder, f"s{i:03d}.npz"), input_ids=rng.integers(0, 50, (1, length)),
+                 attention_mask=np.ones((1, length), np.int64))
+    return str(folder)
+
+
+def _run_all(path, folder, output):
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    results = []
+    for name in sorted(os.listdir(folder)):
+        with np.load(os.path.join(folder, name)) as feed:
+            results.append(session.run([output], dict(feed))[0])
+    return results
+
+
+def test_a_score_per_token_of_varying_length_converts_and_is_judged_per_position(tmp_path):
+    """Texts of different lengths give [1, T, 3] and [1, T] outputs of different widths: the pass's stacking and
+    the comparison's kept arrays failed on them with an internal error (np.concatenate)."""
+    model = _tagger(tmp_path)
+    calib = _token_samples(tmp_path / "calib", 40, 1)
+    evaluation = _token_samples(tmp_path / "eval", 30, 2)
+    out = str(tmp_path / "q.onnx")
+    measured = convert(model, out, calib, Options(quiet=True, eval_path=evaluation, avg_bits=4)).report["evaluation"]
+    assert measured["kind"] == "class-scores" and measured["agreement_unit"].startswith("positions")
+    fp32, quant = _run_all(model, evaluation, "logits"), _run_all(out, evaluation, "logits")
+    same = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(fp32, quant))
+    positions = sum(a.shape[1] for a in fp32)
+    assert measured["agreement"] == pytest.approx(100.0 * same / positions)
+    report = convert(model, out, calib, Options(quiet=True, eval_path=evaluation, output="start_logits")).report
+    assert report["evaluation"]["task_output"] == "start_logits" and report["evaluation"]["cosine"] > 0.9
+
+
+def test_integer_tags_per_token_are_judged_position_by_position(tmp_path):
+    """int64 tags [N, T] (an arg-max per token) were judged as [N, C] class scores: the arg-max over T of the tag
+    ids. Their agreement is now the share of positions whose tag is FP32's."""
+    model = _tagger(tmp_path, tags_output=True)
+    calib = _token_samples(tmp_path / "calib", 40, 1)
+    evaluation = _token_samples(tmp_path / "eval", 30, 2)
+    out = str(tmp_path / "q.onnx")
+    measured = convert(model, out, calib, Options(quiet=True, eval_path=evaluation, output="tags",
+                                                  bits=(2,), avg_bits=2)).report["evaluation"]
+    fp32, quant = _run_all(model, evaluation, "tags"), _run_all(out, evaluation, "tags")
+    same = sum(int((a == b).sum()) for a, b in zip(fp32, quant))
+    assert measured["kind"] == "labels"
+    assert measured["agreement"] == pytest.approx(100.0 * same / sum(a.size for a in fp32))
+
+
+def _regression(tmp_path, offset=50.0, sigmoid=False, name="price"):
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y0"])]
+    if sigmoid:
+        nodes.append(helper.make_node("Sigmoid", ["y0"], [name]))
+    else:
+        nodes.append(helper.make_node("Add", ["y0", "offset"], [name]))
+    inits = [numpy_helper.from_array(_weights(rng, 8, 64), "w1"), numpy_helper.from_array(_weights(rng, 64, 1), "w2"),
+             numpy_helper.from_array(np.array([offset], np.float32), "offset")]
+    return _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                 [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 1])], inits[:2] + ([] if sigmoid else
+                                                                                                inits[2:]))
+
+
+def test_one_value_a_sample_is_judged_by_its_correlation_with_fp32(tmp_path):
+    """A sample's own cosine of one value is its sign: a 2-bit regression with a +50 offset reported cosine 1.0000
+    and passed --min-cosine 0.999. The cosine of such an output is now taken over the held-out samples, centred
+    (their correlation), and so is its SQNR."""
+    model = _regression(tmp_path)
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(80, 8)).astype(np.float32))
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    out = str(tmp_path / "q.onnx")
+    options = Options(quiet=True, eval_path=str(tmp_path / "eval.npz"), bits=(2,), avg_bits=2)
+    measured = convert(model, out, str(tmp_path / "calib.npz"), options).report["evaluation"]
+    fp32 = ort.InferenceSession(model).run(None, {"x": x})[0][:, 0].astype(np.float64)
+    quant = np.concatenate([ort.InferenceSession(out).run(None, {"x": x[i:i + 1]})[0][:, 0] for i in range(len(x))])
+    assert measured["cosine"] == pytest.approx(np.corrcoef(fp32, quant)[0, 1], abs=1e-5)
+    assert measured["cosine"] < 0.999
+    assert main([model, out, "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
+                 "--bits", "2", "--avg-bits", "2", "--min-cosine", "0.999", "--quiet"]) == 3
+
+
+def test_a_sigmoid_head_takes_0_and_1_labels_and_is_judged_by_its_decisions(tmp_path):
+    """One probability a sample is a binary classifier: its 0/1 labels were refused ('label 1 is out of range for
+    a model with 1 outputs'); they now give top-1 at the 0.5 threshold."""
+    model = _regression(tmp_path, sigmoid=True, name="prob")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, 8)).astype(np.float32)
+    fp32 = ort.InferenceSession(model).run(None, {"x": x})[0][:, 0]
+    labels = (fp32 > 0.5).astype(np.int64)
+    labels[::7] ^= 1  # FP32 is not perfect on them
+    np.savez(tmp_path / "calib.npz", x=x, labels=labels)
+    measured = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                       Options(quiet=True)).report["evaluation"]
+    held = np.arange(len(x)) % 5 == 4
+    assert measured["kind"] == "class-scores" and measured["decision"] == "score > 0.5"
+    assert measured["fp32_top1"] == pytest.approx(100.0 * ((fp32[held] > 0.5) == labels[held]).mean())
+
+
+def test_a_bool_or_string_output_is_never_the_silent_task_output(tmp_path, capsys):
+    """A bool decision first made the default task output one the comparison skipped (KeyError); a string label
+    chosen with --output failed converting strings to float. The default is now the first float output, a bool
+    one is judged as 0/1 labels, and a string one is refused in one line."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Squeeze", ["y", "last"], ["score"]),
+             helper.make_node("Greater", ["score", "zero"], ["is_pos"])]
+    inits = [numpy_helper.from_array(_weights(rng, 8, 1), "w"), numpy_helper.from_array(np.array([-1]), "last"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                  [helper.make_tensor_value_info("is_pos", TensorProto.BOOL, ["N"]),
+                   helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])], inits)
+    np.savez(tmp_path / "x.npz", x=rng.normal(size=(60, 8)).astype(np.float32))
+    report = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "x.npz"), Options(quiet=True)).report
+    assert report["evaluation"]["task_output"] == "score"
+    report = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "x.npz"),
+                     Options(quiet=True, output="is_pos")).report
+    assert report["evaluation"]["kind"] == "labels" and report["evaluation"]["agreement"] >= 90
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Squeeze", ["y", "last"], ["score"]),
+             helper.make_node("Cast", ["score"], ["label"], to=TensorProto.STRING)]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                  [helper.make_tensor_value_info("label", TensorProto.STRING, ["N"]),
+                   helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])], inits[:2], name="s.onnx")
+    capsys.readouterr()
+    assert main([model, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "x.npz"), "--output", "label"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'label' holds strings" in err[0] and "score" in err[0]
