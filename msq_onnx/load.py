@@ -63,6 +63,8 @@ class LoadedModel:
     # A weight the load computed from others (weight_norm, a float16 source and a Cast) -> its sources' bytes in
     # the input file: what --max-size takes out of the input's size for it, instead of 4 bytes a weight.
     folded_bytes: dict = field(default_factory=dict)
+    # Inputs the input model gave a default initializer (IR >= 4), as they were declared.
+    default_inputs: list = field(default_factory=list)
 
     def input_bytes(self, layer: Layer) -> int:
         """The bytes the layer's weight took in the input file."""
@@ -1198,14 +1200,25 @@ def _prequantized_weights(graph, inits: dict) -> list[dict]:
     return found
 
 
+def _copied(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(value)
+    return copy
+
+
 def load_model(path: str, output: str | None = None) -> LoadedModel:
     """Read, check and normalize; raise BadModel with a one-line reason."""
     model, size, external = read_model(path)
+    source_ir = model.ir_version
     source_opset = _default_opset(model)
     model = _upgrade_opset(model, source_opset, path)
     graph = model.graph
     _constants_to_initializers(graph)
     inits = {t.name: t for t in graph.initializer}
+    # From IR 4 on, an initializer listed among the inputs is a default the caller may feed instead (a
+    # temperature, a threshold): the written model lists it again where its tensor is written as it was
+    # (write.restore_default_inputs). IR 3 files listed every initializer there, never meant to be fed.
+    default_inputs = [_copied(i) for i in graph.input if i.name in inits] if source_ir >= 4 else []
     kept_inputs = [i for i in graph.input if i.name not in inits]
     del graph.input[:]
     graph.input.extend(kept_inputs)
@@ -1246,4 +1259,5 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
     return LoadedModel(model=model, source_path=path, source_opset=source_opset, opset=_default_opset(model),
                        inputs=inputs, output_name=task_output(model, output), layers=layers,
                        size_bytes=size, initializers=inits, skipped=skipped,
-                       prequantized=_prequantized_weights(model.graph, inits), folded_bytes=folded_bytes)
+                       prequantized=_prequantized_weights(model.graph, inits), folded_bytes=folded_bytes,
+                       default_inputs=default_inputs)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from . import allocate as allocate_stage
 from . import fidelity
@@ -486,7 +487,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     from .report import build_report
 
     warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib, budgets, latency, op_counts,
-                         uint16_readers(loaded, analysis.modes, wide_inputs))
+                         uint16_readers(loaded, analysis.modes, wide_inputs), output_path)
     report = build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts,
                           fused_integer_kernels(op_counts), timer.seconds, time.perf_counter() - started,
                           activation_errors=activation_errors, search=search,
@@ -644,8 +645,8 @@ def _unfused(loaded, chosen: Candidate, op_counts) -> str | None:
 
 def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, not_held_out: bool,
               budgets: list, measured_latency: dict | None = None, op_counts=None,
-              float_kernels=frozenset()) -> list[str]:
-    """What the tool cannot stand behind, said in one line each."""
+              float_kernels=frozenset(), written: str | None = None) -> list[str]:
+    """What the tool cannot stand behind, said in one line each. written: the published model."""
     warnings = [w for w in (_unfused(loaded, chosen, op_counts),) if w]
     latency = chosen_latency = None
     if options.max_latency is not None and measured_latency:
@@ -688,6 +689,13 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
         warnings.append(f"{len(nodes)} node(s) were quantized in the input already and are kept as they are, counted "
                         f"at their stored {'/'.join(map(str, widths))} bits: {', '.join(nodes[:5])}"
                         f"{' ...' if len(nodes) > 5 else ''}")
+    if loaded.default_inputs and written:
+        listed = {value.name for value in onnx.load(written, load_external_data=False).graph.input}
+        lost = [value.name for value in loaded.default_inputs if value.name not in listed]
+        if lost:
+            warnings.append(f"{len(lost)} input(s) with a default initializer the caller could feed instead are weights "
+                            f"written quantized or folded now, and can no longer be fed: {', '.join(lost[:5])}"
+                            f"{' ...' if len(lost) > 5 else ''}")
     if not_held_out:
         warnings.append(f"only {chosen.measured['samples']} calibration samples and no --eval: fidelity was measured "
                         "on the samples calibrated on")

@@ -354,13 +354,26 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
         model = quantized.model
     others = [layer for layer in loaded.layers if modes[layer.name] in (DYNAMIC, WEIGHT_ONLY)
               and layer.weight_name in quantized.scales]
-    if others:
+    if others or loaded.default_inputs or not static:
         model = onnx.load(result) if model is None else model
-        rewrite_layers(model, others, quantized, modes, containers)
-        save_model_file(model, result)
-    elif not static:
+        if others:
+            rewrite_layers(model, others, quantized, modes, containers)
+        restore_default_inputs(model, loaded.default_inputs)
         save_model_file(model, result)
     return result
+
+
+def restore_default_inputs(model: onnx.ModelProto, defaults: list) -> None:
+    """List again the inputs the input model gave a default initializer, where that initializer is still
+    written as declared (the loader took them out of the inputs to read them as constants): a caller feeding
+    one keeps doing so. A weight now quantized or folded cannot be (pipeline._warnings names it)."""
+    listed = {value.name for value in model.graph.input}
+    written = {t.name: t for t in model.graph.initializer}
+    for value in defaults:
+        tensor, declared = written.get(value.name), value.type.tensor_type
+        if tensor is not None and value.name not in listed and tensor.data_type == declared.elem_type and (
+                not declared.HasField("shape") or len(declared.shape.dim) == len(tensor.dims)):
+            model.graph.input.append(value)
 
 
 def _integer_weight(layer, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -181,3 +181,44 @@ def test_a_bool_or_string_output_is_never_the_silent_task_output(tmp_path, capsy
     assert main([model, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "x.npz"), "--output", "label"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'label' holds strings" in err[0] and "score" in err[0]
+
+
+def test_an_input_with_a_default_initializer_stays_an_input(tmp_path):
+    """From IR 4 on, an initializer listed among the inputs is a default the caller may feed instead: the written
+    model dropped 'temperature' from its inputs ('Invalid input name'). It is listed again where its tensor is
+    written as it was."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["d"]), helper.make_node("Div", ["d", "temperature"], ["logits"])]
+    inits = [numpy_helper.from_array(_weights(rng, 16, 32), "w1"), numpy_helper.from_array(_weights(rng, 32, 10), "w2"),
+             numpy_helper.from_array(np.array([1.0], np.float32), "temperature")]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+                                    helper.make_tensor_value_info("temperature", TensorProto.FLOAT, [1])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    x = rng.normal(size=(60, 16)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    out = str(tmp_path / "q.onnx")
+    report = convert(model, out, str(tmp_path / "x.npz"), Options(quiet=True)).report
+    assert not any("can no longer be fed" in w for w in report["warnings"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # ORT warns about any initializer listed as an input
+    session = ort.InferenceSession(out, options, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_overridable_initializers()] == ["temperature"]
+    plain = session.run(None, {"x": x[:4]})[0]
+    halved = session.run(None, {"x": x[:4], "temperature": np.array([2.0], np.float32)})[0]
+    np.testing.assert_allclose(halved, plain / 2, rtol=1e-5)
+
+
+def test_a_weight_with_a_default_initializer_is_said_to_be_no_longer_feedable(tmp_path):
+    """A weight listed among the inputs (an export that keeps initializers as inputs) is written quantized, as
+    ORT's quantizer does: the report says it can no longer be fed."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["logits"])]
+    inits = [numpy_helper.from_array(_weights(rng, 16, 32), "w1"), numpy_helper.from_array(_weights(rng, 32, 10), "w2")]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+                                    helper.make_tensor_value_info("w1", TensorProto.FLOAT, [16, 32])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    np.savez(tmp_path / "x.npz", x=rng.normal(size=(60, 16)).astype(np.float32))
+    report = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "x.npz"), Options(quiet=True)).report
+    assert any("can no longer be fed: w1" in w for w in report["warnings"])

@@ -547,7 +547,7 @@ def test_a_written_model_slower_than_fp32_is_said_out_loud():
               Layer("e", "Gather", "table", "ids", "h", (50, 32), 0)]
     chosen = Candidate({"a": 8, "b": 8, "e": 8}, 8.0, "q.onnx", None,
                        {"a": "static", "b": "weight-only", "e": "weight-only"}, {}, 100)
-    loaded = SimpleNamespace(skipped=[], prequantized=[], layers=layers)
+    loaded = SimpleNamespace(skipped=[], prequantized=[], layers=layers, default_inputs=[])
     options = Options(max_drop=1.0)  # a gate: the collapse check is the gate's, not a warning
 
     def warned(latency, opts=options):
@@ -608,7 +608,7 @@ def test_layers_written_static_that_orts_graph_runs_in_float_are_said():
     layers = [Layer(n, "Conv", "w" + n, "x", "y" + n, (4, 4, 1, 1), 0) for n in "abc"]
     chosen = Candidate(dict.fromkeys("abc", 8), 8.0, "q.onnx", None, {"a": "static", "b": "static", "c": "weight-only"},
                        {}, 100)
-    loaded = SimpleNamespace(skipped=[], prequantized=[], layers=layers)
+    loaded = SimpleNamespace(skipped=[], prequantized=[], layers=layers, default_inputs=[])
 
     def said(counts):
         return [w for w in _warnings(loaded, chosen, None, Options(max_drop=1.0), False, [], None, Counter(counts))
