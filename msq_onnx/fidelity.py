@@ -107,20 +107,20 @@ class _OutputSums:
 
 
 def token_outputs(loaded) -> set:
-    """The 2-D outputs whose second axis is the attention mask's (the same named or fixed length): a score or
-    a tag per token, whose padded positions count in nothing. A [N, C] output is not one of them, even when C
-    happens to equal a batch's padded length."""
+    """The 2-D outputs whose second axis may be the attention mask's (the same named or fixed length, or a length
+    the export left unnamed: torch names a Gather's output axis after the node): a score or a tag per token,
+    whose padded positions count in nothing where a run's shape matches the mask's. A [N, C] output of a fixed C
+    other than the mask's length is not one of them."""
     mask = attention_mask_input(loaded)
     if mask is None:
         return set()
     spec = next(v for v in loaded.model.graph.input if v.name == mask).type.tensor_type.shape.dim
     if len(spec) != 2:
         return set()
-    axis = spec[1].dim_param or (spec[1].dim_value if spec[1].dim_value > 1 else None)
     result = set()
     for value in loaded.model.graph.output:
         dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        if axis is not None and len(dims) == 2 and (dims[1].dim_param or dims[1].dim_value) == axis:
+        if len(dims) == 2 and (not dims[1].HasField("dim_value") or dims[1].dim_value == spec[1].dim_value > 1):
             result.add(value.name)
     return result
 
@@ -295,6 +295,8 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
                                  cosine_over="held-out samples, centred (one value a sample: their correlation)")
         if acc.integer:
             outputs[name]["integer"] = True  # ids or labels: their cosine says little
+        if acc.masked:
+            outputs[name]["real_tokens_only"] = True
     task = sums[task_output]
     fp32 = np.concatenate(task.kept_fp32) if task.kept_fp32 else None
     quant = np.concatenate(task.kept_quant) if task.kept_quant else None

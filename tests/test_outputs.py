@@ -222,3 +222,19 @@ def test_a_weight_with_a_default_initializer_is_said_to_be_no_longer_feedable(tm
     np.savez(tmp_path / "x.npz", x=rng.normal(size=(60, 16)).astype(np.float32))
     report = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "x.npz"), Options(quiet=True)).report
     assert any("can no longer be fed: w1" in w for w in report["warnings"])
+
+
+def test_a_score_per_token_is_compared_on_real_tokens_only(tmp_path):
+    """A [N, T] output (a QA head's start score) in padded batches was compared over its padding too; it now counts
+    real tokens only, as [N, T, C] outputs did (its length axis is unnamed by torch's exports: any that is not a
+    fixed width other than the mask's)."""
+    model = onnx.load(_tagger(tmp_path))
+    model.graph.output[1].type.tensor_type.shape.dim[1].dim_param = "Squeezestart_logits_dim_1"  # as torch names it
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    model = str(tmp_path / "m.onnx")
+    calib = _token_samples(tmp_path / "calib", 40, 1)
+    evaluation = _token_samples(tmp_path / "eval", 30, 2)
+    measured = convert(model, str(tmp_path / "q.onnx"), calib, Options(quiet=True, eval_path=evaluation, batch_size=4,
+                                                                        output="start_logits")).report["evaluation"]
+    assert measured["positions"] == "real tokens only ('attention_mask' != 0)"
+    assert measured["outputs"]["start_logits"].get("real_tokens_only")
