@@ -2,7 +2,8 @@
 
 Formats (the same for --calib and --eval):
   * a folder of class subfolders of images (ImageFolder: label = index of the
-    subfolder name in sorted order);
+    subfolder name in sorted order; --eval's classes take the calibration set's
+    numbering, see number_classes_like);
   * a folder with labels.csv (``file,label``; files beside it or in images/),
     or such a CSV file itself (paths relative to the CSV's folder);
   * an .npz file or a folder of .npz files; arrays named after the model's
@@ -222,11 +223,12 @@ def _parse_int_labels(raw: list[str], where: str) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
-def _image_folder(path: str) -> tuple[list[str], np.ndarray | None]:
+def _image_folder(path: str) -> tuple[list[str], np.ndarray | None, list[str] | None]:
+    """(files, labels or None, class names or None)."""
     csv_path = os.path.join(path, "labels.csv")
     if os.path.isfile(csv_path):
         files, raw = _read_labels_csv(csv_path)
-        return files, _parse_int_labels(raw, csv_path)
+        return files, _parse_int_labels(raw, csv_path), None
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
     files, labels = [], []
     if classes:
@@ -235,9 +237,9 @@ def _image_folder(path: str) -> tuple[list[str], np.ndarray | None]:
                 if name.lower().endswith(IMAGE_SUFFIXES):
                     files.append(os.path.join(path, cls, name))
                     labels.append(index)
-        return files, np.array(labels, dtype=np.int64)
+        return files, np.array(labels, dtype=np.int64), classes
     files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_SUFFIXES)]
-    return files, None
+    return files, None, None
 
 
 def _map_inputs(where: str, names, inputs) -> dict:
@@ -497,8 +499,10 @@ def _open_samples(path: str, inputs, preprocess: Preprocess, role: str) -> Sampl
     npz_files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(".npz"))
     if npz_files:
         return ArraySamples(npz_files, inputs, path)
-    files, labels = _image_folder(path)
-    return _image_set(files, labels, path, inputs, preprocess, role)
+    files, labels, class_names = _image_folder(path)
+    samples = _image_set(files, labels, path, inputs, preprocess, role)
+    samples.class_names = class_names
+    return samples
 
 
 def _image_set(files, labels, path, inputs, preprocess, role) -> ImageSamples:
@@ -568,6 +572,28 @@ def check_labels(samples: SampleSet, num_classes: int | None, role: str) -> None
     if role == "calibration" and len(np.unique(labels)) < 2:
         raise BadData(f"{role} data '{samples.source}' has only one class among its labels; imprinting needs "
                       "at least two (or drop the labels to use the model's own predictions).")
+
+
+def number_classes_like(samples: SampleSet, reference: SampleSet, role: str = "evaluation") -> None:
+    """Renumber `samples`' named classes (class subfolders, label names) by their places in `reference`'s.
+
+    Each set numbers its names in its own sorted order, so an --eval set
+    missing one calibration class would shift every class after it and be
+    scored against the wrong outputs. A class the reference does not name
+    has no known index and is refused.
+    """
+    if samples.class_names is None or reference.class_names is None or samples.labels is None:
+        return
+    index = {name: i for i, name in enumerate(reference.class_names)}
+    unknown = [name for name in samples.class_names if name not in index]
+    if unknown:
+        shown = ", ".join(repr(name) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise BadData(f"{role} data '{samples.source}' has class(es) {shown} that the calibration data "
+                      f"'{reference.source}' does not name; classes are numbered by the calibration set's class "
+                      "names, so add samples of them to the calibration data or drop them from the "
+                      f"{role} data.")
+    samples.labels = np.array([index[name] for name in samples.class_names], dtype=np.int64)[samples.labels]
+    samples.class_names = list(reference.class_names)
 
 
 KEPT_PIXELS_BYTES = 64 * 1024**2  # decoded crops kept for sets read more than once (keep_decoded)

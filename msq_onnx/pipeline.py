@@ -20,7 +20,7 @@ import onnx
 from . import allocate as allocate_stage
 from . import fidelity
 from . import modes as mode_stage
-from .data import Preprocess, check_labels, open_samples, split_holdout
+from .data import Preprocess, check_labels, number_classes_like, open_samples, split_holdout
 from .errors import BadOption, GateFailed, one_line
 from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
 from .imprint import imprint_labels, layer_scores
@@ -384,6 +384,7 @@ def _held_out(calib, loaded, options: Options):
     classes = _num_classes(loaded)
     if options.eval_path:
         evaluation = open_samples(options.eval_path, loaded.inputs, options.preprocess, "evaluation")
+        number_classes_like(evaluation, calib)
         check_labels(evaluation, classes, "evaluation")
     elif calib.count >= MIN_SPLIT or options.max_drop is not None or options.min_cosine is not None:
         calib, evaluation = split_holdout(calib, HOLDOUT_FRACTION)

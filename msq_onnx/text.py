@@ -7,7 +7,9 @@ Formats:
   * .txt, one text per line (blank lines skipped), no columns and no labels.
 Texts come from the --text-column column or key, labels from --label-column:
 integers are class indices as they are, names become indices in sorted order
-(kept in ``class_names``). A missing default ``label`` column means no labels.
+(kept in ``class_names``; an --eval set's names take the calibration set's
+indices: data.number_classes_like). A missing default ``label`` column means
+no labels.
 
 Model inputs are fed by name: token ids, attention mask, token type ids and
 position ids. Texts are tokenized once, up front, so a text too long for a

@@ -857,6 +857,15 @@ def _(d):
         ("2 inputs",)
 
 
+@case("data-eval-class-not-in-calibration", extra=True)  # was: numbered on its own, scored against other outputs
+def _(d):
+    model_path, _model = good_cnn(d, channels=3)
+    (d / "eval" / "bird").mkdir(parents=True)
+    (d / "eval" / "bird" / "0.png").write_bytes(png_bytes(3))
+    return model_path, ["--calib", image_folder(d / "calib"), "--eval", str(d / "eval")], \
+        ("'bird'", "calibration data")
+
+
 @case("data-folder-of-npy", extra=True)
 def _(d):
     model_path, model = good_cnn(d)

@@ -144,6 +144,58 @@ def test_a_csv_without_tokenizer_stays_an_image_list(tmp_path):
     bad_data(lambda: open_samples(str(path), inputs, Preprocess(), "evaluation"), "image 'missing.png' does not exist")
 
 
+# --------------------------------------------------------------------------- classes across --calib and --eval
+
+
+def _held_out_with(calib_path, eval_path, inputs, preprocess):
+    """pipeline._held_out on a stand-in model whose task output has 3 classes."""
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper
+
+    from msq_onnx.pipeline import Options, _held_out
+
+    graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    loaded = SimpleNamespace(inputs=inputs, model=helper.make_model(graph), output_name="logits")
+    options = Options(eval_path=eval_path, preprocess=preprocess)
+    return _held_out(open_samples(calib_path, inputs, preprocess), loaded, options)
+
+
+def _class_folders(folder, classes, per_class=2):
+    from PIL import Image
+
+    for cls in classes:
+        (folder / cls).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8), "RGB").save(folder / cls / f"{i}.png")
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["text", "images"])
+def test_eval_classes_are_numbered_by_the_calibration_sets_names(tmp_path, tok, kind):
+    """An --eval set without the calibration set's middle class: 'pos' is still class 2, not 1 (was: each set
+    numbered its own names, and every 'pos' sample was scored against the 'neutral' output)."""
+    if kind == "text":
+        calib = write_table(tmp_path / "calib.tsv", [("good", "pos"), ("film", "neutral"), ("bad", "neg")] * 2, "\t")
+        evaluation = write_table(tmp_path / "eval.tsv", [("good", "pos"), ("bad", "neg"), ("a good film", "pos")],
+                                 "\t")
+        inputs, pre, want = specs(), Preprocess(tokenizer=tok), [2, 0, 2]
+    else:
+        calib = _class_folders(tmp_path / "calib", ("neg", "neutral", "pos"))
+        evaluation = _class_folders(tmp_path / "eval", ("neg", "pos"))
+        inputs, pre, want = [InputSpec("x", [None, 3, 8, 8], np.dtype(np.float32))], Preprocess(), [0, 0, 2, 2]
+    calib_set, eval_set = _held_out_with(calib, evaluation, inputs, pre)
+    assert calib_set.class_names == ["neg", "neutral", "pos"]
+    assert eval_set.labels.tolist() == want and eval_set.class_names == ["neg", "neutral", "pos"]
+
+
+def test_an_eval_class_the_calibration_set_lacks_is_refused(tmp_path, tok):
+    calib = write_table(tmp_path / "calib.tsv", [("good", "pos"), ("bad", "neg")] * 2, "\t")
+    evaluation = write_table(tmp_path / "eval.tsv", [("good", "pos"), ("film", "neutral")], "\t")
+    bad_data(lambda: _held_out_with(calib, evaluation, specs(), Preprocess(tokenizer=tok)),
+             "'neutral'", "calibration data", "eval.tsv")
+
+
 # --------------------------------------------------------------------------- padding and lengths
 
 
