@@ -30,6 +30,7 @@ from .errors import BadData, one_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEFAULT_LABEL_COLUMN = "label"
+_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # Pillow's one-channel modes of more than 8 bits
 
 
 @dataclass(frozen=True)
@@ -131,13 +132,32 @@ class ImageSamples(SampleSet):
 
         try:
             with Image.open(path) as image:
+                if image.mode in _WIDE_MODES:
+                    image = self._wide_to_8_bit(path, image)
                 image = image.convert("L" if self.channels == 1 else "RGB")
                 return self._resize_crop(image)
-        except MemoryError:
+        except (MemoryError, BadData):
             raise
         except Exception as exc:  # UnidentifiedImageError, OSError, DecompressionBombError, and on broken
             # files also SyntaxError, struct.error, EOFError, ... from Pillow's decoders
             raise BadData(f"cannot read image '{path}' ({type(exc).__name__}); remove or replace it.") from None
+
+    @staticmethod
+    def _wide_to_8_bit(path: str, image):
+        """A 16-bit image scaled to the 0..255 that --mean/--std are given for (value / 257, as torchvision users
+        convert one): Pillow's convert clips such values at 255, and every pixel came out white."""
+        from PIL import Image
+
+        values = np.asarray(image)
+        if image.mode == "I" and image.format != "PNG":  # 32-bit integers (PNG's "I" is 16-bit): no known scale
+            low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+            if low < 0 or high > 255:
+                raise BadData(f"image '{path}' holds 32-bit integer pixels in [{low}, {high}], of no known bit "
+                              "depth; save it as an 8- or 16-bit image.")
+            pixels = values.astype(np.uint8)
+        else:
+            pixels = np.round(values.astype(np.float32) / 257).astype(np.uint8)
+        return Image.fromarray(pixels, "L")
 
     def _resize_crop(self, image) -> np.ndarray:
         from PIL import Image

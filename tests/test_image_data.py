@@ -1,0 +1,50 @@
+"""Image samples: what the decoded pixels are for the image files people have, and what the model is fed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from msq_onnx.data import Preprocess, open_samples
+from msq_onnx.errors import BadData
+from msq_onnx.load import InputSpec
+
+
+def _fed(folder, channels=1, dtype=np.float32, **preprocess):
+    spec = InputSpec("x", [None, channels, 8, 8], np.dtype(dtype))
+    samples = open_samples(str(folder), [spec], Preprocess(resize=8, **preprocess), "evaluation")
+    return np.concatenate([batch["x"] for batch in samples.batches(4)])
+
+
+def _bad(call, *fragments) -> str:
+    with pytest.raises(BadData) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_images_are_scaled_to_0_255(tmp_path, suffix, channels):
+    """A 16-bit grayscale image gives value / 257 (was: Pillow's convert clipped every pixel to 255)."""
+    wide = np.random.default_rng(0).integers(0, 65536, (8, 8)).astype(np.uint16)
+    wide[0, :3] = (0, 257 * 100, 65535)
+    Image.fromarray(wide).save(tmp_path / f"a{suffix}")
+    assert Image.open(tmp_path / f"a{suffix}").mode.startswith("I")
+    fed = _fed(tmp_path, channels)
+    want = np.round(wide / 257).astype(np.float32)
+    for channel in range(channels):
+        np.testing.assert_array_equal(fed[0, channel], want)
+    assert fed[0, 0, 0, :3].tolist() == [0, 100, 255]
+
+
+def test_32_bit_integer_images_beyond_0_255_are_refused(tmp_path):
+    Image.fromarray(np.full((8, 8), 70_000, np.int32)).save(tmp_path / "deep.tif")
+    _bad(lambda: _fed(tmp_path), "deep.tif", "32-bit", "[70000, 70000]")
+    (tmp_path / "deep.tif").unlink()
+    Image.fromarray(np.full((8, 8), 200, np.int32)).save(tmp_path / "small.tif")
+    assert (_fed(tmp_path) == 200).all()
