@@ -111,6 +111,25 @@ class ImageSamples(SampleSet):
                               f"give 1 or {self.channels}.")
         if any(s == 0 for s in preprocess.std):
             raise BadData("--std contains 0; every std value must be non-zero.")
+        if np.dtype(input_spec.dtype).kind in "iu":
+            self._check_integer_input()
+
+    def _check_integer_input(self) -> None:
+        """Pixels are 0..255 integers: an integer input (a TF-style uint8 image) takes them only while --mean/--std
+        keep them integers in its range, since the cast to its dtype would wrap them or cut their fractions."""
+        dtype = np.dtype(self.input.dtype)
+        info = np.iinfo(dtype)
+        pixels = np.arange(256, dtype=np.float32)[:, None]
+        values = (pixels - np.asarray(self.pre.mean, np.float32)) / np.asarray(self.pre.std, np.float32)
+        low, high = values.min(), values.max()
+        if (values != np.round(values)).any():
+            problem = "non-integer values"
+        elif low < info.min or high > info.max:
+            problem = f"values in [{low:g}, {high:g}], beyond [{info.min}, {info.max}]"
+        else:
+            return
+        raise BadData(f"--mean/--std make pixels 0..255 {problem}, but the model's input '{self.input.name}' is "
+                      f"{dtype}; leave --mean/--std out for a model that takes raw pixels (it normalizes inside).")
 
     def keep_decoded(self, mask: np.ndarray | None = None) -> None:
         """Decoding is most of an image sample's cost (EfficientNet-Lite0: 3.6 ms an image, against 4.5 ms for

@@ -48,3 +48,28 @@ def test_32_bit_integer_images_beyond_0_255_are_refused(tmp_path):
     (tmp_path / "deep.tif").unlink()
     Image.fromarray(np.full((8, 8), 200, np.int32)).save(tmp_path / "small.tif")
     assert (_fed(tmp_path) == 200).all()
+
+
+def _rgb_images(folder, count=2):
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "RGB").save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("mean, std, problem", [((127.5,), (127.5,), "non-integer"),
+                                                ((128.0,), (1.0,), "[-128, 127], beyond [0, 255]"),
+                                                ((0.0,), (0.5,), "[0, 510], beyond [0, 255]")])
+def test_mean_std_that_an_integer_input_cannot_hold_are_refused(tmp_path, mean, std, problem):
+    """A uint8 image input with --mean/--std (was: the cast wrapped negative values and cut fractions to 0
+    silently)."""
+    _rgb_images(tmp_path)
+    _bad(lambda: _fed(tmp_path, 3, np.uint8, mean=mean, std=std), "--mean/--std", problem, "'x'", "uint8")
+
+
+def test_integer_inputs_get_the_pixels_or_an_integer_shift_of_them(tmp_path):
+    _rgb_images(tmp_path)
+    raw = _fed(tmp_path, 3)
+    as_uint8 = _fed(tmp_path, 3, np.uint8)
+    assert as_uint8.dtype == np.uint8 and (as_uint8 == raw).all()
+    shifted = _fed(tmp_path, 3, np.int8, mean=(128.0,))
+    assert shifted.dtype == np.int8 and (shifted == raw - 128).all()
