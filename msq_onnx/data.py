@@ -220,7 +220,7 @@ def _read_labels_csv(csv_path: str) -> tuple[list[str], list[str]]:
     base = os.path.dirname(os.path.abspath(csv_path))
     files, labels = [], []
     try:
-        with open(csv_path, newline="", encoding="utf-8") as handle:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
             for row_number, row in enumerate(csv.reader(handle), start=1):
                 if not row or (row_number == 1 and row[0].strip().lower() in ("file", "filename", "path")):
                     continue

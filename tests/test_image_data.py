@@ -73,3 +73,14 @@ def test_integer_inputs_get_the_pixels_or_an_integer_shift_of_them(tmp_path):
     assert as_uint8.dtype == np.uint8 and (as_uint8 == raw).all()
     shifted = _fed(tmp_path, 3, np.int8, mean=(128.0,))
     assert shifted.dtype == np.int8 and (shifted == raw - 128).all()
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_a_labels_csv_with_a_utf8_bom_is_read(tmp_path, header):
+    """Excel's "CSV UTF-8" starts the file with a BOM (was: "image '\ufeff0.png' does not exist")."""
+    _rgb_images(tmp_path)
+    rows = ["file,label"] * header + ["0.png,1", "1.png,0"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8-sig")
+    samples = open_samples(str(tmp_path), [InputSpec("x", [None, 3, 8, 8], np.dtype(np.float32))],
+                           Preprocess(resize=8))
+    assert samples.count == 2 and samples.labels.tolist() == [1, 0]
