@@ -466,7 +466,7 @@ class ArraySamples(SampleSet):
     @staticmethod
     def _array(path: str, arrays, name: str) -> np.ndarray:
         try:
-            return arrays[name]
+            array = arrays[name]
         except ValueError as exc:
             if "allow_pickle" in str(exc) or "pickle" in str(exc):
                 raise BadData(f"{path}: array '{name}' holds Python objects; refusing to unpickle it. "
@@ -477,6 +477,10 @@ class ArraySamples(SampleSet):
         except Exception as exc:
             raise BadData(f"{path}: array '{name}' cannot be read ({type(exc).__name__}); the file is corrupt.") \
                 from None
+        if not isinstance(array, np.ndarray):  # NpzFile hands back a member without a .npy header as raw bytes
+            raise BadData(f"{path}: member '{name}' is not a .npy array (raw bytes, no .npy header); write the file "
+                          "with numpy.savez.")
+        return array
 
     @staticmethod
     def _labels(path: str, file_labels: np.ndarray, count: int) -> np.ndarray:

@@ -1155,3 +1155,28 @@ def test_an_output_path_on_the_input_models_external_data_is_refused(tmp_path, c
     before = data.read_bytes()
     code = cli.main([path, str(data), "--calib", good_calib(tmp_path, model)])
     assert code == 2 and "external data" in capsys.readouterr().err and data.read_bytes() == before
+
+
+@pytest.mark.parametrize("member", ["x", "labels"])
+def test_an_npz_member_of_raw_bytes_is_named(tmp_path, member, capsys, monkeypatch):
+    """A member written with ndarray.tofile and zipped by hand (was: internal AttributeError, 'bytes' object has
+    no attribute 'dtype')."""
+    import zipfile
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    model_path, model = good_cnn(inputs)
+    arrays = samples_for(model, 8)
+    with zipfile.ZipFile(inputs / "calib.npz", "w") as archive:
+        for name, array in arrays.items():
+            archive.writestr(f"{name}.npy", array.tobytes() if name == member else _npy_bytes(array))
+    run_in_process(tmp_path, model_path, ["--calib", str(inputs / "calib.npz")], (f"'{member}'", "not a .npy"),
+                   capsys, monkeypatch)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
