@@ -1085,7 +1085,10 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
              onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
              onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8,
-             onnx.TensorProto.INT8: np.int8, onnx.TensorProto.BOOL: np.bool_}
+             onnx.TensorProto.INT8: np.int8, onnx.TensorProto.BOOL: np.bool_,
+             # PCM audio (int16), depth maps (uint16), ...: a missing type was fed as float32 and ORT refused it
+             onnx.TensorProto.INT16: np.int16, onnx.TensorProto.UINT16: np.uint16,
+             onnx.TensorProto.UINT32: np.uint32, onnx.TensorProto.UINT64: np.uint64}
 
 
 def _input_specs(graph, inits) -> list[InputSpec]:

@@ -1486,3 +1486,28 @@ def _partly_quantized(tmp_path) -> str:
     quantize_static(str(tmp_path / "cnn.onnx"), str(tmp_path / "partly.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, op_types_to_quantize=["Conv"])
     return str(tmp_path / "partly.onnx")
+
+
+@pytest.mark.parametrize("elem", [TensorProto.INT16, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64],
+                         ids=["int16", "uint16", "uint32", "uint64"])
+def test_integer_inputs_of_other_widths_are_fed_in_their_dtype(tmp_path, elem):
+    """PCM audio (int16), depth maps (uint16), ...: Cast inside (was: fed as float32, and ORT refused the feed)."""
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [N("Cast", ["x"], ["xf"], to=TensorProto.FLOAT), N("MatMul", ["xf", "w1"], ["h"], name="fc1"),
+         N("Relu", ["h"], ["r"]), N("MatMul", ["r", "w2"], ["logits"], name="fc2")], "wide_ints",
+        [helper.make_tensor_value_info("x", elem, ["N", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(rng.normal(0, 0.01, (16, 32)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.normal(0, 0.3, (32, 4)).astype(np.float32), "w2")])
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                tmp_path / "m.onnx")
+    assert load_model(path).inputs[0].dtype == dtype
+    np.savez(tmp_path / "calib.npz", x=rng.integers(0, 3000, (40, 16)))  # int64 samples, cast like int32 ones
+    report = convert(path, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"), Options(quiet=True)).report
+    assert report["evaluation"]["cosine"] > 0.98
+    np.savez(tmp_path / "negative.npz", x=rng.integers(-3000, 3000, (40, 16)))
+    if np.dtype(dtype).kind == "u":
+        with pytest.raises(MsqError, match="beyond the range of the model's uint"):
+            convert(path, str(tmp_path / "q2.onnx"), str(tmp_path / "negative.npz"), Options(quiet=True))
