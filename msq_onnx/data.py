@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -333,17 +334,38 @@ def _check_array(where: str, spec, array: np.ndarray) -> None:
                           f"model's {spec.dtype} input; rescale the samples.")
 
 
+# Names exporters make up one per input axis (torch.onnx's list-form dynamic_axes, tf2onnx): they do not say
+# that two axes are independent, so such an axis counts as unnamed.
+_GENERATED_AXIS_NAME = re.compile(r"(_dynamic_axes_\d+|^unk__\d+)$")
+
+
+def _sequence_axis_name(spec) -> str | None:
+    name = spec.axis_names[1] if spec.axis_names and len(spec.axis_names) > 1 else None
+    return None if name is None or _GENERATED_AXIS_NAME.search(name) else name
+
+
 def _check_sequence_lengths(where: str, inputs, shapes: dict) -> None:
-    """Inputs with a dynamic axis 1 (the sequence axis of ids, masks, ...) must agree on its length.
+    """Inputs whose dynamic axis 1 is the same axis (the sequence axis of ids, masks, ...) must agree on its length.
 
     Padding each input on its own would pair token i of one input with
-    padding of another, so a mismatch is refused rather than repaired.
+    padding of another, so a mismatch is refused rather than repaired. The
+    model's dim_param names say which axes are one: a cross-attention
+    model's query [N, Q, d] and memory [N, K, d] differ in length by
+    design. An unnamed axis may be any of them, so it must agree with all.
     """
-    lengths = {spec.name: shapes[spec.name][1] for spec in inputs
-               if len(spec.shape) >= 2 and spec.shape[1] is None and len(shapes[spec.name]) >= 2}
-    if len(set(lengths.values())) > 1:
-        described = ", ".join(f"{name} {length}" for name, length in lengths.items())
-        raise BadData(f"{where}: sequence lengths differ between inputs ({described}); pad them to one length.")
+    groups, unnamed = {}, {}
+    for spec in inputs:
+        if len(spec.shape) >= 2 and spec.shape[1] is None and len(shapes[spec.name]) >= 2:
+            name = _sequence_axis_name(spec)
+            (groups.setdefault(name, {}) if name else unnamed)[spec.name] = shapes[spec.name][1]
+    for axis, lengths in (groups or {None: {}}).items():
+        lengths = {**lengths, **unnamed}
+        if len(set(lengths.values())) > 1:
+            described = ", ".join(f"{name} {length}" for name, length in lengths.items())
+            shared = (f"which share the model's axis '{axis}'" if axis and not unnamed else
+                      "whose sequence axes the model does not name apart")
+            raise BadData(f"{where}: sequence lengths differ between inputs ({described}), {shared}; pad them to "
+                          "one length (independent axes need different dim_param names in the model).")
 
 
 def _check_feed(where: str, inputs, mapping: dict, get) -> tuple[dict, int]:

@@ -38,6 +38,7 @@ class InputSpec:
     name: str
     shape: list  # ints, or None for symbolic dims
     dtype: np.dtype
+    axis_names: list | None = None  # each axis's dim_param, None where the model names none
 
     @property
     def batch_fixed(self) -> bool:
@@ -1099,7 +1100,8 @@ def _input_specs(graph, inits) -> list[InputSpec]:
         tensor_type = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                 for d in tensor_type.shape.dim]
-        specs.append(InputSpec(value.name, dims, np.dtype(_NP_TYPES.get(tensor_type.elem_type, np.float32))))
+        specs.append(InputSpec(value.name, dims, np.dtype(_NP_TYPES.get(tensor_type.elem_type, np.float32)),
+                               [d.dim_param or None for d in tensor_type.shape.dim]))
     return specs
 
 

@@ -1511,3 +1511,30 @@ def test_integer_inputs_of_other_widths_are_fed_in_their_dtype(tmp_path, elem):
     if np.dtype(dtype).kind == "u":
         with pytest.raises(MsqError, match="beyond the range of the model's uint"):
             convert(path, str(tmp_path / "q2.onnx"), str(tmp_path / "negative.npz"), Options(quiet=True))
+
+
+def test_inputs_with_independent_sequence_axes_convert(tmp_path):
+    """Cross-attention: query [N, Q, 8] attends over memory [N, K, 8], Q != K (was: "sequence lengths differ
+    between inputs"). The loader keeps the axes' names that tell them apart."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, *shape):
+        return numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name)
+
+    graph = helper.make_graph(
+        [N("MatMul", ["query", "wq"], ["q"], name="q_proj"), N("MatMul", ["memory", "wk"], ["k"], name="k_proj"),
+         N("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), N("MatMul", ["q", "kt"], ["scores"]),
+         N("Softmax", ["scores"], ["attention"], axis=-1), N("MatMul", ["attention", "memory"], ["mixed"]),
+         N("ReduceMean", ["mixed"], ["pooled"], axes=[1], keepdims=0),
+         N("MatMul", ["pooled", "wo"], ["logits"], name="head")], "cross_attention",
+        [helper.make_tensor_value_info("query", TensorProto.FLOAT, ["N", "Q", 8]),
+         helper.make_tensor_value_info("memory", TensorProto.FLOAT, ["N", "K", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [weight("wq", 8, 8), weight("wk", 8, 8), weight("wo", 8, 4)])
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8),
+                tmp_path / "m.onnx")
+    assert [spec.axis_names for spec in load_model(path).inputs] == [["N", "Q", None], ["N", "K", None]]
+    np.savez(tmp_path / "calib.npz", query=rng.normal(size=(40, 5, 8)).astype(np.float32),
+             memory=rng.normal(size=(40, 9, 8)).astype(np.float32))
+    report = convert(path, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"), Options(quiet=True)).report
+    assert report["evaluation"]["cosine"] > 0.98

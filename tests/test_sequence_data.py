@@ -333,6 +333,27 @@ def test_npz_inputs_with_different_sequence_lengths_are_refused(tmp_path):
              "sequence lengths differ between inputs", "input_ids 12", "attention_mask 10", "pad them to one length")
 
 
+@pytest.mark.parametrize("axes, refused", [(("Q", "K"), False), (("T", "T"), True), (("Q", None), True),
+                                           (("query_dynamic_axes_1", "memory_dynamic_axes_2"), True),
+                                           (("unk__3", "unk__4"), True)],
+                         ids=["named-apart", "one-name", "one-unnamed", "torch-made-up", "tf2onnx-made-up"])
+def test_only_inputs_the_model_may_give_one_sequence_axis_must_agree(tmp_path, axes, refused):
+    """Query [N, Q, 4] and memory [N, K, 4] of a cross-attention model differ in length by design (was: refused,
+    every dynamic axis 1 taken for one); a shared name, an unnamed axis or a name an exporter made up per input
+    still refuse different lengths."""
+    path = tmp_path / "d.npz"
+    np.savez(path, query=np.ones((3, 5, 4), np.float32), memory=np.ones((3, 9, 4), np.float32))
+    inputs = [InputSpec(name, [None, None, 4], np.dtype(np.float32), ["N", axis, None])
+              for name, axis in zip(("query", "memory"), axes)]
+    if refused:
+        bad_data(lambda: open_samples(str(path), inputs, Preprocess(), "calibration"),
+                 "sequence lengths differ", "query 5", "memory 9")
+    else:
+        samples = open_samples(str(path), inputs, Preprocess(), "calibration")
+        (batch,) = all_rows(samples, 8)
+        assert batch["query"].shape == (3, 5, 4) and batch["memory"].shape == (3, 9, 4)
+
+
 def test_pad_and_stack():
     feeds = [{"ids": np.array([[4, 5]]), "y": np.array([1])}, {"ids": np.array([[6, 7, 8], [9, 9, 9]]),
                                                                "y": np.array([2, 3])}]
