@@ -217,7 +217,8 @@ class ImageSamples(SampleSet):
             yield {self.input.name: self._to_tensor(pixels)}
 
 
-def _read_labels_csv(csv_path: str) -> tuple[list[str], list[str]]:
+def _read_labels_csv(csv_path: str, text_column: str | None = None) -> tuple[list[str], list[str]]:
+    """(image paths, raw labels); `text_column`: a header naming it says the CSV is text given no tokenizer."""
     base = os.path.dirname(os.path.abspath(csv_path))
     files, labels = [], []
     try:
@@ -231,6 +232,9 @@ def _read_labels_csv(csv_path: str) -> tuple[list[str], list[str]]:
                 candidates = [name] if os.path.isabs(name) else [os.path.join(base, name),
                                                                    os.path.join(base, "images", name)]
                 found = next((c for c in candidates if os.path.isfile(c)), None)
+                if found is None and row_number == 1 and text_column in (field.strip() for field in row):
+                    raise BadData(f"{csv_path} has a '{text_column}' column: text data, which needs the model's "
+                                  "tokenizer.json: pass --tokenizer (without it a .csv is a 'file,label' image list).")
                 if found is None:
                     raise BadData(f"{csv_path}:{row_number}: image {name!r} does not exist; "
                                   "fix the path or remove the row.")
@@ -558,7 +562,7 @@ def _open_samples(path: str, inputs, preprocess: Preprocess, role: str) -> Sampl
 
             return TextSamples(path, inputs, preprocess, role)
         if suffix == ".csv":
-            files, raw = _read_labels_csv(path)
+            files, raw = _read_labels_csv(path, preprocess.text_column)
             return _image_set(files, _parse_int_labels(raw, path), path, inputs, preprocess, role)
         raise BadData(f"{role} data '{path}' is a file but not .npz, .csv or text; give {_FORMATS}.")
     npz_files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(".npz"))

@@ -946,6 +946,13 @@ def texts_tsv(path: Path, header=("id", "text", "label"), rows=None) -> str:
     return str(path)
 
 
+@case("text-csv-without-tokenizer", extra=True)  # was: "image 'text' does not exist"
+def _(d):
+    (d / "calib.csv").write_text("text,label\ngood movie,0\nbad film,1\n")
+    return save_unchecked(token_model(), d / "tokens.onnx"), ["--calib", str(d / "calib.csv")], \
+        ("'text' column", "--tokenizer")
+
+
 @case("text-tokenizer-does-not-load", over_existing=True)
 def _(d):
     (d / "tokenizer.json").write_text('{"model": 3}')
