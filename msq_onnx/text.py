@@ -2,7 +2,9 @@
 
 Formats:
   * .tsv and .csv with a header row, CSV quoting (a quoted field may hold tabs,
-    commas, doubled quotes and newlines);
+    commas, doubled quotes and newlines). A TSV whose quoting would take
+    whole rows into one field (a text that opens with a '"' it never closes)
+    is read with its quotes as text, as plain TSV has no quoting;
   * .jsonl, one JSON object per line;
   * .txt, one text per line (blank lines skipped), no columns and no labels.
 Texts come from the --text-column column or key, labels from --label-column:
@@ -97,11 +99,24 @@ def _missing_label_column(path: str, label_column: str) -> None:
                       "unlabelled data.")
 
 
+class _RunawayQuote(Exception):
+    pass
+
+
 def _read_table(path: str, delimiter: str, text_column: str, label_column: str):
     csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
+    try:
+        return _read_rows(path, delimiter, text_column, label_column, csv.QUOTE_MINIMAL)
+    except _RunawayQuote:
+        # OCR lines, subtitles, ...: a text that starts with a quote it does not close. Plain TSV has no quoting
+        # (IANA text/tab-separated-values), and CSV quoting would take the rows up to the next '"' into that text.
+        return _read_rows(path, delimiter, text_column, label_column, csv.QUOTE_NONE)
+
+
+def _read_rows(path: str, delimiter: str, text_column: str, label_column: str, quoting: int):
     texts, wheres, labels = [], [], []
     with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
+        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
         header = next((row for row in reader if any(field.strip() for field in row)), None)
         if header is None:
             return texts, wheres, None
@@ -114,9 +129,13 @@ def _read_table(path: str, delimiter: str, text_column: str, label_column: str):
         if label_at is None:
             _missing_label_column(path, label_column)
         needed = max(text_at, label_at or 0) + 1
+        end = reader.line_num
         for row in reader:
+            start, end = end + 1, reader.line_num
             if not any(field.strip() for field in row):
                 continue
+            if delimiter == "\t" and end > start and len(header) > 1 and _holds_rows(row, len(header)):
+                raise _RunawayQuote
             where = f"{path}:{reader.line_num}"
             if len(row) < needed:
                 separator = "tabs" if delimiter == "\t" else "commas"
@@ -127,6 +146,12 @@ def _read_table(path: str, delimiter: str, text_column: str, label_column: str):
             if label_at is not None:
                 labels.append(row[label_at])
     return texts, wheres, labels if label_at is not None else None
+
+
+def _holds_rows(row: list, columns: int) -> bool:
+    """Whether a quoted field spanning lines took whole rows into itself: one of its later lines holds a row's
+    tabs. A text's own line breaks rarely come with tabs (CSV prose has commas everywhere: only TSV is checked)."""
+    return any(line.count("\t") >= columns - 1 for field in row for line in field.split("\n")[1:])
 
 
 def _read_jsonl(path: str, text_column: str, label_column: str):

@@ -131,6 +131,21 @@ def test_tsv_quoting_like_the_debian_descriptions(tmp_path, tok):
     assert samples.labels.tolist() == [1, 0, 1]
 
 
+@pytest.mark.parametrize("closed_by", ["end of file", "a later quote"])
+def test_a_tsv_text_opening_with_an_unclosed_quote_keeps_its_quote_and_the_rows_after_it(tmp_path, tok, closed_by):
+    """An OCR line such as '"I've never forgotten that mo-' took the rows after it into itself, up to the next
+    '"' (silently) or the end of the file ("the row has 1 fields"); such a TSV is read with literal quotes."""
+    path = tmp_path / "d.tsv"
+    later = 'a "good" film\tpos\n' if closed_by == "a later quote" else ""
+    path.write_text('text\tlabel\ngood movie\tpos\n"bad film\tneg\nvery bad\tneg\n' + later + "a film\tpos\n",
+                    encoding="utf-8")
+    samples = open_text(str(path), tok)
+    assert samples.count == 4 + bool(later) and samples.labels.tolist() == [1, 0, 0] + [1] * bool(later) + [1]
+    (batch,) = all_rows(samples, 8)
+    assert batch["input_ids"][1].tolist()[:5] == [CLS, 0, 5, 7, SEP]  # the quote is a token of its own: [UNK]
+    assert batch["input_ids"][2].tolist()[:4] == [CLS, 8, 5, SEP]
+
+
 def test_long_fields_pass_the_csv_field_limit(tmp_path, tok):
     text = " ".join(["good"] * 100_000)  # 500 kB, past csv's default 128 KiB field limit
     path = write_table(tmp_path / "d.tsv", [(text, "pos"), ("bad", "neg")], "\t")
