@@ -221,6 +221,7 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
     with timer.stage("weight-errors"):
         choices = _error_tables(loaded, stats, options, modes, widths_of)
         stats.hessians = {}  # released: tens of MB per wide layer
+    allocate_stage.solver_imported()  # before anything is timed (--max-latency's layers, the written model)
     return Analysis(stats, labels, scores, input_score, upstream, gains, choices, modes, mode_log,
                     activation_errors, wide_inputs, caps)
 
