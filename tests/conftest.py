@@ -105,3 +105,16 @@ def _latency_cache(tmp_path_factory):
     """Mode timings cached for this test session only: never the user's cache, one choice per shape."""
     os.environ["MSQ_CACHE"] = str(tmp_path_factory.mktemp("msq-cache"))
     yield
+
+
+def bad_data(call, *fragments) -> str:
+    """The one-line BadData message `call` raises, holding every fragment."""
+    from msq_onnx.errors import BadData
+
+    with pytest.raises(BadData) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import bad_data
 from msq_onnx.data import Preprocess, open_samples
-from msq_onnx.errors import BadData
 from msq_onnx.load import InputSpec
 
 
@@ -15,16 +15,6 @@ def _fed(folder, channels=1, dtype=np.float32, **preprocess):
     spec = InputSpec("x", [None, channels, 8, 8], np.dtype(dtype))
     samples = open_samples(str(folder), [spec], Preprocess(resize=8, **preprocess), "evaluation")
     return np.concatenate([batch["x"] for batch in samples.batches(4)])
-
-
-def _bad(call, *fragments) -> str:
-    with pytest.raises(BadData) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message and message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
@@ -44,7 +34,7 @@ def test_16_bit_images_are_scaled_to_0_255(tmp_path, suffix, channels):
 
 def test_32_bit_integer_images_beyond_0_255_are_refused(tmp_path):
     Image.fromarray(np.full((8, 8), 70_000, np.int32)).save(tmp_path / "deep.tif")
-    _bad(lambda: _fed(tmp_path), "deep.tif", "32-bit", "[70000, 70000]")
+    bad_data(lambda: _fed(tmp_path), "deep.tif", "32-bit", "[70000, 70000]")
     (tmp_path / "deep.tif").unlink()
     Image.fromarray(np.full((8, 8), 200, np.int32)).save(tmp_path / "small.tif")
     assert (_fed(tmp_path) == 200).all()
@@ -63,7 +53,7 @@ def test_mean_std_that_an_integer_input_cannot_hold_are_refused(tmp_path, mean, 
     """A uint8 image input with --mean/--std (was: the cast wrapped negative values and cut fractions to 0
     silently)."""
     _rgb_images(tmp_path)
-    _bad(lambda: _fed(tmp_path, 3, np.uint8, mean=mean, std=std), "--mean/--std", problem, "'x'", "uint8")
+    bad_data(lambda: _fed(tmp_path, 3, np.uint8, mean=mean, std=std), "--mean/--std", problem, "'x'", "uint8")
 
 
 def test_integer_inputs_get_the_pixels_or_an_integer_shift_of_them(tmp_path):

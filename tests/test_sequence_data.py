@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from conftest import ROOT
+from conftest import ROOT, bad_data
 from msq_onnx.data import Preprocess, from_data_reader, open_samples, pad_and_stack, split_holdout
-from msq_onnx.errors import BadData
 from msq_onnx.load import InputSpec
 
 # [PAD] is not 0, so a batch padded with 0 instead of the tokenizer's pad id is caught.
@@ -66,16 +65,6 @@ def write_data(tmp_path, fmt, rows=ROWS):
 
 def open_text(path, tok, inputs=None, **options):
     return open_samples(path, inputs or specs(), Preprocess(tokenizer=tok, **options), "evaluation")
-
-
-def bad_data(call, *fragments) -> str:
-    with pytest.raises(BadData) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message and message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 def all_rows(samples, batch_size):
