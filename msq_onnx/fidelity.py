@@ -43,6 +43,8 @@ class _OutputSums:
     agreeing: int = 0  # ... and those whose arg-max over C (or label) agrees with FP32's
     probabilities: bool = True  # every FP32 row over the last axis is a probability distribution
     masked: bool = False  # padded positions were left out
+    picked_fp32: list = field(default_factory=list)  # a score per token [N, T]: each sample's arg-max over its
+    picked_quant: list = field(default_factory=list)  # real tokens (a QA head's answer start)
     scalar: bool | None = None  # one value a sample in every batch (a regression, a sigmoid head)
     moments: np.ndarray = field(default_factory=lambda: np.zeros(5))  # of one-value outputs: sums of x, y, xx, yy, xy
 
@@ -64,6 +66,12 @@ class _OutputSums:
             self.agreeing += int((same & where).sum())
             if not self.integer:
                 self.probabilities &= bool(np.all(reference >= 0) and np.allclose(reference.sum(-1), 1.0, atol=1e-3))
+        if real is not None and reference.ndim == 2 and not self.integer:
+            # Its decision is the arg-max over real tokens; zeroed padding would win it where every real score is
+            # negative (log-probabilities), and its rows, masked or not, are no [N, C] to keep (a review's).
+            self.picked_fp32.append(np.where(real, reference, -np.inf).argmax(1))
+            self.picked_quant.append(np.where(real, quantized, -np.inf).argmax(1))
+            keep, self.unkept, self.kept_fp32, self.kept_quant = False, True, [], []
         if real is not None:
             self.masked = True
             real = real.reshape(real.shape + (1,) * (reference.ndim - 2))
@@ -91,19 +99,19 @@ class _OutputSums:
                 self.kept_fp32.append(ref.astype(kept))
                 self.kept_quant.append(out.astype(kept))
 
-    def across_samples(self) -> tuple[float, float | None]:
+    def across_samples(self) -> tuple[float, float | None] | None:
         """(cosine, SQNR dB) of a one-value output over the held-out samples, both centred on FP32's mean: a
         sample's own cosine is the sign of its value (1.0 for a regression that lost everything but its offset,
-        a hunting subagent's: correlation 0.78 reported as cosine 1.0), and an offset would fill the signal."""
+        a hunting subagent's: correlation 0.78 reported as cosine 1.0), and an offset would fill the signal.
+        None where FP32's values barely vary (a constant output: no correlation to speak of; the uncentred
+        measures stand)."""
         x, y, xx, yy, xy = self.moments
         n = max(self.samples, 1)
         var_x, var_y = xx - x * x / n, yy - y * y / n
-        cov = xy - x * y / n
-        if var_x <= 0:
-            cosine = 1.0 if var_y <= 0 and np.isclose(x, y) else 0.0
-        else:
-            cosine = float(cov / np.sqrt(var_x * max(var_y, 1e-300))) if var_y > 0 else 0.0
-        return cosine, (10 * np.log10(var_x / self.noise) if self.noise > 0 and var_x > 0 else None)
+        if var_x <= 1e-8 * max(xx, 1e-30):  # a spread of 1e-4 of its size
+            return None
+        cosine = float((xy - x * y / n) / np.sqrt(var_x * var_y)) if var_y > 0 else 0.0
+        return cosine, (10 * np.log10(var_x / self.noise) if self.noise > 0 else None)
 
 
 def token_outputs(loaded) -> set:
@@ -288,8 +296,9 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
         sqnr = 10 * np.log10(acc.signal / acc.noise) if acc.noise > 0 else None
         outputs[name] = {"cosine": round(acc.cosine_sum / acc.samples, 6), "min_cosine": round(acc.cosine_min, 6),
                          "sqnr_db": None if sqnr is None else round(float(sqnr), 3)}
-        if acc.scalar and not acc.integer:
-            cosine, sqnr = acc.across_samples()
+        centred = acc.across_samples() if acc.scalar and not acc.integer else None
+        if centred is not None:
+            cosine, sqnr = centred
             outputs[name].update(cosine=round(cosine, 6), min_cosine=round(cosine, 6),
                                  sqnr_db=None if sqnr is None else round(float(sqnr), 3),
                                  cosine_over="held-out samples, centred (one value a sample: their correlation)")
@@ -307,8 +316,11 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
         declared_kind == "class-scores" or (declared_kind is None and (
             (labels is not None and set(np.unique(labels).tolist()) <= {0, 1})
             or (_named_kind(task_output) == "class-scores" and np.all((fp32 >= 0) & (fp32 <= 1)))))))
+    picked = task.picked_fp32 and task.picked_quant
     if sequence:
         kind = "labels" if task.integer else sequence_kind(task_output, declared_kind, task.probabilities)
+    elif picked:  # a score per token: class scores over the sample's tokens when declared or named so
+        kind = "class-scores" if (declared_kind or _named_kind(task_output)) == "class-scores" else "tensor"
     else:
         kind = "class-scores" if binary else output_kind(fp32, labels, task_shape, task_output, declared_kind)
     # Dynamic layers quantize each run's activations on that run's own range: at another batch size the same
@@ -322,6 +334,11 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     if sequence and kind in DECISION_KINDS:  # per position; a label per sample says nothing about positions
         result["agreement"] = 100.0 * task.agreeing / task.positions
         result["agreement_unit"] = f"positions ({task.positions:,})"
+    elif picked and kind in DECISION_KINDS:  # which token each sample picks; labels name classes, not tokens
+        fp32_top, quant_top = np.concatenate(task.picked_fp32), np.concatenate(task.picked_quant)
+        result["agreement"] = float((fp32_top == quant_top).mean() * 100.0)
+        result["agreement_unit"] = "samples (arg-max over real tokens)"
+        result["flips"] = flips(fp32_top, quant_top, None)
     elif kind in DECISION_KINDS:
         if kind == "labels":
             fp32_top, quant_top = fp32.reshape(len(fp32)), quant.reshape(len(quant))

@@ -238,3 +238,57 @@ def test_a_score_per_token_is_compared_on_real_tokens_only(tmp_path):
                                                                         output="start_logits")).report["evaluation"]
     assert measured["positions"] == "real tokens only ('attention_mask' != 0)"
     assert measured["outputs"]["start_logits"].get("real_tokens_only")
+
+
+def test_a_score_per_token_decides_on_its_real_tokens(tmp_path):
+    """A QA head's log-probabilities over a fixed length 8, padded: its kept rows were the masked ones, whose
+    zeros beat every real (negative) score, so both models 'picked' a padded position: agreement 100% for 70%
+    measured directly (a review's). Each sample's pick is now its arg-max over its real tokens."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(64, 32)).astype(np.float32), "E"),
+             numpy_helper.from_array((rng.normal(size=(32, 32)) / 6).astype(np.float32), "W"),
+             numpy_helper.from_array((rng.normal(size=(32, 1)) / 6).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array([2], np.int64), "ax2"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(-1e4, np.float32), "big")]
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["emb"]), helper.make_node("MatMul", ["emb", "W"], ["h"]),
+             helper.make_node("Relu", ["h"], ["hr"]), helper.make_node("MatMul", ["hr", "W2"], ["s3"]),
+             helper.make_node("Squeeze", ["s3", "ax2"], ["s"]),
+             helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["one", "mf"], ["inv"]), helper.make_node("Mul", ["inv", "big"], ["bias"]),
+             helper.make_node("Add", ["s", "bias"], ["masked"]),
+             helper.make_node("LogSoftmax", ["masked"], ["start_log_probs"], axis=1)]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", 8]),
+                                    helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", 8])],
+                  [helper.make_tensor_value_info("start_log_probs", TensorProto.FLOAT, ["N", 8])], inits)
+    ids, mask = rng.integers(1, 64, size=(200, 8)), np.zeros((200, 8), np.int64)
+    for i, length in enumerate(rng.integers(3, 7, size=200)):
+        mask[i, :length] = 1
+    ids[mask == 0] = 0
+    np.savez(tmp_path / "calib.npz", input_ids=ids, attention_mask=mask)
+    out = str(tmp_path / "q.onnx")
+    measured = convert(model, out, str(tmp_path / "calib.npz"),
+                       Options(quiet=True, avg_bits=2, activations="static")).report["evaluation"]
+    held = np.arange(200) % 5 == 4
+    feed = {"input_ids": ids[held], "attention_mask": mask[held]}
+    fp32 = ort.InferenceSession(model).run(None, feed)[0].argmax(1)
+    quant = ort.InferenceSession(out).run(None, feed)[0].argmax(1)
+    assert measured["agreement_unit"] == "samples (arg-max over real tokens)"
+    assert measured["agreement"] == pytest.approx(100.0 * (fp32 == quant).mean()) and measured["agreement"] < 100
+
+
+def test_a_constant_one_value_output_is_not_called_collapsed(tmp_path):
+    """Where FP32's value is the same for every sample, there is no correlation to take: a 1e-4 relative error made
+    cosine 0.0 and a 'do not deploy' warning (a review's). The uncentred measures stand for it."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Mul", ["x", "zero"], ["z"]), helper.make_node("Add", ["z", "one"], ["ones"]),
+             helper.make_node("MatMul", ["ones", "w"], ["value"])]  # the same value for every sample, off once quantized
+    inits = [numpy_helper.from_array(_weights(rng, 8, 1), "w"), numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                  [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["N", 1])], inits)
+    np.savez(tmp_path / "x.npz", x=rng.normal(size=(60, 8)).astype(np.float32))
+    report = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "x.npz"),
+                     Options(quiet=True, bits=(4,), activations="weight-only")).report
+    assert report["evaluation"]["sqnr_db"] is not None  # the 4-bit weight moved the value
+    assert report["evaluation"]["cosine"] > 0.99 and not any("collapsed" in w for w in report["warnings"])
