@@ -34,7 +34,7 @@ from .report import GzipSize, gzip_size
 from .verify import (INTEGER_ACTIVATION_OPS, SATURATION_FREE_BITS, fused_integer_kernels, integer_kernels_saturate,
                      smoke_check)
 from .weights import error_table
-from .write import (check_output_path, data_inputs, publish, quantize_to_qdq, quantize_weights, uint16_tensors,
+from .write import (check_output_path, publish, quantize_to_qdq, quantize_weights, uint16_kernels,
                     uint16_widenable, written_files)
 
 HOLDOUT_FRACTION = 0.2  # of the calibration set held out (every 5th sample) when there is no --eval
@@ -741,13 +741,11 @@ def saturates(options: Options) -> bool:
 
 
 def uint16_readers(loaded, modes: dict, wide_inputs) -> set:
-    """The layers a uint16 input (--act16) puts on a float kernel: every static reader of such a tensor.
-    modes: layer -> modes.ModeChoice."""
+    """The layers a uint16 input (--act16) puts on a float kernel (write.uint16_kernels: its readers and its
+    producer). modes: layer -> modes.ModeChoice. A dynamic reader of the same tensor quantizes it itself, to
+    uint8 for a u8s8 kernel."""
     static = [layer for layer in loaded.layers if modes[layer.name].mode == STATIC]
-    nodes = {node.name: node for node in loaded.model.graph.node}
-    uint16 = uint16_tensors(static, wide_inputs, loaded.model)
-    # a dynamic reader of the same tensor quantizes it itself, to uint8 for a u8s8 kernel
-    return {layer.name for layer in static if any(t in uint16 for t in data_inputs(layer, nodes))}
+    return uint16_kernels(static, wide_inputs, loaded.model)
 
 
 def saturation_caps(loaded, modes: dict, options: Options, wide_inputs=frozenset()) -> dict:

@@ -27,7 +27,7 @@ from .errors import BadOption
 from .load import (LoadedModel, all_names, consumers, external_data_files, is_large, save_model_file, subgraph_inputs,
                    unique_name)
 from .ops import (CONTAINER_BITS, DYNAMIC, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute,
-                  shares_quantization, static_region)
+                  range_sources, shares_quantization, static_region)
 from .weights import as_matrix, quantize_layer, steps
 
 
@@ -171,13 +171,45 @@ def uint16_widenable(static_layers, model: onnx.ModelProto) -> set:
     nodes = {node.name: node for node in model.graph.node}
     region = set(static_region(model, {n for layer in static_layers for n in layer.nodes}))
     producers = {out: node for node in model.graph.node for out in node.output}
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in
-                 {node.input[2] for node in model.graph.node if node.op_type == "Pad" and len(node.input) > 2}}
+    constants = _pad_values(model)
 
     def own(tensor: str) -> bool:
         producer = producers.get(tensor)
         return producer is None or producer.name not in region or not shares_quantization(producer, constants)
     return {layer.name for layer in static_layers if all(own(t) for t in data_inputs(layer, nodes))}
+
+
+def _pad_values(model: onnx.ModelProto) -> dict:
+    """The Pads' constant values (ops.shares_quantization reads them)."""
+    names = {node.input[2] for node in model.graph.node if node.op_type == "Pad" and len(node.input) > 2}
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
+
+
+def uint16_kernels(static_layers, wide_inputs, model: onnx.ModelProto) -> set:
+    """The static layers a uint16 tensor (uint16_tensors) takes off ORT's integer kernels: its readers, those
+    reading it on through an op that passes its quantization on (a MaxPool, a Flatten: their outputs are
+    uint16 too), and the layer whose output it is (directly, or through the Relu/Clip ORT folds into it: a
+    QLinearConv writes no uint16). A review's model ran conv1, conv2 and conv3 as float Conv for --act16 1,
+    and only conv3 was spared the reduce_range cap."""
+    nodes = {node.name: node for node in model.graph.node}
+    region = set(static_region(model, {n for layer in static_layers for n in layer.nodes}))
+    constants = _pad_values(model)
+    readers: dict = {}
+    for node in model.graph.node:
+        for name in node.input[:1]:
+            readers.setdefault(name, []).append(node)
+    wide = set(uint16_tensors(static_layers, wide_inputs, model))
+    frontier = list(wide)
+    while frontier:
+        for node in readers.get(frontier.pop(), []):
+            if node.name in region and shares_quantization(node, constants):
+                grown = [out for out in node.output if out and out not in wide]
+                wide.update(grown)
+                frontier.extend(grown)
+    sources = range_sources(model)
+    return {layer.name for layer in static_layers
+            if any(t in wide for t in data_inputs(layer, nodes))
+            or any(sources.get(out, out) in wide for n in layer.nodes if n in nodes for out in nodes[n].output)}
 
 
 def uint16_tensors(static_layers, wide_inputs, model: onnx.ModelProto) -> set:

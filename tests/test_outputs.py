@@ -292,3 +292,31 @@ def test_a_constant_one_value_output_is_not_called_collapsed(tmp_path):
                      Options(quiet=True, bits=(4,), activations="weight-only")).report
     assert report["evaluation"]["sqnr_db"] is not None  # the 4-bit weight moved the value
     assert report["evaluation"]["cosine"] > 0.99 and not any("collapsed" in w for w in report["warnings"])
+
+
+def test_act16_spares_every_layer_a_uint16_tensor_takes_off_its_integer_kernel(tmp_path):
+    """--act16 on conv2's input r = Relu(conv1) makes r uint16 for conv2, for conv3 behind a MaxPool of r, and for
+    conv1, whose output it is: ORT runs all three as float Conv. Only conv2 was spared the reduce_range cap (a
+    review's); now the three are, and only fc (a QGemm) is capped."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), name) for name, a in (
+        ("w1", rng.normal(size=(8, 4, 3, 3)) * 0.3), ("b1", np.full(8, -4.0)),
+        ("w2", rng.normal(size=(8, 8, 1, 1)) * 0.3), ("b2", np.zeros(8)),
+        ("w3", rng.normal(size=(8, 8, 1, 1)) * 0.3), ("b3", np.zeros(8)),
+        ("wf", rng.normal(size=(4, 8)) * 0.3), ("bf", np.zeros(4)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r"], name="relu1"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+             helper.make_node("Conv", ["p", "w3", "b3"], ["c3"], name="conv3"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["g2"], name="gap2"),
+             helper.make_node("GlobalAveragePool", ["c3"], ["g3"], name="gap3"),
+             helper.make_node("Add", ["g2", "g3"], ["g"], name="add"), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], transB=1, name="fc")]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], inits)
+    np.savez(tmp_path / "x.npz", x=rng.normal(size=(60, 4, 8, 8)).astype(np.float32))
+    report = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "x.npz"),
+                     Options(quiet=True, act16=1, activations="static", reduce_range="on")).report
+    assert {layer["name"]: layer["activation_bits"] for layer in report["layers"]}["conv2"] == 16
+    assert report["reduce_range"]["capped_layers"] == ["fc"]
