@@ -201,6 +201,7 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
         real_rows = {name: min(r, stats.tokens) if stats.tokens else r for name, r in stats.rows.items()}
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
                                          quiet=options.quiet, rows=real_rows, workers=stats.workers)
+        allocate_stage.solver_imported()  # the mode timings below go to the cache: nothing beside them
         costs = {layer.name: mode_costs(layer, stats.rows.get(layer.name)) for layer in loaded.layers}
         modes, mode_log = mode_stage.choose(loaded, measurement, stats.ranges, costs, options.mode_tolerance,
                                             None if options.activations == "auto" else options.activations)
