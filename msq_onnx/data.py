@@ -129,6 +129,9 @@ class ImageSamples(SampleSet):
             problem = f"values in [{low:g}, {high:g}], beyond [{info.min}, {info.max}]"
         else:
             return
+        if tuple(self.pre.mean) == (0.0,) and tuple(self.pre.std) == (1.0,):  # no --mean/--std: raw pixels
+            raise BadData(f"pixels 0..255 do not fit the model's {dtype} input '{self.input.name}'; shift them with "
+                          f"--mean {-info.min} (0..255 -> {info.min}..{255 + info.min}).")
         raise BadData(f"--mean/--std make pixels 0..255 {problem}, but the model's input '{self.input.name}' is "
                       f"{dtype}; leave --mean/--std out for a model that takes raw pixels (it normalizes inside).")
 
@@ -169,7 +172,8 @@ class ImageSamples(SampleSet):
         from PIL import Image
 
         values = np.asarray(image)
-        if image.mode == "I" and image.format != "PNG":  # 32-bit integers (PNG's "I" is 16-bit): no known scale
+        if image.mode == "I" and image.format not in ("PNG", "PPM"):  # 32-bit integers (a 16-bit PNG or PGM opens
+            # as "I"): no known scale
             low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
             if low < 0 or high > 255:
                 raise BadData(f"image '{path}' holds 32-bit integer pixels in [{low}, {high}], of no known bit "
@@ -654,14 +658,15 @@ def number_classes_like(samples: SampleSet, reference: SampleSet, role: str = "e
     if samples.class_names is None or reference.class_names is None or samples.labels is None:
         return
     index = {name: i for i, name in enumerate(reference.class_names)}
-    unknown = [name for name in samples.class_names if name not in index]
+    used = set(np.unique(samples.labels).tolist())  # an empty class folder names a class no sample has
+    unknown = [name for i, name in enumerate(samples.class_names) if name not in index and i in used]
     if unknown:
         shown = ", ".join(repr(name) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise BadData(f"{role} data '{samples.source}' has class(es) {shown} that the calibration data "
                       f"'{reference.source}' does not name; classes are numbered by the calibration set's class "
                       "names, so add samples of them to the calibration data or drop them from the "
                       f"{role} data.")
-    samples.labels = np.array([index[name] for name in samples.class_names], dtype=np.int64)[samples.labels]
+    samples.labels = np.array([index.get(name, -1) for name in samples.class_names], dtype=np.int64)[samples.labels]
     samples.class_names = list(reference.class_names)
 
 

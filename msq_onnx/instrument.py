@@ -579,6 +579,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     # by a MatMul is pooled over T (as channels first, its varying length made widths that would not stack).
     input_channels_last = any(layer.kind.channels_last for layer in loaded.layers
                               if layer.input_name == loaded.inputs[0].name)
+    first_length_varies = len(loaded.inputs[0].shape) == 2 and loaded.inputs[0].shape[1] is None
     ranges: dict = {}
     mean_sum: dict = {}
     sq_sum: dict = {}
@@ -649,6 +650,8 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             first = feed[loaded.inputs[0].name][pick]
             if np.issubdtype(first.dtype, np.integer) and first.ndim == 2:
                 input_bank.add_embedding("input", token_features(first, mask, max_dim, seed))
+            elif first.ndim == 2 and first_length_varies:  # a waveform [N, T]: one channel pooled over T
+                input_bank.add("input", first[:, None, :].astype(np.float32), False, mask)
             else:
                 input_bank.add("input", first.astype(np.float32), input_channels_last, mask)
             final_outputs.append(output_embedding(final[pick], max_dim, seed))

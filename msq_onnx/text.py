@@ -99,25 +99,47 @@ def _missing_label_column(path: str, label_column: str) -> None:
                       "unlabelled data.")
 
 
+def _strict_rows(reader):
+    """The rows of a strict csv.reader, its errors (a quote open at the end of the file, or closed before other
+    characters than a tab: a text's own quote taken for CSV quoting) as _RunawayQuote. Unlike the tabs check, this
+    holds for a one-column file."""
+    try:
+        yield from reader
+    except csv.Error:
+        raise _RunawayQuote(certain=True) from None
+
+
 class _RunawayQuote(Exception):
-    pass
+    def __init__(self, certain: bool):
+        super().__init__()
+        self.certain = certain  # the csv module's own error, not the tabs check's guess
 
 
 def _read_table(path: str, delimiter: str, text_column: str, label_column: str):
     csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
     try:
         return _read_rows(path, delimiter, text_column, label_column, csv.QUOTE_MINIMAL)
-    except _RunawayQuote:
+    except _RunawayQuote as runaway:
         # OCR lines, subtitles, ...: a text that starts with a quote it does not close. Plain TSV has no quoting
         # (IANA text/tab-separated-values), and CSV quoting would take the rows up to the next '"' into that text.
-        return _read_rows(path, delimiter, text_column, label_column, csv.QUOTE_NONE)
+        try:
+            return _read_rows(path, delimiter, text_column, label_column, csv.QUOTE_NONE)
+        except BadData:
+            if runaway.certain:
+                raise
+        # Read without quoting, the rows do not hold together either: the quoted lines with tabs were a field's own
+        # (a code snippet), as a review's file had them
+        return _read_rows(path, delimiter, text_column, label_column, csv.QUOTE_MINIMAL, check=False)
 
 
-def _read_rows(path: str, delimiter: str, text_column: str, label_column: str, quoting: int):
+def _read_rows(path: str, delimiter: str, text_column: str, label_column: str, quoting: int, check: bool = True):
+    """check (TSV): a quote that never closes, or a quoted field whose lines hold whole rows, raises _RunawayQuote."""
     texts, wheres, labels = [], [], []
+    check = check and delimiter == "\t" and quoting != csv.QUOTE_NONE
     with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
-        header = next((row for row in reader if any(field.strip() for field in row)), None)
+        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting, strict=check)
+        rows = _strict_rows(reader)
+        header = next((row for row in rows if any(field.strip() for field in row)), None)
         if header is None:
             return texts, wheres, None
         header = [name.strip() for name in header]
@@ -130,12 +152,12 @@ def _read_rows(path: str, delimiter: str, text_column: str, label_column: str, q
             _missing_label_column(path, label_column)
         needed = max(text_at, label_at or 0) + 1
         end = reader.line_num
-        for row in reader:
+        for row in rows:
             start, end = end + 1, reader.line_num
             if not any(field.strip() for field in row):
                 continue
-            if delimiter == "\t" and end > start and len(header) > 1 and _holds_rows(row, len(header)):
-                raise _RunawayQuote
+            if check and end > start and len(header) > 1 and _holds_rows(row, len(header)):
+                raise _RunawayQuote(certain=False)
             where = f"{path}:{reader.line_num}"
             if len(row) < needed:
                 separator = "tabs" if delimiter == "\t" else "commas"

@@ -17,10 +17,11 @@ def _fed(folder, channels=1, dtype=np.float32, **preprocess):
     return np.concatenate([batch["x"] for batch in samples.batches(4)])
 
 
-@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".pgm"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_16_bit_images_are_scaled_to_0_255(tmp_path, suffix, channels):
-    """A 16-bit grayscale image gives value / 257 (was: Pillow's convert clipped every pixel to 255)."""
+    """A 16-bit grayscale image gives value / 257 (was: Pillow's convert clipped every pixel to 255; a 16-bit PGM,
+    which Pillow opens as 32-bit "I" as it does a PNG, was then refused as 32-bit: a review's)."""
     wide = np.random.default_rng(0).integers(0, 65536, (8, 8)).astype(np.uint16)
     wide[0, :3] = (0, 257 * 100, 65535)
     Image.fromarray(wide).save(tmp_path / f"a{suffix}")
@@ -74,3 +75,25 @@ def test_a_labels_csv_with_a_utf8_bom_is_read(tmp_path, header):
     samples = open_samples(str(tmp_path), [InputSpec("x", [None, 3, 8, 8], np.dtype(np.float32))],
                            Preprocess(resize=8))
     assert samples.count == 2 and samples.labels.tolist() == [1, 0]
+
+
+def test_raw_pixels_that_an_int8_input_cannot_hold_are_refused_with_the_shift_that_fits(tmp_path):
+    """Without --mean/--std the message blamed them and said to leave them out (a review's): it now names the shift."""
+    _rgb_images(tmp_path)
+    bad_data(lambda: _fed(tmp_path, 3, np.int8), "0..255 do not fit", "int8", "--mean 128")
+    assert _fed(tmp_path, 3, np.int8, mean=(128.0,)).dtype == np.int8
+
+
+def test_an_empty_eval_class_folder_is_no_class(tmp_path):
+    """An empty class folder in --eval named a class no sample has, and the set was refused for it (a review's)."""
+    from msq_onnx.data import number_classes_like
+
+    for folder, names in (("calib", ("cat", "dog")), ("eval", ("cat", "dog", "zz_empty"))):
+        for name in names:
+            (tmp_path / folder / name).mkdir(parents=True)
+            if name != "zz_empty":
+                _rgb_images(tmp_path / folder / name, 1)
+    spec = [InputSpec("x", [None, 3, 8, 8], np.dtype(np.float32))]
+    calib, evaluation = (open_samples(str(tmp_path / f), spec, Preprocess(resize=8), f) for f in ("calib", "eval"))
+    number_classes_like(evaluation, calib)
+    assert evaluation.labels.tolist() == [0, 1]

@@ -320,3 +320,24 @@ def test_act16_spares_every_layer_a_uint16_tensor_takes_off_its_integer_kernel(t
                      Options(quiet=True, act16=1, activations="static", reduce_range="on")).report
     assert {layer["name"]: layer["activation_bits"] for layer in report["layers"]}["conv2"] == 16
     assert report["reduce_range"]["capped_layers"] == ["fc"]
+
+
+def test_a_waveform_input_of_varying_length_converts(tmp_path):
+    """A float [N, T] input (a waveform) read by no layer directly: its features were its raw rows, of a width
+    that varied with T, and stacking them ended in an internal error (a review's). It is pooled over T."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Unsqueeze", ["wave", "one"], ["w3"]),
+             helper.make_node("Conv", ["w3", "k", "b"], ["c"], kernel_shape=[5], strides=[2]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"])]
+    inits = [numpy_helper.from_array(np.array([1]), "one"), numpy_helper.from_array(_weights(rng, 8, 1, 5), "k"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "b"), numpy_helper.from_array(_weights(rng, 8, 3), "wf"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "bf")]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("wave", TensorProto.FLOAT, ["N", "T"])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    os.makedirs(tmp_path / "calib")
+    for i in range(30):
+        np.savez(tmp_path / "calib" / f"{i:02d}.npz", wave=rng.normal(size=(1, int(rng.integers(40, 90)))).astype(
+            np.float32))
+    report = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "calib"), Options(quiet=True)).report
+    assert report["evaluation"]["cosine"] > 0.99

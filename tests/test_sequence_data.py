@@ -135,6 +135,19 @@ def test_a_tsv_text_opening_with_an_unclosed_quote_keeps_its_quote_and_the_rows_
     assert batch["input_ids"][2].tolist()[:4] == [CLS, 8, 5, SEP]
 
 
+def test_a_one_column_tsv_with_an_unclosed_quote_and_a_quoted_field_of_tabbed_lines(tmp_path, tok):
+    """The tabs check could not see a runaway quote in a one-column TSV (five rows read as two texts), and it took
+    a quoted field whose lines start with tabs (code) for one, then refused the file read without quoting (a
+    review's). The csv module's strict errors tell a quote that never closes; the quoted field reads as before."""
+    path = tmp_path / "one.tsv"
+    path.write_text('text\n"bad film\ngood movie\na "good" film\nfilm\n', encoding="utf-8")
+    assert open_text(str(path), tok).count == 4
+    path = tmp_path / "code.tsv"
+    path.write_text('text\tlabel\n"good\n\tfilm"\tpos\nbad\tneg\n', encoding="utf-8")
+    samples = open_text(str(path), tok)
+    assert samples.count == 2 and samples.labels.tolist() == [1, 0]
+
+
 def test_long_fields_pass_the_csv_field_limit(tmp_path, tok):
     text = " ".join(["good"] * 100_000)  # 500 kB, past csv's default 128 KiB field limit
     path = write_table(tmp_path / "d.tsv", [(text, "pos"), ("bad", "neg")], "\t")
