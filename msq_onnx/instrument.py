@@ -103,8 +103,8 @@ def _moment_axes(layer: Layer, rank: int) -> list[int]:
 
 def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
                        hessian_layers=None) -> tuple[onnx.ModelProto, dict]:
-    """Return the instrumented copy and a map of its extra outputs (with `hessians`, also each layer's
-    input rows^T rows and row count, for the layers in `hessian_layers` if given; with pyramid
+    """Return the instrumented copy and a map of its extra outputs (with `hessians`, also each Hessian input's
+    rows as [rows, K], for the layers in `hessian_layers` if given; with pyramid
     `levels`, maps of a fixed size come out already pooled)."""
     model = loaded.session_copy()
     graph = model.graph
