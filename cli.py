@@ -29,6 +29,9 @@ if __name__ == "__main__":
     # The interpreter's teardown (freeing ONNX Runtime, scipy and the arrays module by module) took 0.3-0.4 s of
     # a 22 s MiniLM-L6 conversion: skipped once the exit handlers (the weights folders' removal among them) ran.
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that closed the pipe (| head): nothing more to say to it
+            pass
     os._exit(code or 0)
