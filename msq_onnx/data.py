@@ -2,7 +2,7 @@
 
 Formats (the same for --calib and --eval):
   * a folder of class subfolders of images (ImageFolder: label = index of the
-    subfolder name in sorted order; --eval's classes take the calibration set's
+    subfolder name in sorted order, images at any depth under it; --eval's classes take the calibration set's
     numbering, see number_classes_like);
   * a folder with labels.csv (``file,label``; files beside it or in images/),
     or such a CSV file itself (paths relative to the CSV's folder);
@@ -281,10 +281,14 @@ def _image_folder(path: str) -> tuple[list[str], np.ndarray | None, list[str] | 
     files, labels = [], []
     if classes:
         for index, cls in enumerate(classes):
-            for name in sorted(os.listdir(os.path.join(path, cls))):
-                if name.lower().endswith(IMAGE_SUFFIXES):
-                    files.append(os.path.join(path, cls, name))
-                    labels.append(index)
+            # every image under the class folder, at any depth, as torchvision's ImageFolder takes them (a class
+            # kept in subfolders gave none: 2 of 42 images were read, a hunting subagent's)
+            for folder, subfolders, names in os.walk(os.path.join(path, cls)):
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # walked in this order
+                for name in sorted(names):
+                    if name.lower().endswith(IMAGE_SUFFIXES):
+                        files.append(os.path.join(folder, name))
+                        labels.append(index)
         return files, np.array(labels, dtype=np.int64), classes
     files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_SUFFIXES)]
     return files, None, None

@@ -97,3 +97,14 @@ def test_an_empty_eval_class_folder_is_no_class(tmp_path):
     calib, evaluation = (open_samples(str(tmp_path / f), spec, Preprocess(resize=8), f) for f in ("calib", "eval"))
     number_classes_like(evaluation, calib)
     assert evaluation.labels.tolist() == [0, 1]
+
+
+def test_images_in_subfolders_of_a_class_folder_are_that_class(tmp_path):
+    """torchvision's ImageFolder takes every image under a class folder; here a class kept in subfolders gave none
+    (2 of 42 images read, a hunting subagent's)."""
+    for folder in ("cat", "dog/indoor", "dog/outdoor", "dog/.cache"):
+        (tmp_path / folder).mkdir(parents=True)
+        _rgb_images(tmp_path / folder, 2)
+    spec = [InputSpec("x", [None, 3, 8, 8], np.dtype(np.float32))]
+    samples = open_samples(str(tmp_path), spec, Preprocess(resize=8), "calibration")
+    assert samples.labels.tolist() == [0, 0, 1, 1, 1, 1] and samples.class_names == ["cat", "dog"]
