@@ -56,9 +56,15 @@ def _image_layout(shape, layout: str):
         raise BadData(f"image data needs a rank-4 model input, the model's input has shape {shape}; "
                       "give the samples as .npz instead.")
     if layout == "auto":
-        layout = "nhwc" if shape[3] in (1, 3) and shape[1] not in (1, 3) else "nchw"
+        layout = "nhwc" if shape[3] in _IMAGE_MODES and shape[1] not in _IMAGE_MODES else "nchw"
     channels, height, width = (shape[1], shape[2], shape[3]) if layout == "nchw" else (shape[3], shape[1], shape[2])
+    if channels is not None and channels not in _IMAGE_MODES:
+        raise BadData(f"image files give 1 (gray), 3 (RGB) or 4 (RGBA) channels, but the model's input {shape} takes "
+                      f"{channels} ({layout}); give the samples as .npz, or --layout if the channels sit elsewhere.")
     return layout, channels or 3, height, width
+
+
+_IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels -> the Pillow mode that gives them
 
 
 class SampleSet:
@@ -157,7 +163,7 @@ class ImageSamples(SampleSet):
             with Image.open(path) as image:
                 if image.mode in _WIDE_MODES:
                     image = self._wide_to_8_bit(path, image)
-                image = image.convert("L" if self.channels == 1 else "RGB")
+                image = image.convert(_IMAGE_MODES[self.channels])
                 return self._resize_crop(image)
         except (MemoryError, BadData):
             raise

@@ -108,3 +108,15 @@ def test_images_in_subfolders_of_a_class_folder_are_that_class(tmp_path):
     spec = [InputSpec("x", [None, 3, 8, 8], np.dtype(np.float32))]
     samples = open_samples(str(tmp_path), spec, Preprocess(resize=8), "calibration")
     assert samples.labels.tolist() == [0, 0, 1, 1, 1, 1] and samples.class_names == ["cat", "dog"]
+
+
+def test_a_four_channel_input_gets_rgba_and_other_counts_are_refused(tmp_path):
+    """A 4-channel (RGBA) image model was fed RGB, and ONNX Runtime refused the run with its own message (the data
+    hunt's); a 2-channel one gets one line saying what image files give."""
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    fed = open_samples(str(tmp_path), [InputSpec("x", [None, 4, 8, 8], np.dtype(np.float32))], Preprocess(resize=8),
+                       "evaluation")
+    np.testing.assert_array_equal(next(fed.batches(1))["x"][0], rgba.transpose(2, 0, 1).astype(np.float32))
+    bad_data(lambda: open_samples(str(tmp_path), [InputSpec("x", [None, 2, 8, 8], np.dtype(np.float32))],
+                                  Preprocess(resize=8), "evaluation"), "1 (gray), 3 (RGB) or 4 (RGBA)", "takes 2")
