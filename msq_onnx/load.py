@@ -1222,8 +1222,11 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
     inits = {t.name: t for t in graph.initializer}
     # From IR 4 on, an initializer listed among the inputs is a default the caller may feed instead (a
     # temperature, a threshold): the written model lists it again where its tensor is written as it was
-    # (write.restore_default_inputs). IR 3 files listed every initializer there, never meant to be fed.
-    default_inputs = [_copied(i) for i in graph.input if i.name in inits] if source_ir >= 4 else []
+    # (write.restore_default_inputs). IR 3 files listed every initializer there, never meant to be fed, and so do
+    # exports that keep every initializer as an input (torch's keep_initializers_as_inputs): listed again, their
+    # biases and norms would keep ORT from folding and fusing them, as its own preprocessing removes them.
+    listed = [i for i in graph.input if i.name in inits]
+    default_inputs = [_copied(i) for i in listed] if source_ir >= 4 and len(listed) < len(inits) else []
     kept_inputs = [i for i in graph.input if i.name not in inits]
     del graph.input[:]
     graph.input.extend(kept_inputs)

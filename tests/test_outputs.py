@@ -224,6 +224,24 @@ def test_a_weight_with_a_default_initializer_is_said_to_be_no_longer_feedable(tm
     assert any("can no longer be fed: w1" in w for w in report["warnings"])
 
 
+def test_an_export_that_lists_every_initializer_as_an_input_gets_constants(tmp_path):
+    """torch's keep_initializers_as_inputs lists every weight, bias and norm as an input, never meant to be fed: they
+    stay constants in the written model (listed again, ORT could not fold or fuse them), and nothing is warned."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Add", ["a", "b1"], ["ab"]),
+             helper.make_node("Relu", ["ab"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["logits"])]
+    inits = [numpy_helper.from_array(_weights(rng, 16, 32), "w1"), numpy_helper.from_array(_weights(rng, 32), "b1"),
+             numpy_helper.from_array(_weights(rng, 32, 10), "w2")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])] + [
+        helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits]
+    model = _save(tmp_path, nodes, inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    np.savez(tmp_path / "x.npz", x=rng.normal(size=(60, 16)).astype(np.float32))
+    out = str(tmp_path / "q.onnx")
+    report = convert(model, out, str(tmp_path / "x.npz"), Options(quiet=True)).report
+    assert [i.name for i in onnx.load(out).graph.input] == ["x"]
+    assert not any("can no longer be fed" in w for w in report["warnings"])
+
+
 def test_a_score_per_token_is_compared_on_real_tokens_only(tmp_path):
     """A [N, T] output (a QA head's start score) in padded batches was compared over its padding too; it now counts
     real tokens only, as [N, T, C] outputs did (its length axis is unnamed by torch's exports: any that is not a
