@@ -327,16 +327,28 @@ MODEL_FILE = "model.onnx"  # the normalized FP32 model's graph beside WEIGHTS_FI
 WEIGHT_ALIGNMENT = 4096  # each weight starts on a page: ORT maps such external data from the file
 
 
+def _remove_folder(folder: str) -> None:
+    """Remove a folder of ours even when an interrupt lands while it goes: a finalizer's KeyboardInterrupt is
+    printed and dropped, and the folder stayed (a SIGTERM at the end of a conversion, whose output was complete)."""
+    import shutil
+
+    while True:
+        try:
+            shutil.rmtree(folder, True)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 class SharedWeights:
     """A model's initializers past SET_ASIDE_BYTES, in one file of a folder of their own (removed when this
     object is): places[name] = (offset, length)."""
 
     def __init__(self, model: onnx.ModelProto):
-        import shutil
         import weakref
 
         self.folder = os.path.abspath(tempfile.mkdtemp(prefix="msq-weights-"))  # TMPDIR may be relative
-        weakref.finalize(self, shutil.rmtree, self.folder, True)
+        weakref.finalize(self, _remove_folder, self.folder)
         self.places = {}
         with open(os.path.join(self.folder, WEIGHTS_FILE), "wb") as out:
             for tensor in model.graph.initializer:

@@ -377,3 +377,26 @@ def test_interrupted_conversion_leaves_old_or_complete_output(tmp_path):
     print("exit codes by delay:", outcomes)  # shown with -s / on failure
     assert any(code != 0 for code in outcomes), f"no run was actually interrupted: {outcomes}"
 
+
+
+def test_an_interrupt_while_the_weights_folder_goes_still_removes_it(tmp_path, monkeypatch):
+    """A SIGTERM at the end of a conversion landed in the weights folder's finalizer: its KeyboardInterrupt was
+    printed and dropped, and the folder stayed in TMPDIR (a run of the interrupt test above)."""
+    import shutil
+
+    from msq_onnx import load
+
+    folder = tmp_path / "msq-weights-x"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"0" * 10)
+    real, calls = shutil.rmtree, []
+
+    def interrupted_once(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_once)
+    load._remove_folder(str(folder))
+    assert not folder.exists() and len(calls) == 2
