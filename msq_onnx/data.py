@@ -352,14 +352,18 @@ def _check_array(where: str, spec, array: np.ndarray) -> None:
                           f"model's {spec.dtype} input; rescale the samples.")
 
 
-# Names exporters make up one per input axis (torch.onnx's list-form dynamic_axes, tf2onnx): they do not say
-# that two axes are independent, so such an axis counts as unnamed.
-_GENERATED_AXIS_NAME = re.compile(r"(_dynamic_axes_\d+|^unk__\d+)$")
+# Names exporters make up one per axis (torch.onnx's list-form dynamic_axes and its outputs' <node>_dim_<k>,
+# tf2onnx's unk__<n>): they do not say that two axes are independent, so such an axis counts as unnamed.
+_GENERATED_AXIS_NAME = re.compile(r"(_dynamic_axes_\d+|^unk__\d+|_dim_\d+)$")
+
+
+def axis_name(name: str | None) -> str | None:
+    """A dim_param as a model's own name for its axis: None where it has none, or one an exporter made up."""
+    return None if not name or _GENERATED_AXIS_NAME.search(name) else name
 
 
 def _sequence_axis_name(spec) -> str | None:
-    name = spec.axis_names[1] if spec.axis_names and len(spec.axis_names) > 1 else None
-    return None if name is None or _GENERATED_AXIS_NAME.search(name) else name
+    return axis_name(spec.axis_names[1] if spec.axis_names and len(spec.axis_names) > 1 else None)
 
 
 def _check_sequence_lengths(where: str, inputs, shapes: dict) -> None:

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import BadData, BadOption, one_line
-from .instrument import attention_mask_input, batch_of, ordered_runs, padded_batches, progress, run_threads
+from .data import axis_name
+from .instrument import batch_of, ordered_runs, padded_batches, progress, run_threads
 from .verify import session
 
 CACHE_LIMIT = 256 * 1024**2  # FP32 outputs kept in memory for repeated comparisons (a --max-drop search)
 KEEP_LIMIT = 8192  # widest per-sample task output kept for top-1 / neighbour measures
+MAX_CHANNELS = 64  # the short axis of a [N, A, B] output judged channel by channel (_OutputSums._add_channels)
 NEIGHBOUR_SAMPLES = 4000
 # Without a gate, a task output this far from FP32 is called collapsed on stderr and in the report.
 COLLAPSE_COSINE = 0.9
@@ -47,16 +49,14 @@ class _OutputSums:
     picked_quant: list = field(default_factory=list)  # real tokens (a QA head's answer start)
     scalar: bool | None = None  # one value a sample in every batch (a regression, a sigmoid head)
     moments: np.ndarray = field(default_factory=lambda: np.zeros(5))  # of one-value outputs: sums of x, y, xx, yy, xy
+    channels: tuple | None = None  # [N, A, B] with a short axis: (axis, sums of xx, yy, xy and the peak |x| per channel)
 
-    def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None,
-            tokens: bool = False) -> None:
-        """real: [N, T] True at real tokens (the attention mask) for an output whose first two axes are [N, T]
-        (tokens: a 2-D output whose axis 1 is the mask's, [N, T] scores or tags): padded positions then count
-        in nothing, as they count in no use of the model. keep: the task output, kept whole for its [N, C]
-        measures while each sample's is one width of at most KEEP_LIMIT values."""
+    def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None) -> None:
+        """real: [N, T] True at real tokens (its attention mask, output_masks) for an output whose first two axes
+        are [N, T]: padded positions then count in nothing, as they count in no use of the model. keep: the task
+        output, kept whole for its [N, C] measures while each sample's is one width of at most KEEP_LIMIT values."""
         self.integer = not np.issubdtype(reference.dtype, np.floating)
-        if real is not None and (reference.shape[:2] != real.shape or (reference.ndim < 3 and not tokens)
-                                 or (self.integer and reference.ndim != 2)):
+        if real is not None and (reference.shape[:2] != real.shape or (self.integer and reference.ndim != 2)):
             real = None
         sequence = reference.ndim == 3 and reference.shape[-1] >= 2  # [N, C, 1] is no sequence
         if (sequence and not self.integer) or (self.integer and reference.ndim == 2 and reference.shape[1] > 1):
@@ -76,6 +76,8 @@ class _OutputSums:
             self.masked = True
             real = real.reshape(real.shape + (1,) * (reference.ndim - 2))
             reference, quantized = reference * real, quantized * real
+        if reference.ndim == 3 and not self.integer:
+            self._add_channels(reference, quantized)
         ref = reference.reshape(len(reference), -1).astype(np.float64)
         out = quantized.reshape(len(quantized), -1).astype(np.float64)
         self.signal += float((ref ** 2).sum())
@@ -99,6 +101,38 @@ class _OutputSums:
                 self.kept_fp32.append(ref.astype(kept))
                 self.kept_quant.append(out.astype(kept))
 
+    def _add_channels(self, reference: np.ndarray, quantized: np.ndarray) -> None:
+        """Per channel of a [N, A, B] output's short axis (at most MAX_CHANNELS): a detector's [N, 4 + classes,
+        anchors] holds boxes in pixels beside scores in [0, 1], and its one cosine is the boxes' (a hunting
+        subagent's YOLOv8 at 3 bits: cosine 0.997, the score rows' 0.22, 1 detection left of 89)."""
+        if self.channels == ():
+            return
+        axis = 1 if reference.shape[1] <= reference.shape[2] else 2
+        if reference.shape[axis] > MAX_CHANNELS or (self.channels is not None and (
+                self.channels[0] != axis or len(self.channels[1]) != reference.shape[axis])):
+            self.channels = ()  # no short axis, or not the same one in every batch
+            return
+        other = 3 - axis
+        x, y = reference.astype(np.float64), quantized.astype(np.float64)
+        sums = [(x * x).sum(axis=(0, other)), (y * y).sum(axis=(0, other)), (x * y).sum(axis=(0, other)),
+                np.abs(x).max(axis=(0, other))]
+        if self.channels is None:
+            self.channels = (axis, *sums)
+        else:
+            axis_, xx, yy, xy, peak = self.channels
+            self.channels = (axis, xx + sums[0], yy + sums[1], xy + sums[2], np.maximum(peak, sums[3]))
+
+    def weakest_channel(self) -> tuple[int, int, float] | None:
+        """(axis, channel, cosine) of the live channel least like FP32's; a channel whose values stay under
+        1e-3 of the output's largest (a class never scored) is not judged."""
+        if not self.channels:
+            return None
+        axis, xx, yy, xy, peak = self.channels
+        live = np.flatnonzero(peak >= 1e-3 * max(float(peak.max()), 1e-30))
+        cosines = xy[live] / np.maximum(np.sqrt(xx[live] * yy[live]), 1e-30)
+        worst = int(np.argmin(cosines))
+        return axis, int(live[worst]), float(cosines[worst])
+
     def across_samples(self) -> tuple[float, float | None] | None:
         """(cosine, SQNR dB) of a one-value output over the held-out samples, both centred on FP32's mean: a
         sample's own cosine is the sign of its value (1.0 for a regression that lost everything but its offset,
@@ -114,22 +148,30 @@ class _OutputSums:
         return cosine, (10 * np.log10(var_x / self.noise) if self.noise > 0 else None)
 
 
-def token_outputs(loaded) -> set:
-    """The 2-D outputs whose second axis may be the attention mask's (the same named or fixed length, or a length
-    the export left unnamed: torch names a Gather's output axis after the node): a score or a tag per token,
-    whose padded positions count in nothing where a run's shape matches the mask's. A [N, C] output of a fixed C
-    other than the mask's length is not one of them."""
-    mask = attention_mask_input(loaded)
-    if mask is None:
-        return set()
-    spec = next(v for v in loaded.model.graph.input if v.name == mask).type.tensor_type.shape.dim
-    if len(spec) != 2:
-        return set()
-    result = set()
+def output_masks(loaded) -> dict:
+    """output -> the attention-mask input (an integer [N, T] input named *mask*) whose padding it leaves out: the
+    mask whose sequence axis has the output's axis-1 name; where that axis has no name of its own (unnamed, made
+    up by the exporter, fixed) and the output is not a fixed [N, C] of another width, the first mask, applied
+    where a run's shapes match. An output named apart from every mask gets none: a seq2seq model's decoder logits
+    [N, t, V] were masked by the encoder's [N, s] mask (600 positions counted for 480 real ones at batch 2, a
+    hunting subagent's)."""
+    masks = [spec for spec in loaded.inputs if spec.dtype.kind in "iub" and len(spec.shape) == 2
+             and "mask" in spec.name.lower()]
+    if not masks:
+        return {}
+    named = {spec.name: axis_name(spec.axis_names[1] if spec.axis_names else None) for spec in masks}
+    result = {}
     for value in loaded.model.graph.output:
         dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        if len(dims) == 2 and (not dims[1].HasField("dim_value") or dims[1].dim_value == spec[1].dim_value > 1):
-            result.add(value.name)
+        if len(dims) < 2:
+            continue
+        own = axis_name(dims[1].dim_param)
+        same = [spec.name for spec in masks if own is not None and named[spec.name] == own]
+        if same:
+            result[value.name] = same[0]
+        elif own is None and not (len(dims) == 2 and dims[1].HasField("dim_value")
+                                  and dims[1].dim_value != masks[0].shape[1]):
+            result[value.name] = masks[0].name
     return result
 
 
@@ -141,7 +183,7 @@ class Reference:
         self.paired = workers  # runs at once (instrument.run_workers)
         # a sequence or map output has no values to compare element by element
         self.names = [o.name for o in loaded.model.graph.output if o.type.HasField("tensor_type")]
-        self.token_outputs = token_outputs(loaded)
+        self.masks = output_masks(loaded)
         self.cache = []
         size = 0
         for feed, count, outputs in self._run("FP32 evaluation", quiet, workers):
@@ -272,19 +314,18 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     sums = {name: _OutputSums() for name in reference.names}
     samples = reference.samples
     task_shape = None
-    mask = attention_mask_input(reference.loaded)
     run = lambda batch: _run_checked(runner, reference.names, batch[0], batch[1], samples,  # noqa: E731
                                      "QDQ evaluation")
     with progress(samples.count, "QDQ evaluation", quiet) as bar:
         for (feed, count, fp32), quant in ordered_runs(run, reference.batches(quiet), reference.workers):
-            real = None if mask is None or mask not in feed else np.asarray(feed[mask])[:count] != 0
+            real = {mask: np.asarray(feed[mask])[:count] != 0 for mask in set(reference.masks.values()) if mask in feed}
             for name, ref, out in zip(reference.names, fp32, quant):
                 if ref.dtype == bool:  # a yes/no decision per sample or position: judged as labels 0 / 1
                     ref, out = ref.astype(np.uint8), out.astype(np.uint8)
                 if np.issubdtype(ref.dtype, np.number):
                     if name == task_output:
                         task_shape = ref.shape[1:]
-                    sums[name].add(ref, out, name == task_output, real, name in reference.token_outputs)
+                    sums[name].add(ref, out, name == task_output, real.get(reference.masks.get(name)))
             bar.update(count)
     if not sums[task_output].samples:
         raise BadOption(f"output '{task_output}' holds no numbers to compare with FP32; choose a numeric output "
@@ -306,6 +347,10 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             outputs[name]["integer"] = True  # ids or labels: their cosine says little
         if acc.masked:
             outputs[name]["real_tokens_only"] = True
+        weakest = acc.weakest_channel()
+        if weakest is not None:
+            outputs[name]["weakest_channel"] = {"axis": weakest[0], "index": weakest[1],
+                                                "cosine": round(weakest[2], 6)}
     task = sums[task_output]
     fp32 = np.concatenate(task.kept_fp32) if task.kept_fp32 else None
     quant = np.concatenate(task.kept_quant) if task.kept_quant else None
@@ -329,8 +374,9 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
               "batch": batch_of(reference.loaded, reference.batch_size), "outputs": outputs,
               "cosine": outputs[task_output]["cosine"], "sqnr_db": outputs[task_output]["sqnr_db"]}
     outputs[task_output]["kind"] = kind
-    if any(acc.masked for acc in sums.values()):
-        result["positions"] = f"real tokens only ('{mask}' != 0)"
+    used = sorted({reference.masks[name] for name, acc in sums.items() if acc.masked})
+    if used:
+        result["positions"] = f"real tokens only ({', '.join(repr(mask) for mask in used)} != 0)"
     if sequence and kind in DECISION_KINDS:  # per position; a label per sample says nothing about positions
         result["agreement"] = 100.0 * task.agreeing / task.positions
         result["agreement_unit"] = f"positions ({task.positions:,})"
@@ -379,6 +425,9 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
         # one binary score a sample: its correlation with FP32 too (decisions at 0.5 hide a drifting score)
         if (not decisions or measured.get("decision")) and measured["cosine"] < COLLAPSE_COSINE:
             problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}")
+        weakest = measured.get("outputs", {}).get(measured["task_output"], {}).get("weakest_channel")
+        if not decisions and weakest and weakest["cosine"] < COLLAPSE_COSINE <= measured["cosine"]:
+            problems.append(_channel_text(weakest))
         if measured.get("fp32_top1") is not None and measured.get("drop", 0.0) > COLLAPSE_DROP:
             problems.append(f"top-1 {measured['fp32_top1']:.2f}% -> {measured['quant_top1']:.2f}%")
         elif decisions and measured.get("fp32_top1") is None and measured.get("drop", 0.0) > COLLAPSE_DROP:
@@ -388,6 +437,9 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
     others = [f"'{name}' (cosine to FP32 {out['cosine']:.3f} < {COLLAPSE_COSINE})"
               for name, out in measured.get("outputs", {}).items()
               if name != measured["task_output"] and not out.get("integer") and out["cosine"] < COLLAPSE_COSINE]
+    others += [f"'{name}' ({_channel_text(out['weakest_channel'])})" for name, out in measured.get("outputs", {}).items()
+               if name != measured["task_output"] and out["cosine"] >= COLLAPSE_COSINE
+               and out.get("weakest_channel", {}).get("cosine", 1.0) < COLLAPSE_COSINE]
     if not problems and not others:
         return None
     parts = [f"output '{measured['task_output']}' collapsed ({'; '.join(problems)})"] if problems else []
@@ -395,6 +447,11 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
         parts.append(f"output{'s' if len(others) > 1 else ''} {', '.join(others)} collapsed")
     return (f"{'; '.join(parts)} on {measured['samples']} held-out samples: do not deploy this model; raise "
             "--avg-bits or try --activations dynamic.")
+
+
+def _channel_text(weakest: dict) -> str:
+    return (f"channel {weakest['index']} of axis {weakest['axis']} has cosine to FP32 {weakest['cosine']:.3f} < "
+            f"{COLLAPSE_COSINE}, under a whole-output cosine its larger channels hold up")
 
 
 def top1(predicted: np.ndarray, labels: np.ndarray) -> float:

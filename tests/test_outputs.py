@@ -359,3 +359,58 @@ def test_a_waveform_input_of_varying_length_converts(tmp_path):
             np.float32))
     report = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "calib"), Options(quiet=True)).report
     assert report["evaluation"]["cosine"] > 0.99
+
+
+def test_a_decoders_output_is_masked_by_the_decoders_mask(tmp_path):
+    """A seq2seq model has an encoder mask [N, s] and a decoder mask [N, t]: its decoder logits [N, t, V] were masked
+    by the first mask found, the encoder's, wherever a padded batch's lengths happened to match (a hunting subagent's
+    T5: 600 positions counted for 480 real ones). Each output now takes the mask whose axis has its axis's name."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["enc"]),
+             helper.make_node("ReduceMean", ["enc"], ["context"], axes=[1], keepdims=1),
+             helper.make_node("Gather", ["table", "decoder_input_ids"], ["dec"]),
+             helper.make_node("Add", ["dec", "context"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["logits"])]
+    inits = [numpy_helper.from_array(_weights(rng, 50, 16), "table"), numpy_helper.from_array(_weights(rng, 16, 5), "w")]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["b", axis]) for name, axis in (
+        ("input_ids", "s"), ("attention_mask", "s"), ("decoder_input_ids", "t"), ("decoder_attention_mask", "t"))]
+    model = _save(tmp_path, nodes, inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "t", 5])],
+                  inits)
+    lengths = []
+    for folder, count in (("calib", 30), ("eval", 20)):
+        os.makedirs(tmp_path / folder)
+        for i in range(count):
+            s, t = (12, 3) if i % 2 else (4, 9)
+            lengths.append(t)
+            np.savez(tmp_path / folder / f"{i:02d}.npz", input_ids=rng.integers(0, 50, (1, s)),
+                     attention_mask=np.ones((1, s), np.int64), decoder_input_ids=rng.integers(0, 50, (1, t)),
+                     decoder_attention_mask=np.ones((1, t), np.int64))
+    measured = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "calib"),
+                       Options(quiet=True, eval_path=str(tmp_path / "eval"), batch_size=2,
+                               output_kind="class-scores")).report["evaluation"]
+    assert measured["agreement_unit"] == f"positions ({sum(lengths[30:])})"
+    assert measured["positions"] == "real tokens only ('decoder_attention_mask' != 0)"
+
+
+def test_a_detectors_scores_are_judged_beside_its_boxes():
+    """Boxes in pixels and scores in [0, 1] in one [N, 4 + classes, anchors] output: its one cosine is the boxes',
+    and a YOLOv8 whose scores were gone (1 detection of 89) reported 0.997 with no warning (a hunting subagent's:
+    NudeNet's 320n at --avg-bits 3, where channel 21 now measures 0.276 and is warned). Each channel of such a short
+    axis is now judged too; a class no sample scores is not."""
+    from msq_onnx.fidelity import _OutputSums, collapse_warning
+
+    rng = np.random.default_rng(0)
+    fp32 = np.concatenate([rng.uniform(0, 320, (40, 4, 100)), rng.uniform(0, 1, (40, 3, 100)),
+                           np.full((40, 1, 100), 1e-7)], axis=1).astype(np.float32)
+    quant = fp32.copy()
+    quant[:, :4] += rng.normal(0, 1, (40, 4, 100)).astype(np.float32)  # boxes off by a pixel
+    quant[:, 5] = rng.uniform(0, 1, (40, 100))  # one class's scores gone
+    quant[:, 7] = rng.uniform(0, 1e-6, (40, 100))  # a class never scored: noise at 1e-6
+    sums = _OutputSums()
+    for part in range(4):
+        sums.add(fp32[part * 10:part * 10 + 10], quant[part * 10:part * 10 + 10], True)
+    axis, channel, cosine = sums.weakest_channel()
+    assert (axis, channel) == (1, 5) and cosine < 0.9
+    whole = sums.cosine_sum / sums.samples
+    measured = {"kind": "tensor", "task_output": "output0", "cosine": whole, "samples": 40,
+                "outputs": {"output0": {"cosine": whole, "weakest_channel": {"axis": 1, "index": 5, "cosine": cosine}}}}
+    assert whole > 0.9 and "channel 5 of axis 1" in collapse_warning(measured)
