@@ -105,7 +105,7 @@ class _OutputSums:
         """Per channel of a [N, A, B] output's short axis (at most MAX_CHANNELS): a detector's [N, 4 + classes,
         anchors] holds boxes in pixels beside scores in [0, 1], and its one cosine is the boxes' (a hunting
         subagent's YOLOv8 at 3 bits: cosine 0.997, the score rows' 0.22, 1 detection left of 89)."""
-        if self.channels == ():
+        if self.channels == () or reference.size == 0:  # an empty batch (a detector that found nothing) adds nothing
             return
         axis = 1 if reference.shape[1] <= reference.shape[2] else 2
         if reference.shape[axis] > MAX_CHANNELS or (self.channels is not None and (
@@ -128,7 +128,9 @@ class _OutputSums:
         if not self.channels:
             return None
         axis, xx, yy, xy, peak = self.channels
-        live = np.flatnonzero(peak >= 1e-3 * max(float(peak.max()), 1e-30))
+        live = np.flatnonzero(peak >= 1e-3 * float(peak.max())) if peak.size and peak.max() > 0 else []
+        if not len(live):  # all zeros in FP32 (an additive mask without padding): no channel to judge
+            return None
         cosines = xy[live] / np.maximum(np.sqrt(xx[live] * yy[live]), 1e-30)
         worst = int(np.argmin(cosines))
         return axis, int(live[worst]), float(cosines[worst])

@@ -1230,6 +1230,7 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
     source_opset = _default_opset(model)
     model = _upgrade_opset(model, source_opset, path)
     graph = model.graph
+    declared = {t.name for t in graph.initializer}  # before Constant nodes join them
     _constants_to_initializers(graph)
     inits = {t.name: t for t in graph.initializer}
     # From IR 4 on, an initializer listed among the inputs is a default the caller may feed instead (a
@@ -1238,7 +1239,7 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
     # exports that keep every initializer as an input (torch's keep_initializers_as_inputs): listed again, their
     # biases and norms would keep ORT from folding and fusing them, as its own preprocessing removes them.
     listed = [i for i in graph.input if i.name in inits]
-    default_inputs = [_copied(i) for i in listed] if source_ir >= 4 and len(listed) < len(inits) else []
+    default_inputs = [_copied(i) for i in listed] if source_ir >= 4 and len(listed) < len(declared) else []
     kept_inputs = [i for i in graph.input if i.name not in inits]
     del graph.input[:]
     graph.input.extend(kept_inputs)

@@ -228,7 +228,10 @@ def test_an_export_that_lists_every_initializer_as_an_input_gets_constants(tmp_p
     """torch's keep_initializers_as_inputs lists every weight, bias and norm as an input, never meant to be fed: they
     stay constants in the written model (listed again, ORT could not fold or fuse them), and nothing is warned."""
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Add", ["a", "b1"], ["ab"]),
+    # a Constant node, as torch exports have (shapes): it joins the initializers at load, listed or not (a review's)
+    nodes = [helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([-1, 16]), "shape")),
+             helper.make_node("Reshape", ["x", "shape"], ["x2"]),
+             helper.make_node("MatMul", ["x2", "w1"], ["a"]), helper.make_node("Add", ["a", "b1"], ["ab"]),
              helper.make_node("Relu", ["ab"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["logits"])]
     inits = [numpy_helper.from_array(_weights(rng, 16, 32), "w1"), numpy_helper.from_array(_weights(rng, 32), "b1"),
              numpy_helper.from_array(_weights(rng, 32, 10), "w2")]
@@ -414,3 +417,23 @@ def test_a_detectors_scores_are_judged_beside_its_boxes():
     measured = {"kind": "tensor", "task_output": "output0", "cosine": whole, "samples": 40,
                 "outputs": {"output0": {"cosine": whole, "weakest_channel": {"axis": 1, "index": 5, "cosine": cosine}}}}
     assert whole > 0.9 and "channel 5 of axis 1" in collapse_warning(measured)
+
+
+
+@pytest.mark.parametrize("kind", ["zeros", "empty"])
+def test_an_output_with_no_channel_to_judge_converts(tmp_path, kind):
+    """An [N, A, B] output that is all zeros in FP32 (an additive mask without padding) or empty (a detector that
+    found nothing) had no live channel, and the channel check ended the conversion in an internal error (a review's)."""
+    rng = np.random.default_rng(0)
+    extra = ([helper.make_node("Abs", ["y3"], ["ay"]), helper.make_node("Neg", ["ay"], ["ny"]),
+              helper.make_node("Relu", ["ny"], ["extra"])] if kind == "zeros" else
+             [helper.make_node("Slice", ["y3", "zero", "zero", "one"], ["extra"])])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Reshape", ["y", "shape"], ["y3"])] + extra
+    inits = [numpy_helper.from_array(_weights(rng, 8, 16), "w"), numpy_helper.from_array(np.array([-1, 2, 8]), "shape"),
+             numpy_helper.from_array(np.array([0]), "zero"), numpy_helper.from_array(np.array([1]), "one")]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16]),
+                   helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["N", None, 8])], inits)
+    np.savez(tmp_path / "x.npz", x=rng.normal(size=(60, 8)).astype(np.float32))
+    report = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "x.npz"), Options(quiet=True)).report
+    assert "weakest_channel" not in report["evaluation"]["outputs"].get("extra", {})
