@@ -204,8 +204,8 @@ class ImageSamples(SampleSet):
         return pixels.reshape(crop_h, crop_w, -1)
 
     def _to_tensor(self, pixels: np.ndarray) -> np.ndarray:
-        if self.channels == 3 and self.pre.channel_order == "bgr":
-            pixels = pixels[..., ::-1]
+        if self.channels in (3, 4) and self.pre.channel_order == "bgr":  # BGRA keeps its alpha last
+            pixels = np.concatenate([pixels[..., 2::-1], pixels[..., 3:]], axis=-1)
         mean = np.asarray(self.pre.mean, np.float32)
         std = np.asarray(self.pre.std, np.float32)
         pixels = (pixels - mean) / std

@@ -118,5 +118,8 @@ def test_a_four_channel_input_gets_rgba_and_other_counts_are_refused(tmp_path):
     fed = open_samples(str(tmp_path), [InputSpec("x", [None, 4, 8, 8], np.dtype(np.float32))], Preprocess(resize=8),
                        "evaluation")
     np.testing.assert_array_equal(next(fed.batches(1))["x"][0], rgba.transpose(2, 0, 1).astype(np.float32))
+    bgra = open_samples(str(tmp_path), [InputSpec("x", [None, 4, 8, 8], np.dtype(np.float32))],
+                        Preprocess(resize=8, channel_order="bgr"), "evaluation")  # was ignored for 4 channels
+    np.testing.assert_array_equal(next(bgra.batches(1))["x"][0], rgba[..., [2, 1, 0, 3]].transpose(2, 0, 1))
     bad_data(lambda: open_samples(str(tmp_path), [InputSpec("x", [None, 2, 8, 8], np.dtype(np.float32))],
                                   Preprocess(resize=8), "evaluation"), "1 (gray), 3 (RGB) or 4 (RGBA)", "takes 2")
