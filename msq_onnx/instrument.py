@@ -101,11 +101,9 @@ def _moment_axes(layer: Layer, rank: int) -> list[int]:
     return [a for a in range(rank) if a != channel_axis]
 
 
-def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
-                       hessian_layers=None) -> tuple[onnx.ModelProto, dict]:
+def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -> tuple[onnx.ModelProto, dict]:
     """Return the instrumented copy and a map of its extra outputs (with `hessians`, also each Hessian input's
-    rows as [rows, K], for the layers in `hessian_layers` if given; with pyramid
-    `levels`, maps of a fixed size come out already pooled)."""
+    rows as [rows, K]; with pyramid `levels`, maps of a fixed size come out already pooled)."""
     model = loaded.session_copy()
     graph = model.graph
     original_nodes = len(graph.node)
@@ -235,7 +233,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
         add_output(sq_mean)
         outputs["moments"][layer.name] = (mean, sq_mean)
     if hessians:
-        _add_hessians(loaded, model, outputs, add_output, hessian_layers)
+        _add_hessians(loaded, model, outputs, add_output)
     _place_after_producers(graph, original_nodes)
     return model, outputs
 
@@ -260,7 +258,7 @@ def _place_after_producers(graph: onnx.GraphProto, original_nodes: int) -> None:
     graph.node.extend(ordered)
 
 
-def _hessian_candidates(loaded: LoadedModel, shapes: dict, only=None) -> dict:
+def _hessian_candidates(loaded: LoadedModel, shapes: dict) -> dict:
     """layer -> ops.InputRows of the layers whose input Hessian can feed GPTQ. A layer whose input shape
     fixes too few rows per sample to ever fit it (a classifier's head: one row per sample) is left out
     before the pass; symbolic row counts are judged on the samples before the Hessian batches."""
@@ -269,8 +267,7 @@ def _hessian_candidates(loaded: LoadedModel, shapes: dict, only=None) -> dict:
         shape = shapes.get(layer.input_name)
         known = shape is not None and len(shape) >= 1 and all(d for d in shape[1:-1])
         rows_per_sample = int(np.prod(shape[1:-1])) if known else None
-        if (only is not None and layer.name not in only) or not layer.kind.input_moments or \
-                layer.fan_in > MAX_HESSIAN_FAN_IN or (
+        if not layer.kind.input_moments or layer.fan_in > MAX_HESSIAN_FAN_IN or (
                 rows_per_sample is not None
                 and rows_per_sample * (HESSIAN_SAMPLES // 2) < MIN_ROWS_PER_INPUT * layer.fan_in):
             continue
@@ -280,11 +277,11 @@ def _hessian_candidates(loaded: LoadedModel, shapes: dict, only=None) -> dict:
     return candidates
 
 
-def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, add_output, only=None) -> None:
+def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, add_output) -> None:
     """Per distinct input rows (ops.InputRows) of the candidates: the rows as [rows, K], an output the pass
     fetches only for the Hessian batches (HessianSums takes rows^T rows of them in numpy)."""
     graph = model.graph
-    for name, rows in _hessian_candidates(loaded, static_shapes(model), only).items():
+    for name, rows in _hessian_candidates(loaded, static_shapes(model)).items():
         if rows.key not in outputs["hessian"]:
             graph.initializer.extend(rows.initializers)
             graph.node.extend(rows.nodes)
