@@ -165,13 +165,11 @@ def fits(bits: dict, budgets) -> bool:
     return all(sum(b.costs[name][bits[name]] for name in bits) <= b.limit * (1 + 1e-9) + 1e-6 for b in budgets)
 
 
-_SOLVER_IMPORTS = []  # the threads import_solver_in_background started
-
-
-def import_solver_in_background() -> None:
+def import_solver_in_background():
     """Start importing the knapsack's solver (scipy.optimize: 0.35-0.5 s of one core) on a thread while the
-    caller waits on ONNX Runtime, whose session builds leave a core idle and the GIL free. allocate_ilp's own
-    import then finds it loaded, or waits on the import lock for it; its errors are that import's to report."""
+    caller waits on ONNX Runtime, whose session builds leave a core idle and the GIL free; the caller joins the
+    thread before it times anything. allocate_ilp's own import then finds the module loaded; its errors are that
+    import's to report."""
     import importlib
     import threading
 
@@ -183,14 +181,7 @@ def import_solver_in_background() -> None:
 
     thread = threading.Thread(target=load, name="msq-import-solver", daemon=True)
     thread.start()
-    _SOLVER_IMPORTS.append(thread)
-
-
-def solver_imported() -> None:
-    """Wait for import_solver_in_background: a toy model reaches its latency timing before the import is done,
-    and the import's hold on the GIL then slowed the timed runs (a 0.14 ms model measured 1.8x FP32's time)."""
-    while _SOLVER_IMPORTS:
-        _SOLVER_IMPORTS.pop().join()
+    return thread
 
 
 def allocate_ilp(damage: dict, candidate_bits, budgets) -> dict:
