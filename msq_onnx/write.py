@@ -163,26 +163,25 @@ def data_inputs(layer, nodes: dict) -> list[str]:
     return [nodes[name].input[layer.kind.data_index] for name in layer.nodes if name in nodes]
 
 
+def _passing_quantization(static_layers, model: onnx.ModelProto) -> set:
+    """The nodes of the static region that ORT's quantizer gives their data input's quantization
+    (ops.shares_quantization: a Flatten, a MaxPool, a Pad of zeros ...)."""
+    region = set(static_region(model, {n for layer in static_layers for n in layer.nodes}))
+    pads = {node.input[2] for node in model.graph.node if node.op_type == "Pad" and len(node.input) > 2}
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in pads}
+    return {node.name for node in model.graph.node if node.name in region and shares_quantization(node, constants)}
+
+
 def uint16_widenable(static_layers, model: onnx.ModelProto) -> set:
     """The static layers whose data inputs ORT's quantizer would write as uint16 when asked: not those that come
-    through an op of the static region that passes its input's quantization on (ops.shares_quantization: a
+    through an op of the static region that passes its input's quantization on (_passing_quantization: a
     Flatten or MaxPool after another static layer). Such an input keeps its source's uint8 whatever the override
     says (the bundled digits CNN's fc1), and widening the source would take a second layer off its integer kernel."""
     nodes = {node.name: node for node in model.graph.node}
-    region = set(static_region(model, {n for layer in static_layers for n in layer.nodes}))
-    producers = {out: node for node in model.graph.node for out in node.output}
-    constants = _pad_values(model)
-
-    def own(tensor: str) -> bool:
-        producer = producers.get(tensor)
-        return producer is None or producer.name not in region or not shares_quantization(producer, constants)
-    return {layer.name for layer in static_layers if all(own(t) for t in data_inputs(layer, nodes))}
-
-
-def _pad_values(model: onnx.ModelProto) -> dict:
-    """The Pads' constant values (ops.shares_quantization reads them)."""
-    names = {node.input[2] for node in model.graph.node if node.op_type == "Pad" and len(node.input) > 2}
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
+    passing = _passing_quantization(static_layers, model)
+    producers = {out: node.name for node in model.graph.node for out in node.output}
+    return {layer.name for layer in static_layers
+            if not any(producers.get(t) in passing for t in data_inputs(layer, nodes))}
 
 
 def uint16_kernels(static_layers, wide_inputs, model: onnx.ModelProto) -> set:
@@ -192,8 +191,7 @@ def uint16_kernels(static_layers, wide_inputs, model: onnx.ModelProto) -> set:
     QLinearConv writes no uint16). A review's model ran conv1, conv2 and conv3 as float Conv for --act16 1,
     and only conv3 was spared the reduce_range cap."""
     nodes = {node.name: node for node in model.graph.node}
-    region = set(static_region(model, {n for layer in static_layers for n in layer.nodes}))
-    constants = _pad_values(model)
+    passing = _passing_quantization(static_layers, model)
     readers: dict = {}
     for node in model.graph.node:
         for name in node.input[:1]:
@@ -202,7 +200,7 @@ def uint16_kernels(static_layers, wide_inputs, model: onnx.ModelProto) -> set:
     frontier = list(wide)
     while frontier:
         for node in readers.get(frontier.pop(), []):
-            if node.name in region and shares_quantization(node, constants):
+            if node.name in passing:
                 grown = [out for out in node.output if out and out not in wide]
                 wide.update(grown)
                 frontier.extend(grown)
