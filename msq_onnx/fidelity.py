@@ -12,6 +12,7 @@ ORT's full optimizations, never on an instrumented copy.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -180,9 +181,12 @@ def output_masks(loaded) -> dict:
 class Reference:
     """FP32 outputs on the held-out samples: computed once and cached when small, else recomputed."""
 
-    def __init__(self, fp32_path: str, loaded, samples, batch_size: int, quiet: bool, workers: int = 1):
+    def __init__(self, fp32_path: str, loaded, samples, batch_size: int, quiet: bool, workers: int = 1,
+                 stop: threading.Event | None = None):
+        """stop: set by another thread to end the runs early (Cancelled)."""
         self.path, self.loaded, self.samples, self.batch_size = fp32_path, loaded, samples, batch_size
         self.paired = workers  # runs at once (instrument.run_workers)
+        self.stop = stop
         # a sequence or map output has no values to compare element by element
         self.names = [o.name for o in loaded.model.graph.output if o.type.HasField("tensor_type")]
         self.masks = output_masks(loaded)
@@ -201,6 +205,8 @@ class Reference:
         with progress(self.samples.count, description, quiet) as bar:
             for (feed, count), outputs in ordered_runs(run, padded_batches(self.samples, self.loaded,
                                                                            self.batch_size), workers):
+                if self.stop is not None and self.stop.is_set():
+                    raise Cancelled("the FP32 evaluation was stopped")
                 yield feed, count, outputs
                 bar.update(count)
 
@@ -216,6 +222,10 @@ class Reference:
             return
         for (feed, count), outputs in zip(padded_batches(self.samples, self.loaded, self.batch_size), self.cache):
             yield feed, count, outputs
+
+
+class Cancelled(Exception):
+    """Runs ended early on request: never reaches a user (the conversion that asked for it has already failed)."""
 
 
 def _run_checked(runner, names, feed, count, samples, description) -> list:

@@ -874,3 +874,67 @@ def test_mode_timings_are_cached_per_cpu_model_and_instruction_set(tmp_path):
     epyc = cpu_signature(cpuinfo("c", "AMD EPYC", "avx2"))
     assert len({vnni, avx2, epyc}) == 3 and cpu_signature(cpuinfo("d", "Intel Xeon", "avx2 ht")) == avx2
     assert cache_path().endswith(f"-{cpu_signature()}.json")
+
+
+def _blocked_runs(monkeypatch):
+    """ORT runs that wait for the returned event before running (the first that waits 10 s in vain sets it)."""
+    import threading
+
+    release = threading.Event()
+    real_run = ort.InferenceSession.run
+
+    def waiting(self, *args, **kwargs):
+        if not release.wait(10):
+            release.set()
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", waiting)
+    return release
+
+
+def test_the_held_out_reference_runs_beside_the_caller_and_gives_the_same_outputs(cnn_files, monkeypatch):
+    import time
+
+    from msq_onnx.pipeline import _HeldOut
+
+    loaded = load_model(cnn_files["model"])
+    samples = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    options = Options(quiet=True)
+    before = _HeldOut(loaded, samples, options, 2).reference.cache
+    release = _blocked_runs(monkeypatch)
+    start = time.perf_counter()
+    held_out = _HeldOut(loaded, samples, options, 2, background=True)
+    assert time.perf_counter() - start < 5  # returned while its runs wait
+    release.set()
+    after = held_out.reference.cache
+    assert len(after) == len(before) > 0
+    for ours, theirs in zip(after, before):
+        for a, b in zip(ours, theirs):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_background_reference_is_stopped_when_the_conversion_ends_without_it(cnn_files, monkeypatch):
+    import threading
+
+    from msq_onnx import fidelity
+    from msq_onnx.pipeline import _HeldOut
+
+    loaded = load_model(cnn_files["model"])
+    samples = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    runs = [0]
+    release = _blocked_runs(monkeypatch)
+    counted_run = ort.InferenceSession.run
+
+    def counting(self, *args, **kwargs):
+        runs[0] += 1
+        return counted_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", counting)
+    held_out = _HeldOut(loaded, samples, Options(quiet=True), 1, background=True)
+    stopper = threading.Timer(0.2, release.set)  # the runs go on once close() has asked them to stop
+    stopper.start()
+    held_out.close()
+    assert not held_out._thread.is_alive()
+    assert runs[0] < samples.count  # ended early, not after every sample
+    with pytest.raises(fidelity.Cancelled):
+        held_out.reference
