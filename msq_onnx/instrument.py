@@ -145,6 +145,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -
         outputs["range"][tensor] = (lo, hi)  # lo None: never negative, its range starts at 0
 
     views = {}  # probe -> the tensor with its samples on axis 0 (ops.OpKind.batch_first)
+    shared_moments = {}  # (input, layout): its (mean, mean square) outputs
     for index, layer in enumerate(loaded.layers):
         shape = shapes.get(layer.probe_name)
         fixed_map = levels and not layer.kind.channels_last and _fixed_map(shape)
@@ -199,6 +200,10 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -
             outputs["probe"][layer.name] = views[layer.probe_name]
         if not layer.kind.input_moments:
             continue  # token ids: no per-channel statistics
+        key = (layer.input_name, layer.kind.channels_last, layer.op_type in ("Conv", "ConvTranspose"))
+        if key in shared_moments:  # the layers that read one input (a query, key and value) share its moments
+            outputs["moments"][layer.name] = shared_moments[key]
+            continue
         x, rank = layer.input_name, _rank(model, layer.input_name)
         if rank is None and layer.kind.channels_last:
             # ONNX's shape inference stops at an op it does not know (ORT's SkipLayerNormalization, Attention):
@@ -231,7 +236,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -
             graph.node.append(reduce_mean(square, sq_mean))
         add_output(mean)
         add_output(sq_mean)
-        outputs["moments"][layer.name] = (mean, sq_mean)
+        outputs["moments"][layer.name] = shared_moments[key] = (mean, sq_mean)
     if hessians:
         _add_hessians(loaded, model, outputs, add_output)
     _place_after_producers(graph, original_nodes)

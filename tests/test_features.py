@@ -281,3 +281,40 @@ def test_a_layer_on_a_vector_sums_its_moments_over_every_batch(tmp_path):
     assert np.ndim(stats.input_mean[vector]) == 0
     np.testing.assert_allclose(stats.input_mean[vector], x.mean(), rtol=1e-5)  # each sample's own mean, averaged
     np.testing.assert_allclose(stats.input_sq[vector], (x ** 2).mean(), rtol=1e-5)
+
+
+def test_layers_reading_one_input_share_its_moments_in_the_pass(tmp_path):
+    """A query, key and value read one input: the instrumented graph takes its moments once, and each layer
+    still gets them, equal to numpy's."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.instrument import build_instrumented, run_pass
+    from msq_onnx.load import load_model
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", f"W{i}"], [f"a{i}"], name=f"mm{i}") for i in range(3)]
+        + [helper.make_node("Relu", ["a0"], ["r"], name="relu"),
+           helper.make_node("MatMul", ["r", "W3"], ["b"], name="mm3"),
+           helper.make_node("Sum", ["a1", "a2", "b"], ["y"], name="sum")], "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(rng.standard_normal((6, 6)).astype(np.float32), f"W{i}") for i in range(4)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    instrumented, outputs = build_instrumented(loaded)
+    assert len(set(outputs["moments"].values())) == 2  # x's, shared by three layers, and r's
+    assert sum(node.op_type == "ReduceMean" for node in instrumented.graph.node) == 4
+    x = rng.standard_normal((30, 6)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    stats = run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2), 64,
+                     quiet=True)
+    relu = np.maximum(x @ numpy_helper.to_array(graph.initializer[0]), 0)
+    for layer in loaded.layers:
+        source = relu if layer.nodes[0] == "mm3" else x
+        np.testing.assert_allclose(stats.input_mean[layer.name], source.mean(axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats.input_sq[layer.name], (source ** 2).mean(axis=0), rtol=1e-5, atol=1e-6)
