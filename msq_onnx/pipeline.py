@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -532,7 +532,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         cores = usable_cores()
         with GzipSize([] if is_large(loaded.model) else [chosen.path], cores, int(cores > 1)) as packed:
             with timer.stage("latency"):
-                latency, op_counts = measure_latency(loaded, chosen, evaluation, yardstick[0], work_dir)
+                latency, op_counts = measure_latency(loaded, chosen, evaluation, yardstick[0], work_dir,
+                                                     held_out.reference.single_thread_session)
             packed.widen()
             with timer.stage("write"):
                 as_is = publish(chosen.path, output_path)
@@ -628,12 +629,12 @@ def _yardstick(modes: dict, ranges: dict, fp32_path: str, work_dir: str) -> tupl
     return reference
 
 
-def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple,
-                    work_dir: str) -> tuple[dict, Counter]:
+def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple, work_dir: str,
+                    fp32_session=None) -> tuple[dict, Counter]:
     """Latency of FP32, the written model and ORT's own int8 model (`yardstick`: its path or None, its kind,
     and what went wrong writing it) on one held-out sample (batch 1, or the model's fixed batch); and the op
     types of the written model's graph as ORT optimized it for its timed session (no session of its own for
-    the kernel count)."""
+    the kernel count). fp32_session: an FP32 session on one intra-op thread already built (fidelity.Reference's)."""
     from .instrument import padded_batches
     from .verify import op_counts, single_thread_session, time_sessions
 
@@ -643,7 +644,7 @@ def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple,
     optimized = os.path.join(tempfile.mkdtemp(dir=work_dir), "optimized.onnx")
     # ORT builds a session without the GIL: the three at once on two cores (MiniLM-L6's two FP32 ones: 0.50 -> 0.33 s)
     with ThreadPoolExecutor(max_workers=max(1, min(3, usable_cores()))) as builders:
-        built = [builders.submit(single_thread_session, fp32),
+        built = [builders.submit(single_thread_session, fp32) if fp32_session is None else _done(fp32_session),
                  builders.submit(single_thread_session, chosen.path, optimized_path=optimized)]
         if reference is not None:
             built.append(builders.submit(single_thread_session, reference, silent=True))
@@ -663,6 +664,12 @@ def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple,
     elif failed:
         result[f"ort_{kind}_int8_failed"] = f"ONNX Runtime's own {kind} int8 model of this FP32 model {failed}"
     return result, op_counts(optimized)
+
+
+def _done(value) -> Future:
+    future = Future()
+    future.set_result(value)
+    return future
 
 
 SLOWER_THAN_FP32 = 1.1  # beyond the drift between this machine's interleaved timings (a few percent) ...

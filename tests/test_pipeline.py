@@ -938,3 +938,23 @@ def test_a_background_reference_is_stopped_when_the_conversion_ends_without_it(c
     assert runs[0] < samples.count  # ended early, not after every sample
     with pytest.raises(fidelity.Cancelled):
         held_out.reference
+
+
+def test_the_latency_timing_times_fp32_on_the_held_out_references_session(cnn_files, tmp_path, monkeypatch):
+    """The FP32 session the held-out reference ran on one thread is the one timed: no second FP32 build."""
+    from msq_onnx import verify
+
+    built = []
+    real = verify.single_thread_session
+
+    def recorded(model, *args, **kwargs):
+        built.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "single_thread_session", recorded)
+    out = tmp_path / "q.onnx"
+    report = convert(cnn_files["model"], str(out), cnn_files["calib"], Options(quiet=True)).report
+    assert report["latency_ms"]["fp32"] > 0 and report["latency_ms"]["output"] > 0
+    timed = [m for m in built if isinstance(m, str)]
+    assert any(path.endswith("quantized.onnx") for path in timed)  # the written model is still built to be timed
+    assert not any(path.endswith("model.onnx") and "msq-weights" in path for path in timed), timed
