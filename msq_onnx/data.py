@@ -288,8 +288,14 @@ def _image_folder(path: str) -> tuple[list[str], np.ndarray | None, list[str] | 
     if classes:
         for index, cls in enumerate(classes):
             # every image under the class folder, at any depth, as torchvision's ImageFolder takes them (a class
-            # kept in subfolders gave none: 2 of 42 images were read, a hunting subagent's)
-            for folder, subfolders, names in os.walk(os.path.join(path, cls)):
+            # kept in subfolders gave none: 2 of 42 images were read, a hunting subagent's), through linked
+            # folders too, as it does; a link back to a folder already walked is not walked again (a loop)
+            walked = set()
+            for folder, subfolders, names in os.walk(os.path.join(path, cls), followlinks=True):
+                if os.path.realpath(folder) in walked:
+                    subfolders[:] = []
+                    continue
+                walked.add(os.path.realpath(folder))
                 subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # walked in this order
                 for name in sorted(names):
                     if name.lower().endswith(IMAGE_SUFFIXES):

@@ -110,6 +110,24 @@ def test_images_in_subfolders_of_a_class_folder_are_that_class(tmp_path):
     assert samples.labels.tolist() == [0, 0, 1, 1, 1, 1] and samples.class_names == ["cat", "dog"]
 
 
+def test_linked_folders_inside_a_class_folder_are_read_and_a_loop_is_walked_once(tmp_path):
+    """torchvision's ImageFolder follows linked folders; they were skipped (a review's). A link back up the tree
+    must not walk forever or read an image twice."""
+    import os
+
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "dog").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    _rgb_images(tmp_path / "data" / "cat", 1)
+    _rgb_images(tmp_path / "data" / "dog", 1)
+    _rgb_images(tmp_path / "elsewhere", 2)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "dog" / "more")
+    os.symlink(tmp_path / "data" / "dog", tmp_path / "data" / "dog" / "loop")
+    spec = [InputSpec("x", [None, 3, 8, 8], np.dtype(np.float32))]
+    samples = open_samples(str(tmp_path / "data"), spec, Preprocess(resize=8), "calibration")
+    assert samples.labels.tolist() == [0, 1, 1, 1]
+
+
 def test_a_four_channel_input_gets_rgba_and_other_counts_are_refused(tmp_path):
     """A 4-channel (RGBA) image model was fed RGB, and ONNX Runtime refused the run with its own message (the data
     hunt's); a 2-channel one gets one line saying what image files give."""
