@@ -27,7 +27,7 @@ from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
 from .imprint import imprint_labels, layer_scores
 from .importance import importance as layer_importance
 from .importance import upstream_layers
-from .instrument import run_pass, usable_cores
+from .instrument import one_blas_thread, run_pass, usable_cores
 from .latency import mode_costs
 from .load import is_large, load_model
 from .ops import DYNAMIC, FLOAT, FLOAT_BITS, MODES, PREFER, STATIC, WEIGHT_ONLY
@@ -101,9 +101,19 @@ class _ResultThread(threading.Thread):
     def result(self):
         self.join()
         if self._error is not None:
-            error, self._error = self._error, None  # its traceback holds the caller's frames: no cycle through us
+            # Raised once as it is; its traceback then holds the caller's frames, so it is not kept (a cycle through
+            # us would keep the loaded model and its weights folder until the garbage collector ran). A second call
+            # raises the same error again, without its traceback.
+            error, self._error = self._error, (type(self._error), self._error.args)
+            if isinstance(error, tuple):
+                raise error[0](*error[1])
             raise error
         return self._value
+
+    def discard(self) -> None:
+        """Wait for the thread and drop what it made or raised, unread (a stopped run's Cancelled)."""
+        self.join()
+        self._value = self._error = None
 
 
 class _Timer:
@@ -279,8 +289,6 @@ def _error_tables(loaded, stats, options, modes: dict, widths_of=None) -> dict:
     model written)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .instrument import one_blas_thread, usable_cores
-
     def table(layer):
         widths = options.bits if widths_of is None else widths_of[layer.name]
         room = {b: layer.kind.has_room(layer, b, modes[layer.name].mode, options.prefer) for b in widths}
@@ -342,7 +350,7 @@ class _HeldOut:
         """Ends the background runs early (a conversion that failed or was interrupted before it was needed)."""
         if self._thread is not None and self._reference is None:
             self._stop.set()
-            self._thread.join()
+            self._thread.discard()
 
     def measure(self, path: str) -> dict:
         measured = fidelity.compare(self.reference, path, self.loaded.output_name, self.samples.labels,
@@ -490,9 +498,12 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         damage = _damage(loaded, calib, analysis, options, caps)
     with workspace as work_dir, ExitStack() as stack:
         with timer.stage("verify"):  # the FP32 outputs every candidate is compared with
+            # The background runs enter and leave threadpoolctl's process-wide BLAS limit beside the main thread's
+            # own entries; under one limit held around both, no exit restores two threads while the other is in
+            stack.enter_context(one_blas_thread())
             held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers,
                                 background=options.max_latency is None)
-        stack.callback(held_out.close)
+            stack.callback(held_out.close)
         if options.max_latency is not None:
             with timer.stage("latency"):
                 budgets.append(latency_budget(loaded, analysis, options, widths, evaluation))
