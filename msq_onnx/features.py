@@ -176,12 +176,19 @@ def token_features(ids: np.ndarray, mask: np.ndarray | None, max_dim: int = DEFA
     return bags / np.maximum(real.sum(axis=1, keepdims=True), 1)
 
 
+HASH_CHUNK = 32  # samples whose pyramids are hashed in one product
+
+
 class FeatureBank:
     """Collects per-layer embeddings batch by batch; one array per layer at the end.
 
     Embeddings are kept in float16 (a cosine classifier does not need more)
     and for at most max_samples samples, so the bank stops growing with the
     calibration set: ranges and moments still use every sample.
+
+    Pyramids wait for HASH_CHUNK samples before they are hashed: one sparse product and one float16 copy a
+    chunk instead of a sample (batch 1: MiniLM-L6's 39 layers x 240 texts were 9,360 of each, 28-48 us apiece,
+    on the pass's main thread). The same products, in the same order: the embeddings are bit-identical.
     """
 
     def __init__(self, names, levels=DEFAULT_LEVELS, max_dim: int = DEFAULT_MAX_DIM, seed: int = 0,
@@ -191,32 +198,54 @@ class FeatureBank:
         self.seed = seed
         self.max_samples = max_samples
         self._chunks = {name: [] for name in names}
-        self._counts = {name: 0 for name in names}
+        self._counts = {name: 0 for name in names}  # samples taken, waiting ones included
+        self._waiting = {name: [] for name in names}  # flat pyramids [n, D] not hashed yet
 
     def add(self, name: str, probe: np.ndarray, channels_last: bool = False, mask: np.ndarray | None = None) -> None:
         room = self.max_samples - self._counts[name]
         if room <= 0:
             return
-        embedded = embed(probe[:room], self.levels, self.max_dim, channels_last, self.seed,
-                         None if mask is None else mask[:room])
-        self.add_embedding(name, embedded)
+        self._wait(name, pyramid_pool(probe[:room], self.levels, channels_last, None if mask is None else mask[:room]))
 
     def add_pyramid(self, name: str, pooled: np.ndarray) -> None:
         """A map's bin averages computed in the graph ([N, C, sum(b*b)], see flat_pooling_matrix)."""
         room = self.max_samples - self._counts[name]
         if room > 0:
-            self.add_embedding(name, cap_dimension(pooled[:room], self.max_dim, self.seed))
+            self._wait(name, pooled[:room])
+
+    def _wait(self, name: str, pooled: np.ndarray) -> None:
+        flat = pooled.reshape(len(pooled), -1)
+        waiting = self._waiting[name]
+        if waiting and waiting[0].shape[1] != flat.shape[1]:
+            self._hash(name)
+        waiting.append(flat)
+        self._counts[name] += len(flat)
+        if sum(len(part) for part in waiting) >= HASH_CHUNK:
+            self._hash(name)
+
+    def _hash(self, name: str) -> None:
+        waiting = self._waiting[name]
+        if waiting:
+            self._store(name, cap_dimension(np.concatenate(waiting), self.max_dim, self.seed))
+            waiting.clear()
 
     def add_embedding(self, name: str, embedded: np.ndarray) -> None:
+        self._hash(name)  # in sample order
         embedded = embedded[:self.max_samples - self._counts[name]]
-        self._chunks[name].append(np.clip(embedded, -_F16_MAX, _F16_MAX).astype(np.float16))
+        self._store(name, embedded)
         self._counts[name] += len(embedded)
+
+    def _store(self, name: str, embedded: np.ndarray) -> None:
+        self._chunks[name].append(np.clip(embedded, -_F16_MAX, _F16_MAX).astype(np.float16))
 
     @property
     def names(self) -> list[str]:
+        for name in self._waiting:
+            self._hash(name)
         return [name for name, chunks in self._chunks.items() if chunks]
 
     def matrix(self, name: str) -> np.ndarray:
+        self._hash(name)
         return np.concatenate(self._chunks[name]).astype(np.float32)
 
     def take(self, name: str) -> np.ndarray:

@@ -82,6 +82,31 @@ def test_bank_stops_growing_at_its_sample_cap():
     assert np.isfinite(matrix).all()
 
 
+def test_bank_hashes_pyramids_in_chunks_exactly_as_one_sample_at_a_time():
+    """Pyramids wait to be hashed HASH_CHUNK samples at a time: the embeddings equal embed()'s of each sample,
+    bit for bit, through chunk boundaries, a direct embedding between them, and the sample cap."""
+    from msq_onnx.features import HASH_CHUNK
+
+    rng = np.random.default_rng(7)
+    bank = FeatureBank(["a", "b"], levels=(1, 2, 4), max_dim=64, max_samples=HASH_CHUNK * 2 + 5)
+    expected = {"a": [], "b": []}
+    for i in range(HASH_CHUNK * 2 + 9):
+        probe = rng.normal(size=(1, 17 + i % 5, 24)).astype(np.float32)  # [1, T, C]: 168 pooled values, hashed
+        mask = np.ones((1, probe.shape[1]), np.int64)
+        bank.add("a", probe, channels_last=True, mask=mask)
+        expected["a"].append(embed(probe, (1, 2, 4), 64, True, 0, mask))
+        if i == HASH_CHUNK + 3:
+            direct = rng.normal(size=(1, 64)).astype(np.float32)
+            bank.add_embedding("b", direct)
+            expected["b"].append(direct)
+        else:
+            bank.add("b", probe, channels_last=True, mask=mask)
+            expected["b"].append(embed(probe, (1, 2, 4), 64, True, 0, mask))
+    for name in ("a", "b"):
+        wanted = np.concatenate(expected[name])[:HASH_CHUNK * 2 + 5].astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(bank.matrix(name), wanted)
+
+
 def test_sequence_pyramid_pools_real_tokens_only():
     """Level b cuts the real tokens into b segments; padding (mask 0) never enters, whatever it holds."""
     rng = np.random.default_rng(3)
