@@ -176,7 +176,9 @@ def token_features(ids: np.ndarray, mask: np.ndarray | None, max_dim: int = DEFA
     return bags / np.maximum(real.sum(axis=1, keepdims=True), 1)
 
 
-HASH_CHUNK = 32  # samples whose pyramids are hashed in one product
+HASH_CHUNK = 32  # samples whose pyramids are hashed in one product ...
+HASH_BYTES = 128 << 10  # ... or fewer, where they would hold more than this (EfficientNet-Lite0's 65 layers of up
+# to 26,880 values a sample held 64 MB at 32 samples, and the pass's peak rose from 253 to 317 MB)
 
 
 class FeatureBank:
@@ -186,8 +188,8 @@ class FeatureBank:
     and for at most max_samples samples, so the bank stops growing with the
     calibration set: ranges and moments still use every sample.
 
-    Pyramids wait for HASH_CHUNK samples before they are hashed: one sparse product and one float16 copy a
-    chunk instead of a sample (batch 1: MiniLM-L6's 39 layers x 240 texts were 9,360 of each, 28-48 us apiece,
+    Pyramids wait for HASH_CHUNK samples (or HASH_BYTES) before they are hashed: one sparse product and one
+    float16 copy a chunk instead of a sample (batch 1: MiniLM-L6's 39 layers x 240 texts were 9,360 of each, 28-48 us apiece,
     on the pass's main thread). The same products, in the same order: the embeddings are bit-identical.
     """
 
@@ -220,7 +222,7 @@ class FeatureBank:
             self._hash(name)
         waiting.append(flat)
         self._counts[name] += len(flat)
-        if sum(len(part) for part in waiting) >= HASH_CHUNK:
+        if sum(len(part) for part in waiting) >= HASH_CHUNK or sum(part.nbytes for part in waiting) >= HASH_BYTES:
             self._hash(name)
 
     def _hash(self, name: str) -> None:

@@ -107,6 +107,17 @@ def test_bank_hashes_pyramids_in_chunks_exactly_as_one_sample_at_a_time():
         np.testing.assert_array_equal(bank.matrix(name), wanted)
 
 
+def test_bank_holds_few_wide_pyramids_before_hashing_them():
+    """A map's pyramid of 1,280 channels x 21 bins is 107 KB a sample: 32 of them per layer held EfficientNet-Lite0's
+    pass 64 MB above its peak. Such samples are hashed one or two at a time."""
+    bank = FeatureBank(["a"], levels=(1, 2, 4), max_dim=1024)
+    pooled = np.ones((1, 1280, 21), np.float32)
+    for _ in range(10):
+        bank.add_pyramid("a", pooled)
+        assert sum(part.nbytes for part in bank._waiting["a"]) < 2 * pooled.nbytes
+    assert bank.matrix("a").shape == (10, 1024)
+
+
 def test_sequence_pyramid_pools_real_tokens_only():
     """Level b cuts the real tokens into b segments; padding (mask 0) never enters, whatever it holds."""
     rng = np.random.default_rng(3)
