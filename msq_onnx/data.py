@@ -289,8 +289,11 @@ def _image_folder(path: str) -> tuple[list[str], np.ndarray | None, list[str] | 
         for index, cls in enumerate(classes):
             # every image under the class folder, at any depth, as torchvision's ImageFolder takes them (a class
             # kept in subfolders gave none: 2 of 42 images were read, a hunting subagent's), through linked
-            # folders too, as it does; a link back to a folder already walked is not walked again (a loop)
-            walked = set()
+            # folders too, as it does; a link back to a folder already walked is not walked again (a loop), and
+            # unlike torchvision, a link into the data folder or another class's is not walked: its images would
+            # count twice, under two labels
+            walked = {os.path.realpath(path)} | {os.path.realpath(os.path.join(path, other)) for other in classes
+                                                 if other != cls}
             for folder, subfolders, names in os.walk(os.path.join(path, cls), followlinks=True):
                 if os.path.realpath(folder) in walked:
                     subfolders[:] = []

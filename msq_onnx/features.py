@@ -217,6 +217,8 @@ class FeatureBank:
 
     def _wait(self, name: str, pooled: np.ndarray) -> None:
         flat = pooled.reshape(len(pooled), -1)
+        if flat.base is not None and flat.base.nbytes > 2 * flat.nbytes:
+            flat = flat.copy()  # a view would keep what it was cut from (a whole batch's output) while it waits
         waiting = self._waiting[name]
         if waiting and waiting[0].shape[1] != flat.shape[1]:
             self._hash(name)

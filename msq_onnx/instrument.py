@@ -303,10 +303,16 @@ def one_blas_thread():
     each other's cores: MiniLM-L6's calibration pass took 15.3 s with both pools, 8.7 s with one BLAS
     thread (ORT's spinning off instead: 10.5 s, and it slowed EfficientNet-Lite0's many small ops).
     """
+    with blas_limit():
+        yield
+
+
+def blas_limit():
+    """one_blas_thread's limit as an object, in force from now until its restore_original_limits(): for a limit
+    that ends elsewhere than where it starts."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = True,

@@ -27,7 +27,7 @@ from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
 from .imprint import imprint_labels, layer_scores
 from .importance import importance as layer_importance
 from .importance import upstream_layers
-from .instrument import one_blas_thread, run_pass, usable_cores
+from .instrument import blas_limit, one_blas_thread, run_pass, usable_cores
 from .latency import mode_costs
 from .load import is_large, load_model
 from .ops import DYNAMIC, FLOAT, FLOAT_BITS, MODES, PREFER, STATIC, WEIGHT_ONLY
@@ -100,13 +100,18 @@ class _ResultThread(threading.Thread):
 
     def result(self):
         self.join()
-        if self._error is not None:
-            # Raised once as it is; its traceback then holds the caller's frames, so it is not kept (a cycle through
-            # us would keep the loaded model and its weights folder until the garbage collector ran). A second call
-            # raises the same error again, without its traceback.
-            error, self._error = self._error, (type(self._error), self._error.args)
-            if isinstance(error, tuple):
-                raise error[0](*error[1])
+        error = self._error
+        if isinstance(error, tuple):  # raised before: again, made anew
+            kind, args, text = error
+            try:
+                error = kind(*args)
+            except Exception:  # a constructor that does not take its args back
+                error = RuntimeError(text)
+            raise error
+        if error is not None:
+            # Raised as it is once; its traceback then holds the caller's frames, so only what it said is kept (a
+            # cycle through us would keep the loaded model and its weights folder until the garbage collector ran)
+            self._error = (type(error), error.args, str(error))
             raise error
         return self._value
 
@@ -334,8 +339,12 @@ class _HeldOut:
         def reference() -> fidelity.Reference:
             return fidelity.Reference(fp32_model, loaded, samples, options.batch_size, options.quiet, workers, stop)
 
-        self._reference, self._thread = None, None
+        self._reference, self._thread, self._blas = None, None, None
         if background:
+            # The background runs enter and leave threadpoolctl's process-wide BLAS limit beside the main thread's
+            # own entries (the write's): under one limit held until they end, no exit restores two threads while
+            # the other is in, or leaves one behind (a review's)
+            self._blas = blas_limit()
             self._thread = _ResultThread(reference)
         else:
             self._reference = reference()
@@ -343,7 +352,10 @@ class _HeldOut:
     @property
     def reference(self) -> fidelity.Reference:
         if self._reference is None:
-            self._reference = self._thread.result()
+            try:
+                self._reference = self._thread.result()
+            finally:
+                self._release()
         return self._reference
 
     def close(self) -> None:
@@ -351,6 +363,12 @@ class _HeldOut:
         if self._thread is not None and self._reference is None:
             self._stop.set()
             self._thread.discard()
+        self._release()
+
+    def _release(self) -> None:
+        if self._blas is not None:
+            self._blas.restore_original_limits()
+            self._blas = None
 
     def measure(self, path: str) -> dict:
         measured = fidelity.compare(self.reference, path, self.loaded.output_name, self.samples.labels,
@@ -498,9 +516,6 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         damage = _damage(loaded, calib, analysis, options, caps)
     with workspace as work_dir, ExitStack() as stack:
         with timer.stage("verify"):  # the FP32 outputs every candidate is compared with
-            # The background runs enter and leave threadpoolctl's process-wide BLAS limit beside the main thread's
-            # own entries; under one limit held around both, no exit restores two threads while the other is in
-            stack.enter_context(one_blas_thread())
             held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers,
                                 background=options.max_latency is None)
             stack.callback(held_out.close)

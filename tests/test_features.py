@@ -118,6 +118,15 @@ def test_bank_holds_few_wide_pyramids_before_hashing_them():
     assert bank.matrix("a").shape == (10, 1024)
 
 
+def test_a_waiting_pyramid_does_not_keep_the_batch_it_was_cut_from():
+    """One sample's pyramid cut from a batch's output would keep the whole output while it waits (a review's)."""
+    bank = FeatureBank(["a"], levels=(1,), max_dim=1024)
+    batch = np.ones((64, 10, 1), np.float32)
+    bank.add_pyramid("a", batch[:1])
+    waiting = bank._waiting["a"][0]
+    assert waiting.base is None or waiting.base.nbytes <= 2 * waiting.nbytes
+
+
 def test_sequence_pyramid_pools_real_tokens_only():
     """Level b cuts the real tokens into b segments; padding (mask 0) never enters, whatever it holds."""
     rng = np.random.default_rng(3)

@@ -112,7 +112,7 @@ def test_images_in_subfolders_of_a_class_folder_are_that_class(tmp_path):
 
 def test_linked_folders_inside_a_class_folder_are_read_and_a_loop_is_walked_once(tmp_path):
     """torchvision's ImageFolder follows linked folders; they were skipped (a review's). A link back up the tree
-    must not walk forever or read an image twice."""
+    must not walk forever or read an image twice, nor a link into another class label its images twice."""
     import os
 
     (tmp_path / "data" / "cat").mkdir(parents=True)
@@ -123,6 +123,9 @@ def test_linked_folders_inside_a_class_folder_are_read_and_a_loop_is_walked_once
     _rgb_images(tmp_path / "elsewhere", 2)
     os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "dog" / "more")
     os.symlink(tmp_path / "data" / "dog", tmp_path / "data" / "dog" / "loop")
+    # and links into another class or up to the data folder, which would count images under two labels
+    os.symlink(tmp_path / "data" / "cat", tmp_path / "data" / "dog" / "also")
+    os.symlink(tmp_path / "data", tmp_path / "data" / "cat" / "up")
     spec = [InputSpec("x", [None, 3, 8, 8], np.dtype(np.float32))]
     samples = open_samples(str(tmp_path / "data"), spec, Preprocess(resize=8), "calibration")
     assert samples.labels.tolist() == [0, 1, 1, 1]

@@ -1042,3 +1042,55 @@ def test_an_interrupted_write_stops_the_background_reference_and_leaves_no_folde
         assert os.listdir(folder) == []
     finally:
         gc.enable()
+
+
+def test_a_thread_result_raises_its_error_every_time_it_is_asked():
+    """Raised as it is once, then made anew (its traceback is not kept); a second call gave an AttributeError
+    (a review's). An error whose constructor does not take its args back comes again as a RuntimeError."""
+    from msq_onnx.errors import BadData
+    from msq_onnx.pipeline import _ResultThread
+
+    class Odd(Exception):
+        def __init__(self, path, why):
+            super().__init__(f"{path}: {why}")
+
+    def bad():
+        raise BadData("the data is bad; fix it.")
+
+    def odd():
+        raise Odd("a.npz", "unreadable")
+
+    failed = _ResultThread(bad)
+    for _ in range(2):
+        with pytest.raises(BadData, match="the data is bad"):
+            failed.result()
+    failed = _ResultThread(odd)
+    with pytest.raises(Odd):
+        failed.result()
+    with pytest.raises(RuntimeError, match="a.npz: unreadable"):
+        failed.result()
+
+
+def test_the_blas_limit_of_a_background_reference_ends_when_the_reference_is_taken(cnn_files):
+    """One BLAS thread while the background runs go on; the caller's threads again once they are joined (the
+    candidates' comparisons, neighbour_agreement's products, run after that: a review's)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from msq_onnx.pipeline import _HeldOut
+
+    if not any(pool["user_api"] == "blas" for pool in threadpool_info()):
+        pytest.skip("numpy without a BLAS threadpoolctl can see")
+    loaded = load_model(cnn_files["model"])
+    samples = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+
+    def threads() -> set:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        held_out = _HeldOut(loaded, samples, Options(quiet=True), 2, background=True)
+        assert threads() == {1}
+        assert held_out.reference.cache
+        assert threads() == {2}
+        stopped = _HeldOut(loaded, samples, Options(quiet=True), 2, background=True)
+        stopped.close()
+        assert threads() == {2}
