@@ -189,8 +189,9 @@ class FeatureBank:
     calibration set: ranges and moments still use every sample.
 
     Pyramids wait for HASH_CHUNK samples (or HASH_BYTES) before they are hashed: one sparse product and one
-    float16 copy a chunk instead of a sample (batch 1: MiniLM-L6's 39 layers x 240 texts were 9,360 of each, 28-48 us apiece,
-    on the pass's main thread). The same products, in the same order: the embeddings are bit-identical.
+    float16 copy a chunk instead of a sample (batch 1: MiniLM-L6's 39 layers x 240 texts were 9,360 of each,
+    28-48 us apiece, on the pass's main thread). The same products, in the same order: the embeddings are
+    bit-identical.
     """
 
     def __init__(self, names, levels=DEFAULT_LEVELS, max_dim: int = DEFAULT_MAX_DIM, seed: int = 0,
