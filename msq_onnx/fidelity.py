@@ -182,11 +182,12 @@ class Reference:
     """FP32 outputs on the held-out samples: computed once and cached when small, else recomputed."""
 
     def __init__(self, fp32_path: str, loaded, samples, batch_size: int, quiet: bool, workers: int = 1,
-                 stop: threading.Event | None = None):
-        """stop: set by another thread to end the runs early (Cancelled)."""
+                 stop: threading.Event | None = None, keep_session: bool = False):
+        """stop: set by another thread to end the runs early (Cancelled). keep_session: keep the FP32 session
+        where it ran on one thread (single_thread_session), for the latency timing."""
         self.path, self.loaded, self.samples, self.batch_size = fp32_path, loaded, samples, batch_size
         self.paired = workers  # runs at once (instrument.run_workers)
-        self.stop = stop
+        self.stop, self.keep_session = stop, keep_session
         self.single_thread_session = None  # the FP32 session of the first runs, where it ran on one thread each
         # a sequence or map output has no values to compare element by element
         self.names = [o.name for o in loaded.model.graph.output if o.type.HasField("tensor_type")]
@@ -203,9 +204,9 @@ class Reference:
     def _run(self, description: str, quiet: bool, workers: int):
         threads = run_threads(workers)
         runner = session(self.path, threads=threads)
-        if threads == 1 and self.single_thread_session is None:
+        if self.keep_session and threads == 1 and self.single_thread_session is None:
             # kept for the latency timing, which times FP32 on one thread: one MiniLM-L6 session build (0.25-0.4 s)
-            # fewer, and its ~55 MB stay below the peak the yardstick sets earlier
+            # fewer, its ~55 MB below the peak the yardstick sets earlier
             self.single_thread_session = runner
         run = lambda batch: _run_checked(runner, self.names, *batch, self.samples, description)  # noqa: E731
         with progress(self.samples.count, description, quiet) as bar:

@@ -319,6 +319,33 @@ class Candidate:
     file_bytes: int  # the model file and its external data, as written
 
 
+WRITE_GROWTH = 2.0  # what the first write adds to the process, in model-weight bytes (MiniLM-L6: 170-240 MB for its
+# 90 MB; BERT-base: 750 MB for 440 MB)
+ALWAYS_FITS = 64 << 20  # bytes: a small model's reference session and write fit whatever the headroom
+
+
+def _fits_beside_the_write(loaded) -> bool:
+    """Whether the held-out reference's FP32 session fits beside the first write below the peak the process has
+    already reached (the yardstick's, usually), run there or kept for the latency timing: the write adds about
+    WRITE_GROWTH x the model's weights, the session its dense weights (an embedding table's rows are read only where gathered: MiniLM-L6's session holds
+    about 55 MB of its 90). BERT-base, where it does not fit (1,161 MB needed, 1,153 MB below the peak): the
+    write's peak 1,704 -> 2,117 MB beside the session, running or kept, over its yardstick's 2,058. MiniLM-L6 needs 212 MB of 370,
+    EfficientNet-Lite0 53 of 111. Unknown (not Linux): no."""
+    import resource
+    import sys
+
+    try:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        with open("/proc/self/statm") as handle:
+            resident = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return False
+    weights = 4 * sum(layer.params for layer in loaded.layers)
+    dense = 4 * sum(layer.params for layer in loaded.layers if layer.op_type != "Gather")
+    # a tenth of the peak to spare: BERT-base's estimate, 1,161 MB, was within 8 MB of its headroom
+    return WRITE_GROWTH * weights + dense <= max(peak - resident - peak / 10, ALWAYS_FITS)
+
+
 class _HeldOut:
     """FP32 outputs on the held-out samples, computed once, against which candidates are compared.
 
@@ -327,7 +354,8 @@ class _HeldOut:
     write's 0.8 s one after the other). Its session adds about 55 MB beside the write's peak, below the
     yardstick's. Not where the next thing is a latency timing, which the runs would disturb."""
 
-    def __init__(self, loaded, samples, options: Options, workers: int, background: bool = False):
+    def __init__(self, loaded, samples, options: Options, workers: int, background: bool = False,
+                 keep_session: bool = False):
         from .instrument import padded_batches, run_workers
 
         self.loaded, self.samples, self.options = loaded, samples, options
@@ -337,7 +365,8 @@ class _HeldOut:
         self._stop = stop = threading.Event()  # not self in the closure: a cycle would keep the model's folder
 
         def reference() -> fidelity.Reference:
-            return fidelity.Reference(fp32_model, loaded, samples, options.batch_size, options.quiet, workers, stop)
+            return fidelity.Reference(fp32_model, loaded, samples, options.batch_size, options.quiet, workers, stop,
+                                      keep_session)
 
         self._reference, self._thread, self._blas = None, None, None
         if background:
@@ -516,8 +545,9 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         damage = _damage(loaded, calib, analysis, options, caps)
     with workspace as work_dir, ExitStack() as stack:
         with timer.stage("verify"):  # the FP32 outputs every candidate is compared with
+            fits = _fits_beside_the_write(loaded)
             held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers,
-                                background=options.max_latency is None)
+                                background=fits and options.max_latency is None, keep_session=fits)
             stack.callback(held_out.close)
         if options.max_latency is not None:
             with timer.stage("latency"):

@@ -1094,3 +1094,33 @@ def test_the_blas_limit_of_a_background_reference_ends_when_the_reference_is_tak
         stopped = _HeldOut(loaded, samples, Options(quiet=True), 2, background=True)
         stopped.close()
         assert threads() == {2}
+
+
+def test_the_reference_runs_beside_the_write_only_where_its_session_fits_under_the_peak(cnn_files, tmp_path,
+                                                                                       monkeypatch):
+    """BERT-base's FP32 session beside its first write, running or kept for the latency timing, raised the
+    conversion's peak above its yardstick's (1,704 -> 2,117 MB at the write); a model whose write and session do
+    not fit below the peak reached so far gets its reference before the write and drops its session, as before.
+    A small model always fits."""
+    from types import SimpleNamespace
+
+    from msq_onnx import pipeline
+
+    def layers(params: int):
+        return SimpleNamespace(layers=[SimpleNamespace(params=params, op_type="MatMul"),
+                                       SimpleNamespace(params=params, op_type="Gather")])
+
+    assert pipeline._fits_beside_the_write(layers(1000))
+    assert not pipeline._fits_beside_the_write(layers(10 ** 12))
+    chosen = []
+    real = pipeline._HeldOut.__init__
+
+    def recorded(self, *args, background=False, keep_session=False, **kwargs):
+        chosen.append((background, keep_session))
+        real(self, *args, background=background, keep_session=keep_session, **kwargs)
+
+    monkeypatch.setattr(pipeline._HeldOut, "__init__", recorded)
+    convert(cnn_files["model"], str(tmp_path / "a.onnx"), cnn_files["calib"], Options(quiet=True))
+    monkeypatch.setattr(pipeline, "_fits_beside_the_write", lambda loaded: False)
+    convert(cnn_files["model"], str(tmp_path / "b.onnx"), cnn_files["calib"], Options(quiet=True))
+    assert chosen == [(True, True), (False, False)]  # nor is its session kept beside the write
