@@ -369,14 +369,20 @@ class _HeldOut:
                                       keep_session)
 
         self._reference, self._thread, self._blas = None, None, None
-        if background:
+        self._make = reference if background else None
+        if not background:
+            self._reference = reference()
+
+    def start(self) -> None:
+        """Start the background runs: after the caller has arranged for close() (no interrupt between the two
+        can leave them running)."""
+        if self._make is not None and self._thread is None:
             # The background runs enter and leave threadpoolctl's process-wide BLAS limit beside the main thread's
             # own entries (the write's): under one limit held until they end, no exit restores two threads while
             # the other is in, or leaves one behind (a review's)
             self._blas = blas_limit()
-            self._thread = _ResultThread(reference)
-        else:
-            self._reference = reference()
+            self._thread = _ResultThread(self._make)
+            self._make = None
 
     @property
     def reference(self) -> fidelity.Reference:
@@ -549,6 +555,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers,
                                 background=fits and options.max_latency is None, keep_session=fits)
             stack.callback(held_out.close)
+            held_out.start()
         if options.max_latency is not None:
             with timer.stage("latency"):
                 budgets.append(latency_budget(loaded, analysis, options, widths, evaluation))

@@ -906,6 +906,7 @@ def test_the_held_out_reference_runs_beside_the_caller_and_gives_the_same_output
     release = _blocked_runs(monkeypatch)
     start = time.perf_counter()
     held_out = _HeldOut(loaded, samples, options, 2, background=True)
+    held_out.start()
     assert time.perf_counter() - start < 5  # returned while its runs wait
     release.set()
     after = held_out.reference.cache
@@ -932,6 +933,7 @@ def test_a_background_reference_is_stopped_when_the_conversion_ends_without_it(c
 
     monkeypatch.setattr(ort.InferenceSession, "run", counting)
     held_out = _HeldOut(loaded, samples, Options(quiet=True), 1, background=True)
+    held_out.start()
     stopper = threading.Timer(0.2, release.set)  # the runs go on once close() has asked them to stop
     stopper.start()
     held_out.close()
@@ -1088,10 +1090,12 @@ def test_the_blas_limit_of_a_background_reference_ends_when_the_reference_is_tak
 
     with threadpool_limits(limits=2, user_api="blas"):
         held_out = _HeldOut(loaded, samples, Options(quiet=True), 2, background=True)
+        held_out.start()
         assert threads() == {1}
         assert held_out.reference.cache
         assert threads() == {2}
         stopped = _HeldOut(loaded, samples, Options(quiet=True), 2, background=True)
+        stopped.start()
         stopped.close()
         assert threads() == {2}
 
