@@ -292,7 +292,6 @@ def _error_tables(loaded, stats, options, modes: dict, widths_of=None) -> dict:
     """Every layer's error per width, two layers at a time: the clipping search's element-wise passes and
     GPTQ's products release the GIL, so the second core works too (MiniLM-L6: 5.8 s -> 3.5 s, the same
     model written)."""
-    from concurrent.futures import ThreadPoolExecutor
 
     def table(layer):
         widths = options.bits if widths_of is None else widths_of[layer.name]
@@ -327,10 +326,11 @@ ALWAYS_FITS = 64 << 20  # bytes: a small model's reference session and write fit
 def _fits_beside_the_write(loaded) -> bool:
     """Whether the held-out reference's FP32 session fits beside the first write below the peak the process has
     already reached (the yardstick's, usually), run there or kept for the latency timing: the write adds about
-    WRITE_GROWTH x the model's weights, the session its dense weights (an embedding table's rows are read only where gathered: MiniLM-L6's session holds
-    about 55 MB of its 90). BERT-base, where it does not fit (1,161 MB needed, 1,153 MB below the peak): the
-    write's peak 1,704 -> 2,117 MB beside the session, running or kept, over its yardstick's 2,058. MiniLM-L6 needs 212 MB of 370,
-    EfficientNet-Lite0 53 of 111. Unknown (not Linux): no."""
+    WRITE_GROWTH x the model's weights, the session its dense weights (an embedding table's rows are read only
+    where gathered: MiniLM-L6's session holds about 55 MB of its 90). BERT-base, where it does not fit (1,161 MB
+    needed, 1,153 MB below the peak): the write's peak 1,704 -> 2,117 MB beside the session, running or kept,
+    over its yardstick's 2,058. MiniLM-L6 needs 212 MB of 370, EfficientNet-Lite0 53 of 111. Unknown (not
+    Linux): no."""
     import resource
     import sys
 
@@ -351,8 +351,8 @@ class _HeldOut:
 
     background: computed on a thread while the caller allocates and writes the first candidate. Those run on one
     core, mostly holding the GIL; ONNX Runtime's runs do not need it (MiniLM-L6: the reference's 1.3 s and the
-    write's 0.8 s one after the other). Its session adds about 55 MB beside the write's peak, below the
-    yardstick's. Not where the next thing is a latency timing, which the runs would disturb."""
+    write's 0.8 s one after the other). Only where its session fits there (_fits_beside_the_write), and not
+    where the next thing is a latency timing, which the runs would disturb."""
 
     def __init__(self, loaded, samples, options: Options, workers: int, background: bool = False,
                  keep_session: bool = False):
