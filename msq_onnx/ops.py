@@ -248,6 +248,7 @@ class OpKind:
     bias_index: int | None = 2  # the input a constant bias sits in (MatMul: its Add; recurrent ops: left float)
     timed: bool = True  # False: weight-only runs the float op on a looked-up or dequantized weight, as float does
     dequantized_every_run: bool = False  # ... and, with it, dequantizes the whole weight in every run (not Gather)
+    read_where_gathered: bool = False  # an FP32 session reads the weight's rows only where the op gathers them
     domain: str = ""  # the op's domain ("": ONNX's own)
 
     @property
@@ -558,7 +559,8 @@ REGISTRY = {kind.op_type: kind for kind in (
     _ConvTranspose("ConvTranspose", (WEIGHT_ONLY,)),
     _Gemm("Gemm", (STATIC, DYNAMIC, WEIGHT_ONLY)),
     _MatMul("MatMul", (STATIC, DYNAMIC, WEIGHT_ONLY), channels_last=True),
-    _Gather("Gather", (WEIGHT_ONLY,), channels_last=True, weight_index=0, input_moments=False, timed=False),
+    _Gather("Gather", (WEIGHT_ONLY,), channels_last=True, weight_index=0, input_moments=False, timed=False,
+            read_where_gathered=True),
     _Attention("Attention", (WEIGHT_ONLY,), channels_last=True, timed=False, dequantized_every_run=True,
                domain="com.microsoft"),
     *(_Recurrent(op_type, (WEIGHT_ONLY,), channels_last=True, bias_index=None, timed=False,

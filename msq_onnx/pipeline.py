@@ -341,7 +341,7 @@ def _fits_beside_the_write(loaded) -> bool:
     except (OSError, ValueError, IndexError):
         return False
     weights = 4 * sum(layer.params for layer in loaded.layers)
-    dense = 4 * sum(layer.params for layer in loaded.layers if layer.op_type != "Gather")
+    dense = 4 * sum(layer.params for layer in loaded.layers if not layer.kind.read_where_gathered)
     # a tenth of the peak to spare: BERT-base's estimate, 1,161 MB, was within 8 MB of its headroom
     return WRITE_GROWTH * weights + dense <= max(peak - resident - peak / 10, ALWAYS_FITS)
 

@@ -1109,10 +1109,11 @@ def test_the_reference_runs_beside_the_write_only_where_its_session_fits_under_t
     from types import SimpleNamespace
 
     from msq_onnx import pipeline
+    from msq_onnx.ops import REGISTRY
 
     def layers(params: int):
-        return SimpleNamespace(layers=[SimpleNamespace(params=params, op_type="MatMul"),
-                                       SimpleNamespace(params=params, op_type="Gather")])
+        return SimpleNamespace(layers=[SimpleNamespace(params=params, op_type=op, kind=REGISTRY[op])
+                                       for op in ("MatMul", "Gather")])
 
     assert pipeline._fits_beside_the_write(layers(1000))
     assert not pipeline._fits_beside_the_write(layers(10 ** 12))
