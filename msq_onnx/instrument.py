@@ -30,7 +30,7 @@ from .errors import BadData, BadModel, one_line
 from .features import (DEFAULT_LEVELS, FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices,
                        token_features)
 from .load import Layer, LoadedModel, is_large, save_model_file
-from .ops import nonnegative_tensors, range_sources, static_tensors
+from .ops import nonnegative_tensors, range_sources, row_normalizer, static_tensors
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
 
@@ -108,7 +108,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -
     graph = model.graph
     original_nodes = len(graph.node)
     outputs = {"range": {}, "borrowed": {}, "moments": {}, "probe": {}, "pyramid": {}, "grid": {}, "hessian": {},
-               "rows": {}}
+               "rows": {}, "norms": {}, "hessian_only": set()}
     exposed = {o.name for o in graph.output}
 
     def add_output(name: str, elem=TensorProto.FLOAT):
@@ -284,15 +284,31 @@ def _hessian_candidates(loaded: LoadedModel, shapes: dict) -> dict:
 
 def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, add_output) -> None:
     """Per distinct input rows (ops.InputRows) of the candidates: the rows as [rows, K], an output the pass
-    fetches only for the Hessian batches (HessianSums takes rows^T rows of them in numpy)."""
+    fetches only for the Hessian batches (HessianSums takes rows^T rows of them in numpy). A layer whose output
+    reaches a LayerNorm or RMSNorm through Adds only (ops.row_normalizer) also has that norm's input fetched:
+    each of its rows is weighed by the spread the norm divides it by (HessianSums)."""
     graph = model.graph
+    consumers: dict = {}
+    for node in loaded.model.graph.node:  # the model's own readers, not the statistics added to this copy
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    by_name = {layer.name: layer for layer in loaded.layers}
     for name, rows in _hessian_candidates(loaded, static_shapes(model)).items():
-        if rows.key not in outputs["hessian"]:
-            graph.initializer.extend(rows.initializers)
-            graph.node.extend(rows.nodes)
-            add_output(rows.output)
-            outputs["hessian"][rows.key] = rows.output
-        outputs["rows"][name] = rows.key
+        layer = by_name[name]
+        norm = row_normalizer(layer.output_name, consumers) if layer.output_name else None
+        key = rows.key if norm is None else f"{rows.key}|{norm.tensor}"  # the same rows, weighed apart
+        if key not in outputs["hessian"]:
+            if rows.output not in outputs["hessian"].values():
+                graph.initializer.extend(rows.initializers)
+                graph.node.extend(rows.nodes)
+                add_output(rows.output)
+            outputs["hessian"][key] = rows.output
+            if norm is not None:
+                if norm.tensor not in {output.name for output in graph.output}:
+                    outputs["hessian_only"].add(norm.tensor)  # fetched with the rows, not on every run
+                add_output(norm.tensor)
+                outputs["norms"][key] = norm
+        outputs["rows"][name] = key
 
 
 @contextmanager
@@ -578,8 +594,10 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     workers = run_workers(loaded, stream.held[0]) if stream.more() else 1
     session = _pass_session(model, workers, loaded.weights_folder)
     del model
-    lean = [name for name in (o.name for o in session.get_outputs()) if name not in outputs["hessian"].values()]
-    gram = HessianSums(outputs["hessian"] if hessian_from == 0 else {})  # the samples before it: no rows fetched
+    hessian_only = set(outputs["hessian"].values()) | outputs["hessian_only"]
+    lean = [name for name in (o.name for o in session.get_outputs()) if name not in hessian_only]
+    # the samples before the Hessian batches: no rows fetched
+    gram = HessianSums(outputs["hessian"] if hessian_from == 0 else {}, outputs["norms"])
     bank = FeatureBank([layer.name for layer in loaded.layers], levels, max_dim, seed)
     input_bank = FeatureBank(["input"], levels, max_dim, seed)
     imprinted = imprint_selection(samples.count, bank.max_samples, seed)
@@ -600,7 +618,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
         def run(batch):
             feed, count = batch
             gathered = gram.outputs() if count == len(next(iter(feed.values()))) else []  # padding stays out
-            fetched = lean + gathered
+            fetched = lean + [name for name in gathered if name not in lean]
             try:
                 values = session.run(fetched, feed)
             except Exception as exc:
@@ -671,7 +689,8 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
         for part in range(2):
             if part == 1 and hessian_from > 0 and stream.more():
                 worth = {outputs["rows"][name] for name in _worth_gathering(loaded, rows, whole - seen)}
-                gram = HessianSums({key: name for key, name in outputs["hessian"].items() if key in worth})
+                gram = HessianSums({key: name for key, name in outputs["hessian"].items() if key in worth},
+                                   outputs["norms"])
             batches = stream.until(hessian_from if part == 0 else float("inf"))
             for (feed, count), (result, gathered) in ordered_runs(runner(session, gram), batches, workers):
                 absorb(feed, count, result, gathered)
@@ -734,8 +753,8 @@ class InputHessians:
     check: np.ndarray  # X^T X of the odd samples' rows: what both roundings are judged on
     fit_sum: np.ndarray | None = None  # the rows' column sums and counts, to centre them
     check_sum: np.ndarray | None = None
-    fit_rows: int = 0
-    check_rows: int = 0
+    fit_rows: float = 0  # the rows, each counted at its weight (HessianSums: 1 unless a norm follows the layer)
+    check_rows: float = 0
 
     def centred(self, mean: np.ndarray) -> "InputHessians":
         """sum (x - mean)(x - mean)^T per half: the error a rounding leaves once the bias correction (which
@@ -761,41 +780,73 @@ class HessianSums:
     """Running float32 sums of rows^T rows (and of the rows) per input, even and odd batches apart: memory
     stays flat in the number of samples. The rows of a few batches are stacked before their product: one
     product of 512 rows runs at 1.4x the speed of five of 93 (MiniLM-L6's texts). Added in the order of the
-    batches, so the sums are the same on every run."""
+    batches, so the sums are the same on every run.
+
+    Where a normalization follows the layer (`norms`: key -> ops.RowNormalizer), row r counts with weight
+    1 / (spread_r + epsilon), the square of what the norm divides that row's error by: GPTQ then minimizes,
+    and the table measures, the error the rest of the model sees. MiniLM-L6's residual rows spread up to 244x
+    their median ([CLS] most): unweighed, their error counted as if the norm did not shrink it (docs/BENCHMARKS.md,
+    round 19: --avg-bits 3 --prefer size on texts long enough for its FFN-down projections to reach GPTQ,
+    cosine 0.9583 -> 0.9618 and 0.9582 -> 0.9619 on the two halves)."""
 
     STACKED_ROWS = 512
 
-    def __init__(self, names: dict):
+    def __init__(self, names: dict, norms: dict | None = None):
         self.names = names  # key -> the rows output, [rows, K]
+        self.norms = {key: norm for key, norm in (norms or {}).items() if key in names}
         self.sums = {key: [None, None] for key in names}
         self.totals = {key: [None, None] for key in names}
+        self.masses = {key: [0.0, 0.0] for key in names}  # the rows' weights summed (their count, unweighed)
         self.counts = {key: [0, 0] for key in names}
-        self.pending = {key: [[], []] for key in names}
+        self.pending = {key: [[], []] for key in names}  # (rows, each row's scale or None)
+        self.misaligned = set()  # keys whose norm's rows are not the layer's
         self.batches = 0
 
     def outputs(self) -> list:
-        return list(self.names.values())
+        return list(dict.fromkeys([*self.names.values(), *(norm.tensor for norm in self.norms.values())]))
 
     def add(self, values: dict) -> None:
         half = self.batches % 2  # whole batches alternate; at batch size 1, samples do
         self.batches += 1
         for key, name in self.names.items():
+            if key in self.misaligned:
+                continue
             rows = np.asarray(values[name], np.float32)
-            self.pending[key][half].append(rows)
+            scale = None
+            if key in self.norms:
+                scale = self._row_scales(self.norms[key], values[self.norms[key].tensor])
+                if len(scale) != len(rows):  # row_normalizer follows Adds only: a broadcasting one lands here
+                    self.misaligned.add(key)  # no Hessian then: the diagonal estimate serves
+                    continue
+                rows = rows * scale[:, None]
+            self.pending[key][half].append((rows, scale))
             self.counts[key][half] += len(rows)
-            if sum(len(block) for block in self.pending[key][half]) >= self.STACKED_ROWS:
+            if sum(len(block) for block, _ in self.pending[key][half]) >= self.STACKED_ROWS:
                 self._take(key, half)
+
+    @staticmethod
+    def _row_scales(norm, normalized: np.ndarray) -> np.ndarray:
+        """1 / sqrt(spread + epsilon) per row of the norm's input, the factor the norm multiplies it by."""
+        normalized = np.asarray(normalized, np.float32)
+        normalized = normalized.reshape(-1, normalized.shape[-1])
+        spread = normalized.var(axis=1) if norm.centred else np.mean(np.square(normalized), axis=1)
+        return (1.0 / np.sqrt(spread.astype(np.float64) + norm.epsilon)).astype(np.float32)
 
     def _take(self, key, half: int) -> None:
         blocks, self.pending[key][half] = self.pending[key][half], []
         if not blocks:
             return
-        rows = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        rows = blocks[0][0] if len(blocks) == 1 else np.concatenate([block for block, _ in blocks])
         gram, total = rows.T @ rows, self.sums[key][half]
         self.sums[key][half] = gram if total is None else np.add(total, gram, out=total)
-        column_sums = rows.sum(axis=0, dtype=np.float64)
+        if blocks[0][1] is None:
+            column_sums, mass = rows.sum(axis=0, dtype=np.float64), float(len(rows))
+        else:  # the weighed rows' sums: sum w x = sum scale (scale x), and sum w = sum scale^2
+            scales = np.concatenate([scale for _, scale in blocks]).astype(np.float64)
+            column_sums, mass = scales @ rows.astype(np.float64), float(np.sum(scales ** 2))
         total = self.totals[key][half]
         self.totals[key][half] = column_sums if total is None else total + column_sums
+        self.masses[key][half] += mass
 
     def by_layer(self, layer_keys: dict) -> dict:
         """{layer: InputHessians} for the inputs whose fitting half has MIN_ROWS_PER_INPUT rows per feature:
@@ -806,6 +857,7 @@ class HessianSums:
         result = {}
         for name, key in layer_keys.items():
             fit, check = self.sums.get(key, (None, None))
-            if fit is not None and check is not None and self.counts[key][0] >= MIN_ROWS_PER_INPUT * fit.shape[0]:
-                result[name] = InputHessians(fit, check, *self.totals[key], *self.counts[key])
+            if fit is not None and check is not None and key not in self.misaligned \
+                    and self.counts[key][0] >= MIN_ROWS_PER_INPUT * fit.shape[0]:
+                result[name] = InputHessians(fit, check, *self.totals[key], *self.masses[key])
         return result

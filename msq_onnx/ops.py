@@ -568,6 +568,41 @@ REGISTRY = {kind.op_type: kind for kind in (
 )}
 
 
+@dataclass
+class RowNormalizer:
+    """A normalization that divides each row (the last axis) of `tensor` by its own spread: the error a layer
+    adds to that row reaches the rest of the model divided by the same spread."""
+
+    tensor: str  # the normalization's input
+    epsilon: float
+    centred: bool  # the spread is the row's variance (LayerNorm); else its mean square (RMSNorm)
+
+
+# op type -> whether it subtracts the row's mean first; each normalizes over its last axis (axis -1), and its
+# epsilon attribute defaults to 1e-5 in ONNX and ONNX Runtime alike
+_ROW_NORMALIZERS = {"LayerNormalization": True, "SimplifiedLayerNormalization": False, "RMSNormalization": False}
+_RESIDUAL_STEPS = 3  # Adds between a layer and its normalization: its bias, the residual, a second branch's
+
+
+def row_normalizer(output: str, consumers: dict) -> RowNormalizer | None:
+    """The normalization a layer's output (`output`) reaches through Adds only (its bias, the residual): a
+    transformer's attention-output and FFN-down projections. consumers: tensor -> the nodes that read it.
+    None where the output is read by anything else first, or the normalization is not over the last axis."""
+    tensor = output
+    for _ in range(_RESIDUAL_STEPS + 1):
+        readers = consumers.get(tensor, [])
+        norms = [node for node in readers if node.op_type in _ROW_NORMALIZERS and node.input[0] == tensor]
+        if norms:
+            node = norms[0]
+            if int(attribute(node, "axis", -1)) != -1:
+                return None
+            return RowNormalizer(tensor, float(attribute(node, "epsilon", 1e-5)), _ROW_NORMALIZERS[node.op_type])
+        if len(readers) != 1 or readers[0].op_type != "Add":
+            return None
+        tensor = readers[0].output[0]
+    return None
+
+
 def kind_for(node) -> OpKind | None:
     """The registry's kind of a node, in its own domain only (ONNX's Attention-23 reads K, not a weight)."""
     kind = REGISTRY.get(node.op_type)

@@ -447,3 +447,94 @@ def test_clip_search_in_blocks_finds_each_rows_best_ratio_on_the_full_grid(monke
     np.testing.assert_allclose(choice.clip, peak * stage.CLIP_RATIOS[best], rtol=1e-6)
     chosen = direct[np.arange(len(best)), best]
     np.testing.assert_allclose(choice.error, chosen.sum() / (weight * matrix ** 2).sum(), rtol=1e-4)
+
+
+def _residual_norm_block(norm: str = "LayerNormalization", axis: int = -1) -> onnx.ModelProto:
+    """x [N, T, 8] -> MatMul + bias -> + x -> norm -> MatMul: a post-LN transformer block's output projection."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 8)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (8,)).astype(np.float32), "b1"),
+             numpy_helper.from_array(np.ones(8, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "beta"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (8, 3)).astype(np.float32), "w2")]
+    norm_inputs = ["h", "gamma"] + (["beta"] if norm == "LayerNormalization" else [])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+             helper.make_node("Add", ["m1", "b1"], ["a1"], name="bias1"),
+             helper.make_node("Add", ["a1", "x"], ["h"], name="residual1"),
+             helper.make_node(norm, norm_inputs, ["n"], name="norm1", axis=axis, epsilon=1e-5),
+             helper.make_node("MatMul", ["n", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    return model
+
+
+def test_a_layer_whose_output_a_layer_norm_divides_has_each_hessian_row_weighed_by_that_rows_spread(monkeypatch):
+    """Its error reaches the model divided by the norm's per-row spread: row r of X^T X counts 1 / (var_r + eps)
+    of the norm's input, in both halves and in the sums that centre them; the layer after the norm is unweighed."""
+    import onnxruntime as ort
+
+    from msq_onnx import instrument
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.load import load_model
+
+    monkeypatch.setattr(instrument, "MIN_ROWS_PER_INPUT", 0)
+    model = _residual_norm_block()
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "m.onnx")
+    onnx.save(model, path)
+    loaded = load_model(path)
+    # rows of very different sizes: the weighing moves the Hessian far from the plain X^T X
+    x = (np.random.default_rng(5).normal(0, 1, (6, 4, 8)) * np.array([0.1, 1.0, 30.0, 3.0])[None, :, None])
+    x = x.astype(np.float32)
+    np.savez(os.path.join(folder, "x.npz"), x=x)
+    stats = instrument.run_pass(loaded, open_samples(os.path.join(folder, "x.npz"), loaded.inputs, Preprocess()),
+                                (1, 2), 64, quiet=True, hessians=True)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in ("h", "n"):
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    h, n = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(["h", "n"],
+                                                                                                    {"x": x})
+    by_node = {layer.nodes[0]: layer.name for layer in loaded.layers}
+    weighed = stats.hessians[by_node["mm1"]]
+    for half, gram, total, mass in ((slice(0, None, 2), weighed.fit, weighed.fit_sum, weighed.fit_rows),
+                                    (slice(1, None, 2), weighed.check, weighed.check_sum, weighed.check_rows)):
+        rows = x[half].reshape(-1, 8).astype(np.float64)
+        w = 1.0 / (h[half].reshape(-1, 8).astype(np.float64).var(axis=1) + 1e-5)
+        np.testing.assert_allclose(gram, (rows * w[:, None]).T @ rows, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(total, w @ rows, rtol=1e-4, atol=1e-6)
+        assert mass == pytest.approx(w.sum(), rel=1e-5)
+        assert not np.allclose(gram / mass, rows.T @ rows / len(rows), rtol=0.1)  # not the plain mean product
+    plain = stats.hessians[by_node["mm2"]]
+    fit_rows = n[0::2].reshape(-1, 8)
+    np.testing.assert_allclose(plain.fit, fit_rows.T @ fit_rows, rtol=1e-4, atol=1e-4)
+    assert plain.fit_rows == len(fit_rows)
+
+
+def test_only_a_norm_over_the_last_axis_reached_through_adds_weighs_a_layers_rows():
+    from msq_onnx.ops import row_normalizer
+
+    def consumers(model):
+        found = {}
+        for node in model.graph.node:
+            for name in node.input:
+                found.setdefault(name, []).append(node)
+        return found
+
+    post = consumers(_residual_norm_block())
+    assert row_normalizer("m1", post).tensor == "h"
+    assert row_normalizer("m1", post).centred and row_normalizer("m1", post).epsilon == pytest.approx(1e-5)
+    assert not row_normalizer("m1", consumers(_residual_norm_block("RMSNormalization"))).centred
+    assert row_normalizer("m1", consumers(_residual_norm_block(axis=1))) is None  # not a row's spread
+    assert row_normalizer("n", post) is None  # read by a MatMul, not an Add or a norm
+    # pre-LN: the residual sum is read by the next block's norm and by the next residual Add
+    pre = _residual_norm_block()
+    pre.graph.node.append(onnx.helper.make_node("Add", ["h", "n"], ["h2"], name="residual2"))
+    assert row_normalizer("m1", consumers(pre)).tensor == "h"
+    relu = _residual_norm_block()
+    relu.graph.node[1].op_type = "Mul"  # a scale between the layer and the norm: its errors are not the row's
+    assert row_normalizer("m1", consumers(relu)) is None
