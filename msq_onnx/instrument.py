@@ -30,7 +30,7 @@ from .errors import BadData, BadModel, one_line
 from .features import (DEFAULT_LEVELS, FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices,
                        token_features)
 from .load import Layer, LoadedModel, is_large, save_model_file
-from .ops import nonnegative_tensors, range_sources, row_normalizer, static_tensors
+from .ops import SKIP_SUM_OUTPUT, nonnegative_tensors, range_sources, row_normalizer, static_tensors
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
 
@@ -304,11 +304,23 @@ def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, ad
                 add_output(rows.output)
             outputs["hessian"][key] = rows.output
             if norm is not None:
+                if norm.exposed_by is not None:
+                    _expose_skip_sum(graph, norm)
                 if norm.tensor not in {output.name for output in graph.output}:
                     outputs["hessian_only"].add(norm.tensor)  # fetched with the rows, not on every run
                 add_output(norm.tensor)
                 outputs["norms"][key] = norm
         outputs["rows"][name] = key
+
+
+def _expose_skip_sum(graph: onnx.GraphProto, norm) -> None:
+    """Name the fused norm's optional sum output (ops.SKIP_SUM_OUTPUT) `norm.tensor`, once."""
+    node = next(node for node in graph.node if node.output and node.output[0] == norm.exposed_by)
+    if len(node.output) > SKIP_SUM_OUTPUT and node.output[SKIP_SUM_OUTPUT]:
+        return
+    while len(node.output) < SKIP_SUM_OUTPUT:
+        node.output.append("")
+    node.output.append(norm.tensor)
 
 
 @contextmanager

@@ -576,11 +576,17 @@ class RowNormalizer:
     tensor: str  # the normalization's input
     epsilon: float
     centred: bool  # the spread is the row's variance (LayerNorm); else its mean square (RMSNorm)
+    exposed_by: str | None = None  # a fused norm whose optional sum output (`tensor`) has to be added to it
 
 
-# op type -> whether it subtracts the row's mean first; each normalizes over its last axis (axis -1), and its
-# epsilon attribute defaults to 1e-5 in ONNX and ONNX Runtime alike
-_ROW_NORMALIZERS = {"LayerNormalization": True, "SimplifiedLayerNormalization": False, "RMSNormalization": False}
+# op type -> (whether it subtracts the row's mean first, its epsilon attribute's default); each normalizes over its
+# last axis (axis -1)
+_ROW_NORMALIZERS = {"LayerNormalization": (True, 1e-5), "SimplifiedLayerNormalization": (False, 1e-5),
+                    "RMSNormalization": (False, 1e-5)}
+# ONNX Runtime's transformer optimizer fuses the residual Add into the norm (com.microsoft): it normalizes the sum of
+# its inputs 0 and 1 (and the bias, input 4), which its optional output 3 gives
+_SKIP_NORMALIZERS = {"SkipLayerNormalization": (True, 1e-12), "SkipSimplifiedLayerNormalization": (False, 1e-12)}
+SKIP_SUM_OUTPUT = 3
 _RESIDUAL_STEPS = 3  # Adds between a layer and its normalization: its bias, the residual, a second branch's
 
 
@@ -591,12 +597,18 @@ def row_normalizer(output: str, consumers: dict) -> RowNormalizer | None:
     tensor = output
     for _ in range(_RESIDUAL_STEPS + 1):
         readers = consumers.get(tensor, [])
-        norms = [node for node in readers if node.op_type in _ROW_NORMALIZERS and node.input[0] == tensor]
-        if norms:
-            node = norms[0]
-            if int(attribute(node, "axis", -1)) != -1:
-                return None
-            return RowNormalizer(tensor, float(attribute(node, "epsilon", 1e-5)), _ROW_NORMALIZERS[node.op_type])
+        for node in readers:
+            if node.op_type in _ROW_NORMALIZERS and node.input[0] == tensor:
+                centred, epsilon = _ROW_NORMALIZERS[node.op_type]
+                if int(attribute(node, "axis", -1)) != -1:
+                    return None
+                return RowNormalizer(tensor, float(attribute(node, "epsilon", epsilon)), centred)
+            if node.op_type in _SKIP_NORMALIZERS and node.domain == "com.microsoft" and tensor in node.input[:2]:
+                centred, epsilon = _SKIP_NORMALIZERS[node.op_type]
+                summed = node.output[SKIP_SUM_OUTPUT] if len(node.output) > SKIP_SUM_OUTPUT else ""
+                return RowNormalizer(summed or f"msq_norm_sum_{node.output[0]}",
+                                     float(attribute(node, "epsilon", epsilon)), centred,
+                                     None if summed else node.output[0])
         if len(readers) != 1 or readers[0].op_type != "Add":
             return None
         tensor = readers[0].output[0]

@@ -465,16 +465,23 @@ def _residual_norm_block(norm: str = "LayerNormalization", axis: int = -1) -> on
              helper.make_node("Add", ["a1", "x"], ["h"], name="residual1"),
              helper.make_node(norm, norm_inputs, ["n"], name="norm1", axis=axis, epsilon=1e-5),
              helper.make_node("MatMul", ["n", "w2"], ["y"], name="mm2")]
+    if norm == "SkipLayerNormalization":  # ONNX Runtime's fusion of the bias, the residual and the norm
+        nodes[1:4] = [helper.make_node(norm, ["m1", "x", "gamma", "beta", "b1"], ["n"], name="norm1",
+                                       domain="com.microsoft", epsilon=1e-5)]
     graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     return model
 
 
-def test_a_layer_whose_output_a_layer_norm_divides_has_each_hessian_row_weighed_by_that_rows_spread(monkeypatch):
+@pytest.mark.parametrize("norm", ["LayerNormalization", "SkipLayerNormalization"])
+def test_a_layer_whose_output_a_layer_norm_divides_has_each_hessian_row_weighed_by_that_rows_spread(monkeypatch, norm):
     """Its error reaches the model divided by the norm's per-row spread: row r of X^T X counts 1 / (var_r + eps)
-    of the norm's input, in both halves and in the sums that centre them; the layer after the norm is unweighed."""
+    of the norm's input, in both halves and in the sums that centre them; the layer after the norm is unweighed.
+    ONNX Runtime's fused SkipLayerNormalization normalizes the sum of the layer's output, the residual and the
+    bias, which it gives as its optional fourth output."""
     import onnxruntime as ort
 
     from msq_onnx import instrument
@@ -482,7 +489,7 @@ def test_a_layer_whose_output_a_layer_norm_divides_has_each_hessian_row_weighed_
     from msq_onnx.load import load_model
 
     monkeypatch.setattr(instrument, "MIN_ROWS_PER_INPUT", 0)
-    model = _residual_norm_block()
+    model = _residual_norm_block(norm)
     folder = tempfile.mkdtemp()
     path = os.path.join(folder, "m.onnx")
     onnx.save(model, path)
@@ -495,10 +502,12 @@ def test_a_layer_whose_output_a_layer_norm_divides_has_each_hessian_row_weighed_
                                 (1, 2), 64, quiet=True, hessians=True)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    for name in ("h", "n"):
+    for name in ("m1", "n"):
         probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    h, n = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(["h", "n"],
-                                                                                                    {"x": x})
+    m1, n = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(["m1", "n"],
+                                                                                                     {"x": x})
+    bias = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "b1"))
+    h = m1 + bias + x  # the norm's input, fused or not
     by_node = {layer.nodes[0]: layer.name for layer in loaded.layers}
     weighed = stats.hessians[by_node["mm1"]]
     for half, gram, total, mass in ((slice(0, None, 2), weighed.fit, weighed.fit_sum, weighed.fit_rows),
