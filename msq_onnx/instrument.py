@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import BadData, BadModel, one_line
 from .features import (DEFAULT_LEVELS, FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices,
                        token_features)
-from .load import Layer, LoadedModel, is_large, save_model_file
+from .load import Layer, LoadedModel, consumers, is_large, save_model_file
 from .ops import SKIP_SUM_OUTPUT, nonnegative_tensors, range_sources, row_normalizer, static_tensors
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
@@ -288,14 +288,11 @@ def _add_hessians(loaded: LoadedModel, model: onnx.ModelProto, outputs: dict, ad
     reaches a LayerNorm or RMSNorm through Adds only (ops.row_normalizer) also has that norm's input fetched:
     each of its rows is weighed by the spread the norm divides it by (HessianSums)."""
     graph = model.graph
-    consumers: dict = {}
-    for node in loaded.model.graph.node:  # the model's own readers, not the statistics added to this copy
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    readers = consumers(loaded.model.graph)  # the model's own readers, not the statistics added to this copy
     by_name = {layer.name: layer for layer in loaded.layers}
     for name, rows in _hessian_candidates(loaded, static_shapes(model)).items():
         layer = by_name[name]
-        norm = row_normalizer(layer.output_name, consumers) if layer.output_name else None
+        norm = row_normalizer(layer.output_name, readers) if layer.output_name else None
         key = rows.key if norm is None else f"{rows.key}|{norm.tensor}"  # the same rows, weighed apart
         if key not in outputs["hessian"]:
             if rows.output not in outputs["hessian"].values():

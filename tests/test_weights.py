@@ -525,25 +525,19 @@ def test_a_layer_whose_output_a_layer_norm_divides_has_each_hessian_row_weighed_
 
 
 def test_only_a_norm_over_the_last_axis_reached_through_adds_weighs_a_layers_rows():
+    from msq_onnx.load import consumers
     from msq_onnx.ops import row_normalizer
 
-    def consumers(model):
-        found = {}
-        for node in model.graph.node:
-            for name in node.input:
-                found.setdefault(name, []).append(node)
-        return found
-
-    post = consumers(_residual_norm_block())
+    post = consumers(_residual_norm_block().graph)
     assert row_normalizer("m1", post).tensor == "h"
     assert row_normalizer("m1", post).centred and row_normalizer("m1", post).epsilon == pytest.approx(1e-5)
-    assert not row_normalizer("m1", consumers(_residual_norm_block("RMSNormalization"))).centred
-    assert row_normalizer("m1", consumers(_residual_norm_block(axis=1))) is None  # not a row's spread
+    assert not row_normalizer("m1", consumers(_residual_norm_block("RMSNormalization").graph)).centred
+    assert row_normalizer("m1", consumers(_residual_norm_block(axis=1).graph)) is None  # not a row's spread
     assert row_normalizer("n", post) is None  # read by a MatMul, not an Add or a norm
     # pre-LN: the residual sum is read by the next block's norm and by the next residual Add
     pre = _residual_norm_block()
     pre.graph.node.append(onnx.helper.make_node("Add", ["h", "n"], ["h2"], name="residual2"))
-    assert row_normalizer("m1", consumers(pre)).tensor == "h"
+    assert row_normalizer("m1", consumers(pre.graph)).tensor == "h"
     relu = _residual_norm_block()
     relu.graph.node[1].op_type = "Mul"  # a scale between the layer and the norm: its errors are not the row's
-    assert row_normalizer("m1", consumers(relu)) is None
+    assert row_normalizer("m1", consumers(relu.graph)) is None
