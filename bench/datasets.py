@@ -80,15 +80,44 @@ def debian_split(shared: str, work: str, calib: int = 300, limit: int | None = N
         rows = list(csv.DictReader(handle, delimiter="\t"))
     parts = {"debian-calib.tsv": rows[:calib],
              "debian-eval.tsv": rows[calib:] if limit is None else rows[calib:calib + limit]}
-    paths = []
-    for name, part in parts.items():
-        path = os.path.join(work, name)
-        with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-            writer.writerow(["text", "label"])
-            writer.writerows([row["text"], row["section"]] for row in part)
-        paths.append(path)
+    paths = [_write_text_rows(os.path.join(work, name), [row["text"] for row in part], [row["section"] for row in part])
+             for name, part in parts.items()]
     return paths[0], paths[1]
+
+
+def _write_text_rows(path: str, texts: list[str], labels: list[str]) -> str:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(texts, labels))
+    return path
+
+
+def text_halves(path: str, work: str) -> tuple[str, str]:
+    """The even and odd rows of a text,label .tsv (debian-eval.tsv: the tuning half and the report half of
+    BENCHMARKS' rounds 18-19) as <stem>-even.tsv and <stem>-odd.tsv."""
+    texts, labels = read_text_rows(path)
+    stem = os.path.join(work, os.path.splitext(os.path.basename(path))[0])
+    return (_write_text_rows(f"{stem}-even.tsv", texts[0::2], labels[0::2]),
+            _write_text_rows(f"{stem}-odd.tsv", texts[1::2], labels[1::2]))
+
+
+def joined_texts(path: str, out: str, seed: int) -> str:
+    """Each row of a text,label .tsv joined with another row of its label, drawn with `seed`: texts about twice
+    as long, enough rows a sample for MiniLM-L6's FFN-down inputs to reach GPTQ (round 19 used seed 1 for
+    debian-calib.tsv and 2 / 3 for the even / odd halves)."""
+    import random
+
+    texts, labels = read_text_rows(path)
+    rng = random.Random(seed)
+    by_label: dict = {}
+    for index, label in enumerate(labels):
+        by_label.setdefault(label, []).append(index)
+    joined = []
+    for index, (text, label) in enumerate(zip(texts, labels)):
+        others = [other for other in by_label[label] if other != index] or [index]
+        joined.append(text + " " + texts[rng.choice(others)])
+    return _write_text_rows(out, joined, labels)
 
 
 def read_text_rows(path: str) -> tuple[list[str], list[str]]:
