@@ -145,6 +145,69 @@ def test_sequence_pyramid_pools_real_tokens_only():
     np.testing.assert_allclose(channels_first, pooled, atol=1e-5)
 
 
+@pytest.mark.parametrize("levels", [(1, 2, 4), (1, 3)])
+def test_the_graphs_sequence_pyramid_cuts_any_length_as_numpy_does(levels):
+    """The pass pools a [N, T, C] probe in the graph over a T it learns at run time: every length, those
+    shorter than the finest level and those the bins overlap on, gives numpy's pyramid and the probe's shape."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from msq_onnx.instrument import _sequence_pyramid
+
+    nodes, constants, (pooled, shape) = _sequence_pyramid("x", "seq", levels)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", 5])],
+                              [helper.make_tensor_value_info(pooled, TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info(shape, TensorProto.INT64, None)], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for length in (1, 2, 3, 5, 8, 9, 13, 100):
+        x = rng.normal(size=(2, length, 5)).astype(np.float32)
+        got, got_shape = session.run(None, {"x": x})
+        np.testing.assert_allclose(got, pyramid_pool(x, levels, channels_last=True), rtol=1e-5, atol=1e-6)
+        assert got_shape.tolist() == [2, length, 5]
+
+
+def test_the_pass_pools_sequences_in_the_graph_and_padded_batches_over_their_real_tokens(tmp_path):
+    """Unpadded texts of any length come pooled by the graph, a padded batch pools its probes in numpy over the
+    tokens its mask marks: either way the bank holds numpy's pyramid of the probe, and a sample's rows are its
+    sequence length."""
+    import onnx
+    import onnxruntime as ort
+
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.instrument import attention_mask_input, build_instrumented, run_pass
+    from msq_onnx.load import load_model
+    from test_any_model import encoder, padded_batch, save, token_folder
+
+    loaded = load_model(save(encoder(), tmp_path / "encoder.onnx"))
+    _, outputs = build_instrumented(loaded, levels=(1, 2, 4))
+    dense = [layer for layer in loaded.layers if layer.op_type == "MatMul"]
+    assert dense and all(layer.name in outputs["sequence_pyramid"] for layer in dense)
+    probes = onnx.ModelProto()
+    probes.CopyFrom(loaded.model)
+    probes.graph.output.extend([onnx.helper.make_tensor_value_info(layer.probe_name, onnx.TensorProto.FLOAT, None)
+                                for layer in loaded.layers])
+    session = ort.InferenceSession(probes.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert attention_mask_input(loaded) == "attention_mask"
+
+    unpadded = token_folder(tmp_path / "texts", 9)  # one text a sample, 4-12 tokens
+    np.savez(tmp_path / "padded.npz", **padded_batch(np.random.default_rng(3), [4, 6, 5, 7, 9, 3], 10))
+    for source, batch_size in ((unpadded, 1), (str(tmp_path / "padded.npz"), 3)):
+        samples = open_samples(source, loaded.inputs, Preprocess())
+        stats = run_pass(loaded, samples, (1, 2, 4), 4096, quiet=True, batch_size=batch_size)
+        feeds = list(samples.batches(1))
+        for layer in loaded.layers:
+            expected = np.concatenate([embed(session.run([layer.probe_name], feed)[0], (1, 2, 4), 4096,
+                                             channels_last=True, mask=feed["attention_mask"])
+                                       if batch_size > 1 else
+                                       embed(session.run([layer.probe_name], feed)[0], (1, 2, 4), 4096,
+                                             channels_last=True) for feed in feeds])
+            np.testing.assert_allclose(stats.features.matrix(layer.name), expected, rtol=2e-3, atol=2e-3)
+        lengths = [feed["input_ids"].shape[1] for feed in feeds]
+        assert stats.rows[dense[0].name] == (int(np.median(lengths)) if batch_size == 1 else 10)
+
+
 @pytest.mark.parametrize("one_product,size", [(True, 9), (False, 9), (True, 8)])
 def test_maps_of_a_fixed_size_are_pooled_in_the_graph_exactly_as_numpy_pools_them(tmp_path, monkeypatch, one_product,
                                                                                    size):
