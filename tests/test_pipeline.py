@@ -1129,3 +1129,43 @@ def test_the_reference_runs_beside_the_write_only_where_its_session_fits_under_t
     monkeypatch.setattr(pipeline, "_fits_beside_the_write", lambda loaded: False)
     convert(cnn_files["model"], str(tmp_path / "b.onnx"), cnn_files["calib"], Options(quiet=True))
     assert chosen == [(True, True), (False, False)]  # nor is its session kept beside the write
+
+
+def test_the_mode_measurement_session_is_built_beside_the_pass_and_waited_for_if_the_pass_stops(cnn_files,
+                                                                                                  monkeypatch):
+    """The measurement session is started as the pass builds its own and used by the modes stage; a pass that
+    stops (an interrupt) waits for that build before the error goes on: a thread left building while the
+    process exits ran beside its temporary folders' removal (the workspace stayed behind, 1 in ~80 interrupts)."""
+    import threading
+
+    from msq_onnx import modes, pipeline
+
+    built, real_prepare = [], modes.prepare
+
+    def prepare(loaded, workers=1):
+        built.append(threading.current_thread() is not threading.main_thread())
+        return real_prepare(loaded, workers)
+
+    monkeypatch.setattr(modes, "prepare", prepare)
+    used = []
+    real_measure = modes.measure
+    monkeypatch.setattr(modes, "measure", lambda *a, **k: used.append(k["prepared"]) or real_measure(*a, **k))
+    convert(cnn_files["model"], str(cnn_files["dir"] / "out.onnx"), cnn_files["calib"], Options(quiet=True))
+    assert built == [True] and isinstance(used[0], modes.Prepared)
+
+    release, finished = threading.Event(), []
+
+    def slow_prepare(loaded, workers=1):
+        release.wait(5)
+        finished.append(True)
+
+    def interrupted_pass(*args, beside=None, **kwargs):
+        beside(1)
+        threading.Timer(0.3, release.set).start()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modes, "prepare", slow_prepare)
+    monkeypatch.setattr(pipeline, "run_pass", interrupted_pass)
+    with pytest.raises(KeyboardInterrupt):
+        convert(cnn_files["model"], str(cnn_files["dir"] / "out2.onnx"), cnn_files["calib"], Options(quiet=True))
+    assert finished == [True]
