@@ -632,7 +632,7 @@ def _pass_session(model: onnx.ModelProto, workers: int, weights: str | None) -> 
 
 
 def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 1,
-             quiet: bool = False, seed: int = 0, hessians: bool = False, beside=None) -> PassStatistics:
+             quiet: bool = False, seed: int = 0, hessians: bool = False) -> PassStatistics:
     """The streamed pass; with `hessians`, each layer's input Hessians are summed over the last
     HESSIAN_SAMPLES samples in the same runs.
 
@@ -641,10 +641,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     whatever is fetched), and their K x K outputs were copied out of every run (MiniLM-L6: 10.6 MB a run);
     the pass took 7.5 s without Hessians and 8.8 s with them that way. The samples before them tell how
     many rows each input has per sample, so only inputs that can reach GPTQ's rows are fetched (MiniLM-L6's
-    four-times-wider FFN inputs never do).
-
-    beside(workers): called with the number of runs at once just before the pass's session is built, for work
-    to start on the core that build leaves idle."""
+    four-times-wider FFN inputs never do)."""
     size = batch_of(loaded, batch_size)
     # A model's fixed batch pads the last one with copies of its last sample: they stay out of the Hessians.
     fixed_batch = any(spec.batch_fixed for spec in loaded.inputs)
@@ -654,8 +651,6 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     mask_input = attention_mask_input(loaded)
     stream = BatchStream(padded_batches(samples, loaded, batch_size))
     workers = run_workers(loaded, stream.held[0]) if stream.more() else 1
-    if beside is not None:
-        beside(workers)  # started before the pass's session build, which leaves a core idle
     session = _pass_session(model, workers, loaded.weights_folder)
     del model
     hessian_only = set(outputs["hessian"].values()) | outputs["hessian_only"]

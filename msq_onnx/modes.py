@@ -66,36 +66,18 @@ def uint8_quantization(low: float, high: float) -> tuple[float, int]:
     return scale, int(np.clip(round(-low / scale), 0, 255))
 
 
-def _static_quantizer(prefix: str, value_range) -> list:
-    scale, zero = uint8_quantization(*value_range)
-    return [numpy_helper.from_array(np.array(scale, np.float32), f"{prefix}_s"),
-            numpy_helper.from_array(np.array(zero, np.uint8), f"{prefix}_z")]
-
-
-def static_feed(fed: dict, ranges: dict) -> dict:
-    """The scales and zero points a graph built without ranges (_Quantizers(None, ...)) is fed."""
-    return {tensor.name: numpy_helper.to_array(tensor) for prefix, range_of in fed.items()
-            for tensor in _static_quantizer(prefix, ranges.get(range_of, (0.0, 0.0)))}
-
-
 class _Quantizers:
     """Adds the nodes that put a tensor through a mode's activation quantizer (as ORT will run it)."""
 
-    def __init__(self, ranges: dict | None, model: onnx.ModelProto):
-        """ranges None: each static quantizer's scale and zero point become inputs, fed at run time by
-        static_feed (`fed`: their prefix -> the tensor whose range they take), so the graph can be built, and
-        its session made, before the ranges are known."""
-        self.ranges, self.nodes, self.inits, self.inputs, self.fed = ranges, [], [], [], {}
+    def __init__(self, ranges: dict, model: onnx.ModelProto):
+        self.ranges, self.nodes, self.inits = ranges, [], []
         self.output_ranges = range_sources(model)
         self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
     def static(self, tensor: str, range_of: str, prefix: str) -> str:
-        if self.ranges is None:
-            self.fed[prefix] = range_of
-            self.inputs += [helper.make_tensor_value_info(f"{prefix}_s", TensorProto.FLOAT, []),
-                            helper.make_tensor_value_info(f"{prefix}_z", TensorProto.UINT8, [])]
-        else:
-            self.inits.extend(_static_quantizer(prefix, self.ranges.get(range_of, (0.0, 0.0))))
+        scale, zero = uint8_quantization(*self.ranges.get(range_of, (0.0, 0.0)))
+        self.inits.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{prefix}_s"),
+                           numpy_helper.from_array(np.array(zero, np.uint8), f"{prefix}_z")])
         self.nodes.append(helper.make_node("QuantizeLinear", [tensor, f"{prefix}_s", f"{prefix}_z"], [f"{prefix}_q"]))
         self.nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}_q", f"{prefix}_s", f"{prefix}_z"],
                                            [f"{prefix}_dq"]))
@@ -170,13 +152,12 @@ def _expose(graph, names) -> None:
             exposed.add(name)
 
 
-def build_measurement(loaded) -> tuple[onnx.ModelProto, dict, dict]:
-    """The FP32 model plus, per layer and mode, a quantized-input copy of the layer and its error sums; its
-    static quantizers' scales and zero points are inputs (static_feed), so it needs no ranges."""
+def build_measurement(loaded, ranges: dict) -> tuple[onnx.ModelProto, dict]:
+    """The FP32 model plus, per layer and mode, a quantized-input copy of the layer and its error sums."""
     model = loaded.session_copy()
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
-    quantizers = _Quantizers(None, model)
+    quantizers = _Quantizers(ranges, model)
     outputs: dict = {}
     for index, layer in enumerate(loaded.layers):
         node = nodes[layer.nodes[0]]
@@ -195,9 +176,8 @@ def build_measurement(loaded) -> tuple[onnx.ModelProto, dict, dict]:
             outputs[layer.name][mode] = (f"{prefix}_e", f"{prefix}_signal")
     graph.node.extend(quantizers.nodes)
     graph.initializer.extend(quantizers.inits)
-    graph.input.extend(quantizers.inputs)
     _expose(graph, [name for table in outputs.values() for pair in table.values() for name in pair])
-    return model, outputs, quantizers.fed
+    return model, outputs
 
 
 def build_simulation(loaded, ranges: dict, modes: dict) -> onnx.ModelProto:
@@ -240,28 +220,10 @@ def _session(model, workers: int, weights: str | None):
                        "re-export the model with standard ONNX ops.") from None
 
 
-@dataclass
-class Prepared:
-    """The measurement graph's session, made before the ranges are known: its errors' outputs per layer and
-    mode, and the static quantizers its runs are fed (static_feed)."""
-    session: object
-    outputs: dict
-    fed: dict
-
-
-def prepare(loaded, workers: int = 1) -> Prepared:
-    """Built while the calibration pass builds its own session: each takes one core for about half a second
-    (MiniLM-L6: 0.42-0.72 s for this graph of 1,412 nodes), and nothing else runs then."""
-    model, outputs, fed = build_measurement(loaded)
-    return Prepared(_session(model, workers, loaded.weights_folder), outputs, fed)
-
-
 def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_size: int = 1,
-            quiet: bool = False, rows: dict | None = None, workers: int = 1,
-            prepared: Prepared | None = None) -> Measurement:
+            quiet: bool = False, rows: dict | None = None, workers: int = 1) -> Measurement:
     """Each layer's error in each mode, alone, over the first `count` samples, or the first MIN_SAMPLES or
-    more once every layer's error sums ENOUGH_VALUES output values (`rows`: layer -> rows per sample).
-    prepared: prepare()'s session, for `workers` runs at once; made here if None."""
+    more once every layer's error sums ENOUGH_VALUES output values (`rows`: layer -> rows per sample)."""
     shapes = static_shapes(loaded.model)
 
     def values(layer) -> int:
@@ -277,8 +239,8 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
     measured = [layer for layer in loaded.layers if any(quantizes_activations(layer, m) for m in layer.kind.modes)]
     fewest = min((values(layer) for layer in measured), default=ENOUGH_VALUES)
     count = min(count, max(MIN_SAMPLES, int(np.ceil(ENOUGH_VALUES / max(fewest, 1)))))
-    prepared = prepared or prepare(loaded, workers)
-    session, outputs, constants = prepared.session, prepared.outputs, static_feed(prepared.fed, ranges)
+    model, outputs = build_measurement(loaded, ranges)
+    session = _session(model, workers, loaded.weights_folder)
     wanted = sorted({name for table in outputs.values() for pair in table.values() for name in pair})
     sums = dict.fromkeys(wanted, 0.0)
     feeds, reference = [], []
@@ -293,8 +255,8 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
                 return
 
     with progress(min(count, samples.count), "activation modes", quiet) as bar:
-        for (feed, real), result in ordered_runs(lambda batch: session.run(fetched, {**batch[0], **constants}),
-                                                 first_batches(), workers):
+        for (feed, real), result in ordered_runs(lambda batch: session.run(fetched, batch[0]), first_batches(),
+                                                 workers):
             for name, value in zip(wanted, result):
                 sums[name] += float(value)
             feeds.append((feed, real))

@@ -85,12 +85,10 @@ class Result:
 class _ResultThread(threading.Thread):
     """A function run on its own thread; result() waits for it and returns its value or raises its exception."""
 
-    def __init__(self, function, start: bool = True):
-        """start=False: the caller starts it, once it holds the thread where an interrupt's handler finds it."""
+    def __init__(self, function):
         super().__init__(daemon=True)  # an interrupted conversion's process does not wait for it
         self._function, self._value, self._error = function, None, None
-        if start:
-            self.start()
+        self.start()
 
     def run(self) -> None:
         try:
@@ -118,10 +116,8 @@ class _ResultThread(threading.Thread):
         return self._value
 
     def discard(self) -> None:
-        """Wait for the thread and drop what it made or raised, unread (a stopped run's Cancelled). A start()
-        an interrupt cut short may or may not have launched it: a second to show it did."""
-        if self._started.wait(timeout=1.0):
-            self.join()
+        """Wait for the thread and drop what it made or raised, unread (a stopped run's Cancelled)."""
+        self.join()
         self._value = self._error = None
 
 
@@ -227,23 +223,9 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
     # Without a budget every layer keeps the widest width, which rounds to nearest: no Hessians then.
     narrowed = (options.avg_bits is not None and options.avg_bits < max(options.bits)) or any(
         v is not None for v in (options.max_size, options.max_drop, options.min_cosine))
-    building = []  # the activation modes' measurement session, built beside the pass's
-
-    def prepare_modes(workers: int) -> None:
-        building.append(_ResultThread(lambda: mode_stage.prepare(loaded, workers), start=False))
-        building[-1].start()
-
     with timer.stage("instrument+features"):
-        try:
-            stats = run_pass(loaded, calib, options.levels, options.max_dim, options.batch_size, options.quiet,
-                             options.seed, hessians=options.rounding == "gptq" and narrowed, beside=prepare_modes)
-            # Joined here, long built on any model whose pass takes time: no build outlives an interrupt, whose
-            # exit would run the temporary folders' removal beside it (the workspace was left behind 1 in ~80 times)
-            prepared = [thread.result() for thread in building]
-        except BaseException:
-            for thread in building:
-                thread.discard()
-            raise
+        stats = run_pass(loaded, calib, options.levels, options.max_dim, options.batch_size, options.quiet,
+                         options.seed, hessians=options.rounding == "gptq" and narrowed)
     with timer.stage("imprint"):
         labels = imprint_labels(None if calib.labels is None else calib.labels[stats.imprinted], stats.outputs,
                                 options.seed, fidelity.output_kind(stats.outputs, None, name=loaded.output_name,
@@ -258,8 +240,7 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
         # Rows that are padding do not count towards the samples the modes need: real tokens only.
         real_rows = {name: min(r, stats.tokens) if stats.tokens else r for name, r in stats.rows.items()}
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
-                                         quiet=options.quiet, rows=real_rows, workers=stats.workers,
-                                         prepared=prepared.pop() if prepared else None)
+                                         quiet=options.quiet, rows=real_rows, workers=stats.workers)
         if solver is not None:
             # the mode timings below go to the cache, and a toy model's later timings would come while the import
             # still held the GIL (a 0.14 ms model measured 1.8x FP32's time): nothing beside them
