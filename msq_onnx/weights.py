@@ -215,10 +215,26 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
     column's rounding error compensated on the columns not yet rounded through the inverse input Hessian
     (Frantar et al., GPTQ, 2023: OBQ's update in a fixed order, a block of columns at a time).
 
+    The columns go in decreasing order of their input's power (the Hessian's diagonal, GPTQ's "act order"):
+    the inputs whose errors cost most are rounded while the most columns remain to take up their error.
+    MiniLM-L6 --avg-bits 3 --prefer size, cosine 0.96285 -> 0.96385 and 0.96287 -> 0.96403 on the two halves
+    of its evaluation texts (docs/BENCHMARKS.md, round 20).
+
     Rows may stack one weight at several widths: one pass serves the whole error table. Returns the int8
     integers and each row's added output error sum_i ((w_i - q_i) / U_ii)^2, which is exactly the growth
     of (W - Q) H (W - Q)^T for the damped Hessian, so no second product is needed to measure it.
     """
+    order = np.argsort(-np.diag(hessian), kind="stable")
+    per_weight = lambda values: values if values is None or np.ndim(values) < 2 or np.shape(values)[1] == 1 \
+        else np.asarray(values)[:, order]  # noqa: E731
+    integers, losses = _gptq_in_order(np.asarray(matrix)[:, order], per_weight(scale), top,
+                                      hessian[np.ix_(order, order)], per_weight(flipped))
+    return np.ascontiguousarray(integers[:, np.argsort(order)]), losses
+
+
+def _gptq_in_order(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: np.ndarray,
+                   flipped: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """gptq_round with the columns in the order given."""
     w = matrix.astype(np.float32)  # a copy; the factorisation is float64, the updates float32 (2x faster)
     h = damped(hessian)
     dead = np.diag(hessian) <= 0
