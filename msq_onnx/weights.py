@@ -225,17 +225,21 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
     of (W - Q) H (W - Q)^T for the damped Hessian, so no second product is needed to measure it.
     """
     order = np.argsort(-np.diag(hessian), kind="stable")
-    per_weight = lambda values: values if values is None or np.ndim(values) < 2 or np.shape(values)[1] == 1 \
-        else np.asarray(values)[:, order]  # noqa: E731
-    integers, losses = _gptq_in_order(np.asarray(matrix)[:, order], per_weight(scale), top,
-                                      hessian[np.ix_(order, order)], per_weight(flipped))
-    return np.ascontiguousarray(integers[:, np.argsort(order)]), losses
+
+    def reordered(values):  # a value per weight follows its column; one per row ([rows] or [rows, 1]) stays
+        per_row = values is None or np.ndim(values) < 2 or np.shape(values)[1] == 1
+        return values if per_row else np.asarray(values)[:, order]
+
+    # the reordered copy is the one the rounding works on: the factorisation is float64, the updates float32
+    integers, losses = _gptq_in_order(np.asarray(matrix, np.float32)[:, order], reordered(scale), top,
+                                      hessian[np.ix_(order, order)], reordered(flipped))
+    return integers[:, np.argsort(order)], losses
 
 
-def _gptq_in_order(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: np.ndarray,
+def _gptq_in_order(w: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: np.ndarray,
                    flipped: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """gptq_round with the columns in the order given."""
-    w = matrix.astype(np.float32)  # a copy; the factorisation is float64, the updates float32 (2x faster)
+    """gptq_round with the columns in the order given, on a float32 [rows, fan_in] copy of its own: the columns
+    of inputs that never fire are zeroed in it."""
     h = damped(hessian)
     dead = np.diag(hessian) <= 0
     w[:, dead] = 0.0

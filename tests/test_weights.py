@@ -189,7 +189,7 @@ def test_gptq_rounds_the_most_powerful_inputs_first():
             return float(np.sum((delta @ (check.T @ check)) * delta))
 
         ordered, ordered_losses = gptq_round(matrix, scale, tops, hessian)
-        natural, _ = _gptq_in_order(matrix, scale, tops, hessian)
+        natural, _ = _gptq_in_order(matrix.copy(), scale, tops, hessian)
         gains.append(held_out(natural) / held_out(ordered))
         # the losses are the damped fitting error of the integers returned, in the weight's own column order
         delta = ordered * scale[:, None] - matrix
