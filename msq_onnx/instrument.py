@@ -96,22 +96,35 @@ def _float_maps(model: onnx.ModelProto, shapes: dict) -> set:
             if v.type.tensor_type.elem_type == TensorProto.FLOAT and _fixed_map(shapes.get(v.name))}
 
 
-def _sequence_pyramid(probe: str, prefix: str, levels) -> tuple[list, list, tuple[str, str]]:
+def _sequence_pyramid(probe: str, prefix: str, levels, shared: tuple[str, str] | None = None) -> tuple[list, list,
+                                                                                                      tuple[str, str]]:
     """Nodes pooling a [N, T, C] probe over T as features.pyramid_pool does without a mask, into [N, C, bins],
-    for a T known only when it runs: the bins' edges (features._bin_edges, floor(i T / b) to ceil((i + 1) T / b))
-    are computed from the probe's own shape, so no graph can be given a matrix of the wrong length. Returns the
-    nodes, their constants, and the names of the pyramid and of the probe's shape (its rows).
+    for a T known only when it runs: the bins' averaging matrix
+    (features._bin_edges, floor(i T / b) to ceil((i + 1) T / b)) is computed from the probe's own shape, so no
+    graph can be given a matrix of the wrong length. Returns the nodes, their constants, and the names of the
+    pyramid and of the probe's shape (its rows).
+
+    shared: (matrix, shape) of a probe whose T is the same tensor dimension (_length_keys): only the product is
+    added. A matrix of another length fails the product ([bins, T] by [N, T', C]) instead of pooling wrongly.
+    MiniLM-L6's 39 probes have 15 lengths: the matrices' 17 small ops a probe were 4.6 ms of a 63 ms run.
 
     A sequence pooled in numpy cost MiniLM-L6's pass 1.3 s of its main thread (39 probes x 240 texts of
     [T, 384] read back from ONNX Runtime), beside the two workers running the model."""
-    bins = [(b, i) for b in levels for i in range(b)]
-    first = numpy_helper.from_array(np.array([[i] for _, i in bins], np.float64), f"{prefix}_first")
-    last = numpy_helper.from_array(np.array([[i + 1] for _, i in bins], np.float64), f"{prefix}_last")
-    cuts = numpy_helper.from_array(np.array([[b] for b, _ in bins], np.float64), f"{prefix}_cuts")
-    axis = numpy_helper.from_array(np.array(1, np.int64), f"{prefix}_axis")
-    zero, one = (numpy_helper.from_array(np.array(v, np.int64), f"{prefix}_{n}") for n, v in (("zero", 0), ("one", 1)))
     n = lambda name: f"{prefix}_{name}"  # noqa: E731
-    shape, length, pooled = n("shape"), n("length"), n("pyramid")
+    pooled = n("pyramid")
+    # transposed in the graph: a transposed copy in numpy, 10 KB a probe and a text, left the heap fragmented
+    # (MiniLM-L6's peak 645 -> 671 MB)
+    product = [helper.make_node("MatMul", [shared[0] if shared else n("matrix"), probe], [n("bins")], name=n("bins")),
+               helper.make_node("Transpose", [n("bins")], [pooled], perm=[0, 2, 1], name=pooled)]
+    if shared is not None:
+        return product, [], (pooled, shared[1])
+    bins = [(b, i) for b in levels for i in range(b)]
+    first = numpy_helper.from_array(np.array([[i] for _, i in bins], np.float64), n("first"))
+    last = numpy_helper.from_array(np.array([[i + 1] for _, i in bins], np.float64), n("last"))
+    cuts = numpy_helper.from_array(np.array([[b] for b, _ in bins], np.float64), n("cuts"))
+    axis = numpy_helper.from_array(np.array(1, np.int64), n("axis"))
+    zero, one = (numpy_helper.from_array(np.array(v, np.int64), n(name)) for name, v in (("zero", 0), ("one", 1)))
+    shape, length = n("shape"), n("length")
     nodes = [helper.make_node("Shape", [probe], [shape], name=shape),
              helper.make_node("Gather", [shape, axis.name], [length], axis=0, name=length),
              helper.make_node("Range", [zero.name, length, one.name], [n("positions")], name=n("positions")),
@@ -130,10 +143,23 @@ def _sequence_pyramid(probe: str, prefix: str, levels) -> tuple[list, list, tupl
              helper.make_node("Cast", [n("inside")], [n("ones")], to=TensorProto.FLOAT, name=n("ones")),
              helper.make_node("Sub", [n("stop"), n("start")], [n("width")], name=n("width")),
              helper.make_node("Cast", [n("width")], [n("count")], to=TensorProto.FLOAT, name=n("count")),
-             helper.make_node("Div", [n("ones"), n("count")], [n("matrix")], name=n("matrix")),
-             helper.make_node("MatMul", [n("matrix"), probe], [n("bins")], name=n("bins")),
-             helper.make_node("Transpose", [n("bins")], [pooled], perm=[0, 2, 1], name=pooled)]
+             helper.make_node("Div", [n("ones"), n("count")], [n("matrix")], name=n("matrix")), *product]
     return nodes, [first, last, cuts, axis, zero, one], (pooled, shape)
+
+
+def _length_keys(model: onnx.ModelProto) -> dict:
+    """[N, T, C] tensor -> its T as shape inference named it: a symbol it carried through the ops that keep T
+    (MiniLM-L6's query, key and value outputs share one; a Reshape or a Concat makes a new one) or a fixed
+    size. Tensors with the same key have the same length in every run."""
+    keys = {}
+    for value in list(model.graph.value_info) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 3:
+            if dims[1].dim_param:
+                keys[value.name] = ("symbol", dims[1].dim_param)
+            elif dims[1].HasField("dim_value") and dims[1].dim_value > 0:
+                keys[value.name] = ("size", dims[1].dim_value)
+    return keys
 
 
 def _moment_axes(layer: Layer, rank: int) -> list[int]:
@@ -141,14 +167,16 @@ def _moment_axes(layer: Layer, rank: int) -> list[int]:
     return [a for a in range(rank) if a != channel_axis]
 
 
-def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -> tuple[onnx.ModelProto, dict]:
+def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
+                       share_lengths: bool = True) -> tuple[onnx.ModelProto, dict]:
     """Return the instrumented copy and a map of its extra outputs (with `hessians`, also each Hessian input's
-    rows as [rows, K]; with pyramid `levels`, maps of a fixed size come out already pooled)."""
+    rows as [rows, K]; with pyramid `levels`, maps of a fixed size come out already pooled; share_lengths:
+    sequences of one length, as shape inference tells, pooled by one matrix, outputs["shared_lengths"] True)."""
     model = loaded.session_copy()
     graph = model.graph
     original_nodes = len(graph.node)
     outputs = {"range": {}, "borrowed": {}, "moments": {}, "probe": {}, "pyramid": {}, "grid": {}, "hessian": {},
-               "rows": {}, "norms": {}, "hessian_only": set(), "sequence_pyramid": {}}
+               "rows": {}, "norms": {}, "hessian_only": set(), "sequence_pyramid": {}, "shared_lengths": False}
     exposed = {o.name for o in graph.output}
 
     def add_output(name: str, elem=TensorProto.FLOAT):
@@ -186,6 +214,8 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -
 
     views = {}  # probe -> the tensor with its samples on axis 0 (ops.OpKind.batch_first)
     sequence_pyramids = {}  # view -> (its pyramid, its shape)
+    length_keys = _length_keys(model) if share_lengths else {}
+    matrices = {}  # length key -> (the averaging matrix, the shape it was computed from)
     shared_moments = {}  # (input, layout): its (mean, mean square) outputs
     for index, layer in enumerate(loaded.layers):
         shape = shapes.get(layer.probe_name)
@@ -242,9 +272,15 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=()) -
             outputs["probe"][layer.name] = view
             if levels and layer.kind.channels_last and len(shapes.get(view) or ()) == 3:
                 if view not in sequence_pyramids:
-                    added, constants, sequence_pyramids[view] = _sequence_pyramid(view, f"msq_seq_{index}", levels)
+                    key = length_keys.get(view)
+                    shared = matrices.get(key) if key is not None else None
+                    prefix = f"msq_seq_{index}"
+                    added, constants, sequence_pyramids[view] = _sequence_pyramid(view, prefix, levels, shared)
                     graph.node.extend(added)
                     graph.initializer.extend(constants)
+                    if key is not None and shared is None:
+                        matrices[key] = (f"{prefix}_matrix", sequence_pyramids[view][1])
+                    outputs["shared_lengths"] |= shared is not None
                     for name in sequence_pyramids[view]:
                         add_output(name, TensorProto.INT64 if name.endswith("_shape") else TensorProto.FLOAT)
                 outputs["sequence_pyramid"][layer.name] = sequence_pyramids[view]
@@ -631,8 +667,23 @@ def _pass_session(model: onnx.ModelProto, workers: int, weights: str | None) -> 
                        "re-export it with standard ONNX ops.") from None
 
 
+class _LengthsDiffer(Exception):
+    """A run failed with sequences pooled by shared matrices: their lengths may not be what shape inference
+    said (a model's own value_info can name them wrongly)."""
+
+
 def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 1,
              quiet: bool = False, seed: int = 0, hessians: bool = False) -> PassStatistics:
+    """_run_pass; again with a pooling matrix per sequence if a run fails with them shared."""
+    try:
+        return _run_pass(loaded, samples, levels, max_dim, batch_size, quiet, seed, hessians, share_lengths=True)
+    except _LengthsDiffer:
+        pass  # retried past the handler, whose traceback would hold the failed attempt's session
+    return _run_pass(loaded, samples, levels, max_dim, batch_size, quiet, seed, hessians, share_lengths=False)
+
+
+def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int, quiet: bool, seed: int,
+              hessians: bool, share_lengths: bool) -> PassStatistics:
     """The streamed pass; with `hessians`, each layer's input Hessians are summed over the last
     HESSIAN_SAMPLES samples in the same runs.
 
@@ -647,7 +698,7 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
     fixed_batch = any(spec.batch_fixed for spec in loaded.inputs)
     whole = samples.count - (samples.count % size if fixed_batch else 0)
     hessian_from = _hessian_start(whole, size) if hessians else samples.count
-    model, outputs = build_instrumented(loaded, hessians and hessian_from < samples.count, levels)
+    model, outputs = build_instrumented(loaded, hessians and hessian_from < samples.count, levels, share_lengths)
     mask_input = attention_mask_input(loaded)
     stream = BatchStream(padded_batches(samples, loaded, batch_size))
     workers = run_workers(loaded, stream.held[0]) if stream.more() else 1
@@ -690,6 +741,8 @@ def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int
             try:
                 values = session.run(fetched, feed)
             except Exception as exc:
+                if outputs["shared_lengths"]:
+                    raise _LengthsDiffer from None
                 raise BadData(f"the model cannot run on the calibration data ({one_line(exc)}); check the "
                               "data's shape, dtype and preprocessing against the model's input.") from None
             return dict(zip(fetched, values)), gathered

@@ -181,9 +181,13 @@ def test_the_pass_pools_sequences_in_the_graph_and_padded_batches_over_their_rea
     from test_any_model import encoder, padded_batch, save, token_folder
 
     loaded = load_model(save(encoder(), tmp_path / "encoder.onnx"))
-    _, outputs = build_instrumented(loaded, levels=(1, 2, 4))
+    instrumented, outputs = build_instrumented(loaded, levels=(1, 2, 4))
     dense = [layer for layer in loaded.layers if layer.op_type == "MatMul"]
     assert dense and all(layer.name in outputs["sequence_pyramid"] for layer in dense)
+    # the query, key and value outputs have one length: one averaging matrix serves them
+    assert outputs["shared_lengths"]
+    matrices = [node for node in instrumented.graph.node if node.name.endswith("_matrix")]
+    assert 0 < len(matrices) < len({outputs["sequence_pyramid"][layer.name] for layer in dense})
     probes = onnx.ModelProto()
     probes.CopyFrom(loaded.model)
     probes.graph.output.extend([onnx.helper.make_tensor_value_info(layer.probe_name, onnx.TensorProto.FLOAT, None)
@@ -206,6 +210,43 @@ def test_the_pass_pools_sequences_in_the_graph_and_padded_batches_over_their_rea
             np.testing.assert_allclose(stats.features.matrix(layer.name), expected, rtol=2e-3, atol=2e-3)
         lengths = [feed["input_ids"].shape[1] for feed in feeds]
         assert stats.rows[dense[0].name] == (int(np.median(lengths)) if batch_size == 1 else 10)
+
+
+def test_sequences_a_model_says_are_one_length_and_are_not_still_pool_over_their_own(tmp_path):
+    """Sequences whose declared symbol says they have one length share an averaging matrix. A model's value_info
+    that names a shorter sequence with the longer one's symbol makes the shared product fail: the pass runs
+    again with a matrix per sequence, and its features are those of the pass that never shared."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from msq_onnx import instrument
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.load import load_model
+
+    rng = np.random.default_rng(0)
+    constants = [numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "w1"),
+                 numpy_helper.from_array(rng.normal(size=(6, 5)).astype(np.float32), "w2"),
+                 numpy_helper.from_array(np.array([1], np.int64), "start"),
+                 numpy_helper.from_array(np.array([1 << 62], np.int64), "end"),
+                 numpy_helper.from_array(np.array([1], np.int64), "axis")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="first"),
+             helper.make_node("Slice", ["a", "start", "end", "axis"], ["b"], name="drop_first_token"),
+             helper.make_node("MatMul", ["b", "w2"], ["c"], name="second")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", 4])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["n", None, 5])], constants,
+                              value_info=[helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", "t", 6])])
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                            ir_version=8).SerializeToString())
+    loaded = load_model(str(onnx_path))
+    _, outputs = instrument.build_instrumented(loaded, levels=(1, 2, 4))
+    assert outputs["shared_lengths"]  # the declared symbol is believed when the graph is built
+    np.savez(tmp_path / "x.npz", x=rng.normal(size=(12, 7, 4)).astype(np.float32))
+    samples = open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess())
+    stats = instrument.run_pass(loaded, samples, (1, 2, 4), 4096, quiet=True)
+    unshared = instrument._run_pass(loaded, samples, (1, 2, 4), 4096, 1, True, 0, False, share_lengths=False)
+    for layer in loaded.layers:
+        np.testing.assert_array_equal(stats.features.matrix(layer.name), unshared.features.matrix(layer.name))
+    assert stats.rows == unshared.rows == {"first": 7, "second": 6}
 
 
 @pytest.mark.parametrize("one_product,size", [(True, 9), (False, 9), (True, 8)])
