@@ -112,8 +112,6 @@ def _sequence_pyramid(probe: str, prefix: str, levels, shared: tuple[str, str] |
     [T, 384] read back from ONNX Runtime), beside the two workers running the model."""
     n = lambda name: f"{prefix}_{name}"  # noqa: E731
     pooled = n("pyramid")
-    # transposed in the graph: a transposed copy in numpy, 10 KB a probe and a text, left the heap fragmented
-    # (MiniLM-L6's peak 645 -> 671 MB)
     product = [helper.make_node("MatMul", [shared[0] if shared else n("matrix"), probe], [n("bins")], name=n("bins")),
                helper.make_node("Transpose", [n("bins")], [pooled], perm=[0, 2, 1], name=pooled)]
     if shared is not None:
