@@ -166,14 +166,19 @@ def token_features(ids: np.ndarray, mask: np.ndarray | None, max_dim: int = DEFA
     """
     ids = np.asarray(ids).reshape(len(ids), -1).astype(np.int64)
     real = np.ones(ids.shape, bool) if mask is None or mask.shape != ids.shape else mask.astype(bool)
-    rng = np.random.default_rng([seed, max_dim, 7])
-    salt, sign_salt = int(rng.integers(1, 2**31)), int(rng.integers(1, 2**31))
+    salt, sign_salt = _token_salts(seed, max_dim)
     bucket = (ids * salt + 12345) % max_dim
     sign = np.where(((ids * sign_salt) >> 7) % 2 == 0, 1.0, -1.0)
-    bags = np.zeros((len(ids), max_dim), np.float32)
-    for i in range(len(ids)):
-        np.add.at(bags[i], bucket[i][real[i]], sign[i][real[i]])
-    return bags / np.maximum(real.sum(axis=1, keepdims=True), 1)
+    # Sums of +-1 are whole numbers, exact in any order and precision: bincount gives np.add.at's bags, and with
+    # the salts drawn once a text of 100 tokens takes 60 us instead of 145 (on the pass's main thread)
+    bags = np.stack([np.bincount(bucket[i][real[i]], sign[i][real[i]], max_dim) for i in range(len(ids))])
+    return bags.astype(np.float32) / np.maximum(real.sum(axis=1, keepdims=True), 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _token_salts(seed: int, max_dim: int) -> tuple[int, int]:
+    rng = np.random.default_rng([seed, max_dim, 7])
+    return int(rng.integers(1, 2**31)), int(rng.integers(1, 2**31))
 
 
 HASH_CHUNK = 32  # samples whose pyramids are hashed in one product ...

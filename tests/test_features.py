@@ -467,3 +467,22 @@ def test_layers_reading_one_input_share_its_moments_in_the_pass(tmp_path):
         source = relu if layer.nodes[0] == "mm3" else x
         np.testing.assert_allclose(stats.input_mean[layer.name], source.mean(axis=0), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(stats.input_sq[layer.name], (source ** 2).mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_token_features_are_a_signed_bag_of_the_real_tokens():
+    """The input's features for token ids: each real token adds +-1 / (real tokens) at its hashed bucket, so a
+    text's order and its padding do not matter and a repeated token counts as often as it appears."""
+    from msq_onnx.features import token_features
+
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 30000, size=(1, 12))
+    bag = token_features(ids, None, 256)
+    assert bag.shape == (1, 256)
+    np.testing.assert_array_equal(token_features(ids[:, ::-1], None, 256), bag)
+    padded = np.concatenate([ids, rng.integers(0, 30000, size=(1, 5))], axis=1)
+    mask = np.concatenate([np.ones((1, 12), np.int64), np.zeros((1, 5), np.int64)], axis=1)
+    np.testing.assert_array_equal(token_features(padded, mask, 256), bag)
+    repeated = token_features(np.full((1, 5), 1234), None, 256)
+    assert np.count_nonzero(repeated) == 1 and abs(repeated.sum()) == 1.0
+    assert np.all(np.isin(np.abs(bag[bag != 0]) * 12, np.arange(1, 13)))
+    np.testing.assert_array_equal(token_features(padded, np.zeros_like(mask), 256), np.zeros((1, 256)))
