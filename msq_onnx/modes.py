@@ -159,6 +159,7 @@ def build_measurement(loaded, ranges: dict) -> tuple[onnx.ModelProto, dict]:
     nodes = {n.name: n for n in graph.node}
     quantizers = _Quantizers(ranges, model)
     outputs: dict = {}
+    signals = {}  # reference tensor -> its sum of squares: a layer's modes mostly compare with the same output
     for index, layer in enumerate(loaded.layers):
         node = nodes[layer.nodes[0]]
         outputs[layer.name] = {}
@@ -171,9 +172,12 @@ def build_measurement(loaded, ranges: dict) -> tuple[onnx.ModelProto, dict]:
             reference = quantizers.output_ranges[node.output[0]] if mode == STATIC else node.output[0]
             quantizers.nodes += [
                 helper.make_node("Sub", [result, reference], [f"{prefix}_d"]),
-                helper.make_node("ReduceSumSquare", [f"{prefix}_d"], [f"{prefix}_e"], keepdims=0),
-                helper.make_node("ReduceSumSquare", [reference], [f"{prefix}_signal"], keepdims=0)]
-            outputs[layer.name][mode] = (f"{prefix}_e", f"{prefix}_signal")
+                helper.make_node("ReduceSumSquare", [f"{prefix}_d"], [f"{prefix}_e"], keepdims=0)]
+            if reference not in signals:
+                signals[reference] = f"{prefix}_signal"
+                quantizers.nodes.append(helper.make_node("ReduceSumSquare", [reference], [signals[reference]],
+                                                         keepdims=0))
+            outputs[layer.name][mode] = (f"{prefix}_e", signals[reference])
     graph.node.extend(quantizers.nodes)
     graph.initializer.extend(quantizers.inits)
     _expose(graph, [name for table in outputs.values() for pair in table.values() for name in pair])
