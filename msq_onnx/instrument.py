@@ -51,9 +51,13 @@ class PassStatistics:
     workers: int = 1  # runs of the model at once in the later stages (run_workers, from the first sample)
 
 
+def _typed_values(model: onnx.ModelProto) -> list:
+    """The graph's values that carry a type: shape inference's, then the inputs and outputs (later ones win)."""
+    return list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+
+
 def float_tensors(model: onnx.ModelProto) -> list[str]:
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    types = {v.name: v.type.tensor_type.elem_type for v in _typed_values(model)}
     initializers = {t.name for t in model.graph.initializer}
     names, seen = [], set()
     for value in model.graph.input:
@@ -71,11 +75,11 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
 def static_shapes(model: onnx.ModelProto) -> dict:
     """tensor -> dims (None where symbolic), from shape inference."""
     return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+            for v in _typed_values(model)}
 
 
 def _rank(model: onnx.ModelProto, name: str) -> int | None:
-    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+    for value in _typed_values(model):
         if value.name == name and value.type.tensor_type.HasField("shape"):
             return len(value.type.tensor_type.shape.dim)
     return None
@@ -91,22 +95,21 @@ def _float_maps(model: onnx.ModelProto, shapes: dict) -> set:
     GlobalAveragePool, AveragePool and Mul read them as they are; a Reduce* or a MatMul reads NCHW, for which
     ORT copies the whole map back first. EfficientNet-Lite0's instrumented run on one thread: 21.7 ms with the
     maps' statistics as Reduce*/MatMul, 18.1 ms as pools (plain model: 9.5 ms); its pass 3.73-4.21 -> 3.23-3.55 s."""
-    values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
-    return {v.name for v in values
+    return {v.name for v in _typed_values(model)
             if v.type.tensor_type.elem_type == TensorProto.FLOAT and _fixed_map(shapes.get(v.name))}
 
 
-def _sequence_pyramid(probe: str, prefix: str, levels, shared: tuple[str, str] | None = None) -> tuple[list, list,
-                                                                                                      tuple[str, str]]:
+def _sequence_pyramid(probe: str, prefix: str, levels, shared: tuple[str, str] | None = None) -> tuple[
+        list, list, tuple[str, str], tuple[str, str]]:
     """Nodes pooling a [N, T, C] probe over T as features.pyramid_pool does without a mask, into [N, C, bins],
     for a T known only when it runs: the bins' averaging matrix
     (features._bin_edges, floor(i T / b) to ceil((i + 1) T / b)) is computed from the probe's own shape, so no
-    graph can be given a matrix of the wrong length. Returns the nodes, their constants, and the names of the
-    pyramid and of the probe's shape (its rows).
+    graph can be given a matrix of the wrong length. Returns the nodes, their constants, the names of the
+    pyramid and of the probe's shape (its rows), and the (matrix, shape) another probe of this length can share.
 
     shared: (matrix, shape) of a probe whose T is the same tensor dimension (_length_keys): only the product is
     added. A matrix of another length fails the product ([bins, T] by [N, T', C]) instead of pooling wrongly.
-    MiniLM-L6's 39 probes have 15 lengths: the matrices' 17 small ops a probe were 4.6 ms of a 63 ms run.
+    MiniLM-L6's 39 probes share 8 matrices: the matrices' 17 small ops a probe were 4.6 ms of a 63 ms run.
 
     A sequence pooled in numpy cost MiniLM-L6's pass 1.3 s of its main thread (39 probes x 240 texts of
     [T, 384] read back from ONNX Runtime), beside the two workers running the model."""
@@ -115,7 +118,7 @@ def _sequence_pyramid(probe: str, prefix: str, levels, shared: tuple[str, str] |
     product = [helper.make_node("MatMul", [shared[0] if shared else n("matrix"), probe], [n("bins")], name=n("bins")),
                helper.make_node("Transpose", [n("bins")], [pooled], perm=[0, 2, 1], name=pooled)]
     if shared is not None:
-        return product, [], (pooled, shared[1])
+        return product, [], (pooled, shared[1]), shared
     bins = [(b, i) for b in levels for i in range(b)]
     first = numpy_helper.from_array(np.array([[i] for _, i in bins], np.float64), n("first"))
     last = numpy_helper.from_array(np.array([[i + 1] for _, i in bins], np.float64), n("last"))
@@ -142,7 +145,7 @@ def _sequence_pyramid(probe: str, prefix: str, levels, shared: tuple[str, str] |
              helper.make_node("Sub", [n("stop"), n("start")], [n("width")], name=n("width")),
              helper.make_node("Cast", [n("width")], [n("count")], to=TensorProto.FLOAT, name=n("count")),
              helper.make_node("Div", [n("ones"), n("count")], [n("matrix")], name=n("matrix")), *product]
-    return nodes, [first, last, cuts, axis, zero, one], (pooled, shape)
+    return nodes, [first, last, cuts, axis, zero, one], (pooled, shape), (n("matrix"), shape)
 
 
 def _length_keys(model: onnx.ModelProto) -> dict:
@@ -150,7 +153,7 @@ def _length_keys(model: onnx.ModelProto) -> dict:
     (MiniLM-L6's query, key and value outputs share one; a Reshape or a Concat makes a new one) or a fixed
     size. Tensors with the same key have the same length in every run."""
     keys = {}
-    for value in list(model.graph.value_info) + list(model.graph.output):
+    for value in _typed_values(model):
         dims = value.type.tensor_type.shape.dim
         if len(dims) == 3:
             if dims[1].dim_param:
@@ -271,16 +274,17 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
             if levels and layer.kind.channels_last and len(shapes.get(view) or ()) == 3:
                 if view not in sequence_pyramids:
                     key = length_keys.get(view)
-                    shared = matrices.get(key) if key is not None else None
-                    prefix = f"msq_seq_{index}"
-                    added, constants, sequence_pyramids[view] = _sequence_pyramid(view, prefix, levels, shared)
+                    shared = matrices.get(key)
+                    added, constants, sequence_pyramids[view], sharing = _sequence_pyramid(
+                        view, f"msq_seq_{index}", levels, shared)
                     graph.node.extend(added)
                     graph.initializer.extend(constants)
-                    if key is not None and shared is None:
-                        matrices[key] = (f"{prefix}_matrix", sequence_pyramids[view][1])
+                    if key is not None:
+                        matrices.setdefault(key, sharing)
                     outputs["shared_lengths"] |= shared is not None
-                    for name in sequence_pyramids[view]:
-                        add_output(name, TensorProto.INT64 if name.endswith("_shape") else TensorProto.FLOAT)
+                    pooled, rows = sequence_pyramids[view]
+                    add_output(pooled)
+                    add_output(rows, TensorProto.INT64)
                 outputs["sequence_pyramid"][layer.name] = sequence_pyramids[view]
         if not layer.kind.input_moments:
             continue  # token ids: no per-channel statistics

@@ -154,7 +154,7 @@ def test_the_graphs_sequence_pyramid_cuts_any_length_as_numpy_does(levels):
 
     from msq_onnx.instrument import _sequence_pyramid
 
-    nodes, constants, (pooled, shape) = _sequence_pyramid("x", "seq", levels)
+    nodes, constants, (pooled, shape), _ = _sequence_pyramid("x", "seq", levels)
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", 5])],
                               [helper.make_tensor_value_info(pooled, TensorProto.FLOAT, None),
                                helper.make_tensor_value_info(shape, TensorProto.INT64, None)], constants)
