@@ -55,17 +55,33 @@ def check_budget(avg_bits: float | None, candidate_bits) -> None:
                         "no allocation can meet it; raise --avg-bits or add narrower --bits.")
 
 
+# A branch under this share of the power at its join is not discounted: an additive mask's large offsets or a
+# stream that dwarfs a branch make such shares, and a layer's error would then count for nothing.
+MIN_RESIDUAL_SHARE = 0.01
+
+
+def residual_weights(residual_share: dict | None) -> dict:
+    """layer -> the fraction of its relative error that reaches the stream at its residual join: its branch's share
+    of the sum's power (instrument.PassStatistics.residual_share), at most 1; 1 where it has no join or a share
+    below MIN_RESIDUAL_SHARE."""
+    return {name: min(share, 1.0) for name, share in (residual_share or {}).items() if share >= MIN_RESIDUAL_SHARE}
+
+
 def expected_damage(importance: dict, choices: dict, exponent: float = IMPORTANCE_EXPONENT,
-                    activation: dict | None = None) -> dict:
-    """Per layer and width: (importance / mean importance)^exponent x relative output error.
+                    activation: dict | None = None, residual: dict | None = None) -> dict:
+    """Per layer and width: (importance / mean importance)^exponent x residual weight x relative output error.
 
     The error is the weight's at that width plus what the layer's activation
-    mode costs (the same at every width; it matters against float).
+    mode costs (the same at every width; it matters against float). The
+    residual weight (residual_weights) is how much of it the rest of the
+    model sees: inside a residual block, x + f(x), the error of f's layers
+    joins a stream stronger than f.
     """
     mean = float(np.mean(list(importance.values()))) or 1.0
-    activation = activation or {}
-    return {name: {bits: (importance[name] / mean) ** exponent * (choice.error + activation.get(name, 0.0))
-                   for bits, choice in table.items()} for name, table in choices.items()}
+    activation, residual = activation or {}, residual or {}
+    return {name: {bits: (importance[name] / mean) ** exponent * residual.get(name, 1.0)
+                   * (choice.error + activation.get(name, 0.0)) for bits, choice in table.items()}
+            for name, table in choices.items()}
 
 
 def activation_errors(layers, ranges: dict, input_sq: dict) -> dict:

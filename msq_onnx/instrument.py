@@ -30,7 +30,8 @@ from .errors import BadData, BadModel, one_line
 from .features import (DEFAULT_LEVELS, FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices,
                        token_features)
 from .load import Layer, LoadedModel, consumers, is_large, save_model_file
-from .ops import SKIP_SUM_OUTPUT, nonnegative_tensors, range_sources, row_normalizer, static_tensors
+from .ops import (SKIP_SUM_OUTPUT, nonnegative_tensors, range_sources, residual_joins, row_normalizer,
+                  static_tensors)
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
 
@@ -49,6 +50,7 @@ class PassStatistics:
     hessians: dict = None  # layer -> InputHessians, when asked for
     tokens: float | None = None  # mean real (unmasked) tokens per sample, for a model with an attention mask
     workers: int = 1  # runs of the model at once in the later stages (run_workers, from the first sample)
+    residual_share: dict = None  # layer -> its branch's share of the power at its residual join (ops.residual_joins)
 
 
 def _typed_values(model: onnx.ModelProto) -> list:
@@ -177,7 +179,8 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     graph = model.graph
     original_nodes = len(graph.node)
     outputs = {"range": {}, "borrowed": {}, "moments": {}, "probe": {}, "pyramid": {}, "grid": {}, "hessian": {},
-               "rows": {}, "norms": {}, "hessian_only": set(), "sequence_pyramid": {}, "shared_lengths": False}
+               "rows": {}, "norms": {}, "hessian_only": set(), "sequence_pyramid": {}, "shared_lengths": False,
+               "joins": {}, "power": {}, "size": {}}
     exposed = {o.name for o in graph.output}
 
     def add_output(name: str, elem=TensorProto.FLOAT):
@@ -325,6 +328,18 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
         add_output(mean)
         add_output(sq_mean)
         outputs["moments"][layer.name] = shared_moments[key] = (mean, sq_mean)
+    outputs["joins"] = residual_joins(loaded.model, loaded.layers, shapes)
+    for branch, skip, total in (join for found in outputs["joins"].values() for join in found):
+        for tensor in (branch, total):
+            if tensor not in outputs["power"]:
+                power = outputs["power"][tensor] = f"msq_power_{len(outputs['power'])}"
+                graph.node.append(helper.make_node("ReduceSumSquare", [tensor], [power], keepdims=0, name=power))
+                add_output(power)
+        for tensor in (branch, skip):
+            if tensor not in outputs["size"]:
+                size = outputs["size"][tensor] = f"msq_size_{len(outputs['size'])}"
+                graph.node.append(helper.make_node("Size", [tensor], [size], name=size))
+                add_output(size, TensorProto.INT64)
     if hessians:
         _add_hessians(loaded, model, outputs, add_output)
     _place_after_producers(graph, original_nodes)
@@ -729,6 +744,8 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
     ranges: dict = {}
     mean_sum: dict = {}
     sq_sum: dict = {}
+    power_sum = dict.fromkeys(outputs["power"], 0.0)  # tensor -> its sum of squares over the pass
+    broadcast = set()  # (branch, skip) of the Adds that broadcast their "skip" (an attention mask): no residual
     final_outputs = []
     rows: dict = {}
     tokens = []  # real tokens per sample, when an attention mask tells them from padding
@@ -762,6 +779,11 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
                                "Inf; fix the weight or re-export the model.")
             raise BadData("the FP32 model produces NaN or Inf on the calibration data; check the samples' "
                           "scale and preprocessing (--mean, --std).")
+        for tensor, name in outputs["power"].items():
+            power_sum[tensor] += float(result[name])
+        broadcast.update((branch, skip) for branch, skip, _ in (join for found in outputs["joins"].values()
+                                                                  for join in found)
+                         if int(result[outputs["size"][branch]]) != int(result[outputs["size"][skip]]))
         for tensor, (lo, hi) in outputs["range"].items():
             low, high = 0.0 if lo is None else float(result[lo]), float(result[hi])
             if tensor in ranges:
@@ -828,6 +850,8 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
                 bar.update(count)
     for tensor, source in outputs["borrowed"].items():
         ranges[tensor] = ranges[source]
+    joins = {name: next(((branch, total) for branch, skip, total in found if (branch, skip) not in broadcast), None)
+             for name, found in outputs["joins"].items()}
     return PassStatistics(
         ranges=ranges,
         input_mean={k: v / seen for k, v in mean_sum.items()},
@@ -841,6 +865,8 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
         hessians=gram.by_layer(outputs["rows"]),
         tokens=float(np.mean(tokens)) if tokens else None,
         workers=workers,
+        residual_share={name: power_sum[join[0]] / power_sum[join[1]] for name, join in joins.items()
+                        if join is not None and power_sum[join[1]] > 0},
     )
 
 

@@ -615,6 +615,72 @@ def row_normalizer(output: str, consumers: dict) -> RowNormalizer | None:
     return None
 
 
+RESIDUAL_CANDIDATES = 3  # Adds per layer that pass as residual joins when built, the first that runs as one wins
+
+
+def residual_joins(model: onnx.ModelProto, layers, shapes: dict) -> dict:
+    """layer -> [(branch, skip, sum), ...]: the Adds x + f(x) the layer's error reaches inside f, nearest first,
+    up to RESIDUAL_CANDIDATES. At the first residual join the error joins a stream whose power is the sum's, not
+    the branch's, and the rest of the model sees it relative to the sum. The skip x is an input the layer's error
+    does not reach, taken from upstream of the layer's own input (or that input itself), with the branch's shape
+    where shape inference knows it (`shapes`: tensor -> dims, None where symbolic). An additive attention mask
+    passes that where its dims are symbolic: the pass tells it apart when it runs (its size is not the branch's),
+    and the next candidate is the join. A layer whose error reaches the output without such a join (a stage's
+    first block, a head, a classifier) has none. Nor has one whose join is read by a row normalization (a
+    transformer's LayerNorm, after the join or before the next block): it divides each row by its own spread and
+    each channel by its scale, so the stream's raw power is not what the rest of the model weighs the error
+    against (MiniLM-L6 weighed by it: cosine up, top-1 down, docs/BENCHMARKS.md round 22). A fused
+    SkipLayerNormalization is not followed either."""
+    graph = model.graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                        for o in n.output}
+    producers = {o: n for n in graph.node for o in n.output if o}
+    position = {id(n): i for i, n in enumerate(graph.node)}
+
+    def upstream(start: str, wanted: str) -> bool:
+        stack, seen = [start], set()
+        while stack:
+            tensor = stack.pop()
+            if tensor == wanted:
+                return True
+            if tensor in seen or tensor not in producers:
+                continue
+            seen.add(tensor)
+            stack.extend(i for i in producers[tensor].input if i and i not in constants)
+        return False
+
+    def alike(a: str, b: str) -> bool:
+        first, second = shapes.get(a), shapes.get(b)
+        return first is not None and second is not None and len(first) == len(second) and all(
+            x == y or x is None or y is None for x, y in zip(first, second))
+
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    joins = {}
+    for layer in layers:
+        start = layer.output_name or layer.probe_name
+        if start not in producers:
+            continue
+        reached, found = {start}, []
+        for node in graph.node[position[id(producers[start])] + 1:]:  # a graph's nodes are in topological order
+            if not any(i in reached for i in node.input):
+                continue
+            if node.op_type == "Add" and len(node.input) == 2 and not (set(node.input) & constants):
+                branch, skip = node.input if node.input[0] in reached else node.input[::-1]
+                if skip not in reached and alike(branch, skip) and upstream(layer.input_name, skip):
+                    if row_normalizer(node.output[0], readers) is not None:
+                        break  # the nearest joins before it stay: a mask the pass tells apart comes first
+                    found.append((branch, skip, node.output[0]))
+                    if len(found) == RESIDUAL_CANDIDATES:
+                        break
+            reached.update(o for o in node.output if o)
+        if found:
+            joins[layer.name] = found
+    return joins
+
+
 def kind_for(node) -> OpKind | None:
     """The registry's kind of a node, in its own domain only (ONNX's Attention-23 reads K, not a weight)."""
     kind = REGISTRY.get(node.op_type)

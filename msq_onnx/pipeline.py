@@ -855,7 +855,8 @@ def _damage(loaded, calib, analysis: Analysis, options: Options, caps: dict) -> 
         damage = allocate_stage.expected_damage(weights, analysis.choices, 1.0, activation)
     else:
         damage = allocate_stage.expected_damage(analysis.importance, analysis.choices, options.importance_exponent,
-                                                activation)
+                                                activation, allocate_stage.residual_weights(
+                                                    analysis.stats.residual_share))
     # A layer whose activations only float keeps faithful (the end-to-end check) has float as its one width.
     return {name: {FLOAT_BITS: 0.0} if analysis.modes[name].mode == FLOAT else
             {**{b: d for b, d in table.items() if b <= caps.get(name, b)}, FLOAT_BITS: 0.0}

@@ -11,7 +11,7 @@ import tempfile
 import onnx
 
 from . import __version__
-from .allocate import average_bits
+from .allocate import average_bits, residual_weights
 from .fidelity import DECISION_KINDS
 from .ops import STATIC
 from .write import _default_mode, written_files
@@ -153,6 +153,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
                  timings, total_seconds, *, activation_errors, warnings, latency,
                  gzip_bytes: int, fixed_params=0, search=None, reduce_range=None) -> dict:
     bits, modes, measured = chosen.bits, chosen.modes, chosen.measured
+    residual = residual_weights(analysis.stats.residual_share) if options.allocator == "ilp" else {}
     files = written_files(output_path)
     wide = _written_wide_inputs(output_path)
     layers = [{
@@ -164,6 +165,11 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "predictor_score": round(analysis.scores[layer.name].soft, 6),
         "importance": round(analysis.importance[layer.name], 6),
         "upstream": analysis.upstream[layer.name],
+        # its branch's share of the power where its error joins a residual stream, and what the knapsack weighs
+        # its error by (allocate.residual_weights: 1 without a join)
+        "residual_share": (None if layer.name not in (analysis.stats.residual_share or {})
+                           else round(analysis.stats.residual_share[layer.name], 6)),
+        "residual_weight": round(residual[layer.name], 6) if layer.name in residual else 1.0,
         "weight_error": _weight_error(analysis, layer.name, bits[layer.name]),
         "activation_error": float(f"{activation_errors[layer.name]:.6g}"),
         "activation_bits": 16 if modes[layer.name] == STATIC and layer.nodes[0] in wide else 8,
@@ -306,12 +312,14 @@ def markdown(report: dict) -> str:
     if gate:
         lines.append(f"- accuracy gate (--max-drop {gate['max_drop']}, --min-cosine {gate['min_cosine']}): "
                      f"**{'passed' if gate['passed'] else 'FAILED'}**")
-    lines += ["", "| # | layer | op | params | predictor top-1 | predictor score | importance | bits | mode | "
-              "container | bytes | rel. output error |", "|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+    lines += ["", "| # | layer | op | params | predictor top-1 | predictor score | importance | residual weight | "
+              "bits | mode | container | bytes | rel. output error |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for index, layer in enumerate(report["layers"]):
         lines.append(f"| {index} | `{layer['name']}` | {layer['op_type']} | {layer['params']:,} | "
                      f"{layer['predictor_accuracy']:.3f} | {layer['predictor_score']:.4f} | "
-                     f"{layer['importance']:.4f} | {layer['bits']} | {layer['mode']} | {layer['container']} | "
+                     f"{layer['importance']:.4f} | {layer['residual_weight']:.3f} | {layer['bits']} | "
+                     f"{layer['mode']} | {layer['container']} | "
                      f"{layer['bytes']:,} | "
                      f"{layer['weight_error']:.2e} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()), ""]

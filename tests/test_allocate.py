@@ -106,3 +106,20 @@ def test_a_capped_layer_starts_at_its_own_widest_width_and_the_budget_goes_to_th
     if method == "ilp":
         assert bits == {"a": 7, "b": 7, "c": 7}
     assert allocate(method, importance, damage, widths, []) == {"a": 8, "b": 7, "c": 7}
+
+
+def test_a_layers_damage_is_weighed_by_the_share_of_its_error_the_stream_keeps():
+    from types import SimpleNamespace
+
+    from msq_onnx.allocate import MIN_RESIDUAL_SHARE, expected_damage, residual_weights
+
+    weights = residual_weights({"a": 0.2, "b": 1.7, "c": MIN_RESIDUAL_SHARE / 2})
+    assert weights == {"a": 0.2, "b": 1.0}  # at most 1; a share too small to be a residual's is not trusted
+    choices = {name: {2: SimpleNamespace(error=0.5), 4: SimpleNamespace(error=0.1)} for name in "abc"}
+    damage = expected_damage({"a": 1.0, "b": 1.0, "c": 1.0}, choices, 0.0, {"a": 0.05}, weights)
+    assert damage["a"][2] == pytest.approx(0.2 * 0.55) and damage["a"][4] == pytest.approx(0.2 * 0.15)
+    assert damage["b"][2] == pytest.approx(0.5) and damage["c"][4] == pytest.approx(0.1)
+    # the allocation follows: the weighed layer is the one that goes narrow
+    params = {"a": 100, "b": 100, "c": 100}
+    bits = allocate_ilp(damage, (2, 4), [bits_budget(params, (2, 4), 10 / 3)])
+    assert bits == {"a": 2, "b": 4, "c": 4}

@@ -486,3 +486,90 @@ def test_token_features_are_a_signed_bag_of_the_real_tokens():
     assert np.count_nonzero(repeated) == 1 and abs(repeated.sum()) == 1.0
     assert np.all(np.isin(np.abs(bag[bag != 0]) * 12, np.arange(1, 13)))
     np.testing.assert_array_equal(token_features(padded, np.zeros_like(mask), 256), np.zeros((1, 256)))
+
+
+def _residual_block(norm: bool = False):
+    """x [N, 4, h, w] -> x2 = x * mean(x) -> c1 -> Relu -> c2, + mean(x) (a broadcast offset, like an additive
+    attention mask), + x2 (the residual) -> s [-> LayerNorm] -> c3 -> GlobalAveragePool -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    weights = {name: numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+               for name, shape in (("w1", (4, 4, 1, 1)), ("w2", (4, 4, 1, 1)), ("w3", (3, 4, 1, 1)))}
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=1, name="mean"),
+             helper.make_node("Mul", ["x", "m"], ["x2"], name="gate"),
+             helper.make_node("Conv", ["x2", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Add", ["c2", "m"], ["a1"], name="offset"),
+             helper.make_node("Add", ["a1", "x2"], ["s"], name="residual")]
+    last = "s"
+    if norm:  # over the last axis: a row normalization, as a transformer's
+        weights["g"] = numpy_helper.from_array(np.ones(8, np.float32), "g")
+        nodes.append(helper.make_node("LayerNormalization", ["s", "g"], ["n"], axis=-1, name="norm"))
+        last = "n"
+    nodes += [helper.make_node("Conv", [last, "w3"], ["c3"], name="conv3"),
+              helper.make_node("GlobalAveragePool", ["c3"], ["p"], name="pool"),
+              helper.make_node("Flatten", ["p"], ["y"], name="flat")]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                ["N", 4, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              list(weights.values()))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_residual_branchs_error_is_weighed_by_its_share_of_the_stream_it_joins(tmp_path):
+    import onnx
+    from conftest import tensors_of
+
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.instrument import run_pass
+    from msq_onnx.load import load_model
+
+    model = _residual_block()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    x = np.random.default_rng(3).normal(1.0, 1.0, (10, 4, 6, 8)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    stats = run_pass(loaded, open_samples(str(tmp_path / "x.npz"), loaded.inputs, Preprocess()), (1, 2), 64,
+                     quiet=True)
+    a1, s = tensors_of(model, ("a1", "s"), {"x": x})
+    by_node = {layer.nodes[0]: layer.name for layer in loaded.layers}
+    share = float(np.mean(a1.astype(np.float64) ** 2) / np.mean(s.astype(np.float64) ** 2))
+    assert 0.05 < share < 0.95
+    # Both layers inside the block join the stream at the residual Add, not at the broadcast offset before it
+    for name in ("conv1", "conv2"):
+        assert stats.residual_share[by_node[name]] == pytest.approx(share, rel=1e-4)
+    assert by_node["conv3"] not in stats.residual_share  # its error reaches the output whole
+
+
+def test_no_residual_join_where_the_shape_says_broadcast_or_a_row_norm_reads_the_sum():
+    import onnx
+
+    from msq_onnx.instrument import static_shapes
+    from msq_onnx.ops import residual_joins
+
+    for norm in (False, True):
+        model = onnx.shape_inference.infer_shapes(_residual_block(norm))
+        shapes = static_shapes(model)
+
+        class Layer:  # the fields residual_joins reads
+            def __init__(self, name, node):
+                self.name, self.output_name, self.probe_name = name, node.output[0], node.output[0]
+                self.input_name = node.input[0]
+
+        layers = [Layer(n.name, n) for n in model.graph.node if n.op_type == "Conv"]
+        joins = residual_joins(model, layers, shapes)
+        if norm:
+            # the LayerNorm divides each row by its own spread: the stream's raw power is not the error's yardstick
+            assert all(all(join[2] != "s" for join in found) for found in joins.values())
+        else:
+            # symbolic dims let the broadcast offset through when built; the pass tells it apart when it runs
+            assert joins["conv1"] == joins["conv2"] == [("c2", "m", "a1"), ("a1", "x2", "s")]
+        assert "conv3" not in joins
+    fixed = _residual_block()
+    for axis, size in ((2, 6), (3, 8)):  # all dims known: m's [N, 4, 1, 1] is no skip
+        fixed.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = size
+    model = onnx.shape_inference.infer_shapes(fixed)
+    layers = [Layer(n.name, n) for n in model.graph.node if n.op_type == "Conv"]
+    assert residual_joins(model, layers, static_shapes(model))["conv1"] == [("a1", "x2", "s")]

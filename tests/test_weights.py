@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import tensors_of
 from msq_onnx.load import Layer
 from msq_onnx.weights import (as_matrix, bias_shift, error_table, fake_quantize, from_matrix,
                               input_channel_index, levels, lowest, search_clips)
@@ -514,8 +515,6 @@ def test_a_layer_whose_output_a_layer_norm_divides_has_each_hessian_row_weighed_
     of the norm's input, in both halves and in the sums that centre them; the layer after the norm is unweighed.
     ONNX Runtime's fused SkipLayerNormalization normalizes the sum of the layer's output, the residual and the
     bias, which it gives as its optional fourth output."""
-    import onnxruntime as ort
-
     from msq_onnx import instrument
     from msq_onnx.data import Preprocess, open_samples
     from msq_onnx.load import load_model
@@ -532,12 +531,7 @@ def test_a_layer_whose_output_a_layer_norm_divides_has_each_hessian_row_weighed_
     np.savez(os.path.join(folder, "x.npz"), x=x)
     stats = instrument.run_pass(loaded, open_samples(os.path.join(folder, "x.npz"), loaded.inputs, Preprocess()),
                                 (1, 2), 64, quiet=True, hessians=True)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for name in ("m1", "n"):
-        probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    m1, n = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(["m1", "n"],
-                                                                                                     {"x": x})
+    m1, n = tensors_of(model, ("m1", "n"), {"x": x})
     bias = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "b1"))
     h = m1 + bias + x  # the norm's input, fused or not
     by_node = {layer.nodes[0]: layer.name for layer in loaded.layers}
