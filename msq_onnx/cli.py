@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--bits", type=_int_list, default=DEFAULT_BITS, metavar="LIST",
                         help="candidate weight widths, comma-separated, each 2..8 (default 2,3,4,5,6,7,8)")
     budget.add_argument("--allocator", choices=ALLOCATORS, default=ALLOCATORS[0],
-                        help="ilp: knapsack of MSQ importance x measured output error (default); greedy: the "
+                        help="ilp: knapsack of MSQ importance x residual weight x measured output error (default); greedy: the "
                              "paper's rule, least important layers get fewer bits first (greedy-step: one width "
                              "at a time); sensitivity: knapsack on output damage measured one layer and width at "
                              "a time (AIMET-style, slow); msq-task: knapsack of each layer's error weighted by the "
@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "beats round-to-nearest on the odd ones; nearest: round to nearest")
     budget.add_argument("--no-bias-correction", action="store_true",
                         help="do not correct the bias shift caused by weight quantization")
+    budget.add_argument("--no-residual-weights", action="store_true",
+                        help="ilp: weigh every layer's error alike, not by the share of it a residual stream keeps "
+                             "(x + f(x): f's power over the sum's, measured in the calibration pass)")
     budget.add_argument("--no-clip-search", action="store_true",
                         help="use min-max weight ranges instead of searching each channel's clipping range")
     msq = parser.add_argument_group("MSQ analysis")
@@ -180,7 +183,8 @@ def options_from(args):
                    prefer=args.prefer, rounding=args.rounding, max_latency=args.max_latency,
                    reduce_range=args.reduce_range, preprocess=preprocess,
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,
-                   bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search)
+                   bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search,
+                   residual_weights=not args.no_residual_weights)
 
 
 _interrupted = False

@@ -73,6 +73,7 @@ class Options:
     seed: int = 0
     quiet: bool = False
     bias_correction: bool = True
+    residual_weights: bool = True  # ilp: each layer's error weighed by the share a residual stream keeps
     clip_search: bool = True
 
 
@@ -612,8 +613,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                          uint16_readers(loaded, analysis.modes, wide_inputs), output_path)
     report = build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts,
                           fused_integer_kernels(op_counts), timer.seconds, time.perf_counter() - started,
-                          activation_errors=activation_errors, search=search,
-                          warnings=warnings, fixed_params=fixed, latency=latency, gzip_bytes=gzip_bytes,
+                          activation_errors=activation_errors, residual=residual_weights(analysis, options),
+                          search=search, warnings=warnings, fixed_params=fixed, latency=latency, gzip_bytes=gzip_bytes,
                           reduce_range={"setting": options.reduce_range, "capped_layers": sorted(caps),
                                         "saturating_kernels": integer_kernels_saturate()})
     gate = report.get("gate")
@@ -855,12 +856,19 @@ def _damage(loaded, calib, analysis: Analysis, options: Options, caps: dict) -> 
         damage = allocate_stage.expected_damage(weights, analysis.choices, 1.0, activation)
     else:
         damage = allocate_stage.expected_damage(analysis.importance, analysis.choices, options.importance_exponent,
-                                                activation, allocate_stage.residual_weights(
-                                                    analysis.stats.residual_share))
+                                                activation, residual_weights(analysis, options))
     # A layer whose activations only float keeps faithful (the end-to-end check) has float as its one width.
     return {name: {FLOAT_BITS: 0.0} if analysis.modes[name].mode == FLOAT else
             {**{b: d for b, d in table.items() if b <= caps.get(name, b)}, FLOAT_BITS: 0.0}
             for name, table in damage.items()}
+
+
+def residual_weights(analysis: Analysis, options: Options) -> dict:
+    """layer -> what the ilp knapsack weighs its error by besides importance (allocate.residual_weights); none
+    with --no-residual-weights or another allocator."""
+    if options.allocator != "ilp" or not options.residual_weights:
+        return {}
+    return allocate_stage.residual_weights(analysis.stats.residual_share)
 
 
 def saturates(options: Options) -> bool:

@@ -11,7 +11,7 @@ import tempfile
 import onnx
 
 from . import __version__
-from .allocate import average_bits, residual_weights
+from .allocate import average_bits
 from .fidelity import DECISION_KINDS
 from .ops import STATIC
 from .write import _default_mode, written_files
@@ -150,10 +150,9 @@ def _left_in_float(loaded) -> list:
 
 
 def build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts, fused,
-                 timings, total_seconds, *, activation_errors, warnings, latency,
+                 timings, total_seconds, *, activation_errors, residual, warnings, latency,
                  gzip_bytes: int, fixed_params=0, search=None, reduce_range=None) -> dict:
     bits, modes, measured = chosen.bits, chosen.modes, chosen.measured
-    residual = residual_weights(analysis.stats.residual_share) if options.allocator == "ilp" else {}
     files = written_files(output_path)
     wide = _written_wide_inputs(output_path)
     layers = [{
@@ -190,6 +189,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
             "importance_exponent": options.importance_exponent, "act16": options.act16,
             "levels": list(options.levels), "max_dim": options.max_dim, "seed": options.seed,
             "bias_correction": options.bias_correction, "clip_search": options.clip_search,
+            "residual_weights": options.residual_weights,
             "batch_size": options.batch_size, "max_drop": options.max_drop, "max_size": options.max_size,
             "min_cosine": options.min_cosine, "output": loaded.output_name, "activations": options.activations,
             "prefer": options.prefer, "rounding": options.rounding, "max_latency": options.max_latency,

@@ -573,3 +573,28 @@ def test_no_residual_join_where_the_shape_says_broadcast_or_a_row_norm_reads_the
     model = onnx.shape_inference.infer_shapes(fixed)
     layers = [Layer(n.name, n) for n in model.graph.node if n.op_type == "Conv"]
     assert residual_joins(model, layers, static_shapes(model))["conv1"] == [("a1", "x2", "s")]
+
+
+def test_the_report_says_what_each_layers_error_was_weighed_by_and_the_flag_turns_it_off(tmp_path):
+    import json
+
+    import jsonschema
+    import onnx
+
+    from msq_onnx.pipeline import Options, convert
+    from msq_onnx.report import SCHEMA_PATH
+
+    onnx.save(_residual_block(), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(4).normal(1.0, 1.0, (40, 4, 6, 8)).astype(np.float32))
+    layers = {}
+    for weighed in (True, False):
+        report = convert(str(tmp_path / "m.onnx"), str(tmp_path / f"out{weighed}.onnx"), str(tmp_path / "x.npz"),
+                         Options(avg_bits=4, quiet=True, residual_weights=weighed)).report
+        jsonschema.validate(report, json.load(open(SCHEMA_PATH)))
+        assert report["options"]["residual_weights"] is weighed
+        layers[weighed] = {layer["nodes"][0]: layer for layer in report["layers"]}
+    for name in ("conv1", "conv2"):
+        share = layers[True][name]["residual_share"]
+        assert 0 < share < 1 and layers[True][name]["residual_weight"] == pytest.approx(share, abs=1e-6)
+        assert layers[False][name]["residual_share"] == share and layers[False][name]["residual_weight"] == 1.0
+    assert layers[True]["conv3"]["residual_share"] is None and layers[True]["conv3"]["residual_weight"] == 1.0
