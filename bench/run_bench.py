@@ -217,8 +217,10 @@ def main(argv=None) -> int:
         for layer in loaded.layers}
     print("analysis seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
 
-    def damage(analysis, exponent=alloc.IMPORTANCE_EXPONENT):
-        return alloc.expected_damage(analysis.importance, analysis.choices, exponent)
+    def damage(analysis, exponent=alloc.IMPORTANCE_EXPONENT, residual=True):
+        """The default's damage (pipeline._damage's ilp branch, without the activation modes' errors)."""
+        weights = alloc.residual_weights(analysis.stats.residual_share) if residual else {}
+        return alloc.expected_damage(analysis.importance, analysis.choices, exponent, None, weights)
 
     rows, predictions = [], {}
 
@@ -249,10 +251,13 @@ def main(argv=None) -> int:
         evaluate("msq-greedy", budget, alloc.allocate_avg_bits("greedy", msq.importance, None, params, widths, budget))
         evaluate("error-only", budget, alloc.allocate_avg_bits("ilp", msq.importance, damage(msq, 0.0), params, widths,
                                                       budget))
+        evaluate("errors alike", budget, alloc.allocate_avg_bits("ilp", msq.importance, damage(msq, residual=False),
+                                                        params, widths, budget))
         evaluate("sensitivity", budget, alloc.allocate_avg_bits("sensitivity", msq.importance,
                                                        sensitivity.monotone(measured), params, widths, budget),
                  analysis_key="sensitivity")
-        minmax_damage = alloc.expected_damage(msq.importance, minmax_choices)
+        minmax_damage = alloc.expected_damage(msq.importance, minmax_choices, alloc.IMPORTANCE_EXPONENT, None,
+                                              alloc.residual_weights(msq.stats.residual_share))
         evaluate("msq min-max clip", budget, alloc.allocate_avg_bits("ilp", msq.importance, minmax_damage, params, widths,
                                                             budget), choices=minmax_choices)
         evaluate("msq no bias corr.", budget, msq_bits, bias_correction=False)
@@ -263,7 +268,7 @@ def main(argv=None) -> int:
 
     for row in rows:
         key = (row["allocator"], row["budget"], row["seed"])
-        if row["allocator"] in ("msq", "error-only", "msq-single") and ("sensitivity", row["budget"], None) in \
+        if row["allocator"] in ("msq", "error-only", "errors alike", "msq-single") and ("sensitivity", row["budget"], None) in \
                 predictions:
             row["vs_sensitivity"] = compare(predictions[key], predictions[("sensitivity", row["budget"], None)],
                                             evaluator.labels)
