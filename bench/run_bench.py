@@ -268,8 +268,8 @@ def main(argv=None) -> int:
 
     for row in rows:
         key = (row["allocator"], row["budget"], row["seed"])
-        if row["allocator"] in ("msq", "error-only", "errors alike", "msq-single") and ("sensitivity", row["budget"], None) in \
-                predictions:
+        if row["allocator"] in ("msq", "error-only", "errors alike", "msq-single") and \
+                ("sensitivity", row["budget"], None) in predictions:
             row["vs_sensitivity"] = compare(predictions[key], predictions[("sensitivity", row["budget"], None)],
                                             evaluator.labels)
     result = {"model": spec["name"], "fp32_top1": fp32_top1, "eval_samples": int(len(fp32)),

@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--bits", type=_int_list, default=DEFAULT_BITS, metavar="LIST",
                         help="candidate weight widths, comma-separated, each 2..8 (default 2,3,4,5,6,7,8)")
     budget.add_argument("--allocator", choices=ALLOCATORS, default=ALLOCATORS[0],
-                        help="ilp: knapsack of MSQ importance x residual weight x measured output error (default); greedy: the "
-                             "paper's rule, least important layers get fewer bits first (greedy-step: one width "
+                        help="ilp: knapsack of MSQ importance x residual weight x measured output error "
+                             "(default); greedy: the paper's rule, least important layers get fewer bits first (greedy-step: one width "
                              "at a time); sensitivity: knapsack on output damage measured one layer and width at "
                              "a time (AIMET-style, slow); msq-task: knapsack of each layer's error weighted by the "
                              "task predictor's loss with that layer alone at the narrowest width (one pass per "

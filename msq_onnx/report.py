@@ -341,6 +341,10 @@ def plot_layers(report: dict, path: str) -> None:
     axes[0].legend(fontsize=8)
     axes[1].bar(x, [layer["importance"] for layer in layers])
     axes[1].set_ylabel("importance")
+    weighed = axes[1].twinx()  # what the knapsack weighs each layer's error by (1: nothing dilutes it)
+    weighed.step(x, [layer["residual_weight"] for layer in layers], where="mid", color="tab:red", linewidth=1)
+    weighed.set_ylim(0, 1.05)
+    weighed.set_ylabel("residual weight", color="tab:red", fontsize=8)
     colours = {"static": "tab:orange", "dynamic": "tab:blue", "weight-only": "tab:green", "float": "tab:gray"}
     axes[2].bar(x, [min(layer["bits"], 9) for layer in layers], color=[colours[layer["mode"]] for layer in layers])
     from matplotlib.patches import Patch
