@@ -649,10 +649,15 @@ def residual_joins(model: onnx.ModelProto, layers, shapes: dict) -> dict:
             stack.extend(i for i in producers[tensor].input if i and i not in constants)
         return False
 
+    # float32 as shape inference types them: the Shape arithmetic an export leaves (an int64 Add of a layer's
+    # Shape and its input's) is no stream, and an untyped or float16 tensor's sum of squares would not be a float
+    floats = {v.name for v in list(graph.value_info) + list(graph.input) + list(graph.output)
+              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
     def alike(a: str, b: str) -> bool:
         first, second = shapes.get(a), shapes.get(b)
-        return first is not None and second is not None and len(first) == len(second) and all(
-            x == y or x is None or y is None for x, y in zip(first, second))
+        return a in floats and b in floats and first is not None and second is not None and \
+            len(first) == len(second) and all(x == y or x is None or y is None for x, y in zip(first, second))
 
     readers = {}
     for node in graph.node:

@@ -598,3 +598,32 @@ def test_the_report_says_what_each_layers_error_was_weighed_by_and_the_flag_turn
         assert 0 < share < 1 and layers[True][name]["residual_weight"] == pytest.approx(share, abs=1e-6)
         assert layers[False][name]["residual_share"] == share and layers[False][name]["residual_weight"] == 1.0
     assert layers[True]["conv3"]["residual_share"] is None and layers[True]["conv3"]["residual_weight"] == 1.0
+
+
+def test_shape_arithmetic_downstream_of_a_layer_is_no_residual_join(tmp_path):
+    """An export's int64 Add of a layer's Shape and its input's passes every structural test of a join; its sum of
+    squares, declared float, made ONNX Runtime refuse the calibration graph."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from msq_onnx.pipeline import Options, convert
+
+    model = _residual_block()
+    nodes = list(model.graph.node)
+    gate = next(n for n in nodes if n.name == "gate")
+    gate.output[0] = "x2_flat"
+    at = nodes.index(gate) + 1
+    nodes[at:at] = [helper.make_node("Shape", ["x"], ["x_shape"], name="x_shape"),
+                    helper.make_node("Reshape", ["x2_flat", "x_shape"], ["x2"], name="same_shape")]
+    at = nodes.index(next(n for n in nodes if n.name == "conv2")) + 1
+    nodes[at:at] = [helper.make_node("Shape", ["c2"], ["c2_shape"], name="c2_shape"),
+                    helper.make_node("Add", ["c2_shape", "x_shape"], ["shapes"], name="shape_sum")]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.output.append(helper.make_tensor_value_info("shapes", TensorProto.INT64, [4]))
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(4).normal(1.0, 1.0, (40, 4, 6, 8)).astype(np.float32))
+    report = convert(str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"), str(tmp_path / "x.npz"),
+                     Options(avg_bits=4, quiet=True, output="y")).report
+    shares = {layer["nodes"][0]: layer["residual_share"] for layer in report["layers"]}
+    assert 0 < shares["conv1"] == shares["conv2"] < 1 and shares["conv3"] is None  # the float join still found
