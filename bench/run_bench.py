@@ -31,7 +31,7 @@ sys.path.insert(0, HERE)
 import datasets  # noqa: E402
 from msq_onnx import allocate as alloc  # noqa: E402
 from msq_onnx import sensitivity  # noqa: E402
-from msq_onnx.pipeline import Analysis, Options, _Timer, analyse, plan_layers  # noqa: E402
+from msq_onnx.pipeline import Analysis, Options, _Timer, analyse, plan_layers, residual_weights  # noqa: E402
 from msq_onnx.data import Preprocess, open_samples  # noqa: E402
 from msq_onnx.instrument import padded_batches  # noqa: E402
 from msq_onnx.load import load_model  # noqa: E402
@@ -219,8 +219,8 @@ def main(argv=None) -> int:
 
     def damage(analysis, exponent=alloc.IMPORTANCE_EXPONENT, residual=True):
         """The default's damage (pipeline._damage's ilp branch, without the activation modes' errors)."""
-        weights = alloc.residual_weights(analysis.stats.residual_share) if residual else {}
-        return alloc.expected_damage(analysis.importance, analysis.choices, exponent, None, weights)
+        return alloc.expected_damage(analysis.importance, analysis.choices, exponent, None,
+                                     residual_weights(analysis, Options(residual_weights=residual)))
 
     rows, predictions = [], {}
 

@@ -79,11 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="candidate weight widths, comma-separated, each 2..8 (default 2,3,4,5,6,7,8)")
     budget.add_argument("--allocator", choices=ALLOCATORS, default=ALLOCATORS[0],
                         help="ilp: knapsack of MSQ importance x residual weight x measured output error "
-                             "(default); greedy: the paper's rule, least important layers get fewer bits first (greedy-step: one width "
-                             "at a time); sensitivity: knapsack on output damage measured one layer and width at "
-                             "a time (AIMET-style, slow); msq-task: knapsack of each layer's error weighted by the "
-                             "task predictor's loss with that layer alone at the narrowest width (one pass per "
-                             "layer)")
+                             "(default); greedy: the paper's rule, least important layers get fewer bits first "
+                             "(greedy-step: one width at a time); sensitivity: knapsack on output damage measured "
+                             "one layer and width at a time (AIMET-style, slow); msq-task: knapsack of each layer's "
+                             "error weighted by the task predictor's loss with that layer alone at the narrowest "
+                             "width (one pass per layer)")
     budget.add_argument("--importance-exponent", type=float, default=IMPORTANCE_EXPONENT, metavar="E",
                         help=f"ilp damage = importance^E x measured output error (default {IMPORTANCE_EXPONENT}, the "
                              "tuning protocol's choice: each layer's measured error alone; 1 is the plain product)")

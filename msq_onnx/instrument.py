@@ -31,7 +31,7 @@ from .features import (DEFAULT_LEVELS, FeatureBank, embed, flat_pooling_matrix, 
                        token_features)
 from .load import Layer, LoadedModel, consumers, is_large, save_model_file
 from .ops import (SKIP_SUM_OUTPUT, nonnegative_tensors, range_sources, residual_joins, row_normalizer,
-                  static_tensors)
+                  static_tensors, typed_values)
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
 
@@ -53,13 +53,8 @@ class PassStatistics:
     residual_share: dict = None  # layer -> its branch's share of the power at its residual join (ops.residual_joins)
 
 
-def _typed_values(model: onnx.ModelProto) -> list:
-    """The graph's values that carry a type: shape inference's, then the inputs and outputs (later ones win)."""
-    return list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
-
-
 def float_tensors(model: onnx.ModelProto) -> list[str]:
-    types = {v.name: v.type.tensor_type.elem_type for v in _typed_values(model)}
+    types = {v.name: v.type.tensor_type.elem_type for v in typed_values(model)}
     initializers = {t.name for t in model.graph.initializer}
     names, seen = [], set()
     for value in model.graph.input:
@@ -77,11 +72,11 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
 def static_shapes(model: onnx.ModelProto) -> dict:
     """tensor -> dims (None where symbolic), from shape inference."""
     return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in _typed_values(model)}
+            for v in typed_values(model)}
 
 
 def _rank(model: onnx.ModelProto, name: str) -> int | None:
-    for value in _typed_values(model):
+    for value in typed_values(model):
         if value.name == name and value.type.tensor_type.HasField("shape"):
             return len(value.type.tensor_type.shape.dim)
     return None
@@ -97,7 +92,7 @@ def _float_maps(model: onnx.ModelProto, shapes: dict) -> set:
     GlobalAveragePool, AveragePool and Mul read them as they are; a Reduce* or a MatMul reads NCHW, for which
     ORT copies the whole map back first. EfficientNet-Lite0's instrumented run on one thread: 21.7 ms with the
     maps' statistics as Reduce*/MatMul, 18.1 ms as pools (plain model: 9.5 ms); its pass 3.73-4.21 -> 3.23-3.55 s."""
-    return {v.name for v in _typed_values(model)
+    return {v.name for v in typed_values(model)
             if v.type.tensor_type.elem_type == TensorProto.FLOAT and _fixed_map(shapes.get(v.name))}
 
 
@@ -155,7 +150,7 @@ def _length_keys(model: onnx.ModelProto) -> dict:
     (MiniLM-L6's query, key and value outputs share one; a Reshape or a Concat makes a new one) or a fixed
     size. Tensors with the same key have the same length in every run."""
     keys = {}
-    for value in _typed_values(model):
+    for value in typed_values(model):
         dims = value.type.tensor_type.shape.dim
         if len(dims) == 3:
             if dims[1].dim_param:
@@ -180,7 +175,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     original_nodes = len(graph.node)
     outputs = {"range": {}, "borrowed": {}, "moments": {}, "probe": {}, "pyramid": {}, "grid": {}, "hessian": {},
                "rows": {}, "norms": {}, "hessian_only": set(), "sequence_pyramid": {}, "shared_lengths": False,
-               "joins": {}, "power": {}, "size": {}}
+               "joins": {}, "candidates": [], "power": {}, "size": {}}
     exposed = {o.name for o in graph.output}
 
     def add_output(name: str, elem=TensorProto.FLOAT):
@@ -329,7 +324,8 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
         add_output(sq_mean)
         outputs["moments"][layer.name] = shared_moments[key] = (mean, sq_mean)
     outputs["joins"] = residual_joins(loaded.model, loaded.layers, shapes)
-    for branch, skip, total in (join for found in outputs["joins"].values() for join in found):
+    outputs["candidates"] = list(dict.fromkeys(join for found in outputs["joins"].values() for join in found))
+    for branch, skip, total in outputs["candidates"]:
         for tensor in (branch, total):
             if tensor not in outputs["power"]:
                 power = outputs["power"][tensor] = f"msq_power_{len(outputs['power'])}"
@@ -781,8 +777,7 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
                           "scale and preprocessing (--mean, --std).")
         for tensor, name in outputs["power"].items():
             power_sum[tensor] += float(result[name])
-        broadcast.update((branch, skip) for branch, skip, _ in (join for found in outputs["joins"].values()
-                                                                  for join in found)
+        broadcast.update((branch, skip) for branch, skip, _ in outputs["candidates"]
                          if int(result[outputs["size"][branch]]) != int(result[outputs["size"][skip]]))
         for tensor, (lo, hi) in outputs["range"].items():
             low, high = 0.0 if lo is None else float(result[lo]), float(result[hi])

@@ -18,7 +18,8 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from .errors import BadModel, one_line
-from .ops import FLOAT_BITS, Layer, Skip, attribute, bodies, kind_for, subgraph_inputs  # noqa: F401  (re-exported)
+from .ops import (FLOAT_BITS, Layer, Skip, attribute, bodies, consumers, kind_for,  # noqa: F401  (re-exported)
+                  subgraph_inputs)
 
 # Written opset: the first with int4/uint4 Q/DQ and per-axis DQ everywhere, and
 # one that ONNX Runtime 1.31 (<= 26) loads. Newer models keep their own opset.
@@ -890,14 +891,6 @@ def _float_weight(name: str, inits: dict) -> bool:
     """A float initializer of rank >= 2 (of any width: a float16 table cast to float is still a weight): a weight,
     not a bias, a shape or an index."""
     return name in inits and inits[name].data_type in _FLOAT_TYPES and len(inits[name].dims) >= 2
-
-
-def consumers(graph) -> dict:
-    users: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    return users
 
 
 def _probe_of(node, users, inits, graph_outputs) -> str:

@@ -568,6 +568,20 @@ REGISTRY = {kind.op_type: kind for kind in (
 )}
 
 
+def consumers(graph) -> dict:
+    """tensor -> the nodes that read it."""
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def typed_values(model: onnx.ModelProto) -> list:
+    """The graph's values that carry a type: shape inference's, then the inputs and outputs (later ones win)."""
+    return list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+
+
 @dataclass
 class RowNormalizer:
     """A normalization that divides each row (the last axis) of `tensor` by its own spread: the error a layer
@@ -651,18 +665,14 @@ def residual_joins(model: onnx.ModelProto, layers, shapes: dict) -> dict:
 
     # float32 as shape inference types them: the Shape arithmetic an export leaves (an int64 Add of a layer's
     # Shape and its input's) is no stream, and an untyped or float16 tensor's sum of squares would not be a float
-    floats = {v.name for v in list(graph.value_info) + list(graph.input) + list(graph.output)
-              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    floats = {v.name for v in typed_values(model) if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
 
     def alike(a: str, b: str) -> bool:
         first, second = shapes.get(a), shapes.get(b)
         return a in floats and b in floats and first is not None and second is not None and \
             len(first) == len(second) and all(x == y or x is None or y is None for x, y in zip(first, second))
 
-    readers = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = consumers(graph)
     joins = {}
     for layer in layers:
         start = layer.output_name or layer.probe_name

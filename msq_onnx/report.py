@@ -153,6 +153,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
                  timings, total_seconds, *, activation_errors, residual, warnings, latency,
                  gzip_bytes: int, fixed_params=0, search=None, reduce_range=None) -> dict:
     bits, modes, measured = chosen.bits, chosen.modes, chosen.measured
+    shares = analysis.stats.residual_share or {}
     files = written_files(output_path)
     wide = _written_wide_inputs(output_path)
     layers = [{
@@ -166,8 +167,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "upstream": analysis.upstream[layer.name],
         # its branch's share of the power where its error joins a residual stream, and what the knapsack weighs
         # its error by (allocate.residual_weights: 1 without a join)
-        "residual_share": (None if layer.name not in (analysis.stats.residual_share or {})
-                           else round(analysis.stats.residual_share[layer.name], 6)),
+        "residual_share": round(shares[layer.name], 6) if layer.name in shares else None,
         "residual_weight": round(residual[layer.name], 6) if layer.name in residual else 1.0,
         "weight_error": _weight_error(analysis, layer.name, bits[layer.name]),
         "activation_error": float(f"{activation_errors[layer.name]:.6g}"),

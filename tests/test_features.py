@@ -544,22 +544,20 @@ def test_a_residual_branchs_error_is_weighed_by_its_share_of_the_stream_it_joins
 
 
 def test_no_residual_join_where_the_shape_says_broadcast_or_a_row_norm_reads_the_sum():
+    from types import SimpleNamespace
+
     import onnx
 
     from msq_onnx.instrument import static_shapes
     from msq_onnx.ops import residual_joins
 
+    def convolutions(model):  # the fields residual_joins reads
+        return [SimpleNamespace(name=n.name, output_name=n.output[0], probe_name=n.output[0], input_name=n.input[0])
+                for n in model.graph.node if n.op_type == "Conv"]
+
     for norm in (False, True):
         model = onnx.shape_inference.infer_shapes(_residual_block(norm))
-        shapes = static_shapes(model)
-
-        class Layer:  # the fields residual_joins reads
-            def __init__(self, name, node):
-                self.name, self.output_name, self.probe_name = name, node.output[0], node.output[0]
-                self.input_name = node.input[0]
-
-        layers = [Layer(n.name, n) for n in model.graph.node if n.op_type == "Conv"]
-        joins = residual_joins(model, layers, shapes)
+        joins = residual_joins(model, convolutions(model), static_shapes(model))
         if norm:
             # the LayerNorm divides each row by its own spread: the stream's raw power is not the error's yardstick
             assert all(all(join[2] != "s" for join in found) for found in joins.values())
@@ -571,8 +569,7 @@ def test_no_residual_join_where_the_shape_says_broadcast_or_a_row_norm_reads_the
     for axis, size in ((2, 6), (3, 8)):  # all dims known: m's [N, 4, 1, 1] is no skip
         fixed.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = size
     model = onnx.shape_inference.infer_shapes(fixed)
-    layers = [Layer(n.name, n) for n in model.graph.node if n.op_type == "Conv"]
-    assert residual_joins(model, layers, static_shapes(model))["conv1"] == [("a1", "x2", "s")]
+    assert residual_joins(model, convolutions(model), static_shapes(model))["conv1"] == [("a1", "x2", "s")]
 
 
 def test_the_report_says_what_each_layers_error_was_weighed_by_and_the_flag_turns_it_off(tmp_path):
