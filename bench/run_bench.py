@@ -104,10 +104,14 @@ class Evaluator:
         self.labels = samples.labels
         self.output = loaded.output_name
 
-    def predictions(self, path: str) -> np.ndarray:
+    def outputs(self, path: str) -> np.ndarray:
+        """[samples, scores] of the task output."""
         runner = session(path)
-        return np.concatenate([runner.run([self.output], feed)[0][:count].reshape(count, -1).argmax(axis=1)
+        return np.concatenate([runner.run([self.output], feed)[0][:count].reshape(count, -1)
                                for feed, count in self.feeds])
+
+    def predictions(self, path: str) -> np.ndarray:
+        return self.outputs(path).argmax(axis=1)
 
     def top1(self, predicted: np.ndarray) -> float:
         return float((predicted == self.labels).mean() * 100)
@@ -121,9 +125,10 @@ def score(loaded, analysis, evaluator: "Evaluator", bits: dict, choices=None, bi
                                    bias_correction)
         modes, containers = plan_layers(loaded, analysis, bits, "speed")  # as the CLI writes it: float stays float
         path = quantize_to_qdq(loaded, weights, analysis.stats.ranges, folder, modes=modes, containers=containers)
-        predicted = evaluator.predictions(path)
+        outputs = evaluator.outputs(path)
+        predicted = outputs.argmax(axis=1)
         if keep is not None:
-            keep["predictions"], keep["bytes"] = predicted, os.path.getsize(path)
+            keep["predictions"], keep["outputs"], keep["bytes"] = predicted, outputs, os.path.getsize(path)
     return evaluator.top1(predicted)
 
 

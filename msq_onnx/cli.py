@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--no-residual-weights", action="store_true",
                         help="ilp: weigh every layer's error alike, not by the share of it a residual stream keeps "
                              "(x + f(x): f's power over the sum's, measured in the calibration pass)")
+    budget.add_argument("--uniform-levels", action="store_true",
+                        help="keep every width's levels evenly spaced; by default a 2-4-bit layer in an int8 "
+                             "container (not --prefer size's int4) takes 2^k levels fitted to its weights, one "
+                             "set of 7-bit integers per layer, where that has less error")
     budget.add_argument("--no-clip-search", action="store_true",
                         help="use min-max weight ranges instead of searching each channel's clipping range")
     msq = parser.add_argument_group("MSQ analysis")
@@ -184,7 +188,8 @@ def options_from(args):
                    reduce_range=args.reduce_range, preprocess=preprocess,
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,
                    bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search,
-                   residual_weights=not args.no_residual_weights)
+                   residual_weights=not args.no_residual_weights,
+                   level_sets=not args.uniform_levels)
 
 
 _interrupted = False

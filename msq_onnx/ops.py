@@ -297,6 +297,12 @@ class OpKind:
         may sit on either side (weights.search_clips' mirror)."""
         return CONTAINER_BITS[self.container(layer, bits, mode, prefer)] > bits
 
+    def takes_level_set(self, layer, bits: int, mode: str, prefer: str) -> bool:
+        """The width's container holds any 7-bit integers with one scale per row (an int8 container): the
+        width's 2^k levels may be placed unevenly (weights.shared_levels), where a narrow container's integers
+        are the levels themselves."""
+        return self.container(layer, bits, mode, prefer) == INT8 and not self.scale_block(layer, bits, prefer)
+
     def container_bytes(self, layer: "Layer", container: str) -> int:
         """Bytes the written weight takes: packed integers and one float scale per channel."""
         if container == FLOAT_CONTAINER:

@@ -74,6 +74,7 @@ class Options:
     quiet: bool = False
     bias_correction: bool = True
     residual_weights: bool = True  # ilp: each layer's error weighed by the share a residual stream keeps
+    level_sets: bool = True  # 2-4-bit int8-container weights may place their 2^k levels unevenly (weights.shared_levels)
     clip_search: bool = True
 
 
@@ -298,8 +299,10 @@ def _error_tables(loaded, stats, options, modes: dict, widths_of=None) -> dict:
         widths = options.bits if widths_of is None else widths_of[layer.name]
         room = {b: layer.kind.has_room(layer, b, modes[layer.name].mode, options.prefer) for b in widths}
         input_power, hessians = error_statistics(layer, stats, options.bias_correction)
+        level_sets = {b: options.level_sets and layer.kind.takes_level_set(layer, b, modes[layer.name].mode,
+                                                                            options.prefer) for b in widths}
         return error_table(layer, loaded.weight(layer), input_power, widths, options.clip_search, hessians,
-                           {b: layer.kind.scale_block(layer, b, options.prefer) for b in widths}, room)
+                           {b: layer.kind.scale_block(layer, b, options.prefer) for b in widths}, room, level_sets)
 
     workers = max(1, min(TABLE_WORKERS, usable_cores()))
     with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:

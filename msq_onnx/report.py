@@ -31,6 +31,12 @@ def _weight_error(analysis, name: str, bits: int):
     return 0.0 if choice is None else float(f"{choice.error:.6g}")  # float: no weight error
 
 
+def _level_set(analysis, name: str, bits: int) -> list | None:
+    """The integers a layer's levels were fitted to (weights.shared_levels); None: the width's uniform grid."""
+    choice = analysis.choices[name].get(bits)
+    return None if choice is None or choice.level_set is None else [int(v) for v in choice.level_set]
+
+
 def _mode_reason(layer, analysis, chosen) -> str:
     mode = chosen.modes[layer.name]
     if mode == "float" and analysis.modes[layer.name].mode != "float":
@@ -175,6 +181,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "mode": modes[layer.name],
         "mode_reason": _mode_reason(layer, analysis, chosen),
         "container": chosen.containers[layer.name],
+        "level_set": _level_set(analysis, layer.name, bits[layer.name]),
         "bytes": int(layer.kind.container_bytes(layer, chosen.containers[layer.name])),
         "mode_errors": {mode: float(f"{error:.6g}") for mode, error in analysis.modes[layer.name].errors.items()},
         "nodes": list(layer.nodes),
@@ -189,7 +196,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
             "importance_exponent": options.importance_exponent, "act16": options.act16,
             "levels": list(options.levels), "max_dim": options.max_dim, "seed": options.seed,
             "bias_correction": options.bias_correction, "clip_search": options.clip_search,
-            "residual_weights": options.residual_weights,
+            "residual_weights": options.residual_weights, "level_sets": options.level_sets,
             "batch_size": options.batch_size, "max_drop": options.max_drop, "max_size": options.max_size,
             "min_cosine": options.min_cosine, "output": loaded.output_name, "activations": options.activations,
             "prefer": options.prefer, "rounding": options.rounding, "max_latency": options.max_latency,
@@ -319,7 +326,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {index} | `{layer['name']}` | {layer['op_type']} | {layer['params']:,} | "
                      f"{layer['predictor_accuracy']:.3f} | {layer['predictor_score']:.4f} | "
                      f"{layer['importance']:.4f} | {layer['residual_weight']:.3f} | {layer['bits']} | "
-                     f"{layer['mode']} | {layer['container']} | "
+                     f"{layer['mode']} | {layer['container']}{' (fitted levels)' if layer['level_set'] else ''} | "
                      f"{layer['bytes']:,} | "
                      f"{layer['weight_error']:.2e} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()), ""]

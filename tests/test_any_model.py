@@ -353,8 +353,14 @@ def test_shared_weight_is_one_layer_with_one_width(tmp_path, activations):
     assert len(integer) == 1, integer  # one quantized weight ...
     users = compute_users(written, integer[0])
     assert len(users) == 2, [(n.op_type, n.name) for n in users]  # ... read by both consumers
-    low, high, top = inits[integer[0]].min(axis=0), inits[integer[0]].max(axis=0), 2 ** (shared["bits"] - 1) - 1
-    assert (((low >= -top - 1) & (high <= top)) | ((low >= -top) & (high <= top + 1))).all()  # one grid per column
+    columns = inits[integer[0]].T  # one grid per output column, whatever reads it
+    if shared["level_set"] is None:
+        low, high, top = columns.min(axis=1), columns.max(axis=1), 2 ** (shared["bits"] - 1) - 1
+        assert (((low >= -top - 1) & (high <= top)) | ((low >= -top) & (high <= top + 1))).all()
+    else:
+        allowed = set(shared["level_set"])
+        assert all(set(c.tolist()) <= allowed or set((-c).tolist()) <= allowed for c in columns)
+    assert all(len(np.unique(c)) <= 2 ** shared["bits"] for c in columns)
     x = np.random.default_rng(2).normal(size=(6, 8)).astype(np.float32)
     assert cosine(run_model(path, {"x": x})[0], run_model(out, {"x": x})[0]) > 0.95
 

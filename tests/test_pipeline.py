@@ -266,7 +266,8 @@ def test_compared_runs_stay_two_when_the_reference_is_recomputed(cnn_files, tmp_
 def test_written_weights_sit_on_their_k_bit_grids(cnn_files, tmp_path):
     out = tmp_path / "q.onnx"
     result = convert(cnn_files["model"], str(out), cnn_files["calib"],
-                     Options(avg_bits=3.0, bits=(2, 3, 4, 8), quiet=True, activations="static"))
+                     Options(avg_bits=3.0, bits=(2, 3, 4, 8), quiet=True, activations="static", level_sets=False))
+    assert not any(layer["level_set"] for layer in result.report["layers"])
     layers = {layer["name"]: layer["bits"] for layer in result.report["layers"]}
     assert abs(result.report["avg_weight_bits"] - 3.0) < 1.0 and result.report["avg_weight_bits"] <= 3.0
     weights = _dequantized_weights(str(out))
@@ -280,6 +281,32 @@ def test_written_weights_sit_on_their_k_bit_grids(cnn_files, tmp_path):
     ends = [(rows.min(axis=1), rows.max(axis=1), 2 ** (_grid_width(rows) - 1)) for rows, _ in weights.values()
             if _grid_width(rows) < 8]
     assert any((low == -top).any() for low, _, top in ends) and any((high == top).any() for _, high, top in ends)
+
+
+def test_fitted_level_sets_are_what_the_file_holds_and_keep_each_width(cnn_files, tmp_path):
+    """By default a 2-4-bit int8-container layer may take levels fitted to its weights: each row of the written
+    weight then holds at most 2^k integers, all from the layer's reported set (or its negation) within +-63;
+    the other layers sit on their uniform grids. The file runs and stays faithful."""
+    out = tmp_path / "q.onnx"
+    result = convert(cnn_files["model"], str(out), cnn_files["calib"],
+                     Options(avg_bits=3.0, bits=(2, 3, 4, 8), quiet=True, activations="static"))
+    assert result.report["options"]["level_sets"] is True
+    written = _dequantized_weights(str(out))
+    readers = {name: node.name for node in onnx.load(str(out)).graph.node for name in node.input}
+    fitted = 0
+    for layer in result.report["layers"]:
+        integers, _ = next(rows for output, rows in written.items() if readers[output] in layer["nodes"])
+        if layer["level_set"] is None:
+            assert _grid_width(integers) == layer["bits"]
+            continue
+        fitted += 1
+        allowed = set(layer["level_set"])
+        assert len(allowed) <= 2 ** layer["bits"] and max(map(abs, allowed)) <= 63
+        for row in integers:
+            assert set(row.tolist()) <= allowed or set((-row).tolist()) <= allowed
+        assert _grid_width(integers) > layer["bits"]  # not a uniform grid in disguise
+    assert fitted >= 1
+    assert min(out["cosine"] for out in result.report["evaluation"]["outputs"].values()) > 0.9
 
 
 def test_static_weights_reach_ort_already_quantized_and_a_dead_channels_bias_keeps_int32_room(tmp_path, monkeypatch):

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import tensors_of
 from msq_onnx.load import Layer
-from msq_onnx.weights import (as_matrix, bias_shift, error_table, fake_quantize, from_matrix,
-                              input_channel_index, levels, lowest, search_clips)
+from msq_onnx.weights import (LEVEL_CODE_LIMIT, as_matrix, bias_shift, error_table, fake_quantize, from_matrix,
+                              input_channel_index, input_weights, levels, lowest, quantize_layer, search_clips)
 
 
 def conv_layer(shape, group=1):
@@ -567,3 +567,46 @@ def test_only_a_norm_over_the_last_axis_reached_through_adds_weighs_a_layers_row
     relu = _residual_norm_block()
     relu.graph.node[1].op_type = "Mul"  # a scale between the layer and the norm: its errors are not the row's
     assert row_normalizer("m1", consumers(relu.graph)) is None
+
+
+def _heavy_tailed_conv(seed=5, shape=(24, 16, 3, 3)):
+    rng = np.random.default_rng(seed)
+    layer = conv_layer(shape)
+    weight = (rng.laplace(size=shape) * rng.uniform(0.3, 2.0, (shape[0], 1, 1, 1))).astype(np.float32)
+    power = rng.uniform(0.1, 3.0, shape[1]).astype(np.float32)  # E[x^2] per input channel
+    return layer, weight, power
+
+
+def test_level_sets_lower_the_weighted_error_and_keep_the_width():
+    """A level set gives each row at most 2^k values, from one set of 7-bit integers for the whole layer (a row
+    may mirror it), and its table error is the input-weighted error of exactly those values."""
+    layer, weight, power = _heavy_tailed_conv()
+    widths = (2, 3, 4, 5)
+    uniform = error_table(layer, weight, power, widths, mirrors={b: True for b in widths})
+    shared = error_table(layer, weight, power, widths, mirrors={b: True for b in widths},
+                         level_sets={b: True for b in widths})
+    matrix, importance = as_matrix(layer, weight), input_weights(layer, power)
+    for bits in (2, 3, 4):
+        choice = shared[bits]
+        assert choice.level_set is not None and choice.error < 0.95 * uniform[bits].error
+        integers = choice.integers.astype(np.int64)
+        assert np.abs(integers).max() <= LEVEL_CODE_LIMIT
+        assert len(choice.level_set) <= 2 ** bits
+        assert set(np.unique(integers)) <= set(choice.level_set) | set(-choice.level_set)
+        assert all(len(np.unique(row)) <= 2 ** bits for row in integers)
+        assert all(set(row) <= set(choice.level_set) or set(row) <= set(-choice.level_set) for row in integers)
+        step = choice.clip / levels(bits)
+        measured = (importance * (matrix - integers * step[:, None]) ** 2).sum() / (importance * matrix ** 2).sum()
+        assert measured == pytest.approx(choice.error, rel=1e-4)
+        # the layer as written: exactly those values, and the bias correction of them
+        written = quantize_layer(layer, weight, None, choice, np.zeros(16, np.float32))
+        assert np.allclose(as_matrix(layer, written.weight), integers * written.scale[:, None], atol=1e-6)
+    assert shared[5].level_set is None and shared[5].error == uniform[5].error  # past SHARED_LEVELS_MAX_BITS
+
+
+def test_level_sets_only_where_the_container_takes_them():
+    """A narrow container's integers are the levels themselves: there the grid stays uniform."""
+    layer, weight, power = _heavy_tailed_conv(seed=6)
+    table = error_table(layer, weight, power, (3, 4), mirrors={3: True, 4: True}, level_sets={3: False, 4: True})
+    assert table[3].level_set is None and table[3].integers is None
+    assert table[4].level_set is not None
