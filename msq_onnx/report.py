@@ -353,10 +353,14 @@ def plot_layers(report: dict, path: str) -> None:
     weighed.set_ylim(0, 1.05)
     weighed.set_ylabel("residual weight", color="tab:red", fontsize=8)
     colours = {"static": "tab:orange", "dynamic": "tab:blue", "weight-only": "tab:green", "float": "tab:gray"}
-    axes[2].bar(x, [min(layer["bits"], 9) for layer in layers], color=[colours[layer["mode"]] for layer in layers])
+    bars = axes[2].bar(x, [min(layer["bits"], 9) for layer in layers], color=[colours[layer["mode"]] for layer in layers])
+    for bar, layer in zip(bars, layers):
+        if layer.get("level_set"):
+            bar.set_hatch("//")
     from matplotlib.patches import Patch
 
-    axes[2].legend(handles=[Patch(color=colour, label=mode) for mode, colour in colours.items()], fontsize=7, ncol=4)
+    axes[2].legend(handles=[Patch(color=colour, label=mode) for mode, colour in colours.items()]
+                   + [Patch(facecolor="white", hatch="//", label="fitted levels")], fontsize=7, ncol=5)
     axes[2].set_ylabel("weight bits (float at top)")
     axes[2].set_xlabel("layer (network order)")
     axes[0].set_title(f"msq-onnx: {os.path.basename(report['input_model'])}, "

@@ -435,6 +435,8 @@ def shared_levels(prepared: SearchRows, uniform: WidthChoice) -> WidthChoice | N
         centres = np.where(total > 0, np.bincount(index.ravel(), moment.ravel(), len(codes))
                            / np.maximum(total, 1e-30), codes)
         peak = float(np.abs(centres).max()) / LEVEL_CODE_LIMIT  # back onto the integers: the steps take the scale
+        if not (np.isfinite(peak) and peak > 0):
+            return None
         codes, fit_step, step = np.unique(np.rint(centres / peak)), fit_step * peak, step * peak
         fit_step = _least_squares_steps(fit_rows, fit_weights, codes[_nearest_code(fit_rows, fit_step, codes)],
                                         fit_step)
