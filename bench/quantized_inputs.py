@@ -214,7 +214,8 @@ def main(argv=None) -> int:
             (["--asymmetric"] if args.asymmetric else [])
         command = [sys.executable, os.path.abspath(__file__), "--child", method, *flags, model, out, "--calib", calib,
                    "--eval", tuning, "--avg-bits", str(args.budget), *datasets.EFFICIENTNET_ARGS,
-                   "--report", report, "--quiet"]
+                   "--report", report, "--quiet",
+                   "--uniform-levels"]  # the study's corrections round on the width's uniform grid (round 6)
         subprocess.run(command, capture_output=True, text=True, check=True)
 
         with open(report) as handle:

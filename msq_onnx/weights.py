@@ -442,15 +442,21 @@ def shared_levels(prepared: SearchRows, uniform: WidthChoice) -> WidthChoice | N
                                         fit_step)
     if not (np.all(np.isfinite(step)) and np.all(np.isfinite(codes))):
         return None
-    integers = codes[_nearest_code(rows, step, codes)]
-    step = _least_squares_steps(rows, weights, integers, step)  # for these integers: the error only falls
-    error = np.square(rows - step[:, None] * integers)
-    error = float(error.sum() if weights is None else np.einsum("ij,ij->", error, weights))
+    integers, error = np.empty(rows.shape, np.int8), 0.0
+    block = max(1, SEARCH_BLOCK // max(rows.shape[1], 1))  # rows at a time: the work arrays stay a few MB
+    for start in range(0, len(rows), block):
+        part = slice(start, start + block)
+        chosen = codes[_nearest_code(rows[part], step[part], codes)]
+        part_weights = None if weights is None else weights[part]
+        step[part] = _least_squares_steps(rows[part], part_weights, chosen, step[part])  # the error only falls
+        squares = np.square(rows[part] - step[part, None] * chosen)
+        error += float(squares.sum() if part_weights is None else np.einsum("ij,ij->", squares, part_weights))
+        integers[part] = chosen
     relative = error / max(prepared.signal, 1e-30)
     if not relative < uniform.error:  # NaN included
         return None
     integers[flipped] *= -1
-    return WidthChoice(uniform.bits, step * top, relative, integers.astype(np.int8), level_set=codes.astype(np.int8))
+    return WidthChoice(uniform.bits, step * top, relative, integers, level_set=codes.astype(np.int8))
 
 
 @dataclass

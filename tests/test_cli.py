@@ -51,6 +51,18 @@ def test_bundled_example_converts_and_reports(bundled_run):
     onnx.checker.check_model(str(folder / "out.onnx"))
 
 
+def test_uniform_levels_flag_keeps_every_grid_even(bundled_run, tmp_path):
+    """By default the bundled CNN's narrow layers take fitted levels; --uniform-levels writes uniform grids."""
+    folder, _, _ = bundled_run
+    assert any(layer["level_set"] for layer in json.load(open(folder / "report.json"))["layers"])
+    result = run_cli(BUNDLED_MODEL, tmp_path / "out.onnx", "--calib", BUNDLED_CALIB, "--avg-bits", "3.5",
+                     "--uniform-levels", "--report", tmp_path / "report.json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.load(open(tmp_path / "report.json"))
+    assert report["options"]["level_sets"] is False
+    assert not any(layer["level_set"] for layer in report["layers"])
+
+
 def test_same_inputs_give_byte_identical_model_and_report(bundled_run, tmp_path):
     folder, first, _ = bundled_run
     second = run_cli(BUNDLED_MODEL, tmp_path / "out.onnx", "--calib", BUNDLED_CALIB, "--eval", BUNDLED_EVAL,

@@ -307,6 +307,11 @@ def test_fitted_level_sets_are_what_the_file_holds_and_keep_each_width(cnn_files
         assert _grid_width(integers) > layer["bits"]  # not a uniform grid in disguise
     assert fitted >= 1
     assert min(out["cosine"] for out in result.report["evaluation"]["outputs"].values()) > 0.9
+    # int4 containers hold the levels themselves: --prefer size keeps every grid uniform
+    sized = convert(cnn_files["model"], str(tmp_path / "s.onnx"), cnn_files["calib"],
+                    Options(avg_bits=3.0, bits=(2, 3, 4, 8), quiet=True, activations="static", prefer="size"))
+    assert not any(layer["level_set"] for layer in sized.report["layers"])
+    assert any(layer["container"] == "int4" for layer in sized.report["layers"])
 
 
 def test_static_weights_reach_ort_already_quantized_and_a_dead_channels_bias_keeps_int32_room(tmp_path, monkeypatch):
