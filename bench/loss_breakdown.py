@@ -94,8 +94,9 @@ def evaluate(model_or_path, feeds: list, labels: np.ndarray, reference: np.ndarr
     outputs = np.concatenate([runner.run(None, feed)[0][:count] for feed, count in feeds])
     result = {"top1": round(100.0 * float(np.mean(outputs.argmax(1) == labels)), 2), "outputs": outputs}
     if reference is not None:
-        cosine = np.sum(outputs * reference, 1) / np.maximum(
-            np.linalg.norm(outputs, axis=1) * np.linalg.norm(reference, axis=1), 1e-30)
+        from run_bench import cosines
+
+        cosine = cosines(outputs, reference)
         result.update(agreement=round(100.0 * float(np.mean(outputs.argmax(1) == reference.argmax(1))), 2),
                       cosine=round(float(np.mean(cosine)), 6))
     return result

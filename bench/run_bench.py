@@ -132,6 +132,12 @@ def score(loaded, analysis, evaluator: "Evaluator", bits: dict, choices=None, bi
     return evaluator.top1(predicted)
 
 
+def cosines(outputs: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each sample's cosine between its [samples, scores] outputs and the reference's."""
+    return np.sum(outputs * reference, axis=1) / np.maximum(
+        np.linalg.norm(outputs, axis=1) * np.linalg.norm(reference, axis=1), 1e-30)
+
+
 def compare(a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> str:
     """win / loss / tie of a against b from the samples only one of them gets right (McNemar, ~95%)."""
     only_a = int(((a == labels) & (b != labels)).sum())

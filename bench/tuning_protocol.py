@@ -66,9 +66,7 @@ def main() -> int:
         row = {"allocator": allocator, "exponent": exponent, "budget": budget,
                "residual_weights": residual if allocator == "ilp" else None, "level_sets": level_sets,
                "avg_bits": round(alloc.average_bits(bits, params), 4)}
-        outputs = kept["outputs"]
-        cosines = np.sum(outputs * reference, axis=1) / np.maximum(
-            np.linalg.norm(outputs, axis=1) * np.linalg.norm(reference, axis=1), 1e-30)
+        cosines = run_bench.cosines(kept["outputs"], reference)
         for half, mask in halves.items():
             row[f"{half}_top1"] = round(float((kept["predictions"][mask] == evaluator.labels[mask]).mean() * 100), 2)
             row[f"{half}_cosine"] = round(float(cosines[mask].mean()), 4)

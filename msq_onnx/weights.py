@@ -440,8 +440,6 @@ def shared_levels(prepared: SearchRows, uniform: WidthChoice) -> WidthChoice | N
         codes, fit_step, step = np.unique(np.rint(centres / peak)), fit_step * peak, step * peak
         fit_step = _least_squares_steps(fit_rows, fit_weights, codes[_nearest_code(fit_rows, fit_step, codes)],
                                         fit_step)
-    if not (np.all(np.isfinite(step)) and np.all(np.isfinite(codes))):
-        return None
     integers, error = np.empty(rows.shape, np.int8), 0.0
     block = max(1, SEARCH_BLOCK // max(rows.shape[1], 1))  # rows at a time: the work arrays stay a few MB
     for start in range(0, len(rows), block):
