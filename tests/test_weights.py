@@ -604,6 +604,21 @@ def test_level_sets_lower_the_weighted_error_and_keep_the_width():
     assert shared[5].level_set is None and shared[5].error == uniform[5].error  # past SHARED_LEVELS_MAX_BITS
 
 
+def test_each_pass_over_the_rows_lowers_a_level_set_error(monkeypatch):
+    """The passes after the fit (nearest level, then each row's least-squares step) only lower the error; the
+    shipped number of them is past the first, so the layer's error is below what one pass leaves."""
+    import msq_onnx.weights as weights_module
+
+    layer, weight, power = _heavy_tailed_conv(seed=7, shape=(48, 32, 3, 3))
+    errors = {}
+    for rounds in (1, weights_module.LEVEL_STEP_ROUNDS):
+        monkeypatch.setattr(weights_module, "LEVEL_STEP_ROUNDS", rounds)
+        table = error_table(layer, weight, power, (2, 3), mirrors={2: True, 3: True}, level_sets={2: True, 3: True})
+        errors[rounds] = [table[bits].error for bits in (2, 3)]
+    assert weights_module.LEVEL_STEP_ROUNDS > 1
+    assert all(later < first for later, first in zip(errors[weights_module.LEVEL_STEP_ROUNDS], errors[1]))
+
+
 def test_level_sets_only_where_the_container_takes_them():
     """A narrow container's integers are the levels themselves: there the grid stays uniform."""
     layer, weight, power = _heavy_tailed_conv(seed=6)
