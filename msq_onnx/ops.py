@@ -274,6 +274,14 @@ class OpKind:
         it, and its name: the probe itself for every kind but the recurrent ones."""
         return [], [], layer.probe_name
 
+    def quantized_by_ort_when_float(self) -> bool:
+        """Whether ORT's optimizer rounds this kind's float weight itself: its WeightBiasQuantization gives a
+        float Conv, ConvTranspose or Gemm weight one symmetric int8 scale for the whole tensor (and an int32
+        bias) when the node reads a per-tensor DequantizeLinear and feeds a QuantizeLinear, through at most a
+        Relu or Clip, and then fuses it into an integer kernel. A layer left in float between quantized ones
+        ran so (write.float_layers_kept_float)."""
+        return False
+
     def container(self, layer, bits: int, mode: str, prefer: str) -> str:
         """The narrowest container ONNX Runtime runs for this layer, width, mode and objective.
 
@@ -351,6 +359,9 @@ class InputRows:
 class _Conv(OpKind):
     def describe(self, node, inits):
         return {"out_axis": 0, "transposed_weight": False, "group": int(attribute(node, "group", 1))}
+
+    def quantized_by_ort_when_float(self):
+        return True
 
     def mode_for(self, container, mode):
         # ORT has no int4/int2 QLinearConv: such a weight is dequantized to a float Conv, and Q/DQ on its
@@ -433,6 +444,9 @@ class _Dense(OpKind):
 
 
 class _Gemm(_Dense):
+    def quantized_by_ort_when_float(self):
+        return True
+
     def describe(self, node, inits):
         if attribute(node, "transA", 0):
             raise Skip("Gemm with transA=1: ONNX Runtime's quantizer cannot take its weight per channel")

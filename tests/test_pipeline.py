@@ -1161,3 +1161,33 @@ def test_the_reference_runs_beside_the_write_only_where_its_session_fits_under_t
     monkeypatch.setattr(pipeline, "_fits_beside_the_write", lambda loaded: False)
     convert(cnn_files["model"], str(tmp_path / "b.onnx"), cnn_files["calib"], Options(quiet=True))
     assert chosen == [(True, True), (False, False)]  # nor is its session kept beside the write
+
+
+def test_a_layer_left_in_float_between_static_layers_runs_in_float(cnn_files, tmp_path):
+    """ORT's optimizer rounds a float Conv's weight to one int8 scale for the whole tensor when the Conv reads a
+    per-tensor DequantizeLinear and feeds a QuantizeLinear (WeightBiasQuantization): the depthwise layer left in
+    float between two static ones ran as a per-tensor QLinearConv. Its input now has a DequantizeLinear of its
+    own, per channel with the same values, and ORT runs it as the float Conv it is."""
+    from msq_onnx.ops import FLOAT_BITS
+    from msq_onnx.pipeline import _Timer, analyse, plan_layers
+    from msq_onnx.write import quantize_to_qdq, quantize_weights
+
+    loaded = load_model(cnn_files["model"])
+    calib = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    analysis = analyse(loaded, calib, Options(bits=(8,), quiet=True), _Timer())
+    depthwise = next(layer for layer in loaded.layers if layer.group > 1)
+    bits = {layer.name: FLOAT_BITS if layer is depthwise else 8 for layer in loaded.layers}
+    modes, containers = plan_layers(loaded, analysis, bits, "speed")
+    assert modes[depthwise.name] == "float" and list(modes.values()).count("static") >= 2
+    quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
+    path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(tmp_path), modes=modes,
+                           containers=containers)
+    written = onnx.load(path)
+    node = next(n for n in written.graph.node if n.name in depthwise.nodes)
+    weights = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert np.array_equal(weights[node.input[1]], loaded.weight(depthwise))  # float as written
+    counts = optimized_op_counts(path)
+    assert counts.get("Conv", 0) + counts.get("FusedConv", 0) == 1  # the depthwise layer, in float
+    assert counts.get("QLinearConv", 0) == 2
+    source = next(n for n in written.graph.node if node.input[0] in n.output)
+    assert source.op_type == "DequantizeLinear" and weights[source.input[1]].shape == (8,)
