@@ -274,13 +274,14 @@ class OpKind:
         it, and its name: the probe itself for every kind but the recurrent ones."""
         return [], [], layer.probe_name
 
-    def quantized_by_ort_when_float(self) -> bool:
-        """Whether ORT's optimizer rounds this kind's float weight itself: its WeightBiasQuantization gives a
-        float Conv, ConvTranspose or Gemm weight one symmetric int8 scale for the whole tensor (and an int32
-        bias) when the node reads a per-tensor DequantizeLinear and feeds a QuantizeLinear, through at most a
-        Relu or Clip, and then fuses it into an integer kernel. A layer left in float between quantized ones
-        ran so (write.float_layers_kept_float)."""
-        return False
+    def float_input_channels(self, node, weight_shape) -> tuple[int, int] | None:
+        """(axis, size) of the node's data input along which a DequantizeLinear may repeat its one scale, where
+        ORT's optimizer would otherwise round this kind's float weight itself; None for the kinds it leaves
+        alone. ORT's WeightBiasQuantization gives a float Conv, ConvTranspose or Gemm weight one symmetric int8
+        scale for the whole tensor (and its bias int32) when the node reads a per-tensor DequantizeLinear and
+        feeds a QuantizeLinear (through at most a Relu or Clip), and then fuses it into an integer kernel: a
+        float layer between two static ones ran so (write.float_nodes_kept_float)."""
+        return None
 
     def container(self, layer, bits: int, mode: str, prefer: str) -> str:
         """The narrowest container ONNX Runtime runs for this layer, width, mode and objective.
@@ -360,8 +361,8 @@ class _Conv(OpKind):
     def describe(self, node, inits):
         return {"out_axis": 0, "transposed_weight": False, "group": int(attribute(node, "group", 1))}
 
-    def quantized_by_ort_when_float(self):
-        return True
+    def float_input_channels(self, node, weight_shape):
+        return 1, int(weight_shape[1]) * int(attribute(node, "group", 1))
 
     def mode_for(self, container, mode):
         # ORT has no int4/int2 QLinearConv: such a weight is dequantized to a float Conv, and Q/DQ on its
@@ -378,6 +379,9 @@ class _Conv(OpKind):
 
 
 class _ConvTranspose(_Conv):  # its weight runs as Conv's does: mode_for
+    def float_input_channels(self, node, weight_shape):
+        return 1, int(weight_shape[0])
+
     def describe(self, node, inits):
         group = int(attribute(node, "group", 1))
         if group != 1:
@@ -444,8 +448,9 @@ class _Dense(OpKind):
 
 
 class _Gemm(_Dense):
-    def quantized_by_ort_when_float(self):
-        return True
+    def float_input_channels(self, node, weight_shape):
+        features = int(weight_shape[1] if attribute(node, "transB", 0) else weight_shape[0])
+        return (0 if attribute(node, "transA", 0) else 1), features
 
     def describe(self, node, inits):
         if attribute(node, "transA", 0):

@@ -27,7 +27,7 @@ from .errors import BadOption
 from .load import (LoadedModel, all_names, consumers, external_data_files, is_large, save_model_file, subgraph_inputs,
                    unique_name)
 from .ops import (CONTAINER_BITS, DYNAMIC, FLOAT, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute,
-                  range_sources, shares_quantization, static_region)
+                  kind_for, range_sources, shares_quantization, static_region)
 from .weights import as_matrix, quantize_layer, steps
 
 
@@ -384,48 +384,64 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
         model = quantized.model
     others = [layer for layer in loaded.layers if modes[layer.name] in (DYNAMIC, WEIGHT_ONLY)
               and layer.weight_name in quantized.scales]
-    floats = [layer for layer in loaded.layers if modes[layer.name] == FLOAT and layer.kind.quantized_by_ort_when_float()]
+    # float Conv / ConvTranspose / Gemm nodes beside static layers: ORT would round their weights (float_nodes_kept_float)
+    floats = bool(static) and _float_nodes_ort_rounds(loaded, modes)
     if others or loaded.default_inputs or not static or floats:
         model = onnx.load(result) if model is None else model
         if others:
             rewrite_layers(model, others, quantized, modes, containers)
-        float_layers_kept_float(model, floats)
+        if floats:
+            float_nodes_kept_float(model)
         restore_default_inputs(model, loaded.default_inputs)
         save_model_file(model, result)
     return result
 
 
-def float_layers_kept_float(model: onnx.ModelProto, layers) -> int:
-    """Each float layer that reads a per-tensor DequantizeLinear (a static neighbour's output) gets a
-    DequantizeLinear of its own with the same scale and zero point repeated per input channel: the same values,
-    in a form ORT's WeightBiasQuantization leaves alone (OpKind.quantized_by_ort_when_float), so the layer runs
-    in float as the allocator and the report say. EfficientNet-Lite0's first block left in float at
-    --avg-bits 3.5 ran as a per-tensor int8 QLinearConv: task cosine 0.939 -> 0.880. Returns how many inputs
-    were given their own."""
+def _float_nodes_ort_rounds(loaded: LoadedModel, modes: dict) -> bool:
+    """Whether the model has a float node of a kind ORT's WeightBiasQuantization rounds (float_nodes_kept_float)."""
+    quantized = {name for layer in loaded.layers if modes[layer.name] != FLOAT for name in layer.nodes}
+    shapes = {t.name: tuple(t.dims) for t in loaded.model.graph.initializer}
+    for node in loaded.model.graph.node:
+        kind = kind_for(node)
+        weight = shapes.get(node.input[kind.weight_index]) if kind and len(node.input) > 1 else None
+        if weight and node.name not in quantized and kind.float_input_channels(node, weight) is not None:
+            return True
+    return False
+
+
+def float_nodes_kept_float(model: onnx.ModelProto) -> int:
+    """Each float Conv, ConvTranspose or Gemm (a layer left in float, or a node that cannot be one) that reads a
+    per-tensor DequantizeLinear (a static neighbour's output) gets a DequantizeLinear of its own with the same
+    scale and zero point repeated per input channel: the same values, in a form ORT's WeightBiasQuantization
+    leaves alone (OpKind.float_input_channels), so the node runs in float as the allocator and the report say.
+    EfficientNet-Lite0's first block's projection left in float at --avg-bits 3.5 ran as a per-tensor int8
+    QLinearConv: task cosine 0.939 -> 0.880. Returns how many inputs were given their own."""
     producers = {output: node for node in model.graph.node for output in node.output}
     inits = {t.name: t for t in model.graph.initializer}
-    position = {node.name: index for index, node in enumerate(model.graph.node)}
     taken = taken_names(model)
     inserted = {}  # node position -> its input's own DequantizeLinear
-    for layer in layers:
-        channels = int(np.max(layer.kind.input_channel_index(layer))) + 1
-        for index in (position[name] for name in layer.nodes if name in position):
-            node = model.graph.node[index]
-            source = producers.get(node.input[layer.kind.data_index])
-            if source is None or source.op_type != "DequantizeLinear" or source.input[1] not in inits \
-                    or len(source.input) < 3 or source.input[2] not in inits:
-                continue
-            scale, zero = (numpy_helper.to_array(inits[name]) for name in source.input[1:3])
-            if scale.size != 1:
-                continue  # per channel already: ORT leaves it float
-            stem = unique_name(node.name + "_input_per_channel", taken, "_msq")
-            names = [unique_name(stem + suffix, taken, "_msq") for suffix in ("_scale", "_zero_point", "_output")]
-            model.graph.initializer.extend([
-                numpy_helper.from_array(np.full(channels, scale.reshape(()), scale.dtype), names[0]),
-                numpy_helper.from_array(np.full(channels, zero.reshape(()), zero.dtype), names[1])])
-            inserted[index] = helper.make_node("DequantizeLinear", [source.input[0], *names[:2]], [names[2]],
-                                               name=stem, axis=1)
-            node.input[layer.kind.data_index] = names[2]
+    for index, node in enumerate(model.graph.node):
+        kind = kind_for(node)
+        weight = inits.get(node.input[kind.weight_index]) if kind and len(node.input) > 1 else None
+        if weight is None or weight.data_type != onnx.TensorProto.FLOAT:
+            continue  # not a kind ORT rounds, or a weight that is quantized already (a DequantizeLinear's)
+        source = producers.get(node.input[kind.data_index])
+        if source is None or source.op_type != "DequantizeLinear" or source.input[1] not in inits \
+                or len(source.input) < 3 or source.input[2] not in inits:
+            continue
+        scale, zero = (numpy_helper.to_array(inits[name]) for name in source.input[1:3])
+        channels = kind.float_input_channels(node, tuple(weight.dims))
+        if scale.size != 1 or channels is None:
+            continue  # per channel already, or a kind ORT leaves float
+        axis, size = channels
+        stem = unique_name((node.name or node.output[0]) + "_input_per_channel", taken, "_msq")
+        names = [unique_name(stem + suffix, taken, "_msq") for suffix in ("_scale", "_zero_point", "_output")]
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.full(size, scale.reshape(()), scale.dtype), names[0]),
+            numpy_helper.from_array(np.full(size, zero.reshape(()), zero.dtype), names[1])])
+        inserted[index] = helper.make_node("DequantizeLinear", [source.input[0], *names[:2]], [names[2]],
+                                           name=stem, axis=axis)
+        node.input[kind.data_index] = names[2]
     if inserted:
         rebuilt = []
         for index, node in enumerate(model.graph.node):

@@ -428,6 +428,44 @@ def test_grouped_convtranspose_and_transA_gemm_stay_float(unquantizable_files):
     assert cosine(run_model(path, {"x": x})[0], run_model(out, {"x": x})[0]) > 0.95
 
 
+def test_a_float_node_between_static_layers_keeps_its_float_weight_in_orts_graph(tmp_path):
+    """A node that cannot be a layer (a grouped ConvTranspose) between two static convolutions reads a per-tensor
+    DequantizeLinear and feeds a QuantizeLinear through a Relu: ORT's optimizer gave its float weight one int8
+    scale for the whole tensor (a QuantizeLinear -> DequantizeLinear on it in the optimized graph). With a
+    DequantizeLinear of its own per channel on its input, ORT runs it on its own float weight."""
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name)
+
+    inits = [init("wc", 16, 4, 3, 3), init("wt", 16, 1, 1, 1), init("bt", 16), init("w2", 16, 16, 1, 1),
+             init("wf", 5, 16)]
+    nodes = [N("Conv", ["x", "wc"], ["c"], pads=[1, 1, 1, 1], name="conv"), N("Relu", ["c"], ["r"], name="relu"),
+             N("ConvTranspose", ["r", "wt", "bt"], ["t"], group=16, name="up_grouped"),
+             N("Relu", ["t"], ["tr"], name="relu2"), N("Conv", ["tr", "w2"], ["c2"], name="conv2"),
+             N("GlobalAveragePool", ["c2"], ["g"], name="gap"), N("Flatten", ["g"], ["f"], name="flat"),
+             N("Gemm", ["f", "wf"], ["y"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "float_between", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                      ["N", 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                tmp_path / "model.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).normal(size=(30, 4, 6, 6)).astype(np.float32))
+    report = convert(path, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(avg_bits=8, quiet=True)).report
+    assert {layer["name"]: layer["mode"] for layer in report["layers"]} == dict.fromkeys(("conv", "conv2", "fc"),
+                                                                                          "static")
+    assert [entry["node"] for entry in report["left_in_float"]] == ["up_grouped"]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "optimized.onnx")
+    producers = {output: node for node in optimized.graph.node for output in node.output}
+    weight = node_named(optimized, "up_grouped").input[1]
+    assert weight not in producers  # its own float initializer, not rounded by ORT
+    np.testing.assert_array_equal(initializers(optimized)[weight], initializers(onnx.load(path))["wt"])
+
+
 def test_unreachable_budget_with_float_nodes_is_bad_option(unquantizable_files):
     folder, path, calib = unquantizable_files
     out = folder / "unreachable.onnx"
