@@ -276,11 +276,12 @@ class OpKind:
 
     def float_input_channels(self, node, weight_shape) -> tuple[int, int] | None:
         """(axis, size) of the node's data input along which a DequantizeLinear may repeat its one scale, where
-        ORT's optimizer would otherwise round this kind's float weight itself; None for the kinds it leaves
+        ORT's optimizer would otherwise round this kind's weight or bias itself; None for the kinds it leaves
         alone. ORT's WeightBiasQuantization gives a float Conv, ConvTranspose or Gemm weight one symmetric int8
-        scale for the whole tensor (and its bias int32) when the node reads a per-tensor DequantizeLinear and
-        feeds a QuantizeLinear (through at most a Relu or Clip), and then fuses it into an integer kernel: a
-        float layer between two static ones ran so (write.float_nodes_kept_float)."""
+        scale for the whole tensor, and a float bias int32 on input scale x weight scale, when the node reads a
+        per-tensor DequantizeLinear and feeds a QuantizeLinear (through at most a Relu or Clip), and then fuses
+        it into an integer kernel: a float layer between two static ones ran so, and a weight-only one's
+        near-dead channel overflowed its int32 bias (write.shield_from_ort_rounding)."""
         return None
 
     def container(self, layer, bits: int, mode: str, prefer: str) -> str:

@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 from .errors import BadOption
 from .load import (LoadedModel, all_names, consumers, external_data_files, is_large, save_model_file, subgraph_inputs,
                    unique_name)
-from .ops import (CONTAINER_BITS, DYNAMIC, FLOAT, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute,
+from .ops import (CONTAINER_BITS, DYNAMIC, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute,
                   kind_for, range_sources, shares_quantization, static_region)
 from .weights import as_matrix, quantize_layer, steps
 
@@ -384,55 +384,61 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
         model = quantized.model
     others = [layer for layer in loaded.layers if modes[layer.name] in (DYNAMIC, WEIGHT_ONLY)
               and layer.weight_name in quantized.scales]
-    # float Conv / ConvTranspose / Gemm nodes beside static layers: ORT would round their weights (float_nodes_kept_float)
-    floats = bool(static) and _float_nodes_ort_rounds(loaded, modes)
+    # Conv / ConvTranspose / Gemm nodes beside static layers that ORT would round (shield_from_ort_rounding)
+    static_nodes = {name for layer in static for name in layer.nodes}
+    floats = bool(static) and _rounded_by_ort(loaded, static_nodes)
     if others or loaded.default_inputs or not static or floats:
         model = onnx.load(result) if model is None else model
         if others:
             rewrite_layers(model, others, quantized, modes, containers)
         if floats:
-            float_nodes_kept_float(model)
+            shield_from_ort_rounding(model, static_nodes)
         restore_default_inputs(model, loaded.default_inputs)
         save_model_file(model, result)
     return result
 
 
-def _float_nodes_ort_rounds(loaded: LoadedModel, modes: dict) -> bool:
-    """Whether the model has a float node of a kind ORT's WeightBiasQuantization rounds (float_nodes_kept_float)."""
-    quantized = {name for layer in loaded.layers if modes[layer.name] != FLOAT for name in layer.nodes}
+def _rounded_by_ort(loaded: LoadedModel, static_nodes: set) -> bool:
+    """Whether a node written without quantized activations is of a kind ORT's WeightBiasQuantization rounds
+    (shield_from_ort_rounding)."""
     shapes = {t.name: tuple(t.dims) for t in loaded.model.graph.initializer}
     for node in loaded.model.graph.node:
         kind = kind_for(node)
         weight = shapes.get(node.input[kind.weight_index]) if kind and len(node.input) > 1 else None
-        if weight and node.name not in quantized and kind.float_input_channels(node, weight) is not None:
+        if weight and node.name not in static_nodes and kind.float_input_channels(node, weight) is not None:
             return True
     return False
 
 
-def float_nodes_kept_float(model: onnx.ModelProto) -> int:
-    """Each float Conv, ConvTranspose or Gemm (a layer left in float, or a node that cannot be one) that reads a
-    per-tensor DequantizeLinear (a static neighbour's output) gets a DequantizeLinear of its own with the same
-    scale and zero point repeated per input channel: the same values, in a form ORT's WeightBiasQuantization
-    leaves alone (OpKind.float_input_channels), so the node runs in float as the allocator and the report say.
-    EfficientNet-Lite0's first block's projection left in float at --avg-bits 3.5 ran as a per-tensor int8
-    QLinearConv: task cosine 0.939 -> 0.880. Returns how many inputs were given their own."""
+def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
+    """Each Conv, ConvTranspose or Gemm written without quantized activations (a layer left in float or
+    weight-only, or a node that cannot be a layer) that reads a per-tensor DequantizeLinear (a static neighbour's
+    output) gets a DequantizeLinear of its own with the same scale and zero point repeated per input channel: the
+    same values, in a form ORT's WeightBiasQuantization and QDQ fusions leave alone (OpKind.float_input_channels),
+    so the node runs as written and as the report says. Before: EfficientNet-Lite0's first block's projection left
+    in float at --avg-bits 3.5 ran as a per-tensor int8 QLinearConv (task cosine 0.939 -> 0.880), and a weight-only
+    convolution's float bias went to int32 on its input scale x weight scale, which a near-dead channel's step
+    overflows (the channel's output off by its whole bias). Returns how many inputs were given their own."""
     producers = {output: node for node in model.graph.node for output in node.output}
     inits = {t.name: t for t in model.graph.initializer}
     taken = taken_names(model)
     inserted = {}  # node position -> its input's own DequantizeLinear
     for index, node in enumerate(model.graph.node):
         kind = kind_for(node)
-        weight = inits.get(node.input[kind.weight_index]) if kind and len(node.input) > 1 else None
-        if weight is None or weight.data_type != onnx.TensorProto.FLOAT:
-            continue  # not a kind ORT rounds, or a weight that is quantized already (a DequantizeLinear's)
+        if kind is None or node.name in static_nodes or len(node.input) < 2:
+            continue
+        weight = inits.get(node.input[kind.weight_index])
+        dequantized = producers.get(node.input[kind.weight_index])
+        if weight is None and dequantized is not None and dequantized.op_type == "DequantizeLinear":
+            weight = inits.get(dequantized.input[0])  # a weight-only layer's integers: their shape is the weight's
         source = producers.get(node.input[kind.data_index])
-        if source is None or source.op_type != "DequantizeLinear" or source.input[1] not in inits \
+        if weight is None or source is None or source.op_type != "DequantizeLinear" or source.input[1] not in inits \
                 or len(source.input) < 3 or source.input[2] not in inits:
             continue
         scale, zero = (numpy_helper.to_array(inits[name]) for name in source.input[1:3])
         channels = kind.float_input_channels(node, tuple(weight.dims))
         if scale.size != 1 or channels is None:
-            continue  # per channel already, or a kind ORT leaves float
+            continue  # per channel already, or a kind ORT leaves as it is
         axis, size = channels
         stem = unique_name((node.name or node.output[0]) + "_input_per_channel", taken, "_msq")
         names = [unique_name(stem + suffix, taken, "_msq") for suffix in ("_scale", "_zero_point", "_output")]

@@ -1191,3 +1191,38 @@ def test_a_layer_left_in_float_between_static_layers_runs_in_float(cnn_files, tm
     assert counts.get("QLinearConv", 0) == 2
     source = next(n for n in written.graph.node if node.input[0] in n.output)
     assert source.op_type == "DequantizeLinear" and weights[source.input[1]].shape == (8,)
+
+
+def test_a_weight_only_layer_between_static_layers_keeps_its_float_bias(tmp_path):
+    """A weight-only convolution between two static ones: ORT's optimizer turned its float bias into int32 on
+    input scale x weight scale and fused the layer, and a near-dead channel's weight step overflowed that int32
+    (the channel's output off by its whole bias, 5 of a 5.3 output). Its input now has a per-channel
+    DequantizeLinear of its own, and ORT runs the layer as written: integer weights, float bias, float Conv."""
+    from msq_onnx.pipeline import _Timer, analyse, plan_layers
+    from msq_onnx.write import quantize_to_qdq, quantize_weights
+
+    model = tiny_cnn()
+    inits = {t.name: t for t in model.graph.initializer}
+    weight, bias = numpy_helper.to_array(inits["w2"]).copy(), numpy_helper.to_array(inits["b2"]).copy()
+    weight[0] *= 1e-9  # a near-dead depthwise channel whose bias carries it
+    bias[0] = 5.0
+    inits["w2"].CopyFrom(numpy_helper.from_array(weight, "w2"))
+    inits["b2"].CopyFrom(numpy_helper.from_array(bias, "b2"))
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **samples_for(model, 64, seed=1))
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    calib = open_samples(str(tmp_path / "calib.npz"), loaded.inputs, Preprocess())
+    analysis = analyse(loaded, calib, Options(bits=(8,), quiet=True), _Timer())
+    bits = {layer.name: 8 for layer in loaded.layers}
+    modes, containers = plan_layers(loaded, analysis, bits, "speed")
+    depthwise = next(layer for layer in loaded.layers if layer.weight_name == "w2")
+    modes[depthwise.name] = "weight-only"
+    quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
+    path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(tmp_path), modes=modes,
+                           containers=containers)
+    counts = optimized_op_counts(path)
+    assert counts.get("QLinearConv", 0) == 2 and counts.get("Conv", 0) + counts.get("FusedConv", 0) == 1
+    x = np.load(tmp_path / "calib.npz")["x"][:8]
+    fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    written = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(written - fp32).max() < 0.1 * np.abs(fp32).max()
