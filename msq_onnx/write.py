@@ -410,15 +410,32 @@ def _rounded_by_ort(loaded: LoadedModel, static_nodes: set) -> bool:
     return False
 
 
+def _int32_bias_overflows(node, kind, inits: dict, dequantized, input_scale: float) -> bool:
+    """Whether ORT's int32 bias for a node with a dequantized weight (bias / (input scale x weight scale),
+    WeightBiasQuantization) leaves the int32 range in some channel."""
+    bias = inits.get(node.input[kind.bias_index]) if kind.bias_index is not None and \
+        len(node.input) > kind.bias_index else None
+    if bias is None or bias.data_type != onnx.TensorProto.FLOAT or dequantized.input[1] not in inits:
+        return False
+    steps = np.float64(input_scale) * numpy_helper.to_array(inits[dequantized.input[1]]).astype(np.float64)
+    values = np.abs(numpy_helper.to_array(bias).astype(np.float64))
+    if steps.size not in (1, values.size):
+        return False  # a block-wise weight scale: ORT leaves it alone (its block_size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return bool(np.any(~(values / np.abs(steps.reshape(-1)) < 2.0 ** 31)))
+
+
 def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
-    """Each Conv, ConvTranspose or Gemm written without quantized activations (a layer left in float or
-    weight-only, or a node that cannot be a layer) that reads a per-tensor DequantizeLinear (a static neighbour's
-    output) gets a DequantizeLinear of its own with the same scale and zero point repeated per input channel: the
-    same values, in a form ORT's WeightBiasQuantization and QDQ fusions leave alone (OpKind.float_input_channels),
-    so the node runs as written and as the report says. Before: EfficientNet-Lite0's first block's projection left
-    in float at --avg-bits 3.5 ran as a per-tensor int8 QLinearConv (task cosine 0.939 -> 0.880), and a weight-only
-    convolution's float bias went to int32 on its input scale x weight scale, which a near-dead channel's step
-    overflows (the channel's output off by its whole bias). Returns how many inputs were given their own."""
+    """Each Conv, ConvTranspose or Gemm written with a float weight (a layer left in float, or a node that cannot
+    be a layer) that reads a per-tensor DequantizeLinear (a static neighbour's output) gets a DequantizeLinear of
+    its own with the same scale and zero point repeated per input channel: the same values, in a form ORT's
+    WeightBiasQuantization and QDQ fusions leave alone (OpKind.float_input_channels), so the node runs in float as
+    the report says. EfficientNet-Lite0's first block's projection left in float at --avg-bits 3.5 ran as a
+    per-tensor int8 QLinearConv: task cosine 0.939 -> 0.880.
+    A weight-only layer there is left to ORT, which only puts its bias on int32 (and fuses an int8 one, faster, on
+    the input it reads quantized anyway), unless a near-dead channel's step overflows that int32: then the
+    channel's output was off by its whole bias, and the layer is given its own DequantizeLinear too.
+    Returns how many inputs were given their own."""
     producers = {output: node for node in model.graph.node for output in node.output}
     inits = {t.name: t for t in model.graph.initializer}
     taken = taken_names(model)
@@ -427,16 +444,20 @@ def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
         kind = kind_for(node)
         if kind is None or node.name in static_nodes or len(node.input) < 2:
             continue
-        weight = inits.get(node.input[kind.weight_index])
-        dequantized = producers.get(node.input[kind.weight_index])
-        if weight is None and dequantized is not None and dequantized.op_type == "DequantizeLinear":
-            weight = inits.get(dequantized.input[0])  # a weight-only layer's integers: their shape is the weight's
         source = producers.get(node.input[kind.data_index])
-        if weight is None or source is None or source.op_type != "DequantizeLinear" or source.input[1] not in inits \
+        if source is None or source.op_type != "DequantizeLinear" or source.input[1] not in inits \
                 or len(source.input) < 3 or source.input[2] not in inits:
             continue
         scale, zero = (numpy_helper.to_array(inits[name]) for name in source.input[1:3])
-        channels = kind.float_input_channels(node, tuple(weight.dims))
+        weight = inits.get(node.input[kind.weight_index])
+        dequantized = producers.get(node.input[kind.weight_index])
+        if weight is None and dequantized is not None and dequantized.op_type == "DequantizeLinear":
+            # A weight-only layer: ORT's int32 bias (and, for int8, its fusion) only rounds the bias, unless a
+            # near-dead channel's step overflows the int32.
+            weight = inits.get(dequantized.input[0])
+            if not _int32_bias_overflows(node, kind, inits, dequantized, float(scale.reshape(-1)[0])):
+                continue
+        channels = None if weight is None else kind.float_input_channels(node, tuple(weight.dims))
         if scale.size != 1 or channels is None:
             continue  # per channel already, or a kind ORT leaves as it is
         axis, size = channels

@@ -1193,36 +1193,41 @@ def test_a_layer_left_in_float_between_static_layers_runs_in_float(cnn_files, tm
     assert source.op_type == "DequantizeLinear" and weights[source.input[1]].shape == (8,)
 
 
-def test_a_weight_only_layer_between_static_layers_keeps_its_float_bias(tmp_path):
-    """A weight-only convolution between two static ones: ORT's optimizer turned its float bias into int32 on
-    input scale x weight scale and fused the layer, and a near-dead channel's weight step overflowed that int32
-    (the channel's output off by its whole bias, 5 of a 5.3 output). Its input now has a per-channel
-    DequantizeLinear of its own, and ORT runs the layer as written: integer weights, float bias, float Conv."""
+def test_a_weight_only_layer_between_static_layers_keeps_a_bias_ort_would_overflow(tmp_path):
+    """A weight-only convolution between two static ones: ORT's optimizer puts its float bias on int32 (input scale
+    x weight scale) and fuses the layer, which only rounds the bias, unless a near-dead channel's weight step
+    overflows that int32: the channel's output was off by its whole bias (5 of a 5.3 output). Such a layer's input
+    now has a per-channel DequantizeLinear of its own, and ORT runs it as written: integer weights, float bias."""
     from msq_onnx.pipeline import _Timer, analyse, plan_layers
     from msq_onnx.write import quantize_to_qdq, quantize_weights
 
-    model = tiny_cnn()
-    inits = {t.name: t for t in model.graph.initializer}
-    weight, bias = numpy_helper.to_array(inits["w2"]).copy(), numpy_helper.to_array(inits["b2"]).copy()
-    weight[0] *= 1e-9  # a near-dead depthwise channel whose bias carries it
-    bias[0] = 5.0
-    inits["w2"].CopyFrom(numpy_helper.from_array(weight, "w2"))
-    inits["b2"].CopyFrom(numpy_helper.from_array(bias, "b2"))
-    onnx.save(model, tmp_path / "m.onnx")
-    np.savez(tmp_path / "calib.npz", **samples_for(model, 64, seed=1))
-    loaded = load_model(str(tmp_path / "m.onnx"))
-    calib = open_samples(str(tmp_path / "calib.npz"), loaded.inputs, Preprocess())
-    analysis = analyse(loaded, calib, Options(bits=(8,), quiet=True), _Timer())
-    bits = {layer.name: 8 for layer in loaded.layers}
-    modes, containers = plan_layers(loaded, analysis, bits, "speed")
-    depthwise = next(layer for layer in loaded.layers if layer.weight_name == "w2")
-    modes[depthwise.name] = "weight-only"
-    quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
-    path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(tmp_path), modes=modes,
-                           containers=containers)
-    counts = optimized_op_counts(path)
-    assert counts.get("QLinearConv", 0) == 2 and counts.get("Conv", 0) + counts.get("FusedConv", 0) == 1
-    x = np.load(tmp_path / "calib.npz")["x"][:8]
-    fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    written = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert np.abs(written - fp32).max() < 0.1 * np.abs(fp32).max()
+    for near_dead in (False, True):
+        model = tiny_cnn()
+        inits = {t.name: t for t in model.graph.initializer}
+        weight, bias = numpy_helper.to_array(inits["w2"]).copy(), numpy_helper.to_array(inits["b2"]).copy()
+        if near_dead:
+            weight[0] *= 1e-9  # a depthwise channel whose bias carries it
+            bias[0] = 5.0
+        inits["w2"].CopyFrom(numpy_helper.from_array(weight, "w2"))
+        inits["b2"].CopyFrom(numpy_helper.from_array(bias, "b2"))
+        folder = tmp_path / str(near_dead)
+        folder.mkdir()
+        onnx.save(model, folder / "m.onnx")
+        np.savez(folder / "calib.npz", **samples_for(model, 64, seed=1))
+        loaded = load_model(str(folder / "m.onnx"))
+        calib = open_samples(str(folder / "calib.npz"), loaded.inputs, Preprocess())
+        analysis = analyse(loaded, calib, Options(bits=(8,), quiet=True), _Timer())
+        bits = {layer.name: 8 for layer in loaded.layers}
+        modes, containers = plan_layers(loaded, analysis, bits, "speed")
+        depthwise = next(layer for layer in loaded.layers if layer.weight_name == "w2")
+        modes[depthwise.name] = "weight-only"
+        quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
+        path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(folder), modes=modes,
+                               containers=containers)
+        counts = optimized_op_counts(path)
+        # without the overflow ORT's fusion stays (the faster kernel, on an input quantized either way)
+        assert counts.get("QLinearConv", 0) == (2 if near_dead else 3)
+        x = np.load(folder / "calib.npz")["x"][:8]
+        fp32 = ort.InferenceSession(str(folder / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        written = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert np.abs(written - fp32).max() < 0.1 * np.abs(fp32).max()
