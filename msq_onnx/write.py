@@ -425,26 +425,41 @@ def _int32_bias_overflows(node, kind, inits: dict, dequantized, input_scale: flo
         return bool(np.any(~(values / np.abs(steps.reshape(-1)) < 2.0 ** 31)))
 
 
+# Ops ORT's QDQPropagationTransformer moves a DequantizeLinear past (so the node after them reads it directly)
+# that keep a Conv input's channel axis: a per-channel DequantizeLinear before them stays where it is.
+_CHANNEL_KEEPING = {"MaxPool", "AveragePool", "Pad", "Resize"}
+
+
 def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
     """Each Conv, ConvTranspose or Gemm written with a float weight (a layer left in float, or a node that cannot
-    be a layer) that reads a per-tensor DequantizeLinear (a static neighbour's output) gets a DequantizeLinear of
-    its own with the same scale and zero point repeated per input channel: the same values, in a form ORT's
-    WeightBiasQuantization and QDQ fusions leave alone (OpKind.float_input_channels), so the node runs in float as
-    the report says. EfficientNet-Lite0's first block's projection left in float at --avg-bits 3.5 ran as a
-    per-tensor int8 QLinearConv: task cosine 0.939 -> 0.880.
+    be a layer) that reads a per-tensor DequantizeLinear (a static neighbour's output), directly or through
+    _CHANNEL_KEEPING ops only it reads, gets that DequantizeLinear with the same scale and zero point repeated per
+    input channel: the same values, in a form ORT's WeightBiasQuantization and QDQ fusions leave alone
+    (OpKind.float_input_channels), so the node runs in float as the report says. The DequantizeLinear is changed
+    in place where nothing else reads it, else a copy is made. EfficientNet-Lite0's first block's projection left
+    in float at --avg-bits 3.5 ran as a per-tensor int8 QLinearConv: task cosine 0.939 -> 0.880.
     A weight-only layer there is left to ORT, which only puts its bias on int32 (and fuses an int8 one, faster, on
     the input it reads quantized anyway), unless a near-dead channel's step overflows that int32: then the
-    channel's output was off by its whole bias, and the layer is given its own DequantizeLinear too.
-    Returns how many inputs were given their own."""
-    producers = {output: node for node in model.graph.node for output in node.output}
+    channel's output was off by its whole bias, and the layer is shielded too.
+    Not shielded: a node with one input channel (ORT reads a one-element scale as per tensor), and chains through
+    ops that move the channel axis (Transpose, Reshape). Returns how many nodes were shielded."""
+    nodes = list(model.graph.node)  # one wrapper per node, so that identities hold for the positions below
+    producers = {output: node for node in nodes for output in node.output}
+    position = {id(node): index for index, node in enumerate(nodes)}
+    readers = tensor_readers(model)
     inits = {t.name: t for t in model.graph.initializer}
     taken = taken_names(model)
-    inserted = {}  # node position -> its input's own DequantizeLinear
-    for index, node in enumerate(model.graph.node):
+    inserted, shielded = {}, 0  # node position -> the DequantizeLinear copy its input gets
+    for node in nodes:
         kind = kind_for(node)
         if kind is None or node.name in static_nodes or len(node.input) < 2:
             continue
-        source = producers.get(node.input[kind.data_index])
+        target, slot = node, kind.data_index  # the node that reads the DequantizeLinear, and at which input
+        source = producers.get(node.input[slot])
+        while source is not None and source.op_type in _CHANNEL_KEEPING and node.op_type != "Gemm" \
+                and readers.get(source.output[0], set()) == {target.name}:
+            target, slot = source, 0
+            source = producers.get(source.input[0])
         if source is None or source.op_type != "DequantizeLinear" or source.input[1] not in inits \
                 or len(source.input) < 3 or source.input[2] not in inits:
             continue
@@ -455,29 +470,36 @@ def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
             # A weight-only layer: ORT's int32 bias (and, for int8, its fusion) only rounds the bias, unless a
             # near-dead channel's step overflows the int32.
             weight = inits.get(dequantized.input[0])
-            if not _int32_bias_overflows(node, kind, inits, dequantized, float(scale.reshape(-1)[0])):
+            if scale.size != 1 or not _int32_bias_overflows(node, kind, inits, dequantized, float(scale.ravel()[0])):
                 continue
         channels = None if weight is None else kind.float_input_channels(node, tuple(weight.dims))
-        if scale.size != 1 or channels is None:
-            continue  # per channel already, or a kind ORT leaves as it is
+        if scale.size != 1 or channels is None or channels[1] < 2:
+            continue  # per channel already, a kind ORT leaves as it is, or one channel (its scale reads as one)
         axis, size = channels
         stem = unique_name((node.name or node.output[0]) + "_input_per_channel", taken, "_msq")
         names = [unique_name(stem + suffix, taken, "_msq") for suffix in ("_scale", "_zero_point", "_output")]
         model.graph.initializer.extend([
             numpy_helper.from_array(np.full(size, scale.reshape(()), scale.dtype), names[0]),
             numpy_helper.from_array(np.full(size, zero.reshape(()), zero.dtype), names[1])])
-        inserted[index] = helper.make_node("DequantizeLinear", [source.input[0], *names[:2]], [names[2]],
-                                           name=stem, axis=axis)
-        node.input[kind.data_index] = names[2]
+        shielded += 1
+        if readers.get(source.output[0], set()) == {target.name}:  # only this chain reads it: no copy to run
+            source.input[1], source.input[2] = names[0], names[1]
+            kept = [a for a in source.attribute if a.name != "axis"]
+            del source.attribute[:]
+            source.attribute.extend(kept + [helper.make_attribute("axis", axis)])
+            continue
+        inserted[position[id(target)]] = helper.make_node(
+            "DequantizeLinear", [source.input[0], *names[:2]], [names[2]], name=stem, axis=axis, domain=source.domain)
+        target.input[slot] = names[2]
     if inserted:
         rebuilt = []
-        for index, node in enumerate(model.graph.node):
+        for index, node in enumerate(nodes):
             if index in inserted:
                 rebuilt.append(inserted[index])
             rebuilt.append(node)
         del model.graph.node[:]
         model.graph.node.extend(rebuilt)
-    return len(inserted)
+    return shielded
 
 
 def restore_default_inputs(model: onnx.ModelProto, defaults: list) -> None:

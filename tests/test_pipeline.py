@@ -1231,3 +1231,61 @@ def test_a_weight_only_layer_between_static_layers_keeps_a_bias_ort_would_overfl
         fp32 = ort.InferenceSession(str(folder / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         written = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         assert np.abs(written - fp32).max() < 0.1 * np.abs(fp32).max()
+
+
+def test_float_input_channels_name_the_axis_ort_reads_per_channel():
+    """The axis and size a float node's input DequantizeLinear repeats its scale along: Conv's channels are its
+    weight's fan-in per group times the groups, ConvTranspose's its weight's first axis, Gemm's the K axis of A
+    (axis 0 with transA), read from B by transB. A wrong size makes ORT refuse the model; a wrong axis too."""
+    from msq_onnx.ops import kind_for
+
+    def node(op, **attrs):
+        return helper.make_node(op, ["x", "w"], ["y"], **attrs)
+
+    assert kind_for(node("Conv")).float_input_channels(node("Conv"), (16, 3, 3, 3)) == (1, 3)
+    assert kind_for(node("Conv")).float_input_channels(node("Conv", group=4), (16, 2, 3, 3)) == (1, 8)
+    assert kind_for(node("ConvTranspose")).float_input_channels(node("ConvTranspose", group=2), (6, 4, 3, 3)) == (1, 6)
+    for trans_a, trans_b, expected in ((0, 0, (1, 5)), (0, 1, (1, 7)), (1, 0, (0, 5)), (1, 1, (0, 7))):
+        gemm = node("Gemm", transA=trans_a, transB=trans_b)
+        assert kind_for(gemm).float_input_channels(gemm, (5, 7)) == expected
+    assert kind_for(node("MatMul")).float_input_channels(node("MatMul"), (5, 7)) is None  # ORT leaves it float
+
+
+def test_a_float_layer_behind_a_max_pool_is_shielded_where_orts_propagation_would_bring_the_dequantize(tmp_path):
+    """ORT's QDQ propagation moves a DequantizeLinear past a MaxPool, so a float convolution reading
+    DequantizeLinear -> MaxPool ends up reading the DequantizeLinear and was rounded per tensor all the same."""
+    from msq_onnx.ops import FLOAT_BITS
+    from msq_onnx.pipeline import _Timer, analyse, plan_layers
+    from msq_onnx.write import quantize_to_qdq, quantize_weights
+
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name)
+
+    make = helper.make_node
+    nodes = [make("Conv", ["x", "wa", "ba"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
+             make("Relu", ["a"], ["ra"], name="relu_a"),
+             make("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="pool"),
+             make("Conv", ["p", "wb", "bb"], ["b"], pads=[1, 1, 1, 1], name="conv_b"),
+             make("Relu", ["b"], ["rb"], name="relu_b"), make("Conv", ["rb", "wc", "bc"], ["c"], name="conv_c"),
+             make("Relu", ["c"], ["rc"], name="relu_c"), make("Add", ["ra", "rc"], ["s"], name="add"),
+             make("GlobalAveragePool", ["s"], ["g"], name="gap"), make("Flatten", ["g"], ["f"], name="flat"),
+             make("Gemm", ["f", "wf"], ["y"], transB=1, name="fc")]
+    inits = [init("wa", 8, 4, 3, 3), init("ba", 8), init("wb", 8, 4, 3, 3), init("bb", 8), init("wc", 8, 8, 1, 1),
+             init("bc", 8), init("wf", 5, 8)]
+    graph = helper.make_graph(nodes, "pooled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(32, 4, 8, 8)).astype(np.float32))
+    loaded = load_model(str(tmp_path / "m.onnx"))
+    calib = open_samples(str(tmp_path / "calib.npz"), loaded.inputs, Preprocess())
+    analysis = analyse(loaded, calib, Options(bits=(8,), quiet=True), _Timer())
+    bits = {layer.name: FLOAT_BITS if layer.name == "conv_b" else 8 for layer in loaded.layers}
+    modes, containers = plan_layers(loaded, analysis, bits, "speed")
+    modes.update({layer.name: "static" for layer in loaded.layers if layer.name != "conv_b"})
+    quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
+    path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(tmp_path), modes=modes,
+                           containers=containers)
+    counts = optimized_op_counts(path)
+    assert counts.get("QLinearConv", 0) == 2 and counts.get("Conv", 0) + counts.get("FusedConv", 0) == 1
