@@ -268,15 +268,22 @@ def dequantized_weights(model: onnx.ModelProto, layers, scales: dict, ranges: di
             node.input[:] = [output if i == name else i for i in node.input]
         inserted.setdefault(users[0] if users else len(model.graph.node), []).append(dq)
         done.add(layer.name)
-    if inserted:
-        rebuilt = []
-        for index, node in enumerate(model.graph.node):
-            rebuilt.extend(inserted.get(index, []))
-            rebuilt.append(node)
-        rebuilt.extend(inserted.get(len(model.graph.node), []))
-        del model.graph.node[:]
-        model.graph.node.extend(rebuilt)
+    _insert_nodes(model, list(model.graph.node), inserted)
     return done
+
+
+def _insert_nodes(model: onnx.ModelProto, nodes: list, inserted: dict) -> None:
+    """The graph's `nodes` again, each position's new nodes (`inserted`: position -> list) before it, and those
+    at len(nodes) last: the order stays topological where each new node's readers come after its position."""
+    if not inserted:
+        return
+    rebuilt = []
+    for index, node in enumerate(nodes):
+        rebuilt.extend(inserted.get(index, []))
+        rebuilt.append(node)
+    rebuilt.extend(inserted.get(len(nodes), []))
+    del model.graph.node[:]
+    model.graph.node.extend(rebuilt)
 
 
 def bias_safe_scale(scale: np.ndarray, biases: list) -> np.ndarray | None:
@@ -386,12 +393,12 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
               and layer.weight_name in quantized.scales]
     # Conv / ConvTranspose / Gemm nodes beside static layers that ORT would round (shield_from_ort_rounding)
     static_nodes = {name for layer in static for name in layer.nodes}
-    floats = bool(static) and _rounded_by_ort(loaded, static_nodes)
-    if others or loaded.default_inputs or not static or floats:
+    shielding = bool(static) and _rounded_by_ort(loaded, static_nodes)
+    if others or loaded.default_inputs or not static or shielding:
         model = onnx.load(result) if model is None else model
         if others:
             rewrite_layers(model, others, quantized, modes, containers)
-        if floats:
+        if shielding:
             shield_from_ort_rounding(model, static_nodes)
         restore_default_inputs(model, loaded.default_inputs)
         save_model_file(model, result)
@@ -422,7 +429,7 @@ def _int32_bias_overflows(node, kind, inits: dict, dequantized, input_scale: flo
     if steps.size not in (1, values.size):
         return False  # a block-wise weight scale: ORT leaves it alone (its block_size)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return bool(np.any(~(values / np.abs(steps.reshape(-1)) < 2.0 ** 31)))
+        return bool(np.any(~(values / np.abs(steps.reshape(-1)) < BIAS_RANGE / 2)))
 
 
 # Ops ORT's QDQPropagationTransformer moves a DequantizeLinear past (so the node after them reads it directly)
@@ -449,7 +456,7 @@ def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
     readers = tensor_readers(model)
     inits = {t.name: t for t in model.graph.initializer}
     taken = taken_names(model)
-    inserted, shielded = {}, 0  # node position -> the DequantizeLinear copy its input gets
+    inserted, shielded = {}, 0  # node position -> the DequantizeLinear copies its inputs get
     for node in nodes:
         kind = kind_for(node)
         if kind is None or node.name in static_nodes or len(node.input) < 2:
@@ -464,17 +471,19 @@ def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
                 or len(source.input) < 3 or source.input[2] not in inits:
             continue
         scale, zero = (numpy_helper.to_array(inits[name]) for name in source.input[1:3])
+        if scale.size != 1:
+            continue  # per channel already: ORT leaves the node alone
         weight = inits.get(node.input[kind.weight_index])
         dequantized = producers.get(node.input[kind.weight_index])
         if weight is None and dequantized is not None and dequantized.op_type == "DequantizeLinear":
             # A weight-only layer: ORT's int32 bias (and, for int8, its fusion) only rounds the bias, unless a
             # near-dead channel's step overflows the int32.
             weight = inits.get(dequantized.input[0])
-            if scale.size != 1 or not _int32_bias_overflows(node, kind, inits, dequantized, float(scale.ravel()[0])):
+            if not _int32_bias_overflows(node, kind, inits, dequantized, float(scale.ravel()[0])):
                 continue
         channels = None if weight is None else kind.float_input_channels(node, tuple(weight.dims))
-        if scale.size != 1 or channels is None or channels[1] < 2:
-            continue  # per channel already, a kind ORT leaves as it is, or one channel (its scale reads as one)
+        if channels is None or channels[1] < 2:
+            continue  # a kind ORT leaves as it is, or one channel (its scale reads as one for the whole tensor)
         axis, size = channels
         stem = unique_name((node.name or node.output[0]) + "_input_per_channel", taken, "_msq")
         names = [unique_name(stem + suffix, taken, "_msq") for suffix in ("_scale", "_zero_point", "_output")]
@@ -488,17 +497,10 @@ def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
             del source.attribute[:]
             source.attribute.extend(kept + [helper.make_attribute("axis", axis)])
             continue
-        inserted[position[id(target)]] = helper.make_node(
-            "DequantizeLinear", [source.input[0], *names[:2]], [names[2]], name=stem, axis=axis, domain=source.domain)
+        inserted.setdefault(position[id(target)], []).append(helper.make_node(
+            "DequantizeLinear", [source.input[0], *names[:2]], [names[2]], name=stem, axis=axis, domain=source.domain))
         target.input[slot] = names[2]
-    if inserted:
-        rebuilt = []
-        for index, node in enumerate(nodes):
-            if index in inserted:
-                rebuilt.append(inserted[index])
-            rebuilt.append(node)
-        del model.graph.node[:]
-        model.graph.node.extend(rebuilt)
+    _insert_nodes(model, nodes, inserted)
     return shielded
 
 

@@ -1163,25 +1163,32 @@ def test_the_reference_runs_beside_the_write_only_where_its_session_fits_under_t
     assert chosen == [(True, True), (False, False)]  # nor is its session kept beside the write
 
 
+def _written_at_8_bits(model_path, calib_path, folder, floats=(), modes_of=None):
+    """The model written by the pipeline's own stages with every layer at 8 bits but `floats` (left in float) and
+    `modes_of` (layer name -> mode) over the planned modes: (the loaded model, the written path, the modes)."""
+    from msq_onnx.ops import FLOAT_BITS
+    from msq_onnx.pipeline import _Timer, analyse, plan_layers
+    from msq_onnx.write import quantize_to_qdq, quantize_weights
+
+    loaded = load_model(str(model_path))
+    calib = open_samples(str(calib_path), loaded.inputs, Preprocess())
+    analysis = analyse(loaded, calib, Options(bits=(8,), quiet=True), _Timer())
+    bits = {layer.name: FLOAT_BITS if layer.name in floats else 8 for layer in loaded.layers}
+    modes, containers = plan_layers(loaded, analysis, bits, "speed")
+    modes.update(modes_of or {})
+    quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
+    return loaded, quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(folder), modes=modes,
+                                   containers=containers), modes
+
+
 def test_a_layer_left_in_float_between_static_layers_runs_in_float(cnn_files, tmp_path):
     """ORT's optimizer rounds a float Conv's weight to one int8 scale for the whole tensor when the Conv reads a
     per-tensor DequantizeLinear and feeds a QuantizeLinear (WeightBiasQuantization): the depthwise layer left in
     float between two static ones ran as a per-tensor QLinearConv. Its input now has a DequantizeLinear of its
     own, per channel with the same values, and ORT runs it as the float Conv it is."""
-    from msq_onnx.ops import FLOAT_BITS
-    from msq_onnx.pipeline import _Timer, analyse, plan_layers
-    from msq_onnx.write import quantize_to_qdq, quantize_weights
-
-    loaded = load_model(cnn_files["model"])
-    calib = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
-    analysis = analyse(loaded, calib, Options(bits=(8,), quiet=True), _Timer())
+    loaded, path, modes = _written_at_8_bits(cnn_files["model"], cnn_files["calib"], tmp_path, floats=("dw",))
     depthwise = next(layer for layer in loaded.layers if layer.group > 1)
-    bits = {layer.name: FLOAT_BITS if layer is depthwise else 8 for layer in loaded.layers}
-    modes, containers = plan_layers(loaded, analysis, bits, "speed")
-    assert modes[depthwise.name] == "float" and list(modes.values()).count("static") >= 2
-    quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
-    path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(tmp_path), modes=modes,
-                           containers=containers)
+    assert depthwise.name == "dw" and modes["dw"] == "float" and list(modes.values()).count("static") >= 2
     written = onnx.load(path)
     node = next(n for n in written.graph.node if n.name in depthwise.nodes)
     weights = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
@@ -1198,9 +1205,6 @@ def test_a_weight_only_layer_between_static_layers_keeps_a_bias_ort_would_overfl
     x weight scale) and fuses the layer, which only rounds the bias, unless a near-dead channel's weight step
     overflows that int32: the channel's output was off by its whole bias (5 of a 5.3 output). Such a layer's input
     now has a per-channel DequantizeLinear of its own, and ORT runs it as written: integer weights, float bias."""
-    from msq_onnx.pipeline import _Timer, analyse, plan_layers
-    from msq_onnx.write import quantize_to_qdq, quantize_weights
-
     for near_dead in (False, True):
         model = tiny_cnn()
         inits = {t.name: t for t in model.graph.initializer}
@@ -1214,16 +1218,9 @@ def test_a_weight_only_layer_between_static_layers_keeps_a_bias_ort_would_overfl
         folder.mkdir()
         onnx.save(model, folder / "m.onnx")
         np.savez(folder / "calib.npz", **samples_for(model, 64, seed=1))
-        loaded = load_model(str(folder / "m.onnx"))
-        calib = open_samples(str(folder / "calib.npz"), loaded.inputs, Preprocess())
-        analysis = analyse(loaded, calib, Options(bits=(8,), quiet=True), _Timer())
-        bits = {layer.name: 8 for layer in loaded.layers}
-        modes, containers = plan_layers(loaded, analysis, bits, "speed")
-        depthwise = next(layer for layer in loaded.layers if layer.weight_name == "w2")
-        modes[depthwise.name] = "weight-only"
-        quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
-        path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(folder), modes=modes,
-                               containers=containers)
+        loaded, path, modes = _written_at_8_bits(folder / "m.onnx", folder / "calib.npz", folder,
+                                                 modes_of={"dw": "weight-only"})
+        assert next(layer for layer in loaded.layers if layer.weight_name == "w2").name == "dw"
         counts = optimized_op_counts(path)
         # without the overflow ORT's fusion stays (the faster kernel, on an input quantized either way)
         assert counts.get("QLinearConv", 0) == (2 if near_dead else 3)
@@ -1254,10 +1251,6 @@ def test_float_input_channels_name_the_axis_ort_reads_per_channel():
 def test_a_float_layer_behind_a_max_pool_is_shielded_where_orts_propagation_would_bring_the_dequantize(tmp_path):
     """ORT's QDQ propagation moves a DequantizeLinear past a MaxPool, so a float convolution reading
     DequantizeLinear -> MaxPool ends up reading the DequantizeLinear and was rounded per tensor all the same."""
-    from msq_onnx.ops import FLOAT_BITS
-    from msq_onnx.pipeline import _Timer, analyse, plan_layers
-    from msq_onnx.write import quantize_to_qdq, quantize_weights
-
     rng = np.random.default_rng(0)
 
     def init(name, *shape):
@@ -1278,14 +1271,7 @@ def test_a_float_layer_behind_a_max_pool_is_shielded_where_orts_propagation_woul
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
     np.savez(tmp_path / "calib.npz", x=rng.normal(size=(32, 4, 8, 8)).astype(np.float32))
-    loaded = load_model(str(tmp_path / "m.onnx"))
-    calib = open_samples(str(tmp_path / "calib.npz"), loaded.inputs, Preprocess())
-    analysis = analyse(loaded, calib, Options(bits=(8,), quiet=True), _Timer())
-    bits = {layer.name: FLOAT_BITS if layer.name == "conv_b" else 8 for layer in loaded.layers}
-    modes, containers = plan_layers(loaded, analysis, bits, "speed")
-    modes.update({layer.name: "static" for layer in loaded.layers if layer.name != "conv_b"})
-    quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
-    path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(tmp_path), modes=modes,
-                           containers=containers)
+    _, path, _ = _written_at_8_bits(tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path, floats=("conv_b",),
+                                    modes_of=dict.fromkeys(("conv_a", "conv_c", "fc"), "static"))
     counts = optimized_op_counts(path)
     assert counts.get("QLinearConv", 0) == 2 and counts.get("Conv", 0) + counts.get("FusedConv", 0) == 1
