@@ -397,12 +397,42 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
     if others or loaded.default_inputs or not static or shielding:
         model = onnx.load(result) if model is None else model
         if others:
+            for name in int2_behind_quantized_inputs(model, others, containers):
+                containers[name] = INT4  # the caller's plan, which the report reads, says what is written
             rewrite_layers(model, others, quantized, modes, containers)
         if shielding:
             shield_from_ort_rounding(model, static_nodes)
         restore_default_inputs(model, loaded.default_inputs)
         save_model_file(model, result)
     return result
+
+
+# Ops ORT's QDQPropagationTransformer moves a DequantizeLinear past, so that the node after them reads it directly
+_DQ_PROPAGATING = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "MaxPool", "Resize"}
+
+
+def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, containers: dict) -> list[str]:
+    """The int2 MatMul layers whose input comes from a DequantizeLinear (a static neighbour quantized it), directly
+    or past ops ORT propagates it through. ONNX Runtime 1.31 fuses such a pair into a MatMulIntegerToFloat, which
+    takes no int2 weight, and then refuses the whole model ("Type 'tensor(int2)' ... of operator
+    (MatMulIntegerToFloat) is invalid": a review's MLP at --prefer size). Their 2-bit levels go in int4, as
+    ops._Dense puts them where MatMulNBits would compute them wrong."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    by_name = {node.name: node for node in model.graph.node}
+    found = []
+    for layer in layers:
+        if containers.get(layer.name) != INT2:
+            continue
+        for node in (by_name.get(name) for name in layer.nodes):
+            if node is None or node.op_type != "MatMul":
+                continue
+            source = producers.get(node.input[0])
+            while source is not None and source.op_type in _DQ_PROPAGATING:
+                source = producers.get(source.input[0])
+            if source is not None and source.op_type == "DequantizeLinear":
+                found.append(layer.name)
+                break
+    return found
 
 
 def _rounded_by_ort(loaded: LoadedModel, static_nodes: set) -> bool:
