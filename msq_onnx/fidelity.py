@@ -29,7 +29,6 @@ NEIGHBOUR_SAMPLES = 4000
 # Without a gate, a task output this far from FP32 is called collapsed on stderr and in the report.
 COLLAPSE_COSINE = 0.9
 COLLAPSE_DROP = 10.0
-UINT8_STEPS = 255  # steps of an 8-bit activation grid over a tensor's range
 
 
 @dataclass
@@ -51,7 +50,6 @@ class _OutputSums:
     picked_quant: list = field(default_factory=list)  # real tokens (a QA head's answer start)
     scalar: bool | None = None  # one value a sample in every batch (a regression, a sigmoid head)
     moments: np.ndarray = field(default_factory=lambda: np.zeros(5))  # of one-value outputs: sums of x, y, xx, yy, xy
-    extent: tuple = (0.0, 0.0)  # of one-value outputs: FP32's range over the samples, zero included
     channels: tuple | None = None  # [N, A, B] with a short axis: (axis, sums of xx, yy, xy and the peak |x| per channel)
 
     def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None) -> None:
@@ -96,8 +94,6 @@ class _OutputSums:
         if one:
             x, y = ref[:, 0], out[:, 0]
             self.moments += [x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()]
-            if len(x):
-                self.extent = (min(self.extent[0], float(x.min())), max(self.extent[1], float(x.max())))
         if keep and not self.unkept:
             if ref.shape[1] > KEEP_LIMIT or (self.kept_fp32 and self.kept_fp32[0].shape[1] != ref.shape[1]):
                 self.unkept, self.kept_fp32, self.kept_quant = True, [], []
@@ -140,21 +136,21 @@ class _OutputSums:
         worst = int(np.argmin(cosines))
         return axis, int(live[worst]), float(cosines[worst])
 
+    def spread(self) -> float:
+        """FP32's standard deviation over the samples, of a one-value output."""
+        x, _, xx, _, _ = self.moments
+        return float(np.sqrt(max(xx - x * x / self.samples, 0.0) / self.samples)) if self.samples else 0.0
+
     def across_samples(self) -> tuple[float, float | None] | None:
         """(cosine, SQNR dB) of a one-value output over the held-out samples, both centred on FP32's mean: a
         sample's own cosine is the sign of its value (1.0 for a regression that lost everything but its offset,
         a hunting subagent's: correlation 0.78 reported as cosine 1.0), and an offset would fill the signal.
         None where FP32's values barely vary (a constant output: no correlation to speak of; the uncentred
-        measures stand), and where their spread is under one step of a uint8 grid over their range (zero
-        included, as ORT's calibration takes it): no 8-bit tensor of that output holds such variation, and judging
-        it called an 8-bit detector's objectness collapsed (0.504 +- 0.0005 over the samples, off by 0.0007:
-        correlation 0.76, cosine 0.99999; bench/architectures.py's multiout)."""
+        measures stand)."""
         x, y, xx, yy, xy = self.moments
         n = max(self.samples, 1)
         var_x, var_y = xx - x * x / n, yy - y * y / n
         if var_x <= 1e-8 * max(xx, 1e-30):  # a spread of 1e-4 of its size
-            return None
-        if np.sqrt(var_x / n) < (self.extent[1] - self.extent[0]) / UINT8_STEPS:
             return None
         cosine = float((xy - x * y / n) / np.sqrt(var_x * var_y)) if var_y > 0 else 0.0
         return cosine, (10 * np.log10(var_x / self.noise) if self.noise > 0 else None)
@@ -358,6 +354,8 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     if not sums[task_output].samples:
         raise BadOption(f"output '{task_output}' holds no numbers to compare with FP32; choose a numeric output "
                         "with --output.")
+    scalars = [name for name, acc in sums.items() if acc.scalar and not acc.integer]
+    grid_steps = output_grid_steps(quant_path, scalars) if scalars else {}
     outputs = {}
     for name, acc in sums.items():
         if not acc.samples:
@@ -371,9 +369,9 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             outputs[name].update(cosine=round(cosine, 6), min_cosine=round(cosine, 6),
                                  sqnr_db=None if sqnr is None else round(float(sqnr), 3),
                                  cosine_over="held-out samples, centred (one value a sample: their correlation)")
-        elif acc.scalar and not acc.integer:
-            outputs[name]["cosine_over"] = ("each sample (one value a sample: FP32's spread over the samples is too "
-                                            "small to correlate, under one uint8 step of its range)")
+            step = grid_steps.get(name)
+            if step is not None and acc.spread() < step:
+                outputs[name]["finer_than_its_grid"] = {"fp32_spread": round(acc.spread(), 6), "step": round(step, 6)}
         if acc.integer:
             outputs[name]["integer"] = True  # ids or labels: their cosine says little
         if acc.masked:
@@ -443,6 +441,30 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     return result
 
 
+_SHAPE_ONLY = {"Squeeze", "Unsqueeze", "Reshape", "Flatten", "Identity"}
+
+
+def output_grid_steps(path: str, names: list) -> dict:
+    """name -> the step of the per-tensor DequantizeLinear a graph output is written from, directly or
+    through ops that only reshape it, for the outputs written so."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(path, load_external_data=False).graph
+    constants = {t.name: t for t in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    steps = {}
+    for name in names:
+        node = producers.get(name)
+        while node is not None and node.op_type in _SHAPE_ONLY:
+            node = producers.get(node.input[0])
+        if node is not None and node.op_type == "DequantizeLinear" and node.input[1] in constants:
+            scale = numpy_helper.to_array(constants[node.input[1]])
+            if scale.size == 1:
+                steps[name] = abs(float(scale.reshape(())))
+    return steps
+
+
 def collapse_warning(measured: dict, task: bool = True) -> str | None:
     """One line when the task output (unless a gate judges it: task=False) or any other float output is far from
     FP32.
@@ -455,7 +477,8 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
     if task:  # task=False: a gate judges the task output; the other outputs are still this check's
         # one binary score a sample: its correlation with FP32 too (decisions at 0.5 hide a drifting score)
         if (not decisions or measured.get("decision")) and measured["cosine"] < COLLAPSE_COSINE:
-            problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}")
+            task_output = measured.get("outputs", {}).get(measured["task_output"], {})
+            problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}{_grid_text(task_output)}")
         weakest = measured.get("outputs", {}).get(measured["task_output"], {}).get("weakest_channel")
         if not decisions and weakest and weakest["cosine"] < COLLAPSE_COSINE <= measured["cosine"]:
             problems.append(_channel_text(weakest))
@@ -465,7 +488,7 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
             where = f" over {measured['agreement_unit']}" if measured.get("agreement_unit") else ""
             problems.append(f"top-1 agreement with FP32 {measured['agreement']:.1f}%{where}")
     # Every float output counts, not only the task's: a detector's boxes can break while its scores hold.
-    others = [f"'{name}' (cosine to FP32 {out['cosine']:.3f} < {COLLAPSE_COSINE})"
+    others = [f"'{name}' (cosine to FP32 {out['cosine']:.3f} < {COLLAPSE_COSINE}{_grid_text(out)})"
               for name, out in measured.get("outputs", {}).items()
               if name != measured["task_output"] and not out.get("integer") and out["cosine"] < COLLAPSE_COSINE]
     others += [f"'{name}' ({_channel_text(out['weakest_channel'])})" for name, out in measured.get("outputs", {}).items()
@@ -478,6 +501,14 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
         parts.append(f"output{'s' if len(others) > 1 else ''} {', '.join(others)} collapsed")
     return (f"{'; '.join(parts)} on {measured['samples']} held-out samples: do not deploy this model; raise "
             "--avg-bits or try --activations dynamic.")
+
+
+def _grid_text(output: dict) -> str:
+    """Why a one-value output's correlation fell, where the written model's own output grid is the cause."""
+    finer = output.get("finer_than_its_grid")
+    return "" if not finer else (
+        f"; FP32 varies by {finer['fp32_spread']:.3g} over the samples, under one {finer['step']:.3g} step of the "
+        "grid the written model puts it on, which cannot keep that variation")
 
 
 def _channel_text(weakest: dict) -> str:
