@@ -861,14 +861,20 @@ def _damage(loaded, calib, analysis: Analysis, options: Options, caps: dict) -> 
         damage = allocate_stage.expected_damage(analysis.importance, analysis.choices, options.importance_exponent,
                                                 activation, residual_weights(analysis, options))
     # A layer whose activations only float keeps faithful (the end-to-end check) has float as its one width.
-    # With --prefer speed and no latency bound, a layer the modes put on a fused integer kernel (static, dynamic)
-    # keeps an integer width: float's zero error there took it off that kernel for nothing a user sees
-    # (EfficientNet-Lite0 at 4 bits: two 8-bit-error-5e-5 layers on its largest maps, cosine 0.9622 against 0.9618,
-    # batch-1 latency 3.46 against 3.20 ms on an AVX512-VNNI machine, where ORT's own int8 model takes 3.17).
-    on_kernels = options.prefer == "speed" and options.max_latency is None
+    # With --prefer speed and neither a latency nor a size bound, a layer the modes put on a fused integer kernel
+    # (static, dynamic) keeps an integer width: float's zero error there took it off that kernel for nothing a user
+    # sees (EfficientNet-Lite0 at 4 bits: two 8-bit-error-5e-5 layers on its largest maps, cosine 0.9622 against
+    # 0.9618, batch-1 latency 3.46 against 3.20 ms on an AVX512-VNNI machine, where ORT's own int8 model takes 3.17).
+    # Under --max-size float stays (a one-input layer's float weight is smaller than its int8 one and its scales: a
+    # review's), and so it does for a layer a uint16 input (--act16) puts on a float kernel anyway.
+    kept_on_kernels = set()
+    if options.prefer == "speed" and options.max_latency is None and options.max_size is None:
+        on_float_kernels = uint16_readers(loaded, analysis.modes, analysis.wide_inputs)
+        kept_on_kernels = {name for name, choice in analysis.modes.items()
+                           if choice.mode in (STATIC, DYNAMIC) and name not in on_float_kernels}
     return {name: {FLOAT_BITS: 0.0} if analysis.modes[name].mode == FLOAT else
             {**{b: d for b, d in table.items() if b <= caps.get(name, b)},
-             **({} if on_kernels and analysis.modes[name].mode in (STATIC, DYNAMIC) else {FLOAT_BITS: 0.0})}
+             **({} if name in kept_on_kernels else {FLOAT_BITS: 0.0})}
             for name, table in damage.items()}
 
 

@@ -1,5 +1,6 @@
 """Stages 2, 7 and 8 on tiny models: the instrumented pass, the written QDQ model, its verification."""
 
+import os
 import time
 
 import numpy as np
@@ -1296,6 +1297,10 @@ def test_prefer_speed_keeps_layers_on_their_integer_kernels_where_float_would_on
                                                for layer in speed.values())
     assert reports["speed"]["left_in_float"] == [] and reports["speed"]["fused_integer_kernels"] == 4
     assert [entry["node"] for entry in reports["size"]["left_in_float"]] == ["fc"]
+    # A layer a uint16 input puts on a float kernel anyway (--act16) keeps float among its widths (a review's)
+    wide = convert(str(tmp_path / "cnn.onnx"), str(tmp_path / "wide.onnx"), str(tmp_path / "calib.npz"),
+                   Options(quiet=True, bits=(2, 4), avg_bits=3.99, activations="static", act16=2)).report
+    assert [entry["node"] for entry in wide["left_in_float"]] == ["dw"]
 
 
 def test_a_2_bit_matmul_reading_a_static_neighbours_output_is_written_in_int4(tmp_path):
@@ -1332,3 +1337,30 @@ def test_a_2_bit_matmul_reading_a_static_neighbours_output_is_written_in_int4(tm
     reference = ort.InferenceSession(str(tmp_path / "mlp.onnx")).run(None, {"x": x})[0]
     written_output = ort.InferenceSession(out).run(None, {"x": x})[0]
     assert np.corrcoef(written_output.ravel(), reference.ravel())[0, 1] > 0.8 and report["evaluation"]["cosine"] > 0.8
+
+
+def test_a_size_bound_still_offers_float_where_it_is_the_smallest_container(tmp_path):
+    """A time-embedding MLP whose first layer reads one feature: its float weight (4 bytes a weight) is smaller
+    than int8 (a byte a weight and a 4-byte scale per output channel). With float kept off static layers, --max-size
+    0.35 said it could not be met (a review's); under a size bound float stays a width."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(1, 512)).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.normal(size=(512, 16)) * 0.05).astype(np.float32), "w2"),
+             numpy_helper.from_array((rng.normal(size=(16, 10)) * 0.3).astype(np.float32), "w3")]
+    nodes = [helper.make_node("MatMul", ["t", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["b"]), helper.make_node("Relu", ["b"], ["s"]),
+             helper.make_node("MatMul", ["s", "w3"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 1])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    t = rng.uniform(0, 1, size=(300, 1)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", t=t[:200])
+    np.savez(tmp_path / "eval.npz", t=t[200:])
+    out = tmp_path / "q.onnx"
+    report = convert(str(tmp_path / "m.onnx"), str(out), str(tmp_path / "calib.npz"),
+                     Options(quiet=True, eval_path=str(tmp_path / "eval.npz"), activations="static",
+                             max_size=0.35)).report
+    assert os.path.getsize(out) <= 0.35 * os.path.getsize(tmp_path / "m.onnx")
+    assert [entry["node"] for entry in report["left_in_float"]] == ["MatMul_0"]
