@@ -30,7 +30,7 @@ from .importance import upstream_layers
 from .instrument import blas_limit, one_blas_thread, run_pass, usable_cores
 from .latency import mode_costs
 from .load import is_large, load_model
-from .ops import DYNAMIC, FLOAT, FLOAT_BITS, MODES, PREFER, STATIC, WEIGHT_ONLY
+from .ops import DYNAMIC, FLOAT, FLOAT_BITS, FLOAT_CONTAINER, MODES, PREFER, STATIC, WEIGHT_ONLY
 from .report import GzipSize, gzip_size
 from .verify import (INTEGER_ACTIVATION_OPS, SATURATION_FREE_BITS, fused_integer_kernels, integer_kernels_saturate,
                      smoke_check)
@@ -865,17 +865,27 @@ def _damage(loaded, calib, analysis: Analysis, options: Options, caps: dict) -> 
     # (static, dynamic) keeps an integer width: float's zero error there took it off that kernel for nothing a user
     # sees (EfficientNet-Lite0 at 4 bits: two 8-bit-error-5e-5 layers on its largest maps, cosine 0.9622 against
     # 0.9618, batch-1 latency 3.46 against 3.20 ms on an AVX512-VNNI machine, where ORT's own int8 model takes 3.17).
-    # Under --max-size float stays (a one-input layer's float weight is smaller than its int8 one and its scales: a
-    # review's), and so it does for a layer a uint16 input (--act16) puts on a float kernel anyway.
+    # Under --max-size float stays where it is the smallest container (a one-input layer's float weight is smaller
+    # than its int8 one and its scales: a review's), and so it does for a layer a uint16 input (--act16) puts on a
+    # float kernel anyway.
     kept_on_kernels = set()
-    if options.prefer == "speed" and options.max_latency is None and options.max_size is None:
+    if options.prefer == "speed" and options.max_latency is None:
         on_float_kernels = uint16_readers(loaded, analysis.modes, analysis.wide_inputs)
-        kept_on_kernels = {name for name, choice in analysis.modes.items()
-                           if choice.mode in (STATIC, DYNAMIC) and name not in on_float_kernels}
+        kept_on_kernels = {layer.name for layer in loaded.layers if analysis.modes[layer.name].mode in (STATIC, DYNAMIC)
+                           and layer.name not in on_float_kernels
+                           and not (options.max_size is not None and _float_is_smallest(layer, analysis, options))}
     return {name: {FLOAT_BITS: 0.0} if analysis.modes[name].mode == FLOAT else
             {**{b: d for b, d in table.items() if b <= caps.get(name, b)},
              **({} if name in kept_on_kernels else {FLOAT_BITS: 0.0})}
             for name, table in damage.items()}
+
+
+def _float_is_smallest(layer, analysis: Analysis, options: Options) -> bool:
+    """Whether the layer's float weight takes no more bytes than its narrowest integer container."""
+    mode = analysis.modes[layer.name].mode
+    narrowest = min(layer.kind.container_bytes(layer, layer.kind.container(layer, bits, mode, options.prefer))
+                    for bits in options.bits)
+    return layer.kind.container_bytes(layer, FLOAT_CONTAINER) <= narrowest
 
 
 def residual_weights(analysis: Analysis, options: Options) -> dict:

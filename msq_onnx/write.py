@@ -407,16 +407,19 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
     return result
 
 
-# Ops ORT's QDQPropagationTransformer moves a DequantizeLinear past, so that the node after them reads it directly
-_DQ_PROPAGATING = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "MaxPool", "Resize"}
+# Ops ORT's QDQPropagationTransformer moves a DequantizeLinear past, or removes before fusing, so that the node
+# after them reads it directly
+_DQ_PROPAGATING = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "MaxPool", "Resize", "Identity",
+                   "Dropout"}
 
 
 def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, containers: dict) -> list[str]:
-    """The int2 MatMul layers whose input comes from a DequantizeLinear (a static neighbour quantized it), directly
-    or past ops ORT propagates it through. ONNX Runtime 1.31 fuses such a pair into a MatMulIntegerToFloat, which
-    takes no int2 weight, and then refuses the whole model ("Type 'tensor(int2)' ... of operator
-    (MatMulIntegerToFloat) is invalid": a review's MLP at --prefer size). Their 2-bit levels go in int4, as
-    ops._Dense puts them where MatMulNBits would compute them wrong."""
+    """The int2 MatMul and Gemm layers (rewrite_layers writes a weight-only Gemm as a MatMul) whose input comes from
+    a DequantizeLinear (a static neighbour quantized it), directly or past ops ORT propagates it through or removes.
+    ONNX Runtime 1.31 fuses such a pair into a MatMulIntegerToFloat, which takes no int2 weight, and then refuses the
+    whole model ("Type 'tensor(int2)' ... of operator (MatMulIntegerToFloat) is invalid": a review's MLP at
+    --prefer size; a bias-less Gemm, and an Identity or Dropout in between, the same). Their 2-bit levels go in int4,
+    as ops._Dense puts them where MatMulNBits would compute them wrong."""
     producers = {output: node for node in model.graph.node for output in node.output}
     by_name = {node.name: node for node in model.graph.node}
     found = []
@@ -424,7 +427,7 @@ def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, container
         if containers.get(layer.name) != INT2:
             continue
         for node in (by_name.get(name) for name in layer.nodes):
-            if node is None or node.op_type != "MatMul":
+            if node is None or node.op_type not in ("MatMul", "Gemm"):
                 continue
             source = producers.get(node.input[0])
             while source is not None and source.op_type in _DQ_PROPAGATING:

@@ -340,7 +340,8 @@ def test_a_one_value_output_that_varies_under_a_step_of_its_written_grid_is_warn
     finer = measured["finer_than_its_grid"]
     assert finer["fp32_spread"] == pytest.approx(fp32.std(), rel=1e-3) and finer["fp32_spread"] < finer["step"]
     warning = next(w for w in report["warnings"] if "collapsed" in w)
-    assert f"under one {finer['step']:.3g} step" in warning
+    assert f"under one {finer['step']:.3g} step" in warning and "raise --avg-bits" not in warning
+    assert "--activations dynamic" in warning  # which moves that grid (a review's: cosine 0.725 -> 0.967)
 
 
 def test_act16_spares_every_layer_a_uint16_tensor_takes_off_its_integer_kernel(tmp_path):
