@@ -279,16 +279,18 @@ def check_reachable(budgets, widths, allowed: dict | None = None) -> None:
                             f"{' or add narrower --bits' if narrower else ''}.")
 
 
-def allocate(method: str, importance: dict, damage: dict | None, candidate_bits, budgets) -> dict:
+def allocate(method: str, importance: dict, damage: dict | None, candidate_bits, budgets,
+             beyond_widest: bool = False) -> dict:
     """Widths per layer; candidate_bits may hold FLOAT_BITS (float), which only the knapsack weighs. A layer
-    whose damage table holds only FLOAT_BITS (float activations only) stays float."""
+    whose damage table holds only FLOAT_BITS (float activations only) stays float. A budget every layer's widest
+    width fits gets them, unless beyond_widest: then the knapsack spends it on float (an accuracy gate's fallback)."""
     integer_widths = [b for b in candidate_bits if b != FLOAT_BITS]
     allowed = {name: set(damage[name]) if damage is not None else set(candidate_bits) for name in importance}
     floats = {name for name, widths in allowed.items() if widths == {FLOAT_BITS}}
     # A layer's own widest width: a capped one (pipeline.saturation_caps) has lost the wider ones.
     widest = {name: FLOAT_BITS if name in floats else max(b for b in allowed[name] if b != FLOAT_BITS)
               for name in importance}
-    if not budgets or (fits(widest, budgets) and method not in GREEDY):
+    if not budgets or (fits(widest, budgets) and method not in GREEDY and not beyond_widest):
         return widest
     if method in ("ilp", "sensitivity", "msq-task"):  # the same knapsack; only the damage was measured differently
         check_reachable(budgets, candidate_bits, allowed)

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-drop", type=float, metavar="POINTS",
                         help="accuracy gate: exit 3 if the task output's held-out top-1 drop exceeds POINTS (without "
                              "labels: disagreement with FP32 in points). Without --avg-bits or --max-size it also "
-                             "searches for the smallest budget that passes the gates")
+                             "searches for the smallest budget that passes the gates, past the widest widths by "
+                             "leaving the most damaged layers in float")
     budget.add_argument("--min-cosine", type=float, metavar="C",
                         help="accuracy gate: exit 3 if the task output's mean cosine to FP32 on held-out samples "
                              "is below C (0 < C <= 1); searches like --max-drop")

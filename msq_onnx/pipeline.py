@@ -564,9 +564,10 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             with timer.stage("latency"):
                 budgets.append(latency_budget(loaded, analysis, options, widths, evaluation))
 
-        def build(budgets: list) -> Candidate:
+        def build(budgets: list, beyond_widest: bool = False) -> Candidate:
             with timer.stage("allocate"):
-                bits = allocate_stage.allocate(options.allocator, analysis.importance, damage, widths, budgets)
+                bits = allocate_stage.allocate(options.allocator, analysis.importance, damage, widths, budgets,
+                                               beyond_widest)
                 modes, containers = plan_layers(loaded, analysis, bits, options.prefer)
             with timer.stage("write"):
                 folder = tempfile.mkdtemp(dir=work_dir)
@@ -582,8 +583,10 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         if (options.max_drop is not None or options.min_cosine is not None) and options.avg_bits is None \
                 and options.max_size is None:
             chosen, search = search_budget(
-                lambda avg: build(budgets + [allocate_stage.bits_budget(params, widths, avg, fixed)]), options,
-                search_reach(damage, params, fixed))
+                lambda avg, beyond=False: build(budgets + [allocate_stage.bits_budget(params, widths, avg, fixed)],
+                                                beyond), options,
+                search_reach(damage, params, fixed) if options.allocator not in allocate_stage.GREEDY else
+                search_reach(damage, params, fixed)[:2])
         else:
             chosen = build(budgets)
             chosen = _meet_size(chosen, budgets, build, options.prefer)
@@ -867,9 +870,10 @@ def _damage(loaded, calib, analysis: Analysis, options: Options, caps: dict) -> 
     # 0.9618, batch-1 latency 3.46 against 3.20 ms on an AVX512-VNNI machine, where ORT's own int8 model takes 3.17).
     # Under --max-size float stays where it is the smallest container (a one-input layer's float weight is smaller
     # than its int8 one and its scales: a review's), and so it does for a layer a uint16 input (--act16) puts on a
-    # float kernel anyway.
+    # float kernel anyway, and under an accuracy gate (search_budget's float fallback).
     kept_on_kernels = set()
-    if options.prefer == "speed" and options.max_latency is None:
+    gated = options.max_drop is not None or options.min_cosine is not None  # accuracy first: float may be its price
+    if options.prefer == "speed" and options.max_latency is None and not gated:
         on_float_kernels = uint16_readers(loaded, analysis.modes, analysis.wide_inputs)
         kept_on_kernels = {layer.name for layer in loaded.layers if analysis.modes[layer.name].mode in (STATIC, DYNAMIC)
                            and layer.name not in on_float_kernels
@@ -931,13 +935,15 @@ def saturation_caps(loaded, modes: dict, options: Options, wide_inputs=frozenset
 SEARCH_STEP = 0.25
 
 
-def search_reach(damage: dict, params: dict, fixed) -> tuple[float, float]:
-    """The averages of every layer at its narrowest and at its widest allowed width (a float-only layer stays at 32
-    bits, a capped one stops at 7), the fixed weights included: the ends of search_budget's grid are then
-    allocations the knapsack can reach."""
+def search_reach(damage: dict, params: dict, fixed) -> tuple[float, float, float]:
+    """The averages of every layer at its narrowest and at its widest allowed integer width (a float-only layer
+    stays at 32 bits, a capped one stops at 7), and with every layer that may be float in float, the fixed weights
+    included: the ends of search_budget's grids are then allocations the knapsack can reach."""
     allowed = {name: [b for b in damage[name] if b != FLOAT_BITS] or [FLOAT_BITS] for name in params}
-    return tuple(allocate_stage.average_bits({name: width(allowed[name]) for name in params}, params, fixed)
-                 for width in (min, max))
+    narrowest, widest = (allocate_stage.average_bits({name: width(allowed[name]) for name in params}, params, fixed)
+                         for width in (min, max))
+    floated = allocate_stage.average_bits({name: max(damage[name]) for name in params}, params, fixed)
+    return narrowest, widest, floated
 
 
 def search_budget(build, options: Options, reach=None) -> tuple[Candidate, list]:
@@ -949,20 +955,29 @@ def search_budget(build, options: Options, reach=None) -> tuple[Candidate, list]
     budget, so accuracy falls with the budget and about log2(grid) models are
     evaluated (5 for widths 2..8), not one per layer.
     """
-    low_end, high_end = reach or (min(options.bits), max(options.bits))
+    low_end, high_end, float_end = (tuple(reach) + (0.0,))[:3] if reach else (min(options.bits), max(options.bits), 0.0)
     grid = list(np.arange(math.ceil(low_end / SEARCH_STEP - 1e-9) * SEARCH_STEP,
                           max(high_end, min(options.bits)) + SEARCH_STEP - 1e-9, SEARCH_STEP))
+    # Past every layer's widest width, the budget buys float, most damaged layers first (the knapsack's order): as
+    # Intel Neural Compressor falls back to FP32 op by op, a gate the widest widths miss (the digits CNN at
+    # --max-drop 0.5: 0.60 points at 8 bits) is met with the fewest float weights the grid finds.
+    fallback = list(np.arange(grid[-1] + SEARCH_STEP, float_end + SEARCH_STEP - 1e-9, SEARCH_STEP))
     log = []
 
     def probe(index: int) -> Candidate:
-        candidate = build(float(grid[index]))
+        candidate = build(float(grid[index]), grid is fallback)
         log.append({"budget": float(grid[index]), "avg_bits": round(candidate.avg_bits, 4),
                     "bytes": candidate.file_bytes,
                     "drop": _rounded(candidate.measured.get("drop")), "cosine": candidate.measured["cosine"]})
         return candidate
 
     best = probe(len(grid) - 1)
-    if not gate_passed(best.measured, options):
+    if not gate_passed(best.measured, options) and fallback:
+        widest, grid = best, fallback
+        best = probe(len(grid) - 1)
+        if not gate_passed(best.measured, options):
+            return widest, log  # even float everywhere it may be fails: the gate reports the widest widths
+    elif not gate_passed(best.measured, options):
         return best, log  # even the widest fails: the gate reports it
     low, high = 0, len(grid) - 1
     while low < high:

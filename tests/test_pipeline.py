@@ -874,8 +874,9 @@ def test_the_budget_search_spans_what_each_layer_can_take_and_act16_spares_stati
     damage = {"a": {FLOAT_BITS: 0.0}, "b": {2: 0.3, 4: 0.1, 7: 0.01, FLOAT_BITS: 0.0},
               "c": {2: 0.3, 4: 0.1, 8: 0.0, FLOAT_BITS: 0.0}}
     params = {"a": 10, "b": 40, "c": 50}
-    assert search_reach(damage, params, 0) == pytest.approx(((320 + 80 + 100) / 100, (320 + 280 + 400) / 100))
-    assert search_reach(damage, params, {8: 100}) == pytest.approx(((500 + 800) / 200, (1000 + 800) / 200))
+    assert search_reach(damage, params, 0) == pytest.approx(((320 + 80 + 100) / 100, (320 + 280 + 400) / 100, 32))
+    assert search_reach(damage, params, {8: 100}) == pytest.approx(((500 + 800) / 200, (1000 + 800) / 200,
+                                                                    (3200 + 800) / 200))
 
     rng = np.random.default_rng(0)
     graph = helper.make_graph(
