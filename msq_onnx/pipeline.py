@@ -552,7 +552,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                        allocate_stage.reachable_widths(budgets, options.bits))
     activation_errors, wide_inputs, caps = analysis.activation_errors, analysis.wide_inputs, analysis.caps
     with timer.stage("allocate"):
-        damage = _damage(loaded, calib, analysis, options, caps)
+        every_width = _damage(loaded, calib, analysis, options, caps)
+        damage = without_float_on_kernels(every_width, loaded, analysis, options)
     with workspace as work_dir, ExitStack() as stack:
         with timer.stage("verify"):  # the FP32 outputs every candidate is compared with
             fits = _fits_beside_the_write(loaded)
@@ -564,10 +565,14 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             with timer.stage("latency"):
                 budgets.append(latency_budget(loaded, analysis, options, widths, evaluation))
 
+        built = {}  # allocation -> its candidate: the gate's search meets one allocation at several budgets
+
         def build(budgets: list, beyond_widest: bool = False) -> Candidate:
             with timer.stage("allocate"):
-                bits = allocate_stage.allocate(options.allocator, analysis.importance, damage, widths, budgets,
-                                               beyond_widest)
+                bits = allocate_stage.allocate(options.allocator, analysis.importance,
+                                               every_width if beyond_widest else damage, widths, budgets, beyond_widest)
+                if tuple(bits.items()) in built:
+                    return built[tuple(bits.items())]
                 modes, containers = plan_layers(loaded, analysis, bits, options.prefer)
             with timer.stage("write"):
                 folder = tempfile.mkdtemp(dir=work_dir)
@@ -576,8 +581,9 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                 path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, folder, wide_inputs, modes,
                                        containers)
             with timer.stage("verify"):
-                return Candidate(bits, allocate_stage.average_bits(bits, params, fixed), path,
-                                 held_out.measure(path), modes, containers, written_bytes(path))
+                built[tuple(bits.items())] = Candidate(bits, allocate_stage.average_bits(bits, params, fixed), path,
+                                                       held_out.measure(path), modes, containers, written_bytes(path))
+                return built[tuple(bits.items())]
 
         search = None
         if (options.max_drop is not None or options.min_cosine is not None) and options.avg_bits is None \
@@ -585,8 +591,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             chosen, search = search_budget(
                 lambda avg, beyond=False: build(budgets + [allocate_stage.bits_budget(params, widths, avg, fixed)],
                                                 beyond), options,
-                search_reach(damage, params, fixed) if options.allocator not in allocate_stage.GREEDY else
-                search_reach(damage, params, fixed)[:2])
+                search_reach(every_width, params, fixed)[:3 if options.allocator not in allocate_stage.GREEDY else 2])
         else:
             chosen = build(budgets)
             chosen = _meet_size(chosen, budgets, build, options.prefer)
@@ -616,7 +621,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     from .report import build_report
 
     warnings = _warnings(loaded, chosen, analysis, options, evaluation is calib, budgets, latency, op_counts,
-                         uint16_readers(loaded, analysis.modes, wide_inputs), output_path)
+                         uint16_readers(loaded, analysis.modes, wide_inputs), output_path, search)
     report = build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts,
                           fused_integer_kernels(op_counts), timer.seconds, time.perf_counter() - started,
                           activation_errors=activation_errors, residual=residual_weights(analysis, options),
@@ -780,8 +785,9 @@ def _unfused(loaded, chosen: Candidate, op_counts) -> str | None:
 
 def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, not_held_out: bool,
               budgets: list, measured_latency: dict | None = None, op_counts=None,
-              float_kernels=frozenset(), written: str | None = None) -> list[str]:
-    """What the tool cannot stand behind, said in one line each. written: the published model."""
+              float_kernels=frozenset(), written: str | None = None, search: list | None = None) -> list[str]:
+    """What the tool cannot stand behind, said in one line each. written: the published model; search: the gate's
+    budget search log."""
     warnings = [w for w in (_unfused(loaded, chosen, op_counts),) if w]
     latency = chosen_latency = None
     if options.max_latency is not None and measured_latency:
@@ -802,8 +808,15 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
         warnings.append(collapsed)
     floated = [name for name, bits in chosen.bits.items() if bits == FLOAT_BITS]
     if floated:
-        warnings.append(f"{len(floated)} layer(s) kept in float by the allocator (counted at 32 bits): "
-                        f"{', '.join(floated[:5])}{' ...' if len(floated) > 5 else ''}")
+        share = sum(layer.params for layer in loaded.layers if layer.name in floated) / max(
+            sum(layer.params for layer in loaded.layers), 1)
+        # past the widest widths, only what the gate asked for put them there; narrower --bits may be why
+        why = ("; the accuracy gate was met only so" + ("" if max(options.bits) >= 8 else
+                                                         ", and wider --bits may meet it with integers")
+               if any(probe.get("float_fallback") for probe in (search or [])) else "")
+        warnings.append(f"{len(floated)} layer(s) kept in float by the allocator (counted at 32 bits, "
+                        f"{share:.0%} of the weights): {', '.join(floated[:5])}{' ...' if len(floated) > 5 else ''}"
+                        f"{why}")
     if loaded.skipped:
         reasons = {s["node"]: s["reason"] for s in loaded.skipped}
         names = [f"{node} ({reason})" for node, reason in list(reasons.items())[:3]]
@@ -864,23 +877,27 @@ def _damage(loaded, calib, analysis: Analysis, options: Options, caps: dict) -> 
         damage = allocate_stage.expected_damage(analysis.importance, analysis.choices, options.importance_exponent,
                                                 activation, residual_weights(analysis, options))
     # A layer whose activations only float keeps faithful (the end-to-end check) has float as its one width.
-    # With --prefer speed and neither a latency nor a size bound, a layer the modes put on a fused integer kernel
-    # (static, dynamic) keeps an integer width: float's zero error there took it off that kernel for nothing a user
-    # sees (EfficientNet-Lite0 at 4 bits: two 8-bit-error-5e-5 layers on its largest maps, cosine 0.9622 against
-    # 0.9618, batch-1 latency 3.46 against 3.20 ms on an AVX512-VNNI machine, where ORT's own int8 model takes 3.17).
-    # Under --max-size float stays where it is the smallest container (a one-input layer's float weight is smaller
-    # than its int8 one and its scales: a review's), and so it does for a layer a uint16 input (--act16) puts on a
-    # float kernel anyway, and under an accuracy gate (search_budget's float fallback).
-    kept_on_kernels = set()
-    gated = options.max_drop is not None or options.min_cosine is not None  # accuracy first: float may be its price
-    if options.prefer == "speed" and options.max_latency is None and not gated:
-        on_float_kernels = uint16_readers(loaded, analysis.modes, analysis.wide_inputs)
-        kept_on_kernels = {layer.name for layer in loaded.layers if analysis.modes[layer.name].mode in (STATIC, DYNAMIC)
-                           and layer.name not in on_float_kernels
-                           and not (options.max_size is not None and _float_is_smallest(layer, analysis, options))}
     return {name: {FLOAT_BITS: 0.0} if analysis.modes[name].mode == FLOAT else
-            {**{b: d for b, d in table.items() if b <= caps.get(name, b)},
-             **({} if name in kept_on_kernels else {FLOAT_BITS: 0.0})}
+            {**{b: d for b, d in table.items() if b <= caps.get(name, b)}, FLOAT_BITS: 0.0}
+            for name, table in damage.items()}
+
+
+def without_float_on_kernels(damage: dict, loaded, analysis: Analysis, options: Options) -> dict:
+    """The damage tables the allocator reads: with --prefer speed and neither a latency nor a size bound, a layer the
+    modes put on a fused integer kernel (static, dynamic) keeps an integer width. Float's zero error there took it
+    off that kernel for nothing a user sees (EfficientNet-Lite0 at 4 bits: two 8-bit-error-5e-5 layers on its
+    largest maps, cosine 0.9622 against 0.9618, batch-1 latency 3.46 against 3.20 ms on an AVX512-VNNI machine, where
+    ORT's own int8 model takes 3.17). Under --max-size float stays where it is the smallest container (a one-input
+    layer's float weight is smaller than its int8 one and its scales: a review's), and so it does for a layer a
+    uint16 input (--act16) puts on a float kernel anyway. An accuracy gate's search reads the full tables only past
+    the widest widths (search_budget's float fallback)."""
+    if options.prefer != "speed" or options.max_latency is not None:
+        return damage
+    on_float_kernels = uint16_readers(loaded, analysis.modes, analysis.wide_inputs)
+    kept = {layer.name for layer in loaded.layers if analysis.modes[layer.name].mode in (STATIC, DYNAMIC)
+            and layer.name not in on_float_kernels
+            and not (options.max_size is not None and _float_is_smallest(layer, analysis, options))}
+    return {name: {b: d for b, d in table.items() if not (name in kept and b == FLOAT_BITS)}
             for name, table in damage.items()}
 
 
@@ -961,29 +978,34 @@ def search_budget(build, options: Options, reach=None) -> tuple[Candidate, list]
     # Past every layer's widest width, the budget buys float, most damaged layers first (the knapsack's order): as
     # Intel Neural Compressor falls back to FP32 op by op, a gate the widest widths miss (the digits CNN at
     # --max-drop 0.5: 0.60 points at 8 bits) is met with the fewest float weights the grid finds.
-    fallback = list(np.arange(grid[-1] + SEARCH_STEP, float_end + SEARCH_STEP - 1e-9, SEARCH_STEP))
+    # Below the top, where every layer that may be float is: a gate met only by the FP32 model is not met.
+    fallback = [float(b) for b in np.arange(grid[-1] + SEARCH_STEP, float_end - 1e-9, SEARCH_STEP)]
     log = []
+    beyond = False  # probing the fallback grid
 
     def probe(index: int) -> Candidate:
-        candidate = build(float(grid[index]), grid is fallback)
+        candidate = build(float(grid[index]), beyond)
         log.append({"budget": float(grid[index]), "avg_bits": round(candidate.avg_bits, 4),
-                    "bytes": candidate.file_bytes,
+                    "bytes": candidate.file_bytes, "float_fallback": beyond,
                     "drop": _rounded(candidate.measured.get("drop")), "cosine": candidate.measured["cosine"]})
         return candidate
 
+    def passes(candidate: Candidate) -> bool:
+        return gate_passed(candidate.measured, options) and any(b != FLOAT_BITS for b in candidate.bits.values())
+
     best = probe(len(grid) - 1)
-    if not gate_passed(best.measured, options) and fallback:
-        widest, grid = best, fallback
+    if not passes(best):
+        if not fallback:
+            return best, log  # even the widest fails: the gate reports it
+        widest, grid, beyond = best, fallback, True
         best = probe(len(grid) - 1)
-        if not gate_passed(best.measured, options):
-            return widest, log  # even float everywhere it may be fails: the gate reports the widest widths
-    elif not gate_passed(best.measured, options):
-        return best, log  # even the widest fails: the gate reports it
+        if not passes(best):
+            return widest, log  # even the most float short of all fails: the gate reports the widest widths
     low, high = 0, len(grid) - 1
     while low < high:
         middle = (low + high) // 2
         candidate = probe(middle)
-        if gate_passed(candidate.measured, options):
+        if passes(candidate):
             best, high = candidate, middle
         else:
             low = middle + 1

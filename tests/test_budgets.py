@@ -309,4 +309,28 @@ def test_a_gate_the_widest_widths_miss_is_met_by_leaving_the_most_damaged_layers
     assert report["gate"]["passed"] and report["evaluation"]["drop"] <= 0.5
     floated = [layer["name"] for layer in report["layers"] if layer["bits"] == 32]
     assert 0 < len(floated) < len(report["layers"]) and report["avg_weight_bits"] > 8
-    assert any("kept in float by the allocator" in warning for warning in report["warnings"])
+    assert any("the accuracy gate was met only so" in warning for warning in report["warnings"])
+    assert [probe["float_fallback"] for probe in report["search"]][:2] == [False, True]
+    # A gate only the FP32 model meets is not met by quantizing: it fails on the widest widths (a review's: it
+    # passed with every layer float, a file larger than the input)
+    with tempfile.TemporaryDirectory() as folder:
+        strict = convert(BUNDLED_MODEL, os.path.join(folder, "q.onnx"), BUNDLED_CALIB,
+                         Options(min_cosine=1.0, eval_path=BUNDLED_EVAL, quiet=True)).report
+    assert strict["gate"]["passed"] is False and all(layer["bits"] == 8 for layer in strict["layers"])
+
+
+def test_a_gate_beside_a_budget_does_not_change_the_allocation():
+    """A gate with --avg-bits runs no search, so it has no float fallback either: it had brought float back onto
+    fused layers (the digits CNN at --avg-bits 7.5: conv1 and dwconv float, 4 fused kernels instead of 6; a
+    review's). The gate only judges the model the budget gives."""
+    import tempfile
+
+    from conftest import BUNDLED_CALIB, BUNDLED_EVAL, BUNDLED_MODEL
+
+    reports = []
+    with tempfile.TemporaryDirectory() as folder:
+        for gate in (None, 100.0):
+            reports.append(convert(BUNDLED_MODEL, os.path.join(folder, "q.onnx"), BUNDLED_CALIB,
+                                   Options(avg_bits=7.5, max_drop=gate, eval_path=BUNDLED_EVAL, quiet=True)).report)
+    plain, gated = ({layer["name"]: layer["bits"] for layer in report["layers"]} for report in reports)
+    assert gated == plain and 32 not in gated.values() and reports[1]["fused_integer_kernels"] == 6
