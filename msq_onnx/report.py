@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import onnx
 
@@ -14,7 +13,7 @@ from . import __version__
 from .allocate import average_bits
 from .fidelity import DECISION_KINDS
 from .ops import STATIC
-from .write import _default_mode, written_files
+from .write import _default_mode, create_empty, hidden_file_name, written_files
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
 
@@ -265,10 +264,10 @@ def check_report_path(path: str, model_paths: tuple = ()) -> None:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".msq-", suffix=".tmp")
+    temporary = hidden_file_name(os.path.dirname(os.path.abspath(path)), ".msq-", ".tmp")
     try:
-        with os.fdopen(handle, "wb") as out:
+        create_empty(temporary)
+        with open(temporary, "wb") as out:
             out.write(data)
         os.chmod(temporary, _default_mode())
         os.replace(temporary, path)

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -329,13 +328,26 @@ def check_output_path(input_path: str, output_path: str) -> None:
             os.path.commonpath([target, source_folder]) == source_folder and target in external_data_files(input_path):
         raise BadOption(f"output path '{output_path}' holds the input model's external data; write the result "
                         "to another file.")
+    probe = hidden_file_name(folder, ".msq-probe-", "")
     try:  # os.access says yes to root and on read-only filesystems: really try
-        handle, probe = tempfile.mkstemp(dir=folder, prefix=".msq-probe-")
-        os.close(handle)
-        os.unlink(probe)
+        create_empty(probe)
     except OSError as exc:
         raise BadOption(f"output folder '{folder}' is not writable ({exc.strerror}); choose another output path.") \
             from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)
+
+
+def hidden_file_name(folder: str, prefix: str, suffix: str) -> str:
+    """A new file's name beside the output, known before the file exists: an interrupt that lands while it is
+    created still finds it to remove (one between tempfile.mkstemp's open and its return left it there: the fuzz
+    test's SIGINT)."""
+    return os.path.join(folder, f"{prefix}{os.urandom(6).hex()}{suffix}")
+
+
+def create_empty(path: str) -> None:
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
 def _default_mode() -> int:
@@ -741,9 +753,9 @@ def publish(model_path: str, output_path: str) -> bool:
     large = is_large(model)
     folder = os.path.dirname(os.path.abspath(output_path))
     data_name = os.path.basename(output_path) + ".data"  # used only when the model is large
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".msq-", suffix=".onnx.tmp")
-    os.close(handle)
+    temporary = hidden_file_name(folder, ".msq-", ".onnx.tmp")
     try:
+        create_empty(temporary)
         if large:
             # Two renames (data, then model): unlike the single-file case, a kill
             # between them can pair new data with the old model (README: limits).
