@@ -335,7 +335,7 @@ def check_output_path(input_path: str, output_path: str) -> None:
         raise BadOption(f"output folder '{folder}' is not writable ({exc.strerror}); choose another output path.") \
             from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # never made (a read-only folder), or gone
             os.unlink(probe)
 
 
