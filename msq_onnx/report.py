@@ -313,7 +313,9 @@ def markdown(report: dict) -> str:
     if report.get("search"):
         tried = ", ".join(f"{p['avg_bits']:.2f} bits: drop {p['drop']}, cosine {p['cosine']:.4f}"
                           for p in report["search"])
-        lines.append(f"- budget search ({len(report['search'])} models evaluated): {tried}")
+        # a budget whose allocation an earlier one already gave reuses that model (pipeline.convert's build)
+        evaluated = len({(probe["avg_bits"], probe["bytes"]) for probe in report["search"]})
+        lines.append(f"- budget search ({len(report['search'])} budgets, {evaluated} models evaluated): {tried}")
     gate = report.get("gate")
     if gate:
         lines.append(f"- accuracy gate (--max-drop {gate['max_drop']}, --min-cosine {gate['min_cosine']}): "
