@@ -475,12 +475,14 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
     1,000 classes lose cosine long before top-1 moves (EfficientNet-Lite0 at 3 bits: cosine 0.74, 4.1 points
     lost). Embeddings and maps by cosine."""
     problems = []
+    grid_caused = 0  # problems whose one reason is the output grid the written model puts that output on
     decisions = measured["kind"] in DECISION_KINDS
     if task:  # task=False: a gate judges the task output; the other outputs are still this check's
         # one binary score a sample: its correlation with FP32 too (decisions at 0.5 hide a drifting score)
         if (not decisions or measured.get("decision")) and measured["cosine"] < COLLAPSE_COSINE:
             task_output = measured.get("outputs", {}).get(measured["task_output"], {})
             problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}{_grid_text(task_output)}")
+            grid_caused += "finer_than_its_grid" in task_output
         weakest = measured.get("outputs", {}).get(measured["task_output"], {}).get("weakest_channel")
         if not decisions and weakest and weakest["cosine"] < COLLAPSE_COSINE <= measured["cosine"]:
             problems.append(_channel_text(weakest))
@@ -490,9 +492,10 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
             where = f" over {measured['agreement_unit']}" if measured.get("agreement_unit") else ""
             problems.append(f"top-1 agreement with FP32 {measured['agreement']:.1f}%{where}")
     # Every float output counts, not only the task's: a detector's boxes can break while its scores hold.
-    others = [f"'{name}' (cosine to FP32 {out['cosine']:.3f} < {COLLAPSE_COSINE}{_grid_text(out)})"
-              for name, out in measured.get("outputs", {}).items()
-              if name != measured["task_output"] and not out.get("integer") and out["cosine"] < COLLAPSE_COSINE]
+    low = [(name, out) for name, out in measured.get("outputs", {}).items()
+           if name != measured["task_output"] and not out.get("integer") and out["cosine"] < COLLAPSE_COSINE]
+    others = [f"'{name}' (cosine to FP32 {out['cosine']:.3f} < {COLLAPSE_COSINE}{_grid_text(out)})" for name, out in low]
+    grid_caused += sum("finer_than_its_grid" in out for _, out in low)
     others += [f"'{name}' ({_channel_text(out['weakest_channel'])})" for name, out in measured.get("outputs", {}).items()
                if name != measured["task_output"] and out["cosine"] >= COLLAPSE_COSINE
                and out.get("weakest_channel", {}).get("cosine", 1.0) < COLLAPSE_COSINE]
@@ -501,11 +504,9 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
     parts = [f"output '{measured['task_output']}' collapsed ({'; '.join(problems)})"] if problems else []
     if others:
         parts.append(f"output{'s' if len(others) > 1 else ''} {', '.join(others)} collapsed")
-    text = "; ".join(problems + others)
     # An output grid too coarse for its variation is no width's doing: only other activation modes move that grid
     advice = ("try --activations dynamic (no --avg-bits moves the grid it is written on)"
-              if text.count("cannot keep that variation") == len(problems) + len(others) else
-              "raise --avg-bits or try --activations dynamic")
+              if grid_caused == len(problems) + len(others) else "raise --avg-bits or try --activations dynamic")
     return f"{'; '.join(parts)} on {measured['samples']} held-out samples: do not deploy this model; {advice}."
 
 

@@ -571,8 +571,9 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             with timer.stage("allocate"):
                 bits = allocate_stage.allocate(options.allocator, analysis.importance,
                                                every_width if beyond_widest else damage, widths, budgets, beyond_widest)
-                if tuple(bits.items()) in built:
-                    return built[tuple(bits.items())]
+                allocation = tuple(bits.items())
+                if allocation in built:
+                    return built[allocation]
                 modes, containers = plan_layers(loaded, analysis, bits, options.prefer)
             with timer.stage("write"):
                 folder = tempfile.mkdtemp(dir=work_dir)
@@ -581,17 +582,18 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                 path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, folder, wide_inputs, modes,
                                        containers)
             with timer.stage("verify"):
-                built[tuple(bits.items())] = Candidate(bits, allocate_stage.average_bits(bits, params, fixed), path,
-                                                       held_out.measure(path), modes, containers, written_bytes(path))
-                return built[tuple(bits.items())]
+                built[allocation] = Candidate(bits, allocate_stage.average_bits(bits, params, fixed), path,
+                                              held_out.measure(path), modes, containers, written_bytes(path))
+                return built[allocation]
 
         search = None
         if (options.max_drop is not None or options.min_cosine is not None) and options.avg_bits is None \
                 and options.max_size is None:
+            narrowest, widest, floated = search_reach(every_width, params, fixed)
             chosen, search = search_budget(
                 lambda avg, beyond=False: build(budgets + [allocate_stage.bits_budget(params, widths, avg, fixed)],
                                                 beyond), options,
-                search_reach(every_width, params, fixed)[:3 if options.allocator not in allocate_stage.GREEDY else 2])
+                (narrowest, widest, widest if options.allocator in allocate_stage.GREEDY else floated))
         else:
             chosen = build(budgets)
             chosen = _meet_size(chosen, budgets, build, options.prefer)
@@ -972,7 +974,7 @@ def search_budget(build, options: Options, reach=None) -> tuple[Candidate, list]
     budget, so accuracy falls with the budget and about log2(grid) models are
     evaluated (5 for widths 2..8), not one per layer.
     """
-    low_end, high_end, float_end = (tuple(reach) + (0.0,))[:3] if reach else (min(options.bits), max(options.bits), 0.0)
+    low_end, high_end, float_end = reach or (min(options.bits), max(options.bits), max(options.bits))
     grid = list(np.arange(math.ceil(low_end / SEARCH_STEP - 1e-9) * SEARCH_STEP,
                           max(high_end, min(options.bits)) + SEARCH_STEP - 1e-9, SEARCH_STEP))
     # Past every layer's widest width, the budget buys float, most damaged layers first (the knapsack's order): as
@@ -982,12 +984,15 @@ def search_budget(build, options: Options, reach=None) -> tuple[Candidate, list]
     fallback = [float(b) for b in np.arange(grid[-1] + SEARCH_STEP, float_end - 1e-9, SEARCH_STEP)]
     log = []
     beyond = False  # probing the fallback grid
+    seen = []  # the candidates probed: build gives one allocation's candidate again, not written anew
 
     def probe(index: int) -> Candidate:
         candidate = build(float(grid[index]), beyond)
         log.append({"budget": float(grid[index]), "avg_bits": round(candidate.avg_bits, 4),
                     "bytes": candidate.file_bytes, "float_fallback": beyond,
+                    "reused": any(candidate is earlier for earlier in seen),
                     "drop": _rounded(candidate.measured.get("drop")), "cosine": candidate.measured["cosine"]})
+        seen.append(candidate)
         return candidate
 
     def passes(candidate: Candidate) -> bool:

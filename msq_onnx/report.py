@@ -313,8 +313,7 @@ def markdown(report: dict) -> str:
     if report.get("search"):
         tried = ", ".join(f"{p['avg_bits']:.2f} bits: drop {p['drop']}, cosine {p['cosine']:.4f}"
                           for p in report["search"])
-        # a budget whose allocation an earlier one already gave reuses that model (pipeline.convert's build)
-        evaluated = len({(probe["avg_bits"], probe["bytes"]) for probe in report["search"]})
+        evaluated = sum(1 for probe in report["search"] if not probe.get("reused"))
         lines.append(f"- budget search ({len(report['search'])} budgets, {evaluated} models evaluated): {tried}")
     gate = report.get("gate")
     if gate:

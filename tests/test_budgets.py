@@ -311,6 +311,9 @@ def test_a_gate_the_widest_widths_miss_is_met_by_leaving_the_most_damaged_layers
     assert 0 < len(floated) < len(report["layers"]) and report["avg_weight_bits"] > 8
     assert any("the accuracy gate was met only so" in warning for warning in report["warnings"])
     assert [probe["float_fallback"] for probe in report["search"]][:2] == [False, True]
+    for index, probe in enumerate(report["search"]):  # an allocation met again is the model already measured
+        earlier = [(p["avg_bits"], p["bytes"], p["drop"]) for p in report["search"][:index]]
+        assert probe["reused"] == ((probe["avg_bits"], probe["bytes"], probe["drop"]) in earlier)
     # A gate only the FP32 model meets is not met by quantizing: it fails on the widest widths (a review's: it
     # passed with every layer float, a file larger than the input)
     with tempfile.TemporaryDirectory() as folder:
