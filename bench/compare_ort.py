@@ -7,7 +7,12 @@
     same calibration samples, read by the same loader;
   * calibration memory as the set grows: 100 vs 1,000 samples (--scale);
   * batch-1 latency, 1 thread, interleaved: FP32, ORT's uniform int8 QDQ and
-    ours; and the fused integer kernels in each optimized graph.
+    ours (and ours with --prefer size, converted once more, untimed); and the
+    fused integer kernels in each optimized graph;
+  * session memory: what a process holds for each of those models (resident
+    growth from building a one-thread session and running it three times on a
+    real sample, and its peak), each model in a fresh process so that no
+    freed heap of another one is reused.
 
     python bench/compare_ort.py                      # EfficientNet-Lite0 and MiniLM-L6
     python bench/compare_ort.py --model efficientnet --scale
@@ -72,6 +77,44 @@ def measured_run(command: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024.0
 
 
+MEMORY_SCRIPT = """
+import json, sys
+import numpy as np, onnxruntime as ort
+def resident(field='VmRSS'):  # VmHWM: the peak of this process (ru_maxrss carries the parent's over the exec)
+    with open('/proc/self/status') as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(field + ':'))
+with np.load(sys.argv[2]) as arrays:
+    feed = {{name: arrays[name] for name in arrays.files}}
+before = resident()
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+options.log_severity_level = 3
+session = ort.InferenceSession(sys.argv[1], options, providers=['CPUExecutionProvider'])
+built = resident()
+for _ in range(3):
+    session.run(None, feed)
+peak = resident('VmHWM')
+print(json.dumps({{'built_mib': (built - before) / 2**20, 'running_mib': (resident() - before) / 2**20,
+                  'peak_mib': (peak - before) / 2**20}}))
+"""
+
+
+def session_memory_mib(paths: dict, feed: dict, work: str) -> dict:
+    """Per model, what a fresh process's resident memory grows by for a one-thread session on it: once built,
+    after three batch-1 runs (`running`), and at its peak. ORT's own defaults otherwise (memory arena on), as a
+    deployment would run it. Linux only (/proc/self/status); elsewhere {}."""
+    if not os.path.exists("/proc/self/status"):
+        return {}
+    feed_path = os.path.join(work, "memory-feed.npz")
+    np.savez(feed_path, **feed)
+    measured = {}
+    for name, path in paths.items():
+        output = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT.format(), path, feed_path], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout
+        measured[name] = {k: round(v, 1) for k, v in json.loads(output.strip().splitlines()[-1]).items()}
+    return measured
+
+
 def latency_ms(paths: dict, feed: dict, runs: int) -> dict:
     import onnxruntime as ort
 
@@ -131,7 +174,8 @@ def main(argv=None) -> int:
 
 
 def _ratios(result: dict) -> dict:
-    return {k: result[k] for k in ("wall_ratio", "memory_ratio", "latency_vs_ort_int8") if k in result}
+    return {k: result[k] for k in ("wall_ratio", "memory_ratio", "latency_vs_ort_int8", "session_memory_vs_ort_int8",
+                                   "size_session_memory_vs_ort_int8") if k in result}
 
 
 def compare(model_name: str, args) -> dict:
@@ -194,8 +238,13 @@ def compare_model(model_name: str, model: str, calib: str, pre: dict, cli_args: 
 
     sys.path.insert(0, ROOT)
     from msq_onnx.verify import fused_integer_kernels, optimized_op_counts
+    from msq_onnx.write import written_files
 
-    compared = {"fp32": model, "ort_int8": theirs, "msq": ours}
+    # --prefer size, converted once (untimed): its bytes, latency and memory beside the default's
+    ours_size = os.path.join(work, "msq-size.onnx")
+    measured_run(msq_command[:3] + [ours_size] + msq_command[4:] + ["--prefer", "size"])
+    compared = {"fp32": model, "ort_int8": theirs, "msq": ours, "msq_size": ours_size}
+    result["file_bytes"] = {name: sum(os.path.getsize(f) for f in written_files(path)) for name, path in compared.items()}
     result["fused_integer_kernels"] = {name: fused_integer_kernels(optimized_op_counts(path))
                                        for name, path in compared.items()}
     from msq_onnx.data import Preprocess, open_samples
@@ -206,6 +255,14 @@ def compare_model(model_name: str, model: str, calib: str, pre: dict, cli_args: 
     result["latency_ms_b1_1thread"] = {k: round(v, 3) for k, v in latency.items()}
     result["latency_vs_ort_int8"] = round(latency["msq"] / latency["ort_int8"], 3)
     result["latency_vs_fp32"] = round(latency["msq"] / latency["fp32"], 3)
+    memory = session_memory_mib(compared, feed, work)
+    if memory:
+        result["session_memory_mib"] = memory
+        result["session_memory_vs_ort_int8"] = round(memory["msq"]["running_mib"] / memory["ort_int8"]["running_mib"],
+                                                     3)
+        result["session_memory_vs_fp32"] = round(memory["msq"]["running_mib"] / memory["fp32"]["running_mib"], 3)
+        result["size_session_memory_vs_ort_int8"] = round(
+            memory["msq_size"]["running_mib"] / memory["ort_int8"]["running_mib"], 3)
 
     if getattr(args, "scale", False) and model_name == "efficientnet":
         everything, _ = datasets.imagenet_split(args.shared, work, calib=1000)

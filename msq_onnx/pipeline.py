@@ -761,7 +761,8 @@ def _slower_than_fp32(chosen: Candidate, measured: dict, options: Options, layer
                        and STATIC in layer.kind.modes]  # dynamic layers already run integer kernels
     if options.prefer == "size":
         why = ("--prefer size stores weights in the narrowest containers ORT runs, some slower than int8 (int4 Conv "
-               "weights run as float convolutions): --prefer speed keeps int8 on the fused integer kernels")
+               "weights run as float convolutions, on float copies made at every run that the process holds while "
+               "it runs): --prefer speed keeps int8 on the fused integer kernels")
     elif could_be_static and options.activations == "auto":
         why = (f"{len(could_be_static)} layer(s) that could run static pay for Q/DQ conversions instead: "
                "--activations static puts them on the fused integer kernels (check the fidelity it then reports)")
