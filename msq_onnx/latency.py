@@ -142,10 +142,10 @@ def _time_dense(rows: int, fan_in: int, fan_out: int, bias: bool) -> dict:
 
 ABSOLUTE_TIE = 10e-6  # differences of microseconds, which no model's latency shows, are a tie
 TIE = 1.05  # and so are timings within 5% on a noisy machine: the registry's order (static first) then holds
-# Conv is not timed: on ResNet-18/MobileNetV2-like nets static QLinearConv measured 0.30-0.44x FP32 and
-# int4 weight-only (DQ + float Conv) 1.8-3.0x FP32 (../shared/docs/ort-cpu-facts.md).
-# Relative to static, from the same measurements: FP32 Conv 1/0.30, int4 weight-only 1.9/0.30.
-CONV_COSTS = {STATIC: 1.0, FLOAT: 3.3, WEIGHT_ONLY: 6.3}
+# Conv is not timed: on ResNet-18/MobileNetV2-like nets static QLinearConv measured 0.30-0.44x FP32
+# (../shared/docs/ort-cpu-facts.md). Relative to static: FP32 Conv 1/0.30; a weight-only int8 weight is folded
+# into a float one when ORT loads the model (write.folds_at_load), so it runs as FP32's does.
+CONV_COSTS = {STATIC: 1.0, FLOAT: 3.3, WEIGHT_ONLY: 3.3}
 
 
 def mode_costs(layer, rows: int | None) -> dict:
@@ -165,8 +165,9 @@ def mode_order(layer, costs: dict) -> tuple:
 
 
 def _conv_model(node, weight_shape: tuple, input_shape: list, mode: str) -> onnx.ModelProto:
-    """The layer's own Conv (attributes and all) on a batch-1 input, written as the mode runs it."""
-    from .write import _GraphEdit
+    """The layer's own Conv (attributes and all) on a batch-1 input, written as the mode runs it: weight-only as
+    write.py folds an int8 weight, INT4_WEIGHT as an int4 weight's DequantizeLinear."""
+    from .write import INT4, _GraphEdit, folded_weight_nodes, packed_tensor
 
     rng = np.random.default_rng(0)
     graph = helper.make_graph([], "timing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
@@ -180,11 +181,16 @@ def _conv_model(node, weight_shape: tuple, input_shape: list, mode: str) -> onnx
         weight = edit.constant("w", rng.normal(size=weight_shape).astype(np.float32) * 0.01)
         nodes = [helper.make_node(node.op_type, ["x", weight] + bias, ["y"], **attributes)]
     else:
-        edit.constant("w_q", rng.integers(-127, 128, weight_shape).astype(np.int8))
-        edit.constant("w_s", np.full(weight_shape[0] if node.op_type == "Conv" else weight_shape[1], 0.01,
-                                     np.float32))
         axis = 0 if node.op_type == "Conv" else 1
-        nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w_dq"], axis=axis)]
+        scale = np.full(weight_shape[axis], 0.01, np.float32)
+        if mode == INT4_WEIGHT:
+            model.graph.initializer.append(packed_tensor("w_q", rng.integers(-7, 8, weight_shape), INT4))
+        else:
+            edit.constant("w_q", rng.integers(-127, 128, weight_shape).astype(np.int8))
+        if mode == WEIGHT_ONLY:
+            nodes = folded_weight_nodes("w_q", scale, axis, len(weight_shape), "w", edit)
+        else:
+            nodes = [helper.make_node("DequantizeLinear", ["w_q", edit.constant("w_s", scale)], ["w_dq"], axis=axis)]
         if mode == STATIC:  # the QDQ pattern ORT fuses into QLinearConv
             edit.constant("a_s", np.array(0.05, np.float32))
             edit.constant("a_z", np.array(128, np.uint8))
@@ -240,11 +246,15 @@ def dequantize_seconds(values: int, container: str = "int8") -> float:
     return _cached_times(key, (WEIGHT_ONLY,), measure)[WEIGHT_ONLY]
 
 
+INT4_WEIGHT = "int4"  # a Conv's int4 container: dequantized in every run, whatever its activations
+
+
 def conv_mode_times(node, weight_shape: tuple, input_shape: list) -> dict:
-    """{mode: median seconds} of one convolution at batch 1 in static, weight-only and float, cached."""
+    """{mode: median seconds} of one convolution at batch 1 in static, weight-only (int8, folded at load), float
+    and on an int4 weight, cached."""
     attributes = sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute)
     key = f"{node.op_type} {list(weight_shape)} on {input_shape} {attributes}"
-    modes = (STATIC, WEIGHT_ONLY, FLOAT)
+    modes = (STATIC, WEIGHT_ONLY, FLOAT, INT4_WEIGHT)
 
     def measure() -> dict:
         feed = {"x": np.random.default_rng(1).normal(size=input_shape).astype(np.float32)}
@@ -261,13 +271,12 @@ def layer_seconds(loaded, rows: dict) -> dict | None:
     result = {}
     for layer in loaded.layers:
         if not layer.kind.timed:
-            # A lookup costs microseconds either way; an LSTM's or Attention's weight is dequantized every run, once
-            # for all the nodes that share it.
+            # A lookup costs microseconds either way; an LSTM's or Attention's int4 or int2 weight is dequantized
+            # every run, once for all the nodes that share it (an int8 one is folded into a float weight at load).
             result[layer.name] = {WEIGHT_ONLY: 0.0, FLOAT: 0.0}
             if layer.kind.dequantized_every_run:
                 result[layer.name].update({container: dequantize_seconds(layer.params, container)
-                                           for container in ("int8", "int4", "int2")})
-                result[layer.name][WEIGHT_ONLY] = result[layer.name]["int8"]
+                                           for container in ("int4", "int2")}, int8=0.0)
             continue
         if layer.op_type in ("MatMul", "Gemm"):
             fan_out = layer.weight_shape[layer.out_axis]
@@ -285,12 +294,10 @@ def layer_seconds(loaded, rows: dict) -> dict | None:
 
 
 def width_seconds(layer, seconds: dict, mode: str, container: str) -> float:
-    """What one layer costs at batch 1 in the mode and container a width gives it. An int4 Conv weight runs as
-    DQ + float Conv whatever its activations, which is what the weight-only timing measured."""
+    """What one layer costs at batch 1 in the mode and container a width gives it: a weight dequantized every
+    run (an int4 Conv's, an LSTM's int4 or int2) as timed per container."""
     if container == "float":
         return seconds[FLOAT]
-    if container in seconds:  # a weight dequantized every run, timed per container
+    if container in seconds:
         return seconds[container]
-    if layer.op_type in ("Conv", "ConvTranspose") and container == "int4":
-        return seconds[WEIGHT_ONLY]
     return seconds.get(mode, seconds[FLOAT])

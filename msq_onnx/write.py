@@ -441,13 +441,19 @@ def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, container
         for node in (by_name.get(name) for name in layer.nodes):
             if node is None or node.op_type not in ("MatMul", "Gemm"):
                 continue
-            source = producers.get(node.input[0])
-            while source is not None and source.op_type in _DQ_PROPAGATING:
-                source = producers.get(source.input[0])
-            if source is not None and source.op_type == "DequantizeLinear":
+            if dequantized_source(node.input[0], producers, _DQ_PROPAGATING) is not None:
                 found.append(layer.name)
                 break
     return found
+
+
+def dequantized_source(tensor: str, producers: dict, through) -> onnx.NodeProto | None:
+    """The DequantizeLinear that makes `tensor`, directly or past ops of the types `through` (each followed by
+    its first input), or None."""
+    source = producers.get(tensor)
+    while source is not None and source.op_type in through:
+        source = producers.get(source.input[0])
+    return source if source is not None and source.op_type == "DequantizeLinear" else None
 
 
 def _rounded_by_ort(loaded: LoadedModel, static_nodes: set) -> bool:
@@ -641,6 +647,7 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
     """
     edit = _GraphEdit(model)
     position = {node.name: i for i, node in enumerate(model.graph.node)}
+    producers = {output: node for node in model.graph.node for output in node.output}
     replacements: dict[int, list] = {}
     for layer in layers:
         weight = numpy_helper.to_array(edit.inits[layer.weight_name])
@@ -659,17 +666,22 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
         stored = integers.T.copy() if dense else layer.kind.from_matrix(layer, integers)
         model.graph.initializer.append(packed_tensor(q_name, stored, container))
         blocked = np.ndim(scale) == 2  # [out, blocks]: blocks along the stored [K, N] weight's axis 0
-        s_name = edit.constant(prefix + "_scale", (scale.T.copy() if blocked else scale).astype(np.float32))
+        folded = mode == WEIGHT_ONLY and folds_at_load(layer, container, [model.graph.node[position[name]]
+                                                                          for name in layer.nodes], producers)
+        s_name = None if folded else edit.constant(prefix + "_scale",
+                                                   (scale.T.copy() if blocked else scale).astype(np.float32))
         z_name = edit.constant(prefix + "_zero", np.zeros(len(scale), np.int8)) if mode == DYNAMIC else ""
-        shared_dq = None
-        if mode == WEIGHT_ONLY:  # symmetric: no zero point, whatever the container
+        shared_dq = []  # the weight-only layer's weight, made once for its nodes
+        if folded:
+            shared_dq = folded_weight_nodes(q_name, scale, layer.out_axis, stored.ndim, prefix, edit)
+        elif mode == WEIGHT_ONLY:  # symmetric: no zero point, whatever the container
             block = {"axis": 0, "block_size": stored.shape[0] // scale.shape[1]} if blocked else \
                 {"axis": 1 if dense else layer.out_axis}
-            shared_dq = helper.make_node("DequantizeLinear", [q_name, s_name], [prefix + "_dq"],
-                                         name=prefix + "_dq", **block)
+            shared_dq = [helper.make_node("DequantizeLinear", [q_name, s_name], [prefix + "_dq"],
+                                          name=prefix + "_dq", **block)]
         for node_name in layer.nodes:
             node = model.graph.node[position[node_name]]
-            new_nodes = [shared_dq] if shared_dq is not None and node_name == layer.nodes[0] else []
+            new_nodes = list(shared_dq) if node_name == layer.nodes[0] else []
             if dense:
                 new_nodes += _dense_nodes(node, mode, prefix + "_" + str(position[node_name]),
                                           prefix + "_dq", q_name, s_name, z_name, edit)
@@ -694,6 +706,39 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     if any(containers[layer.name] == INT2 for layer in layers):
         raise_opset(model, INT2_OPSET)
+
+
+# Where ORT's optimizer moves a DequantizeLinear to the node after: what makes that node's input quantized to it
+_DQ_REACHES = _DQ_PROPAGATING | _CHANNEL_KEEPING
+
+
+def folds_at_load(layer, container: str, nodes: list, producers: dict) -> bool:
+    """Whether a weight-only layer's weight is written as int8 -> Cast -> Mul(scale) (folded_weight_nodes), not
+    as a DequantizeLinear. ORT's optimizer keeps a DequantizeLinear of a constant as it is, for its QDQ fusions,
+    and a float op with no weight-only kernel (Conv, ConvTranspose, LSTM/GRU/RNN, Attention) then dequantizes the
+    whole weight in every run, and cannot prepack it: the orientation classifier of bench/more_models.py, 27
+    weight-only convolutions, ran at 2.6-3.0x FP32's batch-1 time. ORT folds Cast and Mul of constants into one
+    float initializer when it loads the model: the same values (Cast x scale is what DequantizeLinear computes
+    with no zero point), run at FP32's speed, the int8 bytes on disk, and in memory the float copy the
+    DequantizeLinear made at every run anyway.
+    Not for a node whose input a DequantizeLinear makes (a static neighbour's output): ORT fuses that
+    DequantizeLinear pair into an integer kernel, faster still, and a float weight there would be rounded to
+    one int8 scale by ORT (shield_from_ort_rounding). Nor for int4/int2 containers, whose bytes are the point."""
+    if container != INT8 or layer.op_type in ("MatMul", "Gemm", "Gather"):
+        return False  # dense layers have MatMulNBits and DynamicQuantizeMatMul, tables GatherBlockQuantized
+    return not any(dequantized_source(node.input[layer.kind.data_index], producers, _DQ_REACHES) is not None
+                   for node in nodes)
+
+
+def folded_weight_nodes(q_name: str, scale: np.ndarray, axis: int, rank: int, prefix: str,
+                        edit: _GraphEdit) -> list:
+    """Cast(int8 -> float) x scale (one per channel along `axis`, shaped to broadcast), named prefix + "_dq" as
+    the DequantizeLinear it replaces: constant-folded by ORT when it loads the model (folds_at_load)."""
+    shape = [1] * rank
+    shape[axis] = -1
+    s_name = edit.constant(prefix + "_scale", np.asarray(scale, np.float32).reshape(shape))
+    return [helper.make_node("Cast", [q_name], [prefix + "_float"], name=prefix + "_cast", to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [prefix + "_float", s_name], [prefix + "_dq"], name=prefix + "_dq")]
 
 
 MS_DOMAIN = "com.microsoft"

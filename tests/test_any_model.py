@@ -23,6 +23,7 @@ from msq_onnx import Options, convert
 from msq_onnx.errors import BadOption, MsqError
 from msq_onnx.load import load_model
 from msq_onnx.report import SCHEMA_PATH
+from msq_onnx.verify import optimized_op_counts
 
 MODES = {"static", "dynamic", "weight-only", "float"}
 N = helper.make_node
@@ -1008,8 +1009,10 @@ def recurrent_model(op_type: str, directions: int, seed: int = 2, steps: int = 7
 @pytest.mark.parametrize("op_type,directions", [("LSTM", 2), ("GRU", 1), ("RNN", 2)])
 def test_recurrent_weights_are_two_weight_only_layers_dequantized_into_the_op(tmp_path, op_type, directions):
     """An LSTM's, GRU's or RNN's input weights W and recurrence weights R are two layers: stored as integers with
-    a scale per gate row, a DequantizeLinear feeding the op's inputs 1 and 2. The written file is smaller, runs,
-    and stays close to FP32; --prefer size stores 4-bit levels in int4 and is smaller again."""
+    a scale per gate row feeding the op's inputs 1 and 2: int8 through Cast x scale, which ORT folds into a float
+    weight when it loads the model (no Cast left in its optimized graph), int4 through a DequantizeLinear. The
+    written file is smaller, runs, and stays close to FP32; --prefer size stores 4-bit levels in int4 and is
+    smaller again."""
     model = recurrent_model(op_type, directions)
     onnx.save(model, tmp_path / "m.onnx")
     x = np.random.default_rng(3).normal(size=(80, 7, 8)).astype(np.float32)
@@ -1028,13 +1031,22 @@ def test_recurrent_weights_are_two_weight_only_layers_dequantized_into_the_op(tm
         producers = {o: n for n in written.graph.node for o in n.output}
         rnn = next(n for n in written.graph.node if n.op_type == op_type)
         for position, name in ((1, "rnn"), (2, "rnn/R")):
-            dq = producers[rnn.input[position]]
-            assert dq.op_type == "DequantizeLinear"
-            stored = inits[dq.input[0]]
+            made = producers[rnn.input[position]]
+            if layers[name]["container"] == "int8":
+                cast = producers[made.input[0]]
+                assert made.op_type == "Mul" and cast.op_type == "Cast"
+                stored, scale = inits[cast.input[0]], numpy_helper.to_array(inits[made.input[1]])
+                assert scale.shape == (1, stored.dims[1], 1)  # a scale per gate row
+            else:
+                assert made.op_type == "DequantizeLinear"
+                stored, scale = inits[made.input[0]], numpy_helper.to_array(inits[made.input[1]])
+                assert scale.shape == (stored.dims[1],)
             expected = onnx.TensorProto.INT4 if layers[name]["container"] == "int4" else onnx.TensorProto.INT8
             assert stored.data_type == expected and list(stored.dims) == list(
                 numpy_helper.to_array(model.graph.initializer[position - 1]).shape)
-            assert numpy_helper.to_array(inits[dq.input[1]]).shape == (stored.dims[1],)  # a scale per gate row
+        if prefer == "speed":
+            assert layers["rnn"]["container"] == layers["rnn/R"]["container"] == "int8"
+            assert optimized_op_counts(str(out)).get("Cast", 0) == 0  # folded: the op reads float initializers
         jsonschema.validate(report, json.load(open(SCHEMA_PATH)))
         if prefer == "size":
             assert "int4" in {layers["rnn"]["container"], layers["rnn/R"]["container"]}
@@ -1048,7 +1060,8 @@ def test_recurrent_weights_are_two_weight_only_layers_dequantized_into_the_op(tm
 
 def test_fused_attention_weights_are_a_weight_only_layer(tmp_path):
     """ONNX Runtime's transformer optimizer packs Q, K and V into one com.microsoft Attention weight [hidden,
-    3 x hidden]: it is a layer, written as a DequantizeLinear into the op, and the model stays close to FP32.
+    3 x hidden]: it is a layer, written as int8 times a scale per column into the op (folded into a float weight
+    when ORT loads the model), and the model stays close to FP32.
     ONNX's own Attention (opset 23) reads K as an input, not a weight, and is not taken for this kind."""
     from msq_onnx.ops import kind_for
 
@@ -1077,7 +1090,10 @@ def test_fused_attention_weights_are_a_weight_only_layer(tmp_path):
     written = onnx.load(str(tmp_path / "q.onnx"))
     producers = {o: n for n in written.graph.node for o in n.output}
     attention = next(n for n in written.graph.node if n.op_type == "Attention")
-    assert producers[attention.input[1]].op_type == "DequantizeLinear"
+    made = producers[attention.input[1]]
+    stored = next(t for t in written.graph.initializer if t.name == producers[made.input[0]].input[0])
+    assert made.op_type == "Mul" and stored.data_type == onnx.TensorProto.INT8 and list(stored.dims) == [32, 96]
+    assert numpy_helper.to_array(next(t for t in written.graph.initializer if t.name == made.input[1])).shape == (1, 96)
     fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.sum(fp32 * got) / (np.linalg.norm(fp32) * np.linalg.norm(got)) > 0.98
@@ -1166,17 +1182,20 @@ def test_recurrent_ops_that_review_found_broken(tmp_path):
 
 
 def test_the_latency_budget_sees_a_recurrent_weights_dequantization(tmp_path):
-    """Weight-only LSTM weights are dequantized in every run: --max-latency's per-layer costs charge weight-only that
-    DequantizeLinear (measured on this machine, per container) and float nothing, where both were 0."""
+    """Weight-only LSTM weights in int4 or int2 are dequantized in every run: --max-latency's per-layer costs
+    charge that DequantizeLinear (measured on this machine, per container); in int8 they are folded into a float
+    weight when ORT loads the model, and cost what float does."""
     from msq_onnx.latency import layer_seconds, width_seconds
 
     onnx.save(recurrent_model("LSTM", 2), tmp_path / "m.onnx")
     loaded = load_model(str(tmp_path / "m.onnx"))
     seconds = layer_seconds(loaded, {})
     for layer in loaded.layers[:2]:
-        assert seconds[layer.name]["weight-only"] > 0.0 and seconds[layer.name]["float"] == 0.0
+        assert seconds[layer.name]["float"] == 0.0
+        assert width_seconds(layer, seconds[layer.name], "weight-only", "int8") == 0.0
         # --prefer size's int4 weights are timed as int4 (a review measured them 3.5x an int8 one's time)
         assert width_seconds(layer, seconds[layer.name], "weight-only", "int4") == seconds[layer.name]["int4"] > 0
+        assert seconds[layer.name]["int2"] > 0
 
 
 def test_the_report_schema_knows_every_op_kind_of_the_registry():
@@ -1224,7 +1243,6 @@ def test_narrow_matmul_weights_get_one_scale_per_block_as_matmulnbits_stores_the
     computes x @ (integers x block scales), and the report's bytes count the block scales."""
     from conftest import tiny_mlp
     from msq_onnx.ops import DENSE_BLOCK
-    from msq_onnx.verify import optimized_op_counts
 
     model = tiny_mlp(features=2 * DENSE_BLOCK)
     path, out = str(tmp_path / "mlp.onnx"), str(tmp_path / "q.onnx")
@@ -1263,7 +1281,6 @@ def test_two_bit_weights_take_four_levels_through_the_int2_container_and_the_fus
     unfused graph does."""
     from conftest import tiny_mlp
     from msq_onnx.ops import DENSE_BLOCK
-    from msq_onnx.verify import optimized_op_counts
 
     model = tiny_mlp(features=2 * DENSE_BLOCK)
     path, out = str(tmp_path / "mlp.onnx"), str(tmp_path / "q.onnx")
