@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import BadData, BadModel, one_line
 from .features import (DEFAULT_LEVELS, FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices,
                        token_features)
-from .load import Layer, LoadedModel, consumers, is_large, save_model_file
+from .load import Layer, LoadedModel, TemporaryFolder, consumers, is_large, save_model_file
 from .ops import (SKIP_SUM_OUTPUT, nonnegative_tensors, range_sources, residual_joins, row_normalizer,
                   static_tensors, typed_values)
 
@@ -468,7 +468,7 @@ def make_session(model: onnx.ModelProto, optimize: bool = True, arena: bool = Tr
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     if weights is not None:
         return _session_beside(model, options, weights)
-    folder = tempfile.TemporaryDirectory(prefix="msq-session-")
+    folder = TemporaryFolder("msq-session-")
     path = os.path.join(folder.name, "model.onnx")
     save_model_file(model, path)
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

@@ -346,15 +346,41 @@ def _remove_folder(folder: str) -> None:
             continue
 
 
+class TemporaryFolder:
+    """A folder of ours in the temporary directory, removed on leaving a with block, when this object goes, or at
+    the interpreter's exit, whichever comes first. Its removal is registered before the folder is made:
+    tempfile.TemporaryDirectory registers it after mkdtemp's mkdir, and a SIGINT between the two left the folder
+    behind (the fuzz test's interrupt, in full-suite runs)."""
+
+    def __init__(self, prefix: str):
+        import weakref
+
+        while True:  # TMPDIR may be relative
+            self.name = os.path.join(os.path.abspath(tempfile.gettempdir()), f"{prefix}{os.urandom(6).hex()}")
+            self._finalizer = weakref.finalize(self, _remove_folder, self.name)
+            try:
+                os.mkdir(self.name, 0o700)
+                return
+            except FileExistsError:  # not ours: left alone
+                self._finalizer.detach()
+
+    def __enter__(self) -> str:
+        return self.name
+
+    def __exit__(self, *failed) -> None:
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        self._finalizer()
+
+
 class SharedWeights:
     """A model's initializers past SET_ASIDE_BYTES, in one file of a folder of their own (removed when this
     object is): places[name] = (offset, length)."""
 
     def __init__(self, model: onnx.ModelProto):
-        import weakref
-
-        self.folder = os.path.abspath(tempfile.mkdtemp(prefix="msq-weights-"))  # TMPDIR may be relative
-        weakref.finalize(self, _remove_folder, self.folder)
+        self._folder = TemporaryFolder("msq-weights-")
+        self.folder = self._folder.name
         self.places = {}
         with open(os.path.join(self.folder, WEIGHTS_FILE), "wb") as out:
             for tensor in model.graph.initializer:
@@ -453,7 +479,7 @@ def _infer_shapes(model: onnx.ModelProto, path: str, external: bool) -> onnx.Mod
             return _graph_only(onnx.shape_inference.infer_shapes, model)
         except Exception:
             return model  # shapes only help; ORT infers what it needs again
-    with tempfile.TemporaryDirectory(prefix="msq-shapes-") as folder:
+    with TemporaryFolder("msq-shapes-") as folder:
         inferred_path = os.path.join(folder, "inferred.onnx")
         try:
             onnx.shape_inference.infer_shapes_path(path, inferred_path)

@@ -29,7 +29,7 @@ from .importance import importance as layer_importance
 from .importance import upstream_layers
 from .instrument import blas_limit, one_blas_thread, run_pass, usable_cores
 from .latency import mode_costs
-from .load import is_large, load_model
+from .load import TemporaryFolder, is_large, load_model
 from .ops import DYNAMIC, FLOAT, FLOAT_BITS, FLOAT_CONTAINER, MODES, PREFER, STATIC, WEIGHT_ONLY
 from .report import GzipSize, gzip_size
 from .verify import (INTEGER_ACTIVATION_OPS, SATURATION_FREE_BITS, fused_integer_kernels, integer_kernels_saturate,
@@ -541,7 +541,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         budgets.append(allocate_stage.bits_budget(params, widths, options.avg_bits, fixed))
     # ORT's quantizer holds about 400 MB of model copies while it writes its int8 yardstick: built before the
     # error tables and any candidate exist, its peak sits on the least (MiniLM-L6: 701 -> 656 MB).
-    workspace = tempfile.TemporaryDirectory(prefix="msq-")
+    workspace = TemporaryFolder("msq-")
     yardstick = []
 
     def build_yardstick(stats, modes):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 import time
 from collections import Counter
 
@@ -19,6 +18,7 @@ from onnx import helper, numpy_helper
 
 from .errors import one_line
 from .instrument import float_tensors, padded_batches
+from .load import TemporaryFolder
 
 # Kernels that take integer activations as well as integer weights: one per static or dynamic layer node.
 INTEGER_ACTIVATION_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger",
@@ -41,7 +41,7 @@ def session(path: str, optimized_path: str | None = None, silent: bool = False,
 
 def optimized_op_counts(path: str) -> Counter:
     """Op types of the graph ORT actually executes after its optimizations."""
-    with tempfile.TemporaryDirectory(prefix="msq-verify-") as folder:
+    with TemporaryFolder("msq-verify-") as folder:
         optimized = os.path.join(folder, "optimized.onnx")
         session(path, optimized)
         return op_counts(optimized)

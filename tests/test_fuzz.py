@@ -428,3 +428,32 @@ def test_an_interrupt_as_a_hidden_file_is_made_leaves_nothing_beside_the_output(
         else:
             write.check_output_path(str(tmp_path / "source.onnx"), str(tmp_path / "out" / "out.onnx"))
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_an_interrupt_as_a_temporary_folder_is_made_leaves_none(tmp_path, monkeypatch):
+    """Full-suite runs of the interrupt test above twice left 'msq-*' in TMPDIR after a SIGINT at 0.79 s:
+    tempfile.TemporaryDirectory registers the folder's removal after mkdtemp has made it. TemporaryFolder registers
+    it first: an interrupt as the folder is made (here: as mkdir returns) still has it removed, when the half-made
+    object goes or at the interpreter's exit."""
+    import gc
+    import tempfile
+
+    from msq_onnx import load
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    real_mkdir = os.mkdir
+
+    def interrupted(path, mode=0o777):
+        real_mkdir(path, mode)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(load.os, "mkdir", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            load.TemporaryFolder("msq-")
+    gc.collect()
+    assert os.listdir(tmp_path / "tmp") == []
+    with load.TemporaryFolder("msq-") as name:  # and an uninterrupted one is there until the block ends
+        assert os.path.isdir(name) and os.path.dirname(name) == str(tmp_path / "tmp")
+    assert os.listdir(tmp_path / "tmp") == []
