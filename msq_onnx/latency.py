@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY
+from .ops import DYNAMIC, FLOAT, FLOAT_CONTAINER, INT2, INT4, INT8, STATIC, WEIGHT_ONLY
 
 RUNS = 25
 DENSE_MODES = (STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT)
@@ -166,8 +166,8 @@ def mode_order(layer, costs: dict) -> tuple:
 
 def _conv_model(node, weight_shape: tuple, input_shape: list, mode: str) -> onnx.ModelProto:
     """The layer's own Conv (attributes and all) on a batch-1 input, written as the mode runs it: weight-only as
-    write.py folds an int8 weight, INT4_WEIGHT as an int4 weight's DequantizeLinear."""
-    from .write import INT4, _GraphEdit, folded_weight_nodes, packed_tensor
+    write.py folds an int8 weight (--prefer speed), "int8" and "int4" as a DequantizeLinear of such a weight."""
+    from .write import _GraphEdit, folded_weight_nodes, packed_tensor
 
     rng = np.random.default_rng(0)
     graph = helper.make_graph([], "timing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
@@ -183,7 +183,7 @@ def _conv_model(node, weight_shape: tuple, input_shape: list, mode: str) -> onnx
     else:
         axis = 0 if node.op_type == "Conv" else 1
         scale = np.full(weight_shape[axis], 0.01, np.float32)
-        if mode == INT4_WEIGHT:
+        if mode == INT4:
             model.graph.initializer.append(packed_tensor("w_q", rng.integers(-7, 8, weight_shape), INT4))
         else:
             edit.constant("w_q", rng.integers(-127, 128, weight_shape).astype(np.int8))
@@ -246,15 +246,12 @@ def dequantize_seconds(values: int, container: str = "int8") -> float:
     return _cached_times(key, (WEIGHT_ONLY,), measure)[WEIGHT_ONLY]
 
 
-INT4_WEIGHT = "int4"  # a Conv's int4 container: dequantized in every run, whatever its activations
-
-
 def conv_mode_times(node, weight_shape: tuple, input_shape: list) -> dict:
-    """{mode: median seconds} of one convolution at batch 1 in static, weight-only (int8, folded at load), float
-    and on an int4 weight, cached."""
+    """{mode: median seconds} of one convolution at batch 1 in static, weight-only (int8, folded at load), float,
+    and on an int8 and an int4 weight dequantized in every run, cached."""
     attributes = sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute)
     key = f"{node.op_type} {list(weight_shape)} on {input_shape} {attributes}"
-    modes = (STATIC, WEIGHT_ONLY, FLOAT, INT4_WEIGHT)
+    modes = (STATIC, WEIGHT_ONLY, FLOAT, INT8, INT4)
 
     def measure() -> dict:
         feed = {"x": np.random.default_rng(1).normal(size=input_shape).astype(np.float32)}
@@ -271,12 +268,12 @@ def layer_seconds(loaded, rows: dict) -> dict | None:
     result = {}
     for layer in loaded.layers:
         if not layer.kind.timed:
-            # A lookup costs microseconds either way; an LSTM's or Attention's int4 or int2 weight is dequantized
-            # every run, once for all the nodes that share it (an int8 one is folded into a float weight at load).
+            # A lookup costs microseconds either way; an LSTM's or Attention's weight written as a DequantizeLinear
+            # is dequantized every run, once for all the nodes that share it (weight-only: folded at load).
             result[layer.name] = {WEIGHT_ONLY: 0.0, FLOAT: 0.0}
             if layer.kind.dequantized_every_run:
                 result[layer.name].update({container: dequantize_seconds(layer.params, container)
-                                           for container in ("int4", "int2")}, int8=0.0)
+                                           for container in (INT8, INT4, INT2)})
             continue
         if layer.op_type in ("MatMul", "Gemm"):
             fan_out = layer.weight_shape[layer.out_axis]
@@ -293,11 +290,14 @@ def layer_seconds(loaded, rows: dict) -> dict | None:
     return result
 
 
-def width_seconds(layer, seconds: dict, mode: str, container: str) -> float:
-    """What one layer costs at batch 1 in the mode and container a width gives it: a weight dequantized every
-    run (an int4 Conv's, an LSTM's int4 or int2) as timed per container."""
-    if container == "float":
+def width_seconds(layer, seconds: dict, mode: str, container: str, prefer: str = "speed") -> float:
+    """What one layer costs at batch 1 in the mode and container a width gives it. A weight-only int8 weight is
+    folded at load with --prefer speed (write.folds_at_load); any other weight-only weight (an int4 Conv's, an
+    LSTM's with --prefer size) is dequantized in every run, as timed per container where it was."""
+    if container == FLOAT_CONTAINER:
         return seconds[FLOAT]
-    if container in seconds:
-        return seconds[container]
-    return seconds.get(mode, seconds[FLOAT])
+    if mode != WEIGHT_ONLY:
+        return seconds.get(mode, seconds[FLOAT])
+    if container == INT8 and prefer == "speed":
+        return seconds[WEIGHT_ONLY]
+    return seconds.get(container, seconds[WEIGHT_ONLY])

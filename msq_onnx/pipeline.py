@@ -475,7 +475,7 @@ def latency_budget(loaded, analysis: Analysis, options: Options, widths, samples
             mode = FLOAT if bits == FLOAT_BITS else analysis.modes[layer.name].mode
             container = layer.kind.container(layer, bits, mode, options.prefer)
             costs[layer.name][bits] = width_seconds(layer, seconds[layer.name], layer.kind.mode_for(container, mode),
-                                                    container)
+                                                    container, options.prefer)
     return allocate_stage.Budget(costs, options.max_latency * fp32 - rest, f"--max-latency {options.max_latency:g}",
                                  unit="seconds")
 
@@ -580,7 +580,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                 quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,
                                              options.bias_correction)
                 path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, folder, wide_inputs, modes,
-                                       containers)
+                                       containers, options.prefer)
             with timer.stage("verify"):
                 built[allocation] = Candidate(bits, allocate_stage.average_bits(bits, params, fixed), path,
                                               held_out.measure(path), modes, containers, written_bytes(path))

@@ -368,9 +368,11 @@ def _quiet_ort_logging():
 
 
 def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: dict, work_dir: str,
-                    wide_inputs=(), modes: dict | None = None, containers: dict | None = None) -> str:
+                    wide_inputs=(), modes: dict | None = None, containers: dict | None = None,
+                    prefer: str = "speed") -> str:
     """Write the model in work_dir: ORT's QDQ quantizer for the static layers, our rewrite for the others.
-    It uses `quantized` up: its model is released or rewritten in place; build a new one for another write."""
+    It uses `quantized` up: its model is released or rewritten in place; build a new one for another write.
+    prefer: the objective, which decides how weight-only int8 weights are written (folds_at_load)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     modes = modes or {layer.name: STATIC for layer in loaded.layers}
@@ -411,7 +413,7 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
         if others:
             for name in int2_behind_quantized_inputs(model, others, containers):
                 containers[name] = INT4  # the caller's plan, which the report reads, says what is written
-            rewrite_layers(model, others, quantized, modes, containers)
+            rewrite_layers(model, others, quantized, modes, containers, prefer)
         if shielding:
             shield_from_ort_rounding(model, static_nodes)
         restore_default_inputs(model, loaded.default_inputs)
@@ -638,7 +640,7 @@ def _gather_nodes(node, layer, integers: np.ndarray, scale: np.ndarray, containe
 
 
 def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, modes: dict,
-                   containers: dict) -> None:
+                   containers: dict, prefer: str = "speed") -> None:
     """Dynamic and weight-only layers, written as quantize_dynamic, MatMulNBits and GatherBlockQuantized
     expect them.
 
@@ -666,8 +668,8 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
         stored = integers.T.copy() if dense else layer.kind.from_matrix(layer, integers)
         model.graph.initializer.append(packed_tensor(q_name, stored, container))
         blocked = np.ndim(scale) == 2  # [out, blocks]: blocks along the stored [K, N] weight's axis 0
-        folded = mode == WEIGHT_ONLY and folds_at_load(layer, container, [model.graph.node[position[name]]
-                                                                          for name in layer.nodes], producers)
+        folded = mode == WEIGHT_ONLY and prefer == "speed" and folds_at_load(
+            layer, container, [model.graph.node[position[name]] for name in layer.nodes], producers)
         s_name = None if folded else edit.constant(prefix + "_scale",
                                                    (scale.T.copy() if blocked else scale).astype(np.float32))
         z_name = edit.constant(prefix + "_zero", np.zeros(len(scale), np.int8)) if mode == DYNAMIC else ""
@@ -713,17 +715,18 @@ _DQ_REACHES = _DQ_PROPAGATING | _CHANNEL_KEEPING
 
 
 def folds_at_load(layer, container: str, nodes: list, producers: dict) -> bool:
-    """Whether a weight-only layer's weight is written as int8 -> Cast -> Mul(scale) (folded_weight_nodes), not
-    as a DequantizeLinear. ORT's optimizer keeps a DequantizeLinear of a constant as it is, for its QDQ fusions,
-    and a float op with no weight-only kernel (Conv, ConvTranspose, LSTM/GRU/RNN, Attention) then dequantizes the
-    whole weight in every run, and cannot prepack it: the orientation classifier of bench/more_models.py, 27
-    weight-only convolutions, ran at 2.6-3.0x FP32's batch-1 time. ORT folds Cast and Mul of constants into one
-    float initializer when it loads the model: the same values (Cast x scale is what DequantizeLinear computes
-    with no zero point), run at FP32's speed, the int8 bytes on disk, and in memory the float copy the
-    DequantizeLinear made at every run anyway.
+    """Whether a weight-only layer's weight is written (with --prefer speed) as int8 -> Cast -> Mul(scale)
+    (folded_weight_nodes), not as a DequantizeLinear. ORT's optimizer keeps a DequantizeLinear of a constant as it
+    is, for its QDQ fusions, and a float op with no weight-only kernel (Conv, ConvTranspose, LSTM/GRU/RNN,
+    Attention) then dequantizes the whole weight in every run, and cannot prepack it: the orientation classifier
+    of bench/more_models.py, 27 weight-only convolutions, ran at 2.6-3.0x FP32's batch-1 time. ORT folds Cast and
+    Mul of constants into one float initializer when it loads the model: the same values (Cast x scale is what
+    DequantizeLinear computes with no zero point) at FP32's speed, the int8 bytes on disk, and FP32's memory for
+    those weights (the PicoDet layout detector's running session 128 -> 141 MiB, FP32's 141), which is why
+    --prefer size keeps the DequantizeLinear.
     Not for a node whose input a DequantizeLinear makes (a static neighbour's output): ORT fuses that
     DequantizeLinear pair into an integer kernel, faster still, and a float weight there would be rounded to
-    one int8 scale by ORT (shield_from_ort_rounding). Nor for int4/int2 containers, whose bytes are the point."""
+    one int8 scale by ORT (shield_from_ort_rounding). Nor for int4/int2 containers."""
     if container != INT8 or layer.op_type in ("MatMul", "Gemm", "Gather"):
         return False  # dense layers have MatMulNBits and DynamicQuantizeMatMul, tables GatherBlockQuantized
     return not any(dequantized_source(node.input[layer.kind.data_index], producers, _DQ_REACHES) is not None

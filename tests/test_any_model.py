@@ -1032,7 +1032,7 @@ def test_recurrent_weights_are_two_weight_only_layers_dequantized_into_the_op(tm
         rnn = next(n for n in written.graph.node if n.op_type == op_type)
         for position, name in ((1, "rnn"), (2, "rnn/R")):
             made = producers[rnn.input[position]]
-            if layers[name]["container"] == "int8":
+            if layers[name]["container"] == "int8" and prefer == "speed":
                 cast = producers[made.input[0]]
                 assert made.op_type == "Mul" and cast.op_type == "Cast"
                 stored, scale = inits[cast.input[0]], numpy_helper.to_array(inits[made.input[1]])
@@ -1182,9 +1182,10 @@ def test_recurrent_ops_that_review_found_broken(tmp_path):
 
 
 def test_the_latency_budget_sees_a_recurrent_weights_dequantization(tmp_path):
-    """Weight-only LSTM weights in int4 or int2 are dequantized in every run: --max-latency's per-layer costs
-    charge that DequantizeLinear (measured on this machine, per container); in int8 they are folded into a float
-    weight when ORT loads the model, and cost what float does."""
+    """Weight-only LSTM weights written as a DequantizeLinear (int4 or int2, and int8 with --prefer size) are
+    dequantized in every run: --max-latency's per-layer costs charge that DequantizeLinear (measured on this
+    machine, per container); int8 ones with --prefer speed are folded into a float weight when ORT loads the
+    model, and cost what float does."""
     from msq_onnx.latency import layer_seconds, width_seconds
 
     onnx.save(recurrent_model("LSTM", 2), tmp_path / "m.onnx")
@@ -1193,6 +1194,8 @@ def test_the_latency_budget_sees_a_recurrent_weights_dequantization(tmp_path):
     for layer in loaded.layers[:2]:
         assert seconds[layer.name]["float"] == 0.0
         assert width_seconds(layer, seconds[layer.name], "weight-only", "int8") == 0.0
+        dequantized = width_seconds(layer, seconds[layer.name], "weight-only", "int8", "size")
+        assert dequantized == seconds[layer.name]["int8"] > 0
         # --prefer size's int4 weights are timed as int4 (a review measured them 3.5x an int8 one's time)
         assert width_seconds(layer, seconds[layer.name], "weight-only", "int4") == seconds[layer.name]["int4"] > 0
         assert seconds[layer.name]["int2"] > 0

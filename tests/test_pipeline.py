@@ -1165,7 +1165,7 @@ def test_the_reference_runs_beside_the_write_only_where_its_session_fits_under_t
     assert chosen == [(True, True), (False, False)]  # nor is its session kept beside the write
 
 
-def _written_at_8_bits(model_path, calib_path, folder, floats=(), modes_of=None):
+def _written_at_8_bits(model_path, calib_path, folder, floats=(), modes_of=None, prefer="speed"):
     """The model written by the pipeline's own stages with every layer at 8 bits but `floats` (left in float) and
     `modes_of` (layer name -> mode) over the planned modes: (the loaded model, the written path, the modes)."""
     from msq_onnx.ops import FLOAT_BITS
@@ -1176,11 +1176,11 @@ def _written_at_8_bits(model_path, calib_path, folder, floats=(), modes_of=None)
     calib = open_samples(str(calib_path), loaded.inputs, Preprocess())
     analysis = analyse(loaded, calib, Options(bits=(8,), quiet=True), _Timer())
     bits = {layer.name: FLOAT_BITS if layer.name in floats else 8 for layer in loaded.layers}
-    modes, containers = plan_layers(loaded, analysis, bits, "speed")
+    modes, containers = plan_layers(loaded, analysis, bits, prefer)
     modes.update(modes_of or {})
     quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
     return loaded, quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(folder), modes=modes,
-                                   containers=containers), modes
+                                   containers=containers, prefer=prefer), modes
 
 
 def test_a_layer_left_in_float_between_static_layers_runs_in_float(cnn_files, tmp_path):
@@ -1207,7 +1207,8 @@ def test_weight_only_convolutions_are_folded_into_float_weights_when_ort_loads_t
     optimizer folds into a float initializer when it loads the model (no Cast is left in its optimized graph),
     where a DequantizeLinear of a constant is kept and run on the whole weight at every inference (the
     orientation classifier of bench/more_models.py: 8.7 -> 3.1 ms, FP32 3.2). The file keeps the int8 bytes,
-    and ORT computes the very values the DequantizeLinear form gave."""
+    and ORT computes the very values the DequantizeLinear form gave. --prefer size keeps the DequantizeLinear,
+    which holds less in memory than the folded float weights."""
     weight_only = {"conv1": "weight-only", "dw": "weight-only", "pw": "weight-only"}
     loaded, path, modes = _written_at_8_bits(cnn_files["model"], cnn_files["calib"], tmp_path, modes_of=weight_only)
     written = onnx.load(path)
@@ -1242,6 +1243,15 @@ def test_weight_only_convolutions_are_folded_into_float_weights_when_ort_loads_t
     per_run = ort.InferenceSession(dequantizing.SerializeToString(),
                                    providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.array_equal(folded, per_run)
+
+    (tmp_path / "size").mkdir()
+    _, small, _ = _written_at_8_bits(cnn_files["model"], cnn_files["calib"], tmp_path / "size", modes_of=weight_only,
+                                     prefer="size")
+    kept = onnx.load(small)
+    producers = {o: n for n in kept.graph.node for o in n.output}
+    assert {producers[n.input[1]].op_type for n in kept.graph.node if n.op_type == "Conv"} == {"DequantizeLinear"}
+    smaller = ort.InferenceSession(small, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.array_equal(smaller, folded)
 
 
 def test_a_weight_only_layer_between_static_layers_keeps_a_bias_ort_would_overflow(tmp_path):
