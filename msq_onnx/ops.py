@@ -247,7 +247,7 @@ class OpKind:
     input_moments: bool = True  # the activation input is a float tensor with per-channel statistics
     bias_index: int | None = 2  # the input a constant bias sits in (MatMul: its Add; recurrent ops: left float)
     timed: bool = True  # False: weight-only runs the float op on a looked-up or dequantized weight, as float does
-    dequantized_every_run: bool = False  # ... and, with it, dequantizes a narrow container's whole weight every run
+    dequantized_every_run: bool = False  # ... and dequantizes the whole weight every run where it is written as a DQ
     read_where_gathered: bool = False  # an FP32 session reads the weight's rows only where the op gathers them
     domain: str = ""  # the op's domain ("": ONNX's own)
 

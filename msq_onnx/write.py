@@ -421,10 +421,29 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
     return result
 
 
-# Ops ORT's QDQPropagationTransformer moves a DequantizeLinear past, or removes before fusing, so that the node
-# after them reads it directly
-_DQ_PROPAGATING = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "MaxPool", "Resize", "Identity",
-                   "Dropout"}
+# Ops ORT's QDQPropagationTransformer moves a DequantizeLinear past, so that the node after them reads it directly
+_DQ_PROPAGATING = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "MaxPool", "Resize"}
+
+
+def removed_by_ort(node: onnx.NodeProto, constants: dict) -> bool:
+    """Whether ORT's optimizer removes `node` as a no-op before its QDQ fusions (Identity, Dropout, a Cast to the
+    float it reads after a DequantizeLinear, adding or subtracting a one-value 0, multiplying or dividing by a
+    one-value 1), so that the node after it reads what it reads. constants: name -> TensorProto. Torch exports
+    leave such Casts: a review's per-tensor DequantizeLinear -> Cast -> Conv with a float weight was fused into a
+    QLinearConv with the weight rounded to one int8 scale (7 output steps off)."""
+    if node.op_type in ("Identity", "Dropout"):
+        return True
+    if node.op_type == "Cast":
+        return attribute(node, "to", None) == onnx.TensorProto.FLOAT
+    if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2:
+        neutral = 0.0 if node.op_type in ("Add", "Sub") else 1.0
+        operand = constants.get(node.input[1])
+        if operand is None and node.op_type in ("Add", "Mul"):
+            operand = constants.get(node.input[0])
+        if operand is None or np.prod(operand.dims, dtype=np.int64) != 1:
+            return False
+        return bool(np.all(numpy_helper.to_array(operand) == neutral))
+    return False
 
 
 def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, containers: dict) -> list[str]:
@@ -436,6 +455,7 @@ def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, container
     as ops._Dense puts them where MatMulNBits would compute them wrong."""
     producers = {output: node for node in model.graph.node for output in node.output}
     by_name = {node.name: node for node in model.graph.node}
+    constants = {t.name: t for t in model.graph.initializer}
     found = []
     for layer in layers:
         if containers.get(layer.name) != INT2:
@@ -443,17 +463,17 @@ def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, container
         for node in (by_name.get(name) for name in layer.nodes):
             if node is None or node.op_type not in ("MatMul", "Gemm"):
                 continue
-            if dequantized_source(node.input[0], producers, _DQ_PROPAGATING) is not None:
+            if dequantized_source(node.input[0], producers, _DQ_PROPAGATING, constants) is not None:
                 found.append(layer.name)
                 break
     return found
 
 
-def dequantized_source(tensor: str, producers: dict, through) -> onnx.NodeProto | None:
-    """The DequantizeLinear that makes `tensor`, directly or past ops of the types `through` (each followed by
-    its first input), or None."""
+def dequantized_source(tensor: str, producers: dict, through, constants: dict) -> onnx.NodeProto | None:
+    """The DequantizeLinear that makes `tensor`, directly or past ops of the types `through` and ops ORT removes
+    (removed_by_ort), each followed by its first input, or None."""
     source = producers.get(tensor)
-    while source is not None and source.op_type in through:
+    while source is not None and (source.op_type in through or removed_by_ort(source, constants)):
         source = producers.get(source.input[0])
     return source if source is not None and source.op_type == "DequantizeLinear" else None
 
@@ -493,8 +513,9 @@ _CHANNEL_KEEPING = {"MaxPool", "AveragePool", "Pad", "Resize"}
 def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
     """Each Conv, ConvTranspose or Gemm written with a float weight (a layer left in float, or a node that cannot
     be a layer) that reads a per-tensor DequantizeLinear (a static neighbour's output), directly or through
-    _CHANNEL_KEEPING ops only it reads, gets that DequantizeLinear with the same scale and zero point repeated per
-    input channel: the same values, in a form ORT's WeightBiasQuantization and QDQ fusions leave alone
+    _CHANNEL_KEEPING ops or ops ORT removes (removed_by_ort) only it reads, gets that DequantizeLinear with the same
+    scale and zero point repeated per input channel: the same values, in a form ORT's WeightBiasQuantization and
+    QDQ fusions leave alone
     (OpKind.float_input_channels), so the node runs in float as the report says. The DequantizeLinear is changed
     in place where nothing else reads it, else a copy is made. EfficientNet-Lite0's first block's projection left
     in float at --avg-bits 3.5 ran as a per-tensor int8 QLinearConv: task cosine 0.939 -> 0.880.
@@ -516,7 +537,8 @@ def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
             continue
         target, slot = node, kind.data_index  # the node that reads the DequantizeLinear, and at which input
         source = producers.get(node.input[slot])
-        while source is not None and source.op_type in _CHANNEL_KEEPING and node.op_type != "Gemm" \
+        while source is not None and ((source.op_type in _CHANNEL_KEEPING and node.op_type != "Gemm")
+                                      or removed_by_ort(source, inits)) \
                 and readers.get(source.output[0], set()) == {target.name}:
             target, slot = source, 0
             source = producers.get(source.input[0])
@@ -669,7 +691,7 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
         model.graph.initializer.append(packed_tensor(q_name, stored, container))
         blocked = np.ndim(scale) == 2  # [out, blocks]: blocks along the stored [K, N] weight's axis 0
         folded = mode == WEIGHT_ONLY and prefer == "speed" and folds_at_load(
-            layer, container, [model.graph.node[position[name]] for name in layer.nodes], producers)
+            layer, container, [model.graph.node[position[name]] for name in layer.nodes], producers, edit.inits)
         s_name = None if folded else edit.constant(prefix + "_scale",
                                                    (scale.T.copy() if blocked else scale).astype(np.float32))
         z_name = edit.constant(prefix + "_zero", np.zeros(len(scale), np.int8)) if mode == DYNAMIC else ""
@@ -714,23 +736,25 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
 _DQ_REACHES = _DQ_PROPAGATING | _CHANNEL_KEEPING
 
 
-def folds_at_load(layer, container: str, nodes: list, producers: dict) -> bool:
+def folds_at_load(layer, container: str, nodes: list, producers: dict, constants: dict) -> bool:
     """Whether a weight-only layer's weight is written (with --prefer speed) as int8 -> Cast -> Mul(scale)
     (folded_weight_nodes), not as a DequantizeLinear. ORT's optimizer keeps a DequantizeLinear of a constant as it
     is, for its QDQ fusions, and a float op with no weight-only kernel (Conv, ConvTranspose, LSTM/GRU/RNN,
     Attention) then dequantizes the whole weight in every run, and cannot prepack it: the orientation classifier
     of bench/more_models.py, 27 weight-only convolutions, ran at 2.6-3.0x FP32's batch-1 time. ORT folds Cast and
-    Mul of constants into one float initializer when it loads the model: the same values (Cast x scale is what
-    DequantizeLinear computes with no zero point) at FP32's speed, the int8 bytes on disk, and FP32's memory for
+    Mul of constants into one float initializer when it loads the model: the same weights (Cast x scale is what
+    DequantizeLinear computes with no zero point; a kernel ORT picks for a constant weight may sum in another
+    order, 3e-7 relative on a review's Conv) at FP32's speed, the int8 bytes on disk, and FP32's memory for
     those weights (the PicoDet layout detector's running session 128 -> 141 MiB, FP32's 141), which is why
     --prefer size keeps the DequantizeLinear.
-    Not for a node whose input a DequantizeLinear makes (a static neighbour's output): ORT fuses that
-    DequantizeLinear pair into an integer kernel, faster still, and a float weight there would be rounded to
-    one int8 scale by ORT (shield_from_ort_rounding). Nor for int4/int2 containers."""
+    Not for a kind ORT's WeightBiasQuantization rounds (OpKind.float_input_channels: Conv, ConvTranspose) whose
+    input a DequantizeLinear may reach (a static neighbour's output): a float weight there would be rounded to
+    one int8 scale by ORT (shield_from_ort_rounding), where the DequantizeLinear form is fused into an integer
+    kernel, faster still, when a QuantizeLinear follows. Nor for int4/int2 containers."""
     if container != INT8 or layer.op_type in ("MatMul", "Gemm", "Gather"):
         return False  # dense layers have MatMulNBits and DynamicQuantizeMatMul, tables GatherBlockQuantized
-    return not any(dequantized_source(node.input[layer.kind.data_index], producers, _DQ_REACHES) is not None
-                   for node in nodes)
+    return not any(layer.kind.float_input_channels(node, layer.weight_shape) is not None and dequantized_source(
+        node.input[layer.kind.data_index], producers, _DQ_REACHES, constants) is not None for node in nodes)
 
 
 def folded_weight_nodes(q_name: str, scale: np.ndarray, axis: int, rank: int, prefix: str,

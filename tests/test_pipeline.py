@@ -1254,6 +1254,78 @@ def test_weight_only_convolutions_are_folded_into_float_weights_when_ort_loads_t
     assert np.array_equal(smaller, folded)
 
 
+def _cast_before_depthwise(folder):
+    """tiny_cnn with a Cast to float (a no-op ORT removes, as torch exports leave them) before its depthwise Conv,
+    whose first channel's weights are 50x the others' (one int8 scale for the whole weight then rounds the others
+    to a few levels), on disk with calibration samples: (model path, calibration path)."""
+    model = tiny_cnn()
+    weight = next(t for t in model.graph.initializer if t.name == "w2")
+    values = numpy_helper.to_array(weight).copy()
+    values[0] *= 50.0
+    weight.CopyFrom(numpy_helper.from_array(values, "w2"))
+    depthwise = next(n for n in model.graph.node if n.name == "dw")
+    depthwise.input[0] = "r1_cast"
+    position = next(i for i, n in enumerate(model.graph.node) if n.name == "dw")
+    model.graph.node.insert(position, helper.make_node("Cast", ["r1"], ["r1_cast"], to=TensorProto.FLOAT, name="cast"))
+    onnx.save(model, folder / "m.onnx")
+    np.savez(folder / "calib.npz", **samples_for(model, 64, seed=1))
+    return folder / "m.onnx", folder / "calib.npz"
+
+
+@pytest.mark.parametrize("mode", ["float", "weight-only"])
+def test_a_no_op_cast_does_not_hide_a_static_neighbour_from_the_shield_or_the_fold(tmp_path, mode):
+    """A review put a Cast to float between a static layer's per-tensor DequantizeLinear and a depthwise Conv left
+    in float or weight-only: ORT removes the Cast, then its WeightBiasQuantization rounded the float weight (the
+    float layer's, or a folded weight-only one's) to one int8 scale and fused a QLinearConv, 7 output steps off.
+    The shield and the fold now walk through the ops ORT removes: ORT's optimized model computes what the file
+    says (the same file run with ORT's optimizations off)."""
+    model_path, calib_path = _cast_before_depthwise(tmp_path)
+    loaded, path, modes = _written_at_8_bits(model_path, calib_path, tmp_path, floats=("dw",) if mode == "float"
+                                             else (), modes_of={"dw": "weight-only"} if mode != "float" else None)
+    assert modes["dw"] == mode and modes["conv1"] == "static"
+    written = onnx.load(path)
+    producers = {o: n for n in written.graph.node for o in n.output}
+    depthwise = next(n for n in written.graph.node if n.name == "dw")
+    if mode == "weight-only":  # not folded: a QuantizeLinear follows, so ORT fuses the DequantizeLinear pair
+        assert producers[depthwise.input[1]].op_type == "DequantizeLinear"
+    x = np.load(calib_path)["x"][:16]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    optimized = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(optimized - as_written).max() < 0.01 * np.abs(as_written).max()  # rounded: 4-5% off
+    if mode == "float":
+        assert optimized_op_counts(path).get("QLinearConv", 0) == 2  # the depthwise layer runs in float
+
+
+def test_only_the_kinds_ort_rounds_keep_a_dequantize_linear_behind_a_static_neighbour():
+    """write.folds_at_load: a weight-only int8 weight is folded unless ORT's WeightBiasQuantization could round it
+    (a Conv or ConvTranspose whose input a DequantizeLinear reaches, also past a Reshape or a no-op Cast or Mul by
+    1); an LSTM, which that transformer never touches, is folded behind one too."""
+    from msq_onnx.ops import Layer, kind_for
+    from msq_onnx.write import INT4, INT8, folds_at_load
+
+    constants = {"one": numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+                 "two": numpy_helper.from_array(np.array(2.0, np.float32), "two")}
+    chains = {"direct": [], "reshape": [("Reshape", ["shape"])], "cast": [("Cast", [])],
+              "times one": [("Mul", ["one"])], "times two": [("Mul", ["two"])], "relu": [("Relu", [])]}
+    for op_type, weight_shape in (("Conv", (8, 4, 3, 3)), ("LSTM", (1, 32, 4))):
+        for chain, steps in chains.items():
+            nodes = [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["t0"], name="dq")]
+            for index, (step, extra) in enumerate(steps):
+                nodes.append(helper.make_node(step, [f"t{index}"] + extra, [f"t{index + 1}"], name=f"n{index}",
+                                              **({"to": TensorProto.FLOAT} if step == "Cast" else {})))
+            node = helper.make_node(op_type, [f"t{len(steps)}", "w"], ["y"], name="layer")
+            producers = {o: n for n in nodes + [node] for o in n.output}
+            layer = Layer(name="layer", op_type=op_type, weight_name="w", input_name=node.input[0], probe_name="y",
+                          weight_shape=weight_shape, out_axis=0 if op_type == "Conv" else 1, nodes=("layer",))
+            assert layer.kind is kind_for(node)
+            folded = folds_at_load(layer, INT8, [node], producers, constants)
+            reached = chain not in ("times two", "relu")
+            assert folded == (op_type == "LSTM" or not reached), (op_type, chain)
+            assert not folds_at_load(layer, INT4, [node], producers, constants)
+
+
 def test_a_weight_only_layer_between_static_layers_keeps_a_bias_ort_would_overflow(tmp_path):
     """A weight-only convolution between two static ones: ORT's optimizer puts its float bias on int32 (input scale
     x weight scale) and fuses the layer, which only rounds the bias, unless a near-dead channel's weight step
