@@ -515,10 +515,10 @@ def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
     be a layer) that reads a per-tensor DequantizeLinear (a static neighbour's output), directly or through
     _CHANNEL_KEEPING ops or ops ORT removes (removed_by_ort) only it reads, gets that DequantizeLinear with the same
     scale and zero point repeated per input channel: the same values, in a form ORT's WeightBiasQuantization and
-    QDQ fusions leave alone
-    (OpKind.float_input_channels), so the node runs in float as the report says. The DequantizeLinear is changed
-    in place where nothing else reads it, else a copy is made. EfficientNet-Lite0's first block's projection left
-    in float at --avg-bits 3.5 ran as a per-tensor int8 QLinearConv: task cosine 0.939 -> 0.880.
+    QDQ fusions leave alone (OpKind.float_input_channels), so the node runs in float as the report says. The
+    DequantizeLinear is changed in place where nothing else reads it, else a copy is made. EfficientNet-Lite0's
+    first block's projection left in float at --avg-bits 3.5 ran as a per-tensor int8 QLinearConv: task cosine
+    0.939 -> 0.880.
     A weight-only layer there is left to ORT, which only puts its bias on int32 (and fuses an int8 one, faster, on
     the input it reads quantized anyway), unless a near-dead channel's step overflows that int32: then the
     channel's output was off by its whole bias, and the layer is shielded too.
