@@ -7,8 +7,8 @@
     same calibration samples, read by the same loader;
   * calibration memory as the set grows: 100 vs 1,000 samples (--scale);
   * batch-1 latency, 1 thread, interleaved: FP32, ORT's uniform int8 QDQ and
-    ours (and ours with --prefer size, converted once more, untimed); and the
-    fused integer kernels in each optimized graph;
+    ours (and ours with --prefer size, converted once more, its conversion not
+    timed); and the fused integer kernels in each optimized graph;
   * session memory: what a process holds for each of those models (resident
     growth from building a one-thread session and running it three times on a
     real sample, and its peak), each model in a fresh process so that no
@@ -109,9 +109,11 @@ def session_memory_mib(paths: dict, feed: dict, work: str) -> dict:
     np.savez(feed_path, **feed)
     measured = {}
     for name, path in paths.items():
-        output = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT.format(), path, feed_path], cwd=ROOT,
-                                capture_output=True, text=True, check=True).stdout
-        measured[name] = {k: round(v, 1) for k, v in json.loads(output.strip().splitlines()[-1]).items()}
+        run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT.format(), path, feed_path], cwd=ROOT,
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"the session memory of {name} could not be measured: {run.stderr[-500:]}")
+        measured[name] = {k: round(v, 1) for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
     return measured
 
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 import threading
+import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -330,10 +333,8 @@ WEIGHT_ALIGNMENT = 4096  # each weight starts on a page: ORT maps such external 
 
 def _remove_folder(folder: str) -> None:
     """Remove a folder of ours even when an interrupt lands while it goes: a finalizer's KeyboardInterrupt is
-    printed and dropped, and the folder stayed (a SIGTERM at the end of a conversion, whose output was complete)."""
-    import shutil
-    import time
-
+    printed and dropped, and the folder stayed (a SIGTERM at the end of a conversion, whose output was complete).
+    Its modules are imported with this one's: an interrupt during an import here, before the try, left the folder."""
     for _ in range(100):
         try:
             shutil.rmtree(folder, True)
@@ -353,8 +354,6 @@ class TemporaryFolder:
     behind (the fuzz test's interrupt, in full-suite runs)."""
 
     def __init__(self, prefix: str):
-        import weakref
-
         while True:  # TMPDIR may be relative
             self.name = os.path.join(os.path.abspath(tempfile.gettempdir()), f"{prefix}{os.urandom(6).hex()}")
             self._finalizer = weakref.finalize(self, _remove_folder, self.name)
@@ -371,7 +370,10 @@ class TemporaryFolder:
         self.cleanup()
 
     def cleanup(self) -> None:
-        self._finalizer()
+        # removed first, unregistered after: an interrupt between the two leaves the exit's removal to run again
+        # (the finalizer's own call unregisters before it removes)
+        _remove_folder(self.name)
+        self._finalizer.detach()
 
 
 class SharedWeights:

@@ -425,25 +425,49 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
 _DQ_PROPAGATING = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "MaxPool", "Resize"}
 
 
-def removed_by_ort(node: onnx.NodeProto, constants: dict) -> bool:
-    """Whether ORT's optimizer removes `node` as a no-op before its QDQ fusions (Identity, Dropout, a Cast to the
-    float it reads after a DequantizeLinear, adding or subtracting a one-value 0, multiplying or dividing by a
-    one-value 1), so that the node after it reads what it reads. constants: name -> TensorProto. Torch exports
-    leave such Casts: a review's per-tensor DequantizeLinear -> Cast -> Conv with a float weight was fused into a
-    QLinearConv with the weight rounded to one int8 scale (7 output steps off)."""
+def removed_by_ort(node: onnx.NodeProto, constants: dict) -> str | None:
+    """The input ORT's optimizer hands on to the node after `node` where it removes `node` as a no-op before its
+    QDQ fusions (Identity, Dropout, a Cast to the float it reads after a DequantizeLinear, an Expand to shape [1],
+    adding or subtracting a one-value 0 and multiplying or dividing by a one-value 1, on either side where the op
+    allows); None where it does not. constants: constant_tensors(). Torch exports leave such no-ops: a review's
+    per-tensor DequantizeLinear -> Cast -> Conv with a float weight was fused into a QLinearConv with the weight
+    rounded to one int8 scale (7 output steps off), and Add(0, x), Mul(x, Constant(value_float=1)) and
+    Expand(x, [1]) the same."""
     if node.op_type in ("Identity", "Dropout"):
-        return True
+        return node.input[0]
     if node.op_type == "Cast":
-        return attribute(node, "to", None) == onnx.TensorProto.FLOAT
+        return node.input[0] if attribute(node, "to", None) == onnx.TensorProto.FLOAT else None
+    if node.op_type == "Expand" and len(node.input) == 2:
+        shape = constants.get(node.input[1])
+        neutral = shape is not None and np.prod(shape.dims, dtype=np.int64) <= 1 and bool(
+            np.all(numpy_helper.to_array(shape) == 1))
+        return node.input[0] if neutral else None
     if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2:
         neutral = 0.0 if node.op_type in ("Add", "Sub") else 1.0
-        operand = constants.get(node.input[1])
-        if operand is None and node.op_type in ("Add", "Mul"):
-            operand = constants.get(node.input[0])
-        if operand is None or np.prod(operand.dims, dtype=np.int64) != 1:
-            return False
-        return bool(np.all(numpy_helper.to_array(operand) == neutral))
-    return False
+        sides = ((1, 0), (0, 1)) if node.op_type in ("Add", "Mul") else ((1, 0),)
+        for constant, data in sides:  # (the constant operand, the one handed on)
+            operand = constants.get(node.input[constant])
+            if operand is not None and np.prod(operand.dims, dtype=np.int64) == 1 \
+                    and bool(np.all(numpy_helper.to_array(operand) == neutral)):
+                return node.input[data]
+    return None
+
+
+def constant_tensors(model: onnx.ModelProto) -> dict:
+    """name -> TensorProto of every value ORT takes as a constant: the initializers, and the Constant nodes' values
+    in whichever attribute they hold them (ORT makes them initializers before it removes no-ops)."""
+    found = {t.name: t for t in model.graph.initializer}
+    kinds = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+    for node in model.graph.node:
+        if node.op_type != "Constant" or not node.output:
+            continue
+        for entry in node.attribute:
+            if entry.name == "value":
+                found[node.output[0]] = entry.t
+            elif entry.name in kinds:
+                found[node.output[0]] = numpy_helper.from_array(
+                    np.array(helper.get_attribute_value(entry), kinds[entry.name]))
+    return found
 
 
 def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, containers: dict) -> list[str]:
@@ -455,7 +479,7 @@ def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, container
     as ops._Dense puts them where MatMulNBits would compute them wrong."""
     producers = {output: node for node in model.graph.node for output in node.output}
     by_name = {node.name: node for node in model.graph.node}
-    constants = {t.name: t for t in model.graph.initializer}
+    constants = constant_tensors(model)
     found = []
     for layer in layers:
         if containers.get(layer.name) != INT2:
@@ -463,18 +487,21 @@ def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, container
         for node in (by_name.get(name) for name in layer.nodes):
             if node is None or node.op_type not in ("MatMul", "Gemm"):
                 continue
-            if dequantized_source(node.input[0], producers, _DQ_PROPAGATING, constants) is not None:
+            if dequantized_source(node.input[0], producers, _DQ_PROPAGATING | {"Expand"}, constants) is not None:
                 found.append(layer.name)
                 break
     return found
 
 
 def dequantized_source(tensor: str, producers: dict, through, constants: dict) -> onnx.NodeProto | None:
-    """The DequantizeLinear that makes `tensor`, directly or past ops of the types `through` and ops ORT removes
-    (removed_by_ort), each followed by its first input, or None."""
+    """The DequantizeLinear that makes `tensor`, directly or past ops of the types `through` (followed by their
+    first input) and ops ORT removes (removed_by_ort, followed by the input they hand on), or None."""
     source = producers.get(tensor)
-    while source is not None and (source.op_type in through or removed_by_ort(source, constants)):
-        source = producers.get(source.input[0])
+    while source is not None:
+        passed = source.input[0] if source.op_type in through else removed_by_ort(source, constants)
+        if passed is None:
+            break
+        source = producers.get(passed)
     return source if source is not None and source.op_type == "DequantizeLinear" else None
 
 
@@ -529,6 +556,7 @@ def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
     position = {id(node): index for index, node in enumerate(nodes)}
     readers = tensor_readers(model)
     inits = {t.name: t for t in model.graph.initializer}
+    constants = constant_tensors(model)
     taken = taken_names(model)
     inserted, shielded = {}, 0  # node position -> the DequantizeLinear copies its inputs get
     for node in nodes:
@@ -537,11 +565,13 @@ def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
             continue
         target, slot = node, kind.data_index  # the node that reads the DequantizeLinear, and at which input
         source = producers.get(node.input[slot])
-        while source is not None and ((source.op_type in _CHANNEL_KEEPING and node.op_type != "Gemm")
-                                      or removed_by_ort(source, inits)) \
-                and readers.get(source.output[0], set()) == {target.name}:
-            target, slot = source, 0
-            source = producers.get(source.input[0])
+        while source is not None and readers.get(source.output[0], set()) == {target.name}:
+            keeps = source.op_type in _CHANNEL_KEEPING and node.op_type != "Gemm"
+            passed = source.input[0] if keeps else removed_by_ort(source, constants)
+            if passed is None:
+                break
+            target, slot = source, list(source.input).index(passed)
+            source = producers.get(passed)
         if source is None or source.op_type != "DequantizeLinear" or source.input[1] not in inits \
                 or len(source.input) < 3 or source.input[2] not in inits:
             continue
@@ -672,6 +702,7 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
     edit = _GraphEdit(model)
     position = {node.name: i for i, node in enumerate(model.graph.node)}
     producers = {output: node for node in model.graph.node for output in node.output}
+    constants = constant_tensors(model)
     replacements: dict[int, list] = {}
     for layer in layers:
         weight = numpy_helper.to_array(edit.inits[layer.weight_name])
@@ -691,7 +722,7 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
         model.graph.initializer.append(packed_tensor(q_name, stored, container))
         blocked = np.ndim(scale) == 2  # [out, blocks]: blocks along the stored [K, N] weight's axis 0
         folded = mode == WEIGHT_ONLY and prefer == "speed" and folds_at_load(
-            layer, container, [model.graph.node[position[name]] for name in layer.nodes], producers, edit.inits)
+            layer, container, [model.graph.node[position[name]] for name in layer.nodes], producers, constants)
         s_name = None if folded else edit.constant(prefix + "_scale",
                                                    (scale.T.copy() if blocked else scale).astype(np.float32))
         z_name = edit.constant(prefix + "_zero", np.zeros(len(scale), np.int8)) if mode == DYNAMIC else ""
@@ -733,7 +764,8 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
 
 
 # Where ORT's optimizer moves a DequantizeLinear to the node after: what makes that node's input quantized to it
-_DQ_REACHES = _DQ_PROPAGATING | _CHANNEL_KEEPING
+# (an Expand where ORT removes it as keeping its input's shape, which the graph does not always tell)
+_DQ_REACHES = _DQ_PROPAGATING | _CHANNEL_KEEPING | {"Expand"}
 
 
 def folds_at_load(layer, container: str, nodes: list, producers: dict, constants: dict) -> bool:

@@ -457,3 +457,29 @@ def test_an_interrupt_as_a_temporary_folder_is_made_leaves_none(tmp_path, monkey
     with load.TemporaryFolder("msq-") as name:  # and an uninterrupted one is there until the block ends
         assert os.path.isdir(name) and os.path.dirname(name) == str(tmp_path / "tmp")
     assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_an_interrupt_as_a_temporary_folder_goes_leaves_its_removal_registered(tmp_path, monkeypatch):
+    """A second review interrupted TemporaryFolder's removal as it began (the finalizer's own call unregisters it
+    before it removes): the folder stayed, with nothing left to retry. cleanup() now removes first and unregisters
+    after: the interrupted folder is still removed when the object goes or at the interpreter's exit."""
+    import gc
+    import tempfile
+
+    from msq_onnx import load
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = load.TemporaryFolder("msq-")
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(load, "_remove_folder", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            with folder:
+                pass
+    assert os.path.isdir(folder.name) and folder._finalizer.alive  # still to be removed
+    del folder
+    gc.collect()
+    assert os.listdir(tmp_path) == []
