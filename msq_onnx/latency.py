@@ -290,15 +290,15 @@ def layer_seconds(loaded, rows: dict) -> dict | None:
     return result
 
 
-def width_seconds(layer, seconds: dict, mode: str, container: str, prefer: str = "speed") -> float:
+def width_seconds(layer, seconds: dict, mode: str, container: str, folded: bool = True) -> float:
     """What one layer costs at batch 1 in the mode and container a width gives it. A weight-only int8 weight is
-    folded at load with --prefer speed (write.folds_at_load: taken as folded here, though a Conv behind a static
-    neighbour keeps a DequantizeLinear that ORT fuses); any other weight-only weight (an int4 Conv's, an LSTM's
-    with --prefer size) is dequantized in every run, as timed per container where it was."""
+    folded at load where `folded` (pipeline.folds_weights; write.folds_at_load: taken as folded here, though a
+    Conv behind a static neighbour keeps a DequantizeLinear that ORT fuses); any other weight-only weight (an int4
+    Conv's, an LSTM's with --prefer size) is dequantized in every run, as timed per container where it was."""
     if container == FLOAT_CONTAINER:
         return seconds[FLOAT]
     if mode != WEIGHT_ONLY:
         return seconds.get(mode, seconds[FLOAT])
-    if container == INT8 and prefer == "speed":
+    if container == INT8 and folded:
         return seconds[WEIGHT_ONLY]
     return seconds.get(container, seconds[WEIGHT_ONLY])

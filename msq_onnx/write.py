@@ -369,10 +369,10 @@ def _quiet_ort_logging():
 
 def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: dict, work_dir: str,
                     wide_inputs=(), modes: dict | None = None, containers: dict | None = None,
-                    prefer: str = "speed") -> str:
+                    fold: bool = True) -> str:
     """Write the model in work_dir: ORT's QDQ quantizer for the static layers, our rewrite for the others.
     It uses `quantized` up: its model is released or rewritten in place; build a new one for another write.
-    prefer: the objective, which decides how weight-only int8 weights are written (folds_at_load)."""
+    fold: weight-only int8 weights are written to be folded at load where they can be (folds_at_load)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     modes = modes or {layer.name: STATIC for layer in loaded.layers}
@@ -413,7 +413,7 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
         if others:
             for name in int2_behind_quantized_inputs(model, others, containers):
                 containers[name] = INT4  # the caller's plan, which the report reads, says what is written
-            rewrite_layers(model, others, quantized, modes, containers, prefer)
+            rewrite_layers(model, others, quantized, modes, containers, fold)
         if shielding:
             shield_from_ort_rounding(model, static_nodes)
         restore_default_inputs(model, loaded.default_inputs)
@@ -692,7 +692,7 @@ def _gather_nodes(node, layer, integers: np.ndarray, scale: np.ndarray, containe
 
 
 def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, modes: dict,
-                   containers: dict, prefer: str = "speed") -> None:
+                   containers: dict, fold: bool = True) -> None:
     """Dynamic and weight-only layers, written as quantize_dynamic, MatMulNBits and GatherBlockQuantized
     expect them.
 
@@ -721,7 +721,7 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
         stored = integers.T.copy() if dense else layer.kind.from_matrix(layer, integers)
         model.graph.initializer.append(packed_tensor(q_name, stored, container))
         blocked = np.ndim(scale) == 2  # [out, blocks]: blocks along the stored [K, N] weight's axis 0
-        folded = mode == WEIGHT_ONLY and prefer == "speed" and folds_at_load(
+        folded = mode == WEIGHT_ONLY and fold and folds_at_load(
             layer, container, [model.graph.node[position[name]] for name in layer.nodes], producers, constants)
         s_name = None if folded else edit.constant(prefix + "_scale",
                                                    (scale.T.copy() if blocked else scale).astype(np.float32))
@@ -769,7 +769,7 @@ _DQ_REACHES = _DQ_PROPAGATING | _CHANNEL_KEEPING | {"Expand"}
 
 
 def folds_at_load(layer, container: str, nodes: list, producers: dict, constants: dict) -> bool:
-    """Whether a weight-only layer's weight is written (with --prefer speed) as int8 -> Cast -> Mul(scale)
+    """Whether a weight-only layer's weight is written (pipeline.folds_weights) as int8 -> Cast -> Mul(scale)
     (folded_weight_nodes), not as a DequantizeLinear. ORT's optimizer keeps a DequantizeLinear of a constant as it
     is, for its QDQ fusions, and a float op with no weight-only kernel (Conv, ConvTranspose, LSTM/GRU/RNN,
     Attention) then dequantizes the whole weight in every run, and cannot prepack it: the orientation classifier
@@ -778,7 +778,7 @@ def folds_at_load(layer, container: str, nodes: list, producers: dict, constants
     DequantizeLinear computes with no zero point; a kernel ORT picks for a constant weight may sum in another
     order, 3e-7 relative on a review's Conv) at FP32's speed, the int8 bytes on disk, and FP32's memory for
     those weights (the PicoDet layout detector's running session 128 -> 141 MiB, FP32's 141), which is why
-    --prefer size keeps the DequantizeLinear.
+    --prefer size keeps the DequantizeLinear unless a latency bound is asked.
     Not for a kind ORT's WeightBiasQuantization rounds (OpKind.float_input_channels: Conv, ConvTranspose) whose
     input a DequantizeLinear may reach (a static neighbour's output): a float weight there would be rounded to
     one int8 scale by ORT (shield_from_ort_rounding), where the DequantizeLinear form is fused into an integer

@@ -337,3 +337,41 @@ def test_a_gate_beside_a_budget_does_not_change_the_allocation():
                                    Options(avg_bits=7.5, max_drop=gate, eval_path=BUNDLED_EVAL, quiet=True)).report)
     plain, gated = ({layer["name"]: layer["bits"] for layer in report["layers"]} for report in reports)
     assert gated == plain and 32 not in gated.values() and reports[1]["fused_integer_kernels"] == 6
+
+
+def test_the_latency_budget_fits_the_layers_timed_alone_to_the_whole_models_time(cnn_files, monkeypatch):
+    """Each layer timed alone carries a session run's overhead: the orientation classifier's 33 layers summed to
+    3.39 ms in float against the whole model's 2.73, and --max-latency 1 was refused as unreachable while its
+    --avg-bits 4 model ran at 0.97x FP32's time. Where the layers' float times add up to more than the model's,
+    every cost is scaled to fit it; where less, the rest of the model is charged as before."""
+    from types import SimpleNamespace
+
+    from msq_onnx import latency, verify
+    from msq_onnx.pipeline import latency_budget
+
+    loaded = load_model(cnn_files["model"])
+    calib = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    analysis = SimpleNamespace(modes={layer.name: SimpleNamespace(mode="static") for layer in loaded.layers},
+                               stats=SimpleNamespace(rows={}))
+    alone = {layer.name: {"static": 0.001, "weight-only": 0.003, "float": 0.002} for layer in loaded.layers}
+    monkeypatch.setattr(latency, "layer_seconds", lambda *args: alone)
+    for model_ms, scale, rest in ((0.004 * len(alone) * 1000, 1.0, 0.002 * len(alone)),
+                                  (0.001 * len(alone) * 1000, 0.5, 0.0)):
+        monkeypatch.setattr(verify, "time_models", lambda *args, ms=model_ms: [ms])
+        budget = latency_budget(loaded, analysis, Options(max_latency=1.0), (2, 8), calib)
+        name = loaded.layers[0].name
+        assert budget.costs[name][8] == pytest.approx(0.001 * scale)  # static
+        assert budget.costs[name][32] == pytest.approx(0.002 * scale)  # float
+        assert budget.limit == pytest.approx(model_ms / 1000 - rest)
+        # the narrowest widths' cost, static everywhere, fits once scaled (half the model's time either way)
+        assert sum(c[2] for c in budget.costs.values()) <= budget.limit
+
+
+def test_a_latency_bound_folds_weight_only_weights_whatever_the_objective():
+    """Weight-only int8 weights folded at load run at FP32's speed in the same bytes: --prefer size keeps the
+    DequantizeLinear form (less memory) unless --max-latency asks for speed too; with it, the orientation classifier
+    at --prefer size --max-latency 1 kept 32 of 33 layers in float (the DequantizeLinear form ran 2.9x FP32's time)."""
+    from msq_onnx.pipeline import folds_weights
+
+    assert folds_weights(Options()) and folds_weights(Options(max_latency=1.0))
+    assert not folds_weights(Options(prefer="size")) and folds_weights(Options(prefer="size", max_latency=1.0))

@@ -1184,7 +1184,7 @@ def _written_at_8_bits(model_path, calib_path, folder, floats=(), modes_of=None,
     modes.update(modes_of or {})
     quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean)
     return loaded, quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(folder), modes=modes,
-                                   containers=containers, prefer=prefer), modes
+                                   containers=containers, fold=prefer == "speed"), modes
 
 
 def test_a_layer_left_in_float_between_static_layers_runs_in_float(cnn_files, tmp_path):
