@@ -166,7 +166,7 @@ def mode_order(layer, costs: dict) -> tuple:
 
 def _conv_model(node, weight_shape: tuple, input_shape: list, mode: str) -> onnx.ModelProto:
     """The layer's own Conv (attributes and all) on a batch-1 input, written as the mode runs it: weight-only as
-    write.py folds an int8 weight (--prefer speed), "int8" and "int4" as a DequantizeLinear of such a weight."""
+    write.py folds an int8 weight (pipeline.folds_weights), "int8" and "int4" as a DequantizeLinear of such a weight."""
     from .write import _GraphEdit, folded_weight_nodes, packed_tensor
 
     rng = np.random.default_rng(0)

@@ -485,9 +485,9 @@ class _Recurrent(OpKind):
     """LSTM, GRU and RNN: the input weights W [directions, gates x hidden, inputs] (input 1) and the recurrence
     weights R [directions, gates x hidden, hidden] (input 2) are two layers. ONNX Runtime has no integer kernel
     for them, so both are weight-only: integers and one scale per gate row (shared by the directions: axis 1)
-    that a DequantizeLinear turns back into the float weight the op reads every run (a GRU of 3 x 24 x 16
-    takes its dequantized weights at cosine 0.99998 at 8 bits). The bytes shrink; the recurrence runs in
-    float. The bias B stays float, as a Conv's does."""
+    turned back into the float weight the op reads (a GRU of 3 x 24 x 16 takes its dequantized weights at cosine
+    0.99998 at 8 bits): once, at load, where write.folds_at_load folds an int8 one, else by a DequantizeLinear
+    every run. The bytes shrink; the recurrence runs in float. The bias B stays float, as a Conv's does."""
 
     def weights(self, node):
         hidden = self.probe(node)  # what R multiplies: the hidden states, h_t of every step (Y) or the last
