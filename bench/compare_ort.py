@@ -84,7 +84,7 @@ def resident(field='VmRSS'):  # VmHWM: the peak of this process (ru_maxrss carri
     with open('/proc/self/status') as handle:
         return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(field + ':'))
 with np.load(sys.argv[2]) as arrays:
-    feed = {{name: arrays[name] for name in arrays.files}}
+    feed = {name: arrays[name] for name in arrays.files}
 before = resident()
 options = ort.SessionOptions()
 options.intra_op_num_threads = 1
@@ -94,8 +94,8 @@ built = resident()
 for _ in range(3):
     session.run(None, feed)
 peak = resident('VmHWM')
-print(json.dumps({{'built_mib': (built - before) / 2**20, 'running_mib': (resident() - before) / 2**20,
-                  'peak_mib': (peak - before) / 2**20}}))
+print(json.dumps({'built_mib': (built - before) / 2**20, 'running_mib': (resident() - before) / 2**20,
+                  'peak_mib': (peak - before) / 2**20}))
 """
 
 
@@ -109,7 +109,7 @@ def session_memory_mib(paths: dict, feed: dict, work: str) -> dict:
     np.savez(feed_path, **feed)
     measured = {}
     for name, path in paths.items():
-        run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT.format(), path, feed_path], cwd=ROOT,
+        run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, path, feed_path], cwd=ROOT,
                              capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"the session memory of {name} could not be measured: {run.stderr[-500:]}")

@@ -347,6 +347,13 @@ def _remove_folder(folder: str) -> None:
             continue
 
 
+def hidden_file_name(folder: str, prefix: str, suffix: str) -> str:
+    """A new file's or folder's name, known before it exists: an interrupt that lands while it is created still
+    finds it to remove (one between tempfile.mkstemp's open and its return left a file beside the output: the fuzz
+    test's SIGINT)."""
+    return os.path.join(folder, f"{prefix}{os.urandom(6).hex()}{suffix}")
+
+
 class TemporaryFolder:
     """A folder of ours in the temporary directory, removed on leaving a with block, when this object goes, or at
     the interpreter's exit, whichever comes first. Its removal is registered before the folder is made:
@@ -355,7 +362,7 @@ class TemporaryFolder:
 
     def __init__(self, prefix: str):
         while True:  # TMPDIR may be relative
-            self.name = os.path.join(os.path.abspath(tempfile.gettempdir()), f"{prefix}{os.urandom(6).hex()}")
+            self.name = hidden_file_name(os.path.abspath(tempfile.gettempdir()), prefix, "")
             self._finalizer = weakref.finalize(self, _remove_folder, self.name)
             try:
                 os.mkdir(self.name, 0o700)

@@ -473,6 +473,7 @@ def latency_budget(loaded, analysis: Analysis, options: Options, widths, samples
     # the whole FP32 model's, each time is scaled to fit it. The orientation classifier's 33 layers summed to 3.39
     # ms against its 2.73, and --max-latency 1 was refused as unreachable while its --avg-bits 4 model ran at 0.97x.
     scale = fp32 / layers_fp32 if layers_fp32 > fp32 else 1.0
+    folded = folds_weights(options)
     costs = {}
     for layer in loaded.layers:
         costs[layer.name] = {}
@@ -480,8 +481,7 @@ def latency_budget(loaded, analysis: Analysis, options: Options, widths, samples
             mode = FLOAT if bits == FLOAT_BITS else analysis.modes[layer.name].mode
             container = layer.kind.container(layer, bits, mode, options.prefer)
             costs[layer.name][bits] = scale * width_seconds(layer, seconds[layer.name],
-                                                            layer.kind.mode_for(container, mode), container,
-                                                            folds_weights(options))
+                                                            layer.kind.mode_for(container, mode), container, folded)
     return allocate_stage.Budget(costs, options.max_latency * fp32 - rest, f"--max-latency {options.max_latency:g}",
                                  unit="seconds")
 

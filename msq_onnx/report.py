@@ -13,7 +13,8 @@ from . import __version__
 from .allocate import average_bits
 from .fidelity import DECISION_KINDS
 from .ops import STATIC
-from .write import _default_mode, create_empty, hidden_file_name, written_files
+from .load import hidden_file_name
+from .write import _default_mode, create_empty, written_files
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
 

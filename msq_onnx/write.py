@@ -23,8 +23,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import BadOption
-from .load import (LoadedModel, all_names, consumers, external_data_files, is_large, save_model_file, subgraph_inputs,
-                   unique_name)
+from .load import (LoadedModel, all_names, consumers, external_data_files, hidden_file_name, is_large, save_model_file,
+                   subgraph_inputs, unique_name)
 from .ops import (CONTAINER_BITS, DYNAMIC, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute,
                   kind_for, range_sources, shares_quantization, static_region)
 from .weights import as_matrix, quantize_layer, steps
@@ -339,13 +339,6 @@ def check_output_path(input_path: str, output_path: str) -> None:
             os.unlink(probe)
 
 
-def hidden_file_name(folder: str, prefix: str, suffix: str) -> str:
-    """A new file's name beside the output, known before the file exists: an interrupt that lands while it is
-    created still finds it to remove (one between tempfile.mkstemp's open and its return left it there: the fuzz
-    test's SIGINT)."""
-    return os.path.join(folder, f"{prefix}{os.urandom(6).hex()}{suffix}")
-
-
 def create_empty(path: str) -> None:
     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
@@ -477,13 +470,14 @@ def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, container
     whole model ("Type 'tensor(int2)' ... of operator (MatMulIntegerToFloat) is invalid": a review's MLP at
     --prefer size; a bias-less Gemm, and an Identity or Dropout in between, the same). Their 2-bit levels go in int4,
     as ops._Dense puts them where MatMulNBits would compute them wrong."""
+    narrowest = [layer for layer in layers if containers.get(layer.name) == INT2]
+    if not narrowest:
+        return []
     producers = {output: node for node in model.graph.node for output in node.output}
     by_name = {node.name: node for node in model.graph.node}
     constants = constant_tensors(model)
     found = []
-    for layer in layers:
-        if containers.get(layer.name) != INT2:
-            continue
+    for layer in narrowest:
         for node in (by_name.get(name) for name in layer.nodes):
             if node is None or node.op_type not in ("MatMul", "Gemm"):
                 continue
