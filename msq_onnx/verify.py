@@ -108,8 +108,8 @@ def integer_kernels_saturate() -> bool:
     return int(product.ravel()[0]) != 2 * 255 * 127
 
 
-def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict,
-                   per_channel: bool = False) -> tuple[str | None, str, str | None]:
+def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict, per_channel: bool = False,
+                   float_nodes: tuple = ()) -> tuple[str | None, str, str | None]:
     """ONNX Runtime's own uniform int8 model, the latency yardstick a user would build: quantize_static (our
     ranges, completed by timing_ranges, as its calibration cache) for a model we run mostly static,
     quantize_dynamic otherwise. Returns its path (None where ORT's quantizer refused the model), its kind, and
@@ -118,7 +118,7 @@ def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict,
     When only its speed is measured its weights are quantized per tensor: the same kernels run (batch-1
     latency per tensor / per channel: EfficientNet-Lite0 4.42 / 4.47 ms, MiniLM-L6 4.45 / 4.55 ms) and
     ORT's quantizer writes it 10x (static) and 3x (dynamic) faster: its per-channel loop is Python. Its bytes
-    or accuracy as a user's file need per_channel=True."""
+    or accuracy as a user's file need per_channel=True. float_nodes: names of nodes ORT's quantizer leaves in float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from .write import _quiet_ort_logging, write_calibration_cache
@@ -133,10 +133,11 @@ def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict,
                 write_calibration_cache(timing_ranges(graph, ranges), cache)
                 quantize_static(fp32_path, path, calibration_data_reader=None, quant_format=QuantFormat.QDQ,
                                 per_channel=per_channel, activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8,
+                                weight_type=QuantType.QInt8, nodes_to_exclude=list(float_nodes),
                                 calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache)
             else:
-                quantize_dynamic(fp32_path, path, per_channel=per_channel, weight_type=QuantType.QInt8)
+                quantize_dynamic(fp32_path, path, per_channel=per_channel, weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=list(float_nodes))
         return path, kind, None
     except Exception as exc:  # the yardstick is optional: ORT's quantizer refuses some models that we convert
         return None, kind, f"cannot be written: {one_line(exc)}"[:300]

@@ -209,6 +209,33 @@ def test_encoder_runs_with_dynamic_batch_and_sequence(encoder_run):
         assert cosine(fp32, quant) > 0.98
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_the_latency_yardstick_leaves_embedding_lookups_float(encoder_run, tmp_path, kind):
+    """ORT's own int8 model is written for its kernels' time: the embedding table stays a float Gather (its int8
+    rows cost the same time, and quantizing a 30522-row table was most of the yardstick's writing), and every
+    other weight is quantized as ORT's quantizer does."""
+    from msq_onnx.modes import DYNAMIC, STATIC, ModeChoice
+    from msq_onnx.pipeline import _yardstick
+
+    model_path, _, _ = encoder_run
+    loaded = load_model(model_path)
+    mode = STATIC if kind == "static" else DYNAMIC
+    ranges = {name: (-4.0, 4.0) for name in [t.name for t in loaded.model.graph.input] + [
+        out for node in loaded.model.graph.node for out in node.output]}
+    path, written_kind, failed = _yardstick({layer.name: ModeChoice(mode, {}, "") for layer in loaded.layers},
+                                            ranges, loaded, str(tmp_path))
+    assert failed is None and written_kind == kind
+    written = onnx.load(path)
+    tables = {t.name: t for t in written.graph.initializer}
+    (gather,) = [n for n in written.graph.node if n.op_type == "Gather" and n.input[0] in tables]
+    assert tables[gather.input[0]].data_type == TensorProto.FLOAT and tuple(tables[gather.input[0]].dims) == (
+        VOCAB, WIDTH)
+    integer_weights = [t for t in written.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+    assert len(integer_weights) == sum(1 for layer in loaded.layers if not layer.kind.read_where_gathered)
+    feed = padded_batch(np.random.default_rng(1), [6], 6)
+    assert ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)[0].shape == (1, WIDTH)
+
+
 def test_encoder_keeps_ort_away_from_gather_and_layernorm(encoder_run):
     """ORT's static quantizer never puts Q/DQ on the embedding table, LayerNorm or Softmax: the table stays a
     plain float initializer unless msq-onnx itself made the Gather a layer (then GatherBlockQuantized reads it)."""
