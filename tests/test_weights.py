@@ -625,3 +625,44 @@ def test_level_sets_only_where_the_container_takes_them():
     table = error_table(layer, weight, power, (3, 4), mirrors={3: True, 4: True}, level_sets={3: False, 4: True})
     assert table[3].level_set is None and table[3].integers is None
     assert table[4].level_set is not None
+
+
+def test_consecutive_widths_walk_from_the_last_best_ratio_to_the_full_grids_best(monkeypatch):
+    """A layer's widths share one SearchRows: from the third width on, each row's search walks from a start
+    predicted from the widths before it, ends on the ratio the full grid finds best (these rows' errors are
+    unimodal in the ratio), and passes over far fewer weights than the coarse-to-fine search does."""
+    from msq_onnx import weights as stage
+
+    rng = np.random.default_rng(8)
+    matrix = (rng.standard_t(5, size=(200, 64)) * rng.uniform(0.2, 2.0, size=(200, 1))).astype(np.float32)
+    weight = rng.uniform(0.5, 2.0, size=matrix.shape).astype(np.float32)
+    peak = np.abs(matrix).max(axis=1)
+    passed = {"weights": 0}
+    original = stage._row_errors
+
+    def counted(values, *rest):
+        inner = original(values, *rest)
+
+        def row_errors(ratio, rows=None):
+            passed["weights"] += values.size if rows is None else len(rows) * values.shape[1]
+            return inner(ratio, rows)
+        return row_errors
+
+    monkeypatch.setattr(stage, "_row_errors", counted)
+    walked, apart = {}, {}
+    prepared = stage.SearchRows(matrix, weight)
+    for bits in range(2, 9):
+        walked[bits] = stage.search_clips(prepared, None, bits)
+    walked_cost, passed["weights"] = passed["weights"], 0
+    for bits in range(2, 9):
+        apart[bits] = stage.search_clips(matrix, weight, bits)
+    assert walked_cost < 0.7 * passed["weights"]
+    for bits in range(2, 9):
+        direct = np.stack([(weight * (stage.fake_quantize(matrix, peak * ratio, bits)[0] - matrix) ** 2).sum(axis=1)
+                           for ratio in stage.CLIP_RATIOS], axis=1)
+        best = peak * stage.CLIP_RATIOS[direct.argmin(axis=1)]
+        found = {name: np.mean(np.isclose(choice[bits].clip, best, rtol=1e-6))
+                 for name, choice in (("walked", walked), ("apart", apart))}
+        print(bits, found, walked[bits].error / apart[bits].error)
+        assert found["walked"] >= min(found["apart"], 0.97), bits
+        assert walked[bits].error <= apart[bits].error * (1 + 1e-3)
