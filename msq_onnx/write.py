@@ -78,9 +78,9 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
     from .instrument import RUN_WORKERS, one_blas_thread, ordered_runs
 
     # Two layers round and serialize at once (numpy lets go of the GIL); the copy is edited here, in the layers'
-    # order.
+    # order. None waits ahead: each result holds a whole weight twice (MiniLM-L6's embedding table: 2 x 47 MB).
     with one_blas_thread():
-        for layer, (result, tensor) in ordered_runs(rounded, quantized_layers, RUN_WORKERS):
+        for layer, (result, tensor) in ordered_runs(rounded, quantized_layers, RUN_WORKERS, ahead=0):
             model.graph.initializer[index[layer.weight_name]].CopyFrom(tensor)
             _set_bias(model, layer, result, index, nodes, readers, taken)
             scales[layer.weight_name] = result.scale

@@ -101,6 +101,26 @@ def test_ordered_runs_keep_the_order_and_run_two_at_once():
     assert seen == [0, 1, 2]
 
 
+def test_ordered_runs_go_on_while_the_caller_holds_a_result():
+    """The caller absorbs each result between its waits: runs beyond the two running are already submitted, so
+    the workers do not wait for it."""
+    import time
+
+    from msq_onnx.instrument import QUEUED_AHEAD, ordered_runs
+
+    started = []
+
+    def run(item):
+        started.append(item)
+        return item
+
+    results = ordered_runs(run, range(20), workers=2)
+    assert next(results) == (0, 0)
+    time.sleep(0.2)  # the caller busy with result 0
+    assert QUEUED_AHEAD >= 1 and sorted(started) == list(range(2 + QUEUED_AHEAD + 1))
+    assert [item for item, _ in results] == list(range(1, 20))
+
+
 def test_batch_stream_reads_in_parts_without_losing_a_batch():
     from msq_onnx.instrument import BatchStream
 
