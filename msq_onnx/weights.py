@@ -157,7 +157,7 @@ def search_clips(matrix, weights: np.ndarray | None, bits: int, ratios=CLIP_RATI
     large = matrix.size > LARGE_LAYER
     stride = (3 if large else 2) if search else len(ratios)
     refine = search and (not large or bits < REFINED_BELOW_BITS)
-    hint = _start_of_search(prepared, bits) if search else None
+    hint = _start_of_search(prepared, bits) if search and matrix.shape[1] >= WALK_MIN_ROW else None
     best_index = np.zeros(matrix.shape[0], np.int64)
     best_err = np.zeros(matrix.shape[0], np.float32)
     rows = max(1, SEARCH_BLOCK // max(matrix.shape[1], 1))
@@ -214,6 +214,10 @@ def _start_of_search(prepared: SearchRows, bits: int) -> np.ndarray | None:
 
 
 WALK_LAG = 3
+# Rows of fewer weights keep the coarse-to-fine search: their error curves are jagged (a depthwise row's 9 or 25
+# weights), and they cost little. EfficientNet-Lite0's rows at seven widths where the walk ends elsewhere: 475 of
+# 152,824 with every row walked, 26 with rows of 128 or more (its time the same, 0.41 s against 0.61).
+WALK_MIN_ROW = 128
 
 
 def _row_errors(matrix: np.ndarray, weights: np.ndarray | None, peak: np.ndarray, top: int):
