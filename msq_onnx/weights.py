@@ -118,7 +118,7 @@ class SearchRows:
     def __init__(self, matrix: np.ndarray, weights: np.ndarray | None):
         self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
         self.weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
-        self.peak = np.abs(self.matrix).max(axis=1)
+        self.peak = np.maximum(self.matrix.max(axis=1), -self.matrix.min(axis=1))  # |x|'s peak, without its copy
         self.signal = float((self.matrix ** 2 if self.weights is None else self.weights * self.matrix ** 2).sum())
         self._mirrored = None
         # The last width searched, each row's best ratio index there, and how many ratios the layer's best moved
@@ -129,7 +129,9 @@ class SearchRows:
         """(flipped, rows): True where a row's larger extreme is positive, and the rows negated there."""
         if self._mirrored is None:
             flipped = self.matrix.max(axis=1) > -self.matrix.min(axis=1)
-            self._mirrored = flipped, np.where(flipped[:, None], -self.matrix, self.matrix)
+            rows = self.matrix.copy()  # negated in place: no third copy of an embedding table's 47 MB at once
+            np.negative(rows, out=rows, where=flipped[:, None])
+            self._mirrored = flipped, rows
         return self._mirrored
 
 
