@@ -545,7 +545,8 @@ def run_workers(loaded: LoadedModel, feed: dict) -> int:
     large. Two runs hold two sets of tensors (EfficientNet-Lite0's pass: +40 MB); a segmentation network at
     1024 x 1024 or a large transformer at a long sequence would hold gigabytes. The estimate is the tensors
     shape inference sized on this feed (_run_bytes), or the input's bytes x TENSORS_PER_INPUT where fewer are
-    known; the limit leaves room for the simulation graphs' Q/DQ copies and the results in flight."""
+    known; the limit leaves room for the simulation graphs' Q/DQ copies and the results in flight (up to
+    workers + QUEUED_AHEAD + 1 of them: a run's fetched outputs, a small part of its tensors)."""
     sized = _run_bytes(loaded.model, feed)
     given = sum(np.asarray(value).nbytes for value in feed.values()) * TENSORS_PER_INPUT
     return 1 if max(sized, given) > PAIRED_RUN_LIMIT else RUN_WORKERS

@@ -30,7 +30,7 @@ from .importance import upstream_layers
 from .instrument import blas_limit, one_blas_thread, run_pass, usable_cores
 from .latency import mode_costs
 from .load import TemporaryFolder, is_large, load_model
-from .ops import DYNAMIC, FLOAT, FLOAT_BITS, FLOAT_CONTAINER, MODES, PREFER, STATIC, WEIGHT_ONLY
+from .ops import DYNAMIC, FLOAT, FLOAT_BITS, FLOAT_CONTAINER, MODES, PREFER, REGISTRY, STATIC, WEIGHT_ONLY
 from .report import GzipSize, gzip_size
 from .verify import (INTEGER_ACTIVATION_OPS, SATURATION_FREE_BITS, fused_integer_kernels, integer_kernels_saturate,
                      smoke_check)
@@ -711,14 +711,16 @@ def _yardstick(modes: dict, ranges: dict, loaded, work_dir: str) -> tuple[str | 
     """ORT's own uniform int8 model of the FP32 model: quantize_static with our ranges when most layers
     measured static (`modes`: layer -> ModeChoice), quantize_dynamic otherwise.
 
-    Its embedding lookups stay float: their int8 tables change the file's bytes, not the kernels timed (a Gather,
-    then a DequantizeLinear of the rows it took), and quantizing them was most of the writing: MiniLM-L6's
-    yardstick ran 3.76 / 3.69 ms with / without (FP32 9.6), written in 0.55-0.75 / 0.34 s."""
+    Its embedding lookups stay float, ours and those left out of the allocation (a table tied to a MatMul, rows no
+    block size divides): their int8 tables change the file's bytes, not the kernels timed (a Gather, then a
+    DequantizeLinear of the rows it took), and quantizing them was most of the writing: MiniLM-L6's yardstick ran
+    3.76 / 3.69 ms with / without (FP32 9.6), written in 0.55-0.75 / 0.34 s."""
     from .verify import reference_int8
 
     measured = [choice.mode for choice in modes.values()]
     static = sum(1 for m in measured if m == STATIC) * 2 >= len(measured)
-    lookups = tuple(node for layer in loaded.layers if layer.kind.read_where_gathered for node in layer.nodes)
+    lookups = tuple(node for layer in loaded.layers if layer.kind.read_where_gathered for node in layer.nodes) + tuple(
+        entry["node"] for entry in loaded.skipped if getattr(REGISTRY.get(entry["op_type"]), "read_where_gathered", False))
     _return_freed_memory()  # the modes' sessions: ORT's quantizer starts from the lowest base
     reference = reference_int8(loaded.model_file(), work_dir, static, ranges, float_nodes=lookups)
     _return_freed_memory()

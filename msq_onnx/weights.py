@@ -112,8 +112,9 @@ REFINED_BELOW_BITS = 5  # ... and refined around the best only at narrower width
 class SearchRows:
     """A weight's [rows, fan_in] view prepared once for the clipping search at every width: a contiguous float32
     copy, its input weights, each row's peak and the weighted signal, and on first use the rows negated where
-    the mirrored grid's extra level goes. None of it depends on the width (MiniLM-L6's embedding table: 0.67 of
-    its 1.94 s at seven widths was recomputing it)."""
+    the mirrored grid's extra level goes. None of that depends on the width (MiniLM-L6's embedding table: 0.67 of
+    its 1.94 s at seven widths was recomputing it). It also remembers the last width searched on it, where the next
+    width's search starts (_start_of_search): a layer's widths share one, searched narrowest first."""
 
     def __init__(self, matrix: np.ndarray, weights: np.ndarray | None):
         self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
@@ -146,7 +147,9 @@ def search_clips(matrix, weights: np.ndarray | None, bits: int, ratios=CLIP_RATI
     around the best (its two neighbours) only below REFINED_BELOW_BITS, where the error is large: MiniLM-L6's
     table at 2 / 3 / 4 bits, error 0.1167 / 0.0283 / 0.0082 unrefined, 0.1124 / 0.0268 / 0.0076 refined,
     0.1122 / 0.0267 / 0.0076 with the full search (11 passes instead of 8). The work runs in place on a
-    contiguous copy: a transposed view made it 3-6x slower.
+    contiguous copy: a transposed view made it 3-6x slower. On SearchRows that searched the width one bit
+    narrower, the rows walk from there instead (_walk_rows), ending on the same coarse ratio where the error is
+    unimodal along the coarse grid: the result can depend on the widths searched before on the same SearchRows.
 
     mirror: the container has room for the level +2^(k-1) too, so each row puts its extra level on the side
     of its larger extreme (searched as the negated row). On MiniLM-L6 that takes 13% off the 3-bit error of
@@ -169,7 +172,7 @@ def search_clips(matrix, weights: np.ndarray | None, bits: int, ratios=CLIP_RATI
                  stride, refine)
         best_index[part], best_err[part] = _search_rows(*block) if hint is None else _walk_rows(*block, hint[part])
     if search:
-        consecutive = prepared.last_bits == bits - 1
+        consecutive = prepared.last_bits == bits - 1 and best_index.size > 0  # an empty weight has no median
         prepared.last_shift = int(np.median(prepared.last_best - best_index)) if consecutive else None
         prepared.last_bits, prepared.last_best = bits, best_index
     return WidthChoice(bits, peak * ratios[best_index], float(best_err.sum()) / max(prepared.signal, 1e-30),
@@ -207,9 +210,10 @@ def _start_of_search(prepared: SearchRows, bits: int) -> np.ndarray | None:
     and MiniLM-L6: median steps 5, 4, 3, 2, 1, 0 from 2 to 8 bits, in CLIP_RATIOS' steps of 0.05), and the walk is
     best started on the clipped side of the best ratio: the error rises smoothly with the clipping there, while near
     the unclipped end a row's outlier makes it jagged and a walk from that side can stop at a bump. Started one,
-    two and three ratios short, the walk differed from the coarse-to-fine search's ratio on 369, 385 and 475 of
-    EfficientNet-Lite0's 152,824 rows at the seven widths, with 34, 32 and 29 widths worse and 3, 9 and 15 better;
-    on 12-18 of MiniLM-L6's 362,390."""
+    two and three ratios short, with every row walked, the walk differed from the coarse-to-fine search's ratio on
+    369, 385 and 475 of EfficientNet-Lite0's 152,824 rows at the seven widths, with 34, 32 and 29 widths worse and
+    3, 9 and 15 better; on 12-18 of 362,390 of MiniLM-L6's (its embedding table taken as 384-value rows there;
+    written, its 32-value blocks are below WALK_MIN_ROW and keep the coarse-to-fine search)."""
     if prepared.last_shift is None or prepared.last_bits != bits - 1:
         return None
     return prepared.last_best - max(prepared.last_shift - WALK_LAG, 0)

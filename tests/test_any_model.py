@@ -236,6 +236,32 @@ def test_the_latency_yardstick_leaves_embedding_lookups_float(encoder_run, tmp_p
     assert ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)[0].shape == (1, WIDTH)
 
 
+def test_the_yardstick_leaves_a_table_tied_to_a_matmul_float_too(tmp_path):
+    """A table read by a Gather and, transposed, by a MatMul is left out of the allocation: the yardstick still
+    keeps its lookups float."""
+    from msq_onnx.modes import DYNAMIC, ModeChoice
+    from msq_onnx.pipeline import _yardstick
+
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.normal(size=(40, 16)).astype(np.float32), "table")
+    dense = numpy_helper.from_array(rng.normal(size=(16, 16)).astype(np.float32), "dense")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "dense"], ["h"]),
+             helper.make_node("Transpose", ["table"], ["tied"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "tied"], ["logits"])]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 6, 40])], [table, dense])
+    loaded = load_model(save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                             tmp_path / "tied.onnx"))
+    assert not any(layer.kind.read_where_gathered for layer in loaded.layers)  # the table is no layer of ours
+    path, _, failed = _yardstick({layer.name: ModeChoice(DYNAMIC, {}, "") for layer in loaded.layers}, {}, loaded,
+                                 str(tmp_path))
+    assert failed is None
+    written = onnx.load(path)
+    tables = {t.name: t for t in written.graph.initializer}
+    (gather,) = [n for n in written.graph.node if n.op_type == "Gather"]
+    assert tables[gather.input[0]].data_type == TensorProto.FLOAT
+
+
 def test_encoder_keeps_ort_away_from_gather_and_layernorm(encoder_run):
     """ORT's static quantizer never puts Q/DQ on the embedding table, LayerNorm or Softmax: the table stays a
     plain float initializer unless msq-onnx itself made the Gather a layer (then GatherBlockQuantized reads it)."""

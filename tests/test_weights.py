@@ -665,6 +665,8 @@ def test_consecutive_widths_walk_from_the_last_best_ratio_to_the_full_grids_best
                  for name, choice in (("walked", walked), ("apart", apart))}
         assert found["walked"] >= min(found["apart"], 0.97), bits
         assert walked[bits].error <= apart[bits].error * (1 + 1e-3)
+    empty = stage.SearchRows(np.zeros((0, 160), np.float32), None)  # nothing to walk from: no error either
+    assert all(stage.search_clips(empty, None, bits).clip.shape == (0,) for bits in range(2, 9))
     # Rows of a few weights (a depthwise convolution's 9) keep the coarse-to-fine search at every width
     short = rng.standard_t(3, size=(300, 9)).astype(np.float32)
     shared = stage.SearchRows(short, None)
