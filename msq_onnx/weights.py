@@ -321,7 +321,7 @@ def gptq_round(matrix: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: 
     # the reordered copy is the one the rounding works on: the factorisation is float64, the updates float32
     integers, losses = _gptq_in_order(np.asarray(matrix, np.float32)[:, order], reordered(scale), top,
                                       hessian[np.ix_(order, order)], reordered(flipped))
-    return integers[:, np.argsort(order)], losses
+    return np.take(integers, np.argsort(order), axis=1), losses  # [:, order] gathered a [7680, 384] int8 4x slower
 
 
 def _gptq_in_order(w: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: np.ndarray,
