@@ -20,6 +20,7 @@ import numpy as np
 from .errors import BadData, BadOption, one_line
 from .data import axis_name
 from .instrument import batch_of, ordered_runs, padded_batches, progress, run_threads
+from .load import producer_map
 from .verify import session
 
 CACHE_LIMIT = 256 * 1024**2  # FP32 outputs kept in memory for repeated comparisons (a --max-drop search)
@@ -454,7 +455,7 @@ def output_grid_steps(path: str, names: list) -> dict:
 
     graph = onnx.load(path, load_external_data=False).graph
     constants = {t.name: t for t in graph.initializer}
-    producers = {output: node for node in graph.node for output in node.output}
+    producers = producer_map(graph.node)
     steps = {}
     for name in names:
         node = producers.get(name)

@@ -7,12 +7,14 @@ at a small positive floor so that every layer keeps a non-zero weight.
 
 from __future__ import annotations
 
+from .load import producer_map
+
 IMPORTANCE_FLOOR = 0.005
 
 
 def upstream_layers(model, layers) -> dict[str, list[str]]:
     """For each layer, the nearest weighted layers on any path back from its input."""
-    producer = {out: node for node in model.graph.node for out in node.output}
+    producer = producer_map(model.graph.node)
     layer_names = {layer.name for layer in layers}
     initializers = {t.name for t in model.graph.initializer}
     result = {}

@@ -582,7 +582,7 @@ def _fold_batch_norms(graph: onnx.GraphProto, inits: dict) -> None:
     quantized weight (an extra op per convolution), and static quantization measures the convolution's output
     before BN's per-channel rescaling: PaddlePaddle exports keep every BN, and PaddleClas's orientation
     classifier, all static uint8 at 8 bits, fell to cosine 0.89."""
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = producer_map(graph.node)
     users = consumers(graph)
     outputs = {o.name for o in graph.output}
     shared = subgraph_inputs(graph) | outputs
@@ -832,7 +832,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict, opset: int | None =
     weights a kept chain still reads once every reader has its copy (an intermediate read by something else): they
     stay in the file beside the copies, and count at 32 bits; and, per folded weight, the bytes its sources took in
     the input file."""
-    producers = _producers(graph)
+    producers = producer_map(graph.node)
     users = consumers(graph)
     keep = subgraph_inputs(graph) | {o.name for o in graph.output}
     taken = all_names(graph)
@@ -892,7 +892,7 @@ def _drop_dead_constant_ops(graph: onnx.GraphProto, inits: dict, keep: set) -> N
     """Nodes computed from constants alone that nothing reads any more (a fused QKV weight's Transpose, or Abs, and
     Slices once each reader has its folded copy) and the initializers only they read: left, they kept a float weight
     in the file that no budget counted."""
-    producers = _producers(graph)
+    producers = producer_map(graph.node)
     while True:
         users = consumers(graph)
         dead = [n for n in graph.node if not any(users.get(o) or o in keep for o in n.output)
@@ -915,8 +915,9 @@ def _replace_initializer(graph, inits: dict, name: str, array: np.ndarray) -> No
     inits[name] = tensor
 
 
-def _producers(graph) -> dict:
-    return {out: node for node in graph.node for out in node.output}
+def producer_map(nodes) -> dict:
+    """tensor -> the node (of `nodes`, a graph's or a list of them) whose output it is."""
+    return {out: node for node in nodes for out in node.output}
 
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
@@ -1086,7 +1087,7 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
     """The layers (one per weight tensor) and the weighted nodes that cannot be layers, with the reason."""
     graph = model.graph
     users = consumers(graph)
-    producers = _producers(graph)
+    producers = producer_map(graph.node)
     outputs = {o.name for o in graph.output}
     by_weight: dict[str, Layer] = {}
     skipped = _subgraph_layers(graph)

@@ -13,7 +13,7 @@ from . import __version__
 from .allocate import average_bits
 from .fidelity import DECISION_KINDS
 from .ops import STATIC
-from .load import hidden_file_name
+from .load import hidden_file_name, producer_map
 from .write import _default_mode, create_empty, written_files
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "report.schema.json")
@@ -129,7 +129,7 @@ def _written_wide_inputs(path: str) -> set:
     wrote, which is not always what --act16 asked for (a tensor that comes through a Flatten or a MaxPool takes its
     source's uint8, a hunting subagent found: the report said 16)."""
     model = onnx.load(path, load_external_data=False)
-    producers = {out: node for node in model.graph.node for out in node.output}
+    producers = producer_map(model.graph.node)
     types = {t.name: t.data_type for t in model.graph.initializer}
     sixteen = (onnx.TensorProto.UINT16, onnx.TensorProto.INT16)
 

@@ -23,8 +23,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import BadOption
-from .load import (LoadedModel, all_names, consumers, external_data_files, hidden_file_name, is_large, save_model_file,
-                   subgraph_inputs, unique_name)
+from .load import (LoadedModel, all_names, consumers, external_data_files, hidden_file_name, is_large, producer_map,
+                   save_model_file, subgraph_inputs, unique_name)
 from .ops import (CONTAINER_BITS, DYNAMIC, FLOAT_BITS, INT2, INT4, INT8, STATIC, WEIGHT_ONLY, attribute,
                   kind_for, range_sources, shares_quantization, static_region)
 from .weights import as_matrix, quantize_layer, steps
@@ -473,7 +473,7 @@ def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, container
     narrowest = [layer for layer in layers if containers.get(layer.name) == INT2]
     if not narrowest:
         return []
-    producers = {output: node for node in model.graph.node for output in node.output}
+    producers = producer_map(model.graph.node)
     by_name = {node.name: node for node in model.graph.node}
     constants = constant_tensors(model)
     found = []
@@ -546,7 +546,7 @@ def shield_from_ort_rounding(model: onnx.ModelProto, static_nodes: set) -> int:
     Not shielded: a node with one input channel (ORT reads a one-element scale as per tensor), and chains through
     ops that move the channel axis (Transpose, Reshape). Returns how many nodes were shielded."""
     nodes = list(model.graph.node)  # one wrapper per node, so that identities hold for the positions below
-    producers = {output: node for node in nodes for output in node.output}
+    producers = producer_map(nodes)
     position = {id(node): index for index, node in enumerate(nodes)}
     readers = tensor_readers(model)
     inits = {t.name: t for t in model.graph.initializer}
@@ -695,7 +695,7 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
     """
     edit = _GraphEdit(model)
     position = {node.name: i for i, node in enumerate(model.graph.node)}
-    producers = {output: node for node in model.graph.node for output in node.output}
+    producers = producer_map(model.graph.node)
     constants = constant_tensors(model)
     replacements: dict[int, list] = {}
     for layer in layers:
