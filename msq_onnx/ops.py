@@ -249,6 +249,9 @@ class OpKind:
     timed: bool = True  # False: weight-only runs the float op on a looked-up or dequantized weight, as float does
     dequantized_every_run: bool = False  # ... and dequantizes the whole weight every run where it is written as a DQ
     read_where_gathered: bool = False  # an FP32 session reads the weight's rows only where the op gathers them
+    # ORT runs its weight-only form on a kernel of its own that reads the quantized weight (MatMulNBits,
+    # DynamicQuantizeMatMul, GatherBlockQuantized): nothing to fold into a float weight at load (write.folds_at_load)
+    weight_only_kernel: bool = False
     domain: str = ""  # the op's domain ("": ONNX's own)
 
     @property
@@ -583,10 +586,10 @@ REGISTRY = {kind.op_type: kind for kind in (
     # ORT 1.31's CPU optimizer fuses no QDQ ConvTranspose (measured: DQ -> ConvTranspose -> Q stays float between
     # Q/DQ pairs), so static activations there only add time and error.
     _ConvTranspose("ConvTranspose", (WEIGHT_ONLY,)),
-    _Gemm("Gemm", (STATIC, DYNAMIC, WEIGHT_ONLY)),
-    _MatMul("MatMul", (STATIC, DYNAMIC, WEIGHT_ONLY), channels_last=True),
+    _Gemm("Gemm", (STATIC, DYNAMIC, WEIGHT_ONLY), weight_only_kernel=True),
+    _MatMul("MatMul", (STATIC, DYNAMIC, WEIGHT_ONLY), channels_last=True, weight_only_kernel=True),
     _Gather("Gather", (WEIGHT_ONLY,), channels_last=True, weight_index=0, input_moments=False, timed=False,
-            read_where_gathered=True),
+            read_where_gathered=True, weight_only_kernel=True),
     _Attention("Attention", (WEIGHT_ONLY,), channels_last=True, timed=False, dequantized_every_run=True,
                domain="com.microsoft"),
     *(_Recurrent(op_type, (WEIGHT_ONLY,), channels_last=True, bias_index=None, timed=False,

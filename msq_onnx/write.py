@@ -777,8 +777,8 @@ def folds_at_load(layer, container: str, nodes: list, producers: dict, constants
     input a DequantizeLinear may reach (a static neighbour's output): a float weight there would be rounded to
     one int8 scale by ORT (shield_from_ort_rounding), where the DequantizeLinear form is fused into an integer
     kernel, faster still, when a QuantizeLinear follows. Nor for int4/int2 containers."""
-    if container != INT8 or layer.op_type in ("MatMul", "Gemm", "Gather"):
-        return False  # dense layers have MatMulNBits and DynamicQuantizeMatMul, tables GatherBlockQuantized
+    if container != INT8 or layer.kind.weight_only_kernel:
+        return False
     return not any(layer.kind.float_input_channels(node, layer.weight_shape) is not None and dequantized_source(
         node.input[layer.kind.data_index], producers, _DQ_REACHES, constants) is not None for node in nodes)
 
