@@ -240,13 +240,13 @@ def compare_model(model_name: str, model: str, calib: str, pre: dict, cli_args: 
 
     sys.path.insert(0, ROOT)
     from msq_onnx.verify import fused_integer_kernels, optimized_op_counts
-    from msq_onnx.write import written_files
+    from msq_onnx.pipeline import written_bytes
 
     # --prefer size, converted once (untimed): its bytes, latency and memory beside the default's
     ours_size = os.path.join(work, "msq-size.onnx")
     measured_run(msq_command[:3] + [ours_size] + msq_command[4:] + ["--prefer", "size"])
     compared = {"fp32": model, "ort_int8": theirs, "msq": ours, "msq_size": ours_size}
-    result["file_bytes"] = {name: sum(os.path.getsize(f) for f in written_files(path)) for name, path in compared.items()}
+    result["file_bytes"] = {name: written_bytes(path) for name, path in compared.items()}
     result["fused_integer_kernels"] = {name: fused_integer_kernels(optimized_op_counts(path))
                                        for name, path in compared.items()}
     from msq_onnx.data import Preprocess, open_samples
