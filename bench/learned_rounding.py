@@ -1,0 +1,256 @@
+"""Issue "three bits and below": does learned rounding (AdaRound) lift EfficientNet-Lite0 at msq-onnx's 3-bit
+allocation? A measurement, not a feature: the network in torch (onnx2torch), weights per channel at each layer's
+allocated width, activations float; each layer in turn, on the quantized network's own inputs against the FP32
+layer's outputs (AdaRound's asymmetric reconstruction): rounding variables with AdaRound's rectified sigmoid and
+annealed regularizer, and a learned bias. Top-1 on the 1,000 evaluation images (bench/datasets.py's split).
+
+  --start grid  each layer on a clipping-searched uniform grid of its own (the allocation of a default conversion)
+  --start msq   from msq-onnx's own written rounding (--uniform-levels --activations weight-only: uniform grids,
+                bias-corrected biases, an int8 weight folded into a Cast and a Mul), a layer keeping the learned
+                rounding only where it lowers its reconstruction error on the calibration images
+
+    python bench/learned_rounding.py --start grid|msq [--avg-bits 3] [--iters 300] [--images 128]
+
+Needs ../shared, torch==2.13.0 and onnx2torch (`pip install --no-deps onnx2torch`: its torchvision import, only for
+detection ops, is stubbed here); skips cleanly without them. Round 27: grid 76.9% in 18 min, msq 79.0 -> 79.2% in 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid
+RATIOS = np.linspace(1.0, 0.2, 17)
+
+
+def _onnx2torch():
+    """onnx2torch's convert, with torchvision (imported for NMS and RoIAlign only) stubbed where it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        stub = types.ModuleType("torchvision")
+        stub.ops = types.ModuleType("torchvision.ops")
+        for name in ("nms", "batched_nms", "roi_align", "roi_pool", "ps_roi_align", "deform_conv2d"):
+            setattr(stub.ops, name, None)
+        sys.modules["torchvision"], sys.modules["torchvision.ops"] = stub, stub.ops
+    from onnx2torch import convert
+    return convert
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--start", choices=("grid", "msq"), required=True)
+    parser.add_argument("--avg-bits", default="3")
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
+    args = parser.parse_args(argv)
+    model_path = datasets.shared_model(args.shared, "efficientnet-lite0.onnx")
+    if model_path is None:
+        return 0
+    try:
+        import onnx
+        import torch
+        convert = _onnx2torch()
+    except ImportError as exc:
+        print(f"skipped: {exc}")
+        return 0
+    from run_bench import _work_folder
+
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.load import load_model
+
+    work = _work_folder()
+    calib, evaluation = datasets.imagenet_split(args.shared, work)
+    written, report = os.path.join(work, "msq.onnx"), os.path.join(work, "msq.json")
+    extra = ["--uniform-levels", "--activations", "weight-only"] if args.start == "msq" else []
+    subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), model_path, written, "--calib", calib, "--eval",
+                    evaluation, "--avg-bits", args.avg_bits, "--report", report, "--quiet", *datasets.EFFICIENTNET_ARGS,
+                    *extra], check=True)
+    started = time.perf_counter()
+    loaded = load_model(model_path)
+    pre = Preprocess(resize=256, crop=224, interpolation="bicubic", mean=(127.0,), std=(128.0,))
+
+    def images(path):
+        samples = open_samples(path, loaded.inputs, pre)
+        return torch.from_numpy(np.concatenate([b["input"] for b in samples.batches(50)])), np.asarray(samples.labels)
+
+    x_calib, x_eval, labels = images(calib)[0][:args.images], *images(evaluation)
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    fp32, quantized = convert(onnx.load(model_path)).eval(), convert(onnx.load(model_path)).eval()
+    widths = {layer["name"]: layer["bits"] for layer in json.load(open(report))["layers"]}
+    by_weight = {_signature(loaded.weight(layer)): layer for layer in loaded.layers}
+
+    def layers(model):  # (module, its msq-onnx layer), matched by their FP32 weights
+        return [(m, by_weight[_signature(m.weight.detach().numpy())]) for m in model.modules()
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+    @torch.no_grad()
+    def top1(model) -> float:
+        return 100.0 * sum(int((model(x_eval[i:i + 100]).argmax(1).numpy() == labels[i:i + 100]).sum())
+                           for i in range(0, len(x_eval), 100)) / len(x_eval)
+
+    matched, references = layers(quantized), layers(fp32)  # before the written weights replace the FP32 ones
+    starts = _written_grids(written, matched, widths) if args.start == "msq" else {}
+    result = {"start": args.start, "avg_bits": args.avg_bits, "fp32_top1": top1(fp32), "start_top1": top1(quantized)
+              if starts else None, "iters": args.iters, "images": args.images}
+    for (module, layer), (reference, _) in zip(matched, references):
+        bits = widths[layer.name]
+        if bits >= 8:
+            continue
+        grid = starts.get(layer.name) or _searched_grid(reference.weight.detach(), bits)
+        _reconstruct(module, reference, grid, _inputs(quantized, module, x_calib)[0], _inputs(fp32, reference, x_calib)[1],
+                     args.iters, keep_only_better=args.start == "msq")
+    result.update(learned_top1=top1(quantized), minutes=round((time.perf_counter() - started) / 60, 1))
+    print(json.dumps(result))
+    return 0
+
+
+def _signature(weight: np.ndarray) -> bytes:
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(weight, np.float32).tobytes()).digest()
+
+
+def _searched_grid(weight, bits: int):
+    """(step per output channel, lowest, highest integer, starting rounding in [0, 1] per weight): the ratio of each
+    channel's peak with the least squared error on the two's-complement grid, rounded to nearest."""
+    import torch
+
+    low, high = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    flat = weight.reshape(weight.shape[0], -1)
+    peak = flat.abs().amax(1).clamp_min(1e-12)
+    errors = torch.stack([((torch.clamp(torch.round(flat / (peak * r / high)[:, None]), low, high)
+                            * (peak * r / high)[:, None] - flat) ** 2).sum(1) for r in RATIOS])
+    step = (peak * torch.as_tensor(RATIOS, dtype=weight.dtype)[errors.argmin(0)] / high).reshape(
+        -1, *([1] * (weight.dim() - 1)))
+    return step, torch.tensor(float(low)), torch.tensor(float(high)), None
+
+
+def _written_grids(path: str, matched, widths: dict) -> dict:
+    """msq-onnx's written layers as grids: layer -> (step, lowest and highest integer per channel, its rounding),
+    and each module given the written weight and bias. Reads the int8 -> Cast -> Mul(scale) folds of the
+    convolutions and the classifier's DequantizeLinear -> MatMul -> Add."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    graph = onnx.load(path).graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def weight_sources(node):  # the initializers the node's weight is made of, through its Mul or DequantizeLinear
+        maker = producers.get(node.input[1])
+        return [] if maker is None else [producers[i].input[0] if i in producers else i for i in maker.input]
+
+    grids = {}
+    for module, layer in matched:
+        node = next(n for n in graph.node if n.op_type in ("Conv", "MatMul") and any(
+            name.startswith(layer.weight_name + "_msq") for name in weight_sources(n)))
+        sources = [values[name] for name in weight_sources(node) if name in values]
+        integers = next(a for a in sources if a.dtype == np.int8).astype(np.float32)
+        scale = next(a for a in sources if a.dtype == np.float32).reshape(-1)
+        bias = values.get(node.input[2]) if node.op_type == "Conv" and len(node.input) > 2 else None
+        if node.op_type == "MatMul":  # [in, out] -> torch's [out, in]; the bias is the Add after it
+            integers = integers.T
+            add = next(n for n in graph.node if n.op_type == "Add" and node.output[0] in n.input)
+            bias = next(values[i] for i in add.input if i in values)
+        integers = torch.from_numpy(np.ascontiguousarray(integers).reshape(module.weight.shape))
+        step = torch.from_numpy(scale).reshape(-1, *([1] * (module.weight.dim() - 1)))
+        half = 2 ** (widths[layer.name] - 1)
+        mirrored = (integers.reshape(len(integers), -1).amax(1) >= half).float().reshape(step.shape)
+        with torch.no_grad():
+            module.weight.copy_(integers * step)
+            if bias is not None:
+                module.bias.copy_(torch.from_numpy(bias))
+        grids[layer.name] = (step, -half + mirrored, half - 1 + mirrored, integers)
+    return grids
+
+
+def _inputs(model, module, images):
+    """The module's input and output for every image, the run stopped at the module."""
+    import torch
+
+    got = {}
+
+    def hook(_, inputs, output):
+        got["x"], got["y"] = inputs[0].detach(), output.detach()
+        raise StopIteration
+
+    handle = module.register_forward_hook(hook)
+    xs, ys = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), 32):
+            try:
+                model(images[i:i + 32])
+            except StopIteration:
+                pass
+            xs.append(got["x"])
+            ys.append(got["y"])
+    handle.remove()
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _reconstruct(module, reference, grid, inputs, targets, iters: int, keep_only_better: bool) -> None:
+    """AdaRound on one layer, and a learned bias: 32 images a step, the regularizer from a fifth of the steps on, its
+    exponent annealed 20 -> 2; the rounding then hardened."""
+    import torch
+    import torch.nn.functional as functional
+
+    step, low, high, written = grid
+    weight = reference.weight.detach()
+    floor = torch.floor(weight / step)
+    start = (weight / step - floor).clamp(0.01, 0.99) if written is None else \
+        torch.clamp(written - floor, 0, 1) * 0.5 + 0.25
+    variables = (-torch.log((ZETA - GAMMA) / (start - GAMMA) - 1)).requires_grad_(True)
+    bias = (module.bias if module.bias is not None else torch.zeros(weight.shape[0])).detach().clone()
+    shift = torch.zeros_like(bias, requires_grad=True)
+    optimizer = torch.optim.Adam([variables, shift], lr=1e-2)
+    if isinstance(module, torch.nn.Conv2d):
+        def forward(x, w, b):
+            return functional.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
+    else:
+        forward = functional.linear
+
+    def rounded(h):
+        return torch.minimum(torch.maximum(floor + h, low), high) * step
+
+    for index in range(iters):
+        h = torch.clamp(torch.sigmoid(variables) * (ZETA - GAMMA) + GAMMA, 0, 1)
+        batch = torch.randint(0, len(inputs), (32,))
+        loss = ((forward(inputs[batch], rounded(h), bias + shift) - targets[batch]) ** 2).sum(1).mean()
+        if index > iters // 5:
+            exponent = 20 + (2 - 20) * (index / iters - 0.2) / 0.8
+            loss = loss + 0.01 * (1 - (2 * h - 1).abs().pow(exponent)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        hard = rounded((torch.sigmoid(variables) * (ZETA - GAMMA) + GAMMA >= 0.5).float())
+        if keep_only_better:
+            before = float(((forward(inputs, module.weight, bias) - targets) ** 2).sum(1).mean())
+            after = float(((forward(inputs, hard, bias + shift) - targets) ** 2).sum(1).mean())
+            if after >= before:
+                return
+        module.weight.copy_(hard)
+        if module.bias is not None:
+            module.bias.copy_(bias + shift)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
