@@ -71,7 +71,8 @@ def main(argv=None) -> int:
         stats = run_pass(loaded, open_samples(calib, loaded.inputs, pre), (1,), 64, quiet=True)
         fp32 = os.path.join(work, "fp32.onnx")
         save_model_file(loaded.model, fp32)
-        reference, _, failed = reference_int8(fp32, work, True, stats.ranges, per_channel=True)  # a user's file
+        yardstick = reference_int8(fp32, work, True, stats.ranges, per_channel=True)  # a user's file
+        reference, failed = yardstick.path, yardstick.failed
         if reference is None:
             raise SystemExit(f"ORT's int8 model of EfficientNet-Lite0 {failed}")
         anchor = {"name": "ORT quantize_static int8 (same ranges)", "bytes": os.path.getsize(reference),

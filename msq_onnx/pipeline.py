@@ -707,9 +707,9 @@ def written_bytes(path: str) -> int:
     return sum(os.path.getsize(name) for name in written_files(path))
 
 
-def _yardstick(modes: dict, ranges: dict, loaded, work_dir: str) -> tuple[str | None, str, str | None]:
-    """ORT's own uniform int8 model of the FP32 model: quantize_static with our ranges when most layers
-    measured static (`modes`: layer -> ModeChoice), quantize_dynamic otherwise.
+def _yardstick(modes: dict, ranges: dict, loaded, work_dir: str):
+    """ORT's own uniform int8 model of the FP32 model (verify.Yardstick): quantize_static with our ranges when
+    most layers measured static (`modes`: layer -> ModeChoice), quantize_dynamic otherwise.
 
     Its embedding lookups stay float, ours and those left out of the allocation (a table tied to a MatMul, rows no
     block size divides): their int8 tables change the file's bytes, not the kernels timed (a Gather, then a
@@ -722,15 +722,15 @@ def _yardstick(modes: dict, ranges: dict, loaded, work_dir: str) -> tuple[str | 
     lookups = tuple(node for layer in loaded.layers if layer.kind.read_where_gathered for node in layer.nodes) + tuple(
         entry["node"] for entry in loaded.skipped if getattr(REGISTRY.get(entry["op_type"]), "read_where_gathered", False))
     _return_freed_memory()  # the modes' sessions: ORT's quantizer starts from the lowest base
-    reference = reference_int8(loaded.model_file(), work_dir, static, ranges, float_nodes=lookups)
+    reference = reference_int8(loaded.model_file(), work_dir, static, ranges, float_nodes=lookups, stand_ins=True)
     _return_freed_memory()
     return reference
 
 
-def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple, work_dir: str,
+def measure_latency(loaded, chosen: Candidate, samples, yardstick, work_dir: str,
                     fp32_session=None) -> tuple[dict, Counter]:
-    """Latency of FP32, the written model and ORT's own int8 model (`yardstick`: its path or None, its kind,
-    and what went wrong writing it) on one held-out sample (batch 1, or the model's fixed batch); and the op
+    """Latency of FP32, the written model and ORT's own int8 model (`yardstick`: a verify.Yardstick) on one
+    held-out sample (batch 1, or the model's fixed batch); and the op
     types of the written model's graph as ORT optimized it for its timed session (no session of its own for
     the kernel count). fp32_session: an FP32 session on one intra-op thread already built (fidelity.Reference's)."""
     from .instrument import padded_batches
@@ -738,14 +738,14 @@ def measure_latency(loaded, chosen: Candidate, samples, yardstick: tuple, work_d
 
     feed, _ = next(padded_batches(samples, loaded, 1))
     fp32 = loaded.model_file()
-    reference, kind, failed = yardstick
+    reference, kind, failed = yardstick.path, yardstick.kind, yardstick.failed
     optimized = os.path.join(tempfile.mkdtemp(dir=work_dir), "optimized.onnx")
     # ORT builds a session without the GIL: the three at once on two cores (MiniLM-L6's two FP32 ones: 0.50 -> 0.33 s)
     with ThreadPoolExecutor(max_workers=max(1, min(3, usable_cores()))) as builders:
         built = [builders.submit(single_thread_session, fp32) if fp32_session is None else _done(fp32_session),
                  builders.submit(single_thread_session, chosen.path, optimized_path=optimized)]
         if reference is not None:
-            built.append(builders.submit(single_thread_session, reference, silent=True))
+            built.append(builders.submit(yardstick.session))
         sessions = [future.result() for future in built[:2]]
         if reference is not None:
             try:  # the yardstick is optional: a model ORT's quantizer writes but cannot run is left out, and said

@@ -10,6 +10,7 @@ import functools
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -108,39 +109,107 @@ def integer_kernels_saturate() -> bool:
     return int(product.ravel()[0]) != 2 * 255 * 127
 
 
+@dataclass
+class Yardstick:
+    """ONNX Runtime's own uniform int8 model (reference_int8): `path` None where its quantizer refused the model
+    (`failed` says why), `kind` static or dynamic. tables: initializer -> the FP32 lookup table a one-row stand-in
+    replaced while the quantizer wrote `path` (its external data in `folder`); session() puts them back."""
+
+    path: str | None
+    kind: str
+    failed: str | None = None
+    tables: dict = field(default_factory=dict)
+    folder: str | None = None
+
+    def session(self) -> ort.InferenceSession:
+        """A one-thread session of the yardstick as ORT's quantizer wrote it from the whole model."""
+        if not self.tables:
+            return single_thread_session(self.path, silent=True)
+        model = onnx.load(self.path)
+        for tensor in model.graph.initializer:
+            if tensor.name in self.tables:
+                tensor.CopyFrom(self.tables[tensor.name])
+        return single_thread_session(model, silent=True, weights=self.folder)
+
+
 def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict, per_channel: bool = False,
-                   float_nodes: tuple = ()) -> tuple[str | None, str, str | None]:
+                   float_nodes: tuple = (), stand_ins: bool = False) -> Yardstick:
     """ONNX Runtime's own uniform int8 model, the latency yardstick a user would build: quantize_static (our
     ranges, completed by timing_ranges, as its calibration cache) for a model we run mostly static,
-    quantize_dynamic otherwise. Returns its path (None where ORT's quantizer refused the model), its kind, and
-    then what went wrong.
+    quantize_dynamic otherwise.
 
     When only its speed is measured its weights are quantized per tensor: the same kernels run (batch-1
     latency per tensor / per channel: EfficientNet-Lite0 4.42 / 4.47 ms, MiniLM-L6 4.45 / 4.55 ms) and
     ORT's quantizer writes it 10x (static) and 3x (dynamic) faster: its per-channel loop is Python. Its bytes
-    or accuracy as a user's file need per_channel=True. float_nodes: names of nodes ORT's quantizer leaves in float."""
+    or accuracy as a user's file need per_channel=True. float_nodes: names of nodes ORT's quantizer leaves in float.
+
+    stand_ins (a model written by LoadedModel.model_file, timed only): the float nodes' lookup tables that nothing
+    else reads are one-row stand-ins while the quantizer works, which copies, saves and reloads the whole model
+    twice (MiniLM-L6: 0.45-0.55 -> 0.18-0.23 s without its 47 MB of tables); Yardstick.session puts them back."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from .write import _quiet_ort_logging, write_calibration_cache
 
     kind = "static" if static else "dynamic"
     path = os.path.join(work_dir, f"ort-{kind}-int8.onnx")
+    source, tables = (_with_stand_ins(fp32_path, float_nodes) if stand_ins else (fp32_path, {}))
     try:
         with _quiet_ort_logging():
             if static:
                 cache = os.path.join(work_dir, "reference-ranges.json")
                 graph = onnx.load(fp32_path, load_external_data=False)  # the tensors, not the weights
                 write_calibration_cache(timing_ranges(graph, ranges), cache)
-                quantize_static(fp32_path, path, calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                quantize_static(source, path, calibration_data_reader=None, quant_format=QuantFormat.QDQ,
                                 per_channel=per_channel, activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, nodes_to_exclude=list(float_nodes),
                                 calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache)
             else:
-                quantize_dynamic(fp32_path, path, per_channel=per_channel, weight_type=QuantType.QInt8,
+                quantize_dynamic(source, path, per_channel=per_channel, weight_type=QuantType.QInt8,
                                  nodes_to_exclude=list(float_nodes))
-        return path, kind, None
     except Exception as exc:  # the yardstick is optional: ORT's quantizer refuses some models that we convert
-        return None, kind, f"cannot be written: {one_line(exc)}"[:300]
+        return Yardstick(None, kind, f"cannot be written: {one_line(exc)}"[:300])
+    finally:
+        if source != fp32_path:
+            os.remove(source)
+    if tables and not _stand_ins_kept(path, tables):  # the quantizer touched a table after all: write it whole
+        return reference_int8(fp32_path, work_dir, static, ranges, per_channel, float_nodes)
+    return Yardstick(path, kind, None, tables, os.path.dirname(fp32_path))
+
+
+STAND_IN_SUFFIX = ".stand-ins.onnx"
+
+
+def _with_stand_ins(fp32_path: str, float_nodes: tuple) -> tuple[str, dict]:
+    """A copy of the model file (beside it: its other weights stay references into the same file) whose
+    externally stored tables read only by `float_nodes` (as their first input) are one-row stand-ins, and the
+    tables it stood in for."""
+    model = onnx.load(fp32_path, load_external_data=False)
+    names = set(float_nodes)
+    readers = {}
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            readers.setdefault(name, []).append(node.name in names and position == 0)
+    outputs = {value.name for value in model.graph.output}
+    tables = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and len(tensor.dims) >= 2 and tensor.name not in outputs \
+                and readers.get(tensor.name) and all(readers[tensor.name]):
+            tables[tensor.name] = onnx.TensorProto()
+            tables[tensor.name].CopyFrom(tensor)
+            tensor.CopyFrom(numpy_helper.from_array(
+                np.zeros((1, *tensor.dims[1:]), helper.tensor_dtype_to_np_dtype(tensor.data_type)), tensor.name))
+    if not tables:
+        return fp32_path, {}
+    source = fp32_path + STAND_IN_SUFFIX
+    onnx.save(model, source)
+    return source, tables
+
+
+def _stand_ins_kept(path: str, tables: dict) -> bool:
+    """Whether the written yardstick holds every stand-in as it was given: a one-row float initializer."""
+    written = {t.name: t for t in onnx.load(path, load_external_data=False).graph.initializer}
+    return all(name in written and written[name].data_type == table.data_type
+               and list(written[name].dims) == [1, *table.dims[1:]] for name, table in tables.items())
 
 
 # Per model, spent in timed runs after warm-up. EfficientNet-Lite0's output / FP32 latency over three
@@ -149,16 +218,20 @@ def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict, pe
 LATENCY_SECONDS = 0.25
 
 
-def single_thread_session(model, silent: bool = False, optimized_path: str | None = None) -> ort.InferenceSession:
+def single_thread_session(model, silent: bool = False, optimized_path: str | None = None,
+                          weights: str | None = None) -> ort.InferenceSession:
     """A CPU session on one intra-op and one inter-op thread, from a path or an in-memory model (silent: as
     session's). optimized_path: where ORT writes the graph as it optimized it (op_counts reads it: the same graph
-    as with more threads, on EfficientNet-Lite0's and MiniLM-L6's outputs)."""
+    as with more threads, on EfficientNet-Lite0's and MiniLM-L6's outputs). weights: the folder an in-memory
+    model's external data lies in."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 4 if silent else 3
     if optimized_path:
         options.optimized_model_filepath = optimized_path
+    if weights is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", weights)
     return ort.InferenceSession(model if isinstance(model, str) else model.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
 

@@ -222,18 +222,58 @@ def test_the_latency_yardstick_leaves_embedding_lookups_float(encoder_run, tmp_p
     mode = STATIC if kind == "static" else DYNAMIC
     ranges = {name: (-4.0, 4.0) for name in [t.name for t in loaded.model.graph.input] + [
         out for node in loaded.model.graph.node for out in node.output]}
-    path, written_kind, failed = _yardstick({layer.name: ModeChoice(mode, {}, "") for layer in loaded.layers},
-                                            ranges, loaded, str(tmp_path))
-    assert failed is None and written_kind == kind
-    written = onnx.load(path)
+    yardstick = _yardstick({layer.name: ModeChoice(mode, {}, "") for layer in loaded.layers}, ranges, loaded,
+                           str(tmp_path))
+    assert yardstick.failed is None and yardstick.kind == kind
+    written = onnx.load(yardstick.path)
     tables = {t.name: t for t in written.graph.initializer}
     (gather,) = [n for n in written.graph.node if n.op_type == "Gather" and n.input[0] in tables]
-    assert tables[gather.input[0]].data_type == TensorProto.FLOAT and tuple(tables[gather.input[0]].dims) == (
-        VOCAB, WIDTH)
+    # ORT's quantizer wrote it around a one-row stand-in of the table, which the timed session has back
+    assert tables[gather.input[0]].data_type == TensorProto.FLOAT and tuple(tables[gather.input[0]].dims) == (1, WIDTH)
+    assert tuple(yardstick.tables[gather.input[0]].dims) == (VOCAB, WIDTH)
     integer_weights = [t for t in written.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
     assert len(integer_weights) == sum(1 for layer in loaded.layers if not layer.kind.read_where_gathered)
     feed = padded_batch(np.random.default_rng(1), [6], 6)
-    assert ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)[0].shape == (1, WIDTH)
+    assert yardstick.session().run(None, feed)[0].shape == (1, WIDTH)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_the_timed_yardstick_is_the_model_ort_writes_from_the_whole_table(encoder_run, tmp_path, kind):
+    """The stand-in only spares ORT's quantizer the table's bytes: the yardstick timed is, node for node and value
+    for value, the one it writes from the model with its table, and it runs to the same outputs."""
+    from msq_onnx.modes import DYNAMIC, STATIC, ModeChoice
+    from msq_onnx.pipeline import _yardstick
+    from msq_onnx.verify import reference_int8
+
+    model_path, _, _ = encoder_run
+    loaded = load_model(model_path)
+    ranges = {name: (-4.0, 4.0) for name in [t.name for t in loaded.model.graph.input] + [
+        out for node in loaded.model.graph.node for out in node.output]}
+    modes = {layer.name: ModeChoice(STATIC if kind == "static" else DYNAMIC, {}, "") for layer in loaded.layers}
+    (tmp_path / "stand-ins").mkdir()
+    (tmp_path / "whole").mkdir()
+    timed = _yardstick(modes, ranges, loaded, str(tmp_path / "stand-ins"))
+    assert timed.tables  # the table was stood in for
+    lookups = tuple(node for layer in loaded.layers if layer.kind.read_where_gathered for node in layer.nodes)
+    whole = reference_int8(loaded.model_file(), str(tmp_path / "whole"), kind == "static", ranges,
+                           float_nodes=lookups)
+    assert not whole.tables
+    assert sorted(os.listdir(loaded.weights_folder)) == ["model.onnx", "weights.bin"]  # no stand-in file left
+    expected = onnx.load(whole.path)
+    got = onnx.load(timed.path)
+    assert [(n.op_type, list(n.input), list(n.output)) for n in got.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in expected.graph.node]
+    expected_values = {t.name: numpy_helper.to_array(t) for t in expected.graph.initializer}
+    got_values = {t.name: numpy_helper.to_array(t, base_dir=loaded.weights_folder) if t.name not in timed.tables
+                  else numpy_helper.to_array(timed.tables[t.name], base_dir=loaded.weights_folder)
+                  for t in got.graph.initializer}
+    assert expected_values.keys() == got_values.keys()
+    for name, value in expected_values.items():
+        np.testing.assert_array_equal(got_values[name], value, err_msg=name)
+    feed = padded_batch(np.random.default_rng(2), [6], 6)
+    reference = ort.InferenceSession(whole.path, providers=["CPUExecutionProvider"]).run(None, feed)
+    for a, b in zip(timed.session().run(None, feed), reference):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_yardstick_leaves_a_table_tied_to_a_matmul_float_too(tmp_path):
@@ -253,10 +293,11 @@ def test_the_yardstick_leaves_a_table_tied_to_a_matmul_float_too(tmp_path):
     loaded = load_model(save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
                              tmp_path / "tied.onnx"))
     assert not any(layer.kind.read_where_gathered for layer in loaded.layers)  # the table is no layer of ours
-    path, _, failed = _yardstick({layer.name: ModeChoice(DYNAMIC, {}, "") for layer in loaded.layers}, {}, loaded,
-                                 str(tmp_path))
-    assert failed is None
-    written = onnx.load(path)
+    yardstick = _yardstick({layer.name: ModeChoice(DYNAMIC, {}, "") for layer in loaded.layers}, {}, loaded,
+                           str(tmp_path))
+    assert yardstick.failed is None
+    assert not yardstick.tables  # a MatMul reads the table too: ORT's quantizer sees it whole
+    written = onnx.load(yardstick.path)
     tables = {t.name: t for t in written.graph.initializer}
     (gather,) = [n for n in written.graph.node if n.op_type == "Gather"]
     assert tables[gather.input[0]].data_type == TensorProto.FLOAT

@@ -684,6 +684,7 @@ def test_a_yardstick_that_cannot_run_is_left_out_of_the_latency_and_said(cnn_fil
     from types import SimpleNamespace
 
     from msq_onnx.pipeline import measure_latency
+    from msq_onnx.verify import Yardstick
 
     loaded = load_model(cnn_files["model"])
     samples = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
@@ -692,13 +693,13 @@ def test_a_yardstick_that_cannot_run_is_left_out_of_the_latency_and_said(cnn_fil
     broken = onnx.load(cnn_files["model"])
     broken.graph.node[0].op_type = "NoSuchOp"  # ORT refuses it when the session is built
     onnx.save(broken, tmp_path / "ort.onnx")
-    measured, counts = measure_latency(loaded, chosen, samples, (str(tmp_path / "ort.onnx"), "static", None),
+    measured, counts = measure_latency(loaded, chosen, samples, Yardstick(str(tmp_path / "ort.onnx"), "static"),
                                        str(tmp_path))
     assert counts == optimized_op_counts(chosen.path)  # the timed session's graph is the one counted
     assert measured["fp32"] > 0 and measured["output"] > 0 and "ort_static_int8" not in measured
     assert "NoSuchOp" in measured["ort_static_int8_failed"]
     assert "NoSuchOp" not in capfd.readouterr().err  # said in the report, not on stderr
-    measured, _ = measure_latency(loaded, chosen, samples, (cnn_files["model"], "static", None), str(tmp_path))
+    measured, _ = measure_latency(loaded, chosen, samples, Yardstick(cnn_files["model"], "static"), str(tmp_path))
     assert measured["ort_static_int8"] > 0 and "ort_static_int8_failed" not in measured
 
 
@@ -788,7 +789,7 @@ def test_a_yardstick_ort_cannot_write_is_said_with_its_reason(cnn_files, tmp_pat
     from msq_onnx.verify import reference_int8
 
     yardstick = reference_int8(cnn_files["model"], str(tmp_path), True, {})  # no ranges at all: ORT refuses
-    assert yardstick[0] is None and yardstick[1] == "static" and yardstick[2].startswith("cannot be written")
+    assert yardstick.path is None and yardstick.kind == "static" and yardstick.failed.startswith("cannot be written")
     loaded = load_model(cnn_files["model"])
     shutil.copy(cnn_files["model"], tmp_path / "fp32.onnx")
     measured, _ = measure_latency(loaded, SimpleNamespace(path=str(tmp_path / "fp32.onnx")),
