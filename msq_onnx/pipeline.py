@@ -553,22 +553,31 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                             f"or quantized in the input) make the lowest reachable average {lowest:.2f}; raise "
                             "--avg-bits.")
         budgets.append(allocate_stage.bits_budget(params, widths, options.avg_bits, fixed))
-    # ORT's quantizer holds about 400 MB of model copies while it writes its int8 yardstick: built before the
-    # error tables and any candidate exist, its peak sits on the least (MiniLM-L6: 701 -> 656 MB).
+    # ORT's quantizer holds copies of the model while it writes its int8 yardstick: built beside the error tables,
+    # before any candidate exists, its peak sits on the least. Mostly Python on one core, it takes the time the
+    # tables' two workers leave (MiniLM-L6: 0.25 s of its own, 0.1 s more for the tables).
     workspace = TemporaryFolder("msq-")
-    yardstick = []
+    yardstick = []  # its thread
 
     def build_yardstick(stats, modes):
-        with timer.stage("latency"):
-            yardstick.append(_yardstick(modes, stats.ranges, loaded, workspace.name))
+        yardstick.append(_ResultThread(lambda: _yardstick(modes, stats.ranges, loaded, workspace.name)))
 
-    analysis = analyse(loaded, calib, options, timer, build_yardstick,
-                       allocate_stage.reachable_widths(budgets, options.bits))
-    activation_errors, wide_inputs, caps = analysis.activation_errors, analysis.wide_inputs, analysis.caps
-    with timer.stage("allocate"):
-        every_width = _damage(loaded, calib, analysis, options, caps)
-        damage = without_float_on_kernels(every_width, loaded, analysis, options)
+    def stop_yardstick():  # before its folder goes: its writing ends first
+        for thread in yardstick:
+            thread.discard()
+
+    try:
+        analysis = analyse(loaded, calib, options, timer, build_yardstick,
+                           allocate_stage.reachable_widths(budgets, options.bits))
+        activation_errors, wide_inputs, caps = analysis.activation_errors, analysis.wide_inputs, analysis.caps
+        with timer.stage("allocate"):
+            every_width = _damage(loaded, calib, analysis, options, caps)
+            damage = without_float_on_kernels(every_width, loaded, analysis, options)
+    except BaseException:
+        stop_yardstick()
+        raise
     with workspace as work_dir, ExitStack() as stack:
+        stack.callback(stop_yardstick)
         with timer.stage("verify"):  # the FP32 outputs every candidate is compared with
             fits = _fits_beside_the_write(loaded)
             held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers,
@@ -623,7 +632,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         cores = usable_cores()
         with GzipSize([] if is_large(loaded.model) else [chosen.path], cores, int(cores > 1)) as packed:
             with timer.stage("latency"):
-                latency, op_counts = measure_latency(loaded, chosen, evaluation, yardstick[0], work_dir,
+                latency, op_counts = measure_latency(loaded, chosen, evaluation, yardstick[0].result(), work_dir,
                                                      held_out.reference.single_thread_session)
             packed.widen()
             with timer.stage("write"):

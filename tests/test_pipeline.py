@@ -1105,6 +1105,41 @@ def test_an_interrupted_write_stops_the_background_reference_and_leaves_no_folde
         gc.enable()
 
 
+def test_a_conversion_that_fails_beside_the_yardstick_waits_for_it_and_leaves_no_file(cnn_files, tmp_path,
+                                                                                    monkeypatch):
+    """ORT's int8 yardstick is written on a thread beside the error tables: a failure there (here, an interrupt)
+    waits for its writing to end before the temporary folders go, so nothing is left behind and no thread runs on."""
+    import gc
+    import tempfile
+    import threading
+
+    from msq_onnx import pipeline
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    started = threading.Event()
+    yardstick = pipeline._yardstick
+
+    def slow_yardstick(*args):
+        started.set()
+        time.sleep(0.3)  # still writing when the tables fail
+        return yardstick(*args)
+
+    def failing_tables(*args, **kwargs):
+        assert started.wait(5)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_yardstick", slow_yardstick)
+    monkeypatch.setattr(pipeline, "_error_tables", failing_tables)
+    before = set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt):
+        convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"], Options(quiet=True, avg_bits=4))
+    assert not [t for t in set(threading.enumerate()) - before if isinstance(t, pipeline._ResultThread)]
+    gc.collect()
+    assert os.listdir(folder) == []
+
+
 def test_a_thread_result_raises_its_error_every_time_it_is_asked():
     """Raised as it is once, then made anew (its traceback is not kept); a second call gave an AttributeError
     (a review's). An error whose constructor does not take its args back comes again as a RuntimeError."""
