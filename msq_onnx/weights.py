@@ -380,10 +380,38 @@ def damped(hessian: np.ndarray) -> np.ndarray:
     return h
 
 
-def hessian_errors(matrix: np.ndarray, candidates: np.ndarray, hessian: np.ndarray) -> np.ndarray:
-    """Per stacked candidate row: (w - q) H (w - q)^T, one product for all of them."""
+def hessian_errors(matrix: np.ndarray, candidates: np.ndarray, hessian: np.ndarray,
+                   factor: np.ndarray | None = None) -> np.ndarray:
+    """Per stacked candidate row: (w - q) H (w - q)^T, one product for all of them. factor: H's lower Cholesky
+    factor L (hessian_factor), when it has one: |(w - q) L|^2 then, a triangular product at about 2/3 of the
+    full one's time (MiniLM-L6's [7680, 384] stacks: 18.5 -> 12.3 ms), within 3e-7 of it."""
     delta = (candidates.reshape(-1, *matrix.shape) - matrix).reshape(candidates.shape).astype(np.float32, copy=False)
-    return np.sum((delta @ hessian.astype(np.float32)) * delta, axis=1, dtype=np.float64)
+    if factor is None:
+        return np.sum((delta @ hessian.astype(np.float32)) * delta, axis=1, dtype=np.float64)
+    from scipy.linalg.blas import strmm
+
+    # delta (ours alone) transposed is [fan_in, rows] in Fortran order, as BLAS takes it: L^T delta^T, computed in
+    # place, is (delta L)^T
+    product = strmm(1.0, factor, delta.T, side=0, lower=1, trans_a=1, overwrite_b=1)
+    return np.square(product).sum(axis=0, dtype=np.float64)
+
+
+FACTOR_JITTER = 1e-6  # of the mean diagonal, below what a float32 product resolves
+
+
+def hessian_factor(hessian: np.ndarray) -> np.ndarray | None:
+    """The float32 lower Cholesky factor of a Hessian, or of it plus FACTOR_JITTER where rounding left it just
+    short of positive definite: a LayerNorm's output has one direction of no variance, and 12 of MiniLM-L6's 30
+    centred Hessians measured one eigenvalue of -4e-9 to -3.4e-8 of their mean diagonal. None where neither
+    factors (an input that never fires): its errors take the full product."""
+    hessian = np.asarray(hessian, np.float64)
+    for jitter in (0.0, FACTOR_JITTER * float(np.mean(np.diag(hessian)))):
+        try:
+            return np.linalg.cholesky(hessian + jitter * np.eye(len(hessian)) if jitter else hessian
+                                      ).astype(np.float32)
+        except np.linalg.LinAlgError:
+            continue
+    return None
 
 
 def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, candidate_bits,
@@ -429,10 +457,11 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
                                       flips[rounded][:, 0] if per_row else flips[rounded])
     check = hessians.check.astype(np.float64)
     signal = max(float(np.sum((matrix.astype(np.float64) @ check) * matrix)), 1e-30)
-    nearest_errors = hessian_errors(matrix, nearest * scales, check)
+    factor = hessian_factor(check)
+    nearest_errors = hessian_errors(matrix, nearest * scales, check, factor)
     gptq_errors = nearest_errors.copy()  # the wider grids' GPTQ rows are their nearest rows
     if rounded.any():  # whole widths, each the matrix's rows in order, as hessian_errors tiles them
-        gptq_errors[rounded] = hessian_errors(matrix, gptq[rounded] * scales[rounded], check)
+        gptq_errors[rounded] = hessian_errors(matrix, gptq[rounded] * scales[rounded], check, factor)
     for index, bits in enumerate(widths):
         part = slice(index * rows, (index + 1) * rows)
         gptq_error, nearest_error = gptq_errors[part].sum() / signal, nearest_errors[part].sum() / signal

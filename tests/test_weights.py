@@ -673,3 +673,27 @@ def test_consecutive_widths_walk_from_the_last_best_ratio_to_the_full_grids_best
     for bits in range(2, 9):
         np.testing.assert_array_equal(stage.search_clips(shared, None, bits).clip,
                                       stage.search_clips(short, None, bits).clip)
+
+
+def test_hessian_errors_through_the_cholesky_factor_match_the_full_product():
+    """The triangular product measures what (w - q) H (w - q)^T does, also on a LayerNorm's centred outputs,
+    whose Hessian rounding leaves just short of positive definite (one direction of no variance)."""
+    from msq_onnx.weights import hessian_errors, hessian_factor
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(2000, 48)).astype(np.float32)
+    normed = rows - rows.mean(axis=1, keepdims=True)  # each row sums to zero: H has a null direction
+    normed /= normed.std(axis=1, keepdims=True)
+    matrix = rng.normal(size=(24, 48)).astype(np.float32)
+    candidates = np.tile(np.round(matrix * 4) / 4, (3, 1)) + rng.normal(0, 0.01, (72, 48)).astype(np.float32)
+    for inputs in (rows, normed):
+        centred = inputs - inputs.mean(axis=0)
+        hessian = (centred.T @ centred).astype(np.float32)
+        factor = hessian_factor(hessian)
+        assert factor is not None and np.allclose(np.triu(factor, 1), 0)
+        exact = hessian_errors(matrix, candidates, hessian.astype(np.float64))
+        np.testing.assert_allclose(hessian_errors(matrix, candidates, hessian, factor), exact, rtol=1e-4)
+    dead = hessian.astype(np.float64)
+    dead[:, 0] = dead[0, :] = 0.0  # an input that never fires: no factor, the full product serves
+    dead[0, 0] = -1.0
+    assert hessian_factor(dead) is None
