@@ -601,7 +601,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             with timer.stage("write"):
                 folder = tempfile.mkdtemp(dir=work_dir)
                 quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,
-                                             options.bias_correction)
+                                             options.bias_correction, rewritten={
+                                                 name for name, mode in modes.items() if mode in (DYNAMIC, WEIGHT_ONLY)})
                 path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, folder, wide_inputs, modes,
                                        containers, folds_weights(options))
             with timer.stage("verify"):

@@ -582,6 +582,7 @@ class QuantizedLayer:
     weight: np.ndarray  # on its grid, in the layer's own layout
     scale: np.ndarray  # per output channel, or [out, blocks]
     bias: np.ndarray | None  # corrected bias (new when the layer had none); None: leave it as it is
+    integers: np.ndarray | None = None  # int8 [out, fan_in] (as_matrix's layout): weight = integers x scale
 
 
 def quantize_layer(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, choice: WidthChoice,
@@ -594,18 +595,19 @@ def quantize_layer(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, ch
         integers, scale = grid_integers(as_matrix(layer, weight), choice.clip, choice.bits, choice.flipped)
     scale = layer.kind.stored_scale(scale)  # what the file holds: the simulation uses exactly it
     grid = steps(scale.astype(np.float32), integers.shape[1])
+    codes = integers.astype(np.int8)
     if choice.integers is None:  # the integers rounded here become the values, in place
         matrix = np.multiply(integers, grid, out=integers).astype(np.float32, copy=False)
     else:
         matrix = (integers * grid).astype(np.float32, copy=False)
     quantized = from_matrix(layer, matrix)
     if not bias_correction or layer.bias_factor is None or input_mean is None:
-        return QuantizedLayer(quantized, scale, None)
+        return QuantizedLayer(quantized, scale, None, codes)
     shift = bias_shift(layer, weight, quantized, input_mean) * layer.bias_factor
     if not np.any(shift):
-        return QuantizedLayer(quantized, scale, None)
+        return QuantizedLayer(quantized, scale, None, codes)
     base = bias.astype(np.float32) if bias is not None else np.zeros_like(shift)
-    return QuantizedLayer(quantized, scale, (base - shift).astype(np.float32))
+    return QuantizedLayer(quantized, scale, (base - shift).astype(np.float32), codes)
 
 
 def bias_shift(layer: Layer, weight: np.ndarray, quantized: np.ndarray, input_mean: np.ndarray | None) -> np.ndarray:

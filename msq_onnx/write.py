@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -33,8 +33,9 @@ from .weights import as_matrix, quantize_layer, steps
 
 @dataclass
 class QuantizedWeights:
-    model: onnx.ModelProto  # FP32 model whose weights sit on their grids
+    model: onnx.ModelProto  # FP32 model whose weights sit on their grids (but those in `integers`)
     scales: dict  # weight name -> per-channel scales
+    integers: dict = field(default_factory=dict)  # weight name -> int8 [out, fan_in]: a layer rewrite_layers writes
 
 
 ELSEWHERE = None  # tensor_readers' reader for a graph output or a subgraph (every node has a name: load)
@@ -55,9 +56,13 @@ def taken_names(model: onnx.ModelProto) -> set:
 
 
 def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean: dict,
-                     bias_correction: bool = True) -> QuantizedWeights:
+                     bias_correction: bool = True, rewritten=frozenset()) -> QuantizedWeights:
     """Copy of the model with every quantized layer's weight fake-quantized (and its bias corrected). Made from
-    session_copy: the float weights the quantized ones replace are never copied (MiniLM-L6: 90 MB)."""
+    session_copy: the float weights the quantized ones replace are never copied (MiniLM-L6: 90 MB).
+
+    rewritten: the layers rewrite_layers will write (dynamic, weight-only). Their integers are kept as rounded, and
+    a weight only they read stays out of the copy: its fake-quantized floats were serialized, read back and rounded
+    again (MiniLM-L6: 0.5 s of one core and 90 MB)."""
     model = loaded.session_copy()
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
     nodes = {n.name: n for n in model.graph.node}
@@ -70,9 +75,15 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
             layer.name, bits[layer.name], sorted(choices[layer.name]))
     quantized_layers = [layer for layer in loaded.layers if bits[layer.name] in choices[layer.name]]
 
+    kept = {layer.name for layer in quantized_layers if layer.name in rewritten
+            and readers.get(layer.weight_name, set()) <= set(layer.nodes)}
+    integers = {}
+
     def rounded(layer):
         result = quantize_layer(layer, loaded.weight(layer).astype(np.float32, copy=False), loaded.bias(layer),
                                 choices[layer.name][bits[layer.name]], input_mean.get(layer.name), bias_correction)
+        if layer.name in kept:
+            return result, None
         return result, numpy_helper.from_array(result.weight.astype(np.float32, copy=False), layer.weight_name)
 
     from .instrument import RUN_WORKERS, one_blas_thread, ordered_runs
@@ -81,10 +92,13 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
     # order. None waits ahead: each result holds a whole weight twice (MiniLM-L6's embedding table: 2 x 47 MB).
     with one_blas_thread():
         for layer, (result, tensor) in ordered_runs(rounded, quantized_layers, RUN_WORKERS, ahead=0):
-            model.graph.initializer[index[layer.weight_name]].CopyFrom(tensor)
+            if tensor is None:
+                integers[layer.weight_name] = result.integers
+            else:
+                model.graph.initializer[index[layer.weight_name]].CopyFrom(tensor)
             _set_bias(model, layer, result, index, nodes, readers, taken)
             scales[layer.weight_name] = result.scale
-    return QuantizedWeights(loaded.with_weights(model), scales)
+    return QuantizedWeights(loaded.with_weights(model), scales, integers)
 
 
 def _set_bias(model: onnx.ModelProto, layer, result, index: dict, nodes: dict, readers: dict, taken: set) -> None:
@@ -699,9 +713,10 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
     constants = constant_tensors(model)
     replacements: dict[int, list] = {}
     for layer in layers:
-        weight = numpy_helper.to_array(edit.inits[layer.weight_name])
         scale = quantized.scales[layer.weight_name]
-        integers = _integer_weight(layer, weight, scale)
+        integers = quantized.integers.get(layer.weight_name)
+        if integers is None:
+            integers = _integer_weight(layer, numpy_helper.to_array(edit.inits[layer.weight_name]), scale)
         prefix = layer.weight_name + "_msq"
         container, mode = containers[layer.name], modes[layer.name]
         if layer.op_type == "Gather":

@@ -1243,6 +1243,42 @@ def _written_at_8_bits(model_path, calib_path, folder, floats=(), modes_of=None,
                                    containers=containers, fold=prefer == "speed"), modes
 
 
+def test_the_rewritten_layers_integers_are_the_ones_rounded_not_read_back(cnn_files, tmp_path):
+    """quantize_weights keeps the integers of the layers rewrite_layers writes (dynamic, weight-only) instead of
+    serializing their fake-quantized floats to read them back and round them again: beside static layers (ORT's
+    quantizer in between) and alone, the file is the same node for node and value for value."""
+    from msq_onnx.ops import DYNAMIC, STATIC, WEIGHT_ONLY
+    from msq_onnx.pipeline import _Timer, analyse, plan_layers
+    from msq_onnx.write import quantize_to_qdq, quantize_weights
+
+    loaded = load_model(cnn_files["model"])
+    calib = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
+    analysis = analyse(loaded, calib, Options(bits=(4, 8), quiet=True), _Timer())
+    bits = {layer.name: 4 for layer in loaded.layers}
+    modes, containers = plan_layers(loaded, analysis, bits, "speed")
+    dense = next(layer.name for layer in loaded.layers if layer.op_type in ("Gemm", "MatMul"))
+    first = loaded.layers[0].name
+    for planned in ({**modes, dense: DYNAMIC, first: WEIGHT_ONLY},
+                    {name: DYNAMIC if name == dense else WEIGHT_ONLY for name in modes}):
+        assert STATIC in planned.values() or planned[dense] == DYNAMIC
+        written = []
+        for rewritten in (frozenset(), {n for n, m in planned.items() if m in (DYNAMIC, WEIGHT_ONLY)}):
+            folder = tmp_path / f"w{len(written)}_{len(rewritten)}_{STATIC in planned.values()}"
+            folder.mkdir()
+            quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,
+                                         rewritten=rewritten)
+            assert len(quantized.integers) == len(rewritten)  # kept, not serialized
+            written.append(onnx.load(quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(folder),
+                                                     modes=planned, containers=dict(containers))))
+        before, after = written
+        assert [(n.op_type, list(n.input)) for n in after.graph.node] == [
+            (n.op_type, list(n.input)) for n in before.graph.node]
+        values = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
+        assert {t.name for t in after.graph.initializer} == values.keys()
+        for tensor in after.graph.initializer:
+            np.testing.assert_array_equal(numpy_helper.to_array(tensor), values[tensor.name], err_msg=tensor.name)
+
+
 def test_a_layer_left_in_float_between_static_layers_runs_in_float(cnn_files, tmp_path):
     """ORT's optimizer rounds a float Conv's weight to one int8 scale for the whole tensor when the Conv reads a
     per-tensor DequantizeLinear and feeds a QuantizeLinear (WeightBiasQuantization): the depthwise layer left in
