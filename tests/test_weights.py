@@ -697,3 +697,21 @@ def test_hessian_errors_through_the_cholesky_factor_match_the_full_product():
     dead[:, 0] = dead[0, :] = 0.0  # an input that never fires: no factor, the full product serves
     dead[0, 0] = -1.0
     assert hessian_factor(dead) is None
+
+
+def test_gptq_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse():
+    """inverse_factor gives the U of H^-1 = U^T U that GPTQ walks (upper, positive diagonal) without inverting H,
+    and refuses a Hessian that is not positive definite, where GPTQ falls back to nearest rounding."""
+    from msq_onnx.weights import inverse_factor
+
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(500, 32))
+    hessian = rows.T @ rows
+    upper = inverse_factor(hessian)
+    assert np.allclose(np.tril(upper, -1), 0) and (np.diag(upper) > 0).all()
+    np.testing.assert_allclose(upper.T @ upper, np.linalg.inv(hessian), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(upper, np.linalg.cholesky(np.linalg.inv(hessian)).T, rtol=1e-9, atol=1e-12)
+    indefinite = hessian.copy()
+    indefinite[0, 0] = -1.0
+    with pytest.raises(np.linalg.LinAlgError):
+        inverse_factor(indefinite)
