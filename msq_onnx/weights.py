@@ -362,8 +362,11 @@ def _gptq_in_order(w: np.ndarray, scale: np.ndarray, top: np.ndarray, hessian: n
             # (CPU 4.8-5.0 -> 4.1-4.2 s); 574 of its 35 M candidate integers moved, by the summation order.
             j = start + i
             column = block[i] - lower[j, start:j] @ errors[:i] if i else block[i]
-            shift = 0 if column_flips is None else column_flips[j]
-            q = np.clip(np.rint(column / column_steps[j]), floor + shift, limit + shift)
+            q = np.rint(column / column_steps[j])
+            # np.clip's bounds in place, and no bounds made anew where no row is flipped: 384 columns x 30 MiniLM-L6
+            # layers of small calls
+            low, high = (floor, limit) if column_flips is None else (floor + column_flips[j], limit + column_flips[j])
+            np.minimum(np.maximum(q, low, out=q), high, out=q)
             integers[j] = q
             errors[i] = (column - q * column_steps[j]) / upper[j, j]
         losses += (errors ** 2).sum(axis=0)
