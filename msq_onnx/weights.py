@@ -119,7 +119,9 @@ class SearchRows:
     def __init__(self, matrix: np.ndarray, weights: np.ndarray | None):
         self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
         self.weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
-        self.peak = np.maximum(self.matrix.max(axis=1), -self.matrix.min(axis=1))  # |x|'s peak, without its copy
+        # |x|'s peak, without its copy; the extremes are kept for mirrored (a 32-value row's reductions are slow)
+        self._extremes = self.matrix.max(axis=1), self.matrix.min(axis=1)
+        self.peak = np.maximum(self._extremes[0], -self._extremes[1])
         self.signal = float((self.matrix ** 2 if self.weights is None else self.weights * self.matrix ** 2).sum())
         self._mirrored = None
         # The last width searched, each row's best ratio index there, and how many ratios the layer's best moved
@@ -129,7 +131,7 @@ class SearchRows:
     def mirrored(self) -> tuple[np.ndarray, np.ndarray]:
         """(flipped, rows): True where a row's larger extreme is positive, and the rows negated there."""
         if self._mirrored is None:
-            flipped = self.matrix.max(axis=1) > -self.matrix.min(axis=1)
+            flipped = self._extremes[0] > -self._extremes[1]
             rows = self.matrix.copy()  # negated in place: no third copy of an embedding table's 47 MB at once
             np.negative(rows, out=rows, where=flipped[:, None])
             self._mirrored = flipped, rows
