@@ -470,8 +470,11 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
     np.maximum(nearest, -lowest(tops)[:, None].astype(np.float32) + flips, out=nearest)  # one temporary at a time
     np.minimum(nearest, tops[:, None].astype(np.float32) + flips, out=nearest)
     rounded = np.repeat([b <= GPTQ_MAX_BITS for b in widths], rows)  # wider grids: nearest is enough
+    any_rounded = bool(rounded.any())
+    if rounded[:rounded.sum()].all():  # the narrow widths first: a slice's views instead of the mask's copies
+        rounded = slice(0, int(rounded.sum()))
     gptq = nearest.copy()
-    if rounded.any():
+    if any_rounded:
         gptq[rounded], _ = gptq_round(stacked[rounded], scales[rounded], tops[rounded], hessians.fit,
                                       flips[rounded][:, 0] if per_row else flips[rounded])
     check = hessians.check.astype(np.float64)
@@ -479,7 +482,7 @@ def error_table(layer: Layer, weight: np.ndarray, input_sq: np.ndarray | None, c
     factor = hessian_factor(check)
     nearest_errors = hessian_errors(matrix, nearest * scales, check, factor)
     gptq_errors = nearest_errors.copy()  # the wider grids' GPTQ rows are their nearest rows
-    if rounded.any():  # whole widths, each the matrix's rows in order, as hessian_errors tiles them
+    if any_rounded:  # whole widths, each the matrix's rows in order, as hessian_errors tiles them
         gptq_errors[rounded] = hessian_errors(matrix, gptq[rounded] * scales[rounded], check, factor)
     for index, bits in enumerate(widths):
         part = slice(index * rows, (index + 1) * rows)
