@@ -356,10 +356,15 @@ class _HeldOut:
     background: computed on a thread while the caller allocates and writes the first candidate. Those run on one
     core, mostly holding the GIL; ONNX Runtime's runs do not need it (MiniLM-L6: the reference's 1.3 s and the
     write's 0.8 s one after the other). Only where its session fits there (_fits_beside_the_write), and not
-    where the next thing is a latency timing, which the runs would disturb."""
+    where the next thing is a latency timing, which the runs would disturb. Otherwise computed when the first
+    candidate is measured, after its write: a session kept for the latency timing (keep_session) is not held
+    through that write.
+
+    keep: measure() keeps the candidate's session (one intra-op thread) for the latency timing, with the graph
+    ORT optimized it to written beside the candidate (kept_session)."""
 
     def __init__(self, loaded, samples, options: Options, workers: int, background: bool = False,
-                 keep_session: bool = False):
+                 keep_session: bool = False, keep: bool = False):
         from .instrument import padded_batches, run_workers
 
         self.loaded, self.samples, self.options = loaded, samples, options
@@ -373,14 +378,13 @@ class _HeldOut:
                                       keep_session)
 
         self._reference, self._thread, self._blas = None, None, None
-        self._make = reference if background else None
-        if not background:
-            self._reference = reference()
+        self._make, self._background = reference, background
+        self._keep, self._kept = keep, None
 
     def start(self) -> None:
         """Start the background runs: after the caller has arranged for close() (no interrupt between the two
         can leave them running)."""
-        if self._make is not None and self._thread is None:
+        if self._background and self._make is not None and self._thread is None:
             # The background runs enter and leave threadpoolctl's process-wide BLAS limit beside the main thread's
             # own entries (the write's): under one limit held until they end, no exit restores two threads while
             # the other is in, or leaves one behind (a review's)
@@ -390,12 +394,19 @@ class _HeldOut:
 
     @property
     def reference(self) -> fidelity.Reference:
+        if self._reference is None and self._thread is None:
+            self._reference, self._make = self._make(), None
         if self._reference is None:
             try:
                 self._reference = self._thread.result()
             finally:
                 self._release()
         return self._reference
+
+    def kept_session(self, path: str):
+        """(session, optimized graph's path) of the candidate last measured, if it is `path` and ran on one
+        intra-op thread; else None."""
+        return self._kept[1:] if self._kept is not None and self._kept[0] == path else None
 
     def close(self) -> None:
         """Ends the background runs early (a conversion that failed or was interrupted before it was needed)."""
@@ -410,8 +421,12 @@ class _HeldOut:
             self._blas = None
 
     def measure(self, path: str) -> dict:
-        measured = fidelity.compare(self.reference, path, self.loaded.output_name, self.samples.labels,
-                                    self.options.quiet, self.options.output_kind)
+        reference = self.reference
+        optimized = os.path.join(os.path.dirname(path), "optimized.onnx") if self._keep else None
+        sessions = {} if self._keep else None
+        measured = fidelity.compare(reference, path, self.loaded.output_name, self.samples.labels,
+                                    self.options.quiet, self.options.output_kind, optimized, sessions)
+        self._kept = (path, sessions[path], optimized) if sessions else None
         task = measured["task_output"]
         if self.options.min_cosine is not None and measured["outputs"].get(task, {}).get("integer"):
             raise BadOption(f"--min-cosine needs a float task output; '{task}' holds integers (ids or labels), whose "
@@ -560,7 +575,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     yardstick = []  # its thread
 
     def build_yardstick(stats, modes):
-        yardstick.append(_ResultThread(lambda: _yardstick(modes, stats.ranges, loaded, workspace.name)))
+        yardstick.append(_ResultThread(lambda: _yardstick(modes, stats.ranges, loaded, workspace.name).prepared()))
 
     def stop_yardstick():  # before its folder goes: its writing ends first
         for thread in yardstick:
@@ -578,10 +593,15 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         raise
     with workspace as work_dir, ExitStack() as stack:
         stack.callback(stop_yardstick)
+        searching = (options.max_drop is not None or options.min_cosine is not None) and options.avg_bits is None \
+            and options.max_size is None
+        # one candidate written, then timed: its sessions and the FP32 one serve the timing, held past no other write
+        single = not searching and options.max_size is None and options.max_latency is None
         with timer.stage("verify"):  # the FP32 outputs every candidate is compared with
             fits = _fits_beside_the_write(loaded)
             held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers,
-                                background=fits and options.max_latency is None, keep_session=fits)
+                                background=fits and options.max_latency is None, keep_session=fits or single,
+                                keep=single)
             stack.callback(held_out.close)
             held_out.start()
         if options.max_latency is not None:
@@ -605,14 +625,14 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                                                  name for name, mode in modes.items() if mode in (DYNAMIC, WEIGHT_ONLY)})
                 path = quantize_to_qdq(loaded, quantized, analysis.stats.ranges, folder, wide_inputs, modes,
                                        containers, folds_weights(options))
+                del quantized  # the model copy it held (rewritten in place), not through the measurement below
             with timer.stage("verify"):
                 built[allocation] = Candidate(bits, allocate_stage.average_bits(bits, params, fixed), path,
                                               held_out.measure(path), modes, containers, written_bytes(path))
                 return built[allocation]
 
         search = None
-        if (options.max_drop is not None or options.min_cosine is not None) and options.avg_bits is None \
-                and options.max_size is None:
+        if searching:
             narrowest, widest, floated = search_reach(every_width, params, fixed)
             chosen, search = search_budget(
                 lambda avg, beyond=False: build(budgets + [allocate_stage.bits_budget(params, widths, avg, fixed)],
@@ -634,7 +654,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         with GzipSize([] if is_large(loaded.model) else [chosen.path], cores, int(cores > 1)) as packed:
             with timer.stage("latency"):
                 latency, op_counts = measure_latency(loaded, chosen, evaluation, yardstick[0].result(), work_dir,
-                                                     held_out.reference.single_thread_session)
+                                                     held_out.reference.single_thread_session,
+                                                     held_out.kept_session(chosen.path))
             packed.widen()
             with timer.stage("write"):
                 as_is = publish(chosen.path, output_path)
@@ -738,22 +759,26 @@ def _yardstick(modes: dict, ranges: dict, loaded, work_dir: str):
 
 
 def measure_latency(loaded, chosen: Candidate, samples, yardstick, work_dir: str,
-                    fp32_session=None) -> tuple[dict, Counter]:
+                    fp32_session=None, chosen_session=None) -> tuple[dict, Counter]:
     """Latency of FP32, the written model and ORT's own int8 model (`yardstick`: a verify.Yardstick) on one
     held-out sample (batch 1, or the model's fixed batch); and the op
     types of the written model's graph as ORT optimized it for its timed session (no session of its own for
-    the kernel count). fp32_session: an FP32 session on one intra-op thread already built (fidelity.Reference's)."""
+    the kernel count). fp32_session: an FP32 session on one intra-op thread already built (fidelity.Reference's);
+    chosen_session: the written model's, and the path of its optimized graph (_HeldOut.kept_session). Built
+    sessions save the timing their builds (MiniLM-L6: 0.2 s, one core)."""
     from .instrument import padded_batches
     from .verify import op_counts, single_thread_session, time_sessions
 
     feed, _ = next(padded_batches(samples, loaded, 1))
     fp32 = loaded.model_file()
     reference, kind, failed = yardstick.path, yardstick.kind, yardstick.failed
-    optimized = os.path.join(tempfile.mkdtemp(dir=work_dir), "optimized.onnx")
+    optimized = os.path.join(tempfile.mkdtemp(dir=work_dir), "optimized.onnx") if chosen_session is None else \
+        chosen_session[1]
     # ORT builds a session without the GIL: the three at once on two cores (MiniLM-L6's two FP32 ones: 0.50 -> 0.33 s)
     with ThreadPoolExecutor(max_workers=max(1, min(3, usable_cores()))) as builders:
         built = [builders.submit(single_thread_session, fp32) if fp32_session is None else _done(fp32_session),
-                 builders.submit(single_thread_session, chosen.path, optimized_path=optimized)]
+                 builders.submit(single_thread_session, chosen.path, optimized_path=optimized)
+                 if chosen_session is None else _done(chosen_session[0])]
         if reference is not None:
             built.append(builders.submit(yardstick.session))
         sessions = [future.result() for future in built[:2]]

@@ -120,9 +120,25 @@ class Yardstick:
     failed: str | None = None
     tables: dict = field(default_factory=dict)
     folder: str | None = None
+    _built: object = field(default=None, init=False, repr=False, compare=False)  # prepared()'s session, or error
+
+    def prepared(self) -> "Yardstick":
+        """Itself, its session built now (where it was written: on a thread, while the main one has other work);
+        session() hands it over, or raises what building it raised."""
+        if self.path is not None:
+            try:
+                self._built = self.session()
+            except Exception as exc:
+                self._built = exc
+        return self
 
     def session(self) -> ort.InferenceSession:
         """A one-thread session of the yardstick as ORT's quantizer wrote it from the whole model."""
+        built, self._built = self._built, None
+        if isinstance(built, Exception):
+            raise built
+        if built is not None:
+            return built
         if not self.tables:
             return single_thread_session(self.path, silent=True)
         model = onnx.load(self.path)
