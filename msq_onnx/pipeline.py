@@ -575,7 +575,12 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     yardstick = []  # its thread
 
     def build_yardstick(stats, modes):
-        yardstick.append(_ResultThread(lambda: _yardstick(modes, stats.ranges, loaded, workspace.name).prepared()))
+        yardstick.append(_ResultThread(lambda: _yardstick(modes, stats.ranges, loaded, workspace.name)))
+
+    def prepare_yardstick():  # its timed session, built beside the first write (one core): then the last thread
+        if len(yardstick) == 1:
+            written = yardstick[0]
+            yardstick.append(_ResultThread(lambda: written.result().prepared()))
 
     def stop_yardstick():  # before its folder goes: its writing ends first
         for thread in yardstick:
@@ -619,6 +624,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                     return built[allocation]
                 modes, containers = plan_layers(loaded, analysis, bits, options.prefer)
             with timer.stage("write"):
+                prepare_yardstick()
                 folder = tempfile.mkdtemp(dir=work_dir)
                 quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,
                                              options.bias_correction, rewritten={
@@ -653,7 +659,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         cores = usable_cores()
         with GzipSize([] if is_large(loaded.model) else [chosen.path], cores, int(cores > 1)) as packed:
             with timer.stage("latency"):
-                latency, op_counts = measure_latency(loaded, chosen, evaluation, yardstick[0].result(), work_dir,
+                latency, op_counts = measure_latency(loaded, chosen, evaluation, yardstick[-1].result(), work_dir,
                                                      held_out.reference.single_thread_session,
                                                      held_out.kept_session(chosen.path))
             packed.widen()
