@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -363,15 +364,34 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-@contextlib.contextmanager
-def _quiet_ort_logging():
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+class _QuietOrtLogging:
+    """ORT's quantizer warns through the root logger (its pre-processing advice): quiet while any thread is inside.
+    The yardstick's thread and a write overlap; each saving and restoring the level on its own, the first out
+    restored it under the other (the advice printed), and the last out left it quiet for good."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._level = None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        logger = logging.getLogger()
+        with self._lock:
+            if not self._inside:
+                self._level = logger.level
+                logger.setLevel(logging.ERROR)
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inside -= 1
+                if not self._inside:
+                    logger.setLevel(self._level)
+
+
+_quiet_ort_logging = _QuietOrtLogging()
 
 
 def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: dict, work_dir: str,

@@ -1646,3 +1646,32 @@ def test_a_size_bound_still_offers_float_where_it_is_the_smallest_container(tmp_
                              max_size=0.35)).report
     assert os.path.getsize(out) <= 0.35 * os.path.getsize(tmp_path / "m.onnx")
     assert [entry["node"] for entry in report["left_in_float"]] == ["MatMul_0"]
+
+
+def test_ort_logging_stays_quiet_while_any_thread_is_inside_and_is_restored_after():
+    """The yardstick's thread and a write run ORT's quantizer at once: the first to leave the quiet block must not
+    let the other's warnings through, and the last must put the root logger's level back."""
+    import logging
+    import threading
+
+    from msq_onnx.write import _quiet_ort_logging
+
+    root = logging.getLogger()
+    before = root.level
+    entered, leave, left = threading.Event(), threading.Event(), threading.Event()
+
+    def first():  # in first, out first
+        with _quiet_ort_logging():
+            entered.set()
+            assert leave.wait(5)
+        left.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert entered.wait(5)
+    with _quiet_ort_logging():
+        leave.set()
+        assert left.wait(5)
+        assert root.level == logging.ERROR  # still quiet: this thread is inside
+    thread.join()
+    assert root.level == before
