@@ -335,12 +335,13 @@ def neighbour_agreement(fp32: np.ndarray, quant: np.ndarray) -> float:
 def compare(reference: Reference, quant_path: str, task_output: str, labels: np.ndarray | None,
             quiet: bool = False, declared_kind: str | None = None, optimized_path: str | None = None,
             sessions: dict | None = None) -> dict:
-    """Per-output fidelity of the model at quant_path, and the task output's accuracy figures. optimized_path:
-    where ORT writes the graph it runs; sessions: given, it gets the session at quant_path where it ran on one
-    intra-op thread (one a latency timing can use)."""
+    """Per-output fidelity of the model at quant_path, and the task output's accuracy figures. sessions: given,
+    it gets the session at quant_path where it ran on one intra-op thread (one a latency timing can use), and ORT
+    writes the graph it runs at optimized_path."""
     threads = run_threads(reference.workers)
-    runner = session(quant_path, optimized_path, threads=threads)
-    if sessions is not None and threads == 1:
+    kept = sessions is not None and threads == 1
+    runner = session(quant_path, optimized_path if kept else None, threads=threads)
+    if kept:
         sessions[quant_path] = runner
     sums = {name: _OutputSums() for name in reference.names}
     samples = reference.samples

@@ -219,8 +219,9 @@ class Analysis:
 
 
 def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, widths_of=None) -> Analysis:
-    """The MSQ measurements. before_tables(stats, modes) runs between the activation modes and the error
-    tables, when the process holds the least: the error tables' GPTQ roundings stay until the writing.
+    """The MSQ measurements. before_tables(stats, modes) is called between the activation modes and the error
+    tables, when the process holds the least (the error tables' GPTQ roundings stay until the writing): convert
+    starts the yardstick's writing there.
     widths_of: the widths each layer's error table measures (allocate.reachable_widths; None: options.bits)."""
     # Without a budget every layer keeps the widest width, which rounds to nearest: no Hessians then.
     narrowed = (options.avg_bits is not None and options.avg_bits < max(options.bits)) or any(
@@ -329,7 +330,7 @@ ALWAYS_FITS = 64 << 20  # bytes: a small model's reference session and write fit
 
 def _fits_beside_the_write(loaded) -> bool:
     """Whether the held-out reference's FP32 session fits beside the first write below the peak the process has
-    already reached (the yardstick's, usually), run there or kept for the latency timing: the write adds about
+    already reached (the pass's or the error tables'), run there or kept for the latency timing: the write adds about
     WRITE_GROWTH x the model's weights, the session its dense weights (an embedding table's rows are read only
     where gathered: MiniLM-L6's session holds about 55 MB of its 90). BERT-base, where it does not fit (1,161 MB
     needed, 1,153 MB below the peak): the write's peak 1,704 -> 2,117 MB beside the session, running or kept,
@@ -407,6 +408,12 @@ class _HeldOut:
         """(session, optimized graph's path) of the candidate last measured, if it is `path` and ran on one
         intra-op thread; else None."""
         return self._kept[1:] if self._kept is not None and self._kept[0] == path else None
+
+    def release_sessions(self) -> None:
+        """Drop the sessions kept for the latency timing, once it is done (the FP32 outputs stay)."""
+        self._kept = None
+        if self._reference is not None:
+            self._reference.single_thread_session = None
 
     def close(self) -> None:
         """Ends the background runs early (a conversion that failed or was interrupted before it was needed)."""
@@ -568,16 +575,16 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                             f"or quantized in the input) make the lowest reachable average {lowest:.2f}; raise "
                             "--avg-bits.")
         budgets.append(allocate_stage.bits_budget(params, widths, options.avg_bits, fixed))
-    # ORT's quantizer holds copies of the model while it writes its int8 yardstick: built beside the error tables,
-    # before any candidate exists, its peak sits on the least. Mostly Python on one core, it takes the time the
-    # tables' two workers leave (MiniLM-L6: 0.25 s of its own, 0.1 s more for the tables).
+    # ORT's quantizer holds copies of the model while it writes its int8 yardstick: written beside the error tables
+    # (waited for before the first candidate, so its peak never meets a write's), mostly Python on one core, it takes
+    # the time the tables' two workers leave (MiniLM-L6: 0.25 s of its own, 0.1 s more for the tables).
     workspace = TemporaryFolder("msq-")
-    yardstick = []  # its thread
+    yardstick = []  # its thread, then the thread building its timed session
 
     def build_yardstick(stats, modes):
         yardstick.append(_ResultThread(lambda: _yardstick(modes, stats.ranges, loaded, workspace.name)))
 
-    def prepare_yardstick():  # its timed session, built beside the first write (one core): then the last thread
+    def prepare_yardstick():  # its timed session, built beside the first write (one core busy there)
         if len(yardstick) == 1:
             written = yardstick[0]
             yardstick.append(_ResultThread(lambda: written.result().prepared()))
@@ -603,6 +610,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         # one candidate written, then timed: its sessions and the FP32 one serve the timing, held past no other write
         single = not searching and options.max_size is None and options.max_latency is None
         with timer.stage("verify"):  # the FP32 outputs every candidate is compared with
+            # the yardstick written first: the memory read below is not its, and --max-latency times nothing beside it
+            yardstick[0].join()
             fits = _fits_beside_the_write(loaded)
             held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers,
                                 background=fits and options.max_latency is None, keep_session=fits or single,
@@ -624,7 +633,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                     return built[allocation]
                 modes, containers = plan_layers(loaded, analysis, bits, options.prefer)
             with timer.stage("write"):
-                prepare_yardstick()
+                if single:
+                    prepare_yardstick()
                 folder = tempfile.mkdtemp(dir=work_dir)
                 quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,
                                              options.bias_correction, rewritten={
@@ -662,6 +672,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                 latency, op_counts = measure_latency(loaded, chosen, evaluation, yardstick[-1].result(), work_dir,
                                                      held_out.reference.single_thread_session,
                                                      held_out.kept_session(chosen.path))
+                held_out.release_sessions()  # not held through the publishing, gzip and the report
             packed.widen()
             with timer.stage("write"):
                 as_is = publish(chosen.path, output_path)

@@ -168,7 +168,12 @@ def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict, pe
 
     kind = "static" if static else "dynamic"
     path = os.path.join(work_dir, f"ort-{kind}-int8.onnx")
-    source, tables = (_with_stand_ins(fp32_path, float_nodes) if stand_ins else (fp32_path, {}))
+    source, tables = fp32_path, {}
+    if stand_ins:
+        try:
+            source, tables = _with_stand_ins(fp32_path, float_nodes)
+        except Exception:  # e.g. no room for the copy: the quantizer reads the whole model instead
+            pass
     try:
         with _quiet_ort_logging():
             if static:
@@ -187,7 +192,8 @@ def reference_int8(fp32_path: str, work_dir: str, static: bool, ranges: dict, pe
     finally:
         if source != fp32_path:
             os.remove(source)
-    if tables and not _stand_ins_kept(path, tables):  # the quantizer touched a table after all: write it whole
+    if tables and not _stand_ins_kept(path, tables):  # the quantizer touched a table after all (or the file it
+        # wrote cannot be read back): write it whole
         return reference_int8(fp32_path, work_dir, static, ranges, per_channel, float_nodes)
     return Yardstick(path, kind, None, tables, os.path.dirname(fp32_path))
 
@@ -223,7 +229,10 @@ def _with_stand_ins(fp32_path: str, float_nodes: tuple) -> tuple[str, dict]:
 
 def _stand_ins_kept(path: str, tables: dict) -> bool:
     """Whether the written yardstick holds every stand-in as it was given: a one-row float initializer."""
-    written = {t.name: t for t in onnx.load(path, load_external_data=False).graph.initializer}
+    try:
+        written = {t.name: t for t in onnx.load(path, load_external_data=False).graph.initializer}
+    except Exception:
+        return False
     return all(name in written and written[name].data_type == table.data_type
                and list(written[name].dims) == [1, *table.dims[1:]] for name, table in tables.items())
 

@@ -421,8 +421,8 @@ FACTOR_JITTER = 1e-6  # of the mean diagonal, below what a float32 product resol
 def hessian_factor(hessian: np.ndarray) -> np.ndarray | None:
     """The float32 lower Cholesky factor of a Hessian, or of it plus FACTOR_JITTER where rounding left it just
     short of positive definite: a LayerNorm's output has one direction of no variance, and 12 of MiniLM-L6's 30
-    centred Hessians measured one eigenvalue of -4e-9 to -3.4e-8 of their mean diagonal. None where neither
-    factors (an input that never fires): its errors take the full product."""
+    centred Hessians measured one eigenvalue of -4e-9 to -3.4e-8 of their mean diagonal (an input that never fires
+    factors with it too). None where neither factors: its errors take the full product."""
     hessian = np.asarray(hessian, np.float64)
     for jitter in (0.0, FACTOR_JITTER * float(np.mean(np.diag(hessian)))):
         try:

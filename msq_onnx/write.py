@@ -62,8 +62,9 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
     session_copy: the float weights the quantized ones replace are never copied (MiniLM-L6: 90 MB).
 
     rewritten: the layers rewrite_layers will write (dynamic, weight-only). Their integers are kept as rounded, and
-    a weight only they read stays out of the copy: its fake-quantized floats were serialized, read back and rounded
-    again (MiniLM-L6: 0.5 s of one core and 90 MB)."""
+    a weight only they read keeps its FP32 values in the copy (ORT's quantizer reads the copy for the static layers)
+    instead of fake-quantized ones that were serialized, read back and rounded again (MiniLM-L6: about 0.1 s of one
+    core)."""
     model = loaded.session_copy()
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
     nodes = {n.name: n for n in model.graph.node}

@@ -276,6 +276,25 @@ def test_the_timed_yardstick_is_the_model_ort_writes_from_the_whole_table(encode
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_yardstick_whose_stand_ins_cannot_be_written_is_written_whole(tmp_path, monkeypatch):
+    """No room for the stand-ins' copy beside the weights (or any other failure there) costs the speed-up, not the
+    yardstick."""
+    from msq_onnx import verify
+    from msq_onnx.modes import DYNAMIC, ModeChoice
+    from msq_onnx.pipeline import _yardstick
+
+    def no_room(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(verify, "_with_stand_ins", no_room)
+    loaded = load_model(save(encoder(), tmp_path / "encoder.onnx"))
+    yardstick = _yardstick({layer.name: ModeChoice(DYNAMIC, {}, "") for layer in loaded.layers}, {}, loaded,
+                           str(tmp_path))
+    assert yardstick.failed is None and yardstick.path and not yardstick.tables
+    feed = padded_batch(np.random.default_rng(1), [6], 6)
+    assert yardstick.session().run(None, feed)[0].shape == (1, WIDTH)
+
+
 def test_the_yardstick_leaves_a_table_tied_to_a_matmul_float_too(tmp_path):
     """A table read by a Gather and, transposed, by a MatMul is left out of the allocation: the yardstick still
     keeps its lookups float."""

@@ -1648,6 +1648,58 @@ def test_a_size_bound_still_offers_float_where_it_is_the_smallest_container(tmp_
     assert [entry["node"] for entry in report["left_in_float"]] == ["MatMul_0"]
 
 
+@pytest.mark.parametrize("extra", [{"max_latency": 1.5}, {}, {"max_drop": 50.0, "avg_bits": None}])
+def test_the_yardstick_is_written_before_any_candidate_or_latency_timing(cnn_files, tmp_path, monkeypatch, extra):
+    """The yardstick's writing (ORT's quantizer, mostly Python) is waited for before the memory read that decides
+    the reference's place, before --max-latency times anything beside it, and before the first write; its timed
+    session is built beside that write only where one candidate is written and timed, and dropped, with the
+    held-out sessions kept for the timing, before the output is published."""
+    import gc
+    import threading
+    import weakref
+
+    from msq_onnx import fidelity, pipeline, verify
+
+    written, prepared, sessions, at_publish = threading.Event(), [], [], []
+    real_yardstick, real_prepared, real_session = pipeline._yardstick, verify.Yardstick.prepared, fidelity.session
+    real_publish = pipeline.publish
+
+    def slow_yardstick(*args):
+        time.sleep(0.3)
+        result = real_yardstick(*args)
+        written.set()
+        return result
+
+    def checked(name, real):
+        def wrapper(*args, **kwargs):
+            assert written.is_set(), f"{name} while the yardstick was being written"
+            return real(*args, **kwargs)
+        return wrapper
+
+    def measuring(*args, **kwargs):
+        made = real_session(*args, **kwargs)
+        sessions.append(weakref.ref(made))
+        return made
+
+    def publishing(*args, **kwargs):
+        gc.collect()
+        at_publish.append([ref for ref in sessions if ref() is not None])
+        return real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_yardstick", slow_yardstick)
+    monkeypatch.setattr(pipeline, "_fits_beside_the_write", checked("the memory read", pipeline._fits_beside_the_write))
+    monkeypatch.setattr(pipeline, "latency_budget", checked("the latency budget", pipeline.latency_budget))
+    monkeypatch.setattr(pipeline, "quantize_weights", checked("a write", pipeline.quantize_weights))
+    monkeypatch.setattr(verify.Yardstick, "prepared", lambda self: prepared.append(1) or real_prepared(self))
+    monkeypatch.setattr(fidelity, "session", measuring)
+    monkeypatch.setattr(pipeline, "publish", publishing)
+    options = {"quiet": True, "avg_bits": 4, **extra}
+    report = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"], Options(**options)).report
+    assert report["latency_ms"]["ort_static_int8"] > 0
+    assert prepared == ([1] if not extra else [])
+    assert at_publish == [[]]  # every held-out session gone
+
+
 def test_ort_logging_stays_quiet_while_any_thread_is_inside_and_is_restored_after():
     """The yardstick's thread and a write run ORT's quantizer at once: the first to leave the quiet block must not
     let the other's warnings through, and the last must put the root logger's level back."""
