@@ -613,9 +613,9 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             # the yardstick written first: the memory read below is not its, and --max-latency times nothing beside it
             yardstick[0].join()
             fits = _fits_beside_the_write(loaded)
-            held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers,
-                                background=fits and options.max_latency is None, keep_session=fits or single,
-                                keep=single)
+            background = fits and options.max_latency is None
+            held_out = _HeldOut(loaded, evaluation, options, analysis.stats.workers, background=background,
+                                keep_session=fits or single, keep=single)
             stack.callback(held_out.close)
             held_out.start()
         if options.max_latency is not None:
@@ -633,7 +633,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                     return built[allocation]
                 modes, containers = plan_layers(loaded, analysis, bits, options.prefer)
             with timer.stage("write"):
-                if single:
+                if single and not background:  # beside the reference's runs it would only add to the write's peak
                     prepare_yardstick()
                 folder = tempfile.mkdtemp(dir=work_dir)
                 quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,

@@ -1648,12 +1648,15 @@ def test_a_size_bound_still_offers_float_where_it_is_the_smallest_container(tmp_
     assert [entry["node"] for entry in report["left_in_float"]] == ["MatMul_0"]
 
 
-@pytest.mark.parametrize("extra", [{"max_latency": 1.5}, {}, {"max_drop": 50.0, "avg_bits": None}])
-def test_the_yardstick_is_written_before_any_candidate_or_latency_timing(cnn_files, tmp_path, monkeypatch, extra):
+@pytest.mark.parametrize("extra,fits", [({"max_latency": 1.5}, False), ({}, False), ({}, True),
+                                        ({"max_drop": 50.0, "avg_bits": None}, False)])
+def test_the_yardstick_is_written_before_any_candidate_or_latency_timing(cnn_files, tmp_path, monkeypatch, extra,
+                                                                        fits):
     """The yardstick's writing (ORT's quantizer, mostly Python) is waited for before the memory read that decides
     the reference's place, before --max-latency times anything beside it, and before the first write; its timed
-    session is built beside that write only where one candidate is written and timed, and dropped, with the
-    held-out sessions kept for the timing, before the output is published."""
+    session is built beside that write only where one candidate is written and timed and the FP32 reference does
+    not run there (fits), and dropped, with the held-out sessions kept for the timing, before the output is
+    published."""
     import gc
     import threading
     import weakref
@@ -1687,7 +1690,7 @@ def test_the_yardstick_is_written_before_any_candidate_or_latency_timing(cnn_fil
         return real_publish(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "_yardstick", slow_yardstick)
-    monkeypatch.setattr(pipeline, "_fits_beside_the_write", checked("the memory read", pipeline._fits_beside_the_write))
+    monkeypatch.setattr(pipeline, "_fits_beside_the_write", checked("the memory read", lambda loaded: fits))
     monkeypatch.setattr(pipeline, "latency_budget", checked("the latency budget", pipeline.latency_budget))
     monkeypatch.setattr(pipeline, "quantize_weights", checked("a write", pipeline.quantize_weights))
     monkeypatch.setattr(verify.Yardstick, "prepared", lambda self: prepared.append(1) or real_prepared(self))
@@ -1696,7 +1699,7 @@ def test_the_yardstick_is_written_before_any_candidate_or_latency_timing(cnn_fil
     options = {"quiet": True, "avg_bits": 4, **extra}
     report = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"], Options(**options)).report
     assert report["latency_ms"]["ort_static_int8"] > 0
-    assert prepared == ([1] if not extra else [])
+    assert prepared == ([1] if not extra and not fits else [])
     assert at_publish == [[]]  # every held-out session gone
 
 
