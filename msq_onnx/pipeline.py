@@ -328,6 +328,30 @@ WRITE_GROWTH = 2.0  # what the first write adds to the process, in model-weight 
 ALWAYS_FITS = 64 << 20  # bytes: a small model's reference session and write fit whatever the headroom
 
 
+def _peak_and_resident() -> tuple:
+    """(peak, resident) bytes of this process; (None, None) where it cannot tell (not Linux)."""
+    import resource
+    import sys
+
+    try:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        with open("/proc/self/statm") as handle:
+            return peak, int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+# ORT's quantizer writes the yardstick beside the error tables where its copies of the model (about twice its dense
+# weights, the lookup tables stood in for) are at most this share of the peak reached, else alone before them:
+# MiniLM-L6's 86 MB against its pass's 446 MB, beside; BERT-base's 680 MB against 1,640, beside the tables took the
+# conversion's peak 2,260 -> 2,340 MB (its tables' working copies and ORT's at once).
+YARDSTICK_BESIDE_THE_TABLES = 0.25
+# The yardstick's timed session is built beside the first write where what building it holds at once (the file
+# read, the model serialized for ORT, ORT's own copy: about three times the file) is at most this share of the peak
+# reached: MiniLM-L6's 11 MB file, yes; BERT-base's 110 MB beside its write took the peak 2,260 -> 2,696 MB.
+YARDSTICK_BESIDE_THE_WRITE = 0.1
+
+
 def _fits_beside_the_write(loaded) -> bool:
     """Whether the held-out reference's FP32 session fits beside the first write below the peak the process has
     already reached (the pass's or the error tables'), run there or kept for the latency timing: the write adds about
@@ -336,14 +360,8 @@ def _fits_beside_the_write(loaded) -> bool:
     needed, 1,153 MB below the peak): the write's peak 1,704 -> 2,117 MB beside the session, running or kept,
     over its yardstick's 2,058. MiniLM-L6 needs 212 MB of 370, EfficientNet-Lite0 53 of 111. Unknown (not
     Linux): no."""
-    import resource
-    import sys
-
-    try:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        with open("/proc/self/statm") as handle:
-            resident = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+    peak, resident = _peak_and_resident()
+    if peak is None:
         return False
     weights = 4 * sum(layer.params for layer in loaded.layers)
     dense = 4 * sum(layer.params for layer in loaded.layers if not layer.kind.read_where_gathered)
@@ -583,11 +601,19 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
 
     def build_yardstick(stats, modes):
         yardstick.append(_ResultThread(lambda: _yardstick(modes, stats.ranges, loaded, workspace.name)))
+        peak, _ = _peak_and_resident()
+        dense = 4 * sum(layer.params for layer in loaded.layers if not layer.kind.read_where_gathered)
+        if peak is None or 2 * dense > YARDSTICK_BESIDE_THE_TABLES * peak:
+            with timer.stage("latency"):  # alone, as before the tables: its copies on top of theirs would be the peak
+                yardstick[0].join()
 
-    def prepare_yardstick():  # its timed session, built beside the first write (one core busy there)
+    def prepare_yardstick():  # its timed session, built beside the first write (one core busy there), if small
         if len(yardstick) == 1:
-            written = yardstick[0]
-            yardstick.append(_ResultThread(lambda: written.result().prepared()))
+            written = yardstick[0].result()
+            peak, _ = _peak_and_resident()
+            if written.path is not None and peak is not None and \
+                    3 * os.path.getsize(written.path) <= YARDSTICK_BESIDE_THE_WRITE * peak:
+                yardstick.append(_ResultThread(written.prepared))
 
     def stop_yardstick():  # before its folder goes: its writing ends first
         for thread in yardstick:

@@ -1703,6 +1703,38 @@ def test_the_yardstick_is_written_before_any_candidate_or_latency_timing(cnn_fil
     assert at_publish == [[]]  # every held-out session gone
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_a_yardstick_large_beside_the_peak_is_written_alone_and_timed_without_a_prepared_session(
+        cnn_files, tmp_path, monkeypatch, share):
+    """ORT's quantizer's copies of a model whose dense weights are large against the peak so far (BERT-base) are
+    not stacked on the error tables' working copies, nor is its timed session built beside the first write: the
+    yardstick is written alone before the tables and its session built for the timing. A small one goes beside."""
+    import threading
+
+    from msq_onnx import pipeline, verify
+
+    written, prepared, beside = threading.Event(), [], []
+    real_yardstick, real_tables, real_prepared = pipeline._yardstick, pipeline._error_tables, verify.Yardstick.prepared
+
+    def slow_yardstick(*args):
+        time.sleep(0.3)
+        result = real_yardstick(*args)
+        written.set()
+        return result
+
+    monkeypatch.setattr(pipeline, "_yardstick", slow_yardstick)
+    monkeypatch.setattr(pipeline, "_error_tables", lambda *a, **k: beside.append(not written.is_set()) or real_tables(
+        *a, **k))
+    monkeypatch.setattr(pipeline, "YARDSTICK_BESIDE_THE_TABLES", share)
+    monkeypatch.setattr(pipeline, "YARDSTICK_BESIDE_THE_WRITE", share)
+    monkeypatch.setattr(pipeline, "_fits_beside_the_write", lambda loaded: False)
+    monkeypatch.setattr(verify.Yardstick, "prepared", lambda self: prepared.append(1) or real_prepared(self))
+    report = convert(cnn_files["model"], str(tmp_path / "q.onnx"), cnn_files["calib"],
+                     Options(quiet=True, avg_bits=4)).report
+    assert report["latency_ms"]["ort_static_int8"] > 0
+    assert beside == [share > 0] and prepared == ([1] if share > 0 else [])
+
+
 def test_ort_logging_stays_quiet_while_any_thread_is_inside_and_is_restored_after():
     """The yardstick's thread and a write run ORT's quantizer at once: the first to leave the quiet block must not
     let the other's warnings through, and the last must put the root logger's level back."""
