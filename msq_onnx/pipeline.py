@@ -352,6 +352,11 @@ YARDSTICK_BESIDE_THE_TABLES = 0.25
 YARDSTICK_BESIDE_THE_WRITE = 0.1
 
 
+def _dense_bytes(loaded) -> int:
+    """FP32 bytes of the layers' weights a session holds whole (an embedding table's rows are read where gathered)."""
+    return 4 * sum(layer.params for layer in loaded.layers if not layer.kind.read_where_gathered)
+
+
 def _fits_beside_the_write(loaded) -> bool:
     """Whether the held-out reference's FP32 session fits beside the first write below the peak the process has
     already reached (the pass's or the error tables'), run there or kept for the latency timing: the write adds about
@@ -364,7 +369,7 @@ def _fits_beside_the_write(loaded) -> bool:
     if peak is None:
         return False
     weights = 4 * sum(layer.params for layer in loaded.layers)
-    dense = 4 * sum(layer.params for layer in loaded.layers if not layer.kind.read_where_gathered)
+    dense = _dense_bytes(loaded)
     # a tenth of the peak to spare: BERT-base's estimate, 1,161 MB, was within 8 MB of its headroom
     return WRITE_GROWTH * weights + dense <= max(peak - resident - peak / 10, ALWAYS_FITS)
 
@@ -602,8 +607,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     def build_yardstick(stats, modes):
         yardstick.append(_ResultThread(lambda: _yardstick(modes, stats.ranges, loaded, workspace.name)))
         peak, _ = _peak_and_resident()
-        dense = 4 * sum(layer.params for layer in loaded.layers if not layer.kind.read_where_gathered)
-        if peak is None or 2 * dense > YARDSTICK_BESIDE_THE_TABLES * peak:
+        if peak is None or 2 * _dense_bytes(loaded) > YARDSTICK_BESIDE_THE_TABLES * peak:
             with timer.stage("latency"):  # alone, as before the tables: its copies on top of theirs would be the peak
                 yardstick[0].join()
 

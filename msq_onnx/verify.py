@@ -205,17 +205,21 @@ def _with_stand_ins(fp32_path: str, float_nodes: tuple) -> tuple[str, dict]:
     """A copy of the model file (beside it: its other weights stay references into the same file) whose
     externally stored tables read only by `float_nodes` (as their first input) are one-row stand-ins, and the
     tables it stood in for."""
+    from .write import tensor_readers
+
     model = onnx.load(fp32_path, load_external_data=False)
     names = set(float_nodes)
-    readers = {}
-    for node in model.graph.node:
-        for position, name in enumerate(node.input):
-            readers.setdefault(name, []).append(node.name in names and position == 0)
-    outputs = {value.name for value in model.graph.output}
+    # a graph output or a subgraph's reader is ELSEWHERE, never one of `names`
+    readers, nodes = tensor_readers(model), {node.name: node for node in model.graph.node}
+
+    def only_looked_up(name: str) -> bool:
+        return bool(readers.get(name)) and all(reader in names and nodes[reader].input[0] == name
+                                               and list(nodes[reader].input).count(name) == 1
+                                               for reader in readers[name])
+
     tables = {}
     for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL and len(tensor.dims) >= 2 and tensor.name not in outputs \
-                and readers.get(tensor.name) and all(readers[tensor.name]):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and len(tensor.dims) >= 2 and only_looked_up(tensor.name):
             tables[tensor.name] = onnx.TensorProto()
             tables[tensor.name].CopyFrom(tensor)
             tensor.CopyFrom(numpy_helper.from_array(

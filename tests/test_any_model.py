@@ -276,6 +276,31 @@ def test_the_timed_yardstick_is_the_model_ort_writes_from_the_whole_table(encode
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_table_a_subgraph_reads_is_not_stood_in_for(tmp_path):
+    """The stand-ins go only where the float lookups are a table's sole readers: one an If branch also reads
+    (ORT's quantizer would see a one-row table there) is given to it whole."""
+    from msq_onnx.verify import _with_stand_ins
+
+    rng = np.random.default_rng(0)
+    tables = [numpy_helper.from_array(rng.normal(size=(40, 16)).astype(np.float32), name)
+              for name in ("alone", "branched")]
+    branch = helper.make_graph([helper.make_node("ReduceSum", ["branched"], ["s"], keepdims=0)], "branch", [],
+                               [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])])
+    nodes = [helper.make_node("Gather", ["alone", "ids"], ["a"], name="look_a"),
+             helper.make_node("Gather", ["branched", "ids"], ["b"], name="look_b"),
+             helper.make_node("If", ["flag"], ["picked"], name="if", then_branch=branch, else_branch=branch),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "lookups", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6]),
+                                                 helper.make_tensor_value_info("flag", TensorProto.BOOL, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 16]),
+                               helper.make_tensor_value_info("picked", TensorProto.FLOAT, [])], tables)
+    loaded = load_model(save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                             tmp_path / "lookups.onnx"))
+    source, stood_in = _with_stand_ins(loaded.model_file(), ("look_a", "look_b"))
+    assert set(stood_in) == {"alone"} and source != loaded.model_file()
+    os.remove(source)
+
+
 def test_a_yardstick_whose_stand_ins_cannot_be_written_is_written_whole(tmp_path, monkeypatch):
     """No room for the stand-ins' copy beside the weights (or any other failure there) costs the speed-up, not the
     yardstick."""
