@@ -552,8 +552,8 @@ def test_no_residual_join_where_the_shape_says_broadcast_or_a_row_norm_reads_the
     from msq_onnx.ops import residual_joins
 
     def convolutions(model):  # the fields residual_joins reads
-        return [SimpleNamespace(name=n.name, output_name=n.output[0], probe_name=n.output[0], input_name=n.input[0])
-                for n in model.graph.node if n.op_type == "Conv"]
+        return [SimpleNamespace(name=n.name, output_name=n.output[0], probe_name=n.output[0], input_name=n.input[0],
+                                nodes=[n.name]) for n in model.graph.node if n.op_type == "Conv"]
 
     for norm in (False, True):
         model = onnx.shape_inference.infer_shapes(_residual_block(norm))
@@ -570,6 +570,44 @@ def test_no_residual_join_where_the_shape_says_broadcast_or_a_row_norm_reads_the
         fixed.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = size
     model = onnx.shape_inference.infer_shapes(fixed)
     assert residual_joins(model, convolutions(model), static_shapes(model))["conv1"] == [("a1", "x2", "s")]
+
+
+def test_an_additive_mask_made_from_an_integer_input_is_no_residual_join():
+    """A transformer's attention mask reaches its scores' Add through ops alone (its shape from the stream's Shape),
+    with every dim symbolic: no join to measure the power of, where the stream's own Add stays one."""
+    from types import SimpleNamespace
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from msq_onnx.instrument import static_shapes
+    from msq_onnx.ops import residual_joins
+
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
+    # two blocks: the second's input depends on the mask through the first's
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h0"], name="dense0"),
+             helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Sub", ["one", "mf"], ["inverse"], name="invert"),
+             helper.make_node("Unsqueeze", ["inverse", "last"], ["column"], name="column"),
+             helper.make_node("Shape", ["h0"], ["shape"], name="shape"),  # the stream's, as an export's Reshape takes
+             helper.make_node("Expand", ["column", "shape"], ["offset"], name="expand"),
+             helper.make_node("Add", ["h0", "offset"], ["masked0"], name="masked0"),
+             helper.make_node("Add", ["masked0", "x"], ["x1"], name="residual0"),
+             helper.make_node("MatMul", ["x1", "w"], ["h1"], name="dense1"),
+             helper.make_node("Add", ["h1", "offset"], ["masked1"], name="masked1"),
+             helper.make_node("Add", ["masked1", "x1"], ["y"], name="residual1")]
+    graph = helper.make_graph(
+        nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 4]),
+                          helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w, one, numpy_helper.from_array(np.array([-1], np.int64), "last")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    layers = [SimpleNamespace(name=f"dense{i}", output_name=f"h{i}", probe_name=f"h{i}", input_name=source,
+                              nodes=[f"dense{i}"]) for i, source in enumerate(("x", "x1"))]
+    joins = residual_joins(model, layers, static_shapes(model))
+    assert joins["dense1"] == [("masked1", "x1", "y")]
+    assert joins["dense0"][0] == ("masked0", "x", "x1")  # the float input's stream: a join
 
 
 def test_the_report_says_what_each_layers_error_was_weighed_by_and_the_flag_turns_it_off(tmp_path):
