@@ -715,3 +715,20 @@ def test_gptq_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse():
     indefinite[0, 0] = -1.0
     with pytest.raises(np.linalg.LinAlgError):
         inverse_factor(indefinite)
+
+
+def test_transposed_copies_match_numpys_in_every_order_dtype_and_shape():
+    from msq_onnx.weights import TRANSPOSE_TILE, contiguous, transposed
+
+    rng = np.random.default_rng(3)
+    for rows, columns in ((1, 5), (TRANSPOSE_TILE - 1, 7), (TRANSPOSE_TILE * 3 + 5, 33)):
+        for dtype in (np.float32, np.int8):
+            matrix = rng.integers(-100, 100, (rows, columns)).astype(dtype)
+            order = rng.permutation(columns)
+            assert np.array_equal(transposed(matrix), matrix.T) and transposed(matrix).flags.c_contiguous
+            assert np.array_equal(transposed(matrix, order), matrix[:, order].T)
+        view = matrix.astype(np.float32).T  # a MatMul's [in, out] weight as [out, in] rows
+        copied = contiguous(view)
+        assert copied.flags.c_contiguous and copied.dtype == np.float32 and np.array_equal(copied, view)
+        strided = matrix.astype(np.float64)[::2]
+        assert np.array_equal(contiguous(strided), strided.astype(np.float32))
