@@ -746,8 +746,9 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
                               if layer.input_name == loaded.inputs[0].name)
     first_length_varies = len(loaded.inputs[0].shape) == 2 and loaded.inputs[0].shape[1] is None
     ranges: dict = {}
-    mean_sum: dict = {}
-    sq_sum: dict = {}
+    # moment output -> its sum over the samples: the layers that read one input (a query, key and value) share it
+    moment_sums: dict = {}
+    moment_names = list(dict.fromkeys(name for pair in outputs["moments"].values() for name in pair))
     power_sum = dict.fromkeys(outputs["power"], 0.0)  # tensor -> its sum of squares over the pass
     broadcast = set()  # (branch, skip) of the Adds that broadcast their "skip" (an attention mask): no residual
     final_outputs = []
@@ -802,13 +803,12 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
                 probe_shape = result[outputs["probe"][layer.name]].shape
                 rows.setdefault(layer.name, []).append(  # math.prod: np.prod of a tuple took 0.2 s of a MiniLM pass
                     math.prod(probe_shape[1:-1]) if layer.kind.channels_last and len(probe_shape) > 2 else 1)
-            if layer.name not in outputs["moments"]:
-                continue
-            for sums, name in zip((mean_sum, sq_sum), outputs["moments"][layer.name]):
-                if layer.name in sums:  # in place for an array; a 1-D input's 0-d moments are numpy scalars
-                    sums[layer.name] += result[name] * count
-                else:
-                    sums[layer.name] = 0 + result[name] * count  # a new array (never ORT's), -0.0 made +0.0
+        for name in moment_names:
+            value = result[name] if count == 1 else result[name] * count  # x * 1 is x: the same sums
+            if name in moment_sums:  # in place for an array; a 1-D input's 0-d moments are numpy scalars
+                moment_sums[name] += value
+            else:
+                moment_sums[name] = 0 + value  # a new array (never ORT's), -0.0 made +0.0
         if gathered:
             gram.add({name: result[name] for name in gathered})
         chosen = imprinted[seen:seen + count]
@@ -857,8 +857,8 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
              for name, found in outputs["joins"].items()}
     return PassStatistics(
         ranges=ranges,
-        input_mean={k: v / seen for k, v in mean_sum.items()},
-        input_sq={k: v / seen for k, v in sq_sum.items()},
+        input_mean={k: moment_sums[mean] / seen for k, (mean, _) in outputs["moments"].items() if mean in moment_sums},
+        input_sq={k: moment_sums[sq] / seen for k, (_, sq) in outputs["moments"].items() if sq in moment_sums},
         features=bank,
         input_features=input_bank,
         outputs=stacked_outputs(final_outputs, max_dim, seed),
