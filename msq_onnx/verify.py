@@ -243,10 +243,8 @@ def _stand_ins_kept(path: str, tables: dict) -> bool:
 
 # Per model, spent in timed runs after warm-up. EfficientNet-Lite0's output / FP32 latency over three
 # repeats: 0.485, 0.501, 0.484 at 0.5 s; 0.490, 0.472, 0.488 at 0.25 s: the machine's drift, not the
-# number of runs, sets the spread. Five repeats each, alternating (docs/BENCHMARKS.md, round 29): standard
-# deviation 0.0044 at 0.25 s, 0.0033 at 0.125 s on MiniLM-L6 (mean 0.421 / 0.426); 0.0040 / 0.0052 on
-# EfficientNet-Lite0 (0.562 / 0.554); the timing 0.38 -> 0.22 s and 0.36 -> 0.19 s.
-LATENCY_SECONDS = 0.125
+# number of runs, sets the spread.
+LATENCY_SECONDS = 0.25
 
 
 def single_thread_session(model, silent: bool = False, optimized_path: str | None = None,
