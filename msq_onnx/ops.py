@@ -701,13 +701,15 @@ def residual_joins(model: onnx.ModelProto, layers, shapes: dict) -> dict:
         return a in floats and b in floats and first is not None and second is not None and \
             len(first) == len(second) and all(x == y or x is None or y is None for x, y in zip(first, second))
 
-    # A stream is what a float input or a layer feeds, through float tensors. An additive attention mask, made from an integer input by
-    # ops alone, never is: its Add is no join (MiniLM-L6's measured its [N, 12, T, T] scores' power every run, and
-    # kept ORT from adding the mask in place, to be told apart only by its size: 1.5-2 ms of a 35 ms 128-token run)
+    # A stream is what a float input or a layer feeds (through a Q/DQ pair too), never through a Shape or Size. An
+    # additive attention mask, made from an integer input by ops and the stream's Shape, is none: its Add is no join
+    # (MiniLM-L6's pass measured its [N, 12, T, T] scores' power every run, and kept ORT from adding the mask in
+    # place, to be told apart only by its size: 1.5-2 ms of a 35 ms 128-token run)
     layer_nodes = {name for layer in layers for name in layer.nodes}
     streams = {v.name for v in graph.input if v.name in floats and v.name not in constants}
     for node in graph.node:
-        if node.name in layer_nodes or any(i in streams and i in floats for i in node.input):  # not its Shape
+        if node.name in layer_nodes or (node.op_type not in ("Shape", "Size")
+                                        and any(i in streams for i in node.input)):
             streams.update(o for o in node.output if o)
     readers = consumers(graph)
     joins = {}

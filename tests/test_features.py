@@ -609,6 +609,17 @@ def test_an_additive_mask_made_from_an_integer_input_is_no_residual_join():
     assert joins["dense1"] == [("masked1", "x1", "y")]
     assert joins["dense0"][0] == ("masked0", "x", "x1")  # the float input's stream: a join
 
+    # A stream through a quantize / dequantize pair (a model quantized in part) stays one
+    quantized = [helper.make_node("QuantizeLinear", ["x1", "step"], ["x1_q"], name="q"),
+                 helper.make_node("DequantizeLinear", ["x1_q", "step"], ["x1_dq"], name="dq")]
+    graph.node.insert(8, quantized[1])
+    graph.node.insert(8, quantized[0])
+    graph.node[10].input[0] = graph.node[-1].input[1] = "x1_dq"  # dense1 and the residual read it
+    graph.initializer.append(numpy_helper.from_array(np.array(0.1, np.float32), "step"))
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    layers[1].input_name = "x1_dq"
+    assert residual_joins(model, layers, static_shapes(model))["dense1"] == [("masked1", "x1_dq", "y")]
+
 
 def test_the_report_says_what_each_layers_error_was_weighed_by_and_the_flag_turns_it_off(tmp_path):
     import json
