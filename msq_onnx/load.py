@@ -262,16 +262,16 @@ def read_model(path: str) -> tuple[onnx.ModelProto, int, bool]:
     if not model.graph.node:
         raise BadModel(f"'{path}' holds no graph nodes: it is not an ONNX model or it is truncated.")
     _check_external_paths(path, model)
+    external = any(True for _ in _external_tensors(model))
     try:
         # The bytes already read, not serialized again (0.20 s on MiniLM-L6) nor read again from the path (the
         # load 0.17-0.21 -> 0.11-0.13 s); a model with external data by its path, where the checker finds them
-        onnx.checker.check_model(path if any(True for _ in _external_tensors(model)) else data)
-        del data
+        onnx.checker.check_model(path if external else data)
     except Exception as exc:
         raise BadModel(f"'{path}' fails the ONNX checker: {one_line(exc).rstrip('.')}; "
                        "re-export the model.") from None
+    del data
     size = _model_size(path, model)
-    external = any(True for _ in _external_tensors(model))
     if external:
         try:
             onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
