@@ -201,7 +201,22 @@ def _interrupt(signum, frame):
     # onnxruntime) surfaces as an ImportError rather than KeyboardInterrupt.
     global _interrupted
     _interrupted = True
+    if _inside_threading(frame) and hasattr(signal, "setitimer"):
+        # Raised inside threading's own code (a Condition's __enter__, its lock just taken) it leaves that lock held,
+        # and the worker threads, then the interpreter's exit, wait on it for ever: a conversion interrupted in its
+        # pass hung so. Raised again a moment later, once the main thread is back in the caller's code.
+        signal.setitimer(signal.ITIMER_REAL, RETRY_INTERRUPT_SECONDS)
+        return
     raise KeyboardInterrupt
+
+
+RETRY_INTERRUPT_SECONDS = 0.01
+
+
+def _inside_threading(frame) -> bool:
+    import threading
+
+    return frame is not None and os.path.abspath(frame.f_code.co_filename) == os.path.abspath(threading.__file__)
 
 
 def _human_summary(report: dict) -> str:
@@ -242,12 +257,16 @@ def main(argv=None) -> int:
     # The handlers are put back on the way out: a signal after the work is done
     # (the interpreter shutting down) must not turn exit 0 into a traceback.
     _allocator_for_a_run()
-    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    # SIGALRM: an interrupt deferred out of threading's code (_interrupt) comes back by it
+    numbers = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGALRM,) if hasattr(signal, "SIGALRM") else ())
+    previous = {number: signal.getsignal(number) for number in numbers}
+    for number in numbers:
+        signal.signal(number, _interrupt)
     try:
         return _run(argv)
     finally:
+        if hasattr(signal, "setitimer"):  # an interrupt still deferred when the work is done: the work stands
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for number, handler in previous.items():
             if handler is not None:  # None: set outside Python, nothing we can put back
                 signal.signal(number, handler)

@@ -123,6 +123,30 @@ def test_bad_options_fail_before_anything_is_written(tmp_path, options):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="no interval timer (Windows)")
+def test_an_interrupt_inside_threadings_own_code_is_raised_a_moment_later(monkeypatch):
+    """A KeyboardInterrupt raised inside threading's code (a Condition's __enter__ with its lock taken) leaks that lock
+    and the conversion hangs: the interrupt waits for the timer, and is raised where the caller's code runs."""
+    import signal
+    import sys
+    import threading
+
+    from msq_onnx import cli
+
+    monkeypatch.setattr(cli, "_interrupted", False)
+    namespace = {}
+    exec(compile("import sys\nframe = sys._getframe()", threading.__file__, "exec"), namespace)
+    previous = signal.signal(signal.SIGALRM, signal.SIG_IGN)  # the timer armed below must not end the test run
+    try:
+        cli._interrupt(signal.SIGINT, namespace["frame"])  # no KeyboardInterrupt there
+        assert cli._interrupted and 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= cli.RETRY_INTERRUPT_SECONDS
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(KeyboardInterrupt):
+        cli._interrupt(signal.SIGALRM, sys._getframe())  # the timer's return, in code of ours
+
+
 def test_interrupt_inside_an_import_still_exits_as_interrupted(monkeypatch, tmp_path, capsys):
     """SIGTERM landing in a C extension's import surfaces as ImportError: still exit 130, one line."""
     import signal
