@@ -323,7 +323,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
         add_output(mean)
         add_output(sq_mean)
         outputs["moments"][layer.name] = shared_moments[key] = (mean, sq_mean)
-    outputs["joins"] = residual_joins(loaded.model, loaded.layers, shapes)
+    outputs["joins"] = residual_joins(loaded.model, loaded.layers, shapes, attention_mask_input(loaded))
     outputs["candidates"] = list(dict.fromkeys(join for found in outputs["joins"].values() for join in found))
     for branch, skip, total in outputs["candidates"]:
         for tensor in (branch, total):

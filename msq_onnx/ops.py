@@ -661,7 +661,7 @@ def row_normalizer(output: str, consumers: dict) -> RowNormalizer | None:
 RESIDUAL_CANDIDATES = 3  # Adds per layer that pass as residual joins when built, the first that runs as one wins
 
 
-def residual_joins(model: onnx.ModelProto, layers, shapes: dict) -> dict:
+def residual_joins(model: onnx.ModelProto, layers, shapes: dict, mask: str | None = None) -> dict:
     """layer -> [(branch, skip, sum), ...]: the Adds x + f(x) the layer's error reaches inside f, nearest first,
     up to RESIDUAL_CANDIDATES. At the first residual join the error joins a stream whose power is the sum's, not
     the branch's, and the rest of the model sees it relative to the sum. The skip x is an input the layer's error
@@ -701,16 +701,14 @@ def residual_joins(model: onnx.ModelProto, layers, shapes: dict) -> dict:
         return a in floats and b in floats and first is not None and second is not None and \
             len(first) == len(second) and all(x == y or x is None or y is None for x, y in zip(first, second))
 
-    # A stream is what a float input or a layer feeds (through a Q/DQ pair too), never through a Shape or Size. An
-    # additive attention mask, made from an integer input by ops and the stream's Shape, is none: its Add is no join
-    # (MiniLM-L6's pass measured its [N, 12, T, T] scores' power every run, and kept ORT from adding the mask in
-    # place, to be told apart only by its size: 1.5-2 ms of a 35 ms 128-token run)
+    # An additive attention mask, made from the `mask` input (instrument.attention_mask_input) by ops and the stream's
+    # Shape, is no skip: what only the mask feeds, and no other input or layer (a Shape or Size carries no values),
+    # is left out (MiniLM-L6's pass measured its [N, 12, T, T] scores' power every run, and kept ORT from adding the
+    # mask in place, to be told apart only by its size: 1.5-2 ms of a 35 ms 128-token run)
+    masked = _fed_by(graph, {mask} if mask else set(), set())
     layer_nodes = {name for layer in layers for name in layer.nodes}
-    streams = {v.name for v in graph.input if v.name in floats and v.name not in constants}
-    for node in graph.node:
-        if node.name in layer_nodes or (node.op_type not in ("Shape", "Size")
-                                        and any(i in streams for i in node.input)):
-            streams.update(o for o in node.output if o)
+    inputs = {v.name for v in graph.input if v.name != mask and v.name not in constants}
+    streams = _fed_by(graph, inputs, layer_nodes) if masked else set()
     readers = consumers(graph)
     joins = {}
     for layer in layers:
@@ -723,7 +721,7 @@ def residual_joins(model: onnx.ModelProto, layers, shapes: dict) -> dict:
                 continue
             if node.op_type == "Add" and len(node.input) == 2 and not (set(node.input) & constants):
                 branch, skip = node.input if node.input[0] in reached else node.input[::-1]
-                if skip not in reached and skip in streams and alike(branch, skip) and \
+                if skip not in reached and (skip not in masked or skip in streams) and alike(branch, skip) and \
                         upstream(layer.input_name, skip):
                     if row_normalizer(node.output[0], readers) is not None:
                         break  # the nearest joins before it stay: a mask the pass tells apart comes first
@@ -734,6 +732,15 @@ def residual_joins(model: onnx.ModelProto, layers, shapes: dict) -> dict:
         if found:
             joins[layer.name] = found
     return joins
+
+
+def _fed_by(graph, sources: set, source_nodes: set) -> set:
+    """The tensors computed from `sources` or by the nodes named `source_nodes`, through any op but Shape and Size."""
+    fed = set(sources)
+    for node in graph.node:  # in topological order
+        if node.name in source_nodes or (node.op_type not in ("Shape", "Size") and any(i in fed for i in node.input)):
+            fed.update(o for o in node.output if o)
+    return fed
 
 
 def kind_for(node) -> OpKind | None:

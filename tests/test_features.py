@@ -572,9 +572,10 @@ def test_no_residual_join_where_the_shape_says_broadcast_or_a_row_norm_reads_the
     assert residual_joins(model, convolutions(model), static_shapes(model))["conv1"] == [("a1", "x2", "s")]
 
 
-def test_an_additive_mask_made_from_an_integer_input_is_no_residual_join():
+def test_an_additive_mask_made_from_the_mask_input_is_no_residual_join():
     """A transformer's attention mask reaches its scores' Add through ops alone (its shape from the stream's Shape),
-    with every dim symbolic: no join to measure the power of, where the stream's own Add stays one."""
+    with every dim symbolic: no join to measure the power of. What token ids feed through a lookup that is no layer
+    (a tied table), and a stream through a quantize / dequantize pair, stay streams."""
     from types import SimpleNamespace
 
     import onnx
@@ -583,42 +584,38 @@ def test_an_additive_mask_made_from_an_integer_input_is_no_residual_join():
     from msq_onnx.instrument import static_shapes
     from msq_onnx.ops import residual_joins
 
-    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
-    one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
-    # two blocks: the second's input depends on the mask through the first's
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h0"], name="dense0"),
+    # ids -> a lookup (no layer) -> h -> two blocks, the second's input depending on the mask through the first's
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="lookup"),
+             helper.make_node("MatMul", ["h", "w"], ["h0"], name="dense0"),
              helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT, name="cast"),
              helper.make_node("Sub", ["one", "mf"], ["inverse"], name="invert"),
              helper.make_node("Unsqueeze", ["inverse", "last"], ["column"], name="column"),
              helper.make_node("Shape", ["h0"], ["shape"], name="shape"),  # the stream's, as an export's Reshape takes
              helper.make_node("Expand", ["column", "shape"], ["offset"], name="expand"),
              helper.make_node("Add", ["h0", "offset"], ["masked0"], name="masked0"),
-             helper.make_node("Add", ["masked0", "x"], ["x1"], name="residual0"),
-             helper.make_node("MatMul", ["x1", "w"], ["h1"], name="dense1"),
+             helper.make_node("Add", ["masked0", "h"], ["x1"], name="residual0"),
+             helper.make_node("QuantizeLinear", ["x1", "step"], ["x1_q"], name="q"),
+             helper.make_node("DequantizeLinear", ["x1_q", "step"], ["x1_dq"], name="dq"),
+             helper.make_node("MatMul", ["x1_dq", "w"], ["h1"], name="dense1"),
              helper.make_node("Add", ["h1", "offset"], ["masked1"], name="masked1"),
-             helper.make_node("Add", ["masked1", "x1"], ["y"], name="residual1")]
+             helper.make_node("Add", ["masked1", "x1_dq"], ["y"], name="residual1")]
     graph = helper.make_graph(
-        nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 4]),
+        nodes, "masked", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "T"]),
                           helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", "T"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [w, one, numpy_helper.from_array(np.array([-1], np.int64), "last")])
+        [numpy_helper.from_array(np.ones((10, 4), np.float32), "table"),
+         numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"),
+         numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+         numpy_helper.from_array(np.array(0.1, np.float32), "step"),
+         numpy_helper.from_array(np.array([-1], np.int64), "last")])
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     layers = [SimpleNamespace(name=f"dense{i}", output_name=f"h{i}", probe_name=f"h{i}", input_name=source,
-                              nodes=[f"dense{i}"]) for i, source in enumerate(("x", "x1"))]
-    joins = residual_joins(model, layers, static_shapes(model))
-    assert joins["dense1"] == [("masked1", "x1", "y")]
-    assert joins["dense0"][0] == ("masked0", "x", "x1")  # the float input's stream: a join
-
-    # A stream through a quantize / dequantize pair (a model quantized in part) stays one
-    quantized = [helper.make_node("QuantizeLinear", ["x1", "step"], ["x1_q"], name="q"),
-                 helper.make_node("DequantizeLinear", ["x1_q", "step"], ["x1_dq"], name="dq")]
-    graph.node.insert(8, quantized[1])
-    graph.node.insert(8, quantized[0])
-    graph.node[10].input[0] = graph.node[-1].input[1] = "x1_dq"  # dense1 and the residual read it
-    graph.initializer.append(numpy_helper.from_array(np.array(0.1, np.float32), "step"))
-    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    layers[1].input_name = "x1_dq"
-    assert residual_joins(model, layers, static_shapes(model))["dense1"] == [("masked1", "x1_dq", "y")]
+                              nodes=[f"dense{i}"]) for i, source in enumerate(("h", "x1_dq"))]
+    joins = residual_joins(model, layers, static_shapes(model), "mask")
+    assert joins["dense1"] == [("masked1", "x1_dq", "y")]
+    assert joins["dense0"][0] == ("masked0", "h", "x1")
+    # without the mask input named, the offset passes as a skip when built (the pass tells it apart by its size)
+    assert residual_joins(model, layers, static_shapes(model))["dense1"][0] == ("h1", "offset", "masked1")
 
 
 def test_the_report_says_what_each_layers_error_was_weighed_by_and_the_flag_turns_it_off(tmp_path):
