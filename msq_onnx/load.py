@@ -166,6 +166,20 @@ def _external_tensors(model: onnx.ModelProto):
             yield tensor
 
 
+def _holds_external_data(graph) -> bool:
+    """Whether any tensor of the graph, its subgraphs' and its nodes' attributes (a Constant's value) lives in a file
+    of its own: the checker finds those files only from the model's path."""
+    tensors = list(graph.initializer) + [t.values for t in graph.sparse_initializer]
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+            tensors += [t.values for t in list(attr.sparse_tensors) + ([attr.sparse_tensor]
+                                                                         if attr.HasField("sparse_tensor") else [])]
+        if any(_holds_external_data(body) for body in bodies(node)):
+            return True
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors)
+
+
 def _external_location(tensor) -> str:
     return next((e.value for e in tensor.external_data if e.key == "location"), "")
 
@@ -266,7 +280,7 @@ def read_model(path: str) -> tuple[onnx.ModelProto, int, bool]:
     try:
         # The bytes already read, not serialized again (0.20 s on MiniLM-L6) nor read again from the path (the
         # load 0.17-0.21 -> 0.11-0.13 s); a model with external data by its path, where the checker finds them
-        onnx.checker.check_model(path if external else data)
+        onnx.checker.check_model(path if _holds_external_data(model.graph) else data)
     except Exception as exc:
         raise BadModel(f"'{path}' fails the ONNX checker: {one_line(exc).rstrip('.')}; "
                        "re-export the model.") from None

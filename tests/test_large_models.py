@@ -112,3 +112,32 @@ def test_the_weights_file_is_one_and_absolute_whoever_asks_first(tmp_path, monke
     assert len(set(folders)) == 1 and os.path.isabs(folders[0])
     assert sorted(os.listdir(tmp_path / "tmp")) == [os.path.basename(folders[0])]
     assert sorted(os.listdir(folders[0])) == ["model.onnx", "weights.bin"]
+
+
+def test_a_model_whose_only_external_data_is_in_a_subgraph_is_read_from_anywhere(tmp_path, monkeypatch):
+    """The checker finds a subgraph's external data from the model's path only: read_model gives it the path there,
+    the bytes it already read elsewhere (a review's: an If branch's weight, read from another directory, failed)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from msq_onnx.load import read_model
+
+    branch = helper.make_graph([helper.make_node("Identity", ["t"], ["then_out"])], "then", [],
+                               [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, [1024])],
+                               [numpy_helper.from_array(np.arange(1024, dtype=np.float32), "t")])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["else_out"])], "else", [],
+                              [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, [1024])])
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)], "g",
+                              [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                               helper.make_tensor_value_info("x", TensorProto.FLOAT, [1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1024])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save_model(model, str(folder / "m.onnx"), save_as_external_data=True, location="w.bin",
+                    size_threshold=0, all_tensors_to_one_file=True)
+    assert (folder / "w.bin").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded, _, _ = read_model(str(folder / "m.onnx"))
+    assert [node.op_type for node in loaded.graph.node] == ["If"]
