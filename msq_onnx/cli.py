@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import warnings
 
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, MsqError, one_line
@@ -199,24 +200,43 @@ _interrupted = False
 def _interrupt(signum, frame):
     # Remember it: an interrupt that lands inside a C extension's import (numpy,
     # onnxruntime) surfaces as an ImportError rather than KeyboardInterrupt.
-    global _interrupted
+    global _interrupted, _retry, _deferred
     _interrupted = True
-    if _inside_threading(frame) and hasattr(signal, "setitimer"):
-        # Raised inside threading's own code (a Condition's __enter__, its lock just taken) it leaves that lock held,
-        # and the worker threads, then the interpreter's exit, wait on it for ever: a conversion interrupted in its
-        # pass hung so. Raised again a moment later, once the main thread is back in the caller's code.
-        signal.setitimer(signal.ITIMER_REAL, RETRY_INTERRUPT_SECONDS)
+    if _finishing:
+        return  # the work is done: it stands
+    if _handing_over_a_lock(frame) and _deferred < MAX_DEFERRALS:
+        # Raised in a Condition's __enter__ (its lock just taken) or __exit__ (not yet given back), the exception
+        # leaves the lock held, and the worker threads, then the interpreter's exit, wait on it for ever: a
+        # conversion interrupted in its pass hung so. Sent again a moment later, once the main thread is past it.
+        _deferred += 1
+        _retry = threading.Timer(RETRY_INTERRUPT_SECONDS, os.kill, (os.getpid(), signum))
+        _retry.daemon = True
+        _retry.start()
         return
     raise KeyboardInterrupt
 
 
 RETRY_INTERRUPT_SECONDS = 0.01
+MAX_DEFERRALS = 100  # a frame that never moves on gets the interrupt anyway, after a second
+_retry = None  # the timer sending a deferred interrupt again
+_deferred = 0
+_finishing = False
 
 
-def _inside_threading(frame) -> bool:
-    import threading
+def _handing_over_a_lock(frame) -> bool:
+    """Whether the main thread is in threading's own __enter__ or __exit__ (a blocking wait or join is not: an
+    interrupt there unwinds cleanly, and is raised at once)."""
+    return frame is not None and frame.f_code.co_name in ("__enter__", "__exit__") and \
+        os.path.abspath(frame.f_code.co_filename) == os.path.abspath(threading.__file__)
 
-    return frame is not None and os.path.abspath(frame.f_code.co_filename) == os.path.abspath(threading.__file__)
+
+def _stop_retrying() -> None:
+    """An interrupt still deferred when the work is done is dropped (the work stands), its timer waited for."""
+    global _finishing
+    _finishing = True
+    if _retry is not None:
+        _retry.cancel()
+        _retry.join()
 
 
 def _human_summary(report: dict) -> str:
@@ -256,17 +276,16 @@ def main(argv=None) -> int:
     # is only ever replaced by an atomic rename, so it is never half-written.
     # The handlers are put back on the way out: a signal after the work is done
     # (the interpreter shutting down) must not turn exit 0 into a traceback.
+    global _finishing, _deferred
     _allocator_for_a_run()
-    # SIGALRM: an interrupt deferred out of threading's code (_interrupt) comes back by it
-    numbers = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGALRM,) if hasattr(signal, "SIGALRM") else ())
-    previous = {number: signal.getsignal(number) for number in numbers}
-    for number in numbers:
-        signal.signal(number, _interrupt)
+    _finishing, _deferred = False, 0
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         return _run(argv)
     finally:
-        if hasattr(signal, "setitimer"):  # an interrupt still deferred when the work is done: the work stands
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        _stop_retrying()
         for number, handler in previous.items():
             if handler is not None:  # None: set outside Python, nothing we can put back
                 signal.signal(number, handler)

@@ -123,28 +123,37 @@ def test_bad_options_fail_before_anything_is_written(tmp_path, options):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="no interval timer (Windows)")
-def test_an_interrupt_inside_threadings_own_code_is_raised_a_moment_later(monkeypatch):
-    """A KeyboardInterrupt raised inside threading's code (a Condition's __enter__ with its lock taken) leaks that lock
-    and the conversion hangs: the interrupt waits for the timer, and is raised where the caller's code runs."""
+def test_an_interrupt_inside_a_locks_handover_is_sent_again_and_elsewhere_raised_at_once(monkeypatch):
+    """A KeyboardInterrupt raised in threading's __enter__ / __exit__ (a Condition's lock taken, or not yet given
+    back) leaks the lock and the conversion hangs: the interrupt is sent again a moment later. In a blocking wait of
+    threading's, or in code of ours, it is raised at once (a review's: deferring every threading frame held an
+    interrupt until a join ended)."""
     import signal
     import sys
     import threading
 
     from msq_onnx import cli
 
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, number: sent.append((pid, number)))  # the timer's, recorded
     monkeypatch.setattr(cli, "_interrupted", False)
-    namespace = {}
-    exec(compile("import sys\nframe = sys._getframe()", threading.__file__, "exec"), namespace)
-    previous = signal.signal(signal.SIGALRM, signal.SIG_IGN)  # the timer armed below must not end the test run
-    try:
-        cli._interrupt(signal.SIGINT, namespace["frame"])  # no KeyboardInterrupt there
-        assert cli._interrupted and 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= cli.RETRY_INTERRUPT_SECONDS
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    with pytest.raises(KeyboardInterrupt):
-        cli._interrupt(signal.SIGALRM, sys._getframe())  # the timer's return, in code of ours
+    monkeypatch.setattr(cli, "_finishing", False)
+    monkeypatch.setattr(cli, "_deferred", 0)
+
+    def frame_of_threading(name: str):
+        namespace = {}
+        exec(compile(f"import sys\ndef {name}():\n    return sys._getframe()\nframe = {name}()", threading.__file__,
+                     "exec"), namespace)
+        return namespace["frame"]
+
+    cli._interrupt(signal.SIGTERM, frame_of_threading("__enter__"))  # no KeyboardInterrupt there
+    cli._retry.join(5)
+    assert cli._interrupted and sent == [(os.getpid(), signal.SIGTERM)]
+    for frame in (frame_of_threading("wait"), sys._getframe()):
+        with pytest.raises(KeyboardInterrupt):
+            cli._interrupt(signal.SIGINT, frame)
+    cli._stop_retrying()  # once the work is done, an interrupt still coming is dropped
+    cli._interrupt(signal.SIGINT, sys._getframe())
 
 
 def test_interrupt_inside_an_import_still_exits_as_interrupted(monkeypatch, tmp_path, capsys):
