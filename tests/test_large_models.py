@@ -141,3 +141,40 @@ def test_a_model_whose_only_external_data_is_in_a_subgraph_is_read_from_anywhere
     monkeypatch.chdir(elsewhere)
     loaded, _, _ = read_model(str(folder / "m.onnx"))
     assert [node.op_type for node in loaded.graph.node] == ["If"]
+
+
+def test_a_subgraphs_external_weight_is_loaded_and_the_model_converts(tmp_path, monkeypatch, capsys):
+    """An If branch's MatMul weight in external data, converted from another directory: its data is read with the
+    rest (a review's: it passed the checker and then failed in ONNX Runtime)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from msq_onnx.cli import main
+
+    def branch(name, scale):
+        weight = numpy_helper.from_array((np.eye(16) * scale).astype(np.float32), f"w_{name}")
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"w_{name}"], [f"{name}_out"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [None, 16])],
+                                 [weight])
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0),
+         helper.make_node("Greater", ["m", "zero"], ["c"]),
+         helper.make_node("If", ["c"], ["h"], then_branch=branch("then", 2.0), else_branch=branch("else", 3.0)),
+         helper.make_node("MatMul", ["h", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+         numpy_helper.from_array(np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32), "w")])
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                    str(folder / "m.onnx"), save_as_external_data=True, location="w.bin", size_threshold=512,
+                    all_tensors_to_one_file=True)
+    assert onnx.load(str(folder / "m.onnx"), load_external_data=False).graph.initializer[1].HasField("raw_data")
+    np.savez(folder / "x.npz", x=np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code = main([str(folder / "m.onnx"), str(tmp_path / "out.onnx"), "--calib", str(folder / "x.npz"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "out.onnx").exists()
