@@ -200,27 +200,51 @@ _interrupted = False
 def _interrupt(signum, frame):
     # Remember it: an interrupt that lands inside a C extension's import (numpy,
     # onnxruntime) surfaces as an ImportError rather than KeyboardInterrupt.
-    global _interrupted, _retry, _deferred
-    _interrupted = True
+    global _interrupted, _deferred
     if _finishing:
         return  # the work is done: it stands
+    _interrupted = True
     if _handing_over_a_lock(frame) and _deferred < MAX_DEFERRALS:
         # Raised in a Condition's __enter__ (its lock just taken) or __exit__ (not yet given back), the exception
         # leaves the lock held, and the worker threads, then the interpreter's exit, wait on it for ever: a
-        # conversion interrupted in its pass hung so. Sent again a moment later, once the main thread is past it.
-        _deferred += 1
-        _retry = threading.Timer(RETRY_INTERRUPT_SECONDS, os.kill, (os.getpid(), signum))
-        _retry.daemon = True
-        _retry.start()
+        # conversion interrupted in its pass hung so. Sent again a moment later, once the main thread is past it, by
+        # one thread at a time (a second interrupt meanwhile asks the same), started without waiting for it.
+        if not _retry_pending:
+            _deferred += 1
+            _start_retry(signum)
         return
     raise KeyboardInterrupt
 
 
 RETRY_INTERRUPT_SECONDS = 0.01
 MAX_DEFERRALS = 100  # a frame that never moves on gets the interrupt anyway, after a second
-_retry = None  # the timer sending a deferred interrupt again
 _deferred = 0
 _finishing = False
+_retry_pending = False
+_run_number = 0  # a retry from an earlier main() in this process sends nothing into a later one
+_retry_lock = threading.Lock()  # held while a retry sends its signal, and while main() ends the run
+
+
+def _start_retry(signum) -> None:
+    global _retry_pending
+    import _thread
+
+    _retry_pending = True
+    try:
+        _thread.start_new_thread(_send_again, (signum, _run_number))
+    except RuntimeError:  # no thread to be had: the interrupt stays noted (_interrupted), unraised
+        _retry_pending = False
+
+
+def _send_again(signum, run: int) -> None:
+    global _retry_pending
+    import time
+
+    time.sleep(RETRY_INTERRUPT_SECONDS)
+    with _retry_lock:
+        _retry_pending = False
+        if not _finishing and run == _run_number:
+            os.kill(os.getpid(), signum)
 
 
 def _handing_over_a_lock(frame) -> bool:
@@ -231,12 +255,16 @@ def _handing_over_a_lock(frame) -> bool:
 
 
 def _stop_retrying() -> None:
-    """An interrupt still deferred when the work is done is dropped (the work stands), its timer waited for."""
+    """The run is over: no retry sends anything from here on, and one sent just before is dropped here (a call into
+    Python runs a pending handler), before the caller's handlers come back."""
     global _finishing
-    _finishing = True
-    if _retry is not None:
-        _retry.cancel()
-        _retry.join()
+    with _retry_lock:
+        _finishing = True
+    _pending_handlers_run()
+
+
+def _pending_handlers_run() -> None:
+    pass
 
 
 def _human_summary(report: dict) -> str:
@@ -276,9 +304,10 @@ def main(argv=None) -> int:
     # is only ever replaced by an atomic rename, so it is never half-written.
     # The handlers are put back on the way out: a signal after the work is done
     # (the interpreter shutting down) must not turn exit 0 into a traceback.
-    global _finishing, _deferred
+    global _finishing, _deferred, _interrupted, _run_number
     _allocator_for_a_run()
-    _finishing, _deferred = False, 0
+    with _retry_lock:
+        _finishing, _deferred, _interrupted, _run_number = False, 0, False, _run_number + 1
     previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)

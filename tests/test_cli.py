@@ -134,11 +134,18 @@ def test_an_interrupt_inside_a_locks_handover_is_sent_again_and_elsewhere_raised
 
     from msq_onnx import cli
 
+    import time
+
     sent = []
-    monkeypatch.setattr(os, "kill", lambda pid, number: sent.append((pid, number)))  # the timer's, recorded
-    monkeypatch.setattr(cli, "_interrupted", False)
-    monkeypatch.setattr(cli, "_finishing", False)
-    monkeypatch.setattr(cli, "_deferred", 0)
+    monkeypatch.setattr(os, "kill", lambda pid, number: sent.append((pid, number)))  # the retry's, recorded
+    for name, value in (("_interrupted", False), ("_finishing", False), ("_deferred", 0), ("_retry_pending", False),
+                        ("_run_number", 7)):
+        monkeypatch.setattr(cli, name, value)
+
+    def settled():  # the retry thread has slept and sent (or not)
+        deadline = time.monotonic() + 5
+        while cli._retry_pending and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def frame_of_threading(name: str):
         namespace = {}
@@ -147,12 +154,16 @@ def test_an_interrupt_inside_a_locks_handover_is_sent_again_and_elsewhere_raised
         return namespace["frame"]
 
     cli._interrupt(signal.SIGTERM, frame_of_threading("__enter__"))  # no KeyboardInterrupt there
-    cli._retry.join(5)
+    cli._interrupt(signal.SIGINT, frame_of_threading("__exit__"))  # a second meanwhile: the same retry
+    settled()
     assert cli._interrupted and sent == [(os.getpid(), signal.SIGTERM)]
     for frame in (frame_of_threading("wait"), sys._getframe()):
         with pytest.raises(KeyboardInterrupt):
             cli._interrupt(signal.SIGINT, frame)
-    cli._stop_retrying()  # once the work is done, an interrupt still coming is dropped
+    cli._interrupt(signal.SIGTERM, frame_of_threading("__enter__"))
+    cli._stop_retrying()  # the run ends before the retry wakes: it sends nothing, and an interrupt now is dropped
+    settled()
+    assert sent == [(os.getpid(), signal.SIGTERM)]
     cli._interrupt(signal.SIGINT, sys._getframe())
 
 
