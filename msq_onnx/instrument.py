@@ -323,7 +323,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
         add_output(mean)
         add_output(sq_mean)
         outputs["moments"][layer.name] = shared_moments[key] = (mean, sq_mean)
-    outputs["joins"] = residual_joins(loaded.model, loaded.layers, shapes, attention_mask_input(loaded))
+    outputs["joins"] = residual_joins(loaded.model, loaded.layers, shapes, set(attention_mask_inputs(loaded)))
     outputs["candidates"] = list(dict.fromkeys(join for found in outputs["joins"].values() for join in found))
     for branch, skip, total in outputs["candidates"]:
         for tensor in (branch, total):
@@ -656,10 +656,13 @@ def imprint_selection(count: int, cap: int, seed: int) -> np.ndarray:
 
 def attention_mask_input(loaded: LoadedModel) -> str | None:
     """The integer [batch, sequence] input that marks real tokens, if the model takes one."""
-    for spec in loaded.inputs:
-        if spec.dtype.kind in "iub" and len(spec.shape) == 2 and "mask" in spec.name.lower():
-            return spec.name
-    return None
+    return next(iter(attention_mask_inputs(loaded)), None)
+
+
+def attention_mask_inputs(loaded: LoadedModel) -> list:
+    """Every integer or bool [batch, sequence] input named as a mask, in the model's order."""
+    return [spec.name for spec in loaded.inputs
+            if spec.dtype.kind in "iub" and len(spec.shape) == 2 and "mask" in spec.name.lower()]
 
 
 def output_embedding(final: np.ndarray, max_dim: int, seed: int) -> np.ndarray:

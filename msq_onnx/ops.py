@@ -661,7 +661,7 @@ def row_normalizer(output: str, consumers: dict) -> RowNormalizer | None:
 RESIDUAL_CANDIDATES = 3  # Adds per layer that pass as residual joins when built, the first that runs as one wins
 
 
-def residual_joins(model: onnx.ModelProto, layers, shapes: dict, mask: str | None = None) -> dict:
+def residual_joins(model: onnx.ModelProto, layers, shapes: dict, masks: set = frozenset()) -> dict:
     """layer -> [(branch, skip, sum), ...]: the Adds x + f(x) the layer's error reaches inside f, nearest first,
     up to RESIDUAL_CANDIDATES. At the first residual join the error joins a stream whose power is the sum's, not
     the branch's, and the rest of the model sees it relative to the sum. The skip x is an input the layer's error
@@ -701,13 +701,13 @@ def residual_joins(model: onnx.ModelProto, layers, shapes: dict, mask: str | Non
         return a in floats and b in floats and first is not None and second is not None and \
             len(first) == len(second) and all(x == y or x is None or y is None for x, y in zip(first, second))
 
-    # An additive attention mask, made from the `mask` input (instrument.attention_mask_input) by ops and the stream's
-    # Shape, is no skip: what only the mask feeds, and no other input or layer (a Shape or Size carries no values),
-    # is left out (MiniLM-L6's pass measured its [N, 12, T, T] scores' power every run, and kept ORT from adding the
-    # mask in place, to be told apart only by its size: 1.5-2 ms of a 35 ms 128-token run)
-    masked = _fed_by(graph, {mask} if mask else set(), set())
+    # An additive attention mask, made from the `masks` inputs (instrument.attention_mask_inputs) by ops and the
+    # stream's Shape, is no skip: what only the masks feed, and no other input or layer (a Shape or Size carries no
+    # values), is left out (MiniLM-L6's pass measured its [N, 12, T, T] scores' power every run, and kept ORT from
+    # adding the mask in place, to be told apart only by its size: 1.5-2 ms of a 35 ms 128-token run)
+    masked = _fed_by(graph, set(masks), set())
     layer_nodes = {name for layer in layers for name in layer.nodes}
-    inputs = {v.name for v in graph.input if v.name != mask and v.name not in constants}
+    inputs = {v.name for v in graph.input if v.name not in masks and v.name not in constants}
     streams = _fed_by(graph, inputs, layer_nodes) if masked else set()
     readers = consumers(graph)
     joins = {}

@@ -593,15 +593,22 @@ def test_an_additive_mask_made_from_the_mask_input_is_no_residual_join():
              helper.make_node("Shape", ["h0"], ["shape"], name="shape"),  # the stream's, as an export's Reshape takes
              helper.make_node("Expand", ["column", "shape"], ["offset"], name="expand"),
              helper.make_node("Add", ["h0", "offset"], ["masked0"], name="masked0"),
-             helper.make_node("Add", ["masked0", "h"], ["x1"], name="residual0"),
+             # a second mask input (a cross-attention's), made the same way
+             helper.make_node("Cast", ["mask2"], ["mf2"], to=TensorProto.FLOAT, name="cast2"),
+             helper.make_node("Sub", ["one", "mf2"], ["inverse2"], name="invert2"),
+             helper.make_node("Unsqueeze", ["inverse2", "last"], ["column2"], name="column2"),
+             helper.make_node("Expand", ["column2", "shape"], ["offset2"], name="expand2"),
+             helper.make_node("Add", ["masked0", "offset2"], ["masked0b"], name="masked0b"),
+             helper.make_node("Add", ["masked0b", "h"], ["x1"], name="residual0"),
              helper.make_node("QuantizeLinear", ["x1", "step"], ["x1_q"], name="q"),
              helper.make_node("DequantizeLinear", ["x1_q", "step"], ["x1_dq"], name="dq"),
              helper.make_node("MatMul", ["x1_dq", "w"], ["h1"], name="dense1"),
-             helper.make_node("Add", ["h1", "offset"], ["masked1"], name="masked1"),
+             helper.make_node("Add", ["h1", "offset2"], ["masked1"], name="masked1"),
              helper.make_node("Add", ["masked1", "x1_dq"], ["y"], name="residual1")]
     graph = helper.make_graph(
         nodes, "masked", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "T"]),
-                          helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", "T"])],
+                          helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", "T"]),
+                          helper.make_tensor_value_info("mask2", TensorProto.INT64, ["N", "T"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.ones((10, 4), np.float32), "table"),
          numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"),
@@ -611,11 +618,12 @@ def test_an_additive_mask_made_from_the_mask_input_is_no_residual_join():
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     layers = [SimpleNamespace(name=f"dense{i}", output_name=f"h{i}", probe_name=f"h{i}", input_name=source,
                               nodes=[f"dense{i}"]) for i, source in enumerate(("h", "x1_dq"))]
-    joins = residual_joins(model, layers, static_shapes(model), "mask")
+    joins = residual_joins(model, layers, static_shapes(model), {"mask", "mask2"})
     assert joins["dense1"] == [("masked1", "x1_dq", "y")]
-    assert joins["dense0"][0] == ("masked0", "h", "x1")
-    # without the mask input named, the offset passes as a skip when built (the pass tells it apart by its size)
-    assert residual_joins(model, layers, static_shapes(model))["dense1"][0] == ("h1", "offset", "masked1")
+    assert joins["dense0"][0] == ("masked0b", "h", "x1")
+    # without a mask input named, its offset passes as a skip when built (the pass tells it apart by its size)
+    assert residual_joins(model, layers, static_shapes(model), {"mask"})["dense1"][0] == ("h1", "offset2", "masked1")
+    assert residual_joins(model, layers, static_shapes(model))["dense1"][0] == ("h1", "offset2", "masked1")
 
 
 def test_the_report_says_what_each_layers_error_was_weighed_by_and_the_flag_turns_it_off(tmp_path):
