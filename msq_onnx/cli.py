@@ -258,8 +258,9 @@ def _stop_retrying() -> None:
     """The run is over: no retry sends anything from here on, and one sent just before is dropped here (a call into
     Python runs a pending handler), before the caller's handlers come back."""
     global _finishing
-    with _retry_lock:
-        _finishing = True
+    _finishing = True  # first: a handler that runs from here on (while the lock below is awaited too) drops its signal
+    with _retry_lock:  # a retry sending right now finishes; none sends after
+        pass
     _pending_handlers_run()
 
 
