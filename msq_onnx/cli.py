@@ -242,9 +242,9 @@ def _send_again(signum, run: int) -> None:
 
     time.sleep(RETRY_INTERRUPT_SECONDS)
     with _retry_lock:
+        _retry_pending = False  # first: the signal's handler, if it must defer again, starts another retry
         if not _finishing and run == _run_number:
             os.kill(os.getpid(), signum)
-        _retry_pending = False  # last: whoever waits on it knows the signal sent or not
 
 
 def _handing_over_a_lock(frame) -> bool:

@@ -142,10 +142,12 @@ def test_an_interrupt_inside_a_locks_handover_is_sent_again_and_elsewhere_raised
                         ("_run_number", 7)):
         monkeypatch.setattr(cli, name, value)
 
-    def settled():  # the retry thread has slept and sent (or not)
+    def settled():  # the retry thread has slept and sent (or not): it clears its mark, then sends, under the lock
         deadline = time.monotonic() + 5
         while cli._retry_pending and time.monotonic() < deadline:
             time.sleep(0.005)
+        with cli._retry_lock:
+            pass
 
     def frame_of_threading(name: str):
         namespace = {}
