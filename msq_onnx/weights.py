@@ -638,8 +638,10 @@ class QuantizedLayer:
 
 
 def quantize_layer(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, choice: WidthChoice,
-                   input_mean: np.ndarray | None, bias_correction: bool = True) -> QuantizedLayer:
-    """A layer's weight on its k-bit grid, and the bias that cancels the expected output shift."""
+                   input_mean: np.ndarray | None, bias_correction: bool = True,
+                   keep_integers: bool = False) -> QuantizedLayer:
+    """A layer's weight on its k-bit grid, and the bias that cancels the expected output shift; keep_integers: its
+    int8 integers too (QuantizedLayer.integers, for a layer written from them)."""
     if choice.integers is not None:
         integers = choice.integers
         scale = (np.maximum(choice.clip, 1e-12) / levels(choice.bits)).astype(np.float32)
@@ -647,7 +649,7 @@ def quantize_layer(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, ch
         integers, scale = grid_integers(as_matrix(layer, weight), choice.clip, choice.bits, choice.flipped)
     scale = layer.kind.stored_scale(scale)  # what the file holds: the simulation uses exactly it
     grid = steps(scale.astype(np.float32), integers.shape[1])
-    codes = integers.astype(np.int8)
+    codes = integers.astype(np.int8) if keep_integers else None
     if choice.integers is None:  # the integers rounded here become the values, in place
         matrix = np.multiply(integers, grid, out=integers).astype(np.float32, copy=False)
     else:

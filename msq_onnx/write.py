@@ -83,7 +83,8 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
 
     def rounded(layer):
         result = quantize_layer(layer, loaded.weight(layer).astype(np.float32, copy=False), loaded.bias(layer),
-                                choices[layer.name][bits[layer.name]], input_mean.get(layer.name), bias_correction)
+                                choices[layer.name][bits[layer.name]], input_mean.get(layer.name), bias_correction,
+                                keep_integers=layer.name in kept)
         if layer.name in kept:
             return result, None
         return result, numpy_helper.from_array(result.weight.astype(np.float32, copy=False), layer.weight_name)
