@@ -6,12 +6,14 @@ report still written); 1 internal error.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import os
 import signal
 import sys
 import threading
+import time
 import warnings
 
 from .errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, MsqError, one_line
@@ -227,8 +229,6 @@ _retry_lock = threading.Lock()  # held while a retry sends its signal, and while
 
 def _start_retry(signum) -> None:
     global _retry_pending
-    import _thread
-
     _retry_pending = True
     try:
         _thread.start_new_thread(_send_again, (signum, _run_number))
@@ -238,8 +238,6 @@ def _start_retry(signum) -> None:
 
 def _send_again(signum, run: int) -> None:
     global _retry_pending
-    import time
-
     time.sleep(RETRY_INTERRUPT_SECONDS)
     with _retry_lock:
         _retry_pending = False  # first: the signal's handler, if it must defer again, starts another retry
@@ -255,17 +253,13 @@ def _handing_over_a_lock(frame) -> bool:
 
 
 def _stop_retrying() -> None:
-    """The run is over: no retry sends anything from here on, and one sent just before is dropped here (a call into
-    Python runs a pending handler), before the caller's handlers come back."""
+    """The run is over: no retry sends anything from here on. One sent just before is dropped by _interrupt, which
+    runs for it before the caller's handlers come back (CPython runs a pending handler as a call returns, and
+    signal.signal runs it before it replaces the handler)."""
     global _finishing
     _finishing = True  # first: a handler that runs from here on (while the lock below is awaited too) drops its signal
     with _retry_lock:  # a retry sending right now finishes; none sends after
         pass
-    _pending_handlers_run()
-
-
-def _pending_handlers_run() -> None:
-    pass
 
 
 def _human_summary(report: dict) -> str:
