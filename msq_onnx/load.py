@@ -111,12 +111,11 @@ class LoadedModel:
                 self.shared_weights = SharedWeights(self.model)
             return self.shared_weights
 
-    def with_weights(self, copy: onnx.ModelProto) -> onnx.ModelProto:
+    def with_weights(self, copy: onnx.ModelProto, leave=frozenset()) -> onnx.ModelProto:
         """A session_copy made whole: each reference into the weights file still in it becomes its weight again,
-        as loaded (copied in memory)."""
+        as loaded (copied in memory), but those named in `leave`, which stay references."""
         for tensor in copy.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL and any(
-                    e.key == "location" and e.value == WEIGHTS_FILE for e in tensor.external_data):
+            if tensor.name not in leave and references_weights_file(tensor):
                 tensor.CopyFrom(self.initializers[tensor.name])
         return copy
 
@@ -144,6 +143,12 @@ class LoadedModel:
         if layer.bias_name is None:
             return None
         return numpy_helper.to_array(self.initializers[layer.bias_name])
+
+
+def references_weights_file(tensor: onnx.TensorProto) -> bool:
+    """Whether a tensor of a session_copy is still a reference into the weights file (LoadedModel.with_weights)."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == WEIGHTS_FILE for e in tensor.external_data)
 
 
 def _model_size(path: str, model: onnx.ModelProto) -> int:

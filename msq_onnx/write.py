@@ -101,7 +101,10 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
                 model.graph.initializer[index[layer.weight_name]].CopyFrom(tensor)
             _set_bias(model, layer, result, index, nodes, readers, taken)
             scales[layer.weight_name] = result.scale
-    return QuantizedWeights(loaded.with_weights(model), scales, integers)
+    # A weight kept as integers stays a reference into the weights file: the rewrite replaces its readers and drops
+    # it, and only ORT's quantizer, on a model with static layers, reads it (quantize_to_qdq makes it whole there).
+    # MiniLM-L6: 90 MB of FP32 copies the write held for nothing.
+    return QuantizedWeights(loaded.with_weights(model, leave=set(integers)), scales, integers)
 
 
 def _set_bias(model: onnx.ModelProto, layer, result, index: dict, nodes: dict, readers: dict, taken: set) -> None:
@@ -409,6 +412,7 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
     result = os.path.join(work_dir, "quantized.onnx")
     static = [layer for layer in loaded.layers if modes[layer.name] == STATIC]
     if static:
+        loaded.with_weights(quantized.model)  # ORT's quantizer reads the file: every weight in it whole
         large = is_large(quantized.model)
         prepared = os.path.join(work_dir, "prepared.onnx")
         nodes = static_region(quantized.model, {n for layer in static for n in layer.nodes})
@@ -446,6 +450,8 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
         if shielding:
             shield_from_ort_rounding(model, static_nodes)
         restore_default_inputs(model, loaded.default_inputs)
+        # a weight left a reference (quantize_weights) whose readers were not all rewritten would point at nothing
+        loaded.with_weights(model)
         save_model_file(model, result)
     return result
 

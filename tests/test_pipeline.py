@@ -1261,14 +1261,16 @@ def _written_at_8_bits(model_path, calib_path, folder, floats=(), modes_of=None,
                                    containers=containers, fold=prefer == "speed"), modes
 
 
-def test_the_rewritten_layers_integers_are_the_ones_rounded_not_read_back(cnn_files, tmp_path):
+def test_the_rewritten_layers_integers_are_the_ones_rounded_not_read_back(cnn_files, tmp_path, monkeypatch):
     """quantize_weights keeps the integers of the layers rewrite_layers writes (dynamic, weight-only) instead of
     serializing their fake-quantized floats to read them back and round them again: beside static layers (ORT's
     quantizer in between) and alone, the file is the same node for node and value for value."""
+    from msq_onnx.load import references_weights_file
     from msq_onnx.ops import DYNAMIC, STATIC, WEIGHT_ONLY
     from msq_onnx.pipeline import _Timer, analyse, plan_layers
     from msq_onnx.write import quantize_to_qdq, quantize_weights
 
+    monkeypatch.setattr("msq_onnx.load.SET_ASIDE_BYTES", 128)  # the tiny CNN's weights set aside as large ones are
     loaded = load_model(cnn_files["model"])
     calib = open_samples(cnn_files["calib"], loaded.inputs, Preprocess())
     analysis = analyse(loaded, calib, Options(bits=(4, 8), quiet=True), _Timer())
@@ -1276,6 +1278,8 @@ def test_the_rewritten_layers_integers_are_the_ones_rounded_not_read_back(cnn_fi
     modes, containers = plan_layers(loaded, analysis, bits, "speed")
     dense = next(layer.name for layer in loaded.layers if layer.op_type in ("Gemm", "MatMul"))
     first = loaded.layers[0].name
+    aside = {t.name for t in loaded.session_copy().graph.initializer if references_weights_file(t)}
+    assert aside & {layer.weight_name for layer in loaded.layers if layer.name in (dense, first)}
     for planned in ({**modes, dense: DYNAMIC, first: WEIGHT_ONLY},
                     {name: DYNAMIC if name == dense else WEIGHT_ONLY for name in modes}):
         assert STATIC in planned.values() or planned[dense] == DYNAMIC
@@ -1286,8 +1290,12 @@ def test_the_rewritten_layers_integers_are_the_ones_rounded_not_read_back(cnn_fi
             quantized = quantize_weights(loaded, bits, analysis.choices, analysis.stats.input_mean,
                                          rewritten=rewritten)
             assert len(quantized.integers) == len(rewritten)  # kept, not serialized
+            # nor copied: a kept weight the session copy set aside stays a reference in the write's model
+            held = {t.name for t in quantized.model.graph.initializer if references_weights_file(t)}
+            assert held == set(quantized.integers) & aside
             written.append(onnx.load(quantize_to_qdq(loaded, quantized, analysis.stats.ranges, str(folder),
                                                      modes=planned, containers=dict(containers))))
+            assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in written[-1].graph.initializer)
         before, after = written
         assert [(n.op_type, list(n.input)) for n in after.graph.node] == [
             (n.op_type, list(n.input)) for n in before.graph.node]
