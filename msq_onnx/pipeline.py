@@ -229,6 +229,15 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
     with timer.stage("instrument+features"):
         stats = run_pass(loaded, calib, options.levels, options.max_dim, options.batch_size, options.quiet,
                          options.seed, hessians=options.rounding == "gptq" and narrowed)
+    early = _EarlyTables(loaded, stats, options, widths_of)
+    try:
+        return _analyse_after_pass(loaded, calib, options, timer, stats, early, before_tables, widths_of, narrowed)
+    finally:
+        early.close()
+
+
+def _analyse_after_pass(loaded, calib, options: Options, timer: _Timer, stats, early: "_EarlyTables", before_tables,
+                        widths_of, narrowed: bool) -> Analysis:
     with timer.stage("imprint"):
         labels = imprint_labels(None if calib.labels is None else calib.labels[stats.imprinted], stats.outputs,
                                 options.seed, fidelity.output_kind(stats.outputs, None, name=loaded.output_name,
@@ -266,7 +275,7 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
     # After the modes: the threads' heaps keep some of what they freed, and the modes' simulation sessions
     # set the peak (EfficientNet-Lite0: 331 MB with the tables before them, 301 MB after).
     with timer.stage("weight-errors"):
-        choices = _error_tables(loaded, stats, options, modes, widths_of)
+        choices = _error_tables(loaded, stats, options, modes, widths_of, early)
         stats.hessians = {}  # released: tens of MB per wide layer
     return Analysis(stats, labels, scores, input_score, upstream, gains, choices, modes, mode_log,
                     activation_errors, wide_inputs, caps)
@@ -291,23 +300,81 @@ def error_statistics(layer, stats, bias_correction: bool) -> tuple:
 TABLE_WORKERS = 2  # layers whose error tables are computed at once; each holds its own working copies
 
 
-def _error_tables(loaded, stats, options, modes: dict, widths_of=None) -> dict:
+def _layer_table(loaded, stats, options, layer, mode: str, widths) -> dict:
+    """One layer's error table, in the activation mode it will be written in."""
+    room = {b: layer.kind.has_room(layer, b, mode, options.prefer) for b in widths}
+    input_power, hessians = error_statistics(layer, stats, options.bias_correction)
+    level_sets = {b: options.level_sets and layer.kind.takes_level_set(layer, b, mode, options.prefer) for b in widths}
+    return error_table(layer, loaded.weight(layer), input_power, widths, options.clip_search, hessians,
+                       {b: layer.kind.scale_block(layer, b, options.prefer) for b in widths}, room, level_sets)
+
+
+def _error_tables(loaded, stats, options, modes: dict, widths_of=None, early: "_EarlyTables | None" = None) -> dict:
     """Every layer's error per width, two layers at a time: the clipping search's element-wise passes and
     GPTQ's products release the GIL, so the second core works too (MiniLM-L6: 5.8 s -> 3.5 s, the same
-    model written)."""
+    model written). The tables `early` already made, in the mode and widths the layer has, are taken as made."""
 
     def table(layer):
-        widths = options.bits if widths_of is None else widths_of[layer.name]
-        room = {b: layer.kind.has_room(layer, b, modes[layer.name].mode, options.prefer) for b in widths}
-        input_power, hessians = error_statistics(layer, stats, options.bias_correction)
-        level_sets = {b: options.level_sets and layer.kind.takes_level_set(layer, b, modes[layer.name].mode,
-                                                                            options.prefer) for b in widths}
-        return error_table(layer, loaded.weight(layer), input_power, widths, options.clip_search, hessians,
-                           {b: layer.kind.scale_block(layer, b, options.prefer) for b in widths}, room, level_sets)
+        return _layer_table(loaded, stats, options, layer, modes[layer.name].mode,
+                            options.bits if widths_of is None else widths_of[layer.name])
 
+    made = early.tables(modes, widths_of) if early is not None else {}
+    rest = [layer for layer in loaded.layers if layer.name not in made]
     workers = max(1, min(TABLE_WORKERS, usable_cores()))
     with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(zip([layer.name for layer in loaded.layers], pool.map(table, loaded.layers)))
+        made.update(zip([layer.name for layer in rest], pool.map(table, rest)))
+    return {layer.name: made[layer.name] for layer in loaded.layers}
+
+
+class _EarlyTables:
+    """The error tables of the layers whose activation mode is known before the modes are measured (a kind with
+    one mode: an embedding table's weight-only lookup), made on a thread from the end of the pass, beside the
+    imprinting and the modes' measurement, whose session builds leave a core idle (MiniLM-L6: its 11.7 M-value
+    embedding table, 0.85 s of one core, out of the error tables' stage, where it held one of its two workers).
+    Taken only where the mode and the widths turn out as assumed; made again otherwise."""
+
+    def __init__(self, loaded, stats, options, widths_of):
+        self.layers = {layer.name: (layer, _known_mode(layer, options)) for layer in loaded.layers}
+        self.layers = {name: known for name, known in self.layers.items() if known[1] is not None}
+        self.bits = options.bits
+        self.widths = {name: self._wanted(widths_of, name) for name in self.layers}
+        self._thread, self._blas = None, None
+        if self.layers:
+            self._blas = blas_limit()  # held until close(): the thread's numpy on one BLAS thread, as the tables'
+
+            def make():
+                return {name: _layer_table(loaded, stats, options, layer, mode, self.widths[name])
+                        for name, (layer, mode) in self.layers.items()}
+
+            self._thread = _ResultThread(make)
+
+    def tables(self, modes: dict, widths_of) -> dict:
+        """The tables made early whose layer has the mode assumed and the widths now wanted (a cap may narrow them)."""
+        if self._thread is None:
+            return {}
+        made = self._thread.result()
+        return {name: table for name, table in made.items() if modes[name].mode == self.layers[name][1]
+                and self.widths[name] == self._wanted(widths_of, name)}
+
+    def _wanted(self, widths_of, name: str) -> tuple:
+        return tuple(self.bits if widths_of is None else widths_of[name])
+
+    def close(self) -> None:
+        """Lift the BLAS limit; a thread still running (the analysis failed) is left to end on its own."""
+        if self._blas is not None:
+            self._blas.restore_original_limits()
+            self._blas = None
+
+
+def _known_mode(layer, options) -> str | None:
+    """The mode mode_stage.choose gives a layer whatever is measured: a kind's only mode (its activations are not
+    quantized, so nothing can make it lossy), or the one --activations forces; None where it depends on the
+    measurement."""
+    if len(layer.kind.modes) != 1:
+        return None
+    if options.activations == "auto":
+        return layer.kind.modes[0]
+    return options.activations if options.activations in (*layer.kind.modes, FLOAT) else layer.kind.modes[0]
 
 
 @dataclass

@@ -1740,3 +1740,45 @@ def test_inputs_with_independent_sequence_axes_convert(tmp_path):
              memory=rng.normal(size=(40, 9, 8)).astype(np.float32))
     report = convert(path, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"), Options(quiet=True)).report
     assert report["evaluation"]["cosine"] > 0.98
+
+
+@pytest.mark.parametrize("assumed", ["right", "wrong"])
+def test_an_embedding_tables_error_table_is_made_before_the_modes_as_the_tables_stage_would(tmp_path, monkeypatch,
+                                                                                              assumed):
+    """A layer whose activation mode is known before the modes are measured (an embedding table: weight-only is its
+    only mode) has its error table made on a thread of its own from the end of the pass, not in the error tables'
+    stage, and it is the table that stage makes. Where the mode assumed turns out wrong, the stage makes it again."""
+    import threading
+
+    from msq_onnx import pipeline
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.ops import STATIC
+
+    loaded = load_model(save(encoder(), tmp_path / "encoder.onnx"))
+    calib = open_samples(token_folder(tmp_path / "calib", 24), loaded.inputs, Preprocess())
+    table = next(layer for layer in loaded.layers if layer.op_type == "Gather")
+    if assumed == "wrong":
+        monkeypatch.setattr(pipeline, "_known_mode", lambda layer, options: STATIC if layer is table else None)
+    made = []  # (layer, mode, made on the tables stage's workers)
+    real = pipeline._layer_table
+
+    def spy(loaded, stats, options, layer, mode, widths):
+        made.append((layer.name, mode, threading.current_thread().name.startswith("ThreadPoolExecutor")))
+        return real(loaded, stats, options, layer, mode, widths)
+
+    monkeypatch.setattr(pipeline, "_layer_table", spy)
+    options = Options(quiet=True, avg_bits=4)
+    analysis = pipeline.analyse(loaded, calib, options, pipeline._Timer())
+    mode = analysis.modes[table.name].mode
+    assert mode == "weight-only"
+    early = [entry for entry in made if entry[0] == table.name]
+    if assumed == "right":
+        assert early == [(table.name, mode, False)]
+    else:  # made early as static, then again in the stage as what it is
+        assert early == [(table.name, STATIC, False), (table.name, mode, True)]
+    assert all(pool for name, _, pool in made if name != table.name)
+    again = real(loaded, analysis.stats, options, table, mode, sorted(analysis.choices[table.name]))
+    assert sorted(again) == sorted(analysis.choices[table.name])
+    for bits, choice in again.items():
+        np.testing.assert_array_equal(choice.clip, analysis.choices[table.name][bits].clip)
+        assert choice.error == analysis.choices[table.name][bits].error
