@@ -110,6 +110,22 @@ def grid_integers(matrix: np.ndarray, clip: np.ndarray, bits: int, flipped: np.n
     return np.clip(integers, *grid_bounds(top, flipped, matrix.shape[1]), out=integers), scale
 
 
+def grid_codes(matrix: np.ndarray, clip: np.ndarray, bits: int, flipped: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """grid_integers as int8, rounded SEARCH_BLOCK weights at a time: no float array the size of the weight."""
+    top = levels(bits)
+    scale = (np.maximum(clip, 1e-12) / top).astype(np.float32)
+    low, high = grid_bounds(top, flipped, matrix.shape[1])
+    codes = np.empty(matrix.shape, np.int8)
+    rows = max(1, SEARCH_BLOCK // max(matrix.shape[1], 1))
+    for start in range(0, len(matrix), rows):
+        part = slice(start, start + rows)
+        values = matrix[part] / steps(scale[part], matrix.shape[1])
+        np.rint(values, out=values)
+        codes[part] = np.clip(values, *(bound[part] if len(bound) > 1 else bound for bound in (low, high)), out=values)
+    return codes, scale
+
+
 def fake_quantize(matrix: np.ndarray, clip: np.ndarray, bits: int, flipped: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """grid_integers as values on the grid; returns (values, scales)."""
@@ -631,7 +647,7 @@ def shared_levels(prepared: SearchRows, uniform: WidthChoice) -> WidthChoice | N
 
 @dataclass
 class QuantizedLayer:
-    weight: np.ndarray  # on its grid, in the layer's own layout
+    weight: np.ndarray | None  # on its grid, in the layer's own layout (None: written from `integers` alone)
     scale: np.ndarray  # per output channel, or [out, blocks]
     bias: np.ndarray | None  # corrected bias (new when the layer had none); None: leave it as it is
     integers: np.ndarray | None = None  # int8 [out, fan_in] (as_matrix's layout): weight = integers x scale
@@ -641,7 +657,17 @@ def quantize_layer(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, ch
                    input_mean: np.ndarray | None, bias_correction: bool = True,
                    keep_integers: bool = False) -> QuantizedLayer:
     """A layer's weight on its k-bit grid, and the bias that cancels the expected output shift; keep_integers: its
-    int8 integers too (QuantizedLayer.integers, for a layer written from them)."""
+    int8 integers too (QuantizedLayer.integers, for a layer written from them). A layer written from its integers
+    with no bias to correct gets no float values (QuantizedLayer.weight None), and its integers are rounded a
+    block of rows at a time: MiniLM-L6's embedding table took 47 MB of floats besides its int8 integers."""
+    correcting = bias_correction and layer.bias_factor is not None and input_mean is not None
+    if keep_integers and not correcting:
+        if choice.integers is not None:
+            codes = choice.integers.astype(np.int8)
+            scale = (np.maximum(choice.clip, 1e-12) / levels(choice.bits)).astype(np.float32)
+        else:
+            codes, scale = grid_codes(as_matrix(layer, weight), choice.clip, choice.bits, choice.flipped)
+        return QuantizedLayer(None, layer.kind.stored_scale(scale), None, codes)
     if choice.integers is not None:
         integers = choice.integers
         scale = (np.maximum(choice.clip, 1e-12) / levels(choice.bits)).astype(np.float32)

@@ -732,3 +732,27 @@ def test_transposed_copies_match_numpys_in_every_order_dtype_and_shape():
         assert copied.flags.c_contiguous and copied.dtype == np.float32 and np.array_equal(copied, view)
         strided = matrix.astype(np.float64)[::2]
         assert np.array_equal(contiguous(strided), strided.astype(np.float32))
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_a_layer_written_from_its_integers_without_a_bias_to_correct_gets_them_alone(monkeypatch, blocked):
+    """quantize_layer(keep_integers=True) on a layer with no bias correction (an embedding table) rounds its int8
+    integers a few rows at a time and makes no float copy of the weight: the integers and scales are the ones the
+    float path makes, rows flipped or not, one scale per row or per block."""
+    import msq_onnx.weights as weights_module
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_t(3, (40, 32)).astype(np.float32)
+    layer = Layer("g", "Gemm", "w", "x", "y", weight.shape, 0)  # no bias factor: nothing to correct
+    clip = np.abs(weight).max(axis=1) * 0.7
+    if blocked:
+        clip = np.abs(weight.reshape(40, 4, 8)).max(axis=2) * 0.7
+    choice = weights_module.WidthChoice(3, clip, 0.0, flipped=rng.random(clip.shape) < 0.5)
+    monkeypatch.setattr(weights_module, "SEARCH_BLOCK", 96)  # three rows a block: many blocks, one short
+    alone = quantize_layer(layer, weight, None, choice, None, keep_integers=True)
+    whole = quantize_layer(layer, weight, None, choice, None, keep_integers=False)
+    assert alone.weight is None and alone.bias is None
+    integers = np.rint(as_matrix(layer, whole.weight) / weights_module.steps(whole.scale, 32))
+    np.testing.assert_array_equal(alone.integers, integers.astype(np.int8))
+    np.testing.assert_array_equal(alone.scale, whole.scale)
+    assert alone.integers.min() < -3 and alone.integers.max() > 3  # both sides' extra level used
