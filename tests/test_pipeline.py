@@ -1770,3 +1770,33 @@ def test_ort_logging_stays_quiet_while_any_thread_is_inside_and_is_restored_afte
         assert root.level == logging.ERROR  # still quiet: this thread is inside
     thread.join()
     assert root.level == before
+
+
+def test_a_single_candidate_is_written_from_its_own_widths_alone(cnn_files, tmp_path, monkeypatch):
+    """Where one candidate is written (no gate's search, no size or latency budget), the other widths' tables,
+    GPTQ integers and all, are let go before its write; a gate's search keeps every width for the candidates it
+    writes. The written model is the same either way."""
+    from msq_onnx import pipeline
+
+    tables = []
+    real = pipeline.quantize_weights
+
+    def spy(loaded, bits, choices, *args, **kwargs):
+        tables.append({name: sorted(table) for name, table in choices.items()})
+        return real(loaded, bits, choices, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "quantize_weights", spy)
+    options = dict(quiet=True, avg_bits=5, bits=(2, 4, 8))
+    single = convert(cnn_files["model"], str(tmp_path / "a.onnx"), cnn_files["calib"], Options(**options)).report
+    assert len(tables) == 1
+    assert tables[0] == {layer["name"]: [layer["bits"]] if layer["bits"] != 32 else [] for layer in single["layers"]}
+    monkeypatch.setattr(pipeline, "_release_other_widths", lambda choices, bits: None)
+    convert(cnn_files["model"], str(tmp_path / "kept.onnx"), cnn_files["calib"], Options(**options))
+    assert len(tables[1]["fc"]) == 3
+    with open(tmp_path / "a.onnx", "rb") as one, open(tmp_path / "kept.onnx", "rb") as other:
+        assert one.read() == other.read()
+    tables.clear()
+    searched = convert(cnn_files["model"], str(tmp_path / "b.onnx"), cnn_files["calib"],
+                       Options(quiet=True, max_drop=50.0, bits=(2, 4, 8))).report
+    assert tables and all(widths == [2, 4, 8] for table in tables for widths in table.values())
+    assert searched["layers"]
