@@ -81,7 +81,9 @@ def _child(method: str, rounds: int, samples: int, max_bits: int, asymmetric: bo
     pipeline._held_out = lambda calib, loaded, options: held.setdefault("sets", split(calib, loaded, options))
     shipped = pipeline.quantize_weights
 
-    def patched(loaded, bits, choices, input_mean, bias_correction=True):
+    def patched(loaded, bits, choices, input_mean, bias_correction=True, rewritten=frozenset()):
+        # every weight as fake-quantized floats in the copy (no integers kept, none left a reference into the
+        # weights file): the sessions below run it, and the write rounds the rewritten layers' floats again
         written = shipped(loaded, bits, choices, input_mean, bias_correction)
         feeds = []
         for feed, _ in padded_batches(held["sets"][0], loaded, 16):

@@ -229,15 +229,22 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
     with timer.stage("instrument+features"):
         stats = run_pass(loaded, calib, options.levels, options.max_dim, options.batch_size, options.quiet,
                          options.seed, hessians=options.rounding == "gptq" and narrowed)
-    early = _EarlyTables(loaded, stats, options, widths_of)
+    with timer.stage("activation-modes"):
+        # timed where this machine's cache has no timing (and cached for its later conversions): before any thread
+        # starts beside the timing
+        costs = {layer.name: mode_costs(layer, stats.rows.get(layer.name)) for layer in loaded.layers}
+    early = None
     try:
-        return _analyse_after_pass(loaded, calib, options, timer, stats, early, before_tables, widths_of, narrowed)
+        early = _EarlyTables(loaded, stats, options, widths_of)
+        return _analyse_after_pass(loaded, calib, options, timer, stats, costs, early, before_tables, widths_of,
+                                   narrowed)
     finally:
-        early.close()
+        if early is not None:
+            early.close()
 
 
-def _analyse_after_pass(loaded, calib, options: Options, timer: _Timer, stats, early: "_EarlyTables", before_tables,
-                        widths_of, narrowed: bool) -> Analysis:
+def _analyse_after_pass(loaded, calib, options: Options, timer: _Timer, stats, costs: dict, early: "_EarlyTables",
+                        before_tables, widths_of, narrowed: bool) -> Analysis:
     with timer.stage("imprint"):
         labels = imprint_labels(None if calib.labels is None else calib.labels[stats.imprinted], stats.outputs,
                                 options.seed, fidelity.output_kind(stats.outputs, None, name=loaded.output_name,
@@ -254,10 +261,9 @@ def _analyse_after_pass(loaded, calib, options: Options, timer: _Timer, stats, e
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
                                          quiet=options.quiet, rows=real_rows, workers=stats.workers)
         if solver is not None:
-            # the mode timings below go to the cache, and a toy model's later timings would come while the import
-            # still held the GIL (a 0.14 ms model measured 1.8x FP32's time): nothing beside them
+            # the import holds the GIL while it runs (a 0.14 ms model's timing beside it measured 1.8x FP32's time):
+            # nothing that times comes before its end
             solver.join()
-        costs = {layer.name: mode_costs(layer, stats.rows.get(layer.name)) for layer in loaded.layers}
         modes, mode_log = mode_stage.choose(loaded, measurement, stats.ranges, costs, options.mode_tolerance,
                                             None if options.activations == "auto" else options.activations)
     activation_errors = allocate_stage.activation_errors(loaded.layers, stats.ranges, stats.input_sq)
@@ -338,21 +344,38 @@ class _EarlyTables:
         self.layers = {name: known for name, known in self.layers.items() if known[1] is not None}
         self.bits = options.bits
         self.widths = {name: self._wanted(widths_of, name) for name in self.layers}
-        self._thread, self._blas = None, None
+        self._thread, self._blas, self._stop = None, None, threading.Event()
         if self.layers:
-            self._blas = blas_limit()  # held until close(): the thread's numpy on one BLAS thread, as the tables'
+            # Held until close(): the thread's numpy on one BLAS thread, as the tables'. The limit is the process's:
+            # the imprinting's and the modes' numpy beside the thread take one BLAS thread too.
+            self._blas = blas_limit()
+            stop, layers, widths = self._stop, self.layers, self.widths
 
             def make():
-                return {name: _layer_table(loaded, stats, options, layer, mode, self.widths[name])
-                        for name, (layer, mode) in self.layers.items()}
+                made = {}
+                for name, (layer, mode) in layers.items():
+                    if stop.is_set():  # the analysis failed: no more work on its behalf
+                        break
+                    made[name] = _layer_table(loaded, stats, options, layer, mode, widths[name])
+                return made
 
-            self._thread = _ResultThread(make)
+            try:
+                self._thread = _ResultThread(make)
+            except BaseException:
+                self.close()
+                raise
 
     def tables(self, modes: dict, widths_of) -> dict:
-        """The tables made early whose layer has the mode assumed and the widths now wanted (a cap may narrow them)."""
+        """The tables made early whose layer has the mode assumed and the widths now wanted (a cap may narrow them).
+        A failure on the thread makes none: the tables' stage makes them again (and meets the failure itself, where
+        it is the layer's)."""
         if self._thread is None:
             return {}
-        made = self._thread.result()
+        thread, self._thread = self._thread, None  # what it made goes with the tables taken
+        try:
+            made = thread.result()
+        except Exception:
+            return {}
         return {name: table for name, table in made.items() if modes[name].mode == self.layers[name][1]
                 and self.widths[name] == self._wanted(widths_of, name)}
 
@@ -360,7 +383,8 @@ class _EarlyTables:
         return tuple(self.bits if widths_of is None else widths_of[name])
 
     def close(self) -> None:
-        """Lift the BLAS limit; a thread still running (the analysis failed) is left to end on its own."""
+        """Lift the BLAS limit; a thread still running (the analysis failed) ends after its current layer."""
+        self._stop.set()
         if self._blas is not None:
             self._blas.restore_original_limits()
             self._blas = None

@@ -34,7 +34,9 @@ from .weights import as_matrix, quantize_layer, steps
 
 @dataclass
 class QuantizedWeights:
-    model: onnx.ModelProto  # FP32 model whose weights sit on their grids (but those in `integers`)
+    model: onnx.ModelProto  # FP32 model whose weights sit on their grids, but those in `integers`: references into
+    # the loaded model's weights file until quantize_to_qdq makes it whole (LoadedModel.with_weights); no session
+    # nor file takes the model before that
     scales: dict  # weight name -> per-channel scales
     integers: dict = field(default_factory=dict)  # weight name -> int8 [out, fan_in]: a layer rewrite_layers writes
 
@@ -62,9 +64,9 @@ def quantize_weights(loaded: LoadedModel, bits: dict, choices: dict, input_mean:
     session_copy: the float weights the quantized ones replace are never copied (MiniLM-L6: 90 MB).
 
     rewritten: the layers rewrite_layers will write (dynamic, weight-only). Their integers are kept as rounded, and
-    a weight only they read keeps its FP32 values in the copy (ORT's quantizer reads the copy for the static layers)
-    instead of fake-quantized ones that were serialized, read back and rounded again (MiniLM-L6: about 0.1 s of one
-    core)."""
+    a weight only they read stays in the copy as its reference into the weights file (quantize_to_qdq makes it whole
+    with its FP32 values where ORT's quantizer reads the copy for the static layers) instead of fake-quantized
+    values that were serialized, read back and rounded again (MiniLM-L6: about 0.1 s of one core)."""
     model = loaded.session_copy()
     index = {t.name: i for i, t in enumerate(model.graph.initializer)}
     nodes = {n.name: n for n in model.graph.node}

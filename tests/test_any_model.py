@@ -1742,12 +1742,13 @@ def test_inputs_with_independent_sequence_axes_convert(tmp_path):
     assert report["evaluation"]["cosine"] > 0.98
 
 
-@pytest.mark.parametrize("assumed", ["right", "wrong"])
+@pytest.mark.parametrize("assumed", ["right", "wrong", "failed"])
 def test_an_embedding_tables_error_table_is_made_before_the_modes_as_the_tables_stage_would(tmp_path, monkeypatch,
                                                                                               assumed):
     """A layer whose activation mode is known before the modes are measured (an embedding table: weight-only is its
-    only mode) has its error table made on a thread of its own from the end of the pass, not in the error tables'
-    stage, and it is the table that stage makes. Where the mode assumed turns out wrong, the stage makes it again."""
+    only mode) has its error table made on a thread of its own from the end of the pass, not on the main thread nor
+    in the error tables' stage, and it is the table that stage makes. Where the mode assumed turns out wrong, or
+    the thread failed, the stage makes it again."""
     import threading
 
     from msq_onnx import pipeline
@@ -1763,7 +1764,11 @@ def test_an_embedding_tables_error_table_is_made_before_the_modes_as_the_tables_
     real = pipeline._layer_table
 
     def spy(loaded, stats, options, layer, mode, widths):
-        made.append((layer.name, mode, threading.current_thread().name.startswith("ThreadPoolExecutor")))
+        thread = threading.current_thread()
+        made.append((layer.name, mode, thread.name.startswith("ThreadPoolExecutor")))
+        assert thread is not threading.main_thread()
+        if assumed == "failed" and not made[-1][2]:
+            raise MemoryError("on the early thread")
         return real(loaded, stats, options, layer, mode, widths)
 
     monkeypatch.setattr(pipeline, "_layer_table", spy)
@@ -1774,11 +1779,38 @@ def test_an_embedding_tables_error_table_is_made_before_the_modes_as_the_tables_
     early = [entry for entry in made if entry[0] == table.name]
     if assumed == "right":
         assert early == [(table.name, mode, False)]
-    else:  # made early as static, then again in the stage as what it is
-        assert early == [(table.name, STATIC, False), (table.name, mode, True)]
+    else:  # made early (as static, or failing), then again in the stage as what it is
+        assert early == [(table.name, STATIC if assumed == "wrong" else mode, False), (table.name, mode, True)]
     assert all(pool for name, _, pool in made if name != table.name)
     again = real(loaded, analysis.stats, options, table, mode, sorted(analysis.choices[table.name]))
     assert sorted(again) == sorted(analysis.choices[table.name])
     for bits, choice in again.items():
-        np.testing.assert_array_equal(choice.clip, analysis.choices[table.name][bits].clip)
-        assert choice.error == analysis.choices[table.name][bits].error
+        kept = analysis.choices[table.name][bits]
+        for field in ("clip", "integers", "flipped", "level_set"):
+            np.testing.assert_array_equal(getattr(choice, field), getattr(kept, field), err_msg=field)
+        assert choice.error == kept.error
+
+
+def test_the_modes_costs_are_timed_before_the_early_tables_thread_starts(tmp_path, monkeypatch):
+    """A layer's mode costs are timed where this machine's cache has none, and cached for every later conversion:
+    they are taken before the early error tables' thread starts, so nothing runs beside the timing."""
+    from msq_onnx import pipeline
+    from msq_onnx.data import Preprocess, open_samples
+
+    loaded = load_model(save(encoder(), tmp_path / "encoder.onnx"))
+    calib = open_samples(token_folder(tmp_path / "calib", 16), loaded.inputs, Preprocess())
+    events = []
+    real_costs, real_init = pipeline.mode_costs, pipeline._EarlyTables.__init__
+
+    def costs(layer, rows):
+        events.append("costs")
+        return real_costs(layer, rows)
+
+    def started(self, *args, **kwargs):
+        events.append("early tables")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "mode_costs", costs)
+    monkeypatch.setattr(pipeline._EarlyTables, "__init__", started)
+    pipeline.analyse(loaded, calib, Options(quiet=True, avg_bits=4), pipeline._Timer())
+    assert events == ["costs"] * len(loaded.layers) + ["early tables"]
