@@ -1814,3 +1814,30 @@ def test_the_modes_costs_are_timed_before_the_early_tables_thread_starts(tmp_pat
     monkeypatch.setattr(pipeline._EarlyTables, "__init__", started)
     pipeline.analyse(loaded, calib, Options(quiet=True, avg_bits=4), pipeline._Timer())
     assert events == ["costs"] * len(loaded.layers) + ["early tables"]
+
+
+@pytest.mark.parametrize("static_first", [True, False])
+def test_a_static_mode_slower_than_dynamic_is_neither_measured_nor_taken(tmp_path, monkeypatch, static_first):
+    """Static quantizes a layer's input on the calibrated range, which holds every range dynamic computes on a
+    calibration sample, and its output too: where it is also slower than dynamic it cannot be the mode to take,
+    and its copy in the modes' measurement is not built. Forced (--activations static), it is measured."""
+    from msq_onnx import pipeline
+    from msq_onnx.data import Preprocess, open_samples
+    from msq_onnx.ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY
+
+    loaded = load_model(save(encoder(), tmp_path / "encoder.onnx"))
+    calib = open_samples(token_folder(tmp_path / "calib", 16), loaded.inputs, Preprocess())
+    times = {STATIC: 1.0, DYNAMIC: 2.0} if static_first else {STATIC: 2.0, DYNAMIC: 1.0}
+    monkeypatch.setattr(pipeline, "mode_costs", lambda layer, rows: {
+        mode: times.get(mode, 3.0 if mode == WEIGHT_ONLY else 4.0) for mode in layer.kind.modes + (FLOAT,)})
+    dense = [layer.name for layer in loaded.layers if layer.op_type in ("MatMul", "Gemm")]
+    assert dense
+    for activations in ("auto", "static"):
+        analysis = pipeline.analyse(loaded, calib, Options(quiet=True, avg_bits=8, activations=activations),
+                                    pipeline._Timer())
+        measured = {name: STATIC in analysis.modes[name].errors for name in dense}
+        if activations == "auto" and not static_first:
+            assert not any(measured.values())
+            assert all(analysis.modes[name].mode != STATIC for name in dense)
+        else:
+            assert all(measured.values())
