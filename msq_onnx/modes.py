@@ -152,17 +152,26 @@ def _expose(graph, names) -> None:
             exposed.add(name)
 
 
-def dominated(layer, costs: dict) -> set:
+def dominated(layer, costs: dict, absorbed: bool = False) -> set:
     """The modes choose never takes for a layer, which are not measured: static where dynamic comes before it in
-    the layer's order (faster, not tied). Dynamic quantizes each run's input on that run's own range, which the
-    calibrated static range holds (the measured samples are calibration samples), and leaves the output float, where
-    static quantizes both: a static slower than dynamic loses to it on time and does not gain on error (MiniLM-L6's
-    30 such layers: static 1.35-5.5x dynamic's error, 0.00045-0.0037). Its copy in the measurement is a layer's
-    product run again for nothing."""
+    the layer's order (faster than static by more than a tie). Dynamic quantizes each run's input on that run's own
+    range, which the calibrated static range holds (the measured samples are calibration samples), and leaves the
+    output float, where static quantizes both: a static slower than dynamic loses to it on time and does not gain
+    on error (MiniLM-L6's 30 such layers: static 1.35-5.5x dynamic's error, 0.00045-0.0037). Its copy in the
+    measurement is a layer's product run again for nothing. Not where a Relu or Clip absorbs the layer's output
+    (`absorbed`): static's error is then measured on the activation's output, another signal than dynamic's."""
     order = mode_order(layer, costs)
-    if DYNAMIC in order and STATIC in order and order.index(DYNAMIC) < order.index(STATIC):
+    if not absorbed and DYNAMIC in order and STATIC in order and order.index(DYNAMIC) < order.index(STATIC):
         return {STATIC}
     return set()
+
+
+def dominated_modes(loaded, costs: dict) -> dict:
+    """layer -> its dominated modes (`costs`: layer -> {mode: cost})."""
+    sources = range_sources(loaded.model)
+    return {layer.name: dominated(layer, costs[layer.name],
+                                  sources.get(layer.output_name, layer.output_name) != layer.output_name)
+            for layer in loaded.layers}
 
 
 def build_measurement(loaded, ranges: dict, skip: dict | None = None) -> tuple[onnx.ModelProto, dict]:
@@ -304,17 +313,19 @@ def end_to_end_error(loaded, ranges: dict, modes: dict, measurement: Measurement
 
 
 def choose(loaded, measurement: Measurement, ranges: dict, costs: dict, tolerance: float = TOLERANCE,
-           forced: str | None = None, end_to_end: float = END_TO_END_TOLERANCE) -> tuple[dict, list]:
-    """Per layer (`costs`: {mode: measured cost}): the fastest mode whose own error is within `tolerance`;
+           forced: str | None = None, end_to_end: float = END_TO_END_TOLERANCE,
+           skip: dict | None = None) -> tuple[dict, list]:
+    """Per layer (`costs`: {mode: measured cost}; `skip`: layer -> the modes measure left out, dominated_modes):
+    the fastest mode whose own error is within `tolerance`;
     then, while the task output's end-to-end error exceeds `end_to_end`, up to a quarter of the layers
     with quantized activations move to their next mode that loses less, lossiest first: the moves that
     cost no time in rounds of their own, before any that does. Returns the choices and the log."""
     errors = measurement.errors
     # Float is the last resort of a layer no quantized mode keeps faithful alone: it costs its bits (32).
     orders = {layer.name: mode_order(layer, costs[layer.name]) + (FLOAT,) for layer in loaded.layers}
-    if forced is None:  # a dominated mode is neither measured nor taken
-        orders = {layer.name: tuple(m for m in orders[layer.name] if m not in dominated(layer, costs[layer.name]))
-                  for layer in loaded.layers}
+    skipped = skip if forced is None and skip is not None else {}
+    # a mode not measured (dominated) is not taken
+    orders = {name: tuple(m for m in order if m not in skipped.get(name, ())) for name, order in orders.items()}
     if forced is not None:
         choices = {}
         for layer in loaded.layers:
@@ -364,5 +375,7 @@ def choose(loaded, measurement: Measurement, ranges: dict, costs: dict, toleranc
         reason = (f"fastest mode; output error {measured.get(mode, 0.0):.2g}" if not faster else
                   f"output error {measured.get(mode, 0.0):.2g}; faster modes too lossy alone or downstream "
                   f"({', '.join(faster)})")
+        if STATIC in skipped.get(layer.name, ()) and mode != DYNAMIC:
+            reason += "; static not measured (slower than dynamic, no less error)"
         choices[layer.name] = ModeChoice(mode, measured, reason)
     return choices, log

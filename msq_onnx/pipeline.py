@@ -258,8 +258,7 @@ def _analyse_after_pass(loaded, calib, options: Options, timer: _Timer, stats, c
             narrowed or options.max_latency is not None) and options.allocator not in allocate_stage.GREEDY else None
         # Rows that are padding do not count towards the samples the modes need: real tokens only.
         real_rows = {name: min(r, stats.tokens) if stats.tokens else r for name, r in stats.rows.items()}
-        skip = None if options.activations != "auto" else {
-            layer.name: mode_stage.dominated(layer, costs[layer.name]) for layer in loaded.layers}
+        skip = None if options.activations != "auto" else mode_stage.dominated_modes(loaded, costs)
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
                                          quiet=options.quiet, rows=real_rows, workers=stats.workers, skip=skip)
         if solver is not None:
@@ -267,7 +266,8 @@ def _analyse_after_pass(loaded, calib, options: Options, timer: _Timer, stats, c
             # nothing that times comes before its end
             solver.join()
         modes, mode_log = mode_stage.choose(loaded, measurement, stats.ranges, costs, options.mode_tolerance,
-                                            None if options.activations == "auto" else options.activations)
+                                            None if options.activations == "auto" else options.activations,
+                                            skip=skip)
     activation_errors = allocate_stage.activation_errors(loaded.layers, stats.ranges, stats.input_sq)
     static = {name for name, choice in modes.items() if choice.mode == STATIC}
     # --act16's layers are taken among those whose inputs ORT would really write as uint16

@@ -1833,11 +1833,31 @@ def test_a_static_mode_slower_than_dynamic_is_neither_measured_nor_taken(tmp_pat
     dense = [layer.name for layer in loaded.layers if layer.op_type in ("MatMul", "Gemm")]
     assert dense
     for activations in ("auto", "static"):
-        analysis = pipeline.analyse(loaded, calib, Options(quiet=True, avg_bits=8, activations=activations),
-                                    pipeline._Timer())
+        # no mode's error within a tolerance of 0: a static taken unmeasured (error 0 by default) would show
+        analysis = pipeline.analyse(loaded, calib, Options(quiet=True, avg_bits=8, activations=activations,
+                                                           mode_tolerance=0.0), pipeline._Timer())
         measured = {name: STATIC in analysis.modes[name].errors for name in dense}
         if activations == "auto" and not static_first:
             assert not any(measured.values())
             assert all(analysis.modes[name].mode != STATIC for name in dense)
         else:
             assert all(measured.values())
+
+
+
+def test_a_static_mode_whose_output_an_activation_absorbs_is_not_dominated(tmp_path):
+    """Where a Relu or Clip absorbs a layer's output, static's error is measured on the activation's output, another
+    signal than dynamic's: static is then measured whatever the costs say."""
+    from conftest import tiny_mlp
+    from msq_onnx.modes import dominated, dominated_modes
+    from msq_onnx.ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY
+
+    loaded = load_model(save(tiny_mlp(), tmp_path / "mlp.onnx"))
+    dense = next(layer for layer in loaded.layers if layer.op_type == "MatMul")
+    costs = {STATIC: 2.0, DYNAMIC: 1.0, WEIGHT_ONLY: 3.0, FLOAT: 4.0}
+    assert dominated(dense, costs) == {STATIC}
+    assert dominated(dense, costs, absorbed=True) == set()
+    assert dominated(dense, {**costs, STATIC: 0.5}) == set()  # static faster: measured
+    # tiny_mlp's MatMuls feed an Add, which absorbs nothing: both dominated where dynamic is faster
+    assert dominated_modes(loaded, {layer.name: costs for layer in loaded.layers}) == {
+        layer.name: {STATIC} for layer in loaded.layers}
