@@ -99,12 +99,17 @@ def grid_bounds(top, flipped, fan_in: int) -> tuple[np.ndarray, np.ndarray]:
     return -lowest(top).astype(np.float32) + shift, top + shift
 
 
+def grid_scale(clip: np.ndarray, bits: int) -> np.ndarray:
+    """The k-bit grid's float32 step of each row ([out] clip) or block ([out, blocks]): its clip over levels(bits)."""
+    return (np.maximum(clip, 1e-12) / levels(bits)).astype(np.float32)
+
+
 def grid_integers(matrix: np.ndarray, clip: np.ndarray, bits: int, flipped: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Round to the k-bit grid of step clip / levels(bits) per row ([out] clip) or per block of a row
     ([out, blocks] clip), its extra level on the side `flipped` says; returns (integers, scales)."""
     top = levels(bits)
-    scale = (np.maximum(clip, 1e-12) / top).astype(np.float32)
+    scale = grid_scale(clip, bits)
     integers = matrix / steps(scale, matrix.shape[1])  # one array, rounded and clipped in place (an embedding: 47 MB)
     np.rint(integers, out=integers)
     return np.clip(integers, *grid_bounds(top, flipped, matrix.shape[1]), out=integers), scale
@@ -113,9 +118,8 @@ def grid_integers(matrix: np.ndarray, clip: np.ndarray, bits: int, flipped: np.n
 def grid_codes(matrix: np.ndarray, clip: np.ndarray, bits: int, flipped: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
     """grid_integers as int8, rounded SEARCH_BLOCK weights at a time: no float array the size of the weight."""
-    top = levels(bits)
-    scale = (np.maximum(clip, 1e-12) / top).astype(np.float32)
-    low, high = grid_bounds(top, flipped, matrix.shape[1])
+    scale = grid_scale(clip, bits)
+    low, high = grid_bounds(levels(bits), flipped, matrix.shape[1])
     codes = np.empty(matrix.shape, np.int8)
     rows = max(1, SEARCH_BLOCK // max(matrix.shape[1], 1))
     for start in range(0, len(matrix), rows):
@@ -664,13 +668,13 @@ def quantize_layer(layer: Layer, weight: np.ndarray, bias: np.ndarray | None, ch
     if keep_integers and not correcting:
         if choice.integers is not None:
             codes = choice.integers.astype(np.int8)
-            scale = (np.maximum(choice.clip, 1e-12) / levels(choice.bits)).astype(np.float32)
+            scale = grid_scale(choice.clip, choice.bits)
         else:
             codes, scale = grid_codes(as_matrix(layer, weight), choice.clip, choice.bits, choice.flipped)
         return QuantizedLayer(None, layer.kind.stored_scale(scale), None, codes)
     if choice.integers is not None:
         integers = choice.integers
-        scale = (np.maximum(choice.clip, 1e-12) / levels(choice.bits)).astype(np.float32)
+        scale = grid_scale(choice.clip, choice.bits)
     else:
         integers, scale = grid_integers(as_matrix(layer, weight), choice.clip, choice.bits, choice.flipped)
     scale = layer.kind.stored_scale(scale)  # what the file holds: the simulation uses exactly it
