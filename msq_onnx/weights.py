@@ -12,6 +12,7 @@ approximation of the layer's output MSE on the calibration data).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -457,12 +458,59 @@ def hessian_errors(matrix: np.ndarray, candidates: np.ndarray, hessian: np.ndarr
     delta = (candidates.reshape(-1, *matrix.shape) - matrix).reshape(candidates.shape).astype(np.float32, copy=False)
     if factor is None:
         return np.sum((delta @ hessian.astype(np.float32)) * delta, axis=1, dtype=np.float64)
-    from scipy.linalg.blas import strmm
-
     # delta (ours alone) transposed is [fan_in, rows] in Fortran order, as BLAS takes it: L^T delta^T, computed in
     # place, is (delta L)^T
-    product = strmm(1.0, factor, delta.T, side=0, lower=1, trans_a=1, overwrite_b=1)
+    product = lower_transposed_product(factor, delta.T)
     return np.square(product).sum(axis=0, dtype=np.float64)
+
+
+def lower_transposed_product(lower: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """L^T B for a lower triangular float32 L, in place where B ([K, n], float32) is in Fortran order: BLAS's
+    strmm. scipy's wrapper holds the GIL through the product, which stalled the other error-table worker
+    (MiniLM-L6: 60 products, 0.6 s of one core); the same function of the same library called through ctypes
+    lets it go (_strmm_without_gil), else scipy's is called."""
+    strmm = _strmm_without_gil()
+    if strmm is None:
+        from scipy.linalg.blas import strmm as scipy_strmm
+
+        return scipy_strmm(1.0, lower, columns, side=0, lower=1, trans_a=1, overwrite_b=1)
+    return _call_strmm(strmm, lower, columns)
+
+
+def _call_strmm(strmm, lower: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    import ctypes
+
+    if not (columns.flags.f_contiguous and columns.flags.writeable and columns.dtype == np.float32):
+        columns = np.asfortranarray(columns, np.float32)
+    lower = np.asfortranarray(lower, np.float32)  # the copy scipy's wrapper makes of a C-ordered factor
+    rows, count = (ctypes.c_int(n) for n in columns.shape)
+    lead, alpha = ctypes.c_int(max(1, columns.shape[0])), ctypes.c_float(1.0)
+    floats = ctypes.POINTER(ctypes.c_float)
+    strmm(b"L", b"L", b"T", b"N", ctypes.byref(rows), ctypes.byref(count), ctypes.byref(alpha),
+          lower.ctypes.data_as(floats), ctypes.byref(lead), columns.ctypes.data_as(floats), ctypes.byref(lead))
+    return columns
+
+
+@functools.lru_cache(maxsize=1)
+def _strmm_without_gil():
+    """The Fortran strmm scipy.linalg.blas calls, as a ctypes function (ctypes releases the GIL around a foreign
+    call), where scipy links the OpenBLAS its wheels bundle (symbol scipy_strmm_, 32-bit integers), and a small
+    product through it equals scipy's own. None elsewhere (another BLAS, whose integer width is not known here)."""
+    try:
+        import ctypes
+
+        from scipy.linalg import _fblas
+        from scipy.linalg.blas import strmm as scipy_strmm
+
+        function = ctypes.CDLL(_fblas.__file__).scipy_strmm_  # looked up in the libraries _fblas links
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.restype = None
+    rng = np.random.default_rng(0)
+    lower = np.tril(rng.standard_normal((7, 7))).astype(np.float32)
+    columns = np.asfortranarray(rng.standard_normal((7, 5)), np.float32)
+    expected = scipy_strmm(1.0, lower, columns.copy(order="F"), side=0, lower=1, trans_a=1)
+    return function if np.array_equal(_call_strmm(function, lower, columns), expected) else None
 
 
 FACTOR_JITTER = 1e-6  # of the mean diagonal, below what a float32 product resolves

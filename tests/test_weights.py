@@ -756,3 +756,42 @@ def test_a_layer_written_from_its_integers_without_a_bias_to_correct_gets_them_a
     np.testing.assert_array_equal(alone.integers, integers.astype(np.int8))
     np.testing.assert_array_equal(alone.scale, whole.scale)
     assert alone.integers.min() < -3 and alone.integers.max() > 3  # both sides' extra level used
+
+
+def test_triangular_product_lets_the_gil_go_and_equals_scipys():
+    """The error tables' triangular products run through ctypes where scipy bundles OpenBLAS: a ctypes function
+    without the Python-API flag releases the GIL for the call (scipy's wrapper holds it, stalling the other table
+    worker); its results are scipy's own, bit for bit, in place or on a copy it makes of a C-ordered input."""
+    import ctypes
+
+    from scipy.linalg import _fblas
+    from scipy.linalg.blas import strmm
+
+    from msq_onnx import weights
+
+    rng = np.random.default_rng(3)
+    lower = np.tril(rng.standard_normal((96, 96))).astype(np.float32)
+    rows = rng.standard_normal((250, 96)).astype(np.float32)
+    expected = strmm(1.0, lower, rows.T.copy(order="F"), side=0, lower=1, trans_a=1)
+    in_place = rows.copy()
+    product = weights.lower_transposed_product(lower, in_place.T)
+    np.testing.assert_array_equal(product, expected)
+    np.testing.assert_array_equal(weights.lower_transposed_product(lower, np.ascontiguousarray(rows.T)), expected)
+    if hasattr(ctypes.CDLL(_fblas.__file__), "scipy_strmm_"):  # scipy's wheels
+        function = weights._strmm_without_gil()
+        assert function is not None
+        assert not function._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+        assert np.shares_memory(product, in_place)  # computed in place, as scipy's overwrite_b
+
+
+def test_triangular_product_falls_back_to_scipy(monkeypatch):
+    from scipy.linalg.blas import strmm
+
+    from msq_onnx import weights
+
+    monkeypatch.setattr(weights, "_strmm_without_gil", lambda: None)
+    rng = np.random.default_rng(4)
+    lower = np.tril(rng.standard_normal((40, 40))).astype(np.float32)
+    columns = rng.standard_normal((40, 30)).astype(np.float32).copy(order="F")
+    expected = strmm(1.0, lower, columns.copy(order="F"), side=0, lower=1, trans_a=1)
+    np.testing.assert_array_equal(weights.lower_transposed_product(lower, columns), expected)
