@@ -432,10 +432,8 @@ def inverse_factor(hessian: np.ndarray) -> np.ndarray:
     order reversed): one factorization and a triangular inverse, where inverting H and factoring the inverse took
     2.4x the time (8.3 -> 3.4 ms at 384 x 384, the same float32 factor). LinAlgError where H is not positive
     definite."""
-    from scipy.linalg import lapack
-
     lower = np.linalg.cholesky(hessian[::-1, ::-1])
-    inverse, info = lapack.dtrtri(lower, lower=1)
+    inverse, info = lower_inverse(lower)
     if info != 0:
         raise np.linalg.LinAlgError("singular factor")
     return inverse[::-1, ::-1]
@@ -466,10 +464,8 @@ def hessian_errors(matrix: np.ndarray, candidates: np.ndarray, hessian: np.ndarr
 
 def lower_transposed_product(lower: np.ndarray, columns: np.ndarray) -> np.ndarray:
     """L^T B for a lower triangular float32 L, in place where B ([K, n], float32) is in Fortran order: BLAS's
-    strmm. scipy's wrapper holds the GIL through the product, which stalled the other error-table worker
-    (MiniLM-L6: 60 products, 0.6 s of one core); the same function of the same library called through ctypes
-    lets it go (_strmm_without_gil), else scipy's is called."""
-    strmm = _strmm_without_gil()
+    strmm, let go of the GIL (without_gil); else scipy's wrapper."""
+    strmm = without_gil("strmm")
     if strmm is None:
         from scipy.linalg.blas import strmm as scipy_strmm
 
@@ -491,26 +487,67 @@ def _call_strmm(strmm, lower: np.ndarray, columns: np.ndarray) -> np.ndarray:
     return columns
 
 
-@functools.lru_cache(maxsize=1)
-def _strmm_without_gil():
-    """The Fortran strmm scipy.linalg.blas calls, as a ctypes function (ctypes releases the GIL around a foreign
-    call), where scipy links the OpenBLAS its wheels bundle (symbol scipy_strmm_, 32-bit integers), and a small
-    product through it equals scipy's own. None elsewhere (another BLAS, whose integer width is not known here)."""
-    try:
-        import ctypes
+def lower_inverse(lower: np.ndarray) -> tuple[np.ndarray, int]:
+    """The inverse of a lower triangular float64 matrix and LAPACK's info: dtrtri, let go of the GIL
+    (without_gil); else scipy's wrapper."""
+    dtrtri = without_gil("dtrtri")
+    if dtrtri is None:
+        from scipy.linalg import lapack
 
-        from scipy.linalg import _fblas
-        from scipy.linalg.blas import strmm as scipy_strmm
+        return lapack.dtrtri(lower, lower=1)
+    return _call_dtrtri(dtrtri, lower)
 
-        function = ctypes.CDLL(_fblas.__file__).scipy_strmm_  # looked up in the libraries _fblas links
-    except (ImportError, OSError, AttributeError):
-        return None
-    function.restype = None
+
+def _call_dtrtri(dtrtri, lower: np.ndarray) -> tuple[np.ndarray, int]:
+    import ctypes
+
+    inverse = np.array(lower, np.float64, order="F")  # a copy, as scipy's wrapper makes
+    size, info = ctypes.c_int(len(inverse)), ctypes.c_int(0)
+    dtrtri(b"L", b"N", ctypes.byref(size), inverse.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
+           ctypes.byref(ctypes.c_int(max(1, len(inverse)))), ctypes.byref(info))
+    return inverse, info.value
+
+
+def _strmm_agrees(strmm) -> bool:
+    from scipy.linalg.blas import strmm as scipy_strmm
+
     rng = np.random.default_rng(0)
     lower = np.tril(rng.standard_normal((7, 7))).astype(np.float32)
     columns = np.asfortranarray(rng.standard_normal((7, 5)), np.float32)
     expected = scipy_strmm(1.0, lower, columns.copy(order="F"), side=0, lower=1, trans_a=1)
-    return function if np.array_equal(_call_strmm(function, lower, columns), expected) else None
+    return np.array_equal(_call_strmm(strmm, lower, columns), expected)
+
+
+def _dtrtri_agrees(dtrtri) -> bool:
+    from scipy.linalg import lapack
+
+    rng = np.random.default_rng(0)
+    lower = np.tril(rng.standard_normal((7, 7))) + 4 * np.eye(7)
+    expected, expected_info = lapack.dtrtri(lower, lower=1)
+    inverse, info = _call_dtrtri(dtrtri, lower)
+    return info == expected_info and np.array_equal(inverse, expected)
+
+
+_AGREES = {"strmm": _strmm_agrees, "dtrtri": _dtrtri_agrees}
+
+
+@functools.lru_cache(maxsize=None)
+def without_gil(routine: str):
+    """scipy's BLAS or LAPACK `routine` ("strmm", "dtrtri") as a ctypes function, which releases the GIL around
+    the call where scipy's wrapper holds it: two error-table workers stalled each other through it (MiniLM-L6:
+    strmm 0.6 s, dtrtri 0.17 s of one core). Only where scipy links the OpenBLAS its wheels bundle (symbols
+    scipy_<routine>_, 32-bit integers) and a small call through it equals scipy's own; None elsewhere (another
+    BLAS, whose integer width is not known here)."""
+    try:
+        import ctypes
+
+        from scipy.linalg import _fblas
+
+        function = getattr(ctypes.CDLL(_fblas.__file__), f"scipy_{routine}_")  # in the libraries _fblas links
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.restype = None
+    return function if _AGREES[routine](function) else None
 
 
 FACTOR_JITTER = 1e-6  # of the mean diagonal, below what a float32 product resolves

@@ -758,13 +758,13 @@ def test_a_layer_written_from_its_integers_without_a_bias_to_correct_gets_them_a
     assert alone.integers.min() < -3 and alone.integers.max() > 3  # both sides' extra level used
 
 
-def test_triangular_product_lets_the_gil_go_and_equals_scipys():
-    """The error tables' triangular products run through ctypes where scipy bundles OpenBLAS: a ctypes function
-    without the Python-API flag releases the GIL for the call (scipy's wrapper holds it, stalling the other table
-    worker); its results are scipy's own, bit for bit, in place or on a copy it makes of a C-ordered input."""
+def test_blas_routines_let_the_gil_go_and_equal_scipys():
+    """The error tables' triangular product and inverse run through ctypes where scipy bundles OpenBLAS: a ctypes
+    function without the Python-API flag releases the GIL for the call (scipy's wrappers hold it, stalling the
+    other table worker); the results are scipy's own, bit for bit, in place or on a copy of a C-ordered input."""
     import ctypes
 
-    from scipy.linalg import _fblas
+    from scipy.linalg import _fblas, lapack
     from scipy.linalg.blas import strmm
 
     from msq_onnx import weights
@@ -777,21 +777,33 @@ def test_triangular_product_lets_the_gil_go_and_equals_scipys():
     product = weights.lower_transposed_product(lower, in_place.T)
     np.testing.assert_array_equal(product, expected)
     np.testing.assert_array_equal(weights.lower_transposed_product(lower, np.ascontiguousarray(rows.T)), expected)
+    square = np.tril(rng.standard_normal((64, 64))) + 8 * np.eye(64)
+    inverse, info = weights.lower_inverse(square)
+    expected_inverse, expected_info = lapack.dtrtri(square, lower=1)
+    assert info == expected_info == 0
+    np.testing.assert_array_equal(inverse, expected_inverse)
+    singular = square.copy()
+    singular[5, 5] = 0.0
+    assert weights.lower_inverse(singular)[1] == lapack.dtrtri(singular, lower=1)[1] == 6
     if hasattr(ctypes.CDLL(_fblas.__file__), "scipy_strmm_"):  # scipy's wheels
-        function = weights._strmm_without_gil()
-        assert function is not None
-        assert not function._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+        for routine in ("strmm", "dtrtri"):
+            function = weights.without_gil(routine)
+            assert function is not None
+            assert not function._flags_ & ctypes._FUNCFLAG_PYTHONAPI
         assert np.shares_memory(product, in_place)  # computed in place, as scipy's overwrite_b
 
 
-def test_triangular_product_falls_back_to_scipy(monkeypatch):
+def test_blas_routines_fall_back_to_scipy(monkeypatch):
+    from scipy.linalg import lapack
     from scipy.linalg.blas import strmm
 
     from msq_onnx import weights
 
-    monkeypatch.setattr(weights, "_strmm_without_gil", lambda: None)
+    monkeypatch.setattr(weights, "without_gil", lambda routine: None)
     rng = np.random.default_rng(4)
     lower = np.tril(rng.standard_normal((40, 40))).astype(np.float32)
     columns = rng.standard_normal((40, 30)).astype(np.float32).copy(order="F")
     expected = strmm(1.0, lower, columns.copy(order="F"), side=0, lower=1, trans_a=1)
     np.testing.assert_array_equal(weights.lower_transposed_product(lower, columns), expected)
+    square = lower.astype(np.float64) + 6 * np.eye(40)
+    np.testing.assert_array_equal(weights.lower_inverse(square)[0], lapack.dtrtri(square, lower=1)[0])
