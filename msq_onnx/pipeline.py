@@ -322,16 +322,48 @@ def _error_tables(loaded, stats, options, modes: dict, widths_of=None, early: "_
     GPTQ's products release the GIL, so the second core works too (MiniLM-L6: 5.8 s -> 3.5 s, the same
     model written). The tables `early` already made, in the mode and widths the layer has, are taken as made."""
 
-    def table(layer):
-        return _layer_table(loaded, stats, options, layer, modes[layer.name].mode,
-                            options.bits if widths_of is None else widths_of[layer.name])
-
-    made = early.tables(modes, widths_of) if early is not None else {}
-    rest = [layer for layer in loaded.layers if layer.name not in made]
     workers = max(1, min(TABLE_WORKERS, usable_cores()))
+    # A thread making tables early still at it is one of the workers: the pool's last starts when it ends, where
+    # before the pool waited for it (MiniLM-L6: its embedding table ended 0.4 s into the stage, one core idle)
+    slots = threading.Semaphore(workers)
+    if early is not None:
+        slots.acquire()
+        early.when_done(slots.release)
+
+    def table(layer):
+        with slots:
+            return _layer_table(loaded, stats, options, layer, modes[layer.name].mode,
+                                options.bits if widths_of is None else widths_of[layer.name])
+
     with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
-        made.update(zip([layer.name for layer in rest], pool.map(table, rest)))
+        futures = {layer.name: pool.submit(table, layer) for layer in loaded.layers
+                   if early is None or not early.making(layer.name)}
+        made = early.tables(modes, widths_of) if early is not None else {}
+        futures.update({layer.name: pool.submit(table, layer) for layer in loaded.layers
+                        if layer.name not in made and layer.name not in futures})
+        made.update({name: future.result() for name, future in futures.items()})
     return {layer.name: made[layer.name] for layer in loaded.layers}
+
+
+class _WhenEnded:
+    """Callbacks for the end of a thread's work, each called once: by the thread as it ends, or at once when added
+    after."""
+
+    def __init__(self):
+        self._lock, self._callbacks, self._ended = threading.Lock(), [], False
+
+    def add(self, callback) -> None:
+        with self._lock:
+            if not self._ended:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended, callbacks, self._callbacks = True, self._callbacks, []
+        for callback in callbacks:
+            callback()
 
 
 class _EarlyTables:
@@ -347,7 +379,10 @@ class _EarlyTables:
         self.bits = options.bits
         self.widths = {name: self._wanted(widths_of, name) for name in self.layers}
         self._thread, self._blas, self._stop = None, None, threading.Event()
-        if self.layers:
+        self._ended = ended = _WhenEnded()
+        if not self.layers:
+            ended.end()
+        else:
             # Held until close(): the thread's numpy on one BLAS thread, as the tables'. The limit is the process's:
             # the imprinting's and the modes' numpy beside the thread take one BLAS thread too.
             self._blas = blas_limit()
@@ -355,10 +390,13 @@ class _EarlyTables:
 
             def make():
                 made = {}
-                for name, (layer, mode) in layers.items():
-                    if stop.is_set():  # the analysis failed: no more work on its behalf
-                        break
-                    made[name] = _layer_table(loaded, stats, options, layer, mode, widths[name])
+                try:
+                    for name, (layer, mode) in layers.items():
+                        if stop.is_set():  # the analysis failed: no more work on its behalf
+                            break
+                        made[name] = _layer_table(loaded, stats, options, layer, mode, widths[name])
+                finally:
+                    ended.end()
                 return made
 
             try:
@@ -366,6 +404,14 @@ class _EarlyTables:
             except BaseException:
                 self.close()
                 raise
+
+    def making(self, name: str) -> bool:
+        """Whether the thread makes (or made) this layer's table: one the tables' stage need not start."""
+        return self._thread is not None and name in self.layers
+
+    def when_done(self, callback) -> None:
+        """Call `callback` once the thread's work has ended (at once where it has, or where there is none)."""
+        self._ended.add(callback)
 
     def tables(self, modes: dict, widths_of) -> dict:
         """The tables made early whose layer has the mode assumed and the widths now wanted (a cap may narrow them).

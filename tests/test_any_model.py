@@ -1791,6 +1791,44 @@ def test_an_embedding_tables_error_table_is_made_before_the_modes_as_the_tables_
         assert choice.error == kept.error
 
 
+def test_the_tables_stage_starts_beside_an_early_table_still_being_made(tmp_path, monkeypatch):
+    """The error tables' stage does not wait for the early thread's table before it starts its own: the early
+    thread counts as one of its workers, and the stage's other worker works beside it (MiniLM-L6: its embedding's
+    table ended 0.4 s into the stage, one core idle until then). Never more tables at once than workers."""
+    import threading
+
+    from msq_onnx import pipeline
+    from msq_onnx.data import Preprocess, open_samples
+
+    loaded = load_model(save(encoder(), tmp_path / "encoder.onnx"))
+    calib = open_samples(token_folder(tmp_path / "calib", 16), loaded.inputs, Preprocess())
+    table = next(layer for layer in loaded.layers if layer.op_type == "Gather")
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 2)
+    pool_started, lock = threading.Event(), threading.Lock()
+    running, most, overlapped = [0], [0], []
+    real = pipeline._layer_table
+
+    def spy(loaded, stats, options, layer, mode, widths):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            if layer is table:  # on the early thread: held until the stage has a table of its own under way
+                overlapped.append(pool_started.wait(timeout=60))
+            else:
+                pool_started.set()
+            return real(loaded, stats, options, layer, mode, widths)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(pipeline, "_layer_table", spy)
+    analysis = pipeline.analyse(loaded, calib, Options(quiet=True, avg_bits=4), pipeline._Timer())
+    assert overlapped == [True]
+    assert most[0] == pipeline.TABLE_WORKERS == 2
+    assert set(analysis.choices) == {layer.name for layer in loaded.layers}
+
+
 def test_the_modes_costs_are_timed_before_the_early_tables_thread_starts(tmp_path, monkeypatch):
     """A layer's mode costs are timed where this machine's cache has none, and cached for every later conversion:
     they are taken before the early error tables' thread starts, so nothing runs beside the timing."""
