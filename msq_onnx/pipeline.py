@@ -336,12 +336,16 @@ def _error_tables(loaded, stats, options, modes: dict, widths_of=None, early: "_
                                 options.bits if widths_of is None else widths_of[layer.name])
 
     with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {layer.name: pool.submit(table, layer) for layer in loaded.layers
-                   if early is None or not early.making(layer.name)}
-        made = early.tables(modes, widths_of) if early is not None else {}
-        futures.update({layer.name: pool.submit(table, layer) for layer in loaded.layers
-                        if layer.name not in made and layer.name not in futures})
-        made.update({name: future.result() for name, future in futures.items()})
+        try:
+            futures = {layer.name: pool.submit(table, layer) for layer in loaded.layers
+                       if early is None or not early.making(layer.name)}
+            made = early.tables(modes, widths_of) if early is not None else {}
+            futures.update({layer.name: pool.submit(table, layer) for layer in loaded.layers
+                            if layer.name not in made and layer.name not in futures})
+            made.update({name: future.result() for name, future in futures.items()})
+        except BaseException:  # a table that failed, or an interrupt: the tables not started are not made
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return {layer.name: made[layer.name] for layer in loaded.layers}
 
 

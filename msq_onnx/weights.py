@@ -476,8 +476,10 @@ def lower_transposed_product(lower: np.ndarray, columns: np.ndarray) -> np.ndarr
 def _call_strmm(strmm, lower: np.ndarray, columns: np.ndarray) -> np.ndarray:
     import ctypes
 
+    if np.ndim(lower) != 2 or np.ndim(columns) != 2 or np.shape(lower) != (len(columns), len(columns)):
+        raise ValueError(f"strmm: a {np.shape(lower)} factor cannot multiply {np.shape(columns)} columns")
     if not (columns.flags.f_contiguous and columns.flags.writeable and columns.dtype == np.float32):
-        columns = np.asfortranarray(columns, np.float32)
+        columns = np.array(columns, np.float32, order="F")  # a copy: never written through a read-only view
     lower = np.asfortranarray(lower, np.float32)  # the copy scipy's wrapper makes of a C-ordered factor
     rows, count = (ctypes.c_int(n) for n in columns.shape)
     lead, alpha = ctypes.c_int(max(1, columns.shape[0])), ctypes.c_float(1.0)
@@ -490,8 +492,8 @@ def _call_strmm(strmm, lower: np.ndarray, columns: np.ndarray) -> np.ndarray:
 def lower_inverse(lower: np.ndarray) -> tuple[np.ndarray, int]:
     """The inverse of a lower triangular float64 matrix and LAPACK's info: dtrtri, let go of the GIL
     (without_gil); else scipy's wrapper."""
-    dtrtri = without_gil("dtrtri")
-    if dtrtri is None:
+    dtrtri = without_gil("dtrtri") if np.ndim(lower) == 2 and np.size(lower) else None
+    if dtrtri is None:  # an empty or malformed input gets scipy's own answer and errors
         from scipy.linalg import lapack
 
         return lapack.dtrtri(lower, lower=1)
@@ -501,6 +503,8 @@ def lower_inverse(lower: np.ndarray) -> tuple[np.ndarray, int]:
 def _call_dtrtri(dtrtri, lower: np.ndarray) -> tuple[np.ndarray, int]:
     import ctypes
 
+    if np.ndim(lower) != 2 or np.shape(lower)[0] != np.shape(lower)[1]:
+        raise ValueError(f"dtrtri: a {np.shape(lower)} matrix is not square")
     inverse = np.array(lower, np.float64, order="F")  # a copy, as scipy's wrapper makes
     size, info = ctypes.c_int(len(inverse)), ctypes.c_int(0)
     dtrtri(b"L", b"N", ctypes.byref(size), inverse.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
@@ -544,10 +548,10 @@ def without_gil(routine: str):
         from scipy.linalg import _fblas
 
         function = getattr(ctypes.CDLL(_fblas.__file__), f"scipy_{routine}_")  # in the libraries _fblas links
-    except (ImportError, OSError, AttributeError):
+        function.restype = None
+        return function if _AGREES[routine](function) else None
+    except Exception:  # not found, or a check that cannot run: scipy's wrapper then, as before
         return None
-    function.restype = None
-    return function if _AGREES[routine](function) else None
 
 
 FACTOR_JITTER = 1e-6  # of the mean diagonal, below what a float32 product resolves

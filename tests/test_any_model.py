@@ -1814,6 +1814,7 @@ def test_the_tables_stage_starts_beside_an_early_table_still_being_made(tmp_path
             most[0] = max(most[0], running[0])
         try:
             if layer is table:  # on the early thread: held until the stage has a table of its own under way
+                assert isinstance(threading.current_thread(), pipeline._ResultThread)
                 overlapped.append(pool_started.wait(timeout=60))
             else:
                 pool_started.set()
@@ -1827,6 +1828,32 @@ def test_the_tables_stage_starts_beside_an_early_table_still_being_made(tmp_path
     assert overlapped == [True]
     assert most[0] == pipeline.TABLE_WORKERS == 2
     assert set(analysis.choices) == {layer.name for layer in loaded.layers}
+
+
+def test_a_failing_error_table_stops_the_tables_not_yet_started(monkeypatch):
+    """One layer's table failing ends the stage: the tables queued behind it are not made (a failed or
+    interrupted conversion does not pay for the rest of the stage)."""
+    import time
+    from types import SimpleNamespace
+
+    from msq_onnx import pipeline
+
+    layers = [SimpleNamespace(name=f"layer{index}") for index in range(20)]
+    made = []
+
+    def table(loaded, stats, options, layer, mode, widths):
+        made.append(layer.name)
+        if layer.name == "layer0":
+            raise MemoryError("layer0")
+        time.sleep(0.2)
+        return {}
+
+    monkeypatch.setattr(pipeline, "_layer_table", table)
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 2)
+    modes = {layer.name: SimpleNamespace(mode="dynamic") for layer in layers}
+    with pytest.raises(MemoryError):
+        pipeline._error_tables(SimpleNamespace(layers=layers), None, Options(), modes)
+    assert made[0] == "layer0" and len(made) <= 3
 
 
 def test_the_modes_costs_are_timed_before_the_early_tables_thread_starts(tmp_path, monkeypatch):

@@ -793,6 +793,33 @@ def test_blas_routines_let_the_gil_go_and_equal_scipys():
         assert np.shares_memory(product, in_place)  # computed in place, as scipy's overwrite_b
 
 
+def test_blas_routines_copy_what_they_may_not_write_and_refuse_mismatched_shapes():
+    """A read-only Fortran-ordered input is copied, never written through (ctypes would write into it); empty
+    inputs give scipy's answers; shapes that do not match raise instead of reading past an array."""
+    from scipy.linalg import lapack
+    from scipy.linalg.blas import strmm
+
+    from msq_onnx import weights
+
+    rng = np.random.default_rng(5)
+    lower = np.tril(rng.standard_normal((6, 6))).astype(np.float32)
+    frozen = np.asfortranarray(rng.standard_normal((6, 4)), np.float32)
+    before = frozen.copy()
+    frozen.flags.writeable = False
+    product = weights.lower_transposed_product(lower, frozen)
+    np.testing.assert_array_equal(frozen, before)
+    np.testing.assert_array_equal(product, strmm(1.0, lower, before.copy(order="F"), side=0, lower=1, trans_a=1))
+    for columns in (np.zeros((6, 0), np.float32, order="F"), np.zeros((0, 3), np.float32, order="F")):
+        square = np.zeros((len(columns),) * 2, np.float32)
+        assert weights.lower_transposed_product(square, columns).shape == columns.shape
+    with pytest.raises(ValueError):
+        weights.lower_transposed_product(lower[:3, :3], np.zeros((4, 2), np.float32, order="F"))
+    empty = np.zeros((0, 0))
+    assert weights.lower_inverse(empty)[1] == lapack.dtrtri(empty, lower=1)[1]
+    with pytest.raises(ValueError):
+        weights._call_dtrtri(weights.without_gil("dtrtri") or (lambda *args: None), np.zeros((3, 2)))
+
+
 def test_blas_routines_fall_back_to_scipy(monkeypatch):
     from scipy.linalg import lapack
     from scipy.linalg.blas import strmm
