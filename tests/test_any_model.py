@@ -1845,7 +1845,7 @@ def test_a_failing_error_table_stops_the_tables_not_yet_started(monkeypatch):
         made.append(layer.name)
         if layer.name == "layer0":
             raise MemoryError("layer0")
-        time.sleep(0.2)
+        time.sleep(0.5)  # long beside the main thread's cancelling, even on a loaded machine
         return {}
 
     monkeypatch.setattr(pipeline, "_layer_table", table)
@@ -1853,7 +1853,7 @@ def test_a_failing_error_table_stops_the_tables_not_yet_started(monkeypatch):
     modes = {layer.name: SimpleNamespace(mode="dynamic") for layer in layers}
     with pytest.raises(MemoryError):
         pipeline._error_tables(SimpleNamespace(layers=layers), None, Options(), modes)
-    assert made[0] == "layer0" and len(made) <= 3
+    assert made[0] == "layer0" and len(made) <= 4  # of 20: the two workers' first, and at most one more each
 
 
 def test_the_modes_costs_are_timed_before_the_early_tables_thread_starts(tmp_path, monkeypatch):
