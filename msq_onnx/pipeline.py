@@ -349,27 +349,6 @@ def _error_tables(loaded, stats, options, modes: dict, widths_of=None, early: "_
     return {layer.name: made[layer.name] for layer in loaded.layers}
 
 
-class _WhenEnded:
-    """Callbacks for the end of a thread's work, each called once: by the thread as it ends, or at once when added
-    after."""
-
-    def __init__(self):
-        self._lock, self._callbacks, self._ended = threading.Lock(), [], False
-
-    def add(self, callback) -> None:
-        with self._lock:
-            if not self._ended:
-                self._callbacks.append(callback)
-                return
-        callback()
-
-    def end(self) -> None:
-        with self._lock:
-            self._ended, callbacks, self._callbacks = True, self._callbacks, []
-        for callback in callbacks:
-            callback()
-
-
 class _EarlyTables:
     """The error tables of the layers whose activation mode is known before the modes are measured (a kind with
     one mode: an embedding table's weight-only lookup), made on a thread from the end of the pass, beside the
@@ -383,9 +362,10 @@ class _EarlyTables:
         self.bits = options.bits
         self.widths = {name: self._wanted(widths_of, name) for name in self.layers}
         self._thread, self._blas, self._stop = None, None, threading.Event()
-        self._ended = ended = _WhenEnded()
+        # done when the thread's work has ended (at once where there is none): when_done's callbacks run then
+        self._ended = ended = Future()
         if not self.layers:
-            ended.end()
+            ended.set_result(None)
         else:
             # Held until close(): the thread's numpy on one BLAS thread, as the tables'. The limit is the process's:
             # the imprinting's and the modes' numpy beside the thread take one BLAS thread too.
@@ -400,7 +380,7 @@ class _EarlyTables:
                             break
                         made[name] = _layer_table(loaded, stats, options, layer, mode, widths[name])
                 finally:
-                    ended.end()
+                    ended.set_result(None)
                 return made
 
             try:
@@ -415,7 +395,7 @@ class _EarlyTables:
 
     def when_done(self, callback) -> None:
         """Call `callback` once the thread's work has ended (at once where it has, or where there is none)."""
-        self._ended.add(callback)
+        self._ended.add_done_callback(lambda _: callback())
 
     def tables(self, modes: dict, widths_of) -> dict:
         """The tables made early whose layer has the mode assumed and the widths now wanted (a cap may narrow them).
