@@ -85,14 +85,17 @@ def expected_damage(importance: dict, choices: dict, exponent: float = IMPORTANC
 
 
 def activation_errors(layers, ranges: dict, input_sq: dict) -> dict:
-    """Relative noise power of each layer's uint8 input: (range / 255)^2 / 12 over its mean square.
+    """Relative noise power of each layer's uint8 input: (range / 255)^2 / 12 over its mean square, for the
+    layers whose input's range the pass measured (those that may end static).
 
     A range dominated by a few outliers makes the uint8 step coarse for the
     bulk of the values; this is where a 16-bit input can pay.
     """
     errors = {}
     for layer in layers:
-        low, high = ranges.get(layer.input_name, (0.0, 0.0))
+        if layer.input_name not in ranges:
+            continue
+        low, high = ranges[layer.input_name]
         power = float(np.mean(input_sq[layer.name])) if layer.name in input_sq else 0.0
         step = (max(high, 0.0) - min(low, 0.0)) / 255.0
         errors[layer.name] = step * step / 12.0 / power if power > 0 else 0.0

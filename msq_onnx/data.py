@@ -71,6 +71,9 @@ class SampleSet:
     """An ordered set of samples; yields feed dicts batch by batch."""
 
     class_names: list[str] | None = None  # label index -> name, when the data named its classes
+    # whether batches() reads nothing from disk: then the batches' shapes cost little to learn before the pass
+    # (instrument.estimated_rows); images and .npz files are read again to learn them
+    held_in_memory = False
 
     def __init__(self, count: int, labels: np.ndarray | None, source: str):
         self.count = count
@@ -614,6 +617,8 @@ def _image_set(files, labels, path, inputs, preprocess, role) -> ImageSamples:
 class _FeedSamples(SampleSet):
     """Validated feeds held in memory."""
 
+    held_in_memory = True
+
     def __init__(self, feeds: list[dict], source: str):
         super().__init__(sum(_sample_count(feed) for feed in feeds), None, source)
         self.feeds = feeds
@@ -713,6 +718,10 @@ class _Subset(SampleSet):
 
     def keep_decoded(self, mask: np.ndarray | None = None) -> None:
         self.parent.keep_decoded(self.mask if mask is None else self._within(mask))
+
+    @property
+    def held_in_memory(self) -> bool:
+        return self.parent.held_in_memory
 
     def _within(self, mask: np.ndarray) -> np.ndarray:
         within = self.mask.copy()

@@ -1,9 +1,10 @@
 """Stage 2: one streamed pass of the FP32 model over the calibration set.
 
 The model is copied with (a) the min and max of every float activation whose
-range a static layer's quantization can read (ops.static_tensors; ORT's MinMax
-calibrator reduces every one; a tensor that only feeds a Relu/Clip takes the
-activation's range; a Relu's output, never negative, its max only), so ranges
+range a static layer's quantization can read, of the layers that may end static
+(ops.static_tensors, modes.static_candidates; ORT's MinMax calibrator reduces
+every one; a tensor that only feeds a Relu/Clip takes the activation's range; a
+Relu's output, never negative, its max only), so ranges
 come out as scalars; (b) per-channel mean and mean square of every layer's
 input, for output-aware weight errors and bias correction; (c) every layer's
 probe tensor pyramid-pooled in the graph when its map has a fixed size, else
@@ -29,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import BadData, BadModel, one_line
 from .features import (DEFAULT_LEVELS, FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices,
                        token_features)
+from .latency import ROW_TIMED
 from .load import Layer, LoadedModel, TemporaryFolder, consumers, is_large, save_model_file
 from .ops import (SKIP_SUM_OUTPUT, nonnegative_tensors, range_sources, residual_joins, row_normalizer,
                   static_tensors, typed_values)
@@ -166,10 +168,11 @@ def _moment_axes(layer: Layer, rank: int) -> list[int]:
 
 
 def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
-                       share_lengths: bool = True) -> tuple[onnx.ModelProto, dict]:
+                       share_lengths: bool = True, static_layers=None) -> tuple[onnx.ModelProto, dict]:
     """Return the instrumented copy and a map of its extra outputs (with `hessians`, also each Hessian input's
     rows as [rows, K]; with pyramid `levels`, maps of a fixed size come out already pooled; share_lengths:
-    sequences of one length, as shape inference tells, pooled by one matrix, outputs["shared_lengths"] True)."""
+    sequences of one length, as shape inference tells, pooled by one matrix, outputs["shared_lengths"] True).
+    static_layers: the names of the layers that may end static, whose ranges are measured (None: every layer)."""
     model = loaded.session_copy()
     graph = model.graph
     original_nodes = len(graph.node)
@@ -185,8 +188,10 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
 
     sources = range_sources(model)
     # Only where a static layer can read them: MiniLM-L6's run measured 219 tensors, 29.0 ms a run, 65 of them
-    # now, 25.0 ms (LayerNorm, GELU, attention scores and the like are never quantized statically).
-    readable = static_tensors(model, {node for layer in loaded.layers for node in layer.nodes})
+    # then, 25.0 ms (LayerNorm, GELU, attention scores and the like are never quantized statically); and only for
+    # the layers that may end static: 12 (its six FFN-down projections; static is slower than dynamic elsewhere).
+    readable = static_tensors(model, {node for layer in loaded.layers for node in layer.nodes
+                                      if static_layers is None or layer.name in static_layers})
     ranged = [name for name in float_tensors(model) if name in readable]
     shapes = static_shapes(model)
     maps = _float_maps(model, shapes)
@@ -697,19 +702,21 @@ class _LengthsDiffer(Exception):
 
 
 def run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int = 1,
-             quiet: bool = False, seed: int = 0, hessians: bool = False) -> PassStatistics:
+             quiet: bool = False, seed: int = 0, hessians: bool = False, static_layers=None) -> PassStatistics:
     """_run_pass; again with a pooling matrix per sequence if a run fails with them shared."""
     try:
-        return _run_pass(loaded, samples, levels, max_dim, batch_size, quiet, seed, hessians, share_lengths=True)
+        return _run_pass(loaded, samples, levels, max_dim, batch_size, quiet, seed, hessians, share_lengths=True,
+                         static_layers=static_layers)
     except _LengthsDiffer:
         pass  # retried past the handler, whose traceback would hold the failed attempt's session
-    return _run_pass(loaded, samples, levels, max_dim, batch_size, quiet, seed, hessians, share_lengths=False)
+    return _run_pass(loaded, samples, levels, max_dim, batch_size, quiet, seed, hessians, share_lengths=False,
+                     static_layers=static_layers)
 
 
 def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: int, quiet: bool, seed: int,
-              hessians: bool, share_lengths: bool) -> PassStatistics:
+              hessians: bool, share_lengths: bool, static_layers=None) -> PassStatistics:
     """The streamed pass; with `hessians`, each layer's input Hessians are summed over the last
-    HESSIAN_SAMPLES samples in the same runs.
+    HESSIAN_SAMPLES samples in the same runs. Ranges only for the tensors the `static_layers` (None: all) read.
 
     The Hessians' rows are fetched for those samples only, and their products taken in numpy: one session
     for the whole pass. In the graph, the products needed a session of their own (ORT runs every node
@@ -722,7 +729,8 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
     fixed_batch = any(spec.batch_fixed for spec in loaded.inputs)
     whole = samples.count - (samples.count % size if fixed_batch else 0)
     hessian_from = _hessian_start(whole, size) if hessians else samples.count
-    model, outputs = build_instrumented(loaded, hessians and hessian_from < samples.count, levels, share_lengths)
+    model, outputs = build_instrumented(loaded, hessians and hessian_from < samples.count, levels, share_lengths,
+                                        static_layers)
     mask_input = attention_mask_input(loaded)
     stream = BatchStream(padded_batches(samples, loaded, batch_size))
     workers = run_workers(loaded, stream.held[0]) if stream.more() else 1
@@ -874,6 +882,73 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
         residual_share={name: power_sum[join[0]] / power_sum[join[1]] for name, join in joins.items()
                         if join is not None and power_sum[join[1]] > 0},
     )
+
+
+# Sizes given the model's dynamic input dims, one per dim name, in two shape inferences: a tensor's dim that takes
+# a name's size in both is that dim (small primes: within any position table, and no product of two is another)
+_PROBE_SIZES = ((17, 23, 31, 41, 47, 59, 67, 73), (19, 29, 37, 43, 53, 61, 71, 79))
+
+
+def estimated_rows(loaded: LoadedModel, samples, batch_size: int = 1) -> dict:
+    """layer -> the rows a sample run_pass will count for it (its `rows`: the median over the batches), known
+    before the pass, for the layers whose modes are timed on their rows (latency.ROW_TIMED). Shape inference,
+    given sizes for the model's dynamic input dims (_PROBE_SIZES), tells which of them each probe's dims are:
+    ONNX's symbols stop where a sequence's length goes through Shape, Slice or Range (MiniLM-L6's position
+    embeddings), its data propagation does not. Those dims are read off the batches' shapes where the samples
+    are held in memory (text, feeds: nothing is read twice). A layer whose dims are not known so is left out."""
+    layers = [layer for layer in loaded.layers if layer.op_type in ROW_TIMED]
+    initializers = {t.name for t in loaded.model.graph.initializer}
+    dynamic = {}  # (input, axis) -> its dim's name (or its axis, unnamed)
+    for value in loaded.model.graph.input:
+        if value.name not in initializers:
+            for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                if not (dim.HasField("dim_value") and dim.dim_value > 0):
+                    dynamic[(value.name, axis)] = dim.dim_param or ("axis", axis)
+    names = list(dict.fromkeys(dynamic.values()))
+    if not layers or len(names) > len(_PROBE_SIZES[0]):
+        return {}
+    sizes = [dict(zip(names, chosen)) for chosen in _PROBE_SIZES]
+    runs = [_inferred_dims(loaded, {place: size[name] for place, name in dynamic.items()}) for size in sizes]
+    name_of = {(sizes[0][name], sizes[1][name]): name for name in names}
+    factors = {}  # layer -> its row dims: sizes, or the names of input dims to read
+    for layer in layers:
+        first, second = (run.get(layer.probe_name) for run in runs)
+        if not first or not second or len(first) != len(second):
+            continue
+        if not layer.kind.channels_last or len(first) <= 2:  # as the pass counts them: one row a sample
+            factors[layer.name] = []
+            continue
+        found = [a if a is not None and a == b else name_of.get((a, b)) for a, b in zip(first[1:-1], second[1:-1])]
+        if all(factor is not None for factor in found):
+            factors[layer.name] = found
+    read = {factor for found in factors.values() for factor in found if not isinstance(factor, int)}
+    if read and not samples.held_in_memory:
+        factors = {name: found for name, found in factors.items() if not set(found) & read}
+        read = set()
+    place = {name: where for where, name in reversed(list(dynamic.items()))}  # a dim name -> its first input dim
+    batches = [{name: feed[place[name][0]].shape[place[name][1]] for name in read}
+               for feed, _ in padded_batches(samples, loaded, batch_size)] if read else [{}]
+    return {layer: int(np.median([math.prod(batch[f] if f in read else f for f in found) for batch in batches]))
+            for layer, found in factors.items() if batches}
+
+
+def _inferred_dims(loaded: LoadedModel, sizes: dict) -> dict:
+    """tensor -> its dims (None: unknown) by ONNX's shape inference with data propagation, the model's inputs'
+    dynamic dims given `sizes` ((input, axis) -> size); {} where the inference fails."""
+    model = loaded.session_copy()  # its weights set aside: the inference reads no large tensor (MiniLM-L6: 2 ms)
+    del model.graph.value_info[:]
+    for value in model.graph.input:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if (value.name, axis) in sizes:
+                dim.Clear()
+                dim.dim_value = sizes[(value.name, axis)]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - any failure only leaves the rows unknown
+        return {}
+    return {value.name: [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                         for d in value.type.tensor_type.shape.dim]
+            for value in typed_values(inferred) if value.type.tensor_type.HasField("shape")}
 
 
 def _nonfinite_weight(loaded: LoadedModel) -> str | None:

@@ -148,9 +148,12 @@ TIE = 1.05  # and so are timings within 5% on a noisy machine: the registry's or
 CONV_COSTS = {STATIC: 1.0, FLOAT: 3.3, WEIGHT_ONLY: 3.3}
 
 
+ROW_TIMED = ("MatMul", "Gemm")  # the op types whose modes are timed on their own shape, their rows a sample included
+
+
 def mode_costs(layer, rows: int | None) -> dict:
     """{mode: cost} for the layer's allowed modes; only ratios between one layer's modes are meaningful."""
-    if layer.op_type not in ("MatMul", "Gemm") or not rows:
+    if layer.op_type not in ROW_TIMED or not rows:
         return {mode: CONV_COSTS.get(mode, 1.0 + index) for index, mode in enumerate(layer.kind.modes + (FLOAT,))}
     fan_out = layer.weight_shape[layer.out_axis]
     times = dense_mode_times(int(rows), layer.params // fan_out, fan_out, layer.bias_name is not None)

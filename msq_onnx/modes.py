@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadModel, one_line
 from .instrument import static_shapes, make_session, ordered_runs, padded_batches, progress, run_threads
-from .latency import TIE, mode_order
+from .latency import ROW_TIMED, TIE, mode_costs, mode_order
 from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY, range_sources
 
 # Relative output MSE a layer may take from its activation quantization: 30 dB
@@ -169,12 +169,31 @@ def dominated(layer, costs: dict, absorbed: bool = False) -> set:
     return set()
 
 
-def dominated_modes(loaded, costs: dict) -> dict:
-    """layer -> its dominated modes (`costs`: layer -> {mode: cost})."""
+def dominated_modes(loaded, costs: dict, ranged=None) -> dict:
+    """layer -> its dominated modes (`costs`: layer -> {mode: cost}); static too for a layer not among `ranged`
+    (the layers whose ranges the pass measured; None: all)."""
     sources = range_sources(loaded.model)
-    return {layer.name: dominated(layer, costs[layer.name],
-                                  sources.get(layer.output_name, layer.output_name) != layer.output_name)
+    return {layer.name: _dominated_here(layer, costs[layer.name], sources)
+            | ({STATIC} if ranged is not None and layer.name not in ranged and STATIC in layer.kind.modes else set())
             for layer in loaded.layers}
+
+
+def _dominated_here(layer, costs: dict, sources: dict) -> set:
+    return dominated(layer, costs, sources.get(layer.output_name, layer.output_name) != layer.output_name)
+
+
+def static_candidates(loaded, rows: dict, forced: str | None = None) -> set:
+    """The layers that may end static, whose inputs' and outputs' ranges the pass measures: with a forced mode,
+    those that have it if it is static, else none; otherwise those whose static is not dominated at `rows`
+    (layer -> rows a sample, instrument.estimated_rows; a layer timed on its rows without an estimate stays).
+    MiniLM-L6: none of its 36 layers, where the ranges were 8% of the pass's time (ReduceMin and ReduceMax of 65
+    tensors a text)."""
+    static = [layer for layer in loaded.layers if STATIC in layer.kind.modes]
+    if forced is not None:
+        return {layer.name for layer in static if forced == STATIC}
+    sources = range_sources(loaded.model)
+    return {layer.name for layer in static if (layer.op_type in ROW_TIMED and layer.name not in rows)
+            or STATIC not in _dominated_here(layer, mode_costs(layer, rows.get(layer.name)), sources)}
 
 
 def build_measurement(loaded, ranges: dict, skip: dict | None = None) -> tuple[onnx.ModelProto, dict]:
@@ -317,8 +336,9 @@ def end_to_end_error(loaded, ranges: dict, modes: dict, measurement: Measurement
 
 def choose(loaded, measurement: Measurement, ranges: dict, costs: dict, tolerance: float = TOLERANCE,
            forced: str | None = None, end_to_end: float = END_TO_END_TOLERANCE,
-           skip: dict | None = None) -> tuple[dict, list]:
-    """Per layer (`costs`: {mode: measured cost}; `skip`: layer -> the modes measure left out, dominated_modes):
+           skip: dict | None = None, unranged=None) -> tuple[dict, list]:
+    """Per layer (`costs`: {mode: measured cost}; `skip`: layer -> the modes measure left out, dominated_modes;
+    `unranged`: the layers among them whose static is left out only because the pass measured no ranges for it):
     the fastest mode whose own error is within `tolerance`;
     then, while the task output's end-to-end error exceeds `end_to_end`, up to a quarter of the layers
     with quantized activations move to their next mode that loses less, lossiest first: the moves that
@@ -378,7 +398,10 @@ def choose(loaded, measurement: Measurement, ranges: dict, costs: dict, toleranc
         reason = (f"fastest mode; output error {measured.get(mode, 0.0):.2g}" if not faster else
                   f"output error {measured.get(mode, 0.0):.2g}; faster modes too lossy alone or downstream "
                   f"({', '.join(faster)})")
-        if STATIC in skipped.get(layer.name, ()) and mode != DYNAMIC:
+        if layer.name in (unranged or ()):
+            reason += ("; static not measured (no ranges gathered: slower than dynamic at the rows a sample "
+                       "estimated before the pass)")
+        elif STATIC in skipped.get(layer.name, ()) and mode != DYNAMIC:
             reason += "; static not measured (slower than dynamic, no less error)"
         choices[layer.name] = ModeChoice(mode, measured, reason)
     return choices, log

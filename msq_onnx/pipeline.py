@@ -27,7 +27,7 @@ from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
 from .imprint import imprint_labels, layer_scores
 from .importance import importance as layer_importance
 from .importance import upstream_layers
-from .instrument import blas_limit, one_blas_thread, run_pass, usable_cores
+from .instrument import blas_limit, estimated_rows, one_blas_thread, run_pass, usable_cores
 from .latency import mode_costs
 from .load import TemporaryFolder, is_large, load_model
 from .ops import DYNAMIC, FLOAT, FLOAT_BITS, FLOAT_CONTAINER, MODES, PREFER, REGISTRY, STATIC, WEIGHT_ONLY
@@ -226,9 +226,15 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
     # Without a budget every layer keeps the widest width, which rounds to nearest: no Hessians then.
     narrowed = (options.avg_bits is not None and options.avg_bits < max(options.bits)) or any(
         v is not None for v in (options.max_size, options.max_drop, options.min_cosine))
+    forced = None if options.activations == "auto" else options.activations
+    with timer.stage("activation-modes"):
+        # the layers whose static the modes could take, timed on the rows their samples will have: the pass
+        # measures ranges for them only
+        static_layers = mode_stage.static_candidates(
+            loaded, estimated_rows(loaded, calib, options.batch_size) if forced is None else {}, forced)
     with timer.stage("instrument+features"):
         stats = run_pass(loaded, calib, options.levels, options.max_dim, options.batch_size, options.quiet,
-                         options.seed, hessians=options.rounding == "gptq" and narrowed)
+                         options.seed, hessians=options.rounding == "gptq" and narrowed, static_layers=static_layers)
     with timer.stage("activation-modes"):
         # timed where this machine's cache has no timing (and cached for its later conversions): before any thread
         # starts beside the timing
@@ -237,14 +243,14 @@ def analyse(loaded, calib, options: Options, timer: _Timer, before_tables=None, 
     try:
         early = _EarlyTables(loaded, stats, options, widths_of)
         return _analyse_after_pass(loaded, calib, options, timer, stats, costs, early, before_tables, widths_of,
-                                   narrowed)
+                                   narrowed, static_layers)
     finally:
         if early is not None:
             early.close()
 
 
 def _analyse_after_pass(loaded, calib, options: Options, timer: _Timer, stats, costs: dict, early: "_EarlyTables",
-                        before_tables, widths_of, narrowed: bool) -> Analysis:
+                        before_tables, widths_of, narrowed: bool, static_layers: set) -> Analysis:
     with timer.stage("imprint"):
         labels = imprint_labels(None if calib.labels is None else calib.labels[stats.imprinted], stats.outputs,
                                 options.seed, fidelity.output_kind(stats.outputs, None, name=loaded.output_name,
@@ -258,7 +264,12 @@ def _analyse_after_pass(loaded, calib, options: Options, timer: _Timer, stats, c
             narrowed or options.max_latency is not None) and options.allocator not in allocate_stage.GREEDY else None
         # Rows that are padding do not count towards the samples the modes need: real tokens only.
         real_rows = {name: min(r, stats.tokens) if stats.tokens else r for name, r in stats.rows.items()}
-        skip = None if options.activations != "auto" else mode_stage.dominated_modes(loaded, costs)
+        skip = unranged = None
+        if options.activations == "auto":
+            skip = mode_stage.dominated_modes(loaded, costs, static_layers)
+            # rows a sample other than estimated before the pass: a static not dominated after all has no ranges
+            unranged = {name for name, modes in mode_stage.dominated_modes(loaded, costs).items()
+                        if STATIC in skip[name] and STATIC not in modes}
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
                                          quiet=options.quiet, rows=real_rows, workers=stats.workers, skip=skip)
         if solver is not None:
@@ -267,7 +278,7 @@ def _analyse_after_pass(loaded, calib, options: Options, timer: _Timer, stats, c
             solver.join()
         modes, mode_log = mode_stage.choose(loaded, measurement, stats.ranges, costs, options.mode_tolerance,
                                             None if options.activations == "auto" else options.activations,
-                                            skip=skip)
+                                            skip=skip, unranged=unranged)
     activation_errors = allocate_stage.activation_errors(loaded.layers, stats.ranges, stats.input_sq)
     static = {name for name, choice in modes.items() if choice.mode == STATIC}
     # --act16's layers are taken among those whose inputs ORT would really write as uint16

@@ -176,7 +176,8 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "residual_share": round(shares[layer.name], 6) if layer.name in shares else None,
         "residual_weight": round(residual[layer.name], 6) if layer.name in residual else 1.0,
         "weight_error": _weight_error(analysis, layer.name, bits[layer.name]),
-        "activation_error": float(f"{activation_errors[layer.name]:.6g}"),
+        # null: the input's range was not measured (the layer could not end static)
+        "activation_error": float(f"{activation_errors[layer.name]:.6g}") if layer.name in activation_errors else None,
         "activation_bits": 16 if modes[layer.name] == STATIC and layer.nodes[0] in wide else 8,
         "mode": modes[layer.name],
         "mode_reason": _mode_reason(layer, analysis, chosen),

@@ -267,6 +267,8 @@ def class_labels(raw: list, wheres: list[str], path: str, label_column: str):
 class TextSamples(SampleSet):
     """Rows of a text file, tokenized up front and padded batch by batch."""
 
+    held_in_memory = True
+
     def __init__(self, path: str, inputs, preprocess, role: str = "calibration"):
         if os.path.splitext(path.lower())[1] not in TEXT_SUFFIXES:
             raise BadData(f"{role} data '{path}' is not a text file; give .tsv, .csv, .jsonl or .txt (or .npz).")
