@@ -83,6 +83,11 @@ class SampleSet:
     def batches(self, batch_size: int):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def uniform_shapes(self) -> dict | None:
+        """{input: its dims past the batch axis}, where every sample has the same and the set tells them without
+        reading its samples' values; None otherwise."""
+        return None
+
     def keep_decoded(self, mask: np.ndarray | None = None) -> None:
         """Keep what reading the samples (those where `mask` is true) costs to repeat, for a set read more than
         once (the held-out samples: the FP32 reference, then each candidate). Nothing to keep where reading
@@ -548,6 +553,22 @@ class ArraySamples(SampleSet):
                           "0, 1, 2, ...")
         return file_labels.astype(np.int64)
 
+    def uniform_shapes(self) -> dict | None:
+        """From the arrays' .npy headers (the zip's members are not read further): one shape per input across the
+        files, after _fit_shape's channel axis."""
+        found = {}
+        for path in self.files:
+            with self._open(path) as arrays:
+                for spec in self.inputs:
+                    shape = _header_shape(arrays, self.mapping[spec.name])
+                    if shape is None:
+                        return None
+                    if len(shape) == len(spec.shape) - 1 and len(spec.shape) == 4 and spec.shape[1] == 1:
+                        shape = shape[:1] + (1,) + shape[1:]
+                    if found.setdefault(spec.name, shape[1:]) != shape[1:]:
+                        return None
+        return found
+
     def _chunks(self, batch_size: int):
         for path in self.files:
             with self._open(path) as arrays:
@@ -560,6 +581,19 @@ class ArraySamples(SampleSet):
     def batches(self, batch_size: int):
         # Batches span files: a folder of one-sample files still runs batch_size samples at a time.
         return _rebatch(self._chunks(batch_size), batch_size)
+
+
+def _header_shape(arrays, name: str) -> tuple | None:
+    """The shape an .npz member's .npy header gives, its data left unread; None where the header is not one numpy
+    reads publicly (format 1.0 or 2.0)."""
+    try:
+        with arrays.zip.open(f"{name}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            reader = {(1, 0): np.lib.format.read_array_header_1_0,
+                      (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            return None if reader is None else tuple(reader(member)[0])
+    except (KeyError, ValueError, OSError):
+        return None
 
 
 def open_samples(path: str, inputs, preprocess: Preprocess, role: str = "calibration") -> SampleSet:
@@ -722,6 +756,9 @@ class _Subset(SampleSet):
     @property
     def held_in_memory(self) -> bool:
         return self.parent.held_in_memory
+
+    def uniform_shapes(self) -> dict | None:
+        return self.parent.uniform_shapes()
 
     def _within(self, mask: np.ndarray) -> np.ndarray:
         within = self.mask.copy()

@@ -895,7 +895,8 @@ def estimated_rows(loaded: LoadedModel, samples, batch_size: int = 1) -> dict:
     given sizes for the model's dynamic input dims (_PROBE_SIZES), tells which of them each probe's dims are:
     ONNX's symbols stop where a sequence's length goes through Shape, Slice or Range (MiniLM-L6's position
     embeddings), its data propagation does not. Those dims are read off the batches' shapes where the samples
-    are held in memory (text, feeds: nothing is read twice). A layer whose dims are not known so is left out."""
+    are held in memory (text, feeds) or share one shape their files' headers tell (.npz): nothing is read twice.
+    A layer whose dims are not known so is left out."""
     layers = [layer for layer in loaded.layers if layer.op_type in ROW_TIMED]
     initializers = {t.name for t in loaded.model.graph.initializer}
     dynamic = {}  # (input, axis) -> its dim's name (or its axis, unnamed)
@@ -922,12 +923,17 @@ def estimated_rows(loaded: LoadedModel, samples, batch_size: int = 1) -> dict:
         if all(factor is not None for factor in found):
             factors[layer.name] = found
     read = {factor for found in factors.values() for factor in found if not isinstance(factor, int)}
-    if read and not samples.held_in_memory:
-        factors = {name: found for name, found in factors.items() if not set(found) & read}
-        read = set()
     place = {name: where for where, name in reversed(list(dynamic.items()))}  # a dim name -> its first input dim
-    batches = [{name: feed[place[name][0]].shape[place[name][1]] for name in read}
-               for feed, _ in padded_batches(samples, loaded, batch_size)] if read else [{}]
+    uniform = samples.uniform_shapes() if read else None
+    if uniform is not None and all(0 < place[name][1] <= len(uniform.get(place[name][0], ())) for name in read):
+        # one shape every batch has (an .npz's)
+        batches = [{name: uniform[place[name][0]][place[name][1] - 1] for name in read}]
+    elif read and samples.held_in_memory:
+        batches = [{name: feed[place[name][0]].shape[place[name][1]] for name in read}
+                   for feed, _ in padded_batches(samples, loaded, batch_size)]
+    else:
+        factors = {name: found for name, found in factors.items() if not set(found) & read}
+        batches = [{}]
     return {layer: int(np.median([math.prod(batch[f] if f in read else f for f in found) for batch in batches]))
             for layer, found in factors.items() if batches}
 

@@ -1966,7 +1966,8 @@ def test_the_rows_a_sample_are_known_before_the_pass_as_the_pass_counts_them(tmp
     """Which layers' ranges the pass measures is decided before it, on the rows a sample that each dense layer's
     modes are timed on. Where the position embeddings go through Shape and Slice, ONNX's symbols no longer say
     that a layer's rows are the text's tokens; its data propagation, given sizes for the input dims, does, and
-    texts held in memory give their lengths. Samples read from files are not read twice for it."""
+    texts held in memory give their lengths, as .npz files of one length do in their headers. Samples read from
+    files are not read twice for it."""
     from msq_onnx.data import Preprocess, from_data_reader, open_samples
     from msq_onnx.instrument import estimated_rows, run_pass
 
@@ -1983,8 +1984,14 @@ def test_the_rows_a_sample_are_known_before_the_pass_as_the_pass_counts_them(tmp
     stats = run_pass(loaded, samples, (1, 2), 64, quiet=True)
     assert rows == {name: stats.rows[name] for name in dense}
     assert set(rows.values()) == {int(np.median(lengths))}
+    # .npz files of different lengths would be read twice to learn them; files of one length say it in their headers
     on_disk = open_samples(token_folder(tmp_path / "calib", 8), loaded.inputs, Preprocess())
     assert estimated_rows(loaded, on_disk) == {}
+    np.savez(tmp_path / "one_length.npz", **padded_batch(rng, [9, 3, 7, 9, 5], 9))
+    padded = open_samples(str(tmp_path / "one_length.npz"), loaded.inputs, Preprocess())
+    rows = estimated_rows(loaded, padded)
+    assert rows == {name: 9 for name in dense} == {name: run_pass(loaded, padded, (1, 2), 64, quiet=True).rows[name]
+                                                   for name in dense}
 
 
 def test_the_pass_measures_ranges_only_for_the_layers_that_may_end_static(tmp_path, monkeypatch):
