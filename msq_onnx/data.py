@@ -333,10 +333,12 @@ def _map_inputs(where: str, names, inputs) -> dict:
 
 
 def _fit_shape(spec, array: np.ndarray) -> np.ndarray:
-    # [N,H,W] for a [N,1,H,W] input: the channel axis users leave out.
-    if array.ndim == len(spec.shape) - 1 and len(spec.shape) == 4 and spec.shape[1] == 1:
-        return array[:, None]
-    return array
+    return array[:, None] if _lacks_channel_axis(spec, array.shape) else array
+
+
+def _lacks_channel_axis(spec, shape) -> bool:
+    """[N,H,W] for a [N,1,H,W] input: the channel axis users leave out."""
+    return len(shape) == len(spec.shape) - 1 and len(spec.shape) == 4 and spec.shape[1] == 1
 
 
 def _check_array(where: str, spec, array: np.ndarray) -> None:
@@ -563,7 +565,7 @@ class ArraySamples(SampleSet):
                     shape = _header_shape(arrays, self.mapping[spec.name])
                     if shape is None:
                         return None
-                    if len(shape) == len(spec.shape) - 1 and len(spec.shape) == 4 and spec.shape[1] == 1:
+                    if _lacks_channel_axis(spec, shape):
                         shape = shape[:1] + (1,) + shape[1:]
                     if found.setdefault(spec.name, shape[1:]) != shape[1:]:
                         return None

@@ -27,6 +27,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from .data import axis_name
 from .errors import BadData, BadModel, one_line
 from .features import (DEFAULT_LEVELS, FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices,
                        token_features)
@@ -365,6 +366,13 @@ def _place_after_producers(graph: onnx.GraphProto, original_nodes: int) -> None:
         ordered.extend(after[i + 1])
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def row_dims(layer: Layer, probe_shape) -> list:
+    """The dims of the layer's probe (samples first) whose product is its rows a sample: those between the
+    samples' and the channels' axes where the kind has its channels last, else none (one row a sample: a map's
+    channels come first, as for any Conv)."""
+    return list(probe_shape[1:-1]) if layer.kind.channels_last and len(probe_shape) > 2 else []
 
 
 def _hessian_candidates(loaded: LoadedModel, shapes: dict) -> dict:
@@ -810,10 +818,9 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
                 rows.setdefault(layer.name, []).append(1)  # a map: one row per sample, as for any Conv
             elif sequence and sequence[1] in result:
                 rows.setdefault(layer.name, []).append(int(result[sequence[1]][1]))
-            else:
-                probe_shape = result[outputs["probe"][layer.name]].shape
-                rows.setdefault(layer.name, []).append(  # math.prod: np.prod of a tuple took 0.2 s of a MiniLM pass
-                    math.prod(probe_shape[1:-1]) if layer.kind.channels_last and len(probe_shape) > 2 else 1)
+            else:  # math.prod: np.prod of a tuple took 0.2 s of a MiniLM pass
+                rows.setdefault(layer.name, []).append(math.prod(row_dims(layer,
+                                                                          result[outputs["probe"][layer.name]].shape)))
         for name in moment_names:
             value = result[name] if count == 1 else result[name] * count  # x * 1 is x: the same sums
             if name in moment_sums:  # in place for an array; a 1-D input's 0-d moments are numpy scalars
@@ -898,13 +905,10 @@ def estimated_rows(loaded: LoadedModel, samples, batch_size: int = 1) -> dict:
     are held in memory (text, feeds) or share one shape their files' headers tell (.npz): nothing is read twice.
     A layer whose dims are not known so is left out."""
     layers = [layer for layer in loaded.layers if layer.op_type in ROW_TIMED]
-    initializers = {t.name for t in loaded.model.graph.initializer}
-    dynamic = {}  # (input, axis) -> its dim's name (or its axis, unnamed)
-    for value in loaded.model.graph.input:
-        if value.name not in initializers:
-            for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-                if not (dim.HasField("dim_value") and dim.dim_value > 0):
-                    dynamic[(value.name, axis)] = dim.dim_param or ("axis", axis)
+    # (input, axis) -> its dim's name, or its axis where the model names none (or an exporter made the name up:
+    # torch's list-form dynamic axes name each input's sequence apart)
+    dynamic = {(spec.name, axis): axis_name((spec.axis_names or [None] * len(spec.shape))[axis]) or ("axis", axis)
+               for spec in loaded.inputs for axis, size in enumerate(spec.shape) if not size}
     names = list(dict.fromkeys(dynamic.values()))
     if not layers or len(names) > len(_PROBE_SIZES[0]):
         return {}
@@ -916,10 +920,8 @@ def estimated_rows(loaded: LoadedModel, samples, batch_size: int = 1) -> dict:
         first, second = (run.get(layer.probe_name) for run in runs)
         if not first or not second or len(first) != len(second):
             continue
-        if not layer.kind.channels_last or len(first) <= 2:  # as the pass counts them: one row a sample
-            factors[layer.name] = []
-            continue
-        found = [a if a is not None and a == b else name_of.get((a, b)) for a, b in zip(first[1:-1], second[1:-1])]
+        found = [a if a is not None and a == b else name_of.get((a, b))
+                 for a, b in zip(row_dims(layer, first), row_dims(layer, second))]
         if all(factor is not None for factor in found):
             factors[layer.name] = found
     read = {factor for found in factors.values() for factor in found if not isinstance(factor, int)}

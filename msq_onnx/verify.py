@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 from .errors import one_line
 from .instrument import float_tensors, padded_batches
 from .load import TemporaryFolder
+from .ops import nonnegative_tensors
 
 # Kernels that take integer activations as well as integer weights: one per static or dynamic layer node.
 INTEGER_ACTIVATION_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger",
@@ -80,9 +81,11 @@ def timing_ranges(model: onnx.ModelProto, ranges: dict) -> dict:
     for value in model.graph.input:
         if value.name not in complete:
             complete[value.name] = ranges.get(first_reader_output.get(value.name), (0.0, 1.0))
+    nonnegative = nonnegative_tensors(model)  # a Relu's stand-in never below 0: ORT drops a Relu on such a range
     for node in model.graph.node:
         found = next((complete[name] for name in node.input if name in complete), (0.0, 1.0))
-        complete.update((name, found) for name in node.output if name not in complete)
+        complete.update((name, (max(found[0], 0.0), max(found[1], 0.0)) if name in nonnegative else found)
+                        for name in node.output if name not in complete)
     wanted = set(float_tensors(model))
     return {name: value for name, value in complete.items() if name in wanted or name in ranges}
 

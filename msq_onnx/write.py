@@ -413,6 +413,10 @@ def quantize_to_qdq(loaded: LoadedModel, quantized: QuantizedWeights, ranges: di
     containers = containers or {layer.name: INT8 for layer in loaded.layers}
     result = os.path.join(work_dir, "quantized.onnx")
     static = [layer for layer in loaded.layers if modes[layer.name] == STATIC]
+    unranged = [layer.name for layer in static if layer.input_name not in ranges]
+    if unranged:  # ORT's quantizer would leave them float behind the report's back
+        raise RuntimeError(f"no calibrated range for the input of static layer(s) {unranged}: the pass measured "
+                           "ranges only for the layers that could end static")
     if static:
         loaded.with_weights(quantized.model)  # ORT's quantizer reads the file: every weight in it whole
         large = is_large(quantized.model)

@@ -1933,7 +1933,8 @@ def test_a_static_mode_whose_output_an_activation_absorbs_is_not_dominated(tmp_p
 def with_positions(model: onnx.ModelProto, table: int = 16, seed: int = 1) -> onnx.ModelProto:
     """The encoder with learned position embeddings added to its token embeddings, the table sliced to each run's
     length through Shape, Gather and Slice as exported transformers do (ONNX's shape inference then loses the
-    sequence's symbol for every tensor after the sum)."""
+    sequence's symbol for every tensor after the sum), and the query projection's input reshaped to a shape
+    computed from its own (Shape, Gather, Concat, as exported head merges are), which only data propagation sizes."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     embed = node_named(model, "embed")
@@ -1943,7 +1944,17 @@ def with_positions(model: onnx.ModelProto, table: int = 16, seed: int = 1) -> on
     graph.initializer.extend([
         numpy_helper.from_array(rng.normal(0, 0.5, (table, width)).astype(np.float32), "positions"),
         numpy_helper.from_array(np.array([1], np.int64), "seq_axis"),
-        numpy_helper.from_array(np.array([0], np.int64), "zero")])
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([0, 1], np.int64), "batch_and_length"),
+        numpy_helper.from_array(np.array([width], np.int64), "width")])
+    node_named(model, "q_proj").input[0] = "ln1_merged"
+    merge = [N("Shape", ["ln1"], ["ln1_shape"], name="ln1_shape"),
+             N("Gather", ["ln1_shape", "batch_and_length"], ["ln1_rows"], axis=0, name="ln1_rows"),
+             N("Concat", ["ln1_rows", "width"], ["merged_shape"], axis=0, name="merged_shape"),
+             N("Reshape", ["ln1", "merged_shape"], ["ln1_merged"], name="merge_heads")]
+    at = list(graph.node).index(node_named(model, "q_proj"))
+    for offset, node in enumerate(merge):
+        graph.node.insert(at + offset, node)
     nodes = [N("Shape", ["input_ids"], ["ids_shape"], name="ids_shape"),
              N("Gather", ["ids_shape", "seq_axis"], ["length"], axis=0, name="length"),
              N("Slice", ["positions", "zero", "length", "zero"], ["position_rows"], name="position_rows"),
@@ -1962,13 +1973,13 @@ class _Feeds:
         return next(self.pending, None)
 
 
-def test_the_rows_a_sample_are_known_before_the_pass_as_the_pass_counts_them(tmp_path):
+def test_the_rows_a_sample_are_known_before_the_pass_as_the_pass_counts_them(tmp_path, monkeypatch):
     """Which layers' ranges the pass measures is decided before it, on the rows a sample that each dense layer's
     modes are timed on. Where the position embeddings go through Shape and Slice, ONNX's symbols no longer say
     that a layer's rows are the text's tokens; its data propagation, given sizes for the input dims, does, and
     texts held in memory give their lengths, as .npz files of one length do in their headers. Samples read from
     files are not read twice for it."""
-    from msq_onnx.data import Preprocess, from_data_reader, open_samples
+    from msq_onnx.data import ArraySamples, Preprocess, from_data_reader, open_samples, split_holdout
     from msq_onnx.instrument import estimated_rows, run_pass
 
     loaded = load_model(save(with_positions(encoder()), tmp_path / "encoder.onnx"))
@@ -1984,14 +1995,42 @@ def test_the_rows_a_sample_are_known_before_the_pass_as_the_pass_counts_them(tmp
     stats = run_pass(loaded, samples, (1, 2), 64, quiet=True)
     assert rows == {name: stats.rows[name] for name in dense}
     assert set(rows.values()) == {int(np.median(lengths))}
+    # in padded batches of 4, of the samples a held-out split leaves for calibration
+    calib, _ = split_holdout(samples, 0.25)
+    assert estimated_rows(loaded, calib, 4) == {
+        name: run_pass(loaded, calib, (1, 2), 64, batch_size=4, quiet=True).rows[name] for name in dense}
     # .npz files of different lengths would be read twice to learn them; files of one length say it in their headers
     on_disk = open_samples(token_folder(tmp_path / "calib", 8), loaded.inputs, Preprocess())
     assert estimated_rows(loaded, on_disk) == {}
     np.savez(tmp_path / "one_length.npz", **padded_batch(rng, [9, 3, 7, 9, 5], 9))
     padded = open_samples(str(tmp_path / "one_length.npz"), loaded.inputs, Preprocess())
+    reads = []
+    real_array = ArraySamples._array
+    monkeypatch.setattr(ArraySamples, "_array", staticmethod(lambda *args: reads.append(args) or real_array(*args)))
     rows = estimated_rows(loaded, padded)
+    assert not reads
     assert rows == {name: 9 for name in dense} == {name: run_pass(loaded, padded, (1, 2), 64, quiet=True).rows[name]
                                                    for name in dense}
+    assert reads  # the pass reads the arrays
+
+
+def test_only_data_propagation_sizes_a_layer_after_a_reshape_to_a_computed_shape(tmp_path, monkeypatch):
+    """The query projection reads its input through a Reshape to a shape computed from the input's own: ONNX's
+    shape inference sizes its rows only with data propagation; without it the layer has no estimate (and keeps
+    its ranges), the others still do."""
+    import onnx.shape_inference
+    from msq_onnx.data import from_data_reader
+    from msq_onnx.instrument import estimated_rows
+
+    loaded = load_model(save(with_positions(encoder()), tmp_path / "encoder.onnx"))
+    samples = from_data_reader(_Feeds([padded_batch(np.random.default_rng(5), [n], n) for n in (5, 8, 9)]),
+                               loaded.inputs)
+    query = next(layer.name for layer in loaded.layers if layer.nodes == ("q_proj",))
+    assert estimated_rows(loaded, samples)[query] == 8
+    infer = onnx.shape_inference.infer_shapes
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", lambda model, **options: infer(model))
+    rows = estimated_rows(loaded, samples)
+    assert query not in rows and len(rows) == 5
 
 
 def test_the_pass_measures_ranges_only_for_the_layers_that_may_end_static(tmp_path, monkeypatch):
@@ -2040,3 +2079,13 @@ def test_a_layer_whose_ranges_the_pass_did_not_measure_is_never_static_and_says_
     assert all(layer["activation_error"] is None for layer in layers.values())
     assert report["evaluation"]["cosine"] > 0.99
     assert "QuantizeLinear" not in {node.op_type for node in onnx.load(str(out)).graph.node}
+
+
+def test_a_forced_mode_other_than_static_measures_no_static_without_its_ranges(cnn_files):
+    """--activations weight-only: the pass measures no ranges, and the modes' measurement (kept for the report)
+    leaves static out instead of simulating it on ranges it does not have."""
+    report = convert(cnn_files["model"], str(cnn_files["dir"] / "q.onnx"), cnn_files["calib"],
+                     Options(quiet=True, activations="weight-only", eval_path=cnn_files["eval"])).report
+    for layer in report["layers"]:
+        assert layer["mode"] == "weight-only" and "static" not in layer["mode_errors"], layer
+        assert layer["activation_error"] is None
