@@ -163,7 +163,7 @@ def mode_costs(layer, rows: int | None) -> dict:
 def mode_order(layer, costs: dict) -> tuple:
     """The layer's allowed modes, fastest first; near-ties keep the registry's order."""
     fastest = min(costs[m] for m in layer.kind.modes)
-    tie = max(fastest * TIE, fastest + ABSOLUTE_TIE) if layer.op_type in ("MatMul", "Gemm") else fastest * TIE
+    tie = max(fastest * TIE, fastest + ABSOLUTE_TIE) if layer.op_type in ROW_TIMED else fastest * TIE
     return tuple(sorted(layer.kind.modes, key=lambda m: 0.0 if costs[m] <= tie else costs[m]))
 
 
@@ -278,7 +278,7 @@ def layer_seconds(loaded, rows: dict) -> dict | None:
                 result[layer.name].update({container: dequantize_seconds(layer.params, container)
                                            for container in (INT8, INT4, INT2)})
             continue
-        if layer.op_type in ("MatMul", "Gemm"):
+        if layer.op_type in ROW_TIMED:
             fan_out = layer.weight_shape[layer.out_axis]
             times = dense_mode_times(int(rows.get(layer.name) or 1), layer.params // fan_out, fan_out,
                                      layer.bias_name is not None)
