@@ -907,7 +907,8 @@ def estimated_rows(loaded: LoadedModel, samples, batch_size: int = 1) -> dict:
     layers = [layer for layer in loaded.layers if layer.op_type in ROW_TIMED]
     # (input, axis) -> its dim's name, or its axis where the model names none (or an exporter made the name up:
     # torch's list-form dynamic axes name each input's sequence apart)
-    dynamic = {(spec.name, axis): axis_name((spec.axis_names or [None] * len(spec.shape))[axis]) or ("axis", axis)
+    dynamic = {(spec.name, axis): axis_name((spec.axis_names or [])[axis] if axis < len(spec.axis_names or [])
+                                            else None) or ("axis", axis)
                for spec in loaded.inputs for axis, size in enumerate(spec.shape) if not size}
     names = list(dict.fromkeys(dynamic.values()))
     if not layers or len(names) > len(_PROBE_SIZES[0]):

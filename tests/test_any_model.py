@@ -2014,6 +2014,23 @@ def test_the_rows_a_sample_are_known_before_the_pass_as_the_pass_counts_them(tmp
     assert reads  # the pass reads the arrays
 
 
+def test_input_dims_an_exporter_names_apart_are_one_length_for_the_estimate(tmp_path):
+    """torch's list-form dynamic axes name each input's sequence on its own (input_ids_dynamic_axes_1,
+    attention_mask_dynamic_axes_1): given sizes of their own, the mask's broadcast fails shape inference and
+    every layer after it had no estimate. Made-up names count as unnamed, one size per axis."""
+    from msq_onnx.data import from_data_reader
+    from msq_onnx.instrument import estimated_rows
+
+    model = with_positions(encoder())
+    for value in model.graph.input:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            dim.dim_param = f"{value.name}_dynamic_axes_{axis + 1}"
+    loaded = load_model(save(model, tmp_path / "encoder.onnx"))
+    samples = from_data_reader(_Feeds([padded_batch(np.random.default_rng(6), [n], n) for n in (6, 7, 11)]),
+                               loaded.inputs)
+    assert estimated_rows(loaded, samples) == {layer.name: 7 for layer in loaded.layers if layer.op_type == "MatMul"}
+
+
 def test_only_data_propagation_sizes_a_layer_after_a_reshape_to_a_computed_shape(tmp_path, monkeypatch):
     """The query projection reads its input through a Reshape to a shape computed from the input's own: ONNX's
     shape inference sizes its rows only with data propagation; without it the layer has no estimate (and keeps
