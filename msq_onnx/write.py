@@ -685,7 +685,9 @@ class _GraphEdit:
 
     def drop_unused(self) -> None:
         used = {i for node in self.model.graph.node for i in node.input}
-        used |= {o.name for o in self.model.graph.output}
+        # and what an If/Loop body reads from the outer scope: a branch's own weights (a model written with a
+        # dynamic layer lost them, and ORT refused it)
+        used |= {o.name for o in self.model.graph.output} | subgraph_inputs(self.model.graph)
         kept = [t for t in self.model.graph.initializer if t.name in used]
         del self.model.graph.initializer[:]
         self.model.graph.initializer.extend(kept)
