@@ -264,14 +264,17 @@ def _analyse_after_pass(loaded, calib, options: Options, timer: _Timer, stats, c
             narrowed or options.max_latency is not None) and options.allocator not in allocate_stage.GREEDY else None
         # Rows that are padding do not count towards the samples the modes need: real tokens only.
         real_rows = {name: min(r, stats.tokens) if stats.tokens else r for name, r in stats.rows.items()}
+        # static cannot be measured without the ranges the pass took only for static_layers
+        unmeasured = {layer.name for layer in loaded.layers
+                      if STATIC in layer.kind.modes and layer.name not in static_layers}
         unranged = None
         if options.activations == "auto":
-            skip = mode_stage.dominated_modes(loaded, costs, static_layers)
+            dominated = mode_stage.dominated_modes(loaded, costs)
             # rows a sample other than estimated before the pass: a static not dominated after all has no ranges
-            unranged = {name for name, modes in mode_stage.dominated_modes(loaded, costs).items()
-                        if STATIC in skip[name] and STATIC not in modes}
+            unranged = {name for name in unmeasured if STATIC not in dominated[name]}
+            skip = {name: modes | ({STATIC} if name in unranged else set()) for name, modes in dominated.items()}
         else:  # forced: every mode is measured for the report, static where the pass measured its ranges
-            skip = {layer.name: {STATIC} for layer in loaded.layers if layer.name not in static_layers}
+            skip = {name: {STATIC} for name in unmeasured}
         measurement = mode_stage.measure(loaded, calib, stats.ranges, batch_size=options.batch_size,
                                          quiet=options.quiet, rows=real_rows, workers=stats.workers, skip=skip)
         if solver is not None:
