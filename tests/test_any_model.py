@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT, samples_for, tiny_cnn
+from conftest import ROOT, samples_for, tie_dense_timings, tiny_cnn
 from msq_onnx import Options, convert
 from msq_onnx.errors import BadOption, MsqError
 from msq_onnx.load import load_model
@@ -188,7 +188,9 @@ def encoder_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("encoder")
     model_path = save(encoder(), folder / "encoder.onnx")
     calib = token_folder(folder / "calib", 40)
-    result = convert(model_path, str(folder / "q.onnx"), calib, Options(quiet=True))
+    with pytest.MonkeyPatch.context() as patch:
+        tie_dense_timings(patch)  # test_encoder_report's static measurements
+        result = convert(model_path, str(folder / "q.onnx"), calib, Options(quiet=True))
     return model_path, str(folder / "q.onnx"), result.report
 
 
@@ -567,6 +569,7 @@ def test_grouped_convtranspose_and_transA_gemm_stay_float(unquantizable_files):
     assert cosine(run_model(path, {"x": x})[0], run_model(out, {"x": x})[0]) > 0.95
 
 
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_a_float_node_between_static_layers_keeps_its_float_weight_in_orts_graph(tmp_path):
     """A node that cannot be a layer (a grouped ConvTranspose) between two static convolutions reads a per-tensor
     DequantizeLinear and feeds a QuantizeLinear through a Relu: ORT's optimizer gave its float weight one int8
@@ -819,7 +822,9 @@ def outlier_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def outlier_auto_report(outlier_files):
     folder, path, calib, evaluation = outlier_files
-    return convert(path, str(folder / "auto.onnx"), calib, Options(eval_path=evaluation, quiet=True)).report
+    with pytest.MonkeyPatch.context() as patch:
+        tie_dense_timings(patch)  # static measured beside the mode taken
+        return convert(path, str(folder / "auto.onnx"), calib, Options(eval_path=evaluation, quiet=True)).report
 
 
 def test_outlier_activations_are_not_quantized_statically(outlier_auto_report):

@@ -87,6 +87,7 @@ def _convert_and_compare(tmp_path, model, shape, avg_bits=6):
     return result.report, relative
 
 
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_resnet_block_with_batchnorm_silu_and_residual(tmp_path):
     report, relative = _convert_and_compare(tmp_path, resnet_block_model(), (3, 16, 16))
     layers = {layer["name"]: layer for layer in report["layers"]}
@@ -127,6 +128,7 @@ def _conv_bn_model(seed=0, second_user=False):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
 
 
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_batch_normalization_is_folded_into_its_convolution(tmp_path):
     """A BN behind a Conv is folded as ORT's optimizer folds it: the same outputs, no BN left to run beside a
     quantized weight, and static quantization measures the rescaled output."""

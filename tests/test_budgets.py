@@ -293,6 +293,7 @@ def test_gzip_size_is_a_gzip_9_stream_deflated_in_blocks_two_cores_can_share(tmp
     assert abs(len(stream) - serial) < 0.01 * serial  # the window carried over: nearly one stream's size
 
 
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_a_gate_the_widest_widths_miss_is_met_by_leaving_the_most_damaged_layers_float():
     """The bundled digits CNN loses 0.60 points at 8 bits everywhere, so --max-drop 0.5 failed (a review's). Past
     the widest widths the search now spends the budget on float, most damaged layers first, as Intel Neural
@@ -322,6 +323,7 @@ def test_a_gate_the_widest_widths_miss_is_met_by_leaving_the_most_damaged_layers
     assert strict["gate"]["passed"] is False and all(layer["bits"] == 8 for layer in strict["layers"])
 
 
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_a_gate_beside_a_budget_does_not_change_the_allocation():
     """A gate with --avg-bits runs no search, so it has no float fallback either: it had brought float back onto
     fused layers (the digits CNN at --avg-bits 7.5: conv1 and dwconv float, 4 fused kernels instead of 6; a

@@ -315,6 +315,7 @@ def test_a_constant_one_value_output_is_not_called_collapsed(tmp_path):
     assert report["evaluation"]["cosine"] > 0.99 and not any("collapsed" in w for w in report["warnings"])
 
 
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_a_one_value_output_that_varies_under_a_step_of_its_written_grid_is_warned_with_that_reason(tmp_path):
     """A detector head's objectness on near-identical inputs: FP32 varies by less than one step of the uint8 grid
     the written model puts it on, so its correlation with FP32 falls (0.72 here; bench/architectures.py's multiout at

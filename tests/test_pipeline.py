@@ -472,6 +472,7 @@ def test_act16_widens_the_input_of_every_node_of_a_layer_and_the_report_says_wha
         {"conv_a": 16, "fc": 8}
 
 
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_act16_widens_layers_whose_inputs_ort_writes_as_uint16_and_caps_the_others(tmp_path):
     """The digits CNN's fc1 has the largest uint8 activation error, but its input comes through a MaxPool and a
     Flatten, which ORT's quantizer writes with their source's uint8 whatever --act16 asks. --act16 1 took fc1,
@@ -536,6 +537,7 @@ def test_a_bias_something_else_also_reads_keeps_its_value_for_it(reader, tmp_pat
     np.testing.assert_array_equal(written, b)
 
 
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_output_runs_fused_and_matches_fp32_closely_at_8_bits(cnn_files, tmp_path):
     out = tmp_path / "q8.onnx"
     result = convert(cnn_files["model"], str(out), cnn_files["calib"], Options(quiet=True))
@@ -551,6 +553,7 @@ def test_output_runs_fused_and_matches_fp32_closely_at_8_bits(cnn_files, tmp_pat
     assert np.sqrt(((fp32 - quant) ** 2).mean() / (fp32 ** 2).mean()) < 0.03
 
 
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_matmul_layers_and_old_opset_with_2d_gemm_bias(tmp_path):
     mlp = tiny_mlp()
     onnx.save(mlp, tmp_path / "mlp.onnx")
@@ -806,6 +809,7 @@ def _integer_weights(path: str) -> list:
 
 
 @pytest.mark.parametrize("setting", ["on", "off", "auto-saturating", "auto-vnni"])
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_reduce_range_gives_integer_kernels_7_bit_weights_where_they_saturate(cnn_files, tmp_path, monkeypatch, setting):
     """ORT's u8s8 kernels on AVX2 (no VNNI) add pairs of uint8 x int8 products in int16: 8-bit weights saturate
     there (the tiny CNN at 8 bits: relative error 0.035 fused against 0.007 unfused on an AVX2 EPYC). With
@@ -836,6 +840,7 @@ def test_reduce_range_gives_integer_kernels_7_bit_weights_where_they_saturate(cn
         assert np.sqrt(((fused - plain) ** 2).mean() / (plain ** 2).mean()) < 0.01
 
 
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_a_capped_layer_has_no_error_table_above_its_cap(cnn_files):
     """The widths reduce_range takes from a layer are never allocated, so their rounding is not measured: on an AVX2
     machine that was every dynamic layer's 8-bit table (MiniLM-L6: a ninth of the error tables' time)."""
@@ -872,6 +877,7 @@ def test_without_7_among_the_bits_nothing_is_capped_and_the_warning_says_to_add_
     assert any("saturate" in w and "7 among --bits would write them in 7 bits" in w for w in report["warnings"])
 
 
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_a_layer_with_a_uint16_input_keeps_8_bits_under_reduce_range(cnn_files, tmp_path):
     """--act16 gives a static layer a uint16 input, which ORT runs on a float kernel: no u8s8 product saturates
     there, so that layer is not capped at 7 bits, nor is the layer that writes the uint16 tensor (a QLinearConv
@@ -1329,6 +1335,7 @@ def test_a_layer_left_in_float_between_static_layers_runs_in_float(cnn_files, tm
     assert source.op_type == "DequantizeLinear" and weights[source.input[1]].shape == (8,)
 
 
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_weight_only_convolutions_are_folded_into_float_weights_when_ort_loads_them(cnn_files, tmp_path):
     """A weight-only Conv's int8 weight is written as int8 -> Cast -> Mul(scale per output channel), which ORT's
     optimizer folds into a float initializer when it loads the model (no Cast is left in its optimized graph),
@@ -1590,6 +1597,7 @@ def test_prefer_speed_keeps_layers_on_their_integer_kernels_where_float_would_on
 
 
 @pytest.mark.parametrize("last", ["matmul", "identity", "gemm"])
+@pytest.mark.usefixtures("tied_dense_timings")
 def test_a_2_bit_matmul_reading_a_static_neighbours_output_is_written_in_int4(last, tmp_path):
     """MatMul -> Relu -> MatMul -> MatMul -> Relu -> MatMul at --prefer size: the last layer at 2 bits read the third
     one's quantized output, and ORT 1.31 fused that DequantizeLinear and the int2 weight into a MatMulIntegerToFloat,
