@@ -72,6 +72,7 @@ def main(argv=None) -> int:
                              "diagonal Fisher), normalised to a mean of 1")
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0, help="the steps' batches (block scope) and torch's seed")
     parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
     args = parser.parse_args(argv)
     model_path = datasets.shared_model(args.shared, "efficientnet-lite0.onnx")
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
         return torch.from_numpy(np.concatenate([b["input"] for b in samples.batches(50)])), np.asarray(samples.labels)
 
     x_calib, x_eval, labels = images(calib)[0][:args.images], *images(evaluation)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     torch.set_num_threads(os.cpu_count() or 1)
     fp32, quantized = convert(onnx.load(model_path)).eval(), convert(onnx.load(model_path)).eval()
     widths = {layer["name"]: layer["bits"] for layer in json.load(open(report))["layers"]}
@@ -128,10 +129,10 @@ def main(argv=None) -> int:
         grids = {module: (starts.get(layer.name) or _searched_grid(reference.weight.detach(), widths[layer.name]),
                           reference.weight.detach())
                  for (module, layer), (reference, _) in zip(matched, references) if widths[layer.name] < 8}
-        result.update(soft_start=args.soft_start, fisher=args.fisher)
+        result.update(soft_start=args.soft_start, fisher=args.fisher, seed=args.seed)
         result["blocks"] = _reconstruct_blocks(quantized, fp32, grids, x_calib, args.iters,
                                                keep_only_better=args.start == "msq", soft_start=args.soft_start,
-                                               fisher=args.fisher)
+                                               fisher=args.fisher, seed=args.seed)
     for (module, layer), (reference, _) in zip(matched if args.scope == "layer" else [], references):
         bits = widths[layer.name]
         if bits >= 8:
@@ -313,7 +314,7 @@ def _run_segment(model, start: int, end: int, x):
 
 
 def _reconstruct_blocks(quantized, fp32, grids: dict, images, iters: int, keep_only_better: bool,
-                        soft_start: bool = False, fisher: bool = False) -> list:
+                        soft_start: bool = False, fisher: bool = False, seed: int = 0) -> list:
     """BRECQ-style: each block's rounding variables (every layer below 8 bits in it) and biases learned together, 32
     images a step, on the quantized network's input to the block against the FP32 block's output; the regularizer and
     its annealing as in _reconstruct. Returns each block's output error before and after, on all the images."""
@@ -357,7 +358,7 @@ def _reconstruct_blocks(quantized, fp32, grids: dict, images, iters: int, keep_o
             module.forward = _soft_forward(module, base, step, low, high, variables, bias, shift)
         if states:
             optimizer = torch.optim.Adam([v for s in states for v in s[6:9:2]], lr=1e-2)
-            generator = torch.Generator().manual_seed(len(report))
+            generator = torch.Generator().manual_seed(seed * 1000 + len(report))
             for index in range(iters):
                 batch = torch.randint(0, len(images), (32,), generator=generator)
                 out = _run_segment(quantized, start, end, x_quantized[batch])
