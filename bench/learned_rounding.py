@@ -18,8 +18,9 @@ annealed regularizer, and a learned bias. Top-1 on the 1,000 evaluation images (
 
 Needs ../shared, torch==2.13.0 and onnx2torch (`pip install --no-deps onnx2torch`: its torchvision import, only for
 detection ops, is stubbed here); skips cleanly without them. Round 27: grid 76.9% in 18 min, msq 79.0 -> 79.2% in 16.
-Round 33 (--scope block): msq 79.0 -> 79.4% (200 steps, 12 min), --soft-start 78.5% (400, 19 min), with --fisher 78.0%
-(400, 15 min); grid 78.1% (600, 22 min). docs/BENCHMARKS.md, round 33.
+Round 33 (--scope block, 128 images): msq 79.0 -> 79.4% (200 steps, 12 min), --soft-start 78.5% (400, 19 min), with
+--fisher 78.0%; grid 78.1% (600, 22 min). On all 300 images: --soft-start 80.3% / 79.3% (seeds 0 / 1, 20-21 min),
+with --fisher 79.2%. docs/BENCHMARKS.md, round 33.
 """
 
 from __future__ import annotations
