@@ -126,21 +126,18 @@ def main(argv=None) -> int:
     starts = _written_grids(written, matched, widths) if args.start == "msq" else {}
     result = {"start": args.start, "scope": args.scope, "avg_bits": args.avg_bits, "fp32_top1": top1(fp32),
               "start_top1": top1(quantized) if starts else None, "iters": args.iters, "images": args.images}
+    grids = {module: (starts.get(layer.name) or _searched_grid(reference.weight.detach(), widths[layer.name]),
+                      reference)
+             for (module, layer), (reference, _) in zip(matched, references) if widths[layer.name] < 8}
     if args.scope == "block":
-        grids = {module: (starts.get(layer.name) or _searched_grid(reference.weight.detach(), widths[layer.name]),
-                          reference.weight.detach())
-                 for (module, layer), (reference, _) in zip(matched, references) if widths[layer.name] < 8}
         result.update(soft_start=args.soft_start, fisher=args.fisher, seed=args.seed)
         result["blocks"] = _reconstruct_blocks(quantized, fp32, grids, x_calib, args.iters,
                                                keep_only_better=args.start == "msq", soft_start=args.soft_start,
                                                fisher=args.fisher, seed=args.seed)
-    for (module, layer), (reference, _) in zip(matched if args.scope == "layer" else [], references):
-        bits = widths[layer.name]
-        if bits >= 8:
-            continue
-        grid = starts.get(layer.name) or _searched_grid(reference.weight.detach(), bits)
-        _reconstruct(module, reference, grid, _inputs(quantized, module, x_calib)[0], _inputs(fp32, reference, x_calib)[1],
-                     args.iters, keep_only_better=args.start == "msq")
+    else:
+        for module, (grid, reference) in grids.items():
+            _reconstruct(module, reference, grid, _inputs(quantized, module, x_calib)[0],
+                         _inputs(fp32, reference, x_calib)[1], args.iters, keep_only_better=args.start == "msq")
     result.update(learned_top1=top1(quantized), minutes=round((time.perf_counter() - started) / 60, 1))
     print(json.dumps(result))
     return 0
@@ -231,50 +228,90 @@ def _inputs(model, module, images):
     return torch.cat(xs), torch.cat(ys)
 
 
+class _Rounding:
+    """One layer's AdaRound state on its grid: rounding variables over the floor of the FP32 weight (started from the
+    written rounding, or from the weight's fraction where there is none or `soft_start`), the bias it started with
+    and a learned shift of it."""
+
+    def __init__(self, module, reference, grid, soft_start: bool = False):
+        import torch
+
+        self.module, (self.step, self.low, self.high, written) = module, grid
+        self.start_weight = module.weight.detach().clone()
+        self.base = torch.floor(reference / self.step)
+        start = ((reference / self.step - self.base).clamp(0.01, 0.99) if written is None or soft_start
+                 else torch.clamp(written - self.base, 0, 1) * 0.5 + 0.25)
+        self.variables = (-torch.log((ZETA - GAMMA) / (start - GAMMA) - 1)).requires_grad_(True)
+        self.bias = (module.bias if module.bias is not None else torch.zeros(reference.shape[0])).detach().clone()
+        self.shift = torch.zeros_like(self.bias, requires_grad=True)
+
+    def soft(self):
+        import torch
+
+        return torch.clamp(torch.sigmoid(self.variables) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def weight(self, h):
+        import torch
+
+        return torch.minimum(torch.maximum(self.base + h, self.low), self.high) * self.step
+
+    def hard_weight(self):
+        return self.weight((self.soft() >= 0.5).float())
+
+    def penalty(self, exponent: float):
+        """AdaRound's regularizer, pushing every rounding variable to 0 or 1."""
+        return (1 - (2 * self.soft() - 1).abs().pow(exponent)).sum()
+
+    def run(self, x, weight, bias):
+        import torch
+        import torch.nn.functional as functional
+
+        if isinstance(self.module, torch.nn.Conv2d):
+            return functional.conv2d(x, weight, bias, self.module.stride, self.module.padding, self.module.dilation,
+                                     self.module.groups)
+        return functional.linear(x, weight, bias)
+
+    def run_soft(self, x):
+        """The module's forward on the soft weight: gradients reach the variables through a block."""
+        return self.run(x, self.weight(self.soft()), self.bias + self.shift)
+
+    def keep(self, weight, bias) -> None:
+        import torch
+
+        with torch.no_grad():
+            self.module.weight.copy_(weight)
+            if self.module.bias is not None:
+                self.module.bias.copy_(bias)
+
+
+def _annealed_exponent(index: int, iters: int) -> float | None:
+    """The regularizer's exponent at a step, 20 -> 2 from a fifth of the steps on; None before."""
+    return 20 + (2 - 20) * (index / iters - 0.2) / 0.8 if index > iters // 5 else None
+
+
 def _reconstruct(module, reference, grid, inputs, targets, iters: int, keep_only_better: bool) -> None:
-    """AdaRound on one layer, and a learned bias: 32 images a step, the regularizer from a fifth of the steps on, its
-    exponent annealed 20 -> 2; the rounding then hardened."""
+    """AdaRound on one layer, and a learned bias: 32 images a step; the rounding then hardened."""
     import torch
-    import torch.nn.functional as functional
 
-    step, low, high, written = grid
-    weight = reference.weight.detach()
-    floor = torch.floor(weight / step)
-    start = (weight / step - floor).clamp(0.01, 0.99) if written is None else \
-        torch.clamp(written - floor, 0, 1) * 0.5 + 0.25
-    variables = (-torch.log((ZETA - GAMMA) / (start - GAMMA) - 1)).requires_grad_(True)
-    bias = (module.bias if module.bias is not None else torch.zeros(weight.shape[0])).detach().clone()
-    shift = torch.zeros_like(bias, requires_grad=True)
-    optimizer = torch.optim.Adam([variables, shift], lr=1e-2)
-    if isinstance(module, torch.nn.Conv2d):
-        def forward(x, w, b):
-            return functional.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
-    else:
-        forward = functional.linear
-
-    def rounded(h):
-        return torch.minimum(torch.maximum(floor + h, low), high) * step
-
+    rounding = _Rounding(module, reference.weight.detach(), grid)
+    optimizer = torch.optim.Adam([rounding.variables, rounding.shift], lr=1e-2)
     for index in range(iters):
-        h = _soft(variables)
         batch = torch.randint(0, len(inputs), (32,))
-        loss = ((forward(inputs[batch], rounded(h), bias + shift) - targets[batch]) ** 2).sum(1).mean()
-        if index > iters // 5:
-            exponent = 20 + (2 - 20) * (index / iters - 0.2) / 0.8
-            loss = loss + 0.01 * (1 - (2 * h - 1).abs().pow(exponent)).sum()
+        loss = ((rounding.run_soft(inputs[batch]) - targets[batch]) ** 2).sum(1).mean()
+        exponent = _annealed_exponent(index, iters)
+        if exponent is not None:
+            loss = loss + 0.01 * rounding.penalty(exponent)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        hard = rounded((_soft(variables) >= 0.5).float())
+        hard, learned_bias = rounding.hard_weight(), rounding.bias + rounding.shift
         if keep_only_better:
-            before = float(((forward(inputs, module.weight, bias) - targets) ** 2).sum(1).mean())
-            after = float(((forward(inputs, hard, bias + shift) - targets) ** 2).sum(1).mean())
+            before = float(((rounding.run(inputs, module.weight, rounding.bias) - targets) ** 2).sum(1).mean())
+            after = float(((rounding.run(inputs, hard, learned_bias) - targets) ** 2).sum(1).mean())
             if after >= before:
                 return
-        module.weight.copy_(hard)
-        if module.bias is not None:
-            module.bias.copy_(bias + shift)
+    rounding.keep(hard, learned_bias)
 
 
 def _block_ends(model) -> list:
@@ -316,9 +353,10 @@ def _run_segment(model, start: int, end: int, x):
 
 def _reconstruct_blocks(quantized, fp32, grids: dict, images, iters: int, keep_only_better: bool,
                         soft_start: bool = False, fisher: bool = False, seed: int = 0) -> list:
-    """BRECQ-style: each block's rounding variables (every layer below 8 bits in it) and biases learned together, 32
-    images a step, on the quantized network's input to the block against the FP32 block's output; the regularizer and
-    its annealing as in _reconstruct. Returns each block's output error before and after, on all the images."""
+    """BRECQ-style: the rounding variables and biases of each block's layers in `grids` (module -> (grid, its FP32
+    module)) learned together, 32 images a step, on the quantized network's input to the block against the FP32
+    block's output; the regularizer and its annealing as in _reconstruct. Returns each block's output error before
+    and after, on all the images."""
     import torch
 
     nodes, ends = list(quantized.graph.nodes), _block_ends(quantized)
@@ -329,14 +367,11 @@ def _reconstruct_blocks(quantized, fp32, grids: dict, images, iters: int, keep_o
     for start, end in zip([0] + ends[:-1], ends):
         with torch.no_grad():
             target = torch.cat([_run_segment(fp32, start, end, x_fp32[i:i + 32]) for i in range(0, len(images), 32)])
-        weights = _fisher(quantized, start, end, ends[-1], x_quantized, fp32_logits) if fisher else \
-            torch.ones(1, *target.shape[1:])
+        weights = _fisher(quantized, start, end, ends[-1], x_quantized, fp32_logits) if fisher else None
 
         def weighted(out, batch):
-            squared = (out - target[batch]) ** 2 * weights[batch if fisher else [0] * len(out)]
+            squared = (out - target[batch]) ** 2 * (weights[batch] if weights is not None else 1)
             return squared.flatten(2).sum(1).mean() if squared.dim() > 2 else squared.sum(1).mean()
-        members = [m for n in nodes[start + 1:end + 1] if n.op == "call_module"
-                   for m in quantized.get_submodule(n.target).modules() if m in grids]
 
         def block_error() -> float:
             with torch.no_grad():
@@ -345,49 +380,34 @@ def _reconstruct_blocks(quantized, fp32, grids: dict, images, iters: int, keep_o
                                  for i in range(0, len(images), 32)) / len(images))
 
         started, before = time.perf_counter(), block_error()
-        states = []
-        for module in members:
-            (step, low, high, written), reference = grids[module]
-            weight = module.weight.detach().clone()
-            base = torch.floor(reference / step)
-            start_h = ((reference / step - base).clamp(0.01, 0.99) if written is None or soft_start
-                       else torch.clamp(written - base, 0, 1) * 0.5 + 0.25)
-            variables = (-torch.log((ZETA - GAMMA) / (start_h - GAMMA) - 1)).requires_grad_(True)
-            bias = (module.bias if module.bias is not None else torch.zeros(weight.shape[0])).detach().clone()
-            shift = torch.zeros_like(bias, requires_grad=True)
-            states.append((module, weight, base, step, low, high, variables, bias, shift))
-            module.forward = _soft_forward(module, base, step, low, high, variables, bias, shift)
-        if states:
-            optimizer = torch.optim.Adam([v for s in states for v in s[6:9:2]], lr=1e-2)
+        roundings = [_Rounding(m, grids[m][1].weight.detach(), grids[m][0], soft_start)
+                     for n in nodes[start + 1:end + 1] if n.op == "call_module"
+                     for m in quantized.get_submodule(n.target).modules() if m in grids]
+        after = before
+        if roundings:
+            for rounding in roundings:
+                rounding.module.forward = rounding.run_soft
+            optimizer = torch.optim.Adam([v for r in roundings for v in (r.variables, r.shift)], lr=1e-2)
             generator = torch.Generator().manual_seed(seed * 1000 + len(report))
             for index in range(iters):
                 batch = torch.randint(0, len(images), (32,), generator=generator)
-                out = _run_segment(quantized, start, end, x_quantized[batch])
-                loss = weighted(out, batch)
-                if index > iters // 5:
-                    exponent = 20 + (2 - 20) * (index / iters - 0.2) / 0.8
-                    loss = loss + 0.01 * sum((1 - (2 * _soft(s[6]) - 1).abs().pow(exponent)).sum() for s in states)
+                loss = weighted(_run_segment(quantized, start, end, x_quantized[batch]), batch)
+                exponent = _annealed_exponent(index, iters)
+                if exponent is not None:
+                    loss = loss + 0.01 * sum(r.penalty(exponent) for r in roundings)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            for module, weight, base, step, low, high, variables, bias, shift in states:
-                del module.forward
+            for rounding in roundings:
+                del rounding.module.forward
                 with torch.no_grad():
-                    module.weight.copy_(torch.minimum(torch.maximum(base + (_soft(variables) >= 0.5).float(), low),
-                                                      high) * step)
-                    if module.bias is not None:
-                        module.bias.copy_(bias + shift)
+                    rounding.keep(rounding.hard_weight(), rounding.bias + rounding.shift)
             after = block_error()
             if keep_only_better and after >= before:
-                for module, weight, *_, bias, shift in states:
-                    with torch.no_grad():
-                        module.weight.copy_(weight)
-                        if module.bias is not None:
-                            module.bias.copy_(bias)
+                for rounding in roundings:
+                    rounding.keep(rounding.start_weight, rounding.bias)
                 after = before
-        else:
-            after = before
-        report.append({"end": nodes[end].name, "layers": len(states), "error_before": before, "error_after": after,
+        report.append({"end": nodes[end].name, "layers": len(roundings), "error_before": before, "error_after": after,
                        "seconds": round(time.perf_counter() - started, 1)})
         print(json.dumps(report[-1]), flush=True)
         with torch.no_grad():
@@ -414,26 +434,6 @@ def _fisher(quantized, start: int, end: int, last: int, inputs, fp32_logits):
         squares.append(torch.autograd.grad(loss, out)[0] ** 2)
     squares = torch.cat(squares)
     return squares / squares.mean().clamp_min(1e-30)
-
-
-def _soft(variables):
-    import torch
-
-    return torch.clamp(torch.sigmoid(variables) * (ZETA - GAMMA) + GAMMA, 0, 1)
-
-
-def _soft_forward(module, base, step, low, high, variables, bias, shift):
-    """The module's forward on its rounding variables' soft weight: gradients reach them through the block."""
-    import torch
-    import torch.nn.functional as functional
-
-    def forward(x):
-        weight = torch.minimum(torch.maximum(base + _soft(variables), low), high) * step
-        if isinstance(module, torch.nn.Conv2d):
-            return functional.conv2d(x, weight, bias + shift, module.stride, module.padding, module.dilation,
-                                     module.groups)
-        return functional.linear(x, weight, bias + shift)
-    return forward
 
 
 if __name__ == "__main__":
