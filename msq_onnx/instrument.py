@@ -31,7 +31,6 @@ from .data import axis_name
 from .errors import BadData, BadModel, one_line
 from .features import (DEFAULT_LEVELS, FeatureBank, embed, flat_pooling_matrix, grid_pyramid, pooling_matrices,
                        token_features)
-from .latency import ROW_TIMED
 from .load import Layer, LoadedModel, TemporaryFolder, consumers, is_large, save_model_file
 from .ops import (SKIP_SUM_OUTPUT, nonnegative_tensors, range_sources, residual_joins, row_normalizer,
                   static_tensors, typed_values)
@@ -898,18 +897,21 @@ _PROBE_SIZES = ((17, 23, 31, 41, 47, 59, 67, 73), (19, 29, 37, 43, 53, 61, 71, 7
 
 def estimated_rows(loaded: LoadedModel, samples, batch_size: int = 1) -> dict:
     """layer -> the rows a sample run_pass will count for it (its `rows`: the median over the batches), known
-    before the pass, for the layers whose modes are timed on their rows (latency.ROW_TIMED). Shape inference,
-    given sizes for the model's dynamic input dims (_PROBE_SIZES), tells which of them each probe's dims are:
-    ONNX's symbols stop where a sequence's length goes through Shape, Slice or Range (MiniLM-L6's position
-    embeddings), its data propagation does not. Those dims are read off the batches' shapes where the samples
+    before the pass, for the layers whose modes are timed on their rows (ops.OpKind.matmul_product). Shape
+    inference, given sizes for the model's dynamic input dims (_PROBE_SIZES), tells which of them each probe's
+    dims are: ONNX's symbols stop where a sequence's length goes through Shape, Slice or Range (MiniLM-L6's
+    position embeddings), its data propagation does not. Those dims are read off the batches' shapes where the samples
     are held in memory (text, feeds) or share one shape their files' headers tell (.npz): nothing is read twice.
     A layer whose dims are not known so is left out."""
-    layers = [layer for layer in loaded.layers if layer.op_type in ROW_TIMED]
+    layers = [layer for layer in loaded.layers if layer.kind.matmul_product]
     # (input, axis) -> its dim's name, or its axis where the model names none (or an exporter made the name up:
     # torch's list-form dynamic axes name each input's sequence apart)
-    dynamic = {(spec.name, axis): axis_name((spec.axis_names or [])[axis] if axis < len(spec.axis_names or [])
-                                            else None) or ("axis", axis)
-               for spec in loaded.inputs for axis, size in enumerate(spec.shape) if not size}
+    dynamic = {}
+    for spec in loaded.inputs:
+        named = spec.axis_names or []
+        for axis, size in enumerate(spec.shape):
+            if not size:
+                dynamic[(spec.name, axis)] = axis_name(named[axis] if axis < len(named) else None) or ("axis", axis)
     names = list(dict.fromkeys(dynamic.values()))
     if not layers or len(names) > len(_PROBE_SIZES[0]):
         return {}

@@ -148,12 +148,9 @@ TIE = 1.05  # and so are timings within 5% on a noisy machine: the registry's or
 CONV_COSTS = {STATIC: 1.0, FLOAT: 3.3, WEIGHT_ONLY: 3.3}
 
 
-ROW_TIMED = ("MatMul", "Gemm")  # the op types whose modes are timed on their own shape, their rows a sample included
-
-
 def mode_costs(layer, rows: int | None) -> dict:
     """{mode: cost} for the layer's allowed modes; only ratios between one layer's modes are meaningful."""
-    if layer.op_type not in ROW_TIMED or not rows:
+    if not layer.kind.matmul_product or not rows:
         return {mode: CONV_COSTS.get(mode, 1.0 + index) for index, mode in enumerate(layer.kind.modes + (FLOAT,))}
     fan_out = layer.weight_shape[layer.out_axis]
     times = dense_mode_times(int(rows), layer.params // fan_out, fan_out, layer.bias_name is not None)
@@ -163,7 +160,7 @@ def mode_costs(layer, rows: int | None) -> dict:
 def mode_order(layer, costs: dict) -> tuple:
     """The layer's allowed modes, fastest first; near-ties keep the registry's order."""
     fastest = min(costs[m] for m in layer.kind.modes)
-    tie = max(fastest * TIE, fastest + ABSOLUTE_TIE) if layer.op_type in ROW_TIMED else fastest * TIE
+    tie = max(fastest * TIE, fastest + ABSOLUTE_TIE) if layer.kind.matmul_product else fastest * TIE
     return tuple(sorted(layer.kind.modes, key=lambda m: 0.0 if costs[m] <= tie else costs[m]))
 
 
@@ -278,7 +275,7 @@ def layer_seconds(loaded, rows: dict) -> dict | None:
                 result[layer.name].update({container: dequantize_seconds(layer.params, container)
                                            for container in (INT8, INT4, INT2)})
             continue
-        if layer.op_type in ROW_TIMED:
+        if layer.kind.matmul_product:
             fan_out = layer.weight_shape[layer.out_axis]
             times = dense_mode_times(int(rows.get(layer.name) or 1), layer.params // fan_out, fan_out,
                                      layer.bias_name is not None)

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadModel, one_line
 from .instrument import static_shapes, make_session, ordered_runs, padded_batches, progress, run_threads
-from .latency import ROW_TIMED, TIE, mode_costs, mode_order
+from .latency import TIE, mode_costs, mode_order
 from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY, range_sources
 
 # Relative output MSE a layer may take from its activation quantization: 30 dB
@@ -52,7 +52,7 @@ def quantizes_activations(layer, mode: str) -> bool:
     rows split into whole blocks; a weight-only Conv and a float layer see float inputs."""
     if mode in (STATIC, DYNAMIC):
         return True
-    return mode == WEIGHT_ONLY and layer.op_type in ("MatMul", "Gemm") and layer.fan_in % BLOCK_ACTIVATION == 0
+    return mode == WEIGHT_ONLY and layer.kind.matmul_product and layer.fan_in % BLOCK_ACTIVATION == 0
 
 
 @dataclass
@@ -189,7 +189,7 @@ def static_candidates(loaded, rows: dict, forced: str | None = None) -> set:
     if forced is not None:
         return {layer.name for layer in static if forced == STATIC}
     sources = range_sources(loaded.model)
-    return {layer.name for layer in static if (layer.op_type in ROW_TIMED and layer.name not in rows)
+    return {layer.name for layer in static if (layer.kind.matmul_product and layer.name not in rows)
             or STATIC not in _dominated_here(layer, mode_costs(layer, rows.get(layer.name)), sources)}
 
 

@@ -252,6 +252,10 @@ class OpKind:
     # ORT runs its weight-only form on a kernel of its own that reads the quantized weight (MatMulNBits,
     # DynamicQuantizeMatMul, GatherBlockQuantized): nothing to fold into a float weight at load (write.folds_at_load)
     weight_only_kernel: bool = False
+    # MatMul and Gemm, x @ W: their dynamic and weight-only forms are written as a MatMul on a [K, N] weight
+    # (write._dense_nodes), which ORT runs as DynamicQuantizeMatMul and MatMulNBits; their modes are timed on the
+    # layer's rows (latency.dense_mode_times)
+    matmul_product: bool = False
     domain: str = ""  # the op's domain ("": ONNX's own)
 
     @property
@@ -586,8 +590,9 @@ REGISTRY = {kind.op_type: kind for kind in (
     # ORT 1.31's CPU optimizer fuses no QDQ ConvTranspose (measured: DQ -> ConvTranspose -> Q stays float between
     # Q/DQ pairs), so static activations there only add time and error.
     _ConvTranspose("ConvTranspose", (WEIGHT_ONLY,)),
-    _Gemm("Gemm", (STATIC, DYNAMIC, WEIGHT_ONLY), weight_only_kernel=True),
-    _MatMul("MatMul", (STATIC, DYNAMIC, WEIGHT_ONLY), channels_last=True, weight_only_kernel=True),
+    _Gemm("Gemm", (STATIC, DYNAMIC, WEIGHT_ONLY), weight_only_kernel=True, matmul_product=True),
+    _MatMul("MatMul", (STATIC, DYNAMIC, WEIGHT_ONLY), channels_last=True, weight_only_kernel=True,
+            matmul_product=True),
     _Gather("Gather", (WEIGHT_ONLY,), channels_last=True, weight_index=0, input_moments=False, timed=False,
             read_where_gathered=True, weight_only_kernel=True),
     _Attention("Attention", (WEIGHT_ONLY,), channels_last=True, timed=False, dequantized_every_run=True,

@@ -518,7 +518,7 @@ def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, container
     whole model ("Type 'tensor(int2)' ... of operator (MatMulIntegerToFloat) is invalid": a review's MLP at
     --prefer size; a bias-less Gemm, and an Identity or Dropout in between, the same). Their 2-bit levels go in int4,
     as ops._Dense puts them where MatMulNBits would compute them wrong."""
-    narrowest = [layer for layer in layers if containers.get(layer.name) == INT2]
+    narrowest = [layer for layer in layers if containers.get(layer.name) == INT2 and layer.kind.matmul_product]
     if not narrowest:
         return []
     producers = producer_map(model.graph.node)
@@ -527,9 +527,8 @@ def int2_behind_quantized_inputs(model: onnx.ModelProto, layers: list, container
     found = []
     for layer in narrowest:
         for node in (by_name.get(name) for name in layer.nodes):
-            if node is None or node.op_type not in ("MatMul", "Gemm"):
-                continue
-            if dequantized_source(node.input[0], producers, _DQ_PROPAGATING | {"Expand"}, constants) is not None:
+            if node is not None and dequantized_source(node.input[0], producers, _DQ_PROPAGATING | {"Expand"},
+                                                       constants) is not None:
                 found.append(layer.name)
                 break
     return found
@@ -763,7 +762,7 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
                 replacements[position[node_name]] = _gather_nodes(node, layer, integers, scale, container,
                                                                   f"{prefix}_{position[node_name]}", edit)
             continue
-        dense = layer.op_type in ("MatMul", "Gemm")
+        dense = layer.kind.matmul_product
         q_name = prefix + "_q"
         stored = integers.T.copy() if dense else layer.kind.from_matrix(layer, integers)
         model.graph.initializer.append(packed_tensor(q_name, stored, container))
