@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="the steps' batches (block scope) and torch's seed")
+    parser.add_argument("--from-block", type=int, default=0,
+                        help="block scope: learn only the blocks from this index on (0: the stem); the earlier ones "
+                             "keep the written rounding, to tell which blocks a gain comes from")
     parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
     args = parser.parse_args(argv)
     model_path = datasets.shared_model(args.shared, "efficientnet-lite0.onnx")
@@ -130,10 +133,10 @@ def main(argv=None) -> int:
                       reference)
              for (module, layer), (reference, _) in zip(matched, references) if widths[layer.name] < 8}
     if args.scope == "block":
-        result.update(soft_start=args.soft_start, fisher=args.fisher, seed=args.seed)
+        result.update(soft_start=args.soft_start, fisher=args.fisher, seed=args.seed, from_block=args.from_block)
         result["blocks"] = _reconstruct_blocks(quantized, fp32, grids, x_calib, args.iters,
                                                keep_only_better=args.start == "msq", soft_start=args.soft_start,
-                                               fisher=args.fisher, seed=args.seed)
+                                               fisher=args.fisher, seed=args.seed, from_block=args.from_block)
     else:
         for module, (grid, reference) in grids.items():
             _reconstruct(module, reference, grid, _inputs(quantized, module, x_calib)[0],
@@ -352,11 +355,11 @@ def _run_segment(model, start: int, end: int, x):
 
 
 def _reconstruct_blocks(quantized, fp32, grids: dict, images, iters: int, keep_only_better: bool,
-                        soft_start: bool = False, fisher: bool = False, seed: int = 0) -> list:
+                        soft_start: bool = False, fisher: bool = False, seed: int = 0, from_block: int = 0) -> list:
     """BRECQ-style: the rounding variables and biases of each block's layers in `grids` (module -> (grid, its FP32
     module)) learned together, 32 images a step, on the quantized network's input to the block against the FP32
-    block's output; the regularizer and its annealing as in _reconstruct. Returns each block's output error before
-    and after, on all the images."""
+    block's output; the regularizer and its annealing as in _reconstruct. The blocks before `from_block` keep their
+    rounding. Returns each block's output error before and after, on all the images."""
     import torch
 
     nodes, ends = list(quantized.graph.nodes), _block_ends(quantized)
@@ -367,7 +370,8 @@ def _reconstruct_blocks(quantized, fp32, grids: dict, images, iters: int, keep_o
     for start, end in zip([0] + ends[:-1], ends):
         with torch.no_grad():
             target = torch.cat([_run_segment(fp32, start, end, x_fp32[i:i + 32]) for i in range(0, len(images), 32)])
-        weights = _fisher(quantized, start, end, ends[-1], x_quantized, fp32_logits) if fisher else None
+        learned = len(report) >= from_block
+        weights = _fisher(quantized, start, end, ends[-1], x_quantized, fp32_logits) if fisher and learned else None
 
         def weighted(out, batch):
             squared = (out - target[batch]) ** 2 * (weights[batch] if weights is not None else 1)
@@ -382,7 +386,7 @@ def _reconstruct_blocks(quantized, fp32, grids: dict, images, iters: int, keep_o
         started, before = time.perf_counter(), block_error()
         roundings = [_Rounding(m, grids[m][1].weight.detach(), grids[m][0], soft_start)
                      for n in nodes[start + 1:end + 1] if n.op == "call_module"
-                     for m in quantized.get_submodule(n.target).modules() if m in grids]
+                     for m in quantized.get_submodule(n.target).modules() if m in grids] if learned else []
         after = before
         if roundings:
             for rounding in roundings:
