@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     parser.add_argument("--from-block", type=int, default=0,
                         help="block scope: learn only the blocks from this index on (0: the stem); the earlier ones "
                              "keep the written rounding, to tell which blocks a gain comes from")
+    parser.add_argument("--bias-only", action="store_true",
+                        help="block scope, --start msq: keep the written weights and learn only each layer's bias "
+                             "shift, to tell the rounding's share of a gain from the biases'")
     parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
     args = parser.parse_args(argv)
     model_path = datasets.shared_model(args.shared, "efficientnet-lite0.onnx")
@@ -133,10 +136,12 @@ def main(argv=None) -> int:
                       reference)
              for (module, layer), (reference, _) in zip(matched, references) if widths[layer.name] < 8}
     if args.scope == "block":
-        result.update(soft_start=args.soft_start, fisher=args.fisher, seed=args.seed, from_block=args.from_block)
+        result.update(soft_start=args.soft_start, fisher=args.fisher, seed=args.seed, from_block=args.from_block,
+                      bias_only=args.bias_only)
         result["blocks"] = _reconstruct_blocks(quantized, fp32, grids, x_calib, args.iters,
                                                keep_only_better=args.start == "msq", soft_start=args.soft_start,
-                                               fisher=args.fisher, seed=args.seed, from_block=args.from_block)
+                                               fisher=args.fisher, seed=args.seed, from_block=args.from_block,
+                                               bias_only=args.bias_only)
     else:
         for module, (grid, reference) in grids.items():
             _reconstruct(module, reference, grid, _inputs(quantized, module, x_calib)[0],
@@ -278,6 +283,10 @@ class _Rounding:
         """The module's forward on the soft weight: gradients reach the variables through a block."""
         return self.run(x, self.weight(self.soft()), self.bias + self.shift)
 
+    def run_written(self, x):
+        """The module's forward on the weight it started with and the shifted bias."""
+        return self.run(x, self.start_weight, self.bias + self.shift)
+
     def keep(self, weight, bias) -> None:
         import torch
 
@@ -355,11 +364,13 @@ def _run_segment(model, start: int, end: int, x):
 
 
 def _reconstruct_blocks(quantized, fp32, grids: dict, images, iters: int, keep_only_better: bool,
-                        soft_start: bool = False, fisher: bool = False, seed: int = 0, from_block: int = 0) -> list:
+                        soft_start: bool = False, fisher: bool = False, seed: int = 0, from_block: int = 0,
+                        bias_only: bool = False) -> list:
     """BRECQ-style: the rounding variables and biases of each block's layers in `grids` (module -> (grid, its FP32
     module)) learned together, 32 images a step, on the quantized network's input to the block against the FP32
     block's output; the regularizer and its annealing as in _reconstruct. The blocks before `from_block` keep their
-    rounding. Returns each block's output error before and after, on all the images."""
+    rounding; `bias_only` keeps every written weight and learns the bias shifts alone. Returns each block's output
+    error before and after, on all the images."""
     import torch
 
     nodes, ends = list(quantized.graph.nodes), _block_ends(quantized)
@@ -390,13 +401,14 @@ def _reconstruct_blocks(quantized, fp32, grids: dict, images, iters: int, keep_o
         after = before
         if roundings:
             for rounding in roundings:
-                rounding.module.forward = rounding.run_soft
-            optimizer = torch.optim.Adam([v for r in roundings for v in (r.variables, r.shift)], lr=1e-2)
+                rounding.module.forward = rounding.run_written if bias_only else rounding.run_soft
+            optimizer = torch.optim.Adam([v for r in roundings for v in ((r.shift,) if bias_only
+                                                                          else (r.variables, r.shift))], lr=1e-2)
             generator = torch.Generator().manual_seed(seed * 1000 + len(report))
             for index in range(iters):
                 batch = torch.randint(0, len(images), (32,), generator=generator)
                 loss = weighted(_run_segment(quantized, start, end, x_quantized[batch]), batch)
-                exponent = _annealed_exponent(index, iters)
+                exponent = None if bias_only else _annealed_exponent(index, iters)
                 if exponent is not None:
                     loss = loss + 0.01 * sum(r.penalty(exponent) for r in roundings)
                 optimizer.zero_grad()
@@ -405,7 +417,8 @@ def _reconstruct_blocks(quantized, fp32, grids: dict, images, iters: int, keep_o
             for rounding in roundings:
                 del rounding.module.forward
                 with torch.no_grad():
-                    rounding.keep(rounding.hard_weight(), rounding.bias + rounding.shift)
+                    rounding.keep(rounding.start_weight if bias_only else rounding.hard_weight(),
+                                  rounding.bias + rounding.shift)
             after = block_error()
             if keep_only_better and after >= before:
                 for rounding in roundings:
