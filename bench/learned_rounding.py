@@ -75,14 +75,22 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="the steps' batches (block scope) and torch's seed")
     parser.add_argument("--from-block", type=int, default=0,
-                        help="block scope: learn only the blocks from this index on (0: the stem); the earlier ones "
-                             "keep the written rounding, to tell which blocks a gain comes from")
+                        help="block scope: learn only the blocks from this index on (0: the stem; -3: the last three "
+                             "blocks); the earlier ones keep the written rounding, to tell which blocks a gain comes "
+                             "from")
     parser.add_argument("--bias-only", action="store_true",
                         help="block scope, --start msq: keep the written weights and learn only each layer's bias "
                              "shift, to tell the rounding's share of a gain from the biases'")
+    parser.add_argument("--model", help="another EfficientNet-Lite ONNX file (default: ../shared's Lite0), e.g. "
+                                        "bench/unseen_models.py's Lite1 export in its wheel cache. In torch's export "
+                                        "a shape value (the batch size, for the last Reshape) stays alive through the "
+                                        "network, so the blocks found there are two: all up to the classifier, and "
+                                        "the classifier")
+    parser.add_argument("--size", type=int, default=224, help="the model's input size (Lite1: 240); resize = size / "
+                                                              "0.875, bicubic, (x - 127) / 128, as for Lite0")
     parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
     args = parser.parse_args(argv)
-    model_path = datasets.shared_model(args.shared, "efficientnet-lite0.onnx")
+    model_path = args.model or datasets.shared_model(args.shared, "efficientnet-lite0.onnx")
     if model_path is None:
         return 0
     try:
@@ -101,12 +109,13 @@ def main(argv=None) -> int:
     calib, evaluation = datasets.imagenet_split(args.shared, work)
     written, report = os.path.join(work, "msq.onnx"), os.path.join(work, "msq.json")
     extra = ["--uniform-levels", "--activations", "weight-only"] if args.start == "msq" else []
+    resize = round(args.size / 0.875)
     subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), model_path, written, "--calib", calib, "--eval",
-                    evaluation, "--avg-bits", args.avg_bits, "--report", report, "--quiet", *datasets.EFFICIENTNET_ARGS,
-                    *extra], check=True)
+                    evaluation, "--avg-bits", args.avg_bits, "--report", report, "--quiet", "--resize", str(resize),
+                    "--crop", str(args.size), *datasets.EFFICIENTNET_ARGS[4:], *extra], check=True)
     started = time.perf_counter()
     loaded = load_model(model_path)
-    pre = Preprocess(resize=256, crop=224, interpolation="bicubic", mean=(127.0,), std=(128.0,))
+    pre = Preprocess(resize=resize, crop=args.size, interpolation="bicubic", mean=(127.0,), std=(128.0,))
 
     def images(path):
         samples = open_samples(path, loaded.inputs, pre)
@@ -374,6 +383,7 @@ def _reconstruct_blocks(quantized, fp32, grids: dict, images, iters: int, keep_o
     import torch
 
     nodes, ends = list(quantized.graph.nodes), _block_ends(quantized)
+    from_block = max(0, len(ends) + from_block) if from_block < 0 else from_block
     x_quantized = x_fp32 = images
     report = []
     with torch.no_grad():
