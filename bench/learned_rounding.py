@@ -13,14 +13,15 @@ annealed regularizer, and a learned bias. Top-1 on the 1,000 evaluation images (
                 (a residual block with its Add, or a bottleneck up to its linear projection) rounded together,
                 on the quantized network's own block input, against the FP32 block's output
 
-    python bench/learned_rounding.py --start grid|msq [--scope layer|block [--soft-start] [--fisher]] [--avg-bits 3]
-        [--iters 300] [--images 128]
+    python bench/learned_rounding.py --start grid|msq [--scope layer|block [--soft-start] [--fisher] [--from-block K]
+        [--bias-only]] [--avg-bits 3] [--iters 300] [--images 128] [--seed 0] [--model lite1.onnx --size 240]
 
 Needs ../shared, torch==2.13.0 and onnx2torch (`pip install --no-deps onnx2torch`: its torchvision import, only for
 detection ops, is stubbed here); skips cleanly without them. Round 27: grid 76.9% in 18 min, msq 79.0 -> 79.2% in 16.
 Round 33 (--scope block, 128 images): msq 79.0 -> 79.4% (200 steps, 12 min), --soft-start 78.5% (400, 19 min), with
 --fisher 78.0%; grid 78.1% (600, 22 min). On all 300 images: --soft-start 80.3% / 79.3% (seeds 0 / 1, 20-21 min),
-with --fisher 79.2%. docs/BENCHMARKS.md, round 33.
+with --fisher 79.2%. docs/BENCHMARKS.md, round 33. Round 34: 800 steps 79.3%; the head convolution and the
+classifier alone (--from-block 16) 79.8 / 79.4% at 3 bits, 76.6 / 75.9% at 2.5 (whole network 77.3 / 77.7%).
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def main(argv=None) -> int:
                                         "a shape value (the batch size, for the last Reshape) stays alive through the "
                                         "network, so the blocks found there are two: all up to the classifier, and "
                                         "the classifier")
-    parser.add_argument("--size", type=int, default=224, help="the model's input size (Lite1: 240); resize = size / "
-                                                              "0.875, bicubic, (x - 127) / 128, as for Lite0")
+    parser.add_argument("--size", type=int, default=224,
+                        help="the model's input size (Lite1: 240), preprocessed as datasets.efficientnet_preprocess")
     parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
     args = parser.parse_args(argv)
     model_path = args.model or datasets.shared_model(args.shared, "efficientnet-lite0.onnx")
@@ -109,13 +110,12 @@ def main(argv=None) -> int:
     calib, evaluation = datasets.imagenet_split(args.shared, work)
     written, report = os.path.join(work, "msq.onnx"), os.path.join(work, "msq.json")
     extra = ["--uniform-levels", "--activations", "weight-only"] if args.start == "msq" else []
-    resize = round(args.size / 0.875)
     subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), model_path, written, "--calib", calib, "--eval",
-                    evaluation, "--avg-bits", args.avg_bits, "--report", report, "--quiet", "--resize", str(resize),
-                    "--crop", str(args.size), *datasets.EFFICIENTNET_ARGS[4:], *extra], check=True)
+                    evaluation, "--avg-bits", args.avg_bits, "--report", report, "--quiet",
+                    *datasets.efficientnet_args(args.size), *extra], check=True)
     started = time.perf_counter()
     loaded = load_model(model_path)
-    pre = Preprocess(resize=resize, crop=args.size, interpolation="bicubic", mean=(127.0,), std=(128.0,))
+    pre = Preprocess(**datasets.efficientnet_preprocess(args.size))
 
     def images(path):
         samples = open_samples(path, loaded.inputs, pre)

@@ -32,7 +32,6 @@ sys.path.insert(0, ROOT)
 
 import datasets  # noqa: E402
 
-PREPROCESS = {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": (127.0,), "std": (128.0,)}
 
 
 def unrounded_activations(model):
@@ -121,7 +120,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="msq-loss-") as work:
         calib, evaluation = datasets.imagenet_split(args.shared, work)
-        samples = open_samples(evaluation, loaded.inputs, Preprocess(**PREPROCESS))
+        samples = open_samples(evaluation, loaded.inputs, Preprocess(**datasets.efficientnet_preprocess()))
         feeds = list(padded_batches(samples, loaded, 50))
         labels = np.asarray(samples.labels)
         reference = evaluate(fp32, feeds, labels, None)

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         from msq_onnx.verify import reference_int8
 
         loaded = load_model(model)
-        pre = Preprocess(resize=256, crop=224, interpolation="bicubic", mean=(127.0,), std=(128.0,))
+        pre = Preprocess(**datasets.efficientnet_preprocess())
         stats = run_pass(loaded, open_samples(calib, loaded.inputs, pre), (1,), 64, quiet=True)
         fp32 = os.path.join(work, "fp32.onnx")
         save_model_file(loaded.model, fp32)

@@ -70,7 +70,7 @@ def prepare(args) -> dict:
         calib, evaluation = datasets.imagenet_split(args.shared, work)
         return {"name": "efficientnet-lite0", "model": os.path.join(args.shared, "models", "efficientnet-lite0.onnx"),
                 "calib": calib, "eval": evaluation,
-                "pre": Preprocess(resize=256, crop=224, interpolation="bicubic", mean=(127.0,), std=(128.0,))}
+                "pre": Preprocess(**datasets.efficientnet_preprocess())}
     if args.model == "mnist":
         calib, evaluation = datasets.mnist_split(args.shared, work)
         return {"name": "mnist-8", "model": os.path.join(args.shared, "models", "mnist-8.onnx"), "calib": calib,

@@ -50,8 +50,7 @@ def main(argv=None) -> int:
 
     calib, _ = datasets.imagenet_split(args.shared, tempfile.mkdtemp(prefix="msq-streams-"))
     loaded = load_model(model)
-    samples = open_samples(calib, loaded.inputs, Preprocess(resize=256, crop=224, interpolation="bicubic",
-                                                            mean=(127.0,), std=(128.0,)))
+    samples = open_samples(calib, loaded.inputs, Preprocess(**datasets.efficientnet_preprocess()))
     stats = run_pass(loaded, samples, Options.levels, 1024, quiet=True)
     rows = []
     for layer in loaded.layers:

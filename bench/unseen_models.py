@@ -164,8 +164,7 @@ def main(argv=None) -> int:
                 model = export_lite(k, args.cache) if f"lite{k}" in args.models else None
                 if model is None:
                     continue
-                flags = ["--resize", str(round(size / 0.875)), "--crop", str(size), "--interpolation", "bicubic",
-                         "--mean", "127", "--std", "128"]
+                flags = datasets.efficientnet_args(size)
                 for budget in args.budgets:
                     results.append(convert(model, work, calib, evaluation, f"efficientnet-lite{k}-{budget}",
                                            flags + ["--avg-bits", budget]))
