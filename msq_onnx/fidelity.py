@@ -475,6 +475,22 @@ def output_grid_steps(path: str, names: list) -> dict:
     return steps
 
 
+def judged_channel(measured: dict) -> dict | None:
+    """The task output's weakest channel, where its channels are judged: a map's or a detector's, whose one cosine
+    can hold while a channel is gone; class scores and labels are judged by their decisions instead."""
+    if measured["kind"] in DECISION_KINDS:
+        return None
+    return measured.get("outputs", {}).get(measured["task_output"], {}).get("weakest_channel")
+
+
+def channel_floor(min_cosine: float) -> float:
+    """What --min-cosine asks of the task output's weakest channel: the gate's own cosine, or the collapse line
+    where that is lower. A channel's cosine runs below the whole output's (a small channel is the noisier), so
+    the whole's C held to every channel would buy bits the user did not ask for; a collapsed channel under a
+    mean that passes (YOLOv8n at 3 bits: 0.997 whole, a class's scores at 0.49) is a broken model all the same."""
+    return min(min_cosine, COLLAPSE_COSINE)
+
+
 def collapse_warning(measured: dict, task: bool = True) -> str | None:
     """One line when the task output (unless a gate judges it: task=False) or any other float output is far from
     FP32.
@@ -491,8 +507,8 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
             task_output = measured.get("outputs", {}).get(measured["task_output"], {})
             problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}{_grid_text(task_output)}")
             grid_caused += "finer_than_its_grid" in task_output
-        weakest = measured.get("outputs", {}).get(measured["task_output"], {}).get("weakest_channel")
-        if not decisions and weakest and weakest["cosine"] < COLLAPSE_COSINE <= measured["cosine"]:
+        weakest = judged_channel(measured)
+        if weakest and weakest["cosine"] < COLLAPSE_COSINE <= measured["cosine"]:
             problems.append(_channel_text(weakest))
         if measured.get("fp32_top1") is not None and measured.get("drop", 0.0) > COLLAPSE_DROP:
             problems.append(f"top-1 {measured['fp32_top1']:.2f}% -> {measured['quant_top1']:.2f}%")

@@ -611,7 +611,12 @@ class _HeldOut:
 def gate_passed(measured: dict, options: Options) -> bool:
     drop_ok = options.max_drop is None or measured["drop"] <= options.max_drop + 1e-9
     cosine_ok = options.min_cosine is None or measured["cosine"] >= options.min_cosine - 1e-12
-    return drop_ok and cosine_ok
+    return drop_ok and cosine_ok and _channel_passed(measured, options)
+
+
+def _channel_passed(measured: dict, options: Options) -> bool:
+    weakest = fidelity.judged_channel(measured) if options.min_cosine is not None else None
+    return weakest is None or weakest["cosine"] >= fidelity.channel_floor(options.min_cosine) - 1e-12
 
 
 def size_budget(loaded, options: Options, widths) -> allocate_stage.Budget | None:
@@ -1290,5 +1295,11 @@ def enforce_gate(result: Result) -> None:
             failed.append(f"top-1 drop {gate['drop']:.2f} points exceeds --max-drop {gate['max_drop']}")
         if gate.get("min_cosine") is not None and gate["cosine"] < gate["min_cosine"]:
             failed.append(f"cosine to FP32 {gate['cosine']:.4f} is below --min-cosine {gate['min_cosine']}")
+        weakest = gate.get("weakest_channel")
+        if gate.get("min_cosine") is not None and weakest and weakest["cosine"] < fidelity.channel_floor(
+                gate["min_cosine"]):
+            failed.append(f"channel {weakest['index']} of axis {weakest['axis']} has cosine to FP32 "
+                          f"{weakest['cosine']:.4f}, below {fidelity.channel_floor(gate['min_cosine']):g} (what "
+                          "--min-cosine asks of every channel), under a whole-output cosine that passes")
         raise GateFailed(f"accuracy gate failed: {'; '.join(failed)}; the model and report were written for "
                          "inspection.")

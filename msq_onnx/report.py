@@ -11,7 +11,7 @@ import onnx
 
 from . import __version__
 from .allocate import average_bits
-from .fidelity import DECISION_KINDS
+from .fidelity import DECISION_KINDS, judged_channel
 from .ops import STATIC
 from .load import hidden_file_name, producer_map
 from .write import _default_mode, create_empty, written_files
@@ -240,6 +240,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
 
         report["gate"] = {"max_drop": options.max_drop, "drop": _round(measured.get("drop")),
                           "min_cosine": options.min_cosine, "cosine": measured["cosine"],
+                          "weakest_channel": judged_channel(measured),
                           "passed": bool(gate_passed(measured, options))}
     return report
 
@@ -319,7 +320,10 @@ def markdown(report: dict) -> str:
         lines.append(f"- budget search ({len(report['search'])} budgets, {evaluated} models evaluated): {tried}")
     gate = report.get("gate")
     if gate:
-        lines.append(f"- accuracy gate (--max-drop {gate['max_drop']}, --min-cosine {gate['min_cosine']}): "
+        weakest = gate.get("weakest_channel") if gate["min_cosine"] is not None else None
+        channel = (f", weakest channel {weakest['index']} of axis {weakest['axis']} at cosine {weakest['cosine']:.4f}"
+                   if weakest else "")
+        lines.append(f"- accuracy gate (--max-drop {gate['max_drop']}, --min-cosine {gate['min_cosine']}{channel}): "
                      f"**{'passed' if gate['passed'] else 'FAILED'}**")
     lines += ["", "| # | layer | op | params | predictor top-1 | predictor score | importance | residual weight | "
               "bits | mode | container | bytes | rel. output error |",

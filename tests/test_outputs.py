@@ -450,6 +450,64 @@ def test_a_detectors_scores_are_judged_beside_its_boxes():
 
 
 
+def _boxes_and_scores(tmp_path):
+    """x [N, 16] -> [N, 8, 10]: four channels in pixels (hundreds) beside four scores near 1, as a detector's
+    [N, 4 + classes, anchors]; one output grid for all eight (static activations) rounds the scores away."""
+    rng = np.random.default_rng(0)
+    weight = _weights(rng, 16, 8, 10)
+    weight[:, :4] *= 300
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Reshape", ["y", "shape"], ["out"])]
+    inits = [numpy_helper.from_array(weight.reshape(16, 80), "w"),
+             numpy_helper.from_array(np.array([-1, 8, 10]), "shape")]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8, 10])], inits)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(64, 16)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.normal(size=(32, 16)).astype(np.float32))
+    return model
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_min_cosine_fails_on_a_collapsed_channel_its_mean_hides(tmp_path, capsys, activations):
+    """--min-cosine judged the task output's mean cosine only, and a gate silenced the collapse warning for the
+    task output: a detector whose scores were gone under boxes that held (YOLOv8n at 3 bits: 0.997 whole, one
+    class at 0.49) passed the gate with exit 0 and no word. The weakest channel is now held to the lower of C and
+    the collapse line; where the scores hold (dynamic: no output grid), the same gate passes."""
+    import json
+
+    model = _boxes_and_scores(tmp_path)
+    report_path = tmp_path / "r.json"
+    code = main([model, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"), "--eval",
+                 str(tmp_path / "eval.npz"), "--activations", activations, "--min-cosine", "0.95", "--quiet",
+                 "--report", str(report_path)])
+    gate = json.loads(report_path.read_text())["gate"]
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert gate["cosine"] >= 0.95 and gate["weakest_channel"]["axis"] == 1
+    if activations == "static":
+        assert gate["weakest_channel"]["index"] >= 4 and gate["weakest_channel"]["cosine"] < 0.9
+        assert code == 3 and gate["passed"] is False
+        assert len(errors) == 1 and f"channel {gate['weakest_channel']['index']} of axis 1" in errors[0]
+    else:
+        assert gate["weakest_channel"]["cosine"] >= 0.9
+        assert code == 0 and gate["passed"] is True and not errors
+
+
+def test_what_min_cosine_asks_of_the_weakest_channel():
+    """The lower of the gate's C and the collapse line: a lenient gate stays lenient, a strict one does not hold
+    every channel to the whole output's C."""
+    from msq_onnx.pipeline import gate_passed
+
+    def passed(min_cosine, channel, kind="tensor", max_drop=None):
+        measured = {"kind": kind, "task_output": "out", "cosine": 0.99, "drop": 0.0,
+                    "outputs": {"out": {"cosine": 0.99, "weakest_channel": {"axis": 1, "index": 2,
+                                                                            "cosine": channel}}}}
+        return gate_passed(measured, Options(min_cosine=min_cosine, max_drop=max_drop))
+
+    assert passed(0.95, 0.92) and not passed(0.95, 0.85)
+    assert passed(0.5, 0.6) and not passed(0.5, 0.4)
+    assert passed(0.95, 0.1, kind="class-scores")  # judged by its decisions, not by a channel
+    assert passed(None, 0.1, max_drop=1.0)  # a top-1 gate asks nothing of channels
+
+
 @pytest.mark.parametrize("kind", ["zeros", "empty"])
 def test_an_output_with_no_channel_to_judge_converts(tmp_path, kind):
     """An [N, A, B] output that is all zeros in FP32 (an additive mask without padding) or empty (a detector that
