@@ -25,7 +25,7 @@ from .verify import session
 
 CACHE_LIMIT = 256 * 1024**2  # FP32 outputs kept in memory for repeated comparisons (a --max-drop search)
 KEEP_LIMIT = 8192  # widest per-sample task output kept for top-1 / neighbour measures
-MAX_CHANNELS = 64  # the short axis of a [N, A, B] output judged channel by channel (_OutputSums._add_channels)
+MAX_CHANNELS = 64  # the short axis of an [N, A, B, ...] output judged channel by channel (_OutputSums._add_channels)
 NEIGHBOUR_SAMPLES = 4000
 # Without a gate, a task output this far from FP32 is called collapsed on stderr and in the report.
 COLLAPSE_COSINE = 0.9
@@ -78,7 +78,7 @@ class _OutputSums:
             self.masked = True
             real = real.reshape(real.shape + (1,) * (reference.ndim - 2))
             reference, quantized = reference * real, quantized * real
-        if reference.ndim == 3 and not self.integer:
+        if reference.ndim >= 3 and not self.integer:
             self._add_channels(reference, quantized)
         ref = reference.reshape(len(reference), -1).astype(np.float64)
         out = quantized.reshape(len(quantized), -1).astype(np.float64)
@@ -104,20 +104,21 @@ class _OutputSums:
                 self.kept_quant.append(out.astype(kept))
 
     def _add_channels(self, reference: np.ndarray, quantized: np.ndarray) -> None:
-        """Per channel of a [N, A, B] output's short axis (at most MAX_CHANNELS): a detector's [N, 4 + classes,
-        anchors] holds boxes in pixels beside scores in [0, 1], and its one cosine is the boxes' (a hunting
-        subagent's YOLOv8 at 3 bits: cosine 0.997, the score rows' 0.22, 1 detection left of 89)."""
+        """Per channel of an [N, A, ..., B] output's shorter of A and B (2 to MAX_CHANNELS; A of equals), where
+        channels sit in NCHW and NHWC layouts: a detector's [N, 4 + classes, anchors] holds boxes in pixels beside
+        scores in [0, 1], and its one cosine is the boxes' (a hunting subagent's YOLOv8 at 3 bits: cosine 0.997,
+        the score rows' 0.22, 1 detection left of 89); a segmentation's [N, classes, H, W] can lose a class's map
+        the same way. One channel is the whole output, judged as such."""
         if self.channels == () or reference.size == 0:  # an empty batch (a detector that found nothing) adds nothing
             return
-        axis = 1 if reference.shape[1] <= reference.shape[2] else 2
-        if reference.shape[axis] > MAX_CHANNELS or (self.channels is not None and (
+        axis = 1 if reference.shape[1] <= reference.shape[-1] else reference.ndim - 1
+        if not 2 <= reference.shape[axis] <= MAX_CHANNELS or (self.channels is not None and (
                 self.channels[0] != axis or len(self.channels[1]) != reference.shape[axis])):
             self.channels = ()  # no short axis, or not the same one in every batch
             return
-        other = 3 - axis
+        other = tuple(a for a in range(reference.ndim) if a != axis)
         x, y = reference.astype(np.float64), quantized.astype(np.float64)
-        sums = [(x * x).sum(axis=(0, other)), (y * y).sum(axis=(0, other)), (x * y).sum(axis=(0, other)),
-                np.abs(x).max(axis=(0, other))]
+        sums = [(x * x).sum(axis=other), (y * y).sum(axis=other), (x * y).sum(axis=other), np.abs(x).max(axis=other)]
         if self.channels is None:
             self.channels = (axis, *sums)
         else:
@@ -491,9 +492,10 @@ def channel_floor(min_cosine: float) -> float:
     return min(min_cosine, COLLAPSE_COSINE)
 
 
-def collapse_warning(measured: dict, task: bool = True) -> str | None:
-    """One line when the task output (unless a gate judges it: task=False) or any other float output is far from
-    FP32.
+def collapse_warning(measured: dict, gated: frozenset = frozenset()) -> str | None:
+    """One line when the task output or any other float output is far from FP32. `gated`: what an accuracy gate
+    judges of the task output ("cosine": --min-cosine, its weakest channel too; "drop": --max-drop), which this
+    check leaves to the gate; what no gate judges is still said.
 
     Class scores are judged by their decisions (top-1 drop, or disagreement without labels): the logits of
     1,000 classes lose cosine long before top-1 moves (EfficientNet-Lite0 at 3 bits: cosine 0.74, 4.1 points
@@ -501,7 +503,7 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
     problems = []
     grid_caused = 0  # problems whose one reason is the output grid the written model puts that output on
     decisions = measured["kind"] in DECISION_KINDS
-    if task:  # task=False: a gate judges the task output; the other outputs are still this check's
+    if "cosine" not in gated:
         # one binary score a sample: its correlation with FP32 too (decisions at 0.5 hide a drifting score)
         if (not decisions or measured.get("decision")) and measured["cosine"] < COLLAPSE_COSINE:
             task_output = measured.get("outputs", {}).get(measured["task_output"], {})
@@ -510,6 +512,7 @@ def collapse_warning(measured: dict, task: bool = True) -> str | None:
         weakest = judged_channel(measured)
         if weakest and weakest["cosine"] < COLLAPSE_COSINE <= measured["cosine"]:
             problems.append(_channel_text(weakest))
+    if "drop" not in gated:
         if measured.get("fp32_top1") is not None and measured.get("drop", 0.0) > COLLAPSE_DROP:
             problems.append(f"top-1 {measured['fp32_top1']:.2f}% -> {measured['quant_top1']:.2f}%")
         elif decisions and measured.get("fp32_top1") is None and measured.get("drop", 0.0) > COLLAPSE_DROP:

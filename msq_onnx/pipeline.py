@@ -1070,8 +1070,9 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
     if size is not None and chosen.file_bytes > size.total:
         warnings.append(f"the written model is {chosen.file_bytes:,} bytes, over --max-size ({size.total:,.0f}): "
                         "the budget is met by the weights only, not by the file")
-    collapsed = chosen.measured and fidelity.collapse_warning(
-        chosen.measured, task=options.max_drop is None and options.min_cosine is None)
+    gated = frozenset(name for name, bound in (("cosine", options.min_cosine), ("drop", options.max_drop))
+                      if bound is not None)
+    collapsed = chosen.measured and fidelity.collapse_warning(chosen.measured, gated)
     if collapsed:
         warnings.append(collapsed)
     floated = [name for name, bits in chosen.bits.items() if bits == FLOAT_BITS]

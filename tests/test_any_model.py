@@ -1540,8 +1540,10 @@ def test_a_collapsed_output_beside_a_faithful_task_output_is_still_warned():
     assert warning is not None and "'boxes'" in warning and "0.620" in warning and "'ids'" not in warning
     assert "'scores'" not in warning
     gated = dict(measured, cosine=0.5, outputs=dict(measured["outputs"], scores={"cosine": 0.5}))
-    warning = collapse_warning(gated, task=False)  # a gate judges the task output; the others are still said
+    warning = collapse_warning(gated, frozenset({"cosine"}))  # a gate judges the task output; the others are still said
     assert "'boxes'" in warning and "'scores'" not in warning
+    warning = collapse_warning(gated, frozenset({"drop"}))  # a top-1 gate leaves the task output's cosine unjudged
+    assert "'scores' collapsed (cosine to FP32 0.500" in warning
     measured["outputs"]["boxes"]["cosine"] = 0.95
     assert collapse_warning(measured) is None
 

@@ -450,20 +450,37 @@ def test_a_detectors_scores_are_judged_beside_its_boxes():
 
 
 
-def _boxes_and_scores(tmp_path):
-    """x [N, 16] -> [N, 8, 10]: four channels in pixels (hundreds) beside four scores near 1, as a detector's
-    [N, 4 + classes, anchors]; one output grid for all eight (static activations) rounds the scores away."""
+def _boxes_and_scores(tmp_path, shape=(8, 10), channel_axis=1):
+    """x [N, 16] -> [N, *shape]: four channels (on channel_axis, of 8) in pixels (hundreds) beside four scores
+    near 1, as a detector's [N, 4 + classes, anchors] or a segmentation's maps; one output grid for all eight
+    (static activations) rounds the scores away."""
     rng = np.random.default_rng(0)
-    weight = _weights(rng, 16, 8, 10)
+    weight = np.moveaxis(_weights(rng, 16, *shape), channel_axis, 1)
     weight[:, :4] *= 300
+    weight = np.moveaxis(weight, 1, channel_axis)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Reshape", ["y", "shape"], ["out"])]
-    inits = [numpy_helper.from_array(weight.reshape(16, 80), "w"),
-             numpy_helper.from_array(np.array([-1, 8, 10]), "shape")]
+    inits = [numpy_helper.from_array(weight.reshape(16, -1), "w"),
+             numpy_helper.from_array(np.array([-1, *shape]), "shape")]
     model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8, 10])], inits)
+                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", *shape])], inits)
     np.savez(tmp_path / "calib.npz", x=rng.normal(size=(64, 16)).astype(np.float32))
     np.savez(tmp_path / "eval.npz", x=rng.normal(size=(32, 16)).astype(np.float32))
     return model
+
+
+@pytest.mark.parametrize("shape, channel_axis", [((8, 10, 10), 1), ((10, 10, 8), 3)])
+def test_a_map_that_lost_a_channel_is_warned(tmp_path, shape, channel_axis):
+    """Channels were judged on [N, A, B] outputs only: a segmentation-like [N, 8, H, W] map (or its NHWC
+    layout) whose four small channels were rounded to nothing measured a whole-output cosine of 0.9999 and
+    converted with exit 0 and no word."""
+    model = _boxes_and_scores(tmp_path, shape, channel_axis)
+    result = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(quiet=True, eval_path=str(tmp_path / "eval.npz"), activations="static"))
+    out = result.report["evaluation"]["outputs"]["out"]
+    assert out["cosine"] > 0.99
+    assert out["weakest_channel"]["axis"] == channel_axis and out["weakest_channel"]["index"] >= 4
+    assert any(f"channel {out['weakest_channel']['index']} of axis {channel_axis}" in warning
+               for warning in result.report["warnings"])
 
 
 @pytest.mark.parametrize("activations", ["static", "dynamic"])
