@@ -13,8 +13,12 @@ annealed regularizer, and a learned bias. Top-1 on the 1,000 evaluation images (
                 (a residual block with its Add, or a bottleneck up to its linear projection) rounded together,
                 on the quantized network's own block input, against the FP32 block's output
 
-    python bench/learned_rounding.py --start grid|msq [--scope layer|block [--soft-start] [--fisher] [--from-block K]
-        [--bias-only]] [--avg-bits 3] [--iters 300] [--images 128] [--seed 0] [--model lite1.onnx --size 240]
+  --fitted-levels  --start msq from the default conversion's fitted level sets: each weight's rounding chooses
+                between the two levels of its layer's set around it (the uniform grid's floor and ceiling)
+
+    python bench/learned_rounding.py --start grid|msq [--fitted-levels] [--scope layer|block [--soft-start]
+        [--fisher] [--from-block K] [--bias-only] [--flip]] [--avg-bits 3] [--iters 300] [--images 128] [--seed 0]
+        [--model lite1.onnx --size 240]
 
 Needs ../shared, torch==2.13.0 and onnx2torch (`pip install --no-deps onnx2torch`: its torchvision import, only for
 detection ops, is stubbed here); skips cleanly without them. Round 27: grid 76.9% in 18 min, msq 79.0 -> 79.2% in 16.
@@ -89,6 +93,13 @@ def main(argv=None) -> int:
                                         "the classifier")
     parser.add_argument("--size", type=int, default=224,
                         help="the model's input size (Lite1: 240), preprocessed as datasets.efficientnet_preprocess")
+    parser.add_argument("--fitted-levels", action="store_true",
+                        help="--start msq: start from the default conversion's fitted level sets (no "
+                             "--uniform-levels); each weight's rounding then chooses between the two levels of its "
+                             "layer's set around it")
+    parser.add_argument("--flip", action="store_true",
+                        help="reconstruct on the calibration images and their mirror images (twice the rows, from "
+                             "the same images), to tell whether the 300 images limit the learned rounding")
     parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
     args = parser.parse_args(argv)
     model_path = args.model or datasets.shared_model(args.shared, "efficientnet-lite0.onnx")
@@ -109,7 +120,8 @@ def main(argv=None) -> int:
     work = _work_folder()
     calib, evaluation = datasets.imagenet_split(args.shared, work)
     written, report = os.path.join(work, "msq.onnx"), os.path.join(work, "msq.json")
-    extra = ["--uniform-levels", "--activations", "weight-only"] if args.start == "msq" else []
+    extra = ([] if args.fitted_levels else ["--uniform-levels"]) + ["--activations", "weight-only"] \
+        if args.start == "msq" else []
     subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), model_path, written, "--calib", calib, "--eval",
                     evaluation, "--avg-bits", args.avg_bits, "--report", report, "--quiet",
                     *datasets.efficientnet_args(args.size), *extra], check=True)
@@ -122,10 +134,14 @@ def main(argv=None) -> int:
         return torch.from_numpy(np.concatenate([b["input"] for b in samples.batches(50)])), np.asarray(samples.labels)
 
     x_calib, x_eval, labels = images(calib)[0][:args.images], *images(evaluation)
+    if args.flip:
+        x_calib = torch.cat([x_calib, x_calib.flip(3)])
     torch.manual_seed(args.seed)
     torch.set_num_threads(os.cpu_count() or 1)
     fp32, quantized = convert(onnx.load(model_path)).eval(), convert(onnx.load(model_path)).eval()
-    widths = {layer["name"]: layer["bits"] for layer in json.load(open(report))["layers"]}
+    written_layers = json.load(open(report))["layers"]
+    widths = {layer["name"]: layer["bits"] for layer in written_layers}
+    level_sets = {layer["name"]: layer.get("level_set") for layer in written_layers}
     by_weight = {_signature(loaded.weight(layer)): layer for layer in loaded.layers}
 
     def layers(model):  # (module, its msq-onnx layer), matched by their FP32 weights
@@ -138,9 +154,11 @@ def main(argv=None) -> int:
                            for i in range(0, len(x_eval), 100)) / len(x_eval)
 
     matched, references = layers(quantized), layers(fp32)  # before the written weights replace the FP32 ones
-    starts = _written_grids(written, matched, widths) if args.start == "msq" else {}
-    result = {"start": args.start, "scope": args.scope, "avg_bits": args.avg_bits, "fp32_top1": top1(fp32),
-              "start_top1": top1(quantized) if starts else None, "iters": args.iters, "images": args.images}
+    starts = _written_grids(written, matched, widths, level_sets) if args.start == "msq" else {}
+    result = {"start": args.start, "fitted_levels": args.fitted_levels, "scope": args.scope,
+              "avg_bits": args.avg_bits, "fp32_top1": top1(fp32),
+              "start_top1": top1(quantized) if starts else None, "iters": args.iters, "images": args.images,
+              "flip": args.flip}
     grids = {module: (starts.get(layer.name) or _searched_grid(reference.weight.detach(), widths[layer.name]),
                       reference)
              for (module, layer), (reference, _) in zip(matched, references) if widths[layer.name] < 8}
@@ -167,7 +185,7 @@ def _signature(weight: np.ndarray) -> bytes:
 
 
 def _searched_grid(weight, bits: int):
-    """(step per output channel, lowest, highest integer, starting rounding in [0, 1] per weight): the ratio of each
+    """(step per output channel, each channel's integers, starting rounding per weight): the ratio of each
     channel's peak with the least squared error on the two's-complement grid, rounded to nearest."""
     import torch
 
@@ -178,13 +196,14 @@ def _searched_grid(weight, bits: int):
                             * (peak * r / high)[:, None] - flat) ** 2).sum(1) for r in RATIOS])
     step = (peak * torch.as_tensor(RATIOS, dtype=weight.dtype)[errors.argmin(0)] / high).reshape(
         -1, *([1] * (weight.dim() - 1)))
-    return step, torch.tensor(float(low)), torch.tensor(float(high)), None
+    return step, torch.arange(low, high + 1, dtype=weight.dtype).expand(weight.shape[0], -1), None
 
 
-def _written_grids(path: str, matched, widths: dict) -> dict:
-    """msq-onnx's written layers as grids: layer -> (step, lowest and highest integer per channel, its rounding),
-    and each module given the written weight and bias. Reads the int8 -> Cast -> Mul(scale) folds of the
-    convolutions and the classifier's DequantizeLinear -> MatMul -> Add."""
+def _written_grids(path: str, matched, widths: dict, level_sets: dict) -> dict:
+    """msq-onnx's written layers as grids: layer -> (step, each channel's sorted integers, its rounding), and each
+    module given the written weight and bias. Reads the int8 -> Cast -> Mul(scale) folds of the convolutions and
+    the classifier's DequantizeLinear -> MatMul -> Add. A layer with fitted levels (`level_sets`, the report's)
+    has one set of integers, mirrored on the channels whose integers it does not hold."""
     import onnx
     import torch
     from onnx import numpy_helper
@@ -211,13 +230,21 @@ def _written_grids(path: str, matched, widths: dict) -> dict:
             bias = next(values[i] for i in add.input if i in values)
         integers = torch.from_numpy(np.ascontiguousarray(integers).reshape(module.weight.shape))
         step = torch.from_numpy(scale).reshape(-1, *([1] * (module.weight.dim() - 1)))
-        half = 2 ** (widths[layer.name] - 1)
-        mirrored = (integers.reshape(len(integers), -1).amax(1) >= half).float().reshape(step.shape)
+        rows = integers.reshape(len(integers), -1)
+        if level_sets.get(layer.name):
+            level_set = torch.tensor(sorted(level_sets[layer.name]), dtype=torch.float32)
+            held = torch.isin(rows, level_set).all(1, keepdim=True)
+            codes = torch.where(held, level_set, torch.flip(-level_set, (0,)))
+            assert bool(torch.isin(rows, codes).all()), layer.name
+        else:
+            half = 2 ** (widths[layer.name] - 1)
+            mirrored = (rows.amax(1, keepdim=True) >= half).float()
+            codes = torch.arange(-half, half, dtype=torch.float32) + mirrored
         with torch.no_grad():
             module.weight.copy_(integers * step)
             if bias is not None:
                 module.bias.copy_(torch.from_numpy(bias))
-        grids[layer.name] = (step, -half + mirrored, half - 1 + mirrored, integers)
+        grids[layer.name] = (step, codes, integers)
     return grids
 
 
@@ -246,18 +273,24 @@ def _inputs(model, module, images):
 
 
 class _Rounding:
-    """One layer's AdaRound state on its grid: rounding variables over the floor of the FP32 weight (started from the
-    written rounding, or from the weight's fraction where there is none or `soft_start`), the bias it started with
-    and a learned shift of it."""
+    """One layer's AdaRound state on its grid: a rounding variable per weight between the two integers of its
+    channel's set around the FP32 weight (the uniform grid's floor and ceiling; one integer past the set's ends),
+    started from the written rounding, or from the weight's fraction where there is none or `soft_start`; the
+    bias it started with and a learned shift of it."""
 
     def __init__(self, module, reference, grid, soft_start: bool = False):
         import torch
 
-        self.module, (self.step, self.low, self.high, written) = module, grid
+        self.module, (self.step, codes, written) = module, grid
         self.start_weight = module.weight.detach().clone()
-        self.base = torch.floor(reference / self.step)
-        start = ((reference / self.step - self.base).clamp(0.01, 0.99) if written is None or soft_start
-                 else torch.clamp(written - self.base, 0, 1) * 0.5 + 0.25)
+        value = (reference / self.step).reshape(len(codes), -1)
+        index = torch.searchsorted(codes.contiguous(), value.contiguous(), right=True) - 1
+        low = codes.gather(1, index.clamp(0, codes.shape[1] - 1))
+        high = torch.where(index < 0, low, codes.gather(1, (index + 1).clamp(0, codes.shape[1] - 1)))
+        self.base, self.gap = low.reshape(reference.shape), (high - low).reshape(reference.shape)
+        gap = self.gap.clamp_min(1e-12)
+        start = (((reference / self.step - self.base) / gap).clamp(0.01, 0.99) if written is None or soft_start
+                 else torch.clamp((written - self.base) / gap, 0, 1) * 0.5 + 0.25)
         self.variables = (-torch.log((ZETA - GAMMA) / (start - GAMMA) - 1)).requires_grad_(True)
         self.bias = (module.bias if module.bias is not None else torch.zeros(reference.shape[0])).detach().clone()
         self.shift = torch.zeros_like(self.bias, requires_grad=True)
@@ -268,9 +301,7 @@ class _Rounding:
         return torch.clamp(torch.sigmoid(self.variables) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def weight(self, h):
-        import torch
-
-        return torch.minimum(torch.maximum(self.base + h, self.low), self.high) * self.step
+        return (self.base + h * self.gap) * self.step
 
     def hard_weight(self):
         return self.weight((self.soft() >= 0.5).float())
