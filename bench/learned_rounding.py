@@ -26,6 +26,8 @@ Round 33 (--scope block, 128 images): msq 79.0 -> 79.4% (200 steps, 12 min), --s
 --fisher 78.0%; grid 78.1% (600, 22 min). On all 300 images: --soft-start 80.3% / 79.3% (seeds 0 / 1, 20-21 min),
 with --fisher 79.2%. docs/BENCHMARKS.md, round 33. Round 34: 800 steps 79.3%; the head convolution and the
 classifier alone (--from-block 16) 79.8 / 79.4% at 3 bits, 76.6 / 75.9% at 2.5 (whole network 77.3 / 77.7%).
+Round 35 (--fitted-levels, written 78.1% at 3 bits, 75.3% at 2.5): the tail 78.7 / 78.5% and 75.6 / 75.5%, with
+--flip 75.6%; the whole network at 2.5 bits 77.3% (20 min).
 """
 
 from __future__ import annotations
