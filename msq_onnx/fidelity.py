@@ -27,7 +27,8 @@ CACHE_LIMIT = 256 * 1024**2  # FP32 outputs kept in memory for repeated comparis
 KEEP_LIMIT = 8192  # widest per-sample task output kept for top-1 / neighbour measures
 MAX_CHANNELS = 64  # the short axis of an [N, A, B, ...] output judged channel by channel (_OutputSums._add_channels)
 NEIGHBOUR_SAMPLES = 4000
-# Without a gate, a task output this far from FP32 is called collapsed on stderr and in the report.
+# An output this far from FP32 (the task output's cosine, channels or drop where no gate judges them) is called
+# collapsed on stderr and in the report.
 COLLAPSE_COSINE = 0.9
 COLLAPSE_DROP = 10.0
 
