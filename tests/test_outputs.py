@@ -542,3 +542,109 @@ def test_an_output_with_no_channel_to_judge_converts(tmp_path, kind):
     np.savez(tmp_path / "x.npz", x=rng.normal(size=(60, 8)).astype(np.float32))
     report = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "x.npz"), Options(quiet=True)).report
     assert "weakest_channel" not in report["evaluation"]["outputs"].get("extra", {})
+
+
+def _conv_weight(rng, cin, cout, k=3):
+    return (rng.normal(size=(cout, cin, k, k)) * np.sqrt(2 / (cin * k * k))).astype(np.float32)
+
+
+def _ocr_head(tmp_path, layout):
+    """A CRNN-style recognizer: two strided convolutions over a [1, 32, 128] text line, 32 time steps, 37 classes
+    (blank first), LogSoftmax, output named 'output' (no hint in the name) in torch's CTC layout [T, N, C]
+    (layout 'TNC') or [N, T, C]."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(_conv_weight(rng, 1, 16), "w1"), numpy_helper.from_array(_conv_weight(rng, 16, 32), "w2"),
+             numpy_helper.from_array((rng.normal(size=(256, 128)) * np.sqrt(2 / 256)).astype(np.float32), "w3"),
+             numpy_helper.from_array((rng.normal(size=(128, 37)) * 3 / np.sqrt(128)).astype(np.float32), "w4"),
+             numpy_helper.from_array(np.r_[2.0, np.zeros(36)].astype(np.float32), "b4"),
+             numpy_helper.from_array(np.array([0, 256, 32]), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("Reshape", ["r2", "shape"], ["seq"]),
+             helper.make_node("Transpose", ["seq"], ["ntc"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["ntc", "w3"], ["m3"]), helper.make_node("Relu", ["m3"], ["r3"]),
+             helper.make_node("MatMul", ["r3", "w4"], ["m4"]), helper.make_node("Add", ["m4", "b4"], ["logits"]),
+             helper.make_node("LogSoftmax", ["logits"], ["lp"], axis=-1),
+             helper.make_node("Transpose", ["lp"], ["output"], perm=[1, 0, 2] if layout == "TNC" else [0, 1, 2])]
+    shape = [32, "N", 37] if layout == "TNC" else ["N", 32, 37]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 32, 128])],
+                  [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)], inits)
+    lines = rng.uniform(0, 1, (80, 1, 32, 128)).astype(np.float32)
+    lines[:, :, :, :8] = 0.0  # a text line's left margin: blank
+    np.savez(tmp_path / "calib.npz", x=lines[:40])
+    np.savez(tmp_path / "eval.npz", x=lines[40:])
+    return model, lines[40:]
+
+
+@pytest.mark.parametrize("layout", ["TNC", "NTC"])
+def test_ctc_log_probabilities_are_judged_position_by_position(tmp_path, layout):
+    """Two silent paths of one OCR head at 3 bits (a hunting subagent's): its log-probabilities, named 'output',
+    were judged as a tensor, whose cosine their large negative values keep near 1 (0.9987 where 79.8% of the
+    positions agreed); and in torch's CTC layout [T, N, C] only the first time step was compared (the batch
+    assumed on axis 0). Both are now judged per position, as measured here with onnxruntime."""
+    model, lines = _ocr_head(tmp_path, layout)
+    result = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(quiet=True, eval_path=str(tmp_path / "eval.npz"), avg_bits=3.0))
+    evaluation = result.report["evaluation"]
+
+    def best(path):
+        out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["output"], {"x": lines})[0]
+        return (out.transpose(1, 0, 2) if layout == "TNC" else out).argmax(-1)
+
+    measured = 100.0 * (best(model) == best(str(tmp_path / "q.onnx"))).mean()
+    assert measured < 90 and evaluation["cosine"] > 0.99  # the construction really loses positions
+    assert evaluation["kind"] == "class-scores" and evaluation["agreement_unit"] == "positions (1,280)"
+    assert evaluation["agreement"] == pytest.approx(measured)
+    assert any("collapsed (top-1 agreement" in warning for warning in result.report["warnings"])
+
+
+def test_a_label_map_is_judged_pixel_by_pixel(tmp_path):
+    """A segmenter's in-graph ArgMax, int64 [N, H, W]: a cosine of class ids said 0.99 where 67% of the pixels
+    agreed (a hunting subagent's, at 2 bits), with no warning; its pixels are now its positions."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(_conv_weight(rng, 3, 16), "w1"), numpy_helper.from_array(_conv_weight(rng, 16, 32), "w2"),
+             numpy_helper.from_array((rng.normal(size=(19, 32, 1, 1)) / np.sqrt(32)).astype(np.float32), "wc"),
+             numpy_helper.from_array(np.r_[np.full(9, -1.0), np.full(10, 0.5)].astype(np.float32), "bc")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("Conv", ["r2", "wc", "bc"], ["scores"]),
+             helper.make_node("ArgMax", ["scores"], ["labels"], axis=1, keepdims=0)]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                  [helper.make_tensor_value_info("labels", TensorProto.INT64, ["N", 16, 16])], inits)
+    images = rng.uniform(0, 1, (80, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=images[:40])
+    np.savez(tmp_path / "eval.npz", x=images[40:])
+    result = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(quiet=True, eval_path=str(tmp_path / "eval.npz"), avg_bits=2.0))
+    labels = [ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["labels"], {"x": images[40:]})[0]
+              for path in (model, str(tmp_path / "q.onnx"))]
+    measured = 100.0 * (labels[0] == labels[1]).mean()
+    evaluation = result.report["evaluation"]
+    assert measured < 90 and evaluation["kind"] == "labels"
+    assert evaluation["agreement"] == pytest.approx(measured) and evaluation["agreement_unit"] == "positions (10,240)"
+    assert any("collapsed (top-1 agreement" in warning for warning in result.report["warnings"])
+
+
+@pytest.mark.parametrize("shape, axis", [((19, 16, 16), 1), ((9, 9, 17), 3), ((84, 200), 1)])
+def test_the_weakest_channel_is_found_on_the_axis_that_holds_it(shape, axis):
+    """A segmentation's [N, 19, 16, 16] had its columns judged (16 < 19), a pose model's [N, 9, 9, 17] its rows;
+    a COCO detector's [N, 4 + 80, anchors] nothing (over 64 channels), and its classes scoring under 1e-3 of the
+    boxes' pixels were not judged (a hunting subagent's). One channel of each, scoring at most 0.3 beside
+    values in the hundreds, is rounded away here."""
+    from msq_onnx.fidelity import _OutputSums
+
+    rng = np.random.default_rng(0)
+    fp32 = rng.uniform(0, 0.3, (20, *shape)).astype(np.float32)
+    big = [slice(None)] * fp32.ndim
+    big[axis] = slice(0, 4)
+    fp32[tuple(big)] *= 2000  # 'boxes' in the hundreds, four channels of them
+    quant = fp32 + rng.normal(0, 1e-3, fp32.shape).astype(np.float32)
+    lost = [slice(None)] * fp32.ndim
+    lost[axis] = 6
+    quant[tuple(lost)] = rng.uniform(0, 0.3, quant[tuple(lost)].shape)
+    sums = _OutputSums()
+    sums.add(fp32[:10], quant[:10], False)
+    sums.add(fp32[10:], quant[10:], False)
+    found_axis, channel, cosine = sums.weakest_channel()
+    assert (found_axis, channel) == (axis, 6) and cosine < 0.9
