@@ -51,7 +51,9 @@ class _OutputSums:
     integer: bool = False
     positions: int = 0  # a sequence of class scores [N, T, C] or of labels [N, T]: real positions seen ...
     agreeing: int = 0  # ... and those whose arg-max over C (or label) agrees with FP32's
-    probabilities: bool = True  # every FP32 row over the last axis is a probability distribution
+    probabilities: bool = True  # every FP32 row over the last axis is a probability distribution (or its log)
+    rows: int = 0  # an [N, C] float output's samples ...
+    rows_agreeing: int = 0  # ... and those whose arg-max agrees with FP32's
     masked: bool = False  # padded positions were left out
     picked_fp32: list = field(default_factory=list)  # a score per token [N, T]: each sample's arg-max over its
     picked_quant: list = field(default_factory=list)  # real tokens (a QA head's answer start)
@@ -77,6 +79,10 @@ class _OutputSums:
             self.agreeing += int((same & where).sum())
             if not self.integer:
                 self.probabilities &= distributions(reference)
+        if real is None and reference.ndim == 2 and reference.shape[1] >= 2 and not self.integer:
+            self.rows += len(reference)
+            self.rows_agreeing += int((reference.argmax(1) == quantized.argmax(1)).sum())
+            self.probabilities &= distributions(reference)
         if real is not None and reference.ndim == 2 and not self.integer:
             # Its decision is the arg-max over real tokens; zeroed padding would win it where every real score is
             # negative (log-probabilities), and its rows, masked or not, are no [N, C] to keep (a review's).
@@ -429,6 +435,12 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
         if weakest is not None:
             outputs[name]["weakest_channel"] = {"axis": weakest[0], "index": weakest[1],
                                                 "cosine": round(weakest[2], 6)}
+        decided = acc.positions or acc.rows
+        if name != task_output and decided and acc.probabilities and not acc.integer:
+            # another output of class scores (a LogSoftmax head beside an embedding, a hunting subagent's: cosine
+            # 0.945 where 48% of the decisions held): its rows say so, and its decisions are judged as the task's
+            outputs[name]["agreement"] = round(100.0 * (acc.agreeing if acc.positions else acc.rows_agreeing)
+                                               / decided, 4)
     task = sums[task_output]
     fp32 = np.concatenate(task.kept_fp32) if task.kept_fp32 else None
     quant = np.concatenate(task.kept_quant) if task.kept_quant else None
@@ -561,6 +573,9 @@ def collapse_warning(measured: dict, gated: frozenset = frozenset()) -> str | No
            if name != measured["task_output"] and not out.get("integer") and out["cosine"] < COLLAPSE_COSINE]
     others = [f"'{name}' (cosine to FP32 {out['cosine']:.3f} < {COLLAPSE_COSINE}{_grid_text(out)})" for name, out in low]
     grid_caused += sum("finer_than_its_grid" in out for _, out in low)
+    others += [f"'{name}' (top-1 agreement with FP32 {out['agreement']:.1f}%)" for name, out in
+               measured.get("outputs", {}).items() if name != measured["task_output"]
+               and out["cosine"] >= COLLAPSE_COSINE and 100.0 - out.get("agreement", 100.0) > COLLAPSE_DROP]
     others += [f"'{name}' ({_channel_text(out['weakest_channel'])})" for name, out in measured.get("outputs", {}).items()
                if name != measured["task_output"] and out["cosine"] >= COLLAPSE_COSINE
                and out.get("weakest_channel", {}).get("cosine", 1.0) < COLLAPSE_COSINE]

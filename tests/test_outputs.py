@@ -648,3 +648,43 @@ def test_the_weakest_channel_is_found_on_the_axis_that_holds_it(shape, axis):
     sums.add(fp32[10:], quant[10:], False)
     found_axis, channel, cosine = sums.weakest_channel()
     assert (found_axis, channel) == (axis, 6) and cosine < 0.9
+
+
+def test_another_output_of_class_scores_is_judged_by_its_decisions(tmp_path):
+    """An embedding (the task output) and a LogSoftmax classifier on it (a second output): at 4 bits the head's
+    cosine held 0.945 while 48% of its decisions agreed with FP32's, and the tool said nothing of it (a hunting
+    subagent's). Another output whose rows are probabilities or their logarithm is judged by its decisions too."""
+    rng = np.random.default_rng(6)
+    convs = [_conv_weight(rng, 3, 32), _conv_weight(rng, 32, 64), _conv_weight(rng, 64, 128)]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["embedding"]), helper.make_node("Gemm", ["embedding", "wf", "bf"], ["lg"]),
+             helper.make_node("LogSoftmax", ["lg"], ["log_probs"], axis=1)]
+    images = rng.uniform(0, 1, (90, 3, 32, 32)).astype(np.float32)
+
+    def build(head, bias):
+        inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(convs)]
+        inits += [numpy_helper.from_array(head.astype(np.float32), "wf"), numpy_helper.from_array(bias.astype(np.float32), "bf")]
+        return _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                     [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 128]),
+                      helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["N", 10])], inits)
+
+    model = build(rng.normal(size=(128, 10)), np.zeros(10))
+    features = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(["embedding"], {"x": images[:40]})[0]
+    head = rng.normal(size=(128, 10)) / (features.std(0) + 1e-6)[:, None] / np.sqrt(128) * 2.0  # classes on the spread
+    model = build(head, -(features.mean(0) @ head))
+    np.savez(tmp_path / "calib.npz", x=images[:40])
+    np.savez(tmp_path / "eval.npz", x=images[40:])
+    result = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(quiet=True, eval_path=str(tmp_path / "eval.npz"), avg_bits=4.0))
+    decisions = [ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["log_probs"], {"x": images[40:]})[0]
+                 .argmax(1) for path in (model, str(tmp_path / "q.onnx"))]
+    measured = 100.0 * (decisions[0] == decisions[1]).mean()
+    head_output = result.report["evaluation"]["outputs"]["log_probs"]
+    assert measured < 90 and head_output["cosine"] > 0.9  # its cosine alone would pass it
+    assert head_output["agreement"] == pytest.approx(measured)
+    assert "agreement" not in result.report["evaluation"]["outputs"]["embedding"]  # the task's is the evaluation's
+    assert any("'log_probs' (top-1 agreement with FP32" in warning for warning in result.report["warnings"])
