@@ -26,8 +26,9 @@ from .verify import session
 CACHE_LIMIT = 256 * 1024**2  # FP32 outputs kept in memory for repeated comparisons (a --max-drop search)
 KEEP_LIMIT = 8192  # widest per-sample task output kept for top-1 / neighbour measures
 # An output's axes judged channel by channel (_OutputSums._add_channels) hold at most this many: a COCO detector's
-# [N, 4 + 80, anchors] went unjudged at 64 (a hunting subagent's: classes down to 0.34 under a cosine of 0.99998).
-MAX_CHANNELS = 128
+# [N, 4 + 80, anchors] went unjudged at 64 (a hunting subagent's: classes down to 0.34 under a cosine of 0.99998),
+# and ADE20K's 150 classes at 128 (a review's); COCO-stuff has 182.
+MAX_CHANNELS = 256
 # A channel is judged when its FP32 values reach this share of the output's largest: a class no sample scores is
 # noise, but at 1e-3 a detector's boxes in pixels (peak 642) left out every class scoring under 0.64, 19 of 20.
 LIVE_CHANNEL = 1e-4
@@ -49,12 +50,14 @@ class _OutputSums:
     kept_quant: list = field(default_factory=list)
     unkept: bool = False  # the task output is too wide to keep, or its width varies between samples: no [N, C]
     integer: bool = False
-    positions: int = 0  # a sequence of class scores [N, T, C] or of labels [N, T]: real positions seen ...
+    positions: int = 0  # a sequence of class scores [N, T, C] or of labels [N, T] (or a label map): positions seen ...
     agreeing: int = 0  # ... and those whose arg-max over C (or label) agrees with FP32's
     probabilities: bool = True  # every FP32 row over the last axis is a probability distribution (or its log)
+    nonpositive: bool = True  # ... and no FP32 value is above 0 (log-probabilities, where they are distributions)
     rows: int = 0  # an [N, C] float output's samples ...
     rows_agreeing: int = 0  # ... and those whose arg-max agrees with FP32's
     masked: bool = False  # padded positions were left out
+    label_map: bool = False  # integer values a position that are class ids (label_outputs), not measured values
     picked_fp32: list = field(default_factory=list)  # a score per token [N, T]: each sample's arg-max over its
     picked_quant: list = field(default_factory=list)  # real tokens (a QA head's answer start)
     scalar: bool | None = None  # one value a sample in every batch (a regression, a sigmoid head)
@@ -69,9 +72,11 @@ class _OutputSums:
         if real is not None and (reference.shape[:2] != real.shape or (self.integer and reference.ndim != 2)):
             real = None
         sequence = reference.ndim == 3 and reference.shape[-1] >= 2  # [N, C, 1] is no sequence
-        # labels per token [N, T] or per pixel [N, H, W] (a segmentation's in-graph ArgMax): agreement per position,
-        # where a cosine of class ids said 0.99 for 67% of the pixels (a hunting subagent's)
-        label_map = self.integer and reference.ndim >= 2 and int(np.prod(reference.shape[1:])) > 1
+        # labels per token [N, T], or per pixel [N, H, W] where an in-graph ArgMax made them (a cosine of class ids
+        # said 0.99 for 67% of the pixels, a hunting subagent's): agreement per position. Other integer maps (a
+        # uint8 image, 61% of whose pixels move by a grey level at 8 bits) are values, judged by cosine.
+        label_map = self.integer and (reference.ndim == 2 and reference.shape[1] > 1 or reference.ndim > 2
+                                      and self.label_map and int(np.prod(reference.shape[1:])) > 1)
         if (sequence and not self.integer) or label_map:
             where = np.ones(reference.shape if self.integer else reference.shape[:2], bool) if real is None else real
             self.positions += int(where.sum())
@@ -79,10 +84,12 @@ class _OutputSums:
             self.agreeing += int((same & where).sum())
             if not self.integer:
                 self.probabilities &= distributions(reference)
+                self.nonpositive &= bool(np.all(reference <= 0))
         if real is None and reference.ndim == 2 and reference.shape[1] >= 2 and not self.integer:
             self.rows += len(reference)
             self.rows_agreeing += int((reference.argmax(1) == quantized.argmax(1)).sum())
             self.probabilities &= distributions(reference)
+            self.nonpositive &= bool(np.all(reference <= 0))
         if real is not None and reference.ndim == 2 and not self.integer:
             # Its decision is the arg-max over real tokens; zeroed padding would win it where every real score is
             # negative (log-probabilities), and its rows, masked or not, are no [N, C] to keep (a review's).
@@ -119,17 +126,13 @@ class _OutputSums:
                 self.kept_quant.append(out.astype(kept))
 
     def _add_channels(self, reference: np.ndarray, quantized: np.ndarray) -> None:
-        """Per channel of an [N, A, ..., B] output, on the axes channels sit on in NCHW and NHWC layouts, each
-        when it holds 2 to MAX_CHANNELS: of [N, A, B] the shorter (A of equals), of a map both A and B, since
-        which one holds the classes its shape does not say ([N, 19, 16, 16] and a pose model's [N, 9, 9, 17]).
-        A detector's [N, 4 + classes, anchors] holds boxes in pixels beside scores in [0, 1], and its one cosine
-        is the boxes' (a hunting subagent's YOLOv8 at 3 bits: cosine 0.997, the score rows' 0.22, 1 detection
-        left of 89); a segmentation's class map goes the same way. One channel is the whole output."""
+        """Per channel of an [N, A, ..., B] output's channel axis (channel_axes), when it holds 2 to MAX_CHANNELS: a
+        detector's [N, 4 + classes, anchors] holds boxes in pixels beside scores in [0, 1], and its one cosine is
+        the boxes' (a hunting subagent's YOLOv8 at 3 bits: cosine 0.997, the score rows' 0.22, 1 detection left
+        of 89); a segmentation's class map goes the same way. One channel is the whole output."""
         if self.channels == () or reference.size == 0:  # an empty batch (a detector that found nothing) adds nothing
             return
-        last = reference.ndim - 1
-        candidates = (1, last) if reference.ndim > 3 else (1 if reference.shape[1] <= reference.shape[2] else 2,)
-        axes = [axis for axis in candidates if 2 <= reference.shape[axis] <= MAX_CHANNELS]
+        axes = [axis for axis in channel_axes(reference.shape) if 2 <= reference.shape[axis] <= MAX_CHANNELS]
         if not axes or (self.channels is not None and {
                 axis: len(sums[0]) for axis, sums in self.channels.items()} != {a: reference.shape[a] for a in axes}):
             self.channels = ()  # no short axis, or not the same ones in every batch
@@ -264,6 +267,39 @@ class Cancelled(Exception):
     """Runs ended early on request: never reaches a user (the conversion that asked for it has already failed)."""
 
 
+_SHAPE_ONLY = ("Cast", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Identity", "Flatten")
+
+
+def label_outputs(graph) -> set:
+    """The graph's outputs that hold class ids: an ArgMax's or ArgMin's, or TopK's indices, through ops that only
+    reshape or cast them."""
+    producers = {out: node for node in graph.node for out in node.output}
+    found = set()
+    for value in graph.output:
+        name = value.name
+        node = producers.get(name)
+        while node is not None and node.op_type in _SHAPE_ONLY:
+            name = node.input[0]
+            node = producers.get(name)
+        if node is not None and (node.op_type in ("ArgMax", "ArgMin")
+                                 or node.op_type == "TopK" and len(node.output) > 1 and node.output[1] == name):
+            found.add(value.name)
+    return found
+
+
+def channel_axes(shape) -> tuple:
+    """Where an output's channels are: of [N, A, B] the shorter axis (A of equals); of a map, axis 1 (ONNX's NCHW),
+    or the last where the two before it are a square that it is not ([N, S, S, C], a pose model's [N, 9, 9, 17])
+    or axis 1 holds more than MAX_CHANNELS ([N, H, W, C]). A map's spatial axes are no channels: judged, an empty
+    margin's columns on a uint8 output grid measured 0.0 under a mask that held (a review's)."""
+    if len(shape) == 3:
+        return (1 if shape[1] <= shape[2] else 2,)
+    last = len(shape) - 1
+    if shape[1] == shape[2] != shape[last] or shape[1] > MAX_CHANNELS:
+        return (last,)
+    return (1,)
+
+
 def batch_first(output: np.ndarray, rows: int) -> np.ndarray:
     """An output with its samples on axis 0. A rank-0 output (a mean over the batch) is one value a run, not one
     a sample. Where axis 0 is not the batch and exactly one other axis is as long as the batch fed, that axis
@@ -388,7 +424,8 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     runner = session(quant_path, optimized_path if kept else None, threads=threads)
     if kept:
         sessions[quant_path] = runner
-    sums = {name: _OutputSums() for name in reference.names}
+    labelled = label_outputs(reference.loaded.model.graph)
+    sums = {name: _OutputSums(label_map=name in labelled) for name in reference.names}
     samples = reference.samples
     task_shape = None
     run = lambda batch: _run_checked(runner, reference.names, batch[0], batch[1], samples,  # noqa: E731
@@ -399,6 +436,7 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             for name, ref, out in zip(reference.names, fp32, quant):
                 if ref.dtype == bool:  # a yes/no decision per sample or position: judged as labels 0 / 1
                     ref, out = ref.astype(np.uint8), out.astype(np.uint8)
+                    sums[name].label_map = True
                 if np.issubdtype(ref.dtype, np.number):
                     if name == task_output:
                         task_shape = ref.shape[1:]
@@ -436,9 +474,12 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             outputs[name]["weakest_channel"] = {"axis": weakest[0], "index": weakest[1],
                                                 "cosine": round(weakest[2], 6)}
         decided = acc.positions or acc.rows
-        if name != task_output and decided and acc.probabilities and not acc.integer:
+        if name != task_output and decided and acc.probabilities and not acc.integer and (
+                acc.nonpositive or _named_kind(name) == "class-scores"):
             # another output of class scores (a LogSoftmax head beside an embedding, a hunting subagent's: cosine
-            # 0.945 where 48% of the decisions held): its rows say so, and its decisions are judged as the task's
+            # 0.945 where 48% of the decisions held): its decisions are judged as the task's. Log-probability rows
+            # say so; probability rows only with the name of scores, as attention or pooling weights are softmax
+            # rows too, whose near ties make an arg-max flip (17.5% where the cosine was 0.99998, a review's).
             outputs[name]["agreement"] = round(100.0 * (acc.agreeing if acc.positions else acc.rows_agreeing)
                                                / decided, 4)
     task = sums[task_output]
@@ -453,7 +494,8 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             or (_named_kind(task_output) == "class-scores" and np.all((fp32 >= 0) & (fp32 <= 1)))))))
     picked = task.picked_fp32 and task.picked_quant
     if sequence:
-        kind = "labels" if task.integer else sequence_kind(task_output, declared_kind, task.probabilities)
+        kind = (("tensor" if declared_kind == "tensor" else "labels") if task.integer
+                else sequence_kind(task_output, declared_kind, task.probabilities))
     elif picked:  # a score per token: class scores over the sample's tokens when declared or named so
         kind = "class-scores" if (declared_kind or _named_kind(task_output)) == "class-scores" else "tensor"
     else:

@@ -1297,8 +1297,8 @@ def enforce_gate(result: Result) -> None:
         if gate.get("min_cosine") is not None and gate["cosine"] < gate["min_cosine"]:
             failed.append(f"cosine to FP32 {gate['cosine']:.4f} is below --min-cosine {gate['min_cosine']}")
         weakest = gate.get("weakest_channel")
-        if gate.get("min_cosine") is not None and weakest and weakest["cosine"] < fidelity.channel_floor(
-                gate["min_cosine"]):
+        if gate.get("min_cosine") is not None and gate["cosine"] >= gate["min_cosine"] and weakest and \
+                weakest["cosine"] < fidelity.channel_floor(gate["min_cosine"]):
             failed.append(f"channel {weakest['index']} of axis {weakest['axis']} has cosine to FP32 "
                           f"{weakest['cosine']:.4f}, below {fidelity.channel_floor(gate['min_cosine']):g} (what "
                           "--min-cosine asks of every channel), under a whole-output cosine that passes")

@@ -650,10 +650,14 @@ def test_the_weakest_channel_is_found_on_the_axis_that_holds_it(shape, axis):
     assert (found_axis, channel) == (axis, 6) and cosine < 0.9
 
 
-def test_another_output_of_class_scores_is_judged_by_its_decisions(tmp_path):
+@pytest.mark.parametrize("op, name, judged", [("LogSoftmax", "log_probs", True), ("LogSoftmax", "head", True),
+                                              ("Softmax", "probs", True), ("Softmax", "weights", False)])
+def test_another_output_of_class_scores_is_judged_by_its_decisions(tmp_path, op, name, judged):
     """An embedding (the task output) and a LogSoftmax classifier on it (a second output): at 4 bits the head's
     cosine held 0.945 while 48% of its decisions agreed with FP32's, and the tool said nothing of it (a hunting
-    subagent's). Another output whose rows are probabilities or their logarithm is judged by its decisions too."""
+    subagent's). Another output of log-probability rows, or of probability rows named as scores, is judged by its
+    decisions too; softmax rows named otherwise (attention or pooling weights, whose near ties flip an arg-max)
+    are not."""
     rng = np.random.default_rng(6)
     convs = [_conv_weight(rng, 3, 32), _conv_weight(rng, 32, 64), _conv_weight(rng, 64, 128)]
     nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], strides=[2, 2], pads=[1, 1, 1, 1]),
@@ -662,7 +666,7 @@ def test_another_output_of_class_scores_is_judged_by_its_decisions(tmp_path):
              helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
              helper.make_node("Flatten", ["g"], ["embedding"]), helper.make_node("Gemm", ["embedding", "wf", "bf"], ["lg"]),
-             helper.make_node("LogSoftmax", ["lg"], ["log_probs"], axis=1)]
+             helper.make_node(op, ["lg"], [name], axis=1)]
     images = rng.uniform(0, 1, (90, 3, 32, 32)).astype(np.float32)
 
     def build(head, bias):
@@ -670,7 +674,7 @@ def test_another_output_of_class_scores_is_judged_by_its_decisions(tmp_path):
         inits += [numpy_helper.from_array(head.astype(np.float32), "wf"), numpy_helper.from_array(bias.astype(np.float32), "bf")]
         return _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
                      [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 128]),
-                      helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["N", 10])], inits)
+                      helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 10])], inits)
 
     model = build(rng.normal(size=(128, 10)), np.zeros(10))
     features = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(["embedding"], {"x": images[:40]})[0]
@@ -680,11 +684,54 @@ def test_another_output_of_class_scores_is_judged_by_its_decisions(tmp_path):
     np.savez(tmp_path / "eval.npz", x=images[40:])
     result = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
                      Options(quiet=True, eval_path=str(tmp_path / "eval.npz"), avg_bits=4.0))
-    decisions = [ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["log_probs"], {"x": images[40:]})[0]
+    decisions = [ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run([name], {"x": images[40:]})[0]
                  .argmax(1) for path in (model, str(tmp_path / "q.onnx"))]
     measured = 100.0 * (decisions[0] == decisions[1]).mean()
-    head_output = result.report["evaluation"]["outputs"]["log_probs"]
-    assert measured < 90 and head_output["cosine"] > 0.9  # its cosine alone would pass it
-    assert head_output["agreement"] == pytest.approx(measured)
+    head_output = result.report["evaluation"]["outputs"][name]
+    assert measured < 90
     assert "agreement" not in result.report["evaluation"]["outputs"]["embedding"]  # the task's is the evaluation's
-    assert any("'log_probs' (top-1 agreement with FP32" in warning for warning in result.report["warnings"])
+    said = any(f"'{name}' (top-1 agreement with FP32" in warning for warning in result.report["warnings"])
+    if judged:
+        assert head_output["agreement"] == pytest.approx(measured)
+        if op == "LogSoftmax":
+            assert head_output["cosine"] > 0.9 and said  # its cosine alone would pass it
+    else:
+        assert "agreement" not in head_output and not said
+
+
+@pytest.mark.parametrize("shape, axes", [((8, 10), (1,)), ((90, 10), (2,)), ((19, 16, 16), (1,)), ((150, 128, 128), (1,)),
+                                         ((64, 64, 17), (3,)), ((480, 640, 21), (3,)), ((1, 32, 32), (1,))])
+def test_a_maps_channels_are_its_class_axis_not_its_columns(shape, axes):
+    """Of a map, the channel axis (NCHW's axis 1; NHWC's last, told by a square before it or by an axis 1 past the
+    cap), never a spatial one: judging columns too, a one-channel mask whose empty margin a uint8 output grid
+    rounded to 0 was called collapsed at a cosine of 0.9994 (a review's)."""
+    from msq_onnx.fidelity import _OutputSums, channel_axes
+
+    assert channel_axes((4, *shape)) == axes
+    rng = np.random.default_rng(1)
+    mask = rng.uniform(0, 1, (6, 1, 32, 32)).astype(np.float32)
+    mask[..., 28:] = 3e-4  # an empty margin
+    quant = np.round(mask * 255) / 255  # a uint8 output grid
+    sums = _OutputSums()
+    sums.add(mask, quant.astype(np.float32), False)
+    assert sums.weakest_channel() is None  # one channel: the whole output
+
+
+def test_an_integer_image_is_judged_by_its_values(tmp_path):
+    """A uint8 image output [N, 3, 8, 8] (Sigmoid x 255, Cast): judged as a label map, a grey level's move at
+    8 bits counted as a wrong label (61% agreement, 'do not deploy'; a review's). Only an ArgMax's (or TopK's
+    indices) make a label map."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(_conv_weight(rng, 3, 3), "w"), numpy_helper.from_array(np.float32(255), "k")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Sigmoid", ["c"], ["s"]),
+             helper.make_node("Mul", ["s", "k"], ["m"]), helper.make_node("Cast", ["m"], ["image"], to=TensorProto.UINT8)]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                  [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 3, 8, 8])], inits)
+    images = rng.uniform(0, 1, (60, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=images[:30])
+    np.savez(tmp_path / "eval.npz", x=images[30:])
+    result = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(quiet=True, eval_path=str(tmp_path / "eval.npz"), avg_bits=8.0))
+    evaluation = result.report["evaluation"]
+    assert evaluation["kind"] == "tensor" and evaluation["cosine"] > 0.999 and "agreement" not in evaluation
+    assert not any("collapsed" in warning for warning in result.report["warnings"])
