@@ -474,8 +474,9 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             outputs[name]["weakest_channel"] = {"axis": weakest[0], "index": weakest[1],
                                                 "cosine": round(weakest[2], 6)}
         decided = acc.positions or acc.rows
-        if name != task_output and decided and acc.probabilities and not acc.integer and (
-                acc.nonpositive or _named_kind(name) == "class-scores"):
+        scores = acc.probabilities and not acc.integer and (acc.nonpositive or _named_kind(name) == "class-scores")
+        # or an ArgMax's label map (or yes/no decisions) beside its logits: 67% of its pixels agreed, unjudged
+        if name != task_output and decided and (scores or acc.integer and acc.label_map and acc.positions):
             # another output of class scores (a LogSoftmax head beside an embedding, a hunting subagent's: cosine
             # 0.945 where 48% of the decisions held): its decisions are judged as the task's. Log-probability rows
             # say so; probability rows only with the name of scores, as attention or pooling weights are softmax
@@ -617,7 +618,8 @@ def collapse_warning(measured: dict, gated: frozenset = frozenset()) -> str | No
     grid_caused += sum("finer_than_its_grid" in out for _, out in low)
     others += [f"'{name}' (top-1 agreement with FP32 {out['agreement']:.1f}%)" for name, out in
                measured.get("outputs", {}).items() if name != measured["task_output"]
-               and out["cosine"] >= COLLAPSE_COSINE and 100.0 - out.get("agreement", 100.0) > COLLAPSE_DROP]
+               and (out.get("integer") or out["cosine"] >= COLLAPSE_COSINE)
+               and 100.0 - out.get("agreement", 100.0) > COLLAPSE_DROP]
     others += [f"'{name}' ({_channel_text(out['weakest_channel'])})" for name, out in measured.get("outputs", {}).items()
                if name != measured["task_output"] and out["cosine"] >= COLLAPSE_COSINE
                and out.get("weakest_channel", {}).get("cosine", 1.0) < COLLAPSE_COSINE]

@@ -599,9 +599,11 @@ def test_ctc_log_probabilities_are_judged_position_by_position(tmp_path, layout)
     assert any("collapsed (top-1 agreement" in warning for warning in result.report["warnings"])
 
 
-def test_a_label_map_is_judged_pixel_by_pixel(tmp_path):
+@pytest.mark.parametrize("beside_logits", [False, True])
+def test_a_label_map_is_judged_pixel_by_pixel(tmp_path, beside_logits):
     """A segmenter's in-graph ArgMax, int64 [N, H, W]: a cosine of class ids said 0.99 where 67% of the pixels
-    agreed (a hunting subagent's, at 2 bits), with no warning; its pixels are now its positions."""
+    agreed (a hunting subagent's, at 2 bits), with no warning; its pixels are now its positions. Beside its
+    logits (the task output then), it is judged the same way."""
     rng = np.random.default_rng(3)
     inits = [numpy_helper.from_array(_conv_weight(rng, 3, 16), "w1"), numpy_helper.from_array(_conv_weight(rng, 16, 32), "w2"),
              numpy_helper.from_array((rng.normal(size=(19, 32, 1, 1)) / np.sqrt(32)).astype(np.float32), "wc"),
@@ -610,8 +612,11 @@ def test_a_label_map_is_judged_pixel_by_pixel(tmp_path):
              helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("Conv", ["r2", "wc", "bc"], ["scores"]),
              helper.make_node("ArgMax", ["scores"], ["labels"], axis=1, keepdims=0)]
+    outputs = [helper.make_tensor_value_info("labels", TensorProto.INT64, ["N", 16, 16])]
+    if beside_logits:
+        outputs.insert(0, helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 19, 16, 16]))
     model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
-                  [helper.make_tensor_value_info("labels", TensorProto.INT64, ["N", 16, 16])], inits)
+                  outputs, inits)
     images = rng.uniform(0, 1, (80, 3, 32, 32)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=images[:40])
     np.savez(tmp_path / "eval.npz", x=images[40:])
@@ -621,7 +626,13 @@ def test_a_label_map_is_judged_pixel_by_pixel(tmp_path):
               for path in (model, str(tmp_path / "q.onnx"))]
     measured = 100.0 * (labels[0] == labels[1]).mean()
     evaluation = result.report["evaluation"]
-    assert measured < 90 and evaluation["kind"] == "labels"
+    assert measured < 90
+    if beside_logits:
+        assert evaluation["task_output"] == "scores"
+        assert evaluation["outputs"]["labels"]["agreement"] == pytest.approx(measured)
+        assert any("'labels' (top-1 agreement" in warning for warning in result.report["warnings"])
+        return
+    assert evaluation["kind"] == "labels"
     assert evaluation["agreement"] == pytest.approx(measured) and evaluation["agreement_unit"] == "positions (10,240)"
     assert any("collapsed (top-1 agreement" in warning for warning in result.report["warnings"])
 
