@@ -319,7 +319,8 @@ def _run_checked(runner, names, feed, count, samples, description) -> list:
     except Exception as exc:
         raise BadData(f"the model cannot run on '{samples.source}' ({one_line(exc)}); check the data's shape "
                       "and dtype against the model's inputs.") from None
-    rows = len(next(iter(feed.values()))) if feed else count  # the batch fed, padding included
+    # the batch fed, padding included (a rank-0 input, a threshold fed once a run, has none)
+    rows = next((np.shape(value)[0] for value in feed.values() if np.ndim(value) > 0), count)
     outputs = [batch_first(np.asarray(o), rows)[:count] for o in outputs]
     for name, value in zip(names, outputs):
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
