@@ -62,7 +62,7 @@ class _OutputSums:
     picked_quant: list = field(default_factory=list)  # real tokens (a QA head's answer start)
     scalar: bool | None = None  # one value a sample in every batch (a regression, a sigmoid head)
     moments: np.ndarray = field(default_factory=lambda: np.zeros(5))  # of one-value outputs: sums of x, y, xx, yy, xy
-    channels: dict | tuple | None = None  # axis -> sums of xx, yy, xy and the peak |x| per channel; (): none judged
+    channels: tuple | None = None  # (axis, sums of xx, yy, xy and the peak |x| per channel); (): none judged
 
     def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None) -> None:
         """real: [N, T] True at real tokens (its attention mask, output_masks) for an output whose first two axes
@@ -126,42 +126,38 @@ class _OutputSums:
                 self.kept_quant.append(out.astype(kept))
 
     def _add_channels(self, reference: np.ndarray, quantized: np.ndarray) -> None:
-        """Per channel of an [N, A, ..., B] output's channel axis (channel_axes), when it holds 2 to MAX_CHANNELS: a
+        """Per channel of an [N, A, ..., B] output's channel axis (channel_axis), when it holds 2 to MAX_CHANNELS: a
         detector's [N, 4 + classes, anchors] holds boxes in pixels beside scores in [0, 1], and its one cosine is
         the boxes' (a hunting subagent's YOLOv8 at 3 bits: cosine 0.997, the score rows' 0.22, 1 detection left
         of 89); a segmentation's class map goes the same way. One channel is the whole output."""
         if self.channels == () or reference.size == 0:  # an empty batch (a detector that found nothing) adds nothing
             return
-        axes = [axis for axis in channel_axes(reference.shape) if 2 <= reference.shape[axis] <= MAX_CHANNELS]
-        if not axes or (self.channels is not None and {
-                axis: len(sums[0]) for axis, sums in self.channels.items()} != {a: reference.shape[a] for a in axes}):
-            self.channels = ()  # no short axis, or not the same ones in every batch
+        axis = channel_axis(reference.shape)
+        if not 2 <= reference.shape[axis] <= MAX_CHANNELS or (self.channels is not None and (
+                self.channels[0] != axis or len(self.channels[1]) != reference.shape[axis])):
+            self.channels = ()  # no channel axis, or not the same one in every batch
             return
+        other = tuple(a for a in range(reference.ndim) if a != axis)
         x, y = reference.astype(np.float64), quantized.astype(np.float64)
-        channels = {}
-        for axis in axes:
-            other = tuple(a for a in range(reference.ndim) if a != axis)
-            sums = [(x * x).sum(axis=other), (y * y).sum(axis=other), (x * y).sum(axis=other),
-                    np.abs(x).max(axis=other)]
-            if self.channels is not None:
-                xx, yy, xy, peak = self.channels[axis]
-                sums = [xx + sums[0], yy + sums[1], xy + sums[2], np.maximum(peak, sums[3])]
-            channels[axis] = sums
-        self.channels = channels
+        sums = [(x * x).sum(axis=other), (y * y).sum(axis=other), (x * y).sum(axis=other), np.abs(x).max(axis=other)]
+        if self.channels is None:
+            self.channels = (axis, *sums)
+        else:
+            axis_, xx, yy, xy, peak = self.channels
+            self.channels = (axis, xx + sums[0], yy + sums[1], xy + sums[2], np.maximum(peak, sums[3]))
 
     def weakest_channel(self) -> tuple[int, int, float] | None:
         """(axis, channel, cosine) of the live channel least like FP32's; a channel whose values stay under
         LIVE_CHANNEL of the output's largest (a class never scored) is not judged."""
-        weakest = None
-        for axis, (xx, yy, xy, peak) in (self.channels or {}).items():
-            live = np.flatnonzero(peak >= LIVE_CHANNEL * float(peak.max())) if peak.size and peak.max() > 0 else []
-            if not len(live):  # all zeros in FP32 (an additive mask without padding): no channel to judge
-                continue
-            cosines = xy[live] / np.maximum(np.sqrt(xx[live] * yy[live]), 1e-30)
-            worst = int(np.argmin(cosines))
-            if weakest is None or cosines[worst] < weakest[2]:
-                weakest = (axis, int(live[worst]), float(cosines[worst]))
-        return weakest
+        if not self.channels:
+            return None
+        axis, xx, yy, xy, peak = self.channels
+        live = np.flatnonzero(peak >= LIVE_CHANNEL * float(peak.max())) if peak.size and peak.max() > 0 else []
+        if not len(live):  # all zeros in FP32 (an additive mask without padding): no channel to judge
+            return None
+        cosines = xy[live] / np.maximum(np.sqrt(xx[live] * yy[live]), 1e-30)
+        worst = int(np.argmin(cosines))
+        return axis, int(live[worst]), float(cosines[worst])
 
     def spread(self) -> float:
         """FP32's standard deviation over the samples, of a one-value output."""
@@ -224,6 +220,7 @@ class Reference:
         # a sequence or map output has no values to compare element by element
         self.names = [o.name for o in loaded.model.graph.output if o.type.HasField("tensor_type")]
         self.masks = output_masks(loaded)
+        self.label_maps = label_outputs(loaded.model.graph)
         self.cache = []
         size = 0
         for feed, count, outputs in self._run("FP32 evaluation", quiet, workers):
@@ -287,17 +284,15 @@ def label_outputs(graph) -> set:
     return found
 
 
-def channel_axes(shape) -> tuple:
+def channel_axis(shape) -> int:
     """Where an output's channels are: of [N, A, B] the shorter axis (A of equals); of a map, axis 1 (ONNX's NCHW),
     or the last where the two before it are a square that it is not ([N, S, S, C], a pose model's [N, 9, 9, 17])
     or axis 1 holds more than MAX_CHANNELS ([N, H, W, C]). A map's spatial axes are no channels: judged, an empty
     margin's columns on a uint8 output grid measured 0.0 under a mask that held (a review's)."""
     if len(shape) == 3:
-        return (1 if shape[1] <= shape[2] else 2,)
+        return 1 if shape[1] <= shape[2] else 2
     last = len(shape) - 1
-    if shape[1] == shape[2] != shape[last] or shape[1] > MAX_CHANNELS:
-        return (last,)
-    return (1,)
+    return last if shape[1] == shape[2] != shape[last] or shape[1] > MAX_CHANNELS else 1
 
 
 def batch_first(output: np.ndarray, rows: int) -> np.ndarray:
@@ -425,8 +420,7 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     runner = session(quant_path, optimized_path if kept else None, threads=threads)
     if kept:
         sessions[quant_path] = runner
-    labelled = label_outputs(reference.loaded.model.graph)
-    sums = {name: _OutputSums(label_map=name in labelled) for name in reference.names}
+    sums = {name: _OutputSums(label_map=name in reference.label_maps) for name in reference.names}
     samples = reference.samples
     task_shape = None
     run = lambda batch: _run_checked(runner, reference.names, batch[0], batch[1], samples,  # noqa: E731

@@ -710,15 +710,15 @@ def test_another_output_of_class_scores_is_judged_by_its_decisions(tmp_path, op,
         assert "agreement" not in head_output and not said
 
 
-@pytest.mark.parametrize("shape, axes", [((8, 10), (1,)), ((90, 10), (2,)), ((19, 16, 16), (1,)), ((150, 128, 128), (1,)),
-                                         ((64, 64, 17), (3,)), ((480, 640, 21), (3,)), ((1, 32, 32), (1,))])
-def test_a_maps_channels_are_its_class_axis_not_its_columns(shape, axes):
+@pytest.mark.parametrize("shape, axis", [((8, 10), 1), ((90, 10), 2), ((19, 16, 16), 1), ((150, 128, 128), 1),
+                                         ((64, 64, 17), 3), ((480, 640, 21), 3), ((1, 32, 32), 1)])
+def test_a_maps_channels_are_its_class_axis_not_its_columns(shape, axis):
     """Of a map, the channel axis (NCHW's axis 1; NHWC's last, told by a square before it or by an axis 1 past the
     cap), never a spatial one: judging columns too, a one-channel mask whose empty margin a uint8 output grid
     rounded to 0 was called collapsed at a cosine of 0.9994 (a review's)."""
-    from msq_onnx.fidelity import _OutputSums, channel_axes
+    from msq_onnx.fidelity import _OutputSums, channel_axis
 
-    assert channel_axes((4, *shape)) == axes
+    assert channel_axis((4, *shape)) == axis
     rng = np.random.default_rng(1)
     mask = rng.uniform(0, 1, (6, 1, 32, 32)).astype(np.float32)
     mask[..., 28:] = 3e-4  # an empty margin
