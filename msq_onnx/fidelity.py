@@ -25,7 +25,7 @@ from .verify import session
 
 CACHE_LIMIT = 256 * 1024**2  # FP32 outputs kept in memory for repeated comparisons (a --max-drop search)
 KEEP_LIMIT = 8192  # widest per-sample task output kept for top-1 / neighbour measures
-# An output's axes judged channel by channel (_OutputSums._add_channels) hold at most this many: a COCO detector's
+# An output's axes judged channel by channel (ChannelSums) hold at most this many: a COCO detector's
 # [N, 4 + 80, anchors] went unjudged at 64 (a hunting subagent's: classes down to 0.34 under a cosine of 0.99998),
 # and ADE20K's 150 classes at 128 (a review's); COCO-stuff has 182.
 MAX_CHANNELS = 256
@@ -37,6 +37,46 @@ NEIGHBOUR_SAMPLES = 4000
 # collapsed on stderr and in the report.
 COLLAPSE_COSINE = 0.9
 COLLAPSE_DROP = 10.0
+
+
+class ChannelSums:
+    """Per channel of an [N, A, ..., B] output's channel axis (channel_axis), when it holds 2 to MAX_CHANNELS: a
+    detector's [N, 4 + classes, anchors] holds boxes in pixels beside scores in [0, 1], and its one cosine is
+    the boxes' (a hunting subagent's YOLOv8 at 3 bits: cosine 0.997, the score rows' 0.22, 1 detection left
+    of 89); a segmentation's class map goes the same way. One channel is the whole output."""
+
+    def __init__(self):
+        self.sums: tuple | None = None  # (axis, sums of xx, yy, xy and the peak |x| per channel); (): none judged
+
+    def add(self, reference: np.ndarray, quantized: np.ndarray) -> None:
+        if self.sums == () or reference.size == 0:  # an empty batch (a detector that found nothing) adds nothing
+            return
+        axis = channel_axis(reference.shape)
+        if not 2 <= reference.shape[axis] <= MAX_CHANNELS or (self.sums is not None and (
+                self.sums[0] != axis or len(self.sums[1]) != reference.shape[axis])):
+            self.sums = ()  # no channel axis, or not the same one in every batch
+            return
+        other = tuple(a for a in range(reference.ndim) if a != axis)
+        x, y = reference.astype(np.float64), quantized.astype(np.float64)
+        sums = [(x * x).sum(axis=other), (y * y).sum(axis=other), (x * y).sum(axis=other), np.abs(x).max(axis=other)]
+        if self.sums is None:
+            self.sums = (axis, *sums)
+        else:
+            _, xx, yy, xy, peak = self.sums
+            self.sums = (axis, xx + sums[0], yy + sums[1], xy + sums[2], np.maximum(peak, sums[3]))
+
+    def weakest(self) -> tuple[int, int, float] | None:
+        """(axis, channel, cosine) of the live channel least like FP32's; a channel whose values stay under
+        LIVE_CHANNEL of the output's largest (a class never scored) is not judged."""
+        if not self.sums:
+            return None
+        axis, xx, yy, xy, peak = self.sums
+        live = np.flatnonzero(peak >= LIVE_CHANNEL * float(peak.max())) if peak.size and peak.max() > 0 else []
+        if not len(live):  # all zeros in FP32 (an additive mask without padding): no channel to judge
+            return None
+        cosines = xy[live] / np.maximum(np.sqrt(xx[live] * yy[live]), 1e-30)
+        worst = int(np.argmin(cosines))
+        return axis, int(live[worst]), float(cosines[worst])
 
 
 @dataclass
@@ -62,7 +102,7 @@ class _OutputSums:
     picked_quant: list = field(default_factory=list)  # real tokens (a QA head's answer start)
     scalar: bool | None = None  # one value a sample in every batch (a regression, a sigmoid head)
     moments: np.ndarray = field(default_factory=lambda: np.zeros(5))  # of one-value outputs: sums of x, y, xx, yy, xy
-    channels: tuple | None = None  # (axis, sums of xx, yy, xy and the peak |x| per channel); (): none judged
+    channels: "ChannelSums" = field(default_factory=lambda: ChannelSums())
 
     def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None) -> None:
         """real: [N, T] True at real tokens (its attention mask, output_masks) for an output whose first two axes
@@ -101,7 +141,7 @@ class _OutputSums:
             real = real.reshape(real.shape + (1,) * (reference.ndim - 2))
             reference, quantized = reference * real, quantized * real
         if reference.ndim >= 3 and not self.integer:
-            self._add_channels(reference, quantized)
+            self.channels.add(reference, quantized)
         ref = reference.reshape(len(reference), -1).astype(np.float64)
         out = quantized.reshape(len(quantized), -1).astype(np.float64)
         self.signal += float((ref ** 2).sum())
@@ -125,39 +165,8 @@ class _OutputSums:
                 self.kept_fp32.append(ref.astype(kept))
                 self.kept_quant.append(out.astype(kept))
 
-    def _add_channels(self, reference: np.ndarray, quantized: np.ndarray) -> None:
-        """Per channel of an [N, A, ..., B] output's channel axis (channel_axis), when it holds 2 to MAX_CHANNELS: a
-        detector's [N, 4 + classes, anchors] holds boxes in pixels beside scores in [0, 1], and its one cosine is
-        the boxes' (a hunting subagent's YOLOv8 at 3 bits: cosine 0.997, the score rows' 0.22, 1 detection left
-        of 89); a segmentation's class map goes the same way. One channel is the whole output."""
-        if self.channels == () or reference.size == 0:  # an empty batch (a detector that found nothing) adds nothing
-            return
-        axis = channel_axis(reference.shape)
-        if not 2 <= reference.shape[axis] <= MAX_CHANNELS or (self.channels is not None and (
-                self.channels[0] != axis or len(self.channels[1]) != reference.shape[axis])):
-            self.channels = ()  # no channel axis, or not the same one in every batch
-            return
-        other = tuple(a for a in range(reference.ndim) if a != axis)
-        x, y = reference.astype(np.float64), quantized.astype(np.float64)
-        sums = [(x * x).sum(axis=other), (y * y).sum(axis=other), (x * y).sum(axis=other), np.abs(x).max(axis=other)]
-        if self.channels is None:
-            self.channels = (axis, *sums)
-        else:
-            axis_, xx, yy, xy, peak = self.channels
-            self.channels = (axis, xx + sums[0], yy + sums[1], xy + sums[2], np.maximum(peak, sums[3]))
-
     def weakest_channel(self) -> tuple[int, int, float] | None:
-        """(axis, channel, cosine) of the live channel least like FP32's; a channel whose values stay under
-        LIVE_CHANNEL of the output's largest (a class never scored) is not judged."""
-        if not self.channels:
-            return None
-        axis, xx, yy, xy, peak = self.channels
-        live = np.flatnonzero(peak >= LIVE_CHANNEL * float(peak.max())) if peak.size and peak.max() > 0 else []
-        if not len(live):  # all zeros in FP32 (an additive mask without padding): no channel to judge
-            return None
-        cosines = xy[live] / np.maximum(np.sqrt(xx[live] * yy[live]), 1e-30)
-        worst = int(np.argmin(cosines))
-        return axis, int(live[worst]), float(cosines[worst])
+        return self.channels.weakest()
 
     def spread(self) -> float:
         """FP32's standard deviation over the samples, of a one-value output."""

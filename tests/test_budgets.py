@@ -225,7 +225,7 @@ def test_when_the_demotion_rounds_run_out_every_lossy_layer_moves_at_once(monkey
     measurement = modes.Measurement(errors, [], [])
     # the least lossy layer alone (c0) still breaks the output: only moving all of them brings it back
     monkeypatch.setattr(modes, "end_to_end_error",
-                        lambda loaded, ranges, chosen, measurement: 0.1 if chosen["c0"] == modes.STATIC else 0.0)
+                        lambda loaded, ranges, chosen, measurement: (0.1 if chosen["c0"] == modes.STATIC else 0.0, None))
     costs = {layer.name: {modes.STATIC: 1.0, modes.WEIGHT_ONLY: 6.3, modes.FLOAT: 3.3} for layer in layers}
     choices, log = modes.choose(loaded, measurement, {}, costs)
     assert {choice.mode for choice in choices.values()} == {modes.WEIGHT_ONLY}
@@ -249,7 +249,7 @@ def test_the_demotions_never_move_a_layer_into_float(monkeypatch):
     costs = {layer.name: {modes.STATIC: 2.0, modes.DYNAMIC: 1.0, modes.WEIGHT_ONLY: 3.0, modes.FLOAT: 1.5}
              for layer in layers}
     errors = {name: {modes.STATIC: 1.0, **table} for name, table in errors.items()}
-    monkeypatch.setattr(modes, "end_to_end_error", lambda *args: 0.05)  # never under the tolerance
+    monkeypatch.setattr(modes, "end_to_end_error", lambda *args: (0.05, None))  # never under the tolerance
     choices, _ = modes.choose(SimpleNamespace(layers=layers), modes.Measurement(errors, [], []), {}, costs)
     assert {name: c.mode for name, c in choices.items() if name != "m7"} == {f"m{i}": modes.WEIGHT_ONLY for i in range(7)}
     assert choices["m7"].mode == modes.FLOAT

@@ -746,3 +746,45 @@ def test_an_integer_image_is_judged_by_its_values(tmp_path):
     evaluation = result.report["evaluation"]
     assert evaluation["kind"] == "tensor" and evaluation["cosine"] > 0.999 and "agreement" not in evaluation
     assert not any("collapsed" in warning for warning in result.report["warnings"])
+
+
+def test_auto_modes_keep_a_channel_the_whole_outputs_error_hides(tmp_path, tied_dense_timings):
+    """The modes' end-to-end check held the task output's whole relative error only, which a detector's boxes in
+    pixels fill: YOLOv8n went all static and one class's detections over 0.25 went from 6 to 2 (warned, at 8
+    bits). Each live channel now keeps a cosine of modes.CHANNEL_COSINE with the activations quantized: static,
+    the fastest here, rounds the scores away and is left."""
+    from msq_onnx import modes
+
+    model = _boxes_and_scores(tmp_path)
+    result = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(quiet=True, eval_path=str(tmp_path / "eval.npz")))
+    report = result.report
+    log = report["activation_modes"]["end_to_end"]
+    # static first (fastest), its whole error within tolerance and a channel far under the line ...
+    assert log[0]["modes"]["static"] == 1 and log[0]["end_to_end_error"] <= modes.END_TO_END_TOLERANCE
+    assert log[0]["weakest_channel"]["cosine"] < 0.9
+    # ... so the layer moved, and the written model keeps every channel
+    assert report["modes"].get("static", 0) == 0 and log[-1]["weakest_channel"]["cosine"] >= modes.CHANNEL_COSINE
+    assert report["evaluation"]["outputs"]["out"]["weakest_channel"]["cosine"] >= 0.9
+    assert not [w for w in report["warnings"] if "collapsed" in w]
+
+
+def test_a_lost_channel_demotes_the_layer_that_loses_channels_first(monkeypatch):
+    """Where the whole output holds and a channel of it does not, the layer to move is the one whose own output
+    loses a channel (YOLOv8n: an early convolution, 0.002 over its whole output, 0.013 on its worst channel, took
+    a class to 0.39 alone), not the lossiest over its whole output."""
+    from types import SimpleNamespace
+
+    from msq_onnx import modes
+    from msq_onnx.ops import Layer
+
+    layers = [Layer(name, "Conv", f"w{name}", f"x{name}", f"y{name}", (4, 4, 1, 1), 0) for name in ("a", "b")]
+    errors = {"a": {modes.STATIC: 5e-3, modes.WEIGHT_ONLY: 0.0}, "b": {modes.STATIC: 1e-4, modes.WEIGHT_ONLY: 0.0}}
+    channel_errors = {"a": {modes.STATIC: 5e-3}, "b": {modes.STATIC: 0.5}}
+    monkeypatch.setattr(modes, "end_to_end_error", lambda loaded, ranges, chosen, measurement: (
+        1e-3, (3, 0.5 if chosen["b"] == modes.STATIC else 0.999)))
+    costs = {layer.name: {modes.STATIC: 1.0, modes.WEIGHT_ONLY: 6.3, modes.FLOAT: 3.3} for layer in layers}
+    choices, log = modes.choose(SimpleNamespace(layers=layers),
+                                modes.Measurement(errors, [], [], channel_errors=channel_errors), {}, costs)
+    assert {name: c.mode for name, c in choices.items()} == {"a": modes.STATIC, "b": modes.WEIGHT_ONLY}
+    assert [entry["weakest_channel"]["cosine"] for entry in log] == [0.5, 0.999]
