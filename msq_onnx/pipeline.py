@@ -616,7 +616,7 @@ def gate_passed(measured: dict, options: Options) -> bool:
 
 def _channel_passed(measured: dict, options: Options) -> bool:
     weakest = fidelity.judged_channel(measured) if options.min_cosine is not None else None
-    return weakest is None or weakest["cosine"] >= fidelity.channel_floor(options.min_cosine) - 1e-12
+    return weakest is None or weakest["likeness"] >= fidelity.channel_floor(options.min_cosine) - 1e-12
 
 
 def size_budget(loaded, options: Options, widths) -> allocate_stage.Budget | None:
@@ -1298,9 +1298,8 @@ def enforce_gate(result: Result) -> None:
             failed.append(f"cosine to FP32 {gate['cosine']:.4f} is below --min-cosine {gate['min_cosine']}")
         weakest = gate.get("weakest_channel")
         if gate.get("min_cosine") is not None and gate["cosine"] >= gate["min_cosine"] and weakest and \
-                weakest["cosine"] < fidelity.channel_floor(gate["min_cosine"]):
-            failed.append(f"channel {weakest['index']} of axis {weakest['axis']} has cosine to FP32 "
-                          f"{weakest['cosine']:.4f}, below {fidelity.channel_floor(gate['min_cosine']):g} (what "
+                weakest["likeness"] < fidelity.channel_floor(gate["min_cosine"]):
+            failed.append(f"{fidelity.channel_text(weakest, fidelity.channel_floor(gate['min_cosine']), 4)} (what "
                           "--min-cosine asks of every channel), under a whole-output cosine that passes")
         raise GateFailed(f"accuracy gate failed: {'; '.join(failed)}; the model and report were written for "
                          "inspection.")

@@ -321,8 +321,8 @@ def markdown(report: dict) -> str:
     gate = report.get("gate")
     if gate:
         weakest = gate.get("weakest_channel") if gate["min_cosine"] is not None else None
-        channel = (f", weakest channel {weakest['index']} of axis {weakest['axis']} at cosine {weakest['cosine']:.4f}"
-                   if weakest else "")
+        channel = (f", weakest channel {weakest['index']} of axis {weakest['axis']} at cosine {weakest['cosine']:.4f}, "
+                   f"relative error {weakest['relative_error']:.4f}" if weakest else "")
         lines.append(f"- accuracy gate (--max-drop {gate['max_drop']}, --min-cosine {gate['min_cosine']}{channel}): "
                      f"**{'passed' if gate['passed'] else 'FAILED'}**")
     lines += ["", "| # | layer | op | params | predictor top-1 | predictor score | importance | residual weight | "
