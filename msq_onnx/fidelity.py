@@ -112,7 +112,7 @@ class _OutputSums:
     picked_quant: list = field(default_factory=list)  # real tokens (a QA head's answer start)
     scalar: bool | None = None  # one value a sample in every batch (a regression, a sigmoid head)
     moments: np.ndarray = field(default_factory=lambda: np.zeros(5))  # of one-value outputs: sums of x, y, xx, yy, xy
-    channels: "ChannelSums" = field(default_factory=lambda: ChannelSums())
+    channels: ChannelSums = field(default_factory=ChannelSums)
 
     def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None) -> None:
         """real: [N, T] True at real tokens (its attention mask, output_masks) for an output whose first two axes
