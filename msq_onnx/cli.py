@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--min-cosine", type=float, metavar="C",
                         help="accuracy gate: exit 3 if the task output's mean cosine to FP32 on held-out samples "
                              "is below C (0 < C <= 1), or one channel of it (a map's or a detector's short axis) "
-                             "below the lower of C and 0.9; searches like --max-drop")
+                             "below the lower of C and 0.9 (its cosine, or the cosine noise alone leaves at its "
+                             "relative error, the lower); searches like --max-drop")
     budget.add_argument("--activations", choices=("auto", "static", "dynamic", "weight-only"), default="auto",
                         help="activation mode of every layer: auto (default) measures each layer and takes the "
                              "fastest mode whose output error is small; static = uint8 QDQ (fused integer "

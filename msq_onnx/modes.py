@@ -440,7 +440,7 @@ def choose(loaded, measurement: Measurement, ranges: dict, costs: dict, toleranc
         # A channel lost under a whole that holds is a layer's channel lost (YOLOv8n: one early convolution's
         # static output, 0.002 over its whole, took a class's scores to 0.39 alone): its worst channel goes first.
         lost = channel_errors if error <= end_to_end else {}
-        step.sort(key=lambda name: -lost.get(name, errors[name]).get(chosen[name], errors[name][chosen[name]]))
+        step.sort(key=lambda name: -lost.get(name, {}).get(chosen[name], errors[name][chosen[name]]))
         for name in step[:max(1, len(lossy) // 4)]:
             chosen[name] = next_mode(name)
     choices = {}
