@@ -113,15 +113,22 @@ class _OutputSums:
     scalar: bool | None = None  # one value a sample in every batch (a regression, a sigmoid head)
     moments: np.ndarray = field(default_factory=lambda: np.zeros(5))  # of one-value outputs: sums of x, y, xx, yy, xy
     channels: ChannelSums = field(default_factory=ChannelSums)
+    selected: bool = False  # its length follows a selection (NMS): its rows are what was kept, not samples
+    lengths_differ: int = 0  # samples whose output had another shape than FP32's (compared padded_alike)
+    pooled: np.ndarray = field(default_factory=lambda: np.zeros(2))  # of a selection's rows: sums of yy and xy
 
     def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None) -> None:
         """real: [N, T] True at real tokens (its attention mask, output_masks) for an output whose first two axes
         are [N, T]: padded positions then count in nothing, as they count in no use of the model. keep: the task
         output, kept whole for its [N, C] measures while each sample's is one width of at most KEEP_LIMIT values."""
         self.integer = not np.issubdtype(reference.dtype, np.floating)
+        if reference.shape != quantized.shape:
+            self.lengths_differ += len(reference)
+            reference, quantized = padded_alike(reference, quantized)
         if real is not None and (reference.shape[:2] != real.shape or (self.integer and reference.ndim != 2)):
             real = None
-        sequence = reference.ndim == 3 and reference.shape[-1] >= 2  # [N, C, 1] is no sequence
+        # [N, C, 1] is no sequence; nor is what a selection kept, whose rows are detections, not positions
+        sequence = reference.ndim == 3 and reference.shape[-1] >= 2 and not self.selected
         # labels per token [N, T], or per pixel [N, H, W] where an in-graph ArgMax made them (a cosine of class ids
         # said 0.99 for 67% of the pixels, a hunting subagent's): agreement per position. Other integer maps (a
         # uint8 image, 61% of whose pixels move by a grey level at 8 bits) are values, judged by cosine.
@@ -135,7 +142,7 @@ class _OutputSums:
             if not self.integer:
                 self.probabilities &= distributions(reference)
                 self.nonpositive &= bool(np.all(reference <= 0))
-        if real is None and reference.ndim == 2 and reference.shape[1] >= 2 and not self.integer:
+        if real is None and reference.ndim == 2 and reference.shape[1] >= 2 and not self.integer and not self.selected:
             self.rows += len(reference)
             self.rows_agreeing += int((reference.argmax(1) == quantized.argmax(1)).sum())
             self.probabilities &= distributions(reference)
@@ -150,11 +157,13 @@ class _OutputSums:
             self.masked = True
             real = real.reshape(real.shape + (1,) * (reference.ndim - 2))
             reference, quantized = reference * real, quantized * real
-        if reference.ndim >= 3 and not self.integer:
+        if reference.ndim >= 3 and not self.integer and not self.selected:
             self.channels.add(reference, quantized)
         ref = reference.reshape(len(reference), -1).astype(np.float64)
         out = quantized.reshape(len(quantized), -1).astype(np.float64)
         self.signal += float((ref ** 2).sum())
+        if self.selected:
+            self.pooled += [float((out * out).sum()), float((ref * out).sum())]
         self.noise += float(((out - ref) ** 2).sum())
         norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
         both_zero = (np.linalg.norm(ref, axis=1) == 0) & (np.linalg.norm(out, axis=1) == 0)
@@ -162,7 +171,7 @@ class _OutputSums:
         self.cosine_sum += float(cosine.sum())
         self.cosine_min = min(self.cosine_min, float(cosine.min()))
         self.samples += len(ref)
-        one = ref.shape[1] == 1
+        one = ref.shape[1] == 1 and not self.selected
         self.scalar = one if self.scalar is None else self.scalar and one
         if one:
             x, y = ref[:, 0], out[:, 0]
@@ -240,6 +249,7 @@ class Reference:
         self.names = [o.name for o in loaded.model.graph.output if o.type.HasField("tensor_type")]
         self.masks = output_masks(loaded)
         self.label_maps = label_outputs(loaded.model.graph)
+        self.selected = loaded.selected
         self.cache = []
         size = 0
         for feed, count, outputs in self._run("FP32 evaluation", quiet, workers):
@@ -256,7 +266,8 @@ class Reference:
             # kept for the latency timing, which times FP32 on one thread: one MiniLM-L6 session build (0.25-0.4 s)
             # fewer, its ~55 MB below the peak the yardstick sets earlier
             self.single_thread_session = runner
-        run = lambda batch: _run_checked(runner, self.names, *batch, self.samples, description)  # noqa: E731
+        run = lambda batch: _run_checked(runner, self.names, *batch, self.samples, description,  # noqa: E731
+                                         self.selected)
         with progress(self.samples.count, description, quiet) as bar:
             for (feed, count), outputs in ordered_runs(run, padded_batches(self.samples, self.loaded,
                                                                            self.batch_size), workers):
@@ -327,7 +338,27 @@ def batch_first(output: np.ndarray, rows: int) -> np.ndarray:
     return np.moveaxis(output, axes[0], 0) if len(axes) == 1 else output
 
 
-def _run_checked(runner, names, feed, count, samples, description) -> list:
+def padded_alike(reference: np.ndarray, quantized: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two runs' outputs of one selection (the boxes an NMS kept) at one shape, the longer's on every axis, zeros
+    where a run has no row: what one run kept and the other did not is all error. (Extreme integers there made
+    an integer output's cosine -0.3; its count is judged as its length_agreement.)"""
+    if reference.ndim != quantized.ndim:
+        raise BadData(f"an output has rank {reference.ndim} in FP32 and {quantized.ndim} in the written model; "
+                      "nothing can be compared element by element (report this model).")
+    shape = tuple(max(a, b) for a, b in zip(reference.shape, quantized.shape))
+
+    def padded(values, fill):
+        out = np.full(shape, fill, values.dtype)
+        out[tuple(slice(0, n) for n in values.shape)] = values
+        return out
+
+    return padded(reference, 0), padded(quantized, 0)
+
+
+def _run_checked(runner, names, feed, count, samples, description, selected=frozenset()) -> list:
+    """The outputs `names` of one run, samples first; one of `selected` (ops.selected_outputs) is at batch 1 the
+    run's one sample whatever its shape: torchvision's detectors give boxes [K, 4], no axis per sample, and K
+    detections read as K samples were judged on their first alone."""
     try:
         outputs = runner.run(names, feed)
     except Exception as exc:
@@ -335,7 +366,12 @@ def _run_checked(runner, names, feed, count, samples, description) -> list:
                       "and dtype against the model's inputs.") from None
     # the batch fed, padding included (a rank-0 input, a threshold fed once a run, has none)
     rows = next((np.shape(value)[0] for value in feed.values() if np.ndim(value) > 0), count)
-    outputs = [batch_first(np.asarray(o), rows)[:count] for o in outputs]
+    for name, value in zip(names, outputs):
+        if name in selected and rows > 1 and (np.ndim(value) == 0 or np.shape(value)[0] != rows):
+            raise BadOption(f"output '{name}' ({selected[name]} decides its length) has no axis per sample at "
+                            f"batch {rows}; run with --batch-size 1.")
+    outputs = [np.asarray(o)[None] if name in selected and rows == 1 else batch_first(np.asarray(o), rows)[:count]
+               for name, o in zip(names, outputs)]
     for name, value in zip(names, outputs):
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             raise BadData(f"{description}: output '{name}' is NaN or Inf on '{samples.source}'; check the samples' "
@@ -439,11 +475,12 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     runner = session(quant_path, optimized_path if kept else None, threads=threads)
     if kept:
         sessions[quant_path] = runner
-    sums = {name: _OutputSums(label_map=name in reference.label_maps) for name in reference.names}
+    sums = {name: _OutputSums(label_map=name in reference.label_maps, selected=name in reference.selected)
+            for name in reference.names}
     samples = reference.samples
     task_shape = None
     run = lambda batch: _run_checked(runner, reference.names, batch[0], batch[1], samples,  # noqa: E731
-                                     "QDQ evaluation")
+                                     "QDQ evaluation", reference.selected)
     with progress(samples.count, "QDQ evaluation", quiet) as bar:
         for (feed, count, fp32), quant in ordered_runs(run, reference.batches(quiet), reference.workers):
             real = {mask: np.asarray(feed[mask])[:count] != 0 for mask in set(reference.masks.values()) if mask in feed}
@@ -470,6 +507,14 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
         sqnr = 10 * np.log10(acc.signal / acc.noise) if acc.noise > 0 else None
         outputs[name] = {"cosine": round(acc.cosine_sum / acc.samples, 6), "min_cosine": round(acc.cosine_min, 6),
                          "sqnr_db": None if sqnr is None else round(float(sqnr), 3)}
+        if acc.selected:
+            # One cosine over every sample's rows pooled: a run with no detection in either model, the most on
+            # images without the model's objects, was a cosine of 1.0 a sample (YOLOv8n with its NMS at 4 bits,
+            # 4 of 8 held-out detections lost: 0.924 as a mean of samples).
+            yy, xy = acc.pooled
+            both = acc.signal * yy
+            outputs[name].update(cosine=round(xy / np.sqrt(both), 6) if both > 0 else float(acc.signal == yy),
+                                 cosine_over="every held-out sample's rows pooled (what a selection kept)")
         centred = correlations.get(name)
         if centred is not None:
             cosine, sqnr = centred
@@ -483,6 +528,10 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             outputs[name]["integer"] = True  # ids or labels: their cosine says little
         if acc.masked:
             outputs[name]["real_tokens_only"] = True
+        if acc.selected or acc.lengths_differ:
+            outputs[name]["length_agreement"] = round(100.0 * (1 - acc.lengths_differ / acc.samples), 4)
+            if acc.selected:
+                outputs[name]["selected_by"] = reference.selected[name]
         weakest = acc.weakest_channel()
         if weakest is not None:
             outputs[name]["weakest_channel"] = weakest
@@ -507,7 +556,9 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             (labels is not None and set(np.unique(labels).tolist()) <= {0, 1})
             or (_named_kind(task_output) == "class-scores" and np.all((fp32 >= 0) & (fp32 <= 1)))))))
     picked = task.picked_fp32 and task.picked_quant
-    if sequence:
+    if task.selected:  # its rows are what a selection kept: values, compared padded_alike, and their count
+        kind = "tensor"
+    elif sequence:
         kind = (("tensor" if declared_kind == "tensor" else "labels") if task.integer
                 else sequence_kind(task_output, declared_kind, task.probabilities))
     elif picked:  # a score per token: class scores over the sample's tokens when declared or named so
@@ -636,14 +687,24 @@ def collapse_warning(measured: dict, gated: frozenset = frozenset()) -> str | No
     others += [f"'{name}' ({_channel_text(out['weakest_channel'])})" for name, out in measured.get("outputs", {}).items()
                if name != measured["task_output"] and out["cosine"] >= COLLAPSE_COSINE
                and out.get("weakest_channel", {}).get("likeness", 1.0) < COLLAPSE_COSINE]
-    if not problems and not others:
+    # What a selection (NMS) kept: a run whose length moved gained or lost a detection, a decision that moved
+    moved: dict = {}
+    for name, out in measured.get("outputs", {}).items():
+        if 100.0 - out.get("length_agreement", 100.0) > COLLAPSE_DROP:
+            moved.setdefault((out.get("selected_by"), out["length_agreement"]), []).append(f"'{name}'")
+    if not problems and not others and not moved:
         return None
     parts = [f"output '{measured['task_output']}' collapsed ({'; '.join(problems)})"] if problems else []
     if others:
         parts.append(f"output{'s' if len(others) > 1 else ''} {', '.join(others)} collapsed")
+    for (selection, agreement), names in moved.items():
+        kept = f" (the rows {selection} keeps)" if selection else ""
+        parts.append(f"output{'s' if len(names) > 1 else ''} {', '.join(names)}{kept} had FP32's length in only "
+                     f"{agreement:.1f}% of the runs")
     # An output grid too coarse for its variation is no width's doing: only other activation modes move that grid
     advice = ("try --activations dynamic (no --avg-bits moves the grid it is written on)"
-              if grid_caused == len(problems) + len(others) else "raise --avg-bits or try --activations dynamic")
+              if grid_caused == len(problems) + len(others) and not moved
+              else "raise --avg-bits or try --activations dynamic")
     return f"{'; '.join(parts)} on {measured['samples']} held-out samples: do not deploy this model; {advice}."
 
 

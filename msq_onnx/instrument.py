@@ -344,7 +344,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     if hessians:
         _add_hessians(loaded, model, outputs, add_output)
     _place_after_producers(graph, original_nodes)
-    return model, outputs
+    return loaded.judged_out(model), outputs
 
 
 def _place_after_producers(graph: onnx.GraphProto, original_nodes: int) -> None:
@@ -794,7 +794,7 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
         nonlocal seen
         if mask_input:
             tokens.extend(np.asarray(feed[mask_input][:count]).reshape(count, -1).sum(axis=1).tolist())
-        final = result[loaded.output_name]
+        final = result[loaded.judged]
         if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final[:count]).all():
             broken = _nonfinite_weight(loaded)
             if broken is not None:

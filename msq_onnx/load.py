@@ -22,7 +22,7 @@ from onnx import numpy_helper, version_converter
 
 from .errors import BadModel, one_line
 from .ops import (FLOAT_BITS, Layer, Skip, attribute, bodies, consumers, kind_for,  # noqa: F401  (re-exported)
-                  subgraph_inputs)
+                  selected_outputs, selection_source, subgraph_inputs)
 
 # Written opset: the first with int4/uint4 Q/DQ and per-axis DQ everywhere, and
 # one that ONNX Runtime 1.31 (<= 26) loads. Newer models keep their own opset.
@@ -70,6 +70,16 @@ class LoadedModel:
     folded_bytes: dict = field(default_factory=dict)
     # Inputs the input model gave a default initializer (IR >= 4), as they were declared.
     default_inputs: list = field(default_factory=list)
+    # graph output -> the selecting node (NMS, NonZero...) whose choice its length follows (ops.selected_outputs)
+    selected: dict = field(default_factory=dict)
+    # What the calibration-time stages (pseudo-labels, modes, sensitivity) judge the task on: the task output, or,
+    # where a selection decides its length, the float tensor the selection is made from (a detector's scores
+    # before NMS: the boxes it keeps are a decision on them, as a class id is on its logits).
+    judged_name: str = ""
+
+    @property
+    def judged(self) -> str:
+        return self.judged_name or self.output_name
 
     def input_bytes(self, layer: Layer) -> int:
         """The bytes the layer's weight took in the input file."""
@@ -104,6 +114,14 @@ class LoadedModel:
         (90 MB): copy, serialization and session 0.33-0.38 s -> 0.08 s, the same outputs. The file holds the
         weights as they were at the first call: the loaded model is not changed after load_model."""
         return _without_weights(self.model, self._shared().places)[0]
+
+    def judged_out(self, copy: onnx.ModelProto) -> onnx.ModelProto:
+        """A copy with the judged tensor among its outputs, where it is no output of the model's own: added last,
+        as an output changes what ORT's quantizer does around it (a Relu it would absorb, a static region's end),
+        which a graph that simulates the written model must not see."""
+        if self.judged not in {o.name for o in copy.graph.output}:
+            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(self.judged))
+        return copy
 
     def _shared(self) -> "SharedWeights":
         with _SHARING:  # two threads' first copies would write two files, and one folder would go
@@ -1334,8 +1352,12 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
         raise BadModel(f"'{path}' has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a "
                        f"constant weight, an embedding table, LSTM/GRU/RNN or ORT's Attention){where}; there is "
                        "nothing to allocate bits to.")
+    task = task_output(model, output)
+    selected = selected_outputs(model.graph)
     return LoadedModel(model=model, source_path=path, source_opset=source_opset, opset=_default_opset(model),
-                       inputs=inputs, output_name=task_output(model, output), layers=layers,
+                       inputs=inputs, output_name=task, layers=layers,
                        size_bytes=size, initializers=inits, skipped=skipped,
                        prequantized=_prequantized_weights(model.graph, inits), folded_bytes=folded_bytes,
-                       default_inputs=default_inputs)
+                       default_inputs=default_inputs,
+                       selected={name: f"{node.op_type} '{node.name}'" for name, node in selected.items()},
+                       judged_name=(selection_source(model, selected[task]) or "") if task in selected else "")

@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import BadModel, one_line
-from .fidelity import LIVE_CHANNEL, ChannelSums, output_masks
+from .fidelity import LIVE_CHANNEL, ChannelSums, output_masks, padded_alike
 from .instrument import static_shapes, make_session, ordered_runs, padded_batches, progress, run_threads
 from .latency import TIE, mode_costs, mode_order
 from .ops import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY, range_sources
@@ -255,7 +255,7 @@ def build_measurement(loaded, ranges: dict, skip: dict | None = None) -> tuple[o
     graph.node.extend(quantizers.nodes)
     graph.initializer.extend(quantizers.inits)
     _expose(graph, [name for table in outputs.values() for pair in table.values() for name in pair])
-    return model, outputs
+    return loaded.judged_out(model), outputs
 
 
 def build_simulation(loaded, ranges: dict, modes: dict) -> onnx.ModelProto:
@@ -277,7 +277,7 @@ def build_simulation(loaded, ranges: dict, modes: dict) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(rebuilt)
     graph.initializer.extend(quantizers.inits)
-    return model
+    return loaded.judged_out(model)
 
 
 @dataclass
@@ -324,7 +324,7 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
     wanted = sorted({name for table in outputs.values() for pair in table.values() for name in pair})
     sums = dict.fromkeys(wanted, 0.0)
     feeds, reference = [], []
-    fetched = wanted + [loaded.output_name]
+    fetched = wanted + [loaded.judged]
 
     def first_batches():  # up to the batch that reaches `count`: no run is started past it
         total = 0
@@ -366,11 +366,14 @@ def end_to_end_error(loaded, ranges: dict, modes: dict, measurement: Measurement
     session = _session(build_simulation(loaded, ranges, modes), measurement.workers, loaded.weights_folder)
     signal = noise = 0.0
     # A token output's padded positions are no channel a use sees (the held-out check masks them): not judged here.
-    channels = None if loaded.output_name in output_masks(loaded) else ChannelSums()
-    runs = ordered_runs(lambda batch: session.run([loaded.output_name], batch[0])[0], measurement.feeds,
+    # Nor are a selection's rows, whose count moves from run to run.
+    channels = None if loaded.judged in output_masks(loaded) or loaded.judged in loaded.selected else ChannelSums()
+    runs = ordered_runs(lambda batch: session.run([loaded.judged], batch[0])[0], measurement.feeds,
                         measurement.workers)
     for ((feed, real), out), fp32 in zip(runs, measurement.reference):
         out = out[:real]
+        if out.shape != fp32.shape:  # a selection's output judged as it is, where it selects from no float tensor
+            fp32, out = padded_alike(fp32, out)
         signal += float((fp32.astype(np.float64) ** 2).sum())
         noise += float(((out.astype(np.float64) - fp32) ** 2).sum())
         if channels is not None and fp32.ndim >= 3 and np.issubdtype(fp32.dtype, np.floating):

@@ -748,6 +748,43 @@ def _fed_by(graph, sources: set, source_nodes: set) -> set:
     return fed
 
 
+# Ops whose output's length the values they read decide, not their inputs' shapes: the boxes a detector's NMS keeps,
+# the positions a mask selects. Each names the input its selection is decided on (a score or a condition).
+_SELECTING = {"NonMaxSuppression": 1, "NonZero": 0, "Compress": 1, "Unique": 0}
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def selected_outputs(graph) -> dict:
+    """graph output -> the first selecting node (_SELECTING) it is computed from: its length, or its values where
+    they are padded to a fixed length, follow that selection from sample to sample."""
+    origin = {}
+    for node in graph.node:  # in topological order
+        source = node if node.op_type in _SELECTING else next((origin[i] for i in node.input if i in origin), None)
+        if source is not None:
+            origin.update((o, source) for o in node.output if o)
+    return {value.name: origin[value.name] for value in graph.output if value.name in origin}
+
+
+def selection_source(model: onnx.ModelProto, node) -> str | None:
+    """The float tensor a selecting node decides on (NMS's scores; a condition's operands), found through the ops
+    that turn it into a condition (Greater, Cast, Not...); None where it is a graph input or a constant."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    types = {v.name: v.type.tensor_type.elem_type for v in typed_values(model) if v.type.HasField("tensor_type")}
+    constants = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+    queue, seen = [node.input[_SELECTING[node.op_type]]], set()
+    while queue:
+        name = queue.pop(0)
+        if not name or name in seen or name in constants:
+            continue
+        seen.add(name)
+        if types.get(name) in _FLOATS:
+            return name
+        producer = producers.get(name)
+        if producer is not None and producer.op_type != "Constant":
+            queue.extend(producer.input)
+    return None
+
+
 def kind_for(node) -> OpKind | None:
     """The registry's kind of a node, in its own domain only (ONNX's Attention-23 reads K, not a weight)."""
     kind = REGISTRY.get(node.op_type)

@@ -253,7 +253,7 @@ def _analyse_after_pass(loaded, calib, options: Options, timer: _Timer, stats, c
                         before_tables, widths_of, narrowed: bool, static_layers: set) -> Analysis:
     with timer.stage("imprint"):
         labels = imprint_labels(None if calib.labels is None else calib.labels[stats.imprinted], stats.outputs,
-                                options.seed, fidelity.output_kind(stats.outputs, None, name=loaded.output_name,
+                                options.seed, fidelity.output_kind(stats.outputs, None, name=loaded.judged,
                                                                    declared=options.output_kind) == "class-scores")
         scores, input_score = layer_scores(stats.features, stats.input_features, labels)
     with timer.stage("importance"):

@@ -23,7 +23,7 @@ DEFAULT_SAMPLES = 64
 
 def _with_weight_inputs(loaded: LoadedModel, layer) -> onnx.ModelProto:
     """The FP32 model with this layer's weight (and bias) fed as inputs instead of initializers."""
-    model = loaded.session_copy()
+    model = loaded.judged_out(loaded.session_copy())
     fed = [layer.weight_name] + ([layer.bias_name] if layer.bias_name else [])
     kept = [t for t in model.graph.initializer if t.name not in fed]
     del model.graph.initializer[:]
@@ -65,8 +65,8 @@ def measure(loaded: LoadedModel, samples, choices: dict, input_mean: dict, candi
             quiet: bool = False) -> tuple[dict, int]:
     """Return ({layer: {bits: relative output MSE}}, forward passes run)."""
     feeds = _feeds(loaded, samples, count, batch_size)
-    reference_session = make_session(loaded.session_copy(), weights=loaded.weights_folder)
-    output = loaded.output_name
+    reference_session = make_session(loaded.judged_out(loaded.session_copy()), weights=loaded.weights_folder)
+    output = loaded.judged
     reference = [reference_session.run([output], feed)[0][:real] for feed, real in feeds]
     damage, passes = {}, 0
     # a layer's table holds only the widths its budget can reach (allocate.reachable_widths)
@@ -138,8 +138,8 @@ def task_weights(loaded: LoadedModel, samples, choices: dict, input_mean: dict, 
     from .instrument import output_embedding, stacked_outputs
 
     feeds = _feeds(loaded, samples, count, batch_size)
-    output = loaded.output_name
-    fp32_session = make_session(loaded.session_copy(), weights=loaded.weights_folder)
+    output = loaded.judged
+    fp32_session = make_session(loaded.judged_out(loaded.session_copy()), weights=loaded.weights_folder)
     fp32 = stacked_outputs([output_embedding(fp32_session.run([output], feed)[0][:real], max_dim, seed)
                             for feed, real in feeds], max_dim, seed)
     del fp32_session
