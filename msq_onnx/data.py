@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BadData, one_line
+from .errors import BadData, BadModel, one_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEFAULT_LABEL_COLUMN = "label"
@@ -358,6 +358,14 @@ def _check_array(where: str, spec, array: np.ndarray) -> None:
     expected = ["N"] + [d if d is not None else "?" for d in spec.shape[1:]]
     ok = shaped.ndim == len(spec.shape) and all(
         want is None or want == got for want, got in zip(spec.shape[1:], shaped.shape[1:]))
+    if not ok and array.ndim == len(spec.shape) + 1 and all(
+            want is None or want == got for want, got in zip(spec.shape, array.shape[1:])):
+        # A model that takes one sample with no batch axis (torchvision's detectors: images [3, H, W]): each of
+        # these samples fits it whole, and the runs, their outputs and the features all count samples on axis 0.
+        raise BadModel(f"input '{spec.name}' takes one sample with no batch axis "
+                       f"({[d if d is not None else '?' for d in spec.shape]}; the samples are {list(array.shape)}), "
+                       "which msq-onnx cannot quantize: re-export the model with a batch axis first (torch.onnx."
+                       "export with a [1, ...] input, as torchvision's detectors also take).")
     if not ok:
         raise BadData(f"{where}: input '{spec.name}' has shape {list(array.shape)}, the model takes "
                       f"{expected}; reshape the samples.")

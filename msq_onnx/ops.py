@@ -755,14 +755,22 @@ _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DO
 
 
 def selected_outputs(graph) -> dict:
-    """graph output -> the first selecting node (_SELECTING) it is computed from: its length, or its values where
-    they are padded to a fixed length, follow that selection from sample to sample."""
+    """graph output -> the first selecting node (_SELECTING) it is computed from, where that can set its length:
+    an axis of its shape neither fixed nor named as an input's (a sequence's T) is, or its shape is unknown. A
+    selection that only indexes (a transformer's NonZero over its mask) leaves an [N, T, H] output as it was."""
     origin = {}
     for node in graph.node:  # in topological order
         source = node if node.op_type in _SELECTING else next((origin[i] for i in node.input if i in origin), None)
         if source is not None:
             origin.update((o, source) for o in node.output if o)
-    return {value.name: origin[value.name] for value in graph.output if value.name in origin}
+    named = {d.dim_param for value in graph.input for d in value.type.tensor_type.shape.dim if d.dim_param}
+
+    def unsized(value) -> bool:
+        tensor = value.type.tensor_type
+        return not tensor.HasField("shape") or any(not d.HasField("dim_value") and d.dim_param not in named
+                                                   for d in tensor.shape.dim)
+
+    return {value.name: origin[value.name] for value in graph.output if value.name in origin and unsized(value)}
 
 
 def selection_source(model: onnx.ModelProto, node) -> str | None:

@@ -91,6 +91,17 @@ def test_a_selections_outputs_and_what_it_selects_from_are_found(tmp_path):
     small = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert ops.selection_source(small, ops.selected_outputs(small.graph)["where"]) == "s"
 
+    # a selection that only indexes leaves an output of the input's own axes as it was: [N, T] stays [N, T]
+    nodes = [helper.make_node("Greater", ["x", "t"], ["mask"]), helper.make_node("NonZero", ["mask"], ["where"]),
+             helper.make_node("Cast", ["where"], ["found"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["found"], ["count"], keepdims=0),
+             helper.make_node("Add", ["x", "count"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T"]),
+                               helper.make_tensor_value_info("where", TensorProto.INT64, [2, "K"])],
+                              [numpy_helper.from_array(np.float32(0.5), "t")])
+    assert set(ops.selected_outputs(graph)) == {"where"}
+
 
 def test_outputs_of_two_lengths_are_compared_with_the_missing_rows_as_zeros():
     fp32 = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
@@ -152,3 +163,20 @@ def test_a_selection_that_keeps_other_rows_is_said_to_collapse():
     for output in outputs.values():
         output["length_agreement"] = 93.75  # one run in 16 kept another number of boxes: within the line
     assert fidelity.collapse_warning(measured) is None
+
+
+def test_a_model_that_takes_one_sample_without_a_batch_axis_is_refused_in_one_line(tmp_path, capsys):
+    """torchvision's detectors are also exported on an image [3, H, W]: the samples then fit the input whole, and
+    'reshape the samples' was no advice a user could follow."""
+    model = onnx.load(_detector(tmp_path, batched=False))
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("image", TensorProto.FLOAT, [3, 32, 32]))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "batch_axis"))
+    model.graph.node.insert(0, helper.make_node("Unsqueeze", ["image", "batch_axis"], ["x"]))
+    path = str(tmp_path / "unbatched.onnx")
+    onnx.save(model, path)
+    assert ort.InferenceSession(path).run(None, {"image": np.zeros((3, 32, 32), np.float32)})  # a valid model
+    np.savez(tmp_path / "calib.npz", image=np.random.default_rng(0).normal(size=(16, 3, 32, 32)).astype(np.float32))
+    assert main([path, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"), "--avg-bits", "8"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "input 'image' takes one sample with no batch axis ([3, 32, 32]" in error[0]
+    assert "re-export the model with a batch axis" in error[0] and not (tmp_path / "q.onnx").exists()
