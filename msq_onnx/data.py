@@ -358,7 +358,9 @@ def _check_array(where: str, spec, array: np.ndarray) -> None:
     expected = ["N"] + [d if d is not None else "?" for d in spec.shape[1:]]
     ok = shaped.ndim == len(spec.shape) and all(
         want is None or want == got for want, got in zip(spec.shape[1:], shaped.shape[1:]))
-    if not ok and array.ndim == len(spec.shape) + 1 and all(
+    # (a fixed first axis other than 1 that each sample repeats: a batch of 1 or a dynamic one fed an extra
+    # axis is the samples' mistake, and its advice stays "reshape")
+    if not ok and array.ndim == len(spec.shape) + 1 and spec.shape[0] not in (None, 1) and all(
             want is None or want == got for want, got in zip(spec.shape, array.shape[1:])):
         # A model that takes one sample with no batch axis (torchvision's detectors: images [3, H, W]): each of
         # these samples fits it whole, and the runs, their outputs and the features all count samples on axis 0.

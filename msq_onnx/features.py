@@ -29,7 +29,7 @@ def _pooling_matrix(size: int, levels: tuple) -> np.ndarray:
     for b in levels:
         for start, stop in _bin_edges(size, b):
             row = np.zeros(size, np.float32)
-            row[start:stop] = 1.0 / (stop - start)
+            row[start:stop] = 1.0 / max(stop - start, 1)  # an empty axis (a run that kept no box) pools to zeros
             rows.append(row)
     return np.stack(rows)
 

@@ -132,8 +132,9 @@ class _OutputSums:
         # labels per token [N, T], or per pixel [N, H, W] where an in-graph ArgMax made them (a cosine of class ids
         # said 0.99 for 67% of the pixels, a hunting subagent's): agreement per position. Other integer maps (a
         # uint8 image, 61% of whose pixels move by a grey level at 8 bits) are values, judged by cosine.
-        label_map = self.integer and (reference.ndim == 2 and reference.shape[1] > 1 or reference.ndim > 2
-                                      and self.label_map and int(np.prod(reference.shape[1:])) > 1)
+        label_map = self.integer and not self.selected and (
+            reference.ndim == 2 and reference.shape[1] > 1 or reference.ndim > 2 and self.label_map
+            and int(np.prod(reference.shape[1:])) > 1)  # a selection's padded rows would count as label 0
         if (sequence and not self.integer) or label_map:
             where = np.ones(reference.shape if self.integer else reference.shape[:2], bool) if real is None else real
             self.positions += int(where.sum())
@@ -369,7 +370,8 @@ def _run_checked(runner, names, feed, count, samples, description, selected=froz
     for name, value in zip(names, outputs):
         if name in selected and rows > 1 and (np.ndim(value) == 0 or np.shape(value)[0] != rows):
             raise BadOption(f"output '{name}' ({selected[name]} decides its length) has no axis per sample at "
-                            f"batch {rows}; run with --batch-size 1.")
+                            f"batch {rows}; run with --batch-size 1, or re-export a model of fixed batch {rows} "
+                            "with batch 1.")
     outputs = [np.asarray(o)[None] if name in selected and rows == 1 else batch_first(np.asarray(o), rows)[:count]
                for name, o in zip(names, outputs)]
     for name, value in zip(names, outputs):
@@ -513,8 +515,10 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             # 4 of 8 held-out detections lost: 0.924 as a mean of samples).
             yy, xy = acc.pooled
             both = acc.signal * yy
-            outputs[name].update(cosine=round(xy / np.sqrt(both), 6) if both > 0 else float(acc.signal == yy),
-                                 cosine_over="every held-out sample's rows pooled (what a selection kept)")
+            pooled = round(xy / np.sqrt(both), 6) if both > 0 else float(acc.signal == yy)
+            outputs[name].update(cosine=pooled, min_cosine=pooled,
+                                 cosine_over="every held-out sample's rows pooled, row by row in the order kept "
+                                             "(what a selection kept; a row one run lacks counts as zeros)")
         centred = correlations.get(name)
         if centred is not None:
             cosine, sqnr = centred

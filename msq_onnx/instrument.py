@@ -794,7 +794,7 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
         nonlocal seen
         if mask_input:
             tokens.extend(np.asarray(feed[mask_input][:count]).reshape(count, -1).sum(axis=1).tolist())
-        final = result[loaded.judged]
+        final = loaded.judged_samples(result[loaded.judged], count)
         if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final[:count]).all():
             broken = _nonfinite_weight(loaded)
             if broken is not None:

@@ -22,7 +22,7 @@ from onnx import numpy_helper, version_converter
 
 from .errors import BadModel, one_line
 from .ops import (FLOAT_BITS, Layer, Skip, attribute, bodies, consumers, kind_for,  # noqa: F401  (re-exported)
-                  selected_outputs, selection_source, subgraph_inputs)
+                  selected_outputs, selection_source, selection_text, subgraph_inputs)
 
 # Written opset: the first with int4/uint4 Q/DQ and per-axis DQ everywhere, and
 # one that ONNX Runtime 1.31 (<= 26) loads. Newer models keep their own opset.
@@ -80,6 +80,19 @@ class LoadedModel:
     @property
     def judged(self) -> str:
         return self.judged_name or self.output_name
+
+    @property
+    def judged_by_run(self) -> bool:
+        """Whether the judged tensor may have no axis per sample: a selection's source or output (torchvision's
+        scores [A] before their threshold, its kept boxes [K, 4]); it is then read a run, of one sample, at a time."""
+        return self.output_name in self.selected
+
+    def judged_samples(self, value: np.ndarray, count: int) -> np.ndarray:
+        """One run's judged tensor with its `count` samples first. Read as [A] scores with their first axis the
+        batch, a detector's scores were judged on their first anchor alone (a review's: end-to-end error 0.0)."""
+        if self.judged_by_run and count == 1 and (value.ndim == 0 or value.shape[0] != 1):
+            return value[None]
+        return value[:count]
 
     def input_bytes(self, layer: Layer) -> int:
         """The bytes the layer's weight took in the input file."""
@@ -1359,5 +1372,5 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
                        size_bytes=size, initializers=inits, skipped=skipped,
                        prequantized=_prequantized_weights(model.graph, inits), folded_bytes=folded_bytes,
                        default_inputs=default_inputs,
-                       selected={name: f"{node.op_type} '{node.name}'" for name, node in selected.items()},
+                       selected={name: selection_text(model.graph, node) for name, node in selected.items()},
                        judged_name=(selection_source(model, selected[task]) or "") if task in selected else "")

@@ -340,7 +340,7 @@ def measure(loaded, samples, ranges: dict, count: int = DEFAULT_SAMPLES, batch_s
             for name, value in zip(wanted, result):
                 sums[name] = sums[name] + value.astype(np.float64)  # a scalar, or a vector per channel
             feeds.append((feed, real))
-            reference.append(result[-1][:real])
+            reference.append(loaded.judged_samples(result[-1], real))
             bar.update(real)
     errors, channel_errors = {}, {}
     for layer, table in outputs.items():
@@ -371,7 +371,7 @@ def end_to_end_error(loaded, ranges: dict, modes: dict, measurement: Measurement
     runs = ordered_runs(lambda batch: session.run([loaded.judged], batch[0])[0], measurement.feeds,
                         measurement.workers)
     for ((feed, real), out), fp32 in zip(runs, measurement.reference):
-        out = out[:real]
+        out = loaded.judged_samples(out, real)
         if out.shape != fp32.shape:  # a selection's output judged as it is, where it selects from no float tensor
             fp32, out = padded_alike(fp32, out)
         signal += float((fp32.astype(np.float64) ** 2).sum())

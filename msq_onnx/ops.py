@@ -754,15 +754,30 @@ _SELECTING = {"NonMaxSuppression": 1, "NonZero": 0, "Compress": 1, "Unique": 0}
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
+def _selecting(node):
+    """The selecting node that decides a node's output length: itself, or one inside its If/Loop/Scan bodies
+    (torchvision's batched NMS is exported inside an If that skips it when no box is left)."""
+    if node.op_type in _SELECTING:
+        return node
+    return next((found for body in bodies(node) for inner in body.node
+                 for found in (_selecting(inner),) if found is not None), None)
+
+
 def selected_outputs(graph) -> dict:
-    """graph output -> the first selecting node (_SELECTING) it is computed from, where that can set its length:
-    an axis of its shape neither fixed nor named as an input's (a sequence's T) is, or its shape is unknown. A
-    selection that only indexes (a transformer's NonZero over its mask) leaves an [N, T, H] output as it was."""
+    """graph output -> the first selecting node (_selecting) it is computed from, where that can set its length:
+    an axis of its shape neither fixed nor named as an input's (a sequence's T) is, or its shape is unknown. Not
+    through Shape or Size, nor a tensor of fixed shape (a count of kept rows added back to logits leaves them as
+    they were: a hunting review's classifier lost its collapse warning so); a selection that only indexes (a
+    NonZero over a mask) leaves an [N, T, H] output alone."""
+    # a tensor whose every axis shape inference fixed (a count of kept rows, summed) carries no selection's length
+    fixed = {v.name for v in graph.value_info if v.type.tensor_type.HasField("shape")
+             and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)}
     origin = {}
     for node in graph.node:  # in topological order
-        source = node if node.op_type in _SELECTING else next((origin[i] for i in node.input if i in origin), None)
+        source = _selecting(node) or (None if node.op_type in ("Shape", "Size") else
+                                      next((origin[i] for i in node.input if i in origin), None))
         if source is not None:
-            origin.update((o, source) for o in node.output if o)
+            origin.update((o, source) for o in node.output if o and o not in fixed)
     named = {d.dim_param for value in graph.input for d in value.type.tensor_type.shape.dim if d.dim_param}
 
     def unsized(value) -> bool:
@@ -773,13 +788,20 @@ def selected_outputs(graph) -> dict:
     return {value.name: origin[value.name] for value in graph.output if value.name in origin and unsized(value)}
 
 
+def selection_text(graph, node) -> str:
+    """How the report names a selecting node: as "op_type 'name'", and the If/Loop/Scan that holds it, if any."""
+    holder = next((outer for outer in graph.node if outer is not node and _selecting(outer) is node), None)
+    own = f"{node.op_type} '{node.name}'" if node.name else node.op_type
+    return own if holder is None else f"{own} inside {holder.op_type} '{holder.name}'"
+
+
 def selection_source(model: onnx.ModelProto, node) -> str | None:
     """The float tensor a selecting node decides on (NMS's scores; a condition's operands), found through the ops
     that turn it into a condition (Greater, Cast, Not...); None where it is a graph input or a constant."""
     producers = {out: n for n in model.graph.node for out in n.output}
     types = {v.name: v.type.tensor_type.elem_type for v in typed_values(model) if v.type.HasField("tensor_type")}
     constants = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
-    queue, seen = [node.input[_SELECTING[node.op_type]]], set()
+    queue, seen = [node.input[_SELECTING[node.op_type]]], set()  # a body's node reads the outer scope's tensors
     while queue:
         name = queue.pop(0)
         if not name or name in seen or name in constants:

@@ -27,7 +27,7 @@ from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
 from .imprint import imprint_labels, layer_scores
 from .importance import importance as layer_importance
 from .importance import upstream_layers
-from .instrument import blas_limit, estimated_rows, one_blas_thread, run_pass, usable_cores
+from .instrument import batch_of, blas_limit, estimated_rows, one_blas_thread, run_pass, usable_cores
 from .latency import mode_costs
 from .load import TemporaryFolder, is_large, load_model
 from .ops import DYNAMIC, FLOAT, FLOAT_BITS, FLOAT_CONTAINER, MODES, PREFER, REGISTRY, STATIC, WEIGHT_ONLY
@@ -728,6 +728,11 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     with timer.stage("load"):
         loaded = load_model(model_path, options.output)
         calib, evaluation = _held_out(_open_calibration(calib, loaded, options), loaded, options)
+        if loaded.judged_by_run and batch_of(loaded, options.batch_size) > 1:
+            fixed = any(spec.batch_fixed for spec in loaded.inputs)
+            raise BadOption(f"output '{loaded.output_name}' has the length {loaded.selected[loaded.output_name]} "
+                            "decides, and is compared a run of one sample at a time: "
+                            + ("re-export the model with batch 1." if fixed else "run with --batch-size 1."))
     params = {layer.name: layer.params for layer in loaded.layers}
     fixed = loaded.fixed_weights
     widths = candidate_widths(options)

@@ -36,6 +36,7 @@ def _with_weight_inputs(loaded: LoadedModel, layer) -> onnx.ModelProto:
 
 def _feeds(loaded: LoadedModel, samples, count: int, batch_size: int) -> list[tuple[dict, int]]:
     feeds, total = [], 0
+    batch_size = 1 if loaded.judged_by_run else batch_size  # LoadedModel.judged_samples
     for feed, real in padded_batches(samples, loaded, batch_size):
         feeds.append((feed, real))
         total += real
@@ -50,14 +51,14 @@ def _relative_error(reference: list, outputs: list) -> float:
     return noise / max(signal, 1e-30)
 
 
-def _with_layer_quantized(session, layer, weight, bias, choice, input_mean, bias_correction: bool, feeds,
+def _with_layer_quantized(loaded, session, layer, weight, bias, choice, input_mean, bias_correction: bool, feeds,
                           output: str) -> list:
     """The task output per batch, with this layer's weight (and corrected bias) quantized as `choice` says."""
     result = quantize_layer(layer, weight, bias, choice, input_mean, bias_correction)
     extra = {layer.weight_name: result.weight}
     if bias is not None:
         extra[layer.bias_name] = result.bias if result.bias is not None else bias
-    return [session.run([output], dict(feed, **extra))[0][:real] for feed, real in feeds]
+    return [loaded.judged_samples(session.run([output], dict(feed, **extra))[0], real) for feed, real in feeds]
 
 
 def measure(loaded: LoadedModel, samples, choices: dict, input_mean: dict, candidate_bits,
@@ -67,7 +68,7 @@ def measure(loaded: LoadedModel, samples, choices: dict, input_mean: dict, candi
     feeds = _feeds(loaded, samples, count, batch_size)
     reference_session = make_session(loaded.judged_out(loaded.session_copy()), weights=loaded.weights_folder)
     output = loaded.judged
-    reference = [reference_session.run([output], feed)[0][:real] for feed, real in feeds]
+    reference = [loaded.judged_samples(reference_session.run([output], feed)[0], real) for feed, real in feeds]
     damage, passes = {}, 0
     # a layer's table holds only the widths its budget can reach (allocate.reachable_widths)
     widths_of = {layer.name: [b for b in candidate_bits if b in choices[layer.name]] for layer in loaded.layers}
@@ -78,7 +79,7 @@ def measure(loaded: LoadedModel, samples, choices: dict, input_mean: dict, candi
             bias = loaded.bias(layer)
             damage[layer.name] = {}
             for bits in widths_of[layer.name]:
-                outputs = _with_layer_quantized(session, layer, weight, bias, choices[layer.name][bits],
+                outputs = _with_layer_quantized(loaded, session, layer, weight, bias, choices[layer.name][bits],
                                                 input_mean.get(layer.name), bias_correction, feeds, output)
                 passes += sum(real for _, real in feeds)
                 damage[layer.name][bits] = _relative_error(reference, outputs)
@@ -140,7 +141,8 @@ def task_weights(loaded: LoadedModel, samples, choices: dict, input_mean: dict, 
     feeds = _feeds(loaded, samples, count, batch_size)
     output = loaded.judged
     fp32_session = make_session(loaded.judged_out(loaded.session_copy()), weights=loaded.weights_folder)
-    fp32 = stacked_outputs([output_embedding(fp32_session.run([output], feed)[0][:real], max_dim, seed)
+    fp32 = stacked_outputs([output_embedding(loaded.judged_samples(fp32_session.run([output], feed)[0], real),
+                                             max_dim, seed)
                             for feed, real in feeds], max_dim, seed)
     del fp32_session
     soft_score, predict = _predictor(reference, labels)
@@ -150,7 +152,7 @@ def task_weights(loaded: LoadedModel, samples, choices: dict, input_mean: dict, 
     with progress(len(loaded.layers), "task predictor per layer", quiet) as bar:
         for layer in loaded.layers:
             session = make_session(_with_weight_inputs(loaded, layer), weights=loaded.weights_folder)
-            outputs = _with_layer_quantized(session, layer, loaded.weight(layer).astype(np.float32),
+            outputs = _with_layer_quantized(loaded, session, layer, loaded.weight(layer).astype(np.float32),
                                             loaded.bias(layer), choices[layer.name][width],
                                             input_mean.get(layer.name), bias_correction, feeds, output)
             quantized = stacked_outputs([output_embedding(o, max_dim, seed) for o in outputs], max_dim, seed)

@@ -4,6 +4,7 @@ between FP32 and the written model: a [1, K, 4] output crashed the modes' check 
 broadcast'), and a [K, 4] one, with no axis per sample, was judged on its first row alone."""
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ from msq_onnx import fidelity, ops
 from msq_onnx.cli import main
 
 ANCHORS, CLASSES = 64, 3
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _detector(tmp_path, batched: bool) -> str:
@@ -91,16 +93,33 @@ def test_a_selections_outputs_and_what_it_selects_from_are_found(tmp_path):
     small = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert ops.selection_source(small, ops.selected_outputs(small.graph)["where"]) == "s"
 
-    # a selection that only indexes leaves an output of the input's own axes as it was: [N, T] stays [N, T]
+    # A count of kept rows added back (as torch's boolean indexing exports) leaves the output what it was, whatever
+    # the exporter named its axes: a review's classifier, judged as a selection's, lost its collapse warning.
     nodes = [helper.make_node("Greater", ["x", "t"], ["mask"]), helper.make_node("NonZero", ["mask"], ["where"]),
+             helper.make_node("Shape", ["where"], ["shape"]), helper.make_node("Cast", ["shape"], ["sizes"], to=1),
+             helper.make_node("ReduceSum", ["sizes"], ["count"], keepdims=0),
              helper.make_node("Cast", ["where"], ["found"], to=TensorProto.FLOAT),
-             helper.make_node("ReduceSum", ["found"], ["count"], keepdims=0),
-             helper.make_node("Add", ["x", "count"], ["y"])]
+             helper.make_node("ReduceSum", ["found"], ["total"], keepdims=0),
+             helper.make_node("Add", ["x", "count"], ["shifted"]), helper.make_node("Add", ["shifted", "total"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T"]),
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["Addy_dim_0", "Addy_dim_1"]),
                                helper.make_tensor_value_info("where", TensorProto.INT64, [2, "K"])],
                               [numpy_helper.from_array(np.float32(0.5), "t")])
-    assert set(ops.selected_outputs(graph)) == {"where"}
+    inferred = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert set(ops.selected_outputs(inferred.graph)) == {"where"}
+
+    # a selection inside an If's branches (torchvision's NMS is exported so) is found, and named with its If
+    then, otherwise = (helper.make_graph([helper.make_node("Compress", ["x", "cond"], [f"kept_{b}"], axis=1)], b, [],
+                                         [helper.make_tensor_value_info(f"kept_{b}", TensorProto.FLOAT, None)])
+                       for b in ("a", "b"))
+    nodes = [helper.make_node("Greater", ["row", "t"], ["cond"]),
+             helper.make_node("If", ["flag"], ["kept"], then_branch=then, else_branch=otherwise, name="when")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                                           helper.make_tensor_value_info("row", TensorProto.FLOAT, [8])],
+                              [helper.make_tensor_value_info("kept", TensorProto.FLOAT, [1, "K"])],
+                              [numpy_helper.from_array(np.float32(0.5), "t"), numpy_helper.from_array(np.array(True), "flag")])
+    found = ops.selected_outputs(graph)
+    assert list(found) == ["kept"] and ops.selection_text(graph, found["kept"]) == "Compress inside If 'when'"
 
 
 def test_outputs_of_two_lengths_are_compared_with_the_missing_rows_as_zeros():
@@ -180,3 +199,92 @@ def test_a_model_that_takes_one_sample_without_a_batch_axis_is_refused_in_one_li
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "input 'image' takes one sample with no batch axis ([3, 32, 32]" in error[0]
     assert "re-export the model with a batch axis" in error[0] and not (tmp_path / "q.onnx").exists()
+
+
+def _compress_detector(tmp_path, condition_from_input=False) -> str:
+    """torchvision's layout down to the scores: sigmoid scores [A] with no axis per sample, their threshold (or a
+    bool input) deciding, by Compress, which boxes [K, 4] and scores [K] are kept."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (4, 8, 1, 1)).astype(np.float32), "wb"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (1, 8, 1, 1)).astype(np.float32), "wc"),
+             numpy_helper.from_array(np.array([4, -1], np.int64), "box_shape"),
+             numpy_helper.from_array(np.array([-1], np.int64), "flat"), numpy_helper.from_array(np.float32(0.5), "t")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], strides=[4, 4]),
+             helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("Conv", ["r1", "wb"], ["box_map"]),
+             helper.make_node("Conv", ["r1", "wc"], ["class_map"]),
+             helper.make_node("Reshape", ["box_map", "box_shape"], ["b4a"]),
+             helper.make_node("Transpose", ["b4a"], ["all_boxes"], perm=[1, 0]),
+             helper.make_node("Reshape", ["class_map", "flat"], ["logit_rows"]),
+             helper.make_node("Sigmoid", ["logit_rows"], ["all_scores"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])]
+    if condition_from_input:  # nothing in the model decides: the selection's source is no tensor of its own
+        inputs.append(helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, ANCHORS]))
+        nodes.append(helper.make_node("Reshape", ["keep", "flat"], ["cond"]))
+    else:
+        nodes.append(helper.make_node("Greater", ["all_scores", "t"], ["cond"]))
+    nodes += [helper.make_node("Compress", ["all_boxes", "cond"], ["boxes"], axis=0, name="keep_boxes"),
+              helper.make_node("Compress", ["all_scores", "cond"], ["scores"], axis=0, name="keep_scores")]
+    graph = helper.make_graph(nodes, "compress", inputs,
+                              [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["K", 4]),
+                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["K"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = str(tmp_path / "compress.onnx")
+    onnx.save(model, path)
+    return path
+
+
+def test_scores_with_no_axis_per_sample_are_judged_whole(tmp_path, monkeypatch):
+    """The modes judged [A] scores as A samples' first values: one anchor of 64 (end-to-end error 0.0)."""
+    from msq_onnx import modes
+
+    seen = []
+    judged = modes.end_to_end_error
+    monkeypatch.setattr(modes, "end_to_end_error", lambda loaded, ranges, chosen, measurement: (
+        seen.append([r.shape for r in measurement.reference]) or judged(loaded, ranges, chosen, measurement)))
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).normal(size=(24, 3, 32, 32)).astype(np.float32))
+    assert main([_compress_detector(tmp_path), str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                 "--avg-bits", "8", "--quiet"]) == 0
+    assert seen and all(shape == (1, ANCHORS) for shape in seen[0])
+
+
+def test_a_selection_decided_by_an_input_keeping_nothing_in_some_runs_converts(tmp_path):
+    """Where nothing in the model decides (the condition is an input) the kept rows themselves are judged, and a
+    run that keeps none is an empty sample (it crashed the pseudo-labels' pooling: division by zero)."""
+    rng = np.random.default_rng(2)
+    for name, count in (("calib", 24), ("eval", 12)):
+        keep = rng.random((count, ANCHORS)) < 0.05
+        keep[::2] = False  # every other run keeps nothing
+        np.savez(tmp_path / f"{name}.npz", x=rng.normal(size=(count, 3, 32, 32)).astype(np.float32), keep=keep)
+    report = str(tmp_path / "r.json")
+    assert main([_compress_detector(tmp_path, condition_from_input=True), str(tmp_path / "q.onnx"), "--calib",
+                 str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"), "--avg-bits", "8", "--quiet",
+                 "--report", report]) == 0
+    boxes = json.load(open(report))["evaluation"]["outputs"]["boxes"]
+    assert boxes["selected_by"] == "Compress 'keep_boxes'" and boxes["length_agreement"] == 100.0  # the input decides
+    assert boxes["cosine"] > 0.99
+
+
+def test_a_selection_at_a_fixed_batch_over_one_is_refused_in_one_line(tmp_path, capsys):
+    model = onnx.load(_detector(tmp_path, batched=False))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    path = str(tmp_path / "batch2.onnx")
+    onnx.save(model, path)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(16, 3, 32, 32)).astype(np.float32))
+    assert main([path, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"), "--avg-bits", "8"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["msq-onnx: error: output 'boxes' has the length NonMaxSuppression 'nms' decides, and is compared a "
+                     "run of one sample at a time: re-export the model with batch 1."]
+
+
+def test_samples_with_an_extra_axis_for_a_batched_model_are_still_told_to_reshape(tmp_path, capsys):
+    """Only a fixed first axis other than 1 that each sample repeats reads as 'no batch axis' (a review's: a
+    dynamic-batch model fed [N, 1, 1, 8, 8] was told to re-export)."""
+    model = os.path.join(ROOT, "models", "digits_cnn.onnx")
+    digits = np.load(os.path.join(ROOT, "models", "digits_calib.npz"))
+    name = next(key for key in digits.files if digits[key].dtype.kind == "f")
+    np.savez(tmp_path / "extra.npz", **{name: digits[name][:, None]})
+    assert main([model, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "extra.npz"), "--avg-bits", "8"]) == 2
+    error = capsys.readouterr().err
+    assert "reshape the samples" in error and "no batch axis" not in error
