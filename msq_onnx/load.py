@@ -22,7 +22,7 @@ from onnx import numpy_helper, version_converter
 
 from .errors import BadModel, one_line
 from .ops import (FLOAT_BITS, Layer, Skip, attribute, bodies, consumers, kind_for,  # noqa: F401  (re-exported)
-                  selected_outputs, selection_source, selection_text, subgraph_inputs)
+                  earliest_selection, selected_outputs, selection_source, selection_text, subgraph_inputs)
 
 # Written opset: the first with int4/uint4 Q/DQ and per-axis DQ everywhere, and
 # one that ONNX Runtime 1.31 (<= 26) loads. Newer models keep their own opset.
@@ -76,6 +76,7 @@ class LoadedModel:
     # where a selection decides its length, the float tensor the selection is made from (a detector's scores
     # before NMS: the boxes it keeps are a decision on them, as a class id is on its logits).
     judged_name: str = ""
+    judged_text: str = ""  # the report's words for it
 
     @property
     def judged(self) -> str:
@@ -1367,10 +1368,14 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
                        "nothing to allocate bits to.")
     task = task_output(model, output)
     selected = selected_outputs(model.graph)
+    first = earliest_selection(model.graph, task) if task in selected else None
+    source = selection_source(model, first) if first is not None else None
     return LoadedModel(model=model, source_path=path, source_opset=source_opset, opset=_default_opset(model),
                        inputs=inputs, output_name=task, layers=layers,
                        size_bytes=size, initializers=inits, skipped=skipped,
                        prequantized=_prequantized_weights(model.graph, inits), folded_bytes=folded_bytes,
                        default_inputs=default_inputs,
                        selected={name: selection_text(model.graph, node) for name, node in selected.items()},
-                       judged_name=(selection_source(model, selected[task]) or "") if task in selected else "")
+                       judged_name=source or "",
+                       judged_text=f"'{source}', what {selection_text(model.graph, first)} selects from: '{task}' has "
+                                   "a length that selections decide" if source else "")

@@ -220,9 +220,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "already_quantized": loaded.prequantized,
         "warnings": list(warnings),
         "activation_modes": {"tolerance": options.mode_tolerance, "end_to_end": analysis.mode_log,
-                             **({"judged": f"'{loaded.judged}', what {loaded.selected[loaded.output_name]} selects "
-                                           f"from: '{loaded.output_name}' has the length that selection decides"}
-                                if loaded.judged != loaded.output_name else {})},
+                             **({"judged": loaded.judged_text} if loaded.judged_text else {})},
         "size_bytes": {"input": int(loaded.size_bytes), "file": int(sum(os.path.getsize(p) for p in files)),
                        "gzip": gzip_bytes, "layers": sum(layer["bytes"] for layer in layers)},
         "latency_ms": latency,

@@ -121,6 +121,22 @@ def test_a_selections_outputs_and_what_it_selects_from_are_found(tmp_path):
     found = ops.selected_outputs(graph)
     assert list(found) == ["kept"] and ops.selection_text(graph, found["kept"]) == "Compress inside If 'when'"
 
+    # Two selections in a row (a two-stage detector's): the judged tensor is what the first decides on, dense; the
+    # second's input is itself what the first kept (judged so, Faster R-CNN's modes saw nothing move).
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Greater", ["s", "t"], ["first_cond"]),
+             helper.make_node("Compress", ["s", "first_cond"], ["proposals"], axis=1, name="first"),
+             helper.make_node("Clip", ["proposals", "low", "high"], ["levels"]),
+             helper.make_node("Greater", ["levels", "t"], ["second_cond"]),
+             helper.make_node("Compress", ["proposals", "second_cond"], ["kept"], axis=1, name="second")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("kept", TensorProto.FLOAT, [1, "K"])],
+                              [numpy_helper.from_array(np.float32(value), name)
+                               for name, value in (("t", 0.5), ("low", 0.6), ("high", 0.9))])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert ops.selected_outputs(model.graph)["kept"].name == "second"
+    first = ops.earliest_selection(model.graph, "kept")
+    assert first.name == "first" and ops.selection_source(model, first) == "s"
+
 
 def test_outputs_of_two_lengths_are_compared_with_the_missing_rows_as_zeros():
     fp32 = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
