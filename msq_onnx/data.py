@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BadData, BadModel, one_line
+from .errors import BadData, one_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEFAULT_LABEL_COLUMN = "label"
@@ -358,16 +358,17 @@ def _check_array(where: str, spec, array: np.ndarray) -> None:
     expected = ["N"] + [d if d is not None else "?" for d in spec.shape[1:]]
     ok = shaped.ndim == len(spec.shape) and all(
         want is None or want == got for want, got in zip(spec.shape[1:], shaped.shape[1:]))
-    # (a fixed first axis other than 1 that each sample repeats: a batch of 1 or a dynamic one fed an extra
-    # axis is the samples' mistake, and its advice stays "reshape")
+    # Each sample fits the input whole, a fixed first axis other than 1 included: samples batched by hand for a
+    # model of a fixed batch, or a model that takes one sample with no batch axis (torchvision's detectors, an
+    # image [3, H, W]), which msq-onnx cannot take (its runs, outputs and features count samples on axis 0). A
+    # batch of 1 or a dynamic one fed an extra axis is the samples' mistake alone.
     if not ok and array.ndim == len(spec.shape) + 1 and spec.shape[0] not in (None, 1) and all(
             want is None or want == got for want, got in zip(spec.shape, array.shape[1:])):
-        # A model that takes one sample with no batch axis (torchvision's detectors: images [3, H, W]): each of
-        # these samples fits it whole, and the runs, their outputs and the features all count samples on axis 0.
-        raise BadModel(f"input '{spec.name}' takes one sample with no batch axis "
-                       f"({[d if d is not None else '?' for d in spec.shape]}; the samples are {list(array.shape)}), "
-                       "which msq-onnx cannot quantize: re-export the model with a batch axis first (torch.onnx."
-                       "export with a [1, ...] input, as torchvision's detectors also take).")
+        whole = [d if d is not None else "?" for d in spec.shape]
+        raise BadData(f"{where}: input '{spec.name}' has shape {list(array.shape)}, the model takes {expected}: "
+                      f"give one sample per entry along the first axis; or, if the model takes one sample {whole} "
+                      "with no batch axis, re-export it with a batch axis first (torch.onnx.export with a [1, ...] "
+                      "input, as torchvision's detectors also take).")
     if not ok:
         raise BadData(f"{where}: input '{spec.name}' has shape {list(array.shape)}, the model takes "
                       f"{expected}; reshape the samples.")

@@ -763,22 +763,35 @@ def _selecting(node):
                  for found in (_selecting(inner),) if found is not None), None)
 
 
+def _reads(node) -> list:
+    """The names a node reads: its inputs, and the outer names its If/Loop/Scan bodies read (a kept index used
+    only inside a branch, a second review's: missed, its boxes were judged on their first row)."""
+    inner = sorted({name for body in bodies(node) for name in subgraph_inputs_of(body)})
+    return list(node.input) + inner
+
+
+def subgraph_inputs_of(body) -> set:
+    """Every name the nodes of a body (and of the bodies inside it) read."""
+    return {name for inner in body.node for name in inner.input} | subgraph_inputs(body)
+
+
 def selected_outputs(graph) -> dict:
     """graph output -> the first selecting node (_selecting) it is computed from, where that can set its length:
     an axis of its shape neither fixed nor named as an input's (a sequence's T) is, or its shape is unknown. Not
     through Shape or Size, nor a tensor of fixed shape (a count of kept rows added back to logits leaves them as
     they were: a hunting review's classifier lost its collapse warning so); a selection that only indexes (a
     NonZero over a mask) leaves an [N, T, H] output alone."""
-    # a tensor whose every axis shape inference fixed (a count of kept rows, summed) carries no selection's length
+    named = {d.dim_param for value in graph.input for d in value.type.tensor_type.shape.dim if d.dim_param}
+    # A tensor whose every axis shape inference fixed or named as an input's (a count of kept rows, summed; real
+    # tokens gathered and scattered back to [batch, T], a second review's classifier) carries no selection's length
     fixed = {v.name for v in graph.value_info if v.type.tensor_type.HasField("shape")
-             and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)}
+             and all(d.HasField("dim_value") or d.dim_param in named for d in v.type.tensor_type.shape.dim)}
     origin = {}
     for node in graph.node:  # in topological order
         source = _selecting(node) or (None if node.op_type in ("Shape", "Size") else
-                                      next((origin[i] for i in node.input if i in origin), None))
+                                      next((origin[i] for i in _reads(node) if i in origin), None))
         if source is not None:
             origin.update((o, source) for o in node.output if o and o not in fixed)
-    named = {d.dim_param for value in graph.input for d in value.type.tensor_type.shape.dim if d.dim_param}
 
     def unsized(value) -> bool:
         tensor = value.type.tensor_type
@@ -804,7 +817,7 @@ def earliest_selection(graph, output: str):
         selecting = _selecting(node)
         if selecting is not None and (found is None or index < found[0]):
             found = (index, selecting)
-        stack.extend(node.input)
+        stack.extend(_reads(node))
     return None if found is None else found[1]
 
 
@@ -831,7 +844,7 @@ def selection_source(model: onnx.ModelProto, node) -> str | None:
             return name
         producer = producers.get(name)
         if producer is not None and producer.op_type != "Constant":
-            queue.extend(producer.input)
+            queue.extend(_reads(producer))
     return None
 
 

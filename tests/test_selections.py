@@ -213,8 +213,8 @@ def test_a_model_that_takes_one_sample_without_a_batch_axis_is_refused_in_one_li
     np.savez(tmp_path / "calib.npz", image=np.random.default_rng(0).normal(size=(16, 3, 32, 32)).astype(np.float32))
     assert main([path, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"), "--avg-bits", "8"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "input 'image' takes one sample with no batch axis ([3, 32, 32]" in error[0]
-    assert "re-export the model with a batch axis" in error[0] and not (tmp_path / "q.onnx").exists()
+    assert len(error) == 1 and "if the model takes one sample [3, 32, 32] with no batch axis, re-export it" in error[0]
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def _compress_detector(tmp_path, condition_from_input=False) -> str:
@@ -304,3 +304,69 @@ def test_samples_with_an_extra_axis_for_a_batched_model_are_still_told_to_reshap
     assert main([model, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "extra.npz"), "--avg-bits", "8"]) == 2
     error = capsys.readouterr().err
     assert "reshape the samples" in error and "no batch axis" not in error
+
+
+def test_tokens_gathered_and_scattered_back_leave_a_classifier_judged_as_one(tmp_path):
+    """Real tokens gathered by NonZero(mask) and scattered back to [batch, seq] (an unpadded-attention export):
+    every tensor after the scatter has the input's own axes, so its logits, whatever the exporter named their
+    axis, are no selection's (a second review's: judged as a tensor, and --batch-size 8 refused)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Cast", ["mask"], ["real"], to=9),
+             helper.make_node("NonZero", ["real"], ["where"]), helper.make_node("Transpose", ["where"], ["index"]),
+             helper.make_node("GatherND", ["h", "index"], ["rows"]), helper.make_node("Relu", ["rows"], ["active"]),
+             helper.make_node("Mul", ["h", "zero"], ["zeros"]),
+             helper.make_node("ScatterND", ["zeros", "index", "active"], ["padded"]),
+             helper.make_node("ReduceMean", ["padded", "axes"], ["pooled"], keepdims=0),
+             helper.make_node("Gemm", ["pooled", "w2", "b2"], ["logits"])]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (16, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (32, 10)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.zeros(10, np.float32), "b2"), numpy_helper.from_array(np.float32(0), "zero"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    graph = helper.make_graph(nodes, "unpad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16]),
+                                               helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["Gemmlogits_dim_0", 10])], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert ops.selected_outputs(model.graph) == {}
+
+
+def test_a_selection_read_inside_an_if_branch_is_followed():
+    """NonZero in the main graph, its indices read only inside an If's branches that gather the boxes (a second
+    review's: missed, each run was judged on its first box, cosine 0.933 where pooled it was 0.474)."""
+    branches = [helper.make_graph([helper.make_node("Gather", ["all_boxes", "index"], [f"kept_{b}"], axis=0)], b, [],
+                                  [helper.make_tensor_value_info(f"kept_{b}", TensorProto.FLOAT, None)])
+                for b in ("a", "b")]
+    nodes = [helper.make_node("Sigmoid", ["logits"], ["scores"]), helper.make_node("Greater", ["scores", "t"], ["cond"]),
+             helper.make_node("NonZero", ["cond"], ["where"], name="nz"),
+             helper.make_node("Reshape", ["where", "flat"], ["index"]),
+             helper.make_node("If", ["flag"], ["boxes"], then_branch=branches[0], else_branch=branches[1], name="when")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [8]),
+                                           helper.make_tensor_value_info("all_boxes", TensorProto.FLOAT, [8, 4])],
+                              [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["K", 4])],
+                              [numpy_helper.from_array(np.float32(0.5), "t"), numpy_helper.from_array(np.array([-1]), "flat"),
+                               numpy_helper.from_array(np.array(True), "flag")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    found = ops.selected_outputs(model.graph)
+    assert found["boxes"].name == "nz" and ops.earliest_selection(model.graph, "boxes").name == "nz"
+    assert ops.selection_source(model, found["boxes"]) == "scores"
+
+
+def test_the_sensitivity_allocator_compares_kept_rows_of_two_lengths(tmp_path):
+    """A selection inside an If branch that decides on a score of its own branch has no source in the graph: the
+    kept rows are judged as they are, and the sensitivity passes compared them unpadded (a second review's:
+    'operands could not be broadcast', exit 1)."""
+    model = onnx.load(_compress_detector(tmp_path))
+    graph = model.graph
+    for node in [n for n in graph.node if n.op_type in ("Sigmoid", "Greater", "Compress")]:
+        graph.node.remove(node)
+    branches = [helper.make_graph([helper.make_node("Sigmoid", ["logit_rows"], [f"s_{b}"]),
+                                   helper.make_node("Greater", [f"s_{b}", "t"], [f"c_{b}"]),
+                                   helper.make_node("Compress", ["all_boxes", f"c_{b}"], [f"k_{b}"], axis=0)], b, [],
+                                  [helper.make_tensor_value_info(f"k_{b}", TensorProto.FLOAT, None)]) for b in "ab"]
+    graph.initializer.append(numpy_helper.from_array(np.array(True), "flag"))
+    graph.node.append(helper.make_node("If", ["flag"], ["boxes"], then_branch=branches[0], else_branch=branches[1]))
+    del graph.output[1:]
+    path = str(tmp_path / "branch.onnx")
+    onnx.save(model, path)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(3).normal(size=(16, 3, 32, 32)).astype(np.float32))
+    assert main([path, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"), "--avg-bits", "4",
+                 "--allocator", "sensitivity", "--quiet"]) == 0
