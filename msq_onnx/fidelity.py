@@ -342,7 +342,9 @@ def batch_first(output: np.ndarray, rows: int) -> np.ndarray:
 def padded_alike(reference: np.ndarray, quantized: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two runs' outputs of one selection (the boxes an NMS kept) at one shape, the longer's on every axis, zeros
     where a run has no row: what one run kept and the other did not is all error. (Extreme integers there made
-    an integer output's cosine -0.3; its count is judged as its length_agreement.)"""
+    an integer output's cosine -0.3; its count is judged as its length_agreement.) Of one shape, as they are."""
+    if reference.shape == quantized.shape:
+        return reference, quantized
     if reference.ndim != quantized.ndim:
         raise BadData(f"an output has rank {reference.ndim} in FP32 and {quantized.ndim} in the written model; "
                       "nothing can be compared element by element (report this model).")

@@ -795,7 +795,7 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
         if mask_input:
             tokens.extend(np.asarray(feed[mask_input][:count]).reshape(count, -1).sum(axis=1).tolist())
         final = loaded.judged_samples(result[loaded.judged], count)
-        if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final[:count]).all():
+        if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final).all():
             broken = _nonfinite_weight(loaded)
             if broken is not None:
                 raise BadModel(f"weight '{broken}' holds NaN or Inf values, and the FP32 model's outputs are NaN or "

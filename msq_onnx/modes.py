@@ -372,8 +372,7 @@ def end_to_end_error(loaded, ranges: dict, modes: dict, measurement: Measurement
                         measurement.workers)
     for ((feed, real), out), fp32 in zip(runs, measurement.reference):
         out = loaded.judged_samples(out, real)
-        if out.shape != fp32.shape:  # a selection's output judged as it is, where it selects from no float tensor
-            fp32, out = padded_alike(fp32, out)
+        fp32, out = padded_alike(fp32, out)  # a selection's rows, where it selects from no float tensor
         signal += float((fp32.astype(np.float64) ** 2).sum())
         noise += float(((out.astype(np.float64) - fp32) ** 2).sum())
         if channels is not None and fp32.ndim >= 3 and np.issubdtype(fp32.dtype, np.floating):

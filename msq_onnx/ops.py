@@ -75,11 +75,15 @@ def bodies(node) -> list:
 
 def subgraph_inputs(graph) -> set:
     """Every tensor name read inside an If/Loop/Scan body (outer-scope values included)."""
+    return set().union(*(body_reads(node) for node in graph.node))
+
+
+def body_reads(node) -> set:
+    """Every name read inside one node's If/Loop/Scan bodies, and the bodies inside them."""
     names = set()
-    for node in graph.node:
-        for body in bodies(node):
-            names.update(name for inner in body.node for name in inner.input)
-            names |= subgraph_inputs(body)
+    for body in bodies(node):
+        names.update(name for inner in body.node for name in inner.input)
+        names |= subgraph_inputs(body)
     return names
 
 
@@ -766,13 +770,7 @@ def _selecting(node):
 def _reads(node) -> list:
     """The names a node reads: its inputs, and the outer names its If/Loop/Scan bodies read (a kept index used
     only inside a branch, a second review's: missed, its boxes were judged on their first row)."""
-    inner = sorted({name for body in bodies(node) for name in subgraph_inputs_of(body)})
-    return list(node.input) + inner
-
-
-def subgraph_inputs_of(body) -> set:
-    """Every name the nodes of a body (and of the bodies inside it) read."""
-    return {name for inner in body.node for name in inner.input} | subgraph_inputs(body)
+    return list(node.input) + sorted(body_reads(node))
 
 
 def selected_outputs(graph) -> dict:

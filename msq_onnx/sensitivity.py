@@ -48,7 +48,7 @@ def _feeds(loaded: LoadedModel, samples, count: int, batch_size: int) -> list[tu
 
 def _relative_error(reference: list, outputs: list) -> float:
     # a selection's kept rows, judged as they are where the selection decides on no tensor of the graph's own
-    pairs = [padded_alike(r, o) if r.shape != o.shape else (r, o) for r, o in zip(reference, outputs)]
+    pairs = [padded_alike(r, o) for r, o in zip(reference, outputs)]
     reference, outputs = [r for r, _ in pairs], [o for _, o in pairs]
     signal = sum(float((r.astype(np.float64) ** 2).sum()) for r in reference)
     noise = sum(float(((o.astype(np.float64) - r) ** 2).sum()) for o, r in zip(outputs, reference))
