@@ -180,6 +180,11 @@ def run_cli(model: str, work: str, calib: str, evaluation: str, name: str, flags
         return json.load(handle)
 
 
+def modes_text(modes: dict) -> str:
+    """A report's `modes` ({mode: layers}) as a table cell."""
+    return ", ".join(f"{count} {mode}" for mode, count in modes.items())
+
+
 def save_table(out: str, stem: str, results: list, header: list[str], row) -> None:
     """results as out/stem.json, and as the Markdown table out/stem.md (printed too): `header` is its first two
     lines, `row(result)` each following one."""

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         agreement = "" if r["agreement"] is None else f"{r['agreement']:.1f}%"
         if r.get("length_agreement") is not None:
             agreement += f"{'; ' if agreement else ''}lengths {r['length_agreement']:.1f}%"
-        modes = ", ".join(f"{count} {mode}" for mode, count in r["modes"].items())
+        modes = datasets.modes_text(r["modes"])
         return (f"| {r['model']} | {r['budget']} | {r['cosine']:.4f} | {min(r['outputs'].values()):.4f} | "
                 f"{agreement} | {modes} | {r['latency_ms']['fp32']:.3g} / {r['latency_ms']['output']:.3g} | "
                 f"{len(r['warnings'])} |")

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     def row(r) -> str:
         outputs = "; ".join(f"{k} {v['cosine']:.4f}, lengths {v['length_agreement']:.1f}%"
                             for k, v in r["outputs"].items() if v.get("length_agreement") is not None)
-        modes = ", ".join(f"{count} {mode}" for mode, count in r["modes"].items())
+        modes = datasets.modes_text(r["modes"])
         return f"| {r['model']} | {r['budget']} | {outputs} | {modes} | {len(r['warnings'])} |"
 
     datasets.save_table(args.out, "torchvision-detectors", results,
