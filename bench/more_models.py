@@ -17,7 +17,6 @@ Writes docs/bench/more-models.json and .md. Skips a model whose wheel or the ima
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -109,12 +108,7 @@ def image_arrays(shared: str, work: str, name: str, input_name: str, height: int
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", default=datasets.DEFAULT_SHARED)
-    parser.add_argument("--budgets", nargs="+", default=["8", "4"])
-    parser.add_argument("--cache", default=datasets.WHEEL_CACHE)
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"))
-    args = parser.parse_args(argv)
+    args = datasets.wheel_bench_arguments(__doc__.splitlines()[0], argv)
     os.makedirs(args.cache, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="msq-more-") as work:

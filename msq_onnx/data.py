@@ -74,11 +74,19 @@ class SampleSet:
     # whether batches() reads nothing from disk: then the batches' shapes cost little to learn before the pass
     # (instrument.estimated_rows); images and .npz files are read again to learn them
     held_in_memory = False
+    # the inputs each sample gives whole, with no axis of the input's own for samples (sample_axes): the model
+    # is read with one added, and the set is read against the inputs that gives (respec)
+    whole: frozenset = frozenset()
 
     def __init__(self, count: int, labels: np.ndarray | None, source: str):
         self.count = count
         self.labels = labels
         self.source = source
+
+    def respec(self, inputs) -> None:
+        """Read the samples against `inputs` from now on: the model's inputs once it has its sample axes. Their
+        arrays are the same; only the specs' first axis (1) and what follows from it change."""
+        self.inputs = inputs
 
     def batches(self, batch_size: int):  # pragma: no cover - interface
         raise NotImplementedError
@@ -341,8 +349,9 @@ def _lacks_channel_axis(spec, shape) -> bool:
     return len(shape) == len(spec.shape) - 1 and len(spec.shape) == 4 and spec.shape[1] == 1
 
 
-def _check_array(where: str, spec, array: np.ndarray) -> None:
-    """Dtype, rank, fixed dims and values of one input's samples against the model input."""
+def _check_array(where: str, spec, array: np.ndarray) -> bool:
+    """Dtype, rank, fixed dims and values of one input's samples against the model input. True where each
+    sample is the input whole (sample_axes): the model is then run one sample at a time."""
     if array.dtype.kind not in "fiub":
         raise BadData(f"{where}: input '{spec.name}' has dtype {array.dtype}; give numeric samples.")
     if spec.dtype.kind == "f" and array.dtype.kind not in "fiu":
@@ -351,24 +360,25 @@ def _check_array(where: str, spec, array: np.ndarray) -> None:
             not np.isfinite(array).all() or not (array == np.round(array)).all()):
         raise BadData(f"{where}: input '{spec.name}' has non-integer values, the model takes {spec.dtype}; "
                       "give integer samples.")
+    whole_shape = [d if d is not None else "?" for d in spec.shape]
+    # Each sample fits the input whole: one it cannot take along its first axis (a scalar, an RNN state), one with
+    # a fixed first axis other than 1 (torchvision's detectors' image [3, H, W]), or a 1-D one of any length (a
+    # waveform). A batch of 1 or a dynamic one fed an extra axis is the samples' mistake.
+    whole = array.ndim == len(spec.shape) + 1 and all(
+        want is None or want == got for want, got in zip(spec.shape, array.shape[1:])) and bool(
+        spec.unbatched or (spec.shape and spec.shape[0] not in (None, 1))
+        or (len(spec.shape) == 1 and array.shape[1] != 1))
+    if spec.unbatched and not whole:
+        raise BadData(f"{where}: input '{spec.name}' has shape {list(array.shape)}; it {spec.unbatched}, so "
+                      f"msq-onnx feeds it one whole sample a run: give an array [{', '.join(map(str, ['N'] + whole_shape))}]"
+                      " with one sample per entry of its first axis.")
     if array.ndim == 0:
         raise BadData(f"{where}: input '{spec.name}' is a single value; give an array with one entry per "
                       "sample along its first axis.")
     shaped = _fit_shape(spec, array)
-    expected = ["N"] + [d if d is not None else "?" for d in spec.shape[1:]]
-    ok = shaped.ndim == len(spec.shape) and all(
+    expected = ["N"] + whole_shape[1:]
+    ok = whole or shaped.ndim == len(spec.shape) and all(
         want is None or want == got for want, got in zip(spec.shape[1:], shaped.shape[1:]))
-    # Each sample fits the input whole, a fixed first axis other than 1 included: samples batched by hand for a
-    # model of a fixed batch, or a model that takes one sample with no batch axis (torchvision's detectors, an
-    # image [3, H, W]), which msq-onnx cannot take (its runs, outputs and features count samples on axis 0). A
-    # batch of 1 or a dynamic one fed an extra axis is the samples' mistake alone.
-    if not ok and array.ndim == len(spec.shape) + 1 and spec.shape[0] not in (None, 1) and all(
-            want is None or want == got for want, got in zip(spec.shape, array.shape[1:])):
-        whole = [d if d is not None else "?" for d in spec.shape]
-        raise BadData(f"{where}: input '{spec.name}' has shape {list(array.shape)}, the model takes {expected}: "
-                      f"give one sample per entry along the first axis; or, if the model takes one sample {whole} "
-                      "with no batch axis, re-export it with a batch axis first (torch.onnx.export with a [1, ...] "
-                      "input, as torchvision's detectors also take).")
     if not ok:
         raise BadData(f"{where}: input '{spec.name}' has shape {list(array.shape)}, the model takes "
                       f"{expected}; reshape the samples.")
@@ -380,6 +390,7 @@ def _check_array(where: str, spec, array: np.ndarray) -> None:
         if low < info.min or high > info.max:
             raise BadData(f"{where}: input '{spec.name}' has values in [{low}, {high}], beyond the range of the "
                           f"model's {spec.dtype} input; rescale the samples.")
+    return whole
 
 
 # Names exporters make up one per axis (torch.onnx's list-form dynamic_axes and its outputs' <node>_dim_<k>,
@@ -407,7 +418,7 @@ def _check_sequence_lengths(where: str, inputs, shapes: dict) -> None:
     """
     groups, unnamed = {}, {}
     for spec in inputs:
-        if len(spec.shape) >= 2 and spec.shape[1] is None and len(shapes[spec.name]) >= 2:
+        if spec.name in shapes and len(spec.shape) >= 2 and spec.shape[1] is None and len(shapes[spec.name]) >= 2:
             name = _sequence_axis_name(spec)
             (groups.setdefault(name, {}) if name else unnamed)[spec.name] = shapes[spec.name][1]
     for axis, lengths in (groups or {None: {}}).items():
@@ -420,22 +431,28 @@ def _check_sequence_lengths(where: str, inputs, shapes: dict) -> None:
                           "one length (independent axes need different dim_param names in the model).")
 
 
-def _check_feed(where: str, inputs, mapping: dict, get) -> tuple[dict, int]:
-    """Check one group of samples (an .npz file, a reader's feed) and return (arrays fitted to the inputs, count).
+def _check_feed(where: str, inputs, mapping: dict, get, one_run: bool = False) -> tuple[dict, int, frozenset]:
+    """Check one group of samples (an .npz file, a reader's feed) and return (arrays fitted to the inputs, count,
+    the inputs each sample gives whole).
 
-    `get(name)` reads the array that `mapping` names for an input.
+    `get(name)` reads the array that `mapping` names for an input. one_run: the group is one run's feed as the
+    model takes it (a CalibrationDataReader's), so an input with no sample axis has none in it either.
     """
-    fitted, count = {}, None
+    fitted, count, whole = {}, None, set()
     for spec in inputs:
         array = get(mapping[spec.name])
-        _check_array(where, spec, array)
+        if one_run and spec.unbatched and array.ndim == len(spec.shape):
+            array = array[None]
+        if _check_array(where, spec, array):
+            whole.add(spec.name)
         if count is not None and len(array) != count:
             raise BadData(f"{where}: the input arrays hold different numbers of samples; "
                           "give every input the same first dimension.")
         count = len(array)
         fitted[spec.name] = _fit_shape(spec, array)
-    _check_sequence_lengths(where, inputs, {name: array.shape for name, array in fitted.items()})
-    return fitted, count
+    _check_sequence_lengths(where, inputs, {name: array.shape for name, array in fitted.items()
+                                            if name not in whole})
+    return fitted, count, frozenset(whole)
 
 
 def _sample_count(feed: dict) -> int:
@@ -502,14 +519,15 @@ class ArraySamples(SampleSet):
         self.files = files
         self.inputs = inputs
         self.mapping = None  # model input name -> array name, fixed by the first file
-        counts, labels = [], []
+        counts, labels, wholes = [], [], set()
         for path in files:
             with self._open(path) as arrays:
                 mapping = _map_inputs(path, arrays.files, inputs)
                 if self.mapping is not None and mapping != self.mapping:
                     raise BadData(f"{path}: its arrays are named differently from {files[0]}; use one naming.")
                 self.mapping = mapping
-                _, count = _check_feed(path, inputs, mapping, lambda name: self._array(path, arrays, name))
+                _, count, whole = _check_feed(path, inputs, mapping, lambda name: self._array(path, arrays, name))
+                wholes.add(whole)
                 if "labels" in arrays.files:
                     labels.append(self._labels(path, self._array(path, arrays, "labels"), count))
             counts.append(count)
@@ -518,6 +536,7 @@ class ArraySamples(SampleSet):
         super().__init__(sum(counts), np.concatenate(labels) if labels else None, source)
         if self.count == 0:
             raise BadData(f"{source} holds no samples; give at least one.")
+        self.whole = _one_whole(wholes, source)
 
     @staticmethod
     def _open(path: str):
@@ -680,7 +699,7 @@ def from_data_reader(reader, inputs, source: str = "CalibrationDataReader") -> S
     if not callable(getattr(reader, "get_next", None)):
         raise BadData(f"{source}: {type(reader).__name__} has no get_next(); give an "
                       "onnxruntime.quantization.CalibrationDataReader.")
-    feeds, number = [], 0
+    feeds, number, wholes = [], 0, set()
     while True:
         number += 1
         where = f"{source} feed {number}"
@@ -701,12 +720,26 @@ def from_data_reader(reader, inputs, source: str = "CalibrationDataReader") -> S
         except ValueError as exc:  # ragged nested lists
             raise BadData(f"{where}: cannot make arrays of its values ({one_line(exc)}); give numpy arrays.") \
                 from None
-        fitted, count = _check_feed(where, inputs, _map_inputs(where, arrays, inputs), arrays.__getitem__)
+        fitted, count, whole = _check_feed(where, inputs, _map_inputs(where, arrays, inputs), arrays.__getitem__,
+                                           one_run=True)
+        wholes.add(whole)
         if count:
             feeds.append({spec.name: np.ascontiguousarray(fitted[spec.name], dtype=spec.dtype) for spec in inputs})
     if not feeds:
         raise BadData(f"{source} gave no samples before get_next() returned None; give at least one feed.")
-    return _FeedSamples(feeds, source)
+    samples = _FeedSamples(feeds, source)
+    samples.whole = _one_whole(wholes, source)
+    return samples
+
+
+def _one_whole(wholes: set, source: str) -> frozenset:
+    """The inputs every file or feed gives whole: one reading for the whole set."""
+    if len(wholes) > 1:
+        first, other = sorted(wholes, key=sorted)[:2]
+        differ = sorted(first ^ other)
+        raise BadData(f"{source}: input '{differ[0]}' is given whole, [N, *its shape], in some files or feeds and "
+                      "with samples along its own first axis in others; give it one way throughout.")
+    return next(iter(wholes), frozenset())
 
 
 def check_labels(samples: SampleSet, num_classes: int | None, role: str) -> None:
@@ -756,6 +789,7 @@ class _Subset(SampleSet):
         super().__init__(int(mask.sum()), labels, f"{parent.source} [{role} samples]")
         self.parent, self.mask = parent, mask
         self.class_names = parent.class_names
+        self.whole = parent.whole
 
     def batches(self, batch_size: int):
         return _rebatch(self.parent.chosen_feeds(self.mask, batch_size), batch_size)

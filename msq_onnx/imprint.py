@@ -35,6 +35,12 @@ def _cluster(outputs: np.ndarray, seed: int) -> np.ndarray:
     from scipy.cluster.vq import kmeans2
 
     k = max(2, int(round(len(outputs) / SAMPLES_PER_CLUSTER)))
+    if outputs.shape[1] == 1:
+        # One value a sample (a voice detector's probability, a regression): its centred direction is only its
+        # sign, two points k-means cannot split k ways (silero-vad: empty clusters, scipy's warnings on the
+        # terminal). Bins of equal counts by value are its classes.
+        edges = np.quantile(outputs[:, 0], np.linspace(0, 1, k + 1)[1:-1])
+        return np.unique(np.searchsorted(edges, outputs[:, 0], side="right"), return_inverse=True)[1]
     points = normalize_rows(outputs - outputs.mean(axis=0))
     _, assignment = kmeans2(points, k, minit="++", seed=np.random.default_rng(seed))
     return np.unique(assignment, return_inverse=True)[1]

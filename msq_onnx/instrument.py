@@ -304,7 +304,8 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
             graph.initializer.append(numpy_helper.from_array(np.array([-1, channels], np.int64), flat_shape))
             graph.node.append(helper.make_node("Reshape", [x, flat_shape], [flat], name=flat))
             x, rank = flat, 2
-        rank = rank or (4 if layer.op_type in ("Conv", "ConvTranspose") else 2)
+        # a convolution's input has its weight's rank (silero-vad's 1-D ones, behind an If shape inference stops at)
+        rank = rank or (len(layer.weight_shape) if layer.op_type in ("Conv", "ConvTranspose") else 2)
         axes = _moment_axes(layer, rank)
         mean, square, sq_mean = f"msq_mean_{index}", f"msq_sq_{index}", f"msq_sqmean_{index}"
         if loaded.opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, version_converter
 
+from . import sample_axes
 from .errors import BadModel, one_line
 from .ops import (FLOAT_BITS, Layer, Skip, attribute, bodies, consumers, kind_for,  # noqa: F401  (re-exported)
                   earliest_selection, selected_outputs, selection_source, selection_text, subgraph_inputs)
@@ -43,6 +44,8 @@ class InputSpec:
     shape: list  # ints, or None for symbolic dims
     dtype: np.dtype
     axis_names: list | None = None  # each axis's dim_param, None where the model names none
+    # why its samples cannot be stacked along its first axis (sample_axes.unbatched_inputs): they must come whole
+    unbatched: str = ""
 
     @property
     def batch_fixed(self) -> bool:
@@ -77,6 +80,9 @@ class LoadedModel:
     # before NMS: the boxes it keeps are a decision on them, as a class id is on its logits).
     judged_name: str = ""
     judged_text: str = ""  # the report's words for it
+    # input or output -> its declared value in the input model, where the samples gave an input whole and the
+    # model is read with a sample axis added (sample_axes.add); the written model is published without it
+    sample_axes: dict = field(default_factory=dict)
 
     @property
     def judged(self) -> str:
@@ -1206,28 +1212,11 @@ def _input_specs(graph, inits) -> list[InputSpec]:
     return specs
 
 
-def _check_sample_axes(path: str, graph, inits) -> None:
-    """Calibration samples are fed along the first axis of every input. A scalar input (a sample rate), or one
-    whose batch axis is not the first (an RNN state [layers, batch, hidden]), cannot be fed that way."""
-    values = [value for value in graph.input if value.name not in inits]
-    for value in values:
-        if not value.type.HasField("tensor_type"):
+def _check_tensor_inputs(path: str, graph, inits) -> None:
+    for value in graph.input:
+        if value.name not in inits and not value.type.HasField("tensor_type"):
             raise BadModel(f"'{path}': input '{value.name}' is a {value.type.WhichOneof('value')}, not a tensor; "
                            "msq-onnx feeds tensors only: re-export the model with tensor inputs.")
-    dims = {value.name: list(value.type.tensor_type.shape.dim) for value in values}
-    known_rank = {value.name for value in values if value.type.tensor_type.HasField("shape")}
-    batch = next((d[0].dim_param for d in dims.values() if d and d[0].dim_param), None)
-    for name, shape in dims.items():
-        if not shape and name in known_rank:
-            problem = "is a scalar (rank 0)"
-        elif batch and shape and shape[0].dim_param != batch and any(d.dim_param == batch for d in shape[1:]):
-            axis = next(i for i, d in enumerate(shape) if d.dim_param == batch)
-            problem = f"has its batch axis '{batch}' at position {axis}, not first"
-        else:
-            continue
-        raise BadModel(f"'{path}': input '{name}' {problem}; msq-onnx feeds calibration samples along the first "
-                       "axis of every input, so it cannot feed this model: re-export it with that input fixed as a "
-                       "constant or its batch axis first.")
 
 
 def task_output(model: onnx.ModelProto, requested: str | None = None) -> str:
@@ -1312,8 +1301,9 @@ def _copied(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
     return copy
 
 
-def load_model(path: str, output: str | None = None) -> LoadedModel:
-    """Read, check and normalize; raise BadModel with a one-line reason."""
+def load_model(path: str, output: str | None = None, whole: frozenset = frozenset()) -> LoadedModel:
+    """Read, check and normalize; raise BadModel with a one-line reason. `whole`: the inputs whose samples come
+    whole (data.SampleSet.whole), which the model is read with a sample axis for."""
     model, size, external = read_model(path)
     source_ir = model.ir_version
     source_opset = _default_opset(model)
@@ -1342,10 +1332,15 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
     _fold_batch_norms(graph, inits)
     model = _infer_shapes(model, path, external)
     inits = {t.name: t for t in model.graph.initializer}
+    _check_tensor_inputs(path, model.graph, inits)
+    unbatched = sample_axes.unbatched_inputs(model.graph, inits)
+    record = sample_axes.add(model, set(whole), all_names(model.graph)) if whole else {}
+    inits = {t.name: t for t in model.graph.initializer}
     inputs = _input_specs(model.graph, inits)
     if not inputs:
         raise BadModel(f"'{path}' has no graph inputs to feed; re-export it with its input tensor(s).")
-    _check_sample_axes(path, model.graph, inits)
+    for spec in inputs:
+        spec.unbatched = "" if spec.name in whole else unbatched.get(spec.name, "")
     if not model.graph.output:
         raise BadModel(f"'{path}' has no graph outputs, so there is no prediction to calibrate against; "
                        "re-export it with its output tensor(s).")
@@ -1376,6 +1371,6 @@ def load_model(path: str, output: str | None = None) -> LoadedModel:
                        prequantized=_prequantized_weights(model.graph, inits), folded_bytes=folded_bytes,
                        default_inputs=default_inputs,
                        selected={name: selection_text(model.graph, node) for name, node in selected.items()},
-                       judged_name=source or "",
+                       judged_name=source or "", sample_axes=record,
                        judged_text=f"'{source}', what {selection_text(model.graph, first)} selects from: '{task}' has "
                                    "a length that selections decide" if source else "")

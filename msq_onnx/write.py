@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import sample_axes
 from .errors import BadOption
 from .load import (LoadedModel, all_names, consumers, external_data_files, hidden_file_name, is_large, producer_map,
                    save_model_file, subgraph_inputs, unique_name)
@@ -896,10 +897,13 @@ def _dense_nodes(node, mode: str, prefix: str, dq_name: str, q_name: str, s_name
     return nodes
 
 
-def publish(model_path: str, output_path: str) -> bool:
+def publish(model_path: str, output_path: str, axes: dict | None = None) -> bool:
     """Move a finished model into place: readers see the old file or the new one, never a part. True when
-    the file published is model_path's bytes as they were (not split into model and external data)."""
+    the file published is model_path's bytes as they were (not split into model and external data, no sample
+    axes taken off: `axes` is LoadedModel.sample_axes)."""
     model = onnx.load(model_path)
+    if axes:
+        sample_axes.strip(model, axes)
     large = is_large(model)
     folder = os.path.dirname(os.path.abspath(output_path))
     data_name = os.path.basename(output_path) + ".data"  # used only when the model is large
@@ -913,6 +917,11 @@ def publish(model_path: str, output_path: str) -> bool:
                             location=data_name + ".tmp", size_threshold=0)
             os.replace(os.path.join(folder, data_name + ".tmp"), os.path.join(folder, data_name))
             _rewrite_location(temporary, data_name + ".tmp", data_name)
+        elif axes:
+            with open(temporary, "wb") as out:
+                out.write(model.SerializeToString())
+                out.flush()
+                os.fsync(out.fileno())
         else:  # the bytes as written and verified (and as report.GzipSize reads them, maybe meanwhile)
             with open(model_path, "rb") as source, open(temporary, "wb") as out:
                 shutil.copyfileobj(source, out, 1 << 22)
@@ -920,7 +929,7 @@ def publish(model_path: str, output_path: str) -> bool:
                 os.fsync(out.fileno())
         os.chmod(temporary, _default_mode())  # mkstemp makes 0600; a model is an ordinary file
         os.replace(temporary, output_path)
-        return not large
+        return not large and not axes
     except BaseException as exc:
         for leftover in (temporary, os.path.join(folder, data_name + ".tmp")):
             with contextlib.suppress(FileNotFoundError):

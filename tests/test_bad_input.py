@@ -372,17 +372,19 @@ def _(d):
 
 @case("model-scalar-input")
 def _(d):
-    """A sample-rate-like scalar input: no sample axis to feed calibration samples along."""
+    """A sample-rate-like scalar input given two values a sample: it takes one (given one, it converts:
+    tests/test_sample_axes.py)."""
     return graph_case(d, "scalar_input", [helper.make_node("Mul", ["x", "sr"], ["xs"], name="scale"),
                                           helper.make_node("MatMul", ["xs", "w"], ["y"], name="mm")],
                       [_x("N", 4), helper.make_tensor_value_info("sr", TensorProto.FLOAT, [])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [_w()],
-                      {"x": np.ones((8, 4), np.float32), "sr": np.ones(8, np.float32)}, ("'sr'", "scalar"))
+                      {"x": np.ones((8, 4), np.float32), "sr": np.ones((8, 2), np.float32)}, ("'sr'", "scalar"))
 
 
 @case("model-state-batch-not-first")
 def _(d):
-    """An RNN-style state [layers, batch, hidden]: its samples cannot be stacked along the first axis."""
+    """An RNN-style state [layers, batch, hidden] given with its samples along its batch axis: they cannot be
+    stacked there, and the line says to give each whole."""
     return graph_case(d, "state_input", [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
                                          helper.make_node("Identity", ["state"], ["state_out"], name="keep")],
                       [_x("batch", 4), helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 8])],

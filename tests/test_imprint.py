@@ -78,3 +78,19 @@ def test_a_dead_layer_scores_at_chance_not_below():
     y = np.repeat(np.arange(4), 5)
     scores = loo_scores(np.ones((20, 8)), y)  # every embedding equal: nothing to separate
     assert scores.soft == pytest.approx(0.25)
+
+
+def test_one_value_outputs_are_binned_by_value_without_warnings():
+    """A voice detector's probability [N, 1]: its centred rows normalized are only +-1, which k-means could not
+    split (empty clusters, scipy's warnings on the user's terminal)."""
+    import warnings
+
+    from msq_onnx.imprint import SAMPLES_PER_CLUSTER, imprint_labels
+
+    values = np.random.default_rng(0).uniform(0, 1, (6 * SAMPLES_PER_CLUSTER, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = imprint_labels(None, values, class_scores=False)
+    assert labels.classes == 6 and labels.source == "clusters(fp32-outputs)"
+    order = labels.values[np.argsort(values[:, 0])]
+    assert np.all(np.diff(order) >= 0) and np.bincount(labels.values).min() >= SAMPLES_PER_CLUSTER - 1

@@ -200,21 +200,33 @@ def test_a_selection_that_keeps_other_rows_is_said_to_collapse():
     assert fidelity.collapse_warning(measured) is None
 
 
-def test_a_model_that_takes_one_sample_without_a_batch_axis_is_refused_in_one_line(tmp_path, capsys):
-    """torchvision's detectors are also exported on an image [3, H, W]: the samples then fit the input whole, and
-    'reshape the samples' was no advice a user could follow."""
+def test_a_detector_that_takes_one_image_without_a_batch_axis_converts(tmp_path, capsys):
+    """torchvision's detectors are also exported on an image [3, H, W], which the samples give whole: the model
+    is run one image at a time and written back with the input and outputs it had."""
     model = onnx.load(_detector(tmp_path, batched=False))
     model.graph.input[0].CopyFrom(helper.make_tensor_value_info("image", TensorProto.FLOAT, [3, 32, 32]))
     model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "batch_axis"))
     model.graph.node.insert(0, helper.make_node("Unsqueeze", ["image", "batch_axis"], ["x"]))
     path = str(tmp_path / "unbatched.onnx")
     onnx.save(model, path)
-    assert ort.InferenceSession(path).run(None, {"image": np.zeros((3, 32, 32), np.float32)})  # a valid model
-    np.savez(tmp_path / "calib.npz", image=np.random.default_rng(0).normal(size=(16, 3, 32, 32)).astype(np.float32))
-    assert main([path, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"), "--avg-bits", "8"]) == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "if the model takes one sample [3, 32, 32] with no batch axis, re-export it" in error[0]
-    assert not (tmp_path / "q.onnx").exists()
+    images = np.random.default_rng(0).normal(size=(24, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", image=images[:16])
+    np.savez(tmp_path / "eval.npz", image=images[16:])
+    report = tmp_path / "r.json"
+    assert main([path, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"), "--eval",
+                 str(tmp_path / "eval.npz"), "--avg-bits", "8", "--report", str(report)]) == 0
+    written = onnx.load(tmp_path / "q.onnx")
+    assert [(v.name, v.type.tensor_type.shape) for v in written.graph.input] == \
+        [(v.name, v.type.tensor_type.shape) for v in model.graph.input]
+    assert [v.name for v in written.graph.output] == ["boxes", "scores", "labels"]
+    session, reference = ort.InferenceSession(str(tmp_path / "q.onnx")), ort.InferenceSession(path)
+    lengths = []
+    for image in images[16:]:  # the written model is the one measured: same lengths kept, image by image
+        got, want = session.run(None, {"image": image}), reference.run(None, {"image": image})
+        assert got[0].ndim == 2 and got[0].shape[1] == 4 and got[2].dtype == np.int64
+        lengths.append(len(got[0]) == len(want[0]))
+    measured = json.loads(report.read_text())["evaluation"]
+    assert measured["outputs"]["boxes"]["length_agreement"] == pytest.approx(100.0 * np.mean(lengths))
 
 
 def _compress_detector(tmp_path, condition_from_input=False) -> str:

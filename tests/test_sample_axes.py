@@ -1,0 +1,181 @@
+"""Models whose inputs take no samples along their first axis: a scalar sample rate, an RNN state with its batch
+axis second, an input fixed at [2, 1, H] (silero-vad's exports). Their samples come whole, the model runs one
+sample at a time, and the written model takes and gives what the input model did."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from msq_onnx import convert, sample_axes
+from msq_onnx.cli import main
+from msq_onnx.load import all_names, load_model
+from msq_onnx.pipeline import Options
+
+HIDDEN = 8
+
+
+def _stateful(tmp_path, fixed: bool = False) -> str:
+    """x [batch, 16], state [2, batch, 8] and a scalar int64 sample rate -> out [batch, 4] and the next state:
+    a recurrent cell in the layout silero-vad's exports have; fixed: x [1, 16], state [2, 1, 8], no rate (its
+    OpenVINO export)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (16, HIDDEN)).astype(np.float32), "w_in"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (HIDDEN, HIDDEN)).astype(np.float32), "w_state"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (HIDDEN, 4)).astype(np.float32), "w_out"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+             numpy_helper.from_array(np.float32(1 / 16000), "per_rate")]
+    batch = 1 if fixed else "batch"
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["from_x"]),
+             helper.make_node("Gather", ["state", "zero"], ["h"], axis=0),
+             helper.make_node("MatMul", ["h", "w_state"], ["from_h"]),
+             helper.make_node("Add", ["from_x", "from_h"], ["pre"]),
+             helper.make_node("Tanh", ["pre"], ["h_next"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 16]),
+              helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, batch, HIDDEN])]
+    if fixed:
+        nodes.append(helper.make_node("Identity", ["h_next"], ["scaled"]))
+    else:  # the rate scales the cell's output, as a sample-rate branch would
+        nodes += [helper.make_node("Cast", ["sr"], ["sr_float"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["sr_float", "per_rate"], ["rate"]),
+                  helper.make_node("Mul", ["h_next", "rate"], ["scaled"])]
+        inputs.append(helper.make_tensor_value_info("sr", TensorProto.INT64, []))
+    nodes += [helper.make_node("MatMul", ["scaled", "w_out"], ["out"]),
+              helper.make_node("Unsqueeze", ["h_next", "axis0"], ["h_layer"]),
+              helper.make_node("Concat", ["h_layer", "h_layer"], ["state_next"], axis=0)]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch, 4]),
+               helper.make_tensor_value_info("state_next", TensorProto.FLOAT, [2, batch, HIDDEN])]
+    model = helper.make_model(helper.make_graph(nodes, "cell", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = str(tmp_path / ("fixed.onnx" if fixed else "cell.onnx"))
+    onnx.save(model, path)
+    return path
+
+
+def _streamed(path: str, count: int, seed: int, rate: bool = True) -> dict:
+    """Whole samples: each run's x, the state the model carried to it from the runs before, the rate."""
+    session, rng = ort.InferenceSession(path), np.random.default_rng(seed)
+    xs = rng.normal(size=(count, 1, 16)).astype(np.float32)
+    state, states = np.zeros((2, 1, HIDDEN), np.float32), []
+    for x in xs:
+        states.append(state)
+        feed = {"x": x, "state": state, **({"sr": np.array(16000, np.int64)} if rate else {})}
+        state = session.run(None, feed)[1]
+    samples = {"x": xs[:, 0], "state": np.stack(states)}
+    if rate:
+        samples["sr"] = np.full(count, 16000, np.int64)
+    return samples
+
+
+def _signature(model: onnx.ModelProto) -> list:
+    return [(v.name, v.type.SerializeToString()) for v in list(model.graph.input) + list(model.graph.output)]
+
+
+def test_add_then_strip_gives_the_model_back(tmp_path):
+    path = _stateful(tmp_path)
+    model = onnx.load(path)
+    axed = onnx.load(path)
+    record = sample_axes.add(axed, {"state", "sr"}, all_names(axed.graph))
+    dims = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+            for v in list(axed.graph.input) + list(axed.graph.output)}
+    # the outputs whose first axis is not the batch x has first get one; 'out' keeps its own
+    assert dims == {"x": ["batch", 16], "state": [1, 2, "batch", HIDDEN], "sr": [1], "out": ["batch", 4],
+                    "state_next": [1, 2, "batch", HIDDEN]}
+    onnx.checker.check_model(axed, full_check=True)
+    feed = {"x": np.ones((1, 16), np.float32), "state": np.full((2, 1, HIDDEN), 0.1, np.float32),
+            "sr": np.array(8000, np.int64)}
+    want = ort.InferenceSession(path).run(None, feed)
+    got = ort.InferenceSession(axed.SerializeToString()).run(
+        None, {"x": feed["x"], "state": feed["state"][None], "sr": feed["sr"][None]})
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1][None])
+    sample_axes.strip(axed, record)
+    assert _signature(axed) == _signature(model)
+    assert not [n.name for n in axed.graph.node if n.name.startswith(("msq_sample_axis", ))]
+    assert [t.name for t in axed.graph.initializer] == [t.name for t in model.graph.initializer]
+    onnx.checker.check_model(axed, full_check=True)
+    assert all(np.array_equal(a, b) for a, b in zip(ort.InferenceSession(axed.SerializeToString()).run(None, feed),
+                                                    want))
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_stateful_model_converts_on_whole_samples(tmp_path, fixed):
+    path = _stateful(tmp_path, fixed)
+    np.savez(tmp_path / "calib.npz", **_streamed(path, 48, 0, rate=not fixed))
+    held_out = _streamed(path, 16, 1, rate=not fixed)
+    np.savez(tmp_path / "eval.npz", **held_out)
+    written, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    assert main([path, str(written), "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
+                 "--avg-bits", "8", "--report", str(report), "--quiet"]) == 0
+    model = onnx.load(written)
+    assert _signature(model) == _signature(onnx.load(path))  # as the input model declared them
+    assert not [n.name for n in model.graph.node if n.name.startswith("msq_sample_axis")]
+    assert {n.op_type for n in model.graph.node} & {"DequantizeLinear", "MatMulNBits", "DynamicQuantizeLinear"}
+    session, reference = ort.InferenceSession(str(written)), ort.InferenceSession(path)
+    got, want = [], []
+    for index in range(16):  # the written model on the inputs as the input model takes them
+        feed = {"x": held_out["x"][index:index + 1], "state": held_out["state"][index]}
+        if not fixed:
+            feed["sr"] = np.asarray(held_out["sr"][index])
+        got.append(session.run(None, feed)[0])
+        want.append(reference.run(None, feed)[0])
+    got, want = np.concatenate(got).ravel(), np.concatenate(want).ravel()
+    cosine = float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
+    evaluation = json.loads(report.read_text())["evaluation"]
+    assert evaluation["samples"] == 16 and cosine > 0.99
+    assert evaluation["outputs"]["out"]["cosine"] == pytest.approx(cosine, abs=2e-3)  # what was measured is written
+    assert evaluation["outputs"]["state_next"]["cosine"] > 0.99
+
+
+def test_a_reader_feeds_whole_runs_as_the_model_takes_them(tmp_path):
+    """An onnxruntime CalibrationDataReader gives each run's feed as the model takes it: the scalar as a scalar."""
+    path = _stateful(tmp_path)
+    samples = _streamed(path, 24, 0)
+
+    class Reader:
+        def __init__(self):
+            self.runs = iter(range(24))
+
+        def get_next(self):
+            index = next(self.runs, None)
+            return None if index is None else {"x": samples["x"][index:index + 1], "state": samples["state"][index],
+                                               "sr": samples["sr"][index]}
+
+    written = tmp_path / "q.onnx"
+    result = convert(path, str(written), Reader(), Options(avg_bits=8, quiet=True))
+    assert _signature(onnx.load(written)) == _signature(onnx.load(path))
+    assert result.report["evaluation"]["outputs"]["out"]["cosine"] > 0.99
+
+
+def test_a_state_given_along_its_batch_axis_is_refused_in_one_line(tmp_path, capsys):
+    path = _stateful(tmp_path)
+    samples = _streamed(path, 16, 0)
+    samples["state"] = samples["state"][:, :, 0].transpose(1, 0, 2)  # [2, N, 8]: the samples on the batch axis
+    np.savez(tmp_path / "calib.npz", **samples)
+    assert main([path, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"), "--avg-bits", "8"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "input 'state' has shape [2, 16, 8]; it has its batch axis 'batch' at position 1" \
+        in error[0] and "give an array [N, 2, ?, 8]" in error[0]
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_files_that_give_an_input_two_ways_are_refused(tmp_path, capsys):
+    path = _stateful(tmp_path, fixed=True)
+    (tmp_path / "calib").mkdir()
+    samples = _streamed(path, 16, 0, rate=False)
+    np.savez(tmp_path / "calib" / "a.npz", **samples)
+    # state [2, 1, 8] fixed: [N, 2, 1, 8] gives it whole, [2, 1, 8] as two samples of [1, 8]... along axis 0
+    np.savez(tmp_path / "calib" / "b.npz", x=samples["x"][:2], state=samples["state"][0])
+    assert main([path, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib"), "--avg-bits", "8"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "input 'state' is given whole" in error[0]
+
+
+def test_a_model_fed_along_axis_0_is_read_without_sample_axes(tmp_path):
+    loaded = load_model(_stateful(tmp_path))
+    assert loaded.sample_axes == {} and [spec.unbatched for spec in loaded.inputs] == [
+        "", "has its batch axis 'batch' at position 1, not first", "is a scalar (rank 0)"]
