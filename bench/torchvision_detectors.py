@@ -1,5 +1,6 @@
 """Any model in: torchvision's detectors as torchvision exports them, their NMS inside If nodes and their outputs
-boxes [K, 4], labels [K], scores [K] of a length the selections decide. Random weights (no download), so the
+boxes [K, 4], labels [K], scores [K] of a length the selections decide; SSDlite also exported on one image [3, H, W]
+with no batch axis (its input given whole: sample_axes). Random weights (no download), so the
 runs show what the tool does with the graph (no crash; every kept row judged; what it says), not accuracy.
 
 torchvision fails to import beside torch==2.13.0, so the export runs in another Python that has it, e.g. a venv
@@ -32,16 +33,19 @@ EXPORT = """
 import sys, torch, torchvision
 torch.manual_seed(0)
 name, path = sys.argv[1], sys.argv[2]
+unbatched = name.endswith("-unbatched")  # exported on one image [3, H, W], the list torchvision's forward takes
+name = name.removesuffix("-unbatched")
 detection = torchvision.models.detection
 # each model's own order of its output dict
 build, names = {"ssdlite320": (detection.ssdlite320_mobilenet_v3_large, ["boxes", "scores", "labels"]),
                 "fasterrcnn-mobilenet320": (detection.fasterrcnn_mobilenet_v3_large_320_fpn,
                                             ["boxes", "labels", "scores"])}[name]
 model = build(weights=None, weights_backbone=None, num_classes=5).eval()
-torch.onnx.export(model, (torch.rand(1, 3, 320, 320),), path, opset_version=17, input_names=["images"],
+image = [torch.rand(3, 320, 320)] if unbatched else torch.rand(1, 3, 320, 320)
+torch.onnx.export(model, (image,), path, opset_version=17, input_names=["images"],
                   output_names=names, dynamo=False)
 """
-MODELS = ("ssdlite320", "fasterrcnn-mobilenet320")
+MODELS = ("ssdlite320", "fasterrcnn-mobilenet320", "ssdlite320-unbatched")
 
 
 def main(argv=None) -> int:
