@@ -710,7 +710,9 @@ def collapse_warning(measured: dict, gated: frozenset = frozenset()) -> str | No
     # An output grid too coarse for its variation is no width's doing: only other activation modes move that grid
     advice = ("try --activations dynamic (no --avg-bits moves the grid it is written on)"
               if grid_caused == len(problems) + len(others) and not moved
-              else "raise --avg-bits or try --activations dynamic")
+              else "raise --avg-bits, try --activations dynamic or --allocator sensitivity (each layer's error "
+                   "measured end to end), or give --min-cosine without --avg-bits to search the smallest budget "
+                   "that holds")
     return f"{'; '.join(parts)} on {measured['samples']} held-out samples: do not deploy this model; {advice}."
 
 
