@@ -367,11 +367,17 @@ def _check_array(where: str, spec, array: np.ndarray) -> bool:
     whole = array.ndim == len(spec.shape) + 1 and all(
         want is None or want == got for want, got in zip(spec.shape, array.shape[1:])) and bool(
         spec.unbatched or (spec.shape and spec.shape[0] not in (None, 1))
-        or (len(spec.shape) == 1 and array.shape[1] != 1))
+        or (spec.own_first_axis and array.shape[1] != 1))
+    one_run = ["N"] + [1 if axis in spec.batch_axes else size for axis, size in enumerate(whole_shape)]
     if spec.unbatched and not whole:
         raise BadData(f"{where}: input '{spec.name}' has shape {list(array.shape)}; it {spec.unbatched}, so "
-                      f"msq-onnx feeds it one whole sample a run: give an array [{', '.join(map(str, ['N'] + whole_shape))}]"
+                      f"msq-onnx feeds it one whole sample a run: give an array [{', '.join(map(str, one_run))}]"
                       " with one sample per entry of its first axis.")
+    crowded = [axis for axis in spec.batch_axes if whole and array.shape[1 + axis] != 1]
+    if crowded:
+        raise BadData(f"{where}: input '{spec.name}' has shape {list(array.shape)}: {array.shape[1 + crowded[0]]} on "
+                      f"its axis {crowded[0]}, the batch the other inputs have first; given whole, each entry is a "
+                      f"run of one sample: give an array [{', '.join(map(str, one_run))}].")
     if array.ndim == 0:
         raise BadData(f"{where}: input '{spec.name}' is a single value; give an array with one entry per "
                       "sample along its first axis.")
@@ -380,8 +386,10 @@ def _check_array(where: str, spec, array: np.ndarray) -> bool:
     ok = whole or shaped.ndim == len(spec.shape) and all(
         want is None or want == got for want, got in zip(spec.shape[1:], shaped.shape[1:]))
     if not ok:
+        whole_too = f", or one whole sample a run {['N'] + whole_shape}" if spec.shape and spec.shape[0] not in (
+            None, 1) else ""
         raise BadData(f"{where}: input '{spec.name}' has shape {list(array.shape)}, the model takes "
-                      f"{expected}; reshape the samples.")
+                      f"{expected}{whole_too}; reshape the samples.")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise BadData(f"{where}: input '{spec.name}' contains NaN or Inf; clean the samples.")
     if array.size and array.dtype != spec.dtype and spec.dtype.kind in "fiu" and array.dtype.kind in "fiu":
@@ -439,9 +447,14 @@ def _check_feed(where: str, inputs, mapping: dict, get, one_run: bool = False) -
     model takes it (a CalibrationDataReader's), so an input with no sample axis has none in it either.
     """
     fitted, count, whole = {}, None, set()
+    arrays = {spec.name: get(mapping[spec.name]) for spec in inputs} if one_run else {}
+    # a run of one sample, told by an input that takes its samples first: [2, 1, 128] beside it is one whole
+    single = one_run and any(not spec.unbatched and spec.shape and spec.shape[0] in (None, 1) and
+                             arrays[spec.name].ndim and len(arrays[spec.name]) == 1 for spec in inputs)
     for spec in inputs:
-        array = get(mapping[spec.name])
-        if one_run and spec.unbatched and array.ndim == len(spec.shape):
+        array = arrays[spec.name] if one_run else get(mapping[spec.name])
+        if one_run and array.ndim == len(spec.shape) and (spec.unbatched or (
+                single and spec.shape and spec.shape[0] not in (None, 1))):
             array = array[None]
         if _check_array(where, spec, array):
             whole.add(spec.name)

@@ -796,6 +796,17 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
         if mask_input:
             tokens.extend(np.asarray(feed[mask_input][:count]).reshape(count, -1).sum(axis=1).tolist())
         final = loaded.judged_samples(result[loaded.judged], count)
+        probes = [outputs["probe"].get(layer.name) for layer in loaded.layers]
+        rowless = [(name, value) for name, value in [(loaded.judged, final)] + [
+            (probe, result[probe]) for probe in probes if probe in result]
+            if count > 1 and (value.ndim == 0 or len(value) < count)]
+        if rowless:  # its rows are no samples: the inputs' first axis was no batch (at 1, a detector keeps 0 rows)
+            name, value = rowless[0]
+            shapes = ", ".join(f"'{spec.name}' [N, {', '.join(str(d or '?') for d in spec.shape)}]"
+                               for spec in loaded.inputs)
+            raise BadData(f"'{name}' has {value.shape[0] if value.ndim else 0} row(s) in a run of {count} samples: "
+                          "the model does not take its samples along the inputs' first axis. If it takes one sample "
+                          f"a run, give each sample whole: {shapes}.")
         if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final).all():
             broken = _nonfinite_weight(loaded)
             if broken is not None:

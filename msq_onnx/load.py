@@ -44,8 +44,11 @@ class InputSpec:
     shape: list  # ints, or None for symbolic dims
     dtype: np.dtype
     axis_names: list | None = None  # each axis's dim_param, None where the model names none
-    # why its samples cannot be stacked along its first axis (sample_axes.unbatched_inputs): they must come whole
+    # why its samples cannot be stacked along its first axis (sample_axes.input_axes): they must come whole
     unbatched: str = ""
+    # its axes past the first named as the batch the inputs have first: 1 where a sample comes whole, a run's
+    batch_axes: tuple = ()
+    own_first_axis: bool = False  # 1-D, its axis no other input's first (a waveform [T]): [N, T] comes whole
 
     @property
     def batch_fixed(self) -> bool:
@@ -1333,14 +1336,15 @@ def load_model(path: str, output: str | None = None, whole: frozenset = frozense
     model = _infer_shapes(model, path, external)
     inits = {t.name: t for t in model.graph.initializer}
     _check_tensor_inputs(path, model.graph, inits)
-    unbatched = sample_axes.unbatched_inputs(model.graph, inits)
+    axes = sample_axes.input_axes(model.graph, inits)
     record = sample_axes.add(model, set(whole), all_names(model.graph)) if whole else {}
     inits = {t.name: t for t in model.graph.initializer}
     inputs = _input_specs(model.graph, inits)
     if not inputs:
         raise BadModel(f"'{path}' has no graph inputs to feed; re-export it with its input tensor(s).")
-    for spec in inputs:
-        spec.unbatched = "" if spec.name in whole else unbatched.get(spec.name, "")
+    for spec in inputs:  # read before the sample axes were added
+        spec.unbatched, spec.batch_axes, spec.own_first_axis = ("", (), False) if spec.name in whole else \
+            axes.get(spec.name, ("", (), False))
     if not model.graph.output:
         raise BadModel(f"'{path}' has no graph outputs, so there is no prediction to calibrate against; "
                        "re-export it with its output tensor(s).")

@@ -13,17 +13,17 @@ import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from . import allocate as allocate_stage
+from . import sample_axes
 from . import fidelity
 from . import modes as mode_stage
 from .data import Preprocess, check_labels, number_classes_like, open_samples, split_holdout
-from .errors import BadOption, GateFailed, one_line
+from .errors import BadData, BadOption, GateFailed, one_line
 from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
 from .imprint import imprint_labels, layer_scores
 from .importance import importance as layer_importance
@@ -703,11 +703,25 @@ def _open_calibration(calib, loaded, options: Options):
     return from_data_reader(calib, loaded.inputs)
 
 
+def _check_runs_of_one(loaded, whole: frozenset) -> None:
+    """An input given whole makes every run one sample: an input fixed at a batch over 1 beside it cannot be fed
+    along its first axis then (4 of its samples a run would meet one of the other's)."""
+    names = ", ".join(f"'{name}'" for name in sorted(whole))
+    for spec in loaded.inputs:
+        if spec.name not in whole and spec.batch_fixed and spec.shape[0] != 1:
+            shape = ", ".join(str(d if d is not None else "?") for d in ["N"] + spec.shape)
+            raise BadData(f"input '{spec.name}' takes a fixed batch of {spec.shape[0]}, while {names} is given whole, "
+                          f"one run a sample: give '{spec.name}' whole too, an array [{shape}].")
+
+
 def _held_out(calib, loaded, options: Options):
     """(calibration, held-out) samples: --eval, else every 5th calibration sample (not calibrated on)."""
     classes = _num_classes(loaded)
     if options.eval_path:
         evaluation = open_samples(options.eval_path, loaded.inputs, options.preprocess, "evaluation")
+        if evaluation.whole:  # the calibration set gave them along their first axis, or they have one now
+            raise BadData(f"evaluation data gives input '{sorted(evaluation.whole)[0]}' whole, [N, *its shape], and "
+                          "the calibration data along its first axis: give both sets one way.")
         number_classes_like(evaluation, calib)
         check_labels(evaluation, classes, "evaluation")
     elif calib.count >= MIN_SPLIT or options.max_drop is not None or options.min_cosine is not None:
@@ -730,6 +744,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         loaded = load_model(model_path, options.output)
         samples = _open_calibration(calib, loaded, options)
         if samples.whole:  # one sample a run: read again with the sample axes the samples lack (sample_axes)
+            _check_runs_of_one(loaded, samples.whole)
             loaded = load_model(model_path, options.output, samples.whole)
             samples.respec(loaded.inputs)
         calib, evaluation = _held_out(samples, loaded, options)
@@ -834,7 +849,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                 del quantized  # the model copy it held (rewritten in place), not through the measurement below
             with timer.stage("verify"):
                 built[allocation] = Candidate(bits, allocate_stage.average_bits(bits, params, fixed), path,
-                                              held_out.measure(path), modes, containers, written_bytes(path))
+                                              held_out.measure(path), modes, containers,
+                                              written_bytes(path, loaded.sample_axes))
                 return built[allocation]
 
         search = None
@@ -866,8 +882,6 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             packed.widen()
             with timer.stage("write"):
                 as_is = publish(chosen.path, output_path, loaded.sample_axes)
-                if loaded.sample_axes:  # what is published is smaller by the nodes that gave the sample axes
-                    chosen = dataclasses.replace(chosen, file_bytes=written_bytes(output_path))
             with timer.stage("gzip"):  # past the latency timing (BERT-base's 100 MB: 4.5 s more on one thread)
                 if packed.paths and as_is:
                     gzip_bytes = packed.result()
@@ -950,8 +964,11 @@ def candidate_widths(options: Options) -> tuple:
     return tuple(options.bits) + ((FLOAT_BITS,) if options.allocator not in allocate_stage.GREEDY else ())
 
 
-def written_bytes(path: str) -> int:
-    return sum(os.path.getsize(name) for name in written_files(path))
+def written_bytes(path: str, axes: dict | None = None) -> int:
+    """The model file and its external data; with `axes` (LoadedModel.sample_axes), the file as published."""
+    files = written_files(path)
+    return sum(os.path.getsize(name) for name in files[1:]) + (
+        sample_axes.stripped_size(path, axes) if axes else os.path.getsize(path))
 
 
 def _yardstick(modes: dict, ranges: dict, loaded, work_dir: str):

@@ -21,20 +21,28 @@ OUTPUT_AXIS = "msq_sample_axis_out/"  # the Unsqueeze in front of an output give
 _AXES = "msq_sample_axis"  # the [0] both kinds read
 
 
-def unbatched_inputs(graph, inits) -> dict:
-    """{input: why it cannot be fed samples along its first axis}: a scalar, or an input whose batch axis (the
-    dim_param the others have first) is elsewhere (an RNN state [layers, batch, hidden])."""
+def input_axes(graph, inits) -> dict:
+    """{input: (why it cannot be fed samples along its first axis, or "";
+                the axes past its first named as the batch the inputs have first: 1 in a run of one sample;
+                whether it is 1-D with a first axis of its own, no other input's first: a waveform [T])}.
+    It cannot be fed along its first axis where it is a scalar, or where that batch axis is elsewhere in it (an
+    RNN state [layers, batch, hidden])."""
     values = [value for value in graph.input if value.name not in inits]
     dims = {value.name: list(value.type.tensor_type.shape.dim) for value in values}
     known_rank = {value.name for value in values if value.type.tensor_type.HasField("shape")}
     batch = next((d[0].dim_param for d in dims.values() if d and d[0].dim_param), None)
     found = {}
     for name, shape in dims.items():
+        named = tuple(axis for axis, d in enumerate(shape) if axis and batch and d.dim_param == batch)
+        firsts = [d[0].dim_param for other, d in dims.items() if other != name and d]
+        own = len(shape) == 1 and not shape[0].HasField("dim_value") and (
+            shape[0].dim_param not in firsts if shape[0].dim_param else not firsts)
         if not shape and name in known_rank:
-            found[name] = "is a scalar (rank 0)"
-        elif batch and shape and shape[0].dim_param != batch and any(d.dim_param == batch for d in shape[1:]):
-            axis = next(i for i, d in enumerate(shape) if d.dim_param == batch)
-            found[name] = f"has its batch axis '{batch}' at position {axis}, not first"
+            found[name] = ("is a scalar (rank 0)", named, own)
+        elif named and shape[0].dim_param != batch:
+            found[name] = (f"has its batch axis '{batch}' at position {named[0]}, not first", named, own)
+        else:
+            found[name] = ("", named, own)
     return found
 
 
@@ -81,6 +89,14 @@ def _rename_reads(graph, old: str, new: str) -> None:
     for output in graph.output:
         if output.name == old:
             output.name = new
+
+
+def stripped_size(path: str, record: dict) -> int:
+    """The bytes the model file at `path` takes once `strip` has taken its sample axes off, as publish writes it
+    (its external data, if any, unchanged): what --max-size holds it to."""
+    model = onnx.load(path, load_external_data=False)
+    strip(model, record)
+    return model.ByteSize()
 
 
 def _replace(names, old: str, new: str) -> None:
@@ -141,8 +157,8 @@ def strip(model: onnx.ModelProto, record: dict) -> None:
             for maker in graph.node:
                 _replace(maker.output, source, result)
             _rename_reads(graph, source, result)
-    gone = {name for name in record} | {f"{name}_unbatched" for name in record}
-    kept_info = [v for v in graph.value_info if v.name not in gone]
+    present = {name for node in graph.node for name in node.output}  # a taken-off node's result is gone
+    kept_info = [v for v in graph.value_info if v.name in present]
     del graph.value_info[:]
     graph.value_info.extend(kept_info)
     for value in list(graph.input) + list(graph.output):
