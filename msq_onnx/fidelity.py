@@ -117,13 +117,17 @@ class _OutputSums:
     lengths_differ: int = 0  # samples whose output had another shape than FP32's (compared padded_alike)
     pooled: np.ndarray = field(default_factory=lambda: np.zeros(2))  # of a selection's rows: sums of yy and xy
 
-    def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None) -> None:
+    def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None,
+            kept_other_length: bool | None = None) -> None:
         """real: [N, T] True at real tokens (its attention mask, output_masks) for an output whose first two axes
         are [N, T]: padded positions then count in nothing, as they count in no use of the model. keep: the task
-        output, kept whole for its [N, C] measures while each sample's is one width of at most KEEP_LIMIT values."""
+        output, kept whole for its [N, C] measures while each sample's is one width of at most KEEP_LIMIT values.
+        kept_other_length: whether the run kept another number of rows than FP32 (a selection's rows matched by
+        matched_rows have another shape than the run gave); None: their shapes say."""
         self.integer = not np.issubdtype(reference.dtype, np.floating)
-        if reference.shape != quantized.shape:
+        if reference.shape != quantized.shape if kept_other_length is None else kept_other_length:
             self.lengths_differ += len(reference)
+        if reference.shape != quantized.shape:
             reference, quantized = padded_alike(reference, quantized)
         if real is not None and (reference.shape[:2] != real.shape or (self.integer and reference.ndim != 2)):
             real = None
@@ -358,6 +362,43 @@ def padded_alike(reference: np.ndarray, quantized: np.ndarray) -> tuple[np.ndarr
     return padded(reference, 0), padded(quantized, 0)
 
 
+def matched_rows(names, reference: list, quantized: list, selected) -> tuple[list, dict]:
+    """One run's outputs of a selection (an NMS's kept boxes, scores and labels) with the written model's rows put
+    beside the FP32 rows they are nearest: pairs of boxes taken closest first (Euclidean, over the 4 values: no box
+    format assumed), the written model's rows left over after FP32's, and FP32's left over faced by zeros. In the
+    order kept, one box gained early shifted every later row onto another box. The boxes are the selected float
+    output whose rows hold 4 values ([K, 4]); the selected outputs of its length are reordered alike. Returns the
+    outputs and {name: whether the run kept another number of rows than FP32}."""
+    lengths = {}
+    boxes = next((i for i, name in enumerate(names) if name in selected and reference[i].ndim >= 3
+                  and reference[i].shape[-1] == 4 and quantized[i].shape[-1] == 4
+                  and np.issubdtype(reference[i].dtype, np.floating) and len(reference[i]) == 1), None)
+    if boxes is None:
+        return quantized, lengths
+    axis = reference[boxes].ndim - 2
+    if not reference[boxes].shape[axis] or not quantized[boxes].shape[axis]:
+        return quantized, lengths  # nothing to pair: what one run kept is all error as it stands
+    a, b = (np.moveaxis(v[0], axis - 1, 0).reshape(v.shape[axis], -1).astype(np.float64) for v in
+            (reference[boxes], quantized[boxes]))
+    if a.shape[1] != 4:
+        return quantized, lengths
+    distance = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=2)
+    partner, taken = np.full(len(a), -1), np.zeros(len(b), bool)
+    for i, j in zip(*np.unravel_index(np.argsort(distance, axis=None, kind="stable"), distance.shape)):
+        if partner[i] < 0 and not taken[j]:
+            partner[i], taken[j] = j, True
+    order = np.concatenate([partner, np.flatnonzero(~taken)])
+    result = list(quantized)
+    for i, name in enumerate(names):
+        ref, out = reference[i], quantized[i]
+        if name not in selected or out.ndim <= axis or ref.shape[axis] != len(a) or out.shape[axis] != len(b):
+            continue
+        lengths[name] = len(a) != len(b)
+        zero = np.zeros_like(np.take(out, [0], axis=axis))
+        result[i] = np.concatenate([zero if j < 0 else np.take(out, [j], axis=axis) for j in order], axis=axis)
+    return result, lengths
+
+
 def _run_checked(runner, names, feed, count, samples, description, selected=frozenset()) -> list:
     """The outputs `names` of one run, samples first; one of `selected` (ops.selected_outputs) is at batch 1 the
     run's one sample whatever its shape: torchvision's detectors give boxes [K, 4], no axis per sample, and K
@@ -488,6 +529,8 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
     with progress(samples.count, "QDQ evaluation", quiet) as bar:
         for (feed, count, fp32), quant in ordered_runs(run, reference.batches(quiet), reference.workers):
             real = {mask: np.asarray(feed[mask])[:count] != 0 for mask in set(reference.masks.values()) if mask in feed}
+            quant, other_length = matched_rows(reference.names, fp32, quant, reference.selected) \
+                if reference.selected else (quant, {})
             for name, ref, out in zip(reference.names, fp32, quant):
                 if ref.dtype == bool:  # a yes/no decision per sample or position: judged as labels 0 / 1
                     ref, out = ref.astype(np.uint8), out.astype(np.uint8)
@@ -495,7 +538,8 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
                 if np.issubdtype(ref.dtype, np.number):
                     if name == task_output:
                         task_shape = ref.shape[1:]
-                    sums[name].add(ref, out, name == task_output, real.get(reference.masks.get(name)))
+                    sums[name].add(ref, out, name == task_output, real.get(reference.masks.get(name)),
+                                   other_length.get(name))
             bar.update(count)
     if not sums[task_output].samples:
         raise BadOption(f"output '{task_output}' holds no numbers to compare with FP32; choose a numeric output "

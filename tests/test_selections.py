@@ -145,14 +145,35 @@ def test_outputs_of_two_lengths_are_compared_with_the_missing_rows_as_zeros():
     assert np.array_equal(reference, fp32) and not written[:, 2].any() and np.array_equal(written[:, :2], fp32[:, :2])
 
 
-def _recomputed(model_path, written_path, samples):
-    """Per output: the share of runs whose length matched FP32's, and the cosine over every run's rows pooled."""
+def _paired(fp32_boxes: np.ndarray, written_boxes: np.ndarray) -> list:
+    """For each FP32 box, the written model's box paired with it (closest pairs first), or None; then the
+    written model's unpaired boxes."""
+    pairs = sorted((float(np.linalg.norm(a - b)), i, j) for i, a in enumerate(fp32_boxes)
+                   for j, b in enumerate(written_boxes))
+    partner, used = {}, set()
+    for _, i, j in pairs:
+        if i not in partner and j not in used:
+            partner[i] = j
+            used.add(j)
+    return [partner.get(i) for i in range(len(fp32_boxes))] + [j for j in range(len(written_boxes)) if j not in used]
+
+
+def _recomputed(model_path, written_path, samples, batched=False):
+    """Per output: the share of runs whose length matched FP32's, and the cosine over every run's rows pooled,
+    the written model's rows paired with FP32's by their boxes."""
     fp32, quant = ort.InferenceSession(model_path), ort.InferenceSession(written_path)
     names = [o.name for o in fp32.get_outputs()]
     same, sums = dict.fromkeys(names, 0), {name: np.zeros(3) for name in names}
     for x in samples:
-        for name, a, b in zip(names, fp32.run(names, {"x": x[None]}), quant.run(names, {"x": x[None]})):
+        want, got = fp32.run(names, {"x": x[None]}), quant.run(names, {"x": x[None]})
+        rows = lambda value: value[0] if batched else value  # noqa: E731  ([1, K, ...] batched)
+        boxes_fp32, boxes_written = rows(want[0]), rows(got[0])  # 'boxes' first
+        order = _paired(boxes_fp32, boxes_written) if len(boxes_fp32) and len(boxes_written) else None
+        for name, a, b in zip(names, want, got):
             same[name] += a.shape == b.shape
+            a, b = rows(a), rows(b)
+            if order is not None:
+                b = np.stack([np.zeros_like(b[0]) if j is None else b[j] for j in order])
             a, b = fidelity.padded_alike(a, b)
             a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
             sums[name] += [a @ a, b @ b, a @ b]
@@ -176,7 +197,7 @@ def test_a_detectors_kept_boxes_are_judged_on_every_row_they_keep(tmp_path, batc
     # the modes judged the scores the NMS selects from, not the kept boxes
     assert report["activation_modes"]["judged"].startswith("'all_scores', what NonMaxSuppression 'nms' selects from")
     lengths = []
-    for name, (agreement, cosine) in _recomputed(model, written, held_out.astype(np.float32)).items():
+    for name, (agreement, cosine) in _recomputed(model, written, held_out.astype(np.float32), batched).items():
         output = evaluation["outputs"][name]
         assert output["selected_by"] == "NonMaxSuppression 'nms'"
         assert output["length_agreement"] == pytest.approx(agreement, abs=1e-3)
@@ -382,3 +403,23 @@ def test_the_sensitivity_allocator_compares_kept_rows_of_two_lengths(tmp_path):
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(3).normal(size=(16, 3, 32, 32)).astype(np.float32))
     assert main([path, str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "calib.npz"), "--avg-bits", "4",
                  "--allocator", "sensitivity", "--quiet"]) == 0
+
+
+def test_kept_rows_are_paired_by_their_boxes_not_their_order():
+    """A box gained first in the written model's run shifted every FP32 box onto another in the order kept."""
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 0, 50, 10]], np.float32)
+    gained = np.array([[60, 60, 70, 70]], np.float32)
+    written = np.concatenate([gained, boxes + 0.5])
+    names, selected = ["boxes", "scores", "labels", "other"], {"boxes": "NMS", "scores": "NMS", "labels": "NMS"}
+    reference = [boxes[None], np.array([[0.9, 0.8, 0.7]], np.float32), np.array([[1, 2, 3]]), np.ones((1, 5))]
+    quantized = [written[None], np.array([[0.6, 0.88, 0.79, 0.71]], np.float32), np.array([[4, 1, 2, 3]]),
+                 np.ones((1, 5))]
+    paired, other_length = fidelity.matched_rows(names, reference, quantized, selected)
+    assert np.array_equal(paired[0][0], np.concatenate([boxes + 0.5, gained]))
+    assert np.allclose(paired[1], [[0.88, 0.79, 0.71, 0.6]]) and np.array_equal(paired[2], [[1, 2, 3, 4]])
+    assert paired[3] is quantized[3] and other_length == {"boxes": True, "scores": True, "labels": True}
+    # a box the written model lost faces zeros where it stood
+    paired, _ = fidelity.matched_rows(names, reference, [written[None, 2:], quantized[1][:, 2:], quantized[2][:, 2:],
+                                                         quantized[3]], selected)
+    assert np.array_equal(paired[0][0], np.concatenate([np.zeros((1, 4)), boxes[1:] + 0.5]))
+    assert np.array_equal(paired[2], [[0, 2, 3]])
