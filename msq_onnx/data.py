@@ -453,7 +453,7 @@ def _check_feed(where: str, inputs, mapping: dict, get, one_run: bool = False) -
                              arrays[spec.name].ndim and len(arrays[spec.name]) == 1 for spec in inputs)
     for spec in inputs:
         array = arrays[spec.name] if one_run else get(mapping[spec.name])
-        if one_run and array.ndim == len(spec.shape) and (spec.unbatched or (
+        if one_run and array.ndim == len(spec.shape) and (spec.unbatched or spec.own_first_axis or (
                 single and spec.shape and spec.shape[0] not in (None, 1))):
             array = array[None]
         if _check_array(where, spec, array):

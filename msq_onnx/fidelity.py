@@ -115,6 +115,7 @@ class _OutputSums:
     channels: ChannelSums = field(default_factory=ChannelSums)
     selected: bool = False  # its length follows a selection (NMS): its rows are what was kept, not samples
     lengths_differ: int = 0  # samples whose output had another shape than FP32's (compared padded_alike)
+    paired: bool = False  # a selection's rows were paired with FP32's by their boxes (matched_rows) in some run
     pooled: np.ndarray = field(default_factory=lambda: np.zeros(2))  # of a selection's rows: sums of yy and xy
 
     def add(self, reference: np.ndarray, quantized: np.ndarray, keep: bool, real: np.ndarray | None = None,
@@ -127,6 +128,7 @@ class _OutputSums:
         self.integer = not np.issubdtype(reference.dtype, np.floating)
         if reference.shape != quantized.shape if kept_other_length is None else kept_other_length:
             self.lengths_differ += len(reference)
+        self.paired |= kept_other_length is not None
         if reference.shape != quantized.shape:
             reference, quantized = padded_alike(reference, quantized)
         if real is not None and (reference.shape[:2] != real.shape or (self.integer and reference.ndim != 2)):
@@ -362,40 +364,65 @@ def padded_alike(reference: np.ndarray, quantized: np.ndarray) -> tuple[np.ndarr
     return padded(reference, 0), padded(quantized, 0)
 
 
+PAIRING_LIMIT = 4_000_000  # box pairs a run (2,000 x 2,000): beyond, rows are compared in the order kept
+
+
+def _row_axis(value: np.ndarray, rows: int) -> int | None:
+    """The axis past the sample axis that holds a selection's `rows` ([1, K, 4] boxes, [1, K] or [1, 1, K] scores)."""
+    return next((axis for axis in range(1, value.ndim) if value.shape[axis] == rows), None)
+
+
+def _pairing(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each row of `a`, the row of `b` paired with it (-1: none), closest pairs first; then `b`'s unpaired."""
+    distance = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=2)
+    partner, taken, pairs = np.full(len(a), -1), np.zeros(len(b), bool), 0
+    for i, j in zip(*np.unravel_index(np.argsort(distance, axis=None, kind="stable"), distance.shape)):
+        if partner[i] < 0 and not taken[j]:
+            partner[i], taken[j], pairs = j, True, pairs + 1
+            if pairs == min(len(a), len(b)):
+                break
+    return np.concatenate([partner, np.flatnonzero(~taken)])
+
+
 def matched_rows(names, reference: list, quantized: list, selected) -> tuple[list, dict]:
     """One run's outputs of a selection (an NMS's kept boxes, scores and labels) with the written model's rows put
     beside the FP32 rows they are nearest: pairs of boxes taken closest first (Euclidean, over the 4 values: no box
     format assumed), the written model's rows left over after FP32's, and FP32's left over faced by zeros. In the
-    order kept, one box gained early shifted every later row onto another box. The boxes are the selected float
-    output whose rows hold 4 values ([K, 4]); the selected outputs of its length are reordered alike. Returns the
-    outputs and {name: whether the run kept another number of rows than FP32}."""
+    order kept, one box gained early (or two of near-tied scores kept the other way round) shifted every later row
+    onto another box. A selection's boxes are its float output whose rows hold 4 values ([K, 4], [1, K, 4]); its
+    other outputs (selected[name] names the selection) follow their order, and so do those of a selection with no
+    boxes of its own whose rows number the same (torchvision's labels, kept by another NonZero of the same boxes).
+    Returns the outputs and {name: whether the run kept another number of rows than FP32} for those paired."""
     lengths = {}
-    boxes = next((i for i, name in enumerate(names) if name in selected and reference[i].ndim >= 3
-                  and reference[i].shape[-1] == 4 and quantized[i].shape[-1] == 4
-                  and np.issubdtype(reference[i].dtype, np.floating) and len(reference[i]) == 1), None)
-    if boxes is None:
-        return quantized, lengths
-    axis = reference[boxes].ndim - 2
-    if not reference[boxes].shape[axis] or not quantized[boxes].shape[axis]:
-        return quantized, lengths  # nothing to pair: what one run kept is all error as it stands
-    a, b = (np.moveaxis(v[0], axis - 1, 0).reshape(v.shape[axis], -1).astype(np.float64) for v in
-            (reference[boxes], quantized[boxes]))
-    if a.shape[1] != 4:
-        return quantized, lengths
-    distance = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=2)
-    partner, taken = np.full(len(a), -1), np.zeros(len(b), bool)
-    for i, j in zip(*np.unravel_index(np.argsort(distance, axis=None, kind="stable"), distance.shape)):
-        if partner[i] < 0 and not taken[j]:
-            partner[i], taken[j] = j, True
-    order = np.concatenate([partner, np.flatnonzero(~taken)])
     result = list(quantized)
+
+    boxes = {}  # selection -> the index of its boxes
     for i, name in enumerate(names):
-        ref, out = reference[i], quantized[i]
-        if name not in selected or out.ndim <= axis or ref.shape[axis] != len(a) or out.shape[axis] != len(b):
+        if name in selected and selected[name] not in boxes and np.issubdtype(reference[i].dtype, np.floating) \
+                and reference[i].ndim >= 3 and reference[i].shape[-1] == 4 and quantized[i].shape[-1] == 4 \
+                and len(reference[i]) == 1:
+            boxes[selected[name]] = i
+    for selection, b in boxes.items():
+        axis = reference[b].ndim - 2
+        a_rows, b_rows = reference[b].shape[axis], quantized[b].shape[axis]
+        if not a_rows or not b_rows or a_rows * b_rows > PAIRING_LIMIT:
+            continue  # nothing to pair (what one run kept is all error as it stands), or too many pairs to weigh
+        a, q = (np.moveaxis(v[0], axis - 1, 0).reshape(v.shape[axis], -1).astype(np.float64) for v in
+                (reference[b], quantized[b]))
+        if a.shape[1] != 4:
             continue
-        lengths[name] = len(a) != len(b)
-        zero = np.zeros_like(np.take(out, [0], axis=axis))
-        result[i] = np.concatenate([zero if j < 0 else np.take(out, [j], axis=axis) for j in order], axis=axis)
+        order = _pairing(a, q)
+        for i, name in enumerate(names):
+            if name not in selected or (selected[name] != selection and selected[name] in boxes):
+                continue
+            ref, out = reference[i], quantized[i]
+            axis_i = axis if i == b else _row_axis(ref, a_rows) if ref.ndim == out.ndim and len(ref) == 1 else None
+            if axis_i is None or out.shape[axis_i] != b_rows or name in lengths:
+                continue
+            lengths[name] = a_rows != b_rows
+            zero = np.zeros_like(np.take(out, [0], axis=axis_i))
+            result[i] = np.concatenate([zero if j < 0 else np.take(out, [j], axis=axis_i) for j in order],
+                                       axis=axis_i)
     return result, lengths
 
 
@@ -563,8 +590,10 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             both = acc.signal * yy
             pooled = round(xy / np.sqrt(both), 6) if both > 0 else float(acc.signal == yy)
             outputs[name].update(cosine=pooled, min_cosine=pooled,
-                                 cosine_over="every held-out sample's rows pooled, row by row in the order kept "
-                                             "(what a selection kept; a row one run lacks counts as zeros)")
+                                 cosine_over="every held-out sample's rows pooled, " + (
+                                     "the written model's rows paired with FP32's by their boxes" if acc.paired
+                                     else "row by row in the order kept") + " (what a selection kept; a row one "
+                                     "run lacks counts as zeros)")
         centred = correlations.get(name)
         if centred is not None:
             cosine, sqnr = centred

@@ -796,17 +796,15 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
         if mask_input:
             tokens.extend(np.asarray(feed[mask_input][:count]).reshape(count, -1).sum(axis=1).tolist())
         final = loaded.judged_samples(result[loaded.judged], count)
-        probes = [outputs["probe"].get(layer.name) for layer in loaded.layers]
-        rowless = [(name, value) for name, value in [(loaded.judged, final)] + [
-            (probe, result[probe]) for probe in probes if probe in result]
+        # what the features read of each layer: its probe, or its pyramid pooled in the graph
+        read = [(layer.name, outputs[kind].get(layer.name)) for layer in loaded.layers
+                for kind in ("probe", "pyramid", "grid")]
+        read += [(layer, pooled[0]) for layer, pooled in outputs["sequence_pyramid"].items()]
+        rowless = [(name, value) for name, value in [(f"output '{loaded.judged}'", final)] + [
+            (f"layer '{layer}'", result[name]) for layer, name in read if name in result]
             if count > 1 and (value.ndim == 0 or len(value) < count)]
-        if rowless:  # its rows are no samples: the inputs' first axis was no batch (at 1, a detector keeps 0 rows)
-            name, value = rowless[0]
-            shapes = ", ".join(f"'{spec.name}' [N, {', '.join(str(d or '?') for d in spec.shape)}]"
-                               for spec in loaded.inputs)
-            raise BadData(f"'{name}' has {value.shape[0] if value.ndim else 0} row(s) in a run of {count} samples: "
-                          "the model does not take its samples along the inputs' first axis. If it takes one sample "
-                          f"a run, give each sample whole: {shapes}.")
+        if rowless:  # its rows are no samples (at 1 sample a run, a detector may keep 0 rows)
+            raise BadData(_rows_text(loaded, *rowless[0], count))
         if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final).all():
             broken = _nonfinite_weight(loaded)
             if broken is not None:
@@ -984,6 +982,17 @@ FLAT_POOLING_MAX = 1 << 21  # entries of a one-product pooling matrix (8 MB); la
 HESSIAN_SAMPLES = 128  # split by parity: one half rounds (GPTQ), the other half judges the rounding
 MAX_HESSIAN_FAN_IN = 4096  # a K x K matrix per distinct input: 64 MB at this size
 MIN_ROWS_PER_INPUT = 4  # rows (tokens) per input feature in the fitting half, or GPTQ would overfit
+
+
+def _rows_text(loaded: LoadedModel, name: str, value: np.ndarray, count: int) -> str:
+    """Why a run's tensor holding fewer rows than its samples stops the pass, and the ways out: a model that takes
+    one sample with no batch axis read along an axis that is none, or a layer whose rows are not samples (a
+    time-major [T, N, E] product, a relative-position bias [T, T, H]) that only a run of one sample keeps apart."""
+    ways = [] if any(spec.batch_fixed for spec in loaded.inputs) else ["run with --batch-size 1"]
+    shapes = ", ".join(f"'{spec.name}' [N, {', '.join(str(d or '?') for d in spec.shape)}]" for spec in loaded.inputs)
+    ways.append(f"if the model takes one sample a run with no batch axis, give each sample whole: {shapes}")
+    return (f"{name} has {value.shape[0] if value.ndim else 0} row(s) in a run of {count} samples, not one a "
+            f"sample along its first axis: {'; or, '.join(ways)}.")
 
 
 def batch_of(loaded: LoadedModel, batch_size: int) -> int:

@@ -423,3 +423,18 @@ def test_kept_rows_are_paired_by_their_boxes_not_their_order():
                                                          quantized[3]], selected)
     assert np.array_equal(paired[0][0], np.concatenate([np.zeros((1, 4)), boxes[1:] + 0.5]))
     assert np.array_equal(paired[2], [[0, 2, 3]])
+
+
+def test_each_selection_is_paired_by_its_own_boxes_and_rows_found_by_their_length():
+    """Two NMS heads keeping as many boxes each (a review's: head b was reordered by head a's boxes, 0.566 where
+    its own pairing gives 0.921), and scores [1, K] beside boxes [K, 4] (left in the order kept)."""
+    a = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    b = np.array([[50, 50, 60, 60], [70, 70, 80, 80]], np.float32)
+    names = ["boxes_a", "scores_a", "boxes_b", "labels_b"]
+    selected = {"boxes_a": "NMS a", "scores_a": "NMS a", "boxes_b": "NMS b", "labels_b": "NMS b"}
+    reference = [a[None], np.array([[[0.9, 0.8]]], np.float32), b[None], np.array([[1, 2]])]
+    quantized = [a[None, ::-1], np.array([[[0.79, 0.91]]], np.float32), b[None], np.array([[1, 2]])]
+    paired, other_length = fidelity.matched_rows(names, reference, quantized, selected)
+    assert np.array_equal(paired[0], a[None]) and np.allclose(paired[1], [[[0.91, 0.79]]])
+    assert np.array_equal(paired[2], b[None]) and np.array_equal(paired[3], [[1, 2]])  # head b as it was
+    assert other_length == dict.fromkeys(names, False)
