@@ -108,9 +108,9 @@ def _replace(names, old: str, new: str) -> None:
 def add(model: onnx.ModelProto, whole: set, taken: set) -> dict:
     """Give the inputs in `whole` and the outputs that lack one a first axis of 1 (in place). Returns {name: its
     declared value before} for each, what `strip` restores; `taken` holds every name in use and gets the new."""
-    graph = model.graph
     from .load import _copied, unique_name  # load reads models through this module
 
+    graph = model.graph
     record = {}
     axes = unique_name(_AXES, taken)
     graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), axes))
