@@ -791,20 +791,22 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
             return dict(zip(fetched, values)), gathered
         return run
 
+    # what the features read of each layer (its probe, or its pyramid pooled in the graph), by the layer's name
+    layer_reads = [(layer.name, outputs[kind][layer.name]) for layer in loaded.layers
+                   for kind in ("probe", "pyramid", "grid") if layer.name in outputs[kind]]
+    layer_reads += [(layer, pooled[0]) for layer, pooled in outputs["sequence_pyramid"].items()]
+
     def absorb(feed, count, result, gathered):
         nonlocal seen
         if mask_input:
             tokens.extend(np.asarray(feed[mask_input][:count]).reshape(count, -1).sum(axis=1).tolist())
         final = loaded.judged_samples(result[loaded.judged], count)
-        # what the features read of each layer: its probe, or its pyramid pooled in the graph
-        read = [(layer.name, outputs[kind].get(layer.name)) for layer in loaded.layers
-                for kind in ("probe", "pyramid", "grid")]
-        read += [(layer, pooled[0]) for layer, pooled in outputs["sequence_pyramid"].items()]
-        rowless = [(name, value) for name, value in [(f"output '{loaded.judged}'", final)] + [
-            (f"layer '{layer}'", result[name]) for layer, name in read if name in result]
-            if count > 1 and (value.ndim == 0 or len(value) < count)]
-        if rowless:  # its rows are no samples (at 1 sample a run, a detector may keep 0 rows)
-            raise BadData(_rows_text(loaded, *rowless[0], count))
+        if count > 1:  # rows that are no samples (at 1 sample a run, a detector may keep 0 rows)
+            rowless = [(name, value) for name, value in [(f"output '{loaded.judged}'", final)] + [
+                (f"layer '{layer}'", result[name]) for layer, name in layer_reads if name in result]
+                if value.ndim == 0 or len(value) < count]
+            if rowless:
+                raise BadData(_rows_text(loaded, *rowless[0], count))
         if np.issubdtype(final.dtype, np.floating) and not np.isfinite(final).all():
             broken = _nonfinite_weight(loaded)
             if broken is not None:
@@ -989,7 +991,7 @@ def _rows_text(loaded: LoadedModel, name: str, value: np.ndarray, count: int) ->
     one sample with no batch axis read along an axis that is none, or a layer whose rows are not samples (a
     time-major [T, N, E] product, a relative-position bias [T, T, H]) that only a run of one sample keeps apart."""
     ways = [] if any(spec.batch_fixed for spec in loaded.inputs) else ["run with --batch-size 1"]
-    shapes = ", ".join(f"'{spec.name}' [N, {', '.join(str(d or '?') for d in spec.shape)}]" for spec in loaded.inputs)
+    shapes = ", ".join(f"'{spec.name}' {spec.whole_text}" for spec in loaded.inputs)
     ways.append(f"if the model takes one sample a run with no batch axis, give each sample whole: {shapes}")
     return (f"{name} has {value.shape[0] if value.ndim else 0} row(s) in a run of {count} samples, not one a "
             f"sample along its first axis: {'; or, '.join(ways)}.")

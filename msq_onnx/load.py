@@ -54,6 +54,11 @@ class InputSpec:
     def batch_fixed(self) -> bool:
         return bool(self.shape) and self.shape[0] is not None
 
+    @property
+    def whole_text(self) -> str:
+        """Its samples given whole, as the messages ask for them: [N, *its shape], '?' for a free dimension."""
+        return "[" + ", ".join(["N"] + [str(d) if d is not None else "?" for d in self.shape]) + "]"
+
 
 @dataclass
 class LoadedModel:

@@ -709,9 +709,8 @@ def _check_runs_of_one(loaded, whole: frozenset) -> None:
     names = ", ".join(f"'{name}'" for name in sorted(whole))
     for spec in loaded.inputs:
         if spec.name not in whole and spec.batch_fixed and spec.shape[0] != 1:
-            shape = ", ".join(str(d if d is not None else "?") for d in ["N"] + spec.shape)
             raise BadData(f"input '{spec.name}' takes a fixed batch of {spec.shape[0]}, while {names} is given whole, "
-                          f"one run a sample: give '{spec.name}' whole too, an array [{shape}].")
+                          f"one run a sample: give '{spec.name}' whole too, an array {spec.whole_text}.")
 
 
 def _held_out(calib, loaded, options: Options):

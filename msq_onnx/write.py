@@ -917,14 +917,13 @@ def publish(model_path: str, output_path: str, axes: dict | None = None) -> bool
                             location=data_name + ".tmp", size_threshold=0)
             os.replace(os.path.join(folder, data_name + ".tmp"), os.path.join(folder, data_name))
             _rewrite_location(temporary, data_name + ".tmp", data_name)
-        elif axes:
+        else:
             with open(temporary, "wb") as out:
-                out.write(model.SerializeToString())
-                out.flush()
-                os.fsync(out.fileno())
-        else:  # the bytes as written and verified (and as report.GzipSize reads them, maybe meanwhile)
-            with open(model_path, "rb") as source, open(temporary, "wb") as out:
-                shutil.copyfileobj(source, out, 1 << 22)
+                if axes:  # the model as written and verified, without the nodes that gave its sample axes
+                    out.write(model.SerializeToString())
+                else:  # the bytes as written and verified (and as report.GzipSize reads them, maybe meanwhile)
+                    with open(model_path, "rb") as source:
+                        shutil.copyfileobj(source, out, 1 << 22)
                 out.flush()
                 os.fsync(out.fileno())
         os.chmod(temporary, _default_mode())  # mkstemp makes 0600; a model is an ordinary file
