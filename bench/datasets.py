@@ -180,6 +180,14 @@ def run_cli(model: str, work: str, calib: str, evaluation: str, name: str, flags
         return json.load(handle)
 
 
+def budget_flags(budget: str) -> list[str]:
+    """A bench's budget as conversion flags: B is --avg-bits B; one starting with "--" is the flags as they are
+    ("--avg-bits 4 --allocator sensitivity")."""
+    import shlex
+
+    return shlex.split(budget) if budget.startswith("--") else ["--avg-bits", budget]
+
+
 def wheel_bench_arguments(description: str, argv=None, models: list | None = None):
     """The arguments of a bench on models pip downloads: --shared, --budgets (8 and 4), --cache, --out, and
     --models (all of `models` by default) where it names them."""

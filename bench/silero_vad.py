@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -155,7 +154,7 @@ def main(argv=None) -> int:
             reference = [_stream(fp32, audio, rate_input) for audio, _ in held_clips]
             labels = np.concatenate([labels for _, labels in held_clips])
             for budget in args.budgets:
-                flags = shlex.split(budget) if budget.startswith("--") else ["--avg-bits", budget]
+                flags = datasets.budget_flags(budget)
                 name = f"{export}-{len(results)}"
                 out, report_path = os.path.join(work, name + ".onnx"), os.path.join(work, name + ".json")
                 done = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), model, out, "--calib", calib,

@@ -29,7 +29,7 @@ import numpy as np
 from .errors import BadOption
 from .ops import FLOAT_BITS
 
-ALLOCATORS = ("ilp", "greedy", "greedy-step", "sensitivity", "msq-task")
+ALLOCATORS = ("ilp", "greedy", "greedy-step", "sensitivity", "msq-task", "output-weighted")
 GREEDY = ("greedy", "greedy-step")  # the paper's rule, read two ways: they move between integer widths only
 DEFAULT_BITS = (2, 3, 4, 5, 6, 7, 8)
 # Damage = importance^exponent x error. 1 is the literal product; it lets a few
@@ -295,7 +295,7 @@ def allocate(method: str, importance: dict, damage: dict | None, candidate_bits,
               for name in importance}
     if not budgets or (fits(widest, budgets) and method not in GREEDY and not beyond_widest):
         return widest
-    if method in ("ilp", "sensitivity", "msq-task"):  # the same knapsack; only the damage was measured differently
+    if method in ("ilp", "sensitivity", "msq-task", "output-weighted"):  # the same knapsack; only the damage was measured differently
         check_reachable(budgets, candidate_bits, allowed)
         return allocate_ilp(damage, candidate_bits, budgets)
     if method in GREEDY:

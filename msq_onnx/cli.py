@@ -86,7 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "(greedy-step: one width at a time); sensitivity: knapsack on output damage measured "
                              "one layer and width at a time (AIMET-style, slow); msq-task: knapsack of each layer's "
                              "error weighted by the task predictor's loss with that layer alone at the narrowest "
-                             "width (one pass per layer)")
+                             "width (one pass per layer); output-weighted: knapsack of each layer's error weighted "
+                             "by what that layer alone at the narrowest width does to every output and channel "
+                             "(one pass per layer, 32 samples)")
+    budget.add_argument("--on-collapse", choices=("reallocate", "warn"), default="reallocate",
+                        help="when the default allocator's model collapses on the held-out samples under a budget: "
+                             "reallocate (default) allocates again output-weighted and keeps the one nearer FP32 on "
+                             "calibration samples; warn only says it")
     budget.add_argument("--importance-exponent", type=float, default=IMPORTANCE_EXPONENT, metavar="E",
                         help=f"ilp damage = importance^E x measured output error (default {IMPORTANCE_EXPONENT}, the "
                              "tuning protocol's choice: each layer's measured error alone; 1 is the plain product)")
@@ -191,7 +197,7 @@ def options_from(args):
                    min_cosine=args.min_cosine, output=args.task_output, output_kind=args.output_kind,
                    activations=args.activations,
                    prefer=args.prefer, rounding=args.rounding, max_latency=args.max_latency,
-                   reduce_range=args.reduce_range, preprocess=preprocess,
+                   reduce_range=args.reduce_range, on_collapse=args.on_collapse, preprocess=preprocess,
                    batch_size=args.batch_size, seed=args.seed, quiet=args.quiet or args.json,
                    bias_correction=not args.no_bias_correction, clip_search=not args.no_clip_search,
                    residual_weights=not args.no_residual_weights,
@@ -274,6 +280,8 @@ def _human_summary(report: dict) -> str:
         text += f"; agreement with FP32 {report['agreement']:.2f}%"
     if report.get("cosine") is not None:
         text += f"; cosine to FP32 {report['cosine']:.4f}"
+    if report.get("reallocation", {}).get("kept") == "reallocated":
+        text += "; allocated again after the first allocation collapsed (report: reallocation)"
     return text
 
 

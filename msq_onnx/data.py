@@ -826,6 +826,13 @@ class _Subset(SampleSet):
         return within
 
 
+def first_samples(samples: SampleSet, count: int) -> SampleSet:
+    """The set's first `count` samples (all of them where it holds no more)."""
+    if samples.count <= count:
+        return samples
+    return _Subset(samples, np.arange(samples.count) < count, f"first {count}")
+
+
 def split_holdout(samples: SampleSet, fraction: float) -> tuple[SampleSet, SampleSet]:
     """Hold out every k-th sample (k = 1/fraction) and calibrate on the rest, never on both.
 

@@ -65,6 +65,24 @@ class ChannelSums:
             _, xx, yy, xy, peak = self.sums
             self.sums = (axis, xx + sums[0], yy + sums[1], xy + sums[2], np.maximum(peak, sums[3]))
 
+    def _live(self) -> tuple | None:
+        """(axis, live channels, their sums of xx, yy and xy), or None where no channel is judged."""
+        if not self.sums:
+            return None
+        axis, xx, yy, xy, peak = self.sums
+        live = np.flatnonzero(peak >= LIVE_CHANNEL * float(peak.max())) if peak.size and peak.max() > 0 else []
+        if not len(live):  # all zeros in FP32 (an additive mask without padding): no channel to judge
+            return None
+        return axis, live, xx[live], yy[live], xy[live]
+
+    def relative_errors(self) -> np.ndarray | None:
+        """Each live channel's noise energy over its FP32 energy; None where no channel is judged."""
+        live = self._live()
+        if live is None:
+            return None
+        _, _, xx, yy, xy = live
+        return np.maximum(xx + yy - 2 * xy, 0.0) / np.maximum(xx, 1e-30)
+
     def weakest(self) -> dict | None:
         """The live channel least like FP32's (a channel whose values stay under LIVE_CHANNEL of the output's
         largest, a class never scored, is not judged): its axis, index, cosine, relative error (noise energy over
@@ -72,15 +90,12 @@ class ChannelSums:
         error), the cosine noise alone would leave at that error. A cosine is blind to scale: YOLOv8n's class
         scores at 0.58-0.8x of FP32's (a passing --min-cosine 0.95 search at 4.5 bits) kept cosines of 0.908 and
         more, and 26 of its 29 detections over 0.25 were gone."""
-        if not self.sums:
+        live = self._live()
+        if live is None:
             return None
-        axis, xx, yy, xy, peak = self.sums
-        live = np.flatnonzero(peak >= LIVE_CHANNEL * float(peak.max())) if peak.size and peak.max() > 0 else []
-        if not len(live):  # all zeros in FP32 (an additive mask without padding): no channel to judge
-            return None
-        xx, yy, xy = xx[live], yy[live], xy[live]
+        axis, live, xx, yy, xy = live
         cosines = xy / np.maximum(np.sqrt(xx * yy), 1e-30)
-        errors = np.maximum(xx + yy - 2 * xy, 0.0) / np.maximum(xx, 1e-30)
+        errors = self.relative_errors()
         likeness = np.minimum(cosines, 1 / np.sqrt(1 + errors))
         worst = int(np.argmin(likeness))
         return {"axis": axis, "index": int(live[worst]), "cosine": round(float(cosines[worst]), 6),
@@ -787,6 +802,30 @@ def collapse_warning(measured: dict, gated: frozenset = frozenset()) -> str | No
                    "measured end to end), or give --min-cosine without --avg-bits to search the smallest budget "
                    "that holds")
     return f"{'; '.join(parts)} on {measured['samples']} held-out samples: do not deploy this model; {advice}."
+
+
+def weakest_figure(measured: dict) -> float:
+    """The measurement's lowest figure on collapse_warning's scale, where COLLAPSE_COSINE is the line for each:
+    the task output's cosine (where it is not judged by its decisions) and its weakest channel's likeness, the
+    share of its decisions kept (1 - the top-1 drop, or the disagreement, in points over 100), every other float
+    output's cosine and weakest channel, every other output's agreement, and each selection's runs that kept
+    FP32's length. Of two models, the one whose figure is lower is the nearer to collapse."""
+    figures = []
+    decisions = measured["kind"] in DECISION_KINDS
+    if not decisions or measured.get("decision"):
+        figures.append(measured["cosine"])
+    weakest = judged_channel(measured)
+    if weakest:
+        figures.append(weakest["likeness"])
+    if measured.get("drop") is not None and (measured.get("fp32_top1") is not None or decisions):
+        figures.append(1.0 - max(measured["drop"], 0.0) / 100.0)
+    for name, out in measured.get("outputs", {}).items():
+        if name != measured["task_output"]:
+            figures += [] if out.get("integer") else [out["cosine"]]
+            figures += [out["agreement"] / 100.0] if "agreement" in out else []
+            figures += [out["weakest_channel"]["likeness"]] if out.get("weakest_channel") else []
+        figures += [out["length_agreement"] / 100.0] if "length_agreement" in out else []
+    return float(min(figures)) if figures else 1.0
 
 
 def _grid_text(output: dict) -> str:

@@ -22,7 +22,7 @@ from . import allocate as allocate_stage
 from . import sample_axes
 from . import fidelity
 from . import modes as mode_stage
-from .data import Preprocess, check_labels, number_classes_like, open_samples, split_holdout
+from .data import Preprocess, check_labels, first_samples, number_classes_like, open_samples, split_holdout
 from .errors import BadData, BadOption, GateFailed, one_line
 from .features import DEFAULT_LEVELS, DEFAULT_MAX_DIM
 from .imprint import imprint_labels, layer_scores
@@ -73,6 +73,9 @@ class Options:
     batch_size: int = 1
     seed: int = 0
     quiet: bool = False
+    # reallocate: a default allocation whose written model collapsed is made again on each layer's measured
+    # effect on the outputs (_reallocate); warn: it is only said
+    on_collapse: str = "reallocate"
     bias_correction: bool = True
     residual_weights: bool = True  # ilp: each layer's error weighed by the share a residual stream keeps
     level_sets: bool = True  # 2-4-bit int8-container weights may place their 2^k levels unevenly (weights.shared_levels)
@@ -811,7 +814,10 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         if single:
             with timer.stage("allocate"):
                 first = allocate_stage.allocate(options.allocator, analysis.importance, damage, widths, budgets)
-                _release_other_widths(analysis.choices, first)
+                if _may_reallocate(options):
+                    _set_aside_other_widths(analysis.choices, first, work_dir)
+                else:
+                    _release_other_widths(analysis.choices, first)
         with timer.stage("verify"):  # the FP32 outputs every candidate is compared with
             # the yardstick written first: the memory read below is not its, and --max-latency times nothing beside it
             yardstick[0].join()
@@ -827,11 +833,15 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
 
         built = {}  # allocation -> its candidate: the gate's search meets one allocation at several budgets
 
-        def build(budgets: list, beyond_widest: bool = False, bits: dict | None = None) -> Candidate:
+        def build(budgets: list, beyond_widest: bool = False, bits: dict | None = None,
+                  tables: dict | None = None) -> Candidate:
+            """tables: the damage to allocate on, where not the allocator's (a reallocation's)."""
             with timer.stage("allocate"):
                 if bits is None:
-                    bits = allocate_stage.allocate(options.allocator, analysis.importance, every_width if beyond_widest
-                                                   else damage, widths, budgets, beyond_widest)
+                    bits = allocate_stage.allocate(
+                        options.allocator if tables is None else "ilp", analysis.importance,
+                        tables if tables is not None else every_width if beyond_widest else damage, widths, budgets,
+                        beyond_widest)
                 allocation = tuple(bits.items())
                 if allocation in built:
                     return built[allocation]
@@ -852,7 +862,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                                               written_bytes(path, loaded.sample_axes))
                 return built[allocation]
 
-        search = None
+        search = reallocation = None
         if searching:
             narrowest, widest, floated = search_reach(every_width, params, fixed)
             chosen, search = search_budget(
@@ -860,11 +870,20 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                                                 beyond), options,
                 (narrowest, widest, widest if options.allocator in allocate_stage.GREEDY else floated))
         else:
-            chosen = build(budgets, bits=first)
-            chosen = _meet_size(chosen, budgets, build, options.prefer)
-            if options.max_latency is not None:
-                with timer.stage("latency"):
-                    chosen = _meet_latency(loaded, chosen, budgets, build, evaluation)
+            def within_budgets(chosen: Candidate, build) -> Candidate:
+                chosen = _meet_size(chosen, budgets, build, options.prefer)
+                if options.max_latency is not None:
+                    with timer.stage("latency"):
+                        chosen = _meet_latency(loaded, chosen, budgets, build, evaluation)
+                return chosen
+
+            chosen = within_budgets(build(budgets, bits=first), build)
+            collapsed = _reallocates(chosen, options)
+            if collapsed:
+                chosen, reallocation = _reallocate(loaded, calib, analysis, options, caps, chosen, collapsed, timer,
+                                                   lambda tables: within_budgets(
+                                                       build(budgets, tables=tables),
+                                                       lambda limits: build(limits, tables=tables)))
         if evaluation is calib:
             with timer.stage("verify"):
                 smoke_check(chosen.path, loaded, calib, options.batch_size)
@@ -894,7 +913,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     report = build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts,
                           fused_integer_kernels(op_counts), timer.seconds, time.perf_counter() - started,
                           activation_errors=activation_errors, residual=residual_weights(analysis, options),
-                          search=search, warnings=warnings, fixed_params=fixed, latency=latency, gzip_bytes=gzip_bytes,
+                          search=search, reallocation=reallocation, warnings=warnings, fixed_params=fixed, latency=latency, gzip_bytes=gzip_bytes,
                           reduce_range={"setting": options.reduce_range, "capped_layers": sorted(caps),
                                         "saturating_kernels": integer_kernels_saturate()})
     gate = report.get("gate")
@@ -906,6 +925,69 @@ def _release_other_widths(choices: dict, bits: dict) -> None:
     candidate): the other widths' GPTQ integers are let go before the write (MiniLM-L6: 33 of their 41 MB)."""
     for name, table in choices.items():
         choices[name] = {width: choice for width, choice in table.items() if width == bits.get(name)}
+
+
+def _set_aside_other_widths(choices: dict, bits: dict, folder: str) -> None:
+    """_release_other_widths where a reallocation may need them back: the other widths' GPTQ integers go to
+    files in `folder`, read back from there (memory-mapped) only if an allocation takes them."""
+    for name, table in choices.items():
+        for width, choice in table.items():
+            if width != bits.get(name) and choice.integers is not None and choice.integers.size:
+                path = os.path.join(folder, f"set-aside-{len(os.listdir(folder))}.npy")
+                np.save(path, choice.integers)
+                choice.integers = np.load(path, mmap_mode="r")
+
+
+def _may_reallocate(options: Options) -> bool:
+    """Whether a collapsed allocation is made again (--on-collapse reallocate): the default allocator's only,
+    under a width budget (an accuracy gate's search has its own way out: float)."""
+    return options.on_collapse == "reallocate" and options.allocator == "ilp" and (
+        options.avg_bits is not None or options.max_size is not None or options.max_latency is not None)
+
+
+def _reallocates(chosen: Candidate, options: Options) -> str | None:
+    """The collapse a reallocation answers: what the check says of the written model, where it may."""
+    if not _may_reallocate(options) or not chosen.measured:
+        return None
+    gated = frozenset(name for name, bound in (("cosine", options.min_cosine), ("drop", options.max_drop))
+                      if bound is not None)
+    return fidelity.collapse_warning(chosen.measured, gated)
+
+
+REALLOCATION_JUDGED = 128  # calibration samples the two allocations are compared on
+
+
+def _reallocate(loaded, calib, analysis: Analysis, options: Options, caps: dict, first: Candidate, collapsed: str,
+                timer: "_Timer", build) -> tuple[Candidate, dict]:
+    """Where the default allocation's written model collapsed on the held-out samples, allocate again with each
+    layer's error weighed by what it alone does to every output (output-weighted: what the check judges, where
+    the default's layer errors and importance cannot see a state fed back or a detector's class row), and keep
+    the one of the two whose weakest figure (fidelity.weakest_figure) is higher on the first calibration samples:
+    the held-out ones only said there was something to do, and stay for judging what is kept. build(tables)
+    writes and measures an allocation within the budgets."""
+    started = time.perf_counter()
+    with timer.stage("reallocate"):
+        tables = without_float_on_kernels(_damage(loaded, calib, analysis, options, caps, "output-weighted"),
+                                          loaded, analysis, options)
+    again = build(tables)
+    figures = {}
+    judged = first_samples(calib, REALLOCATION_JUDGED)
+    if again is not first:  # the same allocation again: nothing to choose
+        with timer.stage("reallocate"):
+            judge = _HeldOut(loaded, judged, options, analysis.stats.workers)
+            for name, candidate in (("first", first), ("reallocated", again)):
+                figures[name] = round(fidelity.weakest_figure(judge.measure(candidate.path)), 6)
+            judge.close()
+    better = bool(figures) and figures["reallocated"] > figures["first"]
+    return again if better else first, {
+        "allocator": "output-weighted",
+        "because": collapsed,
+        "calibration_samples": judged.count,
+        "weakest_figure": figures,
+        "avg_bits": {"first": round(first.avg_bits, 4), "reallocated": round(again.avg_bits, 4)},
+        "kept": "reallocated" if better else "first",
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 SIZE_RETRIES = 3
@@ -1151,17 +1233,27 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
     return warnings
 
 
-def _damage(loaded, calib, analysis: Analysis, options: Options, caps: dict) -> dict:
-    """Per layer and width, the damage the allocator minimises; float costs none (and 32 bits). caps: layer ->
-    its widest width (saturation_caps)."""
+def _damage(loaded, calib, analysis: Analysis, options: Options, caps: dict, allocator: str | None = None,
+            probe=None) -> dict:
+    """Per layer and width, the damage the allocator (options.allocator unless given) minimises; float costs none
+    (and 32 bits). caps: layer -> its widest width (saturation_caps). probe: output-weighted's FP32 outputs
+    (sensitivity.OutputProbe), where the caller has them."""
+    allocator = allocator or options.allocator
     activation = {name: choice.errors.get(choice.mode, 0.0) for name, choice in analysis.modes.items()}
-    if options.allocator == "sensitivity":
+    if allocator == "output-weighted":
+        from . import sensitivity
+
+        probe = probe or sensitivity.OutputProbe(loaded, calib)
+        weights, _ = probe.layer_weights(analysis.choices, analysis.stats.input_mean, options.bias_correction,
+                                         options.quiet)
+        damage = allocate_stage.expected_damage(weights, analysis.choices, 1.0, activation)
+    elif allocator == "sensitivity":
         from . import sensitivity
 
         measured, _ = sensitivity.measure(loaded, calib, analysis.choices, analysis.stats.input_mean, options.bits,
                                           bias_correction=options.bias_correction, quiet=options.quiet)
         damage = sensitivity.monotone(measured)
-    elif options.allocator == "msq-task":
+    elif allocator == "msq-task":
         from . import sensitivity
 
         weights, _ = sensitivity.task_weights(loaded, calib, analysis.choices, analysis.stats.input_mean,

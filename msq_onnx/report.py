@@ -157,7 +157,7 @@ def _left_in_float(loaded) -> list:
 
 def build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts, fused,
                  timings, total_seconds, *, activation_errors, residual, warnings, latency,
-                 gzip_bytes: int, fixed_params=0, search=None, reduce_range=None) -> dict:
+                 gzip_bytes: int, fixed_params=0, search=None, reduce_range=None, reallocation=None) -> dict:
     bits, modes, measured = chosen.bits, chosen.modes, chosen.measured
     shares = analysis.stats.residual_share or {}
     files = written_files(output_path)
@@ -201,7 +201,7 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
             "batch_size": options.batch_size, "max_drop": options.max_drop, "max_size": options.max_size,
             "min_cosine": options.min_cosine, "output": loaded.output_name, "activations": options.activations,
             "prefer": options.prefer, "rounding": options.rounding, "max_latency": options.max_latency,
-            "reduce_range": options.reduce_range,
+            "reduce_range": options.reduce_range, "on_collapse": options.on_collapse,
         },
         "reduce_range": reduce_range,
         "opset": {"input": loaded.source_opset, "output": _written_opset(output_path),
@@ -237,6 +237,8 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
     }
     if search is not None:
         report["search"] = search
+    if reallocation is not None:
+        report["reallocation"] = reallocation
     if (options.max_drop is not None or options.min_cosine is not None) and measured is not None:
         from .pipeline import gate_passed
 
@@ -315,6 +317,15 @@ def markdown(report: dict) -> str:
     lines.append("- activation modes: " + ", ".join(f"{mode} {count}" for mode, count in report["modes"].items()))
     for warning in report.get("warnings", []):
         lines.append(f"- **warning**: {warning}")
+    reallocation = report.get("reallocation")
+    if reallocation:
+        figure = reallocation["weakest_figure"]
+        compared = (f"weakest figure on {reallocation['calibration_samples']} calibration samples "
+                    f"{figure['first']:.4f} first, {figure['reallocated']:.4f} again" if figure else
+                    "the same allocation again")
+        lines.append(f"- the first allocation collapsed on the held-out samples; allocated again "
+                     f"({reallocation['allocator']}, {reallocation['seconds']:.1f} s): {compared}; kept the "
+                     f"{reallocation['kept']} one")
     if report.get("search"):
         tried = ", ".join(f"{p['avg_bits']:.2f} bits: drop {p['drop']}, cosine {p['cosine']:.4f}"
                           for p in report["search"])

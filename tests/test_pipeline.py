@@ -1787,27 +1787,36 @@ def test_ort_logging_stays_quiet_while_any_thread_is_inside_and_is_restored_afte
 
 def test_a_single_candidate_is_written_from_its_own_widths_alone(cnn_files, tmp_path, monkeypatch):
     """Where one candidate is written (no gate's search, no size or latency budget), the other widths' tables,
-    GPTQ integers and all, are let go before its write; a gate's search keeps every width for the candidates it
-    writes. The written model is the same either way."""
+    GPTQ integers and all, are let go before its write (--on-collapse warn), or their integers set aside on disk,
+    memory-mapped, for a reallocation after a collapse (the default); a gate's search keeps every width for the
+    candidates it writes. The written model is the same every way."""
     from msq_onnx import pipeline
 
-    tables = []
+    tables, mapped = [], []
     real = pipeline.quantize_weights
 
     def spy(loaded, bits, choices, *args, **kwargs):
         tables.append({name: sorted(table) for name, table in choices.items()})
+        mapped.append({(name, width): isinstance(choice.integers, np.memmap) for name, table in choices.items()
+                       for width, choice in table.items() if choice.integers is not None})
         return real(loaded, bits, choices, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "quantize_weights", spy)
     options = dict(quiet=True, avg_bits=5, bits=(2, 4, 8))
-    single = convert(cnn_files["model"], str(tmp_path / "a.onnx"), cnn_files["calib"], Options(**options)).report
+    single = convert(cnn_files["model"], str(tmp_path / "a.onnx"), cnn_files["calib"],
+                     Options(on_collapse="warn", **options)).report
     assert len(tables) == 1
     assert tables[0] == {layer["name"]: [layer["bits"]] if layer["bits"] != 32 else [] for layer in single["layers"]}
+    convert(cnn_files["model"], str(tmp_path / "aside.onnx"), cnn_files["calib"], Options(**options))
+    allocated = {(layer["name"], layer["bits"]) for layer in single["layers"]}
+    assert len(tables[1]["fc"]) == 3 and mapped[1]
+    assert all(aside == (key not in allocated) for key, aside in mapped[1].items())
     monkeypatch.setattr(pipeline, "_release_other_widths", lambda choices, bits: None)
-    convert(cnn_files["model"], str(tmp_path / "kept.onnx"), cnn_files["calib"], Options(**options))
-    assert len(tables[1]["fc"]) == 3
-    with open(tmp_path / "a.onnx", "rb") as one, open(tmp_path / "kept.onnx", "rb") as other:
-        assert one.read() == other.read()
+    convert(cnn_files["model"], str(tmp_path / "kept.onnx"), cnn_files["calib"], Options(on_collapse="warn", **options))
+    assert len(tables[2]["fc"]) == 3
+    for other in ("kept.onnx", "aside.onnx"):
+        with open(tmp_path / "a.onnx", "rb") as one, open(tmp_path / other, "rb") as written:
+            assert one.read() == written.read()
     tables.clear()
     searched = convert(cnn_files["model"], str(tmp_path / "b.onnx"), cnn_files["calib"],
                        Options(quiet=True, max_drop=50.0, bits=(2, 4, 8))).report

@@ -1,0 +1,162 @@
+"""A default allocation whose written model collapsed is made again on each layer's measured effect on every
+output (--on-collapse reallocate), and the one of the two nearer FP32 on calibration samples is kept."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from msq_onnx import Options, convert
+from msq_onnx.data import Preprocess, open_samples
+from msq_onnx.fidelity import COLLAPSE_COSINE
+from msq_onnx.load import load_model
+from msq_onnx.report import SCHEMA_PATH
+
+
+def amplifying_model(eps: float = 0.05, seed: int = 0, classifier: bool = False) -> onnx.ModelProto:
+    """Two outputs: an embedding from one large layer, and a 'state' h @ wc whose wc lies almost in the null
+    space of h = x @ wb: FP32's state is small, and any error in wb or wc is not cancelled. Both product layers'
+    own relative errors look like the embedding layer's, which is what the default allocation reads.
+    classifier: ten class scores from two layers instead of the embedding, whose decisions break first."""
+    rng = np.random.default_rng(seed)
+    weights = {"wf": rng.normal(size=(16, 1024)).astype(np.float32) / 4}
+    wb = weights["wb"] = rng.normal(size=(16, 256)).astype(np.float32) / 4
+    null = np.linalg.svd(wb)[2][16:].T  # [256, 240]: wb @ null == 0
+    weights["wc"] = (null @ rng.normal(size=(240, 4)) + eps * wb.T @ rng.normal(size=(16, 4))).astype(np.float32)
+    if classifier:
+        weights["wf"] = weights["wf"][:, :256]
+        weights["wg"] = rng.normal(size=(256, 10)).astype(np.float32) / 16
+        head = [helper.make_node("MatMul", ["x", "wf"], ["features"], name="embed"),
+                helper.make_node("Relu", ["features"], ["relu"]),
+                helper.make_node("MatMul", ["relu", "wg"], ["scores"], name="classify")]
+    else:
+        head = [helper.make_node("MatMul", ["x", "wf"], ["embedding"], name="embed")]
+    nodes = head + [helper.make_node("MatMul", ["x", "wb"], ["h"], name="hidden"),
+                    helper.make_node("MatMul", ["h", "wc"], ["state"], name="to_state")]
+    graph = helper.make_graph(
+        nodes, "amplifying", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10]) if classifier else
+         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 1024]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture
+def amplifying_files(tmp_path):
+    onnx.save(amplifying_model(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(200, 16)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.normal(size=(100, 16)).astype(np.float32))
+    return {name: str(tmp_path / file) for name, file in
+            (("model", "m.onnx"), ("calib", "calib.npz"), ("eval", "eval.npz"), ("dir", ""))}
+
+
+def _convert(files, name, avg_bits=3.0, **options):
+    return convert(files["model"], files["dir"] + name, files["calib"],
+                   Options(avg_bits=avg_bits, eval_path=files["eval"], activations="weight-only", quiet=True, **options))
+
+
+def _state_cosine(files, path) -> float:
+    x = np.load(files["eval"])["x"]
+    fp32 = ort.InferenceSession(files["model"]).run(["state"], {"x": x})[0]
+    written = ort.InferenceSession(path).run(["state"], {"x": x})[0]
+    cosines = (fp32 * written).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(written, axis=1)
+    return float(cosines.mean())
+
+
+def test_a_collapsed_allocation_is_made_again_and_the_nearer_one_written(amplifying_files):
+    files = amplifying_files
+    warned = _convert(files, "warned.onnx", on_collapse="warn").report
+    collapse = [w for w in warned["warnings"] if "collapsed" in w]
+    assert len(collapse) == 1 and "'state'" in collapse[0] and "reallocation" not in warned
+    assert _state_cosine(files, files["dir"] + "warned.onnx") < COLLAPSE_COSINE
+
+    report = _convert(files, "again.onnx").report
+    again = report["reallocation"]
+    assert again["because"] == collapse[0]  # what the first allocation's check said, word for word
+    assert again["kept"] == "reallocated"
+    assert again["weakest_figure"]["reallocated"] > COLLAPSE_COSINE > again["weakest_figure"]["first"]
+    assert again["calibration_samples"] == 128
+    assert report["avg_weight_bits"] <= 3.0 + 1e-9  # the same budget
+    assert not any("collapsed" in w for w in report["warnings"])
+    bits = {layer["name"]: layer["bits"] for layer in report["layers"]}
+    first = {layer["name"]: layer["bits"] for layer in warned["layers"]}
+    # the bits went to the layers the state amplifies, from the embedding's
+    assert bits["hidden"] > first["hidden"] and bits["to_state"] > first["to_state"] and bits["embed"] < first["embed"]
+    # what was published is the kept allocation, measured again here on the held-out samples
+    assert _state_cosine(files, files["dir"] + "again.onnx") > COLLAPSE_COSINE
+    assert report["evaluation"]["outputs"]["state"]["cosine"] == pytest.approx(
+        _state_cosine(files, files["dir"] + "again.onnx"), abs=1e-4)
+    import jsonschema
+
+    jsonschema.validate(report, json.load(open(SCHEMA_PATH)))
+
+
+def test_output_weights_see_the_error_an_output_amplifies(amplifying_files):
+    """What one layer quantized alone does to every output, per unit of its own error: the two layers whose
+    error the state does not cancel weigh far more than the embedding's, which the default cannot tell apart."""
+    from msq_onnx import sensitivity
+    from msq_onnx.pipeline import _Timer, analyse
+
+    loaded = load_model(amplifying_files["model"])
+    calib = open_samples(amplifying_files["calib"], loaded.inputs, Preprocess())
+    analysis = analyse(loaded, calib, Options(avg_bits=3.0, quiet=True, activations="weight-only"), _Timer())
+    probe = sensitivity.OutputProbe(loaded, calib)
+    assert len(probe.feeds) == sensitivity.PROBE_SAMPLES
+    weights, moved = probe.layer_weights(analysis.choices, analysis.stats.input_mean, quiet=True)
+    assert min(weights["hidden"], weights["to_state"]) > 10 * weights["embed"]
+    assert moved["hidden"] > moved["embed"] > 0
+
+
+def test_the_first_allocation_is_kept_where_the_second_is_no_nearer(amplifying_files, tmp_path):
+    """Ten class scores beside the state: weighing layers by their outputs' errors moves bits to the state, and
+    the scores' decisions, which an error of that size breaks, collapse further. Judged by the collapse check's
+    own figures on calibration samples, the first allocation stays, and so does its warning."""
+    onnx.save(amplifying_model(classifier=True), tmp_path / "scores.onnx")
+    files = dict(amplifying_files, model=str(tmp_path / "scores.onnx"))
+    warned = _convert(files, "scores-warned.onnx", avg_bits=4.0, bits=(2, 4, 8), on_collapse="warn").report
+    report = _convert(files, "scores-again.onnx", avg_bits=4.0, bits=(2, 4, 8)).report
+    again = report["reallocation"]
+    assert again["kept"] == "first" and again["weakest_figure"]["first"] > again["weakest_figure"]["reallocated"]
+    assert [layer["bits"] for layer in report["layers"]] == [layer["bits"] for layer in warned["layers"]]
+    assert report["warnings"] == warned["warnings"]
+
+
+def test_the_same_allocation_again_is_not_measured_twice(amplifying_files):
+    """A budget that leaves one allocation (every layer at the one width): nothing to choose."""
+    report = _convert(amplifying_files, "same.onnx", avg_bits=2.0, bits=(2,)).report
+    assert report["reallocation"]["kept"] == "first" and report["reallocation"]["weakest_figure"] == {}
+    assert any("collapsed" in w for w in report["warnings"])
+
+
+def test_no_reallocation_without_a_budget_or_when_told_to_warn(amplifying_files):
+    files = amplifying_files
+    for options in ({"on_collapse": "warn"}, {"allocator": "sensitivity"}):
+        assert "reallocation" not in _convert(files, "x.onnx", **options).report
+
+
+def test_output_errors_judge_each_channel_against_its_own_energy():
+    """A [N, 6, 10] output whose one small channel is gone: the whole output's error hides it, the channels'
+    worst does not; a one-value output counts as much as a wide one."""
+    from msq_onnx.sensitivity import OutputErrors
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(4, 6, 10)).astype(np.float32)
+    reference[:, 5] *= 0.01
+    quantized = reference.copy()
+    quantized[:, 5] = 0.0
+    errors = OutputErrors()
+    errors.add("boxes", reference, quantized)
+    whole = float(((quantized - reference) ** 2).sum() / (reference ** 2).sum())
+    assert whole < 1e-4 and errors.worst() == pytest.approx(1.0)
+    assert errors.mean() == pytest.approx(1.0 / 6)
+    errors.add("score", np.ones((4, 1), np.float32), np.full((4, 1), 1.1, np.float32))
+    assert errors.mean() == pytest.approx((1.0 / 6 + 0.01) / 2)
+    errors.add("labels", np.arange(4), np.zeros(4, np.int64))  # ids: no relative error
+    assert errors.mean() == pytest.approx((1.0 / 6 + 0.01) / 2)
