@@ -208,6 +208,12 @@ def modes_text(modes: dict) -> str:
     return ", ".join(f"{count} {mode}" for mode, count in modes.items())
 
 
+def reallocation_text(reallocation: dict | None) -> str:
+    """A report's `reallocation` (a collapse answered by allocating again) as a table cell: which was kept, in
+    how long."""
+    return "" if not reallocation else f"{reallocation['kept']}, {reallocation['seconds']:.1f} s"
+
+
 def save_table(out: str, stem: str, results: list, header: list[str], row) -> None:
     """results as out/stem.json, and as the Markdown table out/stem.md (printed too): `header` is its first two
     lines, `row(result)` each following one."""

@@ -134,7 +134,8 @@ def main(argv=None) -> int:
                                 "outputs": {k: v["cosine"] for k, v in evaluation["outputs"].items()},
                                 "agreement": evaluation.get("agreement"), "modes": report["modes"],
                                 "latency_ms": {k: report["latency_ms"].get(k) for k in ("fp32", "output")},
-                                "warnings": report["warnings"],
+                                "warnings": report["warnings"], "reallocation": report.get("reallocation"),
+                                "avg_bits": report["avg_weight_bits"], "seconds": report["timings_s"]["total"],
                                 "length_agreement": min((v["length_agreement"] for v in evaluation["outputs"].values()
                                                          if "length_agreement" in v), default=None)})
                 print(json.dumps(results[-1]), flush=True)
@@ -148,11 +149,12 @@ def main(argv=None) -> int:
         modes = datasets.modes_text(r["modes"])
         return (f"| {r['model']} | {r['budget']} | {r['cosine']:.4f} | {min(r['outputs'].values()):.4f} | "
                 f"{agreement} | {modes} | {r['latency_ms']['fp32']:.3g} / {r['latency_ms']['output']:.3g} | "
-                f"{len(r['warnings'])} |")
+                f"{len(r['warnings'])} | {datasets.reallocation_text(r.get('reallocation'))} |")
 
     datasets.save_table(args.out, "more-models", results,
                         ["| model | budget | task cosine | lowest output cosine | agreement | modes | ms FP32 / written "
-                         "| warnings |", "|---|---:|---:|---:|---:|---|---:|---:|"], row)
+                         "| warnings | allocated again after a collapse: kept, time |",
+                         "|---|---:|---:|---:|---:|---|---:|---:|---|"], row)
     return 0
 
 

@@ -181,7 +181,7 @@ def main(argv=None) -> int:
                             "outputs": {k: v["cosine"] for k, v in report["evaluation"]["outputs"].items()},
                             "modes": report["modes"], "avg_bits": report["avg_weight_bits"],
                             "bits": [layer["bits"] for layer in report["layers"]],
-                            "seconds": report["timings_s"]["total"],
+                            "seconds": report["timings_s"]["total"], "reallocation": report.get("reallocation"),
                             "bytes": report["size_bytes"],
                             "warnings": report["warnings"]})
                 results.append(row)
@@ -191,17 +191,19 @@ def main(argv=None) -> int:
 
     def line(r) -> str:
         if "windows" not in r:
-            return f"| {r['model']} | {r['budget']} | exit {r['exit']}: {r['said']} | | | | | | |"
+            return f"| {r['model']} | {r['budget']} | exit {r['exit']}: {r['said']} | | | | | | | | |"
         outputs = ", ".join(f"{k} {v:.4f}" for k, v in r["outputs"].items())
         return (f"| {r['model']} | {r['budget']} | {outputs} | {100 * r['decisions_agree_fp32_states']:.1f}% | "
                 f"{100 * r['decisions_agree']:.1f}% | "
                 f"{100 * r['fp32_accuracy']:.1f}% / {100 * r['written_accuracy']:.1f}% | "
-                f"{datasets.modes_text(r['modes'])} | {len(r['warnings'])} | {r['streamed_max_abs']:.3f} |")
+                f"{datasets.modes_text(r['modes'])} | {len(r['warnings'])} | {r['streamed_max_abs']:.3f} | "
+                f"{r['seconds']:.1f} | {datasets.reallocation_text(r.get('reallocation'))} |")
 
     datasets.save_table(args.out, "silero-vad", results,
                         ["| export | budget | held-out cosine (tool, FP32's states) | decisions as FP32's, FP32's states "
                          "| decisions as FP32's, streamed | accuracy FP32 / written, streamed | modes | warnings "
-                         "| largest probability change |", "|---|---:|---|---:|---:|---:|---|---:|---:|"], line)
+                         "| largest probability change | conversion s | allocated again after a collapse: kept, time |",
+                         "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---|"], line)
     return 0
 
 

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "error weighted by the task predictor's loss with that layer alone at the narrowest "
                              "width (one pass per layer); output-weighted: knapsack of each layer's error weighted "
                              "by what that layer alone at the narrowest width does to every output and channel "
-                             "(one pass per layer, 32 samples)")
+                             "(one pass per layer, 8-32 samples)")
     budget.add_argument("--on-collapse", choices=("reallocate", "warn"), default="reallocate",
                         help="when the default allocator's model collapses on the held-out samples under a budget: "
                              "reallocate (default) allocates again output-weighted and keeps the one nearer FP32 on "
