@@ -37,6 +37,8 @@ NEIGHBOUR_SAMPLES = 4000
 # collapsed on stderr and in the report.
 COLLAPSE_COSINE = 0.9
 COLLAPSE_DROP = 10.0
+# The collapse warning's advice where every output it names is off for its output grid alone
+GRID_ADVICE = "try --activations dynamic (no --avg-bits moves the grid it is written on)"
 
 
 class ChannelSums:
@@ -796,7 +798,7 @@ def collapse_warning(measured: dict, gated: frozenset = frozenset()) -> str | No
         parts.append(f"output{'s' if len(names) > 1 else ''} {', '.join(names)}{kept} had FP32's length in only "
                      f"{agreement:.1f}% of the runs")
     # An output grid too coarse for its variation is no width's doing: only other activation modes move that grid
-    advice = ("try --activations dynamic (no --avg-bits moves the grid it is written on)"
+    advice = (GRID_ADVICE
               if grid_caused == len(problems) + len(others) and not moved
               else "raise --avg-bits, try --activations dynamic or --allocator sensitivity (each layer's error "
                    "measured end to end), or give --min-cosine without --avg-bits to search the smallest budget "

@@ -878,7 +878,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
                 return chosen
 
             chosen = within_budgets(build(budgets, bits=first), build)
-            collapsed = _reallocates(chosen, options)
+            collapsed = _reallocates(chosen, options, damage)
             if collapsed:
                 chosen, reallocation = _reallocate(loaded, calib, analysis, options, caps, chosen, collapsed, timer,
                                                    lambda tables: within_budgets(
@@ -951,13 +951,19 @@ def _may_reallocate(options: Options) -> bool:
         options.avg_bits is not None or options.max_size is not None or options.max_latency is not None)
 
 
-def _reallocates(chosen: Candidate, options: Options) -> str | None:
-    """The collapse a reallocation answers: what the check says of the written model, where it may."""
+def _reallocates(chosen: Candidate, options: Options, damage: dict) -> str | None:
+    """The collapse a reallocation answers: what the check says of the written model, where it may, and where
+    widths could move: not where the budget left every layer at its widest (damage: the tables allocated on), nor
+    where every output named is off for its output grid alone, which no width moves."""
     if not _may_reallocate(options) or not chosen.measured:
+        return None
+    if all(chosen.bits[name] >= max((b for b in table if b != FLOAT_BITS), default=FLOAT_BITS)
+           for name, table in damage.items()):
         return None
     gated = frozenset(name for name, bound in (("cosine", options.min_cosine), ("drop", options.max_drop))
                       if bound is not None)
-    return fidelity.collapse_warning(chosen.measured, gated)
+    collapsed = fidelity.collapse_warning(chosen.measured, gated)
+    return None if collapsed is None or fidelity.GRID_ADVICE in collapsed else collapsed
 
 
 REALLOCATION_JUDGED = 128  # calibration samples the two allocations are compared on

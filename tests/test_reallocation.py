@@ -130,9 +130,11 @@ def test_the_first_allocation_is_kept_where_the_second_is_no_nearer(amplifying_f
     assert "no nearer FP32 on 128 calibration samples" in report["warnings"][-1]
 
 
-def test_the_same_allocation_again_is_not_measured_twice(amplifying_files):
-    """A budget that leaves one allocation (every layer at the one width): nothing to choose."""
-    report = _convert(amplifying_files, "same.onnx", avg_bits=2.0, bits=(2,)).report
+def test_the_same_allocation_again_is_not_measured_twice(amplifying_files, tmp_path):
+    """Where the outputs' weights give the allocation the default gave, there is nothing to choose."""
+    onnx.save(amplifying_model(eps=0.2, classifier=True), tmp_path / "same.onnx")
+    files = dict(amplifying_files, model=str(tmp_path / "same.onnx"))
+    report = _convert(files, "same-again.onnx", bits=(2, 4, 8)).report
     assert report["reallocation"]["kept"] == "first" and report["reallocation"]["weakest_figure"] == {}
     assert any("collapsed" in w for w in report["warnings"])
     assert report["warnings"][-1].endswith("gave the same allocation: the first allocation is written")
@@ -176,3 +178,19 @@ def test_a_second_allocation_must_be_nearer_by_more_than_one_samples_share(ampli
     report = _convert(amplifying_files, "margin.onnx").report
     assert report["reallocation"]["kept"] == kept
     assert report["reallocation"]["weakest_figure"]["first"] == 0.5
+
+
+def test_nothing_is_allocated_again_where_no_width_could_move(amplifying_files, monkeypatch):
+    """A budget that leaves every layer at its widest width, or a collapse that is the output grid's alone (no
+    width moves it): the first allocation is written as it is, with no probe run."""
+    from msq_onnx import pipeline, sensitivity
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the probe ran")
+
+    monkeypatch.setattr(sensitivity, "OutputProbe", fail)
+    report = _convert(amplifying_files, "wide.onnx", avg_bits=8.0, bits=(2, 3)).report
+    assert "reallocation" not in report and any("collapsed" in w for w in report["warnings"])
+    monkeypatch.setattr(pipeline.fidelity, "collapse_warning",
+                        lambda measured, gated: f"output 'state' collapsed: {pipeline.fidelity.GRID_ADVICE}.")
+    assert "reallocation" not in _convert(amplifying_files, "grid.onnx").report
