@@ -198,6 +198,7 @@ def wheel_bench_arguments(description: str, argv=None, models: list | None = Non
     parser.add_argument("--budgets", nargs="+", default=["8", "4"])
     parser.add_argument("--cache", default=WHEEL_CACHE)
     parser.add_argument("--out", default=os.path.join(HERE, "..", "docs", "bench"))
+    parser.add_argument("--name", help="the table's file name in --out, without .json/.md (default: the bench's)")
     if models:
         parser.add_argument("--models", nargs="+", choices=models, default=models)
     return parser.parse_args(argv)

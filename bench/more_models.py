@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                 f"{agreement} | {modes} | {r['latency_ms']['fp32']:.3g} / {r['latency_ms']['output']:.3g} | "
                 f"{len(r['warnings'])} | {datasets.reallocation_text(r.get('reallocation'))} |")
 
-    datasets.save_table(args.out, "more-models", results,
+    datasets.save_table(args.out, args.name or "more-models", results,
                         ["| model | budget | task cosine | lowest output cosine | agreement | modes | ms FP32 / written "
                          "| warnings | allocated again after a collapse: kept, time |",
                          "|---|---:|---:|---:|---:|---|---:|---:|---|"], row)

@@ -199,7 +199,7 @@ def main(argv=None) -> int:
                 f"{datasets.modes_text(r['modes'])} | {len(r['warnings'])} | {r['streamed_max_abs']:.3f} | "
                 f"{r['seconds']:.1f} | {datasets.reallocation_text(r.get('reallocation'))} |")
 
-    datasets.save_table(args.out, "silero-vad", results,
+    datasets.save_table(args.out, args.name or "silero-vad", results,
                         ["| export | budget | held-out cosine (tool, FP32's states) | decisions as FP32's, FP32's states "
                          "| decisions as FP32's, streamed | accuracy FP32 / written, streamed | modes | warnings "
                          "| largest probability change | conversion s | allocated again after a collapse: kept, time |",
