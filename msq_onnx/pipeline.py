@@ -919,7 +919,8 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
     report = build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts,
                           fused_integer_kernels(op_counts), timer.seconds, time.perf_counter() - started,
                           activation_errors=activation_errors, residual=residual_weights(analysis, options),
-                          search=search, reallocation=reallocation, warnings=warnings, fixed_params=fixed, latency=latency, gzip_bytes=gzip_bytes,
+                          search=search, reallocation=reallocation, warnings=warnings, fixed_params=fixed,
+                          latency=latency, gzip_bytes=gzip_bytes,
                           reduce_range={"setting": options.reduce_range, "capped_layers": sorted(caps),
                                         "saturating_kernels": integer_kernels_saturate()})
     gate = report.get("gate")
@@ -936,12 +937,12 @@ def _release_other_widths(choices: dict, bits: dict) -> None:
 def _set_aside_other_widths(choices: dict, bits: dict, folder: str) -> None:
     """_release_other_widths where a reallocation may need them back: the other widths' GPTQ integers go to
     files in `folder`, read back from there (memory-mapped) only if an allocation takes them."""
-    for name, table in choices.items():
-        for width, choice in table.items():
-            if width != bits.get(name) and choice.integers is not None and choice.integers.size:
-                path = os.path.join(folder, f"set-aside-{len(os.listdir(folder))}.npy")
-                np.save(path, choice.integers)
-                choice.integers = np.load(path, mmap_mode="r")
+    aside = (choice for name, table in choices.items() for width, choice in table.items()
+             if width != bits.get(name) and choice.integers is not None and choice.integers.size)
+    for number, choice in enumerate(aside):
+        path = os.path.join(folder, f"set-aside-{number}.npy")
+        np.save(path, choice.integers)
+        choice.integers = np.load(path, mmap_mode="r")
 
 
 def _may_reallocate(options: Options) -> bool:
@@ -976,8 +977,7 @@ def _reallocate(loaded, calib, analysis: Analysis, options: Options, caps: dict,
     the default's layer errors and importance cannot see a state fed back or a detector's class row), and keep
     the second only where its weakest figure (fidelity.weakest_figure) on the first calibration samples is higher
     than the first's by more than one sample's share: the held-out ones only said there was something to do, and
-    stay for judging what is kept. build(tables)
-    writes and measures an allocation within the budgets."""
+    stay for judging what is kept. build(tables) writes and measures an allocation within the budgets."""
     started = time.perf_counter()
     with timer.stage("reallocate"):
         tables = without_float_on_kernels(_damage(loaded, calib, analysis, options, caps, "output-weighted"),
@@ -1248,19 +1248,16 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
     return warnings
 
 
-def _damage(loaded, calib, analysis: Analysis, options: Options, caps: dict, allocator: str | None = None,
-            probe=None) -> dict:
+def _damage(loaded, calib, analysis: Analysis, options: Options, caps: dict, allocator: str | None = None) -> dict:
     """Per layer and width, the damage the allocator (options.allocator unless given) minimises; float costs none
-    (and 32 bits). caps: layer -> its widest width (saturation_caps). probe: output-weighted's FP32 outputs
-    (sensitivity.OutputProbe), where the caller has them."""
+    (and 32 bits). caps: layer -> its widest width (saturation_caps)."""
     allocator = allocator or options.allocator
     activation = {name: choice.errors.get(choice.mode, 0.0) for name, choice in analysis.modes.items()}
     if allocator == "output-weighted":
         from . import sensitivity
 
-        probe = probe or sensitivity.OutputProbe(loaded, calib)
-        weights, _ = probe.layer_weights(analysis.choices, analysis.stats.input_mean, options.bias_correction,
-                                         options.quiet)
+        weights, _ = sensitivity.OutputProbe(loaded, calib).layer_weights(
+            analysis.choices, analysis.stats.input_mean, options.bias_correction, options.quiet)
         damage = allocate_stage.expected_damage(weights, analysis.choices, 1.0, activation)
     elif allocator == "sensitivity":
         from . import sensitivity
