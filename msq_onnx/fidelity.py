@@ -806,24 +806,30 @@ def collapse_warning(measured: dict, gated: frozenset = frozenset()) -> str | No
     return f"{'; '.join(parts)} on {measured['samples']} held-out samples: do not deploy this model; {advice}."
 
 
-def weakest_figure(measured: dict) -> float:
+def weakest_figure(measured: dict, gated: frozenset = frozenset()) -> float:
     """The measurement's lowest figure on collapse_warning's scale, where COLLAPSE_COSINE is the line for each:
     the task output's cosine (where it is not judged by its decisions) and its weakest channel's likeness, the
     share of its decisions kept (1 - the top-1 drop, or the disagreement, in points over 100), every other float
     output's cosine and weakest channel, every other output's agreement, and each selection's runs that kept
-    FP32's length. Of two models, the one whose figure is lower is the nearer to collapse."""
+    FP32's length. As collapse_warning, it leaves what a gate judges (`gated`) to the gate; and it leaves out an
+    output's cosine that its output grid alone holds down (finer_than_its_grid), which no allocation moves. Of two
+    models, the one whose figure is lower is the nearer to collapse."""
     figures = []
     decisions = measured["kind"] in DECISION_KINDS
-    if not decisions or measured.get("decision"):
-        figures.append(measured["cosine"])
-    weakest = judged_channel(measured)
-    if weakest:
-        figures.append(weakest["likeness"])
-    if measured.get("drop") is not None and (measured.get("fp32_top1") is not None or decisions):
+    outputs = measured.get("outputs", {})
+    if "cosine" not in gated:
+        on_grid = "finer_than_its_grid" in outputs.get(measured["task_output"], {})
+        if (not decisions or measured.get("decision")) and not on_grid:
+            figures.append(measured["cosine"])
+        weakest = judged_channel(measured)
+        if weakest:
+            figures.append(weakest["likeness"])
+    if "drop" not in gated and measured.get("drop") is not None and (
+            measured.get("fp32_top1") is not None or decisions):
         figures.append(1.0 - max(measured["drop"], 0.0) / 100.0)
-    for name, out in measured.get("outputs", {}).items():
+    for name, out in outputs.items():
         if name != measured["task_output"]:
-            figures += [] if out.get("integer") else [out["cosine"]]
+            figures += [] if out.get("integer") or "finer_than_its_grid" in out else [out["cosine"]]
             figures += [out["agreement"] / 100.0] if "agreement" in out else []
             figures += [out["weakest_channel"]["likeness"]] if out.get("weakest_channel") else []
         figures += [out["length_agreement"] / 100.0] if "length_agreement" in out else []

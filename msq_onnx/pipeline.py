@@ -881,7 +881,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
             collapsed = _reallocates(chosen, options, damage)
             if collapsed:
                 chosen, reallocation = _reallocate(loaded, calib, analysis, options, caps, chosen, collapsed, timer,
-                                                   lambda tables: within_budgets(
+                                                   budgets, lambda tables: within_budgets(
                                                        build(budgets, tables=tables),
                                                        lambda limits: build(limits, tables=tables)))
         if evaluation is calib:
@@ -915,6 +915,7 @@ def convert(model_path: str, output_path: str, calib, options: Options | None = 
         warnings.append("allocating again on each layer's measured effect on the outputs (output-weighted) " + (
             f"brought the model no nearer FP32 on {reallocation['calibration_samples']} calibration samples (weakest "
             f"figure {figure['first']:.3f} first, {figure['reallocated']:.3f} again)" if figure else
+            f"gave no model to write instead ({reallocation['refused']})" if "refused" in reallocation else
             "gave the same allocation") + ": the first allocation is written")
     report = build_report(model_path, output_path, loaded, options, chosen, params, analysis, op_counts,
                           fused_integer_kernels(op_counts), timer.seconds, time.perf_counter() - started,
@@ -961,17 +962,24 @@ def _reallocates(chosen: Candidate, options: Options, damage: dict) -> str | Non
     if all(chosen.bits[name] >= max((b for b in table if b != FLOAT_BITS), default=FLOAT_BITS)
            for name, table in damage.items()):
         return None
-    gated = frozenset(name for name, bound in (("cosine", options.min_cosine), ("drop", options.max_drop))
-                      if bound is not None)
-    collapsed = fidelity.collapse_warning(chosen.measured, gated)
+    # the probe measures float outputs only: a model that gives labels alone (an ArgMax) leaves it blind
+    if all(out.get("integer") for out in chosen.measured.get("outputs", {}).values()):
+        return None
+    collapsed = fidelity.collapse_warning(chosen.measured, _gated(options))
     return None if collapsed is None or fidelity.GRID_ADVICE in collapsed else collapsed
+
+
+def _gated(options: Options) -> frozenset:
+    """What an accuracy gate judges of the task output (fidelity.collapse_warning's `gated`)."""
+    return frozenset(name for name, bound in (("cosine", options.min_cosine), ("drop", options.max_drop))
+                     if bound is not None)
 
 
 REALLOCATION_JUDGED = 128  # calibration samples the two allocations are compared on
 
 
 def _reallocate(loaded, calib, analysis: Analysis, options: Options, caps: dict, first: Candidate, collapsed: str,
-                timer: "_Timer", build) -> tuple[Candidate, dict]:
+                timer: "_Timer", budgets: list, build) -> tuple[Candidate, dict]:
     """Where the default allocation's written model collapsed on the held-out samples, allocate again with each
     layer's error weighed by what it alone does to every output (output-weighted: what the check judges, where
     the default's layer errors and importance cannot see a state fed back or a detector's class row), and keep
@@ -982,19 +990,25 @@ def _reallocate(loaded, calib, analysis: Analysis, options: Options, caps: dict,
     with timer.stage("reallocate"):
         tables = without_float_on_kernels(_damage(loaded, calib, analysis, options, caps, "output-weighted"),
                                           loaded, analysis, options)
-    again = build(tables)
-    figures = {}
+    figures, refused = {}, None
     judged = first_samples(calib, REALLOCATION_JUDGED)
-    if again is not first:  # the same allocation again: nothing to choose
+    try:
+        again = build(tables)
+    except BadOption as error:  # no second allocation within the budgets: the first stands
+        again, refused = first, one_line(error)
+    size = next((b.total for b in budgets if b.total is not None), None)
+    if size is not None and again.file_bytes > size >= first.file_bytes:
+        refused = f"the second allocation's file ({again.file_bytes:,} bytes) is over --max-size; the first's is not"
+    if again is not first and refused is None:  # the same allocation again: nothing to choose
         with timer.stage("reallocate"):
             judge = _HeldOut(loaded, judged, options, analysis.stats.workers)
             for name, candidate in (("first", first), ("reallocated", again)):
-                figures[name] = round(fidelity.weakest_figure(judge.measure(candidate.path)), 6)
+                figures[name] = round(fidelity.weakest_figure(judge.measure(candidate.path), _gated(options)), 6)
             judge.close()
     # nearer by more than one calibration sample's decision: a tie keeps the default's allocation (YOLOv8n at 3.5
     # bits: its weakest class channel 0.4605 first, 0.4619 again on the calibration images; 0.674 and 0.512 held out)
     better = bool(figures) and figures["reallocated"] > figures["first"] + 1.0 / judged.count
-    return again if better else first, {
+    return again if better else first, {**({"refused": refused} if refused else {}),
         "allocator": "output-weighted",
         "because": collapsed,
         "calibration_samples": judged.count,
@@ -1195,9 +1209,7 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
     if size is not None and chosen.file_bytes > size.total:
         warnings.append(f"the written model is {chosen.file_bytes:,} bytes, over --max-size ({size.total:,.0f}): "
                         "the budget is met by the weights only, not by the file")
-    gated = frozenset(name for name, bound in (("cosine", options.min_cosine), ("drop", options.max_drop))
-                      if bound is not None)
-    collapsed = chosen.measured and fidelity.collapse_warning(chosen.measured, gated)
+    collapsed = chosen.measured and fidelity.collapse_warning(chosen.measured, _gated(options))
     if collapsed:
         warnings.append(collapsed)
     floated = [name for name, bits in chosen.bits.items() if bits == FLOAT_BITS]

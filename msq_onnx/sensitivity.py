@@ -195,9 +195,13 @@ class OutputErrors:
         sums[1] += float(((y - x) ** 2).sum())
 
     def per_output(self) -> list[np.ndarray]:
-        """Per output, its live channels' relative errors, or its whole one."""
+        """Per output, its live channels' relative errors, or its whole one. An output FP32 left at zero on these
+        samples (an NMS that kept nothing) has no error relative to anything: it is left out, where its noise over
+        a floor would have outweighed every other output by thirty orders (a review's)."""
         errors = []
         for name, (signal, noise) in self.whole.items():
+            if signal <= 0.0:
+                continue
             channels = self.channels[name].relative_errors() if name in self.channels else None
             errors.append(channels if channels is not None else np.array([noise / max(signal, 1e-30)]))
         return errors

@@ -165,6 +165,66 @@ def test_output_errors_judge_each_channel_against_its_own_energy():
     assert errors.mean() == pytest.approx((1.0 / 6 + 0.01) / 2)
     errors.add("labels", np.arange(4), np.zeros(4, np.int64))  # ids: no relative error
     assert errors.mean() == pytest.approx((1.0 / 6 + 0.01) / 2)
+    # what FP32 left at zero (an NMS that kept nothing) is error relative to nothing: left out, not 1e30
+    errors.add("kept", np.zeros((0, 4), np.float32), np.ones((1, 4), np.float32))
+    assert errors.mean() == pytest.approx((1.0 / 6 + 0.01) / 2) and errors.worst() == pytest.approx(1.0)
+
+
+def test_the_figure_compared_leaves_out_what_no_width_moves_and_what_a_gate_judges():
+    """weakest_figure reads what collapse_warning reads: an output its own grid holds down, and the task output's
+    cosine under --min-cosine or its drop under --max-drop, are no part of it."""
+    from msq_onnx.fidelity import weakest_figure
+
+    measured = {"kind": "embedding", "task_output": "e", "cosine": 0.95, "samples": 10,
+                "outputs": {"e": {"cosine": 0.95}, "p": {"cosine": 0.3, "finer_than_its_grid": {"step": 1.0}},
+                            "s": {"cosine": 0.8}}}
+    assert weakest_figure(measured) == 0.8
+    assert weakest_figure(dict(measured, outputs={"e": {"cosine": 0.95}})) == 0.95
+    assert weakest_figure(dict(measured, outputs={"e": {"cosine": 0.95}}), frozenset({"cosine"})) == 1.0
+    scores = {"kind": "class-scores", "task_output": "y", "cosine": 0.99, "drop": 20.0, "fp32_top1": 80.0,
+              "samples": 10, "outputs": {"y": {"cosine": 0.99}}}
+    assert weakest_figure(scores) == pytest.approx(0.8)
+    assert weakest_figure(scores, frozenset({"drop"})) == 1.0
+
+
+def test_labels_alone_leave_the_probe_blind_and_nothing_is_allocated_again(amplifying_files, tmp_path, monkeypatch):
+    """A model whose every output is integers (an ArgMax's labels): the probe measures float outputs only."""
+    from msq_onnx import pipeline, sensitivity
+
+    model = amplifying_model(classifier=True)
+    model.graph.node.append(helper.make_node("ArgMax", ["scores"], ["label"], axis=1, keepdims=0))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]))
+    onnx.save(model, tmp_path / "labels.onnx")
+    files = dict(amplifying_files, model=str(tmp_path / "labels.onnx"))
+    monkeypatch.setattr(pipeline.fidelity, "collapse_warning", lambda measured, gated: "output 'label' collapsed")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the probe ran")
+
+    monkeypatch.setattr(sensitivity, "OutputProbe", fail)
+    assert "reallocation" not in _convert(files, "labels-q.onnx", output="label").report
+
+
+def test_a_second_allocation_over_max_size_is_not_written_where_the_first_fits(amplifying_files, monkeypatch):
+    """--max-size met by the first model's file and not by the second's: the first is written, and said."""
+    from msq_onnx import pipeline
+
+    first = _convert(amplifying_files, "size-first.onnx", max_size=0.9, on_collapse="warn").report
+    assert any("collapsed" in w for w in first["warnings"])
+    real = pipeline.written_bytes
+    sizes = []
+
+    def second_is_larger(path, axes=None):
+        sizes.append(real(path, axes) + (10 ** 9 if sizes else 0))  # every file after the first's: over the bound
+        return sizes[-1]
+
+    monkeypatch.setattr(pipeline, "written_bytes", second_is_larger)
+    monkeypatch.setattr(pipeline, "SIZE_RETRIES", 0)
+    report = _convert(amplifying_files, "size-again.onnx", max_size=0.9).report
+    assert report["reallocation"]["kept"] == "first" and "over --max-size" in report["reallocation"]["refused"]
+    assert [layer["bits"] for layer in report["layers"]] == [layer["bits"] for layer in first["layers"]]
+    assert "gave no model to write instead" in report["warnings"][-1]
 
 
 @pytest.mark.parametrize("gain, kept", [(0.5, "first"), (2.0, "reallocated")])
@@ -174,7 +234,7 @@ def test_a_second_allocation_must_be_nearer_by_more_than_one_samples_share(ampli
     from msq_onnx import pipeline
 
     figures = iter([0.5, 0.5 + gain / 128])
-    monkeypatch.setattr(pipeline.fidelity, "weakest_figure", lambda measured: next(figures))
+    monkeypatch.setattr(pipeline.fidelity, "weakest_figure", lambda measured, gated: next(figures))
     report = _convert(amplifying_files, "margin.onnx").report
     assert report["reallocation"]["kept"] == kept
     assert report["reallocation"]["weakest_figure"]["first"] == 0.5
