@@ -985,7 +985,9 @@ def _reallocate(loaded, calib, analysis: Analysis, options: Options, caps: dict,
     the default's layer errors and importance cannot see a state fed back or a detector's class row), and keep
     the second only where its weakest figure (fidelity.weakest_figure) on the first calibration samples is higher
     than the first's by more than one sample's share: the held-out ones only said there was something to do, and
-    stay for judging what is kept. build(tables) writes and measures an allocation within the budgets."""
+    stay for judging what is kept. No second allocation within the budgets, or a second file over --max-size
+    where the first's is not, leaves the first (`refused`). build(tables) writes and measures an allocation within
+    the budgets."""
     started = time.perf_counter()
     with timer.stage("reallocate"):
         tables = without_float_on_kernels(_damage(loaded, calib, analysis, options, caps, "output-weighted"),
@@ -1008,7 +1010,7 @@ def _reallocate(loaded, calib, analysis: Analysis, options: Options, caps: dict,
     # nearer by more than one calibration sample's decision: a tie keeps the default's allocation (YOLOv8n at 3.5
     # bits: its weakest class channel 0.4605 first, 0.4619 again on the calibration images; 0.674 and 0.512 held out)
     better = bool(figures) and figures["reallocated"] > figures["first"] + 1.0 / judged.count
-    return again if better else first, {**({"refused": refused} if refused else {}),
+    record = {
         "allocator": "output-weighted",
         "because": collapsed,
         "calibration_samples": judged.count,
@@ -1017,6 +1019,9 @@ def _reallocate(loaded, calib, analysis: Analysis, options: Options, caps: dict,
         "kept": "reallocated" if better else "first",
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if refused:
+        record["refused"] = refused
+    return again if better else first, record
 
 
 SIZE_RETRIES = 3

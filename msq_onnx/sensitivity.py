@@ -211,11 +211,6 @@ class OutputErrors:
         errors = self.per_output()
         return float(np.mean([e.mean() for e in errors])) if errors else 0.0
 
-    def worst(self) -> float:
-        """The largest error of any output or channel: what the collapse check reads."""
-        errors = self.per_output()
-        return float(max(e.max() for e in errors)) if errors else 0.0
-
 
 # Samples the probe runs, one pass per layer and sample: as many as keep the passes near PROBE_PASSES, within
 # these bounds (a count, not a time, so that a conversion stays deterministic). PicoDet's 102 layers at 800 x 608
