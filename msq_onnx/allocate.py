@@ -282,6 +282,12 @@ def check_reachable(budgets, widths, allowed: dict | None = None) -> None:
                             f"{' or add narrower --bits' if narrower else ''}.")
 
 
+def widest_width(widths) -> int:
+    """A layer's own widest integer width among `widths` (a capped one, pipeline.saturation_caps, has lost the wider
+    ones); FLOAT_BITS where float is all it has (float activations only)."""
+    return max((b for b in widths if b != FLOAT_BITS), default=FLOAT_BITS)
+
+
 def allocate(method: str, importance: dict, damage: dict | None, candidate_bits, budgets,
              beyond_widest: bool = False) -> dict:
     """Widths per layer; candidate_bits may hold FLOAT_BITS (float), which only the knapsack weighs. A layer
@@ -290,12 +296,11 @@ def allocate(method: str, importance: dict, damage: dict | None, candidate_bits,
     integer_widths = [b for b in candidate_bits if b != FLOAT_BITS]
     allowed = {name: set(damage[name]) if damage is not None else set(candidate_bits) for name in importance}
     floats = {name for name, widths in allowed.items() if widths == {FLOAT_BITS}}
-    # A layer's own widest width: a capped one (pipeline.saturation_caps) has lost the wider ones.
-    widest = {name: FLOAT_BITS if name in floats else max(b for b in allowed[name] if b != FLOAT_BITS)
-              for name in importance}
+    widest = {name: widest_width(allowed[name]) for name in importance}
     if not budgets or (fits(widest, budgets) and method not in GREEDY and not beyond_widest):
         return widest
-    if method in ("ilp", "sensitivity", "msq-task", "output-weighted"):  # the same knapsack; only the damage was measured differently
+    # the same knapsack; only the damage was measured differently
+    if method in ("ilp", "sensitivity", "msq-task", "output-weighted"):
         check_reachable(budgets, candidate_bits, allowed)
         return allocate_ilp(damage, candidate_bits, budgets)
     if method in GREEDY:

@@ -41,6 +41,11 @@ COLLAPSE_DROP = 10.0
 GRID_ADVICE = "try --activations dynamic (no --avg-bits moves the grid it is written on)"
 
 
+def _relative_errors(xx: np.ndarray, yy: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Per channel, from its sums of x*x, y*y and x*y: the noise energy (y - x)^2 over FP32's x^2."""
+    return np.maximum(xx + yy - 2 * xy, 0.0) / np.maximum(xx, 1e-30)
+
+
 class ChannelSums:
     """Per channel of an [N, A, ..., B] output's channel axis (channel_axis), when it holds 2 to MAX_CHANNELS: a
     detector's [N, 4 + classes, anchors] holds boxes in pixels beside scores in [0, 1], and its one cosine is
@@ -80,10 +85,7 @@ class ChannelSums:
     def relative_errors(self) -> np.ndarray | None:
         """Each live channel's noise energy over its FP32 energy; None where no channel is judged."""
         live = self._live()
-        if live is None:
-            return None
-        _, _, xx, yy, xy = live
-        return np.maximum(xx + yy - 2 * xy, 0.0) / np.maximum(xx, 1e-30)
+        return None if live is None else _relative_errors(*live[2:])
 
     def weakest(self) -> dict | None:
         """The live channel least like FP32's (a channel whose values stay under LIVE_CHANNEL of the output's
@@ -97,7 +99,7 @@ class ChannelSums:
             return None
         axis, live, xx, yy, xy = live
         cosines = xy / np.maximum(np.sqrt(xx * yy), 1e-30)
-        errors = self.relative_errors()
+        errors = _relative_errors(xx, yy, xy)
         likeness = np.minimum(cosines, 1 / np.sqrt(1 + errors))
         worst = int(np.argmin(likeness))
         return {"axis": axis, "index": int(live[worst]), "cosine": round(float(cosines[worst]), 6),

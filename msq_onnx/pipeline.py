@@ -959,8 +959,7 @@ def _reallocates(chosen: Candidate, options: Options, damage: dict) -> str | Non
     where every output named is off for its output grid alone, which no width moves."""
     if not _may_reallocate(options) or not chosen.measured:
         return None
-    if all(chosen.bits[name] >= max((b for b in table if b != FLOAT_BITS), default=FLOAT_BITS)
-           for name, table in damage.items()):
+    if all(chosen.bits[name] >= allocate_stage.widest_width(table) for name, table in damage.items()):
         return None
     # the probe measures float outputs only: a model that gives labels alone (an ArgMax) leaves it blind
     if all(out.get("integer") for out in chosen.measured.get("outputs", {}).values()):
