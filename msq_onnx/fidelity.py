@@ -25,6 +25,7 @@ from .verify import session
 
 CACHE_LIMIT = 256 * 1024**2  # FP32 outputs kept in memory for repeated comparisons (a --max-drop search)
 KEEP_LIMIT = 8192  # widest per-sample task output kept for top-1 / neighbour measures
+CENTRED_LIMIT = 1 << 20  # values a sample that each get their own mean over the samples (CentredSums); wider: per channel
 # An output's axes judged channel by channel (ChannelSums) hold at most this many: a COCO detector's
 # [N, 4 + 80, anchors] went unjudged at 64 (a hunting subagent's: classes down to 0.34 under a cosine of 0.99998),
 # and ADE20K's 150 classes at 128 (a review's); COCO-stuff has 182.
@@ -108,6 +109,84 @@ class ChannelSums:
                 "likeness": round(float(likeness[worst]), 6)}
 
 
+class CentredSums:
+    """An output centred on its mean over the samples, for the correlation of its variation with FP32's: where every
+    sample shares a large part (a landmark regressor's mean shape in its bias, a depth map's distance, an
+    all-positive pooled embedding), the cosine is that part's, and the variation that tells one input from another
+    can be gone under it (round 35's hunt: cosines of 0.99994, 0.999997 and 0.996 over correlations of 0.879, 0.820
+    and 0.387). The mean is per value of a sample while every batch gives samples of one shape (at most
+    CENTRED_LIMIT values), else per channel (channel_axis), else per entry of the last axis (the features of tokens
+    whose count varies), else one."""
+
+    def __init__(self):
+        self.keys: list | None = None  # the first batch's key of each kind of mean, finest first (None: unavailable)
+        self.sums: dict = {}  # per kind of mean still kept: sums of x, y and the values counted, per mean
+        self.xx = self.yy = self.xy = 0.0
+
+    @staticmethod
+    def _keys(shape) -> list:
+        values = ("value", tuple(shape[1:])) if int(np.prod(shape[1:])) <= CENTRED_LIMIT else None
+        channel = ("channel", channel_axis(shape), shape[channel_axis(shape)]) if len(shape) >= 3 else None
+        last = ("channel", len(shape) - 1, shape[-1]) if len(shape) >= 2 else None
+        return [values, channel, last, ("whole",)]
+
+    @staticmethod
+    def _reduced(values: np.ndarray, key: tuple, leading: int) -> np.ndarray:
+        """values summed down to one entry per mean of `key`; `leading` axes (the samples) come before its axes."""
+        if key[0] == "value":
+            return values.sum(axis=tuple(range(leading)))
+        if key[0] == "channel":
+            axis = key[1] - 1 + leading
+            return values.sum(axis=tuple(a for a in range(values.ndim) if a != axis))
+        return np.asarray(values.sum())
+
+    def add(self, reference: np.ndarray, quantized: np.ndarray, real: np.ndarray | None = None) -> None:
+        """real: 1 where a value counts, 0 where it is padding (already zero in both), broadcastable to them."""
+        x, y = reference.astype(np.float64), quantized.astype(np.float64)
+        self.xx += float((x * x).sum())
+        self.yy += float((y * y).sum())
+        self.xy += float((x * y).sum())
+        keys = self._keys(x.shape)
+        if self.keys is None:
+            self.keys = keys
+        # a batch of another shape: the means it cannot share are dropped, the coarser ones kept
+        kept = [k for k, key in enumerate(keys) if key is not None and key == self.keys[k]]
+        self.sums = {k: sums for k, sums in self.sums.items() if k in kept}
+        counted = np.broadcast_to(np.ones(1) if real is None else real, x.shape)
+        # per value first where kept: the coarser means sum it, not the batch again
+        values = [self._reduced(v, self.keys[0], 1) for v in (x, y, counted)] if 0 in kept else None
+        for k in kept:
+            batch = values if k == 0 else [self._reduced(v, self.keys[k], 0) for v in values] if values is not None \
+                else [self._reduced(v, self.keys[k], 1) for v in (x, y, counted)]
+            self.sums[k] = batch if k not in self.sums else [a + b for a, b in zip(self.sums[k], batch)]
+
+    def _moments(self) -> tuple[float, float, float, float]:
+        """(FP32's variance sum, the written model's, their covariance sum, values counted)."""
+        x, y, n = self.sums[min(self.sums)]
+        used = n > 0
+        x, y, n = x[used], y[used], n[used]
+        return (self.xx - float((x * x / n).sum()), self.yy - float((y * y / n).sum()),
+                self.xy - float((x * y / n).sum()), float(n.sum()))
+
+    def correlation(self) -> float | None:
+        """The correlation of the written model's values with FP32's, each centred on its own means; None where
+        FP32's values barely vary about theirs (a spread of 1e-4 of its size, or a single sample: no correlation to
+        speak of, and the uncentred measures stand)."""
+        if not self.sums:
+            return None
+        var_x, var_y, covariance, _ = self._moments()
+        if var_x <= 1e-8 * max(self.xx, 1e-30):
+            return None
+        return float(covariance / np.sqrt(var_x * var_y)) if var_y > 0 else 0.0
+
+    def variance(self) -> float:
+        """FP32's variance about its means, per value."""
+        if not self.sums:
+            return 0.0
+        var_x, _, _, counted = self._moments()
+        return max(var_x, 0.0) / max(counted, 1.0)
+
+
 @dataclass
 class _OutputSums:
     signal: float = 0.0
@@ -130,7 +209,7 @@ class _OutputSums:
     picked_fp32: list = field(default_factory=list)  # a score per token [N, T]: each sample's arg-max over its
     picked_quant: list = field(default_factory=list)  # real tokens (a QA head's answer start)
     scalar: bool | None = None  # one value a sample in every batch (a regression, a sigmoid head)
-    moments: np.ndarray = field(default_factory=lambda: np.zeros(5))  # of one-value outputs: sums of x, y, xx, yy, xy
+    centred: CentredSums = field(default_factory=CentredSums)  # of float outputs but a selection's rows
     channels: ChannelSums = field(default_factory=ChannelSums)
     selected: bool = False  # its length follows a selection (NMS): its rows are what was kept, not samples
     lengths_differ: int = 0  # samples whose output had another shape than FP32's (compared padded_alike)
@@ -185,6 +264,8 @@ class _OutputSums:
             reference, quantized = reference * real, quantized * real
         if reference.ndim >= 3 and not self.integer and not self.selected:
             self.channels.add(reference, quantized)
+        if not self.integer and not self.selected:
+            self.centred.add(reference, quantized, real)
         ref = reference.reshape(len(reference), -1).astype(np.float64)
         out = quantized.reshape(len(quantized), -1).astype(np.float64)
         self.signal += float((ref ** 2).sum())
@@ -199,9 +280,6 @@ class _OutputSums:
         self.samples += len(ref)
         one = ref.shape[1] == 1 and not self.selected
         self.scalar = one if self.scalar is None else self.scalar and one
-        if one:
-            x, y = ref[:, 0], out[:, 0]
-            self.moments += [x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()]
         if keep and not self.unkept:
             if ref.shape[1] > KEEP_LIMIT or (self.kept_fp32 and self.kept_fp32[0].shape[1] != ref.shape[1]):
                 self.unkept, self.kept_fp32, self.kept_quant = True, [], []
@@ -214,9 +292,8 @@ class _OutputSums:
         return self.channels.weakest()
 
     def spread(self) -> float:
-        """FP32's standard deviation over the samples, of a one-value output."""
-        x, _, xx, _, _ = self.moments
-        return float(np.sqrt(max(xx - x * x / self.samples, 0.0) / self.samples)) if self.samples else 0.0
+        """FP32's standard deviation about its means over the samples (of a one-value output: over the samples)."""
+        return float(np.sqrt(self.centred.variance()))
 
     def across_samples(self) -> tuple[float, float | None] | None:
         """(cosine, SQNR dB) of a one-value output over the held-out samples, both centred on FP32's mean: a
@@ -224,13 +301,11 @@ class _OutputSums:
         a hunting subagent's: correlation 0.78 reported as cosine 1.0), and an offset would fill the signal.
         None where FP32's values barely vary (a constant output: no correlation to speak of; the uncentred
         measures stand)."""
-        x, y, xx, yy, xy = self.moments
-        n = max(self.samples, 1)
-        var_x, var_y = xx - x * x / n, yy - y * y / n
-        if var_x <= 1e-8 * max(xx, 1e-30):  # a spread of 1e-4 of its size
+        cosine = self.centred.correlation()
+        if cosine is None:
             return None
-        cosine = float((xy - x * y / n) / np.sqrt(var_x * var_y)) if var_y > 0 else 0.0
-        return cosine, (10 * np.log10(var_x / self.noise) if self.noise > 0 else None)
+        variance = self.centred.variance() * self.samples
+        return cosine, (10 * np.log10(variance / self.noise) if self.noise > 0 else None)
 
 
 def output_masks(loaded) -> dict:
@@ -591,8 +666,13 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
         raise BadOption(f"output '{task_output}' holds no numbers to compare with FP32; choose a numeric output "
                         "with --output.")
     correlations = {name: acc.across_samples() for name, acc in sums.items() if acc.scalar and not acc.integer}
+    # Of wider outputs, beside their cosine: a cosine an offset shared by every sample holds up can hide the
+    # variation that tells the samples apart
+    varied = {name: acc.centred.correlation() for name, acc in sums.items()
+              if not acc.scalar and not acc.integer and not acc.selected and acc.samples}
     # the written graph is read (its initializers parsed: 200 MB for a 100 MB model) only for an output to explain
     low = [name for name, centred in correlations.items() if centred is not None and centred[0] < COLLAPSE_COSINE]
+    low += [name for name, centred in varied.items() if centred is not None and centred < COLLAPSE_COSINE]
     grid_steps = output_grid_steps(quant_path, low) if low else {}
     outputs = {}
     for name, acc in sums.items():
@@ -619,9 +699,11 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             outputs[name].update(cosine=round(cosine, 6), min_cosine=round(cosine, 6),
                                  sqnr_db=None if sqnr is None else round(float(sqnr), 3),
                                  cosine_over="held-out samples, centred (one value a sample: their correlation)")
-            step = grid_steps.get(name)
-            if step is not None and acc.spread() < step:
-                outputs[name]["finer_than_its_grid"] = {"fp32_spread": round(acc.spread(), 6), "step": round(step, 6)}
+        if varied.get(name) is not None:
+            outputs[name]["centred_cosine"] = round(varied[name], 6)
+        step = grid_steps.get(name)
+        if step is not None and acc.spread() < step:
+            outputs[name]["finer_than_its_grid"] = {"fp32_spread": round(acc.spread(), 6), "step": round(step, 6)}
         if acc.integer:
             outputs[name]["integer"] = True  # ids or labels: their cosine says little
         if acc.masked:
@@ -758,15 +840,21 @@ def collapse_warning(measured: dict, gated: frozenset = frozenset()) -> str | No
     problems = []
     grid_caused = 0  # problems whose one reason is the output grid the written model puts that output on
     decisions = measured["kind"] in DECISION_KINDS
+    task_output = measured.get("outputs", {}).get(measured["task_output"], {})
     if "cosine" not in gated:
         # one binary score a sample: its correlation with FP32 too (decisions at 0.5 hide a drifting score)
         if (not decisions or measured.get("decision")) and measured["cosine"] < COLLAPSE_COSINE:
-            task_output = measured.get("outputs", {}).get(measured["task_output"], {})
-            problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}{_grid_text(task_output)}")
-            grid_caused += "finer_than_its_grid" in task_output
+            held = _held_by_grid(task_output)
+            problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}"
+                            f"{_grid_text(task_output) if held else ''}")
+            grid_caused += held
         weakest = judged_channel(measured)
         if weakest and weakest["likeness"] < COLLAPSE_COSINE <= measured["cosine"]:
             problems.append(_channel_text(weakest))
+    # no gate judges it: --min-cosine keeps the meaning it has always had, the cosine
+    if not decisions and _varied_lost(task_output):
+        problems.append(_varied_text(task_output))
+        grid_caused += "finer_than_its_grid" in task_output
     if "drop" not in gated:
         if measured.get("fp32_top1") is not None and measured.get("drop", 0.0) > COLLAPSE_DROP:
             problems.append(f"top-1 {measured['fp32_top1']:.2f}% -> {measured['quant_top1']:.2f}%")
@@ -776,8 +864,13 @@ def collapse_warning(measured: dict, gated: frozenset = frozenset()) -> str | No
     # Every float output counts, not only the task's: a detector's boxes can break while its scores hold.
     low = [(name, out) for name, out in measured.get("outputs", {}).items()
            if name != measured["task_output"] and not out.get("integer") and out["cosine"] < COLLAPSE_COSINE]
-    others = [f"'{name}' (cosine to FP32 {out['cosine']:.3f} < {COLLAPSE_COSINE}{_grid_text(out)})" for name, out in low]
-    grid_caused += sum("finer_than_its_grid" in out for _, out in low)
+    others = [f"'{name}' (cosine to FP32 {out['cosine']:.3f} < {COLLAPSE_COSINE}"
+              f"{_grid_text(out) if _held_by_grid(out) else ''})" for name, out in low]
+    grid_caused += sum(_held_by_grid(out) for _, out in low)
+    varied = [(name, out) for name, out in measured.get("outputs", {}).items()
+              if name != measured["task_output"] and _varied_lost(out)]
+    others += [f"'{name}' ({_varied_text(out)})" for name, out in varied]
+    grid_caused += sum("finer_than_its_grid" in out for _, out in varied)
     others += [f"'{name}' (top-1 agreement with FP32 {out['agreement']:.1f}%)" for name, out in
                measured.get("outputs", {}).items() if name != measured["task_output"]
                and (out.get("integer") or out["cosine"] >= COLLAPSE_COSINE)
@@ -819,23 +912,49 @@ def weakest_figure(measured: dict, gated: frozenset = frozenset()) -> float:
     figures = []
     decisions = measured["kind"] in DECISION_KINDS
     outputs = measured.get("outputs", {})
+    task_output = outputs.get(measured["task_output"], {})
     if "cosine" not in gated:
-        on_grid = "finer_than_its_grid" in outputs.get(measured["task_output"], {})
-        if (not decisions or measured.get("decision")) and not on_grid:
+        if (not decisions or measured.get("decision")) and not _held_by_grid(task_output):
             figures.append(measured["cosine"])
         weakest = judged_channel(measured)
         if weakest:
             figures.append(weakest["likeness"])
+    if not decisions:
+        figures += _varied_figure(task_output)
     if "drop" not in gated and measured.get("drop") is not None and (
             measured.get("fp32_top1") is not None or decisions):
         figures.append(1.0 - max(measured["drop"], 0.0) / 100.0)
     for name, out in outputs.items():
         if name != measured["task_output"]:
-            figures += [] if out.get("integer") or "finer_than_its_grid" in out else [out["cosine"]]
+            figures += [] if out.get("integer") or _held_by_grid(out) else [out["cosine"]]
+            figures += _varied_figure(out)
             figures += [out["agreement"] / 100.0] if "agreement" in out else []
             figures += [out["weakest_channel"]["likeness"]] if out.get("weakest_channel") else []
         figures += [out["length_agreement"] / 100.0] if "length_agreement" in out else []
     return float(min(figures)) if figures else 1.0
+
+
+def _held_by_grid(output: dict) -> bool:
+    """Its cosine is held down by its output grid alone (finer_than_its_grid of a one-value output, whose cosine is
+    its correlation; of a wider output the grid explains its centred cosine)."""
+    return "finer_than_its_grid" in output and "centred_cosine" not in output
+
+
+def _varied_figure(output: dict) -> list:
+    centred = output.get("centred_cosine")
+    return [] if centred is None or "finer_than_its_grid" in output else [centred]
+
+
+def _varied_lost(output: dict) -> bool:
+    """An output whose cosine holds while its variation over the samples (CentredSums) is lost."""
+    centred = output.get("centred_cosine")
+    return centred is not None and centred < COLLAPSE_COSINE <= output["cosine"]
+
+
+def _varied_text(output: dict) -> str:
+    return (f"its variation over the samples correlates with FP32's at {output['centred_cosine']:.3f} < "
+            f"{COLLAPSE_COSINE}, under a cosine of {output['cosine']:.3f} that what every sample shares holds up"
+            f"{_grid_text(output)}")
 
 
 def _grid_text(output: dict) -> str:

@@ -1,14 +1,17 @@
 """Task outputs of every shape: a score or a tag per token, one value a sample, yes/no decisions, strings, and
 inputs with a default. Each case was a crash, a wrong number or a changed signature (a hunting subagent's)."""
 
+import json
 import os
 
+import jsonschema
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import msq_onnx
 from msq_onnx.cli import main
 from msq_onnx.pipeline import Options, convert
 
@@ -816,3 +819,109 @@ def test_a_channel_whose_scale_moved_is_judged_by_its_error_not_its_cosine(capsy
     assert whole > 0.999 and "channel 5 of axis 1 is off FP32 by a relative error of 0.250" in warning
     assert "its scale 0.50x" in warning
     assert not gate_passed(measured, Options(min_cosine=0.95))
+
+
+def _landmarks(tmp_path, template=100.0, shape=(136,)):
+    """x [N, 8] -> [N, 136] landmark coordinates: a mean shape of about `template` in the bias, and a small
+    variation from the input that a 2-bit weight loses (or, `shape` [1, 8, 17], a depth map with its distance)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y0"]), helper.make_node("Add", ["y0", "mean"], ["y1"]),
+             helper.make_node("Reshape", ["y1", "shape"], ["landmarks"])]
+    inits = [numpy_helper.from_array(_weights(rng, 8, 64), "w1"), numpy_helper.from_array(_weights(rng, 64, 136), "w2"),
+             numpy_helper.from_array((template * (1 + rng.uniform(size=136))).astype(np.float32), "mean"),
+             numpy_helper.from_array(np.array([-1, *shape]), "shape")]
+    model = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                  [helper.make_tensor_value_info("landmarks", TensorProto.FLOAT, ["N", *shape])], inits)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(80, 8)).astype(np.float32))
+    x = rng.normal(size=(48, 8)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x)
+    return model, x
+
+
+def _centred_correlation(fp32, quant):
+    """Each value of a sample centred on its own mean over the samples, both models; one correlation over all."""
+    fp32, quant = fp32 - fp32.mean(0), quant - quant.mean(0)
+    return float((fp32 * quant).sum() / np.sqrt((fp32 * fp32).sum() * (quant * quant).sum()))
+
+
+@pytest.mark.parametrize("shape", [(136,), (1, 8, 17)])
+def test_an_output_whose_offset_holds_its_cosine_is_judged_by_its_variation_too(tmp_path, capsys, shape):
+    """A landmark regressor with its mean shape in the bias, or a depth map with its distance: at 2 bits its cosine
+    stayed 0.9999 and no word was said, while the variation that tells one input from another was mostly gone (round
+    35's hunt: 0.879, 0.820). The variation's correlation is now measured and judged beside the cosine; --min-cosine
+    still judges the cosine alone."""
+    model, x = _landmarks(tmp_path, shape=shape)
+    out = str(tmp_path / "q.onnx")
+    code = main([model, out, "--calib", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
+                 "--bits", "2", "--avg-bits", "2", "--activations", "weight-only", "--min-cosine", "0.99",
+                 "--report", str(tmp_path / "r.json"), "--quiet"])
+    report = json.load(open(tmp_path / "r.json"))
+    measured = report["evaluation"]["outputs"]["landmarks"]
+    fp32 = ort.InferenceSession(model).run(None, {"x": x})[0].reshape(len(x), -1).astype(np.float64)
+    quant = ort.InferenceSession(out).run(None, {"x": x})[0].reshape(len(x), -1).astype(np.float64)
+    assert measured["centred_cosine"] == pytest.approx(_centred_correlation(fp32, quant), abs=1e-5)
+    assert measured["cosine"] > 0.999 and measured["centred_cosine"] < 0.9
+    assert code == 0 and report["gate"]["passed"]  # the gate judges what it always judged
+    warning = next(w for w in report["warnings"] if "collapsed" in w)
+    assert "variation over the samples correlates with FP32's at" in warning
+    assert "variation over the samples" in capsys.readouterr().err
+    jsonschema.validate(report, json.load(open(os.path.join(os.path.dirname(msq_onnx.__file__),
+                                                             "report.schema.json"))))
+
+
+def test_an_output_whose_variation_holds_is_not_called_collapsed(tmp_path):
+    """The same regressor at 8 bits keeps its variation: centred_cosine is reported, nothing is said."""
+    model, _ = _landmarks(tmp_path)
+    report = convert(model, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(quiet=True, eval_path=str(tmp_path / "eval.npz"), bits=(8,),
+                             activations="weight-only")).report
+    assert report["evaluation"]["outputs"]["landmarks"]["centred_cosine"] > 0.99
+    assert not any("collapsed" in w for w in report["warnings"])
+
+
+def test_centred_sums_fall_back_to_coarser_means_when_the_samples_shapes_differ():
+    """Tokens [N, T, C] whose count T varies from batch to batch: the mean per value of a sample cannot be shared,
+    so each feature of the last axis gets one mean over every sample and real token; padding counts in nothing."""
+    from msq_onnx.fidelity import CentredSums
+
+    rng = np.random.default_rng(0)
+    sums, fp32_rows, quant_rows = CentredSums(), [], []
+    for length in (5, 7, 3):
+        fp32 = rng.normal(size=(4, length, 6)) + np.arange(6) * 10
+        quant = fp32 + rng.normal(size=fp32.shape) * 0.5
+        real = np.ones((4, length, 1), bool)
+        real[0, -2:] = False  # the first text of each batch is two tokens shorter: padding
+        sums.add(fp32 * real, quant * real, real)
+        fp32_rows.append(fp32[real[..., 0]])
+        quant_rows.append(quant[real[..., 0]])
+    assert sums.correlation() == pytest.approx(_centred_correlation(np.concatenate(fp32_rows),
+                                                                    np.concatenate(quant_rows)), abs=1e-9)
+    whole = CentredSums()  # and of one shape, each value of a sample its own mean
+    fp32 = rng.normal(size=(20, 3, 4)) + rng.normal(size=(3, 4)) * 50
+    quant = fp32 + rng.normal(size=fp32.shape)
+    for part in range(0, 20, 8):
+        whole.add(fp32[part:part + 8], quant[part:part + 8])
+    assert whole.correlation() == pytest.approx(_centred_correlation(fp32.reshape(20, -1), quant.reshape(20, -1)))
+    constant = CentredSums()
+    constant.add(np.ones((8, 5)), np.ones((8, 5)) * 1.001)
+    assert constant.correlation() is None  # no variation to correlate: the cosine stands
+
+
+def test_a_lost_variation_is_the_weakest_figure_unless_its_output_grid_holds_it():
+    """A reallocation compares two models by their weakest figure: a variation lost under a cosine that holds is one,
+    as the collapse warning names it; where the written output grid alone explains it (FP32's spread under one
+    step), no allocation moves it, so it is not."""
+    from msq_onnx.fidelity import collapse_warning, weakest_figure
+
+    measured = {"kind": "tensor", "task_output": "y", "cosine": 0.9999, "samples": 48,
+                "outputs": {"y": {"cosine": 0.9999, "centred_cosine": 0.62}}}
+    assert weakest_figure(measured) == pytest.approx(0.62)
+    assert "correlates with FP32's at 0.620" in collapse_warning(measured)
+    assert weakest_figure(measured, frozenset({"cosine"})) == pytest.approx(0.62)  # no gate judges it
+    measured["outputs"]["y"]["finer_than_its_grid"] = {"fp32_spread": 1e-4, "step": 1e-3}
+    assert weakest_figure(measured) == pytest.approx(0.9999)
+    assert "--activations dynamic (no --avg-bits" in collapse_warning(measured)
+    measured["kind"] = "class-scores"  # logits are judged by their decisions, not by their variation
+    measured["outputs"]["y"].pop("finer_than_its_grid")
+    assert collapse_warning(measured) is None
