@@ -265,6 +265,7 @@ def run(name: str, exporter: str, model: str, bits: str, work: str) -> dict:
             "kind": evaluation.get("kind"), "report_cosine": evaluation["cosine"],
             "report_agreement": evaluation.get("agreement"), "cosine": check["cosine"],
             "agreement": check["agreement"], "output_cosines": check["outputs"],
+            "centred_cosines": datasets.centred_cosines(evaluation),
             "avg_weight_bits": report["avg_weight_bits"], "bytes": report["size_bytes"]["file"],
             "fp32_bytes": os.path.getsize(model),
             "latency_ratio": report["latency_ms"]["output"] / report["latency_ms"]["fp32"],

@@ -180,6 +180,12 @@ def run_cli(model: str, work: str, calib: str, evaluation: str, name: str, flags
         return json.load(handle)
 
 
+def centred_cosines(evaluation: dict) -> dict:
+    """The report's centred cosine of each output that has one (the correlation of its variation over the samples
+    with FP32's)."""
+    return {name: out["centred_cosine"] for name, out in evaluation["outputs"].items() if "centred_cosine" in out}
+
+
 def budget_flags(budget: str) -> list[str]:
     """A bench's budget as conversion flags: B is --avg-bits B; one starting with "--" is the flags as they are
     ("--avg-bits 4 --allocator sensitivity")."""

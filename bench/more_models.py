@@ -132,6 +132,7 @@ def main(argv=None) -> int:
                 evaluation = report["evaluation"]
                 results.append({"model": name, "budget": budget, "cosine": evaluation["cosine"],
                                 "outputs": {k: v["cosine"] for k, v in evaluation["outputs"].items()},
+                                "centred_cosines": datasets.centred_cosines(evaluation),
                                 "agreement": evaluation.get("agreement"), "modes": report["modes"],
                                 "latency_ms": {k: report["latency_ms"].get(k) for k in ("fp32", "output")},
                                 "warnings": report["warnings"], "reallocation": report.get("reallocation"),

@@ -203,6 +203,7 @@ def convert(name: str, exporter: str, model: str, budget: str, work: str, scores
     return {**row, "warnings": report["warnings"], "task_output": evaluation["task_output"],
             "kind": evaluation.get("kind"), "report_cosine": evaluation["cosine"],
             "report_agreement": evaluation.get("agreement"), "agreement_unit": evaluation.get("agreement_unit"),
+            "centred_cosines": datasets.centred_cosines(evaluation),
             **check(model, os.path.join(work, tag + ".onnx"), dict(np.load(test)), evaluation, scores),
             "avg_weight_bits": report["avg_weight_bits"], "bytes": size["file"], "fp32_bytes": size["input"],
             "latency_ratio": latency["output"] / latency["fp32"], "quantized_layers": report["quantized_layers"],

@@ -11,7 +11,8 @@ lines, split by source document (whole documents, in the order of their SHA-1, c
 reached; the rest evaluate), each line also rotated 180 degrees, preprocessed as PaddleOCR does (BGR as OpenCV reads
 it, height 48, width up to 192 keeping the aspect ratio, right-padded with zeros, (x / 255 - 0.5) / 0.5).
 
-    python bench/unseen_models.py [--budgets 3 3.5 4] [--models ocr lite1 lite2] [--shared ../shared]
+    python bench/unseen_models.py [--budgets 3 3.5 4 "--avg-bits 3 --allocator output-weighted"] [--models ocr lite1 lite2]
+                                  [--shared ../shared] [--name unseen-models]
                                   [--cache ~/.cache/msq-onnx-bench]
 Writes docs/bench/unseen-models.json and .md (a subset of --models replaces only its own rows). Skips a model whose
 wheel, torch or data is missing.
@@ -130,7 +131,7 @@ def ocr_lines_split(shared: str, work: str) -> tuple[str, str] | None:
 
 def convert(model: str, work: str, calib: str, evaluation: str, name: str, flags: list[str]) -> dict:
     data = datasets.run_cli(model, work, calib, evaluation, name, flags)
-    return {"model": name.rsplit("-", 1)[0], "budget": flags[flags.index("--avg-bits") + 1],
+    return {"model": name.rsplit("-", 1)[0], "budget": " ".join(flags[flags.index("--avg-bits") + 1:]),
             "fp32_top1": data["evaluation"]["fp32_top1"], "top1": data["evaluation"]["quant_top1"],
             "cosine": data["evaluation"]["cosine"], "avg_bits": data["avg_weight_bits"],
             "bytes": data["size_bytes"]["file"], "input_bytes": data["size_bytes"]["input"],
@@ -144,6 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", choices=["ocr", "lite1", "lite2"], default=["ocr", "lite1", "lite2"])
     parser.add_argument("--cache", default=datasets.WHEEL_CACHE)
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "bench"))
+    parser.add_argument("--name", default="unseen-models", help="the table's file name in --out, without .json/.md")
     args = parser.parse_args(argv)
     os.makedirs(args.cache, exist_ok=True)
     results = []
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
             print(f"skipped the OCR classifier: {OCR_WHEEL} holds no ch_ppocr_mobile_v2.0_cls_infer.onnx")
         for model in found[:1]:
             for budget in args.budgets:
-                results.append(convert(model, work, *ocr, f"ppocr-cls-{budget}", ["--avg-bits", budget]))
+                results.append(convert(model, work, *ocr, f"ppocr-cls-{len(results)}", datasets.budget_flags(budget)))
                 print(json.dumps(results[-1]), flush=True)
         if os.path.isdir(os.path.join(args.shared, "data", "imagenet-val-1300")):
             calib, evaluation = datasets.imagenet_split(args.shared, work)
@@ -166,19 +168,19 @@ def main(argv=None) -> int:
                     continue
                 flags = datasets.efficientnet_args(size)
                 for budget in args.budgets:
-                    results.append(convert(model, work, calib, evaluation, f"efficientnet-lite{k}-{budget}",
-                                           flags + ["--avg-bits", budget]))
+                    results.append(convert(model, work, calib, evaluation, f"efficientnet-lite{k}-{len(results)}",
+                                           flags + datasets.budget_flags(budget)))
                     print(json.dumps(results[-1]), flush=True)
         else:
             print("skipped EfficientNet-Lite1/2: ImageNet images not found in --shared")
     if not results:
         return 0
-    saved = os.path.join(args.out, "unseen-models.json")
+    saved = os.path.join(args.out, args.name + ".json")
     if os.path.exists(saved):  # the rows of models not rerun stay
         rerun = {r["model"] for r in results}
         kept = [r for r in json.load(open(saved)) if r["model"] not in rerun]
         results = kept + results
-    datasets.save_table(args.out, "unseen-models", results,
+    datasets.save_table(args.out, args.name, results,
                         ["| model | budget | FP32 top-1 | top-1 | drop | cosine | bytes written / input | warnings |",
                          "|---|---:|---:|---:|---:|---:|---:|---|"],
                         lambda r: f"| {r['model']} | {r['budget']} | {r['fp32_top1']:.2f} | {r['top1']:.2f} | "
