@@ -956,7 +956,8 @@ def _may_reallocate(options: Options) -> bool:
 def _reallocates(chosen: Candidate, options: Options, damage: dict) -> str | None:
     """The collapse a reallocation answers: what the check says of the written model, where it may, and where
     widths could move: not where the budget left every layer at its widest (damage: the tables allocated on), nor
-    where every output named is off for its output grid alone, which no width moves."""
+    where every output named is off for its output grid alone, which no width moves, nor where only an output's
+    variation is (fidelity.weakest_figure, which the two allocations are compared by, leaves it out)."""
     if not _may_reallocate(options) or not chosen.measured:
         return None
     if all(chosen.bits[name] >= allocate_stage.widest_width(table) for name, table in damage.items()):
@@ -965,7 +966,11 @@ def _reallocates(chosen: Candidate, options: Options, damage: dict) -> str | Non
     if all(out.get("integer") for out in chosen.measured.get("outputs", {}).values()):
         return None
     collapsed = fidelity.collapse_warning(chosen.measured, _gated(options))
-    return None if collapsed is None or fidelity.GRID_ADVICE in collapsed else collapsed
+    if collapsed is None or fidelity.GRID_ADVICE in collapsed:
+        return None
+    # a collapse the comparison cannot see (an output's variation alone) would keep the first after a second try
+    weakest = fidelity.weakest_figure(chosen.measured, _gated(options))
+    return collapsed if weakest < fidelity.COLLAPSE_COSINE else None
 
 
 def _gated(options: Options) -> frozenset:

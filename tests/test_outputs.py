@@ -908,19 +908,18 @@ def test_centred_sums_fall_back_to_coarser_means_when_the_samples_shapes_differ(
     assert constant.correlation() is None  # no variation to correlate: the cosine stands
 
 
-def test_a_lost_variation_is_the_weakest_figure_unless_its_output_grid_holds_it():
-    """A reallocation compares two models by their weakest figure: a variation lost under a cosine that holds is one,
-    as the collapse warning names it; where the written output grid alone explains it (FP32's spread under one
-    step), no allocation moves it, so it is not."""
+def test_a_lost_variation_is_warned_and_left_out_of_the_figure_two_allocations_are_compared_by():
+    """The collapse warning names a variation lost under a cosine that holds, with the output grid's reason where
+    FP32's spread is under one step; class scores are left to their decisions. A reallocation's comparison does not
+    read it (its probe does not aim at it: round 40's PicoDet)."""
     from msq_onnx.fidelity import collapse_warning, weakest_figure
 
     measured = {"kind": "tensor", "task_output": "y", "cosine": 0.9999, "samples": 48,
                 "outputs": {"y": {"cosine": 0.9999, "centred_cosine": 0.62}}}
-    assert weakest_figure(measured) == pytest.approx(0.62)
     assert "correlates with FP32's at 0.620" in collapse_warning(measured)
-    assert weakest_figure(measured, frozenset({"cosine"})) == pytest.approx(0.62)  # no gate judges it
-    measured["outputs"]["y"]["finer_than_its_grid"] = {"fp32_spread": 1e-4, "step": 1e-3}
+    assert "correlates with FP32's" in collapse_warning(measured, frozenset({"cosine"}))  # no gate judges it
     assert weakest_figure(measured) == pytest.approx(0.9999)
+    measured["outputs"]["y"]["finer_than_its_grid"] = {"fp32_spread": 1e-4, "step": 1e-3}
     assert "--activations dynamic (no --avg-bits" in collapse_warning(measured)
     measured["kind"] = "class-scores"  # logits are judged by their decisions, not by their variation
     measured["outputs"]["y"].pop("finer_than_its_grid")

@@ -233,7 +233,7 @@ def test_a_second_allocation_must_be_nearer_by_more_than_one_samples_share(ampli
     between two near-equal models: the default's allocation is kept unless the other gains more than 1 / samples."""
     from msq_onnx import pipeline
 
-    figures = iter([0.5, 0.5 + gain / 128])
+    figures = iter([0.5, 0.5, 0.5 + gain / 128])  # the held-out check's (under the line: it starts), then the two
     monkeypatch.setattr(pipeline.fidelity, "weakest_figure", lambda measured, gated: next(figures))
     report = _convert(amplifying_files, "margin.onnx").report
     assert report["reallocation"]["kept"] == kept
@@ -254,3 +254,17 @@ def test_nothing_is_allocated_again_where_no_width_could_move(amplifying_files, 
     monkeypatch.setattr(pipeline.fidelity, "collapse_warning",
                         lambda measured, gated: f"output 'state' collapsed: {pipeline.fidelity.GRID_ADVICE}.")
     assert "reallocation" not in _convert(amplifying_files, "grid.onnx").report
+
+
+def test_nothing_is_allocated_again_for_a_variation_the_comparison_does_not_read(amplifying_files, monkeypatch):
+    """A collapse named by an output's variation alone (centred_cosine): the two allocations are compared by
+    weakest_figure, which leaves it out, so a second try could only tie and keep the first; it is not made."""
+    from msq_onnx import pipeline, sensitivity
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the probe ran")
+
+    monkeypatch.setattr(sensitivity, "OutputProbe", fail)
+    monkeypatch.setattr(pipeline.fidelity, "weakest_figure", lambda measured, gated: 0.95)
+    report = _convert(amplifying_files, "varied.onnx").report
+    assert "reallocation" not in report and any("collapsed" in w for w in report["warnings"])
