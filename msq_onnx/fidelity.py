@@ -128,7 +128,7 @@ class CentredSums:
         values = ("value", tuple(shape[1:])) if int(np.prod(shape[1:])) <= CENTRED_LIMIT else None
         channel = ("channel", channel_axis(shape), shape[channel_axis(shape)]) if len(shape) >= 3 else None
         last = ("channel", len(shape) - 1, shape[-1]) if len(shape) >= 2 else None
-        return [values, channel, last, ("whole",)]
+        return [values] + [key if key and key[2] <= CENTRED_LIMIT else None for key in (channel, last)] + [("whole",)]
 
     @staticmethod
     def _reduced(values: np.ndarray, key: tuple, leading: int) -> np.ndarray:
@@ -150,8 +150,10 @@ class CentredSums:
         keys = self._keys(x.shape)
         if self.keys is None:
             self.keys = keys
-        # a batch of another shape: the means it cannot share are dropped, the coarser ones kept
-        kept = [k for k, key in enumerate(keys) if key is not None and key == self.keys[k]]
+        # a batch of another shape: the means it cannot share are dropped for good (a shape that comes back would
+        # bring them back on its own batches: a review's), the coarser ones kept
+        kept = [k for k, key in enumerate(keys) if key is not None and key == self.keys[k]
+                and (not self.sums or k in self.sums)]
         self.sums = {k: sums for k, sums in self.sums.items() if k in kept}
         counted = None if real is None else np.broadcast_to(real, x.shape)
         # Each mean's sums from the finest reduction made of this batch, not the batch again (a 10M-value map a
@@ -683,7 +685,6 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
               if not acc.scalar and not acc.integer and not acc.selected and acc.samples}
     # the written graph is read (its initializers parsed: 200 MB for a 100 MB model) only for an output to explain
     low = [name for name, centred in correlations.items() if centred is not None and centred[0] < COLLAPSE_COSINE]
-    low += [name for name, centred in varied.items() if centred is not None and centred < COLLAPSE_COSINE]
     grid_steps = output_grid_steps(quant_path, low) if low else {}
     outputs = {}
     for name, acc in sums.items():
@@ -710,11 +711,13 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             outputs[name].update(cosine=round(cosine, 6), min_cosine=round(cosine, 6),
                                  sqnr_db=None if sqnr is None else round(float(sqnr), 3),
                                  cosine_over="held-out samples, centred (one value a sample: their correlation)")
+            # Of one value only: a wider output's pooled spread would blame the grid for values that vary well
+            # beyond a step beside many that do not vary at all (a review's)
+            step = grid_steps.get(name)
+            if step is not None and acc.spread() < step:
+                outputs[name]["finer_than_its_grid"] = {"fp32_spread": round(acc.spread(), 6), "step": round(step, 6)}
         if varied.get(name) is not None:
             outputs[name]["centred_cosine"] = round(varied[name], 6)
-        step = grid_steps.get(name)
-        if step is not None and acc.spread() < step:
-            outputs[name]["finer_than_its_grid"] = {"fp32_spread": round(acc.spread(), 6), "step": round(step, 6)}
         if acc.integer:
             outputs[name]["integer"] = True  # ids or labels: their cosine says little
         if acc.masked:
@@ -855,17 +858,14 @@ def collapse_warning(measured: dict, gated: frozenset = frozenset()) -> str | No
     if "cosine" not in gated:
         # one binary score a sample: its correlation with FP32 too (decisions at 0.5 hide a drifting score)
         if (not decisions or measured.get("decision")) and measured["cosine"] < COLLAPSE_COSINE:
-            held = _held_by_grid(task_output)
-            problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}"
-                            f"{_grid_text(task_output) if held else ''}")
-            grid_caused += held
+            problems.append(f"cosine to FP32 {measured['cosine']:.3f} < {COLLAPSE_COSINE}{_grid_text(task_output)}")
+            grid_caused += "finer_than_its_grid" in task_output
         weakest = judged_channel(measured)
         if weakest and weakest["likeness"] < COLLAPSE_COSINE <= measured["cosine"]:
             problems.append(_channel_text(weakest))
     # no gate judges it: --min-cosine keeps the meaning it has always had, the cosine
     if not decisions and _varied_lost(task_output):
         problems.append(_varied_text(task_output))
-        grid_caused += "finer_than_its_grid" in task_output
     if "drop" not in gated:
         if measured.get("fp32_top1") is not None and measured.get("drop", 0.0) > COLLAPSE_DROP:
             problems.append(f"top-1 {measured['fp32_top1']:.2f}% -> {measured['quant_top1']:.2f}%")
@@ -875,13 +875,10 @@ def collapse_warning(measured: dict, gated: frozenset = frozenset()) -> str | No
     # Every float output counts, not only the task's: a detector's boxes can break while its scores hold.
     low = [(name, out) for name, out in measured.get("outputs", {}).items()
            if name != measured["task_output"] and not out.get("integer") and out["cosine"] < COLLAPSE_COSINE]
-    others = [f"'{name}' (cosine to FP32 {out['cosine']:.3f} < {COLLAPSE_COSINE}"
-              f"{_grid_text(out) if _held_by_grid(out) else ''})" for name, out in low]
-    grid_caused += sum(_held_by_grid(out) for _, out in low)
-    varied = [(name, out) for name, out in measured.get("outputs", {}).items()
-              if name != measured["task_output"] and _varied_lost(out)]
-    others += [f"'{name}' ({_varied_text(out)})" for name, out in varied]
-    grid_caused += sum("finer_than_its_grid" in out for _, out in varied)
+    others = [f"'{name}' (cosine to FP32 {out['cosine']:.3f} < {COLLAPSE_COSINE}{_grid_text(out)})" for name, out in low]
+    grid_caused += sum("finer_than_its_grid" in out for _, out in low)
+    others += [f"'{name}' ({_varied_text(out)})" for name, out in measured.get("outputs", {}).items()
+               if name != measured["task_output"] and _varied_lost(out)]
     others += [f"'{name}' (top-1 agreement with FP32 {out['agreement']:.1f}%)" for name, out in
                measured.get("outputs", {}).items() if name != measured["task_output"]
                and (out.get("integer") or out["cosine"] >= COLLAPSE_COSINE)
@@ -930,7 +927,7 @@ def weakest_figure(measured: dict, gated: frozenset = frozenset()) -> float:
     outputs = measured.get("outputs", {})
     task_output = outputs.get(measured["task_output"], {})
     if "cosine" not in gated:
-        if (not decisions or measured.get("decision")) and not _held_by_grid(task_output):
+        if (not decisions or measured.get("decision")) and "finer_than_its_grid" not in task_output:
             figures.append(measured["cosine"])
         weakest = judged_channel(measured)
         if weakest:
@@ -940,17 +937,11 @@ def weakest_figure(measured: dict, gated: frozenset = frozenset()) -> float:
         figures.append(1.0 - max(measured["drop"], 0.0) / 100.0)
     for name, out in outputs.items():
         if name != measured["task_output"]:
-            figures += [] if out.get("integer") or _held_by_grid(out) else [out["cosine"]]
+            figures += [] if out.get("integer") or "finer_than_its_grid" in out else [out["cosine"]]
             figures += [out["agreement"] / 100.0] if "agreement" in out else []
             figures += [out["weakest_channel"]["likeness"]] if out.get("weakest_channel") else []
         figures += [out["length_agreement"] / 100.0] if "length_agreement" in out else []
     return float(min(figures)) if figures else 1.0
-
-
-def _held_by_grid(output: dict) -> bool:
-    """Its cosine is held down by its output grid alone (finer_than_its_grid of a one-value output, whose cosine is
-    its correlation; of a wider output the grid explains its centred cosine)."""
-    return "finer_than_its_grid" in output and "centred_cosine" not in output
 
 
 def _varied_lost(output: dict) -> bool:
@@ -961,13 +952,11 @@ def _varied_lost(output: dict) -> bool:
 
 def _varied_text(output: dict) -> str:
     return (f"its variation over the samples correlates with FP32's at {output['centred_cosine']:.3f} < "
-            f"{COLLAPSE_COSINE}, under a cosine of {output['cosine']:.3f} that what every sample shares holds up"
-            f"{_grid_text(output)}")
+            f"{COLLAPSE_COSINE}, under a cosine of {output['cosine']:.3f} that what every sample shares holds up")
 
 
 def _grid_text(output: dict) -> str:
-    """Why an output's correlation over the samples fell (a one-value output's cosine, a wider one's centred
-    cosine), where the written model's own output grid is the cause."""
+    """Why a one-value output's correlation fell, where the written model's own output grid is the cause."""
     finer = output.get("finer_than_its_grid")
     return "" if not finer else (
         f"; FP32 varies by {finer['fp32_spread']:.3g} over the samples, under one {finer['step']:.3g} step of the "

@@ -881,13 +881,14 @@ def test_an_output_whose_variation_holds_is_not_called_collapsed(tmp_path):
 
 
 def test_centred_sums_fall_back_to_coarser_means_when_the_samples_shapes_differ():
-    """Tokens [N, T, C] whose count T varies from batch to batch: the mean per value of a sample cannot be shared,
-    so each feature of the last axis gets one mean over every sample and real token; padding counts in nothing."""
+    """Tokens [N, T, C] whose count T varies from batch to batch, and comes back: the mean per value of a sample
+    cannot be shared, so each feature of the last axis gets one mean over every sample and real token; padding
+    counts in nothing."""
     from msq_onnx.fidelity import CentredSums
 
     rng = np.random.default_rng(0)
     sums, fp32_rows, quant_rows = CentredSums(), [], []
-    for length in (5, 7, 3):
+    for length in (5, 7, 5):  # the first shape back: its means stay dropped (a review's: 0.9998 for 0.880)
         fp32 = rng.normal(size=(4, length, 6)) + np.arange(6) * 10
         quant = fp32 + rng.normal(size=fp32.shape) * 0.5
         real = np.ones((4, length, 1), bool)
@@ -909,9 +910,8 @@ def test_centred_sums_fall_back_to_coarser_means_when_the_samples_shapes_differ(
 
 
 def test_a_lost_variation_is_warned_and_left_out_of_the_figure_two_allocations_are_compared_by():
-    """The collapse warning names a variation lost under a cosine that holds, with the output grid's reason where
-    FP32's spread is under one step; class scores are left to their decisions. A reallocation's comparison does not
-    read it (its probe does not aim at it: round 40's PicoDet)."""
+    """The collapse warning names a variation lost under a cosine that holds; class scores are left to their
+    decisions. A reallocation's comparison does not read it (its probe does not aim at it: round 40's PicoDet)."""
     from msq_onnx.fidelity import collapse_warning, weakest_figure
 
     measured = {"kind": "tensor", "task_output": "y", "cosine": 0.9999, "samples": 48,
@@ -919,8 +919,5 @@ def test_a_lost_variation_is_warned_and_left_out_of_the_figure_two_allocations_a
     assert "correlates with FP32's at 0.620" in collapse_warning(measured)
     assert "correlates with FP32's" in collapse_warning(measured, frozenset({"cosine"}))  # no gate judges it
     assert weakest_figure(measured) == pytest.approx(0.9999)
-    measured["outputs"]["y"]["finer_than_its_grid"] = {"fp32_spread": 1e-4, "step": 1e-3}
-    assert "--activations dynamic (no --avg-bits" in collapse_warning(measured)
     measured["kind"] = "class-scores"  # logits are judged by their decisions, not by their variation
-    measured["outputs"]["y"].pop("finer_than_its_grid")
     assert collapse_warning(measured) is None
