@@ -142,7 +142,7 @@ class CentredSums:
 
     def add(self, reference: np.ndarray, quantized: np.ndarray, real: np.ndarray | None = None) -> None:
         """real: 1 where a value counts, 0 where it is padding (already zero in both), broadcastable to them."""
-        x, y = reference.astype(np.float64).ravel(), quantized.astype(np.float64).ravel()
+        x, y = np.asarray(reference, np.float64).ravel(), np.asarray(quantized, np.float64).ravel()
         self.xx += float(np.dot(x, x))
         self.yy += float(np.dot(y, y))
         self.xy += float(np.dot(x, y))
@@ -277,10 +277,10 @@ class _OutputSums:
             reference, quantized = reference * real, quantized * real
         if reference.ndim >= 3 and not self.integer and not self.selected:
             self.channels.add(reference, quantized)
-        if not self.integer and not self.selected:
-            self.centred.add(reference, quantized, real)
         ref = reference.reshape(len(reference), -1).astype(np.float64)
         out = quantized.reshape(len(quantized), -1).astype(np.float64)
+        if not self.integer and not self.selected:  # the float64 copies above, in the output's own shape
+            self.centred.add(ref.reshape(reference.shape), out.reshape(quantized.shape), real)
         self.signal += float((ref ** 2).sum())
         if self.selected:
             self.pooled += [float((out * out).sum()), float((ref * out).sum())]

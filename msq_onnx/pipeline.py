@@ -965,12 +965,12 @@ def _reallocates(chosen: Candidate, options: Options, damage: dict) -> str | Non
     # the probe measures float outputs only: a model that gives labels alone (an ArgMax) leaves it blind
     if all(out.get("integer") for out in chosen.measured.get("outputs", {}).values()):
         return None
-    collapsed = fidelity.collapse_warning(chosen.measured, _gated(options))
+    gated = _gated(options)
+    collapsed = fidelity.collapse_warning(chosen.measured, gated)
     if collapsed is None or fidelity.GRID_ADVICE in collapsed:
         return None
     # a collapse the comparison cannot see (an output's variation alone) would keep the first after a second try
-    weakest = fidelity.weakest_figure(chosen.measured, _gated(options))
-    return collapsed if weakest < fidelity.COLLAPSE_COSINE else None
+    return collapsed if fidelity.weakest_figure(chosen.measured, gated) < fidelity.COLLAPSE_COSINE else None
 
 
 def _gated(options: Options) -> frozenset:
