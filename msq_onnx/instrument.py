@@ -167,6 +167,11 @@ def _moment_axes(layer: Layer, rank: int) -> list[int]:
     return [a for a in range(rank) if a != channel_axis]
 
 
+def measured_layers(loaded: LoadedModel) -> list:
+    """The layers the pass measures: those of the graph itself (a body's tensors cannot be fetched, ops._InBody)."""
+    return [layer for layer in loaded.layers if not layer.in_body]
+
+
 def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
                        share_lengths: bool = True, static_layers=None) -> tuple[onnx.ModelProto, dict]:
     """Return the instrumented copy and a map of its extra outputs (with `hessians`, also each Hessian input's
@@ -221,7 +226,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     length_keys = _length_keys(model) if share_lengths else {}
     matrices = {}  # length key -> (the averaging matrix, the shape it was computed from)
     shared_moments = {}  # (input, layout): its (mean, mean square) outputs
-    for index, layer in enumerate(loaded.layers):
+    for index, layer in enumerate(measured_layers(loaded)):
         shape = shapes.get(layer.probe_name)
         fixed_map = levels and not layer.kind.channels_last and _fixed_map(shape)
         finest = max(levels) if levels else 1
@@ -329,7 +334,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
         add_output(mean)
         add_output(sq_mean)
         outputs["moments"][layer.name] = shared_moments[key] = (mean, sq_mean)
-    outputs["joins"] = residual_joins(loaded.model, loaded.layers, shapes, set(attention_mask_inputs(loaded)))
+    outputs["joins"] = residual_joins(loaded.model, measured_layers(loaded), shapes, set(attention_mask_inputs(loaded)))
     outputs["candidates"] = list(dict.fromkeys(join for found in outputs["joins"].values() for join in found))
     for branch, skip, total in outputs["candidates"]:
         for tensor in (branch, total):
@@ -756,12 +761,13 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
             True: [name for name in fetchable if name not in pooled]}
     # the samples before the Hessian batches: no rows fetched
     gram = HessianSums(outputs["hessian"] if hessian_from == 0 else {}, outputs["norms"])
-    bank = FeatureBank([layer.name for layer in loaded.layers], levels, max_dim, seed)
+    measured = measured_layers(loaded)
+    bank = FeatureBank([layer.name for layer in measured], levels, max_dim, seed)
     input_bank = FeatureBank(["input"], levels, max_dim, seed)
     imprinted = imprint_selection(samples.count, bank.max_samples, seed)
     # The input's features along the layout its first readers take: a sequence of feature vectors [N, T, F] read
     # by a MatMul is pooled over T (as channels first, its varying length made widths that would not stack).
-    input_channels_last = any(layer.kind.channels_last for layer in loaded.layers
+    input_channels_last = any(layer.kind.channels_last for layer in measured
                               if layer.input_name == loaded.inputs[0].name)
     first_length_varies = len(loaded.inputs[0].shape) == 2 and loaded.inputs[0].shape[1] is None
     ranges: dict = {}
@@ -792,7 +798,7 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
         return run
 
     # what the features read of each layer (its probe, or its pyramid pooled in the graph), by the layer's name
-    layer_reads = [(layer.name, outputs[kind][layer.name]) for layer in loaded.layers
+    layer_reads = [(layer.name, outputs[kind][layer.name]) for layer in measured
                    for kind in ("probe", "pyramid", "grid") if layer.name in outputs[kind]]
     layer_reads += [(layer, pooled[0]) for layer, pooled in outputs["sequence_pyramid"].items()]
 
@@ -823,7 +829,7 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
             if tensor in ranges:
                 low, high = min(low, ranges[tensor][0]), max(high, ranges[tensor][1])
             ranges[tensor] = (low, high)
-        for layer in loaded.layers:
+        for layer in measured:
             sequence = outputs["sequence_pyramid"].get(layer.name)
             if layer.name in outputs["pyramid"] or layer.name in outputs["grid"]:
                 rows.setdefault(layer.name, []).append(1)  # a map: one row per sample, as for any Conv
@@ -845,7 +851,7 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
         pick = slice(0, count) if chosen.all() else np.flatnonzero(chosen)
         if chosen.any():
             mask = feed[mask_input][pick] if mask_input else None
-            for layer in loaded.layers:
+            for layer in measured:
                 if layer.name in outputs["pyramid"]:
                     bank.add_pyramid(layer.name, result[outputs["pyramid"][layer.name]][pick])
                     continue

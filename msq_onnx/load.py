@@ -22,7 +22,8 @@ from onnx import numpy_helper, version_converter
 
 from . import sample_axes
 from .errors import BadModel, one_line
-from .ops import (FLOAT_BITS, Layer, Skip, attribute, bodies, consumers, kind_for,  # noqa: F401  (re-exported)
+from .ops import (BODY_KINDS, FLOAT_BITS, Layer, Skip, attribute, bodies, consumers, in_body,  # noqa: F401
+                  kind_for,  # (re-exported)
                   earliest_selection, selected_outputs, selection_source, selection_text, subgraph_inputs)
 
 # Written opset: the first with int4/uint4 Q/DQ and per-axis DQ everywhere, and
@@ -1042,25 +1043,114 @@ def _bias_add(node, users, inits) -> str | None:
     return other[0] if dims == [columns] and inits[other[0]].data_type == onnx.TensorProto.FLOAT else None
 
 
-def _subgraph_layers(graph, inits: dict | None = None) -> list[dict]:
-    """Weighted nodes inside If/Loop/Scan bodies: msq-onnx leaves them in float, says so, and counts their float
-    weights (a body's own initializers or the graph's) at 32 bits: uncounted, a budget was met by leaving them
-    float. inits: the initializers the body sees from outside."""
-    found = []
+def _hoist_body_weights(graph: onnx.GraphProto, opset: int) -> None:
+    """A weight that a node of ops.BODY_KINDS inside an If/Loop/Scan body reads from a constant of that body (a
+    Constant node, an initializer, or computed from them: _fold_weight_chains, as in the graph) moves to this
+    graph's initializers, under a name no scope uses: a body reads the names of the graphs around it, so the write
+    can put the weight's int8 form and scale beside it, where ORT folds them at load (ops._InBody). Only a weight
+    that nothing else in its body reads, nor a body output, moves."""
+    taken = all_names(graph)
+
+    def visit(body) -> None:
+        for node in body.node:
+            for inner in bodies(node):
+                visit(inner)
+        _constants_to_initializers(body)
+        own = {t.name: t for t in body.initializer}
+        _fold_weight_chains(body, own, opset)  # its bodies' reads stay: `keep`
+        readers = consumers(body)
+        fixed = {o.name for o in body.output} | subgraph_inputs(body)
+        moved = {}
+        for node in body.node:
+            kind = kind_for(node)
+            if kind is None or kind.op_type not in BODY_KINDS:
+                continue
+            for position, _, _ in kind.weights(node):
+                name = node.input[position] if len(node.input) > position else ""
+                if name in moved or name in fixed or not _float_weight(name, own):
+                    continue
+                if all(kind_for(r) is kind and list(r.input).index(name) == position for r in readers[name]):
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(own[name])
+                    tensor.name = moved[name] = unique_name(name, taken, "_msq")
+                    graph.initializer.append(tensor)
+        if not moved:
+            return
+        for node in body.node:
+            node.input[:] = [moved.get(name, name) for name in node.input]
+        kept = [t for t in body.initializer if t.name not in moved]
+        del body.initializer[:]
+        body.initializer.extend(kept)
+
     for node in graph.node:
         for body in bodies(node):
-            visible = {**(inits or {t.name: t for t in graph.initializer}), **{t.name: t for t in body.initializer}}
-            for inner in body.node:
-                if kind_for(inner) is None:
-                    continue
-                entry = {"node": inner.name or inner.output[0], "op_type": inner.op_type,
-                         "reason": f"inside the body of {node.op_type} '{node.name}': subgraphs are left in float"}
-                weights = [name for name in inner.input if _float_weight(name, visible)]
-                found.extend({**entry, "weight": name, "params": math.prod(visible[name].dims)} for name in weights)
-                if not weights:
-                    found.append(entry)
-            found.extend(_subgraph_layers(body, visible))
+            visit(body)
+
+
+def _all_readers(graph, owner: str = "") -> list:
+    """(node, the If/Loop/Scan node whose body holds it: "If 'name'", "" in the graph itself) for every node of the
+    graph and of its bodies, nested ones included."""
+    found = []
+    for node in graph.node:
+        found.append((node, owner))
+        for body in bodies(node):
+            found.extend(_all_readers(body, f"{node.op_type} '{node.name}'"))
     return found
+
+
+_ALWAYS_WEIGHTED = ("Conv", "ConvTranspose", "LSTM", "GRU", "RNN")  # their weight inputs hold nothing but weights
+
+
+def _subgraph_layers(graph, inits: dict, names: set) -> tuple[list[Layer], list[dict]]:
+    """Weighted nodes inside If/Loop/Scan bodies. A node of ops.BODY_KINDS whose weight is an initializer of the
+    graph (_hoist_body_weights) that only such nodes read, at that input, is a layer measured on its weight alone
+    (ops._InBody); every other one stays in float, said so, its float weights counted at 32 bits: uncounted, a
+    budget would be met by leaving them float."""
+    every = _all_readers(graph)
+    producers = {name: node for node, _ in every for name in node.output if name}
+    constants = {**{t.name: t for node, _ in every for body in bodies(node) for t in body.initializer}, **inits}
+    reads: dict = {}
+    for node, owner in every:
+        for position, name in enumerate(node.input):
+            reads.setdefault(name, []).append((node, owner, position))
+    layers: dict = {}
+    skipped = []
+    for node, owner in every:
+        kind = kind_for(node)
+        if not owner or kind is None:
+            continue
+        entry = {"node": node.name or node.output[0], "op_type": node.op_type}
+        candidates = kind.weights(node) if kind.op_type in BODY_KINDS else ()
+        for position, _, suffix in candidates:
+            name = node.input[position] if len(node.input) > position else ""
+            if name in layers or not _float_weight(name, inits) or inits[name].data_type != onnx.TensorProto.FLOAT:
+                continue
+            readers = reads[name]
+            if not all(kind_for(r) is kind and p == position and o for r, o, p in readers):
+                continue
+            try:
+                fields = in_body(kind).describe(node, inits)
+            except Skip as reason:
+                skipped.append({**entry, "weight": name, "reason": f"inside the body of {owner}: {reason}"})
+                continue
+            own_name = node.name or node.output[0]
+            layers[name] = Layer(name=unique_name(own_name + suffix, names, "_msq") if suffix else own_name,
+                                 op_type=node.op_type, weight_name=name, input_name=node.input[kind.data_index],
+                                 probe_name="", weight_shape=tuple(inits[name].dims), weight_input=position,
+                                 nodes=tuple(r.name for r, _, _ in readers), output_name=node.output[0],
+                                 in_body=owner, **fields)
+        if any(layer.nodes and node.name in layer.nodes for layer in layers.values()):
+            continue
+        # the float constants its weights are (or are computed from, in its body or around it): 32 bits each
+        weights = sorted(set().union(*(_constant_sources(name, producers, constants) or set()
+                                       for name in node.input if name)))
+        reason = (f"inside the body of {owner}: its weight is computed in the body from what other nodes read too, "
+                  f"or read elsewhere, or {node.op_type} is not quantized inside a body: left in float")
+        skipped.extend({**entry, "weight": name, "params": math.prod(constants[name].dims), "reason": reason}
+                       for name in weights)
+        if not weights and node.op_type in _ALWAYS_WEIGHTED:  # a product of two activations is no layer
+            skipped.append({**entry, "reason": reason})
+    return list(layers.values()), skipped
 
 
 # Weighted ops msq-onnx does not quantize: named in the report and counted at 32 bits, never silently float. Besides
@@ -1159,9 +1249,9 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
     producers = producer_map(graph.node)
     outputs = {o.name for o in graph.output}
     by_weight: dict[str, Layer] = {}
-    skipped = _subgraph_layers(graph)
     refused = set()
-    names = {node.name for node in graph.node}
+    names = {node.name for node, _ in _all_readers(graph)}
+    in_bodies, skipped = _subgraph_layers(graph, inits, names)
     opset = _default_opset(model)
     for node in graph.node:
         kind = kind_for(node)
@@ -1195,7 +1285,7 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
             skipped.extend({"node": n, "op_type": layer.op_type, "weight": weight_name,
                             "reason": f"its weight is also read by {reader}, which needs it in float"}
                            for n in layer.nodes)
-    return list(by_weight.values()), skipped
+    return list(by_weight.values()) + in_bodies, skipped
 
 
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
@@ -1319,6 +1409,7 @@ def load_model(path: str, output: str | None = None, whole: frozenset = frozense
     graph = model.graph
     declared = {t.name for t in graph.initializer}  # before Constant nodes join them
     _constants_to_initializers(graph)
+    _hoist_body_weights(graph, _default_opset(model))
     inits = {t.name: t for t in graph.initializer}
     # From IR 4 on, an initializer listed among the inputs is a default the caller may feed instead (a
     # temperature, a threshold): the written model lists it again where its tensor is written as it was
@@ -1360,13 +1451,13 @@ def load_model(path: str, output: str | None = None, whole: frozenset = frozense
     layers, skipped = find_layers(model, inits)
     skipped.extend(kept_beside_copies)
     if not layers:
-        inside = sum("subgraphs are left in float" in entry["reason"] for entry in skipped)
+        inside = sum(entry["reason"].startswith("inside the body of") for entry in skipped)
         quantized = _integer_weight_ops(model.graph, inits)
         if quantized and not inside:
             raise BadModel(f"'{path}' is already quantized ({', '.join(quantized)}): give msq-onnx the FP32 model "
                            "it was made from.")
-        where = (f" outside control flow: its {inside} weighted node(s) sit inside If/Loop/Scan bodies, which "
-                 "msq-onnx leaves in float" if inside else "")
+        where = (f" outside control flow: its {inside} weighted node(s) sit inside If/Loop/Scan bodies, where their "
+                 "weights are read by other nodes too or their kind is not quantized" if inside else "")
         raise BadModel(f"'{path}' has no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a "
                        f"constant weight, an embedding table, LSTM/GRU/RNN or ORT's Attention){where}; there is "
                        "nothing to allocate bits to.")

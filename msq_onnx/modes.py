@@ -232,8 +232,10 @@ def build_measurement(loaded, ranges: dict, skip: dict | None = None) -> tuple[o
     outputs: dict = {}
     signals = {}  # (reference tensor, axes) -> its sums of squares: a layer's modes mostly compare with one output
     for index, layer in enumerate(loaded.layers):
-        node = nodes[layer.nodes[0]]
         outputs[layer.name] = {}
+        if not any(quantizes_activations(layer, mode) for mode in layer.kind.modes):
+            continue  # float activations only (a layer inside a body among them, whose node is not the graph's)
+        node = nodes[layer.nodes[0]]
         for mode in layer.kind.modes:
             if not quantizes_activations(layer, mode) or mode in (skip or {}).get(layer.name, ()):
                 continue  # float activations: no activation error to measure

@@ -202,6 +202,9 @@ class Layer:
     gemm_alpha: float = 1.0  # Gemm only: rewritten as MatMul for the dynamic and weight-only modes
     block: int = 0  # Gather only: scales per block of this many values along a table row
     weight_input: int = -1  # the node input the weight is (-1: the kind's weight_index); an LSTM has two
+    # The If/Loop/Scan node whose body holds the layer's node(s) ("If 'If_0'"), "" for the graph's own: no tensor
+    # of a body can be fetched, so such a layer is measured on its weights alone (in_body)
+    in_body: str = ""
 
     def __post_init__(self):
         if not self.nodes:
@@ -218,7 +221,7 @@ class Layer:
 
     @property
     def kind(self) -> "OpKind":
-        return REGISTRY[self.op_type]
+        return in_body(REGISTRY[self.op_type]) if self.in_body else REGISTRY[self.op_type]
 
     @property
     def weight_position(self) -> int:
@@ -606,6 +609,54 @@ REGISTRY = {kind.op_type: kind for kind in (
 )}
 
 
+# Kinds whose weight-only form is the float op on a float weight, which a body reads by name from the graph
+# around it: a weight hoisted there (load.py) is written as int8 x scale beside it and folded by ORT at load
+# (write.folds_at_load). MatMulNBits, GatherBlockQuantized and the static kernels would rewrite the body's nodes.
+BODY_KINDS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
+
+
+@dataclass(frozen=True)
+class _InBody(OpKind):
+    """A kind's layer whose node sits inside an If/Loop/Scan body. Nothing inside a body can be fetched, so it has
+    no activation statistics and no probe: its weight is rounded on its values alone (clipping search without
+    input powers, no bias correction), weight-only in an int8 container, and the held-out comparison of the
+    whole model's outputs is what measures it."""
+
+    inner: OpKind | None = None
+
+    def weights(self, node):
+        return self.inner.weights(node)
+
+    def describe(self, node, inits):
+        fields = self.inner.describe(node, inits)
+        fields["bias_factor"] = None  # no input mean to correct the bias with
+        return fields
+
+    def matrix(self, layer, weight):
+        return self.inner.matrix(layer, weight)
+
+    def from_matrix(self, layer, matrix):
+        return self.inner.from_matrix(layer, matrix)
+
+    def input_channel_index(self, layer):
+        return self.inner.input_channel_index(layer)
+
+    def container(self, layer, bits, mode, prefer):
+        return FLOAT_CONTAINER if mode == FLOAT or bits >= FLOAT_BITS else INT8
+
+
+_BODY_VARIANTS: dict = {}
+
+
+def in_body(kind: OpKind) -> OpKind:
+    """The variant of `kind` for a layer inside a control-flow body (_InBody)."""
+    if kind.op_type not in _BODY_VARIANTS:
+        _BODY_VARIANTS[kind.op_type] = _InBody(kind.op_type, (WEIGHT_ONLY,), channels_last=kind.channels_last,
+                                               weight_index=kind.weight_index, input_moments=False,
+                                               bias_index=kind.bias_index, timed=False, inner=kind)
+    return _BODY_VARIANTS[kind.op_type]
+
+
 def consumers(graph) -> dict:
     """tensor -> the nodes that read it."""
     users: dict[str, list] = {}
@@ -855,4 +906,4 @@ def kind_for(node) -> OpKind | None:
 
 
 def kind_of(layer: Layer) -> OpKind:
-    return REGISTRY[layer.op_type]
+    return layer.kind

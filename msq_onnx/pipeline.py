@@ -263,6 +263,10 @@ def _analyse_after_pass(loaded, calib, options: Options, timer: _Timer, stats, c
     with timer.stage("importance"):
         upstream = upstream_layers(loaded.model, loaded.layers)
         gains = layer_importance({name: s.soft for name, s in scores.items()}, input_score.soft, upstream)
+        # A layer inside a control-flow body has no predictor (none of its tensors can be fetched): it takes the
+        # measured layers' mean, which weighs its error as it is in the knapsack whatever the exponent
+        neutral = float(np.mean(list(gains.values()))) if gains else 1.0
+        gains.update({layer.name: neutral for layer in loaded.layers if layer.name not in gains})
     with timer.stage("activation-modes"):
         solver = allocate_stage.import_solver_in_background() if (
             narrowed or options.max_latency is not None) and options.allocator not in allocate_stage.GREEDY else None
@@ -1232,6 +1236,13 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
         warnings.append(f"{len(floated)} layer(s) kept in float by the allocator (counted at 32 bits, "
                         f"{share:.0%} of the weights): {', '.join(floated[:5])}{' ...' if len(floated) > 5 else ''}"
                         f"{why}")
+    in_bodies = [layer for layer in loaded.layers if layer.in_body and chosen.bits[layer.name] != FLOAT_BITS]
+    if in_bodies:
+        owners = list(dict.fromkeys(layer.in_body for layer in in_bodies))
+        warnings.append(f"{len(in_bodies)} layer(s) inside the bodies of {', '.join(owners[:3])}"
+                        f"{' ...' if len(owners) > 3 else ''} were quantized on their weights alone (no tensor of a "
+                        "body can be measured): the held-out comparison checks only the branches and iterations "
+                        "its samples run")
     if loaded.skipped:
         reasons = {s["node"]: s["reason"] for s in loaded.skipped}
         names = [f"{node} ({reason})" for node, reason in list(reasons.items())[:3]]

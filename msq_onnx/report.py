@@ -167,8 +167,9 @@ def build_report(model_path, output_path, loaded, options, chosen, params, analy
         "op_type": layer.op_type,
         "params": layer.params,
         "bits": bits[layer.name],
-        "predictor_accuracy": round(analysis.scores[layer.name].top1, 6),
-        "predictor_score": round(analysis.scores[layer.name].soft, 6),
+        "predictor_accuracy": round(analysis.scores[layer.name].top1, 6) if layer.name in analysis.scores else None,
+        "predictor_score": round(analysis.scores[layer.name].soft, 6) if layer.name in analysis.scores else None,
+        "in_body": layer.in_body or None,
         "importance": round(analysis.importance[layer.name], 6),
         "upstream": analysis.upstream[layer.name],
         # its branch's share of the power where its error joins a residual stream, and what the knapsack weighs
@@ -342,8 +343,9 @@ def markdown(report: dict) -> str:
               "bits | mode | container | bytes | rel. output error |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for index, layer in enumerate(report["layers"]):
-        lines.append(f"| {index} | `{layer['name']}` | {layer['op_type']} | {layer['params']:,} | "
-                     f"{layer['predictor_accuracy']:.3f} | {layer['predictor_score']:.4f} | "
+        predictor = ("inside " + layer["in_body"] + " | no probe" if layer.get("in_body") else
+                     f"{layer['predictor_accuracy']:.3f} | {layer['predictor_score']:.4f}")
+        lines.append(f"| {index} | `{layer['name']}` | {layer['op_type']} | {layer['params']:,} | {predictor} | "
                      f"{layer['importance']:.4f} | {layer['residual_weight']:.3f} | {layer['bits']} | "
                      f"{layer['mode']} | {layer['container']}{' (fitted levels)' if layer['level_set'] else ''} | "
                      f"{layer['bytes']:,} | "
@@ -361,8 +363,8 @@ def plot_layers(report: dict, path: str) -> None:
     layers = report["layers"]
     x = range(len(layers))
     figure, axes = plt.subplots(3, 1, figsize=(max(8, len(layers) * 0.18), 7), sharex=True)
-    axes[0].plot(x, [layer["predictor_accuracy"] for layer in layers], marker=".", label="LOO top-1")
-    axes[0].plot(x, [layer["predictor_score"] for layer in layers], marker=".", label="soft score")
+    for key, label in (("predictor_accuracy", "LOO top-1"), ("predictor_score", "soft score")):  # a gap: no probe
+        axes[0].plot(x, [float("nan") if layer[key] is None else layer[key] for layer in layers], marker=".", label=label)
     axes[0].set_ylabel("predictor")
     axes[0].legend(fontsize=8)
     axes[1].bar(x, [layer["importance"] for layer in layers])

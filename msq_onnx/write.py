@@ -750,6 +750,7 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
     producers = producer_map(model.graph.node)
     constants = constant_tensors(model)
     replacements: dict[int, list] = {}
+    hoisted = []  # the int8 forms of the weights that bodies read by name: first in the graph
     for layer in layers:
         scale = quantized.scales[layer.weight_name]
         integers = quantized.integers.get(layer.weight_name)
@@ -757,6 +758,13 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
             integers = _integer_weight(layer, numpy_helper.to_array(edit.inits[layer.weight_name]), scale)
         prefix = layer.weight_name + "_msq"
         container, mode = containers[layer.name], modes[layer.name]
+        if layer.in_body:  # int8 x scale under the weight's own name, which its body reads: ORT folds it at load
+            stored = layer.kind.from_matrix(layer, integers)
+            model.graph.initializer.append(packed_tensor(prefix + "_q", stored, container))
+            made = folded_weight_nodes(prefix + "_q", scale, layer.out_axis, stored.ndim, prefix, edit)
+            made[-1].output[0] = layer.weight_name
+            hoisted.extend(made)
+            continue
         if layer.op_type == "Gather":
             for node_name in layer.nodes:
                 node = model.graph.node[position[node_name]]
@@ -797,11 +805,15 @@ def rewrite_layers(model: onnx.ModelProto, layers, quantized: QuantizedWeights, 
                 copy.CopyFrom(node)
             copy.input[layer.weight_position] = prefix + "_dq"
             replacements[position[node_name]] = new_nodes + (earlier or [copy])
-    rebuilt = []
+    rebuilt = list(hoisted)
     for index, node in enumerate(model.graph.node):
         rebuilt.extend(replacements.get(index, [node]))
     del model.graph.node[:]
     model.graph.node.extend(rebuilt)
+    floats = {layer.weight_name for layer in layers if layer.in_body}
+    kept = [t for t in model.graph.initializer if t.name not in floats]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
     edit.drop_unused()
     if any(layer.op_type == "Gather" for layer in layers) and not any(o.domain == MS_DOMAIN
                                                                        for o in model.opset_import):

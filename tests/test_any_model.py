@@ -646,33 +646,108 @@ def if_model(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_layers_inside_if_branches_are_left_in_float(tmp_path):
+def test_layers_inside_if_branches_are_quantized_on_their_weights(tmp_path):
+    """A weight a body holds moves to the graph, where its int8 form and scale are written (ORT folds them at load):
+    the body reads it by name. Nothing inside a body can be fetched, so the layer has no predictor and no input
+    statistics, and the held-out check of the outputs is what measures it. The input file stays as it was."""
     path = save(if_model(), tmp_path / "if.onnx")
+    before = open(path, "rb").read()
     x = np.random.default_rng(1).normal(size=(30, 6)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
     out = tmp_path / "q.onnx"
-    report = convert(path, str(out), str(tmp_path / "calib.npz"), Options(quiet=True)).report
-    assert [layer["name"] for layer in report["layers"]] == ["input_proj", "output_proj"]
-    left = {entry["node"]: entry["reason"] for entry in report["left_in_float"]}
-    assert set(left) == {"then_matmul", "else_matmul"}
-    for reason in left.values():
-        assert "subgraph" in reason and "If" in reason
-    # the branches' float weights count at 32 bits in the average (they counted nowhere: a budget met on paper)
-    inner = sum(int(np.prod(t.dims)) for node in onnx.load(path).graph.node for a in node.attribute
-                if a.type == onnx.AttributeProto.GRAPH for t in a.g.initializer if len(t.dims) >= 2)
-    quantized = sum(layer["params"] * layer["bits"] for layer in report["layers"])
-    assert inner and report["avg_weight_bits"] == pytest.approx(
-        (quantized + 32 * inner) / (inner + sum(layer["params"] for layer in report["layers"])), abs=1e-4)
+    report = convert(path, str(out), str(tmp_path / "calib.npz"), Options(quiet=True, avg_bits=4)).report
+    jsonschema.validate(report, json.load(open(SCHEMA_PATH)))
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert set(layers) == {"input_proj", "output_proj", "then_matmul", "else_matmul"}
+    assert not report["left_in_float"] and open(path, "rb").read() == before
+    for name in ("then_matmul", "else_matmul"):
+        assert layers[name]["in_body"] == "If 'branch'" and layers[name]["predictor_accuracy"] is None
+        assert layers[name]["mode"] == "weight-only" and layers[name]["container"] == "int8"
+    assert layers["input_proj"]["in_body"] is None and layers["input_proj"]["predictor_accuracy"] is not None
+    assert [w for w in report["warnings"] if "2 layer(s) inside the bodies of If 'branch'" in w
+            and "checks only the branches" in w]
+    params = sum(layer["params"] for layer in report["layers"])
+    assert report["avg_weight_bits"] <= 4 and report["avg_weight_bits"] == pytest.approx(
+        sum(layer["params"] * layer["bits"] for layer in report["layers"]) / params, abs=1e-4)
     written = onnx.load(out)
-    branch = node_named(written, "branch")
-    for attribute in branch.attribute:
+    inits = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    produced = {o: n for n in written.graph.node for o in n.output}
+    for attribute in node_named(written, "branch").attribute:
         body = attribute.g
+        assert not body.initializer  # the float weight left the body, and is nowhere in float
         (matmul,) = [n for n in body.node if n.op_type == "MatMul"]
-        weights = {t.name: numpy_helper.to_array(t) for t in body.initializer}
-        assert weights[matmul.input[1]].dtype == np.float32
-    # both branches still run
+        scaled = produced[matmul.input[1]]  # int8 x scale in the graph around it
+        assert scaled.op_type == "Mul" and produced[scaled.input[0]].op_type == "Cast"
+        integers = inits[produced[scaled.input[0]].input[0]]
+        bits = layers[matmul.name]["bits"]
+        assert integers.dtype == np.int8 and max(len(np.unique(column)) for column in integers.T) <= 2 ** bits
+    assert not any(v.dtype == np.float32 and v.size == 36 for v in inits.values())
+    # both branches still run, each near FP32
     for sample in (np.abs(x[:4]), -np.abs(x[:4])):
         assert cosine(run_model(path, {"x": sample})[0], run_model(out, {"x": sample})[0]) > 0.95
+
+
+def test_a_weight_a_body_computes_from_the_graphs_stays_float_and_counts(tmp_path):
+    """A body's weight computed from a tensor of the graph around it (silero-vad's LSTMs reorder their gates from
+    their parent body's weight) is not a constant of that body: it stays float, is named, and its source counts at
+    32 bits, so no budget is met on paper."""
+    model = if_model()
+    for attribute in model.graph.node[3].attribute:
+        body = attribute.g
+        matmul = body.node[0]
+        weight = body.initializer[0]
+        model.graph.initializer.append(weight)  # now the graph's, and the body transposes it
+        del body.initializer[:]
+        body.node.insert(0, N("Transpose", [weight.name], [weight.name + "_t"], name=body.name + "_t"))
+        matmul.input[1] = weight.name + "_t"
+    path = save(model, tmp_path / "if.onnx")
+    x = np.random.default_rng(1).normal(size=(30, 6)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    report = convert(path, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"), Options(quiet=True)).report
+    assert {layer["name"] for layer in report["layers"]} == {"input_proj", "output_proj"}
+    left = {entry["node"]: entry["reason"] for entry in report["left_in_float"]}
+    assert set(left) == {"then_matmul", "else_matmul"} and all("If 'branch'" in r for r in left.values())
+    assert not [w for w in report["warnings"] if "quantized on their weights alone" in w]
+    quantized = sum(layer["params"] * layer["bits"] for layer in report["layers"])
+    params = sum(layer["params"] for layer in report["layers"])
+    assert report["avg_weight_bits"] == pytest.approx((quantized + 32 * 72) / (params + 72), abs=1e-4)
+    with pytest.raises(MsqError, match="cannot be met"):
+        convert(path, str(tmp_path / "q4.onnx"), str(tmp_path / "calib.npz"), Options(quiet=True, avg_bits=4))
+
+
+def test_a_conv_inside_a_loop_body_is_quantized(tmp_path):
+    """A Loop that applies one convolution (a Constant node of its body) a number of times the input decides: the
+    weight is read at every iteration from the graph around the body."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), "loop_w")
+    body = helper.make_graph(
+        [N("Constant", [], ["w_body"], value=weight, name="w_const"),
+         N("Conv", ["state", "w_body"], ["conv"], pads=[1, 1, 1, 1], name="loop_conv"),
+         N("Tanh", ["conv"], ["next"], name="tanh"), N("Identity", ["cond_in"], ["cond_out"], name="keep")],
+        "loop_body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                      helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                      helper.make_tensor_value_info("state", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("next", TensorProto.FLOAT, None)])
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "stem_w"),
+             numpy_helper.from_array(np.array(3, np.int64), "steps"), numpy_helper.from_array(np.array(True), "go")]
+    nodes = [N("Conv", ["x", "stem_w"], ["h"], pads=[1, 1, 1, 1], name="stem"),
+             N("Loop", ["steps", "go", "h"], ["y"], body=body, name="repeat")]
+    graph = helper.make_graph(nodes, "looped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                tmp_path / "loop.onnx")
+    x = rng.normal(size=(24, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "q.onnx"
+    report = convert(path, str(out), str(tmp_path / "calib.npz"), Options(quiet=True)).report
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert layers["loop_conv"]["in_body"] == "Loop 'repeat'" and layers["loop_conv"]["bits"] == 8
+    assert not report["left_in_float"]
+    stored = [numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer if np.prod(t.dims) == 144]
+    assert [a.dtype for a in stored] == [np.int8]  # the loop's weight, in int8 and nowhere in float
+    fp32, written = run_model(path, {"x": x[:4]})[0], run_model(out, {"x": x[:4]})[0]
+    assert cosine(fp32, written) > 0.999
 
 
 # --------------------------------------------------------------------------- 5. MatMul + Add bias correction
