@@ -591,11 +591,13 @@ def _upgrade_opset(model: onnx.ModelProto, opset: int, path: str) -> onnx.ModelP
                        f"re-export the model with opset {TARGET_OPSET}.") from None
 
 
-def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+def _constants_to_initializers(graph: onnx.GraphProto, keep=frozenset()) -> None:
+    """Constant nodes holding a tensor become initializers, but for the outputs in `keep`."""
     kept = []
     for node in graph.node:
         value = next((a for a in node.attribute if a.name == "value"), None)
-        if node.op_type == "Constant" and value is not None and value.type == onnx.AttributeProto.TENSOR:
+        if node.op_type == "Constant" and value is not None and value.type == onnx.AttributeProto.TENSOR \
+                and node.output[0] not in keep:
             tensor = onnx.TensorProto()
             tensor.CopyFrom(value.t)
             tensor.name = node.output[0]
@@ -1055,7 +1057,9 @@ def _hoist_body_weights(graph: onnx.GraphProto, opset: int) -> None:
         for node in body.node:
             for inner in bodies(node):
                 visit(inner)
-        _constants_to_initializers(body)
+        if not any(kind_for(node) is not None and node.op_type in BODY_KINDS for node in body.node):
+            return  # a body with no layer to find is left as it is (a detector's NMS loop)
+        _constants_to_initializers(body, {o.name for o in body.output})
         own = {t.name: t for t in body.initializer}
         _fold_weight_chains(body, own, opset)  # its bodies' reads stay: `keep`
         readers = consumers(body)
