@@ -7,6 +7,7 @@ users have them" (old opsets, Constant nodes, initializers listed as inputs,
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -1046,49 +1047,107 @@ def _bias_add(node, users, inits) -> str | None:
 
 
 def _hoist_body_weights(graph: onnx.GraphProto, opset: int) -> None:
-    """A weight that a node of ops.BODY_KINDS inside an If/Loop/Scan body reads from a constant of that body (a
-    Constant node, an initializer, or computed from them: _fold_weight_chains, as in the graph) moves to this
-    graph's initializers, under a name no scope uses: a body reads the names of the graphs around it, so the write
-    can put the weight's int8 form and scale beside it, where ORT folds them at load (ops._InBody). Only a weight
-    that nothing else in its body reads, nor a body output, moves."""
+    """The weights of the nodes of ops.BODY_KINDS inside If/Loop/Scan bodies move to this graph's initializers, under
+    names no scope uses: a body reads the names of the graphs around it, so the write can put a weight's int8 form and
+    scale beside it, where ORT folds them at load (ops._InBody). A weight moves where it is a constant of its body (an
+    initializer, a Constant node, or computed from them: _fold_weight_chains, as in the graph) that nothing else
+    there reads, or where the body computes it from constants of the scopes around it (silero-vad's LSTMs reorder
+    their gates from their parent body's weight, once in each branch that runs them): one initializer per value, the
+    computation and the sources nothing reads any more removed. Bodies without such a node are left as they are."""
     taken = all_names(graph)
+    by_value: dict = {}  # a folded value's bytes -> the initializer of this graph that holds it
+    sources: set = set()  # constants folded chains read, removed below where nothing reads them any more
 
-    def visit(body) -> None:
-        for node in body.node:
-            for inner in bodies(node):
-                visit(inner)
-        if not any(kind_for(node) is not None and node.op_type in BODY_KINDS for node in body.node):
-            return  # a body with no layer to find is left as it is (a detector's NMS loop)
+    def holds_layers(body) -> bool:
+        return any((kind_for(node) is not None and node.op_type in BODY_KINDS)
+                   or any(holds_layers(inner) for inner in bodies(node)) for node in body.node)
+
+    def hoisted(value: np.ndarray, name: str) -> str:
+        key = (value.dtype.str, value.shape, hashlib.sha256(value.tobytes()).digest())
+        if key not in by_value:
+            by_value[key] = unique_name(name, taken, "_msq")
+            graph.initializer.append(numpy_helper.from_array(value, by_value[key]))
+        return by_value[key]
+
+    def visit(body, outer: dict) -> None:
+        if not holds_layers(body):
+            return
         _constants_to_initializers(body, {o.name for o in body.output})
         own = {t.name: t for t in body.initializer}
         _fold_weight_chains(body, own, opset)  # its bodies' reads stay: `keep`
-        readers = consumers(body)
+        own = {t.name: t for t in body.initializer}
+        visible = {**outer, **own}
+        for node in body.node:
+            for inner in bodies(node):
+                visit(inner, visible)
+        readers, producers = consumers(body), producer_map(body.node)
         fixed = {o.name for o in body.output} | subgraph_inputs(body)
         moved = {}
         for node in body.node:
             kind = kind_for(node)
             if kind is None or kind.op_type not in BODY_KINDS:
                 continue
-            for position, _, _ in kind.weights(node):
+            weights = {position for position, _, _ in kind.weights(node)}
+            for position in kind.constant_inputs(node):
                 name = node.input[position] if len(node.input) > position else ""
-                if name in moved or name in fixed or not _float_weight(name, own):
+                if not name or name in moved or name in fixed:
                     continue
-                if all(kind_for(r) is kind and list(r.input).index(name) == position for r in readers[name]):
-                    tensor = onnx.TensorProto()
-                    tensor.CopyFrom(own[name])
-                    tensor.name = moved[name] = unique_name(name, taken, "_msq")
-                    graph.initializer.append(tensor)
-        if not moved:
-            return
+                if name in own:
+                    if position in weights and _float_weight(name, own) and all(
+                            kind_for(r) is kind and list(r.input).index(name) == position for r in readers[name]):
+                        moved[name] = hoisted(numpy_helper.to_array(own[name]), name)
+                    continue
+                chain = []
+                value = None if name in visible else _computed_weight(name, producers, visible, chain, opset)
+                if value is not None and value.dtype == np.float32 and value.ndim >= (2 if position in weights else 1):
+                    node.input[position] = hoisted(value, name)
+                    sources.update(i for step in chain for i in step.input if i in visible)
         for node in body.node:
             node.input[:] = [moved.get(name, name) for name in node.input]
         kept = [t for t in body.initializer if t.name not in moved]
         del body.initializer[:]
         body.initializer.extend(kept)
+        _drop_unread_computations(body, visible)
 
     for node in graph.node:
         for body in bodies(node):
-            visit(body)
+            visit(body, {t.name: t for t in graph.initializer})
+    if sources:
+        _drop_unread(graph, sources, _all_reads(graph))
+
+
+def _drop_unread_computations(body, constants: dict) -> None:
+    """Nodes of a body computed from constants alone whose outputs nothing reads (a folded chain)."""
+    while True:
+        read = {name for node in body.node for name in node.input} | subgraph_inputs(body) | {
+            o.name for o in body.output}
+        producers = producer_map(body.node)
+        dead = [node for node in body.node if not any(o in read for o in node.output if o)
+                and all(_constant_sources(o, producers, constants) is not None for o in node.output if o)]
+        if not dead:
+            return
+        for node in dead:
+            body.node.remove(node)
+
+
+def _all_reads(graph) -> set:
+    """Every name read in the graph and its bodies: node inputs and each scope's outputs."""
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for body in bodies(node):
+            names |= _all_reads(body)
+    return names
+
+
+def _drop_unread(graph, names: set, read: set) -> None:
+    """The initializers among `names`, in the graph or any body, that nothing reads."""
+    unread = [t for t in graph.initializer if t.name in names and t.name not in read]
+    for tensor in unread:
+        graph.initializer.remove(tensor)
+    for node in graph.node:
+        for body in bodies(node):
+            _drop_unread(body, names, read)
 
 
 def _all_readers(graph, owner: str = "") -> list:

@@ -687,30 +687,59 @@ def test_layers_inside_if_branches_are_quantized_on_their_weights(tmp_path):
         assert cosine(run_model(path, {"x": sample})[0], run_model(out, {"x": sample})[0]) > 0.95
 
 
-def test_a_weight_a_body_computes_from_the_graphs_stays_float_and_counts(tmp_path):
+def test_a_weight_a_body_computes_from_the_graphs_is_folded_into_one(tmp_path):
     """A body's weight computed from a tensor of the graph around it (silero-vad's LSTMs reorder their gates from
-    their parent body's weight) is not a constant of that body: it stays float, is named, and its source counts at
-    32 bits, so no budget is met on paper."""
+    their parent body's weight, in each branch that runs them) is folded: one initializer per value, read by both
+    branches, one layer; the source and the computation nothing reads any more are gone."""
     model = if_model()
+    shared = numpy_helper.from_array(np.random.default_rng(3).normal(0, 0.4, (6, 6)).astype(np.float32), "shared")
+    model.graph.initializer.append(shared)
+    for attribute in model.graph.node[3].attribute:
+        body = attribute.g
+        del body.initializer[:]
+        body.node.insert(0, N("Transpose", ["shared"], [body.name + "_t"], name=body.name + "_t"))
+        body.node[1].input[1] = body.name + "_t"
+    path = save(model, tmp_path / "if.onnx")
+    x = np.random.default_rng(1).normal(size=(30, 6)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "q.onnx"
+    # weight-only: the comparison below sees the weights' rounding, not the output's uint8 grid
+    report = convert(path, str(out), str(tmp_path / "calib.npz"), Options(quiet=True, activations="weight-only")).report
+    (folded,) = [layer for layer in report["layers"] if layer["in_body"]]  # one layer for the two readers
+    assert len(report["layers"]) == 3 and not report["left_in_float"]
+    assert folded["name"] in ("then_matmul", "else_matmul") and folded["in_body"] == "If 'branch'"
+    assert folded["params"] == 36
+    written = onnx.load(out)
+    assert not any(t.data_type == TensorProto.FLOAT and np.prod(t.dims) == 36 for t in written.graph.initializer)
+    for attribute in node_named(written, "branch").attribute:
+        assert [n.op_type for n in attribute.g.node] == ["MatMul"]  # the Transpose went with the fold
+    for sample in (np.abs(x[:4]), -np.abs(x[:4])):
+        fp32, written = run_model(path, {"x": sample})[0], run_model(out, {"x": sample})[0]
+        assert cosine(fp32.reshape(1, -1), written.reshape(1, -1)) > 0.999  # over the batch: a ReLU zeroes rows
+
+
+def test_an_embedding_table_inside_a_body_stays_float_and_counts(tmp_path):
+    """A Gather table read inside a body stays float (GatherBlockQuantized would rewrite the body's node): named, and
+    counted at 32 bits, so no budget is met on paper."""
+    model = if_model()
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.random.default_rng(4).normal(size=(10, 6)).astype(np.float32), "table"),
+        numpy_helper.from_array(np.arange(6, dtype=np.int64), "rows")])
     for attribute in model.graph.node[3].attribute:
         body = attribute.g
         matmul = body.node[0]
-        weight = body.initializer[0]
-        model.graph.initializer.append(weight)  # now the graph's, and the body transposes it
-        del body.initializer[:]
-        body.node.insert(0, N("Transpose", [weight.name], [weight.name + "_t"], name=body.name + "_t"))
-        matmul.input[1] = weight.name + "_t"
+        body.node.extend([N("Gather", ["table", "rows"], [body.name + "_rows"], name=body.name + "_gather"),
+                          N("Add", [matmul.output[0], body.name + "_rows"], [body.name + "_sum"], name=body.name + "_add")])
+        body.output[0].name = body.name + "_sum"
     path = save(model, tmp_path / "if.onnx")
     x = np.random.default_rng(1).normal(size=(30, 6)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
     report = convert(path, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"), Options(quiet=True)).report
-    assert {layer["name"] for layer in report["layers"]} == {"input_proj", "output_proj"}
     left = {entry["node"]: entry["reason"] for entry in report["left_in_float"]}
-    assert set(left) == {"then_matmul", "else_matmul"} and all("If 'branch'" in r for r in left.values())
-    assert not [w for w in report["warnings"] if "quantized on their weights alone" in w]
+    assert set(left) == {"then_gather", "else_gather"} and all("If 'branch'" in r for r in left.values())
     quantized = sum(layer["params"] * layer["bits"] for layer in report["layers"])
     params = sum(layer["params"] for layer in report["layers"])
-    assert report["avg_weight_bits"] == pytest.approx((quantized + 32 * 72) / (params + 72), abs=1e-4)
+    assert report["avg_weight_bits"] == pytest.approx((quantized + 32 * 60) / (params + 60), abs=1e-4)
     with pytest.raises(MsqError, match="cannot be met"):
         convert(path, str(tmp_path / "q4.onnx"), str(tmp_path / "calib.npz"), Options(quiet=True, avg_bits=4))
 

@@ -407,19 +407,18 @@ def _(d):
 
 @case("model-layers-only-inside-if")
 def _(d):
-    """Every weighted node inside an If body, each on a weight its body computes from the graph's (a Gather of its
-    rows): nothing to allocate, and the message says where they are."""
+    """Every weighted node inside an If body, of a kind not quantized there (an embedding table): nothing to
+    allocate, and the message says where they are."""
     branch = lambda name: helper.make_graph(  # noqa: E731
-        [helper.make_node("Gather", ["w", "rows"], [name + "_w"], name=name + "_rows"),
-         helper.make_node("MatMul", ["x", name + "_w"], [name + "_y"], name=name + "_mm")], name, [],
+        [helper.make_node("Gather", ["w", "rows"], [name + "_y"], name=name + "_rows")], name, [],
         [helper.make_tensor_value_info(name + "_y", TensorProto.FLOAT, ["N", 3])])
     return graph_case(d, "if_only", [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
+                                     helper.make_node("ArgMax", ["x"], ["rows"], axis=1, keepdims=0, name="rows"),
                                      helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
                                      helper.make_node("If", ["c"], ["y"], name="branch", then_branch=branch("a"),
                                                       else_branch=branch("b"))],
                       [_x("N", 4)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-                      [_w(), numpy_helper.from_array(np.array(0, np.float32), "zero"),
-                       numpy_helper.from_array(np.arange(4, dtype=np.int64), "rows")],
+                      [_w(), numpy_helper.from_array(np.array(0, np.float32), "zero")],
                       {"x": np.ones((8, 4), np.float32)}, ("no quantizable layer", "If"))
 
 
@@ -1131,28 +1130,27 @@ def test_the_integer_weight_inputs_cover_every_integer_kernel_a_written_model_is
 
 
 def test_fake_quantized_activations_do_not_make_a_model_already_quantized(tmp_path):
-    """Q/DQ pairs on activations alone (fake quantization) and a layer that sits inside an If body, its weight computed
-    there: the refusal says
+    """Q/DQ pairs on activations alone (fake quantization) and an embedding table read inside an If body: the refusal
+    says
     the layers are inside control flow, not that the model was quantized already (a review found it did)."""
     from msq_onnx.errors import BadModel
     from msq_onnx.load import load_model
 
     rng = np.random.default_rng(0)
 
-    def branch(name):  # a weight the body computes from the graph's: left in float
-        return helper.make_graph([helper.make_node("Gather", ["W", "rows"], [name + "_w"]),
-                                  helper.make_node("MatMul", ["xd", name + "_w"], [name])], name, [],
+    def branch(name):  # an embedding table: left in float inside a body
+        return helper.make_graph([helper.make_node("Gather", ["W", "rows"], [name])], name, [],
                                  [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4])])
 
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
              helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
+             helper.make_node("ArgMax", ["xd"], ["rows"], axis=1, keepdims=0),
              helper.make_node("Greater", ["top", "zero"], ["positive"]),
              helper.make_node("If", ["positive"], ["y"], then_branch=branch("a"), else_branch=branch("b"))]
     inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "zp"),
              numpy_helper.from_array(rng.normal(size=(6, 4)).astype(np.float32), "W"),
-             numpy_helper.from_array(np.array(0, np.float32), "zero"),
-             numpy_helper.from_array(np.arange(6, dtype=np.int64), "rows")]
+             numpy_helper.from_array(np.array(0, np.float32), "zero")]
     graph = helper.make_graph(nodes, "fake_quant", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
