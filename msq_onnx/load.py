@@ -23,8 +23,8 @@ from onnx import numpy_helper, version_converter
 
 from . import sample_axes
 from .errors import BadModel, one_line
-from .ops import (BODY_KINDS, FLOAT_BITS, Layer, Skip, attribute, bodies, consumers, in_body,  # noqa: F401
-                  kind_for,  # (re-exported)
+from .ops import (ALWAYS_WEIGHTED, BODY_KINDS, FLOAT_BITS, Layer, Skip, attribute, bodies,  # noqa: F401
+                  consumers, in_body, kind_for,  # (re-exported)
                   earliest_selection, selected_outputs, selection_source, selection_text, subgraph_inputs)
 
 # Written opset: the first with int4/uint4 Q/DQ and per-axis DQ everywhere, and
@@ -1161,9 +1161,6 @@ def _all_readers(graph, owner: str = "") -> list:
     return found
 
 
-_ALWAYS_WEIGHTED = ("Conv", "ConvTranspose", "LSTM", "GRU", "RNN")  # their weight inputs hold nothing but weights
-
-
 def _subgraph_layers(graph, inits: dict, names: set) -> tuple[list[Layer], list[dict]]:
     """Weighted nodes inside If/Loop/Scan bodies. A node of ops.BODY_KINDS whose weight is an initializer of the
     graph (_hoist_body_weights) that only such nodes read, at that input, is a layer measured on its weight alone
@@ -1207,11 +1204,13 @@ def _subgraph_layers(graph, inits: dict, names: set) -> tuple[list[Layer], list[
         # the float constants its weights are (or are computed from, in its body or around it): 32 bits each
         weights = sorted(set().union(*(_constant_sources(name, producers, constants) or set()
                                        for name in node.input if name)))
-        reason = (f"inside the body of {owner}: its weight is computed in the body from what other nodes read too, "
-                  f"or read elsewhere, or {node.op_type} is not quantized inside a body: left in float")
+        why = (f"{node.op_type} is not quantized inside a body (its kernel would rewrite the body's node)"
+               if node.op_type not in BODY_KINDS else
+               "its weight is also read by another node, or computed from a value that is not a constant")
+        reason = f"inside the body of {owner}: {why}: left in float"
         skipped.extend({**entry, "weight": name, "params": math.prod(constants[name].dims), "reason": reason}
                        for name in weights)
-        if not weights and node.op_type in _ALWAYS_WEIGHTED:  # a product of two activations is no layer
+        if not weights and node.op_type in ALWAYS_WEIGHTED:  # a product of two activations is no layer
             skipped.append({**entry, "reason": reason})
     return list(layers.values()), skipped
 

@@ -613,6 +613,9 @@ REGISTRY = {kind.op_type: kind for kind in (
 # around it: a weight hoisted there (load.py) is written as int8 x scale beside it and folded by ORT at load
 # (write.folds_at_load). MatMulNBits, GatherBlockQuantized and the static kernels would rewrite the body's nodes.
 BODY_KINDS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
+# Kinds whose weight inputs hold nothing but weights: such a node is weighted even where its weight is computed (a
+# MatMul or Gemm may multiply two activations)
+ALWAYS_WEIGHTED = ("Conv", "ConvTranspose", "LSTM", "GRU", "RNN")
 
 
 @dataclass(frozen=True)
