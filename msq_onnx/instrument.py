@@ -53,6 +53,7 @@ class PassStatistics:
     tokens: float | None = None  # mean real (unmasked) tokens per sample, for a model with an attention mask
     workers: int = 1  # runs of the model at once in the later stages (run_workers, from the first sample)
     residual_share: dict = None  # layer -> its branch's share of the power at its residual join (ops.residual_joins)
+    branches: dict = None  # the graph's If nodes around layers -> the conditions (True, False) the samples gave
 
 
 def float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -183,13 +184,23 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     original_nodes = len(graph.node)
     outputs = {"range": {}, "borrowed": {}, "moments": {}, "probe": {}, "pyramid": {}, "grid": {}, "hessian": {},
                "rows": {}, "norms": {}, "hessian_only": set(), "sequence_pyramid": {}, "shared_lengths": False,
-               "joins": {}, "candidates": [], "power": {}, "size": {}}
+               "joins": {}, "candidates": [], "power": {}, "size": {}, "conditions": {}}
     exposed = {o.name for o in graph.output}
 
     def add_output(name: str, elem=TensorProto.FLOAT):
         if name not in exposed:
             graph.output.append(helper.make_tensor_value_info(name, elem, None))
             exposed.add(name)
+
+    # The conditions of the graph's Ifs that hold layers: which branches the samples run (nothing in a branch is
+    # measured, so a branch no sample takes is quantized unchecked: pipeline._warnings says so)
+    branching = {layer.branch[0] for layer in loaded.layers if layer.branch}
+    fed = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "If" and node.name in branching:
+            outputs["conditions"][node.name] = node.input[0]
+            if node.input[0] not in fed:
+                add_output(node.input[0], TensorProto.BOOL)
 
     sources = range_sources(model)
     # Only where a static layer can read them: MiniLM-L6's run measured 219 tensors, 29.0 ms a run, 65 of them
@@ -779,6 +790,9 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
     final_outputs = []
     rows: dict = {}
     tokens = []  # real tokens per sample, when an attention mask tells them from padding
+    branches = {name: set() for name in outputs["conditions"]}  # If node -> the conditions its samples gave
+    constant_conditions = {t.name: numpy_helper.to_array(t) for t in loaded.model.graph.initializer
+                           if t.name in set(outputs["conditions"].values())}
     seen = 0
 
     def runner(session, gram):
@@ -804,6 +818,10 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
 
     def absorb(feed, count, result, gathered):
         nonlocal seen
+        for name, condition in outputs["conditions"].items():
+            value = result.get(condition, feed.get(condition, constant_conditions.get(condition)))
+            if value is not None:
+                branches[name].update(bool(v) for v in np.unique(np.asarray(value)))
         if mask_input:
             tokens.extend(np.asarray(feed[mask_input][:count]).reshape(count, -1).sum(axis=1).tolist())
         final = loaded.judged_samples(result[loaded.judged], count)
@@ -905,6 +923,7 @@ def _run_pass(loaded: LoadedModel, samples, levels, max_dim: int, batch_size: in
         workers=workers,
         residual_share={name: power_sum[join[0]] / power_sum[join[1]] for name, join in joins.items()
                         if join is not None and power_sum[join[1]] > 0},
+        branches=branches,
     )
 
 

@@ -1150,14 +1150,17 @@ def _drop_unread(graph, names: set, read: set) -> None:
             _drop_unread(body, names, read)
 
 
-def _all_readers(graph, owner: str = "") -> list:
-    """(node, the If/Loop/Scan node whose body holds it: "If 'name'", "" in the graph itself) for every node of the
-    graph and of its bodies, nested ones included."""
+def _all_readers(graph, owner: str = "", branch: tuple = ()) -> list:
+    """(node, the If/Loop/Scan node whose body holds it: "If 'name'", "" in the graph itself, and (the graph's own
+    If node, its branch's attribute) around it at any depth, () elsewhere) for every node of the graph and of its
+    bodies, nested ones included."""
     found = []
     for node in graph.node:
-        found.append((node, owner))
-        for body in bodies(node):
-            found.extend(_all_readers(body, f"{node.op_type} '{node.name}'"))
+        found.append((node, owner, branch))
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                found.extend(_all_readers(body, f"{node.op_type} '{node.name}'", branch or (
+                    (node.name, attr.name) if node.op_type == "If" and not owner else ())))
     return found
 
 
@@ -1167,15 +1170,15 @@ def _subgraph_layers(graph, inits: dict, names: set) -> tuple[list[Layer], list[
     (ops._InBody); every other one stays in float, said so, its float weights counted at 32 bits: uncounted, a
     budget would be met by leaving them float."""
     every = _all_readers(graph)
-    producers = {name: node for node, _ in every for name in node.output if name}
-    constants = {**{t.name: t for node, _ in every for body in bodies(node) for t in body.initializer}, **inits}
+    producers = {name: node for node, _, _ in every for name in node.output if name}
+    constants = {**{t.name: t for node, _, _ in every for body in bodies(node) for t in body.initializer}, **inits}
     reads: dict = {}
-    for node, owner in every:
+    for node, owner, _ in every:
         for position, name in enumerate(node.input):
             reads.setdefault(name, []).append((node, owner, position))
     layers: dict = {}
     skipped = []
-    for node, owner in every:
+    for node, owner, branch in every:
         kind = kind_for(node)
         if not owner or kind is None:
             continue
@@ -1198,7 +1201,7 @@ def _subgraph_layers(graph, inits: dict, names: set) -> tuple[list[Layer], list[
                                  op_type=node.op_type, weight_name=name, input_name=node.input[kind.data_index],
                                  probe_name="", weight_shape=tuple(inits[name].dims), weight_input=position,
                                  nodes=tuple(r.name for r, _, _ in readers), output_name=node.output[0],
-                                 in_body=owner, **fields)
+                                 in_body=owner, branch=branch, **fields)
         if any(layer.nodes and node.name in layer.nodes for layer in layers.values()):
             continue
         # the float constants its weights are (or are computed from, in its body or around it): 32 bits each
@@ -1312,7 +1315,7 @@ def find_layers(model: onnx.ModelProto, inits: dict) -> tuple[list[Layer], list[
     outputs = {o.name for o in graph.output}
     by_weight: dict[str, Layer] = {}
     refused = set()
-    names = {node.name for node, _ in _all_readers(graph)}
+    names = {node.name for node, _, _ in _all_readers(graph)}
     in_bodies, skipped = _subgraph_layers(graph, inits, names)
     opset = _default_opset(model)
     for node in graph.node:

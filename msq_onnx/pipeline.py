@@ -1243,6 +1243,15 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
                         f"{' ...' if len(owners) > 3 else ''} were quantized on their weights alone (no tensor of a "
                         "body can be measured): the held-out comparison checks only the branches and iterations "
                         "its samples run")
+        taken = getattr(analysis.stats, "branches", None) or {}
+        unrun: dict = {}  # (If node, branch attribute) -> its layers, where the samples gave the other condition only
+        for layer in in_bodies:
+            if layer.branch and taken.get(layer.branch[0]) and (layer.branch[1] == "then_branch") not in taken[
+                    layer.branch[0]]:
+                unrun.setdefault(layer.branch, []).append(layer)
+        warnings.extend(f"no calibration sample takes the {attribute} of If '{node}': its {len(layers)} layer(s) "
+                        f"({sum(layer.params for layer in layers):,} weights) are quantized, counted in the budget, "
+                        "and never run by any check" for (node, attribute), layers in unrun.items())
     if loaded.skipped:
         reasons = {s["node"]: s["reason"] for s in loaded.skipped}
         names = [f"{node} ({reason})" for node, reason in list(reasons.items())[:3]]

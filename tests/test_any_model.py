@@ -666,6 +666,7 @@ def test_layers_inside_if_branches_are_quantized_on_their_weights(tmp_path):
     assert layers["input_proj"]["in_body"] is None and layers["input_proj"]["predictor_accuracy"] is not None
     assert [w for w in report["warnings"] if "2 layer(s) inside the bodies of If 'branch'" in w
             and "checks only the branches" in w]
+    assert not [w for w in report["warnings"] if "no calibration sample takes" in w]  # both branches ran
     params = sum(layer["params"] for layer in report["layers"])
     assert report["avg_weight_bits"] <= 4 and report["avg_weight_bits"] == pytest.approx(
         sum(layer["params"] * layer["bits"] for layer in report["layers"]) / params, abs=1e-4)
@@ -685,6 +686,12 @@ def test_layers_inside_if_branches_are_quantized_on_their_weights(tmp_path):
     # both branches still run, each near FP32
     for sample in (np.abs(x[:4]), -np.abs(x[:4])):
         assert cosine(run_model(path, {"x": sample})[0], run_model(out, {"x": sample})[0]) > 0.95
+    # samples that all take the then-branch: the else-branch's layer is named as never run
+    np.savez(tmp_path / "positive.npz", x=np.abs(x))
+    report = convert(path, str(tmp_path / "p.onnx"), str(tmp_path / "positive.npz"), Options(quiet=True)).report
+    assert [w for w in report["warnings"] if w.startswith("no calibration sample takes the else_branch of If "
+                                                          "'branch': its 1 layer(s) (36 weights)")]
+    assert not [w for w in report["warnings"] if "then_branch" in w]
 
 
 def test_a_weight_a_body_computes_from_the_graphs_is_folded_into_one(tmp_path):
