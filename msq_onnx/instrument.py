@@ -194,7 +194,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
 
     # The conditions of the graph's Ifs that hold layers: which branches the samples run (nothing in a branch is
     # measured, so a branch no sample takes is quantized unchecked: pipeline._warnings says so)
-    branching = {layer.branch[0] for layer in loaded.layers if layer.branch}
+    branching = {branch[0] for layer in loaded.layers for branch in layer.branches if branch}
     fed = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "If" and node.name in branching:

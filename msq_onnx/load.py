@@ -1046,15 +1046,20 @@ def _bias_add(node, users, inits) -> str | None:
     return other[0] if dims == [columns] and inits[other[0]].data_type == onnx.TensorProto.FLOAT else None
 
 
-def _hoist_body_weights(graph: onnx.GraphProto, opset: int) -> None:
+def _hoist_body_weights(graph: onnx.GraphProto, opset: int, defaults=frozenset()) -> list[dict]:
     """The weights of the nodes of ops.BODY_KINDS inside If/Loop/Scan bodies move to this graph's initializers, under
     names no scope uses: a body reads the names of the graphs around it, so the write can put a weight's int8 form and
     scale beside it, where ORT folds them at load (ops._InBody). A weight moves where it is a constant of its body (an
     initializer, a Constant node, or computed from them: _fold_weight_chains, as in the graph) that nothing else
     there reads, or where the body computes it from constants of the scopes around it (silero-vad's LSTMs reorder
     their gates from their parent body's weight, once in each branch that runs them): one initializer per value, the
-    computation and the sources nothing reads any more removed. Bodies without such a node are left as they are."""
+    computation and the sources nothing reads any more removed. Bodies without such a node are left as they are.
+    Every body node gets a name no other node has (layers and their nodes are looked up by name). `defaults`: the
+    graph's initializers a caller may feed, which no weight is computed from. Returns, as find_layers' skipped
+    entries, the float sources a fold left for another reader: they count at 32 bits."""
+    _name_body_nodes(graph)
     taken = all_names(graph)
+    left: list = []
     by_value: dict = {}  # a folded value's bytes -> the initializer of this graph that holds it
     sources: set = set()  # constants folded chains read, removed below where nothing reads them any more
 
@@ -1074,7 +1079,8 @@ def _hoist_body_weights(graph: onnx.GraphProto, opset: int) -> None:
             return
         _constants_to_initializers(body, {o.name for o in body.output})
         own = {t.name: t for t in body.initializer}
-        _fold_weight_chains(body, own, opset)  # its bodies' reads stay: `keep`
+        beside, _ = _fold_weight_chains(body, own, opset)  # its bodies' reads stay: `keep`
+        left.extend({**entry, "params": math.prod(own[entry["weight"]].dims)} for entry in beside)
         own = {t.name: t for t in body.initializer}
         visible = {**outer, **own}
         for node in body.node:
@@ -1111,9 +1117,43 @@ def _hoist_body_weights(graph: onnx.GraphProto, opset: int) -> None:
 
     for node in graph.node:
         for body in bodies(node):
-            visit(body, {t.name: t for t in graph.initializer})
+            visit(body, {t.name: t for t in graph.initializer if t.name not in defaults})
     if sources:
-        _drop_unread(graph, sources, _all_reads(graph))
+        read = _all_reads(graph)
+        _drop_unread(graph, sources, read)
+        # a source another node still reads stays in float beside the folded copy
+        still = {t.name: t for t in _all_initializers(graph) if t.name in sources and t.name in read}
+        left.extend({"node": name, "op_type": "", "weight": name, "params": math.prod(tensor.dims),
+                     "reason": "a weight a body computes from it was folded into a copy, and another node still reads "
+                               "it in float: it counts at 32 bits"}
+                    for name, tensor in still.items() if _float_weight(name, still))
+    return left
+
+
+def _name_body_nodes(graph) -> None:
+    """A name no other node of the model has for every body node without one or with another's."""
+    taken = {node.name for node in graph.node}
+
+    def visit(body) -> None:
+        for index, node in enumerate(body.node):
+            if not node.name or node.name in taken:
+                node.name = unique_name(node.name or f"{body.name}/{node.op_type}_{index}", taken, "_")
+            taken.add(node.name)
+            for inner in bodies(node):
+                visit(inner)
+
+    for node in graph.node:
+        for body in bodies(node):
+            visit(body)
+
+
+def _all_initializers(graph) -> list:
+    """The initializers of the graph and of every body in it."""
+    found = list(graph.initializer)
+    for node in graph.node:
+        for body in bodies(node):
+            found.extend(_all_initializers(body))
+    return found
 
 
 def _drop_unread_computations(body, constants: dict) -> None:
@@ -1137,6 +1177,15 @@ def _all_reads(graph) -> set:
         names.update(node.input)
         for body in bodies(node):
             names |= _all_reads(body)
+    return names
+
+
+def _all_outputs(graph) -> set:
+    """The outputs of the graph and of every body in it."""
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        for body in bodies(node):
+            names |= _all_outputs(body)
     return names
 
 
@@ -1170,50 +1219,59 @@ def _subgraph_layers(graph, inits: dict, names: set) -> tuple[list[Layer], list[
     (ops._InBody); every other one stays in float, said so, its float weights counted at 32 bits: uncounted, a
     budget would be met by leaving them float."""
     every = _all_readers(graph)
-    producers = {name: node for node, _, _ in every for name in node.output if name}
-    constants = {**{t.name: t for node, _, _ in every for body in bodies(node) for t in body.initializer}, **inits}
+    producers = {name: node for node, _, _ in every for name in node.output if name and node.op_type != "Constant"}
+    constants = {**{t.name: t for t in _all_initializers(graph)}, **{  # a Constant kept as a body's output too
+        node.output[0]: a.t for node, _, _ in every if node.op_type == "Constant" for a in node.attribute
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR}, **inits}
+    outputs = _all_outputs(graph)
     reads: dict = {}
-    for node, owner, _ in every:
+    for node, owner, branch in every:
         for position, name in enumerate(node.input):
-            reads.setdefault(name, []).append((node, owner, position))
+            reads.setdefault(name, []).append((node, owner, position, branch))
     layers: dict = {}
     skipped = []
-    for node, owner, branch in every:
+    for node, owner, _ in every:
         kind = kind_for(node)
         if not owner or kind is None:
             continue
         entry = {"node": node.name or node.output[0], "op_type": node.op_type}
         candidates = kind.weights(node) if kind.op_type in BODY_KINDS else ()
+        refused = False
         for position, _, suffix in candidates:
             name = node.input[position] if len(node.input) > position else ""
-            if name in layers or not _float_weight(name, inits) or inits[name].data_type != onnx.TensorProto.FLOAT:
+            if name in layers or name in outputs or not _float_weight(name, inits) \
+                    or inits[name].data_type != onnx.TensorProto.FLOAT:
                 continue
             readers = reads[name]
-            if not all(kind_for(r) is kind and p == position and o for r, o, p in readers):
+            if not all(kind_for(r) is kind and p == position and o for r, o, p, _ in readers):
                 continue
             try:
                 fields = in_body(kind).describe(node, inits)
             except Skip as reason:
                 skipped.append({**entry, "weight": name, "reason": f"inside the body of {owner}: {reason}"})
+                refused = True
                 continue
-            own_name = node.name or node.output[0]
-            layers[name] = Layer(name=unique_name(own_name + suffix, names, "_msq") if suffix else own_name,
+            owners = ", ".join(dict.fromkeys(o for _, o, _, _ in readers))
+            layers[name] = Layer(name=unique_name(node.name + suffix, names, "_msq") if suffix else node.name,
                                  op_type=node.op_type, weight_name=name, input_name=node.input[kind.data_index],
                                  probe_name="", weight_shape=tuple(inits[name].dims), weight_input=position,
-                                 nodes=tuple(r.name for r, _, _ in readers), output_name=node.output[0],
-                                 in_body=owner, branch=branch, **fields)
-        if any(layer.nodes and node.name in layer.nodes for layer in layers.values()):
+                                 nodes=tuple(r.name for r, _, _, _ in readers), output_name=node.output[0],
+                                 in_body=owners, branches=tuple(dict.fromkeys(b for _, _, _, b in readers)), **fields)
+        if refused:
             continue
-        # the float constants its weights are (or are computed from, in its body or around it): 32 bits each
+        made = any(node.name in layer.nodes for layer in layers.values())
+        # the float constants its weights are (or are computed from, in its body or around it), but a layer's: 32
+        # bits each. A layer's node counts only its other weights (an LSTM's R beside its W), not its bias.
+        inputs = [node.input[p] for p, _, _ in candidates if len(node.input) > p] if made else node.input
         weights = sorted(set().union(*(_constant_sources(name, producers, constants) or set()
-                                       for name in node.input if name)))
+                                       for name in inputs if name and name not in layers)))
         why = (f"{node.op_type} is not quantized inside a body (its kernel would rewrite the body's node)"
                if node.op_type not in BODY_KINDS else
                "its weight is also read by another node, or computed from a value that is not a constant")
         reason = f"inside the body of {owner}: {why}: left in float"
         skipped.extend({**entry, "weight": name, "params": math.prod(constants[name].dims), "reason": reason}
                        for name in weights)
-        if not weights and node.op_type in ALWAYS_WEIGHTED:  # a product of two activations is no layer
+        if not weights and not made and node.op_type in ALWAYS_WEIGHTED:  # two activations' product is no layer
             skipped.append({**entry, "reason": reason})
     return list(layers.values()), skipped
 
@@ -1474,7 +1532,6 @@ def load_model(path: str, output: str | None = None, whole: frozenset = frozense
     graph = model.graph
     declared = {t.name for t in graph.initializer}  # before Constant nodes join them
     _constants_to_initializers(graph)
-    _hoist_body_weights(graph, _default_opset(model))
     inits = {t.name: t for t in graph.initializer}
     # From IR 4 on, an initializer listed among the inputs is a default the caller may feed instead (a
     # temperature, a threshold): the written model lists it again where its tensor is written as it was
@@ -1486,6 +1543,9 @@ def load_model(path: str, output: str | None = None, whole: frozenset = frozense
     kept_inputs = [i for i in graph.input if i.name not in inits]
     del graph.input[:]
     graph.input.extend(kept_inputs)
+    # a default the caller may feed is no constant: a body's weight computed from it stays as it is
+    kept_in_bodies = _hoist_body_weights(graph, _default_opset(model), {i.name for i in default_inputs})
+    inits = {t.name: t for t in graph.initializer}
     # Old files (IR 3) must list initializers as inputs; the upgraded opset
     # needs a newer IR anyway, and the written model must pass the checker.
     standard = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
@@ -1514,7 +1574,7 @@ def load_model(path: str, output: str | None = None, whole: frozenset = frozense
         raise BadModel(f"'{path}': output '{passed[0]}' is a graph input passed through unchanged, which ONNX "
                        "Runtime's quantizer cannot take; drop it from the outputs (the caller has it already).")
     layers, skipped = find_layers(model, inits)
-    skipped.extend(kept_beside_copies)
+    skipped.extend(kept_beside_copies + kept_in_bodies)
     if not layers:
         inside = sum(entry["reason"].startswith("inside the body of") for entry in skipped)
         quantized = _integer_weight_ops(model.graph, inits)

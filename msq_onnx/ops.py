@@ -205,9 +205,9 @@ class Layer:
     # The If/Loop/Scan node whose body holds the layer's node(s) ("If 'If_0'"), "" for the graph's own: no tensor
     # of a body can be fetched, so such a layer is measured on its weights alone (in_body)
     in_body: str = ""
-    # (the graph's own If node, the attribute of its branch) around an in_body layer at any depth: the pass records
-    # which branches its samples take
-    branch: tuple = ()
+    # per node of an in_body layer, (the graph's own If node, the attribute of its branch) around it at any depth, or
+    # () where none is: the pass records which branches the samples take
+    branches: tuple = ()
 
     def __post_init__(self):
         if not self.nodes:

@@ -1244,11 +1244,13 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
                         "body can be measured): the held-out comparison checks only the branches and iterations "
                         "its samples run")
         taken = getattr(analysis.stats, "branches", None) or {}
-        unrun: dict = {}  # (If node, branch attribute) -> its layers, where the samples gave the other condition only
+        def unrun_branch(branch: tuple) -> bool:  # () or a condition never read: it may run
+            return bool(branch) and bool(taken.get(branch[0])) and (branch[1] == "then_branch") not in taken[branch[0]]
+
+        unrun: dict = {}  # (If node, branch attribute) -> the layers none of whose nodes any sample runs
         for layer in in_bodies:
-            if layer.branch and taken.get(layer.branch[0]) and (layer.branch[1] == "then_branch") not in taken[
-                    layer.branch[0]]:
-                unrun.setdefault(layer.branch, []).append(layer)
+            if layer.branches and all(map(unrun_branch, layer.branches)):
+                unrun.setdefault(layer.branches[0], []).append(layer)
         warnings.extend(f"no calibration sample takes the {attribute} of If '{node}': its {len(layers)} layer(s) "
                         f"({sum(layer.params for layer in layers):,} weights) are quantized, counted in the budget, "
                         "and never run by any check" for (node, attribute), layers in unrun.items())
