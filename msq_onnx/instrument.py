@@ -237,7 +237,8 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
     length_keys = _length_keys(model) if share_lengths else {}
     matrices = {}  # length key -> (the averaging matrix, the shape it was computed from)
     shared_moments = {}  # (input, layout): its (mean, mean square) outputs
-    for index, layer in enumerate(measured_layers(loaded)):
+    measured = measured_layers(loaded)
+    for index, layer in enumerate(measured):
         shape = shapes.get(layer.probe_name)
         fixed_map = levels and not layer.kind.channels_last and _fixed_map(shape)
         finest = max(levels) if levels else 1
@@ -345,7 +346,7 @@ def build_instrumented(loaded: LoadedModel, hessians: bool = False, levels=(),
         add_output(mean)
         add_output(sq_mean)
         outputs["moments"][layer.name] = shared_moments[key] = (mean, sq_mean)
-    outputs["joins"] = residual_joins(loaded.model, measured_layers(loaded), shapes, set(attention_mask_inputs(loaded)))
+    outputs["joins"] = residual_joins(loaded.model, measured, shapes, set(attention_mask_inputs(loaded)))
     outputs["candidates"] = list(dict.fromkeys(join for found in outputs["joins"].values() for join in found))
     for branch, skip, total in outputs["candidates"]:
         for tensor in (branch, total):

@@ -1122,7 +1122,8 @@ def _hoist_body_weights(graph: onnx.GraphProto, opset: int, defaults=frozenset()
         read = _all_reads(graph)
         _drop_unread(graph, sources, read)
         # a source another node still reads stays in float beside the folded copy
-        still = {t.name: t for t in _all_initializers(graph) if t.name in sources and t.name in read}
+        still = {t.name: t for scope in _scopes(graph) for t in scope.initializer
+                 if t.name in sources and t.name in read}
         left.extend({"node": name, "op_type": "", "weight": name, "params": math.prod(tensor.dims),
                      "reason": "a weight a body computes from it was folded into a copy, and another node still reads "
                                "it in float: it counts at 32 bits"}
@@ -1147,13 +1148,12 @@ def _name_body_nodes(graph) -> None:
             visit(body)
 
 
-def _all_initializers(graph) -> list:
-    """The initializers of the graph and of every body in it."""
-    found = list(graph.initializer)
+def _scopes(graph):
+    """The graph and every body in it, nested ones included."""
+    yield graph
     for node in graph.node:
         for body in bodies(node):
-            found.extend(_all_initializers(body))
-    return found
+            yield from _scopes(body)
 
 
 def _drop_unread_computations(body, constants: dict) -> None:
@@ -1170,33 +1170,21 @@ def _drop_unread_computations(body, constants: dict) -> None:
             body.node.remove(node)
 
 
-def _all_reads(graph) -> set:
-    """Every name read in the graph and its bodies: node inputs and each scope's outputs."""
-    names = {o.name for o in graph.output}
-    for node in graph.node:
-        names.update(node.input)
-        for body in bodies(node):
-            names |= _all_reads(body)
-    return names
-
-
 def _all_outputs(graph) -> set:
     """The outputs of the graph and of every body in it."""
-    names = {o.name for o in graph.output}
-    for node in graph.node:
-        for body in bodies(node):
-            names |= _all_outputs(body)
-    return names
+    return {o.name for scope in _scopes(graph) for o in scope.output}
+
+
+def _all_reads(graph) -> set:
+    """Every name read in the graph and its bodies: node inputs and each scope's outputs."""
+    return _all_outputs(graph) | {name for scope in _scopes(graph) for node in scope.node for name in node.input}
 
 
 def _drop_unread(graph, names: set, read: set) -> None:
     """The initializers among `names`, in the graph or any body, that nothing reads."""
-    unread = [t for t in graph.initializer if t.name in names and t.name not in read]
-    for tensor in unread:
-        graph.initializer.remove(tensor)
-    for node in graph.node:
-        for body in bodies(node):
-            _drop_unread(body, names, read)
+    for scope in _scopes(graph):
+        for tensor in [t for t in scope.initializer if t.name in names and t.name not in read]:
+            scope.initializer.remove(tensor)
 
 
 def _all_readers(graph, owner: str = "", branch: tuple = ()) -> list:
@@ -1220,7 +1208,7 @@ def _subgraph_layers(graph, inits: dict, names: set) -> tuple[list[Layer], list[
     budget would be met by leaving them float."""
     every = _all_readers(graph)
     producers = {name: node for node, _, _ in every for name in node.output if name and node.op_type != "Constant"}
-    constants = {**{t.name: t for t in _all_initializers(graph)}, **{  # a Constant kept as a body's output too
+    constants = {**{t.name: t for scope in _scopes(graph) for t in scope.initializer}, **{  # a Constant kept as a body's output too
         node.output[0]: a.t for node, _, _ in every if node.op_type == "Constant" for a in node.attribute
         if a.name == "value" and a.type == onnx.AttributeProto.TENSOR}, **inits}
     outputs = _all_outputs(graph)

@@ -1244,6 +1244,7 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
                         "body can be measured): the held-out comparison checks only the branches and iterations "
                         "its samples run")
         taken = getattr(analysis.stats, "branches", None) or {}
+
         def unrun_branch(branch: tuple) -> bool:  # () or a condition never read: it may run
             return bool(branch) and bool(taken.get(branch[0])) and (branch[1] == "then_branch") not in taken[branch[0]]
 
