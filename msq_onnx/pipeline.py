@@ -1225,6 +1225,12 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
     collapsed = chosen.measured and fidelity.collapse_warning(chosen.measured, _gated(options))
     if collapsed:
         warnings.append(collapsed)
+    carried = chosen.measured and chosen.measured.get("states_fed_as_given")
+    if carried:
+        pairs = ", ".join(f"'{name}' (output '{output}' of the sample before)" for name, output in carried.items())
+        warnings.append(f"input(s) {pairs} carry a state from sample to sample, and the held-out check ran several "
+                        "samples a run, so it fed them as recorded (FP32's states): an error that grows as the "
+                        "written model carries its own is not measured; run with --batch-size 1 to check it streamed")
     floated = [name for name, bits in chosen.bits.items() if bits == FLOAT_BITS]
     if floated:
         share = sum(layer.params for layer in loaded.layers if layer.name in floated) / max(
