@@ -833,14 +833,18 @@ def first_samples(samples: SampleSet, count: int) -> SampleSet:
     return _Subset(samples, np.arange(samples.count) < count, f"first {count}")
 
 
-def split_holdout(samples: SampleSet, fraction: float) -> tuple[SampleSet, SampleSet]:
+def split_holdout(samples: SampleSet, fraction: float, streams: bool = False) -> tuple[SampleSet, SampleSet]:
     """Hold out every k-th sample (k = 1/fraction) and calibrate on the rest, never on both.
 
     Every k-th, not the last ones: an ImageFolder lists samples class by
-    class, so its last samples would be its last classes only.
+    class, so its last samples would be its last classes only. streams: the
+    samples continue one another (a recorded state), and the last ones are
+    held out, so that the check can carry the written model's own state
+    from one to the next (fidelity.StateLinks).
     """
     step = max(2, int(round(1 / fraction)))
-    held = np.arange(samples.count) % step == step - 1
+    held = (np.arange(samples.count) >= samples.count - samples.count // step) if streams else \
+        np.arange(samples.count) % step == step - 1
     if held.sum() < 1 or samples.count - held.sum() < 2:
         raise BadData(f"calibration data '{samples.source}' has {samples.count} samples: too few to hold out "
                       f"{fraction:.0%} for --max-drop; give --eval or more samples.")

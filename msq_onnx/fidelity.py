@@ -396,6 +396,24 @@ class StateLinks:
         return len(self.continued.get(index, ())) == len(self.links)
 
 
+def carries_state(fp32_path: str, loaded, samples, runs: int = 8) -> bool:
+    """Whether the first `runs` samples continue one another (StateLinks), on FP32 one sample a run: only for a
+    model with a float input beside another, as a state is."""
+    if len(loaded.inputs) < 2 or not any(spec.dtype.kind == "f" for spec in loaded.inputs):
+        return False
+    runner, states = session(fp32_path, silent=True), StateLinks()
+    names = [o.name for o in loaded.model.graph.output if o.type.HasField("tensor_type")]
+    for index, (feed, count) in enumerate(padded_batches(samples, loaded, 1)):
+        if index == runs:
+            break
+        try:
+            outputs = runner.run(names, feed)
+        except Exception:  # the held-out check names what fails in a run
+            return False
+        states.add(feed, count, {name: batch_first(np.asarray(o), 1)[:count] for name, o in zip(names, outputs)})
+    return bool(states.continued)
+
+
 def _is_float(value) -> bool:
     return np.issubdtype(np.asarray(value).dtype, np.floating)
 

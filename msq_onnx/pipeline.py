@@ -731,7 +731,8 @@ def _held_out(calib, loaded, options: Options):
         number_classes_like(evaluation, calib)
         check_labels(evaluation, classes, "evaluation")
     elif calib.count >= MIN_SPLIT or options.max_drop is not None or options.min_cosine is not None:
-        calib, evaluation = split_holdout(calib, HOLDOUT_FRACTION)
+        calib, evaluation = split_holdout(calib, HOLDOUT_FRACTION,
+                                          fidelity.carries_state(loaded.model_file(), loaded, calib))
     else:
         evaluation = calib  # too few to split; the report says these were calibrated on
     check_labels(calib, classes, "calibration")

@@ -11,7 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from msq_onnx import convert, sample_axes
+from msq_onnx import convert, fidelity, sample_axes
+from msq_onnx.data import Preprocess, open_samples, split_holdout
 from msq_onnx.cli import main
 from msq_onnx.load import all_names, load_model
 from msq_onnx.pipeline import Options
@@ -473,3 +474,37 @@ def test_a_state_in_runs_of_several_samples_is_said_and_streamed_at_batch_1(tmp_
         assert written["evaluation"]["states_fed_as_given"] == {"h": "h_next"}
         assert "streamed" not in written["evaluation"] and len(said) == 1 and "--batch-size 1" in said[0]
         assert "carry a state" in capsys.readouterr().err
+
+
+def test_without_eval_the_samples_that_carry_a_state_are_held_out_in_one_stretch(tmp_path):
+    """Without --eval, every 5th sample is held out: of a stream, none would continue the one before it. Where the
+    first samples carry a state (FP32 run on them), the last fifth is held out instead, and checked streamed."""
+    path = _stateful(tmp_path)
+    np.savez(tmp_path / "calib.npz", **_streamed(path, 48, 0))
+    result = convert(path, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"), Options(avg_bits=4, quiet=True))
+    evaluation = result.report["evaluation"]
+    assert evaluation["samples"] == 9  # 48 // 5, the last ones
+    assert evaluation["streamed"] == {"states": {"state": "state_next"}, "samples_fed_back": 8, "chains": 1}
+
+
+def test_samples_that_carry_no_state_are_held_out_one_in_five(tmp_path):
+    """The same model on states drawn apart from the runs before: no link is found, and every 5th sample is held
+    out, as of any model."""
+    path = _stateful(tmp_path)
+    streamed = _streamed(path, 48, 0)
+    drawn = dict(streamed, state=np.random.default_rng(3).normal(0, 0.5, streamed["state"].shape).astype(np.float32))
+    for name, samples in (("streamed", streamed), ("drawn", drawn)):
+        np.savez(tmp_path / f"{name}.npz", **samples)
+    loaded = load_model(path)
+    found = {}
+    for name in ("streamed", "drawn"):
+        given = open_samples(str(tmp_path / f"{name}.npz"), loaded.inputs, Preprocess(), "calibration")
+        axed = load_model(path, None, given.whole)
+        given.respec(axed.inputs)
+        found[name] = fidelity.carries_state(axed.model_file(), axed, given)
+        _, held = split_holdout(given, 0.2, found[name])
+        assert held.mask.sum() == 9
+        assert held.mask[-9:].all() if found[name] else held.mask[4::5].all()
+    assert found == {"streamed": True, "drawn": False}
+    result = convert(path, str(tmp_path / "q.onnx"), str(tmp_path / "drawn.npz"), Options(avg_bits=4, quiet=True))
+    assert "streamed" not in result.report["evaluation"] and "states_fed_as_given" not in result.report["evaluation"]
