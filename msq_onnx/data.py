@@ -838,13 +838,21 @@ def split_holdout(samples: SampleSet, fraction: float, streams: bool = False) ->
 
     Every k-th, not the last ones: an ImageFolder lists samples class by
     class, so its last samples would be its last classes only. streams: the
-    samples continue one another (a recorded state), and the last ones are
-    held out, so that the check can carry the written model's own state
-    from one to the next (fidelity.StateLinks).
+    samples continue one another (a recorded state), and the last fifth of up
+    to k stretches spread over them is held out (one stretch per k^2 samples),
+    so that the check carries the written model's own state from sample to
+    sample there (fidelity.StateLinks).
     """
     step = max(2, int(round(1 / fraction)))
-    held = (np.arange(samples.count) >= samples.count - samples.count // step) if streams else \
-        np.arange(samples.count) % step == step - 1
+    order = np.arange(samples.count)
+    if streams:
+        stretches = max(1, min(step, samples.count // step ** 2))
+        stretch = order * stretches // max(samples.count, 1)
+        starts = np.searchsorted(stretch, np.arange(stretches + 1))
+        lengths = np.diff(starts)[stretch]
+        held = order - starts[stretch] >= lengths - np.maximum(lengths // step, 1)
+    else:
+        held = order % step == step - 1
     if held.sum() < 1 or samples.count - held.sum() < 2:
         raise BadData(f"calibration data '{samples.source}' has {samples.count} samples: too few to hold out "
                       f"{fraction:.0%} for --max-drop; give --eval or more samples.")

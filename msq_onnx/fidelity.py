@@ -13,6 +13,7 @@ ORT's full optimizations, never on an instrumented copy.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,7 @@ COLLAPSE_DROP = 10.0
 # An input is taken for the output of the sample before it where they differ by at most this share of the output's
 # norm: exact where FP32 recorded the states on ONNX Runtime, within float noise where another runtime did
 STATE_MATCH = 1e-3
+STATE_PROBE = 8  # samples run to see whether they continue one another, where nothing else needs them run
 # The collapse warning's advice where every output it names is off for its output grid alone
 GRID_ADVICE = "try --activations dynamic (no --avg-bits moves the grid it is written on)"
 
@@ -353,65 +355,99 @@ def output_masks(loaded) -> dict:
 
 class StateLinks:
     """Which inputs carry an output of the sample before them: a recurrent state, as a stateful model's samples
-    are recorded by streaming FP32 (silero-vad's state, an LSTM's h and c). Found in the held-out samples
-    themselves: sample k continues sample k - 1 where each such input equals FP32's output of k - 1. The check
-    then feeds the written model its own output there, as it runs when deployed. Fed FP32's instead
-    (teacher-forced), an error that grows as the state is carried over is not seen: silero-vad's default export
-    at 3.0 bits kept 98.7% of FP32's decisions fed FP32's states, 83.9% streamed (round 41), with no warning."""
+    are recorded by streaming FP32 (silero-vad's state, an LSTM's h and c). Found in the samples themselves:
+    sample k continues sample k - 1 where each such input equals FP32's output of k - 1. The check then feeds the
+    written model its own output there, as it runs when deployed. Fed FP32's instead (teacher-forced), an error
+    that grows as the state is carried over is not seen: silero-vad's default export at 3.0 bits kept 98.7% of
+    FP32's decisions fed FP32's states, 83.9% streamed (round 41), with no warning.
 
-    def __init__(self):
-        self.pairs = None  # (input, output) of one float shape a sample, from the first run
-        self.continued = {}  # sample -> the pairs whose input was the output of the sample before
-        self.links = {}  # input -> the output it carries on, from any sample
+    An input is a state where it continues the output on at least half of the samples, varies from sample to
+    sample, and is not its own sample's output: a constant input that a saturated output equals now and then, or
+    a pass-through, is none (a review's: a constant gain of 1.0 and a sigmoid at 1.0 moved a class-ordered
+    split)."""
+
+    def __init__(self, outputs: list):
+        self.outputs = outputs  # the outputs a state may come from: a sample's own, not a selection's rows
+        self.pairs = None  # (input, output) of one float size a sample, from the first run
+        self.matched = {}  # sample -> the pairs whose input was the output of the sample before
+        self.counts = Counter()  # pair -> samples it continued
+        self.own = Counter()  # pair -> samples whose input equalled their own output
+        self.varies = set()  # inputs whose value moved between two samples
         self.previous = None
         self.index = 0
         self.one_a_run = True
+        self._links = None
 
     def add(self, feed: dict, count: int, outputs: dict) -> None:
         if self.pairs is None:
-            self.pairs = [(name, output) for name, value in feed.items() for output, out in outputs.items()
-                          if _is_float(value) and _is_float(out) and np.shape(value)[1:] == out.shape[1:]
-                          and np.ndim(value) > 0]
+            self.pairs = [(name, output) for name, value in feed.items() if np.ndim(value) > 0 and _is_float(value)
+                          for output in self.outputs if _is_float(outputs[output])
+                          and np.size(value) // max(len(value), 1) == np.size(outputs[output]) //
+                          max(len(outputs[output]), 1)]
         if not self.pairs:
             return
+        self._links = None
         rows = np.shape(feed[self.pairs[0][0]])[0]
         self.one_a_run = self.one_a_run and rows == 1
         for row in range(count):
+            current = {pair: (np.asarray(feed[pair[0]])[row], np.asarray(outputs[pair[1]])[row])
+                       for pair in self.pairs if row < len(outputs[pair[1]])}
+            for pair, (value, own) in current.items():
+                self.own[pair] += _same_values(value, own)
             if self.previous is not None:
-                hits = tuple(pair for pair in self.pairs
-                             if _same_values(np.asarray(feed[pair[0]])[row], self.previous[pair[1]]))
+                self.varies.update(name for name, value in self.previous[0].items()
+                                   if name in feed and not _same_shape_values(np.asarray(feed[name])[row], value))
+                hits = {pair for pair, (value, _) in current.items()
+                        if pair[1] in self.previous[1] and _same_values(value, self.previous[1][pair[1]])}
                 if hits:
-                    self.continued[self.index] = hits
-                    self.links.update(hits)
-            self.previous = {output: np.array(outputs[output][row]) for _, output in self.pairs}
+                    self.matched[self.index] = hits
+                    self.counts.update(hits)
+            self.previous = ({name: np.array(np.asarray(feed[name])[row]) for name, _ in self.pairs},
+                             {pair[1]: np.array(own) for pair, (_, own) in current.items()})
             self.index += 1
+
+    @property
+    def links(self) -> dict:
+        """input -> the output it carries on (the first such output, where two hold the same values: an LSTM's
+        Y of one step and its Y_h)."""
+        if self._links is None:
+            transitions = max(self.index - 1, 1)
+            self._links = {}
+            for pair in self.pairs or ():
+                if (pair[0] not in self._links and pair[0] in self.varies and 2 * self.counts[pair] >= transitions
+                        and self.own[pair] < self.counts[pair]):
+                    self._links[pair[0]] = pair[1]
+        return self._links
 
     @property
     def streamed(self) -> bool:
         """Whether the check feeds back: links found, and one sample a run (a run of several would hold a sample
         beside the one it continues)."""
-        return bool(self.continued) and self.one_a_run
+        return bool(self.links) and self.one_a_run
 
     def continues(self, index: int) -> bool:
-        return len(self.continued.get(index, ())) == len(self.links)
+        """Whether sample `index` takes every state from the sample before it."""
+        matched = self.matched.get(index, ())
+        return bool(self.links) and all(pair in matched for pair in self.links.items())
 
 
-def carries_state(fp32_path: str, loaded, samples, runs: int = 8) -> bool:
+def carries_state(fp32_path: str, loaded, samples, runs: int = STATE_PROBE) -> bool:
     """Whether the first `runs` samples continue one another (StateLinks), on FP32 one sample a run: only for a
     model with a float input beside another, as a state is."""
     if len(loaded.inputs) < 2 or not any(spec.dtype.kind == "f" for spec in loaded.inputs):
         return False
-    runner, states = session(fp32_path, silent=True), StateLinks()
     names = [o.name for o in loaded.model.graph.output if o.type.HasField("tensor_type")]
-    for index, (feed, count) in enumerate(padded_batches(samples, loaded, 1)):
-        if index == runs:
-            break
-        try:
-            outputs = runner.run(names, feed)
-        except Exception:  # the held-out check names what fails in a run
-            return False
-        states.add(feed, count, {name: batch_first(np.asarray(o), 1)[:count] for name, o in zip(names, outputs)})
-    return bool(states.continued)
+    states = StateLinks([name for name in names if name not in loaded.selected])
+    try:
+        runner = session(fp32_path, silent=True)
+        for index, batch in enumerate(padded_batches(samples, loaded, 1)):
+            if index == runs:
+                break
+            outputs = _run_checked(runner, names, *batch, samples, "FP32 evaluation", loaded.selected)
+            states.add(batch[0], batch[1], dict(zip(names, outputs)))
+    except Exception:  # the held-out check runs them again, and names what fails there in one line
+        return False
+    return bool(states.links)
 
 
 def _is_float(value) -> bool:
@@ -419,8 +455,16 @@ def _is_float(value) -> bool:
 
 
 def _same_values(value: np.ndarray, before: np.ndarray) -> bool:
-    norm = float(np.linalg.norm(before.astype(np.float64)))
-    return norm > 0 and float(np.linalg.norm(value.astype(np.float64) - before)) <= STATE_MATCH * norm
+    """Within STATE_MATCH of a non-zero `before`, value for value (a state [N, 8] fed, given as [1, N, 8])."""
+    if value.size != before.size:
+        return False
+    value, before = value.reshape(-1).astype(np.float64), before.reshape(-1).astype(np.float64)
+    norm = float(np.linalg.norm(before))
+    return norm > 0 and float(np.linalg.norm(value - before)) <= STATE_MATCH * norm
+
+
+def _same_shape_values(value: np.ndarray, before: np.ndarray) -> bool:
+    return value.shape == before.shape and np.array_equal(value, before)
 
 
 class Reference:
@@ -440,7 +484,8 @@ class Reference:
         self.label_maps = label_outputs(loaded.model.graph)
         self.selected = loaded.selected
         self.cache = []
-        self.states = StateLinks()
+        self.states = StateLinks([name for name in self.names if name not in self.selected]
+                                 if len(loaded.inputs) >= 2 else [])
         size = 0
         for feed, count, outputs in self._run("FP32 evaluation", quiet, workers):
             self.states.add(feed, count, dict(zip(self.names, outputs)))
@@ -448,7 +493,8 @@ class Reference:
             if size > CACHE_LIMIT:
                 self.cache = None
             if self.cache is None:
-                if not self.states.pairs:  # nothing left to find: the runs are repeated where compared
+                # the runs are repeated where compared; they go on here only to find the samples a state links
+                if not self.states.pairs or (self.states.index >= STATE_PROBE and not self.states.links):
                     break
                 continue
             self.cache.append(outputs)
@@ -888,10 +934,10 @@ def compare(reference: Reference, quant_path: str, task_output: str, labels: np.
             result["fp32_top1"] = nearest_class_mean_top1(fp32, labels)
             result["quant_top1"] = nearest_class_mean_top1(quant, labels)
             result["top1_method"] = "nearest class mean (means from even held-out samples, scored on odd ones)"
-    if states is not None:
+    if states is not None and carried["fed_back"]:
         result["streamed"] = {"states": states.links, "samples_fed_back": carried["fed_back"],
                               "chains": int(samples.count - carried["fed_back"])}
-    elif reference.states.continued:
+    elif reference.states.links:
         result["states_fed_as_given"] = reference.states.links
     if result.get("fp32_top1") is not None and result.get("quant_top1") is not None:
         result["drop"] = result["fp32_top1"] - result["quant_top1"]

@@ -429,8 +429,9 @@ def test_the_held_out_check_feeds_the_written_model_its_own_state(tmp_path):
     assert evaluation["outputs"]["out"]["cosine"] == pytest.approx(_per_sample_cosine(streamed, want), abs=1e-5)
 
 
-def _batch_first_cell(tmp_path) -> str:
-    """x [N, 16] and a state h [N, 8], both along the batch axis -> out [N, 4] and the next state [N, 8]."""
+def _batch_first_cell(tmp_path, twin: bool = False) -> str:
+    """x [N, 16] and a state h [N, 8], both along the batch axis -> out [N, 4] and the next state [N, 8]; twin:
+    the next state given first as `hidden` too (a one-step GRU's Y beside its Y_h)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(0, 0.4, shape).astype(np.float32), name)
              for name, shape in (("w_in", (16, HIDDEN)), ("w_state", (HIDDEN, HIDDEN)), ("w_out", (HIDDEN, 4)))]
@@ -440,8 +441,11 @@ def _batch_first_cell(tmp_path) -> str:
              helper.make_node("Tanh", ["pre"], ["h_next"]),
              helper.make_node("MatMul", ["h_next", "w_out"], ["out"])]
     value = lambda name, width: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", width])  # noqa: E731
-    model = helper.make_model(helper.make_graph(nodes, "cell", [value("x", 16), value("h", HIDDEN)],
-                                                [value("out", 4), value("h_next", HIDDEN)], inits),
+    outputs = [value("out", 4), value("h_next", HIDDEN)]
+    if twin:
+        nodes.append(helper.make_node("Identity", ["h_next"], ["hidden"]))
+        outputs.insert(0, value("hidden", HIDDEN))
+    model = helper.make_model(helper.make_graph(nodes, "cell", [value("x", 16), value("h", HIDDEN)], outputs, inits),
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path = str(tmp_path / "batch_first.onnx")
@@ -508,3 +512,93 @@ def test_samples_that_carry_no_state_are_held_out_one_in_five(tmp_path):
     assert found == {"streamed": True, "drawn": False}
     result = convert(path, str(tmp_path / "q.onnx"), str(tmp_path / "drawn.npz"), Options(avg_bits=4, quiet=True))
     assert "streamed" not in result.report["evaluation"] and "states_fed_as_given" not in result.report["evaluation"]
+
+
+def _recorded(path: str, count: int, seed: int) -> dict:
+    """x and the state h FP32 carries to each run, one run a sample, along the batch axis."""
+    session, h, states = ort.InferenceSession(path), np.zeros((1, HIDDEN), np.float32), []
+    xs = np.random.default_rng(seed).normal(size=(count, 16)).astype(np.float32)
+    for x in xs:
+        states.append(h[0])
+        h = session.run(["h_next"], {"x": x[None], "h": h})[0]
+    return {"x": xs, "h": np.stack(states)}
+
+
+def test_a_state_two_outputs_hold_is_fed_back_from_one(tmp_path):
+    """An LSTM's Y of one step and its Y_h hold the same values: the state matches both. It was taken as two links
+    for one input, no sample continued 'all' of them, and the check fed nothing back while the report said
+    streamed (a review's: cosine 0.978 reported, 0.971 streamed)."""
+    path = _batch_first_cell(tmp_path, twin=True)
+    np.savez(tmp_path / "calib.npz", **_recorded(path, 64, 0))
+    held_out = _recorded(path, 40, 1)
+    np.savez(tmp_path / "eval.npz", **held_out)
+    result = convert(path, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"),
+                     Options(avg_bits=2, eval_path=str(tmp_path / "eval.npz"), quiet=True))
+    evaluation = result.report["evaluation"]
+    assert evaluation["streamed"] == {"states": {"h": "hidden"}, "samples_fed_back": 39, "chains": 1}
+    session, reference = ort.InferenceSession(str(tmp_path / "q.onnx")), ort.InferenceSession(path)
+    got, want, h = [], [], held_out["h"][:1]
+    for x, recorded in zip(held_out["x"], held_out["h"]):
+        want.append(reference.run(["hidden"], {"x": x[None], "h": recorded[None]})[0])
+        got.append(session.run(["hidden"], {"x": x[None], "h": h})[0])
+        h = got[-1]
+    assert evaluation["outputs"]["hidden"]["cosine"] == pytest.approx(
+        _per_sample_cosine(np.concatenate(got), np.concatenate(want)), abs=1e-5)
+
+
+def test_a_constant_input_an_output_equals_now_and_then_is_no_state(tmp_path):
+    """A gain of 1.0 given to every sample, and a sigmoid that saturates at 1.0 on some: the gain 'continues' the
+    output of the sample before there. A state varies, and continues on most samples: with no link, samples
+    listed class by class are held out one in five, every class among them (a review's: the last fifth, one class,
+    was held out and never calibrated on)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (16, 5)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 3, (16, 1)).astype(np.float32), "v")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Mul", ["xw", "gain"], ["logits"]),
+             helper.make_node("MatMul", ["x", "v"], ["xv"]), helper.make_node("Sigmoid", ["xv"], ["p"])]
+    value = lambda name, width: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", width])  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [value("x", 16), value("gain", 1)],
+                                                [value("logits", 5), value("p", 1)], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    labels = np.repeat(np.arange(5), 20)
+    xs = (rng.normal(size=(100, 16)) + labels[:, None] * 0.3).astype(np.float32)
+    gain = np.ones((100, 1), np.float32)
+    saturated = ort.InferenceSession(path).run(None, {"x": xs, "gain": gain})[1][:8, 0] > 1 - 1e-3
+    assert saturated[:7].any()  # the premise: some of the first runs' outputs equal the next run's gain
+    np.savez(tmp_path / "calib.npz", x=xs, gain=gain, labels=labels)
+    loaded = load_model(path)
+    given = open_samples(str(tmp_path / "calib.npz"), loaded.inputs, Preprocess(), "calibration")
+    assert not fidelity.carries_state(loaded.model_file(), loaded, given)
+    result = convert(path, str(tmp_path / "q.onnx"), str(tmp_path / "calib.npz"), Options(avg_bits=4, quiet=True))
+    assert "streamed" not in result.report["evaluation"] and "states_fed_as_given" not in result.report["evaluation"]
+
+
+def test_state_links_skip_rows_a_selection_lacks_and_shapes_that_differ():
+    """Outputs a selection decides the rows of are no state, and samples of other lengths are no match (a review's
+    two crashes: a detector's [K, 4] boxes with K = 0 read at row 0; texts of 12 and 14 tokens subtracted)."""
+    states = fidelity.StateLinks(["y"])
+    for length in (12, 14, 14, 14):
+        y = np.ones((1, length, 8), np.float32)
+        states.add({"x": y, "other": np.zeros((1, 3), np.float32)}, 1, {"y": y})
+    assert states.links == {}  # x equals y of the run before on two of three, but is y of its own run each time
+    states = fidelity.StateLinks(["y"])
+    states.add({"x": np.ones((1, 4), np.float32)}, 1, {"y": np.ones((1, 4), np.float32)})
+    states.add({"x": np.ones((1, 4), np.float32)}, 1, {"y": np.zeros((0, 4), np.float32)})
+    states.add({"x": np.ones((1, 4), np.float32)}, 1, {"y": np.ones((1, 4), np.float32)})
+    assert states.links == {}
+
+
+@pytest.mark.parametrize("count, stretches", [(48, 1), (50, 2), (125, 5), (1000, 5)])
+def test_samples_that_carry_a_state_are_held_out_in_stretches_spread_over_them(tmp_path, count, stretches):
+    """The last fifth of each of up to 5 stretches (one per 25 samples): streams, and spread over the recording
+    (its speakers, its noise) rather than its end alone."""
+    np.savez(tmp_path / "s.npz", x=np.zeros((count, 16), np.float32))
+    given = open_samples(str(tmp_path / "s.npz"), load_model(_batch_first_cell(tmp_path)).inputs[:1], Preprocess(),
+                         "calibration")
+    _, held = split_holdout(given, 0.2, streams=True)
+    runs = np.split(np.flatnonzero(held.mask), np.flatnonzero(np.diff(np.flatnonzero(held.mask)) > 1) + 1)
+    assert len(runs) == stretches and held.mask[-1] and held.mask.sum() == pytest.approx(count / 5, abs=stretches)
+    assert max(map(len, runs)) - min(map(len, runs)) <= 1
