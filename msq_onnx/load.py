@@ -802,8 +802,13 @@ def _computed_weight(name: str, producers: dict, inits: dict, chain: list, opset
         return None  # an activation: found without converting the weights on its way to a graph input
     try:
         return _evaluated(name, producers, inits, chain, {}, opset)
-    except RecursionError:
+    except RecursionError:  # a caller already deep in the stack: FOLD_DEPTH alone would not keep it off the limit
         return None
+
+
+# A weight is computed in a few steps; a longer chain is left to run as it is. The bound keeps the recursion far from
+# Python's limit: near it, a garbage collection that runs a finalizer raised RecursionError inside it, unraisable.
+FOLD_DEPTH = 200
 
 
 def _runtime_value(node, values: list, opset: int) -> np.ndarray:
@@ -830,7 +835,7 @@ def _runtime_value(node, values: list, opset: int) -> np.ndarray:
 
 
 def _evaluated(name: str, producers: dict, inits: dict, chain: list, memo: dict,
-               opset: int | None = None) -> np.ndarray | None:
+               opset: int | None = None, depth: int = 0) -> np.ndarray | None:
     """_computed_weight, each value computed once (memo: name -> value): a value read twice, as in
     t1 = Add(t0, t0), would otherwise double the work at every level."""
     if name in memo:
@@ -840,12 +845,12 @@ def _evaluated(name: str, producers: dict, inits: dict, chain: list, memo: dict,
         return memo[name]
     memo[name] = None  # until computed: nothing depends on itself in a valid graph
     node = producers.get(name)
-    if node is None or len(node.output) != 1 or node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED \
+    if depth > FOLD_DEPTH or node is None or len(node.output) != 1 or node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED \
             or (node.op_type not in _CONSTANT_OPS and opset is None):
         return None
     values = []  # by position: an omitted optional input (Slice's axes before its steps) stays a None
     for source in node.input:
-        value = _evaluated(source, producers, inits, chain, memo, opset) if source else None
+        value = _evaluated(source, producers, inits, chain, memo, opset, depth + 1) if source else None
         if source and value is None:
             return None
         values.append(value)
