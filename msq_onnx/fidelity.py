@@ -378,6 +378,14 @@ class StateLinks:
         self.one_a_run = True
         self._links = None
 
+    @classmethod
+    def of(cls, loaded, names: list) -> "StateLinks":
+        """The links to look for in a model whose outputs are `names`: none where a state cannot be (a single
+        input, or no float one); a selection's rows are no sample's own, so never a state."""
+        if len(loaded.inputs) < 2 or not any(spec.dtype.kind == "f" for spec in loaded.inputs):
+            return cls([])
+        return cls([name for name in names if name not in loaded.selected])
+
     def add(self, feed: dict, count: int, outputs: dict) -> None:
         if self.pairs is None:
             self.pairs = [(name, output) for name, value in feed.items() if np.ndim(value) > 0 and _is_float(value)
@@ -434,10 +442,10 @@ class StateLinks:
 def carries_state(fp32_path: str, loaded, samples, runs: int = STATE_PROBE) -> bool:
     """Whether the first `runs` samples continue one another (StateLinks), on FP32 one sample a run: only for a
     model with a float input beside another, as a state is."""
-    if len(loaded.inputs) < 2 or not any(spec.dtype.kind == "f" for spec in loaded.inputs):
-        return False
     names = [o.name for o in loaded.model.graph.output if o.type.HasField("tensor_type")]
-    states = StateLinks([name for name in names if name not in loaded.selected])
+    states = StateLinks.of(loaded, names)
+    if not states.outputs:
+        return False
     try:
         runner = session(fp32_path, silent=True)
         for index, batch in enumerate(padded_batches(samples, loaded, 1)):
@@ -484,8 +492,7 @@ class Reference:
         self.label_maps = label_outputs(loaded.model.graph)
         self.selected = loaded.selected
         self.cache = []
-        self.states = StateLinks([name for name in self.names if name not in self.selected]
-                                 if len(loaded.inputs) >= 2 else [])
+        self.states = StateLinks.of(loaded, self.names)
         size = 0
         for feed, count, outputs in self._run("FP32 evaluation", quiet, workers):
             self.states.add(feed, count, dict(zip(self.names, outputs)))

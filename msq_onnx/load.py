@@ -845,8 +845,8 @@ def _evaluated(name: str, producers: dict, inits: dict, chain: list, memo: dict,
         return memo[name]
     memo[name] = None  # until computed: nothing depends on itself in a valid graph
     node = producers.get(name)
-    if depth > FOLD_DEPTH or node is None or len(node.output) != 1 or node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED \
-            or (node.op_type not in _CONSTANT_OPS and opset is None):
+    if depth > FOLD_DEPTH or node is None or len(node.output) != 1 or node.domain not in ("", "ai.onnx") \
+            or node.op_type in _NOT_FOLDED or (node.op_type not in _CONSTANT_OPS and opset is None):
         return None
     values = []  # by position: an omitted optional input (Slice's axes before its steps) stays a None
     for source in node.input:

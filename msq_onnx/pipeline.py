@@ -1229,12 +1229,15 @@ def _warnings(loaded, chosen: Candidate, analysis: Analysis, options: Options, n
     carried = chosen.measured and chosen.measured.get("states_fed_as_given")
     if carried:
         pairs = ", ".join(f"'{name}' (output '{output}' of the sample before)" for name, output in carried.items())
-        fixed = batch_of(loaded, options.batch_size)
-        why, remedy = (("ran several samples a run", f"export the model with a batch of 1 (its batch is fixed at "
-                                                      f"{fixed})" if any(s.batch_fixed for s in loaded.inputs)
-                        else "run with --batch-size 1") if fixed > 1 else
-                       ("found no sample that continues the one before in all of them", "give --eval samples in the "
-                        "order they were recorded"))
+        batch = batch_of(loaded, options.batch_size)
+        if batch == 1:
+            why, remedy = ("found no sample that continues the one before in all of them",
+                           "give --eval samples in the order they were recorded")
+        elif any(spec.batch_fixed for spec in loaded.inputs):
+            why = "ran several samples a run"
+            remedy = f"export the model with a batch of 1 (its batch is fixed at {batch})"
+        else:
+            why, remedy = "ran several samples a run", "run with --batch-size 1"
         warnings.append(f"input(s) {pairs} carry a state from sample to sample, and the held-out check {why}, so it "
                         "fed them as recorded (FP32's states): an error that grows as the written model carries its "
                         f"own is not measured; {remedy} to check it streamed")
