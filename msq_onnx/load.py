@@ -917,6 +917,7 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict, opset: int | None =
     copies = {}  # a kept chain's output -> its folded initializer: two readers share one copy
     beside = {}  # a float weight a kept chain reads -> the node given a copy of what the chain computes
     stored = {}  # a folded weight -> the bytes its sources took in the input (a float16 source: half of float32's)
+    aliased = False  # a weight input now reads the initializer an Identity chain passed on
     for node in list(graph.node):  # chains are removed from graph.node as they fold
         kind = kind_for(node)
         if kind is not None:
@@ -927,10 +928,19 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict, opset: int | None =
             positions = range(1, len(node.input))
         else:
             continue
+        weights = {position for position, _, _ in kind.weights(node)} if kind is not None else set()
         for position in positions:
             name, chain = node.input[position], []
             if name in copies:
                 node.input[position] = copies[name]
+                continue
+            source = _aliased_initializer(name, producers, inits) if position in weights else None
+            if source is not None:
+                # torch's legacy export gives each reuse of a module's weight (ALBERT's one layer run N times) an
+                # Identity of it: read as what it is, the weight shared by its readers, one layer with one width
+                # (a copy each would store it N times; computed, it stayed float)
+                node.input[position] = source
+                aliased = True
                 continue
             # an unhandled op's inputs (a mask, a bias) are folded only as far as numpy's list goes: they are
             # counted, not quantized, and a runtime-computed one could be larger than what it is computed from
@@ -958,12 +968,25 @@ def _fold_weight_chains(graph: onnx.GraphProto, inits: dict, opset: int | None =
             graph.initializer.append(tensor)
             inits[folded] = tensor
             users = consumers(graph)
-    if copies:
+    if copies or aliased:
         _drop_dead_constant_ops(graph, inits, keep)
     return [{"node": node.name, "op_type": node.op_type, "weight": source,
              "reason": f"its weight is computed from '{source}', which stays in the file for another reader of the "
                        "computation: the layer reads a folded copy, and the float original counts at 32 bits"}
             for source, node in beside.items() if source in inits], stored
+
+
+def _aliased_initializer(name: str, producers: dict, inits: dict) -> str | None:
+    """The initializer `name` is through Identity nodes alone, or None (not an Identity's output, or not one of an
+    initializer)."""
+    seen = set()
+    while name not in inits:
+        node = producers.get(name)
+        if node is None or node.op_type != "Identity" or name in seen:
+            return None
+        seen.add(name)
+        name = node.input[0]
+    return name if seen else None
 
 
 def _drop_dead_constant_ops(graph: onnx.GraphProto, inits: dict, keep: set) -> None:

@@ -446,14 +446,17 @@ def test_encoder_report(encoder_run):
 # --------------------------------------------------------------------------- 2. a shared weight
 
 
-def shared_weight_model(seed: int = 0) -> onnx.ModelProto:
-    """x @ ws -> Relu -> @ ws (the same initializer) -> @ head."""
+def shared_weight_model(seed: int = 0, aliased: bool = False) -> onnx.ModelProto:
+    """x @ ws -> Relu -> @ ws (the same initializer) -> @ head. aliased: the second product reads ws through two
+    Identity nodes, as torch's legacy export gives each reuse of a module (ALBERT's one layer run N times)."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(rng.normal(0, 0.4, (8, 8)).astype(np.float32), "ws"),
              numpy_helper.from_array(rng.normal(0, 0.4, (8, 3)).astype(np.float32), "head")]
+    aliases = [N("Identity", ["ws"], ["ws_1"], name="alias"), N("Identity", ["ws_1"], ["ws_2"], name="alias_1")]
     nodes = [N("MatMul", ["x", "ws"], ["a"], name="first"),
              N("Relu", ["a"], ["r"], name="relu"),
-             N("MatMul", ["r", "ws"], ["b"], name="second"),
+             *(aliases if aliased else []),
+             N("MatMul", ["r", "ws_2" if aliased else "ws"], ["b"], name="second"),
              N("MatMul", ["b", "head"], ["y"], name="classifier")]
     graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
@@ -473,9 +476,12 @@ def compute_users(model: onnx.ModelProto, tensor: str) -> list:
     return found
 
 
-@pytest.mark.parametrize("activations", ["static", "dynamic", "weight-only"])
-def test_shared_weight_is_one_layer_with_one_width(tmp_path, activations):
-    model = shared_weight_model()
+@pytest.mark.parametrize("activations,aliased", [("static", False), ("dynamic", False), ("weight-only", False),
+                                                 ("static", True), ("dynamic", True)])
+def test_shared_weight_is_one_layer_with_one_width(tmp_path, activations, aliased):
+    """Read directly or through Identity nodes (which left the second product float, a tied weight), one weight is
+    one layer, written once as integers that both products read."""
+    model = shared_weight_model(aliased=aliased)
     path = save(model, tmp_path / "shared.onnx")
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).normal(size=(30, 8)).astype(np.float32))
     out = tmp_path / "q.onnx"
@@ -483,6 +489,7 @@ def test_shared_weight_is_one_layer_with_one_width(tmp_path, activations):
                      Options(avg_bits=5, bits=(4, 8), activations=activations, quiet=True)).report
     layers = {layer["name"]: layer for layer in report["layers"]}
     assert sorted(layers) == ["classifier", "first"]  # one layer per weight tensor
+    assert report["left_in_float"] == []
     shared = layers["first"]
     assert shared["nodes"] == ["first", "second"] and isinstance(shared["bits"], int)
     assert shared["mode"] == activations
