@@ -47,19 +47,17 @@ def row_errors(loaded, analysis) -> dict:
     return tables
 
 
-def rows_knapsack(items: list, budget_bits: float) -> np.ndarray:
-    """items: (weights in the row, {bits: damage}) per row; each row's width, the largest Lagrange multiplier's whose
-    total bits stay within budget_bits (a bisection: 2 x 10^4 rows make the exact knapsack slow, and so many small
-    items leave the relaxation's gap negligible)."""
-    sizes = np.array([size for size, _ in items], np.float64)
-    damage = np.array([[table[b] for b in WIDTHS] for _, table in items], np.float64)
-    cost = sizes[:, None] * np.array(WIDTHS, np.float64)[None, :]
+def rows_knapsack(sizes: np.ndarray, damage: np.ndarray, budget_bits: float) -> np.ndarray:
+    """sizes: the weights in each row; damage: [rows, WIDTHS] each row's damage at each width. Each row's width, the
+    largest Lagrange multiplier's whose total bits stay within budget_bits (a bisection: 2 x 10^4 rows make the exact
+    knapsack slow, and so many small items leave the relaxation's gap negligible)."""
+    cost = sizes[:, None].astype(np.float64) * np.array(WIDTHS, np.float64)[None, :]
 
     def pick(multiplier):
         return np.argmin(damage + multiplier * cost, axis=1)
 
     def spent(choice):
-        return float(cost[np.arange(len(items)), choice].sum())
+        return float(cost[np.arange(len(sizes)), choice].sum())
 
     low, high = 0.0, 1.0
     while spent(pick(high)) > budget_bits:
@@ -131,20 +129,18 @@ def main(argv=None) -> int:
         reference = evaluator.outputs(fp32)
         labels = np.asarray(evaluator.labels)
         params = {layer.name: layer.params for layer in loaded.layers}
+        # [rows, WIDTHS] per layer: what the knapsacks minimise, each row's error times its layer's residual weight
+        row_damage = {name: residual.get(name, 1.0) * np.stack([table[b][0] for b in WIDTHS], axis=1).astype(np.float64)
+                      for name, table in tables.items()}
+        per_layer = {name: dict(zip(WIDTHS, damage.sum(axis=0).tolist())) for name, damage in row_damage.items()}
+        sizes = np.concatenate([np.full(len(row_damage[layer.name]), layer.fan_in) for layer in loaded.layers])
+        owners = np.concatenate([np.full(len(row_damage[layer.name]), layer.name) for layer in loaded.layers])
+        all_rows = np.concatenate([row_damage[layer.name] for layer in loaded.layers])
         for budget in args.budgets:
-            per_layer = {name: {b: residual.get(name, 1.0) * float(errors.sum()) for b, (errors, _) in table.items()}
-                         for name, table in tables.items()}
             chosen = allocate.allocate_ilp(per_layer, WIDTHS, [allocate.bits_budget(params, WIDTHS, budget)])
-            items, owners = [], []
-            for layer in loaded.layers:
-                rows = len(tables[layer.name][WIDTHS[0]][0])
-                items += [(layer.fan_in, {b: residual.get(layer.name, 1.0) * float(tables[layer.name][b][0][r])
-                                          for b in WIDTHS}) for r in range(rows)]
-                owners += [layer.name] * rows
-            row_widths = rows_knapsack(items, budget * sum(params.values()))
-            owners = np.array(owners)
+            row_widths = rows_knapsack(sizes, all_rows, budget * sum(params.values()))
             allocations = {
-                "a width per layer": {name: np.full(len(tables[name][WIDTHS[0]][0]), b) for name, b in chosen.items()},
+                "a width per layer": {name: np.full(len(row_damage[name]), b) for name, b in chosen.items()},
                 "a width per row": {name: row_widths[owners == name] for name in params}}
             predictions = {}
             for label, widths in allocations.items():
@@ -152,13 +148,13 @@ def main(argv=None) -> int:
                 onnx.save(simulated(loaded, tables, widths, analysis.stats.input_mean), path)
                 outputs = evaluator.outputs(path)
                 predictions[label] = outputs.argmax(axis=1)
-                bits = sum(float(widths[name].sum()) * layer.fan_in for name, layer in
-                           ((layer.name, layer) for layer in loaded.layers)) / sum(params.values())
-                damage = sum(residual.get(name, 1.0) * float(sum(tables[name][int(b)][0][rows].sum()
-                                                                 for b in np.unique(w) for rows in [w == b]))
+                bits = sum(float(widths[layer.name].sum()) * layer.fan_in
+                           for layer in loaded.layers) / sum(params.values())
+                damage = sum(float(row_damage[name][np.arange(len(w)), np.asarray(w) - WIDTHS[0]].sum())
                              for name, w in widths.items())
+                cosine = float(np.mean(cosines(outputs, reference)))
                 print(f"{budget:g} bits, {label}: average {bits:.3f}, damage {damage:.4f}, top-1 "
-                      f"{evaluator.top1(predictions[label]):.1f}, cosine {float(np.mean(cosines(outputs, reference))):.4f}, "
+                      f"{evaluator.top1(predictions[label]):.1f}, cosine {cosine:.4f}, "
                       f"mean width per layer {[round(float(w.mean()), 2) for w in widths.values()]}", flush=True)
             print(f"{budget:g} bits, per row against per layer: "
                   f"{compare(predictions['a width per row'], predictions['a width per layer'], labels)}", flush=True)
